@@ -1,0 +1,36 @@
+"""The root config tree. Order: dataclass defaults -> YAML (`config=x.yaml`, with `_base_` includes) -> dotlist."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_pipeline.config import DataConfig
+from one4d_train.configtools import ConfigError, build_config, choice, to_yaml
+from one4d_train.diffusion.config import FlowConfig
+from one4d_train.eval.config import EvalConfig
+from one4d_train.model.config import ModelConfig
+from one4d_train.train.config import OptimConfig, TrackingConfig, TrainConfig
+
+
+@dataclass
+class One4DConfig:
+    name: str = "one4d"
+    run_dir: str = "runs/${name}"  # checkpoints, MLflow store and logs; survives requeues
+    seed: int = 0
+    resume: str = "auto"  # auto (latest complete checkpoint, else fresh) | never | <checkpoint path>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self):
+        return [] if self.resume in ("auto", "never") or self.resume else [("resume", "must be auto, never or a path")]
+
+
+def load_config(args=()) -> One4DConfig:
+    return build_config(One4DConfig, args)
+
+
+__all__ = ["One4DConfig", "load_config", "ConfigError", "to_yaml", "choice"]

@@ -1,0 +1,121 @@
+"""Config machinery: dataclass defaults -> YAML files (with `_base_` includes) -> command-line dotlist.
+
+Every layer is merged onto the typed schema one at a time, so an unknown key or a wrong type is reported
+with the key's full name and the file (or `command line`) it came from. After merging, each dataclass's
+`validate()` runs with its path, so value errors name their key too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the key and where it came from."""
+
+
+def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The file's `_base_` files (recursively, in order) followed by the file itself."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: `_base_` include cycle: {' -> '.join(seen + (path,))}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = node.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    layers: list[tuple[str, DictConfig]] = []
+    for base in bases:
+        layers += _load_yaml_layers(os.path.join(os.path.dirname(path), str(base)), seen + (path,))
+    layers.append((path, node))
+    return layers
+
+
+def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: key '{key}': {msg}") from None
+
+
+def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
+    """Merge defaults -> `config=FILE` (with its `_base_` chain) -> other `key=value` args, validate, return
+    the dataclass instance."""
+    args = list(args)
+    files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
+    dotlist = [a for a in args if not a.startswith("config=")]
+    for item in dotlist:
+        if "=" not in item:
+            raise ConfigError(f"command line: '{item}' is not of the form key=value")
+    cfg = OmegaConf.structured(schema_cls)
+    for f in files:
+        for source, layer in _load_yaml_layers(f):
+            cfg = _merge(cfg, layer, source)
+    if dotlist:
+        try:
+            cli = OmegaConf.from_dotlist(dotlist)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command line: {exc}") from None
+        cfg = _merge(cfg, cli, "command line")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"key '{key}': {str(exc).splitlines()[0]}") from None
+    validate_tree(obj)
+    return obj
+
+
+def validate_tree(obj: Any, path: str = "") -> None:
+    """Call `validate()` on every dataclass in the tree; problems come back as ConfigError naming the key."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        for key, problem in check() or []:
+            raise ConfigError(f"key '{path}{key}': {problem}")
+    for f in dataclasses.fields(obj):
+        validate_tree(getattr(obj, f.name), f"{path}{f.name}.")
+
+
+def to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def to_dict(obj: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def choice(value: Any, allowed: Iterable[Any], key: str) -> list[tuple[str, str]]:
+    allowed = list(allowed)
+    return [] if value in allowed else [(key, f"must be one of {allowed}, got {value!r}")]
+
+
+def in_range(value: float, lo: float | None, hi: float | None, key: str) -> list[tuple[str, str]]:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        return [(key, f"must be in [{lo}, {hi}], got {value!r}")]
+    return []

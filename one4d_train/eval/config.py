@@ -1,0 +1,31 @@
+"""Evaluation configuration (the `eval.` subtree)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from one4d_train.configtools import choice, in_range
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N training steps on data.val_shards (0 = off)
+    num_samples: int = 4
+    sampler: str = "unipc"  # euler | unipc
+    steps: int = 50
+    cfg_scale: float = 6.0
+    shift: float = 5.0
+    modes: list[str] = field(default_factory=lambda: ["image", "sparse", "video"])
+    sparse_frames: int = 5  # observed frames in sparse mode: first, last and evenly spaced
+    depth_align: str = "scale_shift"  # median | scale | scale_shift
+    depth_cap: float = 70.0  # metres; Sintel 70, Bonn 10 per protocol
+    out_dir: str = ""  # empty = <checkpoint>/eval
+    seed: int = 0
+    barrier_timeout_s: int = 3600  # non-participating ranks wait at most this long during in-training evaluation
+
+    def validate(self):
+        p = choice(self.sampler, ["euler", "unipc"], "sampler")
+        p += choice(self.depth_align, ["median", "scale", "scale_shift"], "depth_align")
+        for m in self.modes:
+            p += choice(m, ["image", "sparse", "video"], "modes")
+        p += in_range(self.steps, 1, None, "steps") + in_range(self.every, 0, None, "every")
+        return p

@@ -1,0 +1,72 @@
+"""Model configuration (the `model.` subtree): backbone, encoders, DLC and UMC."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from one4d_train.configtools import choice, in_range
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 64.0
+    dropout: float = 0.0
+    # official Wan2.1 names of the block linears that carry the branch adapters
+    targets: list[str] = field(default_factory=lambda: [
+        "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+        "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
+    ])
+
+    def validate(self):
+        return in_range(self.rank, 1, None, "rank") + in_range(self.dropout, 0.0, 1.0, "dropout")
+
+
+@dataclass
+class UMCConfig:
+    p_image: float = 0.35  # single image -> 4D
+    p_sparse: float = 0.30  # sparse frames -> 4D
+    p_video: float = 0.35  # full video -> 4D (reconstruction)
+    sparse_min_frac: float = 0.1  # fraction of frames observed in the sparse task, drawn uniformly in [min, max]
+    sparse_max_frac: float = 0.5
+    text_dropout: float = 0.1  # probability of the empty prompt (classifier-free guidance)
+
+    def validate(self):
+        p = []
+        total = self.p_image + self.p_sparse + self.p_video
+        if abs(total - 1.0) > 1e-6 or min(self.p_image, self.p_sparse, self.p_video) < 0:
+            p.append(("p_image", f"task probabilities must be >= 0 and sum to 1, got {total}"))
+        if not 0 < self.sparse_min_frac <= self.sparse_max_frac <= 1:
+            p.append(("sparse_min_frac", "need 0 < sparse_min_frac <= sparse_max_frac <= 1"))
+        p += in_range(self.text_dropout, 0.0, 1.0, "text_dropout")
+        return p
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | 1.3b | 14b (architecture sizes; see model/backbone presets)
+    has_image_input: bool = True  # I2V image cross-attention (k_img/v_img + image projection)
+    checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
+    vae: str = ""  # diffusers AutoencoderKLWan folder or official Wan2.1_VAE.pth; empty = tiny random VAE
+    text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = use precomputed embeddings / random tiny
+    tokenizer: str = ""
+    image_encoder: str = ""  # CLIP vision folder (transformers)
+    attention: str = "auto"  # auto | fa3 | fa2 | cudnn | flash | efficient | math
+    design: str = "dlc"  # dlc | channel_concat | width_concat (ablations (a) and (b) share one LoRA)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    link_blocks: list[int] = field(default_factory=list)  # blocks followed by control links; empty = num_links evenly spaced
+    num_links: int = 5
+    xyz_patch_embedding: bool = True  # the XYZ branch's own trainable patch embedding (from the base's)
+    activation_checkpointing: str = "full"  # none | full | selective
+    compute_dtype: str = "bf16"  # bf16 | fp32
+    umc: UMCConfig = field(default_factory=UMCConfig)
+
+    def validate(self):
+        p = []
+        p += choice(self.preset, ["tiny", "1.3b", "14b"], "preset")
+        p += choice(self.attention, ["auto", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
+        p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
+        p += choice(self.activation_checkpointing, ["none", "full", "selective"], "activation_checkpointing")
+        p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
+        p += in_range(self.num_links, 0, None, "num_links")
+        return p

@@ -1,0 +1,62 @@
+"""Training configuration: optimiser, engine, checkpoints, tracking (the `optim.`, `train.`, `tracking.` subtrees)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from one4d_train.configtools import choice, in_range
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+
+    def validate(self):
+        p = choice(self.schedule, ["constant", "cosine"], "schedule")
+        p += in_range(self.lr, 0.0, None, "lr") + in_range(self.warmup_steps, 0, None, "warmup_steps")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            p.append(("betas", f"must be two values in [0, 1), got {self.betas}"))
+        return p
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5500  # optimiser steps
+    micro_batch_size: int = 1  # samples per rank per forward
+    grad_accum: int = 1
+    zero_stage: int = 3  # 2 | 3
+    zero3_param_persistence_threshold: int = 100000  # ZeRO-3: parameters smaller than this stay replicated
+    precision: str = "bf16"  # bf16 | fp32 (fp32 for exactness tests on CPU)
+    device: str = "auto"  # auto | cuda | cpu
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config (reported)
+    export_adapters: bool = True  # export branch adapters at the end
+    dist_timeout_s: int = 1800
+
+    def validate(self):
+        p = choice(self.zero_stage, [2, 3], "zero_stage") + choice(self.precision, ["bf16", "fp32"], "precision")
+        p += choice(self.device, ["auto", "cuda", "cpu"], "device")
+        p += in_range(self.steps, 1, None, "steps") + in_range(self.micro_batch_size, 1, None, "micro_batch_size")
+        p += in_range(self.grad_accum, 1, None, "grad_accum") + in_range(self.checkpoint_every, 1, None, "checkpoint_every")
+        p += in_range(self.keep_last, 1, None, "keep_last") + in_range(self.log_every, 1, None, "log_every")
+        return p
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty = sqlite store inside the run directory; else an MLflow tracking URI (server)
+    experiment: str = "one4d"
+    system_metrics: bool = True
+
+    def validate(self):
+        return []

@@ -1,0 +1,43 @@
+import textwrap
+
+import pytest
+
+from one4d_train.config import ConfigError, load_config
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_order_defaults_yaml_cli(tmp_path):
+    base = write(tmp_path, "base.yaml", "train:\n  steps: 7\n  log_every: 3\n")
+    exp = write(tmp_path, "exp.yaml", "_base_: [base.yaml]\ntrain:\n  steps: 9\n")
+    cfg = load_config([f"config={exp}", "train.log_every=5"])
+    assert cfg.train.steps == 9 and cfg.train.log_every == 5 and cfg.optim.lr == 1e-4
+    assert base
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    exp = write(tmp_path, "exp.yaml", "data:\n  num_wrokers: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([f"config={exp}"])
+    assert "data.num_wrokers" in str(err.value) and "exp.yaml" in str(err.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    exp = write(tmp_path, "exp.yaml", "train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: key 'train.steps'"):
+        load_config([f"config={exp}"])
+    with pytest.raises(ConfigError, match=r"command line: key 'optim.lr'"):
+        load_config(["optim.lr=fast"])
+
+
+def test_value_validation_names_key():
+    with pytest.raises(ConfigError, match=r"key 'model.umc.p_image'"):
+        load_config(["model.umc.p_image=0.9"])
+    with pytest.raises(ConfigError, match=r"key 'train.zero_stage'"):
+        load_config(["train.zero_stage=1"])
+    with pytest.raises(ConfigError, match=r"key 'data.num_frames'"):
+        load_config(["data.num_frames=10"])

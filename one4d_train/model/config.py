@@ -48,8 +48,9 @@ class ModelConfig:
     has_image_input: bool = True  # I2V image cross-attention (k_img/v_img + image projection)
     checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
     vae: str = ""  # diffusers AutoencoderKLWan folder or official Wan2.1_VAE.pth; empty = tiny random VAE
-    text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = use precomputed embeddings / random tiny
+    text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
     tokenizer: str = ""
+    empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (used without text_encoder); empty = zeros
     image_encoder: str = ""  # CLIP vision folder (transformers)
     attention: str = "auto"  # auto | fa3 | fa2 | cudnn | flash | efficient | math
     design: str = "dlc"  # dlc | channel_concat | width_concat (ablations (a) and (b) share one LoRA)

@@ -1,0 +1,160 @@
+"""Text conditioning: the frozen UMT5 encoder, precomputed embeddings, the empty prompt and text dropout.
+
+Wan's text context is always `TEXT_LEN` (512) rows: the encoder's outputs for a prompt's tokens (its
+closing `</s>` included), then zeros for every position past the prompt's length - exactly what Wan's
+`T5EncoderModel` + `WanModel` (and diffusers' `WanPipeline._get_t5_prompt_embeds`) produce.
+Prompts are cleaned as Wan does with `clean='whitespace'` (HTML entities unescaped, runs of whitespace
+collapsed); the optional ftfy repair step is left out so results do not depend on what is installed.
+
+Where a sample has no precomputed embedding and no text encoder is configured, its context is the
+empty-prompt embedding: the encoder's output for "" when known (`empty` given, e.g. loaded from
+`ModelConfig.empty_prompt_embedding`), otherwise all zeros of the configured width - a stand-in that only
+suits random-weight runs, since a real Wan checkpoint was trained with the true empty-prompt embedding.
+"""
+from __future__ import annotations
+
+import html
+import re
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+TEXT_LEN = 512
+
+
+def clean_prompt(text: str) -> str:
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+def pad_text_embedding(emb: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor:
+    """A precomputed embedding [L, D] (or [B, L, D]) truncated or zero-padded to `text_len` rows."""
+    emb = emb[..., :text_len, :]
+    pad = emb.new_zeros(*emb.shape[:-2], text_len - emb.shape[-2], emb.shape[-1])
+    return torch.cat([emb, pad], dim=-2)
+
+
+def apply_text_dropout(emb: torch.Tensor, p: float, generator: torch.Generator | None,
+                       empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace whole prompts of emb [B, L, D] by the empty-prompt embedding `empty` [L, D] with probability p
+    each (classifier-free guidance training). Returns (embeddings, dropped [B] bool)."""
+    dropped = torch.rand(emb.shape[0], generator=generator, device=_gen_device(generator)).to(emb.device) < p
+    out = torch.where(dropped[:, None, None], empty.to(emb)[None], emb)
+    return out, dropped
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+class UMT5TextEncoder:
+    """Frozen UMT5 encoder + tokenizer. `encode(prompts) -> [B, text_len, d_model]` (4096 for umt5-xxl)."""
+
+    def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int = TEXT_LEN,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.device = torch.device(device)
+        self._empty: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, tokenizer_path: str = "", dtype: torch.dtype = torch.float32,
+                        **kwargs) -> "UMT5TextEncoder":
+        from transformers import AutoTokenizer
+
+        model = UMT5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        return cls(model, tokenizer, dtype=dtype, **kwargs)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.text_len,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        keep = torch.arange(self.text_len, device=self.device)[None] < mask.sum(1, keepdim=True)
+        return hidden * keep[..., None]
+
+    @property
+    def empty_embedding(self) -> torch.Tensor:
+        """The embedding of "" [text_len, D], computed once."""
+        if self._empty is None:
+            self._empty = self.encode([""])[0]
+        return self._empty
+
+
+class TextConditioning:
+    """The text context of a batch: precomputed embeddings where the sample has one, else the encoder on its
+    caption, else the empty prompt; plus text dropout towards the empty prompt."""
+
+    def __init__(self, encoder: UMT5TextEncoder | None = None, dim: int = 4096, text_len: int = TEXT_LEN,
+                 empty: torch.Tensor | None = None):
+        self.encoder = encoder
+        self.text_len = encoder.text_len if encoder is not None else text_len
+        self.dim = encoder.dim if encoder is not None else dim
+        if empty is not None:
+            self._empty = pad_text_embedding(empty.float(), self.text_len)
+        elif encoder is None:
+            self._empty = torch.zeros(self.text_len, self.dim)
+        else:
+            self._empty = None
+
+    @property
+    def empty(self) -> torch.Tensor:
+        return self._empty if self._empty is not None else self.encoder.empty_embedding
+
+    def __call__(self, captions: Sequence[str], text_embs: Sequence[torch.Tensor | None] | None = None,
+                 dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        text_embs = list(text_embs) if text_embs is not None else [None] * len(captions)
+        rows: list[torch.Tensor | None] = [pad_text_embedding(e.float(), self.text_len) if e is not None else None
+                                           for e in text_embs]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing and self.encoder is not None:
+            for i, r in zip(missing, self.encoder.encode([captions[i] for i in missing])):
+                rows[i] = r
+        empty = self.empty
+        batch = torch.stack([(r if r is not None else empty).to(empty.device) for r in rows])
+        if batch.shape[-1] != self.dim:
+            raise ValueError(f"text embedding width {batch.shape[-1]} != configured {self.dim}")
+        return apply_text_dropout(batch, dropout, generator, empty)[0] if dropout > 0 else batch
+
+
+def build_text_conditioning(encoder: str = "", tokenizer: str = "", empty_prompt_embedding: str = "",
+                            dim: int = 4096, dtype: torch.dtype = torch.float32,
+                            device: str | torch.device = "cpu") -> TextConditioning:
+    """From `ModelConfig.text_encoder` / `tokenizer` / `empty_prompt_embedding` (all optional) and the
+    backbone's text width."""
+    model = UMT5TextEncoder.from_pretrained(encoder, tokenizer, dtype=dtype, device=device) if encoder else None
+    if model is not None and model.dim != dim:
+        raise ValueError(f"text encoder width {model.dim} != backbone text_dim {dim}")
+    empty = torch.from_numpy(np.load(empty_prompt_embedding, allow_pickle=False)) if empty_prompt_embedding else None
+    return TextConditioning(model, dim=dim, empty=empty)
+
+
+def tiny_tokenizer(words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built offline with UMT5's special ids (pad 0, `</s>` 1 appended, unk 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    base = ["a", "the", "cat", "dog", "runs", "on", "grass", "camera", "moves", "left", "right", "street", "car"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in list(base) + list(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_umt5(seed: int = 0, d_model: int = 64, vocab_size: int = 64) -> UMT5EncoderModel:
+    """The UMT5 encoder architecture with a small random config, for tests and the CPU demo."""
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                        num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)
+    return UMT5EncoderModel(config).eval()

@@ -1,0 +1,204 @@
+"""The frozen Wan2.1 VAE: videos in [-1, 1] <-> normalised latents (z=16, stride 4x8x8).
+
+Wraps diffusers' `AutoencoderKLWan`. It is deliberately not an `nn.Module`, so it never becomes part of the
+trained model, its optimizer or its ZeRO partitioning. Latents are normalised per channel with Wan's
+`latents_mean` / `latents_std` from the VAE config: z_norm = (z - mean) / std (the Wan2.1 values are the
+config defaults). Encoding is deterministic by default (the posterior mean, as Wan's own pipelines use for
+condition latents); `sample=True` draws from the posterior instead.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKLWan
+
+TEMPORAL_STRIDE = 4
+SPATIAL_STRIDE = 8
+
+
+def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(T_lat, h, w) of a T x H x W video: the first frame alone, then groups of 4; 8x8 in space."""
+    if (num_frames - 1) % TEMPORAL_STRIDE or height % SPATIAL_STRIDE or width % SPATIAL_STRIDE:
+        raise ValueError(f"video of {num_frames}x{height}x{width}: need T = 4k+1 and H, W multiples of 8")
+    return 1 + (num_frames - 1) // TEMPORAL_STRIDE, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE
+
+
+_RESNET = {("residual", "0"): "norm1", ("residual", "2"): "conv1", ("residual", "3"): "norm2",
+           ("residual", "6"): "conv2"}
+_RESNET_BACK = {v: ".".join(k) for k, v in _RESNET.items()}
+_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+_TOP_BACK = {v: k for k, v in _TOP.items()}
+_SIDE = {"conv1": "conv_in", "head.0": "norm_out", "head.2": "conv_out"}
+_SIDE_BACK = {v: k for k, v in _SIDE.items()}
+_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
+_MIDDLE_BACK = {v: k for k, v in _MIDDLE.items()}
+
+
+def _resnet_to_diffusers(rest: list[str]) -> str:
+    if rest[0] == "shortcut":
+        return ".".join(["conv_shortcut"] + rest[1:])
+    if rest[0] == "residual":
+        return ".".join([_RESNET[(rest[0], rest[1])]] + rest[2:])
+    return ".".join(rest)  # Resample (resample.1 / time_conv) and attention keep their names
+
+
+def _resnet_to_official(rest: list[str]) -> str:
+    if rest[0] == "conv_shortcut":
+        return ".".join(["shortcut"] + rest[1:])
+    if rest[0] in _RESNET_BACK:
+        return ".".join([_RESNET_BACK[rest[0]]] + rest[1:])
+    return ".".join(rest)
+
+
+def official_to_diffusers_key(key: str, num_res_blocks: int = 2) -> str:
+    """An official Wan2.1 VAE key (`Wan2.1_VAE.pth`) -> diffusers' `AutoencoderKLWan` name (the layout of
+    diffusers' scripts/convert_wan_to_diffusers.py; Wan2.1's VAE has no attention outside the middle)."""
+    parts = key.split(".")
+    if parts[0] in _TOP:
+        return ".".join([_TOP[parts[0]]] + parts[1:])
+    side, block, rest = parts[0], parts[1], parts[2:]
+    if block == "conv1" or block == "head":
+        name = block if block == "conv1" else f"head.{rest.pop(0)}"
+        return ".".join([side, _SIDE[name]] + rest)
+    if block == "middle":
+        return f"{side}.mid_block.{_MIDDLE[rest[0]]}.{_resnet_to_diffusers(rest[1:])}"
+    if block == "downsamples":
+        return f"{side}.down_blocks.{rest[0]}.{_resnet_to_diffusers(rest[1:])}"
+    if block == "upsamples":
+        stage, k = divmod(int(rest[0]), num_res_blocks + 2)
+        inner = f"resnets.{k}" if k <= num_res_blocks else "upsamplers.0"
+        return f"{side}.up_blocks.{stage}.{inner}.{_resnet_to_diffusers(rest[1:])}"
+    raise KeyError(f"not a Wan2.1 VAE key: {key}")
+
+
+def diffusers_to_official_key(key: str, num_res_blocks: int = 2) -> str:
+    """The inverse of `official_to_diffusers_key`."""
+    parts = key.split(".")
+    if parts[0] in _TOP_BACK:
+        return ".".join([_TOP_BACK[parts[0]]] + parts[1:])
+    side, block, rest = parts[0], parts[1], parts[2:]
+    if block in _SIDE_BACK:
+        return ".".join([side, _SIDE_BACK[block]] + rest)
+    if block == "mid_block":
+        return f"{side}.middle.{_MIDDLE_BACK[f'{rest[0]}.{rest[1]}']}.{_resnet_to_official(rest[2:])}"
+    if block == "down_blocks":
+        return f"{side}.downsamples.{rest[0]}.{_resnet_to_official(rest[1:])}"
+    if block == "up_blocks":
+        k = int(rest[2]) if rest[1] == "resnets" else num_res_blocks + 1
+        index = int(rest[0]) * (num_res_blocks + 2) + k
+        return f"{side}.upsamples.{index}.{_resnet_to_official(rest[3:])}"
+    raise KeyError(f"not an AutoencoderKLWan key: {key}")
+
+
+def convert_official_state_dict(state: dict[str, torch.Tensor], model: AutoencoderKLWan) -> dict[str, torch.Tensor]:
+    """Rename an official state dict onto `model`; every key on both sides must be matched."""
+    nrb = model.config.num_res_blocks
+    converted, unmatched = {}, []
+    for key, value in state.items():
+        try:
+            converted[official_to_diffusers_key(key, nrb)] = value
+        except (KeyError, IndexError, ValueError):
+            unmatched.append(key)
+    expected = model.state_dict()
+    unexpected = sorted(unmatched + [k for k in converted if k not in expected])
+    missing = sorted(k for k in expected if k not in converted)
+    wrong = sorted(k for k in converted if k in expected and converted[k].shape != expected[k].shape)
+    if unexpected or missing or wrong:
+        raise KeyError(f"official Wan VAE checkpoint does not match AutoencoderKLWan(base_dim="
+                       f"{model.config.base_dim}): missing {missing}, unexpected {unexpected}, wrong shape {wrong}")
+    return converted
+
+
+def load_official_vae(path: str) -> AutoencoderKLWan:
+    """`Wan2.1_VAE.pth` (a plain state dict; loaded with weights_only=True). The width (96 for the released
+    file) is read from the first convolution, so tiny files in the same layout load too."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "encoder.conv1.weight" not in state:
+        raise KeyError(f"{path}: not an official Wan2.1 VAE state dict (no encoder.conv1.weight)")
+    model = AutoencoderKLWan(base_dim=state["encoder.conv1.weight"].shape[0])
+    model.load_state_dict(convert_official_state_dict(state, model), strict=True)
+    return model
+
+
+def tiny_wan_vae(seed: int = 0, base_dim: int = 8) -> AutoencoderKLWan:
+    """The real Wan VAE architecture (same blocks, strides, z=16, Wan2.1 latent statistics) with a small
+    width and random weights, for tests and the CPU demo."""
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=base_dim)
+
+
+class WanVAE:
+    """Frozen Wan VAE. `dtype` is the compute dtype (bf16 on GPU); latents come back in float32.
+
+    chunk_size: encode/decode at most this many videos per VAE call (0 = the whole batch at once); the
+    peak activation memory grows with the chunk. tiling: diffusers' spatial tiling for frames larger than
+    256 px (overlapping tiles blended, so results differ slightly from untiled encoding).
+    """
+
+    def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 chunk_size: int = 0, tiling: bool = False):
+        model = model.to(device)
+        if next(model.parameters()).dtype != dtype:
+            model = model.to(dtype)
+        self.model = model.eval().requires_grad_(False)
+        if tiling:
+            self.model.enable_tiling()
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.chunk_size = chunk_size
+        z = model.config.z_dim
+        self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
+        self.std = torch.tensor(model.config.latents_std, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "WanVAE":
+        """A diffusers `AutoencoderKLWan` folder, or the official `Wan2.1_VAE.pth` file."""
+        if os.path.isdir(path):
+            dtype = kwargs.get("dtype", torch.float32)
+            return cls(AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype), **kwargs)
+        if os.path.isfile(path):
+            return cls(load_official_vae(path), **kwargs)
+        raise FileNotFoundError(f"VAE weights not found: {path}")
+
+    @property
+    def z_dim(self) -> int:
+        return self.model.config.z_dim
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.float() - self.mean) / self.std
+
+    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        return z.float() * self.std + self.mean
+
+    def _chunks(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
+        return x.split(self.chunk_size) if self.chunk_size > 0 else (x,)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """video [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, 16, 1 + (T-1)/4, H/8, W/8] (float32)."""
+        latent_shape(*video.shape[2:])
+        out = []
+        for chunk in self._chunks(video):
+            posterior = self.model.encode(chunk.to(self.device, self.dtype)).latent_dist
+            out.append(posterior.sample(generator) if sample else posterior.mean)
+        return self.normalise(torch.cat(out))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, 16, T_lat, h, w] -> video [B, 3, 4 (T_lat - 1) + 1, 8h, 8w] in [-1, 1]."""
+        z = self.denormalise(latents.to(self.device))
+        return torch.cat([self.model.decode(c.to(self.dtype)).sample.float() for c in self._chunks(z)])
+
+    def encode_many(self, videos: Sequence[torch.Tensor], **kwargs) -> list[torch.Tensor]:
+        """Encode several [B, 3, T, H, W] batches of one shape (RGB clips, pointmaps, condition videos) in one
+        batched call; returns their latents in the same order."""
+        sizes = [v.shape[0] for v in videos]
+        return list(self.encode(torch.cat(list(videos)), **kwargs).split(sizes))
+
+
+def load_vae(path: str = "", seed: int = 0, **kwargs) -> WanVAE:
+    """`ModelConfig.vae`: a diffusers folder or an official `.pth`; empty = the tiny random VAE."""
+    return WanVAE.from_pretrained(path, **kwargs) if path else WanVAE(tiny_wan_vae(seed), **kwargs)

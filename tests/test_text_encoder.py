@@ -1,0 +1,107 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionModel
+
+from one4d_train.model.image_encoder import CLIP_MEAN, CLIP_STD, CLIPImageEncoder, load_image_encoder, tiny_clip_vision
+from one4d_train.model.text_encoder import (TEXT_LEN, TextConditioning, UMT5TextEncoder, apply_text_dropout,
+                                            build_text_conditioning, clean_prompt, pad_text_embedding,
+                                            tiny_tokenizer, tiny_umt5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("umt5")
+    tiny_umt5(0).save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoder(folder):
+    return UMT5TextEncoder.from_pretrained(str(folder / "model"), str(folder / "tokenizer"))
+
+
+def test_zero_past_prompt_length_like_wan(encoder):
+    prompts = ["a cat runs on the grass", "camera   moves  left", ""]
+    emb = encoder.encode(prompts)
+    assert emb.shape == (3, TEXT_LEN, 64)
+    lengths = [6 + 1, 3 + 1, 1]  # words + the closing </s>
+    for row, n in zip(emb, lengths):
+        assert row[:n].abs().sum(-1).gt(0).all() and row[n:].eq(0).all()
+    # Wan's path: encode with the mask, keep u[:seq_len], zero-pad to text_len
+    tokens = encoder.tokenizer(prompts, padding="max_length", max_length=TEXT_LEN, truncation=True,
+                               return_tensors="pt")
+    hidden = encoder.model(tokens.input_ids, tokens.attention_mask).last_hidden_state
+    for row, u, n in zip(emb, hidden, tokens.attention_mask.sum(1).tolist()):
+        assert torch.allclose(row, pad_text_embedding(u[:n]), atol=1e-6)
+    assert clean_prompt(" camera &amp;\n moves ") == "camera & moves"
+
+
+def test_empty_prompt_embedding_cached(encoder):
+    first = encoder.empty_embedding
+    assert first is encoder.empty_embedding
+    assert torch.equal(first, encoder.encode([""])[0])
+    assert first[0].abs().sum() > 0 and first[1:].eq(0).all()
+
+
+def test_precomputed_embeddings_padded_and_truncated():
+    short, long = torch.randn(5, 8), torch.randn(600, 8)
+    assert torch.equal(pad_text_embedding(short)[:5], short) and pad_text_embedding(short)[5:].eq(0).all()
+    assert torch.equal(pad_text_embedding(long), long[:TEXT_LEN])
+    cond = TextConditioning(dim=8)
+    batch = cond(["a cat", "no embedding here"], [short, None])
+    assert batch.shape == (2, TEXT_LEN, 8)
+    assert torch.equal(batch[0], pad_text_embedding(short)) and batch[1].eq(0).all()
+    empty = torch.randn(1, 8)
+    assert torch.equal(TextConditioning(dim=8, empty=empty)([""], [None])[0], pad_text_embedding(empty))
+    with pytest.raises(ValueError):
+        cond(["x"], [torch.randn(3, 9)])
+
+
+def test_conditioning_uses_encoder_for_missing_embeddings(encoder):
+    cond = TextConditioning(encoder)
+    pre = torch.randn(4, 64)
+    batch = cond(["a dog", "the car moves right"], [pre, None])
+    assert torch.equal(batch[0], pad_text_embedding(pre))
+    assert torch.allclose(batch[1], encoder.encode(["the car moves right"])[0])
+
+
+def test_build_from_config_paths(folder, encoder, tmp_path):
+    cond = build_text_conditioning(str(folder / "model"), str(folder / "tokenizer"), dim=64)
+    assert torch.allclose(cond.empty, encoder.empty_embedding)
+    with pytest.raises(ValueError):
+        build_text_conditioning(str(folder / "model"), str(folder / "tokenizer"), dim=4096)
+    np.save(tmp_path / "empty.npy", encoder.empty_embedding[:1].numpy().astype(np.float16))
+    offline = build_text_conditioning(empty_prompt_embedding=str(tmp_path / "empty.npy"), dim=64)
+    assert torch.allclose(offline.empty, encoder.empty_embedding, atol=1e-2) and offline.empty[1:].eq(0).all()
+    assert build_text_conditioning(dim=16).empty.eq(0).all()
+
+
+def test_text_dropout_rate_and_seed():
+    n, p = 4000, 0.1
+    emb = torch.randn(n, 4, 3)
+    empty = torch.zeros(4, 3)
+    out, dropped = apply_text_dropout(emb, p, torch.Generator().manual_seed(0), empty)
+    assert abs(dropped.sum().item() - n * p) < 4 * math.sqrt(n * p * (1 - p))
+    assert out[dropped].eq(0).all() and torch.equal(out[~dropped], emb[~dropped])
+    again, dropped2 = apply_text_dropout(emb, p, torch.Generator().manual_seed(0), empty)
+    assert torch.equal(dropped, dropped2) and torch.equal(out, again)
+    assert not apply_text_dropout(emb, 0.0, None, empty)[1].any()
+
+
+def test_clip_penultimate_layer_matches_transformers(tmp_path):
+    tiny_clip_vision(0).save_pretrained(tmp_path / "clip")
+    enc = load_image_encoder(str(tmp_path / "clip"))
+    frames = torch.rand(2, 3, 40, 56) * 2 - 1
+    out = enc.encode(frames)
+    assert out.shape == (2, (28 // 14) ** 2 + 1, 32)
+    pixels = torch.nn.functional.interpolate((frames + 1) / 2, size=(28, 28), mode="bicubic", align_corners=False)
+    pixels = (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    direct = CLIPVisionModel.from_pretrained(tmp_path / "clip")(pixel_values=pixels, output_hidden_states=True)
+    assert torch.allclose(out, direct.hidden_states[-2], atol=1e-5)
+    assert not torch.allclose(out, direct.last_hidden_state, atol=1e-3)
+    tiny = load_image_encoder("", hidden=32)
+    assert torch.equal(tiny.encode(frames), out) and isinstance(tiny, CLIPImageEncoder)

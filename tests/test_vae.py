@@ -1,0 +1,131 @@
+import inspect
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from one4d_train.model.vae import (WanVAE, diffusers_to_official_key, latent_shape, load_vae, official_to_diffusers_key,
+                                 tiny_wan_vae)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return WanVAE(tiny_wan_vae(0))
+
+
+@pytest.fixture(scope="module")
+def videos():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 3, 5, 16, 16, generator=g) * 2 - 1
+
+
+def test_wan21_latent_statistics_are_the_config_defaults(vae):
+    defaults = inspect.signature(AutoencoderKLWan.__init__).parameters
+    assert vae.mean.flatten().tolist() == pytest.approx(defaults["latents_mean"].default)
+    assert vae.std.flatten().tolist() == pytest.approx(defaults["latents_std"].default)
+    assert vae.mean.flatten()[0].item() == pytest.approx(-0.7571)
+    assert vae.std.flatten()[0].item() == pytest.approx(2.8184)
+
+
+def test_encode_decode_shapes(vae, videos):
+    z = vae.encode(videos[:1])
+    assert z.shape == (1, 16, 2, 2, 2) and z.dtype == torch.float32
+    assert latent_shape(81, 352, 624) == (21, 44, 78)
+    x = vae.decode(z)
+    assert x.shape == (1, 3, 5, 16, 16) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError):
+        vae.encode(torch.zeros(1, 3, 4, 16, 16))
+
+
+def test_normalise_round_trip_and_equals_diffusers_encode(vae, videos):
+    z = torch.randn(2, 16, 2, 2, 2)
+    assert torch.allclose(vae.denormalise(vae.normalise(z)), z, atol=1e-5)
+    assert torch.allclose(vae.normalise(vae.denormalise(z)), z, atol=1e-5)
+    raw = vae.model.encode(videos).latent_dist.mean
+    mean = torch.tensor(vae.model.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.model.config.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.allclose(vae.encode(videos), (raw - mean) / std, atol=1e-6)
+
+
+def test_chunked_encode_equals_unchunked_and_encode_many(vae, videos):
+    whole = vae.encode(videos)
+    chunked = WanVAE(vae.model, chunk_size=1)
+    assert torch.allclose(chunked.encode(videos), whole, atol=1e-5)
+    parts = vae.encode_many([videos[:1], videos[1:]])
+    assert [p.shape[0] for p in parts] == [1, 1]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
+
+
+def test_bf16_compute_returns_float32_latents_close_to_fp32(vae, videos):
+    bf16 = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16)
+    z = bf16.encode(videos[:1])
+    assert z.dtype == torch.float32 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert (z - vae.encode(videos[:1])).abs().max() < 0.05
+
+
+def test_sampled_encode_is_seeded_and_differs_from_mean(vae, videos):
+    a = vae.encode(videos[:1], sample=True, generator=torch.Generator().manual_seed(1))
+    b = vae.encode(videos[:1], sample=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, vae.encode(videos[:1]))
+
+
+def test_frozen_and_loads_from_folder(vae, videos, tmp_path):
+    assert not any(p.requires_grad for p in vae.model.parameters()) and not vae.model.training
+    vae.model.save_pretrained(tmp_path / "vae")
+    loaded = load_vae(str(tmp_path / "vae"))
+    assert torch.equal(loaded.encode(videos[:1]), vae.encode(videos[:1]))
+    with pytest.raises(FileNotFoundError):
+        load_vae(str(tmp_path / "missing"))
+
+
+# pairs spelled out by diffusers' scripts/convert_wan_to_diffusers.py (convert_vae) for the released file
+OFFICIAL_TO_DIFFUSERS = {
+    "conv1.weight": "quant_conv.weight",
+    "conv2.bias": "post_quant_conv.bias",
+    "encoder.conv1.weight": "encoder.conv_in.weight",
+    "decoder.conv1.bias": "decoder.conv_in.bias",
+    "encoder.head.0.gamma": "encoder.norm_out.gamma",
+    "decoder.head.2.weight": "decoder.conv_out.weight",
+    "encoder.middle.0.residual.0.gamma": "encoder.mid_block.resnets.0.norm1.gamma",
+    "decoder.middle.2.residual.6.weight": "decoder.mid_block.resnets.1.conv2.weight",
+    "encoder.middle.1.to_qkv.weight": "encoder.mid_block.attentions.0.to_qkv.weight",
+    "decoder.middle.1.norm.gamma": "decoder.mid_block.attentions.0.norm.gamma",
+    "encoder.downsamples.3.shortcut.weight": "encoder.down_blocks.3.conv_shortcut.weight",
+    "encoder.downsamples.5.time_conv.bias": "encoder.down_blocks.5.time_conv.bias",
+    "encoder.downsamples.2.resample.1.weight": "encoder.down_blocks.2.resample.1.weight",
+    "encoder.downsamples.9.residual.3.gamma": "encoder.down_blocks.9.norm2.gamma",
+    "decoder.upsamples.2.residual.2.weight": "decoder.up_blocks.0.resnets.2.conv1.weight",
+    "decoder.upsamples.3.resample.1.weight": "decoder.up_blocks.0.upsamplers.0.resample.1.weight",
+    "decoder.upsamples.4.shortcut.weight": "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+    "decoder.upsamples.7.time_conv.weight": "decoder.up_blocks.1.upsamplers.0.time_conv.weight",
+    "decoder.upsamples.11.resample.1.bias": "decoder.up_blocks.2.upsamplers.0.resample.1.bias",
+    "decoder.upsamples.13.residual.6.bias": "decoder.up_blocks.3.resnets.1.conv2.bias",
+}
+
+
+def test_official_key_names_match_diffusers_conversion():
+    for official, diffusers in OFFICIAL_TO_DIFFUSERS.items():
+        assert official_to_diffusers_key(official) == diffusers
+        assert diffusers_to_official_key(diffusers) == official
+    with torch.device("meta"):
+        full = AutoencoderKLWan()
+    keys = list(full.state_dict())
+    official = [diffusers_to_official_key(k) for k in keys]
+    assert len(set(official)) == len(keys) and set(OFFICIAL_TO_DIFFUSERS) <= set(official)
+    assert [official_to_diffusers_key(k) for k in official] == keys
+    assert max(int(k.split(".")[2]) for k in official if k.startswith("decoder.upsamples.")) == 14
+
+
+def test_loads_official_layout_pth(vae, videos, tmp_path):
+    state = {diffusers_to_official_key(k): v for k, v in vae.model.state_dict().items()}
+    torch.save(state, tmp_path / "Wan2.1_VAE.pth")
+    loaded = load_vae(str(tmp_path / "Wan2.1_VAE.pth"))
+    assert torch.equal(loaded.encode(videos[:1]), vae.encode(videos[:1]))
+    del state["decoder.upsamples.4.shortcut.bias"]
+    state["decoder.upsamples.98.residual.0.gamma"] = torch.zeros(1)
+    state["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(KeyError) as err:
+        load_vae(str(tmp_path / "broken.pth"))
+    assert "decoder.up_blocks.1.resnets.0.conv_shortcut.bias" in str(err.value)
+    assert "decoder.up_blocks.24.resnets.2.norm1.gamma" in str(err.value) and "decoder.extra.weight" in str(err.value)

@@ -1,0 +1,221 @@
+"""Manifest (JSONL, one clip per line, docs/data.md): parsing, path resolution and geometry loading.
+
+Errors are `RowError`s naming the 0-based row, the offending path (or the manifest) and the reason, so the
+shard writer can reject a row and carry on.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KEYS = {"video", "depth", "xyz", "intrinsics", "poses", "valid", "caption", "text_embedding", "id"}
+ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class RowError(ValueError):
+    """A bad manifest row: `row`, `path` and `reason` are kept for the rejects file."""
+
+    def __init__(self, row: int, path: str, reason: str):
+        super().__init__(f"row {row} ({path}): {reason}")
+        self.row, self.path, self.reason = row, str(path), reason
+
+    def record(self) -> dict:
+        return {"row": self.row, "path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    row: int
+    id: str
+    video: Path
+    source: str  # the video path as written in the manifest
+    geometry: str  # "depth" or "xyz"
+    geometry_path: Path
+    intrinsics: object = None  # inline list or a Path
+    poses: object = None  # inline list or a Path
+    valid: Path | None = None
+    caption: str = ""
+    text_embedding: Path | None = None
+
+    def input_paths(self) -> list[Path]:
+        paths = [self.video, self.geometry_path, self.valid, self.text_embedding, self.intrinsics, self.poses]
+        return [p for p in paths if isinstance(p, Path)]
+
+
+def _path(base: Path, value, row: int, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise RowError(row, "<manifest>", f"'{key}' must be a non-empty path string, got {value!r}")
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def parse_row(obj, row: int, base: Path) -> ManifestRow:
+    """One decoded JSON line -> ManifestRow (paths resolved against `base`; files are not opened)."""
+    if not isinstance(obj, dict):
+        raise RowError(row, "<manifest>", f"a row must be a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - KEYS)
+    if unknown:
+        raise RowError(row, "<manifest>", f"unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
+    if "video" not in obj:
+        raise RowError(row, "<manifest>", "missing required key 'video'")
+    video = _path(base, obj["video"], row, "video")
+    has = [k for k in ("depth", "xyz") if k in obj]
+    if len(has) != 1:
+        raise RowError(row, str(video), f"exactly one of 'depth' or 'xyz' is required, got {has or 'neither'}")
+    geometry = has[0]
+    cams = {}
+    for key in ("intrinsics", "poses"):
+        if geometry == "depth" and key not in obj:
+            raise RowError(row, str(video), f"'{key}' is required with depth geometry")
+        if key in obj:
+            cams[key] = _path(base, obj[key], row, key) if isinstance(obj[key], str) else obj[key]
+    clip_id = obj.get("id", f"row{row:09d}")
+    if not isinstance(clip_id, str) or not ID_RE.match(clip_id):
+        raise RowError(row, str(video), f"'id' must be letters, digits, '_' or '-', got {clip_id!r}")
+    caption = obj.get("caption", "")
+    if not isinstance(caption, str):
+        raise RowError(row, str(video), f"'caption' must be a string, got {type(caption).__name__}")
+    return ManifestRow(
+        row=row, id=clip_id, video=video, source=obj["video"], geometry=geometry,
+        geometry_path=_path(base, obj[geometry], row, geometry),
+        valid=_path(base, obj["valid"], row, "valid") if "valid" in obj else None,
+        caption=caption,
+        text_embedding=_path(base, obj["text_embedding"], row, "text_embedding") if "text_embedding" in obj else None,
+        **cams)
+
+
+def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
+    """All rows of a JSONL manifest: (parsed rows, errors of rows that could not be parsed). Blank lines are
+    skipped but still count, so row numbers are line numbers (0-based)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    base = path.resolve().parent
+    rows, errors = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(RowError(i, str(path), f"not valid JSON: {exc}"))
+            continue
+        try:
+            rows.append(parse_row(obj, i, base))
+        except RowError as exc:
+            errors.append(exc)
+    return rows, errors
+
+
+def load_array(path: Path, member: str, row: int) -> np.ndarray:
+    """A .npy, or member `member` of a .npz (never unpickled); a .json holds a nested list."""
+    if not path.is_file():
+        raise RowError(row, str(path), "file not found")
+    try:
+        if path.suffix == ".json":
+            return np.asarray(json.loads(path.read_text()), np.float64)
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if member not in loaded.files:
+                    raise RowError(row, str(path), f"npz has no member '{member}' (has {loaded.files})")
+                return loaded[member]
+        return loaded
+    except RowError:
+        raise
+    except Exception as exc:
+        raise RowError(row, str(path), f"cannot load array: {exc}") from None
+
+
+def _finite_array(value, row: int, where: str, shape: tuple, name: str) -> np.ndarray:
+    try:
+        a = np.asarray(value, np.float64)
+    except (TypeError, ValueError) as exc:
+        raise RowError(row, where, f"'{name}' is not numeric: {exc}") from None
+    if a.shape not in shape:
+        want = " or ".join(str(list(s)) for s in shape)
+        raise RowError(row, where, f"'{name}' has shape {list(a.shape)}, expected {want}")
+    if not np.isfinite(a).all():
+        raise RowError(row, where, f"'{name}' has non-finite values")
+    return a
+
+
+def _where(value, r: ManifestRow) -> str:
+    """The file an inline-or-path camera value came from (inline values: the row's video)."""
+    return str(value) if isinstance(value, Path) else str(r.video)
+
+
+def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> dict:
+    """Load and check a row's geometry against its video's frame count and size.
+
+    Returns geometry (float32 [T,H,W] depth or [T,H,W,3] xyz, 0 where invalid), valid bool [T,H,W], and
+    cameras (required with depth, optional with xyz): intrinsics [T,3,3], poses_c2w [T,4,4]. Non-finite
+    values are allowed only where an explicit valid mask is false; depth must be > 0 where valid; values
+    must fit float16 storage."""
+    T, H, W = num_frames, height, width
+    gp = str(r.geometry_path)
+    g = load_array(r.geometry_path, r.geometry, r.row)
+    want = (T, H, W) if r.geometry == "depth" else (T, H, W, 3)
+    if g.shape != want:
+        raise RowError(r.row, gp, f"{r.geometry} shape {list(g.shape)} does not match the video "
+                                  f"({T} frames, {H}x{W}): expected {list(want)}")
+    if not np.issubdtype(g.dtype, np.floating):
+        raise RowError(r.row, gp, f"{r.geometry} must be floating point, got {g.dtype}")
+    g = g.astype(np.float32)
+    finite = np.isfinite(g) if g.ndim == 3 else np.isfinite(g).all(-1)
+    if r.valid is not None:
+        v = load_array(r.valid, "valid", r.row)
+        if v.shape != (T, H, W):
+            raise RowError(r.row, str(r.valid), f"valid shape {list(v.shape)}, expected {[T, H, W]}")
+        if v.dtype != np.bool_ and not (np.issubdtype(v.dtype, np.integer) and np.isin(v, (0, 1)).all()):
+            raise RowError(r.row, str(r.valid), f"valid must be bool or 0/1 integers, got {v.dtype}")
+        valid = v.astype(bool)
+        bad = valid & ~finite
+        if bad.any():
+            t, y, x = np.argwhere(bad)[0]
+            raise RowError(r.row, gp, f"non-finite {r.geometry} at valid pixel (frame {t}, y {y}, x {x}); "
+                                      f"{int(bad.sum())} such pixels")
+    else:
+        if not finite.all():
+            t, y, x = np.argwhere(~finite)[0]
+            raise RowError(r.row, gp, f"non-finite {r.geometry} at (frame {t}, y {y}, x {x}) and no valid mask "
+                                      f"marks it invalid; {int((~finite).sum())} such pixels")
+        valid = g > 0 if r.geometry == "depth" else np.ones((T, H, W), bool)
+    g[~valid] = 0.0
+    if np.abs(g).max(initial=0.0) > 65000.0:
+        raise RowError(r.row, gp, f"{r.geometry} values up to {np.abs(g).max():.4g} exceed float16 storage")
+    out = {"geometry": g, "valid": valid}
+    if r.geometry == "depth" and (g[valid] <= 0).any():
+        raise RowError(r.row, gp, f"depth must be > 0 where valid; {int((g[valid] <= 0).sum())} pixels are not")
+    if (r.intrinsics is None) != (r.poses is None):
+        raise RowError(r.row, str(r.video), "'intrinsics' and 'poses' go together")
+    if r.intrinsics is not None:
+        K = r.intrinsics if not isinstance(r.intrinsics, Path) else load_array(r.intrinsics, "intrinsics", r.row)
+        K = _finite_array(K, r.row, _where(r.intrinsics, r), ((3, 3), (T, 3, 3)), "intrinsics")
+        K = np.broadcast_to(K, (T, 3, 3)).copy()
+        if not (np.allclose(K[:, 2], [0, 0, 1]) and (K[:, 0, 0] > 0).all() and (K[:, 1, 1] > 0).all()):
+            raise RowError(r.row, _where(r.intrinsics, r), "intrinsics must have last row [0, 0, 1] and fx, fy > 0")
+        P = r.poses if not isinstance(r.poses, Path) else load_array(r.poses, "poses", r.row)
+        P = _finite_array(P, r.row, _where(r.poses, r), ((T, 4, 4),), "poses")
+        if not np.allclose(P[:, 3], [0, 0, 0, 1]):
+            raise RowError(r.row, _where(r.poses, r), "poses must be 4x4 rigid transforms with last row [0, 0, 0, 1]")
+        if not np.allclose(P[:, :3, :3] @ P[:, :3, :3].transpose(0, 2, 1), np.eye(3), atol=1e-4):
+            raise RowError(r.row, _where(r.poses, r), "pose rotations are not orthonormal")
+        out.update(intrinsics=K, poses_c2w=P)
+    return out
+
+
+def load_text_embedding(r: ManifestRow) -> np.ndarray | None:
+    if r.text_embedding is None:
+        return None
+    e = load_array(r.text_embedding, "text_embedding", r.row)
+    if e.ndim != 2 or e.shape[1] != 4096 or not np.issubdtype(e.dtype, np.floating):
+        raise RowError(r.row, str(r.text_embedding),
+                       f"text embedding must be float [L, 4096], got {e.dtype} {list(e.shape)}")
+    if not np.isfinite(e).all() or np.abs(e).max(initial=0) > 65000:
+        raise RowError(r.row, str(r.text_embedding), "text embedding has non-finite or float16-overflowing values")
+    return e

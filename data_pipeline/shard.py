@@ -1,0 +1,287 @@
+"""Manifest -> WebDataset tar shards: a deterministic plan, validated samples, atomic resumable writes.
+
+The plan (which manifest rows go to which shard) is fixed from the manifest before anything is written, so
+any split of the work (worker processes, Slurm array tasks, a re-run after a kill) produces the same shards.
+A shard is written to a hidden temp name, fsynced and renamed; then its record (`NAME.record.json`: entry,
+rejects, per-sample statistics) is written. A shard whose record matches its file is never rewritten.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+import zipfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import shard_index as si
+from data_pipeline.manifest import ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest
+from data_pipeline.video import VideoError, probe_and_check
+
+PLAN_VERSION = 1
+
+
+class ShardingError(RuntimeError):
+    """The run cannot proceed (bad options, a plan from another manifest) or a merge does not verify."""
+
+
+def sample_key(row: int) -> str:
+    return f"r{row:09d}"
+
+
+def npz_bytes(name: str, array: np.ndarray) -> bytes:
+    """A compressed one-member npz with a fixed timestamp, so equal arrays give equal bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
+    """Validate one row and build its shard members (docs/data.md) and statistics; raises RowError."""
+    try:
+        info = probe_and_check(r.video)
+    except VideoError as exc:
+        raise RowError(r.row, str(r.video), str(exc).removeprefix(f"{r.video}: ")) from None
+    geo = load_geometry(r, info.num_frames, info.height, info.width)
+    emb = load_text_embedding(r)
+    key = sample_key(r.row)
+    g, valid = geo["geometry"], geo["valid"]
+    members = [(f"{key}.mp4", r.video.read_bytes()),
+               (f"{key}.{r.geometry}.npz", npz_bytes(r.geometry, g.astype(np.float16))),
+               (f"{key}.valid.npz", npz_bytes("valid", valid))]
+    if "intrinsics" in geo:
+        cam = {"intrinsics": geo["intrinsics"].tolist(), "poses_c2w": geo["poses_c2w"].tolist()}
+        members.append((f"{key}.cam.json", json.dumps(cam).encode()))
+    members.append((f"{key}.txt", r.caption.encode("utf-8")))
+    if emb is not None:
+        members.append((f"{key}.emb.npy", npy_bytes(emb.astype(np.float16))))
+    meta = {"row": r.row, "id": r.id, "source": r.source, "num_frames": info.num_frames, "height": info.height,
+            "width": info.width, "fps": info.fps, "geometry": r.geometry}
+    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    z = g[valid] if r.geometry == "depth" else g[..., 2][valid]
+    stats = {"key": key, "frames": info.num_frames, "height": info.height, "width": info.width,
+             "geometry": r.geometry, "valid_fraction": float(valid.mean()),
+             "depth_min": float(z.min()) if z.size else None, "depth_max": float(z.max()) if z.size else None}
+    return members, stats
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
+    """Write one planned shard atomically, then its record; bad rows become rejects. Returns the record."""
+    out_dir = Path(out_dir)
+    keys, rejects, stats = [], [], []
+    tmp = out_dir / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for r in rows:
+                try:
+                    members, st = encode_sample(r)
+                except RowError as exc:
+                    rejects.append(exc.record())
+                    continue
+                except Exception as exc:  # a row must never stop the run
+                    rejects.append({"row": r.row, "path": str(r.video), "reason": f"{type(exc).__name__}: {exc}"})
+                    continue
+                for member, data in members:
+                    _add(tar, member, data)
+                keys.append(st["key"])
+                stats.append(st)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / name)
+    si.fsync_dir(out_dir)
+    final = out_dir / name
+    record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
+              "keys": keys, "rows": [r.row for r in rows], "rejects": rejects, "sample_stats": stats}
+    si.write_json(si.record_path(out_dir, name), record)
+    return record
+
+
+def shard_done(out_dir, name: str) -> dict | None:
+    """The record of a finished shard whose file still matches it, else None."""
+    path = si.record_path(out_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        record = si.read_json(path)
+    except si.ShardIndexError:
+        return None
+    return record if si.verify_shard_file(out_dir, record) is None else None
+
+
+def _npy_values(path: Path) -> int | None:
+    """Number of values in a .npy file, from its header alone (None if it is not a readable .npy)."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+        return int(np.prod(shape))
+    except (OSError, ValueError):
+        return None
+
+
+def _estimated_bytes(r: ManifestRow) -> int:
+    """Input file sizes, with .npy geometry counted as stored (float16: 2 bytes a value, before compression)."""
+    total = 0
+    for p in r.input_paths():
+        if not p.is_file():
+            continue
+        values = _npy_values(p) if p == r.geometry_path and p.suffix == ".npy" else None
+        total += 2 * values if values is not None else p.stat().st_size
+    return total
+
+
+def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int | None = None) -> tuple[dict, dict]:
+    """(plan, rows by row number): rows grouped into shards in manifest order, by count or by estimated bytes
+    (sum of the row's input file sizes; a shard closes before it would exceed shard_bytes)."""
+    if (samples_per_shard is None) == (shard_bytes is None):
+        raise ShardingError("give exactly one of samples_per_shard or shard_bytes")
+    if (samples_per_shard or 1) < 1 or (shard_bytes or 1) < 1:
+        raise ShardingError("samples_per_shard and shard_bytes must be >= 1")
+    rows, errors = read_manifest(manifest)
+    groups: list[list[int]] = []
+    size = 0
+    for r in rows:
+        est = _estimated_bytes(r) if shard_bytes else 1
+        limit = shard_bytes or samples_per_shard
+        if not groups or (groups[-1] and size + est > limit):
+            groups.append([])
+            size = 0
+        groups[-1].append(r.row)
+        size += est
+    plan = {"version": PLAN_VERSION, "manifest_sha256": si.sha256_file(manifest),
+            "samples_per_shard": samples_per_shard, "shard_bytes": shard_bytes,
+            "shards": [{"name": si.shard_name(i), "rows": g} for i, g in enumerate(groups)],
+            "rejects": [e.record() for e in errors]}
+    return plan, {r.row: r for r in rows}
+
+
+def _fix_plan(out_dir: Path, plan: dict) -> None:
+    path = out_dir / si.PLAN
+    if path.is_file():
+        old = si.read_json(path)
+        if si.dumps(old) != si.dumps(plan):
+            raise ShardingError(f"{path}: this folder holds shards planned from a different manifest or options "
+                                f"(manifest sha256 {old.get('manifest_sha256')}); use a new output folder")
+    else:
+        si.write_json(path, plan)
+
+
+def _write_task(args) -> dict:
+    out_dir, name, rows = args
+    return write_shard(out_dir, name, rows)
+
+
+def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_bytes: int | None = None,
+                 workers: int = 1, num_tasks: int | None = None, task_index: int | None = None,
+                 progress: bool = True) -> dict:
+    """Write this task's planned shards (all shards without num_tasks), skipping finished ones; then write
+    index.json (single run) or index.task-I.json (array task). Returns a summary dict."""
+    from tqdm import tqdm
+
+    if (num_tasks is None) != (task_index is None):
+        raise ShardingError("--num-tasks and --task-index go together")
+    if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
+        raise ShardingError(f"need 0 <= task_index < num_tasks, got {task_index} and {num_tasks}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan, rows = make_plan(manifest, samples_per_shard, shard_bytes)
+    _fix_plan(out_dir, plan)
+    mine = [(i, s) for i, s in enumerate(plan["shards"]) if num_tasks is None or i % num_tasks == task_index]
+    for _, s in mine:
+        for stale in out_dir.glob(f".{s['name']}.tmp*"):
+            stale.unlink()
+    records = {s["name"]: shard_done(out_dir, s["name"]) for _, s in mine}
+    todo = [(str(out_dir), s["name"], [rows[r] for r in s["rows"]]) for _, s in mine if records[s["name"]] is None]
+    skipped = len(mine) - len(todo)
+    bar = tqdm(total=len(mine), initial=skipped, unit="shard", desc="shards", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        try:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork")) as pool:
+                for done in as_completed([pool.submit(_write_task, t) for t in todo]):
+                    rec = done.result()
+                    records[rec["name"]] = rec
+                    bar.update()
+        except BrokenProcessPool:
+            raise ShardingError("a worker process died (out of memory?); finished shards are kept: re-run the "
+                                "same command to write the rest") from None
+    else:
+        for task in todo:
+            rec = _write_task(task)
+            records[rec["name"]] = rec
+            bar.update()
+    bar.close()
+    recs = [records[s["name"]] for _, s in mine]
+    if num_tasks is None:
+        index = si.build_index(plan, recs)
+        index_path = si.write_index(out_dir, index)
+        rejects, samples = index["rejects"], index["totals"]["samples"]
+    else:
+        index_path = si.partial_index_path(out_dir, task_index)
+        si.write_json(index_path, {"version": si.INDEX_VERSION, "num_tasks": num_tasks, "task_index": task_index,
+                                   "manifest_sha256": plan["manifest_sha256"], "records": recs})
+        rejects = sorted((x for r in recs for x in r["rejects"]), key=lambda x: x["row"])
+        samples = sum(r["samples"] for r in recs)
+    return {"index": str(index_path), "shards": len(mine), "written": len(todo), "skipped": skipped,
+            "samples": samples, "rejects": rejects}
+
+
+def merge(out_dir) -> dict:
+    """Combine index.task-*.json into index.json after checking that every planned shard is present, was
+    written from its planned rows, and matches its recorded size, sha256 and sample count."""
+    out_dir = Path(out_dir)
+    plan = si.read_json(out_dir / si.PLAN)
+    partials = [si.read_json(p) for p in sorted(out_dir.glob("index.task-*.json"))]
+    if not partials:
+        raise ShardingError(f"{out_dir}: no partial indexes (index.task-*.json) to merge")
+    problems = []
+    counts = {p.get("num_tasks") for p in partials}
+    if len(counts) != 1:
+        raise ShardingError(f"{out_dir}: partial indexes disagree on num_tasks: {sorted(map(str, counts))}")
+    num_tasks = counts.pop()
+    present = {p.get("task_index") for p in partials}
+    missing_tasks = sorted(set(range(num_tasks)) - present)
+    if missing_tasks:
+        problems.append(f"missing partial index for task(s) {missing_tasks} of {num_tasks}")
+    for p in partials:
+        if p.get("manifest_sha256") != plan["manifest_sha256"]:
+            problems.append(f"index.task-{p.get('task_index')}.json was written from a different manifest")
+    records = {r["name"]: r for p in partials for r in p["records"]}
+    for s in plan["shards"]:
+        rec = records.get(s["name"])
+        if rec is None:
+            problems.append(f"{s['name']}: planned but in no partial index")
+            continue
+        done = sorted([int(k[1:]) for k in rec["keys"]] + [x["row"] for x in rec["rejects"]])
+        if done != sorted(s["rows"]) or rec["samples"] != len(rec["keys"]):
+            problems.append(f"{s['name']}: record does not cover its planned rows {s['rows']}")
+        problem = si.verify_shard_file(out_dir, rec)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ShardingError("merge failed:\n  " + "\n  ".join(problems))
+    index = si.build_index(plan, [records[s["name"]] for s in plan["shards"]])
+    si.write_index(out_dir, index)
+    return index

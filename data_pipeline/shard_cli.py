@@ -1,0 +1,74 @@
+"""`one4d shard`: manifest (JSONL) -> validated WebDataset shards + index.json.
+
+  one4d shard MANIFEST OUT_DIR [--samples-per-shard N | --shard-bytes B] [--workers W]
+  one4d shard MANIFEST OUT_DIR --num-tasks N --task-index I     (one Slurm array task)
+  one4d shard --merge OUT_DIR                                    (after all array tasks)
+
+Re-running the same command after a kill finishes the job: finished shards are kept, the rest written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data_pipeline.shard import ShardingError, merge, run_sharding
+from data_pipeline.shard_index import ShardIndexError
+
+
+def parser() -> argparse.ArgumentParser:
+    head, usage = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="one4d shard", description=head.split(":", 1)[1].strip(), epilog=usage,
+                                usage="one4d shard MANIFEST OUT_DIR [options] | one4d shard --merge OUT_DIR",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="manifest and output folder (or OUT_DIR with --merge)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="samples per shard (default 64 unless --shard-bytes)")
+    size.add_argument("--shard-bytes", type=int, help="target shard size in bytes, estimated from input file sizes")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, one shard each at a time (default 1)")
+    p.add_argument("--num-tasks", type=int, help="Slurm array size: this task writes shards with id %% N == I")
+    p.add_argument("--task-index", type=int, help="this task's index (default $SLURM_ARRAY_TASK_ID with --num-tasks)")
+    p.add_argument("--merge", action="store_true", help="combine the tasks' partial indexes into index.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _print_rejects(rejects: list[dict]) -> None:
+    for r in rejects:
+        print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        if args.merge:
+            if len(args.paths) != 1:
+                p.error("--merge takes exactly one argument: OUT_DIR")
+            index = merge(args.paths[0])
+            t = index["totals"]
+            print(f"merged: {t['shards']} shards, {t['samples']} samples, {t['bytes']} bytes, {t['rejected']} rejected")
+            _print_rejects(index["rejects"])
+            return 0
+        if len(args.paths) != 2:
+            p.error("expected MANIFEST OUT_DIR")
+        task_index = args.task_index
+        if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+            task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        per_shard = args.samples_per_shard if args.samples_per_shard or args.shard_bytes else 64
+        if args.workers < 1:
+            p.error("--workers must be >= 1")
+        s = run_sharding(args.paths[0], args.paths[1], samples_per_shard=per_shard, shard_bytes=args.shard_bytes,
+                         workers=args.workers, num_tasks=args.num_tasks, task_index=task_index,
+                         progress=not args.no_progress)
+    except (ShardingError, ShardIndexError, FileNotFoundError) as exc:
+        print(f"one4d shard: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done), {s['samples']} samples, "
+          f"{len(s['rejects'])} rejected; index: {s['index']}")
+    _print_rejects(s["rejects"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Shard index (index.json) and per-shard records: atomic JSON writes, checksums, reading and verification.
+
+index.json = {"version", "shards": [{name, samples, bytes, sha256, keys}], "totals", "statistics", "rejects"}.
+The shard writer also leaves, next to each finished tar, `NAME.record.json` (the shard's entry plus its
+rejects and per-sample statistics) and `plan.json` (which manifest rows go to which shard).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+INDEX_VERSION = 1
+INDEX = "index.json"
+PLAN = "plan.json"
+REJECTS = "rejects.jsonl"
+
+
+class ShardIndexError(ValueError):
+    """An index, plan or shard that does not match what was recorded; the message names the file."""
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.tar"
+
+
+def record_path(out_dir, name: str) -> Path:
+    return Path(out_dir) / f"{name}.record.json"
+
+
+def partial_index_path(out_dir, task_index: int) -> Path:
+    return Path(out_dir) / f"index.task-{task_index}.json"
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write to a hidden temp name in the same folder, fsync, rename: readers never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def write_json(path, obj) -> None:
+    write_atomic(path, dumps(obj))
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ShardIndexError(f"{path}: not found")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardIndexError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ShardIndexError(f"{path}: top level must be a JSON object")
+    return obj
+
+
+def read_index(shard_dir) -> dict:
+    """Read and schema-check `shard_dir/index.json`."""
+    path = Path(shard_dir) / INDEX
+    index = read_json(path)
+    if index.get("version") != INDEX_VERSION:
+        raise ShardIndexError(f"{path}: version {index.get('version')!r}, this code reads {INDEX_VERSION}")
+    for key in ("shards", "totals", "statistics", "rejects"):
+        if key not in index:
+            raise ShardIndexError(f"{path}: missing key '{key}'")
+    for i, s in enumerate(index["shards"]):
+        missing = {"name", "samples", "bytes", "sha256", "keys"} - set(s)
+        if missing:
+            raise ShardIndexError(f"{path}: shards[{i}] lacks {sorted(missing)}")
+        if s["samples"] != len(s["keys"]):
+            raise ShardIndexError(f"{path}: shard {s['name']}: samples {s['samples']} != {len(s['keys'])} keys")
+    totals = {"shards": len(index["shards"]), "samples": sum(s["samples"] for s in index["shards"]),
+              "bytes": sum(s["bytes"] for s in index["shards"]), "rejected": len(index["rejects"])}
+    if index["totals"] != totals:
+        raise ShardIndexError(f"{path}: totals {index['totals']} disagree with the shard list ({totals})")
+    return index
+
+
+def shard_entry(record: dict) -> dict:
+    return {k: record[k] for k in ("name", "samples", "bytes", "sha256", "keys")}
+
+
+def verify_shard_file(shard_dir, entry: dict, checksum: bool = True) -> str | None:
+    """None if the shard file exists with the recorded size (and sha256), else the problem."""
+    path = Path(shard_dir) / entry["name"]
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{path}: {size} bytes, index says {entry['bytes']}"
+    if checksum and sha256_file(path) != entry["sha256"]:
+        return f"{path}: sha256 differs from the index"
+    return None
+
+
+def statistics(records: list[dict]) -> dict:
+    """Dataset statistics from the per-sample stats of shard records."""
+    samples = [s for r in records for s in r["sample_stats"]]
+    frames = [s["frames"] for s in samples]
+    resolutions: dict[str, int] = {}
+    for s in samples:
+        key = f"{s['height']}x{s['width']}"
+        resolutions[key] = resolutions.get(key, 0) + 1
+    depth = [s for s in samples if s["geometry"] == "depth" and s["depth_max"] is not None]
+    xyz = [s for s in samples if s["geometry"] == "xyz" and s["depth_max"] is not None]
+    return {
+        "frames": {"total": sum(frames), "min": min(frames, default=0), "max": max(frames, default=0)},
+        "resolutions": dict(sorted(resolutions.items())),
+        "geometry": {"depth": sum(s["geometry"] == "depth" for s in samples),
+                     "xyz": sum(s["geometry"] == "xyz" for s in samples)},
+        "depth_range": [min((s["depth_min"] for s in depth), default=None),
+                        max((s["depth_max"] for s in depth), default=None)],
+        "xyz_z_range": [min((s["depth_min"] for s in xyz), default=None),
+                        max((s["depth_max"] for s in xyz), default=None)],
+        "valid_fraction": (sum(s["valid_fraction"] * s["frames"] for s in samples) / sum(frames)) if frames else None,
+    }
+
+
+def build_index(plan: dict, records: list[dict]) -> dict:
+    """index.json content from the plan and every planned shard's record (same for any task split)."""
+    records = sorted(records, key=lambda r: r["name"])
+    rejects = sorted(plan["rejects"] + [x for r in records for x in r["rejects"]], key=lambda x: x["row"])
+    shards = [shard_entry(r) for r in records]
+    return {
+        "version": INDEX_VERSION,
+        "shards": shards,
+        "totals": {"shards": len(shards), "samples": sum(s["samples"] for s in shards),
+                   "bytes": sum(s["bytes"] for s in shards), "rejected": len(rejects)},
+        "statistics": statistics(records),
+        "rejects": rejects,
+    }
+
+
+def write_index(out_dir, index: dict) -> Path:
+    out_dir = Path(out_dir)
+    write_atomic(out_dir / REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in index["rejects"]).encode())
+    write_json(out_dir / INDEX, index)
+    return out_dir / INDEX

@@ -1,0 +1,23 @@
+"""Small real datasets for tests: synthetic clips -> mp4 + geometry + manifest -> tar shards + index,
+built by the project's own code paths (data_pipeline.synthetic, data_pipeline.shard)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_pipeline.shard import run_sharding
+from data_pipeline.synthetic import write_dataset
+
+
+def make_dataset(tmp_dir, num_clips: int = 4, frames: int = 9, height: int = 32, width: int = 64,
+                 geometry: str = "depth", seed: int = 0) -> Path:
+    """Render `num_clips` synthetic clips under tmp_dir/raw; returns the manifest path."""
+    return write_dataset(Path(tmp_dir) / "raw", num_clips, frames, height, width, seed=seed, geometry=geometry)
+
+
+def make_shards(tmp_dir, num_clips: int = 4, frames: int = 9, height: int = 32, width: int = 64,
+                geometry: str = "depth", samples_per_shard: int = 2, seed: int = 0) -> Path:
+    """make_dataset, then shard it into tmp_dir/shards (index.json included); returns the shard folder."""
+    manifest = make_dataset(tmp_dir, num_clips, frames, height, width, geometry, seed)
+    out = Path(tmp_dir) / "shards"
+    run_sharding(manifest, out, samples_per_shard=samples_per_shard, workers=1, progress=False)
+    return out

@@ -1,0 +1,148 @@
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline.manifest import RowError, load_geometry, load_text_embedding, read_manifest
+
+T, H, W = 3, 4, 6
+
+
+def write_rows(tmp_path, rows, name="manifest.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    np.save(tmp_path / "d.npy", np.full((T, H, W), 2.0, np.float32))
+    np.save(tmp_path / "poses.npy", np.broadcast_to(np.eye(4), (T, 4, 4)))
+    (tmp_path / "K.json").write_text(json.dumps([[5, 0, 2.5], [0, 5, 1.5], [0, 0, 1]]))
+    return tmp_path
+
+
+def depth_row(**kw):
+    row = {"video": "v.mp4", "depth": "d.npy", "intrinsics": [[5, 0, 2.5], [0, 5, 1.5], [0, 0, 1]],
+           "poses": "poses.npy"}
+    row.update(kw)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def test_relative_paths_resolve_against_the_manifest_folder(files, tmp_path, monkeypatch):
+    sub = tmp_path / "elsewhere"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    path = write_rows(tmp_path, [depth_row(caption="a cat", id="clip_1"), depth_row(video="/abs/v.mp4")])
+    rows, errors = read_manifest(path)
+    assert errors == []
+    assert rows[0].video == tmp_path / "v.mp4" and rows[0].geometry_path == tmp_path / "d.npy"
+    assert rows[0].poses == tmp_path / "poses.npy" and rows[0].caption == "a cat" and rows[0].id == "clip_1"
+    assert str(rows[1].video) == "/abs/v.mp4" and rows[1].source == "/abs/v.mp4" and rows[1].id == "row000000001"
+
+
+def test_row_errors_name_row_and_reason(tmp_path):
+    path = write_rows(tmp_path, [
+        depth_row(),
+        "{not json",
+        {"depth": "d.npy"},
+        depth_row(colour="red"),
+        depth_row(xyz="x.npy"),
+        depth_row(poses=None),
+        depth_row(id="bad id!"),
+        "",
+        {"video": "v.mp4", "xyz": "x.npy"},
+        [1, 2],
+    ])
+    rows, errors = read_manifest(path)
+    assert [r.row for r in rows] == [0, 8] and rows[1].geometry == "xyz"
+    by_row = {e.row: e.reason for e in errors}
+    assert "not valid JSON" in by_row[1]
+    assert "missing required key 'video'" in by_row[2]
+    assert "unknown key" in by_row[3] and "colour" in by_row[3]
+    assert "exactly one of 'depth' or 'xyz'" in by_row[4]
+    assert "'poses' is required" in by_row[5]
+    assert "'id'" in by_row[6]
+    assert "JSON object" in by_row[9]
+    assert set(by_row) == {1, 2, 3, 4, 5, 6, 9}
+    assert str(RowError(4, "p.mp4", "why")) == "row 4 (p.mp4): why"
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        read_manifest(tmp_path / "nope.jsonl")
+
+
+def load(tmp_path, row, t=T):
+    rows, errors = read_manifest(write_rows(tmp_path, [row], "one.jsonl"))
+    assert not errors
+    return load_geometry(rows[0], t, H, W)
+
+
+def test_load_depth_geometry(files):
+    g = load(files, depth_row())
+    assert g["geometry"].shape == (T, H, W) and g["valid"].all()
+    assert g["intrinsics"].shape == (T, 3, 3) and g["poses_c2w"].shape == (T, 4, 4)
+    g = load(files, depth_row(intrinsics="K.json"))
+    assert g["intrinsics"][2, 0, 2] == 2.5
+
+
+def test_geometry_errors(files):
+    d = np.full((T, H, W), 2.0, np.float32)
+    d[1, 2, 3] = np.nan
+    np.save(files / "nan.npy", d)
+    valid = np.ones((T, H, W), bool)
+    valid[1, 2, 3] = False
+    np.savez_compressed(files / "valid.npz", valid=valid)
+    np.save(files / "neg.npy", -np.abs(np.nan_to_num(d)))
+    with pytest.raises(RowError, match=r"non-finite depth at \(frame 1, y 2, x 3\)"):
+        load(files, depth_row(depth="nan.npy"))
+    g = load(files, depth_row(depth="nan.npy", valid="valid.npz"))  # NaN only where marked invalid: fine
+    assert g["geometry"][1, 2, 3] == 0 and not g["valid"][1, 2, 3]
+    with pytest.raises(RowError, match="does not match the video"):
+        load(files, depth_row(), t=T + 1)
+    with pytest.raises(RowError, match=r"'intrinsics' has shape \[2, 3\]"):
+        load(files, depth_row(intrinsics=[[1, 0, 0], [0, 1, 0]]))
+    with pytest.raises(RowError, match="last row"):
+        load(files, depth_row(intrinsics=[[5, 0, 2], [0, 5, 1], [1, 0, 1]]))
+    np.save(files / "badpose.npy", np.broadcast_to(np.eye(4) * 2, (T, 4, 4)))
+    with pytest.raises(RowError, match="pose") as e:
+        load(files, depth_row(poses="badpose.npy"))
+    assert e.value.path.endswith("badpose.npy") and e.value.row == 0
+    with pytest.raises(RowError, match="file not found"):
+        load(files, depth_row(depth="missing.npy"))
+    np.savez(files / "wrong.npz", other=d)
+    with pytest.raises(RowError, match="no member 'depth'"):
+        load(files, depth_row(depth="wrong.npz"))
+    np.save(files / "obj.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(RowError, match="cannot load array"):
+        load(files, depth_row(depth="obj.npy"))
+    g = load(files, depth_row(depth="neg.npy"))  # no explicit mask: depth <= 0 is invalid
+    assert not g["valid"].any()
+    np.save(files / "huge.npy", d * 1e6)
+    with pytest.raises(RowError, match="float16"):
+        load(files, depth_row(depth="huge.npy", valid="valid.npz"))
+
+
+def test_text_embedding(files):
+    np.save(files / "emb.npy", np.zeros((7, 4096), np.float32))
+    np.save(files / "bad_emb.npy", np.zeros((7, 10), np.float32))
+    rows, _ = read_manifest(write_rows(files, [depth_row(text_embedding="emb.npy"),
+                                               depth_row(text_embedding="bad_emb.npy"), depth_row()]))
+    assert load_text_embedding(rows[0]).shape == (7, 4096)
+    with pytest.raises(RowError, match=r"\[L, 4096\]"):
+        load_text_embedding(rows[1])
+    assert load_text_embedding(rows[2]) is None
+
+
+def test_xyz_geometry_with_optional_cameras(files):
+    xyz = np.ones((T, H, W, 3), np.float32)
+    xyz[0, 0, 0] = np.inf
+    np.savez_compressed(files / "x.npz", xyz=xyz)
+    with pytest.raises(RowError, match=r"non-finite xyz at \(frame 0, y 0, x 0\)"):
+        load(files, {"video": "v.mp4", "xyz": "x.npz"})
+    xyz[0, 0, 0] = 3.0
+    np.savez_compressed(files / "x.npz", xyz=xyz)
+    g = load(files, {"video": "v.mp4", "xyz": "x.npz"})
+    assert g["geometry"].shape == (T, H, W, 3) and g["valid"].all() and "intrinsics" not in g
+    g = load(files, {"video": "v.mp4", "xyz": "x.npz", "intrinsics": "K.json", "poses": "poses.npy"})
+    assert g["intrinsics"].shape == (T, 3, 3) and g["poses_c2w"].shape == (T, 4, 4)
+    with pytest.raises(RowError, match="go together"):
+        load(files, {"video": "v.mp4", "xyz": "x.npz", "intrinsics": "K.json"})

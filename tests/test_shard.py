@@ -1,0 +1,307 @@
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.geometry import depth_to_pointmaps
+from data_pipeline.inspect_cli import main as inspect_main
+from data_pipeline.shard import ShardingError, merge, npz_bytes, run_sharding
+from data_pipeline.shard_cli import main as shard_main
+from data_pipeline.shard_index import read_index, sha256_file
+from data_pipeline.synthetic import render_clip
+from data_pipeline.video import decode_frames
+from one4d_train.cli import main as one4d_main
+from data_utils import make_dataset, make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"), num_clips=5)
+
+
+def rows_of(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_tar(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def npz(data, member):
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return z[member]
+
+
+@pytest.mark.parametrize("geometry", ["depth", "xyz"])
+def test_round_trip_members(tmp_path, geometry):
+    out = make_shards(tmp_path, num_clips=3, frames=9, height=32, width=64, geometry=geometry, samples_per_shard=2)
+    index = read_index(out)
+    assert [s["keys"] for s in index["shards"]] == [["r000000000", "r000000001"], ["r000000002"]]
+    assert index["totals"] == {"shards": 2, "samples": 3, "bytes": sum(s["bytes"] for s in index["shards"]),
+                               "rejected": 0}
+    assert index["statistics"]["frames"] == {"total": 27, "min": 9, "max": 9}
+    assert index["statistics"]["resolutions"] == {"32x64": 3}
+    members = {**read_tar(out / "shard-000000.tar"), **read_tar(out / "shard-000001.tar")}
+    raw = tmp_path / "raw"
+    for n, row in enumerate(rows_of(raw / "manifest.jsonl")):
+        key = f"r{n:09d}"
+        ref = render_clip(n, 9, 32, 64)
+        assert members[f"{key}.mp4"] == (raw / row["video"]).read_bytes()
+        assert decode_frames(members[f"{key}.mp4"]).shape == (9, 32, 64, 3)
+        valid = npz(members[f"{key}.valid.npz"], "valid")
+        assert valid.dtype == bool and np.array_equal(valid, ref["valid"])
+        meta = json.loads(members[f"{key}.json"])
+        assert meta == {"row": n, "id": row["id"], "source": row["video"], "num_frames": 9, "height": 32,
+                        "width": 64, "fps": 16.0, "geometry": geometry}
+        assert members[f"{key}.txt"].decode() == ref["caption"]
+        if geometry == "depth":
+            depth = npz(members[f"{key}.depth.npz"], "depth")
+            assert depth.dtype == np.float16
+            np.testing.assert_allclose(depth[valid], ref["depth"][valid], rtol=2 ** -11, atol=0)
+            cam = json.loads(members[f"{key}.cam.json"])
+            np.testing.assert_allclose(cam["intrinsics"], np.broadcast_to(ref["intrinsics"], (9, 3, 3)))
+            np.testing.assert_allclose(cam["poses_c2w"], ref["poses_c2w"])
+            assert f"{key}.xyz.npz" not in members
+        else:
+            xyz = npz(members[f"{key}.xyz.npz"], "xyz")
+            expect = depth_to_pointmaps(ref["depth"], ref["intrinsics"], ref["poses_c2w"])
+            assert xyz.dtype == np.float16
+            np.testing.assert_allclose(xyz[valid], expect[valid], rtol=2 ** -11, atol=2 ** -14)
+            assert f"{key}.cam.json" not in members
+
+
+def test_float16_storage_error(tmp_path):
+    """The numbers quoted in docs/data.md."""
+    rel, pm = [], []
+    for seed in range(3):
+        c = render_clip(seed, 9, 48, 80)
+        v = c["valid"]
+        d16 = c["depth"].astype(np.float16).astype(np.float32)
+        rel.append(np.abs(d16[v] - c["depth"][v]) / c["depth"][v])
+        xyz = depth_to_pointmaps(c["depth"], c["intrinsics"], c["poses_c2w"])
+        xyz16 = depth_to_pointmaps(d16, c["intrinsics"], c["poses_c2w"])
+        pm.append((np.linalg.norm(xyz16 - xyz, axis=-1) / np.linalg.norm(xyz, axis=-1))[v])
+    rel, pm = np.concatenate(rel), np.concatenate(pm)
+    assert rel.max() <= 2 ** -11 and 1e-5 < rel.mean() < 3e-4
+    assert pm.max() <= 2 * 2 ** -11
+
+
+def bad_rows(raw):
+    """Append bad rows to a good manifest; returns {row: expected reason fragment}."""
+    good = rows_of(raw / "manifest.jsonl")
+    r0 = good[0]
+    depth = np.load(raw / r0["depth"], allow_pickle=False)
+    np.save(raw / "short.npy", depth[:5])
+    nan = depth.copy()
+    nan[2, 3, 4] = np.nan
+    np.save(raw / "nan.npy", nan)
+    (raw / "garbage.mp4").write_bytes(os.urandom(5000))
+    video = (raw / r0["video"]).read_bytes()
+    (raw / "truncated.mp4").write_bytes(video[: len(video) * 2 // 3])
+    extra = [
+        (dict(r0, video="clips/missing.mp4"), "video file not found"),
+        (dict(r0, depth="short.npy"), "does not match the video"),
+        (dict(r0, depth="nan.npy"), "non-finite depth at valid pixel (frame 2, y 3, x 4)"),
+        (dict(r0, video="garbage.mp4"), "does not decode"),
+        (dict(r0, intrinsics=[[1.0, 0, 0], [0, 1.0, 0]]), "'intrinsics' has shape [2, 3]"),
+        (dict(r0, video="truncated.mp4"), "does not decode"),
+        ("{broken json", "not valid JSON"),
+    ]
+    lines = [json.dumps(r) for r in good] + [e if isinstance(e, str) else json.dumps(e) for e, _ in extra]
+    (raw / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return {len(good) + i: reason for i, (_, reason) in enumerate(extra)}
+
+
+def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
+    manifest = make_dataset(tmp_path, num_clips=3)
+    expected = bad_rows(tmp_path / "raw")
+    out = tmp_path / "shards"
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    index = read_index(out)
+    assert [k for s in index["shards"] for k in s["keys"]] == ["r000000000", "r000000001", "r000000002"]
+    rejects = {r["row"]: r for r in index["rejects"]}
+    assert set(rejects) == set(expected)
+    for row, reason in expected.items():
+        assert reason in rejects[row]["reason"], (row, rejects[row])
+        assert f"rejected row {row} " in printed
+    assert rejects[3]["path"].endswith("missing.mp4") and rejects[6]["path"].endswith("garbage.mp4")
+    assert rejects[5]["path"].endswith("nan.npy")
+    assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == index["rejects"]
+    assert index["totals"]["rejected"] == 7 and index["totals"]["samples"] == 3
+
+
+def test_killed_run_resumes_to_the_identical_index(tmp_path, manifest):
+    many = tmp_path / "many.jsonl"
+    rows = rows_of(manifest) * 8  # 40 rows: long enough to kill mid-run
+    base = manifest.parent
+    many.write_text("".join(json.dumps(dict(r, video=str(base / r["video"]), depth=str(base / r["depth"]),
+                                             poses=str(base / r["poses"]), valid=str(base / r["valid"]))) + "\n"
+                            for r in rows))
+    ref = tmp_path / "ref"
+    run_sharding(many, ref, samples_per_shard=1, progress=False)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "one4d_train.cli", "shard", str(many), str(out), "--samples-per-shard", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(out.glob("*.record.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*.record.json")))
+    assert not (out / "index.json").exists() and 1 <= done < 40, f"kill landed after {done} shards"
+
+    summary = run_sharding(many, out, samples_per_shard=1, progress=False)
+    assert summary["skipped"] >= done and summary["written"] == 40 - summary["skipped"]
+    assert (out / "index.json").read_bytes() == (ref / "index.json").read_bytes()
+    assert not list(out.glob(".*tmp*"))
+    for s in read_index(ref)["shards"]:
+        assert (out / s["name"]).read_bytes() == (ref / s["name"]).read_bytes()
+
+
+def test_rerun_skips_finished_shards_and_rewrites_tampered_ones(tmp_path, manifest):
+    out = tmp_path / "out"
+    first = run_sharding(manifest, out, samples_per_shard=2, progress=False)
+    index = (out / "index.json").read_bytes()
+    again = run_sharding(manifest, out, samples_per_shard=2, progress=False)
+    assert (first["written"], again["written"], again["skipped"]) == (3, 0, 3)
+    with open(out / "shard-000001.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"XXXX")
+    third = run_sharding(manifest, out, samples_per_shard=2, progress=False)
+    assert third["written"] == 1 and (out / "index.json").read_bytes() == index
+    with pytest.raises(ShardingError, match="different manifest or options"):
+        run_sharding(manifest, out, samples_per_shard=3, progress=False)
+
+
+def test_task_split_and_merge_equal_a_single_run(tmp_path, manifest, capsys):
+    single = tmp_path / "single"
+    assert shard_main([str(manifest), str(single), "--samples-per-shard", "1", "--no-progress"]) == 0
+    split = tmp_path / "split"
+    for i in range(3):
+        assert shard_main([str(manifest), str(split), "--samples-per-shard", "1", "--num-tasks", "3",
+                           "--task-index", str(i), "--no-progress"]) == 0
+        assert not (split / "index.json").exists()
+    part = json.loads((split / "index.task-1.json").read_text())
+    assert [r["name"] for r in part["records"]] == ["shard-000001.tar", "shard-000004.tar"]
+    assert shard_main(["--merge", str(split)]) == 0
+    assert (split / "index.json").read_bytes() == (single / "index.json").read_bytes()
+    assert (split / "rejects.jsonl").read_bytes() == (single / "rejects.jsonl").read_bytes()
+    capsys.readouterr()
+
+    partial = split / "index.task-2.json"
+    saved = partial.read_bytes()
+    partial.unlink()
+    assert shard_main(["--merge", str(split)]) == 1
+    assert "missing partial index for task(s) [2] of 3" in capsys.readouterr().err
+    partial.write_bytes(saved)
+
+    shard = split / "shard-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:-512] + b"\1" * 512)
+    with pytest.raises(ShardingError, match="shard-000003.tar: sha256 differs"):
+        merge(split)
+    shard.unlink()
+    with pytest.raises(ShardingError, match="shard-000003.tar: missing"):
+        merge(split)
+
+
+def test_parallel_workers_and_byte_sized_shards(tmp_path, manifest):
+    one = run_sharding(manifest, tmp_path / "w1", samples_per_shard=1, workers=1, progress=False)
+    two = run_sharding(manifest, tmp_path / "w2", samples_per_shard=1, workers=2, progress=False)
+    assert one["written"] == two["written"] == 5
+    assert (tmp_path / "w1/index.json").read_bytes() == (tmp_path / "w2/index.json").read_bytes()
+
+    row = rows_of(manifest)[0]
+    size = sum((manifest.parent / row[k]).stat().st_size for k in ("video", "poses", "valid")) + 2 * 9 * 32 * 64
+    run_sharding(manifest, tmp_path / "bytes", shard_bytes=int(size * 2.5), progress=False)
+    plan = json.loads((tmp_path / "bytes/plan.json").read_text())
+    assert [len(s["rows"]) for s in plan["shards"]] == [2, 2, 1]
+    assert read_index(tmp_path / "bytes")["totals"]["samples"] == 5
+
+
+def test_inspect_shards(tmp_path, capsys):
+    out = make_shards(tmp_path, num_clips=3, samples_per_shard=2)
+    assert inspect_main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "OK: 2 shards, 3 samples" in printed and "32x64 x3" in printed
+
+    shard = out / "shard-000001.tar"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    assert inspect_main([str(out)]) == 1
+    assert "shard-000001.tar: sha256 differs" in capsys.readouterr().err
+
+    # a shard whose index entry matches but whose member is broken: the member and key are named
+    members = read_tar(out / "shard-000000.tar")
+    members["r000000001.depth.npz"] = members["r000000001.depth.npz"][:100]
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][1].update(bytes=shard.stat().st_size, sha256=sha256_file(shard),
+                              keys=["r000000000", "r000000001"], samples=2)
+    (out / "index.json").write_text(json.dumps(index))
+    assert inspect_main([str(out)]) == 1
+    assert "totals" in capsys.readouterr().err
+    index["totals"].update(samples=4, bytes=sum(s["bytes"] for s in index["shards"]))
+    (out / "index.json").write_text(json.dumps(index))
+    assert inspect_main([str(out)]) == 1
+    assert "r000000001.depth.npz: does not parse" in capsys.readouterr().err
+    shutil.rmtree(out)
+    assert inspect_main([str(out)]) == 1
+
+
+def test_npz_bytes_are_deterministic_and_plain():
+    a = np.arange(12, dtype=np.float16).reshape(3, 4)
+    assert npz_bytes("depth", a) == npz_bytes("depth", a.copy())
+    with np.load(io.BytesIO(npz_bytes("depth", a)), allow_pickle=False) as z:
+        assert z.files == ["depth"] and np.array_equal(z["depth"], a)
+
+
+@pytest.mark.parametrize("command", ["synth", "shard", "inspect-shards"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        one4d_main([command, "--help"])
+    assert e.value.code == 0
+    assert f"one4d {command}" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert shard_main([str(tmp_path / "none.jsonl"), str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "manifest not found" in capsys.readouterr().err
+    assert shard_main(["--merge", str(tmp_path)]) == 1
+    assert "plan.json: not found" in capsys.readouterr().err
+
+
+def test_optional_members_text_embedding_and_xyz_cameras(tmp_path):
+    manifest = make_dataset(tmp_path, num_clips=2, geometry="xyz")
+    raw = manifest.parent
+    emb = np.random.default_rng(0).standard_normal((7, 4096)).astype(np.float32)
+    np.save(raw / "emb.npy", emb)
+    ref = render_clip(1, 9, 32, 64)
+    np.save(raw / "poses.npy", ref["poses_c2w"])
+    rows = rows_of(manifest)
+    rows[0]["text_embedding"] = "emb.npy"
+    rows[1].update(intrinsics=ref["intrinsics"].tolist(), poses="poses.npy")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_sharding(manifest, tmp_path / "out", samples_per_shard=2, progress=False)
+    members = read_tar(tmp_path / "out/shard-000000.tar")
+    stored = np.load(io.BytesIO(members["r000000000.emb.npy"]), allow_pickle=False)
+    assert stored.dtype == np.float16 and np.allclose(stored, emb, rtol=2 ** -10, atol=1e-4)
+    assert "r000000001.emb.npy" not in members and "r000000000.cam.json" not in members
+    np.testing.assert_allclose(json.loads(members["r000000001.cam.json"])["poses_c2w"], ref["poses_c2w"])

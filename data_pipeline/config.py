@@ -20,12 +20,16 @@ class DataConfig:
     width: int = 624
     crop: str = "random"  # random | center
     pointmap_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
+    sample_dtype: str = "float32"  # rgb and xyz dtype: float32 | float16 | bfloat16 (half the bytes to move per clip)
     use_latents: bool = True  # use precomputed latents from the shards when they are present
 
     def validate(self):
         p = []
         p += choice(self.mode, ["exact", "resampled"], "mode")
         p += choice(self.crop, ["random", "center"], "crop")
+        p += choice(self.sample_dtype, ["float32", "float16", "bfloat16"], "sample_dtype")
+        p += in_range(self.shuffle_buffer, 0, None, "shuffle_buffer")
+        p += in_range(self.epoch_length, 0, None, "epoch_length")
         p += in_range(self.num_workers, 0, None, "num_workers")
         p += in_range(self.num_frames, 1, None, "num_frames")
         p += in_range(self.frame_stride, 1, None, "frame_stride")

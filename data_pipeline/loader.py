@@ -1,0 +1,164 @@
+"""Training data loader with an exact, resumable position.
+
+Workers batch their own samples, so every batch comes from one reader slot, and torch's DataLoader hands
+out workers' batches in a fixed round robin. The loader records what the consumer has taken: per rank-local
+slot (epoch, raw position after the last consumed sample, samples skipped so far) and the slot whose batch
+comes next. Built with that position, each worker fast-forwards its slot without decoding, and workers are
+rotated so that the first batch comes from the slot that was next: the batches that follow are the ones an
+uninterrupted run would have produced.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate
+
+from data_pipeline.config import DataConfig
+from data_pipeline.reader import ShardStream, StreamPlan, list_shards, shard_fingerprint
+
+log = logging.getLogger(__name__)
+POSITION_VERSION = 1
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors and numbers on a new batch axis; strings stay lists. Text embeddings of different
+    lengths are zero-padded, with their lengths in `text_emb_len`. A batch of one is a view of its sample
+    (whose large tensors already live in shared memory in a worker), a larger one is stacked the way
+    torch's default_collate does it, straight into shared memory."""
+    batch = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            if key == "text_emb" and len({v.shape for v in values}) > 1:
+                batch["text_emb_len"] = torch.tensor([len(v) for v in values])
+                values = [torch.nn.functional.pad(v, (0, 0, 0, max(len(u) for u in values) - len(v))) for v in values]
+            batch[key] = values[0].unsqueeze(0) if len(values) == 1 else default_collate(values)
+        elif isinstance(values[0], (int, float)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class BatchStream(IterableDataset):
+    """Groups a ShardStream's samples into batches inside the worker that produced them."""
+
+    def __init__(self, stream: ShardStream, batch_size: int):
+        self.stream, self.batch_size = stream, batch_size
+
+    def __iter__(self):
+        samples = []
+        for sample in self.stream:
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield collate(samples)
+                samples = []
+
+
+class PositionError(ValueError):
+    """A saved data position that does not fit this loader."""
+
+
+class StreamLoader:
+    """Iterate for batches (forever); `state_dict()` is the position after the batches taken so far."""
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, micro_batch_size: int,
+                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.cfg, self.batch_size, self.pin_memory = cfg, micro_batch_size, pin_memory
+        shard_list = list_shards(shards if shards is not None else cfg.shards)
+        self.plan = StreamPlan(tuple(shard_list), seed=seed, rank=rank, world_size=world_size,
+                               workers=max(1, cfg.num_workers), mode=cfg.mode, epoch_length=cfg.epoch_length,
+                               shuffle_buffer=cfg.shuffle_buffer)
+        self.fingerprint = shard_fingerprint(shard_list)
+        self.slots = [[0, 0, 0] for _ in range(self.plan.workers)]  # per local slot: epoch, position, skipped
+        self.next_slot = 0
+        self.samples = 0
+        self._iter = None
+        if position is not None:
+            self._restore(position)
+
+    def _identity(self) -> dict:
+        return {"version": POSITION_VERSION, "mode": self.plan.mode, "seed": self.plan.seed, "rank": self.plan.rank,
+                "world_size": self.plan.world_size, "num_workers": self.plan.workers, "shards": self.fingerprint}
+
+    def state_dict(self) -> dict:
+        return {**self._identity(), "next_slot": self.next_slot, "samples": self.samples,
+                "slots": [list(s) for s in self.slots]}
+
+    def _restore(self, position: dict):
+        try:
+            saved = {k: position[k] for k in self._identity()}
+            slots, next_slot, samples = position["slots"], int(position["next_slot"]), int(position["samples"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PositionError(f"data position is malformed ({exc!r}): {position}") from None
+        mine = self._identity()
+        diff = {k: (saved[k], mine[k]) for k in mine if saved[k] != mine[k]}
+        if diff and self.plan.mode == "resampled" and saved["mode"] == "resampled" and "version" not in diff:
+            # a resampled stream only needs to be statistically equivalent: move on to unseen epochs
+            epoch = max(int(s[0]) for s in slots) + 1
+            log.warning("data position saved for %s; resampled mode starts fresh at epoch %d",
+                        {k: v[0] for k, v in diff.items()}, epoch)
+            self.slots = [[epoch, 0, 0] for _ in self.slots]
+            self.slots[0][2] = sum(int(s[2]) for s in slots)  # keep the run's skipped count
+            self.samples = samples
+            return
+        if diff:
+            raise PositionError("data position does not fit this loader (saved vs now): " +
+                                ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()) +
+                                "; exact resume needs the same seed, rank, world size, num_workers and shard set")
+        if len(slots) != self.plan.workers or not 0 <= next_slot < self.plan.workers:
+            raise PositionError(f"data position has {len(slots)} slots / next_slot {next_slot} for "
+                                f"{self.plan.workers} workers")
+        self.slots = [[int(e), int(p), int(k)] for e, p, k in slots]
+        self.next_slot, self.samples = next_slot, samples
+
+    @property
+    def samples_yielded(self) -> int:
+        """Samples handed to the consumer (over the whole run, resumes included)."""
+        return self.samples
+
+    @property
+    def samples_skipped(self) -> int:
+        """Corrupt or undecodable samples skipped before the consumed positions (whole run)."""
+        return sum(s[2] for s in self.slots)
+
+    def _loader(self) -> DataLoader:
+        stream = ShardStream(self.plan, self.cfg, start={i: tuple(s) for i, s in enumerate(self.slots)},
+                             rotation=self.next_slot)
+        workers = self.cfg.num_workers
+        return DataLoader(BatchStream(stream, self.batch_size), batch_size=None, num_workers=workers,
+                          pin_memory=self.pin_memory, prefetch_factor=2 if workers else None, in_order=True)
+
+    def __iter__(self):
+        """Batches from the consumed position on; a new iterator resumes where the last consumed batch left off."""
+        self.close()
+        self._iter = iter(self._loader())
+        W, base = self.plan.workers, self.plan.rank * self.plan.workers
+        for batch in self._iter:
+            local = int(batch["__slot__"][-1]) - base
+            expected = self.next_slot
+            if local != expected:
+                raise RuntimeError(f"batch came from reader slot {local}, expected {expected}: the round robin broke")
+            self.slots[local] = [int(batch["__epoch__"][-1]), int(batch["__pos__"][-1]), int(batch["__skipped__"][-1])]
+            self.next_slot = (local + 1) % W
+            self.samples += len(batch["__key__"])
+            yield batch
+
+    def close(self):
+        """Stop the worker processes (an open iterator ends)."""
+        if self._iter is not None:
+            shutdown = getattr(self._iter, "_shutdown_workers", None)
+            if shutdown:
+                shutdown()
+            self._iter = None
+
+
+def build_loader(data_cfg: DataConfig, *, rank: int, world_size: int, seed: int, micro_batch_size: int,
+                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False) -> StreamLoader:
+    """The training loader of one rank. `position` is a previous `state_dict()`; `shards` overrides
+    data_cfg.shards (e.g. with data_cfg.val_shards)."""
+    return StreamLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, micro_batch_size=micro_batch_size,
+                        position=position, shards=shards, pin_memory=pin_memory)

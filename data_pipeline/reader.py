@@ -1,0 +1,275 @@
+"""Deterministic shard stream: its output is a pure function of (seed, epoch, rank, world size, worker slot).
+
+Per epoch, a seeded permutation of the shards is dealt to the R x W reader slots by index (slot j of rank r,
+worker w being j = r * W + w, gets perm[j::R*W]); resampled mode instead draws shards with replacement per
+slot until its share of the fixed epoch length is covered. Within a slot, raw samples (undecoded bytes) pass
+a seeded shuffle buffer. The buffer's choices depend only on the per-shard sample counts of index.json, so the
+slot's epoch order is computed up front as a list of (shard, index-in-shard); reading follows that order with
+at most ~buffer raw samples held. Resuming at raw position p therefore needs no decoding and does not even
+open shards whose samples all lie before p. Each worker's stream runs over epochs 0, 1, 2, ... forever, so a
+DataLoader's round robin over workers never meets an exhausted worker.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from data_pipeline.config import DataConfig
+from data_pipeline.decode import decode_clip
+from data_pipeline.shard_index import read_index
+from data_pipeline.transforms import to_sample
+
+log = logging.getLogger(__name__)
+
+# distinct seed streams, so the shard permutation, resampling, shuffle and per-sample draws never coincide
+_PERMUTE, _RESAMPLE, _SHUFFLE, _SAMPLE = 1, 2, 3, 4
+_STRIDE = 1 << 32  # order items are encoded as source * _STRIDE + index-in-shard
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    path: str
+    count: int
+    keys: tuple[str, ...]  # sample keys in tar order (index.json)
+
+
+def list_shards(spec: str) -> list[Shard]:
+    """Shards of a directory holding index.json, or of a brace/glob pattern whose directory holds it; sorted by
+    name, empty shards left out. Counts and keys come from index.json (docs/data.md)."""
+    if not spec:
+        raise ValueError("data.shards is empty: give a shard directory or a pattern like /d/shard-{000000..000009}.tar")
+    directory = Path(spec) if os.path.isdir(spec) else Path(os.path.dirname(spec) or ".")
+    entries = {e["name"]: e for e in read_index(directory)["shards"]}
+    if os.path.isdir(spec):
+        names = sorted(entries)
+    else:
+        paths = [p for pat in braceexpand.braceexpand(os.path.basename(spec)) for p in
+                 (sorted(glob.glob(str(directory / pat))) if glob.has_magic(pat) else [str(directory / pat)])]
+        names = sorted({os.path.basename(p) for p in paths})
+        unknown = [n for n in names if n not in entries]
+        if unknown:
+            raise ValueError(f"data.shards={spec}: {len(unknown)} shard(s) not in {directory / 'index.json'}: {unknown[:5]}")
+    shards = [Shard(n, str(directory / n), entries[n]["samples"], tuple(entries[n]["keys"]))
+              for n in names if entries[n]["samples"] > 0]
+    if not shards:
+        raise ValueError(f"data.shards={spec}: no non-empty shards")
+    return shards
+
+
+def shard_fingerprint(shards: list[Shard]) -> str:
+    """Identifies the shard set (names and counts) a position belongs to."""
+    text = json.dumps([[s.name, s.count] for s in shards])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else the launcher's environment
+    (RANK/WORLD_SIZE from torchrun, SLURM_PROCID/SLURM_NTASKS from srun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in os.environ and world_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[world_var])
+    return 0, 1
+
+
+def shuffle_order(counts: list[int], buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Output order of a shuffle buffer of size `buffer` fed with the sources' samples in order, as encoded
+    items source * _STRIDE + index. Depends on counts and rng only, never on the data."""
+    stream = [s * _STRIDE + i for s, c in enumerate(counts) for i in range(c)]
+    if buffer <= 1:
+        return np.asarray(stream, np.int64)
+    draws = rng.random(len(stream)).tolist()
+    out, buf = [], []
+
+    def pick():
+        j = int(draws[len(out)] * len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        out.append(buf.pop())
+
+    for item in stream:
+        buf.append(item)
+        if len(buf) >= buffer:
+            pick()
+    while buf:
+        pick()
+    return np.asarray(out, np.int64)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a reader slot's stream depends on."""
+    shards: tuple[Shard, ...]
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # reader slots per rank (1 when the DataLoader has no workers)
+    mode: str = "exact"
+    epoch_length: int = 0  # resampled: samples per rank per epoch (0 = dataset size / world size)
+    shuffle_buffer: int = 16
+
+    def __post_init__(self):
+        slots = self.world_size * self.workers
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if self.mode == "exact" and len(self.shards) < slots:
+            raise ValueError(f"exact mode needs at least one shard per reader slot: {len(self.shards)} shards for "
+                             f"{self.world_size} ranks x {self.workers} workers; write smaller shards or use fewer workers")
+        if self.mode == "resampled" and min(self.slot_length(w) for w in range(self.workers)) < 1:
+            raise ValueError(f"resampled epoch length {self.rank_length()} per rank is below {self.workers} workers")
+        if sum(s.count for s in self.shards) == 0:
+            raise ValueError("the shard set holds no samples")
+
+    def slot(self, local: int) -> int:
+        return self.rank * self.workers + local
+
+    def rank_length(self) -> int:
+        return self.epoch_length or sum(s.count for s in self.shards) // self.world_size
+
+    def slot_length(self, local: int) -> int:
+        n, w = self.rank_length(), self.workers
+        return n // w + (local < n % w)
+
+    def sources(self, local: int, epoch: int) -> list[Shard]:
+        """The shards slot `local` reads in `epoch`, in reading order."""
+        if self.mode == "exact":
+            perm = np.random.default_rng([self.seed, _PERMUTE, epoch]).permutation(len(self.shards))
+            return [self.shards[i] for i in perm[self.slot(local)::self.world_size * self.workers]]
+        rng = np.random.default_rng([self.seed, _RESAMPLE, epoch, self.slot(local)])
+        need, out = self.slot_length(local), []
+        while need > 0:
+            shard = self.shards[int(rng.integers(len(self.shards)))]
+            out.append(shard)
+            need -= shard.count
+        return out
+
+    def order(self, local: int, epoch: int, sources: list[Shard]) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, _SHUFFLE, epoch, self.slot(local)])
+        order = shuffle_order([s.count for s in sources], self.shuffle_buffer, rng)
+        return order[:self.slot_length(local)] if self.mode == "resampled" else order
+
+    def sample_rng(self, local: int, epoch: int, pos: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SAMPLE, epoch, self.slot(local), pos])
+
+
+def _log_tar_error(exn: Exception) -> bool:
+    log.warning("shard read error (remaining samples of this shard are counted as skipped): %s",
+                " ".join(str(a) for a in exn.args if isinstance(a, str)) or repr(exn))
+    return True
+
+
+def raw_samples(shard: Shard) -> Iterator[dict]:
+    """Undecoded samples (member suffix -> bytes, plus __key__) of one shard, read with webdataset's tar pieces."""
+    streams = url_opener([{"url": shard.path}], handler=_log_tar_error)
+    yield from group_by_keys(tar_file_expander(streams, handler=_log_tar_error), handler=_log_tar_error)
+
+
+def read_in_order(sources: list[Shard], order: np.ndarray, start: int) -> Iterator[tuple[int, Shard, str, dict | None]]:
+    """Yield (position after it, shard, key, raw sample or None when missing) for order[start:], reading the
+    sources sequentially and holding only samples still to come. Samples before `start` are skipped unread
+    where a whole shard lies before it, read and dropped otherwise."""
+    todo = order[start:]
+    needed = set(todo.tolist())
+    pending = np.bincount(todo // _STRIDE, minlength=len(sources)).tolist()
+    held: dict[int, dict] = {}
+    missing: set[int] = set()
+    cur, it, seen, index_of = 0, None, set(), {}
+
+    def advance():
+        nonlocal cur, it, seen, index_of
+        if it is None:
+            while not pending[cur]:
+                cur += 1
+            it, seen = raw_samples(sources[cur]), set()
+            index_of = {k: i for i, k in enumerate(sources[cur].keys)}
+        shard = sources[cur]
+        raw = next(it, None)
+        if raw is None:
+            for i in range(shard.count):
+                if i not in seen:
+                    missing.add(cur * _STRIDE + i)
+            cur, it = cur + 1, None
+            return
+        i = index_of.get(raw["__key__"], -1)
+        if i < 0 or i in seen:
+            log.warning("shard=%s key=%s: sample not in index.json (or repeated); ignored", shard.name, raw["__key__"])
+            return
+        seen.add(i)
+        item = cur * _STRIDE + i
+        if item in needed:
+            held[item] = raw
+
+    for p, item in enumerate(todo.tolist(), start=start):
+        while item not in held and item not in missing:
+            advance()
+        s, i = divmod(item, _STRIDE)
+        raw = held.pop(item, None)
+        pending[s] -= 1
+        yield p + 1, sources[s], sources[s].keys[i], raw
+
+
+class ShardStream(IterableDataset):
+    """Decoded samples (docs/data.md) of one rank; each DataLoader worker serves one reader slot, forever.
+
+    `start` maps a rank-local slot to (epoch, raw position, skipped so far); `rotation` makes worker w serve
+    local slot (w + rotation) % workers, so that after a resume the DataLoader's first batch comes from the
+    slot that was next.
+    """
+
+    def __init__(self, plan: StreamPlan, cfg: DataConfig, start: dict[int, tuple[int, int, int]] | None = None,
+                 rotation: int = 0):
+        self.plan, self.cfg, self.start, self.rotation = plan, cfg, dict(start or {}), rotation
+
+    def local_slot(self) -> int:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        if workers != self.plan.workers:
+            raise RuntimeError(f"stream planned for {self.plan.workers} reader slots per rank, run by {workers} workers")
+        return ((info.id if info else 0) + self.rotation) % workers
+
+    def decode(self, raw: dict, rng: np.random.Generator) -> dict:
+        c = self.cfg
+        clip = decode_clip(raw, c.num_frames, c.frame_stride, rng)
+        return to_sample(clip, c.height, c.width, c.crop, c.pointmap_percentiles, rng, c.sample_dtype)
+
+    def __iter__(self):
+        local = self.local_slot()
+        slot = self.plan.slot(local)
+        epoch, pos, skipped = self.start.get(local, (0, 0, 0))
+        while True:
+            sources = self.plan.sources(local, epoch)
+            order = self.plan.order(local, epoch, sources)
+            yielded = 0
+            for after, shard, key, raw in read_in_order(sources, order, pos):
+                reason = "missing from the shard (truncated or unreadable tar)" if raw is None else None
+                if raw is not None:
+                    try:
+                        sample = self.decode(raw, self.plan.sample_rng(local, epoch, after - 1))
+                    except Exception as exc:
+                        reason = f"{type(exc).__name__}: {exc}"
+                if reason:
+                    skipped += 1
+                    log.warning("skipped sample shard=%s key=%s slot=%d epoch=%d: %s", shard.name, key, slot, epoch, reason)
+                    continue
+                yielded += 1
+                sample.update(__key__=key, __shard__=shard.name, __slot__=slot, __epoch__=epoch, __pos__=after,
+                              __skipped__=skipped)
+                yield sample
+            if yielded == 0 and pos == 0:
+                raise RuntimeError(f"reader slot {slot}: no usable sample in epoch {epoch} "
+                                   f"(shards {[s.name for s in sources]}); see the logged reasons")
+            epoch, pos = epoch + 1, 0

@@ -1,0 +1,195 @@
+"""Decoded clip -> training sample: one resize + crop for RGB and geometry, intrinsics that follow it,
+pointmaps in the first sampled frame's camera, normalised to [-1, 1] (docs/data.md, "Samples").
+
+Resize covers the target (the smaller scale side matches), then a random or centre crop. RGB is resized
+bilinearly with antialiasing on uint8; depth, pointmaps and validity are resized by nearest neighbour
+(pixel-centre convention of geometry.py), so no value is invented across a depth edge.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import get_worker_info
+
+from data_pipeline.decode import DecodedClip
+from data_pipeline.geometry import pointmap_normalisation
+
+# normalisation percentiles are estimated on a regular pixel grid of at most this many points
+NORMALISATION_POINTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Crop:
+    resized_h: int
+    resized_w: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def plan_crop(src_h: int, src_w: int, height: int, width: int, mode: str, rng: np.random.Generator) -> Crop:
+    """Resize so that height x width is covered, then crop `mode` ('random' or 'center')."""
+    s = max(height / src_h, width / src_w)
+    rh, rw = max(height, round(src_h * s)), max(width, round(src_w * s))
+    if mode == "center":
+        top, left = (rh - height) // 2, (rw - width) // 2
+    elif mode == "random":
+        top, left = int(rng.integers(0, rh - height + 1)), int(rng.integers(0, rw - width + 1))
+    else:
+        raise ValueError(f"crop mode must be 'random' or 'center', got {mode!r}")
+    return Crop(rh, rw, top, left, height, width)
+
+
+def crop_intrinsics(K: np.ndarray, src_h: int, src_w: int, crop: Crop) -> np.ndarray:
+    """Intrinsics [..., 3, 3] after the resize and crop. A scale s maps pixel u -> (u + 0.5) s - 0.5."""
+    sx, sy = crop.resized_w / src_w, crop.resized_h / src_h
+    A = np.array([[sx, 0.0, 0.5 * sx - 0.5 - crop.left], [0.0, sy, 0.5 * sy - 0.5 - crop.top], [0.0, 0.0, 1.0]])
+    return A @ np.asarray(K, np.float64)
+
+
+def nearest_index(src: int, resized: int, offset: int, size: int) -> np.ndarray:
+    """Source index of each output pixel for a nearest resize src -> resized, then a crop [offset, offset+size)."""
+    dst = np.arange(offset, offset + size, dtype=np.float64)
+    return np.minimum(np.floor((dst + 0.5) * src / resized), src - 1).astype(np.int64)
+
+
+def resize_crop_nearest(x: np.ndarray, crop: Crop) -> np.ndarray:
+    """[T, H, W, ...] -> [T, crop.height, crop.width, ...] by nearest neighbour: every output value is an input value."""
+    rows = nearest_index(x.shape[1], crop.resized_h, crop.top, crop.height)
+    cols = nearest_index(x.shape[2], crop.resized_w, crop.left, crop.width)
+    # two takes keep C order (a broadcast fancy index returns a strided array that is slow to compute on)
+    return np.take(np.take(x, rows, axis=1), cols, axis=2)
+
+
+def resize_crop_rgb(frames: np.ndarray, crop: Crop) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, 3, crop.height, crop.width] (bilinear, antialiased)."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # a channels-last view: the fast uint8 resize path
+    if x.shape[-2:] != (crop.resized_h, crop.resized_w):
+        x = F.interpolate(x, size=(crop.resized_h, crop.resized_w), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return x[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
+
+
+def camera_pointmaps(depth: torch.Tensor, K: torch.Tensor, rel_c2w: torch.Tensor) -> torch.Tensor:
+    """z-depth [T, H, W], intrinsics [T, 3, 3], poses relative to the reference camera [T, 4, 4] ->
+    pointmaps [T, 3, H, W] in the reference camera (geometry.depth_to_pointmaps, channels first, float32)."""
+    out = torch.empty((depth.shape[0], 3) + depth.shape[1:])
+    for i in range(depth.shape[0]):
+        _pointmap_into(out[i], depth[i].float(), K[i], rel_c2w[i], np.zeros(3), 1.0)
+    return out
+
+
+def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, scale: float) -> None:
+    """out [3, H, W] = (pointmap - centre) / scale for one frame, without [3, H, W] temporaries."""
+    H, W = depth.shape
+    M = np.asarray(rel_c2w, np.float64)[:3, :3] @ np.linalg.inv(np.asarray(K, np.float64)) / scale
+    t = (np.asarray(rel_c2w, np.float64)[:3, 3] - centre) / scale
+    u = torch.arange(W, dtype=torch.float32)
+    v = torch.arange(H, dtype=torch.float32)
+    for c in range(3):
+        ray = (M[c, 0] * u).view(1, W) + (M[c, 1] * v + M[c, 2]).view(H, 1)
+        torch.addcmul(torch.tensor(t[c], dtype=torch.float32), ray, depth, out=out[c])
+
+
+def output_tensor(shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker it lives in shared memory, so handing it to the main
+    process costs no copy (the large rgb/xyz outputs are hundreds of MB per clip)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
+
+
+def _grid(valid: np.ndarray, limit: int) -> int:
+    """Spatial stride of the subsample that estimates the normalisation percentiles."""
+    return max(1, math.ceil(math.sqrt(valid.size / limit)))
+
+
+def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
+    depth = resize_crop_nearest(clip.depth, crop)
+    valid = resize_crop_nearest(clip.valid, crop) & np.isfinite(depth) & (depth > 0)
+    k = _grid(valid, NORMALISATION_POINTS)
+    # pixel (u, v) of the k-strided grid is pixel (k u, k v) of the crop: intrinsics divide by k, no shift
+    K_sub = np.diag([1 / k, 1 / k, 1.0]) @ K
+    sub = np.where(valid[:, ::k, ::k], depth[:, ::k, ::k], 0).astype(np.float32)
+    sub = camera_pointmaps(torch.from_numpy(sub), torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
+    centre, scale = pointmap_normalisation(sub.permute(0, 2, 3, 1).numpy(), valid[:, ::k, ::k], tuple(percentiles))
+    depth_t = torch.from_numpy(depth)
+
+    def frame(out: torch.Tensor, i: int):
+        _pointmap_into(out, depth_t[i].float(), K[i], clip.poses_c2w[i], centre, scale)
+
+    return frame, valid, centre, scale
+
+
+def _stored_pointmaps(clip: DecodedClip, crop: Crop, percentiles):
+    pts = resize_crop_nearest(clip.xyz, crop)
+    to_ref = torch.eye(4) if clip.xyz_to_ref is None else torch.from_numpy(clip.xyz_to_ref).float()
+    R, t = to_ref[:3, :3], to_ref[:3, 3].reshape(3, 1, 1)
+    valid = resize_crop_nearest(clip.valid, crop) & np.isfinite(pts).all(-1)
+    k = _grid(valid, NORMALISATION_POINTS)
+    sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t.view(3)
+    centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
+    pts_t = torch.from_numpy(pts)
+    shift = (t - torch.from_numpy(centre).view(3, 1, 1)) / scale
+
+    def frame(out: torch.Tensor, i: int):
+        p = pts_t[i].float().permute(2, 0, 1).reshape(3, -1)
+        torch.mm(R / scale, p, out=out.view(3, -1))
+        out.add_(shift)
+
+    return frame, valid, centre, scale
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
+              rng: np.random.Generator, dtype: str = "float32") -> dict:
+    """The sample dict of docs/data.md (without the origin keys the reader adds); rgb and xyz in `dtype`.
+    Pointmaps are normalised by geometry.pointmap_normalisation on the valid points of a regular subsample
+    of at most NORMALISATION_POINTS pixels (all of them for clips that small); invalid pixels are 0."""
+    T, src_h, src_w = clip.frames.shape[:3]
+    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
+    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
+    if clip.depth is not None:
+        pointmap_frame, valid, centre, scale = _depth_pointmaps(clip, crop, K, percentiles)
+    else:
+        pointmap_frame, valid, centre, scale = _stored_pointmaps(clip, crop, percentiles)
+    frames = resize_crop_rgb(clip.frames, crop)
+    out_dtype = DTYPES[dtype]
+    rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)
+    valid_t = torch.from_numpy(valid)
+    # frame by frame, in float32 (scratch when the output is half precision) while the frame is in cache
+    direct = out_dtype == torch.float32
+    scratch = None if direct else torch.empty(3, height, width)
+    for i in range(T):
+        p = xyz[i] if direct else scratch
+        pointmap_frame(p, i)
+        p.clamp_(-1.0, 1.0).masked_fill_(~valid_t[i], 0.0)
+        if not direct:
+            xyz[i].copy_(p)
+        c = rgb[i] if direct else scratch
+        c.copy_(frames[i]).mul_(1 / 127.5).sub_(1.0)
+        if not direct:
+            rgb[i].copy_(c)
+    mask = output_tensor((T, 1, height, width), torch.bool)
+    mask.copy_(valid_t.unsqueeze(1))
+    sample = {
+        "rgb": rgb,
+        "xyz": xyz,
+        "valid": mask,
+        "xyz_centre": torch.from_numpy(centre),
+        "xyz_scale": torch.tensor(scale, dtype=torch.float32),
+        "intrinsics": torch.from_numpy(K.astype(np.float32)),
+        "poses_c2w": torch.from_numpy(clip.poses_c2w.astype(np.float32)),
+        "caption": clip.caption,
+    }
+    if clip.text_emb is not None:
+        sample["text_emb"] = torch.from_numpy(clip.text_emb)
+    return sample

@@ -1,0 +1,227 @@
+"""The shard stream on real shards written by `one4d shard` code: round trip, splitting, bad data."""
+import io
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_utils import make_shards
+
+from data_pipeline.config import DataConfig
+from data_pipeline.geometry import denormalise_pointmap, depth_to_pointmaps
+from data_pipeline.loader import build_loader
+from data_pipeline.decode import SampleError, decode_clip
+from data_pipeline.reader import (ShardStream, StreamPlan, dist_rank_world, list_shards, raw_samples,
+                                  read_in_order, shuffle_order)
+from data_pipeline.synthetic import render_clip
+from data_pipeline.video import decode_frames
+
+SRC = dict(frames=9, height=32, width=64)
+
+
+def _cfg(shards, **kw):
+    base = dict(shards=str(shards), num_workers=0, num_frames=5, frame_stride=2, height=32, width=48, crop="center",
+                shuffle_buffer=3)
+    return DataConfig(**{**base, **kw})
+
+
+def _take(loader, n):
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == n:
+            break
+    loader.close()
+    return batches
+
+
+@pytest.fixture(scope="module")
+def depth_shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("depth"), num_clips=6, samples_per_shard=1, **SRC)
+
+
+@pytest.mark.parametrize("geometry", ["depth", "xyz"])
+def test_round_trip_matches_the_synthetic_scene(tmp_path, geometry):
+    """manifest -> shards -> stream: frames within codec tolerance of the rendered ones, pointmaps equal to the
+    scene's exact geometry (float16 storage precision). 32x64 -> 32x48 is a pure centre crop (8 px a side)."""
+    shards = make_shards(tmp_path, num_clips=2, samples_per_shard=1, geometry=geometry, **SRC)
+    # xyz without poses pins the window to frame 0; depth draws a random start among 0..2 (9 frames, span 7)
+    cfg = _cfg(shards, frame_stride=1 if geometry == "depth" else 2, num_frames=7 if geometry == "depth" else 5)
+    for batch in _take(build_loader(cfg, rank=0, world_size=1, seed=3, micro_batch_size=1), 2):
+        row = int(batch["__key__"][0][1:])
+        clip = render_clip(row, **{"num_frames": 9, "height": 32, "width": 64})
+        xyz_n = batch["xyz"][0].permute(0, 2, 3, 1).numpy()
+        metric = denormalise_pointmap(xyz_n, batch["xyz_centre"][0].numpy(), batch["xyz_scale"][0].item())
+        K = clip["intrinsics"] - np.array([[0, 0, 8], [0, 0, 0], [0, 0, 0]])
+        source = decode_frames(tmp_path / "raw" / "clips" / f"{row:06d}.mp4")[:, :, 8:56].astype(np.float32)
+        rgb = (batch["rgb"][0].permute(0, 2, 3, 1).numpy() + 1) * 127.5
+        if geometry == "depth":  # the window start is recovered from the frames themselves
+            start = int(np.argmin([np.abs(rgb[0] - source[s]).mean() for s in range(3)]))
+            idx = start + np.arange(7)
+        else:
+            idx = 2 * np.arange(5)
+        np.testing.assert_allclose(rgb, source[idx], atol=1e-3)  # the source mp4's own frames
+        codec = np.abs(rgb - clip["frames"][idx, :, 8:56])
+        assert codec.mean() < 8, codec.mean()  # H.264 yuv420p on 32x64 high-contrast texture
+        ref = depth_to_pointmaps(clip["depth"][idx][:, :, 8:56], K, clip["poses_c2w"][idx])
+        valid = batch["valid"][0, :, 0].numpy()
+        np.testing.assert_array_equal(valid, clip["valid"][idx][:, :, 8:56])
+        inside = valid & (np.abs(xyz_n) < 1).all(-1)
+        assert inside.mean() > 0.5
+        np.testing.assert_allclose(metric[inside], ref[inside], atol=2e-3 * np.abs(ref[inside]).max())
+        rel_err = np.linalg.norm(metric[inside] - ref[inside], axis=-1) / np.linalg.norm(ref[inside], axis=-1)
+        assert rel_err.max() < 2 ** -10  # float16 keeps 11 significant bits
+        if geometry == "depth":
+            np.testing.assert_allclose(batch["intrinsics"][0].numpy(), np.broadcast_to(K, (7, 3, 3)), rtol=1e-6)
+            rel = np.linalg.inv(clip["poses_c2w"][idx[0]]) @ clip["poses_c2w"][idx]
+            np.testing.assert_allclose(batch["poses_c2w"][0].numpy(), rel, atol=1e-5)
+        else:
+            assert torch.isnan(batch["intrinsics"]).all() and torch.isnan(batch["poses_c2w"]).all()
+        assert batch["caption"][0] == clip["caption"]
+
+
+def test_two_ranks_two_workers_cover_every_shard_once_per_epoch(depth_shards):
+    shards = list_shards(str(depth_shards))
+    keys = {k for s in shards for k in s.keys}
+    per_epoch = {0: Counter(), 1: Counter()}
+    slots_seen = set()
+    for rank in range(2):
+        loader = build_loader(_cfg(depth_shards, num_workers=2), rank=rank, world_size=2, seed=11, micro_batch_size=1)
+        # 6 shards over 4 slots: 2, 2, 1, 1 samples per slot-epoch; 8 batches per rank finish epoch 1 everywhere
+        for batch in _take(loader, 8):
+            slots_seen.add(int(batch["__slot__"][0]))
+            epoch = int(batch["__epoch__"][0])
+            if epoch in per_epoch:
+                per_epoch[epoch][(batch["__shard__"][0], batch["__key__"][0])] += 1
+    assert slots_seen == {0, 1, 2, 3}
+    for epoch, seen in per_epoch.items():
+        assert {k for _, k in seen} == keys, epoch
+        assert set(seen.values()) == {1}, epoch
+    # each epoch deals the shards to slots anew
+    plan = StreamPlan(tuple(shards), seed=11, rank=0, world_size=2, workers=2)
+    assert [s.name for s in plan.sources(0, 0)] != [s.name for s in plan.sources(0, 1)] or \
+           [s.name for s in plan.sources(1, 0)] != [s.name for s in plan.sources(1, 1)]
+
+
+def test_exact_mode_refuses_more_slots_than_shards(depth_shards):
+    with pytest.raises(ValueError, match="at least one shard per reader slot"):
+        build_loader(_cfg(depth_shards, num_workers=4), rank=0, world_size=2, seed=0, micro_batch_size=1)
+
+
+def test_shuffle_order_is_a_seeded_permutation():
+    counts = [5, 3, 7]
+    a = shuffle_order(counts, 4, np.random.default_rng(1))
+    b = shuffle_order(counts, 4, np.random.default_rng(1))
+    c = shuffle_order(counts, 4, np.random.default_rng(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert sorted(a.tolist()) == sorted(s * (1 << 32) + i for s, n in enumerate(counts) for i in range(n))
+    assert not np.array_equal(a, np.sort(a))
+    assert np.array_equal(shuffle_order(counts, 1, np.random.default_rng(1)), np.sort(a))
+
+
+def _rewrite_member(path: Path, key: str, suffix: str, data: bytes):
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, content in members:
+            if m.name == f"{key}.{suffix}":
+                content = data
+            m.size = len(content)
+            tar.addfile(m, io.BytesIO(content))
+
+
+def test_corrupt_members_and_truncated_shard_are_skipped_and_counted(tmp_path, caplog):
+    shards_dir = make_shards(tmp_path, num_clips=8, samples_per_shard=2, **SRC)
+    shards = list_shards(str(shards_dir))
+    mp4_victim, npz_victim = shards[0].keys[1], shards[1].keys[0]
+    _rewrite_member(Path(shards[0].path), mp4_victim, "mp4", b"\x00not an mp4 at all" * 50)
+    _rewrite_member(Path(shards[1].path), npz_victim, "depth.npz", b"PK\x03\x04garbage")
+    truncated = Path(shards[2].path)
+    with tarfile.open(truncated) as tar:
+        first = tar.getmembers()[0]
+    truncated.write_bytes(truncated.read_bytes()[:first.offset_data + 100])  # cut inside the first member
+
+    cfg = _cfg(shards_dir)
+    loader = build_loader(cfg, rank=0, world_size=1, seed=5, micro_batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.reader"):
+        batches = _take(loader, 8)  # 8 samples, 4 bad: the stream goes on into epoch 1
+    epoch0 = [b["__key__"][0] for b in batches if int(b["__epoch__"][0]) == 0]
+    bad = {mp4_victim, npz_victim, *shards[2].keys}
+    assert sorted(epoch0) == sorted({k for s in shards for k in s.keys} - bad)
+    assert any(int(b["__epoch__"][0]) == 1 for b in batches)
+    first1 = next(b for b in batches if int(b["__epoch__"][0]) == 1)
+    # every bad sample of epoch 0, and every raw sample before the first good one of epoch 1, was skipped
+    assert int(first1["__skipped__"][0]) == 4 + int(first1["__pos__"][0]) - 1
+    assert loader.samples_skipped >= int(first1["__skipped__"][0])
+    assert loader.samples_yielded == 8
+    text = caplog.text
+    for name, key in ((shards[0].name, mp4_victim), (shards[1].name, npz_victim), (shards[2].name, shards[2].keys[0])):
+        assert f"shard={name} key={key}" in text
+
+
+def test_read_in_order_skips_whole_consumed_shards_unopened(depth_shards):
+    shards = list_shards(str(depth_shards))
+    missing = shards[0].__class__(shards[0].name, str(depth_shards / "does-not-exist.tar"), shards[0].count, shards[0].keys)
+    sources = [missing] + shards[1:3]
+    order = shuffle_order([s.count for s in sources], 1, np.random.default_rng(0))
+    out = list(read_in_order(sources, order, start=1))  # sample 0 (the unreadable shard) already consumed
+    assert [(p, s.name) for p, s, _, _ in out] == [(2, shards[1].name), (3, shards[2].name)]
+    assert all(raw is not None for *_, raw in out)
+
+
+def test_resampled_mode_fixed_epoch_length(depth_shards):
+    cfg = _cfg(depth_shards, mode="resampled", epoch_length=5, num_workers=0)
+    keys = [[b["__key__"][0], int(b["__epoch__"][0])] for b in
+            _take(build_loader(cfg, rank=1, world_size=2, seed=9, micro_batch_size=1), 10)]
+    again = [[b["__key__"][0], int(b["__epoch__"][0])] for b in
+             _take(build_loader(cfg, rank=1, world_size=2, seed=9, micro_batch_size=1), 10)]
+    assert keys == again
+    assert [e for _, e in keys] == [0] * 5 + [1] * 5
+    other = [b["__key__"][0] for b in _take(build_loader(cfg, rank=0, world_size=2, seed=9, micro_batch_size=1), 10)]
+    assert other != [k for k, _ in keys]
+
+
+def test_shard_stream_is_a_pure_function_of_its_plan(depth_shards):
+    shards = tuple(list_shards(str(depth_shards)))
+
+    def keys(seed):
+        stream = ShardStream(StreamPlan(shards, seed=seed, rank=0, world_size=1, workers=1, shuffle_buffer=4),
+                             _cfg(depth_shards, crop="random"))
+        out = []
+        for s in stream:
+            out.append((s["__key__"], s["rgb"].sum().item()))
+            if len(out) == 8:
+                return out
+
+    assert keys(1) == keys(1)
+    assert keys(1) != keys(2)
+
+
+def test_rank_and_world_from_the_launcher(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert dist_rank_world() == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert dist_rank_world() == (3, 8)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert dist_rank_world() == (1, 4)  # torchrun's variables win over srun's
+
+
+def test_text_embedding_member_is_decoded_without_pickle(depth_shards):
+    raw = next(raw_samples(list_shards(str(depth_shards))[0]))
+    emb = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float16)
+    buf = io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    sample = ShardStream(StreamPlan(tuple(list_shards(str(depth_shards))), seed=0, rank=0, world_size=1, workers=1),
+                         _cfg(depth_shards)).decode({**raw, "emb.npy": buf.getvalue()}, np.random.default_rng(0))
+    assert sample["text_emb"].dtype == torch.float32
+    np.testing.assert_array_equal(sample["text_emb"].numpy(), emb.astype(np.float32))
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(SampleError, match="emb.npy"):
+        decode_clip({**raw, "emb.npy": pickled.getvalue()}, 5, 2, np.random.default_rng(0))

@@ -1,0 +1,255 @@
+"""Wan2.1 DiT weights: official <-> diffusers key names, and streaming loading from local files.
+
+Official names are ours (`blocks.0.self_attn.q.weight`); diffusers names are those of diffusers'
+`WanTransformer3DModel` (`blocks.0.attn1.to_q.weight`), taken from its source and its own converter
+(`diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers`). Both functions map parameter
+names and module names (`blocks.0.self_attn.q` <-> `blocks.0.attn1.to_q`).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+
+import torch
+from torch import nn
+
+from one4d_train.model.presets import WanConfig
+
+# (official prefix, diffusers prefix); prefixes match whole dot-separated components
+_TOP = [
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.norm", "norm_out"),
+    ("patch_embedding", "patch_embedding"),
+]
+_BLOCK = [
+    ("self_attn.q", "attn1.to_q"), ("self_attn.k", "attn1.to_k"), ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"), ("self_attn.norm_q", "attn1.norm_q"), ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"), ("cross_attn.k", "attn2.to_k"), ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"), ("cross_attn.norm_q", "attn2.norm_q"), ("cross_attn.norm_k", "attn2.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"), ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
+    ("self_attn", "attn1"), ("cross_attn", "attn2"),
+    # Wan calls the cross-attention norm norm3 and the FFN norm norm2; diffusers the other way round
+    ("norm1", "norm1"), ("norm3", "norm2"), ("norm2", "norm3"),
+    ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"), ("ffn", "ffn"),
+    ("modulation", "scale_shift_table"),
+]
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)(?:\.(.*))?$")
+# official files repackaged for other tools carry this prefix
+_STRIP_PREFIXES = ("model.diffusion_model.",)
+# diffusers ignores these on load (an unused norm in some Wan I2V diffusers exports)
+_DIFFUSERS_IGNORED = ("norm_added_q",)
+
+
+# container modules map only as whole names: what lies under them is named by the rules above
+_CONTAINERS = {"self_attn", "cross_attn", "ffn", "attn1", "attn2"}
+
+
+def _rename(name: str, table: list[tuple[str, str]], src: int) -> str | None:
+    for pair in table:
+        prefix = pair[src]
+        if name == prefix or (name.startswith(prefix + ".") and prefix not in _CONTAINERS):
+            return pair[1 - src] + name[len(prefix):]
+    return None
+
+
+def _convert(name: str, src: int) -> str:
+    m = _BLOCK_RE.match(name)
+    if m:
+        rest = m.group(2)
+        new = None if rest is None else _rename(rest, _BLOCK, src)
+        if rest is None or new is not None:
+            return f"blocks.{m.group(1)}" + ("" if rest is None else "." + new)
+    elif name == "blocks":
+        return name
+    else:
+        new = _rename(name, _TOP, src)
+        if new is not None:
+            return new
+    raise KeyError(f"not a Wan2.1 DiT {('official', 'diffusers')[src]} name: {name!r}")
+
+
+def official_to_diffusers(name: str) -> str:
+    """`blocks.0.cross_attn.k_img.weight` -> `blocks.0.attn2.add_k_proj.weight` (KeyError if not a DiT name)."""
+    return _convert(name, 0)
+
+
+def diffusers_to_official(name: str) -> str:
+    """`blocks.0.attn2.add_k_proj.weight` -> `blocks.0.cross_attn.k_img.weight` (KeyError if not a DiT name)."""
+    return _convert(name, 1)
+
+
+# ---- files -------------------------------------------------------------------------------------------------
+
+def checkpoint_files(path: str) -> list[str]:
+    """The weight files of a checkpoint given as a .safetensors/.pt/.pth file, a *.safetensors.index.json, a
+    folder of shards (official or diffusers), or a diffusers pipeline folder with a `transformer/` subfolder."""
+    if os.path.isfile(path):
+        if path.endswith(".json"):
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+            return [os.path.join(os.path.dirname(path), s) for s in sorted(set(weight_map.values()))]
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+    preferred = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
+    if preferred in indexes:
+        return checkpoint_files(preferred)
+    if len(indexes) == 1:
+        return checkpoint_files(indexes[0])
+    if len(indexes) > 1:
+        raise ValueError(f"{path}: several shard indexes, pass one of them: {[os.path.basename(i) for i in indexes]}")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return files
+    if os.path.isdir(os.path.join(path, "transformer")):
+        return checkpoint_files(os.path.join(path, "transformer"))
+    raise FileNotFoundError(f"{path}: no *.safetensors weights (nor a shard index, nor a transformer/ subfolder)")
+
+
+class _TensorSource:
+    """Read-one-tensor-at-a-time access to one weight file (safetensors lazily; torch files memory-mapped)."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        self.path = path
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            self._file = safe_open(path, framework="pt", device=device)
+            self._tensors = None
+        else:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self._tensors = self._tensors.get("state_dict", self._tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys() if self._tensors is None else self._tensors.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._tensors is None:
+            return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key) if self._tensors is None else self._tensors[key]
+
+
+def _strip(key: str) -> str:
+    for prefix in _STRIP_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _is_diffusers(keys: list[str]) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k or k == "proj_out.weight" for k in keys)
+
+
+def _index(sources: list[_TensorSource]):
+    """{official name: (source, raw name)} over all files, the raw names that are not DiT weights, and the
+    names found in more than one file. The naming is decided over all files: one diffusers shard may hold only
+    keys (`blocks.3.norm2.weight`) that read as official names too."""
+    keys = [(src, raw, _strip(raw)) for src in sources for raw in src.keys()]
+    diffusers = _is_diffusers([k for _, _, k in keys])
+    found, unknown, duplicated = {}, [], []
+    for src, raw, key in keys:
+        if diffusers and any(part in key for part in _DIFFUSERS_IGNORED):
+            continue
+        try:
+            official = diffusers_to_official(key) if diffusers else key
+            official_to_diffusers(official)  # raises for names that are not DiT weights
+        except KeyError:
+            unknown.append(raw)
+            continue
+        if official in found:
+            duplicated.append(official)
+        found[official] = (src, raw)
+    return found, unknown, duplicated
+
+
+def _listing(title: str, keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{title} ({len(keys)}): {shown}{more}"
+
+
+def load_backbone_weights(model: nn.Module, path: str, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None) -> None:
+    """Load a Wan2.1 DiT checkpoint (official or diffusers names, any layout `checkpoint_files` accepts) into
+    `model`, one tensor at a time. Every model parameter must be matched by exactly one checkpoint tensor of the
+    same shape and vice versa; otherwise nothing is loaded and the error lists missing/unexpected keys.
+    Parameters on the meta device are replaced (on `device`, default cpu); others are copied into in place.
+    `dtype` defaults to each parameter's current dtype."""
+    files = checkpoint_files(path)
+    params = dict(model.named_parameters())
+    found, unexpected, duplicated = _index([_TensorSource(f) for f in files])
+    unexpected += [found[k][1] for k in found if k not in params]
+    missing = [k for k in params if k not in found]
+    wrong = [f"{k}: checkpoint {found[k][0].shape(found[k][1])} vs model {tuple(p.shape)}"
+             for k, p in params.items() if k in found and found[k][0].shape(found[k][1]) != tuple(p.shape)]
+    if missing or unexpected or duplicated or wrong:
+        problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                   ("keys in several files", duplicated),
+                                                   ("shape mismatches", wrong)) if ks]
+        raise RuntimeError(f"backbone checkpoint {path} does not match the model:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for name, param in params.items():
+            src, raw = found[name]
+            tensor = src.get(raw)
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if param.is_meta:
+                target = torch.device("cpu" if device is None else device)
+                new = tensor.to(device=target, dtype=dtype or param.dtype)
+                module._parameters[attr] = nn.Parameter(new, requires_grad=param.requires_grad)
+            else:
+                if dtype is not None and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+                param.copy_(tensor.to(param.device))
+            del tensor
+
+
+# ---- config inference ------------------------------------------------------------------------------------
+
+def wan_config_from_checkpoint(path: str) -> WanConfig:
+    """Infer the architecture from tensor shapes (no tensor data read); heads come from a config.json next to the
+    weights (official `num_heads` or diffusers `num_attention_heads`), else head dim 128 as in every Wan2.1."""
+    files = checkpoint_files(path)
+    found, _, _ = _index([_TensorSource(f) for f in files])
+    shapes = {k: src.shape(raw) for k, (src, raw) in found.items()}
+    if "patch_embedding.weight" not in shapes:
+        raise ValueError(f"{path}: no patch_embedding.weight: not a Wan2.1 DiT checkpoint")
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+    has_image_input = "img_emb.proj.1.weight" in shapes
+    num_heads = _heads_from_config(os.path.dirname(files[0])) or dim // 128
+    return WanConfig(
+        in_dim=in_dim, dim=dim, ffn_dim=shapes["blocks.0.ffn.0.weight"][0], num_heads=num_heads,
+        num_layers=num_layers, freq_dim=shapes["time_embedding.0.weight"][1],
+        text_dim=shapes["text_embedding.0.weight"][1],
+        out_dim=shapes["head.head.weight"][0] // math.prod(patch), patch_size=tuple(patch),
+        qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
+        cross_attn_norm="blocks.0.norm3.weight" in shapes, has_image_input=has_image_input,
+        image_dim=shapes["img_emb.proj.0.weight"][0] if has_image_input else WanConfig.image_dim,
+    )
+
+
+def _heads_from_config(folder: str) -> int | None:
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    return cfg.get("num_heads") or cfg.get("num_attention_heads")

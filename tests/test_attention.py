@@ -1,0 +1,139 @@
+"""The attention function: layout, CPU reference, backend selection, every GPU backend against math."""
+import math
+
+import pytest
+import torch
+
+from one4d_train.model import attention as attn_mod
+from one4d_train.model.attention import (
+    attention, backend_present, get_attention_backend, present_backends, set_attention_backend,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def naive(q, k, v):
+    """softmax(QK^T / sqrt(d)) V per head, written out; [B, S, H, D] layout."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+
+
+def qkv(b=2, sq=37, sk=19, h=3, d=16, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = lambda s: (b, s, h, d)
+    return (torch.randn(shape(sq), generator=g, device=device, dtype=dtype),
+            torch.randn(shape(sk), generator=g, device=device, dtype=dtype),
+            torch.randn(shape(sk), generator=g, device=device, dtype=dtype))
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    yield
+    set_attention_backend("auto")
+
+
+@pytest.mark.parametrize("backend", [None, "auto", "math"])
+def test_cpu_equals_naive_softmax(backend):
+    q, k, v = qkv()
+    out = attention(q, k, v, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), naive(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_is_batch_seq_heads_dim():
+    q, k, v = qkv(b=2, sq=5, sk=7, h=4, d=8)
+    out = attention(q, k, v)
+    for b in range(2):  # each (sample, head) attends only within itself
+        for h in range(4):
+            ref = naive(q[b:b + 1, :, h:h + 1], k[b:b + 1, :, h:h + 1], v[b:b + 1, :, h:h + 1])
+            torch.testing.assert_close(out[b:b + 1, :, h:h + 1].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_naive():
+    q, k, v = (t.requires_grad_() for t in qkv(sq=11, sk=11))
+    w = torch.randn(q.shape)
+    grads = torch.autograd.grad((attention(q, k, v) * w).sum(), (q, k, v))
+    refs = torch.autograd.grad((naive(q, k, v) * w.double()).sum(), (q, k, v))
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_shape_errors():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="heads, head_dim"):
+        attention(q.flatten(2), k, v)
+    with pytest.raises(ValueError, match="mismatch"):
+        attention(q, k[:, :, :2], v)
+    with pytest.raises(ValueError, match="mismatch"):
+        attention(q, k, v[:, :3])
+
+
+def test_forcing_and_errors():
+    assert get_attention_backend() == "auto"
+    set_attention_backend("math")
+    assert get_attention_backend() == "math"
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        set_attention_backend("xformers")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention(*qkv(), backend="xformers")
+    if not torch.cuda.is_available():
+        assert present_backends("cpu") == ["math"]
+        for name in ["fa3", "fa2", "cudnn", "flash", "efficient"]:
+            assert not backend_present(name, "cpu")
+            with pytest.raises(RuntimeError, match=f"'{name}' forced but"):
+                set_attention_backend(name)
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            attention(*qkv(), backend="cudnn")
+
+
+def test_missing_flash_library_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(attn_mod._FLASH_MODULES, "fa3", "no_such_flash_module")
+    monkeypatch.setattr(attn_mod, "_flash_funcs", {})
+    assert not backend_present("fa3")
+    with pytest.raises(RuntimeError, match="no_such_flash_module.* not importable"):
+        set_attention_backend("fa3")
+    with pytest.raises(RuntimeError, match="not importable"):
+        attention(*qkv(), backend="fa3")
+
+
+def gpu_backends():
+    names = ["auto", "fa3", "fa2", "cudnn", "flash", "efficient", "math"]
+    return [pytest.param(n, marks=[pytest.mark.gpu, cuda]) for n in names]
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("shape", [(2, 1024, 1024, 8, 128), (1, 777, 257, 4, 128), (2, 300, 512, 12, 64)],
+                         ids=["self", "cross-odd", "text"])
+def test_gpu_backend_matches_math(backend, shape):
+    if not backend_present(backend, "cuda"):
+        pytest.skip(f"{backend} not present")
+    b, sq, sk, h, d = shape
+    q, k, v = (t.requires_grad_() for t in qkv(b, sq, sk, h, d, device="cuda", dtype=torch.bfloat16))
+    w = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, k, v, backend=backend)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention(*ref_in, backend="math")
+    ref_grads = torch.autograd.grad((ref * w.float()).sum(), ref_in)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        assert (g.float() - r).norm() / r.norm() < 2e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_auto_prefers_fastest_present():
+    present = present_backends("cuda")
+    assert "cudnn" in present and "flash" in present and "math" in present
+    q, k, v = qkv(1, 256, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
+    expected = "fa3" if "fa3" in present and torch.cuda.get_device_capability()[0] == 9 else (
+        "cudnn" if torch.cuda.get_device_capability()[0] >= 9 else "flash")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        attention(q, k, v)
+        torch.cuda.synchronize()
+    kernels = " ".join(e.name.lower() for e in prof.events())
+    assert {"fa3": "flash", "cudnn": "cudnn", "flash": "flash"}[expected] in kernels, kernels[:500]
+    if expected == "cudnn":
+        assert "pytorch_flash" not in kernels

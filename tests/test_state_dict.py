@@ -1,0 +1,207 @@
+"""Key adapter (official <-> diffusers names) and loading from every on-disk layout."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from one4d_train.model.backbone import WanDiT, wan_config
+from one4d_train.model.state_dict import (
+    checkpoint_files, diffusers_to_official, load_backbone_weights, official_to_diffusers,
+    wan_config_from_checkpoint,
+)
+
+
+def tiny(has_image_input=True, seed=0):
+    torch.manual_seed(seed)
+    model = WanDiT(wan_config("tiny", in_dim=36 if has_image_input else 16, has_image_input=has_image_input))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+def diffusers_tiny(cfg):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, image_dim=cfg.image_dim if cfg.has_image_input else None,
+        added_kv_proj_dim=cfg.dim if cfg.has_image_input else None,
+    )
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("has_image_input", [False, True], ids=["t2v", "i2v"])
+def test_round_trip_covers_diffusers_model(has_image_input):
+    ours = tiny(has_image_input)
+    with torch.device("meta"):
+        ref = diffusers_tiny(ours.cfg)
+    ours_keys = list(ours.state_dict())
+    mapped = [official_to_diffusers(k) for k in ours_keys]
+    assert sorted(mapped) == sorted(ref.state_dict())  # a bijection onto diffusers' own names
+    assert [diffusers_to_official(k) for k in mapped] == ours_keys
+    for k in ours_keys:  # same shapes on both sides
+        assert ref.state_dict()[official_to_diffusers(k)].shape == ours.state_dict()[k].shape, k
+
+
+def test_names_follow_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ours = tiny(True)
+    converted = convert_wan_transformer_to_diffusers({k: torch.zeros(1) for k in ours.state_dict()})
+    assert sorted(converted) == sorted(official_to_diffusers(k) for k in ours.state_dict())
+
+
+def test_module_names_and_unknown_names():
+    assert official_to_diffusers("blocks.7.self_attn.q") == "blocks.7.attn1.to_q"
+    assert official_to_diffusers("blocks.7.cross_attn.o") == "blocks.7.attn2.to_out.0"
+    assert official_to_diffusers("blocks.7.norm3.weight") == "blocks.7.norm2.weight"
+    assert official_to_diffusers("blocks.7.ffn.0.lora_A.weight") == "blocks.7.ffn.net.0.proj.lora_A.weight"
+    assert diffusers_to_official("blocks.3.attn2.norm_added_k.weight") == "blocks.3.cross_attn.norm_k_img.weight"
+    assert diffusers_to_official("scale_shift_table") == "head.modulation"
+    assert diffusers_to_official("blocks.3.scale_shift_table") == "blocks.3.modulation"
+    assert official_to_diffusers("blocks.7.self_attn") == "blocks.7.attn1"
+    for bad in ["blocks.0.self_attn.qq.weight", "blocks.0.ffn.1.weight", "head.extra", "vace_blocks.0.x", "blocks.x.norm1"]:
+        with pytest.raises(KeyError):
+            official_to_diffusers(bad)
+    with pytest.raises(KeyError):
+        diffusers_to_official("blocks.0.self_attn.q.weight")
+
+
+def test_load_single_file_official(tmp_path):
+    src = tiny(True)
+    path = str(tmp_path / "dit.safetensors")
+    save_file(src.state_dict(), path)
+    dst = tiny(True, seed=1)
+    load_backbone_weights(dst, path)
+    assert_same_weights(src, dst)
+
+
+def write_sharded(sd, folder, prefix, n=3, rename=lambda k: k):
+    os.makedirs(folder, exist_ok=True)
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n):
+        name = f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {rename(k): sd[k].contiguous() for k in keys[i * len(keys) // n:(i + 1) * len(keys) // n]}
+        save_file(part, os.path.join(folder, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(folder, f"{prefix}.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def test_load_index_json_into_meta_model(tmp_path):
+    src = tiny(True)
+    write_sharded(src.state_dict(), str(tmp_path), "diffusion_pytorch_model")
+    with torch.device("meta"):
+        dst = WanDiT(src.cfg)
+    load_backbone_weights(dst, str(tmp_path / "diffusion_pytorch_model.safetensors.index.json"), dtype=torch.bfloat16)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in dst.parameters())
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v.bfloat16()), k
+
+
+def test_load_folder_of_shards_with_repackaged_prefix(tmp_path):
+    src = tiny(False)
+    folder = str(tmp_path / "official")
+    write_sharded(src.state_dict(), folder, "model", rename=lambda k: "model.diffusion_model." + k)
+    os.remove(os.path.join(folder, "model.safetensors.index.json"))
+    assert len(checkpoint_files(folder)) == 3
+    dst = tiny(False, seed=1)
+    load_backbone_weights(dst, folder)
+    assert_same_weights(src, dst)
+
+
+@pytest.mark.parametrize("has_image_input", [False, True], ids=["t2v", "i2v"])
+def test_load_diffusers_save_pretrained(tmp_path, has_image_input):
+    src = tiny(has_image_input)
+    ref = diffusers_tiny(src.cfg)
+    ref.load_state_dict({official_to_diffusers(k): v for k, v in src.state_dict().items()})
+    ref.save_pretrained(str(tmp_path / "transformer"), max_shard_size="200KB")
+    assert len(checkpoint_files(str(tmp_path))) > 1  # pipeline root -> transformer/ -> sharded index
+    cfg = wan_config_from_checkpoint(str(tmp_path))
+    if not has_image_input:  # image_dim means nothing without image cross-attention
+        cfg = dataclasses.replace(cfg, image_dim=src.cfg.image_dim)
+    assert cfg == src.cfg
+    with torch.device("meta"):
+        dst = WanDiT(cfg)
+    load_backbone_weights(dst, str(tmp_path))
+    assert_same_weights(src, dst)
+
+
+def test_naming_is_decided_over_all_shards(tmp_path):
+    src = tiny(True)
+    diffusers_sd = {official_to_diffusers(k): v for k, v in src.state_dict().items()}
+    # the last shard holds only names that also read as official ones (norm2 <-> norm3 swap)
+    ambiguous = {k: v for k, v in diffusers_sd.items() if k.startswith("blocks.2.norm2.")}
+    assert ambiguous
+    rest = {k: v for k, v in diffusers_sd.items() if k not in ambiguous}
+    write_sharded(rest, str(tmp_path), "diffusion_pytorch_model", n=2)
+    save_file(ambiguous, str(tmp_path / "extra.safetensors"))
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"].update({k: "extra.safetensors" for k in ambiguous})
+    index.write_text(json.dumps(data))
+    dst = tiny(True, seed=1)
+    load_backbone_weights(dst, str(tmp_path))
+    assert_same_weights(src, dst)
+
+
+def test_config_from_official_checkpoint(tmp_path):
+    src = tiny(True)
+    save_file(src.state_dict(), str(tmp_path / "model.safetensors"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"_class_name": "WanModel", "num_heads": 4}, f)
+    assert wan_config_from_checkpoint(str(tmp_path)) == src.cfg
+
+
+def test_mismatch_lists_missing_and_unexpected(tmp_path):
+    src = tiny(True)
+    sd = src.state_dict()
+    del sd["blocks.1.cross_attn.k_img.weight"]
+    sd["blocks.1.cross_attn.extra.weight"] = torch.zeros(2)
+    sd["something_else"] = torch.zeros(2)
+    path = str(tmp_path / "dit.safetensors")
+    save_file(sd, path)
+    dst = tiny(True, seed=1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(RuntimeError) as err:
+        load_backbone_weights(dst, path)
+    msg = str(err.value)
+    assert "missing keys (1): blocks.1.cross_attn.k_img.weight" in msg
+    assert "unexpected keys (2)" in msg and "blocks.1.cross_attn.extra.weight" in msg and "something_else" in msg
+    for k, v in dst.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+
+
+def test_i2v_checkpoint_into_t2v_model_is_refused_with_truncated_list(tmp_path):
+    path = str(tmp_path / "dit.safetensors")
+    save_file(tiny(True).state_dict(), path)
+    dst = tiny(False)
+    with pytest.raises(RuntimeError, match=r"unexpected keys \(23\): .* \.\.\. and 3 more") as err:
+        load_backbone_weights(dst, path)
+    assert "shape mismatches (1): patch_embedding.weight" in str(err.value)
+
+
+def test_load_torch_file_and_missing_path(tmp_path):
+    src = tiny(False)
+    path = str(tmp_path / "dit.pth")
+    torch.save(src.state_dict(), path)
+    dst = tiny(False, seed=1)
+    load_backbone_weights(dst, path)
+    assert_same_weights(src, dst)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_backbone_weights(dst, str(tmp_path / "nothing_here"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        checkpoint_files(str(tmp_path / "empty"))

@@ -1,0 +1,154 @@
+"""Export and import of One4D's trainable parts.
+
+Layout of an export folder:
+- `lora_<branch>.safetensors` per branch (`rgb`, `xyz`; `shared` for the ablations): diffusers/PEFT LoRA
+  keys (`transformer.blocks.0.attn1.to_q.lora_A.weight`) with diffusers' adapter metadata, so
+  `WanTransformer3DModel.load_lora_adapter(path)` and `WanPipeline.load_lora_weights(path)` take it as is.
+  The LoRA scale alpha/rank is folded into lora_B: tools that assume alpha == rank read it correctly.
+- `control_links.safetensors`: the paper's links group (control links and the XYZ patch embedding),
+  `io.safetensors`: the channel-concat design's widened patch embedding and head; both under the
+  One4D model's own parameter names.
+- `adapter_config.json`: design, preset, branches, rank/alpha/dropout/targets, link blocks, files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from one4d_train.model.config import ModelConfig
+from one4d_train.model.dlc import BRANCHES, SHARED
+from one4d_train.model.params import parameter_group
+from one4d_train.model.state_dict import diffusers_to_official, official_to_diffusers
+
+CONFIG_NAME = "adapter_config.json"
+GROUP_FILES = {"links": "control_links.safetensors", "io": "io.safetensors"}
+DIFFUSERS_PREFIX = "transformer."
+# diffusers' key for its adapter metadata in the safetensors header (diffusers.loaders.lora_base)
+LORA_METADATA_KEY = "lora_adapter_metadata"
+_LORA_RE = re.compile(r"^base\.(blocks\.\d+\.(.+))\.(lora_[AB])$")
+_LINK_RE = re.compile(r"^control_links\.links\.(\d+)\.")
+
+
+def lora_file(branch: str) -> str:
+    return f"lora_{branch}.safetensors"
+
+
+def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None):
+    tmp = path + ".tmp"
+    # clones: the branch slices of one stacked tensor must not share memory in the file
+    save_file({k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}, tmp,
+              metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)
+
+
+def design_branches(design: str) -> tuple[str, ...]:
+    return BRANCHES if design == "dlc" else SHARED
+
+
+def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str) -> dict:
+    """Write `trainable_state` (names as in `One4DModel.trainable_state_dict()`, e.g. gathered under ZeRO-3)
+    to `out_dir`; returns the adapter config written next to the weights."""
+    scaling = cfg.lora.alpha / cfg.lora.rank
+    branches = design_branches(cfg.design)
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    targets, link_blocks = set(), set()
+    for name, tensor in trainable_state.items():
+        m = _LORA_RE.match(name)
+        if m:
+            module, target, ab = m.groups()
+            if tensor.shape[0] != len(branches):
+                raise ValueError(f"{name!r} stacks {tensor.shape[0]} adapters, design {cfg.design} has {branches}")
+            key = f"{DIFFUSERS_PREFIX}{official_to_diffusers(module)}.{ab}.weight"
+            for branch, t in zip(branches, tensor.float()):
+                lora.setdefault(branch, {})[key] = t * scaling if ab == "lora_B" else t
+            targets.add(target)
+            continue
+        group = parameter_group(name, trainable=True)
+        if group not in GROUP_FILES:
+            raise ValueError(f"{name!r} is neither a LoRA, link nor io parameter of a One4D model")
+        groups.setdefault(group, {})[name] = tensor
+        if _LINK_RE.match(name):
+            link_blocks.add(int(_LINK_RE.match(name).group(1)))
+    if not lora:
+        raise ValueError("no LoRA parameters in the trainable state")
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    for branch, tensors in lora.items():
+        modules = sorted({k[len(DIFFUSERS_PREFIX):].rsplit(".", 2)[0] for k in tensors})
+        metadata = {f"{DIFFUSERS_PREFIX}r": cfg.lora.rank, f"{DIFFUSERS_PREFIX}lora_alpha": cfg.lora.rank,
+                    f"{DIFFUSERS_PREFIX}target_modules": modules}
+        _save(tensors, os.path.join(out_dir, lora_file(branch)), {LORA_METADATA_KEY: json.dumps(metadata)})
+        files[f"lora.{branch}"] = lora_file(branch)
+    for group, tensors in sorted(groups.items()):
+        _save(tensors, os.path.join(out_dir, GROUP_FILES[group]))
+        files[group] = GROUP_FILES[group]
+    config = {
+        "design": cfg.design,
+        "preset": cfg.preset,
+        "has_image_input": cfg.has_image_input,
+        "branches": list(branches),
+        "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "targets": [t for t in cfg.lora.targets if t in targets],
+                 "key_format": "diffusers WanTransformer3DModel, prefix 'transformer.'",
+                 "scale_folded_into_lora_B": True},
+        "link_blocks": sorted(link_blocks),
+        "xyz_patch_embedding": any(n.startswith("xyz_patch_embedding.") for n in groups.get("links", {})),
+        "files": files,
+    }
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def read_adapters(out_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter config and the tensors of an export, under the One4D model's parameter names (LoRA
+    scale taken back out of lora_B)."""
+    with open(os.path.join(out_dir, CONFIG_NAME)) as f:
+        config = json.load(f)
+    scaling = config["lora"]["alpha"] / config["lora"]["rank"]
+    state, per_branch = {}, {}
+    for group, filename in config["files"].items():
+        with safe_open(os.path.join(out_dir, filename), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if group.startswith("lora."):
+                    module, ab, _ = key[len(DIFFUSERS_PREFIX):].rsplit(".", 2)
+                    name = f"base.{diffusers_to_official(module)}.{ab}"
+                    per_branch.setdefault(name, {})[group[5:]] = tensor / scaling if ab == "lora_B" else tensor
+                else:
+                    state[key] = tensor
+    for name, tensors in per_branch.items():
+        if set(tensors) != set(config["branches"]):
+            raise RuntimeError(f"export {out_dir}: {name} has adapters {sorted(tensors)}, "
+                               f"expected {config['branches']}")
+        state[name] = torch.stack([tensors[b] for b in config["branches"]])
+    return config, state
+
+
+def load_adapters(model: torch.nn.Module, out_dir: str) -> dict:
+    """Copy an export into `model` (a One4DModel of the same design, preset and LoRA shape); every trainable
+    parameter must be covered and nothing else may be present. Returns the adapter config."""
+    config, state = read_adapters(out_dir)
+    if config["design"] != model.design:
+        raise ValueError(f"export {out_dir} is design {config['design']!r}, the model is {model.design!r}")
+    if config["link_blocks"] != list(model.link_blocks):
+        raise ValueError(f"export {out_dir} links blocks {config['link_blocks']}, the model {model.link_blocks}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    wrong = [f"{n}: export {tuple(state[n].shape)} vs model {tuple(p.shape)}"
+             for n, p in params.items() if n in state and state[n].shape != p.shape]
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"export {out_dir} does not match the model: missing {missing[:10]} "
+                           f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), shapes {wrong[:10]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device, p.dtype))
+    return config

@@ -1,0 +1,129 @@
+"""Adapter export/import: standard LoRA files that diffusers loads, links on their own, exact round trip."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from one4d_train.model.adapters import export_adapters, load_adapters
+from one4d_train.model.backbone import sinusoidal_embedding
+from one4d_train.model.one4d import build_one4d
+from one4d_train.model.state_dict import official_to_diffusers
+from test_dlc import model_inputs, randomise_trainable, tiny_cfg, tiny_one4d
+
+
+class WanSinusoid(nn.Module):
+    """Wan's fp64 timestep sinusoid in place of diffusers' fp32 one (they differ by ~1e-4 at t ~ 1000)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        return sinusoidal_embedding(t, self.dim)
+
+
+def diffusers_twin(base):
+    """diffusers' WanTransformer3DModel with `base`'s weights and Wan's fp64 timestep sinusoid."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = base.cfg
+    ref = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps,
+        image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim).eval()
+    ref.load_state_dict({official_to_diffusers(k): v for k, v in base.state_dict().items()})
+    ref.condition_embedder.timesteps_proj = WanSinusoid(cfg.freq_dim)
+    return ref
+
+
+def randomise_all_trainable(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+def test_export_layout_and_round_trip(tmp_path):
+    model, _ = tiny_one4d()
+    randomise_all_trainable(model, 1)
+    config = export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "control_links.safetensors",
+                                            "lora_rgb.safetensors", "lora_xyz.safetensors"]
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert on_disk == config
+    assert config["design"] == "dlc" and config["branches"] == ["rgb", "xyz"]
+    assert config["link_blocks"] == [0, 2] and config["xyz_patch_embedding"] is True
+    assert config["lora"]["rank"] == 4 and config["lora"]["alpha"] == 8
+    assert config["lora"]["targets"] == model.cfg.lora.targets
+    with safe_open(str(tmp_path / "lora_rgb.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in keys
+    assert "transformer.blocks.2.attn2.add_k_proj.lora_B.weight" in keys
+    assert "transformer.blocks.1.ffn.net.0.proj.lora_B.weight" in keys
+    assert len(keys) == 3 * 12 * 2
+    assert metadata["transformer.r"] == 4 and metadata["transformer.lora_alpha"] == 4
+    with safe_open(str(tmp_path / "control_links.safetensors"), framework="pt") as f:
+        links = {f"control_links.links.{i}.{d}.weight" for i in (0, 2) for d in ("rgb_from_xyz", "xyz_from_rgb")}
+        assert set(f.keys()) == links | {"xyz_patch_embedding.weight", "xyz_patch_embedding.bias"}
+
+    fresh, _ = tiny_one4d(seed=7)
+    load_adapters(fresh, str(tmp_path))
+    want = model.trainable_state_dict()
+    got = fresh.trainable_state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_shared_adapter_design_round_trip(tmp_path):
+    model, _ = tiny_one4d("channel_concat")
+    randomise_all_trainable(model, 2)
+    config = export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    assert config["branches"] == ["shared"] and set(config["files"]) == {"lora.shared", "io"}
+    fresh, _ = tiny_one4d("channel_concat", seed=3)
+    load_adapters(fresh, str(tmp_path))
+    for name, tensor in model.trainable_state_dict().items():
+        assert torch.equal(fresh.trainable_state_dict()[name], tensor), name
+    dlc, _ = tiny_one4d("dlc")
+    with pytest.raises(ValueError, match="design"):
+        load_adapters(dlc, str(tmp_path))
+
+
+def test_load_reports_missing_parameters(tmp_path):
+    model, _ = tiny_one4d()
+    state = model.trainable_state_dict()
+    del state["control_links.links.2.xyz_from_rgb.weight"]
+    export_adapters(state, model.cfg, str(tmp_path))
+    with pytest.raises(RuntimeError, match="xyz_from_rgb"):
+        load_adapters(model, str(tmp_path))
+
+
+def test_rgb_adapter_loads_in_diffusers_and_matches(tmp_path):
+    model, base = tiny_one4d()
+    randomise_trainable(model, links=False)
+    export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    ref = diffusers_twin(base)
+    rgb, xyz, t, ctx, clip = model_inputs(text_len=512)
+    with torch.no_grad():
+        plain = ref(rgb, t, ctx, clip, return_dict=False)[0]
+        ref.load_lora_adapter(str(tmp_path / "lora_rgb.safetensors"), adapter_name="rgb")
+        with_lora = ref(rgb, t, ctx, clip, return_dict=False)[0]
+        v_rgb, _ = model(rgb, xyz, t, ctx, clip)
+    assert not torch.allclose(with_lora, plain, atol=1e-2)  # the adapter was applied
+    torch.testing.assert_close(v_rgb, with_lora, rtol=1e-4, atol=2e-4)
+
+
+def test_config_targets_follow_the_model(tmp_path):
+    cfg = tiny_cfg()
+    cfg.lora.targets = ["self_attn.q", "ffn.2"]
+    model = build_one4d(cfg, "cpu", torch.float32)
+    config = export_adapters(model.trainable_state_dict(), cfg, str(tmp_path))
+    assert config["lora"]["targets"] == ["self_attn.q", "ffn.2"]
+    with safe_open(str(tmp_path / "lora_xyz.safetensors"), framework="pt") as f:
+        modules = {k.rsplit(".", 2)[0] for k in f.keys()}
+    assert modules == {f"transformer.blocks.{i}.{m}" for i in range(3) for m in ("attn1.to_q", "ffn.net.2")}

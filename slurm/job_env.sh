@@ -1,0 +1,22 @@
+# Sourced first by every job script: this site's settings, its modules and the Python environment.
+# The scripts run from Slurm's spool copy, so the repository is found through ONE4D_ROOT (set by submit.sh)
+# or, for a plain `sbatch` from the repository root, the submission directory.
+export ONE4D_ROOT=${ONE4D_ROOT:-$SLURM_SUBMIT_DIR}
+export ONE4D_SITE=${ONE4D_SITE:-$ONE4D_ROOT/slurm/site.env}
+if [[ ! -f $ONE4D_SITE ]]; then
+    echo "[one4d] no site file at $ONE4D_SITE (set ONE4D_SITE, or submit from the repository root)" >&2
+    exit 2
+fi
+source "$ONE4D_SITE"
+if [[ -n ${ONE4D_MODULES:-} ]]; then
+    # a batch shell is not a login shell: the `module` function may not be defined yet
+    for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do
+        if ! type module >/dev/null 2>&1 && [[ -f $init ]]; then source "$init"; fi
+    done
+    # shellcheck disable=SC2086  # a space-separated list of modules
+    module load $ONE4D_MODULES || { echo "[one4d] module load $ONE4D_MODULES failed" >&2; exit 2; }
+fi
+if [[ -n ${ONE4D_VENV:-} ]]; then
+    export VIRTUAL_ENV=$ONE4D_VENV PATH=$ONE4D_VENV/bin:$PATH
+fi
+command -v one4d >/dev/null || { echo "[one4d] 'one4d' is not on PATH (ONE4D_VENV=${ONE4D_VENV:-})" >&2; exit 2; }

@@ -1,0 +1,263 @@
+"""The real slurm/ scripts, submitted to a real single-node Slurm that this module starts (tests/slurm_cluster.py).
+
+Site settings come from slurm/sites/local-cpu.env, exactly as a user's would from slurm/site.env.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import LocalSlurm, SlurmUnavailable, ensure_installed
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "slurm" / "sites" / "local-cpu.env"
+JOB_TIMEOUT_S = 600
+TRAIN_STEPS = 300  # toy steps take ~30 ms here: long enough for a USR1 to land mid-run
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        ensure_installed()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"Slurm cannot be installed on this machine: {exc}")
+    with LocalSlurm() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def job_env(cluster):
+    # the submitting shell's environment travels with each job (sbatch --export=ALL); PYTHONPATH: the toy task
+    env = dict(cluster.env, ONE4D_SITE=str(SITE), ONE4D_VENV=sys.prefix,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("ONE4D_ROOT", None)  # found by submit.sh, or by the job from its submission directory
+    return env
+
+
+def run(cmd, env, timeout=JOB_TIMEOUT_S, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(env, *args, timeout=JOB_TIMEOUT_S, cwd=REPO) -> subprocess.CompletedProcess:
+    return run([REPO / "slurm" / "submit.sh", *args], env, timeout, cwd)
+
+
+def wait_for_job(cluster: LocalSlurm, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, str]:
+    """The job's last record before Slurm forgets it (MinJobAge): poll until it reaches a final state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = cluster.job(job_id)
+        if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish within {timeout_s} s: {cluster.job(job_id)}")
+
+
+def wait_for_text(path: Path, pattern: str, timeout_s: float = JOB_TIMEOUT_S) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = re.search(pattern, path.read_text()) if path.exists() else None
+        if m:
+            return m
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} never appeared in {path}:\n{path.read_text() if path.exists() else ''}")
+
+
+# -- training --
+
+def train_args(tmp: Path, run_dir: Path, steps: int) -> list[str]:
+    """Config + overrides: the toy task through the real `one4d train` (ZeRO-3, 2 ranks from srun)."""
+    config = tmp / "toy.yaml"
+    config.write_text("name: slurm_toy\ntrain:\n  task: tests.train_toy_task:ToyTask\n  device: cpu\n"
+                      "  precision: fp32\ntracking:\n  system_metrics: false\n")
+    return [config, f"run_dir={run_dir}", f"train.steps={steps}", "train.zero_stage=3", "train.log_every=1",
+            f"train.checkpoint_every={steps // 2}"]
+
+
+def mlflow_run(run_dir: Path):
+    """(client, the run) of a run directory's MLflow store, read with MLflow's own client."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, f"expected one MLflow run (a resumed job or an evaluation continues it), found {len(runs)}"
+    return client, runs[0]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Every step the trainer logged, in order."""
+    client, run_ = mlflow_run(run_dir)
+    return sorted(m.step for m in client.get_metric_history(run_.info.run_id, "loss"))
+
+
+def zero_partitions(checkpoint: Path) -> list[tuple[int, int]]:
+    """(ZeRO stage, partition count) from each rank's optimizer file of a DeepSpeed checkpoint."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    out = []
+    for f in sorted((checkpoint / "ds").glob("zero_pp_rank_*_optim_states.pt")):
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            state = torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        out.append((int(state["zero_stage"]), state["partition_count"]))
+    return out
+
+
+def final_weights(run_dir: Path, steps: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / f"step-{steps:08d}" / "adapters" / "adapter.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, job_env, tmp_path_factory):
+    """One training job straight through, with plain `sbatch --wait slurm/train.sbatch CONFIG key=value ...` from
+    the repository root (the other jobs go through slurm/submit.sh): the allocation on the command line, the
+    job environment still from the site file."""
+    tmp = tmp_path_factory.mktemp("train")
+    run_dir, out = tmp / "run", tmp / "train.out"
+    r = run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={out}",
+             "slurm/train.sbatch", *train_args(tmp, run_dir, TRAIN_STEPS)], job_env)
+    return {"rc": r.returncode, "sbatch": r.stdout + r.stderr, "run_dir": run_dir, "out": out.read_text()}
+
+
+def test_train_job_trains_zero3_on_two_tasks_and_checkpoints(uninterrupted):
+    out, run_dir = uninterrupted["out"], uninterrupted["run_dir"]
+    assert uninterrupted["rc"] == 0, f"{uninterrupted['sbatch']}\n{out[-4000:]}"
+    assert re.search(r"1 node\(s\), 2 task\(s\), rendezvous localhost:\d+", out)
+    assert "training finished" in out
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert names == [f"step-{TRAIN_STEPS // 2:08d}", f"step-{TRAIN_STEPS:08d}"]
+    final = run_dir / "checkpoints" / names[-1]
+    marker = json.loads((final / "COMPLETE").read_text())
+    assert (marker["step"], marker["world_size"]) == (TRAIN_STEPS, 2)
+    assert zero_partitions(final) == [(3, 2), (3, 2)], "each rank holds its ZeRO-3 partition of 2"
+    assert logged_steps(run_dir) == list(range(1, TRAIN_STEPS + 1))
+
+
+def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_a_step(cluster, job_env, tmp_path,
+                                                                                 uninterrupted):
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    r = submit(job_env, "--parsable", f"--output={out}", "slurm/train.sbatch",
+               *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    wait_for_text(out, r"\[rank 0\] step 3/")  # the trainer is in its loop, its signal handlers installed
+    sig = run(["scancel", "--signal=USR1", "--batch", job_id], job_env, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+    job = wait_for_job(cluster, job_id)
+    text = out.read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{text[-4000:]}"
+
+    stopped = int(re.search(r"checkpointed step (\d+), exiting 42", text).group(1))
+    assert 3 <= stopped < TRAIN_STEPS, "the signal must land mid-run"
+    assert re.search(r"restart 0: got SIGUSR1: asking the trainer to checkpoint", text)
+    assert re.search(r"restart 0: checkpointed; requeued \(restart 1 of at most 3\)", text)
+    assert re.search(rf"resumed from \S+step-{stopped:08d} at step {stopped}", text)
+    assert "restart 1: training finished" in text
+    assert logged_steps(run_dir) == list(range(1, TRAIN_STEPS + 1)), "every step logged exactly once"
+    # exact resume: the interrupted job ends with the same trainable weights as the uninterrupted one
+    assert uninterrupted["rc"] == 0
+    expected = final_weights(uninterrupted["run_dir"], TRAIN_STEPS)
+    got = final_weights(run_dir, TRAIN_STEPS)
+    assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
+
+
+def test_term_with_no_restarts_left_checkpoints_and_exits_43_without_requeue(cluster, job_env, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    env = dict(job_env, ONE4D_MAX_RESTARTS="0")
+    r = submit(env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    wait_for_text(out, r"\[rank 0\] step 3/")
+    assert run(["scancel", "--signal=TERM", "--batch", job_id], job_env, timeout=30).returncode == 0
+    job = wait_for_job(cluster, job_id)
+    text = out.read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "43:0", "0"), f"{job}\n{text[-4000:]}"
+    assert "got SIGTERM: asking the trainer to checkpoint" in text
+    assert "checkpointed; NOT requeued (restart 0, ONE4D_MAX_RESTARTS=0)" in text
+    stopped = int(re.search(r"checkpointed step (\d+), exiting 42", text).group(1))
+    assert (run_dir / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").exists(), "resubmitting continues from here"
+
+
+# -- sharding, then the real tiny model trained on those shards and evaluated --
+
+@pytest.fixture(scope="module")
+def shards(cluster, job_env, tmp_path_factory):
+    """slurm/shard_submit.sh: a 3-task array over 6 clips, then the merge/verify job (submitted from tmp)."""
+    from data_utils import make_dataset
+
+    tmp = tmp_path_factory.mktemp("shard")
+    manifest = make_dataset(tmp / "data", num_clips=6, frames=9, height=32, width=64)
+    out = tmp / "shards"
+    r = run([REPO / "slurm" / "shard_submit.sh", "--tasks", "3", manifest, out, "--samples-per-shard", "1"], job_env,
+            timeout=60, cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    array_id, merge_id = r.stdout.split()
+    merge = wait_for_job(cluster, merge_id)
+    logs = {p.name: p.read_text() for p in tmp.glob("*.out")}
+    return {"dir": out, "merge": merge, "array_id": array_id, "merge_id": merge_id, "logs": logs}
+
+
+def test_shard_array_writes_disjoint_slices_merged_into_one_verified_index(shards, job_env):
+    out, logs = shards["dir"], shards["logs"]
+    assert (shards["merge"]["JobState"], shards["merge"]["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert sorted(logs) == sorted([f"one4d-shard-{shards['array_id']}_{i}.out" for i in range(3)]
+                                  + [f"one4d-shard-merge-{shards['merge_id']}.out"])
+    slices = [{s["name"] for s in json.loads((out / f"index.task-{i}.json").read_text())["records"]} for i in range(3)]
+    assert all(slices) and not (slices[0] & slices[1] or slices[0] & slices[2] or slices[1] & slices[2])
+    index = json.loads((out / "index.json").read_text())
+    assert {s["name"] for s in index["shards"]} == set().union(*slices)
+    assert (index["totals"]["shards"], index["totals"]["samples"]) == (6, 6)
+    check = run([Path(sys.prefix) / "bin" / "one4d", "inspect-shards", out], job_env, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_shard_merge_fails_loudly_on_a_corrupt_shard(shards, job_env, tmp_path):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards["dir"], bad)
+    (bad / "index.json").unlink()
+    victim = sorted(bad.glob("*.tar"))[2]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = submit(job_env, "--wait", REPO / "slurm" / "shard_merge.sbatch", bad, cwd=tmp_path)
+    job_id = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    text = (tmp_path / f"one4d-shard-merge-{job_id}.out").read_text()
+    assert r.returncode == 1, text
+    assert re.search(r"(MERGE|VERIFY) FAILED for", text) and victim.name in text
+    assert not (bad / "index.json").exists()
+
+
+def test_train_real_tiny_model_on_the_shards_then_the_eval_job_it_submits_writes_metrics(cluster, job_env, shards,
+                                                                                       tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    env = dict(job_env, ONE4D_EVAL_AFTER_TRAIN="1")
+    r = submit(env, "--wait", f"--output={out}", REPO / "slurm" / "train.sbatch",
+               REPO / "configs" / "experiment" / "demo.yaml", f"run_dir={run_dir}", f"data.shards={shards['dir']}",
+               f"data.val_shards={shards['dir']}", "train.steps=2", "train.log_every=1", "train.zero_stage=3",
+               "eval.num_samples=1", "eval.steps=2", "eval.cfg_scale=1.0", cwd=tmp_path)
+    text = out.read_text()
+    assert r.returncode == 0, text[-4000:]
+    eval_id = re.search(r"Submitted batch job (\d+)", text).group(1)
+    job = wait_for_job(cluster, eval_id)
+    eval_log = (tmp_path / f"one4d-eval-{eval_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), eval_log[-4000:]
+    metrics = json.loads((run_dir / "checkpoints" / "step-00000002" / "eval" / "metrics.json").read_text())
+    assert sorted(metrics["means"]) == ["image", "sparse", "video"]
+    assert all(math.isfinite(m["abs_rel"]) for m in metrics["means"].values())
+    _, run_ = mlflow_run(run_dir)
+    assert run_.data.metrics["eval/video/abs_rel"] == pytest.approx(metrics["means"]["video"]["abs_rel"])

@@ -20,6 +20,8 @@ class OptimConfig:
 
     def validate(self):
         p = choice(self.schedule, ["constant", "cosine"], "schedule")
+        p += in_range(self.min_lr_ratio, 0.0, 1.0, "min_lr_ratio") + in_range(self.grad_clip, 0.0, None, "grad_clip")
+        p += in_range(self.weight_decay, 0.0, None, "weight_decay") + in_range(self.eps, 0.0, None, "eps")
         p += in_range(self.lr, 0.0, None, "lr") + in_range(self.warmup_steps, 0, None, "warmup_steps")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             p.append(("betas", f"must be two values in [0, 1), got {self.betas}"))
@@ -41,7 +43,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config (reported)
     export_adapters: bool = True  # export branch adapters at the end
-    dist_timeout_s: int = 1800
+    dist_timeout_s: int = 1800  # process-group timeout; must exceed any rank-0-only work inside task.evaluate
+    task: str = ""  # "module:Class" of the TrainTask to train; empty = the One4D task (tests use tests.train_toy_task:ToyTask)
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = 989e12 on CUDA (H100 dense bf16), MFU not logged on CPU
 
     def validate(self):
         p = choice(self.zero_stage, [2, 3], "zero_stage") + choice(self.precision, ["bf16", "fp32"], "precision")
@@ -49,6 +53,13 @@ class TrainConfig:
         p += in_range(self.steps, 1, None, "steps") + in_range(self.micro_batch_size, 1, None, "micro_batch_size")
         p += in_range(self.grad_accum, 1, None, "grad_accum") + in_range(self.checkpoint_every, 1, None, "checkpoint_every")
         p += in_range(self.keep_last, 1, None, "keep_last") + in_range(self.log_every, 1, None, "log_every")
+        p += in_range(self.max_bad_steps, 1, None, "max_bad_steps") + in_range(self.dist_timeout_s, 1, None, "dist_timeout_s")
+        p += in_range(self.peak_flops_per_device, 0.0, None, "peak_flops_per_device")
+        p += in_range(self.zero3_param_persistence_threshold, 0, None, "zero3_param_persistence_threshold")
+        if self.task and (self.task.count(":") != 1 or not all(self.task.split(":"))):
+            p.append(("task", f"must be 'module:Class', got {self.task!r}"))
+        if not isinstance(self.deepspeed_overrides, dict):
+            p.append(("deepspeed_overrides", "must be a mapping"))
         return p
 
 
@@ -56,7 +67,7 @@ class TrainConfig:
 class TrackingConfig:
     uri: str = ""  # empty = sqlite store inside the run directory; else an MLflow tracking URI (server)
     experiment: str = "one4d"
-    system_metrics: bool = True
+    system_metrics: bool = True  # MLflow's CPU/GPU/memory sampling (needs psutil)
 
     def validate(self):
-        return []
+        return [] if self.experiment else [("experiment", "must not be empty")]

@@ -1,0 +1,218 @@
+"""Atomic checkpoints in `<run_dir>/checkpoints/`:
+
+    step-00000500/
+      ds/             DeepSpeed: trainable parameters, optimizer, LR scheduler (frozen base excluded)
+      train_state/    per rank: rank-00000.json (step, samples, loader position, python/numpy RNG, run id)
+                                rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
+      adapters/       task.export of the gathered trainable parameters
+      COMPLETE        written last inside the directory: step, world size, every file and its size
+    latest            name of the newest checkpoint, replaced atomically after the rename
+
+Everything is written into `.tmp-step-X`, fsynced, renamed to `step-X`; `resume=auto` takes the newest
+directory whose COMPLETE matches its files, so a kill at any point leaves the previous checkpoint in use.
+Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MARKER = "COMPLETE"
+TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(os.path.join(dirpath, f))
+        _fsync_path(dirpath)
+
+
+def _listing(root: str) -> dict[str, int]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, root)
+            if rel != MARKER:
+                out[rel] = os.path.getsize(full)
+    return out
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(path) or ".")
+
+
+def is_complete(path: str) -> bool:
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+        files = marker["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(files) and all(os.path.isfile(os.path.join(path, rel)) and os.path.getsize(os.path.join(path, rel)) == size
+                               for rel, size in files.items())
+
+
+def marker_of(path: str) -> dict:
+    with open(os.path.join(path, MARKER)) as f:
+        return json.load(f)
+
+
+def complete_checkpoints(ckpt_dir: str) -> list[str]:
+    """Complete checkpoint directories, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n))
+    return [os.path.join(ckpt_dir, n) for n in names if is_complete(os.path.join(ckpt_dir, n))]
+
+
+def resolve_resume(resume: str, ckpt_dir: str) -> str | None:
+    """The checkpoint to resume from: None for a fresh start."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    if not is_complete(resume):
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no valid {MARKER} marker)")
+    return resume
+
+
+# RNG state of every source the step draws from, as JSON + tensors (never pickled).
+
+def capture_rng(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return state, tensors
+
+
+def restore_rng(state: dict, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    generator.set_state(tensors["generator"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _test_stall(step: int) -> None:
+    spec = os.environ.get(TEST_SLEEP_ENV, "")
+    if spec and int(spec.split(":")[0]) == step:
+        time.sleep(float(spec.split(":")[1]))
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep_last: int):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+
+    def save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export) -> str:
+        """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too)."""
+        final = os.path.join(self.dir, step_name(step))
+        tmp = os.path.join(self.dir, ".tmp-" + step_name(step))
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            for name in os.listdir(self.dir):
+                if name.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "train_state"))
+        dist.barrier()
+        engine.save_checkpoint(tmp, tag="ds", save_latest=False, exclude_frozen_parameters=True)
+        base = os.path.join(tmp, "train_state", f"rank-{self.rank:05d}")
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, base + ".safetensors")
+        with open(base + ".json", "w") as f:
+            json.dump(train_state, f)
+        for path in (base + ".json", base + ".safetensors"):
+            _fsync_path(path)
+        export(os.path.join(tmp, "adapters"))
+        _test_stall(step)
+        dist.barrier()
+        if self.rank == 0:
+            _fsync_tree(tmp)
+            marker = {"step": step, "world_size": self.world_size, "files": _listing(tmp)}
+            write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
+            if os.path.exists(final):  # a complete twin from an earlier attempt at this very step
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_path(self.dir)
+            write_atomic(os.path.join(self.dir, "latest"), step_name(step) + "\n")
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        found = complete_checkpoints(self.dir)
+        for old in found[: max(0, len(found) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_train_state(self, path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        written_by = marker_of(path)["world_size"]
+        if written_by != self.world_size:
+            raise RuntimeError(f"checkpoint {path} was written by {written_by} ranks; this job has {self.world_size}")
+        base = os.path.join(path, "train_state", f"rank-{self.rank:05d}")
+        with open(base + ".json") as f:
+            state = json.load(f)
+        return state, load_file(base + ".safetensors")
+
+
+
+def _safe_globals() -> list:
+    """The few DeepSpeed classes its checkpoint files hold besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def install_safe_loader(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True) instead of full unpickling."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unsupported DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+    safe = WeightsOnlyCheckpointEngine.__new__(WeightsOnlyCheckpointEngine)
+    safe.__dict__.update(engine.checkpoint_engine.__dict__)
+    engine.checkpoint_engine = safe

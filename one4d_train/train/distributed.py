@@ -1,0 +1,94 @@
+"""Who we are in the job (torchrun, the deepspeed launcher, Slurm or a plain process), the device, the
+process group, and a clean exit."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+class DeviceUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # torchrun | slurm | single
+    master_addr: str
+    master_port: int
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def detect(environ: dict[str, str] | None = None) -> DistEnv:
+    """Rank, world size and rendezvous from whichever launcher started us. torchrun and the deepspeed launcher
+    set RANK/WORLD_SIZE (checked first, so `srun torchrun ...` is read as torchrun); srun sets SLURM_PROCID."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
+        # every task of the job derives the same port from the job id without talking to the others
+        port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm",
+                       addr, port)
+    return DistEnv(0, 1, 0, "single", env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port()))
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("key 'train.device': cuda requested but no CUDA device is available")
+    if requested != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def setup(device: str, timeout_s: int) -> DistEnv:
+    """Export the variables torch.distributed/DeepSpeed read, pick the device and start the process group."""
+    info = detect()
+    info.device = choose_device(device, info.local_rank)
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    if info.device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed first picks its accelerator, so set before importing it
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def shutdown(code: int) -> None:
+    """Leave the process group and exit without running interpreter teardown: DeepSpeed ranks otherwise abort at
+    exit now and then (SIGABRT after finishing), which would turn a clean finish into a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,87 @@
+"""`one4d train config=x.yaml [key=value ...]`: train with DeepSpeed ZeRO-2/3 on one process, torchrun, srun or
+the deepspeed launcher.
+
+main keys:
+  run_dir=runs/NAME           checkpoints, config.yaml, MLflow store (mlflow.db); survives requeues
+  resume=auto|never|PATH      auto: newest complete checkpoint of run_dir, else a fresh start
+  train.steps=5500            optimiser steps;  train.micro_batch_size=1  train.grad_accum=4
+  train.zero_stage=3|2        train.precision=bf16|fp32  train.device=auto|cuda|cpu
+  train.checkpoint_every=500  train.keep_last=3  train.log_every=10  train.max_bad_steps=5
+  train.deepspeed_overrides={...}  merged into the generated DeepSpeed config (changes are logged)
+  train.task=module:Class     train another TrainTask (default: the One4D task)
+  optim.lr=1e-4 optim.warmup_steps optim.schedule=constant|cosine optim.min_lr_ratio optim.grad_clip
+  tracking.uri=               MLflow server (default: sqlite store in run_dir)  tracking.experiment=one4d
+  eval.every=0                in-training evaluation every N steps, all ranks taking part
+
+exit codes: 0 finished, 2 bad config, 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
+requeue the job), 1 any other failure.
+
+examples:
+  one4d train config=configs/experiment/demo.yaml train.steps=20
+  python -m torch.distributed.run --nproc_per_node=2 -m one4d_train.cli train config=... train.device=cpu
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import sys
+import traceback
+import warnings
+
+import numpy as np
+import torch
+
+from one4d_train.config import ConfigError, load_config
+from one4d_train.train.preemption import EXIT_CONFIG
+
+LAUNCHER_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")  # the deepspeed launcher appends --local_rank=N
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    argv = [a for a in argv if not LAUNCHER_ARG.match(a)]
+    try:
+        cfg = load_config(argv)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from one4d_train.train import distributed
+
+    # DeepSpeed calls these on every step; the deprecation notice would bury the log
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
+
+    try:
+        env = distributed.setup(cfg.train.device, cfg.train.dist_timeout_s)
+    except distributed.DeviceUnavailable as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(message)s", stream=sys.stdout, force=True)
+    code = 1
+    try:
+        from one4d_train.train.task import build_task
+        from one4d_train.train.trainer import Trainer
+
+        seed_everything(cfg.seed)  # identical on every rank while the model is built
+        task = build_task(cfg)
+        trainer = Trainer(cfg, task, env)
+        seed_everything(cfg.seed + 1_000_003 * env.rank)  # per-rank streams for the steps
+        code = trainer.train()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # peers may sit in a collective: do not wait for the process group to shut down
+    distributed.shutdown(code)
+    return code

@@ -1,0 +1,66 @@
+"""Step timing (data wait vs compute), throughput and MFU."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+H100_DENSE_BF16 = 989e12
+
+
+def peak_flops(configured: float, device: torch.device) -> float | None:
+    """Per-device peak for MFU: the configured value, else the H100 datasheet on CUDA, else none (MFU not logged)."""
+    if configured > 0:
+        return configured
+    return H100_DENSE_BF16 if device.type == "cuda" else None
+
+
+class StepTimer:
+    """Accumulates time spent waiting for data and total time since the last `window()` call."""
+
+    def __init__(self):
+        self.data_s, self.start, self.steps = 0.0, time.perf_counter(), 0
+
+    def timed_next(self, fetch):
+        t = time.perf_counter()
+        out = fetch()
+        self.data_s += time.perf_counter() - t
+        return out
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def window(self) -> tuple[float, float, int]:
+        """(elapsed seconds, data-wait seconds, steps) since the previous window; starts a new one."""
+        now = time.perf_counter()
+        out = (now - self.start, self.data_s, self.steps)
+        self.data_s, self.start, self.steps = 0.0, now, 0
+        return out
+
+
+def throughput(elapsed: float, data_s: float, steps: int, global_batch: int, world_size: int, flops_per_sample: float,
+               tokens_per_sample: int, peak: float | None, device: torch.device) -> dict[str, float]:
+    samples_s = steps * global_batch / max(elapsed, 1e-9)
+    out = {"samples_per_s": samples_s, "tokens_per_s": samples_s * tokens_per_sample,
+           "data_wait_frac": data_s / max(elapsed, 1e-9), "step_time_s": elapsed / max(steps, 1)}
+    if peak:
+        out["mfu"] = flops_per_sample * samples_s / (peak * world_size)
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def format_line(step: int, total: int, losses: dict[str, float], lr: float, grad_norm: float | None,
+                perf: dict[str, float], skipped: int) -> str:
+    branches = ", ".join(f"{k.removeprefix('loss_')} {v:.4g}" for k, v in sorted(losses.items()) if k != "loss")
+    parts = [f"step {step}/{total}", f"loss {losses.get('loss', float('nan')):.4g}" + (f" ({branches})" if branches else ""),
+             f"lr {lr:.3g}", f"gnorm {grad_norm:.3g}" if grad_norm is not None else "gnorm -",
+             f"{perf['samples_per_s']:.3g} samples/s", f"{perf['tokens_per_s']:.3g} tok/s"]
+    if "mfu" in perf:
+        parts.append(f"mfu {100 * perf['mfu']:.1f}%")
+    parts.append(f"data {100 * perf['data_wait_frac']:.0f}%")
+    if "peak_mem_gib" in perf:
+        parts.append(f"mem {perf['peak_mem_gib']:.1f} GiB")
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    return " | ".join(parts)

@@ -1,0 +1,107 @@
+"""MLflow tracking, written by rank 0 only (other ranks get `NullTracker`).
+
+Default store: `sqlite:///<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifacts/`; `tracking.uri` points at a
+server instead. The run id is kept in the train state so a resumed job continues the same run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+BATCH = 100  # MLflow's limit on params per log_batch
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def start(self, run_id: str | None, params: dict) -> str | None:
+        return run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, name: str) -> None: ...
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, run_dir: str, tracking_cfg, run_name: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        run_dir = os.path.abspath(run_dir)
+        self.uri = tracking_cfg.uri or f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}"
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.mlflow, self.cfg, self.run_name = mlflow, tracking_cfg, run_name
+        self.artifact_location = None if tracking_cfg.uri else "file://" + os.path.join(run_dir, "mlartifacts")
+        self.run_id = None
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(self.cfg.experiment, artifact_location=self.artifact_location)
+
+    def start(self, run_id: str | None, params: dict) -> str:
+        self.mlflow.set_tracking_uri(self.uri)
+        system = self.cfg.system_metrics
+        if system:
+            try:
+                import psutil  # noqa: F401
+            except ImportError:
+                log.warning("tracking.system_metrics needs psutil, which is not installed: system metrics off")
+                system = False
+        if run_id is None:
+            run = self.mlflow.start_run(experiment_id=self._experiment_id(), run_name=self.run_name,
+                                        log_system_metrics=system)
+        else:
+            run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
+        self.run_id = run.info.run_id
+        self._log_params(params)
+        return self.run_id
+
+    def _log_params(self, params: dict) -> None:
+        """New params are logged; a value that changed on resume (MLflow forbids rewriting one) becomes a tag.
+        Values over MLflow's length limit are pointed at the config artifact, which holds them whole."""
+        from mlflow.entities import Param, RunTag
+
+        existing = self.client.get_run(self.run_id).data.params
+        new, tags = [], []
+        for key, value in params.items():
+            text = str(value)
+            if len(text) > MAX_PARAM_LEN:
+                text = text[: MAX_PARAM_LEN - 40] + " ...(truncated; see config.yaml)"
+            if key not in existing:
+                new.append(Param(key, text))
+            elif existing[key] != text:
+                tags.append(RunTag(f"resumed_with.{key}", text[:5000]))
+        for i in range(0, len(new), BATCH):
+            self.client.log_batch(self.run_id, params=new[i:i + BATCH])
+        if tags:
+            log.warning("resumed with changed config values (recorded as tags): %s", ", ".join(t.key for t in tags))
+            self.client.log_batch(self.run_id, tags=tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if finite:
+            self.mlflow.log_metrics(finite, step=step)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifacts(local_dir, artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.mlflow.log_text(text, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.mlflow.end_run(status)
+
+
+def build_tracker(cfg, is_main: bool) -> NullTracker:
+    return MlflowTracker(cfg.run_dir, cfg.tracking, cfg.name) if is_main else NullTracker()

@@ -1,0 +1,249 @@
+"""The training loop: builds the DeepSpeed engine around the task's model, resumes, steps, logs, evaluates,
+checkpoints, handles preemption and non-finite steps. Everything model- or data-specific is the task's."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from contextlib import nullcontext
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from one4d_train.configtools import flatten, to_dict, to_yaml
+from one4d_train.train import checkpoint as ckpt
+from one4d_train.train import deepspeed_config, metrics
+from one4d_train.train.distributed import DistEnv
+from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE, Preemption
+from one4d_train.train.schedule import build_scheduler
+from one4d_train.train.task import TrainTask
+from one4d_train.train.tracking import build_tracker
+
+log = logging.getLogger("one4d.train")
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    def __init__(self, cfg, task: TrainTask, env: DistEnv):
+        self.cfg, self.task, self.env, self.device = cfg, task, env, env.device
+        t = cfg.train
+        self.global_batch = t.micro_batch_size * t.grad_accum * env.world_size
+        self.ds_config, overridden = deepspeed_config.build(cfg, env.world_size)
+        if env.is_main:
+            for line in overridden:
+                log.info("deepspeed override: %s", line)
+            log.info("global batch %d = micro %d x accum %d x world %d", self.global_batch, t.micro_batch_size,
+                     t.grad_accum, env.world_size)
+        self.engine = self._build_engine()
+        self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        self.checkpointer = ckpt.Checkpointer(cfg.run_dir, env.rank, env.world_size, t.keep_last)
+        self.tracker = build_tracker(cfg, env.is_main)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
+        self.preemption = Preemption(self.device).install()
+        self.step, self.bad_streak, self.skipped_total = 0, 0, 0
+        self.peak = metrics.peak_flops(t.peak_flops_per_device, self.device)
+
+    def _build_engine(self):
+        t = self.cfg.train
+        def partitioned():
+            return deepspeed.zero.Init(config_dict_or_path=self.ds_config) if t.zero_stage == 3 else nullcontext()
+
+        model = self.task.build_model(partitioned)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("the task's model has no trainable parameters")
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                      fused=self.device.type == "cuda")
+        scheduler = build_scheduler(optimizer, o, t.steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False)
+        ckpt.install_safe_loader(engine)
+        self.task.load_base_weights(engine.module)
+        return engine
+
+    # -- state --------------------------------------------------------------------------------------------------
+
+    def _train_state(self, loader) -> tuple[dict, dict]:
+        rng, tensors = ckpt.capture_rng(self.generator)
+        state = {"step": self.step, "samples_seen": self.step * self.global_batch, "bad_streak": self.bad_streak,
+                 "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
+                 "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size}
+        return state, tensors
+
+    def _resume(self) -> tuple[dict | None, str | None]:
+        """Load the checkpoint chosen by cfg.resume; returns (loader position, MLflow run id)."""
+        path = ckpt.resolve_resume(self.cfg.resume, self.checkpointer.dir)
+        if path is None:
+            return None, None
+        state, tensors = self.checkpointer.load_train_state(path)
+        load_dir, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=False)
+        if load_dir is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
+        ckpt.restore_rng(state["rng"], tensors, self.generator)
+        self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+        return state["loader"], state["mlflow_run_id"]  # the id is meaningful on rank 0, which tracks
+
+    def _save(self, loader) -> None:
+        state, tensors = self._train_state(loader)
+        path = self.checkpointer.save(self.engine, self.step, state, tensors, self._export)
+        if self.env.is_main:
+            log.info("checkpoint %s", path)
+
+    def _export(self, out_dir: str) -> None:
+        """Gather the trainable parameters only (never the frozen base), one at a time so no rank ever holds more
+        than one whole adapter tensor on the device, and let rank 0's task write them."""
+        state = {}
+        for name, p in self.trainable:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if self.env.is_main:
+                    state[name] = p.detach().to("cpu", copy=True)
+        if self.env.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            self.task.export(state, out_dir)
+
+    # -- loop ---------------------------------------------------------------------------------------------------
+
+    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _micro_step(self, batches, step: int) -> tuple[dict[str, float], bool]:
+        batch = to_device(batches(), self.device)
+        losses = self.task.loss(self.engine, batch, step, self.generator)
+        loss = losses["loss"]
+        bad = self._all_reduce([0.0 if torch.isfinite(loss).item() else 1.0], dist.ReduceOp.MAX)[0] > 0
+        if bad:
+            # poison every rank's gradients so DeepSpeed's own overflow check discards the whole step everywhere:
+            # no optimizer (Adam moment) update, no LR scheduler step
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        self.engine.step()
+        return {k: float(v.detach()) for k, v in losses.items()}, bad
+
+    def _evaluate(self) -> None:
+        """Every rank runs task.evaluate (its share, reduced inside); nobody waits alone in a collective."""
+        out_dir = os.path.join(self.cfg.run_dir, "eval", ckpt.step_name(self.step))
+        self.engine.module.eval()
+        with torch.no_grad():
+            results = self.task.evaluate(self.engine.module, self.step, out_dir)
+        self.engine.module.train()
+        dist.barrier()
+        if self.env.is_main:
+            log.info("eval step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(results.items())))
+            self.tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, self.step)
+            if os.path.isdir(out_dir) and os.listdir(out_dir):
+                self.tracker.log_artifacts(out_dir, f"eval/{ckpt.step_name(self.step)}")
+
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        position, run_id = self._resume()
+        if self.env.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            text = to_yaml(cfg)
+            ckpt.write_atomic(os.path.join(cfg.run_dir, "config.yaml"), text)
+            self.tracker.start(run_id, flatten(to_dict(cfg)))
+            self.tracker.log_text(text, "config.yaml")
+        loader = self.task.build_loader(self.env.rank, self.env.world_size, position)
+        iterator = iter(loader)
+
+        def next_batch():
+            nonlocal iterator
+            try:
+                return next(iterator)
+            except StopIteration:
+                iterator = iter(loader)  # next epoch
+                return next(iterator)
+
+        timer = metrics.StepTimer()
+        sums: dict[str, float] = {}
+        counted = 0
+        evaluate = getattr(self.task, "evaluate", None)
+        while self.step < t.steps:
+            step = self.step + 1
+            step_losses, step_bad = {}, False
+            for _ in range(t.grad_accum):
+                losses, bad = self._micro_step(lambda: timer.timed_next(next_batch), step)
+                step_bad |= bad
+                for k, v in losses.items():
+                    step_losses[k] = step_losses.get(k, 0.0) + v / t.grad_accum
+            skipped = step_bad or not self.engine.was_step_applied()
+            self.step = step
+            timer.step_done()
+            if skipped:
+                self.bad_streak += 1
+                self.skipped_total += 1
+                if self.env.is_main:
+                    log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row, %d in total)", step,
+                                self.bad_streak, self.skipped_total)
+                    self.tracker.log_metrics({"skipped_steps": self.skipped_total}, step)
+                if self.bad_streak >= t.max_bad_steps:
+                    if self.env.is_main:
+                        log.error("stopping: %d consecutive non-finite steps (train.max_bad_steps=%d); last good "
+                                  "checkpoint is in %s", self.bad_streak, t.max_bad_steps, self.checkpointer.dir)
+                        self.tracker.end("FAILED")
+                    return EXIT_BAD_STEPS
+            else:
+                self.bad_streak = 0
+                for k, v in step_losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                counted += 1
+            if step % t.log_every == 0 or step == t.steps:
+                self._log(step, sums, counted, timer)
+                sums, counted = {}, 0
+            stop = self.preemption.agreed()
+            if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                self._save(loader)
+            if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0:
+                self._evaluate()
+            if stop:
+                if self.env.is_main:
+                    log.warning("preempted (%s on some rank): checkpointed step %d, exiting %d for requeue",
+                                self.preemption.received or "signal", step, REQUEUE_EXIT_CODE)
+                    self.tracker.end("KILLED")
+                return REQUEUE_EXIT_CODE
+        if self.env.is_main:
+            final = os.path.join(self.checkpointer.dir, ckpt.step_name(self.step))
+            if t.export_adapters and os.path.isdir(os.path.join(final, "adapters")):
+                self.tracker.log_artifacts(os.path.join(final, "adapters"), "adapters")
+                log.info("adapters: %s", os.path.join(final, "adapters"))
+            self.tracker.end("FINISHED")
+            uri = getattr(self.tracker, "uri", "-")
+            log.info("done: %d steps, %d skipped; MLflow store %s (view: mlflow ui --backend-store-uri %s)", self.step,
+                     self.skipped_total, uri, uri)
+        return EXIT_OK
+
+    def _log(self, step: int, sums: dict[str, float], counted: int, timer: metrics.StepTimer) -> None:
+        keys = sorted(sums)
+        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys] + [float(counted)]) if keys else []
+        elapsed, data_s, steps = timer.window()
+        if not self.env.is_main:
+            return
+        world = self.env.world_size
+        losses = {k: v / world for k, v in zip(keys, reduced)}
+        perf = metrics.throughput(elapsed, data_s, steps, self.global_batch, world, self.task.flops_per_sample(),
+                                  self.task.tokens_per_sample(), self.peak, self.device)
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
+        log.info(metrics.format_line(step, self.cfg.train.steps, losses, lr, grad_norm, perf, self.skipped_total))
+        values = {**losses, **perf, "lr": lr, "skipped_steps": self.skipped_total}
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm
+        self.tracker.log_metrics(values, step)

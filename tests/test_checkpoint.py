@@ -1,0 +1,77 @@
+"""Checkpoint directory logic without DeepSpeed: completeness, resume choice, RNG round trip."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from one4d_train.train import checkpoint as ckpt
+
+
+def make(ckpt_dir, step, complete=True, corrupt=False):
+    path = os.path.join(ckpt_dir, ckpt.step_name(step))
+    os.makedirs(os.path.join(path, "ds"))
+    with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
+        f.write(b"x" * 100)
+    if complete:
+        marker = {"step": step, "world_size": 2, "files": ckpt._listing(path)}
+        ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
+    if corrupt:
+        with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
+            f.write(b"x" * 10)
+    return path
+
+
+def test_auto_picks_newest_complete_ignoring_leftovers(tmp_path):
+    d = str(tmp_path / "checkpoints")
+    assert ckpt.resolve_resume("auto", d) is None
+    make(d, 10)
+    good = make(d, 20)
+    make(d, 30, complete=False)  # killed before its marker
+    make(d, 40, corrupt=True)  # a file no longer matches the marker
+    os.makedirs(os.path.join(d, ".tmp-" + ckpt.step_name(50)))
+    ckpt.write_atomic(os.path.join(d, "latest"), ckpt.step_name(60))  # dangling pointer
+    assert ckpt.resolve_resume("auto", d) == good
+    assert ckpt.resolve_resume("never", d) is None
+    assert ckpt.resolve_resume(good, d) == good
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(os.path.join(d, ckpt.step_name(30)), d)
+    assert [os.path.basename(p) for p in ckpt.complete_checkpoints(d)] == [ckpt.step_name(10), ckpt.step_name(20)]
+
+
+def test_marker_must_list_files(tmp_path):
+    path = make(str(tmp_path), 1)
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps({"step": 1, "files": {}}))
+    assert not ckpt.is_complete(path)
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), "{not json")
+    assert not ckpt.is_complete(path)
+
+
+def test_world_size_mismatch_is_refused(tmp_path):
+    path = make(str(tmp_path), 5)
+    with pytest.raises(RuntimeError, match="written by 2 ranks; this job has 4"):
+        ckpt.Checkpointer(str(tmp_path), 0, 4, 3).load_train_state(path)
+
+
+def test_rng_round_trip_through_json_and_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(3)
+    random.seed(1), np.random.seed(2), torch.manual_seed(4)
+    state, tensors = ckpt.capture_rng(gen)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    json_text = json.dumps(state)
+    save_file(tensors, str(tmp_path / "rng.safetensors"))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    gen2 = torch.Generator().manual_seed(9)
+    ckpt.restore_rng(json.loads(json_text), load_file(str(tmp_path / "rng.safetensors")), gen2)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen2).item()) == expected
+
+
+def test_write_atomic_replaces(tmp_path):
+    p = str(tmp_path / "latest")
+    ckpt.write_atomic(p, "a")
+    ckpt.write_atomic(p, "b")
+    assert open(p).read() == "b" and os.listdir(tmp_path) == ["latest"]

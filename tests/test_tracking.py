@@ -1,0 +1,50 @@
+"""MLflow tracking against a real sqlite store, read back with MLflow's own client."""
+import os
+from types import SimpleNamespace
+
+from mlflow.tracking import MlflowClient
+
+from one4d_train.train.tracking import MAX_PARAM_LEN, MlflowTracker, NullTracker, build_tracker
+
+
+def test_run_in_run_dir_params_metrics_artifacts_and_resume(tmp_path):
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    params = {f"p{i}": i for i in range(150)} | {"long": "x" * (MAX_PARAM_LEN + 10), "nested.key": [1, 2]}
+    tracker = MlflowTracker(str(tmp_path), cfg, "name")
+    run_id = tracker.start(None, params)
+    tracker.log_metrics({"loss": 0.5, "nan": float("nan"), "none": None}, step=1)
+    tracker.log_text("a: 1\n", "config.yaml")
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "a.safetensors").write_bytes(b"123")
+    tracker.log_artifacts(str(tmp_path / "adapters"), "adapters")
+    tracker.end("KILLED")
+    assert os.path.isfile(tmp_path / "mlflow.db")
+
+    resumed = MlflowTracker(str(tmp_path), cfg, "name")
+    assert resumed.start(run_id, {**params, "p3": 33, "new": "v"}) == run_id
+    resumed.log_metrics({"loss": 0.25}, step=2)
+    resumed.end()
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["p149"] == "149" and run.data.params["p3"] == "3" and run.data.params["new"] == "v"
+    assert run.data.params["nested.key"] == "[1, 2]"
+    assert len(run.data.params["long"]) <= MAX_PARAM_LEN and "see config.yaml" in run.data.params["long"]
+    assert run.data.tags["resumed_with.p3"] == "33"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert "nan" not in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "adapters"}
+    assert client.get_experiment_by_name("exp").artifact_location.startswith(f"file://{tmp_path}/mlartifacts")
+    stored = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "mlartifacts") for f in files]
+    assert any(p.endswith(os.path.join(run_id, "artifacts", "adapters", "a.safetensors")) for p in stored)
+
+
+def test_other_ranks_get_a_no_op_tracker(tmp_path):
+    cfg = SimpleNamespace(run_dir=str(tmp_path), name="n", tracking=SimpleNamespace(uri="", experiment="e", system_metrics=False))
+    tracker = build_tracker(cfg, is_main=False)
+    assert type(tracker) is NullTracker and tracker.start("abc", {}) == "abc"
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert not os.listdir(tmp_path)

@@ -21,6 +21,16 @@ class EvalConfig:
     out_dir: str = ""  # empty = <checkpoint>/eval
     seed: int = 0
     barrier_timeout_s: int = 3600  # non-participating ranks wait at most this long during in-training evaluation
+    dataset: str = ""  # empty = data.val_shards; a shard directory/pattern; or sintel:<root> | bonn:<root> | tum:<root>
+    benchmark_start: int = 0  # benchmark readers: first frame, frame stride (clips of data.num_frames frames)
+    benchmark_stride: int = 1
+    recovery_iters: int = 300  # geometry post-optimisation (eval/recovery.py)
+    recovery_lr: float = 1e-3
+    smooth_rot: float = 0.01
+    smooth_centre: float = 0.01
+    keyframes: int = 4  # rows of the contact sheet and PLY files per sample
+    ply_every_frame: bool = False
+    fps: float = 16.0
 
     def validate(self):
         p = choice(self.sampler, ["euler", "unipc"], "sampler")
@@ -28,4 +38,8 @@ class EvalConfig:
         for m in self.modes:
             p += choice(m, ["image", "sparse", "video"], "modes")
         p += in_range(self.steps, 1, None, "steps") + in_range(self.every, 0, None, "every")
+        p += in_range(self.recovery_iters, 0, None, "recovery_iters") + in_range(self.keyframes, 1, None, "keyframes")
+        p += in_range(self.benchmark_stride, 1, None, "benchmark_stride")
+        if self.dataset and ":" in self.dataset.split("/")[0]:
+            p += choice(self.dataset.split(":", 1)[0], ["sintel", "bonn", "tum"], "dataset")
         return p

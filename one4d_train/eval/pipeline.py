@@ -1,0 +1,297 @@
+"""Evaluation of a checkpoint: for each sample and UMC mode, sample RGB + pointmaps, undo the pointmap
+normalisation, recover depth and cameras, score them against the ground truth and write outputs.
+
+Layout written under the checkpoint (or eval.out_dir):
+    eval/metrics.json              per sample and mode, plus means per mode
+    eval/<sample>/<mode>/          rgb.mp4, depth.mp4, points_NNN.ply, sheet.png, geometry.npz
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from data_pipeline.geometry import denormalise_pointmap
+from one4d_train.diffusion.sampling import initial_noise, sample
+from one4d_train.eval.metrics import depth_metrics, pose_metrics, rgb_metrics
+from one4d_train.eval.outputs import format_table, keyframe_indices, write_metrics_json, write_sample_outputs
+from one4d_train.eval.recovery import RecoveryConfig, recover_geometry
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+TABLE_COLUMNS = ["sample", "mode", "abs_rel", "delta_1_25", "ate", "rpe_trans", "rpe_rot", "psnr", "ssim"]
+
+
+@dataclass
+class Generator:
+    """What sampling needs besides the DiT: the VAE, text conditioning and (I2V) the CLIP image encoder."""
+    model: torch.nn.Module
+    vae: object  # model.vae.WanVAE
+    text: object  # model.text_encoder.TextConditioning
+    image_encoder: object | None
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generator:
+    """The One4D model of cfg.model with the checkpoint's exported adapters (checkpoint/adapters)."""
+    from one4d_train.model.adapters import load_adapters
+    from one4d_train.model.encoders import build_encoders
+    from one4d_train.model.one4d import build_one4d
+
+    mcfg = cfg.model
+    model = build_one4d(mcfg, device=device, seed=cfg.seed)
+    if checkpoint:
+        load_adapters(model, os.path.join(checkpoint, "adapters"))
+    model.eval().requires_grad_(False)
+    dtype = torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
+    vae, text, image = build_encoders(mcfg, model.base.cfg, device, dtype, cfg.seed)
+    return Generator(model, vae, text, image, device)
+
+
+def model_velocity(model: torch.nn.Module) -> Callable:
+    """velocity_fn for diffusion.sampling: UMC RGB-branch input from the condition, then the model."""
+    from one4d_train.model.umc import rgb_branch_input
+
+    def v(x_rgb, x_xyz, t, cond):
+        rgb_in = rgb_branch_input(x_rgb, cond["mask4"], cond["z_cond"])
+        with torch.autocast(x_rgb.device.type, dtype=torch.bfloat16, enabled=x_rgb.device.type == "cuda"):
+            v_rgb, v_xyz = model(rgb_in, x_xyz, t, cond["context"], cond.get("clip_fea"))
+        return v_rgb.float(), v_xyz.float()
+
+    return v
+
+
+def umc_condition(gen: Generator, rgb: torch.Tensor, frame_mask: torch.Tensor, context: torch.Tensor) -> dict:
+    """rgb [B, 3, T, H, W] in [-1, 1], frame_mask [B, T] -> the conditioning dict model_velocity reads."""
+    from one4d_train.model.umc import condition_video, first_observed_frame, fold_frame_mask
+
+    z_cond = gen.vae.encode(condition_video(rgb, frame_mask))
+    cond = {"z_cond": z_cond, "mask4": fold_frame_mask(frame_mask, *z_cond.shape[-2:]).to(z_cond),
+            "context": context}
+    if gen.image_encoder is not None:
+        cond["clip_fea"] = gen.image_encoder.encode(first_observed_frame(rgb, frame_mask))
+    return cond
+
+
+@torch.no_grad()
+def generate(gen: Generator, batch: dict, mode: str, ecfg, seeds: list[int]) -> dict:
+    """Sample one batch (docs/data.md layout, [B, T, 3, H, W]) in `mode`. Returns rgb [B, T, 3, H, W] in
+    [-1, 1], xyz [B, T, 3, H, W] normalised, frame_mask [B, T]."""
+    from one4d_train.model.umc import eval_frame_mask
+
+    rgb = batch["rgb"].to(gen.device).transpose(1, 2).float()  # [B, 3, T, H, W]
+    B, _, T = rgb.shape[:3]
+    frame_mask = eval_frame_mask(mode, T, ecfg.sparse_frames).expand(B, T).to(gen.device)
+    captions = batch.get("caption", [""] * B)
+    embs = batch.get("text_emb")
+    context = gen.text(captions, None if embs is None else list(embs)).to(gen.device)
+    cond = umc_condition(gen, rgb, frame_mask, context)
+    uncond = dict(cond, context=gen.text.empty.to(gen.device).expand_as(context))
+    shape = cond["z_cond"].shape[1:]
+    noise = [initial_noise(shape, shape, s, gen.device) for s in seeds]
+    n_rgb, n_xyz = torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])
+    z_rgb, z_xyz = sample(model_velocity(gen.model), n_rgb, n_xyz, cond, uncond, sampler=ecfg.sampler,
+                          steps=ecfg.steps, shift=ecfg.shift, cfg_scale=ecfg.cfg_scale)
+    out_rgb, out_xyz = gen.vae.decode(torch.cat([z_rgb, z_xyz])).clamp(-1, 1).chunk(2)
+    return {"rgb": out_rgb.transpose(1, 2).cpu(), "xyz": out_xyz.transpose(1, 2).cpu(), "frame_mask": frame_mask.cpu()}
+
+
+def ground_truth(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(metric pointmaps [T, H, W, 3], z-depth [T, H, W], c2w [T, 4, 4] or None) of one sample. Depth is the
+    sample's own `depth` where present (benchmarks), else the pointmaps seen from each gt camera; pixels whose
+    normalised pointmap was clipped at +-1 are then unknown and scored as invalid."""
+    xyz_n = sample["xyz"].permute(0, 2, 3, 1).double().numpy()
+    valid = sample["valid"][:, 0].numpy().astype(bool)
+    pts = denormalise_pointmap(xyz_n, sample["xyz_centre"].double().numpy(), float(sample["xyz_scale"]))
+    poses = sample["poses_c2w"].double().numpy()
+    poses = None if not np.isfinite(poses).all() else poses
+    if "depth" in sample:
+        return pts, sample["depth"].double().numpy(), poses
+    if poses is None:
+        return pts, np.zeros(valid.shape), None
+    cam = np.einsum("tji,thwj->thwi", poses[:, :3, :3], pts - poses[:, None, None, :3, 3])
+    depth = np.where(valid & (np.abs(xyz_n).max(-1) < 1.0), cam[..., 2], 0.0)
+    return pts, depth, poses
+
+
+def recovery_config(ecfg) -> RecoveryConfig:
+    return RecoveryConfig(iters=ecfg.recovery_iters, lr=ecfg.recovery_lr, smooth_rot=ecfg.smooth_rot,
+                          smooth_centre=ecfg.smooth_centre)
+
+
+def score(pred_rgb: torch.Tensor, pred_xyz_n: torch.Tensor, frame_mask: torch.Tensor, sample: dict, ecfg,
+          device="cpu") -> tuple[dict, dict]:
+    """One sample's scores and geometry. pred_rgb / pred_xyz_n: [T, 3, H, W] in [-1, 1] (normalised
+    pointmaps, metric after the sample's xyz_centre / xyz_scale)."""
+    centre, scale = sample["xyz_centre"].double(), sample["xyz_scale"].double()
+    points = denormalise_pointmap(pred_xyz_n.permute(0, 2, 3, 1).double(), centre, scale)
+    rec = recover_geometry(points.to(device), None, recovery_config(ecfg))
+    depth, c2w = rec.depth.cpu().numpy(), rec.c2w.cpu().numpy()
+    _, gt_depth, gt_poses = ground_truth(sample)
+    metrics = depth_metrics(depth, gt_depth, ecfg.depth_align, ecfg.depth_cap)
+    metrics["focal"] = float(rec.focal.mean())
+    if gt_poses is not None and len(gt_poses) >= 3:
+        metrics.update(pose_metrics(c2w, gt_poses))
+    observed = frame_mask.bool()
+    metrics.update(rgb_metrics((pred_rgb.float() + 1) / 2, (sample["rgb"].float() + 1) / 2, observed))
+    geometry = {"points": points.numpy(), "depth": depth, "focal": rec.focal.cpu().numpy(), "c2w": c2w}
+    return metrics, geometry
+
+
+def write_outputs(out_dir: Path, pred_rgb: torch.Tensor, geometry: dict, metrics: dict, title: str, ecfg) -> dict:
+    rgb = ((pred_rgb.float().permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    T = len(rgb)
+    keys = list(range(T)) if ecfg.ply_every_frame else keyframe_indices(T, ecfg.keyframes)
+    headline = "  ".join(f"{k} {metrics[k]:.4g}" for k in ("abs_rel", "delta_1_25", "ate", "psnr") if k in metrics)
+    files = write_sample_outputs(out_dir, rgb, geometry["depth"], geometry["points"], fps=ecfg.fps,
+                                 keyframes=keys, title=f"{title}   {headline}")
+    np.savez_compressed(out_dir / "geometry.npz", depth=geometry["depth"].astype(np.float32),
+                        focal=geometry["focal"], c2w=geometry["c2w"])
+    return files
+
+
+def iter_samples(cfg) -> Iterator[dict]:
+    """eval.num_samples samples (batches of one) of eval.dataset (default data.val_shards): shards through
+    the data pipeline with centre crops, or a benchmark through its reader."""
+    spec = cfg.eval.dataset or cfg.data.val_shards
+    if not spec:
+        raise ValueError("nothing to evaluate on: set eval.dataset or data.val_shards")
+    head = spec.split(":", 1)
+    if len(head) == 2 and head[0] in ("sintel", "bonn", "tum"):
+        from one4d_train.eval.readers import read_benchmark, to_sample
+
+        T = cfg.data.num_frames
+        count = 0
+        for seq in read_benchmark(head[0], head[1], start=cfg.eval.benchmark_start,
+                                  stride=cfg.eval.benchmark_stride, max_frames=T):
+            if count >= cfg.eval.num_samples:
+                return
+            keep = (len(seq.rgb) - 1) // 4 * 4 + 1
+            for field in ("rgb", "depth", "intrinsics", "poses_c2w", "timestamps"):
+                if getattr(seq, field) is not None:
+                    setattr(seq, field, getattr(seq, field)[:keep])
+            s = to_sample(seq, cfg.data.height, cfg.data.width, cfg.data.pointmap_percentiles, cfg.eval.depth_cap)
+            yield {k: ([v] if isinstance(v, str) else v[None] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+            count += 1
+        return
+    from data_pipeline.loader import build_loader
+
+    data_cfg = replace(cfg.data, crop="center", num_workers=0, mode="exact")
+    loader = build_loader(data_cfg, rank=0, world_size=1, seed=cfg.eval.seed, micro_batch_size=1, shards=spec)
+    seen = set()
+    try:
+        for batch in loader:
+            key = (batch["__shard__"][0], batch["__key__"][0])
+            if len(seen) >= cfg.eval.num_samples or key in seen:  # the loader runs on into the next epoch
+                break
+            seen.add(key)
+            yield batch
+    finally:
+        loader.close()
+
+
+def _sample_name(batch: dict, index: int) -> str:
+    key = batch.get("__key__", [f"sample{index:04d}"])
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key[0]))
+
+
+def summarise(results: list[dict]) -> dict:
+    """Means per mode over samples (NaN and inf left out; their count is reported)."""
+    by_mode: dict[str, dict] = {}
+    for r in results:
+        by_mode.setdefault(r["mode"], []).append(r)
+    out = {}
+    for mode, rows in by_mode.items():
+        keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "num_pixels"})
+        means = {}
+        for k in keys:
+            vals = [float(r[k]) for r in rows if k in r and math.isfinite(float(r[k]))]
+            means[k] = float(np.mean(vals)) if vals else float("nan")
+        means["num_samples"] = len(rows)
+        out[mode] = means
+    return out
+
+
+def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None, run_id: str | None = None,
+                        step: int | None = None, progress: bool = True, gen: Generator | None = None) -> dict:
+    """Evaluate one checkpoint in every eval.modes mode; writes outputs and metrics.json into out_dir
+    (default <checkpoint>/eval); logs means and files to MLflow run `run_id` when given. Returns the
+    metrics dict (also printed as a table)."""
+    from tqdm import tqdm
+
+    ecfg = cfg.eval
+    out = Path(out_dir or ecfg.out_dir or os.path.join(checkpoint or ".", "eval"))
+    device = resolve_device(cfg.train.device)
+    gen = gen or load_generator(cfg, checkpoint, device)
+    results = []
+    samples = list(iter_samples(cfg))
+    bar = tqdm(total=len(samples) * len(ecfg.modes), desc="eval", disable=not progress, unit="run")
+    for i, batch in enumerate(samples):
+        name = _sample_name(batch, i)
+        single = {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+        for mode in ecfg.modes:
+            pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
+            metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg, gen.device)
+            title = f"{name} | {mode} mode"
+            metrics["files"] = write_outputs(out / name / mode, pred["rgb"][0], geometry, metrics, title, ecfg)
+            results.append({"sample": name, "mode": mode, **metrics})
+            bar.update(1)
+    bar.close()
+    report = {"checkpoint": checkpoint, "step": step, "samples": results, "means": summarise(results),
+              "settings": {k: getattr(ecfg, k) for k in ("sampler", "steps", "cfg_scale", "shift", "sparse_frames",
+                                                          "depth_align", "depth_cap", "seed", "dataset")}}
+    write_metrics_json(out / METRICS_FILE, report)
+    rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
+    rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
+    print(format_table(rows, TABLE_COLUMNS))
+    if run_id is not None:
+        log_to_mlflow(cfg, run_id, report, out, step or 0)
+    return report
+
+
+def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int) -> None:
+    """Means per mode as metrics `eval/<mode>/<name>` at `step`; the eval folder as artifacts."""
+    from one4d_train.train.tracking import MlflowTracker
+
+    tracker = MlflowTracker(cfg.run_dir, replace(cfg.tracking, system_metrics=False), cfg.name)
+    tracker.start(run_id, {})
+    try:
+        metrics = {f"eval/{mode}/{k}": v for mode, means in report["means"].items() for k, v in means.items()}
+        tracker.log_metrics(metrics, step)
+        tracker.log_artifacts(str(out_dir), f"eval/step-{step:08d}")
+    finally:
+        tracker.end()
+
+
+def checkpoints_to_evaluate(path: str) -> list[str]:
+    """A checkpoint directory -> [it]; a run directory -> its complete checkpoints without eval/metrics.json."""
+    from one4d_train.train.checkpoint import complete_checkpoints, is_complete
+
+    if is_complete(path) or os.path.isdir(os.path.join(path, "adapters")):
+        return [path]
+    ckpts = complete_checkpoints(os.path.join(path, "checkpoints"))
+    return [c for c in ckpts if not os.path.exists(os.path.join(c, "eval", METRICS_FILE))]
+
+
+def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:
+    """(run directory, MLflow run id from the train state, step) of a checkpoint."""
+    run_dir = str(Path(checkpoint).resolve().parent.parent)
+    state_file = os.path.join(checkpoint, "train_state", "rank-00000.json")
+    if not os.path.exists(state_file):
+        return run_dir, None, None
+    with open(state_file) as f:
+        state = json.load(f)
+    return run_dir, state.get("mlflow_run_id"), state.get("step")

@@ -1,0 +1,62 @@
+"""Benchmark readers (Sintel, Bonn RGB-D Dynamic, TUM RGB-D): on-disk formats -> `Sequence`s in the project's
+conventions (OpenCV camera axes, z-depth in metres, camera-to-world poses, intrinsics in pixels)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass
+class Sequence:
+    name: str
+    rgb: np.ndarray  # uint8 [T, H, W, 3]
+    depth: np.ndarray | None  # float32 [T, H, W] metres, 0 = no measurement
+    intrinsics: np.ndarray | None  # float64 [T, 3, 3], None when unknown
+    poses_c2w: np.ndarray | None  # float64 [T, 4, 4], None when unknown
+    timestamps: np.ndarray | None = None  # float64 [T] seconds, where the format has them
+
+
+def frame_window(n: int, start: int = 0, stride: int = 1, max_frames: int = 0) -> list[int]:
+    """Indices start, start + stride, ... (at most max_frames; 0 = all) of n frames."""
+    idx = list(range(start, n, max(stride, 1)))
+    return idx[:max_frames] if max_frames > 0 else idx
+
+
+def read_benchmark(name: str, root, sequences=None, **window) -> Iterator[Sequence]:
+    """Sequences of benchmark `name` (sintel | bonn | tum) under `root`; `window`: start, stride, max_frames."""
+    if name == "sintel":
+        from one4d_train.eval.readers.sintel import read_sintel as read
+    elif name == "bonn":
+        from one4d_train.eval.readers.bonn import read_bonn as read
+    elif name == "tum":
+        from one4d_train.eval.readers.tum import read_tum as read
+    else:
+        raise ValueError(f"benchmark must be sintel, bonn or tum, got {name!r}")
+    return read(root, sequences=sequences, **window)
+
+
+def to_sample(seq: Sequence, height: int, width: int, percentiles=(2.0, 98.0), max_depth: float = np.inf) -> dict:
+    """A benchmark sequence as a sample dict of docs/data.md (centre crop, poses relative to the first frame,
+    pointmaps normalised as the data pipeline does over 0 < depth < max_depth, so that sky and far
+    outliers do not set the scale), plus `depth` [T, H, W]: the resized ground-truth depth before any
+    clipping, which scoring uses."""
+    import torch
+
+    from data_pipeline.decode import DecodedClip
+    from data_pipeline.transforms import plan_crop, resize_crop_nearest, to_sample as clip_to_sample
+
+    if seq.intrinsics is None or seq.depth is None:
+        raise ValueError(f"{seq.name}: scoring needs depth and intrinsics")
+    T = len(seq.rgb)
+    poses = np.full((T, 4, 4), np.nan) if seq.poses_c2w is None else np.linalg.inv(seq.poses_c2w[0]) @ seq.poses_c2w
+    clip = DecodedClip(frames=seq.rgb, depth=seq.depth, xyz=None, xyz_to_ref=None, valid=(seq.depth > 0) & (seq.depth < max_depth),
+                       intrinsics=np.asarray(seq.intrinsics, np.float64), poses_c2w=poses, caption="",
+                       text_emb=None, frame_indices=np.arange(T))
+    rng = np.random.default_rng(0)
+    sample = clip_to_sample(clip, height, width, "center", list(percentiles), rng)
+    crop = plan_crop(seq.rgb.shape[1], seq.rgb.shape[2], height, width, "center", rng)
+    sample["depth"] = torch.from_numpy(np.ascontiguousarray(resize_crop_nearest(seq.depth, crop), np.float32))
+    sample["__key__"] = seq.name
+    return sample

@@ -1,0 +1,116 @@
+"""TUM RGB-D (https://cvg.cit.tum.de/data/datasets/rgbd-dataset/file_formats) and the formats it shares with
+Bonn RGB-D Dynamic: `rgb.txt` / `depth.txt` ('timestamp filename'), `groundtruth.txt`
+('timestamp tx ty tz qx qy qz qw': the colour camera's optical centre and orientation in the world, i.e.
+camera-to-world with OpenCV camera axes), 16-bit depth PNGs with 5000 units per metre. Frames are matched
+by timestamp like the benchmark's associate.py (greedy by smallest difference, at most 0.02 s apart).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from one4d_train.eval.readers import Sequence, frame_window
+
+DEPTH_FACTOR = 5000.0
+MAX_DIFFERENCE = 0.02
+# published calibrations of the three Kinects (fx, fy, cx, cy)
+TUM_INTRINSICS = {"freiburg1": (517.3, 516.5, 318.6, 255.3), "freiburg2": (520.9, 521.0, 325.1, 249.7),
+                  "freiburg3": (535.4, 539.2, 320.1, 247.6)}
+
+
+def read_list(path) -> tuple[np.ndarray, list[list[str]]]:
+    """A TUM list file -> (timestamps [N], the remaining fields of each line); '#' lines are comments."""
+    stamps, rest = [], []
+    for line in Path(path).read_text().splitlines():
+        fields = line.replace(",", " ").split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        stamps.append(float(fields[0]))
+        rest.append(fields[1:])
+    return np.asarray(stamps, np.float64), rest
+
+
+def associate(a: np.ndarray, b: np.ndarray, max_difference: float = MAX_DIFFERENCE) -> list[tuple[int, int]]:
+    """Index pairs (i, j) matching timestamps a[i] ~ b[j], each used once, greedily by |a[i] - b[j]|."""
+    order = np.argsort(b)
+    bs = b[order]
+    cands = []
+    for i, t in enumerate(a):
+        lo, hi = np.searchsorted(bs, t - max_difference, "right"), np.searchsorted(bs, t + max_difference, "left")
+        cands += [(abs(t - bs[k]), i, int(order[k])) for k in range(lo, hi)]
+    cands.sort()
+    used_a, used_b, pairs = set(), set(), []
+    for _, i, j in cands:
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+            pairs.append((i, j))
+    return sorted(pairs)
+
+
+def tum_pose_to_c2w(fields) -> np.ndarray:
+    tx, ty, tz, qx, qy, qz, qw = map(float, fields[:7])
+    c2w = np.eye(4)
+    c2w[:3, :3] = Rotation.from_quat([qx, qy, qz, qw]).as_matrix()
+    c2w[:3, 3] = (tx, ty, tz)
+    return c2w
+
+
+def c2w_to_tum_pose(c2w: np.ndarray) -> list[float]:
+    qx, qy, qz, qw = Rotation.from_matrix(np.asarray(c2w)[:3, :3]).as_quat()
+    return [*map(float, np.asarray(c2w)[:3, 3]), float(qx), float(qy), float(qz), float(qw)]
+
+
+def read_depth_png(path) -> np.ndarray:
+    raw = np.asarray(Image.open(path))
+    if raw.dtype not in (np.uint16, np.int32):
+        raise ValueError(f"{path}: expected a 16-bit depth PNG, got {raw.dtype}")
+    return (raw.astype(np.float64) / DEPTH_FACTOR).astype(np.float32)
+
+
+def _listing(folder: Path, name: str, sub: str):
+    if (folder / name).is_file():
+        return read_list(folder / name)
+    files = sorted((folder / sub).glob("*.png"))  # Bonn-style folders name files by their timestamp
+    return np.asarray([float(p.stem) for p in files]), [[f"{sub}/{p.name}"] for p in files]
+
+
+def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int = 0, stride: int = 1,
+                       max_frames: int = 0) -> Sequence:
+    folder = Path(folder)
+    t_rgb, rgb_files = _listing(folder, "rgb.txt", "rgb")
+    t_depth, depth_files = _listing(folder, "depth.txt", "depth")
+    pairs = associate(t_rgb, t_depth)
+    poses = None
+    if (folder / "groundtruth.txt").is_file():
+        t_gt, gt = read_list(folder / "groundtruth.txt")
+        with_gt = dict(associate(t_rgb[[i for i, _ in pairs]], t_gt))
+        pairs = [(pairs[k], with_gt[k]) for k in range(len(pairs)) if k in with_gt]
+        poses = [tum_pose_to_c2w(gt[g]) for _, g in pairs]
+        pairs = [p for p, _ in pairs]
+    keep = frame_window(len(pairs), start, stride, max_frames)
+    pairs = [pairs[k] for k in keep]
+    rgb = np.stack([np.asarray(Image.open(folder / rgb_files[i][0]).convert("RGB")) for i, _ in pairs])
+    depth = np.stack([read_depth_png(folder / depth_files[j][0]) for _, j in pairs])
+    K = None
+    if intrinsics is not None:
+        fx, fy, cx, cy = intrinsics
+        K = np.tile(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), (len(pairs), 1, 1))
+    return Sequence(name, rgb, depth, K, None if poses is None else np.stack([poses[k] for k in keep]),
+                    t_rgb[[i for i, _ in pairs]])
+
+
+def tum_intrinsics(name: str):
+    return next((v for k, v in TUM_INTRINSICS.items() if k in name), None)
+
+
+def read_tum(root, sequences=None, start: int = 0, stride: int = 1, max_frames: int = 0) -> Iterator[Sequence]:
+    """Sequences (folders named rgbd_dataset_freiburgN_*) under `root`."""
+    root = Path(root)
+    names = sorted(p.name for p in root.iterdir() if (p / "rgb").is_dir()) if sequences is None else sequences
+    for name in names:
+        yield read_rgbd_sequence(root / name, name, tum_intrinsics(name), start, stride, max_frames)

@@ -1,0 +1,158 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import correlate1d
+from scipy.spatial.transform import Rotation
+
+from one4d_train.eval.alignment import align_trajectory, depth_alignment, umeyama
+from one4d_train.eval.metrics import depth_metrics, pose_metrics, psnr, relative_pose_errors, rgb_metrics, ssim
+
+
+def _random_trajectory(rng, n):
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    rot = Rotation.from_rotvec(np.cumsum(rng.normal(0, 0.1, (n, 3)), axis=0))
+    poses[:, :3, :3] = rot.as_matrix()
+    poses[:, :3, 3] = np.cumsum(rng.normal(0, 0.3, (n, 3)), axis=0)
+    return poses
+
+
+def _evo_numbers(est, gt):
+    from evo.core import metrics, sync
+    from evo.core.trajectory import PoseTrajectory3D
+
+    stamps = np.arange(len(gt), dtype=float)
+    ref = PoseTrajectory3D(poses_se3=list(gt), timestamps=stamps)
+    traj = PoseTrajectory3D(poses_se3=list(est), timestamps=stamps.copy())
+    ref, traj = sync.associate_trajectories(ref, traj)
+    traj = copy.deepcopy(traj)
+    traj.align(ref, correct_scale=True)
+    out = {}
+    ape = metrics.APE(metrics.PoseRelation.translation_part)
+    ape.process_data((ref, traj))
+    out["ate"] = ape.get_statistic(metrics.StatisticsType.rmse)
+    for key, rel in (("rpe_trans", metrics.PoseRelation.translation_part),
+                     ("rpe_rot", metrics.PoseRelation.rotation_angle_deg)):
+        rpe = metrics.RPE(rel, delta=1, delta_unit=metrics.Unit.frames, all_pairs=False)
+        rpe.process_data((ref, traj))
+        out[key] = rpe.get_statistic(metrics.StatisticsType.rmse)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pose_metrics_agree_with_evo(seed):
+    rng = np.random.default_rng(seed)
+    gt = _random_trajectory(rng, 30)
+    noise = _random_trajectory(rng, 30)
+    est = gt @ np.linalg.inv(gt[0]) @ noise  # a different but related trajectory
+    est[:, :3, 3] *= 2.7
+    ours, ref = pose_metrics(est, gt), _evo_numbers(est, gt)
+    for k in ("ate", "rpe_trans", "rpe_rot"):
+        assert abs(ours[k] - ref[k]) < 1e-6, (k, ours[k], ref[k])
+    assert ours["ate"] > 0.01 and ours["rpe_rot"] > 0.1
+
+
+def test_pose_identity_and_similarity_give_zero():
+    gt = _random_trajectory(np.random.default_rng(3), 12)
+    m = pose_metrics(gt, gt)
+    assert m["ate"] < 1e-9 and m["rpe_trans"] < 1e-9 and m["rpe_rot"] < 1e-5
+    S = np.eye(4)
+    S[:3, :3] = Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix()
+    S[:3, 3] = [1.0, -2.0, 0.5]
+    est = S @ gt
+    est[:, :3, 3] = 0.4 * est[:, :3, 3]  # a different world frame and scale
+    m = pose_metrics(est, gt)
+    assert m["ate"] < 1e-9 and m["rpe_trans"] < 1e-9 and m["rpe_rot"] < 1e-5
+
+
+def test_known_rotation_perturbation_gives_its_rpe():
+    gt = np.tile(np.eye(4), (5, 1, 1))
+    gt[:, 0, 3] = np.arange(5.0)
+    est = gt.copy()
+    est[3, :3, :3] = Rotation.from_rotvec([0, 0, np.radians(2.0)]).as_matrix()  # frame 3 turned by 2 degrees
+    _, er = relative_pose_errors(est, gt)
+    np.testing.assert_allclose(er, [0, 0, 2.0, 2.0], atol=1e-9)
+    m = pose_metrics(est, gt, with_scale=False)
+    assert abs(m["rpe_rot"] - math.sqrt((4 + 4) / 4)) < 1e-9
+
+
+def test_umeyama_recovers_similarity():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(50, 3))
+    R = Rotation.from_rotvec([0.1, 0.7, -0.4]).as_matrix()
+    dst = 3.0 * src @ R.T + [1, 2, 3]
+    R2, t2, s2 = umeyama(src, dst)
+    np.testing.assert_allclose(R2, R, atol=1e-12)
+    np.testing.assert_allclose(t2, [1, 2, 3], atol=1e-12)
+    assert abs(s2 - 3.0) < 1e-12
+    est, gt = np.tile(np.eye(4), (50, 1, 1)), np.tile(np.eye(4), (50, 1, 1))
+    est[:, :3, 3], gt[:, :3, 3] = src, dst
+    np.testing.assert_allclose(align_trajectory(est, gt)[:, :3, 3], dst, atol=1e-12)
+
+
+def test_depth_identity_and_known_scale_shift():
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0.5, 20.0, size=(4, 6, 8))
+    gt[0, 0, 0] = 0.0  # invalid
+    gt[1, 1, 1] = 90.0  # beyond the cap
+    for align in ("median", "scale", "scale_shift"):
+        m = depth_metrics(gt, gt, align=align, cap=70.0)
+        assert m["abs_rel"] < 1e-12 and m["delta_1_25"] == 1.0
+        assert m["num_pixels"] == gt.size - 2
+    m = depth_metrics((gt - 0.3) / 2.5, gt, align="scale_shift")
+    assert abs(m["scale"] - 2.5) < 1e-9 and abs(m["shift"] - 0.3) < 1e-9 and m["abs_rel"] < 1e-9
+    m = depth_metrics(gt / 4.0, gt, align="scale")
+    assert abs(m["scale"] - 4.0) < 1e-9 and m["abs_rel"] < 1e-9
+    m = depth_metrics(gt / 4.0, gt, align="median")
+    assert abs(m["scale"] - 4.0) < 1e-9
+
+
+def test_depth_known_error_value():
+    gt = np.full((1, 2, 2), 2.0)
+    pred = np.array([[[2.0, 2.0], [2.0, 3.0]]])
+    m = depth_metrics(pred, gt, align="none")
+    assert abs(m["abs_rel"] - 0.5 / 4) < 1e-12 and m["delta_1_25"] == 0.75
+    with pytest.raises(ValueError, match="alignment"):
+        depth_alignment(pred, gt, gt > 0, "affine")
+
+
+def _ssim_reference(x, y, L=1.0):
+    """Wang et al.'s SSIM, written with scipy separable filtering, cropped to the 'valid' region."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    k = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    k /= k.sum()
+
+    def f(z):
+        z = correlate1d(correlate1d(z, k, axis=0, mode="constant"), k, axis=1, mode="constant")
+        return z[5:-5, 5:-5]
+
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    return np.mean(((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2)))
+
+
+def test_ssim_psnr_against_references():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(3, 32, 40))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    ref = np.mean([_ssim_reference(x[c], y[c]) for c in range(3)])
+    assert abs(ssim(torch.from_numpy(y), torch.from_numpy(x)) - ref) < 1e-10
+    assert 0.3 < ref < 0.95
+    a, b = torch.full((1, 1, 20, 20), 0.2), torch.full((1, 1, 20, 20), 0.6)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    assert abs(ssim(a, b) - (2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1)) < 1e-6
+    assert abs(psnr(a, b) - 10 * math.log10(1 / 0.16)) < 1e-5
+    img = torch.from_numpy(x)[None].float()
+    assert psnr(img, img) == math.inf and abs(ssim(img, img) - 1.0) < 1e-12
+
+
+def test_rgb_metrics_use_observed_frames_only():
+    ref = torch.rand(4, 3, 16, 16)
+    pred = ref.clone()
+    pred[1] = 1 - pred[1]
+    m = rgb_metrics(pred, ref, torch.tensor([True, False, True, False]))
+    assert m["psnr"] == math.inf and abs(m["ssim"] - 1) < 1e-12 and m["num_frames"] == 2
+    assert rgb_metrics(pred, ref, torch.tensor([False, True, False, False]))["psnr"] < 10

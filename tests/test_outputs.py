@@ -1,0 +1,177 @@
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pipeline.geometry import depth_to_pointmaps
+from data_pipeline.synthetic import render_clip
+from one4d_train.eval.outputs import (colourise_depth, format_table, read_ply, render_points, sheet_size, turbo,
+                                      write_metrics_json, write_ply, write_sample_outputs)
+
+
+def test_sample_outputs_from_a_synthetic_clip(tmp_path):
+    import av
+
+    c = render_clip(5, 6, 33, 48)  # odd height: the video writer pads
+    xyz = depth_to_pointmaps(c["depth"], c["intrinsics"], c["poses_c2w"])
+    files = write_sample_outputs(tmp_path / "s0", c["frames"], c["depth"], xyz, c["valid"], keyframes=[0, 5],
+                                 title="synthetic")
+    for key in ("rgb_video", "depth_video"):
+        with av.open(files[key]) as f:
+            frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+        assert len(frames) == 6 and frames[0].shape == (34, 48, 3)
+    with av.open(files["rgb_video"]) as f:
+        first = next(f.decode(video=0)).to_ndarray(format="rgb24")[:33]
+    assert np.abs(first.astype(int) - c["frames"][0]).mean() < 6
+    pts, col = read_ply(files["ply_5"])
+    v = c["valid"][5]
+    assert np.array_equal(pts, xyz[5][v]) and np.array_equal(col, c["frames"][5][v])
+    sheet = Image.open(files["sheet"])
+    assert sheet.size == sheet_size(33, 48, 2) and sheet.mode == "RGB"
+    arr = np.asarray(sheet)
+    assert arr.std() > 20  # pictures, not an empty canvas
+
+
+def test_ply_round_trip_and_header(tmp_path):
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(100, 3)).astype(np.float32)
+    col = rng.integers(0, 256, (100, 3), dtype=np.uint8)
+    path = write_ply(tmp_path / "p.ply", pts, col)
+    raw = path.read_bytes()
+    assert raw.startswith(b"ply\nformat binary_little_endian 1.0\nelement vertex 100\n")
+    assert len(raw) == raw.index(b"end_header\n") + 11 + 100 * 15
+    p2, c2 = read_ply(path)
+    assert np.array_equal(p2, pts) and np.array_equal(c2, col)
+
+
+def test_depth_colours_and_turbo_ends():
+    lut = turbo(np.linspace(0, 1, 256)).astype(int)
+    assert lut[0].sum() < 120 and lut[40].argmax() == 2 and lut[128].argmax() == 1 and lut[210].argmax() == 0
+    assert lut[255, 0] > 100 and lut[255, 2] < 30
+    depth = np.array([[[1.0, 2.0], [4.0, 0.0]]])
+    vis = colourise_depth(depth)
+    assert (vis[0, 1, 1] == 0).all()  # invalid pixel black
+    assert vis[0, 0, 0, 0] > vis[0, 1, 0, 0]  # near is warm (red high), far is cold
+
+
+def test_render_points_z_buffer():
+    K = np.array([[10.0, 0, 4.5], [0, 10.0, 4.5], [0, 0, 1]])
+    pts = np.array([[0, 0, 2.0], [0, 0, 1.0], [0, 0, 3.0]])
+    col = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    img = render_points(pts, col, K, np.eye(4), 10, 10, splat=0)
+    assert tuple(img[4, 4]) == (0, 255, 0) or tuple(img[4, 5]) == (0, 255, 0)
+    assert (img == (0, 255, 0)).all(-1).sum() == 1
+
+
+def test_metrics_json_and_table(tmp_path):
+    path = write_metrics_json(tmp_path / "eval/metrics.json", {"a": {"psnr": float("inf"), "abs_rel": np.float32(0.5)}})
+    assert json.loads(path.read_text()) == {"a": {"abs_rel": 0.5, "psnr": "inf"}}
+    table = format_table([{"mode": "video", "abs_rel": 0.123456}, {"mode": "image", "abs_rel": 1.5}], ["mode", "abs_rel"])
+    lines = table.splitlines()
+    assert lines[0].split() == ["mode", "abs_rel"] and lines[2].split() == ["video", "0.1235"] and len(lines) == 4
+
+
+def _oracle_scores(cfg, tmp_path):
+    """Score every sample of eval.dataset against itself (the prediction is the label): near-perfect."""
+    from one4d_train.eval.pipeline import iter_samples, score
+
+    out = []
+    for batch in iter_samples(cfg):
+        single = {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+        mask = torch.zeros(len(single["rgb"]), dtype=torch.bool)
+        mask[0] = True
+        out.append(score(single["rgb"], single["xyz"], mask, single, cfg.eval)[0])
+    return out
+
+
+def test_scoring_a_perfect_prediction_of_shard_samples(tmp_path):
+    from data_utils import make_shards
+
+    from one4d_train.config import load_config
+
+    torch.set_num_threads(1)
+    shards = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64)
+    cfg = load_config([f"eval.dataset={shards}", "data.num_frames=9", "data.height=32", "data.width=64",
+                       "eval.recovery_iters=30"])
+    (m,) = _oracle_scores(cfg, tmp_path)
+    # sky and the points clipped by the normalisation act as outliers: close to, not exactly, the truth
+    assert m["abs_rel"] < 1e-3 and m["delta_1_25"] == 1.0 and m["ate"] < 5e-3 and m["rpe_rot"] < 0.1, str(m)
+    assert m["psnr"] == float("inf") and m["num_frames"] == 1
+
+
+def test_scoring_a_perfect_prediction_of_a_sintel_sequence(tmp_path):
+    from one4d_train.config import load_config
+    from one4d_train.eval.readers.sintel import write_cam, write_dpt
+
+    torch.set_num_threads(1)
+    c = render_clip(11, 9, 48, 80)
+    seq = tmp_path / "training"
+    for sub in ("final", "depth", "camdata_left"):
+        (seq / sub / "synth").mkdir(parents=True)
+    for i in range(9):
+        stem = f"frame_{i + 1:04d}"
+        Image.fromarray(c["frames"][i]).save(seq / "final/synth" / f"{stem}.png")
+        write_dpt(seq / "depth/synth" / f"{stem}.dpt", np.where(c["valid"][i], c["depth"][i], 1e10))
+        write_cam(seq / "camdata_left/synth" / f"{stem}.cam", c["intrinsics"], np.linalg.inv(c["poses_c2w"][i])[:3])
+    cfg = load_config([f"eval.dataset=sintel:{tmp_path}", "data.num_frames=9", "data.height=32", "data.width=64",
+                       "eval.recovery_iters=30"])
+    (m,) = _oracle_scores(cfg, tmp_path)
+    # pointmaps beyond the 2nd-98th percentiles are clipped by the normalisation, so not exactly 0
+    assert m["abs_rel"] < 0.02 and m["delta_1_25"] > 0.98 and m["ate"] < 0.01 and m["rpe_rot"] < 0.5, str(m)
+
+
+def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
+    """`one4d eval` on a run directory: model + adapters from the checkpoint, three modes, outputs,
+    metrics.json, MLflow metrics in the run the checkpoint names; a second call finds nothing left to do."""
+    from data_utils import make_shards
+    from mlflow.tracking import MlflowClient
+
+    from one4d_train.cli import main as cli
+    from one4d_train.config import load_config, to_yaml
+    from one4d_train.model.adapters import export_adapters
+    from one4d_train.model.one4d import build_one4d
+    from one4d_train.train.checkpoint import MARKER, _listing
+    from one4d_train.train.tracking import MlflowTracker
+
+    torch.set_num_threads(1)
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run = tmp_path / "run"
+    cfg = load_config([f"run_dir={run}", f"data.val_shards={shards}", "data.num_frames=5", "data.height=32",
+                       "data.width=64", "model.num_links=2", "model.compute_dtype=fp32",
+                       "model.activation_checkpointing=none", "eval.steps=2", "eval.num_samples=1",
+                       "eval.recovery_iters=5", "eval.keyframes=2", "eval.sparse_frames=3", "train.device=cpu",
+                       "tracking.system_metrics=false"])
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    tracker = MlflowTracker(str(run), cfg.tracking, cfg.name)
+    run_id = tracker.start(None, {})
+    tracker.end()
+    ckpt = run / "checkpoints" / "step-00000010"
+    (ckpt / "adapters").mkdir(parents=True)
+    (ckpt / "train_state").mkdir()
+    model = build_one4d(cfg.model, seed=1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.normal_(0, 0.02)  # non-zero LoRA B and links: the loaded adapters must matter
+    export_adapters(model.trainable_state_dict(), cfg.model, str(ckpt / "adapters"))
+    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": 10, "mlflow_run_id": run_id}))
+    (ckpt / MARKER).write_text(json.dumps({"step": 10, "world_size": 1, "files": _listing(str(ckpt))}))
+
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    table = capsys.readouterr().out
+    assert "video" in table and "sparse" in table and "image" in table and "abs_rel" in table
+    report = json.loads((ckpt / "eval" / "metrics.json").read_text())
+    assert report["step"] == 10 and {r["mode"] for r in report["samples"]} == {"image", "sparse", "video"}
+    for r in report["samples"]:
+        assert np.isfinite(r["abs_rel"]) and np.isfinite(r["ate"]) and np.isfinite(r["psnr"])
+        for f in ("rgb_video", "depth_video", "sheet"):
+            assert (tmp_path / r["files"][f]).is_file()
+    sparse = next(r for r in report["samples"] if r["mode"] == "sparse")
+    assert sparse["num_frames"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "eval/video/abs_rel")
+    assert len(history) == 1 and history[0].step == 10
+    assert any(a.path.startswith("eval") for a in client.list_artifacts(run_id))
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert "nothing to evaluate" in capsys.readouterr().out

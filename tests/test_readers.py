@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from one4d_train.eval.readers import read_benchmark
+from one4d_train.eval.readers.sintel import read_cam, read_dpt, write_cam, write_dpt
+from one4d_train.eval.readers.tum import DEPTH_FACTOR, associate, c2w_to_tum_pose
+
+H, W = 6, 8
+
+
+def _poses(rng, n):
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    c2w[:, :3, :3] = Rotation.from_rotvec(rng.normal(0, 0.3, (n, 3))).as_matrix()
+    c2w[:, :3, 3] = rng.normal(0, 1, (n, 3))
+    return c2w
+
+
+def test_sintel_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    T, seq = 3, "alley_1"
+    rgb = rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8)
+    depth = rng.uniform(0.1, 100, (T, H, W)).astype(np.float32)
+    K = np.array([[688.0, 0, 511.5], [0, 688.0, 217.5], [0, 0, 1]])
+    c2w = _poses(rng, T)
+    for sub in ("final", "depth", "camdata_left"):
+        (tmp_path / "training" / sub / seq).mkdir(parents=True)
+    for i in range(T):
+        stem = f"frame_{i + 1:04d}"
+        Image.fromarray(rgb[i]).save(tmp_path / "training/final" / seq / f"{stem}.png")
+        write_dpt(tmp_path / "training/depth" / seq / f"{stem}.dpt", depth[i])
+        write_cam(tmp_path / "training/camdata_left" / seq / f"{stem}.cam", K, np.linalg.inv(c2w[i])[:3])
+    raw = (tmp_path / "training/depth" / seq / "frame_0001.dpt").read_bytes()
+    assert np.frombuffer(raw[:4], "<f4")[0] == np.float32(202021.25)
+    assert tuple(np.frombuffer(raw[4:12], "<i4")) == (W, H) and len(raw) == 12 + 4 * H * W
+    assert np.array_equal(read_dpt(tmp_path / "training/depth" / seq / "frame_0001.dpt"), depth[0])
+    K2, N = read_cam(tmp_path / "training/camdata_left" / seq / "frame_0002.cam")
+    assert np.array_equal(K2, K) and np.allclose(N, np.linalg.inv(c2w[1])[:3], atol=1e-15)
+
+    (s,) = list(read_benchmark("sintel", tmp_path, stride=1))
+    assert s.name == seq and np.array_equal(s.rgb, rgb) and np.array_equal(s.depth, depth)
+    np.testing.assert_allclose(s.poses_c2w, c2w, atol=1e-12)
+    assert np.array_equal(s.intrinsics[1], K)
+    (s2,) = list(read_benchmark("sintel", tmp_path, start=1, stride=2))
+    assert np.array_equal(s2.depth, depth[[1]])
+    (tmp_path / "bad.dpt").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="tag"):
+        read_dpt(tmp_path / "bad.dpt")
+
+
+def _write_rgbd(folder, rng, t_rgb, t_depth, t_gt, c2w, lists=True):
+    (folder / "rgb").mkdir(parents=True)
+    (folder / "depth").mkdir()
+    rgb = rng.integers(0, 256, (len(t_rgb), H, W, 3), dtype=np.uint8)
+    raw = rng.integers(0, 65536, (len(t_depth), H, W), dtype=np.uint16)
+    for t, im in zip(t_rgb, rgb):
+        Image.fromarray(im).save(folder / f"rgb/{t:.6f}.png")
+    for t, d in zip(t_depth, raw):
+        Image.fromarray(d).save(folder / f"depth/{t:.6f}.png")
+    if lists:
+        head = "# color images\n# file: 'x.bag'\n# timestamp filename\n"
+        (folder / "rgb.txt").write_text(head + "".join(f"{t:.6f} rgb/{t:.6f}.png\n" for t in t_rgb))
+        (folder / "depth.txt").write_text(head + "".join(f"{t:.6f} depth/{t:.6f}.png\n" for t in t_depth))
+    gt = "# ground truth trajectory\n# timestamp tx ty tz qx qy qz qw\n"
+    gt += "".join(f"{t:.4f} " + " ".join(f"{v:.17g}" for v in c2w_to_tum_pose(p)) + "\n" for t, p in zip(t_gt, c2w))
+    (folder / "groundtruth.txt").write_text(gt)
+    return rgb, raw
+
+
+@pytest.mark.parametrize("bench", ["tum", "bonn"])
+def test_rgbd_round_trip_with_association(tmp_path, bench):
+    rng = np.random.default_rng(1)
+    name = "rgbd_dataset_freiburg3_walking_xyz" if bench == "tum" else "rgbd_bonn_balloon"
+    t_rgb = 1305031102.0 + np.arange(5) / 30
+    t_depth = t_rgb + np.array([0.004, -0.01, 0.05, 0.0, 0.015])  # frame 2 has no depth within 0.02 s
+    t_gt = np.concatenate([t_rgb[:4] + 0.003, [t_rgb[4] + 0.03]])  # frame 4 has no pose within 0.02 s
+    c2w = _poses(rng, 5)
+    rgb, raw = _write_rgbd(tmp_path / name, rng, t_rgb, t_depth, t_gt, c2w, lists=bench == "tum")
+    (s,) = list(read_benchmark(bench, tmp_path))
+    keep = [0, 1, 3]
+    assert s.name == name and np.array_equal(s.rgb, rgb[keep])
+    assert np.array_equal(s.depth, (raw[keep] / DEPTH_FACTOR).astype(np.float32))
+    np.testing.assert_allclose(s.poses_c2w, c2w[keep], atol=1e-12)
+    np.testing.assert_allclose(s.timestamps, np.round(t_rgb[keep], 6), atol=1e-9)
+    fx = 535.4 if bench == "tum" else 542.822841
+    assert s.intrinsics.shape == (3, 3, 3) and s.intrinsics[0, 0, 0] == fx
+
+
+def test_associate_is_greedy_by_difference():
+    a = np.array([0.0, 0.03, 0.1])
+    b = np.array([0.015, 0.031, 0.5])
+    assert associate(a, b) == [(0, 0), (1, 1)]
+    assert associate(np.array([0.0, 0.01]), np.array([0.012])) == [(1, 0)]

@@ -142,9 +142,23 @@ class One4DModel(nn.Module):
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def random_base_state(wan_cfg, seed: int) -> dict[str, torch.Tensor]:
+    """The frozen base of runs without a checkpoint (tests, the CPU demo, benchmarks): Wan's initialisation,
+    seeded on the CPU so every device and every caller gets the same weights, except the output head. A random
+    base stands in for a pretrained one, and Wan's zero head (meant for pretraining from scratch) would stop
+    every gradient from reaching the blocks' adapters."""
+    with torch.device("meta"):
+        ref = WanDiT(wan_cfg)
+    ref.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ref.init_weights()
+        nn.init.normal_(ref.head.head.weight, std=wan_cfg.dim ** -0.5)
+    return ref.state_dict()
+
+
 def build_one4d(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None, seed: int = 0) -> One4DModel:
-    """The backbone of `cfg.preset` (36 input channels) with `cfg.checkpoint`'s weights or Wan's seeded
-    initialisation, stored in `dtype` (default: cfg.compute_dtype) on `device`, wrapped as One4D (trainable
+    """The backbone of `cfg.preset` (36 input channels) with `cfg.checkpoint`'s weights or `random_base_state`, stored in `dtype` (default: cfg.compute_dtype) on `device`, wrapped as One4D (trainable
     parts fp32, seeded too); activation checkpointing per block as configured. On the meta device nothing is
     materialised (planning, parameter counts)."""
     device = torch.device(device)
@@ -160,7 +174,7 @@ def build_one4d(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None
             if cfg.checkpoint:
                 load_backbone_weights(base, cfg.checkpoint)
             else:
-                base.init_weights()
+                base.load_state_dict(random_base_state(wan_cfg, seed))
         model = One4DModel(base, cfg)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(base.blocks, cfg.activation_checkpointing)

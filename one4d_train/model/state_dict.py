@@ -185,29 +185,39 @@ def _listing(title: str, keys: list[str], limit: int = 20) -> str:
     return f"{title} ({len(keys)}): {shown}{more}"
 
 
-def load_backbone_weights(model: nn.Module, path: str, dtype: torch.dtype | None = None,
-                          device: torch.device | str | None = None) -> None:
-    """Load a Wan2.1 DiT checkpoint (official or diffusers names, any layout `checkpoint_files` accepts) into
-    `model`, one tensor at a time. Every model parameter must be matched by exactly one checkpoint tensor of the
-    same shape and vice versa; otherwise nothing is loaded and the error lists missing/unexpected keys.
-    Parameters on the meta device are replaced (on `device`, default cpu); others are copied into in place.
-    `dtype` defaults to each parameter's current dtype."""
-    files = checkpoint_files(path)
-    params = dict(model.named_parameters())
-    found, unexpected, duplicated = _index([_TensorSource(f) for f in files])
-    unexpected += [found[k][1] for k in found if k not in params]
-    missing = [k for k in params if k not in found]
-    wrong = [f"{k}: checkpoint {found[k][0].shape(found[k][1])} vs model {tuple(p.shape)}"
-             for k, p in params.items() if k in found and found[k][0].shape(found[k][1]) != tuple(p.shape)]
+def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
+    """Index a Wan2.1 DiT checkpoint (official or diffusers names, any layout `checkpoint_files` accepts) against
+    `expected` {official name: shape}, reading no tensor data. Every expected name must be matched by exactly one
+    checkpoint tensor of that shape and vice versa, else the error lists missing/unexpected keys. Returns
+    `get(name) -> tensor`, reading one tensor at a time (for loading into partitioned or meta parameters)."""
+    found, unexpected, duplicated = _index([_TensorSource(f) for f in checkpoint_files(path)])
+    unexpected += [found[k][1] for k in found if k not in expected]
+    missing = [k for k in expected if k not in found]
+    wrong = [f"{k}: checkpoint {found[k][0].shape(found[k][1])} vs model {tuple(shape)}"
+             for k, shape in expected.items() if k in found and found[k][0].shape(found[k][1]) != tuple(shape)]
     if missing or unexpected or duplicated or wrong:
         problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
                                                    ("keys in several files", duplicated),
                                                    ("shape mismatches", wrong)) if ks]
         raise RuntimeError(f"backbone checkpoint {path} does not match the model:\n  " + "\n  ".join(problems))
+
+    def get(name: str) -> torch.Tensor:
+        src, raw = found[name]
+        return src.get(raw)
+
+    return get
+
+
+def load_backbone_weights(model: nn.Module, path: str, dtype: torch.dtype | None = None,
+                          device: torch.device | str | None = None) -> None:
+    """Load a Wan2.1 DiT checkpoint into `model` (a WanDiT), one tensor at a time; nothing is loaded unless every
+    key matches (see `open_backbone_checkpoint`). Parameters on the meta device are replaced (on `device`, default
+    cpu); others are copied into in place. `dtype` defaults to each parameter's current dtype."""
+    params = dict(model.named_parameters())
+    get = open_backbone_checkpoint(path, {k: tuple(p.shape) for k, p in params.items()})
     with torch.no_grad():
         for name, param in params.items():
-            src, raw = found[name]
-            tensor = src.get(raw)
+            tensor = get(name)
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             if param.is_meta:

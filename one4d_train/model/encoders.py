@@ -1,0 +1,32 @@
+"""The frozen encoders of a model config, built one way for training and evaluation alike (outside ZeRO)."""
+from __future__ import annotations
+
+import torch
+
+from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder, tiny_clip_vision
+from one4d_train.model.presets import WanConfig
+from one4d_train.model.text_encoder import TextConditioning, UMT5TextEncoder, build_text_conditioning
+from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
+from one4d_train.model.vae import WanVAE, load_vae
+
+
+def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype,
+                   seed: int = 0) -> tuple[WanVAE, TextConditioning, CLIPImageEncoder | None]:
+    """(VAE, text conditioning, CLIP image encoder or None) from ModelConfig paths. The tiny preset with empty
+    paths gets tiny random towers of the real architectures (seeded), so CPU runs take the same code path."""
+    vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device)
+    if mcfg.text_encoder or mcfg.preset != "tiny":
+        text = build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
+                                       dim=wan_cfg.text_dim, dtype=dtype, device=device)
+    else:
+        encoder = UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype,
+                                  device=device)
+        text = TextConditioning(encoder, dim=wan_cfg.text_dim)
+    image = None
+    if wan_cfg.has_image_input:
+        if mcfg.image_encoder:
+            image = load_image_encoder(mcfg.image_encoder, dtype=dtype, device=device)
+        else:  # 224 px / patch 14: Wan's 257 image tokens
+            image = CLIPImageEncoder(tiny_clip_vision(seed, hidden=wan_cfg.image_dim, image_size=224),
+                                     dtype=dtype, device=device)
+    return vae, text, image

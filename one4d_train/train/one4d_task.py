@@ -1,0 +1,201 @@
+"""The One4D training task: what one step does with a batch of clips.
+
+batch (rgb, xyz, valid, caption/text_emb) -> frozen VAE latents -> UMC task + condition latent per sample
+-> one flow-matching time per sample, separate noise per branch -> DLC model -> per-branch flow loss.
+The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoints, tracking.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import deepspeed
+import torch
+from torch import nn
+
+from data_pipeline.loader import build_loader
+from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
+from one4d_train.model.adapters import export_adapters
+from one4d_train.model.attention import set_attention_backend
+from one4d_train.model.backbone import WanDiT
+from one4d_train.model.checkpointing import apply_activation_checkpointing
+from one4d_train.model.encoders import build_encoders
+from one4d_train.model.flops import FlopShape, training_flops_per_sample
+from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
+from one4d_train.model.presets import IMAGE_TOKENS, wan_config
+from one4d_train.model.state_dict import open_backbone_checkpoint
+from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
+from one4d_train.model.umc import sample_umc
+from one4d_train.model.vae import latent_shape
+
+log = logging.getLogger(__name__)
+
+
+def base_parameter_names(model: nn.Module) -> dict[str, str]:
+    """{One4D parameter name: official Wan2.1 name} for the frozen backbone parameters."""
+    return {name: name[len("base."):].replace(".base_layer.", ".")
+            for name, p in model.named_parameters() if name.startswith("base.") and not p.requires_grad}
+
+
+class One4DTask:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        m = cfg.model
+        self.dtype = DTYPES[m.compute_dtype]
+        self.wan_cfg = wan_config(m.preset, in_dim=36, has_image_input=m.has_image_input)
+        if m.preset != "tiny":
+            for key in ("checkpoint", "vae"):
+                if not getattr(m, key):
+                    raise ValueError(f"model.{key} must point to local weights for preset {m.preset!r} "
+                                     "(random weights exist only for the tiny preset)")
+        self._encoders = None
+
+    # ---- model ------------------------------------------------------------------------------------------
+    def build_model(self, partitioned) -> nn.Module:
+        """The frozen base is built partitioned (never whole on a rank under ZeRO-3) and filled from its source;
+        the trainable parts are then built replicated around it (the XYZ patch embedding and the ablations'
+        widened embedding/head copy the loaded base's values) and partitioned by deepspeed.initialize."""
+        set_attention_backend(self.cfg.model.attention)
+        with partitioned():
+            base = WanDiT(self.wan_cfg)
+        if not hasattr(base.patch_embedding.weight, "ds_id"):
+            base.to(self.dtype)
+        self._load_frozen(dict(base.named_parameters()), {n: n for n, _ in base.named_parameters()})
+        copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
+        with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
+            model = One4DModel(base, self.cfg.model)
+        if self.cfg.model.activation_checkpointing != "none":
+            apply_activation_checkpointing(base.blocks, self.cfg.model.activation_checkpointing)
+        return model
+
+    def _base_source(self):
+        """name -> tensor getter for the frozen base: the checkpoint's, or Wan's seeded init of the tiny preset."""
+        if self.cfg.model.checkpoint:
+            with torch.device("meta"):
+                shapes = {k: tuple(p.shape) for k, p in WanDiT(self.wan_cfg).named_parameters()}
+            return open_backbone_checkpoint(self.cfg.model.checkpoint, shapes)
+        state = random_base_state(self.wan_cfg, self.cfg.seed)
+        return state.__getitem__
+
+    def _load_frozen(self, params: dict[str, nn.Parameter], names: dict[str, str]) -> None:
+        """Copy the source's tensors into `params` (name -> official name), one parameter at a time, gathered
+        from its ZeRO-3 partitions and written by rank 0 (without ZeRO-3 every rank copies its own replica)."""
+        partitioned = any(hasattr(p, "ds_id") for p in params.values())
+        get = self._base_source() if _rank() == 0 or not partitioned else None
+        for name, official in names.items():
+            p = params[name]
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if get is not None:
+                    p.copy_(get(official).to(p.dtype))
+
+    def load_base_weights(self, model: nn.Module) -> None:
+        """Reload the frozen base (ZeRO-3 checkpoints do not hold it); trainable parameters are untouched."""
+        self._load_frozen(dict(model.named_parameters()), base_parameter_names(model))
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def build_loader(self, rank: int, world_size: int, position: dict | None):
+        if not self.cfg.data.shards:
+            raise ValueError("data.shards is empty: point it at a shard directory made by `one4d shard`")
+        return build_loader(self.cfg.data, rank=rank, world_size=world_size, seed=self.cfg.seed,
+                            micro_batch_size=self.cfg.train.micro_batch_size, position=position)
+
+    # ---- frozen encoders (outside ZeRO) -----------------------------------------------------------------
+    def encoders(self, device: torch.device):
+        if self._encoders is None:
+            dtype = self.dtype if device.type == "cuda" else torch.float32
+            self._encoders = build_encoders(self.cfg.model, self.wan_cfg, device, dtype, self.cfg.seed)
+        return self._encoders
+
+    # ---- the step ---------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        rgb = batch["rgb"].transpose(1, 2)  # [B, 3, T, H, W] in [-1, 1]
+        xyz = batch["xyz"].transpose(1, 2)
+        device = rgb.device
+        vae, text, image = self.encoders(device)
+        B, _, T = rgb.shape[:3]
+        umc_cfg = self.cfg.model.umc
+        tasks, frame_mask = sample_umc(B, T, umc_cfg, generator)
+        with torch.no_grad():
+            z_rgb, z_xyz = vae.encode_many([rgb, xyz])
+            z_cond = condition_latents(tasks, frame_mask, rgb, z_rgb, vae.encode)
+            mask4 = fold_frame_mask(frame_mask.to(device), *z_rgb.shape[-2:]).to(z_rgb)
+            text_embs = batch.get("text_emb")
+            if text_embs is not None and "text_emb_len" in batch:
+                text_embs = [e[:n] for e, n in zip(text_embs, batch["text_emb_len"].tolist())]
+            context = text(batch["caption"], text_embs, dropout=umc_cfg.text_dropout, generator=generator)
+            clip = None if image is None else image.encode(first_observed_frame(rgb, frame_mask))
+        flow = noisy_pair(z_rgb, z_xyz, self.cfg.flow, generator)
+        rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_cond)
+        dtype = self.dtype
+        v_rgb, v_xyz = model(rgb_in.to(dtype), flow["x_xyz"].to(dtype), flow["timestep"].to(device),
+                             context.to(device, dtype), None if clip is None else clip.to(device, dtype))
+        valid = latent_validity(batch["valid"], self.cfg.flow.xyz_valid_min_fraction)
+        out = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], valid, self.cfg.flow)
+        out["frac_video_task"] = torch.tensor(sum(t == "video" for t in tasks) / B, device=device)
+        return out
+
+    # ---- evaluation during training ---------------------------------------------------------------------
+    EVAL_KEYS = ("abs_rel", "delta_1_25", "ate", "rpe_trans", "rpe_rot", "psnr", "ssim")
+
+    def evaluate(self, model: nn.Module, step: int, out_dir: str) -> dict[str, float]:
+        """Every rank samples its share of the held-out set (eval.num_samples of data.val_shards / eval.dataset)
+        in every eval mode; a rank with no sample left in a round samples a dummy so all ranks run the same
+        forwards (ZeRO-3 gathers are collective). Means per mode are all-reduced; outputs go to out_dir."""
+        from pathlib import Path
+
+        from one4d_train.eval.pipeline import Generator, generate, iter_samples, score, write_outputs
+
+        ecfg = self.cfg.eval
+        if not (ecfg.dataset or self.cfg.data.val_shards):
+            return {}
+        rank, world = _rank(), torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        device = next(model.parameters()).device
+        gen = Generator(model, *self.encoders(device), device=device)
+        samples = list(iter_samples(self.cfg))
+        keys = [f"{mode}/{k}" for mode in ecfg.modes for k in self.EVAL_KEYS]
+        sums, counts = torch.zeros(len(keys), dtype=torch.float64), torch.zeros(len(keys), dtype=torch.float64)
+        for first in range(0, len(samples), world):
+            i = first + rank
+            real = i < len(samples)
+            batch = samples[i if real else 0]
+            single = {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            for mode in ecfg.modes:
+                pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
+                if not real:
+                    continue
+                metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg)
+                write_outputs(Path(out_dir) / f"rank{rank}-sample{i:04d}" / mode, pred["rgb"][0], geometry, metrics,
+                              f"step {step} | sample {i} | {mode} mode", ecfg)
+                for j, key in enumerate(keys):
+                    m, name = key.split("/")
+                    value = metrics.get(name)
+                    if m == mode and value is not None and torch.isfinite(torch.tensor(float(value))):
+                        sums[j] += float(value)
+                        counts[j] += 1
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
+        return {k: float(sums[j] / counts[j]) for j, k in enumerate(keys) if counts[j] > 0}
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    def tokens_per_sample(self) -> int:
+        d = self.cfg.data
+        t, h, w = latent_shape(d.num_frames, d.height, d.width)
+        pt, ph, pw = self.wan_cfg.patch_size
+        return 2 * (t // pt) * (h // ph) * (w // pw)
+
+    def flops_per_sample(self) -> float:
+        w, m = self.wan_cfg, self.cfg.model
+        shape = FlopShape(dim=w.dim, ffn_dim=w.ffn_dim, num_layers=w.num_layers,
+                          tokens=self.tokens_per_sample() // 2, text_len=w.text_len,
+                          image_tokens=IMAGE_TOKENS if w.has_image_input else 0, in_dim=w.in_dim)
+        return training_flops_per_sample(shape, lora_rank=m.lora.rank, lora_targets=m.lora.targets,
+                                         num_link_blocks=m.num_links if m.design == "dlc" else 0,
+                                         xyz_patch_embedding=m.xyz_patch_embedding)
+
+    def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
+        export_adapters(trainable_state, self.cfg.model, out_dir)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))

@@ -19,6 +19,7 @@ from one4d_train.model.adapters import export_adapters
 from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_activation_checkpointing
+from one4d_train.model.compile import compile_blocks
 from one4d_train.model.encoders import build_encoders
 from one4d_train.model.flops import FlopShape, training_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
@@ -66,6 +67,11 @@ class One4DTask:
             model = One4DModel(base, self.cfg.model)
         if self.cfg.model.activation_checkpointing != "none":
             apply_activation_checkpointing(base.blocks, self.cfg.model.activation_checkpointing)
+        if self.cfg.model.compile:
+            if self.cfg.train.zero_stage == 3:
+                log.warning("model.compile with ZeRO-3: parameter-fetch hooks break the compiled graphs "
+                            "(measured slower than eager); ZeRO-2 is the setting it pays with")
+            compile_blocks(base.blocks)
         return model
 
     def _base_source(self):

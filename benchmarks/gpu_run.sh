@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs: GPU tests and the training-step benchmark, each part a separate process
+# with its own time limit, results appended to $OUT/results.jsonl, the table printed last whatever failed.
+#   bash benchmarks/gpu_run.sh [small|large|tests|levers|short|final|all]   (default: all)
+#     small : matmul/attention rates, 1.3B (ours: default + levers; peer), ZeRO-2 / persistence levers
+#     large : 14B ours (default config + checkpointing levers) and the 14B peer
+#     tests : pytest -m gpu
+#     levers: 1.3B under ZeRO-2: checkpointing modes, flash vs auto, compile
+#     short : 14B ZeRO-2 eager, 1.3B peer, tests, 1.3B ZeRO-2 compiled (the second call of 2026-11-25)
+#     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
+# Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
+set -u
+OUT=${OUT:-/tmp/one4d-bench}
+mkdir -p "$OUT"
+R="$OUT/results.jsonl"
+LOG="$OUT/run.log"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+B="python3 benchmarks/train_step.py --results $R"
+WHAT=${1:-all}
+
+part() {  # part <seconds> <label> <command...>
+  local limit=$1 label=$2; shift 2
+  echo "=== $label ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $label rc=$rc ($(date -u +%H:%M:%S))" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+python3 -c "import torch, deepspeed, diffusers, peft; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)" 2>&1 | tail -1 | tee -a "$LOG"
+
+if [[ $WHAT == small || $WHAT == all ]]; then
+  part 60 "matmul + SDPA rates" $B --matmul
+  part 210 "1.3b ours ZeRO-3 (levers in place)" $B --preset 1.3b --warmup 2 --steps 10 \
+    --variants "ckpt=full+vae=none,ckpt=selective+vae=latents,vae=pixels,vae=none,ckpt=selective_self,ckpt=selective+attn=flash"
+  part 75 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 10
+fi
+if [[ $WHAT == tests || $WHAT == small || $WHAT == all ]]; then
+  part 120 "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_dlc.py tests/test_attention.py
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+fi
+if [[ $WHAT == small || $WHAT == all ]]; then
+  part 55 "1.3b ZeRO-3 persistence 1e10" $B --preset 1.3b --warmup 2 --steps 10 --persistence 10000000000 \
+    --lever persist --variants "ckpt=selective+vae=none"
+  part 55 "1.3b ZeRO-2" $B --preset 1.3b --warmup 2 --steps 10 --zero-stage 2 --lever zero2 \
+    --variants "ckpt=selective+vae=none"
+fi
+if [[ $WHAT == levers ]]; then
+  part 240 "1.3b ZeRO-2 checkpointing/attention/compile" $B --preset 1.3b --zero-stage 2 --lever zero2 \
+    --warmup 2 --steps 10 --variants "ckpt=full+vae=none,ckpt=selective,ckpt=selective+attn=flash,attn=auto+compile=1,ckpt=full+compile=1"
+fi
+if [[ $WHAT == short ]]; then  # the least that answers the open questions: 14B step, peer, tests, compile
+  part 200 "14b ours ZeRO-2" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
+    --variants "ckpt=full+vae=latents"
+  part 40 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 6
+  part 45 "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "not attention"
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+  part 110 "1.3b ours ZeRO-2 compiled" $B --preset 1.3b --zero-stage 2 --lever zero2 --warmup 2 --steps 8 \
+    --variants "ckpt=selective+compile=1+vae=none"
+fi
+if [[ $WHAT == final ]]; then  # the open measurements in one call (~9 min): 14B compiled, both peers, GPU tests
+  part 20 "matmul + SDPA rates" $B --matmul
+  part 260 "14b ours ZeRO-2 compiled" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
+    --variants "ckpt=full+compile=1+vae=latents"
+  part 110 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
+  part 75 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 8
+  part 120 "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+fi
+if [[ $WHAT == large || $WHAT == all ]]; then
+  part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}
+  part ${TP14:-200} "14b peer" $B --preset 14b --peer --warmup ${WP14:-2} --steps ${SP14:-10}
+fi
+
+echo
+echo "================ TABLE"
+python3 benchmarks/train_step.py --report "$R" | tee "$OUT/table.txt"

@@ -1,0 +1,641 @@
+"""One4D training-step benchmark on one GPU, with the peer baseline, printing one table.
+
+Each invocation runs ONE part and appends JSON lines to --results; `--report` prints the table of everything
+recorded there. `benchmarks/gpu_run.sh` runs the parts as separate processes, so a failing part (an OOM, say)
+costs only its own rows.
+
+Parts:
+  --matmul            bf16 8192^3 matmul rate (the MFU reference measured in the same run) and SDPA attention
+                      rate per backend at the self-attention shape.
+  --vae               the full-size Wan2.1 VAE (diffusers AutoencoderKLWan default config, random weights, bf16):
+                      encode time of the condition video alone and of RGB + pointmap + condition in one call.
+  (default)           our DLC model (One4DModel on WanDiT, random weights) under DeepSpeed (ZeRO-3 by default,
+                      world size 1, config from one4d_train.train.deepspeed_config), torch AdamW(fused=True),
+                      `--variants` timed one after the other on the same engine (activation checkpointing mode,
+                      attention backend and the VAE mode change in place; ZeRO settings and compile need their
+                      own process).
+  --peer              diffusers WanTransformer3DModel(in_channels=36) bf16 + one shared PEFT LoRA (rank 64, fp32
+                      LoRA weights), autocast bf16, gradient checkpointing, AdamW(fused=True), RGB+XYZ as batch 2.
+
+A step = one sample (RGB + XYZ of one clip): [VAE/conditioning] -> DiT forward -> loss -> backward -> optimizer.
+The breakdown is timed with CUDA events; the step time is host wall time between synchronisations.
+
+    python benchmarks/train_step.py --matmul --results r.jsonl
+    python benchmarks/train_step.py --preset 1.3b --variants selective,full,attn=flash --results r.jsonl
+    python benchmarks/train_step.py --preset 14b --peer --results r.jsonl
+    python benchmarks/train_step.py --report r.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+H100_PEAK = 989e12
+LATENT = (21, 44, 78)  # 81 x 352 x 624 video -> 18,018 tokens per modality
+VIDEO = (81, 352, 624)
+TEXT_LEN, TEXT_DIM, IMAGE_TOKENS, IMAGE_DIM = 512, 4096, 257, 1280
+PEER_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+# ---------------------------------------------------------------------------------------------------- utilities
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BENCH_COMMIT", "?")
+
+
+def record(path: str | None, row: dict) -> None:
+    row = {"device": device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+           "commit": os.environ.get("BENCH_COMMIT") or commit(), **row}
+    print("RESULT " + json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Events:
+    """Named time marks: CUDA events on GPU, host clock on CPU. `spans()` -> seconds between consecutive marks."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, []
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def spans(self) -> dict[str, float]:
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+        return out
+
+
+def init_dist(device) -> None:
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def timed_loop(step, warmup: int, steps: int, device) -> tuple[list[float], list[dict]]:
+    walls, spans = [], []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        ev = step()
+        sync(device)
+        if i >= warmup:
+            walls.append(time.perf_counter() - t0)
+            spans.append(ev.spans())
+    return walls, spans
+
+
+def summarise(walls, spans) -> dict:
+    keys = spans[0].keys() if spans else []
+    return {"step_s": statistics.median(walls), "step_s_min": min(walls), "step_s_max": max(walls),
+            "steps": len(walls), **{f"{k}_s": statistics.median(s[k] for s in spans) for k in keys}}
+
+
+# ------------------------------------------------------------------------------------------------ matmul / VAE
+
+def bench_matmul(args) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = torch.device("cuda")
+    n = 8192
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    sync(dev)
+    times = []
+    for _ in range(20):
+        t0 = torch.cuda.Event(enable_timing=True); t1 = torch.cuda.Event(enable_timing=True)
+        t0.record(); a @ b; t1.record(); t1.synchronize()
+        times.append(t0.elapsed_time(t1) / 1e3)
+    rate = 2 * n ** 3 / statistics.median(times)
+    record(args.results, {"kind": "matmul", "tflops": rate / 1e12})
+    # SDPA at the 1.3B self-attention shape of one DLC step (2 x 18,018 tokens, 12 heads of 128)
+    s, h, d = 18018, 12, 128
+    q, k, v = (torch.randn(2, h, s, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    flops_fwd = 4.0 * 2 * h * s * s * d
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                def run():
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    out.backward(gout)
+                gout = torch.randn_like(q)
+                for _ in range(2):
+                    run()
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    run()
+                sync(dev)
+                dt = (time.perf_counter() - t0) / 5
+            record(args.results, {"kind": "attention", "backend": name, "tflops_fwd_bwd": 3.5 * flops_fwd / dt / 1e12})
+        except RuntimeError as exc:
+            record(args.results, {"kind": "attention", "backend": name, "error": str(exc).splitlines()[0][:200]})
+
+
+def build_vae(device, tiny: bool = False):
+    from diffusers import AutoencoderKLWan
+    from one4d_train.model.vae import WanVAE
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(base_dim=8) if tiny else AutoencoderKLWan()  # default config = Wan2.1 VAE architecture
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return WanVAE(model, dtype=dtype, device=device)
+
+
+def bench_vae(args) -> None:
+    dev = torch.device(args.device)
+    vae = build_vae(dev, tiny=args.preset == "tiny")
+    video = torch.rand(1, 3, *video_shape(args), device=dev) * 2 - 1
+    for name, n in (("condition", 1), ("rgb+xyz+condition", 3)):
+        batch = video.expand(n, -1, -1, -1, -1).contiguous()
+        torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
+        walls = []
+        for i in range(3):
+            sync(dev)
+            t0 = time.perf_counter()
+            vae.encode(batch)
+            sync(dev)
+            walls.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else 0.0
+        record(args.results, {"kind": "vae", "videos": name, "encode_s": statistics.median(walls[1:]),
+                              "peak_gb": peak})
+
+
+def video_shape(args) -> tuple[int, int, int]:
+    return (9, 32, 48) if args.preset == "tiny" else VIDEO
+
+
+def latent_shape(args) -> tuple[int, int, int]:
+    t, h, w = video_shape(args)
+    return 1 + (t - 1) // 4, h // 8, w // 8
+
+
+# --------------------------------------------------------------------------------------------------- our model
+
+LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings applied in place on the same engine):
+  ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (mixed:K = first K blocks
+        selective_self, the rest full; selective_self keeps only the self-attention outputs)
+  attn=auto|cudnn|flash|efficient|fa2|fa3           attention backend
+  vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
+        encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
+  n=<steps>                                         timed steps of this variant (default --steps)
+  compile=0|1                                       regional torch.compile of each block (one4d_train.model.compile;
+        not under ZeRO-3: its parameter hooks break the graphs)
+e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
+
+
+def self_attention_policy():
+    """Selective checkpointing that keeps only self-attention outputs (keys longer than the context)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from one4d_train.model import checkpointing as ck
+
+    ops = ck._saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        # keys [B, H, Sk, D] (SDPA) or [B, Sk, H, D] (flash-attn): self-attention has video-length keys
+        if op in ops and max(args[1].shape[1], args[1].shape[2]) > 1024:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(policy)
+
+
+def set_checkpointing(blocks, mode: str) -> None:
+    from one4d_train.model.checkpointing import apply_activation_checkpointing
+    if mode.startswith("mixed:"):
+        k = int(mode.split(":")[1])
+        apply_activation_checkpointing(blocks, "full")
+        apply_activation_checkpointing(list(blocks)[:k], "selective")
+        for b in list(blocks)[:k]:
+            b._checkpoint_mode = "selective_self"
+    elif mode == "selective_self":
+        apply_activation_checkpointing(blocks, "selective")
+        for b in blocks:
+            b._checkpoint_mode = "selective_self"
+    else:
+        apply_activation_checkpointing(blocks, mode)
+
+
+def install_selective_self() -> None:
+    """Teach the checkpointed block class the `selective_self` mode (benchmark-side, no model change)."""
+    from torch.utils.checkpoint import checkpoint
+    from one4d_train.model import checkpointing as ck
+
+    context_fn = self_attention_policy()
+    orig = ck._Checkpointed.__call__
+
+    def call(self, *args, **kwargs):
+        if torch.is_grad_enabled() and getattr(self, "_checkpoint_mode", "") == "selective_self":
+            return checkpoint(super(ck._Checkpointed, self).__call__, *args, use_reentrant=False,
+                              context_fn=context_fn, **kwargs)
+        return orig(self, *args, **kwargs)
+
+    ck._Checkpointed.__call__ = call
+
+
+def our_config(args):
+    from one4d_train.config import load_config
+    preset = args.preset
+    overrides = [] if preset == "tiny" else [f"config=configs/experiment/one4d_{preset}.yaml"]
+    overrides += [f"model.preset={preset}", "model.checkpoint=''", "model.vae=''", "model.text_encoder=''",
+                  "model.image_encoder=''", "train.grad_accum=1", "train.micro_batch_size=1", "train.precision=bf16"]
+    if args.zero_stage is not None:
+        overrides.append(f"train.zero_stage={args.zero_stage}")
+    if args.persistence is not None:
+        overrides.append(f"train.zero3_param_persistence_threshold={args.persistence}")
+    if preset == "tiny":
+        overrides += ["model.compute_dtype=bf16", "model.lora.rank=8", "model.num_links=2"]
+    overrides += args.set or []
+    return load_config(overrides)
+
+
+def our_flops(cfg, args) -> float:
+    from one4d_train.model.flops import FlopShape, training_flops_per_sample
+    from one4d_train.model.presets import wan_config
+    c = wan_config(cfg.model.preset, has_image_input=cfg.model.has_image_input)
+    t, h, w = latent_shape(args)
+    shape = FlopShape(dim=c.dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers, tokens=t * (h // 2) * (w // 2),
+                      text_len=c.text_len, image_tokens=IMAGE_TOKENS if c.has_image_input else 0)
+    links = len(cfg.model.link_blocks) or cfg.model.num_links
+    return training_flops_per_sample(shape, lora_rank=cfg.model.lora.rank, lora_targets=cfg.model.lora.targets,
+                                     num_link_blocks=links, xyz_patch_embedding=cfg.model.xyz_patch_embedding,
+                                     attention_backward_factor=2.5)
+
+
+def parse_variants(text: str) -> list[dict]:
+    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": "0", "n": None}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        for setting in item.split("+"):
+            key, _, value = setting.partition("=")
+            if key not in current:
+                raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
+            current[key] = value
+        out.append({**current, "name": item})
+    return out
+
+
+def build_random_model(mcfg, device):
+    """The One4D model with random weights, built directly on the device: the base on the meta device, then
+    materialised once in its compute dtype with Wan's initialisation (the head N(0, dim^-0.5) instead of Wan's
+    zeros, which would stop every gradient), then the DLC wrapping and checkpointing as configured. Same
+    modules as `build_one4d`, without its CPU-side fp32 copy of the base (65 GB and minutes for 14B)."""
+    from one4d_train.model.attention import set_attention_backend
+    from one4d_train.model.backbone import WanDiT, wan_config
+    from one4d_train.model.checkpointing import apply_activation_checkpointing
+    from one4d_train.model.one4d import DTYPES, One4DModel
+
+    wan_cfg = wan_config(mcfg.preset, in_dim=36, has_image_input=mcfg.has_image_input)
+    with torch.device("meta"):
+        base = WanDiT(wan_cfg).to(DTYPES[mcfg.compute_dtype])
+    base.to_empty(device=device)
+    torch.manual_seed(0)
+    base.init_weights()
+    with torch.no_grad():
+        base.head.head.weight.normal_(0, wan_cfg.dim ** -0.5)
+    set_attention_backend(mcfg.attention)
+    model = One4DModel(base, mcfg)
+    if mcfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(base.blocks, mcfg.activation_checkpointing)
+    return model
+
+
+def build_our_engine(cfg, args, device):
+    """Model (one copy, on the device) -> torch AdamW(fused) -> deepspeed.initialize with the trainer's config
+    (ZeRO-3 partitions the parameters in place; on one rank that holds the same memory as a zero.Init build)."""
+    import deepspeed
+    from one4d_train.train import deepspeed_config
+
+    ds_config, changed = deepspeed_config.build(cfg, 1)
+    if not torch.cuda.is_available():
+        ds_config["bf16"] = {"enabled": True}
+    t0 = time.perf_counter()
+    model = build_random_model(cfg.model, device)
+    build_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=device.type == "cuda")
+    t0 = time.perf_counter()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           config=ds_config, dist_init_required=False)
+    return engine, ds_config, changed, build_s, time.perf_counter() - t0
+
+
+def run_ours(args) -> None:
+    from one4d_train.diffusion.objective import flow_loss, noisy_pair
+    from one4d_train.model import attention as attn_mod
+    from one4d_train.model.umc import fold_frame_mask, rgb_branch_input, sample_frame_mask
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    init_dist(device)
+    install_selective_self()
+    cfg = our_config(args)
+    variants = parse_variants(args.variants)
+    flops = our_flops(cfg, args)
+    engine, ds_config, changed, build_s, init_s = build_our_engine(cfg, args, device)
+    model = engine.module
+    print(f"built {cfg.model.preset} in {build_s:.1f}s, deepspeed.initialize {init_s:.1f}s; zero "
+          f"{ds_config['zero_optimization']}", flush=True)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+    # synthetic inputs (data wait = 0): clip pixels, pointmap, pre-computed target latents, text and CLIP features
+    g = torch.Generator(device=device)
+    g.manual_seed(0)
+    t_lat, h, w = latent_shape(args)
+    vt, vh, vw = video_shape(args)
+    text_dim = model.base.cfg.text_dim if hasattr(model.base, "cfg") else TEXT_DIM
+    image_dim = model.base.cfg.image_dim
+    rgb = torch.rand(1, 3, vt, vh, vw, device=device, generator=g) * 2 - 1
+    xyz = torch.rand(1, 3, vt, vh, vw, device=device, generator=g) * 2 - 1
+    z_rgb = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)
+    z_xyz = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)
+    context = torch.randn(1, TEXT_LEN, text_dim, device=device, generator=g, dtype=torch.bfloat16)
+    clip = torch.randn(1, IMAGE_TOKENS, image_dim, device=device, generator=g, dtype=torch.bfloat16)
+    frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None]
+    mask4 = fold_frame_mask(frame_mask, h, w).to(device)
+    vae = build_vae(device, tiny=args.preset == "tiny") if any(v["vae"] != "none" for v in variants) else None
+
+    state = {"vae": "none"}
+
+    def step():
+        ev = Events(device)
+        ev.mark("start")
+        zr, zx = z_rgb, z_xyz
+        if state["vae"] == "latents":
+            z_c = vae.encode(rgb * frame_mask[:, None, :, None, None].to(device))
+        elif state["vae"] == "pixels":
+            zr, zx, z_c = vae.encode_many([rgb, xyz, rgb * frame_mask[:, None, :, None, None].to(device)])
+        else:
+            z_c = z_rgb
+        flow = noisy_pair(zr, zx, cfg.flow, g)
+        rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_c)
+        ev.mark("vae_cond")
+        v_rgb, v_xyz = engine(rgb_in, flow["x_xyz"], flow["timestep"], context, clip)
+        loss = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], None, cfg.flow)["loss"]
+        ev.mark("dit_fwd")
+        engine.backward(loss)
+        ev.mark("dit_bwd")
+        engine.step()
+        ev.mark("optimizer")
+        state["loss"] = loss.detach()
+        return ev
+
+    last_ckpt = None
+    for v in variants:
+        if v["ckpt"] and v["ckpt"] != last_ckpt:
+            set_checkpointing(model.base.blocks, v["ckpt"])
+            last_ckpt = v["ckpt"]
+        if v["attn"]:
+            attn_mod.set_attention_backend(v["attn"])
+        if v["compile"] == "1":
+            from one4d_train.model.compile import compile_blocks, is_compiled
+            if not all(is_compiled(b) for b in model.base.blocks):
+                compile_blocks(model.base.blocks)
+        state["vae"] = v["vae"]
+        row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
+               "ckpt": v["ckpt"] or cfg.model.activation_checkpointing, "attn": attn_mod.get_attention_backend(),
+               "vae": v["vae"], "compile": v["compile"], "zero_stage": cfg.train.zero_stage,
+               "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
+               "flops": flops, "trainable": n_trainable, "build_s": build_s}
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            walls, spans = timed_loop(step, args.warmup, int(v["n"] or args.steps), device)
+            row.update(summarise(walls, spans))
+            row["loss"] = float(state["loss"])
+            if device.type == "cuda":
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        except torch.OutOfMemoryError as exc:
+            row["error"] = "OOM: " + str(exc).splitlines()[0][:160]
+            engine.optimizer.zero_grad() if hasattr(engine.optimizer, "zero_grad") else None
+        except Exception as exc:  # record and go on with the next variant
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            import traceback
+            traceback.print_exc()
+        record(args.results, row)
+        if "error" in row and row["error"].startswith("OOM"):
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- peer baseline
+
+PEER_CONFIGS = {
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    "tiny": dict(num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=3, text_dim=64),
+}
+
+
+def peer_flops(preset: str, args) -> float:
+    from one4d_train.model.flops import FlopShape, training_flops_per_sample
+    from one4d_train.model.presets import wan_config
+    c = wan_config(preset, has_image_input=False)
+    t, h, w = latent_shape(args)
+    shape = FlopShape(dim=c.dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers, tokens=t * (h // 2) * (w // 2))
+    targets = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+               "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
+    return training_flops_per_sample(shape, lora_rank=64, lora_targets=targets, xyz_patch_embedding=False)
+
+
+def run_peer(args) -> None:
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig
+
+    device = torch.device(args.device)
+    cfg = dict(PEER_CONFIGS[args.preset])
+    text_dim = cfg.pop("text_dim", TEXT_DIM)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build the base in bf16 directly on the device (14B fits only so)
+    with torch.device(device):
+        model = WanTransformer3DModel(in_channels=36, out_channels=16, text_dim=text_dim, **cfg)
+    torch.set_default_dtype(old)
+    model.requires_grad_(False)
+    rank = 8 if args.preset == "tiny" else 64
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=PEER_TARGETS))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.enable_gradient_checkpointing()
+    model.train()
+    build_s = time.perf_counter() - t0
+    opt = torch.optim.AdamW(lora, lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator(device=device)
+    g.manual_seed(0)
+    t_lat, h, w = latent_shape(args)
+    x0 = torch.randn(2, 16, t_lat, h, w, device=device, generator=g)  # RGB and XYZ latents as a batch of 2
+    cond = torch.randn(2, 20, t_lat, h, w, device=device, generator=g)
+    ctx = torch.randn(2, TEXT_LEN, text_dim, device=device, generator=g, dtype=torch.bfloat16)
+
+    def step():
+        ev = Events(device)
+        ev.mark("start")
+        s = torch.rand(1, device=device, generator=g).expand(2)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        xt = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        inp = torch.cat([xt, cond], 1).to(torch.bfloat16)
+        ev.mark("vae_cond")
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            pred = model(hidden_states=inp, timestep=s * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
+        loss = (pred.float() - (noise - x0)).pow(2).mean()
+        ev.mark("dit_fwd")
+        loss.backward()
+        ev.mark("dit_bwd")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ev.mark("optimizer")
+        return ev
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    row = {"kind": "peer", "preset": args.preset, "variant": "diffusers+peft", "vae": "none",
+           "flops": peer_flops(args.preset, args), "trainable": sum(p.numel() for p in lora), "build_s": build_s}
+    try:
+        walls, spans = timed_loop(step, args.warmup, args.steps, device)
+        row.update(summarise(walls, spans))
+        if device.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    except torch.OutOfMemoryError as exc:
+        row["error"] = "OOM: " + str(exc).splitlines()[0][:160]
+    record(args.results, row)
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
+    """The table. `peer_ref` {preset: s/step}: peer step times from elsewhere (same GPU kind), used only where this
+    run has no peer row; such speed-ups are marked '*'."""
+    rows = []
+    for p in paths:
+        if os.path.exists(p):
+            rows += [json.loads(line) for line in open(p) if line.strip()]
+    matmul = next((r["tflops"] for r in rows if r.get("kind") == "matmul"), None)
+    vae = {r["videos"]: r["encode_s"] for r in rows if r.get("kind") == "vae"}
+    peer = {r["preset"]: r for r in rows if r.get("kind") == "peer" and "step_s" in r}
+    lines = []
+    head = rows[0] if rows else {}
+    runs = sorted({(r.get("date", "?")[:13], r.get("commit", "?")) for r in rows})
+    if len(runs) > 1:
+        lines.append("rows from several runs: " + "; ".join(f"{d}h commit {c}" for d, c in runs))
+    lines.append(f"device: {head.get('device', '?')} | date: {head.get('date', '?')} | commit: {head.get('commit', '?')}"
+                 f" | bf16 matmul 8192^3: {matmul:.0f} TFLOP/s" if matmul else "")
+    for r in rows:
+        if r.get("kind") == "attention":
+            lines.append(f"SDPA {r['backend']}: " + (f"{r['tflops_fwd_bwd']:.0f} TFLOP/s fwd+bwd (2x18018 tok, 12x128)"
+                                                      if "tflops_fwd_bwd" in r else r.get("error", "")))
+    for name, s in vae.items():
+        lines.append(f"VAE encode ({name}): {s:.2f} s")
+    cols = ["preset", "who", "variant", "step s", "samples/s", "PFLOP", "MFU989", "MFUmm", "DiT MFU", "peak GB", "vae/cond",
+            "fwd", "bwd", "optim", "data", "x peer", "note"]
+    table = []
+    for r in rows:
+        if r.get("kind") not in ("ours", "peer"):
+            continue
+        who = "peer" if r["kind"] == "peer" else f"z{r.get('zero_stage')}" + (f"/{r['lever']}" if r.get("lever") else "")
+        if "step_s" not in r:
+            table.append([r["preset"], who, r["variant"], "-", "-", f"{r['flops'] / 1e15:.3f}", "-", "-", "-", "-", "-", "-",
+                          "-", "-", "-", "-", r.get("error", "")[:60]])
+            continue
+        step = r["step_s"]
+        dit = r["dit_fwd_s"] + r["dit_bwd_s"]
+        mfu = r["flops"] / step / H100_PEAK
+        mfu_mm = r["flops"] / step / (matmul * 1e12) if matmul else float("nan")
+        p = peer.get(r["preset"])
+        ref = p["step_s"] if p else (peer_ref or {}).get(r["preset"])
+        speed = ref / step if ref and r["kind"] == "ours" else float("nan")
+        mark = "" if p else "*"
+        table.append([r["preset"], who, r["variant"], f"{step:.3f}", f"{1 / step:.3f}", f"{r['flops'] / 1e15:.3f}",
+                      f"{100 * mfu:.1f}%",
+                      f"{100 * mfu_mm:.1f}%", f"{100 * r['flops'] / dit / H100_PEAK:.1f}%",
+                      f"{r.get('peak_gb', float('nan')):.1f}", f"{r['vae_cond_s']:.3f}", f"{r['dit_fwd_s']:.3f}",
+                      f"{r['dit_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", "0", f"{speed:.2f}x{mark}" if speed == speed else "-",
+                      f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"])
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
+    fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    lines.append(fmt(cols))
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [fmt(row) for row in table]
+    lines.append("MFU989 = model FLOPs / step / 989 TFLOP/s; MFUmm = against the matmul rate above; DiT MFU = model "
+                 "FLOPs / (DiT fwd + bwd time); x peer = peer step time / our step time (samples/s ratio, 1 sample = "
+                 "RGB + XYZ of one clip); '*' = against a peer time given with --peer-ref, not measured in this run. "
+                 "data wait = 0: synthetic tensors on the GPU.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=LEVER_HELP)
+    ap.add_argument("--preset", default="1.3b", choices=["1.3b", "14b", "tiny"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="ckpt=selective+vae=latents,vae=pixels,vae=none")
+    ap.add_argument("--zero-stage", type=int, default=None, help="train.zero_stage (default: the config's)")
+    ap.add_argument("--persistence", type=int, default=None, help="train.zero3_param_persistence_threshold")
+    ap.add_argument("--set", action="append", help="extra config key=value (repeatable)")
+    ap.add_argument("--lever", default="", help="label for this process's rows")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--results", default=None, help="append JSON lines here")
+    ap.add_argument("--matmul", action="store_true")
+    ap.add_argument("--vae", action="store_true")
+    ap.add_argument("--peer", action="store_true")
+    ap.add_argument("--report", nargs="*", default=None, help="print the table of these result files")
+    ap.add_argument("--peer-ref", default="", help="preset=s/step,... peer times for presets without a peer row")
+    args = ap.parse_args(argv)
+    if args.report is not None:
+        ref = {k: float(v) for k, v in (x.split("=") for x in args.peer_ref.split(",") if x)}
+        print(report(args.report, ref))
+    elif args.matmul:
+        bench_matmul(args)
+    elif args.vae:
+        bench_vae(args)
+    elif args.peer:
+        run_peer(args)
+    else:
+        run_ours(args)
+
+
+if __name__ == "__main__":
+    main()

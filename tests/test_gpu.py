@@ -1,0 +1,187 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): attention backends against the math reference, one real
+DeepSpeed ZeRO-3 training step of a mid-size DLC model, and bf16 numerics of the batched-branch model against
+running each branch alone."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from one4d_train.model.attention import attention, present_backends, set_attention_backend  # noqa: E402
+from one4d_train.model.backbone import WanDiT  # noqa: E402
+from one4d_train.model.checkpointing import apply_activation_checkpointing  # noqa: E402
+from one4d_train.model.config import ModelConfig  # noqa: E402
+from one4d_train.model.dlc import BranchLoRALinear, only_branch  # noqa: E402
+from one4d_train.model.one4d import One4DModel  # noqa: E402
+from one4d_train.model.presets import IMAGE_TOKENS, wan_config  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("backend", ["auto", "fa3", "fa2", "cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("keys", [4096, 769])  # self-attention, cross-attention to text + image tokens
+def test_attention_backend_matches_math_reference(backend, keys):
+    if backend != "auto" and backend not in present_backends("cuda"):
+        pytest.skip(f"{backend} not present")
+    g = torch.Generator(device="cuda").manual_seed(keys)
+    q = torch.randn(2, 4096, 12, 128, device="cuda", generator=g)
+    k, v = (torch.randn(2, keys, 12, 128, device="cuda", generator=g) for _ in range(2))
+    gout = torch.randn(2, 4096, 12, 128, device="cuda", generator=g)
+    low = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    ref = [t.to(torch.bfloat16).double().requires_grad_() for t in (q, k, v)]  # same rounded inputs, fp64 math
+    out = attention(*low, backend=backend)
+    out.backward(gout.to(torch.bfloat16))
+    want = attention(*ref, backend="math")
+    want.backward(gout.double())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel(out, want) < 1e-2, rel(out, want)
+    for a, b in zip(low, ref):
+        assert rel(a.grad, b.grad) < 2e-2, (backend, rel(a.grad, b.grad))
+
+
+def mid_model(num_links: int = 1, ckpt: str = "none", dtype=torch.bfloat16, device="cuda") -> One4DModel:
+    """Two blocks at the 1.3B widths (dim 1536, 12 heads, FFN 8960), i2v inputs, DLC with rank-64 branch LoRA."""
+    wc = wan_config("1.3b", num_layers=2)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        base = WanDiT(wc).to(dtype)
+    base.to_empty(device=device)
+    base.init_weights()
+    with torch.no_grad():  # Wan's zero-initialised head would stop every gradient
+        base.head.head.weight.normal_(0, 0.02)
+    model = One4DModel(base, ModelConfig(preset="1.3b", num_links=num_links, activation_checkpointing=ckpt))
+    apply_activation_checkpointing(base.blocks, ckpt)
+    return model
+
+
+def mid_inputs(seed: int = 0, t_lat: int = 5, h: int = 16, w: int = 16):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rgb = torch.randn(1, 36, t_lat, h, w, device="cuda", generator=g)
+    xyz = torch.randn(1, 16, t_lat, h, w, device="cuda", generator=g)
+    t = torch.tensor([700.0], device="cuda")
+    ctx = torch.randn(1, 512, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    clip = torch.randn(1, IMAGE_TOKENS, 1280, device="cuda", generator=g, dtype=torch.bfloat16)
+    return rgb, xyz, t, ctx, clip
+
+
+def branch_alone(model: One4DModel, branch: str, rgb, xyz, t, ctx, clip) -> torch.Tensor:
+    base = model.base
+    with only_branch(model, branch):
+        e, e0 = base.embed_time(t)
+        context = base.embed_context(ctx, clip)
+        if branch == "rgb":
+            tokens, grid = base.patchify(rgb)
+        else:
+            tokens, grid = base.patchify(model._pad_xyz(xyz, rgb.dtype), embedding=model.xyz_patch_embedding)
+            tokens = tokens.to(model.compute_dtype)
+        freqs = base.rope_freqs(grid, tokens.device)
+        for block in base.blocks:
+            tokens = block(tokens, e0, context, freqs)
+        return base.unpatchify(base.head_out(tokens, e), grid)
+
+
+@torch.no_grad()
+def test_bf16_one4d_forward_matches_each_branch_run_alone():
+    model = mid_model(num_links=0)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, BranchLoRALinear):
+            # non-zero, different adapters per branch (stacked [branches, out, rank])
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, device="cuda", generator=g) * 0.01)
+    model.xyz_patch_embedding.weight.add_(0.01)
+    inputs = mid_inputs()
+    got = model(*inputs)
+    exact = copy.deepcopy(model).float()  # fp32 reference of the same weights
+    exact.compute_dtype = torch.float32
+    for i, branch in enumerate(("rgb", "xyz")):
+        alone = branch_alone(model, branch, *inputs)
+        want = branch_alone(exact, branch, *(x.float() if x.is_floating_point() else x for x in inputs))
+        assert got[i].shape == alone.shape == want.shape
+        assert torch.isfinite(got[i]).all()
+        # batched bf16 is as close to fp32 as the branch alone in bf16 is
+        assert rel(got[i], want) <= 1.5 * rel(alone, want) + 2e-3, (branch, rel(got[i], want), rel(alone, want))
+        assert rel(got[i], alone) < 2e-2, (branch, rel(got[i], alone))
+    # the two branches really differ (their own adapters and embedding)
+    assert rel(got[0], got[1]) > 0.05
+
+
+def _init_dist():
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(31000 + os.getpid() % 1000))
+        deepspeed.init_distributed(dist_backend="nccl", verbose=False)
+
+
+@pytest.mark.parametrize("ckpt", ["full", "selective"])
+def test_zero3_training_step_updates_only_trainable(ckpt):
+    deepspeed = pytest.importorskip("deepspeed")
+    from one4d_train.config import load_config
+    from one4d_train.train import deepspeed_config
+
+    _init_dist()
+    cfg = load_config(["train.zero_stage=3", "train.precision=bf16", "train.grad_accum=1", "optim.lr=1e-3"])
+    ds_config, _ = deepspeed_config.build(cfg, 1)
+    model = mid_model(num_links=1, ckpt=ckpt)
+    names = {p: n for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt, config=ds_config,
+                                      dist_init_required=False)
+
+    def snapshot():
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {names[p]: p.detach().clone() for p in engine.module.parameters()}
+
+    before = snapshot()
+    rgb, xyz, t, ctx, clip = mid_inputs()
+    v_rgb, v_xyz = engine(rgb, xyz, t, ctx, clip)
+    loss = (v_rgb.float() - 1).square().mean() + (v_xyz.float() + 1).square().mean()
+    engine.backward(loss)
+    engine.step()
+    after = snapshot()
+    assert torch.isfinite(loss)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= trainable, sorted(changed - trainable)[:5]
+    lora_b = [n for n in changed if n.endswith("lora_B")]
+    assert lora_b and all(not torch.equal(before[n][i], after[n][i]) for n in lora_b for i in (0, 1))
+    assert any(n.startswith("control_links.") for n in changed) and "xyz_patch_embedding.weight" in changed
+    frozen = [n for n in before if n not in trainable]
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    engine.destroy() if hasattr(engine, "destroy") else None
+    set_attention_backend("auto")
+
+
+def test_compiled_blocks_match_eager():
+    """Regional torch.compile (one4d_train.model.compile) with selective checkpointing inside the compiled region:
+    same outputs and gradients as eager, in bf16."""
+    from one4d_train.model.compile import compile_blocks
+
+    eager = mid_model(num_links=1, ckpt="selective")
+    with torch.no_grad():
+        for p in eager.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    compiled = copy.deepcopy(eager)
+    apply_activation_checkpointing(compiled.base.blocks, "selective")
+    compile_blocks(compiled.base.blocks)
+    inputs = mid_inputs(seed=3)
+    results = []
+    for model in (eager, compiled):
+        v_rgb, v_xyz = model(*inputs)
+        (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((v_rgb, v_xyz, grads))
+    (er, ex, eg), (cr, cx, cg) = results
+    assert rel(cr, er) < 2e-2 and rel(cx, ex) < 2e-2, (rel(cr, er), rel(cx, ex))
+    for n, g in eg.items():
+        if g.norm() > 0:
+            assert rel(cg[n], g) < 5e-2, (n, rel(cg[n], g))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from data_pipeline.decode import decode_clip
 from data_pipeline.loader import build_loader
 from data_pipeline.reader import raw_samples, list_shards
 from data_pipeline.shard import run_sharding
+from data_pipeline.shard_index import SAMPLE_FORMAT
 from data_pipeline.synthetic import render_clip
 from data_pipeline.transforms import to_sample
 from data_pipeline.video import write_mp4
@@ -33,8 +35,11 @@ SRC_FRAMES, SRC_H, SRC_W, RENDERED = 97, 480, 854, 33
 
 def make_data(root: Path, clips: int) -> Path:
     shards = root / "shards"
-    if (shards / "index.json").is_file() and json.loads((shards / "index.json").read_text())["totals"]["samples"] == clips:
-        return shards
+    if (shards / "index.json").is_file():
+        index = json.loads((shards / "index.json").read_text())
+        if index["totals"]["samples"] == clips and index.get("sample_format", 1) == SAMPLE_FORMAT:
+            return shards
+        shutil.rmtree(shards)  # another size or an older sample format: re-shard
     raw = root / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     clip = render_clip(0, RENDERED, SRC_H, SRC_W)

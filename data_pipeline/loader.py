@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from data_pipeline.config import DataConfig
-from data_pipeline.reader import ShardStream, StreamPlan, list_shards, shard_fingerprint
+from data_pipeline.latents import LatentsSpec
+from data_pipeline.reader import ShardStream, StreamPlan, list_shards, shard_fingerprint, stored_latents
 
 log = logging.getLogger(__name__)
 POSITION_VERSION = 1
@@ -64,11 +65,15 @@ class StreamLoader:
     """Iterate for batches (forever); `state_dict()` is the position after the batches taken so far."""
 
     def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, micro_batch_size: int,
-                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False):
+                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False,
+                 latents: LatentsSpec | None = None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.cfg, self.batch_size, self.pin_memory = cfg, micro_batch_size, pin_memory
-        shard_list = list_shards(shards if shards is not None else cfg.shards)
+        spec = shards if shards is not None else cfg.shards
+        shard_list = list_shards(spec)
+        self.latents = latents
+        self.uses_latents = stored_latents(spec, cfg, latents)  # checked up front: a mismatch raises here
         self.plan = StreamPlan(tuple(shard_list), seed=seed, rank=rank, world_size=world_size,
                                workers=max(1, cfg.num_workers), mode=cfg.mode, epoch_length=cfg.epoch_length,
                                shuffle_buffer=cfg.shuffle_buffer)
@@ -127,7 +132,7 @@ class StreamLoader:
 
     def _loader(self) -> DataLoader:
         stream = ShardStream(self.plan, self.cfg, start={i: tuple(s) for i, s in enumerate(self.slots)},
-                             rotation=self.next_slot)
+                             rotation=self.next_slot, latents=self.latents, latents_only=self.uses_latents)
         workers = self.cfg.num_workers
         return DataLoader(BatchStream(stream, self.batch_size), batch_size=None, num_workers=workers,
                           pin_memory=self.pin_memory, prefetch_factor=2 if workers else None, in_order=True)
@@ -157,8 +162,10 @@ class StreamLoader:
 
 
 def build_loader(data_cfg: DataConfig, *, rank: int, world_size: int, seed: int, micro_batch_size: int,
-                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False) -> StreamLoader:
+                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False,
+                 latents: LatentsSpec | None = None) -> StreamLoader:
     """The training loader of one rank. `position` is a previous `state_dict()`; `shards` overrides
-    data_cfg.shards (e.g. with data_cfg.val_shards)."""
+    data_cfg.shards (e.g. with data_cfg.val_shards). `latents` (latents.latents_spec(cfg)) is the VAE the
+    stored latents must come from; shards with latents and data.use_latents need it (docs/data.md)."""
     return StreamLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, micro_batch_size=micro_batch_size,
-                        position=position, shards=shards, pin_memory=pin_memory)
+                        position=position, shards=shards, pin_memory=pin_memory, latents=latents)

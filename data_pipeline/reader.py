@@ -26,7 +26,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import decode_clip
+from data_pipeline.decode import SampleError, decode_clip
+from data_pipeline.latents import LatentsMismatchError, LatentsSpec, check_settings, latent_sample
 from data_pipeline.shard_index import read_index
 from data_pipeline.transforms import to_sample
 
@@ -45,12 +46,17 @@ class Shard:
     keys: tuple[str, ...]  # sample keys in tar order (index.json)
 
 
+def shard_directory(spec: str) -> Path:
+    """The folder holding index.json of a shard directory or pattern (data.shards)."""
+    if not spec:
+        raise ValueError("data.shards is empty: give a shard directory or a pattern like /d/shard-{000000..000009}.tar")
+    return Path(spec) if os.path.isdir(spec) else Path(os.path.dirname(spec) or ".")
+
+
 def list_shards(spec: str) -> list[Shard]:
     """Shards of a directory holding index.json, or of a brace/glob pattern whose directory holds it; sorted by
     name, empty shards left out. Counts and keys come from index.json (docs/data.md)."""
-    if not spec:
-        raise ValueError("data.shards is empty: give a shard directory or a pattern like /d/shard-{000000..000009}.tar")
-    directory = Path(spec) if os.path.isdir(spec) else Path(os.path.dirname(spec) or ".")
+    directory = shard_directory(spec)
     entries = {e["name"]: e for e in read_index(directory)["shards"]}
     if os.path.isdir(spec):
         names = sorted(entries)
@@ -66,6 +72,17 @@ def list_shards(spec: str) -> list[Shard]:
     if not shards:
         raise ValueError(f"data.shards={spec}: no non-empty shards")
     return shards
+
+
+def stored_latents(spec: str, cfg: DataConfig, latents: LatentsSpec | None) -> bool:
+    """Whether the shard set's index records latents that this run uses (data.use_latents); checks them
+    against the config and the expected VAE first (LatentsMismatchError naming the index)."""
+    directory = shard_directory(spec)
+    meta = read_index(directory).get("latents")
+    if meta is None or not cfg.use_latents:
+        return False
+    check_settings(meta, cfg, latents, str(directory / "index.json"))
+    return True
 
 
 def shard_fingerprint(shards: list[Shard]) -> str:
@@ -228,11 +245,18 @@ class ShardStream(IterableDataset):
     `start` maps a rank-local slot to (epoch, raw position, skipped so far); `rotation` makes worker w serve
     local slot (w + rotation) % workers, so that after a resume the DataLoader's first batch comes from the
     slot that was next.
+
+    With data.use_latents, a sample carrying latents (`one4d encode-latents`) is read by
+    latents.latent_sample (stored window and crop, latents instead of geometry) and checked against the config
+    and `latents` (the expected VAE); a mismatch raises LatentsMismatchError instead of being skipped. With
+    `latents_only` (the shard set's index records latents) a sample without them is skipped, so that every
+    batch has the same keys.
     """
 
     def __init__(self, plan: StreamPlan, cfg: DataConfig, start: dict[int, tuple[int, int, int]] | None = None,
-                 rotation: int = 0):
+                 rotation: int = 0, latents: LatentsSpec | None = None, latents_only: bool = False):
         self.plan, self.cfg, self.start, self.rotation = plan, cfg, dict(start or {}), rotation
+        self.latents, self.latents_only = latents, latents_only and cfg.use_latents
 
     def local_slot(self) -> int:
         info = get_worker_info()
@@ -241,8 +265,13 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"stream planned for {self.plan.workers} reader slots per rank, run by {workers} workers")
         return ((info.id if info else 0) + self.rotation) % workers
 
-    def decode(self, raw: dict, rng: np.random.Generator) -> dict:
+    def decode(self, raw: dict, rng: np.random.Generator, where: str = "sample") -> dict:
         c = self.cfg
+        if c.use_latents and "latents.npz" in raw:
+            return latent_sample(raw, c, self.latents, where)
+        if self.latents_only:
+            raise SampleError("no stored latents (one4d encode-latents could not encode it; see index.json "
+                              "latents.failed)")
         clip = decode_clip(raw, c.num_frames, c.frame_stride, rng)
         return to_sample(clip, c.height, c.width, c.crop, c.pointmap_percentiles, rng, c.sample_dtype)
 
@@ -258,7 +287,10 @@ class ShardStream(IterableDataset):
                 reason = "missing from the shard (truncated or unreadable tar)" if raw is None else None
                 if raw is not None:
                     try:
-                        sample = self.decode(raw, self.plan.sample_rng(local, epoch, after - 1))
+                        sample = self.decode(raw, self.plan.sample_rng(local, epoch, after - 1),
+                                             f"shard={shard.name} key={key}")
+                    except LatentsMismatchError:
+                        raise
                     except Exception as exc:
                         reason = f"{type(exc).__name__}: {exc}"
                 if reason:

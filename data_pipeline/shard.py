@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import shard_index as si
+from data_pipeline.decode import frame_member
 from data_pipeline.manifest import ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest
 from data_pipeline.video import VideoError, probe_and_check
 
@@ -35,15 +36,32 @@ def sample_key(row: int) -> str:
     return f"r{row:09d}"
 
 
-def npz_bytes(name: str, array: np.ndarray) -> bytes:
-    """A compressed one-member npz with a fixed timestamp, so equal arrays give equal bytes."""
+def npz_arrays_bytes(arrays: list[tuple[str, np.ndarray]]) -> bytes:
+    """A compressed npz of the named arrays, in order, with a fixed timestamp: equal arrays give equal bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with zf.open(info, "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        for name, array in arrays:
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
+
+
+def npz_bytes(name: str, array: np.ndarray) -> bytes:
+    """A compressed one-member npz with a fixed timestamp, so equal arrays give equal bytes."""
+    return npz_arrays_bytes([(name, array)])
+
+
+def frames_npz_bytes(name: str, array: np.ndarray) -> bytes:
+    """Sample format 2 geometry: one compressed array per frame (`{name}_000000`, ...), so a reader inflates
+    only the frames of its window."""
+    return npz_arrays_bytes([(frame_member(name, i), a) for i, a in enumerate(array)])
+
+
+def packed_valid_bytes(valid: np.ndarray) -> bytes:
+    """Sample format 2 validity: `valid_packed` = np.packbits(valid, axis=-1), uint8 [T, H, ceil(W / 8)]."""
+    return npz_bytes("valid_packed", np.packbits(np.asarray(valid, bool), axis=-1))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -63,8 +81,8 @@ def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     key = sample_key(r.row)
     g, valid = geo["geometry"], geo["valid"]
     members = [(f"{key}.mp4", r.video.read_bytes()),
-               (f"{key}.{r.geometry}.npz", npz_bytes(r.geometry, g.astype(np.float16))),
-               (f"{key}.valid.npz", npz_bytes("valid", valid))]
+               (f"{key}.{r.geometry}.npz", frames_npz_bytes(r.geometry, g.astype(np.float16))),
+               (f"{key}.valid.npz", packed_valid_bytes(valid))]
     if "intrinsics" in geo:
         cam = {"intrinsics": geo["intrinsics"].tolist(), "poses_c2w": geo["poses_c2w"].tolist()}
         members.append((f"{key}.cam.json", json.dumps(cam).encode()))

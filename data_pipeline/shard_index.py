@@ -13,6 +13,10 @@ import socket
 from pathlib import Path
 
 INDEX_VERSION = 1
+# Layout of the sample members (docs/data.md): 1 = one geometry array and a bool mask per sample (index
+# files without the key); 2 = per-frame geometry arrays and a bit-packed mask. Readers accept both.
+SAMPLE_FORMAT = 2
+SAMPLE_FORMATS = (1, 2)
 INDEX = "index.json"
 PLAN = "plan.json"
 REJECTS = "rejects.jsonl"
@@ -89,6 +93,9 @@ def read_index(shard_dir) -> dict:
     index = read_json(path)
     if index.get("version") != INDEX_VERSION:
         raise ShardIndexError(f"{path}: version {index.get('version')!r}, this code reads {INDEX_VERSION}")
+    if index.get("sample_format", 1) not in SAMPLE_FORMATS:
+        raise ShardIndexError(f"{path}: sample_format {index.get('sample_format')!r}, this code reads "
+                              f"{list(SAMPLE_FORMATS)}: update the code or re-shard")
     for key in ("shards", "totals", "statistics", "rejects"):
         if key not in index:
             raise ShardIndexError(f"{path}: missing key '{key}'")
@@ -152,6 +159,7 @@ def build_index(plan: dict, records: list[dict]) -> dict:
     shards = [shard_entry(r) for r in records]
     return {
         "version": INDEX_VERSION,
+        "sample_format": SAMPLE_FORMAT,
         "shards": shards,
         "totals": {"shards": len(shards), "samples": sum(s["samples"] for s in shards),
                    "bytes": sum(s["bytes"] for s in shards), "rejected": len(rejects)},

@@ -18,8 +18,11 @@ from torch.utils.data import get_worker_info
 from data_pipeline.decode import DecodedClip
 from data_pipeline.geometry import pointmap_normalisation
 
-# normalisation percentiles are estimated on a regular pixel grid of at most this many points
-NORMALISATION_POINTS = 1 << 20
+# normalisation percentiles are estimated on a regular pixel grid of at most this many points (2^18: at
+# 81 x 352 x 624 a stride-9 grid of ~230k pixels). Measured on the benchmark clip against all 17.8M pixels:
+# centre off by 0.7% of the scale and scale by 0.3% (2^20: 0.3% and 0.3%); the transform travels with the
+# sample, so this only moves the box slightly. Cost ~35 ms instead of ~110 ms at 2^20.
+NORMALISATION_POINTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,15 @@ def resize_crop_rgb(frames: np.ndarray, crop: Crop) -> torch.Tensor:
     return x[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
 
 
+def rgb_output(frames: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [T, 3, H, W] -> [-1, 1] in `dtype` (shared memory in a worker), one pass per frame."""
+    out = output_tensor(tuple(frames.shape), dtype)
+    minus_one = torch.tensor(-1.0)
+    for i in range(frames.shape[0]):
+        torch.add(minus_one, frames[i], alpha=1 / 127.5, out=out[i])
+    return out
+
+
 def camera_pointmaps(depth: torch.Tensor, K: torch.Tensor, rel_c2w: torch.Tensor) -> torch.Tensor:
     """z-depth [T, H, W], intrinsics [T, 3, 3], poses relative to the reference camera [T, 4, 4] ->
     pointmaps [T, 3, H, W] in the reference camera (geometry.depth_to_pointmaps, channels first, float32)."""
@@ -84,16 +96,20 @@ def camera_pointmaps(depth: torch.Tensor, K: torch.Tensor, rel_c2w: torch.Tensor
     return out
 
 
-def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, scale: float) -> None:
-    """out [3, H, W] = (pointmap - centre) / scale for one frame, without [3, H, W] temporaries."""
+def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, scale: float,
+                   scratch: torch.Tensor | None = None) -> None:
+    """out [3, H, W] (contiguous) = (pointmap - centre) / scale for one frame of z-depth [H, W] (any float
+    dtype): (u d, v d, d) in a float32 scratch [3, H, W], then one 3x3 matmul plus shift (addmm), which is
+    ~2.4x faster than building each channel from its own ray."""
     H, W = depth.shape
     M = np.asarray(rel_c2w, np.float64)[:3, :3] @ np.linalg.inv(np.asarray(K, np.float64)) / scale
     t = (np.asarray(rel_c2w, np.float64)[:3, 3] - centre) / scale
-    u = torch.arange(W, dtype=torch.float32)
-    v = torch.arange(H, dtype=torch.float32)
-    for c in range(3):
-        ray = (M[c, 0] * u).view(1, W) + (M[c, 1] * v + M[c, 2]).view(H, 1)
-        torch.addcmul(torch.tensor(t[c], dtype=torch.float32), ray, depth, out=out[c])
+    buf = torch.empty(3, H, W) if scratch is None else scratch
+    buf[2].copy_(depth)
+    torch.mul(buf[2], torch.arange(W, dtype=torch.float32).view(1, W), out=buf[0])
+    torch.mul(buf[2], torch.arange(H, dtype=torch.float32).view(H, 1), out=buf[1])
+    torch.addmm(torch.from_numpy(t.astype(np.float32)).view(3, 1), torch.from_numpy(M.astype(np.float32)),
+                buf.view(3, -1), out=out.view(3, -1))
 
 
 def output_tensor(shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
@@ -110,9 +126,26 @@ def _grid(valid: np.ndarray, limit: int) -> int:
     return max(1, math.ceil(math.sqrt(valid.size / limit)))
 
 
+def positive_finite(depth: np.ndarray) -> np.ndarray:
+    """depth > 0 and finite, elementwise. For float16 on its bit pattern (numpy's float16 comparisons are
+    slow): a positive finite half has bits in [1, 0x7BFF], so bits - 1 (wrapping) is below 0x7BFF."""
+    if depth.dtype == np.float16:
+        bits = depth.view(np.uint16) - np.uint16(1)
+        return bits < np.uint16(0x7BFF)
+    return np.isfinite(depth) & (depth > 0)
+
+
 def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
     depth = resize_crop_nearest(clip.depth, crop)
-    valid = resize_crop_nearest(clip.valid, crop) & np.isfinite(depth) & (depth > 0)
+    valid = positive_finite(depth)
+    if clip.valid is not None:
+        valid &= resize_crop_nearest(clip.valid, crop)
+    # depth 0 outside the mask (a bit-and on float16), so every pointmap value is finite and masking is a multiply
+    if depth.dtype == np.float16:
+        np.bitwise_and(depth.view(np.uint16), np.negative(valid.view(np.uint8), dtype=np.uint16),
+                       out=depth.view(np.uint16))
+    else:
+        depth = np.where(valid, depth, 0).astype(depth.dtype)
     k = _grid(valid, NORMALISATION_POINTS)
     # pixel (u, v) of the k-strided grid is pixel (k u, k v) of the crop: intrinsics divide by k, no shift
     K_sub = np.diag([1 / k, 1 / k, 1.0]) @ K
@@ -120,9 +153,10 @@ def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
     sub = camera_pointmaps(torch.from_numpy(sub), torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
     centre, scale = pointmap_normalisation(sub.permute(0, 2, 3, 1).numpy(), valid[:, ::k, ::k], tuple(percentiles))
     depth_t = torch.from_numpy(depth)
+    scratch = torch.empty((3,) + depth.shape[1:])
 
     def frame(out: torch.Tensor, i: int):
-        _pointmap_into(out, depth_t[i].float(), K[i], clip.poses_c2w[i], centre, scale)
+        _pointmap_into(out, depth_t[i], K[i], clip.poses_c2w[i], centre, scale, scratch)
 
     return frame, valid, centre, scale
 
@@ -131,7 +165,10 @@ def _stored_pointmaps(clip: DecodedClip, crop: Crop, percentiles):
     pts = resize_crop_nearest(clip.xyz, crop)
     to_ref = torch.eye(4) if clip.xyz_to_ref is None else torch.from_numpy(clip.xyz_to_ref).float()
     R, t = to_ref[:3, :3], to_ref[:3, 3].reshape(3, 1, 1)
-    valid = resize_crop_nearest(clip.valid, crop) & np.isfinite(pts).all(-1)
+    finite = np.isfinite(pts).all(-1)
+    if not finite.all():  # masking is a multiply: keep non-finite values out of the products
+        pts = np.where(finite[..., None], pts, 0).astype(pts.dtype)
+    valid = finite if clip.valid is None else resize_crop_nearest(clip.valid, crop) & finite
     k = _grid(valid, NORMALISATION_POINTS)
     sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t.view(3)
     centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
@@ -168,16 +205,16 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     # frame by frame, in float32 (scratch when the output is half precision) while the frame is in cache
     direct = out_dtype == torch.float32
     scratch = None if direct else torch.empty(3, height, width)
+    minus_one = torch.tensor(-1.0)
+    keep = torch.empty(height, width)  # the frame's mask as 1.0 / 0.0 (pointmap values are finite everywhere)
     for i in range(T):
         p = xyz[i] if direct else scratch
         pointmap_frame(p, i)
-        p.clamp_(-1.0, 1.0).masked_fill_(~valid_t[i], 0.0)
+        torch.mul(valid_t[i], 1.0, out=keep)
+        p.clamp_(-1.0, 1.0).mul_(keep)
         if not direct:
             xyz[i].copy_(p)
-        c = rgb[i] if direct else scratch
-        c.copy_(frames[i]).mul_(1 / 127.5).sub_(1.0)
-        if not direct:
-            rgb[i].copy_(c)
+        torch.add(minus_one, frames[i], alpha=1 / 127.5, out=rgb[i])  # uint8 -> [-1, 1] in one pass
     mask = output_tensor((T, 1, height, width), torch.bool)
     mask.copy_(valid_t.unsqueeze(1))
     sample = {

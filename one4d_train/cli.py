@@ -12,6 +12,7 @@ COMMANDS = {
     # name: (module, one-line summary)
     "synth": ("data_pipeline.synthetic_cli", "render a synthetic 4D dataset with exact geometry + its manifest"),
     "shard": ("data_pipeline.shard_cli", "manifest (JSONL) -> validated WebDataset shards + index"),
+    "encode-latents": ("data_pipeline.latents_cli", "shards -> the same shards plus precomputed VAE latents (fixed window)"),
     "inspect-shards": ("data_pipeline.inspect_cli", "check shards against their index and print statistics"),
     "print-config": ("one4d_train.config_cli", "print the merged config (defaults -> YAML -> key=value)"),
     "train": ("one4d_train.train.main", "train the One4D DLC model (DeepSpeed ZeRO-2/3, MLflow, exact resume)"),

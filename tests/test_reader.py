@@ -13,7 +13,8 @@ from data_utils import make_shards
 from data_pipeline.config import DataConfig
 from data_pipeline.geometry import denormalise_pointmap, depth_to_pointmaps
 from data_pipeline.loader import build_loader
-from data_pipeline.decode import SampleError, decode_clip
+from data_pipeline.decode import NpzReader, SampleError, decode_clip, read_frames, read_valid
+from data_pipeline.shard import npz_bytes
 from data_pipeline.reader import (ShardStream, StreamPlan, dist_rank_world, list_shards, raw_samples,
                                   read_in_order, shuffle_order)
 from data_pipeline.synthetic import render_clip
@@ -225,3 +226,56 @@ def test_text_embedding_member_is_decoded_without_pickle(depth_shards):
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(SampleError, match="emb.npy"):
         decode_clip({**raw, "emb.npy": pickled.getvalue()}, 5, 2, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("geometry", ["depth", "xyz"])
+def test_sample_format_1_members_give_the_same_samples(tmp_path, geometry):
+    """Shards written before sample format 2 (one whole geometry array, a bool mask) stay readable and give
+    exactly the samples of format 2 (per-frame geometry arrays, a bit-packed mask)."""
+    shards = make_shards(tmp_path, num_clips=1, samples_per_shard=1, geometry=geometry, **SRC)
+    raw = next(raw_samples(list_shards(str(shards))[0]))
+    g = NpzReader(raw[f"{geometry}.npz"], f"{geometry}.npz")
+    assert f"{geometry}_000008" in g and geometry not in g  # format 2 as written now
+    v = NpzReader(raw["valid.npz"], "valid.npz")
+    assert v.files == ["valid_packed"] and v["valid_packed"].shape == (9, 32, 8)
+    old = {**raw, f"{geometry}.npz": npz_bytes(geometry, read_frames(g, geometry)),
+           "valid.npz": npz_bytes("valid", read_valid(v, 9, 32, 64))}
+    stream = ShardStream(StreamPlan(tuple(list_shards(str(shards))), seed=0, rank=0, world_size=1, workers=1),
+                         _cfg(shards, crop="random", num_frames=3, frame_stride=2))
+    for seed in range(3):
+        a = stream.decode(raw, np.random.default_rng(seed))
+        b = stream.decode(old, np.random.default_rng(seed))
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_unknown_sample_format_is_refused(depth_shards, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(depth_shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    assert index["sample_format"] == 2
+    index["sample_format"] = 3
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="sample_format 3, this code reads \\[1, 2\\]"):
+        list_shards(str(copy))
+
+
+def test_sequential_and_seeking_decoders_give_identical_frames(depth_shards, monkeypatch):
+    import data_pipeline.decode as dec
+
+    mp4 = next(raw_samples(list_shards(str(depth_shards))[0]))["mp4"]
+    ref = decode_frames(mp4)
+    for idx in (np.arange(9), np.array([1, 3, 5, 7]), np.array([8])):
+        np.testing.assert_array_equal(dec.decode_window(mp4, idx, 9), ref[idx])  # PyAV, from the first frame
+        monkeypatch.setattr(dec, "SEQUENTIAL_START", 0)
+        np.testing.assert_array_equal(dec.decode_window(mp4, idx, 9), ref[idx])  # decord get_batch
+        monkeypatch.undo()
+    for seq in (64, 0):
+        monkeypatch.setattr(dec, "SEQUENTIAL_START", seq)
+        with pytest.raises(SampleError, match="video has 9 frames but the geometry has 10"):
+            dec.decode_window(mp4, np.arange(3), 10)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline.decode import NpzReader, read_frames, read_valid
 from data_pipeline.geometry import depth_to_pointmaps
 from data_pipeline.inspect_cli import main as inspect_main
 from data_pipeline.shard import ShardingError, merge, npz_bytes, run_sharding
@@ -40,8 +41,13 @@ def read_tar(path):
 
 
 def npz(data, member):
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return z[member]
+    """A geometry member's whole array in either sample format (docs/data.md), read by the reader's code."""
+    return read_frames(NpzReader(data, member), member)
+
+
+def valid_mask(data, frames, height, width):
+    """A valid.npz member's bool mask in either sample format (bool array or bit-packed)."""
+    return read_valid(NpzReader(data, "valid.npz"), frames, height, width)
 
 
 @pytest.mark.parametrize("geometry", ["depth", "xyz"])
@@ -60,7 +66,7 @@ def test_round_trip_members(tmp_path, geometry):
         ref = render_clip(n, 9, 32, 64)
         assert members[f"{key}.mp4"] == (raw / row["video"]).read_bytes()
         assert decode_frames(members[f"{key}.mp4"]).shape == (9, 32, 64, 3)
-        valid = npz(members[f"{key}.valid.npz"], "valid")
+        valid = valid_mask(members[f"{key}.valid.npz"], 9, 32, 64)
         assert valid.dtype == bool and np.array_equal(valid, ref["valid"])
         meta = json.loads(members[f"{key}.json"])
         assert meta == {"row": n, "id": row["id"], "source": row["video"], "num_frames": 9, "height": 32,
@@ -273,7 +279,7 @@ def test_npz_bytes_are_deterministic_and_plain():
         assert z.files == ["depth"] and np.array_equal(z["depth"], a)
 
 
-@pytest.mark.parametrize("command", ["synth", "shard", "inspect-shards"])
+@pytest.mark.parametrize("command", ["synth", "shard", "inspect-shards", "encode-latents"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         one4d_main([command, "--help"])

@@ -1,0 +1,229 @@
+"""`one4d encode-latents`: shards -> the same shards plus precomputed VAE latents per sample.
+
+  one4d encode-latents SRC_SHARDS OUT_DIR config=EXPERIMENT.yaml [key=value ...] [--device cuda|cpu] [--batch N]
+  one4d encode-latents SRC_SHARDS OUT_DIR config=... --num-tasks N --task-index I   (one Slurm array task)
+
+The window is fixed per clip (start 0, data.frame_stride, data.num_frames) with a centre crop; the VAE is
+model.vae (empty: the tiny random VAE seeded with `seed`). Re-running the same command after a kill finishes
+the job; index.json is written once every shard is done (by whichever task finishes last).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tarfile
+from pathlib import Path
+
+from data_pipeline import shard_index as si
+from data_pipeline.decode import SampleError
+from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
+                                   tar_samples)
+
+PLAN_VERSION = 1
+
+
+class EncodeError(RuntimeError):
+    """The run cannot proceed: a source shard that does not verify, a folder planned with other settings."""
+
+
+def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int) -> dict:
+    spec = latents_spec(cfg)
+    return {"version": PLAN_VERSION, "source_index_sha256": si.sha256_file(src / si.INDEX),
+            "settings": settings(cfg.data, spec.vae, spec.valid_min_fraction),
+            "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch}}
+
+
+def _fix_plan(out: Path, plan: dict) -> None:
+    path = out / si.PLAN
+    if path.is_file():
+        old = si.read_json(path)
+        if si.dumps(old) != si.dumps(plan):
+            raise EncodeError(f"{path}: this folder holds latents from another source index or other settings "
+                              f"(plan {old}); use the same options or a new output folder")
+    else:
+        si.write_json(path, plan)
+
+
+def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int) -> dict:
+    """Write one output shard atomically (all source members, plus latents for every encodable sample), then its
+    record. Samples that do not decode keep their members and no latents; they are listed in `failed`."""
+    from data_pipeline.shard import _add
+
+    problem = si.verify_shard_file(src, entry)
+    if problem:
+        raise EncodeError(f"source shard does not match its index: {problem}")
+    name = entry["name"]
+    mean, std = [float(v) for v in vae.model.config.latents_mean], [float(v) for v in vae.model.config.latents_std]
+    keys, failed, encoded = [], [], 0
+    tmp = out / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
+
+    def flush(tar, chunk):
+        nonlocal encoded
+        good = [c for c in chunk if c[2] is not None]
+        encs = iter(encode_batch(vae, [c[2][0] for c in good], run["valid_min_fraction"]) if good else [])
+        for key, members, ready in chunk:
+            extra = []
+            if ready is not None:
+                try:
+                    extra = latent_members(key, next(encs), ready[1], run, mean, std)
+                    encoded += 1
+                except SampleError as exc:
+                    failed.append({"key": key, "reason": str(exc)})
+            for member, data in members + extra:
+                _add(tar, member, data)
+
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            chunk = []
+            for key, members in tar_samples(src / name):
+                keys.append(key)
+                try:
+                    ready = fixed_window_sample(raw_of(key, members), cfg.data)
+                except Exception as exc:  # the pixel reader skips such a sample too
+                    failed.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"})
+                    ready = None
+                chunk.append((key, members, ready))
+                if len(chunk) == batch:
+                    flush(tar, chunk)
+                    chunk = []
+            if chunk:
+                flush(tar, chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    if keys != list(entry["keys"]):
+        tmp.unlink()
+        raise EncodeError(f"{src / name}: keys {keys[:3]}... differ from the index's {entry['keys'][:3]}...")
+    os.replace(tmp, out / name)
+    si.fsync_dir(out)
+    final = out / name
+    record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
+              "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "failed": failed}
+    si.write_json(si.record_path(out, name), record)
+    return record
+
+
+def _done(out: Path, entry: dict) -> dict | None:
+    path = si.record_path(out, entry["name"])
+    if not path.is_file():
+        return None
+    try:
+        record = si.read_json(path)
+    except si.ShardIndexError:
+        return None
+    if record.get("source_sha256") != entry["sha256"] or si.verify_shard_file(out, record) is not None:
+        return None
+    return record
+
+
+def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: int | None = None,
+               task_index: int | None = None, progress: bool = True) -> dict:
+    """Encode this task's shards (all without num_tasks), skipping finished ones; write index.json once every
+    shard has its record. Returns a summary dict."""
+    import torch
+    from tqdm import tqdm
+
+    from one4d_train.model.vae import load_vae
+
+    if batch < 1:
+        raise EncodeError(f"--batch must be >= 1, got {batch}")
+    if (num_tasks is None) != (task_index is None) or (num_tasks is not None and not 0 <= task_index < num_tasks):
+        raise EncodeError(f"--num-tasks and --task-index go together with 0 <= I < N (got {num_tasks}, {task_index})")
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise EncodeError("OUT_DIR must differ from SRC_SHARDS")
+    index = si.read_index(src)
+    dev = torch.device(device)
+    # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch)
+    _fix_plan(out, plan)
+    run = plan["settings"]
+    entries = index["shards"]
+    mine = [e for i, e in enumerate(entries) if num_tasks is None or i % num_tasks == task_index]
+    for e in mine:
+        for stale in out.glob(f".{e['name']}.tmp*"):
+            stale.unlink()
+    todo = [e for e in mine if _done(out, e) is None]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc="encode", disable=not progress)
+    if todo:
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev)
+        for e in todo:
+            encode_shard(src, out, e, vae, cfg, run, batch)
+            bar.update()
+    bar.close()
+    records = {e["name"]: _done(out, e) for e in entries}
+    summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None}
+    if all(records.values()):
+        recs = [records[e["name"]] for e in entries]
+        failed = [x for r in recs for x in r["failed"]]
+        result = {"version": si.INDEX_VERSION, "sample_format": index.get("sample_format", 1),
+                  "shards": [si.shard_entry(r) for r in recs],
+                  "totals": {**index["totals"], "bytes": sum(r["bytes"] for r in recs)},
+                  "statistics": index["statistics"], "rejects": index["rejects"],
+                  "latents": {**run, "source_index_sha256": plan["source_index_sha256"],
+                              "encoded": sum(r["encoded"] for r in recs), "failed": failed}}
+        si.write_index(out, result)
+        summary.update(index=str(out / si.INDEX), encoded=result["latents"]["encoded"], failed=failed)
+    return summary
+
+
+def parser() -> argparse.ArgumentParser:
+    head, usage = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="one4d encode-latents", description=head.split(":", 1)[1].strip(), epilog=usage,
+                                usage="one4d encode-latents SRC_SHARDS OUT_DIR config=X.yaml [key=value ...] [options]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="+", metavar="ARG", help="SRC_SHARDS OUT_DIR, then config=FILE and key=value overrides")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--batch", type=int, default=1, help="clips per VAE call (3 videos each; default 1)")
+    p.add_argument("--num-tasks", type=int, help="Slurm array size: this task encodes shards with id %% N == I")
+    p.add_argument("--task-index", type=int, help="this task's index (default $SLURM_ARRAY_TASK_ID with --num-tasks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from one4d_train.config import ConfigError, load_config
+
+    p = parser()
+    args = p.parse_args(argv)
+    paths = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if len(paths) != 2:
+        p.error(f"expected SRC_SHARDS OUT_DIR (and key=value overrides), got {paths}")
+    if not any(a.startswith("config=") for a in overrides):
+        p.error("config=EXPERIMENT.yaml is required (it fixes the window, resolution and VAE)")
+    task_index = args.task_index
+    if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    try:
+        cfg = load_config(overrides)
+        s = run_encode(paths[0], paths[1], cfg, device=args.device, batch=args.batch, num_tasks=args.num_tasks,
+                       task_index=task_index, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"one4d encode-latents: config error: {exc}", file=sys.stderr)
+        return 2
+    except (EncodeError, si.ShardIndexError, FileNotFoundError) as exc:
+        print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
+        return 1
+    done = (f"index: {s['index']} ({s['encoded']} samples encoded, {len(s['failed'])} without latents)"
+            if s["index"] else "other shards still to do: index.json comes when all are done")
+    print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done); {done}")
+    for f in s.get("failed", []):
+        print(f"  no latents for {f['key']}: {f['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Precomputed latents: `one4d encode-latents` on real shards with the tiny Wan VAE, and the reader's latent path."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_utils import make_shards
+
+from data_pipeline.config import DataConfig
+from data_pipeline.latents import (LatentsMismatchError, LatentsSpec, fixed_window_sample, image_condition,
+                                   latents_spec, raw_of, tar_samples, vae_identity)
+from data_pipeline.latents_cli import EncodeError, main as encode_main, run_encode
+from data_pipeline.loader import build_loader
+from data_pipeline.reader import ShardStream, StreamPlan, list_shards
+from data_pipeline.shard_index import read_index, sha256_file
+from one4d_train.config import load_config
+from one4d_train.diffusion.objective import latent_validity
+from one4d_train.model.vae import load_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = [f"config={ROOT / 'configs/experiment/demo.yaml'}", "data.num_frames=5", "data.frame_stride=2"]
+SPEC = LatentsSpec("tiny:0", 1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny VAE's many small convolutions run ~10x slower with 2 threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(shards, **kw):
+    # 5 frames, stride 2 over 9-frame clips: the window spans the clip, so every pixel sample starts at 0 too
+    base = dict(shards=str(shards), num_workers=0, num_frames=5, frame_stride=2, height=32, width=48, crop="center",
+                shuffle_buffer=3)
+    return DataConfig(**{**base, **kw})
+
+
+def _take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    loader.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    src = make_shards(root, num_clips=4, frames=9, height=32, width=64, samples_per_shard=2)
+    assert encode_main([str(src), str(root / "lat"), *CONFIG, "--device", "cpu", "--batch", "2", "--no-progress"]) == 0
+    return src, root / "lat"
+
+
+def test_stored_latents_equal_a_direct_encode_of_the_pipeline_sample(encoded):
+    src, out = encoded
+    cfg = load_config(CONFIG)
+    vae = load_vae("", seed=0)
+    index = read_index(out)
+    assert [s["keys"] for s in index["shards"]] == [s["keys"] for s in read_index(src)["shards"]]
+    assert index["latents"]["encoded"] == 4 and index["latents"]["vae"] == "tiny:0"
+    errors = []
+    for entry in index["shards"]:
+        assert sha256_file(out / entry["name"]) == entry["sha256"]
+        source = dict(tar_samples(src / entry["name"]))
+        for key, members in tar_samples(out / entry["name"]):
+            # every original member, byte for byte and in order, then the latents
+            assert members[:-2] == source[key]
+            assert [n for n, _ in members[-2:]] == [f"{key}.latents.npz", f"{key}.latents.json"]
+            raw = raw_of(key, members)
+            sample, info = fixed_window_sample(raw_of(key, source[key]), cfg.data)
+            rgb, xyz = sample["rgb"].transpose(0, 1)[None], sample["xyz"].transpose(0, 1)[None]
+            direct = {"z_rgb": vae.encode(rgb), "z_xyz": vae.encode(xyz), "z_image": vae.encode(image_condition(rgb))}
+            meta = json.loads(raw["latents.json"])
+            assert meta["window"] == {"start": 0, "stride": 2, "frames": 5} and meta["resolution"] == [32, 48]
+            assert meta["crop"] == {"resized_h": 32, "resized_w": 64, "top": 0, "left": 8, "height": 32, "width": 48}
+            assert meta["xyz_centre"] == info["xyz_centre"] and meta["xyz_scale"] == info["xyz_scale"]
+            assert meta["vae"] == "tiny:0" and meta["dtype"] == "float16" and meta["latent_shape"] == [16, 2, 4, 6]
+            assert meta["vae_latents_mean"] == [float(v) for v in vae.model.config.latents_mean]
+            with np.load(io.BytesIO(raw["latents.npz"]), allow_pickle=False) as z:
+                for name, ref in direct.items():
+                    stored = z[name]
+                    assert stored.dtype == np.float16 and stored.shape == (16, 2, 4, 6)
+                    ref = ref[0].numpy()
+                    err = np.abs(stored.astype(np.float32) - ref)
+                    # float16 rounding (half an ulp: 2^-11 relative) plus batched-vs-single encode (~1e-5)
+                    assert (err <= 2 ** -11 * np.abs(ref) + 1e-4).all(), (name, err.max())
+                    errors.append(err / np.maximum(np.abs(ref), 1e-3))
+                cells = np.unpackbits(z["latent_valid_packed"], axis=-1, count=6).view(bool)
+            expect = latent_validity(sample["valid"][None], 1.0)[0].numpy()
+            assert np.array_equal(cells, expect) and 0 < cells.mean() < 1
+    assert np.concatenate([e.ravel() for e in errors]).max() <= 2 ** -11
+
+
+def test_latent_sample_and_pixel_sample_agree_on_window_and_crop(encoded):
+    src, out = encoded
+    pixel = _take(build_loader(_cfg(src), rank=0, world_size=1, seed=3, micro_batch_size=1), 4)
+    latent = _take(build_loader(_cfg(out), rank=0, world_size=1, seed=3, micro_batch_size=1, latents=SPEC), 4)
+    assert [b["__key__"] for b in pixel] == [b["__key__"] for b in latent]
+    for p, q in zip(pixel, latent):
+        assert "xyz" not in q and "valid" not in q
+        assert torch.equal(p["rgb"], q["rgb"])
+        for key in ("intrinsics", "poses_c2w", "xyz_centre", "xyz_scale"):
+            torch.testing.assert_close(p[key], q[key], rtol=1e-6, atol=1e-6)
+        assert q["z_rgb"].shape == q["z_xyz"].shape == q["z_image"].shape == (1, 16, 2, 4, 6)
+        assert q["z_rgb"].dtype == torch.float32 and q["latent_valid"].dtype == torch.bool
+        assert torch.equal(q["latent_valid"], latent_validity(p["valid"], 1.0))
+        assert p["caption"] == q["caption"]
+    # with data.use_latents=false the same shards give pixel samples
+    plain = _take(build_loader(_cfg(out, use_latents=False), rank=0, world_size=1, seed=3, micro_batch_size=1), 1)[0]
+    assert torch.equal(plain["xyz"], pixel[0]["xyz"]) and "z_rgb" not in plain
+
+
+def test_mismatched_latents_are_refused_with_the_reason(encoded):
+    _, out = encoded
+    kw = dict(rank=0, world_size=1, seed=3, micro_batch_size=1)
+    with pytest.raises(LatentsMismatchError, match="data.num_frames=9"):
+        build_loader(_cfg(out, num_frames=9, frame_stride=1), latents=SPEC, **kw)
+    with pytest.raises(LatentsMismatchError, match="resolution 32x48 vs .* 64x64"):
+        build_loader(_cfg(out, height=64, width=64), latents=SPEC, **kw)
+    with pytest.raises(LatentsMismatchError, match="encoded with VAE 'tiny:0', the configured VAE is 'tiny:1'"):
+        build_loader(_cfg(out), latents=LatentsSpec("tiny:1"), **kw)
+    with pytest.raises(LatentsMismatchError, match="no VAE identity"):
+        build_loader(_cfg(out), **kw)
+    with pytest.raises(LatentsMismatchError, match="flow.xyz_valid_min_fraction=0.5"):
+        build_loader(_cfg(out), latents=LatentsSpec("tiny:0", 0.5), **kw)
+    # per sample (a stream built without the index check): the error names the shard and key, never skips
+    shards = tuple(list_shards(str(out)))
+    stream = ShardStream(StreamPlan(shards, seed=0, rank=0, world_size=1, workers=1), _cfg(out),
+                         latents=LatentsSpec("/weights/Wan2.1_VAE.pth"), latents_only=True)
+    with pytest.raises(LatentsMismatchError, match=r"shard=shard-00000\d.tar key=r00000000\d: .*'/weights/Wan2.1_VAE.pth'"):
+        next(iter(stream))
+    assert vae_identity("", 7) == "tiny:7" and vae_identity("/w/vae", 7) == "/w/vae"
+    assert latents_spec(load_config(CONFIG + ["seed=5"])) == LatentsSpec("tiny:5", 1.0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_loader_resume_with_latents(encoded, workers):
+    _, out = encoded
+    cfg = _cfg(out, num_workers=workers, crop="random")
+    kw = dict(rank=0, world_size=1, seed=4, micro_batch_size=1, latents=SPEC)
+
+    def run(loader, n):
+        return [(b["__key__"], b["rgb"].sum().item(), b["z_xyz"].sum().item()) for b in _take(loader, n)]
+
+    full = run(build_loader(cfg, **kw), 7)  # 4 samples an epoch: 7 batches cross into epoch 1
+    first = build_loader(cfg, **kw)
+    head = run(first, 3)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert head + run(build_loader(cfg, position=state, **kw), 4) == full
+
+
+def test_killed_encode_resumes_to_identical_output(tmp_path):
+    src = make_shards(tmp_path, num_clips=10, frames=9, height=32, width=64, samples_per_shard=1)
+    cfg = load_config(CONFIG)
+    ref = tmp_path / "ref"
+    run_encode(src, ref, cfg, progress=False)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "one4d_train.cli", "encode-latents", str(src), str(out), *CONFIG, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (one_thread): same arithmetic
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 90
+    while not list(out.glob("*.record.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("*.record.json")))
+    assert not (out / "index.json").exists() and 1 <= done < 10, f"kill landed after {done} shards"
+
+    summary = run_encode(src, out, cfg, progress=False)
+    assert summary["skipped"] >= done and summary["written"] == 10 - summary["skipped"]
+    assert not list(out.glob(".*tmp*"))
+    for name in ["index.json", "rejects.jsonl", "plan.json"] + [s["name"] for s in read_index(ref)["shards"]]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    # the folder is tied to its settings
+    with pytest.raises(EncodeError, match="other settings"):
+        run_encode(src, out, load_config(CONFIG + ["data.height=64"]), progress=False)

@@ -8,6 +8,7 @@
 #     levers: 1.3B under ZeRO-2: checkpointing modes, flash vs auto, compile
 #     short : 14B ZeRO-2 eager, 1.3B peer, tests, 1.3B ZeRO-2 compiled (the second call of 2026-11-25)
 #     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
+#     release: the shipped defaults (ZeRO-2, compiled blocks, stored latents) for both presets and both peers
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
 set -u
 OUT=${OUT:-/tmp/one4d-bench}
@@ -67,6 +68,15 @@ if [[ $WHAT == final ]]; then  # the open measurements in one call (~9 min): 14B
   part 75 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 8
   part 120 "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+fi
+if [[ $WHAT == release ]]; then  # the shipped defaults (ZeRO-2, compiled blocks, stored target latents) vs the peers
+  part 20 "matmul + SDPA rates" $B --matmul
+  part 250 "14b ours ZeRO-2 compiled" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
+    --variants "ckpt=full+compile=1+vae=latents"
+  part 100 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
+  part 100 "1.3b ours ZeRO-2 compiled" $B --preset 1.3b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
+    --variants "ckpt=selective+compile=1+vae=latents"
+  part 60 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 6
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

@@ -3,6 +3,8 @@ the real `one4d train` CLI; base weights loaded from a checkpoint file into ZeRO
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,3 +110,20 @@ def test_in_training_evaluation_all_ranks_take_part(shards, tmp_path):
         assert list(metric(client, run, key)) == [2], key
     sheets = sorted(p.relative_to(run_dir) for p in run_dir.glob("eval/step-00000002/*/*/sheet.png"))
     assert len(sheets) == 3 * 2, sheets
+
+
+def test_stored_latents_give_the_pixel_path_loss(shards, tmp_path):
+    """`one4d encode-latents` shards train through the latent path (no target encode in the step) and give the
+    pixel path's loss for the same window and crop (up to the stored float16 precision)."""
+    latent_shards = tmp_path / "latents"
+    enc = subprocess.run([sys.executable, "-m", "one4d_train.cli", "encode-latents", str(shards), str(latent_shards),
+                          f"config={CONFIG}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert enc.returncode == 0, enc.stdout[-2000:] + enc.stderr[-2000:]
+    losses = {}
+    for name, data in (("pixels", shards), ("latents", latent_shards)):
+        run_dir = tmp_path / name
+        code, out = torchrun(run_dir, *common(data, run_dir, 1), "data.crop=center", timeout=900)
+        assert code == 0, out[-4000:]
+        client, run = mlflow_run(run_dir)
+        losses[name] = metric(client, run, "loss")[1]
+    assert losses["latents"] == pytest.approx(losses["pixels"], rel=2e-3)

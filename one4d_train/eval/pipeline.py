@@ -189,7 +189,8 @@ def iter_samples(cfg) -> Iterator[dict]:
         return
     from data_pipeline.loader import build_loader
 
-    data_cfg = replace(cfg.data, crop="center", num_workers=0, mode="exact")
+    # evaluation scores pixels and geometry: never the stored latents
+    data_cfg = replace(cfg.data, crop="center", num_workers=0, mode="exact", use_latents=False)
     loader = build_loader(data_cfg, rank=0, world_size=1, seed=cfg.eval.seed, micro_batch_size=1, shards=spec)
     seen = set()
     try:

@@ -13,6 +13,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from data_pipeline.latents import latents_spec
 from data_pipeline.loader import build_loader
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import export_adapters
@@ -103,7 +104,8 @@ class One4DTask:
         if not self.cfg.data.shards:
             raise ValueError("data.shards is empty: point it at a shard directory made by `one4d shard`")
         return build_loader(self.cfg.data, rank=rank, world_size=world_size, seed=self.cfg.seed,
-                            micro_batch_size=self.cfg.train.micro_batch_size, position=position)
+                            micro_batch_size=self.cfg.train.micro_batch_size, position=position,
+                            latents=latents_spec(self.cfg))
 
     # ---- frozen encoders (outside ZeRO) -----------------------------------------------------------------
     def encoders(self, device: torch.device):
@@ -115,15 +117,18 @@ class One4DTask:
     # ---- the step ---------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         rgb = batch["rgb"].transpose(1, 2)  # [B, 3, T, H, W] in [-1, 1]
-        xyz = batch["xyz"].transpose(1, 2)
+        xyz = batch["xyz"].transpose(1, 2) if "xyz" in batch else None
         device = rgb.device
         vae, text, image = self.encoders(device)
         B, _, T = rgb.shape[:3]
         umc_cfg = self.cfg.model.umc
         tasks, frame_mask = sample_umc(B, T, umc_cfg, generator)
         with torch.no_grad():
-            z_rgb, z_xyz = vae.encode_many([rgb, xyz])
-            z_cond = condition_latents(tasks, frame_mask, rgb, z_rgb, vae.encode)
+            if "z_rgb" in batch:  # latents stored by `one4d encode-latents`: only sparse-task conditions are encoded
+                z_rgb, z_xyz, z_image = batch["z_rgb"], batch["z_xyz"], batch["z_image"]
+            else:
+                (z_rgb, z_xyz), z_image = vae.encode_many([rgb, xyz]), None
+            z_cond = condition_latents(tasks, frame_mask, rgb, z_rgb, vae.encode, z_image=z_image)
             mask4 = fold_frame_mask(frame_mask.to(device), *z_rgb.shape[-2:]).to(z_rgb)
             text_embs = batch.get("text_emb")
             if text_embs is not None and "text_emb_len" in batch:
@@ -135,7 +140,8 @@ class One4DTask:
         dtype = self.dtype
         v_rgb, v_xyz = model(rgb_in.to(dtype), flow["x_xyz"].to(dtype), flow["timestep"].to(device),
                              context.to(device, dtype), None if clip is None else clip.to(device, dtype))
-        valid = latent_validity(batch["valid"], self.cfg.flow.xyz_valid_min_fraction)
+        valid = (batch["latent_valid"] if "latent_valid" in batch
+                 else latent_validity(batch["valid"], self.cfg.flow.xyz_valid_min_fraction))
         out = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], valid, self.cfg.flow)
         out["frac_video_task"] = torch.tensor(sum(t == "video" for t in tasks) / B, device=device)
         return out

@@ -35,17 +35,6 @@ def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int) -> d
             "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch}}
 
 
-def _fix_plan(out: Path, plan: dict) -> None:
-    path = out / si.PLAN
-    if path.is_file():
-        old = si.read_json(path)
-        if si.dumps(old) != si.dumps(plan):
-            raise EncodeError(f"{path}: this folder holds latents from another source index or other settings "
-                              f"(plan {old}); use the same options or a new output folder")
-    else:
-        si.write_json(path, plan)
-
-
 def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int) -> dict:
     """Write one output shard atomically (all source members, plus latents for every encodable sample), then its
     record. Samples that do not decode keep their members and no latents; they are listed in `failed`."""
@@ -139,7 +128,10 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch)
-    _fix_plan(out, plan)
+    old = si.pin_plan(out, plan)
+    if old is not None:
+        raise EncodeError(f"{out / si.PLAN}: this folder holds latents from another source index or other settings "
+                          f"(plan {old}); use the same options or a new output folder")
     run = plan["settings"]
     entries = index["shards"]
     mine = [e for i, e in enumerate(entries) if num_tasks is None or i % num_tasks == task_index]

@@ -196,17 +196,6 @@ def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int |
     return plan, {r.row: r for r in rows}
 
 
-def _fix_plan(out_dir: Path, plan: dict) -> None:
-    path = out_dir / si.PLAN
-    if path.is_file():
-        old = si.read_json(path)
-        if si.dumps(old) != si.dumps(plan):
-            raise ShardingError(f"{path}: this folder holds shards planned from a different manifest or options "
-                                f"(manifest sha256 {old.get('manifest_sha256')}); use a new output folder")
-    else:
-        si.write_json(path, plan)
-
-
 def _write_task(args) -> dict:
     out_dir, name, rows = args
     return write_shard(out_dir, name, rows)
@@ -226,7 +215,10 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan, rows = make_plan(manifest, samples_per_shard, shard_bytes)
-    _fix_plan(out_dir, plan)
+    old = si.pin_plan(out_dir, plan)
+    if old is not None:
+        raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from a different manifest or "
+                            f"options (manifest sha256 {old.get('manifest_sha256')}); use a new output folder")
     mine = [(i, s) for i, s in enumerate(plan["shards"]) if num_tasks is None or i % num_tasks == task_index]
     for _, s in mine:
         for stale in out_dir.glob(f".{s['name']}.tmp*"):

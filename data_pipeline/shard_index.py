@@ -87,6 +87,17 @@ def read_json(path) -> dict:
     return obj
 
 
+def pin_plan(out_dir, plan: dict) -> dict | None:
+    """Record `plan` in out_dir/plan.json, or compare it with the one a previous run recorded there: returns that
+    previous plan when it differs (the caller refuses to mix outputs), else None."""
+    path = os.path.join(out_dir, PLAN)
+    if not os.path.isfile(path):
+        write_json(path, plan)
+        return None
+    old = read_json(path)
+    return None if dumps(old) == dumps(plan) else old
+
+
 def read_index(shard_dir) -> dict:
     """Read and schema-check `shard_dir/index.json`."""
     path = Path(shard_dir) / INDEX

@@ -55,7 +55,8 @@ def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
     the dataclass instance."""
     args = list(args)
     files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
-    dotlist = [a for a in args if not a.startswith("config=")]
+    # `key=` means the empty string (OmegaConf would read it as null)
+    dotlist = [a + "''" if a.endswith("=") else a for a in args if not a.startswith("config=")]
     for item in dotlist:
         if "=" not in item:
             raise ConfigError(f"command line: '{item}' is not of the form key=value")

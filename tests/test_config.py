@@ -41,3 +41,7 @@ def test_value_validation_names_key():
         load_config(["train.zero_stage=1"])
     with pytest.raises(ConfigError, match=r"key 'data.num_frames'"):
         load_config(["data.num_frames=10"])
+
+
+def test_empty_value_is_the_empty_string():
+    assert load_config(["model.vae=/x", "model.vae="]).model.vae == ""

@@ -20,7 +20,6 @@ class EvalConfig:
     depth_cap: float = 70.0  # metres; Sintel 70, Bonn 10 per protocol
     out_dir: str = ""  # empty = <checkpoint>/eval
     seed: int = 0
-    barrier_timeout_s: int = 3600  # non-participating ranks wait at most this long during in-training evaluation
     dataset: str = ""  # empty = data.val_shards; a shard directory/pattern; or sintel:<root> | bonn:<root> | tum:<root>
     benchmark_start: int = 0  # benchmark readers: first frame, frame stride (clips of data.num_frames frames)
     benchmark_stride: int = 1

@@ -13,7 +13,20 @@ from one4d_train.model.vae import WanVAE, load_vae
 def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype,
                    seed: int = 0) -> tuple[WanVAE, TextConditioning, CLIPImageEncoder | None]:
     """(VAE, text conditioning, CLIP image encoder or None) from ModelConfig paths. The tiny preset with empty
-    paths gets tiny random towers of the real architectures (seeded), so CPU runs take the same code path."""
+    paths gets tiny random towers of the real architectures (seeded on a forked RNG, so the global stream that
+    training resumes exactly is untouched), so CPU runs take the same code path. Real presets need real files."""
+    if mcfg.preset != "tiny":
+        missing = [k for k in ("vae", "image_encoder") if not getattr(mcfg, k) and
+                   (k != "image_encoder" or wan_cfg.has_image_input)]
+        if not (mcfg.text_encoder or mcfg.empty_prompt_embedding):
+            missing.append("text_encoder (or empty_prompt_embedding, with text embeddings stored in the shards)")
+        if missing:
+            raise ValueError(f"preset {mcfg.preset!r} needs local encoder files: set model.{', model.'.join(missing)}")
+    with torch.random.fork_rng(devices=[]):
+        return _build(mcfg, wan_cfg, device, dtype, seed)
+
+
+def _build(mcfg, wan_cfg, device, dtype, seed):
     vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device)
     if mcfg.text_encoder or mcfg.preset != "tiny":
         text = build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,

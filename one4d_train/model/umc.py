@@ -28,7 +28,7 @@ TEMPORAL_STRIDE = 4
 
 def sample_tasks(batch: int, cfg: UMCConfig, generator: torch.Generator) -> list[str]:
     """One task per sample, drawn with the configured probabilities."""
-    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    u = torch.rand(batch, generator=generator, dtype=torch.float64, device=generator.device).cpu()
     cum = torch.tensor([cfg.p_image, cfg.p_image + cfg.p_sparse], dtype=torch.float64)
     return [TASKS[int(i)] for i in torch.bucketize(u, cum, right=True)]
 
@@ -41,10 +41,11 @@ def sample_frame_mask(task: str, num_frames: int, cfg: UMCConfig, generator: tor
     elif task == "video":
         mask[:] = True
     elif task == "sparse":
-        frac = cfg.sparse_min_frac + (cfg.sparse_max_frac - cfg.sparse_min_frac) * torch.rand(1, generator=generator)
+        frac = cfg.sparse_min_frac + (cfg.sparse_max_frac - cfg.sparse_min_frac) * torch.rand(
+            1, generator=generator, device=generator.device).cpu()
         k = min(max(round(float(frac) * num_frames), 2), max(num_frames - 1, 1))
         mask[0] = True
-        mask[1 + torch.randperm(num_frames - 1, generator=generator)[: k - 1]] = True
+        mask[1 + torch.randperm(num_frames - 1, generator=generator, device=generator.device).cpu()[: k - 1]] = True
     else:
         raise ValueError(f"unknown UMC task {task!r}; expected one of {TASKS}")
     return mask
@@ -134,7 +135,7 @@ def condition_latents(tasks: list[str], frame_mask: torch.Tensor, rgb: torch.Ten
     todo = [i for i, t in enumerate(tasks) if t == "sparse" or (t == "image" and z_image is None)]
     if todo:
         idx = torch.tensor(todo, device=rgb.device)
-        z_c[idx] = encode_fn(condition_video(rgb[idx], frame_mask[idx].to(rgb.device))).to(z_c)
+        z_c[idx] = encode_fn(condition_video(rgb[idx], frame_mask[todo].to(rgb.device))).to(z_c)
     return z_c
 
 

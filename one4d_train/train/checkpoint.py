@@ -14,6 +14,7 @@ Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -200,6 +201,24 @@ def _safe_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_load(torch_module):
+    """Within the block, `torch_module.load` (a module's reference to torch, e.g. DeepSpeed's zero_to_fp32.torch)
+    reads with weights_only=True and only DeepSpeed's known classes allowed: nothing is unpickled."""
+    original = torch_module.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_safe_globals()):
+            return original(f, *args, **kwargs)
+
+    torch_module.load = load
+    try:
+        yield
+    finally:
+        torch_module.load = original
 
 
 def install_safe_loader(engine) -> None:

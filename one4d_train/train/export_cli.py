@@ -30,9 +30,10 @@ def _args(argv: list[str]) -> dict[str, str]:
 
 
 def rebuild_from_zero(ckpt: str, out: str) -> None:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils import zero_to_fp32
 
     from one4d_train.config import load_config
+    from one4d_train.train.checkpoint import weights_only_load
     from one4d_train.model.adapters import export_adapters
 
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
@@ -40,7 +41,8 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     if not os.path.isfile(cfg_path):
         raise SystemExit(f"one4d export: {cfg_path} not found (the run's merged config is needed to rebuild)")
     cfg = load_config([f"config={cfg_path}"])
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
+    with weights_only_load(zero_to_fp32.torch):
+        state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
     export_adapters(state, cfg.model, out)
 
 

@@ -45,12 +45,17 @@ class One4DTask:
         m = cfg.model
         self.dtype = DTYPES[m.compute_dtype]
         self.wan_cfg = wan_config(m.preset, in_dim=36, has_image_input=m.has_image_input)
-        if m.preset != "tiny":
-            for key in ("checkpoint", "vae"):
-                if not getattr(m, key):
-                    raise ValueError(f"model.{key} must point to local weights for preset {m.preset!r} "
-                                     "(random weights exist only for the tiny preset)")
+        if m.preset != "tiny" and not m.checkpoint:
+            raise ValueError(f"model.checkpoint must point to local weights for preset {m.preset!r} "
+                             "(random weights exist only for the tiny preset)")
+        if m.compile and cfg.train.zero_stage == 3:
+            raise ValueError("model.compile needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the "
+                             "compiled graphs (slower than eager, see benchmarks/PERF_NOTES.md)")
+        if m.compute_dtype != cfg.train.precision:
+            raise ValueError(f"model.compute_dtype={m.compute_dtype} and train.precision={cfg.train.precision} "
+                             "must agree: training and evaluation run the base in that one dtype")
         self._encoders = None
+        self._base_loaded_at_build = False
 
     # ---- model ------------------------------------------------------------------------------------------
     def build_model(self, partitioned) -> nn.Module:
@@ -58,20 +63,21 @@ class One4DTask:
         the trainable parts are then built replicated around it (the XYZ patch embedding and the ablations'
         widened embedding/head copy the loaded base's values) and partitioned by deepspeed.initialize."""
         set_attention_backend(self.cfg.model.attention)
-        with partitioned():
-            base = WanDiT(self.wan_cfg)
-        if not hasattr(base.patch_embedding.weight, "ds_id"):
-            base.to(self.dtype)
+        if self.cfg.train.zero_stage == 3:
+            with partitioned():
+                base = WanDiT(self.wan_cfg)
+        else:  # replicated base: built on meta, materialised once in the compute dtype on this device
+            with torch.device("meta"):
+                base = WanDiT(self.wan_cfg).to(self.dtype)
+            base.to_empty(device=_local_device(self.cfg.train.device))
         self._load_frozen(dict(base.named_parameters()), {n: n for n, _ in base.named_parameters()})
+        self._base_loaded_at_build = True
         copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
             model = One4DModel(base, self.cfg.model)
         if self.cfg.model.activation_checkpointing != "none":
             apply_activation_checkpointing(base.blocks, self.cfg.model.activation_checkpointing)
         if self.cfg.model.compile:
-            if self.cfg.train.zero_stage == 3:
-                log.warning("model.compile with ZeRO-3: parameter-fetch hooks break the compiled graphs "
-                            "(measured slower than eager); ZeRO-2 is the setting it pays with")
             compile_blocks(base.blocks)
         return model
 
@@ -96,7 +102,11 @@ class One4DTask:
                     p.copy_(get(official).to(p.dtype))
 
     def load_base_weights(self, model: nn.Module) -> None:
-        """Reload the frozen base (ZeRO-3 checkpoints do not hold it); trainable parameters are untouched."""
+        """Reload the frozen base (ZeRO-3 checkpoints do not hold it); trainable parameters are untouched. The
+        call right after engine init finds the weights build_model loaded and reads nothing."""
+        if self._base_loaded_at_build:
+            self._base_loaded_at_build = False
+            return
         self._load_frozen(dict(model.named_parameters()), base_parameter_names(model))
 
     # ---- data -------------------------------------------------------------------------------------------
@@ -175,7 +185,7 @@ class One4DTask:
                 pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
                 if not real:
                     continue
-                metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg)
+                metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg, device)
                 write_outputs(Path(out_dir) / f"rank{rank}-sample{i:04d}" / mode, pred["rgb"][0], geometry, metrics,
                               f"step {step} | sample {i} | {mode} mode", ecfg)
                 for j, key in enumerate(keys):
@@ -207,6 +217,12 @@ class One4DTask:
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
         export_adapters(trainable_state, self.cfg.model, out_dir)
+
+
+def _local_device(setting: str) -> torch.device:
+    if setting != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _rank() -> int:

@@ -9,6 +9,7 @@ import os
 from contextlib import nullcontext
 
 import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
 import torch
 import torch.distributed as dist
 
@@ -110,9 +111,10 @@ class Trainer:
         than one whole adapter tensor on the device, and let rank 0's task write them."""
         state = {}
         for name, p in self.trainable:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if self.env.is_main:
-                    state[name] = p.detach().to("cpu", copy=True)
+            # the optimizer's fp32 master (under bf16 the module holds a rounded copy); a collective under ZeRO-3
+            full = safe_get_full_fp32_param(p)
+            if self.env.is_main:
+                state[name] = (full if full is not None else p.detach()).to("cpu", torch.float32, copy=True)
         if self.env.is_main:
             os.makedirs(out_dir, exist_ok=True)
             self.task.export(state, out_dir)

@@ -20,6 +20,7 @@ from data_pipeline import shard_index as si
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
                                    tar_samples)
+from data_pipeline.shard import shard_done
 
 PLAN_VERSION = 1
 
@@ -94,16 +95,9 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
 
 
 def _done(out: Path, entry: dict) -> dict | None:
-    path = si.record_path(out, entry["name"])
-    if not path.is_file():
-        return None
-    try:
-        record = si.read_json(path)
-    except si.ShardIndexError:
-        return None
-    if record.get("source_sha256") != entry["sha256"] or si.verify_shard_file(out, record) is not None:
-        return None
-    return record
+    """The record of a finished output shard that still matches its file and was encoded from this source."""
+    record = shard_done(out, entry["name"])
+    return record if record is not None and record.get("source_sha256") == entry["sha256"] else None
 
 
 def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: int | None = None,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch_utils import ROOT, _env, _port, metric, mlflow_run, srun_like, torchrun
+from launch_utils import ROOT, _env, metric, mlflow_run, srun_like, torchrun
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, distributed
 from one4d_train.train.preemption import EXIT_BAD_STEPS, REQUEUE_EXIT_CODE

@@ -6,7 +6,6 @@ The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoin
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import deepspeed
@@ -30,7 +29,6 @@ from one4d_train.model.umc import condition_latents, first_observed_frame, fold_
 from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
 
-log = logging.getLogger(__name__)
 
 
 def base_parameter_names(model: nn.Module) -> dict[str, str]:

@@ -7,7 +7,7 @@ behind this interface. `train.task="module:Class"` selects another implementatio
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
 
 import torch
 from torch import nn

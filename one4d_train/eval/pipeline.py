@@ -163,6 +163,15 @@ def write_outputs(out_dir: Path, pred_rgb: torch.Tensor, geometry: dict, metrics
     return files
 
 
+def score_and_write(pred: dict, batch: dict, ecfg, device, out_dir: Path, title: str) -> dict:
+    """Score one generated sample (a batch of one) against its ground truth and write its outputs; returns the
+    metrics, with the written files under 'files'."""
+    single = {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+    metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg, device)
+    metrics["files"] = write_outputs(out_dir, pred["rgb"][0], geometry, metrics, title, ecfg)
+    return metrics
+
+
 def iter_samples(cfg) -> Iterator[dict]:
     """eval.num_samples samples (batches of one) of eval.dataset (default data.val_shards): shards through
     the data pipeline with centre crops, or a benchmark through its reader."""
@@ -242,12 +251,9 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     bar = tqdm(total=len(samples) * len(ecfg.modes), desc="eval", disable=not progress, unit="run")
     for i, batch in enumerate(samples):
         name = _sample_name(batch, i)
-        single = {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
         for mode in ecfg.modes:
             pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
-            metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg, gen.device)
-            title = f"{name} | {mode} mode"
-            metrics["files"] = write_outputs(out / name / mode, pred["rgb"][0], geometry, metrics, title, ecfg)
+            metrics = score_and_write(pred, batch, ecfg, gen.device, out / name / mode, f"{name} | {mode} mode")
             results.append({"sample": name, "mode": mode, **metrics})
             bar.update(1)
     bar.close()

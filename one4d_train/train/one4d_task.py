@@ -6,7 +6,9 @@ The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoin
 """
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -161,9 +163,7 @@ class One4DTask:
         """Every rank samples its share of the held-out set (eval.num_samples of data.val_shards / eval.dataset)
         in every eval mode; a rank with no sample left in a round samples a dummy so all ranks run the same
         forwards (ZeRO-3 gathers are collective). Means per mode are all-reduced; outputs go to out_dir."""
-        from pathlib import Path
-
-        from one4d_train.eval.pipeline import Generator, generate, iter_samples, score, write_outputs
+        from one4d_train.eval.pipeline import Generator, generate, iter_samples, score_and_write
 
         ecfg = self.cfg.eval
         if not (ecfg.dataset or self.cfg.data.val_shards):
@@ -178,18 +178,16 @@ class One4DTask:
             i = first + rank
             real = i < len(samples)
             batch = samples[i if real else 0]
-            single = {k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
             for mode in ecfg.modes:
                 pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
                 if not real:
                     continue
-                metrics, geometry = score(pred["rgb"][0], pred["xyz"][0], pred["frame_mask"][0], single, ecfg, device)
-                write_outputs(Path(out_dir) / f"rank{rank}-sample{i:04d}" / mode, pred["rgb"][0], geometry, metrics,
-                              f"step {step} | sample {i} | {mode} mode", ecfg)
-                for j, key in enumerate(keys):
-                    m, name = key.split("/")
+                metrics = score_and_write(pred, batch, ecfg, device, Path(out_dir) / f"rank{rank}-sample{i:04d}" / mode,
+                                          f"step {step} | sample {i} | {mode} mode")
+                for name in self.EVAL_KEYS:
                     value = metrics.get(name)
-                    if m == mode and value is not None and torch.isfinite(torch.tensor(float(value))):
+                    if value is not None and math.isfinite(float(value)):
+                        j = keys.index(f"{mode}/{name}")
                         sums[j] += float(value)
                         counts[j] += 1
         if torch.distributed.is_initialized():

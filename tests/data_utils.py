@@ -2,6 +2,10 @@
 built by the project's own code paths (data_pipeline.synthetic, data_pipeline.shard)."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from data_pipeline.shard import run_sharding
@@ -21,3 +25,16 @@ def make_shards(tmp_dir, num_clips: int = 4, frames: int = 9, height: int = 32, 
     out = Path(tmp_dir) / "shards"
     run_sharding(manifest, out, samples_per_shard=samples_per_shard, workers=1, progress=False)
     return out
+
+
+def kill_after_first_shard(cmd: list[str], out: Path, cwd, timeout: float, env: dict | None = None) -> int:
+    """Run a shard-writing command and SIGKILL it as soon as its first finished-shard record appears in `out`;
+    returns how many records it had written by then."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while not list(out.glob("*.record.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(out.glob("*.record.json")))
+

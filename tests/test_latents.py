@@ -2,16 +2,13 @@
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from data_utils import make_shards
+from data_utils import kill_after_first_shard, make_shards
 
 from data_pipeline.config import DataConfig
 from data_pipeline.latents import (LatentsMismatchError, LatentsSpec, fixed_window_sample, image_condition,
@@ -170,13 +167,7 @@ def test_killed_encode_resumes_to_identical_output(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "one4d_train.cli", "encode-latents", str(src), str(out), *CONFIG, "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (one_thread): same arithmetic
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 90
-    while not list(out.glob("*.record.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(out.glob("*.record.json")))
+    done = kill_after_first_shard(cmd, out, ROOT, timeout=90, env=env)
     assert not (out / "index.json").exists() and 1 <= done < 10, f"kill landed after {done} shards"
 
     summary = run_encode(src, out, cfg, progress=False)

@@ -2,11 +2,8 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,7 @@ from data_pipeline.shard_index import read_index, sha256_file
 from data_pipeline.synthetic import render_clip
 from data_pipeline.video import decode_frames
 from one4d_train.cli import main as one4d_main
-from data_utils import make_dataset, make_shards
+from data_utils import kill_after_first_shard, make_dataset, make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,13 +158,7 @@ def test_killed_run_resumes_to_the_identical_index(tmp_path, manifest):
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "one4d_train.cli", "shard", str(many), str(out), "--samples-per-shard", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not list(out.glob("*.record.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(out.glob("*.record.json")))
+    done = kill_after_first_shard(cmd, out, ROOT, timeout=60)
     assert not (out / "index.json").exists() and 1 <= done < 40, f"kill landed after {done} shards"
 
     summary = run_sharding(many, out, samples_per_shard=1, progress=False)

@@ -32,7 +32,6 @@ from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
 
 
-
 def base_parameter_names(model: nn.Module) -> dict[str, str]:
     """{One4D parameter name: official Wan2.1 name} for the frozen backbone parameters."""
     return {name: name[len("base."):].replace(".base_layer.", ".")
@@ -70,7 +69,8 @@ class One4DTask:
             with torch.device("meta"):
                 base = WanDiT(self.wan_cfg).to(self.dtype)
             base.to_empty(device=_local_device(self.cfg.train.device))
-        self._load_frozen(dict(base.named_parameters()), {n: n for n, _ in base.named_parameters()})
+        params = dict(base.named_parameters())
+        self._load_frozen(params, {n: n for n in params})
         self._base_loaded_at_build = True
         copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):

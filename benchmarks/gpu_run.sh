@@ -9,6 +9,8 @@
 #     short : 14B ZeRO-2 eager, 1.3B peer, tests, 1.3B ZeRO-2 compiled (the second call of 2026-11-25)
 #     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
 #     release: the shipped defaults (ZeRO-2, compiled blocks, stored latents) for both presets and both peers
+#     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
+#     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
 set -u
 OUT=${OUT:-/tmp/one4d-bench}
@@ -77,6 +79,24 @@ if [[ $WHAT == release ]]; then  # the shipped defaults (ZeRO-2, compiled blocks
   part 100 "1.3b ours ZeRO-2 compiled" $B --preset 1.3b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
     --variants "ckpt=selective+compile=1+vae=latents"
   part 60 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 6
+fi
+if [[ $WHAT == offload ]]; then  # activation offload at 14B, the VAE's settings, where the optimizer step goes
+  part 20 "matmul + SDPA rates" $B --matmul
+  part 90 "pytest -m gpu (offload, compiled)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k "offload or compiled"
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+  part 60 "VAE condition encode: settings" $B --vae --vae-levers
+  part 80 "1.3b optimizer profile" $B --preset 1.3b --zero-stage 2 --lever zero2 --warmup 2 --steps 3 --profile \
+    --variants "ckpt=selective+compile=1+vae=none"
+  part 280 "14b offload" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 1 --steps 5 \
+    --variants "ckpt=full+compile=1+offload=1+vae=latents,ckpt=selective_self"
+fi
+if [[ $WHAT == profile ]]; then  # the VAE's settings, where the 1.3B and 14B steps go (profiles in the log)
+  part 100 "VAE condition encode: settings" $B --vae --vae-levers
+  part 130 "1.3b optimizer profile" $B --preset 1.3b --zero-stage 2 --lever zero2 --warmup 2 --steps 3 --profile \
+    --variants "ckpt=selective+compile=1+vae=none"
+  part 290 "14b selective + offload, profile" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 1 --steps 4 \
+    --profile --variants "ckpt=selective+compile=1+offload=1+vae=latents"
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

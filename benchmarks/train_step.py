@@ -175,10 +175,55 @@ def build_vae(device, tiny: bool = False):
     return WanVAE(model, dtype=dtype, device=device)
 
 
+def vae_flops(vae, video) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        vae.encode(video)
+    return counter.get_total_flops()
+
+
+def bench_vae_levers(args, vae, video) -> None:
+    """Condition-video encode under each setting, applied cumulatively: bf16 as shipped, cuDNN autotuning,
+    channels-last-3d weights and input."""
+    dev = video.device
+    flops = vae_flops(vae, video)
+    record(args.results, {"kind": "vae_flops", "videos": "condition", "flops": flops})
+    def channels_last():
+        for m in vae.model.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+
+    def compiled():
+        vae.model.encoder = torch.compile(vae.model.encoder)
+
+    levers = [("bf16", lambda: None),
+              ("cudnn.benchmark", lambda: setattr(torch.backends.cudnn, "benchmark", True)),
+              ("channels_last_3d weights", channels_last),
+              ("torch.compile(encoder)", compiled)]
+    for name, apply in levers:
+        try:
+            apply()
+            walls = []
+            for i in range(4):
+                sync(dev)
+                t0 = time.perf_counter()
+                vae.encode(video)
+                sync(dev)
+                walls.append(time.perf_counter() - t0)
+            s = statistics.median(walls[1:])
+            record(args.results, {"kind": "vae", "videos": f"condition, + {name}", "encode_s": s,
+                                  "tflops": flops / s / 1e12, "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
+        except Exception as exc:  # record and go on
+            record(args.results, {"kind": "vae_error", "videos": name, "error": str(exc).splitlines()[0][:200]})
+    torch.backends.cudnn.benchmark = False
+
+
 def bench_vae(args) -> None:
     dev = torch.device(args.device)
     vae = build_vae(dev, tiny=args.preset == "tiny")
     video = torch.rand(1, 3, *video_shape(args), device=dev) * 2 - 1
+    if args.vae_levers:
+        return bench_vae_levers(args, vae, video)
     for name, n in (("condition", 1), ("rgb+xyz+condition", 3)):
         batch = video.expand(n, -1, -1, -1, -1).contiguous()
         torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
@@ -214,6 +259,7 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   n=<steps>                                         timed steps of this variant (default --steps)
   compile=0|1                                       regional torch.compile of each block (one4d_train.model.compile;
         not under ZeRO-3: its parameter hooks break the graphs)
+  offload=0|1                                       saved block activations in pinned host memory (model/offload.py)
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
 
 
@@ -296,7 +342,7 @@ def our_flops(cfg, args) -> float:
 
 
 def parse_variants(text: str) -> list[dict]:
-    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": "0", "n": None}
+    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": "0", "offload": "0", "n": None}
     for item in text.split(","):
         item = item.strip()
         if not item:
@@ -357,6 +403,21 @@ def build_our_engine(cfg, args, device):
     return engine, ds_config, changed, build_s, time.perf_counter() - t0
 
 
+def profile_step(step, device) -> None:
+    """One more step under torch.profiler: the ops that take the most device time, in the log."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60), flush=True)
+    opt = [e for e in prof.key_averages() if e.key == "optimizer_step"]
+    for e in opt:
+        print(f"optimizer_step: cpu {e.cpu_time_total / 1e3:.1f} ms, device {e.device_time_total / 1e3:.1f} ms",
+              flush=True)
+
+
 def run_ours(args) -> None:
     from one4d_train.diffusion.objective import flow_loss, noisy_pair
     from one4d_train.model import attention as attn_mod
@@ -414,26 +475,32 @@ def run_ours(args) -> None:
         ev.mark("dit_fwd")
         engine.backward(loss)
         ev.mark("dit_bwd")
-        engine.step()
+        with torch.profiler.record_function("optimizer_step"):
+            engine.step()
         ev.mark("optimizer")
         state["loss"] = loss.detach()
         return ev
 
+    from one4d_train.model.compile import compile_blocks, is_compiled, uncompile_blocks
+    from one4d_train.model.offload import apply_activation_offload
+
     last_ckpt = None
     for v in variants:
         if v["ckpt"] and v["ckpt"] != last_ckpt:
+            uncompile_blocks(model.base.blocks)  # checkpointing wraps the uncompiled call; compiled again below
             set_checkpointing(model.base.blocks, v["ckpt"])
             last_ckpt = v["ckpt"]
         if v["attn"]:
             attn_mod.set_attention_backend(v["attn"])
-        if v["compile"] == "1":
-            from one4d_train.model.compile import compile_blocks, is_compiled
-            if not all(is_compiled(b) for b in model.base.blocks):
-                compile_blocks(model.base.blocks)
+        if v["compile"] == "1" and not all(is_compiled(b) for b in model.base.blocks):
+            compile_blocks(model.base.blocks)
+        elif v["compile"] == "0":
+            uncompile_blocks(model.base.blocks)
+        offload = apply_activation_offload(model, v["offload"] == "1")
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": v["ckpt"] or cfg.model.activation_checkpointing, "attn": attn_mod.get_attention_backend(),
-               "vae": v["vae"], "compile": v["compile"], "zero_stage": cfg.train.zero_stage,
+               "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         try:
@@ -443,6 +510,10 @@ def run_ours(args) -> None:
             walls, spans = timed_loop(step, args.warmup, int(v["n"] or args.steps), device)
             row.update(summarise(walls, spans))
             row["loss"] = float(state["loss"])
+            if args.profile:
+                profile_step(step, device)
+            if offload is not None:
+                row["offload_gb_per_step"] = offload.stats.bytes / 1e9 / (args.warmup + row["steps"])
             if device.type == "cuda":
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -553,7 +624,6 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         if os.path.exists(p):
             rows += [json.loads(line) for line in open(p) if line.strip()]
     matmul = next((r["tflops"] for r in rows if r.get("kind") == "matmul"), None)
-    vae = {r["videos"]: r["encode_s"] for r in rows if r.get("kind") == "vae"}
     peer = {r["preset"]: r for r in rows if r.get("kind") == "peer" and "step_s" in r}
     lines = []
     head = rows[0] if rows else {}
@@ -566,8 +636,15 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         if r.get("kind") == "attention":
             lines.append(f"SDPA {r['backend']}: " + (f"{r['tflops_fwd_bwd']:.0f} TFLOP/s fwd+bwd (2x18018 tok, 12x128)"
                                                       if "tflops_fwd_bwd" in r else r.get("error", "")))
-    for name, s in vae.items():
-        lines.append(f"VAE encode ({name}): {s:.2f} s")
+    vae_tflop = {r["videos"]: r["flops"] / 1e12 for r in rows if r.get("kind") == "vae_flops"}
+    for name, tf in vae_tflop.items():
+        lines.append(f"VAE encode FLOPs ({name}): {tf:.1f} TFLOP")
+    for r in rows:
+        if r.get("kind") == "vae_error":
+            lines.append(f"VAE encode ({r['videos']}): {r['error']}")
+        if r.get("kind") == "vae":
+            rate = f", {r['tflops']:.0f} TFLOP/s" if "tflops" in r else ""
+            lines.append(f"VAE encode ({r['videos']}): {r['encode_s']:.3f} s{rate}")
     cols = ["preset", "who", "variant", "step s", "samples/s", "PFLOP", "MFU989", "MFUmm", "DiT MFU", "peak GB", "vae/cond",
             "fwd", "bwd", "optim", "data", "x peer", "note"]
     table = []
@@ -592,7 +669,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"{100 * mfu_mm:.1f}%", f"{100 * r['flops'] / dit / H100_PEAK:.1f}%",
                       f"{r.get('peak_gb', float('nan')):.1f}", f"{r['vae_cond_s']:.3f}", f"{r['dit_fwd_s']:.3f}",
                       f"{r['dit_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", "0", f"{speed:.2f}x{mark}" if speed == speed else "-",
-                      f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"])
+                      f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
+                      + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     lines.append(fmt(cols))
@@ -620,6 +698,8 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default=None, help="append JSON lines here")
     ap.add_argument("--matmul", action="store_true")
     ap.add_argument("--vae", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one extra step per variant (table in the log)")
+    ap.add_argument("--vae-levers", action="store_true", help="with --vae: condition encode per VAE setting")
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--report", nargs="*", default=None, help="print the table of these result files")
     ap.add_argument("--peer-ref", default="", help="preset=s/step,... peer times for presets without a peer row")

@@ -59,6 +59,7 @@ class ModelConfig:
     num_links: int = 5
     xyz_patch_embedding: bool = True  # the XYZ branch's own trainable patch embedding (from the base's)
     activation_checkpointing: str = "full"  # none | full | selective
+    activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     umc: UMCConfig = field(default_factory=UMCConfig)

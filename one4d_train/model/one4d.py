@@ -13,6 +13,7 @@ Designs (ModelConfig.design), all on the backbone's public stages:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +26,7 @@ from one4d_train.model.checkpointing import apply_activation_checkpointing
 from one4d_train.model.config import ModelConfig
 from one4d_train.model.control_links import ControlLinks, resolve_link_blocks
 from one4d_train.model.dlc import BRANCHES, SHARED, InputDtypeConv3d, InputDtypeLinear, apply_dlc
+from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.state_dict import load_backbone_weights
 
 LATENT_CHANNELS = 16
@@ -74,6 +76,7 @@ class One4DModel(nn.Module):
         self.out_dim = base.head.head.out_features // self.patch_volume
         device = embedding.weight.device
         self.compute_dtype = embedding.weight.dtype
+        self.activation_offload = None  # a HostOffload (offload.py) around the blocks, set by apply_activation_offload
 
         if self.design == "dlc":
             apply_dlc(base, cfg.lora, BRANCHES)
@@ -125,10 +128,11 @@ class One4DModel(nn.Module):
 
     def _run_blocks(self, tokens, e0, ctx, grid):
         freqs = self.base.rope_freqs(grid, tokens.device)
-        for i, block in enumerate(self.base.blocks):
-            tokens = block(tokens, e0, ctx, freqs)
-            if self.link_blocks and self.control_links.has(i):
-                tokens = self.control_links(i, tokens)
+        with self.activation_offload() if self.activation_offload else contextlib.nullcontext():
+            for i, block in enumerate(self.base.blocks):
+                tokens = block(tokens, e0, ctx, freqs)
+                if self.link_blocks and self.control_links.has(i):
+                    tokens = self.control_links(i, tokens)
         return tokens
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -178,4 +182,5 @@ def build_one4d(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None
         model = One4DModel(base, cfg)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(base.blocks, cfg.activation_checkpointing)
+    apply_activation_offload(model, cfg.activation_offload)
     return model

@@ -22,6 +22,7 @@ from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_activation_checkpointing
 from one4d_train.model.compile import compile_blocks
+from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.encoders import build_encoders
 from one4d_train.model.flops import FlopShape, training_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
@@ -77,6 +78,7 @@ class One4DTask:
             model = One4DModel(base, self.cfg.model)
         if self.cfg.model.activation_checkpointing != "none":
             apply_activation_checkpointing(base.blocks, self.cfg.model.activation_checkpointing)
+        apply_activation_offload(model, self.cfg.model.activation_offload)
         if self.cfg.model.compile:
             compile_blocks(base.blocks)
         return model

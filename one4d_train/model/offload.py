@@ -1,0 +1,150 @@
+"""Activation offload: the large tensors autograd saves in the DiT blocks live in pinned host memory between
+forward and backward.
+
+With checkpointing, what a block keeps is its input (and, in selective mode, its attention outputs): at 14B and
+2 x 18,018 tokens 369 MB per tensor, 14.8 GB for the 40 block inputs alone. Inside `HostOffload()`, every saved
+tensor of at least `min_bytes` (parameters excepted) is copied to pinned host memory on a side stream as soon as
+it is saved, so its device memory is free once the forward no longer uses it. Backward unpacks saved tensors in
+the reverse order of packing (block by block), so each unpack also starts the host-to-device copy of the next
+`prefetch` tensors on the side stream, overlapping the copies with the current block's backward.
+
+Saved tensors reach the hooks both from eager checkpointing (torch's non-reentrant checkpoint saves its inputs
+with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).
+On a CPU device the copies are plain copies (no streams): the same code path, for tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OffloadStats:
+    tensors: int = 0
+    bytes: int = 0
+    prefetched: int = 0
+
+
+@dataclass
+class _Entry:
+    host: torch.Tensor
+    device: torch.device
+    ready: torch.cuda.Event | None = None  # device-to-host copy done
+    loaded: torch.Tensor | None = None  # prefetched device copy
+    loaded_ready: torch.cuda.Event | None = None
+    used: bool = False  # handed to backward once (its device copy then belongs to autograd)
+
+
+@dataclass
+class _Session:
+    owner: "HostOffload"
+    params: set[int]
+    entries: list[_Entry] = field(default_factory=list)
+    by_id: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
+
+    def pack(self, t: torch.Tensor):
+        nbytes = t.numel() * t.element_size()
+        if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter)
+                or t.untyped_storage().data_ptr() in self.params):
+            return t
+        seen = self.by_id.get(id(t))
+        if seen is not None and seen[0]() is t:
+            return self, seen[1]
+        host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+        entry = _Entry(host, t.device)
+        if t.is_cuda:
+            side = self.owner.stream(t.device)
+            side.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(side):
+                host.copy_(t, non_blocking=True)
+                entry.ready = torch.cuda.Event()
+                entry.ready.record(side)
+            t.record_stream(side)  # the device memory is not reused before the copy has read it
+        else:
+            host.copy_(t)
+        self.entries.append(entry)
+        index = len(self.entries) - 1
+        self.by_id[id(t)] = (weakref.ref(t), index)
+        self.owner.stats.tensors += 1
+        self.owner.stats.bytes += nbytes
+        return self, index
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        _, index = packed
+        entry = self.entries[index]
+        if entry.device.type != "cuda":
+            entry.used = True
+            return entry.host.clone()
+        out = self._load(entry, wait=True)
+        for j in range(index - 1, max(index - 1 - self.owner.prefetch, -1), -1):
+            if self.entries[j].loaded is None and not self.entries[j].used:
+                self._load(self.entries[j], wait=False)
+                self.owner.stats.prefetched += 1
+        return out
+
+    def _load(self, entry: _Entry, wait: bool) -> torch.Tensor:
+        current = torch.cuda.current_stream(entry.device)
+        if entry.loaded is None:
+            side = self.owner.stream(entry.device)
+            loaded = torch.empty_like(entry.host, device=entry.device)  # from the current stream's pool
+            side.wait_stream(current)  # the block is free in the current stream's order
+            with torch.cuda.stream(side):
+                side.wait_event(entry.ready)
+                loaded.copy_(entry.host, non_blocking=True)
+                entry.loaded_ready = torch.cuda.Event()
+                entry.loaded_ready.record(side)
+            entry.loaded = loaded
+        if not wait:
+            return entry.loaded
+        current.wait_event(entry.loaded_ready)
+        out, entry.loaded, entry.used = entry.loaded, None, True  # freed when autograd is done with it
+        return out
+
+
+class HostOffload:
+    """`with offload():` around a forward keeps its large saved tensors in host memory until backward.
+
+    min_bytes: smallest tensor moved (smaller ones stay on the device: copies would cost more than they free).
+    prefetch: saved tensors brought back ahead of their use in backward.
+    exclude: module whose parameters are never moved (they are not activations)."""
+
+    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = 16 << 20, prefetch: int = 2):
+        if min_bytes < 0 or prefetch < 0:
+            raise ValueError("activation offload: min_bytes and prefetch must be >= 0")
+        self.exclude = exclude
+        self.min_bytes = min_bytes
+        self.prefetch = prefetch
+        self.stats = OffloadStats()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _param_storages(self) -> set[int]:
+        if self.exclude is None:
+            return set()
+        tensors = list(self.exclude.parameters()) + list(self.exclude.buffers())
+        return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not torch.is_grad_enabled():
+            yield
+            return
+        session = _Session(self, self._param_storages())
+        with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
+            yield
+
+
+def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -> HostOffload | None:
+    """Offload the saved activations of `model`'s blocks (a One4DModel) to host memory, or stop doing so."""
+    model.activation_offload = HostOffload(exclude=model, **kwargs) if enabled else None
+    return model.activation_offload

@@ -1,0 +1,77 @@
+"""Activation offload (model/offload.py): same gradients as without it, only activations moved, each once.
+The GPU side (pinned copies on a side stream, peak memory) is in test_gpu.py."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from one4d_train.model.checkpointing import apply_activation_checkpointing
+from one4d_train.model.compile import compile_blocks
+from one4d_train.model.offload import HostOffload, apply_activation_offload
+from test_dlc import model_inputs, tiny_one4d
+
+
+def loss_and_grads(model, inputs):
+    v_rgb, v_xyz = model(*inputs)
+    loss = v_rgb.square().mean() + v_xyz.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("ckpt,compiled", [("none", False), ("full", False), ("selective", False), ("full", True)])
+def test_offload_keeps_loss_and_gradients(ckpt, compiled):
+    model, _ = tiny_one4d(activation_checkpointing=ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # zero-initialised links would hide the XYZ branch
+    apply_activation_checkpointing(model.base.blocks, ckpt)
+    offloaded = copy.deepcopy(model)
+    if compiled:  # the compiled region's saved tensors pass through the same hooks
+        compile_blocks(offloaded.base.blocks)
+    offload = apply_activation_offload(offloaded, min_bytes=0)
+    inputs = model_inputs()
+    want_loss, want = loss_and_grads(model, inputs)
+    loss, got = loss_and_grads(offloaded, inputs)
+    assert offload.stats.tensors > 0
+    assert torch.allclose(loss, want_loss, rtol=1e-6) if compiled else torch.equal(loss, want_loss)
+    for name, g in want.items():
+        if compiled:  # Inductor's fused kernels round differently
+            assert (got[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+        else:
+            assert torch.equal(got[name], g), name
+
+
+def test_offload_moves_activations_only_and_each_once():
+    from one4d_train.model.offload import _Session
+
+    model, _ = tiny_one4d()
+    offload = HostOffload(exclude=model, min_bytes=0)
+    session = _Session(offload, offload._param_storages())
+    weight = model.base.patch_embedding.weight
+    assert session.pack(weight) is weight  # a parameter
+    assert isinstance(session.pack(weight.detach()), torch.Tensor) and offload.stats.tensors == 0  # its storage
+    x = torch.randn(4, 8)
+    first, again = session.pack(x), session.pack(x)
+    assert first == again and offload.stats.tensors == 1 and offload.stats.bytes == x.numel() * 4
+    y = x * 2
+    second = session.pack(y)
+    assert second[1] == 1 and torch.equal(session.unpack(second), y) and torch.equal(session.unpack(first), x)
+    small = HostOffload(min_bytes=1 << 20)
+    assert _Session(small, set()).pack(x) is x
+
+
+def test_offload_threshold_and_no_grad():
+    model, _ = tiny_one4d()
+    offload = apply_activation_offload(model, min_bytes=1 << 30)
+    model(*model_inputs())[0].sum().backward()
+    assert offload.stats.tensors == 0  # nothing that large in the tiny model
+    offload = apply_activation_offload(model, min_bytes=0)
+    with torch.no_grad():
+        model(*model_inputs())
+    assert offload.stats.tensors == 0
+    assert apply_activation_offload(model, enabled=False) is None and model.activation_offload is None
+    with pytest.raises(ValueError, match="min_bytes"):
+        HostOffload(min_bytes=-1)

@@ -251,8 +251,8 @@ def latent_shape(args) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------------- our model
 
 LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings applied in place on the same engine):
-  ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (mixed:K = first K blocks
-        selective_self, the rest full; selective_self keeps only the self-attention outputs)
+  ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (model/checkpointing.py;
+        mixed:K = the first K blocks selective_self, the rest full)
   attn=auto|cudnn|flash|efficient|fa2|fa3           attention backend
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
@@ -263,53 +263,14 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
 
 
-def self_attention_policy():
-    """Selective checkpointing that keeps only self-attention outputs (keys longer than the context)."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-    from one4d_train.model import checkpointing as ck
-
-    ops = ck._saved_ops()
-
-    def policy(ctx, op, *args, **kwargs):
-        # keys [B, H, Sk, D] (SDPA) or [B, Sk, H, D] (flash-attn): self-attention has video-length keys
-        if op in ops and max(args[1].shape[1], args[1].shape[2]) > 1024:
-            return CheckpointPolicy.MUST_SAVE
-        return CheckpointPolicy.PREFER_RECOMPUTE
-
-    return lambda: create_selective_checkpoint_contexts(policy)
-
-
 def set_checkpointing(blocks, mode: str) -> None:
     from one4d_train.model.checkpointing import apply_activation_checkpointing
     if mode.startswith("mixed:"):
         k = int(mode.split(":")[1])
         apply_activation_checkpointing(blocks, "full")
-        apply_activation_checkpointing(list(blocks)[:k], "selective")
-        for b in list(blocks)[:k]:
-            b._checkpoint_mode = "selective_self"
-    elif mode == "selective_self":
-        apply_activation_checkpointing(blocks, "selective")
-        for b in blocks:
-            b._checkpoint_mode = "selective_self"
+        apply_activation_checkpointing(list(blocks)[:k], "selective_self")
     else:
         apply_activation_checkpointing(blocks, mode)
-
-
-def install_selective_self() -> None:
-    """Teach the checkpointed block class the `selective_self` mode (benchmark-side, no model change)."""
-    from torch.utils.checkpoint import checkpoint
-    from one4d_train.model import checkpointing as ck
-
-    context_fn = self_attention_policy()
-    orig = ck._Checkpointed.__call__
-
-    def call(self, *args, **kwargs):
-        if torch.is_grad_enabled() and getattr(self, "_checkpoint_mode", "") == "selective_self":
-            return checkpoint(super(ck._Checkpointed, self).__call__, *args, use_reentrant=False,
-                              context_fn=context_fn, **kwargs)
-        return orig(self, *args, **kwargs)
-
-    ck._Checkpointed.__call__ = call
 
 
 def our_config(args):
@@ -428,7 +389,6 @@ def run_ours(args) -> None:
         torch.cuda.set_device(0)
         torch.backends.cuda.matmul.allow_tf32 = True
     init_dist(device)
-    install_selective_self()
     cfg = our_config(args)
     variants = parse_variants(args.variants)
     flops = our_flops(cfg, args)

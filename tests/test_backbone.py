@@ -188,7 +188,7 @@ def test_bf16_model_keeps_fp32_modulation_and_tracks_fp32():
     assert rel < 0.05, rel
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "selective_self"])
 def test_activation_checkpointing_same_gradients(mode):
     model = random_model(True)
     x, t, context, clip = inputs(model.cfg)
@@ -254,3 +254,32 @@ def test_gpu_bf16_checkpointing_same_gradients(mode):
     got = grads()
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=2e-2, atol=1e-3 * want[n].abs().max().item() + 1e-6), n
+
+
+@pytest.mark.parametrize("mode,recomputed", [("full", 3), ("selective", 0), ("selective_self", 2)])
+def test_selective_checkpointing_recomputes_only_what_it_does_not_keep(mode, recomputed, monkeypatch):
+    """Attention kernels run again in backward per block: all three under `full` (self, text and image
+    cross-attention), none under `selective`, the two cross-attentions under `selective_self`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from one4d_train.model.checkpointing import _saved_ops
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountAttention.calls += func in _saved_ops()
+            return func(*args, **(kwargs or {}))
+
+    from one4d_train.model import attention
+
+    # one kernel per attention on CPU too (SDPA's flash attention for CPU), as on a GPU
+    sdpa = attention._sdpa
+    monkeypatch.setattr(attention, "_sdpa", lambda q, k, v, backends: sdpa(q, k, v, None))
+    model = random_model(True)
+    apply_activation_checkpointing(model.blocks, mode)
+    x, t, context, clip = inputs(model.cfg, batch=1)
+    loss = model(x, t[:1], context[:1, :16], clip[:1]).square().sum()
+    with CountAttention():
+        loss.backward()
+    assert CountAttention.calls == recomputed * len(model.blocks), CountAttention.calls

@@ -58,7 +58,7 @@ class ModelConfig:
     link_blocks: list[int] = field(default_factory=list)  # blocks followed by control links; empty = num_links evenly spaced
     num_links: int = 5
     xyz_patch_embedding: bool = True  # the XYZ branch's own trainable patch embedding (from the base's)
-    activation_checkpointing: str = "full"  # none | full | selective
+    activation_checkpointing: str = "full"  # none | full | selective | selective_self (model/checkpointing.py)
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
@@ -69,7 +69,8 @@ class ModelConfig:
         p += choice(self.preset, ["tiny", "1.3b", "14b"], "preset")
         p += choice(self.attention, ["auto", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
         p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
-        p += choice(self.activation_checkpointing, ["none", "full", "selective"], "activation_checkpointing")
+        p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
+                    "activation_checkpointing")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += in_range(self.num_links, 0, None, "num_links")
         return p

@@ -8,7 +8,8 @@
 #     levers: 1.3B under ZeRO-2: checkpointing modes, flash vs auto, compile
 #     short : 14B ZeRO-2 eager, 1.3B peer, tests, 1.3B ZeRO-2 compiled (the second call of 2026-11-25)
 #     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
-#     release: the shipped defaults (ZeRO-2, compiled blocks, stored latents) for both presets and both peers
+#     release: the shipped experiment configs (ZeRO-2, compiled blocks, stored latents; 14B selective_self +
+#              activation offload) for both presets and both peers; release-small / release-large: one preset
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
@@ -40,7 +41,8 @@ if [[ $WHAT == small || $WHAT == all ]]; then
   part 75 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 10
 fi
 if [[ $WHAT == tests || $WHAT == small || $WHAT == all ]]; then
-  part 120 "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_dlc.py tests/test_attention.py
+  part ${TTESTS:-120} "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_dlc.py \
+    tests/test_attention.py tests/test_backbone.py
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
 fi
 if [[ $WHAT == small || $WHAT == all ]]; then
@@ -71,14 +73,14 @@ if [[ $WHAT == final ]]; then  # the open measurements in one call (~9 min): 14B
   part 120 "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
 fi
-if [[ $WHAT == release ]]; then  # the shipped defaults (ZeRO-2, compiled blocks, stored target latents) vs the peers
+if [[ $WHAT == release || $WHAT == release-small ]]; then  # the shipped experiment configs vs the peers
   part 20 "matmul + SDPA rates" $B --matmul
-  part 250 "14b ours ZeRO-2 compiled" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
-    --variants "ckpt=full+compile=1+vae=latents"
-  part 100 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
-  part 100 "1.3b ours ZeRO-2 compiled" $B --preset 1.3b --zero-stage 2 --lever zero2 --warmup 2 --steps 10 \
-    --variants "ckpt=selective+compile=1+vae=latents"
+  part 100 "1.3b ours (configs/experiment/one4d_1.3b.yaml)" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents"
   part 60 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 6
+fi
+if [[ $WHAT == release || $WHAT == release-large ]]; then
+  part 250 "14b ours (configs/experiment/one4d_14b.yaml)" $B --preset 14b --warmup 2 --steps 8 --variants "vae=latents"
+  part 100 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
 fi
 if [[ $WHAT == offload ]]; then  # activation offload at 14B, the VAE's settings, where the optimizer step goes
   part 20 "matmul + SDPA rates" $B --matmul

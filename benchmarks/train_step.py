@@ -257,9 +257,10 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
   n=<steps>                                         timed steps of this variant (default --steps)
-  compile=0|1                                       regional torch.compile of each block (one4d_train.model.compile;
-        not under ZeRO-3: its parameter hooks break the graphs)
-  offload=0|1                                       saved block activations in pinned host memory (model/offload.py)
+  compile=0|1                                       regional torch.compile of each block (model/compile.py; not
+        under ZeRO-3: its parameter hooks break the graphs); unset: as the experiment config says
+  offload=0|1                                       saved block activations in pinned host memory (model/offload.py);
+        unset: as the experiment config says
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
 
 
@@ -303,7 +304,7 @@ def our_flops(cfg, args) -> float:
 
 
 def parse_variants(text: str) -> list[dict]:
-    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": "0", "offload": "0", "n": None}
+    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": None, "offload": None, "n": None}
     for item in text.split(","):
         item = item.strip()
         if not item:
@@ -452,6 +453,8 @@ def run_ours(args) -> None:
             last_ckpt = v["ckpt"]
         if v["attn"]:
             attn_mod.set_attention_backend(v["attn"])
+        v["compile"] = v["compile"] or str(int(cfg.model.compile))  # unset: as the experiment config says
+        v["offload"] = v["offload"] or str(int(cfg.model.activation_offload))
         if v["compile"] == "1" and not all(is_compiled(b) for b in model.base.blocks):
             compile_blocks(model.base.blocks)
         elif v["compile"] == "0":

@@ -121,8 +121,17 @@ def _init_dist():
         deepspeed.init_distributed(dist_backend="nccl", verbose=False)
 
 
+@pytest.fixture
+def restore_linear():
+    """ZeRO-3 replaces torch.nn.functional.linear for the rest of the process (DeepSpeed's memory-efficient
+    linear); later tests in this process (compiled blocks) must see torch's own."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 @pytest.mark.parametrize("ckpt", ["full", "selective"])
-def test_zero3_training_step_updates_only_trainable(ckpt):
+def test_zero3_training_step_updates_only_trainable(ckpt, restore_linear):
     deepspeed = pytest.importorskip("deepspeed")
     from one4d_train.config import load_config
     from one4d_train.train import deepspeed_config

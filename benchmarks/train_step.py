@@ -55,6 +55,8 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # a copied tree's repository metadata can be stale: the caller knows better
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL).strip()

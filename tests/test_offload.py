@@ -81,7 +81,7 @@ def test_model_config_switches_offload_on():
     from one4d_train.model.config import ModelConfig
     from one4d_train.model.one4d import build_one4d
 
-    on = build_one4d(ModelConfig(preset="tiny", activation_offload=True, compute_dtype="fp32"), "cpu")
-    off = build_one4d(ModelConfig(preset="tiny", compute_dtype="fp32"), "cpu")
+    on = build_one4d(ModelConfig(preset="tiny", num_links=1, activation_offload=True, compute_dtype="fp32"), "cpu")
+    off = build_one4d(ModelConfig(preset="tiny", num_links=1, compute_dtype="fp32"), "cpu")
     assert isinstance(on.activation_offload, HostOffload) and on.activation_offload.exclude is on
     assert off.activation_offload is None

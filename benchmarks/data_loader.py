@@ -5,7 +5,12 @@ Data: one synthetic clip (data_pipeline.synthetic) of 33 rendered frames played 
 frames (each frame keeps its exact depth and pose), written to mp4 + geometry, listed `--clips` times in a
 manifest and sharded by the project's shard writer, one sample per shard. Kept in --data between runs.
 
-    python benchmarks/data_loader.py [--data /tmp/one4d-bench-data] [--workers 1 2 4]
+The `latents` path reads shards with precomputed latents (data.use_latents), written by `one4d encode-latents`'
+own shard writer (latents_cli.run_encode) with RANDOM latent values of the real encoder's shape and dtype:
+encoding real ones on a CPU takes ~400 s per clip, and the reader's cost does not depend on the values.
+Only throughput is measured there.
+
+    python benchmarks/data_loader.py [--data /tmp/one4d-bench-data] [--workers 1 2 4] [--paths pixels latents]
 """
 from __future__ import annotations
 
@@ -15,13 +20,16 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import decode_clip
+from data_pipeline.latents import LatentsSpec, latent_sample
 from data_pipeline.loader import build_loader
 from data_pipeline.reader import raw_samples, list_shards
 from data_pipeline.shard import run_sharding
@@ -31,6 +39,7 @@ from data_pipeline.transforms import to_sample
 from data_pipeline.video import write_mp4
 
 SRC_FRAMES, SRC_H, SRC_W, RENDERED = 97, 480, 854, 33
+RANDOM_VAE = "random-latents"  # the VAE identity recorded with the benchmark's latents: their values are random
 
 
 def make_data(root: Path, clips: int) -> Path:
@@ -55,15 +64,58 @@ def make_data(root: Path, clips: int) -> Path:
     return shards
 
 
-def stage_times(cfg: DataConfig, shards: Path, n: int = 2) -> tuple[float, float]:
+class RandomLatentEncoder:
+    """Stands in for the VAE in the latent shard writer: `encode_many` returns latents of the encoder's exact
+    shape and dtype (normalised, float32 [B, 16, T_lat, H/8, W/8]; stored as float16) with random N(0, 1) values."""
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model = SimpleNamespace(config=SimpleNamespace(latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
+
+    def encode_many(self, videos):
+        from one4d_train.model.vae import latent_shape
+
+        return [torch.randn((v.shape[0], 16) + latent_shape(*v.shape[2:]), generator=self.generator) for v in videos]
+
+
+def make_latents(shards: Path, data: DataConfig) -> tuple[Path, LatentsSpec]:
+    """Latent shards of `shards` (kept beside them), written by `one4d encode-latents`' writer with
+    RandomLatentEncoder as the VAE, and the loader's expectation of them."""
+    import one4d_train.model.vae as vae_module
+    from data_pipeline.latents import latents_spec
+    from data_pipeline.latents_cli import EncodeError, run_encode
+    from one4d_train.config import One4DConfig
+
+    out = shards.parent / "latent-shards"
+    cfg = One4DConfig(data=replace(data, shards=str(shards)))
+    cfg.model.vae = RANDOM_VAE
+    real = vae_module.load_vae
+    vae_module.load_vae = lambda *args, **kwargs: RandomLatentEncoder(cfg.seed)
+    try:
+        try:
+            run_encode(shards, out, cfg, device="cpu", progress=False)
+        except EncodeError:  # latents of earlier shards or settings: write them anew
+            shutil.rmtree(out)
+            run_encode(shards, out, cfg, device="cpu", progress=False)
+    finally:
+        vae_module.load_vae = real
+    return out, latents_spec(cfg)
+
+
+def stage_times(cfg: DataConfig, shards: Path, latents: LatentsSpec | None = None, n: int = 2) -> tuple[float, float]:
     """Median ms of decode (window of the mp4 + geometry members) and of transform, in this process
-    with one thread (as in a DataLoader worker)."""
+    with one thread (as in a DataLoader worker). With `latents`: of the whole latent sample, and NaN."""
     decode_ms, transform_ms = [], []
     for i, shard in enumerate(list_shards(str(shards))[:n]):
         raw = next(raw_samples(shard))
         rng = np.random.default_rng(i)
         t0 = time.perf_counter()
-        clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, rng)
+        if latents is not None:
+            latent_sample(raw, cfg, latents, shard.name)
+            decode_ms.append(1e3 * (time.perf_counter() - t0))
+            transform_ms.append(float("nan"))
+            continue
+        clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, rng, size=(cfg.height, cfg.width))
         t1 = time.perf_counter()
         to_sample(clip, cfg.height, cfg.width, cfg.crop, cfg.pointmap_percentiles, rng, cfg.sample_dtype)
         t2 = time.perf_counter()
@@ -80,11 +132,11 @@ def _cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def throughput(cfg: DataConfig, workers: int, per_worker: int) -> tuple[float, float]:
+def throughput(cfg: DataConfig, workers: int, per_worker: int, latents: LatentsSpec | None = None) -> tuple[float, float]:
     """(samples/s of wall time, samples per second of worker CPU time), measured after every worker delivered
     its first batch (process start and first decode excluded)."""
     cfg.num_workers = workers
-    loader = build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    loader = build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1, latents=latents)
     it = iter(loader)
     for _ in range(workers):
         next(it)
@@ -105,26 +157,38 @@ def main():
     ap.add_argument("--clips", type=int, default=8)
     ap.add_argument("--per-worker", type=int, default=3, help="timed samples per worker")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="data.sample_dtype values")
+    ap.add_argument("--paths", nargs="+", default=["pixels", "latents"], choices=["pixels", "latents"],
+                    help="pixels: geometry decoded into pointmaps; latents: shards with precomputed (random) latents")
     args = ap.parse_args()
 
     t = time.perf_counter()
     shards = make_data(Path(args.data), args.clips)
-    print(f"data ready in {time.perf_counter() - t:.0f} s: {shards}")
     cfg = DataConfig(shards=str(shards), num_frames=81, frame_stride=1, height=352, width=624, crop="random",
                      shuffle_buffer=4)
+    sources = {"pixels": (shards, None)}
+    if "latents" in args.paths:
+        sources["latents"] = make_latents(shards, cfg)
+    print(f"data ready in {time.perf_counter() - t:.0f} s: {', '.join(str(s) for s, _ in sources.values())}")
     torch.set_num_threads(1)
-    print(f"\n{SRC_FRAMES}x{SRC_H}x{SRC_W} source -> {cfg.num_frames}x{cfg.height}x{cfg.width} rgb + pointmaps; "
-          f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'dtype':>8} | {'workers':>7} | {'samples/s':>9} | {'samples/s/worker':>16} | {'samples/CPU-s':>13} | "
-          f"{'decode ms':>9} | {'transform ms':>12}")
-    print("-" * 94)
-    for dtype in args.dtypes:
-        cfg.sample_dtype = dtype
-        decode_ms, transform_ms = stage_times(cfg, shards)
-        for w in args.workers:
-            rate, per_cpu = throughput(cfg, w, args.per_worker)
-            print(f"{dtype:>8} | {w:>7} | {rate:>9.2f} | {rate / w:>16.2f} | {per_cpu:>13.2f} | {decode_ms:>9.0f} | "
-                  f"{transform_ms:>12.0f}", flush=True)
+    print(f"\n{SRC_FRAMES}x{SRC_H}x{SRC_W} source -> {cfg.num_frames}x{cfg.height}x{cfg.width} rgb + pointmaps (pixels) "
+          f"or rgb + stored latents (latents); load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if "latents" in args.paths:
+        print(f"latents: RANDOM values (VAE identity '{RANDOM_VAE}') of the encoder's shape and dtype, written by "
+              f"`one4d encode-latents`' shard writer; only throughput is measured")
+    print(f"{'path':>7} | {'dtype':>8} | {'workers':>7} | {'samples/s':>9} | {'samples/s/worker':>16} | "
+          f"{'samples/CPU-s':>13} | {'decode ms':>9} | {'transform ms':>12}")
+    print("-" * 104)
+    for path in args.paths:
+        source, latents = sources[path]
+        for dtype in args.dtypes:
+            run = replace(cfg, shards=str(source), sample_dtype=dtype)
+            decode_ms, transform_ms = stage_times(run, source, latents)
+            for w in args.workers:
+                rate, per_cpu = throughput(run, w, args.per_worker, latents)
+                transform = "-" if np.isnan(transform_ms) else f"{transform_ms:.0f}"
+                print(f"{path:>7} | {dtype:>8} | {w:>7} | {rate:>9.2f} | {rate / w:>16.2f} | {per_cpu:>13.2f} | "
+                      f"{decode_ms:>9.0f} | {transform:>12}", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ class DataConfig:
     width: int = 624
     crop: str = "random"  # random | center
     pointmap_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
-    sample_dtype: str = "float32"  # rgb and xyz dtype: float32 | float16 | bfloat16 (half the bytes to move per clip)
+    sample_dtype: str = "float32"  # rgb and xyz dtype: float32 | float16 | bfloat16 (half the bytes; the bf16 runs use it)
     use_latents: bool = True  # use precomputed latents from the shards when they are present
 
     def validate(self):

@@ -120,13 +120,16 @@ def latent_sample(raw: dict, cfg: DataConfig, spec: LatentsSpec | None, where: s
         idx = window_indices(n, w["frames"], w["stride"], start=w["start"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise SampleError(f"member latents.json has no usable window / source_size: {exc!r}") from None
-    frames = decode_window(raw["mp4"], idx, n)  # checks the video's frame count against source_size
-    src_h, src_w = frames.shape[1:3]
-    crop = Crop(**meta["crop"])
-    if crop != plan_crop(src_h, src_w, cfg.height, cfg.width, "center", None) or \
-            list(meta.get("source_size", [])) != [n, src_h, src_w]:
-        raise LatentsMismatchError(f"{where}: latents.json crop {meta['crop']} / source {meta.get('source_size')} "
-                                   f"do not match the clip ({n} frames, {src_h}x{src_w})")
+    try:
+        src_h, src_w = int(meta["source_size"][1]), int(meta["source_size"][2])
+        crop = Crop(**meta["crop"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise SampleError(f"member latents.json has no usable crop / source_size: {exc!r}") from None
+    if crop != plan_crop(src_h, src_w, cfg.height, cfg.width, "center", None):
+        raise LatentsMismatchError(f"{where}: latents.json crop {meta['crop']} does not match its source size "
+                                   f"{meta['source_size']} and data.height x data.width = {cfg.height}x{cfg.width}")
+    # checks the video's frame count and size against source_size (a bad sample, skipped, if they differ)
+    frames = decode_window(raw["mp4"], idx, n, (src_h, src_w), (crop.resized_h, crop.resized_w))
     rgb = rgb_output(resize_crop_rgb(frames, crop), DTYPES[cfg.sample_dtype])
     z = NpzReader(raw["latents.npz"], "latents.npz")
     shape = tuple(meta["latent_shape"])
@@ -164,9 +167,9 @@ def fixed_window_sample(raw: dict, cfg: DataConfig) -> tuple[dict, dict]:
     the same code path as training samples (decode_clip + to_sample), with no randomness."""
     from data_pipeline.transforms import to_sample
 
-    clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, rng=None, start=0)
+    clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, rng=None, start=0, size=(cfg.height, cfg.width))
     sample = to_sample(clip, cfg.height, cfg.width, "center", cfg.pointmap_percentiles, None, "float32")
-    src_h, src_w = clip.frames.shape[1:3]
+    src_h, src_w = (clip.depth if clip.depth is not None else clip.xyz).shape[1:3]
     n = len(open_video(raw["mp4"]))
     crop = plan_crop(src_h, src_w, cfg.height, cfg.width, "center", None)
     info = {"crop": asdict(crop), "source_size": [n, src_h, src_w],

@@ -272,7 +272,7 @@ class ShardStream(IterableDataset):
         if self.latents_only:
             raise SampleError("no stored latents (one4d encode-latents could not encode it; see index.json "
                               "latents.failed)")
-        clip = decode_clip(raw, c.num_frames, c.frame_stride, rng)
+        clip = decode_clip(raw, c.num_frames, c.frame_stride, rng, size=(c.height, c.width))
         return to_sample(clip, c.height, c.width, c.crop, c.pointmap_percentiles, rng, c.sample_dtype)
 
     def __iter__(self):

@@ -2,8 +2,9 @@
 pointmaps in the first sampled frame's camera, normalised to [-1, 1] (docs/data.md, "Samples").
 
 Resize covers the target (the smaller scale side matches), then a random or centre crop. RGB is resized
-bilinearly with antialiasing on uint8; depth, pointmaps and validity are resized by nearest neighbour
-(pixel-centre convention of geometry.py), so no value is invented across a depth edge.
+bilinearly with antialiasing on uint8 (by the decoder when decode_clip was given the size, else here);
+depth, pointmaps and validity are resized by nearest neighbour (pixel-centre convention of geometry.py), so
+no value is invented across a depth edge.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
-from data_pipeline.decode import DecodedClip
+from data_pipeline.decode import DecodedClip, cover_size
 from data_pipeline.geometry import pointmap_normalisation
 
 # normalisation percentiles are estimated on a regular pixel grid of at most this many points (2^18: at
@@ -37,8 +38,7 @@ class Crop:
 
 def plan_crop(src_h: int, src_w: int, height: int, width: int, mode: str, rng: np.random.Generator) -> Crop:
     """Resize so that height x width is covered, then crop `mode` ('random' or 'center')."""
-    s = max(height / src_h, width / src_w)
-    rh, rw = max(height, round(src_h * s)), max(width, round(src_w * s))
+    rh, rw = cover_size(src_h, src_w, height, width)
     if mode == "center":
         top, left = (rh - height) // 2, (rw - width) // 2
     elif mode == "random":
@@ -70,7 +70,8 @@ def resize_crop_nearest(x: np.ndarray, crop: Crop) -> np.ndarray:
 
 
 def resize_crop_rgb(frames: np.ndarray, crop: Crop) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> uint8 [T, 3, crop.height, crop.width] (bilinear, antialiased)."""
+    """uint8 [T, H, W, 3] -> uint8 [T, 3, crop.height, crop.width] (bilinear, antialiased); frames already at
+    the crop's resized size are only cropped."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # a channels-last view: the fast uint8 resize path
     if x.shape[-2:] != (crop.resized_h, crop.resized_w):
         x = F.interpolate(x, size=(crop.resized_h, crop.resized_w), mode="bilinear", antialias=True,
@@ -97,19 +98,24 @@ def camera_pointmaps(depth: torch.Tensor, K: torch.Tensor, rel_c2w: torch.Tensor
 
 
 def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, scale: float,
-                   scratch: torch.Tensor | None = None) -> None:
+                   scratch: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
     """out [3, H, W] (contiguous) = (pointmap - centre) / scale for one frame of z-depth [H, W] (any float
-    dtype): (u d, v d, d) in a float32 scratch [3, H, W], then one 3x3 matmul plus shift (addmm), which is
-    ~2.4x faster than building each channel from its own ray."""
+    dtype): (u d, v d, d, 1) in a float32 scratch [4, H, W], then one 3x4 matmul, which is ~2.4x faster than
+    building each channel from its own ray. With `keep` (bool [H, W]; depth must be 0 where it is False) the
+    fourth channel is the mask, so out is 0 outside it without a pass of its own."""
     H, W = depth.shape
     M = np.asarray(rel_c2w, np.float64)[:3, :3] @ np.linalg.inv(np.asarray(K, np.float64)) / scale
     t = (np.asarray(rel_c2w, np.float64)[:3, 3] - centre) / scale
-    buf = torch.empty(3, H, W) if scratch is None else scratch
+    buf = torch.empty(4, H, W) if scratch is None else scratch
     buf[2].copy_(depth)
     torch.mul(buf[2], torch.arange(W, dtype=torch.float32).view(1, W), out=buf[0])
     torch.mul(buf[2], torch.arange(H, dtype=torch.float32).view(H, 1), out=buf[1])
-    torch.addmm(torch.from_numpy(t.astype(np.float32)).view(3, 1), torch.from_numpy(M.astype(np.float32)),
-                buf.view(3, -1), out=out.view(3, -1))
+    if keep is None:
+        buf[3].fill_(1.0)
+    else:
+        buf[3].copy_(keep)
+    A = np.concatenate([M, t[:, None]], axis=1).astype(np.float32)
+    torch.mm(torch.from_numpy(A), buf.view(4, -1), out=out.view(3, -1))
 
 
 def output_tensor(shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
@@ -140,7 +146,7 @@ def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
     valid = positive_finite(depth)
     if clip.valid is not None:
         valid &= resize_crop_nearest(clip.valid, crop)
-    # depth 0 outside the mask (a bit-and on float16), so every pointmap value is finite and masking is a multiply
+    # depth 0 outside the mask (a bit-and on float16): pointmap values are finite and 0 there (_pointmap_into)
     if depth.dtype == np.float16:
         np.bitwise_and(depth.view(np.uint16), np.negative(valid.view(np.uint8), dtype=np.uint16),
                        out=depth.view(np.uint16))
@@ -149,14 +155,14 @@ def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
     k = _grid(valid, NORMALISATION_POINTS)
     # pixel (u, v) of the k-strided grid is pixel (k u, k v) of the crop: intrinsics divide by k, no shift
     K_sub = np.diag([1 / k, 1 / k, 1.0]) @ K
-    sub = np.where(valid[:, ::k, ::k], depth[:, ::k, ::k], 0).astype(np.float32)
-    sub = camera_pointmaps(torch.from_numpy(sub), torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
+    sub = torch.from_numpy(depth[:, ::k, ::k].astype(np.float32))
+    sub = camera_pointmaps(sub, torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
     centre, scale = pointmap_normalisation(sub.permute(0, 2, 3, 1).numpy(), valid[:, ::k, ::k], tuple(percentiles))
-    depth_t = torch.from_numpy(depth)
-    scratch = torch.empty((3,) + depth.shape[1:])
+    depth_t, valid_t = torch.from_numpy(depth), torch.from_numpy(valid)
+    scratch = torch.empty((4,) + depth.shape[1:])
 
     def frame(out: torch.Tensor, i: int):
-        _pointmap_into(out, depth_t[i], K[i], clip.poses_c2w[i], centre, scale, scratch)
+        _pointmap_into(out, depth_t[i], K[i], clip.poses_c2w[i], centre, scale, scratch, valid_t[i])
 
     return frame, valid, centre, scale
 
@@ -172,13 +178,13 @@ def _stored_pointmaps(clip: DecodedClip, crop: Crop, percentiles):
     k = _grid(valid, NORMALISATION_POINTS)
     sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t.view(3)
     centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
-    pts_t = torch.from_numpy(pts)
+    pts_t, valid_t = torch.from_numpy(pts), torch.from_numpy(valid)
     shift = (t - torch.from_numpy(centre).view(3, 1, 1)) / scale
 
     def frame(out: torch.Tensor, i: int):
         p = pts_t[i].float().permute(2, 0, 1).reshape(3, -1)
         torch.mm(R / scale, p, out=out.view(3, -1))
-        out.add_(shift)
+        out.add_(shift).mul_(valid_t[i])
 
     return frame, valid, centre, scale
 
@@ -191,7 +197,8 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     """The sample dict of docs/data.md (without the origin keys the reader adds); rgb and xyz in `dtype`.
     Pointmaps are normalised by geometry.pointmap_normalisation on the valid points of a regular subsample
     of at most NORMALISATION_POINTS pixels (all of them for clips that small); invalid pixels are 0."""
-    T, src_h, src_w = clip.frames.shape[:3]
+    T = clip.frames.shape[0]
+    src_h, src_w = (clip.depth if clip.depth is not None else clip.xyz).shape[1:3]  # frames may come resized
     crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
     K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
     if clip.depth is not None:
@@ -202,18 +209,16 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     out_dtype = DTYPES[dtype]
     rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)
     valid_t = torch.from_numpy(valid)
-    # frame by frame, in float32 (scratch when the output is half precision) while the frame is in cache
-    direct = out_dtype == torch.float32
-    scratch = None if direct else torch.empty(3, height, width)
+    # frame by frame in a float32 scratch while the frame is in cache; the output (fresh shared memory in a
+    # worker, slow to fault in) is written once per value
+    scratch = torch.empty(3, height, width)
     minus_one = torch.tensor(-1.0)
-    keep = torch.empty(height, width)  # the frame's mask as 1.0 / 0.0 (pointmap values are finite everywhere)
     for i in range(T):
-        p = xyz[i] if direct else scratch
-        pointmap_frame(p, i)
-        torch.mul(valid_t[i], 1.0, out=keep)
-        p.clamp_(-1.0, 1.0).mul_(keep)
-        if not direct:
-            xyz[i].copy_(p)
+        pointmap_frame(scratch, i)  # 0 outside the mask
+        if out_dtype == torch.float32:
+            torch.clamp(scratch, -1.0, 1.0, out=xyz[i])
+        else:
+            xyz[i].copy_(scratch.clamp_(-1.0, 1.0))
         torch.add(minus_one, frames[i], alpha=1 / 127.5, out=rgb[i])  # uint8 -> [-1, 1] in one pass
     mask = output_tensor((T, 1, height, width), torch.bool)
     mask.copy_(valid_t.unsqueeze(1))

@@ -279,3 +279,34 @@ def test_sequential_and_seeking_decoders_give_identical_frames(depth_shards, mon
         monkeypatch.setattr(dec, "SEQUENTIAL_START", seq)
         with pytest.raises(SampleError, match="video has 9 frames but the geometry has 10"):
             dec.decode_window(mp4, np.arange(3), 10)
+
+
+@pytest.mark.parametrize("size", [(24, 42), (48, 96)])
+def test_resized_decode_matches_decoding_then_resizing(depth_shards, monkeypatch, size):
+    """Frames resized in the decoder (swscale on the PyAV path, torch after decord) are those of a full decode
+    resized with antialiased bilinear, up to chroma handling (swscale resizes the 4:2:0 chroma before
+    upsampling it), and as close to the rendered source frames (within 10%; closer at 480p, docs/data.md)."""
+    import data_pipeline.decode as dec
+    import torch.nn.functional as F
+
+    raw = next(raw_samples(list_shards(str(depth_shards))[0]))
+    idx = np.array([1, 3, 5, 7])
+    source = render_clip(int(raw["__key__"][1:]), **{"num_frames": 9, "height": 32, "width": 64})["frames"][idx]
+
+    def resized(frames):
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).permute(0, 2, 3, 1).numpy()
+
+    ref = resized(decode_frames(raw["mp4"])[idx])
+    for seq in (64, 0):  # PyAV from the first frame, decord get_batch
+        monkeypatch.setattr(dec, "SEQUENTIAL_START", seq)
+        frames = dec.decode_window(raw["mp4"], idx, 9, (32, 64), size)
+        assert frames.shape == (4, *size, 3) and frames.dtype == np.uint8
+        diff = np.abs(frames - ref)
+        assert diff.mean() < (2.0 if seq else 0.5), (seq, diff.mean())
+        assert np.abs(frames - resized(source)).mean() < 1.1 * np.abs(ref - resized(source)).mean()
+        with pytest.raises(SampleError, match="video is 64x32 but the geometry is 60x32"):
+            dec.decode_window(raw["mp4"], idx, 9, (32, 60), size)
+    monkeypatch.undo()
+    frames = dec.decode_window(raw["mp4"], idx, 9, (32, 64), size)
+    assert frames.transpose(0, 3, 1, 2).flags.c_contiguous  # planar: each channel's conversion reads contiguous rows

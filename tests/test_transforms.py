@@ -1,4 +1,6 @@
 """Resize/crop of RGB and geometry, intrinsics that follow it, pointmaps and their normalisation."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,48 @@ def test_half_precision_samples_match_float32(dtype):
         assert half[key].dtype == getattr(torch, dtype)
         torch.testing.assert_close(half[key].float(), ref[key], atol=tol, rtol=0)
     assert torch.equal(half["valid"], ref["valid"])
+
+
+def _edge(profile: np.ndarray) -> float:
+    """Sub-pixel position of a rising step in a 1-D profile: where it crosses half-way between its ends."""
+    half = (profile[0] + profile[-1]) / 2
+    j = int(np.argmax(profile >= half))
+    return j - 1 + (half - profile[j - 1]) / (profile[j] - profile[j - 1])
+
+
+def test_rgb_and_geometry_edges_stay_aligned_through_the_resized_decode(tmp_path):
+    """A step edge seen in the video and in the depth (a near plane beside a far one) at source column/row c
+    lands, after the decoder's swscale resize + crop and the depth's nearest resize + crop, where the sample's
+    intrinsics map source pixel c - 0.5: in RGB to 0.15 px, in the pointmaps to the nearest pixel boundary."""
+    from data_pipeline.decode import decode_clip, frame_member
+    from data_pipeline.shard import npz_arrays_bytes
+    from data_pipeline.video import write_mp4
+
+    H, W, T = 90, 160, 4
+    cuts = [37, 81, 29, 52]  # frames 0-1: a vertical edge at that column, frames 2-3: a horizontal one at that row
+    frames, depth = np.full((T, H, W, 3), 40, np.uint8), np.full((T, H, W), 1.0, np.float16)
+    for t, c in enumerate(cuts):
+        far = (slice(None), slice(c, None)) if t < 2 else (slice(c, None), slice(None))
+        frames[t][far], depth[t][far] = 220, 3.0
+    write_mp4(tmp_path / "edge.mp4", frames)
+    K = np.array([[100.0, 0, 79.5], [0, 100.0, 44.5], [0, 0, 1]])
+    raw = {"mp4": (tmp_path / "edge.mp4").read_bytes(),
+           "depth.npz": npz_arrays_bytes([(frame_member("depth", t), depth[t]) for t in range(T)]),
+           "cam.json": json.dumps({"intrinsics": K.tolist(), "poses_c2w": [np.eye(4).tolist()] * T}).encode()}
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        clip = decode_clip(raw, T, 1, rng, size=(64, 96))
+        assert clip.frames.shape == (T, 64, 114, 3)  # 90x160 covering 64x96: scale 64/90, resized by the decoder
+        s = to_sample(clip, 64, 96, "random", (2.0, 98.0), rng)
+        Ks = s["intrinsics"].numpy().astype(np.float64)
+        rgb, z = s["rgb"][:, 0].numpy(), s["xyz"][:, 2].numpy()
+        for t, c in enumerate(cuts):
+            axis = 0 if t < 2 else 1  # u (columns) or v (rows)
+            a = Ks[t, axis, axis] / K[axis, axis]
+            want = a * (c - 0.5) + Ks[t, axis, 2] - a * K[axis, 2]
+            mid = rgb.shape[1 + (1 - axis)] // 2
+            rgb_line = rgb[t, mid, :] if axis == 0 else rgb[t, :, mid]
+            z_line = z[t, mid, :] if axis == 0 else z[t, :, mid]
+            assert abs(_edge(rgb_line) - want) < 0.15, (seed, t, _edge(rgb_line), want)
+            step = int(np.argmax(z_line > (z_line[0] + z_line[-1]) / 2)) - 0.5  # between two nearest-resized pixels
+            assert abs(step - want) <= 0.5 + 1e-6, (seed, t, step, want)

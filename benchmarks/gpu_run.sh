@@ -75,11 +75,11 @@ if [[ $WHAT == final ]]; then  # the open measurements in one call (~9 min): 14B
 fi
 if [[ $WHAT == release || $WHAT == release-small ]]; then  # the shipped experiment configs vs the peers
   part 20 "matmul + SDPA rates" $B --matmul
-  part 100 "1.3b ours (configs/experiment/one4d_1.3b.yaml)" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents"
+  part 240 "1.3b ours (configs/experiment/one4d_1.3b.yaml)" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents"
   part 60 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 6
 fi
 if [[ $WHAT == release || $WHAT == release-large ]]; then
-  part 250 "14b ours (configs/experiment/one4d_14b.yaml)" $B --preset 14b --warmup 2 --steps 8 --variants "vae=latents"
+  part 330 "14b ours (configs/experiment/one4d_14b.yaml)" $B --preset 14b --warmup 2 --steps 8 --variants "vae=latents"
   part 100 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
 fi
 if [[ $WHAT == offload ]]; then  # activation offload at 14B, the VAE's settings, where the optimizer step goes

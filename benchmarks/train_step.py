@@ -168,13 +168,13 @@ def bench_matmul(args) -> None:
             record(args.results, {"kind": "attention", "backend": name, "error": str(exc).splitlines()[0][:200]})
 
 
-def build_vae(device, tiny: bool = False):
+def build_vae(device, tiny: bool = False, compile: bool = False):
     from diffusers import AutoencoderKLWan
     from one4d_train.model.vae import WanVAE
     torch.manual_seed(0)
     model = AutoencoderKLWan(base_dim=8) if tiny else AutoencoderKLWan()  # default config = Wan2.1 VAE architecture
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return WanVAE(model, dtype=dtype, device=device)
+    return WanVAE(model, dtype=dtype, device=device, compile=compile)
 
 
 def vae_flops(vae, video) -> float:
@@ -416,7 +416,8 @@ def run_ours(args) -> None:
     clip = torch.randn(1, IMAGE_TOKENS, image_dim, device=device, generator=g, dtype=torch.bfloat16)
     frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None]
     mask4 = fold_frame_mask(frame_mask, h, w).to(device)
-    vae = build_vae(device, tiny=args.preset == "tiny") if any(v["vae"] != "none" for v in variants) else None
+    vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae)
+           if any(v["vae"] != "none" for v in variants) else None)
 
     state = {"vae": "none"}
 

@@ -262,3 +262,15 @@ def test_activation_offload_frees_block_inputs(compiled):
     for n, g in g0.items():
         if g.norm() > 0:
             assert rel(g1[n], g) < 1e-2, (n, rel(g1[n], g))
+
+
+def test_compiled_vae_encoder_matches_eager():
+    """model.compile_vae: the in-place compiled encoder gives the eager latents (bf16), and keeps its keys."""
+    from one4d_train.model.vae import WanVAE, tiny_wan_vae
+
+    eager = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16, device="cuda")
+    compiled = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16, device="cuda", compile=True)
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
+    video = torch.rand(2, 3, 9, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
+    want, got = eager.encode(video), compiled.encode(video)
+    assert got.shape == want.shape and rel(got, want) < 2e-2, rel(got, want)

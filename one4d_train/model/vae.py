@@ -134,11 +134,13 @@ class WanVAE:
 
     chunk_size: encode/decode at most this many videos per VAE call (0 = the whole batch at once); the
     peak activation memory grows with the chunk. tiling: diffusers' spatial tiling for frames larger than
-    256 px (overlapping tiles blended, so results differ slightly from untiled encoding).
+    256 px (overlapping tiles blended, so results differ slightly from untiled encoding). compile:
+    torch.compile the encoder in place (fuses the norms, activations and causal padding between the convs;
+    H100, 81x352x624: 0.65 -> 0.40 s per video, after ~100 s of compilation on first use).
     """
 
     def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 chunk_size: int = 0, tiling: bool = False):
+                 chunk_size: int = 0, tiling: bool = False, compile: bool = False):
         model = model.to(device)
         if next(model.parameters()).dtype != dtype:
             model = model.to(dtype)
@@ -147,6 +149,8 @@ class WanVAE:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Conv3d):
                     m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        if compile:
+            self.model.encoder.compile()  # in place: module names (and state-dict keys) unchanged
         if tiling:
             self.model.enable_tiling()
         self.dtype = dtype

@@ -41,6 +41,11 @@ class DecodedClip:
     text_emb: np.ndarray | None  # float32 [L, D]
     frame_indices: np.ndarray  # int64 [T] indices into the source clip
 
+    @property
+    def source_hw(self) -> tuple[int, int]:
+        """The source resolution: the geometry's (the frames may come resized)."""
+        return tuple((self.depth if self.depth is not None else self.xyz).shape[1:3])
+
 
 class NpzReader:
     """The arrays of an in-memory npz, inflated one at a time on request with a single zlib call each
@@ -250,15 +255,20 @@ def _check_size(hw, source_hw) -> None:
         raise SampleError(f"video is {hw[1]}x{hw[0]} but the geometry is {source_hw[1]}x{source_hw[0]}")
 
 
-def _resize_rgb(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> [T, h, w, 3], bilinear, antialiased (torch's kernel matches swscale's BILINEAR
-    to rounding: same pixel-centre mapping, same widened triangle on downscale)."""
-    import torch
+def resize_rgb(x, size: tuple[int, int]):
+    """uint8 tensor [T, 3, H, W] (best a channels-last view: the fast uint8 path) -> [T, 3, h, w], bilinear,
+    antialiased: the one RGB resize kernel (it matches swscale's BILINEAR to rounding: same pixel-centre
+    mapping, same widened triangle on downscale)."""
     import torch.nn.functional as F
 
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # a channels-last view: the fast uint8 resize path
-    x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return x.permute(0, 2, 3, 1).numpy()
+    return F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _resize_rgb(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> [T, h, w, 3] by resize_rgb."""
+    import torch
+
+    return resize_rgb(torch.from_numpy(frames).permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).numpy()
 
 
 def _scaled_planes(scaler, frame, out: np.ndarray) -> None:

@@ -169,7 +169,7 @@ def fixed_window_sample(raw: dict, cfg: DataConfig) -> tuple[dict, dict]:
 
     clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, rng=None, start=0, size=(cfg.height, cfg.width))
     sample = to_sample(clip, cfg.height, cfg.width, "center", cfg.pointmap_percentiles, None, "float32")
-    src_h, src_w = (clip.depth if clip.depth is not None else clip.xyz).shape[1:3]
+    src_h, src_w = clip.source_hw
     n = len(open_video(raw["mp4"]))
     crop = plan_crop(src_h, src_w, cfg.height, cfg.width, "center", None)
     info = {"crop": asdict(crop), "source_size": [n, src_h, src_w],

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
-from data_pipeline.decode import DecodedClip, cover_size
+from data_pipeline.decode import DecodedClip, cover_size, resize_rgb
 from data_pipeline.geometry import pointmap_normalisation
 
 # normalisation percentiles are estimated on a regular pixel grid of at most this many points (2^18: at
@@ -74,8 +73,7 @@ def resize_crop_rgb(frames: np.ndarray, crop: Crop) -> torch.Tensor:
     the crop's resized size are only cropped."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # a channels-last view: the fast uint8 resize path
     if x.shape[-2:] != (crop.resized_h, crop.resized_w):
-        x = F.interpolate(x, size=(crop.resized_h, crop.resized_w), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = resize_rgb(x, (crop.resized_h, crop.resized_w))
     return x[:, :, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
 
 
@@ -198,7 +196,7 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     Pointmaps are normalised by geometry.pointmap_normalisation on the valid points of a regular subsample
     of at most NORMALISATION_POINTS pixels (all of them for clips that small); invalid pixels are 0."""
     T = clip.frames.shape[0]
-    src_h, src_w = (clip.depth if clip.depth is not None else clip.xyz).shape[1:3]  # frames may come resized
+    src_h, src_w = clip.source_hw
     crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
     K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
     if clip.depth is not None:

@@ -10,6 +10,7 @@
 #     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
 #     release: the shipped experiment configs (ZeRO-2, compiled blocks, stored latents; 14B selective_self +
 #              activation offload) for both presets and both peers; release-small / release-large: one preset
+#     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
@@ -81,6 +82,13 @@ fi
 if [[ $WHAT == release || $WHAT == release-large ]]; then
   part 330 "14b ours (configs/experiment/one4d_14b.yaml)" $B --preset 14b --warmup 2 --steps 8 --variants "vae=latents"
   part 100 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
+fi
+if [[ $WHAT == release-profile ]]; then
+  part 20 "matmul + SDPA rates" $B --matmul
+  part 230 "1.3b ours (configs/experiment/one4d_1.3b.yaml), profiled" $B --preset 1.3b --warmup 2 --steps 8 \
+    --profile --variants "vae=latents"
+  part 330 "14b ours (configs/experiment/one4d_14b.yaml), profiled" $B --preset 14b --warmup 2 --steps 6 \
+    --profile --variants "vae=latents"
 fi
 if [[ $WHAT == offload ]]; then  # activation offload at 14B, the VAE's settings, where the optimizer step goes
   part 20 "matmul + SDPA rates" $B --matmul

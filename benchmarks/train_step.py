@@ -338,7 +338,7 @@ def build_our_engine(cfg, args, device):
     """Model (one copy, on the device) -> torch AdamW(fused) -> deepspeed.initialize with the trainer's config
     (ZeRO-3 partitions the parameters in place; on one rank that holds the same memory as a zero.Init build)."""
     import deepspeed
-    from one4d_train.train import deepspeed_config
+    from one4d_train.train import deepspeed_config, grad_checks
 
     ds_config, changed = deepspeed_config.build(cfg, 1)
     if not torch.cuda.is_available():
@@ -350,6 +350,7 @@ def build_our_engine(cfg, args, device):
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                   fused=device.type == "cuda")
+    grad_checks.install()
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            config=ds_config, dist_init_required=False)

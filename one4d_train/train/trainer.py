@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from one4d_train.configtools import flatten, to_dict, to_yaml
 from one4d_train.train import checkpoint as ckpt
-from one4d_train.train import deepspeed_config, metrics
+from one4d_train.train import deepspeed_config, grad_checks, metrics
 from one4d_train.train.distributed import DistEnv
 from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE, Preemption
 from one4d_train.train.schedule import build_scheduler
@@ -69,6 +69,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                       fused=self.device.type == "cuda")
         scheduler = build_scheduler(optimizer, o, t.steps)
+        grad_checks.install()
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False)
         ckpt.install_safe_loader(engine)

@@ -11,7 +11,6 @@
 #     release: the shipped experiment configs (ZeRO-2, compiled blocks, stored latents; 14B selective_self +
 #              activation offload) for both presets and both peers; release-small / release-large: one preset
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
-#     lora  : the shipped configs with the branch LoRA op vs plain autograd ops (1.3B), 14B with the op
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
@@ -90,11 +89,6 @@ if [[ $WHAT == release-profile ]]; then
     --profile --variants "vae=latents"
   part 330 "14b ours (configs/experiment/one4d_14b.yaml), profiled" $B --preset 14b --warmup 2 --steps 6 \
     --profile --variants "vae=latents"
-fi
-if [[ $WHAT == lora ]]; then
-  part 260 "1.3b shipped config: branch LoRA op vs plain ops" $B --preset 1.3b --warmup 2 --steps 8 \
-    --variants "vae=latents,lora=plain"
-  part 200 "14b shipped config" $B --preset 14b --warmup 2 --steps 6 --variants "vae=latents"
 fi
 if [[ $WHAT == offload ]]; then  # activation offload at 14B, the VAE's settings, where the optimizer step goes
   part 20 "matmul + SDPA rates" $B --matmul

@@ -252,8 +252,6 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
         under ZeRO-3: its parameter hooks break the graphs); unset: as the experiment config says
   offload=0|1                                       saved block activations in pinned host memory (model/offload.py);
         unset: as the experiment config says
-  lora=fused|plain                                  branch LoRA as the one custom op (delta in the GEMM epilogue) or as
-        plain autograd ops (model/dlc.py; default fused)
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
 
 
@@ -297,8 +295,7 @@ def our_flops(cfg, args) -> float:
 
 
 def parse_variants(text: str) -> list[dict]:
-    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": None, "offload": None, "n": None,
-                        "lora": "fused"}
+    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": None, "offload": None, "n": None}
     for item in text.split(","):
         item = item.strip()
         if not item:
@@ -439,7 +436,6 @@ def run_ours(args) -> None:
         return ev
 
     from one4d_train.model.compile import compile_blocks, is_compiled, uncompile_blocks
-    from one4d_train.model.dlc import BranchLoRALinear
     from one4d_train.model.offload import apply_activation_offload
 
     last_ckpt = None
@@ -457,13 +453,10 @@ def run_ours(args) -> None:
         elif v["compile"] == "0":
             uncompile_blocks(model.base.blocks)
         offload = apply_activation_offload(model, v["offload"] == "1")
-        for m in model.modules():
-            if isinstance(m, BranchLoRALinear):
-                m.fused = v["lora"] == "fused"
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": v["ckpt"] or cfg.model.activation_checkpointing, "attn": attn_mod.get_attention_backend(),
-               "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "lora": v["lora"], "zero_stage": cfg.train.zero_stage,
+               "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         try:

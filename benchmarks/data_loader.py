@@ -10,6 +10,9 @@ own shard writer (latents_cli.run_encode) with RANDOM latent values of the real 
 encoding real ones on a CPU takes ~400 s per clip, and the reader's cost does not depend on the values.
 Only throughput is measured there.
 
+Timed after `--warmup` samples per worker (steady state: the workers' shared-memory pools have grown);
+minflt/sample is the workers' minor page faults per sample (each a fresh page the kernel zero-fills).
+
     python benchmarks/data_loader.py [--data /tmp/one4d-bench-data] [--workers 1 2 4] [--paths pixels latents]
 """
 from __future__ import annotations
@@ -124,30 +127,34 @@ def stage_times(cfg: DataConfig, shards: Path, latents: LatentsSpec | None = Non
     return statistics.median(decode_ms), statistics.median(transform_ms)
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
+def _counters(pids: list[int]) -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of the processes so far."""
+    ticks = faults = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks += int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        faults += int(fields[7])  # minflt
+    return ticks / os.sysconf("SC_CLK_TCK"), faults
 
 
-def throughput(cfg: DataConfig, workers: int, per_worker: int, latents: LatentsSpec | None = None) -> tuple[float, float]:
-    """(samples/s of wall time, samples per second of worker CPU time), measured after every worker delivered
-    its first batch (process start and first decode excluded)."""
+def throughput(cfg: DataConfig, workers: int, per_worker: int, warmup: int,
+               latents: LatentsSpec | None = None) -> tuple[float, float, float]:
+    """(samples/s of wall time, samples per second of worker CPU time, workers' minor page faults per sample),
+    measured after every worker delivered `warmup` batches (process start, first decodes and the growth of
+    the workers' shared-memory pools excluded)."""
     cfg.num_workers = workers
     loader = build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1, latents=latents)
     it = iter(loader)
-    for _ in range(workers):
+    for _ in range(workers * warmup):
         next(it)
     pids = [w.pid for w in loader._iter._workers]
-    cpu0, t0 = _cpu_seconds(pids), time.perf_counter()
+    (cpu0, faults0), t0 = _counters(pids), time.perf_counter()
     n = workers * per_worker
     for _ in range(n):
         next(it)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - cpu0
+    wall, (cpu, faults) = time.perf_counter() - t0, _counters(pids)
     loader.close()
-    return n / wall, n / cpu
+    return n / wall, n / (cpu - cpu0), (faults - faults0) / n
 
 
 def main():
@@ -156,6 +163,7 @@ def main():
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--clips", type=int, default=8)
     ap.add_argument("--per-worker", type=int, default=3, help="timed samples per worker")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed samples per worker first (steady state)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="data.sample_dtype values")
     ap.add_argument("--paths", nargs="+", default=["pixels", "latents"], choices=["pixels", "latents"],
                     help="pixels: geometry decoded into pointmaps; latents: shards with precomputed (random) latents")
@@ -176,18 +184,18 @@ def main():
         print(f"latents: RANDOM values (VAE identity '{RANDOM_VAE}') of the encoder's shape and dtype, written by "
               f"`one4d encode-latents`' shard writer; only throughput is measured")
     print(f"{'path':>7} | {'dtype':>8} | {'workers':>7} | {'samples/s':>9} | {'samples/s/worker':>16} | "
-          f"{'samples/CPU-s':>13} | {'decode ms':>9} | {'transform ms':>12}")
-    print("-" * 104)
+          f"{'samples/CPU-s':>13} | {'minflt/sample':>13} | {'decode ms':>9} | {'transform ms':>12}")
+    print("-" * 120)
     for path in args.paths:
         source, latents = sources[path]
         for dtype in args.dtypes:
             run = replace(cfg, shards=str(source), sample_dtype=dtype)
             decode_ms, transform_ms = stage_times(run, source, latents)
             for w in args.workers:
-                rate, per_cpu = throughput(run, w, args.per_worker, latents)
+                rate, per_cpu, faults = throughput(run, w, args.per_worker, args.warmup, latents)
                 transform = "-" if np.isnan(transform_ms) else f"{transform_ms:.0f}"
                 print(f"{path:>7} | {dtype:>8} | {w:>7} | {rate:>9.2f} | {rate / w:>16.2f} | {per_cpu:>13.2f} | "
-                      f"{decode_ms:>9.0f} | {transform:>12}", flush=True)
+                      f"{faults:>13.0f} | {decode_ms:>9.0f} | {transform:>12}", flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -9,24 +9,41 @@ uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import shm_pool
 from data_pipeline.config import DataConfig
 from data_pipeline.latents import LatentsSpec
 from data_pipeline.reader import ShardStream, StreamPlan, list_shards, shard_fingerprint, stored_latents
+from data_pipeline.transforms import output_tensor
 
 log = logging.getLogger(__name__)
 POSITION_VERSION = 1
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def _worker_init(worker_id: int):
+    """Keep a worker's large temporaries (decoded frames, depth, scratch) on its heap between samples: glibc
+    maps every allocation over 32 MiB afresh, which the kernel then zero-fills page by page (glibc only)."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack tensors and numbers on a new batch axis; strings stay lists. Text embeddings of different
     lengths are zero-padded, with their lengths in `text_emb_len`. A batch of one is a view of its sample
-    (whose large tensors already live in shared memory in a worker), a larger one is stacked the way
-    torch's default_collate does it, straight into shared memory."""
+    (whose large tensors already live in shared memory in a worker), a larger one is stacked straight into
+    shared memory (transforms.output_tensor, as torch's default_collate does, but from the worker's pool)."""
     batch = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
@@ -34,7 +51,10 @@ def collate(samples: list[dict]) -> dict:
             if key == "text_emb" and len({v.shape for v in values}) > 1:
                 batch["text_emb_len"] = torch.tensor([len(v) for v in values])
                 values = [torch.nn.functional.pad(v, (0, 0, 0, max(len(u) for u in values) - len(v))) for v in values]
-            batch[key] = values[0].unsqueeze(0) if len(values) == 1 else default_collate(values)
+            if len(values) == 1:
+                batch[key] = values[0].unsqueeze(0)
+            else:
+                batch[key] = torch.stack(values, out=output_tensor((len(values),) + values[0].shape, values[0].dtype))
         elif isinstance(values[0], (int, float)):
             batch[key] = torch.tensor(values)
         else:
@@ -43,18 +63,23 @@ def collate(samples: list[dict]) -> dict:
 
 
 class BatchStream(IterableDataset):
-    """Groups a ShardStream's samples into batches inside the worker that produced them."""
+    """Groups a ShardStream's samples into batches inside the worker that produced them. With `loans`
+    (shm_pool.new_flags) each worker reuses its shared-memory output buffers once the main process has
+    dropped them."""
 
-    def __init__(self, stream: ShardStream, batch_size: int):
-        self.stream, self.batch_size = stream, batch_size
+    def __init__(self, stream: ShardStream, batch_size: int, loans: tuple[str, torch.Tensor] | None = None):
+        self.stream, self.batch_size, self.loans = stream, batch_size, loans
 
     def __iter__(self):
+        info = get_worker_info()
+        if info is not None and self.loans is not None:
+            shm_pool.install(*self.loans, info.id)
         samples = []
         for sample in self.stream:
             samples.append(sample)
             if len(samples) == self.batch_size:
-                yield collate(samples)
-                samples = []
+                batch, samples = collate(samples), []
+                yield shm_pool.dispatch(batch)
 
 
 class PositionError(ValueError):
@@ -82,6 +107,7 @@ class StreamLoader:
         self.next_slot = 0
         self.samples = 0
         self._iter = None
+        self._loans = None
         if position is not None:
             self._restore(position)
 
@@ -134,8 +160,11 @@ class StreamLoader:
         stream = ShardStream(self.plan, self.cfg, start={i: tuple(s) for i, s in enumerate(self.slots)},
                              rotation=self.next_slot, latents=self.latents, latents_only=self.uses_latents)
         workers = self.cfg.num_workers
-        return DataLoader(BatchStream(stream, self.batch_size), batch_size=None, num_workers=workers,
-                          pin_memory=self.pin_memory, prefetch_factor=2 if workers else None, in_order=True)
+        # new flags for each DataLoader: batches of an earlier one, freed late, must not free this one's buffers
+        self._loans = shm_pool.new_flags(workers) if workers else None
+        return DataLoader(BatchStream(stream, self.batch_size, self._loans), batch_size=None, num_workers=workers,
+                          pin_memory=self.pin_memory, prefetch_factor=2 if workers else None, in_order=True,
+                          worker_init_fn=_worker_init if workers else None)
 
     def __iter__(self):
         """Batches from the consumed position on; a new iterator resumes where the last consumed batch left off."""
@@ -151,6 +180,10 @@ class StreamLoader:
             self.next_slot = (local + 1) % W
             self.samples += len(batch["__key__"])
             yield batch
+
+    def pool_stats(self) -> dict[str, int]:
+        """Shared-memory buffer pool statistics of the current workers (shm_pool.STATS; zeros without workers)."""
+        return shm_pool.stats(self._loans[1]) if self._loans else dict.fromkeys(shm_pool.STATS, 0)
 
     def close(self):
         """Stop the worker processes (an open iterator ends)."""

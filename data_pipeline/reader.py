@@ -25,6 +25,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from data_pipeline import shm_pool
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import SampleError, decode_clip
 from data_pipeline.latents import LatentsMismatchError, LatentsSpec, check_settings, latent_sample
@@ -286,6 +287,7 @@ class ShardStream(IterableDataset):
             for after, shard, key, raw in read_in_order(sources, order, pos):
                 reason = "missing from the shard (truncated or unreadable tar)" if raw is None else None
                 if raw is not None:
+                    lent = shm_pool.mark()
                     try:
                         sample = self.decode(raw, self.plan.sample_rng(local, epoch, after - 1),
                                              f"shard={shard.name} key={key}")
@@ -293,6 +295,7 @@ class ShardStream(IterableDataset):
                         raise
                     except Exception as exc:
                         reason = f"{type(exc).__name__}: {exc}"
+                        shm_pool.release(lent)  # the dropped sample's pooled buffers
                 if reason:
                     skipped += 1
                     log.warning("skipped sample shard=%s key=%s slot=%d epoch=%d: %s", shard.name, key, slot, epoch, reason)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from data_pipeline import shm_pool
 from data_pipeline.decode import DecodedClip, cover_size, resize_rgb
 from data_pipeline.geometry import pointmap_normalisation
 
@@ -118,9 +119,13 @@ def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, s
 
 def output_tensor(shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
     """An empty tensor; in a DataLoader worker it lives in shared memory, so handing it to the main
-    process costs no copy (the large rgb/xyz outputs are hundreds of MB per clip)."""
+    process costs no copy (the large rgb/xyz outputs are hundreds of MB per clip), and comes from the
+    worker's pool of reused buffers when it has one (shm_pool)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
+    pooled = shm_pool.take(shape, dtype)
+    if pooled is not None:
+        return pooled
     proto = torch.empty(0, dtype=dtype)
     return proto.new(proto._typed_storage()._new_shared(math.prod(shape))).view(shape)
 
@@ -207,8 +212,8 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     out_dtype = DTYPES[dtype]
     rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)
     valid_t = torch.from_numpy(valid)
-    # frame by frame in a float32 scratch while the frame is in cache; the output (fresh shared memory in a
-    # worker, slow to fault in) is written once per value
+    # frame by frame in a float32 scratch while the frame is in cache; the output (shared memory in a
+    # worker, slow to fault in when fresh) is written once per value
     scratch = torch.empty(3, height, width)
     minus_one = torch.tensor(-1.0)
     for i in range(T):

@@ -145,7 +145,9 @@ def test_kill_during_checkpoint_write_resumes_from_previous(straight, tmp_path):
 
 
 def _optim_state(run_dir, step, rank):
-    path = os.path.join(run_dir, "checkpoints", ckpt.step_name(step), "ds", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    ds = os.path.join(run_dir, "checkpoints", ckpt.step_name(step), "ds")
+    # DeepSpeed prefixes bf16 ZeRO-1/2 optimizer files with "bf16_"
+    (path,) = [os.path.join(ds, f) for f in os.listdir(ds) if f.endswith(f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")]
     with torch.serialization.safe_globals(ckpt._safe_globals()):
         return torch.load(path, weights_only=True)["optimizer_state_dict"]
 
@@ -160,10 +162,12 @@ def _tensors(obj, prefix=""):
     return {}
 
 
-def test_nan_steps_are_skipped_on_all_ranks_then_stop(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["train.zero_stage=2", "train.precision=bf16"]], ids=["zero3-fp32", "zero2-bf16"])
+def test_nan_steps_are_skipped_on_all_ranks_then_stop(tmp_path, engine):
+    # zero2-bf16: the shipped configs' engine, whose non-finite check is one4d_train.train.grad_checks'
     run_dir = tmp_path / "nan"
     args = COMMON + ["train.steps=12", "train.checkpoint_every=1", "train.keep_last=20", "optim.warmup_steps=6",
-                     "optim.lr=0.01", "train.max_bad_steps=3"]
+                     "optim.lr=0.01", "train.max_bad_steps=3"] + engine
     codes, out = srun_like(run_dir, *args, extra_env={"TOY_NAN_STEPS": "3,6,7,8", "TOY_NAN_RANK": "1"})
     assert codes == [EXIT_BAD_STEPS] * 2, out[-4000:]
     assert "3 consecutive non-finite steps" in out and "train.max_bad_steps=3" in out

@@ -14,10 +14,14 @@ import io
 import json
 import struct
 import zipfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+try:  # ISA-L's inflate reads the same deflate streams as zlib's, ~2.4x faster (a clip's depth: ~81 members)
+    from isal.isal_zlib import decompress as inflate
+except ImportError:  # no wheel for this platform
+    from zlib import decompress as inflate
 
 
 class SampleError(ValueError):
@@ -48,7 +52,7 @@ class DecodedClip:
 
 
 class NpzReader:
-    """The arrays of an in-memory npz, inflated one at a time on request with a single zlib call each
+    """The arrays of an in-memory npz, inflated one at a time on request with a single inflate call each
     (no zipfile stream, no CRC pass: shards carry a sha256 in their index). Plain .npy only: an object
     dtype is refused, so nothing is ever unpickled."""
 
@@ -79,7 +83,7 @@ class NpzReader:
             start = off + 30 + n + m
             body = memoryview(self.data)[start:start + info.compress_size]
             if info.compress_type == zipfile.ZIP_DEFLATED:
-                buf = zlib.decompress(body, -15, info.file_size)
+                buf = inflate(body, -15, info.file_size)
             elif info.compress_type == zipfile.ZIP_STORED:
                 buf = bytes(body)
             else:

@@ -59,10 +59,21 @@ def _get_grad_norm_direct(self, gradients, params, norm_type=2):
     return total
 
 
+TESTED_SINCE = "0.19"  # the replaced methods' contract (a tensor norm, -1 for non-finite) as of this release
+
+
 def install() -> bool:
-    """Patch DeepSpeed's ZeRO-1/2 optimizer class (idempotent). False, with a warning, when this DeepSpeed
-    lacks the methods replaced (its own per-tensor checks then stay)."""
+    """Patch DeepSpeed's ZeRO-1/2 optimizer class (idempotent). False, with a warning, when this DeepSpeed is
+    older than TESTED_SINCE or lacks the methods replaced (its own per-tensor checks then stay).
+    tests/test_grad_checks.py compares both against DeepSpeed's own on every install of the suite."""
+    import deepspeed
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as cls
+    from packaging.version import Version
+
+    if Version(deepspeed.__version__).release < Version(TESTED_SINCE).release:
+        log.warning("DeepSpeed %s is older than %s: keeping its per-tensor gradient checks", deepspeed.__version__,
+                    TESTED_SINCE)
+        return False
 
     replacements = {"has_overflow_partitioned_grads_serial": _has_overflow_partitioned_grads_serial,
                     "get_grad_norm_direct": _get_grad_norm_direct}

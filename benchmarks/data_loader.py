@@ -10,14 +10,20 @@ own shard writer (latents_cli.run_encode) with RANDOM latent values of the real 
 encoding real ones on a CPU takes ~400 s per clip, and the reader's cost does not depend on the values.
 Only throughput is measured there.
 
+`--finish device` (data.finish_on_device) stops the workers before the per-pixel float work: they ship uint8
+frames and cropped float16 depth, and the trainer makes rgb/xyz on its GPU (data_pipeline/finish.py); with a
+GPU present the benchmark also times that finish for one sample.
+
 Timed after `--warmup` samples per worker (steady state: the workers' shared-memory pools have grown);
 minflt/sample is the workers' minor page faults per sample (each a fresh page the kernel zero-fills).
 
     python benchmarks/data_loader.py [--data /tmp/one4d-bench-data] [--workers 1 2 4] [--paths pixels latents]
+                                     [--finish cpu device] [--dtypes float32 bfloat16]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -38,7 +44,7 @@ from data_pipeline.reader import raw_samples, list_shards
 from data_pipeline.shard import run_sharding
 from data_pipeline.shard_index import SAMPLE_FORMAT
 from data_pipeline.synthetic import render_clip
-from data_pipeline.transforms import to_sample
+from data_pipeline.transforms import to_sample, to_staged_sample
 from data_pipeline.video import write_mp4
 
 SRC_FRAMES, SRC_H, SRC_W, RENDERED = 97, 480, 854, 33
@@ -120,11 +126,34 @@ def stage_times(cfg: DataConfig, shards: Path, latents: LatentsSpec | None = Non
             continue
         clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, rng, size=(cfg.height, cfg.width))
         t1 = time.perf_counter()
-        to_sample(clip, cfg.height, cfg.width, cfg.crop, cfg.pointmap_percentiles, rng, cfg.sample_dtype)
+        if cfg.finish_on_device:
+            to_staged_sample(clip, cfg.height, cfg.width, cfg.crop, cfg.pointmap_percentiles, rng)
+        else:
+            to_sample(clip, cfg.height, cfg.width, cfg.crop, cfg.pointmap_percentiles, rng, cfg.sample_dtype)
         t2 = time.perf_counter()
         decode_ms.append(1e3 * (t1 - t0))
         transform_ms.append(1e3 * (t2 - t1))
     return statistics.median(decode_ms), statistics.median(transform_ms)
+
+
+def device_finish_ms(cfg: DataConfig, shards: Path, n: int = 5) -> float:
+    """Median ms of finish.finish_batch on the GPU for one staged sample already there (synchronised)."""
+    from data_pipeline.finish import finish_batch
+    from data_pipeline.loader import collate
+
+    raw = next(raw_samples(list_shards(str(shards))[0]))
+    clip = decode_clip(raw, cfg.num_frames, cfg.frame_stride, np.random.default_rng(0), size=(cfg.height, cfg.width))
+    staged = collate([to_staged_sample(clip, cfg.height, cfg.width, cfg.crop, cfg.pointmap_percentiles,
+                                       np.random.default_rng(0))])
+    staged = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in staged.items()}
+    times = []
+    for _ in range(n + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        finish_batch(staged, cfg.sample_dtype)
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times[1:])
 
 
 def _counters(pids: list[int]) -> tuple[float, int]:
@@ -167,6 +196,9 @@ def main():
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="data.sample_dtype values")
     ap.add_argument("--paths", nargs="+", default=["pixels", "latents"], choices=["pixels", "latents"],
                     help="pixels: geometry decoded into pointmaps; latents: shards with precomputed (random) latents")
+    ap.add_argument("--finish", nargs="+", default=["cpu", "device"], choices=["cpu", "device"],
+                    help="data.finish_on_device false (cpu: workers make rgb/xyz) or true (device: workers ship uint8 "
+                         "frames and cropped depth, the trainer finishes them on its GPU)")
     args = ap.parse_args()
 
     t = time.perf_counter()
@@ -183,19 +215,23 @@ def main():
     if "latents" in args.paths:
         print(f"latents: RANDOM values (VAE identity '{RANDOM_VAE}') of the encoder's shape and dtype, written by "
               f"`one4d encode-latents`' shard writer; only throughput is measured")
-    print(f"{'path':>7} | {'dtype':>8} | {'workers':>7} | {'samples/s':>9} | {'samples/s/worker':>16} | "
+    print(f"{'path':>7} | {'finish':>6} | {'dtype':>8} | {'workers':>7} | {'samples/s':>9} | {'samples/s/worker':>16} | "
           f"{'samples/CPU-s':>13} | {'minflt/sample':>13} | {'decode ms':>9} | {'transform ms':>12}")
-    print("-" * 120)
+    print("-" * 129)
     for path in args.paths:
         source, latents = sources[path]
-        for dtype in args.dtypes:
-            run = replace(cfg, shards=str(source), sample_dtype=dtype)
+        for finish, dtype in itertools.product(args.finish, args.dtypes):
+            run = replace(cfg, shards=str(source), sample_dtype=dtype, finish_on_device=finish == "device")
             decode_ms, transform_ms = stage_times(run, source, latents)
             for w in args.workers:
                 rate, per_cpu, faults = throughput(run, w, args.per_worker, args.warmup, latents)
                 transform = "-" if np.isnan(transform_ms) else f"{transform_ms:.0f}"
-                print(f"{path:>7} | {dtype:>8} | {w:>7} | {rate:>9.2f} | {rate / w:>16.2f} | {per_cpu:>13.2f} | "
+                print(f"{path:>7} | {finish:>6} | {dtype:>8} | {w:>7} | {rate:>9.2f} | {rate / w:>16.2f} | {per_cpu:>13.2f} | "
                       f"{faults:>13.0f} | {decode_ms:>9.0f} | {transform:>12}", flush=True)
+    if "device" in args.finish and torch.cuda.is_available():
+        for dtype in args.dtypes:
+            run = replace(cfg, sample_dtype=dtype, finish_on_device=True)
+            print(f"finish on {torch.cuda.get_device_name()}, {dtype}: {device_finish_ms(run, shards):.2f} ms per sample")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -22,6 +22,8 @@ class DataConfig:
     pointmap_percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])
     sample_dtype: str = "float32"  # rgb and xyz dtype: float32 | float16 | bfloat16 (half the bytes; the bf16 runs use it)
     use_latents: bool = True  # use precomputed latents from the shards when they are present
+    # workers ship uint8 frames and cropped geometry; the trainer makes rgb/xyz on its device (data_pipeline/finish.py)
+    finish_on_device: bool = False
 
     def validate(self):
         p = []

@@ -130,10 +130,13 @@ def latent_sample(raw: dict, cfg: DataConfig, spec: LatentsSpec | None, where: s
                                    f"{meta['source_size']} and data.height x data.width = {cfg.height}x{cfg.width}")
     # checks the video's frame count and size against source_size (a bad sample, skipped, if they differ)
     frames = decode_window(raw["mp4"], idx, n, (src_h, src_w), (crop.resized_h, crop.resized_w))
-    rgb = rgb_output(resize_crop_rgb(frames, crop), DTYPES[cfg.sample_dtype])
+    frames = resize_crop_rgb(frames, crop)
+    if cfg.finish_on_device:  # uint8 frames; finish.finish_batch converts them on the training device
+        out = {"rgb_u8": output_tensor(tuple(frames.shape), torch.uint8).copy_(frames)}
+    else:
+        out = {"rgb": rgb_output(frames, DTYPES[cfg.sample_dtype])}
     z = NpzReader(raw["latents.npz"], "latents.npz")
     shape = tuple(meta["latent_shape"])
-    out = {"rgb": rgb}
     for name in Z_KEYS:
         a = z[name]
         if a.shape != shape:

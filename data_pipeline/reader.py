@@ -30,7 +30,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.decode import SampleError, decode_clip
 from data_pipeline.latents import LatentsMismatchError, LatentsSpec, check_settings, latent_sample
 from data_pipeline.shard_index import read_index
-from data_pipeline.transforms import to_sample
+from data_pipeline.transforms import to_sample, to_staged_sample
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,8 @@ class ShardStream(IterableDataset):
             raise SampleError("no stored latents (one4d encode-latents could not encode it; see index.json "
                               "latents.failed)")
         clip = decode_clip(raw, c.num_frames, c.frame_stride, rng, size=(c.height, c.width))
+        if c.finish_on_device:
+            return to_staged_sample(clip, c.height, c.width, c.crop, c.pointmap_percentiles, rng)
         return to_sample(clip, c.height, c.width, c.crop, c.pointmap_percentiles, rng, c.sample_dtype)
 
     def __iter__(self):

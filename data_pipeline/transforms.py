@@ -87,24 +87,31 @@ def rgb_output(frames: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return out
 
 
+def pointmap_affine(K, rel_c2w, centre, scale: float) -> np.ndarray:
+    """float32 [3, 4] taking (u d, v d, d, 1) of a pixel (u, v) with z-depth d in a camera with intrinsics K and
+    pose rel_c2w (relative to the reference camera) to its normalised pointmap (X - centre) / scale."""
+    rel = np.asarray(rel_c2w, np.float64)
+    M = rel[:3, :3] @ np.linalg.inv(np.asarray(K, np.float64)) / scale
+    t = (rel[:3, 3] - np.asarray(centre, np.float64)) / scale
+    return np.concatenate([M, t[:, None]], axis=1).astype(np.float32)
+
+
 def camera_pointmaps(depth: torch.Tensor, K: torch.Tensor, rel_c2w: torch.Tensor) -> torch.Tensor:
     """z-depth [T, H, W], intrinsics [T, 3, 3], poses relative to the reference camera [T, 4, 4] ->
     pointmaps [T, 3, H, W] in the reference camera (geometry.depth_to_pointmaps, channels first, float32)."""
     out = torch.empty((depth.shape[0], 3) + depth.shape[1:])
     for i in range(depth.shape[0]):
-        _pointmap_into(out[i], depth[i].float(), K[i], rel_c2w[i], np.zeros(3), 1.0)
+        _pointmap_into(out[i], depth[i].float(), pointmap_affine(K[i], rel_c2w[i], np.zeros(3), 1.0))
     return out
 
 
-def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, scale: float,
+def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, affine: np.ndarray,
                    scratch: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
-    """out [3, H, W] (contiguous) = (pointmap - centre) / scale for one frame of z-depth [H, W] (any float
+    """out [3, H, W] (contiguous) = affine (pointmap_affine) applied to one frame of z-depth [H, W] (any float
     dtype): (u d, v d, d, 1) in a float32 scratch [4, H, W], then one 3x4 matmul, which is ~2.4x faster than
     building each channel from its own ray. With `keep` (bool [H, W]; depth must be 0 where it is False) the
     fourth channel is the mask, so out is 0 outside it without a pass of its own."""
     H, W = depth.shape
-    M = np.asarray(rel_c2w, np.float64)[:3, :3] @ np.linalg.inv(np.asarray(K, np.float64)) / scale
-    t = (np.asarray(rel_c2w, np.float64)[:3, 3] - centre) / scale
     buf = torch.empty(4, H, W) if scratch is None else scratch
     buf[2].copy_(depth)
     torch.mul(buf[2], torch.arange(W, dtype=torch.float32).view(1, W), out=buf[0])
@@ -113,8 +120,7 @@ def _pointmap_into(out: torch.Tensor, depth: torch.Tensor, K, rel_c2w, centre, s
         buf[3].fill_(1.0)
     else:
         buf[3].copy_(keep)
-    A = np.concatenate([M, t[:, None]], axis=1).astype(np.float32)
-    torch.mm(torch.from_numpy(A), buf.view(4, -1), out=out.view(3, -1))
+    torch.mm(torch.from_numpy(affine), buf.view(4, -1), out=out.view(3, -1))
 
 
 def output_tensor(shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
@@ -144,7 +150,30 @@ def positive_finite(depth: np.ndarray) -> np.ndarray:
     return np.isfinite(depth) & (depth > 0)
 
 
-def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
+@dataclass
+class Geometry:
+    """A clip's cropped geometry, one affine map per frame away from its normalised pointmaps (finish.py
+    applies the same maps on the training device)."""
+    kind: str  # "depth": z-depth [T, H, W], 0 outside `valid`; "points": xyz [T, H, W, 3], 0 where not finite
+    values: np.ndarray
+    valid: np.ndarray  # bool [T, H, W]
+    affine: np.ndarray  # float32 [T, 3, 4]: depth: A (u d, v d, d, valid); points: (A (x, y, z, 1)) * valid
+    centre: np.ndarray  # float32 [3], metric = normalised * scale + centre
+    scale: float
+
+    def frame_into(self, out: torch.Tensor, i: int, scratch: torch.Tensor) -> None:
+        """out [3, H, W] = frame i's normalised pointmap (0 outside the mask; not clamped)."""
+        if self.kind == "depth":
+            _pointmap_into(out, torch.from_numpy(self.values[i]), self.affine[i], scratch,
+                           torch.from_numpy(self.valid[i]))
+            return
+        A = torch.from_numpy(self.affine[i])
+        p = torch.from_numpy(self.values[i]).float().permute(2, 0, 1).reshape(3, -1)
+        torch.mm(A[:, :3], p, out=out.view(3, -1))
+        out.add_(A[:, 3].view(3, 1, 1)).mul_(torch.from_numpy(self.valid[i]))
+
+
+def _depth_geometry(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles) -> Geometry:
     depth = resize_crop_nearest(clip.depth, crop)
     valid = positive_finite(depth)
     if clip.valid is not None:
@@ -161,76 +190,43 @@ def _depth_pointmaps(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles):
     sub = torch.from_numpy(depth[:, ::k, ::k].astype(np.float32))
     sub = camera_pointmaps(sub, torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
     centre, scale = pointmap_normalisation(sub.permute(0, 2, 3, 1).numpy(), valid[:, ::k, ::k], tuple(percentiles))
-    depth_t, valid_t = torch.from_numpy(depth), torch.from_numpy(valid)
-    scratch = torch.empty((4,) + depth.shape[1:])
-
-    def frame(out: torch.Tensor, i: int):
-        _pointmap_into(out, depth_t[i], K[i], clip.poses_c2w[i], centre, scale, scratch, valid_t[i])
-
-    return frame, valid, centre, scale
+    affine = np.stack([pointmap_affine(K[i], clip.poses_c2w[i], centre, scale) for i in range(len(depth))])
+    return Geometry("depth", depth, valid, affine, centre, scale)
 
 
-def _stored_pointmaps(clip: DecodedClip, crop: Crop, percentiles):
+def _points_geometry(clip: DecodedClip, crop: Crop, percentiles) -> Geometry:
     pts = resize_crop_nearest(clip.xyz, crop)
-    to_ref = torch.eye(4) if clip.xyz_to_ref is None else torch.from_numpy(clip.xyz_to_ref).float()
-    R, t = to_ref[:3, :3], to_ref[:3, 3].reshape(3, 1, 1)
+    to_ref = np.eye(4) if clip.xyz_to_ref is None else np.asarray(clip.xyz_to_ref, np.float64)
     finite = np.isfinite(pts).all(-1)
     if not finite.all():  # masking is a multiply: keep non-finite values out of the products
         pts = np.where(finite[..., None], pts, 0).astype(pts.dtype)
     valid = finite if clip.valid is None else resize_crop_nearest(clip.valid, crop) & finite
     k = _grid(valid, NORMALISATION_POINTS)
-    sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t.view(3)
+    R, t = torch.from_numpy(to_ref[:3, :3]).float(), torch.from_numpy(to_ref[:3, 3]).float()
+    sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t
     centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
-    pts_t, valid_t = torch.from_numpy(pts), torch.from_numpy(valid)
-    shift = (t - torch.from_numpy(centre).view(3, 1, 1)) / scale
+    A = np.concatenate([to_ref[:3, :3], (to_ref[:3, 3] - centre)[:, None]], axis=1) / scale
+    affine = np.broadcast_to(A.astype(np.float32), (len(pts), 3, 4)).copy()
+    return Geometry("points", pts, valid, affine, centre, scale)
 
-    def frame(out: torch.Tensor, i: int):
-        p = pts_t[i].float().permute(2, 0, 1).reshape(3, -1)
-        torch.mm(R / scale, p, out=out.view(3, -1))
-        out.add_(shift).mul_(valid_t[i])
 
-    return frame, valid, centre, scale
+def clip_geometry(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles) -> Geometry:
+    """The clip's geometry resized/cropped by `crop` (nearest), its mask, and its normalisation: per-axis
+    geometry.pointmap_normalisation of the valid points on a regular subsample of at most
+    NORMALISATION_POINTS pixels (all of them for clips that small)."""
+    if clip.depth is not None:
+        return _depth_geometry(clip, crop, K, percentiles)
+    return _points_geometry(clip, crop, percentiles)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
-              rng: np.random.Generator, dtype: str = "float32") -> dict:
-    """The sample dict of docs/data.md (without the origin keys the reader adds); rgb and xyz in `dtype`.
-    Pointmaps are normalised by geometry.pointmap_normalisation on the valid points of a regular subsample
-    of at most NORMALISATION_POINTS pixels (all of them for clips that small); invalid pixels are 0."""
-    T = clip.frames.shape[0]
-    src_h, src_w = clip.source_hw
-    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
-    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
-    if clip.depth is not None:
-        pointmap_frame, valid, centre, scale = _depth_pointmaps(clip, crop, K, percentiles)
-    else:
-        pointmap_frame, valid, centre, scale = _stored_pointmaps(clip, crop, percentiles)
-    frames = resize_crop_rgb(clip.frames, crop)
-    out_dtype = DTYPES[dtype]
-    rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)
-    valid_t = torch.from_numpy(valid)
-    # frame by frame in a float32 scratch while the frame is in cache; the output (shared memory in a
-    # worker, slow to fault in when fresh) is written once per value
-    scratch = torch.empty(3, height, width)
-    minus_one = torch.tensor(-1.0)
-    for i in range(T):
-        pointmap_frame(scratch, i)  # 0 outside the mask
-        if out_dtype == torch.float32:
-            torch.clamp(scratch, -1.0, 1.0, out=xyz[i])
-        else:
-            xyz[i].copy_(scratch.clamp_(-1.0, 1.0))
-        torch.add(minus_one, frames[i], alpha=1 / 127.5, out=rgb[i])  # uint8 -> [-1, 1] in one pass
-    mask = output_tensor((T, 1, height, width), torch.bool)
-    mask.copy_(valid_t.unsqueeze(1))
+def _common(clip: DecodedClip, crop: Crop, K: np.ndarray, geo: Geometry, mask: torch.Tensor) -> dict:
     sample = {
-        "rgb": rgb,
-        "xyz": xyz,
         "valid": mask,
-        "xyz_centre": torch.from_numpy(centre),
-        "xyz_scale": torch.tensor(scale, dtype=torch.float32),
+        "xyz_centre": torch.from_numpy(geo.centre),
+        "xyz_scale": torch.tensor(geo.scale, dtype=torch.float32),
         "intrinsics": torch.from_numpy(K.astype(np.float32)),
         "poses_c2w": torch.from_numpy(clip.poses_c2w.astype(np.float32)),
         "caption": clip.caption,
@@ -238,3 +234,54 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     if clip.text_emb is not None:
         sample["text_emb"] = torch.from_numpy(clip.text_emb)
     return sample
+
+
+def _mask_output(valid: np.ndarray) -> torch.Tensor:
+    mask = output_tensor((valid.shape[0], 1) + valid.shape[1:], torch.bool)
+    mask.copy_(torch.from_numpy(valid).unsqueeze(1))
+    return mask
+
+
+def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
+              rng: np.random.Generator, dtype: str = "float32") -> dict:
+    """The sample dict of docs/data.md (without the origin keys the reader adds); rgb and xyz in `dtype`.
+    Pointmaps are normalised as clip_geometry says; invalid pixels are 0."""
+    T = clip.frames.shape[0]
+    src_h, src_w = clip.source_hw
+    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
+    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
+    geo = clip_geometry(clip, crop, K, percentiles)
+    frames = resize_crop_rgb(clip.frames, crop)
+    out_dtype = DTYPES[dtype]
+    rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)
+    # frame by frame in a float32 scratch while the frame is in cache; the output (shared memory in a
+    # worker, slow to fault in when fresh) is written once per value
+    scratch, scratch4 = torch.empty(3, height, width), torch.empty(4, height, width)
+    minus_one = torch.tensor(-1.0)
+    for i in range(T):
+        geo.frame_into(scratch, i, scratch4)  # 0 outside the mask
+        if out_dtype == torch.float32:
+            torch.clamp(scratch, -1.0, 1.0, out=xyz[i])
+        else:
+            xyz[i].copy_(scratch.clamp_(-1.0, 1.0))
+        torch.add(minus_one, frames[i], alpha=1 / 127.5, out=rgb[i])  # uint8 -> [-1, 1] in one pass
+    return {"rgb": rgb, "xyz": xyz, **_common(clip, crop, K, geo, _mask_output(geo.valid))}
+
+
+def to_staged_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
+                     rng: np.random.Generator) -> dict:
+    """to_sample's work up to the per-pixel float passes, which finish.finish_batch does on the training
+    device (data.finish_on_device): `rgb_u8` uint8 [T, 3, H, W] instead of `rgb`, and instead of `xyz` the
+    cropped geometry (`depth` [T, H, W] or `points` [T, H, W, 3], in the stored dtype) with `xyz_affine`
+    float32 [T, 3, 4]. The same crop, mask and normalisation as to_sample for the same rng."""
+    T = clip.frames.shape[0]
+    src_h, src_w = clip.source_hw
+    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
+    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
+    geo = clip_geometry(clip, crop, K, percentiles)
+    rgb = output_tensor((T, 3, height, width), torch.uint8)
+    rgb.copy_(resize_crop_rgb(clip.frames, crop))
+    values = output_tensor(geo.values.shape, torch.from_numpy(geo.values[:0]).dtype)
+    values.numpy()[...] = geo.values
+    return {"rgb_u8": rgb, geo.kind: values, "xyz_affine": torch.from_numpy(geo.affine),
+            **_common(clip, crop, K, geo, _mask_output(geo.valid))}

@@ -199,7 +199,8 @@ def iter_samples(cfg) -> Iterator[dict]:
     from data_pipeline.loader import build_loader
 
     # evaluation scores pixels and geometry: never the stored latents
-    data_cfg = replace(cfg.data, crop="center", num_workers=0, mode="exact", use_latents=False)
+    data_cfg = replace(cfg.data, crop="center", num_workers=0, mode="exact", use_latents=False,
+                       finish_on_device=False)
     loader = build_loader(data_cfg, rank=0, world_size=1, seed=cfg.eval.seed, micro_batch_size=1, shards=spec)
     seen = set()
     try:

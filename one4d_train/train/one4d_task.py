@@ -14,6 +14,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from data_pipeline.finish import finish_batch
 from data_pipeline.latents import latents_spec
 from data_pipeline.loader import build_loader
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
@@ -128,6 +129,7 @@ class One4DTask:
 
     # ---- the step ---------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = finish_batch(batch, self.cfg.data.sample_dtype)  # data.finish_on_device: rgb/xyz made here
         rgb = batch["rgb"].transpose(1, 2)  # [B, 3, T, H, W] in [-1, 1]
         xyz = batch["xyz"].transpose(1, 2) if "xyz" in batch else None
         device = rgb.device

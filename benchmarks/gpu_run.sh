@@ -5,6 +5,8 @@
 #     small : matmul/attention rates, 1.3B (ours: default + levers; peer), ZeRO-2 / persistence levers
 #     large : 14B ours (default config + checkpointing levers) and the 14B peer
 #     tests : pytest -m gpu
+#     loader: the data loader on this host's CPU (pixels, bf16, 1/2/4/8 workers, finished on CPU and on the GPU);
+#             needs the DATA wheels too (benchmarks/offline_wheels.sh)
 #     levers: 1.3B under ZeRO-2: checkpointing modes, flash vs auto, compile
 #     short : 14B ZeRO-2 eager, 1.3B peer, tests, 1.3B ZeRO-2 compiled (the second call of 2026-11-25)
 #     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
@@ -13,7 +15,7 @@
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
-# Needs deepspeed/diffusers/omegaconf on PYTHONPATH (see benchmarks/PERF_NOTES.md for the wheel install line).
+# Needs deepspeed/diffusers/omegaconf on PYTHONPATH: benchmarks/offline_wheels.sh makes the wheels, PERF_NOTES.md installs them.
 set -u
 OUT=${OUT:-/tmp/one4d-bench}
 mkdir -p "$OUT"
@@ -43,7 +45,7 @@ if [[ $WHAT == small || $WHAT == all ]]; then
 fi
 if [[ $WHAT == tests || $WHAT == small || $WHAT == all ]]; then
   part ${TTESTS:-120} "pytest -m gpu" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_dlc.py \
-    tests/test_attention.py tests/test_backbone.py
+    tests/test_attention.py tests/test_backbone.py tests/test_finish.py
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
 fi
 if [[ $WHAT == small || $WHAT == all ]]; then
@@ -51,6 +53,12 @@ if [[ $WHAT == small || $WHAT == all ]]; then
     --lever persist --variants "ckpt=selective+vae=none"
   part 55 "1.3b ZeRO-2" $B --preset 1.3b --warmup 2 --steps 10 --zero-stage 2 --lever zero2 \
     --variants "ckpt=selective+vae=none"
+fi
+if [[ $WHAT == loader ]]; then
+  part ${TLOADER:-420} "data loader" python3 benchmarks/data_loader.py --data /tmp/one4d-bench-data --clips 16 \
+    --workers 1 2 4 8 --dtypes bfloat16 --paths pixels --finish cpu device
+  grep -E "^ *(pixels|latents) \||finish on|load average" "$LOG" | tee "$OUT/loader.txt"
+  exit 0
 fi
 if [[ $WHAT == levers ]]; then
   part 240 "1.3b ZeRO-2 checkpointing/attention/compile" $B --preset 1.3b --zero-stage 2 --lever zero2 \

@@ -88,3 +88,20 @@ def test_loader_ships_staged_batches_that_finish_to_the_cpu_batches(shards, work
         staged_bytes = sum(v.nbytes for k, v in staged.items() if k in ("rgb_u8", "depth"))
         assert staged_bytes < 0.5 * (ref["rgb"].nbytes + ref["xyz"].nbytes)
         _assert_same(finish_batch(staged, "bfloat16"), ref, "bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("geometry", ["depth", "points"])
+def test_finish_on_cuda_equals_the_cpu_sample(geometry, monkeypatch):
+    """On the GPU, with TF32 matmuls allowed (as training sets them), the finish is still float32-exact."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    clips = [_clip(s, geometry) for s in (3, 8)]
+    ref = collate([to_sample(c, 32, 48, "random", (2.0, 98.0), np.random.default_rng(i), "bfloat16")
+                   for i, c in enumerate(clips)])
+    staged = collate([to_staged_sample(c, 32, 48, "random", (2.0, 98.0), np.random.default_rng(i))
+                      for i, c in enumerate(clips)])
+    on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in staged.items()}
+    finished = finish_batch(on_gpu, "bfloat16")
+    assert finished["rgb"].is_cuda and finished["xyz"].is_cuda
+    _assert_same({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in finished.items()}, ref, "bfloat16")

@@ -1,0 +1,46 @@
+"""benchmarks/train_step.py runs end to end (tiny preset on the CPU: ours under DeepSpeed, the diffusers + PEFT
+peer, the report), so the GPU benchmark cannot rot between GPU sessions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch_utils import ROOT, _env
+
+pytestmark = pytest.mark.slow
+SCRIPT = os.path.join(ROOT, "benchmarks", "train_step.py")
+
+
+def _run(*args, timeout=300) -> str:
+    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env({"BENCH_COMMIT": "test"}),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
+    results = str(tmp_path / "r.jsonl")
+    common = ["--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--results", results]
+    _run(*common, "--variants", "vae=latents")
+    _run(*common, "--peer")
+    rows = [json.loads(line) for line in open(results)]
+    ours = next(r for r in rows if r["kind"] == "ours")
+    peer = next(r for r in rows if r["kind"] == "peer")
+    for r in (ours, peer):
+        assert r["steps"] == 1 and r["flops"] > 0 and r["step_s"] > 0, r
+        assert r["dit_fwd_s"] > 0 and r["dit_bwd_s"] > 0, r
+    assert ours["vae_cond_s"] > 0 and ours["vae"] == "latents"  # the condition encode is timed in our step
+    table = _run("--report", results)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in table.splitlines()
+             if line.startswith("tiny ")}
+    head = next(line for line in table.splitlines() if line.startswith("preset"))
+    cols = [c.strip() for c in head.split("|")]
+    x_peer, x_dit = lines["z3"][cols.index("x peer")], lines["z3"][cols.index("x peer DiT")]
+    assert x_peer == f"{peer['step_s'] / ours['step_s']:.2f}x"
+    dit = lambda r: r["dit_fwd_s"] + r["dit_bwd_s"] + r["optimizer_s"]  # noqa: E731
+    assert x_dit == f"{dit(peer) / dit(ours):.2f}x"
+    assert lines["peer"][cols.index("x peer")] == "-"

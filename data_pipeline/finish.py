@@ -16,31 +16,30 @@ from data_pipeline.transforms import DTYPES
 
 
 def _depth_xyz(depth: torch.Tensor, affine: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """z-depth [B, T, H, W] (0 outside the mask), affine [B, T, 3, 4], valid bool [B, T, 1, H, W]
-    -> [B, T, 3, H, W] float32: per channel c, d (a_c0 u + a_c1 v + a_c2) + a_c3 valid (elementwise, so no
-    TF32 matmul can round it)."""
+    """z-depth [..., T, H, W] (0 outside the mask), affine [..., T, 3, 4], valid bool [..., T, 1, H, W]
+    -> [..., T, 3, H, W] float32: per channel c, d (a_c0 u + a_c1 v + a_c2) + a_c3 valid (elementwise, so no
+    TF32 matmul can round it; one full-size buffer, updated in place)."""
     H, W = depth.shape[-2:]
-    d = depth.float().unsqueeze(2)  # [B, T, 1, H, W]
-    a = affine.float()[..., None, None]  # [B, T, 3, 4, 1, 1]
-    u = torch.arange(W, dtype=torch.float32, device=depth.device).view(W)
+    a = affine.float()[..., None, None]  # [..., T, 3, 4, 1, 1]
+    u = torch.arange(W, dtype=torch.float32, device=depth.device)
     v = torch.arange(H, dtype=torch.float32, device=depth.device).view(H, 1)
-    ray = a[:, :, :, 0] * u + a[:, :, :, 1] * v + a[:, :, :, 2]  # [B, T, 3, H, W]
-    return ray.mul_(d).add_(a[:, :, :, 3] * valid)
+    out = a.select(-3, 1) * v + a.select(-3, 0) * u  # [..., T, 3, H, W]
+    out.add_(a.select(-3, 2)).mul_(depth.unsqueeze(-3))
+    return out.addcmul_(a.select(-3, 3), valid.to(torch.float32))
 
 
 def _points_xyz(points: torch.Tensor, affine: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """xyz [B, T, H, W, 3] (0 where not finite) -> (A (x, y, z, 1)) * valid, [B, T, 3, H, W] float32."""
-    p = points.float()
-    a = affine.float()[..., None, None]  # [B, T, 3, 4, 1, 1]
-    out = a[:, :, :, 3].expand(*p.shape[:2], 3, *p.shape[2:4]).clone()
-    for j in range(3):
-        out.add_(a[:, :, :, j] * p[..., j].unsqueeze(2))
-    return out.mul_(valid)
+    """xyz [..., T, H, W, 3] (0 where not finite) -> (A (x, y, z, 1)) * valid, [..., T, 3, H, W] float32."""
+    a = affine.float()[..., None, None]  # [..., T, 3, 4, 1, 1]
+    out = a.select(-3, 0) * points[..., 0].unsqueeze(-3).float()
+    for j in (1, 2):
+        out.addcmul_(a.select(-3, j), points[..., j].unsqueeze(-3).float())
+    return out.add_(a.select(-3, 3)).mul_(valid)
 
 
 def finish_batch(batch: dict, dtype: str) -> dict:
-    """`rgb` and `xyz` in [-1, 1] in `dtype` (data.sample_dtype) on the device of the staged tensors; the
-    staged keys are dropped, all other keys are kept."""
+    """`rgb` and `xyz` in [-1, 1] in `dtype` (data.sample_dtype) on the device of the staged tensors, for a batch
+    or a single sample (any leading axes); the staged keys are dropped, all other keys are kept."""
     if "rgb_u8" not in batch:
         return batch
     out = dict(batch)
@@ -58,3 +57,12 @@ def finish_batch(batch: dict, dtype: str) -> dict:
         raise KeyError(f"staged batch has xyz_affine but neither depth nor points (keys {sorted(out)})")
     out["xyz"] = xyz.clamp_(-1.0, 1.0).to(target)
     return out
+
+
+def batchable(samples: list[dict], dtype: str) -> list[dict]:
+    """Samples that stack into one batch: staged samples of both geometry kinds (a shard set may mix depth and
+    pointmap clips) are finished here, on the CPU, since their geometry members differ; otherwise unchanged."""
+    kinds = {"depth" if "depth" in s else "points" if "points" in s else None for s in samples if "rgb_u8" in s}
+    if len(kinds) < 2:
+        return samples
+    return [finish_batch(s, dtype) for s in samples]

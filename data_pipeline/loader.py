@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import shm_pool
 from data_pipeline.config import DataConfig
+from data_pipeline.finish import batchable
 from data_pipeline.latents import LatentsSpec
 from data_pipeline.reader import ShardStream, StreamPlan, list_shards, shard_fingerprint, stored_latents
 from data_pipeline.transforms import output_tensor
@@ -78,7 +79,7 @@ class BatchStream(IterableDataset):
         for sample in self.stream:
             samples.append(sample)
             if len(samples) == self.batch_size:
-                batch, samples = collate(samples), []
+                batch, samples = collate(batchable(samples, self.stream.cfg.sample_dtype)), []
                 yield shm_pool.dispatch(batch)
 
 

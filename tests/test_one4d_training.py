@@ -122,15 +122,17 @@ def test_stored_latents_and_device_finished_samples_give_the_pixel_path_loss(sha
     assert enc.returncode == 0, enc.stdout[-2000:] + enc.stderr[-2000:]
     losses = {}
     for name, data, finish in (("pixels", shards, False), ("pixels-finished", shards, True),
-                               ("latents-finished", latent_shards, True)):
+                               ("latents", latent_shards, False), ("latents-finished", latent_shards, True)):
         run_dir = tmp_path / name
         code, out = torchrun(run_dir, *common(data, run_dir, 1), "data.crop=center", f"data.finish_on_device={finish}",
                              timeout=900)
         assert code == 0, out[-4000:]
         client, run = mlflow_run(run_dir)
         losses[name] = metric(client, run, "loss")[1]
-    assert losses["pixels-finished"] == pytest.approx(losses["pixels"], rel=1e-5)
-    assert losses["latents-finished"] == pytest.approx(losses["pixels"], rel=2e-3)
+    # the finish differs from the CPU path by float32 rounding of xyz (one bf16/fp16 step on a few values at most)
+    assert losses["pixels-finished"] == pytest.approx(losses["pixels"], rel=1e-7)
+    assert losses["latents-finished"] == pytest.approx(losses["latents"], rel=1e-7)
+    assert losses["latents"] == pytest.approx(losses["pixels"], rel=2e-3)
 
 
 def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight, tmp_path):

@@ -459,6 +459,8 @@ def run_ours(args) -> None:
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
+        if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
+            row["p_live_encode"] = cfg.model.umc.p_sparse
         try:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -602,7 +604,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
             rate = f", {r['tflops']:.0f} TFLOP/s" if "tflops" in r else ""
             lines.append(f"VAE encode ({r['videos']}): {r['encode_s']:.3f} s{rate}")
     cols = ["preset", "who", "variant", "step s", "samples/s", "PFLOP", "MFU989", "MFUmm", "DiT MFU", "peak GB", "vae/cond",
-            "fwd", "bwd", "optim", "data", "x peer", "x peer DiT", "note"]
+            "fwd", "bwd", "optim", "data", "x peer", "x peer DiT", "mix s", "mix MFU", "note"]
     table = []
     for r in rows:
         if r.get("kind") not in ("ours", "peer"):
@@ -610,7 +612,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         who = "peer" if r["kind"] == "peer" else f"z{r.get('zero_stage')}" + (f"/{r['lever']}" if r.get("lever") else "")
         if "step_s" not in r:
             table.append([r["preset"], who, r["variant"], "-", "-", f"{r['flops'] / 1e15:.3f}", "-", "-", "-", "-", "-", "-",
-                          "-", "-", "-", "-", "-", r.get("error", "")[:60]])
+                          "-", "-", "-", "-", "-", "-", "-", r.get("error", "")[:60]])
             continue
         step = r["step_s"]
         dit = r["dit_fwd_s"] + r["dit_bwd_s"]
@@ -623,12 +625,16 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         # like for like: the peer step encodes nothing, so compare DiT forward + backward + optimizer on both sides
         dit_step = lambda x: x["dit_fwd_s"] + x["dit_bwd_s"] + x["optimizer_s"]  # noqa: E731
         speed_dit = dit_step(p) / dit_step(r) if p and r["kind"] == "ours" else float("nan")
+        # the step averaged over the UMC task mix: the timed step encodes a condition every time, training with
+        # stored latents only for the fraction p_live_encode of samples (the sparse task)
+        mix = step - r["vae_cond_s"] * (1 - r["p_live_encode"]) if "p_live_encode" in r else float("nan")
         table.append([r["preset"], who, r["variant"], f"{step:.3f}", f"{1 / step:.3f}", f"{r['flops'] / 1e15:.3f}",
                       f"{100 * mfu:.1f}%",
                       f"{100 * mfu_mm:.1f}%", f"{100 * r['flops'] / dit / H100_PEAK:.1f}%",
                       f"{r.get('peak_gb', float('nan')):.1f}", f"{r['vae_cond_s']:.3f}", f"{r['dit_fwd_s']:.3f}",
                       f"{r['dit_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", "0", f"{speed:.2f}x{mark}" if speed == speed else "-",
                       f"{speed_dit:.2f}x" if speed_dit == speed_dit else "-",
+                      f"{mix:.3f}" if mix == mix else "-", f"{100 * r['flops'] / mix / H100_PEAK:.1f}%" if mix == mix else "-",
                       f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
@@ -639,7 +645,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
     lines.append("MFU989 = model FLOPs / step / 989 TFLOP/s; MFUmm = against the matmul rate above; DiT MFU = model "
                  "FLOPs / (DiT fwd + bwd time); x peer = peer step time / our step time (samples/s ratio, 1 sample = "
                  "RGB + XYZ of one clip); x peer DiT = the same for DiT fwd + bwd + optimizer alone (like for like: the peer "
-                 "step encodes no condition); '*' = against a peer time given with --peer-ref, not measured in this run. "
+                 "step encodes no condition); mix s / mix MFU = the step averaged over the UMC task mix with stored latents "
+                 "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "data wait = 0: synthetic tensors on the GPU.")
     return "\n".join(lines)
 

@@ -44,3 +44,7 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     dit = lambda r: r["dit_fwd_s"] + r["dit_bwd_s"] + r["optimizer_s"]  # noqa: E731
     assert x_dit == f"{dit(peer) / dit(ours):.2f}x"
     assert lines["peer"][cols.index("x peer")] == "-"
+    # averaged over the task mix: only the sparse task (p_sparse of the samples) encodes its condition live
+    assert ours["p_live_encode"] == pytest.approx(0.30)
+    mix = ours["step_s"] - ours["vae_cond_s"] * (1 - ours["p_live_encode"])
+    assert lines["z3"][cols.index("mix s")] == f"{mix:.3f}" and lines["peer"][cols.index("mix s")] == "-"

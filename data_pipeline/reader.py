@@ -240,6 +240,11 @@ def read_in_order(sources: list[Shard], order: np.ndarray, start: int) -> Iterat
         yield p + 1, sources[s], sources[s].keys[i], raw
 
 
+# a reader slot that finds nothing usable in this many epochs in a row stops the run (the data is unusable); a
+# single empty epoch (all of the few shards dealt to the slot were bad) is logged and passed over
+EMPTY_EPOCHS_LIMIT = 16
+
+
 class ShardStream(IterableDataset):
     """Decoded samples (docs/data.md) of one rank; each DataLoader worker serves one reader slot, forever.
 
@@ -282,6 +287,7 @@ class ShardStream(IterableDataset):
         local = self.local_slot()
         slot = self.plan.slot(local)
         epoch, pos, skipped = self.start.get(local, (0, 0, 0))
+        empty = 0  # epochs in a row in which this slot found no usable sample
         while True:
             sources = self.plan.sources(local, epoch)
             order = self.plan.order(local, epoch, sources)
@@ -306,7 +312,14 @@ class ShardStream(IterableDataset):
                 sample.update(__key__=key, __shard__=shard.name, __slot__=slot, __epoch__=epoch, __pos__=after,
                               __skipped__=skipped)
                 yield sample
-            if yielded == 0 and pos == 0:
-                raise RuntimeError(f"reader slot {slot}: no usable sample in epoch {epoch} "
-                                   f"(shards {[s.name for s in sources]}); see the logged reasons")
+            if yielded == 0 and pos == 0:  # every shard dealt to this slot this epoch was unusable
+                empty += 1
+                names = [s.name for s in sources]
+                if empty >= EMPTY_EPOCHS_LIMIT:
+                    raise RuntimeError(f"reader slot {slot}: no usable sample in {empty} epochs in a row (the last, "
+                                       f"epoch {epoch}: shards {names}); see the logged reasons")
+                log.warning("reader slot %d: no usable sample in epoch %d (shards %s); going on with epoch %d",
+                            slot, epoch, names, epoch + 1)
+            elif yielded:
+                empty = 0
             epoch, pos = epoch + 1, 0

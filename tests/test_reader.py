@@ -163,6 +163,34 @@ def test_corrupt_members_and_truncated_shard_are_skipped_and_counted(tmp_path, c
         assert f"shard={name} key={key}" in text
 
 
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_a_slot_whose_shards_are_all_bad_in_an_epoch_goes_on(tmp_path, mode):
+    """2 ranks x 2 workers over 4 one-sample shards: each slot reads one shard per epoch, so the slot dealt the
+    truncated shard has an epoch with no usable sample; it logs that and goes on with its next epoch."""
+    shards_dir = make_shards(tmp_path, num_clips=4, samples_per_shard=1, **SRC)
+    victim = list_shards(str(shards_dir))[2]
+    Path(victim.path).write_bytes(Path(victim.path).read_bytes()[:300])
+    cfg = _cfg(shards_dir, num_workers=2, mode=mode)
+    loader = build_loader(cfg, rank=0, world_size=2, seed=0, micro_batch_size=1)
+    batches = _take(loader, 16)  # (the workers' warnings go to their own processes' logs)
+    assert len(batches) == 16 and victim.keys[0] not in {b["__key__"][0] for b in batches}
+    assert loader.samples_skipped > 0
+    epochs = {}
+    for b in batches:
+        epochs.setdefault(int(b["__slot__"][0]), []).append(int(b["__epoch__"][0]))
+    # the slot that was dealt the dead shard passed over that epoch: its epochs have a gap
+    assert any(sorted(e) != list(range(min(e), max(e) + 1)) for e in epochs.values()), epochs
+
+
+def test_a_slot_with_no_usable_data_at_all_stops_with_the_reason(tmp_path):
+    shards_dir = make_shards(tmp_path, num_clips=2, samples_per_shard=1, **SRC)
+    for shard in list_shards(str(shards_dir)):
+        Path(shard.path).write_bytes(Path(shard.path).read_bytes()[:300])
+    loader = build_loader(_cfg(shards_dir), rank=0, world_size=1, seed=0, micro_batch_size=1)
+    with pytest.raises(RuntimeError, match="no usable sample in 16 epochs in a row"):
+        _take(loader, 1)
+
+
 def test_read_in_order_skips_whole_consumed_shards_unopened(depth_shards):
     shards = list_shards(str(depth_shards))
     missing = shards[0].__class__(shards[0].name, str(depth_shards / "does-not-exist.tar"), shards[0].count, shards[0].keys)

@@ -96,11 +96,16 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.resolve().parent
     rows, errors = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
+    # rows are lines ending in b"\n" only (str.splitlines would also split at U+2028 and other separators that
+    # JSON strings may hold raw), each decoded on its own: a row that is not UTF-8 is rejected, not fatal
+    for i, raw in enumerate(path.read_bytes().split(b"\n")):
+        if not raw.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            errors.append(RowError(i, str(path), f"not UTF-8 text: {exc}"))
+            continue
         except json.JSONDecodeError as exc:
             errors.append(RowError(i, str(path), f"not valid JSON: {exc}"))
             continue

@@ -70,6 +70,19 @@ def test_row_errors_name_row_and_reason(tmp_path):
         read_manifest(tmp_path / "nope.jsonl")
 
 
+def test_rows_are_lines_of_bytes_each_decoded_on_its_own(tmp_path):
+    """A caption holding a raw U+2028 (valid inside a JSON string) stays one row, and a row that is not UTF-8 is
+    rejected on its own: row numbers (and the keys made from them) stay the line numbers. CRLF endings are fine."""
+    lines = [json.dumps(depth_row(caption="one\u2028two\u0085three"), ensure_ascii=False).encode("utf-8"),
+             b'{"video": "v.mp4", "caption": "\xff\xfe"}',
+             json.dumps(depth_row(id="third")).encode() + b"\r"]
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows, errors = read_manifest(path)
+    assert [r.row for r in rows] == [0, 2] and rows[0].caption == "one\u2028two\u0085three" and rows[1].id == "third"
+    assert [(e.row, "not UTF-8" in e.reason) for e in errors] == [(1, True)]
+
+
 def load(tmp_path, row, t=T):
     rows, errors = read_manifest(write_rows(tmp_path, [row], "one.jsonl"))
     assert not errors

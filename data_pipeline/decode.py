@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # ISA-L's inflate reads the same deflate streams as zlib's, ~2.4x faster (a clip's depth: ~81 members)
-    from isal.isal_zlib import decompress as inflate
+try:  # ISA-L's inflate reads the same deflate streams as zlib's, ~2.4x faster (a clip's depth: ~81 members); its
+    # CRC-32 is the same function, ~6x faster (5 ms for a clip window's 66 MB of inflated depth)
+    from isal.isal_zlib import crc32, decompress as inflate
 except ImportError:  # no wheel for this platform
-    from zlib import decompress as inflate
+    from zlib import crc32, decompress as inflate
 
 
 class SampleError(ValueError):
@@ -52,9 +53,9 @@ class DecodedClip:
 
 
 class NpzReader:
-    """The arrays of an in-memory npz, inflated one at a time on request with a single inflate call each
-    (no zipfile stream, no CRC pass: shards carry a sha256 in their index). Plain .npy only: an object
-    dtype is refused, so nothing is ever unpickled."""
+    """The arrays of an in-memory npz, inflated one at a time on request with a single inflate call each (no
+    zipfile stream) and checked against the zip's CRC-32. Plain .npy only: an object dtype is refused, so
+    nothing is ever unpickled."""
 
     def __init__(self, data: bytes, member: str):
         self.data, self.member = data, member
@@ -90,6 +91,8 @@ class NpzReader:
                 raise ValueError(f"compression method {info.compress_type} not supported")
             if len(buf) != info.file_size:
                 raise ValueError(f"inflated to {len(buf)} bytes, expected {info.file_size}")
+            if crc32(buf) != info.CRC:  # a flipped bit that still inflates: corrupt, not silently different depth
+                raise ValueError("CRC-32 mismatch (the member is corrupt)")
             f = io.BytesIO(buf)
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0

@@ -1,8 +1,9 @@
 """`one4d inspect-shards DIR`: check every shard against index.json and print dataset statistics.
 
 Checks per shard: file present, size and sha256 as indexed, the tar reads, its sample keys equal the
-index's, every sample has its required members, and every member parses (npz/npy with allow_pickle=False,
-json, UTF-8 text, mp4 container opens with decord). Exits 1 naming the first failing shard and key.
+index's, every sample has its required members, every member parses (npz/npy with allow_pickle=False,
+json, UTF-8 text, mp4 container opens with decord) and matches the sample's sums.json (data_pipeline/checksums.py).
+Exits 1 naming the first failing shard and key.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import shard_index as si
+from data_pipeline import checksums, shard_index as si
+from data_pipeline.decode import crc32
 from data_pipeline.video import open_reader
 
 REQUIRED = {"mp4", "valid.npz", "txt", "json"}
@@ -54,17 +56,27 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
         raise ShardProblem(problem)
     members: dict[str, set] = defaultdict(set)
     counts: dict[str, int] = defaultdict(int)
+    raws: dict[str, dict] = defaultdict(dict)  # per key: member -> CRC-32 (sums.json: its bytes)
     try:
         with tarfile.open(shard_dir / entry["name"]) as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
                 if not info.isfile() or not ext:
                     raise ShardProblem(f"{entry['name']}: unexpected tar member {info.name!r}")
-                _check_member(entry["name"], key, ext, tar.extractfile(info).read())
+                data = tar.extractfile(info).read()
+                _check_member(entry["name"], key, ext, data)
                 members[key].add(ext)
                 counts[ext] += 1
+                raws[key][ext] = data if ext == checksums.MEMBER else crc32(data)
     except tarfile.TarError as exc:
         raise ShardProblem(f"{entry['name']}: tar does not read: {exc}") from None
+    for key, raw in raws.items():  # the per-sample member checksums (shards written before them have none)
+        if checksums.MEMBER in raw:
+            sums = json.loads(raw[checksums.MEMBER])
+            bad = sorted(ext for ext, crc in raw.items() if ext != checksums.MEMBER and sums.get(ext) != crc)
+            if bad or set(sums) - set(raw):
+                raise ShardProblem(f"{entry['name']}: {key}: members {bad or sorted(set(sums) - set(raw))} do not match "
+                                   f"{checksums.MEMBER} (corrupt or missing)")
     if list(members) != entry["keys"]:
         raise ShardProblem(f"{entry['name']}: keys {list(members)} differ from the index's {entry['keys']}")
     for key, exts in members.items():

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from data_pipeline import shard_index as si
+from data_pipeline.checksums import with_sums
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
                                    tar_samples)
@@ -61,7 +62,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
                     encoded += 1
                 except SampleError as exc:
                     failed.append({"key": key, "reason": str(exc)})
-            for member, data in members + extra:
+            for member, data in with_sums(key, members + extra) if extra else members:
                 _add(tar, member, data)
 
     with open(tmp, "wb") as f:

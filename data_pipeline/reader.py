@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from data_pipeline import shm_pool
+from data_pipeline import checksums, shm_pool
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import SampleError, decode_clip
 from data_pipeline.latents import LatentsMismatchError, LatentsSpec, check_settings, latent_sample
@@ -273,6 +273,7 @@ class ShardStream(IterableDataset):
 
     def decode(self, raw: dict, rng: np.random.Generator, where: str = "sample") -> dict:
         c = self.cfg
+        checksums.verify(raw)
         if c.use_latents and "latents.npz" in raw:
             return latent_sample(raw, c, self.latents, where)
         if self.latents_only:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import shard_index as si
+from data_pipeline.checksums import with_sums
 from data_pipeline.decode import frame_member
 from data_pipeline.manifest import ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest
 from data_pipeline.video import VideoError, probe_and_check
@@ -92,6 +93,7 @@ def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     meta = {"row": r.row, "id": r.id, "source": r.source, "num_frames": info.num_frames, "height": info.height,
             "width": info.width, "fps": info.fps, "geometry": r.geometry}
     members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    members = with_sums(key, members)
     z = g[valid] if r.geometry == "depth" else g[..., 2][valid]
     stats = {"key": key, "frames": info.num_frames, "height": info.height, "width": info.width,
              "geometry": r.geometry, "valid_fraction": float(valid.mean()),

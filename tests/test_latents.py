@@ -10,6 +10,7 @@ import pytest
 import torch
 from data_utils import kill_after_first_shard, make_shards
 
+from data_pipeline import checksums
 from data_pipeline.config import DataConfig
 from data_pipeline.latents import (LatentsMismatchError, LatentsSpec, fixed_window_sample, image_condition,
                                    latents_spec, raw_of, tar_samples, vae_identity)
@@ -72,10 +73,12 @@ def test_stored_latents_equal_a_direct_encode_of_the_pipeline_sample(encoded):
         assert sha256_file(out / entry["name"]) == entry["sha256"]
         source = dict(tar_samples(src / entry["name"]))
         for key, members in tar_samples(out / entry["name"]):
-            # every original member, byte for byte and in order, then the latents
-            assert members[:-2] == source[key]
-            assert [n for n, _ in members[-2:]] == [f"{key}.latents.npz", f"{key}.latents.json"]
+            # every original member, byte for byte and in order, then the latents, then checksums of them all
+            assert members[:-3] == [m for m in source[key] if m[0] != f"{key}.sums.json"]
+            assert [n for n, _ in members[-3:]] == [f"{key}.latents.npz", f"{key}.latents.json", f"{key}.sums.json"]
             raw = raw_of(key, members)
+            assert sorted(json.loads(raw["sums.json"])) == sorted(k for k in raw if k not in ("__key__", "sums.json"))
+            checksums.verify(raw)
             sample, info = fixed_window_sample(raw_of(key, source[key]), cfg.data)
             rgb, xyz = sample["rgb"].transpose(0, 1)[None], sample["xyz"].transpose(0, 1)[None]
             direct = {"z_rgb": vae.encode(rgb), "z_xyz": vae.encode(xyz), "z_image": vae.encode(image_condition(rgb))}

@@ -256,6 +256,38 @@ def test_text_embedding_member_is_decoded_without_pickle(depth_shards):
         decode_clip({**raw, "emb.npy": pickled.getvalue()}, 5, 2, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("member", ["mp4", "depth.npz", "cam.json", "txt"])
+def test_a_flipped_bit_in_any_member_is_caught_by_the_sample_checksums(depth_shards, member):
+    """A flipped bit mostly still decodes (to other frames or depth); the sample's sums.json catches it."""
+    raw = next(raw_samples(list_shards(str(depth_shards))[0]))
+    stream = ShardStream(StreamPlan(tuple(list_shards(str(depth_shards))), seed=0, rank=0, world_size=1, workers=1),
+                         _cfg(depth_shards))
+    stream.decode(raw, np.random.default_rng(0))
+    data = bytearray(raw[member])
+    data[len(data) // 2] ^= 0x10
+    with pytest.raises(SampleError, match=f"member {member} is corrupt"):
+        stream.decode({**raw, member: bytes(data)}, np.random.default_rng(0))
+
+
+def test_npz_members_are_checked_against_their_crc():
+    """A flipped bit inside a deflate stream that still inflates to the right length gives other depth values:
+    the zip's CRC-32 turns that into a SampleError (shards without sums.json rely on it)."""
+    depth = np.random.default_rng(0).uniform(1, 5, (16, 24)).astype(np.float16)
+    good = npz_bytes("depth", depth)
+    np.testing.assert_array_equal(NpzReader(good, "depth.npz")["depth"], depth)
+    crc_caught = 0
+    for pos in range(80, len(good) - 120):  # inside the compressed body
+        bad = bytearray(good)
+        bad[pos] ^= 0x01
+        try:
+            NpzReader(bytes(bad), "depth.npz")["depth"]
+        except SampleError as exc:
+            crc_caught += "CRC-32 mismatch" in str(exc)
+            continue
+        raise AssertionError(f"a flipped bit at byte {pos} was read as valid depth")
+    assert crc_caught > 0
+
+
 @pytest.mark.parametrize("geometry", ["depth", "xyz"])
 def test_sample_format_1_members_give_the_same_samples(tmp_path, geometry):
     """Shards written before sample format 2 (one whole geometry array, a bool mask) stay readable and give
@@ -268,6 +300,7 @@ def test_sample_format_1_members_give_the_same_samples(tmp_path, geometry):
     assert v.files == ["valid_packed"] and v["valid_packed"].shape == (9, 32, 8)
     old = {**raw, f"{geometry}.npz": npz_bytes(geometry, read_frames(g, geometry)),
            "valid.npz": npz_bytes("valid", read_valid(v, 9, 32, 64))}
+    del old["sums.json"]  # such shards predate the per-sample member checksums too
     stream = ShardStream(StreamPlan(tuple(list_shards(str(shards))), seed=0, rank=0, world_size=1, workers=1),
                          _cfg(shards, crop="random", num_frames=3, frame_stride=2))
     for seed in range(3):

@@ -259,6 +259,22 @@ def test_inspect_shards(tmp_path, capsys):
     (out / "index.json").write_text(json.dumps(index))
     assert inspect_main([str(out)]) == 1
     assert "r000000001.depth.npz: does not parse" in capsys.readouterr().err
+
+    # a member that still parses but is not what was written: the sample's sums.json names it
+    members = read_tar(out / "shard-000000.tar")
+    mp4 = bytearray(members["r000000000.mp4"])
+    mp4[len(mp4) // 2] ^= 0x10
+    members["r000000000.mp4"] = bytes(mp4)
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index["shards"][1].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
+    index["totals"].update(bytes=sum(s["bytes"] for s in index["shards"]))
+    (out / "index.json").write_text(json.dumps(index))
+    assert inspect_main([str(out)]) == 1
+    assert "r000000000: members ['mp4'] do not match sums.json" in capsys.readouterr().err
     shutil.rmtree(out)
     assert inspect_main([str(out)]) == 1
 

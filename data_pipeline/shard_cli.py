@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="manifest and output folder (or OUT_DIR with --merge)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="samples per shard (default 64 unless --shard-bytes)")
-    size.add_argument("--shard-bytes", type=int, help="target shard size in bytes, estimated from input file sizes")
+    size.add_argument("--shard-bytes", type=int, help="target shard size in bytes (samples estimated as written: docs/data.md)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, one shard each at a time (default 1)")
     p.add_argument("--num-tasks", type=int, help="Slurm array size: this task writes shards with id %% N == I")
     p.add_argument("--task-index", type=int, help="this task's index (default $SLURM_ARRAY_TASK_ID with --num-tasks)")
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         task_index = args.task_index
         if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
             task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        if args.samples_per_shard is not None and args.samples_per_shard < 1:
+            p.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
+        if args.shard_bytes is not None and args.shard_bytes < 1:
+            p.error(f"--shard-bytes must be >= 1, got {args.shard_bytes}")
         per_shard = args.samples_per_shard if args.samples_per_shard or args.shard_bytes else 64
         if args.workers < 1:
             p.error("--workers must be >= 1")

@@ -12,7 +12,8 @@ import pytest
 from data_pipeline.decode import NpzReader, read_frames, read_valid
 from data_pipeline.geometry import depth_to_pointmaps
 from data_pipeline.inspect_cli import main as inspect_main
-from data_pipeline.shard import ShardingError, merge, npz_bytes, run_sharding
+from data_pipeline.manifest import read_manifest
+from data_pipeline.shard import ShardingError, _estimated_bytes, merge, npz_bytes, run_sharding
 from data_pipeline.shard_cli import main as shard_main
 from data_pipeline.shard_index import read_index, sha256_file
 from data_pipeline.synthetic import render_clip
@@ -221,12 +222,19 @@ def test_parallel_workers_and_byte_sized_shards(tmp_path, manifest):
     assert one["written"] == two["written"] == 5
     assert (tmp_path / "w1/index.json").read_bytes() == (tmp_path / "w2/index.json").read_bytes()
 
-    row = rows_of(manifest)[0]
-    size = sum((manifest.parent / row[k]).stat().st_size for k in ("video", "poses", "valid")) + 2 * 9 * 32 * 64
-    run_sharding(manifest, tmp_path / "bytes", shard_bytes=int(size * 2.5), progress=False)
+    # byte-sized shards come out near the target as written (samples estimated without encoding them)
+    single = [s["bytes"] for s in read_index(tmp_path / "w1")["shards"]]
+    target = int(2.5 * sum(single) / len(single))
+    run_sharding(manifest, tmp_path / "bytes", shard_bytes=target, progress=False)
     plan = json.loads((tmp_path / "bytes/plan.json").read_text())
     assert [len(s["rows"]) for s in plan["shards"]] == [2, 2, 1]
-    assert read_index(tmp_path / "bytes")["totals"]["samples"] == 5
+    index = read_index(tmp_path / "bytes")
+    assert index["totals"]["samples"] == 5
+    written = [s["bytes"] for s in index["shards"]]
+    assert max(written) <= target and min(written[:-1]) >= 0.6 * target, (written, target)
+    rows, _ = read_manifest(manifest)
+    for r, size in zip(rows, single):
+        assert 0.8 <= _estimated_bytes(r) / size <= 1.25, (r.row, _estimated_bytes(r), size)
 
 
 def test_inspect_shards(tmp_path, capsys):
@@ -299,6 +307,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "manifest not found" in capsys.readouterr().err
     assert shard_main(["--merge", str(tmp_path)]) == 1
     assert "plan.json: not found" in capsys.readouterr().err
+    for flag in ("--samples-per-shard", "--shard-bytes"):
+        with pytest.raises(SystemExit):
+            shard_main([str(tmp_path / "m.jsonl"), str(tmp_path / "o"), flag, "0"])
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_optional_members_text_embedding_and_xyz_cameras(tmp_path):

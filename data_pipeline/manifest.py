@@ -210,6 +210,10 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
             raise RowError(r.row, _where(r.poses, r), "poses must be 4x4 rigid transforms with last row [0, 0, 0, 1]")
         if not np.allclose(P[:, :3, :3] @ P[:, :3, :3].transpose(0, 2, 1), np.eye(3), atol=1e-4):
             raise RowError(r.row, _where(r.poses, r), "pose rotations are not orthonormal")
+        if (np.linalg.det(P[:, :3, :3]) < 0).any():
+            frame = int(np.argmax(np.linalg.det(P[:, :3, :3]) < 0))
+            raise RowError(r.row, _where(r.poses, r), f"pose of frame {frame} is a reflection (det R = -1), not a "
+                                                       "rotation: check the axis convention (OpenCV: x right, y down, z forward)")
         out.update(intrinsics=K, poses_c2w=P)
     return out
 

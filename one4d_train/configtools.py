@@ -41,13 +41,32 @@ def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, 
     return layers
 
 
-def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+def _merge(schema: DictConfig, layer: DictConfig, source: str, origins: dict[str, str]) -> DictConfig:
+    """schema <- layer; records in `origins` which source set each (dotted) key."""
     try:
-        return OmegaConf.merge(schema, layer)
+        merged = OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
+        key = getattr(exc, "full_key", None) or _section_given_a_value(schema, layer) or "?"
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: key '{key}': {msg}") from None
+    for key in flatten(OmegaConf.to_container(layer, resolve=False)):
+        origins[key] = source
+    return merged
+
+
+def _section_given_a_value(schema: DictConfig, layer: DictConfig, prefix: str = "") -> str | None:
+    """The first key of `layer` that holds a plain value where the schema has a section (OmegaConf names no key
+    for that error)."""
+    for key in layer:
+        if key not in schema:
+            continue
+        if OmegaConf.is_dict(schema[key]) and not OmegaConf.is_dict(layer[key]):
+            return f"{prefix}{key}"
+        if OmegaConf.is_dict(schema[key]):
+            inner = _section_given_a_value(schema[key], layer[key], f"{prefix}{key}.")
+            if inner:
+                return inner
+    return None
 
 
 def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
@@ -61,34 +80,38 @@ def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
         if "=" not in item:
             raise ConfigError(f"command line: '{item}' is not of the form key=value")
     cfg = OmegaConf.structured(schema_cls)
+    origins: dict[str, str] = {}
     for f in files:
         for source, layer in _load_yaml_layers(f):
-            cfg = _merge(cfg, layer, source)
+            cfg = _merge(cfg, layer, source, origins)
     if dotlist:
         try:
             cli = OmegaConf.from_dotlist(dotlist)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line: {exc}") from None
-        cfg = _merge(cfg, cli, "command line")
+        cfg = _merge(cfg, cli, "command line", origins)
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"key '{key}': {str(exc).splitlines()[0]}") from None
-    validate_tree(obj)
+    validate_tree(obj, origins=origins)
     return obj
 
 
-def validate_tree(obj: Any, path: str = "") -> None:
-    """Call `validate()` on every dataclass in the tree; problems come back as ConfigError naming the key."""
+def validate_tree(obj: Any, path: str = "", origins: dict[str, str] | None = None) -> None:
+    """Call `validate()` on every dataclass in the tree; problems come back as ConfigError naming the key and,
+    with `origins` (key -> the file or "command line" that set it), where its value came from."""
     if not dataclasses.is_dataclass(obj):
         return
     check = getattr(obj, "validate", None)
     if check is not None:
         for key, problem in check() or []:
-            raise ConfigError(f"key '{path}{key}': {problem}")
+            full = f"{path}{key}"
+            where = (origins or {}).get(full, "defaults")
+            raise ConfigError(f"{where}: key '{full}': {problem}")
     for f in dataclasses.fields(obj):
-        validate_tree(getattr(obj, f.name), f"{path}{f.name}.")
+        validate_tree(getattr(obj, f.name), f"{path}{f.name}.", origins)
 
 
 def to_yaml(obj: Any) -> str:

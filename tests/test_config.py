@@ -34,13 +34,26 @@ def test_wrong_type_names_key(tmp_path):
         load_config(["optim.lr=fast"])
 
 
-def test_value_validation_names_key():
-    with pytest.raises(ConfigError, match=r"key 'model.umc.p_image'"):
+def test_value_validation_names_key_and_where_its_value_came_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: key 'model.umc.p_image'"):
         load_config(["model.umc.p_image=0.9"])
-    with pytest.raises(ConfigError, match=r"key 'train.zero_stage'"):
+    with pytest.raises(ConfigError, match=r"command line: key 'train.zero_stage'"):
         load_config(["train.zero_stage=1"])
-    with pytest.raises(ConfigError, match=r"key 'data.num_frames'"):
-        load_config(["data.num_frames=10"])
+    base = write(tmp_path, "base.yaml", "data:\n  num_frames: 10\n")
+    exp = write(tmp_path, "exp.yaml", "_base_: [base.yaml]\ntrain:\n  steps: 9\n")
+    with pytest.raises(ConfigError, match=r"base.yaml: key 'data.num_frames': must be 4k\+1"):
+        load_config([f"config={exp}"])
+    with pytest.raises(ConfigError, match=r"command line: key 'data.num_frames'"):
+        load_config([f"config={exp}", "data.num_frames=12"])
+
+
+def test_a_value_where_a_section_belongs_names_the_section(tmp_path):
+    exp = write(tmp_path, "exp.yaml", "data: 5\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: key 'data'"):
+        load_config([f"config={exp}"])
+    exp = write(tmp_path, "exp2.yaml", "model:\n  umc: 0.3\n")
+    with pytest.raises(ConfigError, match=r"exp2.yaml: key 'model.umc'"):
+        load_config([f"config={exp}"])
 
 
 def test_empty_value_is_the_empty_string():

@@ -119,6 +119,11 @@ def test_geometry_errors(files):
     with pytest.raises(RowError, match="pose") as e:
         load(files, depth_row(poses="badpose.npy"))
     assert e.value.path.endswith("badpose.npy") and e.value.row == 0
+    mirrored = np.broadcast_to(np.eye(4), (T, 4, 4)).copy()
+    mirrored[2, 1, 1] = -1  # orthonormal, but a reflection (a flipped y axis)
+    np.save(files / "mirror.npy", mirrored)
+    with pytest.raises(RowError, match="pose of frame 2 is a reflection"):
+        load(files, depth_row(poses="mirror.npy"))
     with pytest.raises(RowError, match="file not found"):
         load(files, depth_row(depth="missing.npy"))
     np.savez(files / "wrong.npz", other=d)

@@ -42,7 +42,7 @@ def test_dlc_model_learns_on_two_ranks(straight):
     assert sorted(loss) == list(range(1, 31))
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
     assert last < 0.7 * first, (first, last)  # the tiny DLC adapters fit the tiny set: loss falls by > 30%
-    for key in ("loss_rgb", "loss_xyz", "lr", "grad_norm", "samples_per_s"):
+    for key in ("loss_rgb", "loss_xyz", "lr", "grad_norm", "samples_per_s", "data_skipped_samples"):
         assert metric(client, run, key), key
 
 
@@ -59,6 +59,35 @@ def test_resume_continues_exactly(shards, straight, tmp_path):
     for name in ("lora_rgb.safetensors", "lora_xyz.safetensors", "control_links.safetensors"):
         a, b = load_file(os.path.join(run_dir, final, name)), load_file(os.path.join(straight, final, name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
+    """One sample of every shard has a flipped bit in its mp4 (it would still decode): training goes on, and the
+    skipped samples, summed over both ranks, reach MLflow."""
+    import io
+    import shutil
+    import tarfile
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    for shard in sorted(bad.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        first = members[0][0].name.split(".", 1)[0]
+        with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+            for m, data in members:
+                if m.name == f"{first}.mp4":
+                    data = bytearray(data)
+                    data[len(data) // 2] ^= 0x10
+                    data = bytes(data)
+                tar.addfile(m, io.BytesIO(data))
+    run_dir = tmp_path / "run"
+    code, out = torchrun(run_dir, *common(bad, run_dir, 4), timeout=900)
+    assert code == 0, out[-4000:]
+    client, run = mlflow_run(run_dir)
+    skipped = metric(client, run, "data_skipped_samples")
+    assert skipped[4] >= 2 and list(skipped.values()) == sorted(skipped.values()), skipped  # >= 1 per rank by then
+    assert metric(client, run, "loss")[4] == metric(client, run, "loss")[4]  # finite
 
 
 def test_base_weights_load_from_checkpoint_into_zero3_partitions(shards, tmp_path):

@@ -208,7 +208,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                 counted += 1
             if step % t.log_every == 0 or step == t.steps:
-                self._log(step, sums, counted, timer)
+                self._log(step, sums, counted, timer, getattr(loader, "samples_skipped", 0))
                 sums, counted = {}, 0
             stop = self.preemption.agreed()
             if step % t.checkpoint_every == 0 or step == t.steps or stop:
@@ -232,9 +232,12 @@ class Trainer:
                      self.skipped_total, uri, uri)
         return EXIT_OK
 
-    def _log(self, step: int, sums: dict[str, float], counted: int, timer: metrics.StepTimer) -> None:
+    def _log(self, step: int, sums: dict[str, float], counted: int, timer: metrics.StepTimer,
+             data_skipped: int = 0) -> None:
+        """Means of the window's losses and the corrupt samples the loaders skipped so far, over all ranks."""
         keys = sorted(sums)
-        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys] + [float(counted)]) if keys else []
+        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys] + [float(data_skipped)])
+        data_skipped = int(reduced.pop())
         elapsed, data_s, steps = timer.window()
         if not self.env.is_main:
             return
@@ -246,7 +249,10 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
         log.info(metrics.format_line(step, self.cfg.train.steps, losses, lr, grad_norm, perf, self.skipped_total))
-        values = {**losses, **perf, "lr": lr, "skipped_steps": self.skipped_total}
+        if data_skipped:
+            log.info("data: %d corrupt or undecodable samples skipped so far (all ranks; logged with shard and key "
+                     "by the readers)", data_skipped)
+        values = {**losses, **perf, "lr": lr, "skipped_steps": self.skipped_total, "data_skipped_samples": data_skipped}
         if grad_norm is not None:
             values["grad_norm"] = grad_norm
         self.tracker.log_metrics(values, step)

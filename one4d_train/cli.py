@@ -18,7 +18,7 @@ COMMANDS = {
     "train": ("one4d_train.train.main", "train the One4D DLC model (DeepSpeed ZeRO-2/3, MLflow, exact resume)"),
     "eval": ("one4d_train.eval.main", "sample a checkpoint in the three UMC modes and score it"),
     "export": ("one4d_train.train.export_cli", "export a checkpoint's branch adapters and control links (safetensors)"),
-    "demo": ("one4d_train.demo", "end-to-end demo on synthetic data, CPU, ~10 minutes"),
+    "demo": ("one4d_train.demo", "end-to-end demo on synthetic data, CPU, ~4 minutes"),
 }
 
 

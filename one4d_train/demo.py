@@ -1,4 +1,4 @@
-"""`one4d demo [--out DIR] [--steps N]`: the whole product on a CPU in about ten minutes.
+"""`one4d demo [--out DIR] [--steps N]`: the whole product on a CPU in about four minutes.
 
 synthetic clips with exact geometry -> `one4d shard` -> `one4d inspect-shards` -> `one4d train` (tiny DLC model,
 DeepSpeed ZeRO-3 on 2 CPU processes) -> stop -> `one4d train` again (resumes from the checkpoint) ->

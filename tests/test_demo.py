@@ -1,0 +1,29 @@
+"""The README's first command runs `one4d demo`: here end to end with fewer steps (its stages are tested one by
+one elsewhere; this checks that they still fit together)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launch_utils import ROOT, _env, metric, mlflow_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "one4d_train.cli", "demo", "--out", str(out), "--steps", "4",
+                           "--resume-steps", "2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr and "=== demo finished" in proc.stdout
+    ckpt = out / "run" / "checkpoints" / "step-00000006"
+    assert {p.name for p in (out / "export").iterdir()} >= {"control_links.safetensors", "lora_rgb.safetensors",
+                                                            "lora_xyz.safetensors"}
+    report = json.loads((ckpt / "eval" / "metrics.json").read_text())
+    assert {r["mode"] for r in report["samples"]} == {"image", "sparse", "video"}
+    client, run = mlflow_run(out / "run")
+    steps = sorted(metric(client, run, "loss"))  # logged every 5 steps and at the end of each run
+    assert 4 in steps and steps[-1] == 6, steps

@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import os
+import platform
 import shutil
 import statistics
 import time
@@ -136,6 +137,16 @@ def stage_times(cfg: DataConfig, shards: Path, latents: LatentsSpec | None = Non
     return statistics.median(decode_ms), statistics.median(transform_ms)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_finish_ms(cfg: DataConfig, shards: Path, n: int = 5) -> float:
     """Median ms of finish.finish_batch on the GPU for one staged sample already there (synchronised)."""
     from data_pipeline.finish import finish_batch
@@ -210,6 +221,7 @@ def main():
         sources["latents"] = make_latents(shards, cfg)
     print(f"data ready in {time.perf_counter() - t:.0f} s: {', '.join(str(s) for s, _ in sources.values())}")
     torch.set_num_threads(1)
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, torch {torch.__version__}")
     print(f"\n{SRC_FRAMES}x{SRC_H}x{SRC_W} source -> {cfg.num_frames}x{cfg.height}x{cfg.width} rgb + pointmaps (pixels) "
           f"or rgb + stored latents (latents); load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if "latents" in args.paths:

@@ -20,7 +20,8 @@ from data_pipeline import shm_pool
 from data_pipeline.config import DataConfig
 from data_pipeline.finish import batchable
 from data_pipeline.latents import LatentsSpec
-from data_pipeline.reader import ShardStream, StreamPlan, list_shards, shard_fingerprint, stored_latents
+from data_pipeline.reader import (ShardStream, StreamPlan, dist_rank_world, list_shards, shard_fingerprint,
+                                  stored_latents)
 from data_pipeline.transforms import output_tensor
 
 log = logging.getLogger(__name__)
@@ -195,11 +196,14 @@ class StreamLoader:
             self._iter = None
 
 
-def build_loader(data_cfg: DataConfig, *, rank: int, world_size: int, seed: int, micro_batch_size: int,
-                 position: dict | None = None, shards: str | None = None, pin_memory: bool = False,
-                 latents: LatentsSpec | None = None) -> StreamLoader:
-    """The training loader of one rank. `position` is a previous `state_dict()`; `shards` overrides
+def build_loader(data_cfg: DataConfig, *, seed: int, micro_batch_size: int, rank: int | None = None,
+                 world_size: int | None = None, position: dict | None = None, shards: str | None = None,
+                 pin_memory: bool = False, latents: LatentsSpec | None = None) -> StreamLoader:
+    """The training loader of one rank: `rank`/`world_size` as given, else from torch.distributed or the launcher's
+    environment (reader.dist_rank_world). `position` is a previous `state_dict()`; `shards` overrides
     data_cfg.shards (e.g. with data_cfg.val_shards). `latents` (latents.latents_spec(cfg)) is the VAE the
     stored latents must come from; shards with latents and data.use_latents need it (docs/data.md)."""
+    if rank is None or world_size is None:
+        rank, world_size = dist_rank_world()
     return StreamLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, micro_batch_size=micro_batch_size,
                         position=position, shards=shards, pin_memory=pin_memory, latents=latents)

@@ -229,7 +229,7 @@ def test_shard_stream_is_a_pure_function_of_its_plan(depth_shards):
     assert keys(1) != keys(2)
 
 
-def test_rank_and_world_from_the_launcher(monkeypatch):
+def test_rank_and_world_from_the_launcher(monkeypatch, tmp_path):
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
     assert dist_rank_world() == (0, 1)
@@ -239,6 +239,9 @@ def test_rank_and_world_from_the_launcher(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert dist_rank_world() == (1, 4)  # torchrun's variables win over srun's
+    shards = make_shards(tmp_path, num_clips=4, samples_per_shard=1, **SRC)
+    loader = build_loader(DataConfig(shards=str(shards), num_workers=0), seed=0, micro_batch_size=1)  # the launcher's
+    assert (loader.plan.rank, loader.plan.world_size) == (1, 4)
 
 
 def test_text_embedding_member_is_decoded_without_pickle(depth_shards):

@@ -1,4 +1,5 @@
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,26 @@ def test_a_value_where_a_section_belongs_names_the_section(tmp_path):
 
 def test_empty_value_is_the_empty_string():
     assert load_config(["model.vae=/x", "model.vae="]).model.vae == ""
+
+
+def test_print_config_prints_the_merged_config(capsys):
+    from one4d_train.cli import main as one4d_main
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "demo.yaml"
+    assert one4d_main(["print-config", f"config={demo}", "data.num_workers=3"]) == 0
+    out = capsys.readouterr().out
+    assert "num_workers: 3" in out and "micro_batch_size: 2" in out  # command line over the demo file over defaults
+    assert one4d_main(["print-config", "data.num_wrokers=3"]) != 0
+    assert "data.num_wrokers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["print-config", "train", "eval", "export", "demo"])
+def test_help_shows_real_usage(command, capsys):
+    from one4d_train.cli import main as one4d_main
+
+    try:
+        code = one4d_main([command, "--help"])
+    except SystemExit as exc:  # argparse-based commands exit after printing
+        code = exc.code
+    assert code == 0
+    assert f"one4d {command}" in capsys.readouterr().out

@@ -22,19 +22,37 @@ def with_sums(key: str, members: list[tuple[str, bytes]]) -> list[tuple[str, byt
     return members + [(f"{key}.{MEMBER}", json.dumps(sums, sort_keys=True).encode())]
 
 
-def verify(raw: dict) -> None:
-    """SampleError naming the first member whose bytes do not match the sample's sums.json (raw: suffix -> bytes,
-    as the reader groups a sample); nothing to check when the sample has no sums.json."""
-    if MEMBER not in raw:
-        return
+def read_sums(data: bytes) -> dict[str, int]:
+    """The parsed sums.json (SampleError when it is not an object of integers)."""
     try:
-        sums = json.loads(raw[MEMBER].decode("utf-8"))
-        if not isinstance(sums, dict):
-            raise ValueError("not a JSON object")
+        sums = json.loads(data.decode("utf-8"))
+        if not isinstance(sums, dict) or not all(isinstance(v, int) for v in sums.values()):
+            raise ValueError("not a JSON object of integers")
     except Exception as exc:
         raise SampleError(f"member {MEMBER} is not readable: {exc}") from None
-    for suffix, want in sums.items():
-        if suffix not in raw:
-            raise SampleError(f"member {suffix} listed in {MEMBER} is missing")
-        if crc32(raw[suffix]) != want:
-            raise SampleError(f"member {suffix} is corrupt (its CRC-32 differs from {MEMBER}'s)")
+    return sums
+
+
+def problems(sums: dict[str, int], crcs: dict[str, int]) -> str | None:
+    """What is wrong with a sample whose members have CRC-32s `crcs` (sums.json excluded), or None."""
+    missing = sorted(set(sums) - set(crcs))
+    if missing:
+        return f"members {missing} listed in {MEMBER} are missing"
+    bad = sorted(k for k, want in sums.items() if crcs[k] != want)
+    if bad:
+        return f"members {bad} are corrupt (their CRC-32 differs from {MEMBER}'s)"
+    unlisted = sorted(set(crcs) - set(sums))
+    if unlisted:
+        return f"members {unlisted} are not in {MEMBER} (added after the sample was written)"
+    return None
+
+
+def verify(raw: dict) -> None:
+    """SampleError naming the members that do not match the sample's sums.json (raw: suffix -> bytes, as the
+    reader groups a sample; keys starting with '__' are the reader's own); nothing to check without sums.json."""
+    if MEMBER not in raw:
+        return
+    sums = read_sums(raw[MEMBER])
+    problem = problems(sums, {k: crc32(v) for k, v in raw.items() if k != MEMBER and not k.startswith("__")})
+    if problem:
+        raise SampleError(problem)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import checksums, shard_index as si
-from data_pipeline.decode import crc32
+from data_pipeline.decode import SampleError, crc32
 from data_pipeline.video import open_reader
 
 REQUIRED = {"mp4", "valid.npz", "txt", "json"}
@@ -72,11 +72,12 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
         raise ShardProblem(f"{entry['name']}: tar does not read: {exc}") from None
     for key, raw in raws.items():  # the per-sample member checksums (shards written before them have none)
         if checksums.MEMBER in raw:
-            sums = json.loads(raw[checksums.MEMBER])
-            bad = sorted(ext for ext, crc in raw.items() if ext != checksums.MEMBER and sums.get(ext) != crc)
-            if bad or set(sums) - set(raw):
-                raise ShardProblem(f"{entry['name']}: {key}: members {bad or sorted(set(sums) - set(raw))} do not match "
-                                   f"{checksums.MEMBER} (corrupt or missing)")
+            try:
+                problem = checksums.problems(checksums.read_sums(raw.pop(checksums.MEMBER)), raw)
+            except SampleError as exc:
+                problem = str(exc)
+            if problem:
+                raise ShardProblem(f"{entry['name']}: {key}: {problem}")
     if list(members) != entry["keys"]:
         raise ShardProblem(f"{entry['name']}: keys {list(members)} differ from the index's {entry['keys']}")
     for key, exts in members.items():

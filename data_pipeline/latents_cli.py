@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 from data_pipeline import shard_index as si
+from data_pipeline import checksums
 from data_pipeline.checksums import with_sums
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
@@ -71,6 +72,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
             for key, members in tar_samples(src / name):
                 keys.append(key)
                 try:
+                    checksums.verify(raw_of(key, members))  # never encode (and re-sum) corrupt source bytes
                     ready = fixed_window_sample(raw_of(key, members), cfg.data)
                 except Exception as exc:  # the pixel reader skips such a sample too
                     failed.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"})

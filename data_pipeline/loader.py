@@ -203,7 +203,9 @@ def build_loader(data_cfg: DataConfig, *, seed: int, micro_batch_size: int, rank
     environment (reader.dist_rank_world). `position` is a previous `state_dict()`; `shards` overrides
     data_cfg.shards (e.g. with data_cfg.val_shards). `latents` (latents.latents_spec(cfg)) is the VAE the
     stored latents must come from; shards with latents and data.use_latents need it (docs/data.md)."""
-    if rank is None or world_size is None:
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give rank and world_size together (got rank={rank}, world_size={world_size})")
+    if rank is None:
         rank, world_size = dist_rank_world()
     return StreamLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, micro_batch_size=micro_batch_size,
                         position=position, shards=shards, pin_memory=pin_memory, latents=latents)

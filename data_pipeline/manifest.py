@@ -98,7 +98,7 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
     rows, errors = [], []
     # rows are lines ending in b"\n" only (str.splitlines would also split at U+2028 and other separators that
     # JSON strings may hold raw), each decoded on its own: a row that is not UTF-8 is rejected, not fatal
-    for i, raw in enumerate(path.read_bytes().split(b"\n")):
+    for i, raw in enumerate(path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")):  # a UTF-8 BOM is no row
         if not raw.strip():
             continue
         try:

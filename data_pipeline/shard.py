@@ -161,45 +161,73 @@ def _geometry_bytes(path: Path) -> tuple[int, int] | None:
     the middle frame deflated as the writer does, times the number of frames (~12 ms a row at 480p instead of
     compressing the clip; within ~10-20% on real and synthetic clips: frames differ). None where the file is
     not a plain .npy."""
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if a.ndim < 3 or a.shape[0] == 0:
+    a = _npy_map(path)
+    if a is None or a.ndim < 3 or a.shape[0] == 0:
         return None
     T = a.shape[0]
     frame = np.ascontiguousarray(a[T // 2], np.float16).tobytes()
     return (len(zlib.compress(frame, zlib.Z_DEFAULT_COMPRESSION)) + NPZ_MEMBER_BYTES) * T, T
 
 
+def _npy_map(path: Path) -> np.ndarray | None:
+    """A memory map of a plain .npy, or None for anything else (an empty file, an npz under a .npy name...: the
+    row's own validation rejects it later; planning must not stop on it)."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception:
+        return None
+    return a if isinstance(a, np.ndarray) else None
+
+
+def _mask_bytes(path: Path) -> int | None:
+    """Estimated size of a .npy validity mask stored bit-packed and deflated: its middle frame so, x frames."""
+    a = _npy_map(path)
+    if a is None or a.ndim != 3 or a.shape[0] == 0:
+        return None
+    packed = np.packbits(np.asarray(a[a.shape[0] // 2], bool), axis=-1).tobytes()
+    return len(zlib.compress(packed, zlib.Z_DEFAULT_COMPRESSION)) * a.shape[0] + NPZ_MEMBER_BYTES
+
+
 def _estimated_bytes(r: ManifestRow) -> int:
     """The row's sample as `one4d shard` will write it, estimated without encoding it: the video as it is,
-    .npy geometry by _geometry_bytes, cameras as JSON text, other inputs at their file size, tar overhead."""
+    .npy geometry by _geometry_bytes and .npy masks by _mask_bytes, a .npy text embedding as float16, cameras as
+    JSON text, other inputs at their file size, tar overhead."""
     total, frames = TAR_MEMBER_BYTES * 9, 1
     for p in r.input_paths():
         if not p.is_file() or p in (r.intrinsics, r.poses):
             continue
-        est = _geometry_bytes(p) if p == r.geometry_path and p.suffix == ".npy" else None
+        npy = p.suffix == ".npy"
+        est = _geometry_bytes(p) if p == r.geometry_path and npy else None
         if est is not None:
             total, frames = total + est[0], est[1]
-        else:
-            total += p.stat().st_size
+            continue
+        size = _mask_bytes(p) if p == r.valid and npy else None
+        if size is None and p == r.text_embedding and npy:
+            a = _npy_map(p)
+            size = 2 * a.size + 128 if a is not None else None
+        total += size if size is not None else p.stat().st_size
     if r.intrinsics is not None or r.poses is not None:
         total += CAM_FRAME_BYTES * frames
     return total
 
 
-def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int | None = None) -> tuple[dict, dict]:
+def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int | None = None,
+              previous: dict | None = None) -> tuple[dict, dict]:
     """(plan, rows by row number): rows grouped into shards in manifest order, by count or by estimated bytes
-    (the written sample's size, _estimated_bytes; a shard closes before it would exceed shard_bytes)."""
+    (the written sample's size, _estimated_bytes; a shard closes before it would exceed shard_bytes). A
+    `previous` plan of the same manifest and options (a re-run, another array task) is taken as it is, so the
+    size estimates are made once."""
     if (samples_per_shard is None) == (shard_bytes is None):
         raise ShardingError("give exactly one of samples_per_shard or shard_bytes")
     if (samples_per_shard or 1) < 1 or (shard_bytes or 1) < 1:
         raise ShardingError("samples_per_shard and shard_bytes must be >= 1")
     rows, errors = read_manifest(manifest)
-    groups: list[list[int]] = []
+    manifest_sha = si.sha256_file(manifest)
+    same = previous is not None and shard_bytes and (previous.get("version"), previous.get("manifest_sha256"),
+                                                     previous.get("shard_bytes")) == (PLAN_VERSION, manifest_sha, shard_bytes)
+    groups: list[list[int]] = [list(s["rows"]) for s in previous["shards"]] if same else []
     size = 0
-    for r in rows:
+    for r in rows if not same else []:
         est = _estimated_bytes(r) if shard_bytes else 1
         limit = shard_bytes or samples_per_shard
         if not groups or (groups[-1] and size + est > limit):
@@ -207,7 +235,7 @@ def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int |
             size = 0
         groups[-1].append(r.row)
         size += est
-    plan = {"version": PLAN_VERSION, "manifest_sha256": si.sha256_file(manifest),
+    plan = {"version": PLAN_VERSION, "manifest_sha256": manifest_sha,
             "samples_per_shard": samples_per_shard, "shard_bytes": shard_bytes,
             "shards": [{"name": si.shard_name(i), "rows": g} for i, g in enumerate(groups)],
             "rejects": [e.record() for e in errors]}
@@ -232,7 +260,9 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
         raise ShardingError(f"need 0 <= task_index < num_tasks, got {task_index} and {num_tasks}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan, rows = make_plan(manifest, samples_per_shard, shard_bytes)
+    recorded = out_dir / si.PLAN
+    plan, rows = make_plan(manifest, samples_per_shard, shard_bytes,
+                           previous=si.read_json(recorded) if recorded.is_file() else None)
     old = si.pin_plan(out_dir, plan)
     if old is not None:
         raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from a different manifest or "

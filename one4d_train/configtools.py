@@ -99,6 +99,16 @@ def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
     return obj
 
 
+def _origin(key: str, origins: dict[str, str]) -> str:
+    """Where the value of `key` came from; for a check on several keys of one section (named by one of them),
+    where the section's keys that were set came from."""
+    if key in origins:
+        return origins[key]
+    section = key.rpartition(".")[0]
+    sources = sorted({src for k, src in origins.items() if k.startswith(section + ".")}) if section else []
+    return f"{' / '.join(sources)} (set keys of '{section}')" if sources else "defaults"
+
+
 def validate_tree(obj: Any, path: str = "", origins: dict[str, str] | None = None) -> None:
     """Call `validate()` on every dataclass in the tree; problems come back as ConfigError naming the key and,
     with `origins` (key -> the file or "command line" that set it), where its value came from."""
@@ -108,8 +118,7 @@ def validate_tree(obj: Any, path: str = "", origins: dict[str, str] | None = Non
     if check is not None:
         for key, problem in check() or []:
             full = f"{path}{key}"
-            where = (origins or {}).get(full, "defaults")
-            raise ConfigError(f"{where}: key '{full}': {problem}")
+            raise ConfigError(f"{_origin(full, origins or {})}: key '{full}': {problem}")
     for f in dataclasses.fields(obj):
         validate_tree(getattr(obj, f.name), f"{path}{f.name}.", origins)
 

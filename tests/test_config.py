@@ -48,6 +48,14 @@ def test_value_validation_names_key_and_where_its_value_came_from(tmp_path):
         load_config([f"config={exp}", "data.num_frames=12"])
 
 
+def test_a_check_on_several_keys_names_where_the_set_ones_came_from(tmp_path):
+    exp = write(tmp_path, "exp.yaml", "data:\n  width: 100\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml \(set keys of 'data'\): key 'data.height'"):
+        load_config([f"config={exp}"])
+    with pytest.raises(ConfigError, match=r"^command line \(set keys of 'model.umc'\): key 'model.umc.p_image'"):
+        load_config(["model.umc.p_video=0.9"])
+
+
 def test_a_value_where_a_section_belongs_names_the_section(tmp_path):
     exp = write(tmp_path, "exp.yaml", "data: 5\n")
     with pytest.raises(ConfigError, match=r"exp.yaml: key 'data'"):

@@ -181,3 +181,33 @@ def test_killed_encode_resumes_to_identical_output(tmp_path):
     # the folder is tied to its settings
     with pytest.raises(EncodeError, match="other settings"):
         run_encode(src, out, load_config(CONFIG + ["data.height=64"]), progress=False)
+
+
+def test_a_corrupt_source_sample_is_not_encoded_and_stays_detectable(tmp_path):
+    """A source mp4 with a flipped bit (it would still decode): encode-latents lists the sample as failed and copies
+    it with its original sums.json, so the reader still skips it instead of training on latents of wrong frames."""
+    import tarfile
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=2)
+    shard = src / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, data in members:
+            if m.name == "r000000000.mp4":
+                data = bytearray(data)
+                data[len(data) // 2] ^= 0x10
+                data = bytes(data)
+            tar.addfile(m, io.BytesIO(data))
+    index = json.loads((src / "index.json").read_text())
+    index["shards"][0].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
+    index["totals"]["bytes"] = shard.stat().st_size
+    (src / "index.json").write_text(json.dumps(index))
+    out = tmp_path / "lat"
+    run_encode(src, out, load_config(CONFIG), progress=False)
+    failed = read_index(out)["latents"]["failed"]
+    assert [f["key"] for f in failed] == ["r000000000"] and "corrupt" in failed[0]["reason"]
+    samples = dict(tar_samples(out / "shard-000000.tar"))
+    with pytest.raises(Exception, match="corrupt"):
+        checksums.verify(raw_of("r000000000", samples["r000000000"]))
+    checksums.verify(raw_of("r000000001", samples["r000000001"]))

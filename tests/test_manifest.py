@@ -77,7 +77,7 @@ def test_rows_are_lines_of_bytes_each_decoded_on_its_own(tmp_path):
              b'{"video": "v.mp4", "caption": "\xff\xfe"}',
              json.dumps(depth_row(id="third")).encode() + b"\r"]
     path = tmp_path / "manifest.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # with a byte-order mark, as some editors write
     rows, errors = read_manifest(path)
     assert [r.row for r in rows] == [0, 2] and rows[0].caption == "one\u2028two\u0085three" and rows[1].id == "third"
     assert [(e.row, "not UTF-8" in e.reason) for e in errors] == [(1, True)]

@@ -16,9 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from data_pipeline import shard_index as si
-from data_pipeline import checksums
-from data_pipeline.checksums import with_sums
+from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
                                    tar_samples)
@@ -63,7 +61,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
                     encoded += 1
                 except SampleError as exc:
                     failed.append({"key": key, "reason": str(exc)})
-            for member, data in with_sums(key, members + extra) if extra else members:
+            for member, data in checksums.with_sums(key, members + extra) if extra else members:
                 _add(tar, member, data)
 
     with open(tmp, "wb") as f:
@@ -72,8 +70,9 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
             for key, members in tar_samples(src / name):
                 keys.append(key)
                 try:
-                    checksums.verify(raw_of(key, members))  # never encode (and re-sum) corrupt source bytes
-                    ready = fixed_window_sample(raw_of(key, members), cfg.data)
+                    raw = raw_of(key, members)
+                    checksums.verify(raw)  # never encode (and re-sum) corrupt source bytes
+                    ready = fixed_window_sample(raw, cfg.data)
                 except Exception as exc:  # the pixel reader skips such a sample too
                     failed.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"})
                     ready = None

@@ -223,18 +223,19 @@ def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int |
         raise ShardingError("samples_per_shard and shard_bytes must be >= 1")
     rows, errors = read_manifest(manifest)
     manifest_sha = si.sha256_file(manifest)
-    same = previous is not None and shard_bytes and (previous.get("version"), previous.get("manifest_sha256"),
-                                                     previous.get("shard_bytes")) == (PLAN_VERSION, manifest_sha, shard_bytes)
-    groups: list[list[int]] = [list(s["rows"]) for s in previous["shards"]] if same else []
-    size = 0
-    for r in rows if not same else []:
-        est = _estimated_bytes(r) if shard_bytes else 1
-        limit = shard_bytes or samples_per_shard
-        if not groups or (groups[-1] and size + est > limit):
-            groups.append([])
-            size = 0
-        groups[-1].append(r.row)
-        size += est
+    reuse = previous is not None and shard_bytes and (previous.get("version"), previous.get("manifest_sha256"),
+                                                      previous.get("shard_bytes")) == (PLAN_VERSION, manifest_sha, shard_bytes)
+    if reuse:
+        groups = [list(s["rows"]) for s in previous["shards"]]
+    else:
+        groups, size = [], 0
+        for r in rows:
+            est = _estimated_bytes(r) if shard_bytes else 1
+            if not groups or (groups[-1] and size + est > (shard_bytes or samples_per_shard)):
+                groups.append([])
+                size = 0
+            groups[-1].append(r.row)
+            size += est
     plan = {"version": PLAN_VERSION, "manifest_sha256": manifest_sha,
             "samples_per_shard": samples_per_shard, "shard_bytes": shard_bytes,
             "shards": [{"name": si.shard_name(i), "rows": g} for i, g in enumerate(groups)],

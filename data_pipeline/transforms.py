@@ -222,7 +222,16 @@ def clip_geometry(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles) -> 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _common(clip: DecodedClip, crop: Crop, K: np.ndarray, geo: Geometry, mask: torch.Tensor) -> dict:
+def _prepare(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
+             rng: np.random.Generator) -> tuple[Crop, Geometry, dict]:
+    """What both sample forms share: the crop, the clip's geometry (clip_geometry) and the sample keys that do
+    not depend on the form (mask, normalisation, cameras, caption, text embedding)."""
+    src_h, src_w = clip.source_hw
+    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
+    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
+    geo = clip_geometry(clip, crop, K, percentiles)
+    mask = output_tensor((geo.valid.shape[0], 1) + geo.valid.shape[1:], torch.bool)
+    mask.copy_(torch.from_numpy(geo.valid).unsqueeze(1))
     sample = {
         "valid": mask,
         "xyz_centre": torch.from_numpy(geo.centre),
@@ -233,13 +242,7 @@ def _common(clip: DecodedClip, crop: Crop, K: np.ndarray, geo: Geometry, mask: t
     }
     if clip.text_emb is not None:
         sample["text_emb"] = torch.from_numpy(clip.text_emb)
-    return sample
-
-
-def _mask_output(valid: np.ndarray) -> torch.Tensor:
-    mask = output_tensor((valid.shape[0], 1) + valid.shape[1:], torch.bool)
-    mask.copy_(torch.from_numpy(valid).unsqueeze(1))
-    return mask
+    return crop, geo, sample
 
 
 def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
@@ -247,10 +250,7 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
     """The sample dict of docs/data.md (without the origin keys the reader adds); rgb and xyz in `dtype`.
     Pointmaps are normalised as clip_geometry says; invalid pixels are 0."""
     T = clip.frames.shape[0]
-    src_h, src_w = clip.source_hw
-    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
-    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
-    geo = clip_geometry(clip, crop, K, percentiles)
+    crop, geo, sample = _prepare(clip, height, width, crop_mode, percentiles, rng)
     frames = resize_crop_rgb(clip.frames, crop)
     out_dtype = DTYPES[dtype]
     rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)
@@ -265,7 +265,7 @@ def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percen
         else:
             xyz[i].copy_(scratch.clamp_(-1.0, 1.0))
         torch.add(minus_one, frames[i], alpha=1 / 127.5, out=rgb[i])  # uint8 -> [-1, 1] in one pass
-    return {"rgb": rgb, "xyz": xyz, **_common(clip, crop, K, geo, _mask_output(geo.valid))}
+    return {"rgb": rgb, "xyz": xyz, **sample}
 
 
 def to_staged_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
@@ -275,13 +275,9 @@ def to_staged_sample(clip: DecodedClip, height: int, width: int, crop_mode: str,
     cropped geometry (`depth` [T, H, W] or `points` [T, H, W, 3], in the stored dtype) with `xyz_affine`
     float32 [T, 3, 4]. The same crop, mask and normalisation as to_sample for the same rng."""
     T = clip.frames.shape[0]
-    src_h, src_w = clip.source_hw
-    crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
-    K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
-    geo = clip_geometry(clip, crop, K, percentiles)
+    crop, geo, sample = _prepare(clip, height, width, crop_mode, percentiles, rng)
     rgb = output_tensor((T, 3, height, width), torch.uint8)
     rgb.copy_(resize_crop_rgb(clip.frames, crop))
     values = output_tensor(geo.values.shape, torch.from_numpy(geo.values[:0]).dtype)
     values.numpy()[...] = geo.values
-    return {"rgb_u8": rgb, geo.kind: values, "xyz_affine": torch.from_numpy(geo.affine),
-            **_common(clip, crop, K, geo, _mask_output(geo.valid))}
+    return {"rgb_u8": rgb, geo.kind: values, "xyz_affine": torch.from_numpy(geo.affine), **sample}

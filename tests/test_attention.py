@@ -78,12 +78,24 @@ def test_forcing_and_errors():
         attention(*qkv(), backend="xformers")
     if not torch.cuda.is_available():
         assert present_backends("cpu") == ["math"]
-        for name in ["fa3", "fa2", "cudnn", "flash", "efficient"]:
+        for name in ["fa4", "fa3", "fa2", "cudnn", "flash", "efficient"]:
             assert not backend_present(name, "cpu")
             with pytest.raises(RuntimeError, match=f"'{name}' forced but"):
                 set_attention_backend(name)
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             attention(*qkv(), backend="cudnn")
+
+
+@pytest.mark.parametrize("major, present, expected", [
+    (9, {"fa4", "fa3"}, "fa4"), (10, {"fa4", "fa3"}, "fa4"), (9, {"fa3"}, "fa3"), (10, {"fa3"}, "cudnn"),
+    (9, set(), "cudnn"), (8, {"fa4", "fa3", "fa2"}, "flash"),
+])
+def test_auto_order_per_gpu_generation(monkeypatch, major, present, expected):
+    """`auto` on half-precision CUDA inputs: FlashAttention-4 on Hopper/Blackwell (measured 1.18x cuDNN on an
+    H200), FA3 on Hopper, then cuDNN SDPA on Hopper and newer, SDPA flash before."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(attn_mod, "_flash_funcs", {n: (object() if n in present else None) for n in ("fa4", "fa3", "fa2")})
+    assert attn_mod._auto_choice(0) == expected
 
 
 def test_missing_flash_library_is_a_clear_error(monkeypatch):
@@ -97,7 +109,7 @@ def test_missing_flash_library_is_a_clear_error(monkeypatch):
 
 
 def gpu_backends():
-    names = ["auto", "fa3", "fa2", "cudnn", "flash", "efficient", "math"]
+    names = ["auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient", "math"]
     return [pytest.param(n, marks=[pytest.mark.gpu, cuda]) for n in names]
 
 
@@ -128,12 +140,27 @@ def test_gpu_auto_prefers_fastest_present():
     present = present_backends("cuda")
     assert "cudnn" in present and "flash" in present and "math" in present
     q, k, v = qkv(1, 256, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
-    expected = "fa3" if "fa3" in present and torch.cuda.get_device_capability()[0] == 9 else (
-        "cudnn" if torch.cuda.get_device_capability()[0] >= 9 else "flash")
+    expected = attn_mod._auto_choice(torch.cuda.current_device())  # the order itself: test_auto_order_per_gpu_generation
+    assert expected in present
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         attention(q, k, v)
         torch.cuda.synchronize()
     kernels = " ".join(e.name.lower() for e in prof.events())
-    assert {"fa3": "flash", "cudnn": "cudnn", "flash": "flash"}[expected] in kernels, kernels[:500]
+    assert {"fa4": "flash", "fa3": "flash", "cudnn": "cudnn", "flash": "flash"}[expected] in kernels, kernels[:500]
     if expected == "cudnn":
         assert "pytorch_flash" not in kernels
+
+
+def test_fa4_ops_shapes_and_selective_checkpointing_keeps_them():
+    """FlashAttention-4 runs as the custom ops one4d::fa4_fwd/fa4_bwd (compiled blocks keep one graph): their shape
+    functions give the kernels' output layouts (out like q, log-sum-exp [B, heads, Sq] fp32; gradients like q/k/v),
+    and the selective checkpointing policies save fa4_fwd's outputs as they save SDPA's."""
+    from one4d_train.model.checkpointing import _saved_ops
+    q = torch.empty(2, 100, 4, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 30, 4, 64, device="meta", dtype=torch.bfloat16)
+    out, lse = torch.ops.one4d.fa4_fwd(q, k, k)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (2, 4, 100) and lse.dtype == torch.float32
+    dq, dk, dv = torch.ops.one4d.fa4_bwd(q, k, k, out, out, lse)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
+    assert torch.ops.one4d.fa4_fwd.default in _saved_ops()

@@ -24,7 +24,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("backend", ["auto", "fa3", "fa2", "cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("backend", ["auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient"])
 @pytest.mark.parametrize("keys", [4096, 769])  # self-attention, cross-attention to text + image tokens
 def test_attention_backend_matches_math_reference(backend, keys):
     if backend != "auto" and backend not in present_backends("cuda"):
@@ -170,11 +170,50 @@ def test_zero3_training_step_updates_only_trainable(ckpt, restore_linear):
     set_attention_backend("auto")
 
 
+def test_fa4_ops_pass_opcheck_and_compile_without_graph_breaks():
+    """FlashAttention-4 (flash_attn.cute) runs as custom ops: their shape functions agree with the kernels
+    (torch.library.opcheck), and a compiled function around it is one graph whose output and gradients are eager's."""
+    if "fa4" not in present_backends("cuda"):
+        pytest.skip("fa4 not present")
+    from one4d_train.model.attention import _fa4_fwd
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1024, 12, 128, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    torch.library.opcheck(_fa4_fwd, (q, k, v))
+
+    def f(q, k, v):
+        return (attention(q * 0.5, k, v, backend="fa4").float().square()).mean()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        loss = fn(q, k, v)
+        results.append((loss, torch.autograd.grad(loss, (q, k, v))))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    (el, eg), (cl, cg) = results
+    assert rel(cl, el) < 1e-2
+    for a, b in zip(cg, eg):
+        assert rel(a, b) < 2e-2
+
+
+@pytest.fixture
+def restore_attention():
+    yield
+    set_attention_backend("auto")
+
+
+@pytest.mark.parametrize("attn", ["auto", "fa4"])
 @pytest.mark.parametrize("ckpt", ["none", "full", "selective"])
-def test_compiled_blocks_match_eager(ckpt):
+def test_compiled_blocks_match_eager(ckpt, attn, restore_attention):
     """Regional torch.compile (one4d_train.model.compile) with the block's checkpointing inside the compiled
-    region: same outputs and gradients as eager, in bf16."""
+    region: same outputs and gradients as eager, in bf16, with no graph break (FlashAttention-4 included)."""
     from one4d_train.model.compile import compile_blocks
+    if attn != "auto" and attn not in present_backends("cuda"):
+        pytest.skip(f"{attn} not present")
+    set_attention_backend(attn)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
 
     eager = mid_model(num_links=1, ckpt=ckpt)
     with torch.no_grad():
@@ -191,6 +230,7 @@ def test_compiled_blocks_match_eager(ckpt):
         (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
         grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
         results.append((v_rgb, v_xyz, grads))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     (er, ex, eg), (cr, cx, cg) = results
     assert rel(cr, er) < 2e-2 and rel(cx, ex) < 2e-2, (rel(cr, er), rel(cx, ex))
     for n, g in eg.items():

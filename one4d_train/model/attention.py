@@ -1,9 +1,11 @@
 """The one attention function of the model: q, k, v as [B, S, heads, head_dim], no mask, no dropout.
 
-Backends: `fa3` (flash_attn_interface), `fa2` (flash_attn), `cudnn` / `flash` / `efficient` (torch SDPA forced to
-one kernel), `math` (SDPA math, the reference). `auto` picks per call: on CUDA with fp16/bf16 inputs fa3 when
-importable, else SDPA with cuDNN first on Hopper and newer (measured ~1.7x the flash kernel on H100), then flash,
-then memory-efficient; fp32 on CUDA goes to SDPA's own choice; CPU runs math.
+Backends: `fa4` (flash_attn.cute, the CuTe-DSL FlashAttention-4 package `flash-attn-4`), `fa3`
+(flash_attn_interface), `fa2` (flash_attn), `cudnn` / `flash` / `efficient` (torch SDPA forced to one kernel), `math`
+(SDPA math, the reference). `auto` picks per call: on CUDA with fp16/bf16 inputs, on Hopper and Blackwell fa4
+when importable (measured on an H200 at the model's shape: 642 TFLOP/s forward + backward against cuDNN's 543), then
+fa3 on Hopper, else SDPA with cuDNN first on Hopper and newer (~1.7x the flash kernel), then flash, then
+memory-efficient; fp32 on CUDA goes to SDPA's own choice; CPU runs math.
 """
 from __future__ import annotations
 
@@ -13,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "fa3", "fa2", "cudnn", "flash", "efficient", "math")
+BACKENDS = ("auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient", "math")
 _SDPA = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-_FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
+_FLASH_MODULES = {"fa4": "flash_attn.cute", "fa3": "flash_attn_interface", "fa2": "flash_attn"}
 _backend = "auto"
 _flash_funcs: dict = {}  # backend name -> flash_attn_func, or None when the library is absent
 
@@ -59,7 +61,7 @@ def set_attention_backend(name: str) -> None:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name in _FLASH_MODULES and _flash_attn_func(name) is None:
         raise RuntimeError(f"attention backend {name!r} forced but `{_FLASH_MODULES[name]}` is not importable")
-    if name in ("fa3", "fa2", "cudnn", "flash", "efficient") and not torch.cuda.is_available():
+    if name in BACKENDS[1:-1] and not torch.cuda.is_available():
         raise RuntimeError(f"attention backend {name!r} forced but CUDA is not available")
     _backend = name
 
@@ -71,8 +73,10 @@ def get_attention_backend() -> str:
 # evaluated once at trace time, so a compiled block has no graph break here
 @torch.compiler.assume_constant_result
 def _auto_choice(device_index: int) -> str:
-    """`fa3` or the SDPA priority order (`cudnn` = cuDNN first) for half-precision inputs on this GPU."""
+    """`fa4`, `fa3` or the SDPA priority order (`cudnn` = cuDNN first) for half-precision inputs on this GPU."""
     major = torch.cuda.get_device_capability(device_index)[0]
+    if major in (9, 10) and _flash_attn_func("fa4") is not None:  # FlashAttention-4's kernels: SM90 and SM100
+        return "fa4"
     if major == 9 and _flash_attn_func("fa3") is not None:
         return "fa3"
     return "cudnn" if major >= 9 else "flash"
@@ -94,12 +98,55 @@ def _sdpa(q, k, v, backends: list[SDPBackend] | None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+# FlashAttention-4 as two custom ops: its autograd.Function calls CuTe-DSL kernels that torch.compile cannot trace,
+# and a graph break inside a checkpointed, compiled block sends the whole block back to eager. As opaque ops with a
+# shape function, forward and backward stay inside the block's graph.
+@torch.library.custom_op("one4d::fa4_fwd", mutates_args=(), device_types="cuda")
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+    out, lse = _flash_attn_fwd(q, k, v, return_lse=True)[:2]
+    return out, lse
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v):
+    b, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("one4d::fa4_bwd", mutates_args=(), device_types="cuda")
+def _fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+             lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse)[:3]
+    return dq, dk, dv
+
+
+@_fa4_bwd.register_fake
+def _(q, k, v, out, dout, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fa4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return _fa4_bwd(q, k, v, out, dout.contiguous(), lse)
+
+
+_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+
 def _flash(name: str, q, k, v) -> torch.Tensor:
     fn = _flash_attn_func(name)
     if fn is None:
         raise RuntimeError(f"attention backend {name!r} requested but `{_FLASH_MODULES[name]}` is not importable")
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"attention backend {name!r} needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}")
+    if name == "fa4":
+        return _fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous())[0]
     out = fn(q, k, v)
     # flash_attn_interface versions differ in whether they also return the log-sum-exp
     return out[0] if isinstance(out, tuple) else out
@@ -117,8 +164,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     if name == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             choice = _auto_choice(q.device.index if q.device.index is not None else torch.cuda.current_device())
-            if choice == "fa3":
-                return _flash("fa3", q, k, v)
+            if choice in _FLASH_MODULES:
+                return _flash(choice, q, k, v)
             return _sdpa(q, k, v, _AUTO_SDPA[choice])
         return _sdpa(q, k, v, None if q.is_cuda else [SDPBackend.MATH])
     if name in _FLASH_MODULES:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from one4d_train.model import attention as _attention  # noqa: F401 - registers the one4d::fa4_fwd op kept below
+
 MODES = ("none", "full", "selective", "selective_self")
 
 
@@ -28,6 +30,7 @@ def _attention_ops() -> set:
         ("aten", "_scaled_dot_product_flash_attention"), ("aten", "_scaled_dot_product_cudnn_attention"),
         ("aten", "_scaled_dot_product_efficient_attention"), ("aten", "_scaled_dot_product_flash_attention_for_cpu"),
         ("flash_attn", "_flash_attn_forward"), ("flash_attn_3", "fwd"),
+        ("one4d", "fa4_fwd"),  # FlashAttention-4, registered by model/attention.py
     ]
     ops = set()
     for namespace, name in names:

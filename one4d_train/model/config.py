@@ -52,7 +52,7 @@ class ModelConfig:
     tokenizer: str = ""
     empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (used without text_encoder); empty = zeros
     image_encoder: str = ""  # CLIP vision folder (transformers)
-    attention: str = "auto"  # auto | fa3 | fa2 | cudnn | flash | efficient | math
+    attention: str = "auto"  # auto | fa4 | fa3 | fa2 | cudnn | flash | efficient | math
     design: str = "dlc"  # dlc | channel_concat | width_concat (ablations (a) and (b) share one LoRA)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     link_blocks: list[int] = field(default_factory=list)  # blocks followed by control links; empty = num_links evenly spaced
@@ -68,7 +68,7 @@ class ModelConfig:
     def validate(self):
         p = []
         p += choice(self.preset, ["tiny", "1.3b", "14b"], "preset")
-        p += choice(self.attention, ["auto", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
+        p += choice(self.attention, ["auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
         p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
         p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
                     "activation_checkpointing")

@@ -12,6 +12,8 @@
 #     final : 14B ZeRO-2 compiled, 14B and 1.3B peers, GPU tests (the measurements still open)
 #     release: the shipped experiment configs (ZeRO-2, compiled blocks, stored latents; 14B selective_self +
 #              activation offload) for both presets and both peers; release-small / release-large: one preset
+#     fa4   : FlashAttention-4 kernel rates, the attention GPU tests, the 1.3B step with it when it is >5% faster
+#     fa4-model: FlashAttention-4 ops/compile GPU tests, then both shipped configs with attn=fa4
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
@@ -115,6 +117,25 @@ if [[ $WHAT == profile ]]; then  # the VAE's settings, where the 1.3B and 14B st
     --variants "ckpt=selective+compile=1+vae=none"
   part 290 "14b selective + offload, profile" $B --preset 14b --zero-stage 2 --lever zero2 --warmup 1 --steps 4 \
     --profile --variants "ckpt=selective+compile=1+offload=1+vae=latents"
+fi
+if [[ $WHAT == fa4 ]]; then  # FlashAttention-4 (flash_attn.cute) where installed: kernel rates, tests, in the 1.3B step if faster
+  part 150 "matmul + attention rates" $B --matmul
+  part 150 "pytest -m gpu (attention backends)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py \
+    tests/test_gpu.py -k "backend"
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+  if python3 -c "import json, sys; r = {x['backend']: x.get('tflops_fwd_bwd', 0) for x in map(json.loads, open('$R'))
+if x.get('kind') == 'attention'}; sys.exit(0 if r.get('fa4', 0) > 1.05 * r.get('cudnn', 1e9) else 1)"; then
+    part 240 "1.3b ours, attn=fa4 vs auto" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents+attn=fa4"
+  fi
+fi
+if [[ $WHAT == fa4-model ]]; then  # FlashAttention-4 in the shipped configs (compiled blocks, its custom ops)
+  part 110 "pytest -m gpu (fa4 ops, compiled blocks)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    -k "fa4 or compiled_blocks"
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+  part 240 "14b ours (configs/experiment/one4d_14b.yaml), attn=fa4" $B --preset 14b --warmup 2 --steps 10 \
+    --variants "vae=latents+attn=fa4"
+  part 130 "1.3b ours (configs/experiment/one4d_1.3b.yaml), attn=fa4" $B --preset 1.3b --warmup 2 --steps 10 \
+    --variants "vae=latents+attn=fa4"
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

@@ -166,6 +166,33 @@ def bench_matmul(args) -> None:
             record(args.results, {"kind": "attention", "backend": name, "tflops_fwd_bwd": 3.5 * flops_fwd / dt / 1e12})
         except RuntimeError as exc:
             record(args.results, {"kind": "attention", "backend": name, "error": str(exc).splitlines()[0][:200]})
+    # the flash-attention libraries present, called as the model calls them ([B, S, heads, head_dim])
+    from one4d_train.model.attention import attention, backend_present
+    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    gout = torch.randn_like(q)
+    for name in ("fa4", "fa3", "fa2"):
+        if not backend_present(name, dev):
+            continue
+        try:
+            def fwd():
+                with torch.no_grad():
+                    attention(q, k, v, backend=name)
+
+            def fwd_bwd():
+                attention(q, k, v, backend=name).backward(gout)
+            rates = {}
+            for what, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
+                for _ in range(2):  # the first calls compile the kernels (CuTe DSL: seconds)
+                    fn()
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    fn()
+                sync(dev)
+                rates[f"tflops_{what}"] = mult * flops_fwd / ((time.perf_counter() - t0) / 5) / 1e12
+            record(args.results, {"kind": "attention", "backend": name, **rates})
+        except Exception as exc:  # noqa: BLE001 - a library that fails at this shape is reported, not fatal
+            record(args.results, {"kind": "attention", "backend": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
 
 
 def build_vae(device, tiny: bool = False, compile: bool = False):
@@ -244,7 +271,7 @@ def latent_shape(args) -> tuple[int, int, int]:
 LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings applied in place on the same engine):
   ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (model/checkpointing.py;
         mixed:K = the first K blocks selective_self, the rest full)
-  attn=auto|cudnn|flash|efficient|fa2|fa3           attention backend
+  attn=auto|cudnn|flash|efficient|fa2|fa3|fa4       attention backend
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
   n=<steps>                                         timed steps of this variant (default --steps)
@@ -589,10 +616,12 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
     if len(runs) > 1:
         lines.append("rows from several runs: " + "; ".join(f"{d}h commit {c}" for d, c in runs))
     lines.append(f"device: {head.get('device', '?')} | date: {head.get('date', '?')} | commit: {head.get('commit', '?')}"
-                 f" | bf16 matmul 8192^3: {matmul:.0f} TFLOP/s" if matmul else "")
+                 + (f" | bf16 matmul 8192^3: {matmul:.0f} TFLOP/s" if matmul else " | bf16 matmul: not measured in this run"))
     for r in rows:
         if r.get("kind") == "attention":
-            lines.append(f"SDPA {r['backend']}: " + (f"{r['tflops_fwd_bwd']:.0f} TFLOP/s fwd+bwd (2x18018 tok, 12x128)"
+            fwd = f", {r['tflops_fwd']:.0f} fwd" if "tflops_fwd" in r else ""
+            kind = "SDPA " if r["backend"] in ("cudnn", "flash", "efficient") else ""
+            lines.append(f"{kind}{r['backend']}: " + (f"{r['tflops_fwd_bwd']:.0f} TFLOP/s fwd+bwd{fwd} (2x18018 tok, 12x128)"
                                                       if "tflops_fwd_bwd" in r else r.get("error", "")))
     vae_tflop = {r["videos"]: r["flops"] / 1e12 for r in rows if r.get("kind") == "vae_flops"}
     for name, tf in vae_tflop.items():
@@ -630,8 +659,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         mix = step - r["vae_cond_s"] * (1 - r["p_live_encode"]) if "p_live_encode" in r else float("nan")
         table.append([r["preset"], who, r["variant"], f"{step:.3f}", f"{1 / step:.3f}", f"{r['flops'] / 1e15:.3f}",
                       f"{100 * mfu:.1f}%",
-                      f"{100 * mfu_mm:.1f}%", f"{100 * r['flops'] / dit / H100_PEAK:.1f}%",
-                      f"{r.get('peak_gb', float('nan')):.1f}", f"{r['vae_cond_s']:.3f}", f"{r['dit_fwd_s']:.3f}",
+                      f"{100 * mfu_mm:.1f}%" if matmul else "-", f"{100 * r['flops'] / dit / H100_PEAK:.1f}%",
+                      f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-", f"{r['vae_cond_s']:.3f}", f"{r['dit_fwd_s']:.3f}",
                       f"{r['dit_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", "0", f"{speed:.2f}x{mark}" if speed == speed else "-",
                       f"{speed_dit:.2f}x" if speed_dit == speed_dit else "-",
                       f"{mix:.3f}" if mix == mix else "-", f"{100 * r['flops'] / mix / H100_PEAK:.1f}%" if mix == mix else "-",

@@ -14,6 +14,8 @@
 #              activation offload) for both presets and both peers; release-small / release-large: one preset
 #     fa4   : FlashAttention-4 kernel rates, the attention GPU tests, the 1.3B step with it when it is >5% faster
 #     fa4-model: FlashAttention-4 ops/compile GPU tests, then both shipped configs with attn=fa4
+#     autotune: both shipped configs with FA4 and the blocks compiled in max-autotune mode (one call per preset
+#              fits: the autotuning takes minutes; PRESETS=1.3b or 14b picks one)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
@@ -136,6 +138,12 @@ if [[ $WHAT == fa4-model ]]; then  # FlashAttention-4 in the shipped configs (co
     --variants "vae=latents+attn=fa4"
   part 130 "1.3b ours (configs/experiment/one4d_1.3b.yaml), attn=fa4" $B --preset 1.3b --warmup 2 --steps 10 \
     --variants "vae=latents+attn=fa4"
+fi
+if [[ $WHAT == autotune ]]; then  # the blocks compiled with max-autotune (branch-LoRA add in a GEMM epilogue), FA4
+  for preset in ${PRESETS:-1.3b 14b}; do
+    part 280 "$preset ours, attn=fa4, compile=max" $B --preset "$preset" --warmup 2 --steps 10 \
+      --variants "vae=latents+attn=fa4+compile=max"
+  done
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

@@ -275,11 +275,16 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
   n=<steps>                                         timed steps of this variant (default --steps)
-  compile=0|1                                       regional torch.compile of each block (model/compile.py; not
-        under ZeRO-3: its parameter hooks break the graphs); unset: as the experiment config says
+  compile=0|1|max                                   regional torch.compile of each block (model/compile.py; not
+        under ZeRO-3: its parameter hooks break the graphs); max: mode max-autotune-no-cudagraphs (Triton GEMM
+        templates that can fuse the branch-LoRA add into their epilogue; minutes of autotuning); unset: as the
+        experiment config says
   offload=0|1                                       saved block activations in pinned host memory (model/offload.py);
         unset: as the experiment config says
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
+
+
+COMPILE_MODES = {"1": {}, "max": {"mode": "max-autotune-no-cudagraphs"}}
 
 
 def set_checkpointing(blocks, mode: str) -> None:
@@ -329,7 +334,7 @@ def parse_variants(text: str) -> list[dict]:
             continue
         for setting in item.split("+"):
             key, _, value = setting.partition("=")
-            if key not in current:
+            if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -465,7 +470,7 @@ def run_ours(args) -> None:
     from one4d_train.model.compile import compile_blocks, is_compiled, uncompile_blocks
     from one4d_train.model.offload import apply_activation_offload
 
-    last_ckpt = None
+    last_ckpt, compiled_as = None, None
     for v in variants:
         if v["ckpt"] and v["ckpt"] != last_ckpt:
             uncompile_blocks(model.base.blocks)  # checkpointing wraps the uncompiled call; compiled again below
@@ -475,8 +480,11 @@ def run_ours(args) -> None:
             attn_mod.set_attention_backend(v["attn"])
         v["compile"] = v["compile"] or str(int(cfg.model.compile))  # unset: as the experiment config says
         v["offload"] = v["offload"] or str(int(cfg.model.activation_offload))
-        if v["compile"] == "1" and not all(is_compiled(b) for b in model.base.blocks):
-            compile_blocks(model.base.blocks)
+        if v["compile"] in COMPILE_MODES:
+            if compiled_as != v["compile"] or not all(is_compiled(b) for b in model.base.blocks):
+                uncompile_blocks(model.base.blocks)
+                compile_blocks(model.base.blocks, **COMPILE_MODES[v["compile"]])
+                compiled_as = v["compile"]
         elif v["compile"] == "0":
             uncompile_blocks(model.base.blocks)
         offload = apply_activation_offload(model, v["offload"] == "1")

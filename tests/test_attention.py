@@ -164,3 +164,19 @@ def test_fa4_ops_shapes_and_selective_checkpointing_keeps_them():
     dq, dk, dv = torch.ops.one4d.fa4_bwd(q, k, k, out, out, lse)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
     assert torch.ops.one4d.fa4_fwd.default in _saved_ops()
+
+
+def test_fa4_without_its_kernel_entry_points_counts_as_absent(monkeypatch):
+    """The fa4 ops call flash_attn.cute.interface._flash_attn_fwd/_flash_attn_bwd: a version without them is not
+    used (auto falls back to cuDNN) instead of failing inside a training step."""
+    import sys
+    import types
+    cute, interface = types.ModuleType("flash_attn.cute"), types.ModuleType("flash_attn.cute.interface")
+    cute.flash_attn_func = lambda q, k, v: q
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    monkeypatch.setattr(attn_mod, "_flash_funcs", {})
+    assert attn_mod._flash_attn_func("fa4") is None
+    interface._flash_attn_fwd = interface._flash_attn_bwd = lambda *a, **k: None
+    monkeypatch.setattr(attn_mod, "_flash_funcs", {})
+    assert attn_mod._flash_attn_func("fa4") is cute.flash_attn_func

@@ -31,6 +31,9 @@ def _flash_attn_func(name: str):
     if name not in _flash_funcs:
         try:
             _flash_funcs[name] = importlib.import_module(_FLASH_MODULES[name]).flash_attn_func
+            if name == "fa4":  # the custom ops below call its kernel entry points, present since 4.0.0b36
+                interface = importlib.import_module("flash_attn.cute.interface")
+                interface._flash_attn_fwd, interface._flash_attn_bwd  # noqa: B018 - AttributeError: treated as absent
         except (ImportError, AttributeError):
             _flash_funcs[name] = None
     return _flash_funcs[name]

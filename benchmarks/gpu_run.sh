@@ -127,7 +127,7 @@ if [[ $WHAT == fa4 ]]; then  # FlashAttention-4 (flash_attn.cute) where installe
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
   if python3 -c "import json, sys; r = {x['backend']: x.get('tflops_fwd_bwd', 0) for x in map(json.loads, open('$R'))
 if x.get('kind') == 'attention'}; sys.exit(0 if r.get('fa4', 0) > 1.05 * r.get('cudnn', 1e9) else 1)"; then
-    part 240 "1.3b ours, attn=fa4 vs auto" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents+attn=fa4"
+    part 240 "1.3b ours, attn=fa4" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents+attn=fa4"
   fi
 fi
 if [[ $WHAT == fa4-model ]]; then  # FlashAttention-4 in the shipped configs (compiled blocks, its custom ops)

@@ -24,18 +24,20 @@ get() {  # get DIR PACKAGE==VERSION...
 if [[ ${1:-} == fa4 ]]; then
   # FlashAttention-4 for a node reached through a 64 MiB transfer limit: its wheels in .fa4b, and the 92 MB CUDA 13
   # library wheel of the CuTe DSL as an xz tar cut in two parts (.fa4a/, .fa4b/), sent in two calls. On the node:
-  #   cat PART_A .fa4b/libs.part.ab > libs.tar.xz; pip install --target /tmp/site .fa4b/*.whl
+  #   cat PART_A .fa4b/libs.part.ab > libs.tar.xz
+  #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .fa4b/*.whl
   #   python3 -c "import tarfile; tarfile.open('libs.tar.xz').extractall('/tmp/site')"
   #   export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD
   tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
   mkdir -p .fa4a .fa4b "$tmp/libs"
   get .fa4b flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
     nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 quack-kernels==0.6.5
   get "$tmp" nvidia-cutlass-dsl-libs-cu13==4.8.1
   (cd "$tmp/libs" && python3 -m zipfile -e "$tmp"/nvidia_cutlass_dsl_libs_cu13-*.whl .)
-  tar -C "$tmp/libs" -cf - . | xz -9e -T1 | split -b 32000000 - "$tmp/libs.part."
+  tar -C "$tmp/libs" -cf - . | xz -9e -T1 >"$tmp/libs.tar.xz"
+  split -n 2 "$tmp/libs.tar.xz" "$tmp/libs.part."  # two halves, whatever the size
   mv "$tmp/libs.part.aa" .fa4a/ && mv "$tmp/libs.part.ab" .fa4b/
-  rm -rf "$tmp"
   du -sh .fa4a .fa4b
   exit 0
 fi

@@ -96,6 +96,9 @@ def test_auto_order_per_gpu_generation(monkeypatch, major, present, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     monkeypatch.setattr(attn_mod, "_flash_funcs", {n: (object() if n in present else None) for n in ("fa4", "fa3", "fa2")})
     assert attn_mod._auto_choice(0) == expected
+    # FA4's kernels take head dims that are multiples of 8 up to 128; auto sends other calls to SDPA
+    assert attn_mod._fa4_takes(128) and attn_mod._fa4_takes(64) and not attn_mod._fa4_takes(100)
+    assert not attn_mod._fa4_takes(256)
 
 
 def test_missing_flash_library_is_a_clear_error(monkeypatch):
@@ -147,7 +150,7 @@ def test_gpu_auto_prefers_fastest_present():
         torch.cuda.synchronize()
     kernels = " ".join(e.name.lower() for e in prof.events())
     assert {"fa4": "flash", "fa3": "flash", "cudnn": "cudnn", "flash": "flash"}[expected] in kernels, kernels[:500]
-    if expected == "cudnn":
+    if expected != "flash":  # cuDNN or a flash library, not SDPA's own flash kernel
         assert "pytorch_flash" not in kernels
 
 
@@ -180,3 +183,89 @@ def test_fa4_without_its_kernel_entry_points_counts_as_absent(monkeypatch):
     interface._flash_attn_fwd = interface._flash_attn_bwd = lambda *a, **k: None
     monkeypatch.setattr(attn_mod, "_flash_funcs", {})
     assert attn_mod._flash_attn_func("fa4") is cute.flash_attn_func
+
+
+@pytest.fixture
+def fa4_on_cpu(monkeypatch):
+    """The fa4 custom ops wired to a math stand-in for FlashAttention-4's kernel entry points (same arguments and
+    returns as flash_attn.cute.interface 4.0.0b36: forward -> (out, lse [B, H, Sq] fp32, ...), backward -> (dq, dk,
+    dv)), their own CUDA implementations registered for the CPU for the test's duration. Counts kernel calls."""
+    import math
+    import sys
+    import types
+    calls = {"fwd": 0, "bwd": 0}
+
+    def fwd(q, k, v, return_lse=False):
+        calls["fwd"] += 1
+        assert return_lse and all(t.is_contiguous() for t in (q, k, v))
+        s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v.float()).to(q.dtype)
+        return out.contiguous(), torch.logsumexp(s, -1).contiguous(), None, None, None  # the kernel's layouts
+
+    def bwd(q, k, v, out, dout, lse):
+        calls["bwd"] += 1
+        assert dout.is_contiguous() and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+        scale = 1 / math.sqrt(q.shape[-1])
+        p = torch.exp(torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale - lse[..., None])
+        do = dout.float()
+        dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", do, v.float()) - (do * out.float()).sum(-1).transpose(1, 2)[..., None])
+        dq = torch.einsum("bhqk,bkhd->bqhd", ds, k.float()) * scale
+        dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.float()) * scale
+        return tuple(t.to(q.dtype).contiguous() for t in (dq, dk, dv))
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = fwd, bwd
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    lib = torch.library.Library("one4d", "FRAGMENT")
+    torch.library.register_kernel(attn_mod._fa4_fwd, "cpu", attn_mod._fa4_fwd._init_fn, lib=lib)
+    torch.library.register_kernel(attn_mod._fa4_bwd, "cpu", attn_mod._fa4_bwd._init_fn, lib=lib)
+    yield calls
+    lib._destroy()
+
+
+def test_fa4_ops_wiring_gradients_and_checkpointing(fa4_on_cpu):
+    """Our side of the FA4 integration, on the CPU: the ops pass torch.library.opcheck (shape functions, autograd
+    registration), give math attention's gradients, and the selective checkpointing policies keep fa4_fwd's outputs
+    in eager and compiled (one graph) blocks: forward kernel once, where full checkpointing runs it again."""
+    from torch.utils.checkpoint import checkpoint
+
+    from one4d_train.model.checkpointing import _selective_context, _selective_self_context
+    calls = fa4_on_cpu
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 33, 3, 16, generator=g, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(attn_mod._fa4_fwd, (q, k, v))
+    out = attn_mod._fa4_fwd(q, k, v)[0]
+    dout = torch.randn(out.shape, generator=g)
+    lse = attn_mod._fa4_fwd(q, k, v)[1]
+    torch.library.opcheck(attn_mod._fa4_bwd, tuple(t.detach() for t in (q, k, v, out, dout, lse)))  # no double backward
+    weights = torch.arange(33.0)[None, :, None, None]
+    got = torch.autograd.grad((attn_mod._fa4_fwd(q, k, v)[0] * weights).square().sum(), (q, k, v))
+    want = torch.autograd.grad((attention(q, k, v, backend="math") * weights).square().sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+    lin = torch.nn.Linear(16, 16)
+    text = torch.randn(2, 7, 3, 16, generator=g)
+
+    def block(x):  # a self-attention and a cross-attention, as in a DiT block
+        y = lin(x)
+        a = attn_mod._fa4_fwd(y, y, y)[0]
+        b = attn_mod._fa4_fwd(y, lin(text), text)[0]
+        return (a + b).sin().sum()
+
+    x = torch.randn(2, 33, 3, 16, generator=g, requires_grad=True)
+    runs = {
+        "full": lambda x: checkpoint(block, x, use_reentrant=False),
+        "selective": lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective_context),
+        "selective_self": lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective_self_context),
+        "selective, compiled": torch.compile(
+            lambda x: checkpoint(block, x, use_reentrant=False, context_fn=_selective_context), fullgraph=True),
+    }
+    forward_kernels = {}
+    for name, fn in runs.items():
+        calls.update(fwd=0, bwd=0)
+        torch.autograd.grad(fn(x), x)
+        forward_kernels[name] = calls["fwd"]
+        assert calls["bwd"] == 2, (name, calls)
+    assert forward_kernels == {"full": 4, "selective": 2, "selective_self": 3, "selective, compiled": 2}

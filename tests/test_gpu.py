@@ -180,6 +180,8 @@ def test_fa4_ops_pass_opcheck_and_compile_without_graph_breaks():
     q, k, v = (torch.randn(2, 1024, 12, 128, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
     torch.library.opcheck(_fa4_fwd, (q, k, v))
+    out, lse = _fa4_fwd(q, k, v)
+    torch.library.opcheck(torch.ops.one4d.fa4_bwd, tuple(t.detach() for t in (q, k, v, out, torch.randn_like(out), lse)))
 
     def f(q, k, v):
         return (attention(q * 0.5, k, v, backend="fa4").float().square()).mean()

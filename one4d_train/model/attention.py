@@ -36,6 +36,10 @@ def _flash_attn_func(name: str):
                 interface._flash_attn_fwd, interface._flash_attn_bwd  # noqa: B018 - AttributeError: treated as absent
         except (ImportError, AttributeError):
             _flash_funcs[name] = None
+        except Exception:  # noqa: BLE001 - a CuTe-DSL library that fails to load (OSError, RuntimeError): absent
+            if name != "fa4":
+                raise
+            _flash_funcs[name] = None
     return _flash_funcs[name]
 
 
@@ -85,6 +89,11 @@ def _auto_choice(device_index: int) -> str:
     return "cudnn" if major >= 9 else "flash"
 
 
+def _fa4_takes(head_dim: int) -> bool:
+    """Head dims FlashAttention-4's kernels take on both SM90 and SM100 (multiples of 8 up to 128); others go to SDPA."""
+    return head_dim % 8 == 0 and 8 <= head_dim <= 128
+
+
 _AUTO_SDPA = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -114,7 +123,7 @@ def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
 @_fa4_fwd.register_fake
 def _(q, k, v):
     b, s, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+    return q.new_empty((b, s, h, v.shape[-1])), q.new_empty((b, h, s), dtype=torch.float32)
 
 
 @torch.library.custom_op("one4d::fa4_bwd", mutates_args=(), device_types="cuda")
@@ -132,6 +141,7 @@ def _(q, k, v, out, dout, lse):
 
 def _fa4_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs, *output)
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is for the backward kernel only
 
 
 def _fa4_backward(ctx, dout, dlse):
@@ -167,6 +177,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     if name == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             choice = _auto_choice(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            if choice == "fa4" and not _fa4_takes(q.shape[-1]):
+                choice = "cudnn"
             if choice in _FLASH_MODULES:
                 return _flash(choice, q, k, v)
             return _sdpa(q, k, v, _AUTO_SDPA[choice])

@@ -20,12 +20,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from one4d_train.model import attention as _attention  # noqa: F401 - registers the one4d::fa4_fwd op kept below
+from one4d_train.model import attention as _attention  # registers one4d::fa4_fwd; imports the flash libraries
 
 MODES = ("none", "full", "selective", "selective_self")
 
 
 def _attention_ops() -> set:
+    for library in ("fa4", "fa3", "fa2"):  # importing a flash library registers its ops
+        _attention._flash_attn_func(library)
     names = [
         ("aten", "_scaled_dot_product_flash_attention"), ("aten", "_scaled_dot_product_cudnn_attention"),
         ("aten", "_scaled_dot_product_efficient_attention"), ("aten", "_scaled_dot_product_flash_attention_for_cpu"),

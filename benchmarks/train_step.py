@@ -128,6 +128,18 @@ def summarise(walls, spans) -> dict:
 
 # ------------------------------------------------------------------------------------------------ matmul / VAE
 
+def seconds_per_call(fn, dev, warmup: int = 2, reps: int = 5) -> float:
+    """Mean wall time of `fn` over `reps` calls after `warmup` untimed ones (first calls pick or compile kernels)."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t0) / reps
+
+
 def bench_matmul(args) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = torch.device("cuda")
@@ -155,14 +167,7 @@ def bench_matmul(args) -> None:
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
                     out.backward(gout)
                 gout = torch.randn_like(q)
-                for _ in range(2):
-                    run()
-                sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    run()
-                sync(dev)
-                dt = (time.perf_counter() - t0) / 5
+                dt = seconds_per_call(run, dev)
             record(args.results, {"kind": "attention", "backend": name, "tflops_fwd_bwd": 3.5 * flops_fwd / dt / 1e12})
         except RuntimeError as exc:
             record(args.results, {"kind": "attention", "backend": name, "error": str(exc).splitlines()[0][:200]})
@@ -180,16 +185,8 @@ def bench_matmul(args) -> None:
 
             def fwd_bwd():
                 attention(q, k, v, backend=name).backward(gout)
-            rates = {}
-            for what, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
-                for _ in range(2):  # the first calls compile the kernels (CuTe DSL: seconds)
-                    fn()
-                sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                sync(dev)
-                rates[f"tflops_{what}"] = mult * flops_fwd / ((time.perf_counter() - t0) / 5) / 1e12
+            rates = {f"tflops_{what}": mult * flops_fwd / seconds_per_call(fn, dev) / 1e12
+                     for what, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5))}
             record(args.results, {"kind": "attention", "backend": name, **rates})
         except Exception as exc:  # noqa: BLE001 - a library that fails at this shape is reported, not fatal
             record(args.results, {"kind": "attention", "backend": name, "error": f"{type(exc).__name__}: {exc}"[:200]})

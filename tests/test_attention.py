@@ -235,9 +235,8 @@ def test_fa4_ops_wiring_gradients_and_checkpointing(fa4_on_cpu):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 33, 3, 16, generator=g, requires_grad=True) for _ in range(3))
     torch.library.opcheck(attn_mod._fa4_fwd, (q, k, v))
-    out = attn_mod._fa4_fwd(q, k, v)[0]
+    out, lse = attn_mod._fa4_fwd(q, k, v)
     dout = torch.randn(out.shape, generator=g)
-    lse = attn_mod._fa4_fwd(q, k, v)[1]
     torch.library.opcheck(attn_mod._fa4_bwd, tuple(t.detach() for t in (q, k, v, out, dout, lse)))  # no double backward
     weights = torch.arange(33.0)[None, :, None, None]
     got = torch.autograd.grad((attn_mod._fa4_fwd(q, k, v)[0] * weights).square().sum(), (q, k, v))

@@ -14,8 +14,11 @@
 #              activation offload) for both presets and both peers; release-small / release-large: one preset
 #     fa4   : FlashAttention-4 kernel rates, the attention GPU tests, the 1.3B step with it when it is >5% faster
 #     fa4-model: FlashAttention-4 ops/compile GPU tests, then both shipped configs with attn=fa4
-#     autotune: both shipped configs with FA4 and the blocks compiled in max-autotune mode (one call per preset
-#              fits: the autotuning takes minutes; PRESETS=1.3b or 14b picks one)
+#     cross : attention rates at the self- and cross-attention shapes, then the 14B shipped config with a
+#             profiled extra step (where the step's kernel time goes)
+#     autotune: the shipped configs with the blocks compiled in max-autotune mode (PRESETS=1.3b or 14b picks one;
+#              ATTN=auto by default). At 14B the autotuning did not finish in 380 s (H200, 2026-12-04)
+#     peers : the peer baselines (PRESETS, default both)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
@@ -126,7 +129,7 @@ if [[ $WHAT == fa4 ]]; then  # FlashAttention-4 (flash_attn.cute) where installe
     tests/test_gpu.py -k "backend"
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
   if python3 -c "import json, sys; r = {x['backend']: x.get('tflops_fwd_bwd', 0) for x in map(json.loads, open('$R'))
-if x.get('kind') == 'attention'}; sys.exit(0 if r.get('fa4', 0) > 1.05 * r.get('cudnn', 1e9) else 1)"; then
+if x.get('kind') == 'attention' and x.get('shape', 'self') == 'self'}; sys.exit(0 if r.get('fa4', 0) > 1.05 * r.get('cudnn', 1e9) else 1)"; then
     part 240 "1.3b ours, attn=fa4" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents+attn=fa4"
   fi
 fi
@@ -139,10 +142,21 @@ if [[ $WHAT == fa4-model ]]; then  # FlashAttention-4 in the shipped configs (co
   part 130 "1.3b ours (configs/experiment/one4d_1.3b.yaml), attn=fa4" $B --preset 1.3b --warmup 2 --steps 10 \
     --variants "vae=latents+attn=fa4"
 fi
-if [[ $WHAT == autotune ]]; then  # the blocks compiled with max-autotune (branch-LoRA add in a GEMM epilogue), FA4
+if [[ $WHAT == cross ]]; then  # which kernel for the short-key cross-attentions: rates per shape, then the 14B step
+  part 120 "matmul + attention rates per shape" $B --matmul
+  part ${T14:-300} "14b ours (configs/experiment/one4d_14b.yaml), profiled" $B --preset 14b \
+    --warmup 2 --steps 10 --profile --variants "vae=latents"
+fi
+if [[ $WHAT == autotune ]]; then  # the blocks compiled with max-autotune (branch-LoRA add in a GEMM epilogue)
   for preset in ${PRESETS:-1.3b 14b}; do
-    part 280 "$preset ours, attn=fa4, compile=max" $B --preset "$preset" --warmup 2 --steps 10 \
-      --variants "vae=latents+attn=fa4+compile=max"
+    part ${TAUTO:-330} "$preset ours, attn=${ATTN:-auto}, compile=max" $B --preset "$preset" --warmup 2 --steps 8 \
+      --variants "vae=latents+attn=${ATTN:-auto}+compile=max"
+  done
+fi
+if [[ $WHAT == peers ]]; then
+  for preset in ${PRESETS:-1.3b 14b}; do
+    part $([[ $preset == 14b ]] && echo 110 || echo 60) "$preset peer" $B --preset "$preset" --peer \
+      --warmup $([[ $preset == 14b ]] && echo 1 || echo 2) --steps $([[ $preset == 14b ]] && echo 4 || echo 6)
   done
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then

@@ -141,7 +141,6 @@ def seconds_per_call(fn, dev, warmup: int = 2, reps: int = 5) -> float:
 
 
 def bench_matmul(args) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = torch.device("cuda")
     n = 8192
     a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -155,27 +154,29 @@ def bench_matmul(args) -> None:
         times.append(t0.elapsed_time(t1) / 1e3)
     rate = 2 * n ** 3 / statistics.median(times)
     record(args.results, {"kind": "matmul", "tflops": rate / 1e12})
-    # SDPA at the 1.3B self-attention shape of one DLC step (2 x 18,018 tokens, 12 heads of 128)
-    s, h, d = 18018, 12, 128
-    q, k, v = (torch.randn(2, h, s, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    flops_fwd = 4.0 * 2 * h * s * s * d
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        try:
-            with sdpa_kernel([backend]):
-                def run():
-                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                    out.backward(gout)
-                gout = torch.randn_like(q)
-                dt = seconds_per_call(run, dev)
-            record(args.results, {"kind": "attention", "backend": name, "tflops_fwd_bwd": 3.5 * flops_fwd / dt / 1e12})
-        except RuntimeError as exc:
-            record(args.results, {"kind": "attention", "backend": name, "error": str(exc).splitlines()[0][:200]})
-    # the flash-attention libraries present, called as the model calls them ([B, S, heads, head_dim])
+    # attention at the shapes of one DLC step (RGB + XYZ as a batch of 2 x 18,018 tokens): the 1.3B self-attention
+    # (12 heads of 128), and the 14B text (512 keys) and image (257 CLIP tokens) cross-attentions (40 heads of 128)
+    for label, (b, sq, sk, h, d), sdpa in (("self", ATTN_SHAPES["self"], ("cudnn", "flash", "efficient")),
+                                            ("text", ATTN_SHAPES["text"], ("cudnn", "flash")),
+                                            ("image", ATTN_SHAPES["image"], ("cudnn", "flash"))):
+        for row in attention_rates(b, sq, sk, h, d, sdpa, dev):
+            record(args.results, {"kind": "attention", "shape": label, **row})
+
+
+# name -> (batch, query tokens, key tokens, heads, head dim)
+ATTN_SHAPES = {"self": (2, 18018, 18018, 12, 128), "text": (2, 18018, 512, 40, 128), "image": (2, 18018, 257, 40, 128)}
+
+
+def attention_rates(b, sq, sk, h, d, sdpa_backends, dev) -> list[dict]:
+    """TFLOP/s forward and forward + backward (backward = 2.5x forward) of each attention backend present, every one
+    called through the model's own attention() ([B, S, heads, head_dim]); a backend that fails is reported."""
     from one4d_train.model.attention import attention, backend_present
-    q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    q = torch.randn(b, sq, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, sk, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     gout = torch.randn_like(q)
-    for name in ("fa4", "fa3", "fa2"):
+    flops_fwd = 4.0 * b * h * sq * sk * d
+    rows = []
+    for name in (*sdpa_backends, "fa4", "fa3", "fa2"):
         if not backend_present(name, dev):
             continue
         try:
@@ -187,9 +188,10 @@ def bench_matmul(args) -> None:
                 attention(q, k, v, backend=name).backward(gout)
             rates = {f"tflops_{what}": mult * flops_fwd / seconds_per_call(fn, dev) / 1e12
                      for what, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5))}
-            record(args.results, {"kind": "attention", "backend": name, **rates})
-        except Exception as exc:  # noqa: BLE001 - a library that fails at this shape is reported, not fatal
-            record(args.results, {"kind": "attention", "backend": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append({"backend": name, **rates})
+        except Exception as exc:  # noqa: BLE001 - a backend that fails at this shape is reported, not fatal
+            rows.append({"backend": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]})
+    return rows
 
 
 def build_vae(device, tiny: bool = False, compile: bool = False):
@@ -626,8 +628,10 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         if r.get("kind") == "attention":
             fwd = f", {r['tflops_fwd']:.0f} fwd" if "tflops_fwd" in r else ""
             kind = "SDPA " if r["backend"] in ("cudnn", "flash", "efficient") else ""
-            lines.append(f"{kind}{r['backend']}: " + (f"{r['tflops_fwd_bwd']:.0f} TFLOP/s fwd+bwd{fwd} (2x18018 tok, 12x128)"
-                                                      if "tflops_fwd_bwd" in r else r.get("error", "")))
+            b, sq, sk, h, d = ATTN_SHAPES[r.get("shape", "self")]  # rows before the cross shapes: self-attention
+            where = f"{r.get('shape', 'self')}: {b}x{sq} x {sk} keys, {h}x{d}"
+            lines.append(f"{kind}{r['backend']}: " + (f"{r['tflops_fwd_bwd']:.0f} TFLOP/s fwd+bwd{fwd} ({where})"
+                                                      if "tflops_fwd_bwd" in r else f"{r.get('error', '')} ({where})"))
     vae_tflop = {r["videos"]: r["flops"] / 1e12 for r in rows if r.get("kind") == "vae_flops"}
     for name, tf in vae_tflop.items():
         lines.append(f"VAE encode FLOPs ({name}): {tf:.1f} TFLOP")

@@ -51,3 +51,25 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     # no matmul rate in this run: the header still names the device, MFUmm says so instead of printing nan
     assert table.splitlines()[0].startswith("device: ") and "matmul: not measured" in table.splitlines()[0]
     assert lines["z3"][cols.index("MFUmm")] == "-" and "nan" not in table
+
+
+def test_attention_rates_per_shape_are_measured_and_reported(tmp_path):
+    """The attention rates come per shape (self-attention, and the text / image cross-attentions whose kernel `auto`
+    picks separately), each backend called through the model's attention(); the report names each row's shape."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.attention_rates(1, 64, 32, 2, 16, ("math",), torch.device("cpu"))
+    assert [r["backend"] for r in rows] == ["math"]  # no flash library on the CPU
+    assert rows[0]["tflops_fwd"] > 0 and rows[0]["tflops_fwd_bwd"] > 0
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "attention", "backend": "cudnn", "tflops_fwd_bwd": 543.0},  # a row from before the shapes: self
+        {"kind": "attention", "shape": "text", "backend": "fa4", "tflops_fwd_bwd": 400.0, "tflops_fwd": 500.0},
+        {"kind": "attention", "shape": "image", "backend": "flash", "error": "RuntimeError: no kernel"}]) + "\n")
+    table = bench.report([str(results)])
+    assert "SDPA cudnn: 543 TFLOP/s fwd+bwd (self: 2x18018 x 18018 keys, 12x128)" in table
+    assert "fa4: 400 TFLOP/s fwd+bwd, 500 fwd (text: 2x18018 x 512 keys, 40x128)" in table
+    assert "SDPA flash: RuntimeError: no kernel (image: 2x18018 x 257 keys, 40x128)" in table

@@ -142,16 +142,21 @@ def test_gpu_backend_matches_math(backend, shape):
 def test_gpu_auto_prefers_fastest_present():
     present = present_backends("cuda")
     assert "cudnn" in present and "flash" in present and "math" in present
-    q, k, v = qkv(1, 256, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
     expected = attn_mod._auto_choice(torch.cuda.current_device())  # the order itself: test_auto_order_per_gpu_generation
     assert expected in present
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        attention(q, k, v)
-        torch.cuda.synchronize()
-    kernels = " ".join(e.name.lower() for e in prof.events())
-    assert {"fa4": "flash", "fa3": "flash", "cudnn": "cudnn", "flash": "flash"}[expected] in kernels, kernels[:500]
-    if expected != "flash":  # cuDNN or a flash library, not SDPA's own flash kernel
-        assert "pytorch_flash" not in kernels
+
+    def kernels_of(keys):
+        q, k, v = qkv(1, 256, keys, 2, 128, device="cuda", dtype=torch.bfloat16)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            attention(q, k, v)
+            torch.cuda.synchronize()
+        return " ".join(e.name.lower() for e in prof.events())
+
+    for keys in (256, 512, 257):  # a self-attention-like call and the cross-attentions' short key sequences
+        kernels = kernels_of(keys)
+        assert {"fa4": "flash", "fa3": "flash", "cudnn": "cudnn", "flash": "flash"}[expected] in kernels, kernels[:500]
+        if expected != "flash":  # cuDNN or a flash library, not SDPA's own flash kernel
+            assert "pytorch_flash" not in kernels
 
 
 def test_fa4_ops_shapes_and_selective_checkpointing_keeps_them():

@@ -3,7 +3,8 @@
 Backends: `fa4` (flash_attn.cute, the CuTe-DSL FlashAttention-4 package `flash-attn-4`), `fa3`
 (flash_attn_interface), `fa2` (flash_attn), `cudnn` / `flash` / `efficient` (torch SDPA forced to one kernel), `math`
 (SDPA math, the reference). `auto` picks per call: on CUDA with fp16/bf16 inputs, on Hopper and Blackwell fa4
-when importable (measured on an H200 at the model's shape: 642 TFLOP/s forward + backward against cuDNN's 543), then
+when importable (measured on an H200 at the model's self-attention shape: 642-678 TFLOP/s forward + backward against
+cuDNN's 540-546; level with cuDNN at the short-key cross-attentions), then
 fa3 on Hopper, else SDPA with cuDNN first on Hopper and newer (~1.7x the flash kernel), then flash, then
 memory-efficient; fp32 on CUDA goes to SDPA's own choice; CPU runs math.
 """
@@ -90,7 +91,10 @@ def _auto_choice(device_index: int) -> str:
 
 
 def _fa4_takes(head_dim: int) -> bool:
-    """Head dims FlashAttention-4's kernels take on both SM90 and SM100 (multiples of 8 up to 128); others go to SDPA."""
+    """Head dims FlashAttention-4's kernels take on both SM90 and SM100 (multiples of 8 up to 128); others go to SDPA.
+    Short key sequences stay with FA4 too: at the cross-attention shapes (512 text, 257 CLIP keys, 40 heads) it
+    measured level with cuDNN on an H200 (forward + backward 381 vs 372 and 239 vs 231 TFLOP/s; the 14B step the
+    same with either, benchmarks/RESULTS.md)."""
     return head_dim % 8 == 0 and 8 <= head_dim <= 128
 
 

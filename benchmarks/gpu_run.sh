@@ -155,8 +155,8 @@ if [[ $WHAT == autotune ]]; then  # the blocks compiled with max-autotune (branc
 fi
 if [[ $WHAT == peers ]]; then
   for preset in ${PRESETS:-1.3b 14b}; do
-    part $([[ $preset == 14b ]] && echo 110 || echo 60) "$preset peer" $B --preset "$preset" --peer \
-      --warmup $([[ $preset == 14b ]] && echo 1 || echo 2) --steps $([[ $preset == 14b ]] && echo 4 || echo 6)
+    if [[ $preset == 14b ]]; then limit=110 warm=1 steps=4; else limit=60 warm=2 steps=6; fi
+    part $limit "$preset peer" $B --preset "$preset" --peer --warmup $warm --steps $steps
   done
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then

@@ -54,8 +54,9 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
 
 
 def test_attention_rates_per_shape_are_measured_and_reported(tmp_path):
-    """The attention rates come per shape (self-attention, and the text / image cross-attentions whose kernel `auto`
-    picks separately), each backend called through the model's attention(); the report names each row's shape."""
+    """The attention rates come per shape (self-attention, and the text / image cross-attentions, whose short key
+    sequences run at other rates), each backend called through the model's attention(); the report names each row's
+    shape."""
     import importlib.util
     import torch
     spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)

@@ -18,6 +18,8 @@
 #             profiled extra step (where the step's kernel time goes)
 #     autotune: the shipped configs with the blocks compiled in max-autotune mode (PRESETS=1.3b or 14b picks one;
 #              ATTN=auto by default). At 14B the autotuning did not finish in 380 s (H200, 2026-12-04)
+#     fp8   : FP8 base matmuls (model.base_matmul): their GPU tests (FP8TESTS=0 skips), then the shipped config of
+#             PRESET (default 14b) for each of BASES (default "fp8 bf16"), on the same instance
 #     peers : the peer baselines (PRESETS, default both)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
@@ -151,6 +153,16 @@ if [[ $WHAT == autotune ]]; then  # the blocks compiled with max-autotune (branc
   for preset in ${PRESETS:-1.3b 14b}; do
     part ${TAUTO:-330} "$preset ours, attn=${ATTN:-auto}, compile=max" $B --preset "$preset" --warmup 2 --steps 8 \
       --variants "vae=latents+attn=${ATTN:-auto}+compile=max"
+  done
+fi
+if [[ $WHAT == fp8 ]]; then  # FP8 base matmuls: their GPU tests, then the shipped config with each base matmul
+  if [[ ${FP8TESTS:-1} == 1 ]]; then
+    part 150 "pytest -m gpu (fp8)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "fp8"
+    tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+  fi
+  for bm in ${BASES:-fp8 bf16}; do
+    part ${T14:-240} "${PRESET:-14b} ours, model.base_matmul=$bm" $B --preset "${PRESET:-14b}" --warmup 2 --steps 8 \
+      --variants "vae=latents" --set "model.base_matmul=$bm" --lever "$bm"
   done
 fi
 if [[ $WHAT == peers ]]; then

@@ -159,6 +159,12 @@ def bench_matmul(args) -> None:
         times.append(t0.elapsed_time(t1) / 1e3)
     rate = 2 * n ** 3 / statistics.median(times)
     record(args.results, {"kind": "matmul", "tflops": rate / 1e12})
+    # the FP8 base matmuls' product (model.base_matmul=fp8): e4m3 operands, row-wise scales, quantised beforehand
+    from one4d_train.model.fp8 import quantize_rows
+    (qa, sa), (qb, sb) = quantize_rows(a), quantize_rows(b)
+    fp8_s = seconds_per_call(lambda: torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16),
+                             dev, warmup=5, reps=20)
+    record(args.results, {"kind": "matmul_fp8", "tflops": 2 * n ** 3 / fp8_s / 1e12})
     # attention at the shapes of one DLC step; SDPA's memory-efficient kernel, the slowest, only at the first
     for label, shape in ATTN_SHAPES.items():
         sdpa = ("cudnn", "flash", "efficient") if label == "self" else ("cudnn", "flash")
@@ -491,6 +497,7 @@ def run_ours(args) -> None:
                "ckpt": v["ckpt"] or cfg.model.activation_checkpointing, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
+               "base_matmul": cfg.model.base_matmul,
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
             row["p_live_encode"] = cfg.model.umc.p_sparse
@@ -623,6 +630,9 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         lines.append("rows from several runs: " + "; ".join(f"{d}h commit {c}" for d, c in runs))
     lines.append(f"device: {head.get('device', '?')} | date: {head.get('date', '?')} | commit: {head.get('commit', '?')}"
                  + (f" | bf16 matmul 8192^3: {matmul:.0f} TFLOP/s" if matmul else " | bf16 matmul: not measured in this run"))
+    fp8 = next((r["tflops"] for r in rows if r.get("kind") == "matmul_fp8"), None)
+    if fp8:
+        lines.append(f"fp8 row-wise matmul 8192^3 (model.base_matmul=fp8's product): {fp8:.0f} TFLOP/s")
     for r in rows:
         if r.get("kind") == "attention":
             fwd = f", {r['tflops_fwd']:.0f} fwd" if "tflops_fwd" in r else ""
@@ -648,6 +658,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         if r.get("kind") not in ("ours", "peer"):
             continue
         who = "peer" if r["kind"] == "peer" else f"z{r.get('zero_stage')}" + (f"/{r['lever']}" if r.get("lever") else "")
+        if r.get("base_matmul", "bf16") != "bf16":
+            who += f" [{r['base_matmul']} base]"
         if "step_s" not in r:
             table.append([r["preset"], who, r["variant"], "-", "-", f"{r['flops'] / 1e15:.3f}", "-", "-", "-", "-", "-", "-",
                           "-", "-", "-", "-", "-", "-", "-", r.get("error", "")[:60]])
@@ -684,7 +696,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "FLOPs / (DiT fwd + bwd time); x peer = peer step time / our step time (samples/s ratio, 1 sample = "
                  "RGB + XYZ of one clip); x peer DiT = the same for DiT fwd + bwd + optimizer alone (like for like: the peer "
                  "step encodes no condition); mix s / mix MFU = the step averaged over the UMC task mix with stored latents "
-                 "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; '*' = against a peer time given with --peer-ref, not measured in this run. "
+                 "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; [fp8 base] rows run the frozen "
+                 "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "data wait = 0: synthetic tensors on the GPU.")
     return "\n".join(lines)
 

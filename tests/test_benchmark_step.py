@@ -74,3 +74,22 @@ def test_attention_rates_per_shape_are_measured_and_reported(tmp_path):
     assert "SDPA cudnn: 543 TFLOP/s fwd+bwd (self: 2x18018 x 18018 keys, 12x128)" in table
     assert "fa4: 400 TFLOP/s fwd+bwd, 500 fwd (text: 2x18018 x 512 keys, 40x128)" in table
     assert "SDPA flash: RuntimeError: no kernel (image: 2x18018 x 257 keys, 40x128)" in table
+
+
+def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
+    """Rows of runs with `model.base_matmul=fp8` say so in the table, and the FP8 matmul rate is printed."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    step = {"kind": "ours", "preset": "14b", "variant": "vae=latents", "zero_stage": 2, "flops": 3.755e15,
+            "step_s": 7.0, "step_s_min": 6.9, "step_s_max": 7.1, "steps": 10, "vae_cond_s": 0.36, "dit_fwd_s": 2.0,
+            "dit_bwd_s": 4.6, "optimizer_s": 0.03}
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "matmul", "tflops": 767.0}, {"kind": "matmul_fp8", "tflops": 1390.0},
+        {**step, "base_matmul": "bf16"}, {**step, "lever": "fp8", "base_matmul": "fp8"}, step]) + "\n")
+    table = bench.report([str(results)])
+    assert "fp8 row-wise matmul 8192^3 (model.base_matmul=fp8's product): 1390 TFLOP/s" in table
+    who = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("14b ")]
+    assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs

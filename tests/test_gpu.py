@@ -46,7 +46,7 @@ def test_attention_backend_matches_math_reference(backend, keys):
 
 
 def mid_model(num_links: int = 1, ckpt: str = "none", dtype=torch.bfloat16, device="cuda",
-              num_layers: int = 2) -> One4DModel:
+              num_layers: int = 2, base_matmul: str = "bf16") -> One4DModel:
     """`num_layers` blocks at the 1.3B widths (dim 1536, 12 heads, FFN 8960), i2v inputs, DLC with rank-64 branch LoRA."""
     wc = wan_config("1.3b", num_layers=num_layers)
     torch.manual_seed(0)
@@ -56,7 +56,8 @@ def mid_model(num_links: int = 1, ckpt: str = "none", dtype=torch.bfloat16, devi
     base.init_weights()
     with torch.no_grad():  # Wan's zero-initialised head would stop every gradient
         base.head.head.weight.normal_(0, 0.02)
-    model = One4DModel(base, ModelConfig(preset="1.3b", num_links=num_links, activation_checkpointing=ckpt))
+    model = One4DModel(base, ModelConfig(preset="1.3b", num_links=num_links, activation_checkpointing=ckpt,
+                                         base_matmul=base_matmul))
     apply_activation_checkpointing(base.blocks, ckpt)
     return model
 
@@ -130,8 +131,8 @@ def restore_linear():
     torch.nn.functional.linear = linear
 
 
-@pytest.mark.parametrize("ckpt", ["full", "selective"])
-def test_zero3_training_step_updates_only_trainable(ckpt, restore_linear):
+@pytest.mark.parametrize("ckpt,base_matmul", [("full", "bf16"), ("selective", "bf16"), ("selective", "fp8")])
+def test_zero3_training_step_updates_only_trainable(ckpt, base_matmul, restore_linear):
     deepspeed = pytest.importorskip("deepspeed")
     from one4d_train.config import load_config
     from one4d_train.train import deepspeed_config
@@ -139,7 +140,7 @@ def test_zero3_training_step_updates_only_trainable(ckpt, restore_linear):
     _init_dist()
     cfg = load_config(["train.zero_stage=3", "train.precision=bf16", "train.grad_accum=1", "optim.lr=1e-3"])
     ds_config, _ = deepspeed_config.build(cfg, 1)
-    model = mid_model(num_links=1, ckpt=ckpt)
+    model = mid_model(num_links=1, ckpt=ckpt, base_matmul=base_matmul)
     names = {p: n for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -238,6 +239,37 @@ def test_compiled_blocks_match_eager(ckpt, attn, restore_attention):
     for n, g in eg.items():
         if g.norm() > 0:
             assert rel(cg[n], g) < 5e-2, (n, rel(cg[n], g))
+
+
+def test_fp8_base_compiled_matches_eager_and_tracks_bf16(restore_attention):
+    """FP8 base matmuls on the GPU (torch._scaled_mm, row-wise scales): the compiled, selectively checkpointed
+    block matches eager FP8 with no graph break, and both stay within FP8's rounding of the bf16 model."""
+    from one4d_train.model.compile import compile_blocks
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    models = {"bf16": mid_model(ckpt="selective"), "fp8": mid_model(ckpt="selective", base_matmul="fp8")}
+    for m in models.values():
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 0.01)
+    models["fp8 compiled"] = copy.deepcopy(models["fp8"])
+    apply_activation_checkpointing(models["fp8 compiled"].base.blocks, "selective")
+    compile_blocks(models["fp8 compiled"].base.blocks)
+    inputs = mid_inputs(seed=4)
+    out, grads = {}, {}
+    for name, model in models.items():
+        v_rgb, v_xyz = model(*inputs)
+        (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
+        out[name] = torch.cat([v_rgb.flatten(), v_xyz.flatten()])
+        grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert rel(out["fp8 compiled"], out["fp8"]) < 2e-2
+    assert rel(grads["fp8 compiled"], grads["fp8"]) < 5e-2
+    for name in ("fp8", "fp8 compiled"):
+        assert 1e-3 < rel(out[name], out["bf16"]) < 0.1, (name, rel(out[name], out["bf16"]))
+        cosine = torch.nn.functional.cosine_similarity(grads[name], grads["bf16"], dim=0).item()
+        assert cosine > 0.99, (name, cosine)
 
 
 def test_one4d_task_step_on_cuda_with_a_cuda_generator():

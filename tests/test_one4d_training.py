@@ -46,6 +46,22 @@ def test_dlc_model_learns_on_two_ranks(straight):
         assert metric(client, run, key), key
 
 
+def test_fp8_base_matmuls_train_like_bf16(shards, straight, tmp_path):
+    """The same run with the frozen linears in FP8 (`model.base_matmul=fp8`) through the real trainer (ZeRO-3,
+    2 ranks): it learns, and its loss curve stays close to the bf16 base's."""
+    run_dir = tmp_path / "fp8"
+    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "model.base_matmul=fp8", timeout=900)
+    assert code == 0, out[-4000:]
+    loss = metric(*mlflow_run(run_dir), "loss")
+    ref = metric(*mlflow_run(straight), "loss")
+    assert sorted(loss) == list(range(1, 31))
+    mean = lambda curve, steps: sum(curve[s] for s in steps) / len(steps)  # noqa: E731
+    first, last = mean(loss, range(1, 6)), mean(loss, range(26, 31))
+    assert last < 0.7 * first, (first, last)
+    assert loss != ref  # FP8 rounding really changed the computation
+    assert abs(last - mean(ref, range(26, 31))) < 0.1 * mean(ref, range(26, 31)), (last, mean(ref, range(26, 31)))
+
+
 def test_resume_continues_exactly(shards, straight, tmp_path):
     run_dir = tmp_path / "resumed"
     code, out = torchrun(run_dir, *common(shards, run_dir, 15), "train.checkpoint_every=15", timeout=900)

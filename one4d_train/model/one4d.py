@@ -26,6 +26,7 @@ from one4d_train.model.checkpointing import apply_activation_checkpointing
 from one4d_train.model.config import ModelConfig
 from one4d_train.model.control_links import ControlLinks, resolve_link_blocks
 from one4d_train.model.dlc import BRANCHES, SHARED, InputDtypeConv3d, InputDtypeLinear, apply_dlc
+from one4d_train.model.fp8 import convert_frozen_linears
 from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.state_dict import load_backbone_weights
 
@@ -92,6 +93,8 @@ class One4DModel(nn.Module):
                 base.head.head = widened_head(base.head.head, self.patch_volume, self.out_dim)
         else:
             raise ValueError(f"model.design must be dlc, channel_concat or width_concat, got {self.design!r}")
+        if cfg.base_matmul == "fp8":
+            convert_frozen_linears(base.blocks)
 
     def forward(self, rgb_in: torch.Tensor, xyz_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,131 @@
+"""FP8 base matmuls (`model.base_matmul: fp8`): quantisation, the frozen linear's forward and input gradient
+against dequantised references, the error against bf16, and the One4D model with its block linears in FP8."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from one4d_train.model.config import ModelConfig
+from one4d_train.model.dlc import BranchLoRALinear
+from one4d_train.model.fp8 import E4M3_MAX, FP8Linear, convert_frozen_linears, quantize_rows, reference_linear
+
+from one4d_train.model.one4d import build_one4d
+
+from test_dlc import model_inputs, randomise_trainable, tiny_cfg, tiny_one4d
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def frozen_linear(k=64, n=96, seed=0, bias=True) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.bias.normal_() if bias else None
+    return lin.requires_grad_(False)
+
+
+def test_quantize_rows_scales_each_row_to_the_fp8_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 256, generator=g) * torch.logspace(-3, 3, 8)[:, None]  # rows six decades apart
+    x[3] = 0.0
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and scale.shape == (8, 1)
+    back = q.float() * scale
+    live = [i for i in range(8) if i != 3]
+    assert torch.equal(q[3].float(), torch.zeros(256))
+    for i in live:
+        assert q[i].float().abs().max() == E4M3_MAX  # each row's largest value lands on the top of the range
+        normal = x[i].abs() > x[i].abs().max() / 2 ** 6  # e4m3: 3 mantissa bits, <= 2^-4 relative rounding
+        err = ((back[i] - x[i]).abs() / x[i].abs())[normal]
+        assert err.max() <= 2 ** -4 + 1e-6
+
+
+def test_fp8_linear_matches_the_dequantised_reference():
+    lin = frozen_linear()
+    x = torch.randn(3, 10, 64, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(copy.deepcopy(lin))
+    y = fp8(x)
+    want = reference_linear(x, lin.weight.to(torch.bfloat16), lin.bias)
+    assert y.shape == (3, 10, 96) and y.dtype == torch.bfloat16
+    assert rel(y, want) < 1e-2  # same rounded operands; only the bf16 output rounding differs
+
+
+def test_fp8_input_gradient_is_the_fp8_product_with_the_weight():
+    lin = frozen_linear(bias=False)
+    w = lin.weight.to(torch.bfloat16)
+    x = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(40, 96, dtype=torch.bfloat16)
+    FP8Linear.from_linear(copy.deepcopy(lin).to(torch.bfloat16))(x).backward(g)
+    qg, sg = quantize_rows(g)
+    qw, sw = quantize_rows(w.t())  # the backward scales the weight per input channel
+    want = (qg.float() * sg) @ (qw.float() * sw).t()
+    assert rel(x.grad, want) < 1e-2
+    exact = g.float() @ w.float()
+    assert 5e-3 < rel(x.grad, exact) < 6e-2  # FP8 rounding is there, and bounded
+
+
+def test_fp8_error_against_bf16_is_bounded_and_real():
+    torch.manual_seed(1)
+    lin = nn.Linear(512, 512).requires_grad_(False)
+    x = torch.randn(256, 512)
+    exact = lin(x)
+    low = copy.deepcopy(lin).to(torch.bfloat16)
+    fp8 = FP8Linear.from_linear(copy.deepcopy(low))(x.to(torch.bfloat16))
+    bf16 = low(x.to(torch.bfloat16))
+    assert rel(bf16, exact) < 1e-2
+    assert 1e-2 < rel(fp8, exact) < 6e-2  # ~3.7% on Gaussian data: FP8 really ran, within its rounding
+
+
+def test_from_linear_shares_parameters_and_keys():
+    lin = frozen_linear()
+    fp8 = FP8Linear.from_linear(lin, "blocks.0.ffn.0")
+    assert fp8.weight is lin.weight and fp8.bias is lin.bias
+    assert list(fp8.state_dict()) == list(lin.state_dict())
+
+
+def test_from_linear_rejects_trainable_and_unaligned_layers():
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.2 \(64 -> 96\).*frozen"):
+        FP8Linear.from_linear(nn.Linear(64, 96), "blocks.1.ffn.2")
+    with pytest.raises(ValueError, match=r"self_attn\.q \(60 -> 96\).*multiples of 16"):
+        FP8Linear.from_linear(frozen_linear(60, 96), "self_attn.q")
+
+
+def test_config_accepts_only_known_base_matmuls():
+    assert not ModelConfig(base_matmul="fp8").validate()
+    problems = ModelConfig(base_matmul="fp16").validate()
+    assert [key for key, _ in problems] == ["base_matmul"]
+
+
+def test_one4d_with_fp8_base_converts_only_frozen_block_linears():
+    model, _ = tiny_one4d(base_matmul="fp8")
+    reference, _ = tiny_one4d()
+    fp8_names = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    branch = {n for n, m in model.named_modules() if isinstance(m, BranchLoRALinear)}
+    assert fp8_names == {f"{n}.base_layer" for n in branch}  # every block linear is a LoRA target by default
+    assert all(n.startswith("base.blocks.") for n in fp8_names)
+    assert not any(isinstance(m, FP8Linear) for m in model.base.head.modules())
+    assert list(model.state_dict()) == list(reference.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert convert_frozen_linears(model.base.blocks) == []  # nothing left to convert
+
+
+def test_one4d_fp8_forward_and_gradients_track_the_bf16_model():
+    """Same seeded bf16 model with and without FP8 base matmuls: outputs within FP8's rounding, and the
+    trainable parameters' gradients pointing the same way."""
+    results = []
+    for base_matmul in ("bf16", "fp8"):
+        model = build_one4d(tiny_cfg(base_matmul=base_matmul), "cpu", torch.bfloat16, seed=3)
+        randomise_trainable(model)
+        v_rgb, v_xyz = model(*model_inputs())
+        (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
+        results.append((torch.cat([v_rgb.flatten(), v_xyz.flatten()]), grads))
+    (out16, grad16), (out8, grad8) = results
+    assert torch.isfinite(out8).all() and torch.isfinite(grad8).all()
+    assert 1e-3 < rel(out8, out16) < 0.1, rel(out8, out16)
+    cosine = torch.nn.functional.cosine_similarity(grad8, grad16, dim=0).item()
+    assert cosine > 0.99, cosine

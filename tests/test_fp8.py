@@ -8,11 +8,21 @@ from torch import nn
 
 from one4d_train.model.config import ModelConfig
 from one4d_train.model.dlc import BranchLoRALinear
-from one4d_train.model.fp8 import E4M3_MAX, FP8Linear, convert_frozen_linears, quantize_rows, reference_linear
+from one4d_train.model.fp8 import (E4M3_MAX, FP8Linear, convert_frozen_linears, quantize_rows,
+                                   require_fp8_tensor_cores)
 
 from one4d_train.model.one4d import build_one4d
 
 from test_dlc import model_inputs, randomise_trainable, tiny_cfg, tiny_one4d
+
+
+def reference_linear(x, weight, bias=None):
+    """What `FP8Linear` computes, from dequantised operands in fp32: the same rounding of the inputs, an exact
+    product."""
+    qx, sx = quantize_rows(x.reshape(-1, x.shape[-1]))
+    qw, sw = quantize_rows(weight)
+    y = torch.nn.functional.linear(qx.float() * sx, qw.float() * sw).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def rel(a, b) -> float:
@@ -91,6 +101,15 @@ def test_from_linear_rejects_trainable_and_unaligned_layers():
         FP8Linear.from_linear(nn.Linear(64, 96), "blocks.1.ffn.2")
     with pytest.raises(ValueError, match=r"self_attn\.q \(60 -> 96\).*multiples of 16"):
         FP8Linear.from_linear(frozen_linear(60, 96), "self_attn.q")
+
+
+def test_fp8_needs_fp8_tensor_cores(monkeypatch):
+    require_fp8_tensor_cores(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    require_fp8_tensor_cores(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
+    with pytest.raises(ValueError, match=r"compute capability >= 8\.9.*cuda:0 has 8\.0"):
+        require_fp8_tensor_cores(torch.device("cuda", 0))
 
 
 def test_config_accepts_only_known_base_matmuls():

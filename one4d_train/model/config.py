@@ -61,7 +61,7 @@ class ModelConfig:
     activation_checkpointing: str = "full"  # none | full | selective | selective_self (model/checkpointing.py)
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
-    base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; pays at 14B)
+    base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)
     umc: UMCConfig = field(default_factory=UMCConfig)

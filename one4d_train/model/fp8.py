@@ -13,13 +13,13 @@ Numerics: per product, a relative error of ~3.7% against fp32 (bf16: ~0.17%), fo
 alike (H200, Gaussian data; tests/test_fp8.py bounds it). Opt-in: it changes what the LoRA adapters are
 trained against, so a run should use the same setting for evaluation (the model config carries it).
 Rates (H200, 2 x 18,018 tokens, fwd + input-gradient, quantisation included, compiled): 5120 -> 5120 1056 vs
-730 TFLOP/s bf16, 5120 -> 13824 966 vs 694, 13824 -> 5120 1016 vs 695; at 1.3B's width (1536) FP8 is slower
-than bf16 (313 vs 399 for 1536 -> 1536): it pays for the 14B preset only (benchmarks/PERF_NOTES.md).
+730 TFLOP/s bf16, 5120 -> 13824 966 vs 694, 13824 -> 5120 1016 vs 695; at 1.3B's width (1536) the standalone
+FP8 linear is slower (313 vs 399 for 1536 -> 1536). Training steps (H200, shipped configs): 14B 7.98 -> 6.76 s,
+1.3B 1.76 -> 1.68 s (benchmarks/PERF_NOTES.md).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 E4M3 = torch.float8_e4m3fn
@@ -78,9 +78,22 @@ class FP8Linear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+def require_fp8_tensor_cores(device: torch.device) -> None:
+    """FP8 products need compute capability 8.9 or newer (Ada, Hopper, Blackwell) on CUDA; the CPU runs them too."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"model.base_matmul=fp8 needs FP8 tensor cores (compute capability >= 8.9); "
+                             f"{device} has {major}.{minor}: use model.base_matmul=bf16")
+
+
 def convert_frozen_linears(module: nn.Module) -> list[str]:
     """Replace every frozen `nn.Linear` under `module` (a base linear inside a branch-LoRA layer included) by an
     `FP8Linear` on the same parameters; returns the converted names. Trainable linears are left as they are."""
+    params = list(module.parameters())
+    if params:
+        require_fp8_tensor_cores(params[0].device)
     converted = []
     for name, child in list(module.named_modules()):
         for child_name, sub in list(child.named_children()):
@@ -90,11 +103,3 @@ def convert_frozen_linears(module: nn.Module) -> list[str]:
                 converted.append(full)
     return converted
 
-
-def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What `FP8Linear` computes, from dequantised operands in fp32 (tests): the same rounding of the inputs,
-    an exact product."""
-    qx, sx = quantize_rows(x.reshape(-1, x.shape[-1]))
-    qw, sw = quantize_rows(weight)
-    y = F.linear(qx.float() * sx, qw.float() * sw).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias.to(y.dtype)

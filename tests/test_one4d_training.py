@@ -46,9 +46,9 @@ def test_dlc_model_learns_on_two_ranks(straight):
         assert metric(client, run, key), key
 
 
-def test_fp8_base_matmuls_train_like_bf16(shards, straight, tmp_path):
+def test_fp8_base_matmuls_train_like_the_full_precision_base(shards, straight, tmp_path):
     """The same run with the frozen linears in FP8 (`model.base_matmul=fp8`) through the real trainer (ZeRO-3,
-    2 ranks): it learns, and its loss curve stays close to the bf16 base's."""
+    2 ranks): it learns, and its loss curve stays close to the fp32 base's (the demo config's precision)."""
     run_dir = tmp_path / "fp8"
     code, out = torchrun(run_dir, *common(shards, run_dir, 30), "model.base_matmul=fp8", timeout=900)
     assert code == 0, out[-4000:]
@@ -59,7 +59,7 @@ def test_fp8_base_matmuls_train_like_bf16(shards, straight, tmp_path):
     first, last = mean(loss, range(1, 6)), mean(loss, range(26, 31))
     assert last < 0.7 * first, (first, last)
     assert loss != ref  # FP8 rounding really changed the computation
-    assert abs(last - mean(ref, range(26, 31))) < 0.1 * mean(ref, range(26, 31)), (last, mean(ref, range(26, 31)))
+    assert all(abs(loss[s] - ref[s]) < 0.02 * ref[s] for s in ref), [(s, loss[s], ref[s]) for s in ref]
 
 
 def test_resume_continues_exactly(shards, straight, tmp_path):

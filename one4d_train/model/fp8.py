@@ -20,6 +20,7 @@ FP8 linear is slower (313 vs 399 for 1536 -> 1536). Training steps (H200, shippe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 E4M3 = torch.float8_e4m3fn
@@ -35,10 +36,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] @ b[N, K]^T with both operands quantised row-wise (over K) to e4m3, result in `out_dtype`."""
+    """a [M, K] @ b[N, K]^T with both operands quantised row-wise (over K) to e4m3, result in `out_dtype`. The
+    product comes out in bf16 (the one output type row-wise scaled kernels have on every FP8 GPU generation) and
+    is cast from there: an fp32 model gets fp32 tensors, with FP8's rounding either way."""
     qa, sa = quantize_rows(a)
     qb, sb = quantize_rows(b)
-    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16).to(out_dtype)
 
 
 class _FrozenFP8Matmul(torch.autograd.Function):
@@ -73,13 +76,16 @@ class FP8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # no rows to scale
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = _FrozenFP8Matmul.apply(x.reshape(-1, self.in_features), self.weight)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def require_fp8_tensor_cores(device: torch.device) -> None:
-    """FP8 products need compute capability 8.9 or newer (Ada, Hopper, Blackwell) on CUDA; the CPU runs them too."""
+    """FP8 products need compute capability 8.9 or newer (Ada, Hopper, Blackwell) on CUDA; the CPU runs them too.
+    Checked where the model is built (`convert_frozen_linears`), so build it on the GPU it trains on."""
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

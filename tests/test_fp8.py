@@ -10,7 +10,6 @@ from one4d_train.model.config import ModelConfig
 from one4d_train.model.dlc import BranchLoRALinear
 from one4d_train.model.fp8 import (E4M3_MAX, FP8Linear, convert_frozen_linears, quantize_rows,
                                    require_fp8_tensor_cores)
-
 from one4d_train.model.one4d import build_one4d
 
 from test_dlc import model_inputs, randomise_trainable, tiny_cfg, tiny_one4d
@@ -32,8 +31,9 @@ def rel(a, b) -> float:
 def frozen_linear(k=64, n=96, seed=0, bias=True) -> nn.Linear:
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.bias.normal_() if bias else None
+    if bias:
+        with torch.no_grad():
+            lin.bias.normal_()
     return lin.requires_grad_(False)
 
 

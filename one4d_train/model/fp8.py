@@ -97,9 +97,9 @@ def require_fp8_tensor_cores(device: torch.device) -> None:
 def convert_frozen_linears(module: nn.Module) -> list[str]:
     """Replace every frozen `nn.Linear` under `module` (a base linear inside a branch-LoRA layer included) by an
     `FP8Linear` on the same parameters; returns the converted names. Trainable linears are left as they are."""
-    params = list(module.parameters())
-    if params:
-        require_fp8_tensor_cores(params[0].device)
+    first = next(module.parameters(), None)
+    if first is not None:
+        require_fp8_tensor_cores(first.device)
     converted = []
     for name, child in list(module.named_modules()):
         for child_name, sub in list(child.named_children()):

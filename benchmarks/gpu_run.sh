@@ -21,6 +21,10 @@
 #     fp8   : FP8 base matmuls (model.base_matmul): their GPU tests (FP8TESTS=0 skips), then the shipped config of
 #             PRESET (default 14b) for each of BASES (default "fp8 bf16"), on the same instance
 #     peers : the peer baselines (PRESETS, default both)
+#     vae   : the condition encode per VAE setting (padded first convolution, frames per causal call), its kernels
+#             (benchmarks/vae_kernels.py) and its GPU tests
+#     ckpt-blocks: the 1.3B shipped config with fewer checkpointed blocks (CKPTS, e.g. "selective selective@20 none";
+#             VFPC frames per VAE call)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
@@ -164,6 +168,17 @@ if [[ $WHAT == fp8 ]]; then  # FP8 base matmuls: their GPU tests, then the shipp
     part ${T14:-240} "${PRESET:-14b} ours, model.base_matmul=$bm" $B --preset "${PRESET:-14b}" --warmup 2 --steps 8 \
       --variants "vae=latents" --set "model.base_matmul=$bm" --lever "$bm"
   done
+fi
+if [[ $WHAT == vae ]]; then  # the condition encode per VAE setting, and its GPU tests
+  part ${TVAE:-280} "VAE condition encode: settings" $B --vae --vae-levers
+  part 200 "VAE kernels: convolution shapes, profile, side-stream overlap" python3 benchmarks/vae_kernels.py --results "$R"
+  part 120 "pytest -m gpu (vae)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "vae"
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+fi
+if [[ $WHAT == ckpt-blocks ]]; then  # 1.3B: fewer checkpointed blocks (model.activation_checkpointing_blocks), VFPC frames per VAE call
+  part ${T13:-420} "1.3b ours, checkpointed blocks ${CKPTS:-selective selective@20 selective@10 none}" $B --preset 1.3b \
+    --warmup 2 --steps 10 --set "model.vae_frames_per_call=${VFPC:-4}" \
+    --variants "$(for c in ${CKPTS:-selective selective@20 selective@10 none}; do printf 'ckpt=%s+vae=latents,' "$c"; done)"
 fi
 if [[ $WHAT == peers ]]; then
   for preset in ${PRESETS:-1.3b 14b}; do

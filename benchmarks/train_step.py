@@ -203,13 +203,13 @@ def attention_rates(b, sq, sk, h, d, sdpa_backends, dev) -> list[dict]:
     return rows
 
 
-def build_vae(device, tiny: bool = False, compile: bool = False):
+def build_vae(device, tiny: bool = False, compile: bool = False, **kwargs):
     from diffusers import AutoencoderKLWan
     from one4d_train.model.vae import WanVAE
     torch.manual_seed(0)
     model = AutoencoderKLWan(base_dim=8) if tiny else AutoencoderKLWan()  # default config = Wan2.1 VAE architecture
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return WanVAE(model, dtype=dtype, device=device, compile=compile)
+    return WanVAE(model, dtype=dtype, device=device, compile=compile, **kwargs)
 
 
 def vae_flops(vae, video) -> float:
@@ -231,21 +231,45 @@ def time_encode(vae, video, repeats: int) -> float:
     return statistics.median(walls[1:])
 
 
-def bench_vae_levers(args, vae, video) -> None:
-    """Condition-video encode under each setting, applied cumulatively: as `WanVAE` builds it (bf16, conv weights
-    channels-last on CUDA), cuDNN autotuning, the encoder compiled as `WanVAE(compile=True)` does."""
-    flops = vae_flops(vae, video)
-    record(args.results, {"kind": "vae_flops", "videos": "condition", "flops": flops})
-    levers = [("bf16", lambda: None),
-              ("cudnn.benchmark", lambda: setattr(torch.backends.cudnn, "benchmark", True)),
-              ("torch.compile(encoder)", lambda: vae.model.encoder.compile())]
-    for name, apply in levers:
+VAE_LEVERS = [  # (name, WanVAE settings); each row a fresh VAE with the same random weights
+    ("bf16, channels-last convs, 3 input channels", dict(pad_channels=False)),
+    ("+ cudnn.benchmark", dict(pad_channels=False, cudnn_benchmark=True)),
+    ("+ compiled encoder", dict(pad_channels=False, compile=True)),
+    ("+ first conv padded to 8 channels", dict(compile=True)),
+    ("+ 8 frames per call", dict(compile=True, frames_per_call=8)),
+    ("+ 16 frames per call", dict(compile=True, frames_per_call=16)),
+    ("+ 80 frames per call", dict(compile=True, frames_per_call=80)),
+]
+
+
+def bench_vae_levers(args, video) -> None:
+    """The condition-video encode under each setting of VAE_LEVERS: time, rate, peak memory, and the latents'
+    relative difference from the first row's and from an fp32 encode (the rows' differences are bf16 rounding
+    along ~40 layers of random weights, unless a setting changes the result)."""
+    dev = video.device
+    ref32 = build_vae(dev, tiny=args.preset == "tiny").model.float()
+    from one4d_train.model.vae import WanVAE
+    fp32 = WanVAE(ref32, dtype=torch.float32, device=dev, pad_channels=False)
+    with torch.no_grad():
+        z32 = fp32.encode(video)
+    del fp32, ref32
+    flops, first = None, None
+    for name, settings in VAE_LEVERS:
+        settings = dict(settings)
+        torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)
         try:
-            apply()
+            vae = build_vae(dev, tiny=args.preset == "tiny", **settings)
+            flops = flops or vae_flops(vae, video)
+            torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
             s = time_encode(vae, video, repeats=4)
-            peak = torch.cuda.max_memory_allocated() / 1e9 if video.is_cuda else 0.0
-            record(args.results, {"kind": "vae", "videos": f"condition, + {name}", "encode_s": s,
-                                  "tflops": flops / s / 1e12, "peak_gb": peak})
+            z = vae.encode(video)
+            first = z if first is None else first
+            record(args.results, {"kind": "vae", "videos": f"condition, {name}", "encode_s": s,
+                                  "tflops": flops / s / 1e12, "flops": flops,
+                                  "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else 0.0,
+                                  "rel_to_first": float((z - first).norm() / first.norm()),
+                                  "rel_to_fp32": float((z - z32).norm() / z32.norm())})
+            del vae
         except Exception as exc:  # record and go on
             record(args.results, {"kind": "vae_error", "videos": name, "error": str(exc).splitlines()[0][:200]})
     torch.backends.cudnn.benchmark = False
@@ -253,10 +277,10 @@ def bench_vae_levers(args, vae, video) -> None:
 
 def bench_vae(args) -> None:
     dev = torch.device(args.device)
-    vae = build_vae(dev, tiny=args.preset == "tiny")
     video = torch.rand(1, 3, *video_shape(args), device=dev) * 2 - 1
     if args.vae_levers:
-        return bench_vae_levers(args, vae, video)
+        return bench_vae_levers(args, video)
+    vae = build_vae(dev, tiny=args.preset == "tiny")
     for name, n in (("condition", 1), ("rgb+xyz+condition", 3)):
         batch = video.expand(n, -1, -1, -1, -1).contiguous()
         torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
@@ -278,7 +302,8 @@ def latent_shape(args) -> tuple[int, int, int]:
 
 LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings applied in place on the same engine):
   ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (model/checkpointing.py;
-        mixed:K = the first K blocks selective_self, the rest full)
+        mixed:K = the first K blocks selective_self, the rest full; MODE@K = the first K blocks in MODE, the rest
+        keep every activation, as model.activation_checkpointing_blocks=K)
   attn=auto|cudnn|flash|efficient|fa2|fa3|fa4       attention backend
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
@@ -301,6 +326,9 @@ def set_checkpointing(blocks, mode: str) -> None:
         k = int(mode.split(":")[1])
         apply_activation_checkpointing(blocks, "full")
         apply_activation_checkpointing(list(blocks)[:k], "selective_self")
+    elif "@" in mode:
+        name, _, k = mode.partition("@")
+        apply_activation_checkpointing(blocks, name, int(k))
     else:
         apply_activation_checkpointing(blocks, mode)
 
@@ -370,7 +398,7 @@ def build_random_model(mcfg, device):
     set_attention_backend(mcfg.attention)
     model = One4DModel(base, mcfg)
     if mcfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(base.blocks, mcfg.activation_checkpointing)
+        apply_activation_checkpointing(base.blocks, mcfg.activation_checkpointing, mcfg.activation_checkpointing_blocks)
     return model
 
 
@@ -446,7 +474,8 @@ def run_ours(args) -> None:
     clip = torch.randn(1, IMAGE_TOKENS, image_dim, device=device, generator=g, dtype=torch.bfloat16)
     frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None]
     mask4 = fold_frame_mask(frame_mask, h, w).to(device)
-    vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae)
+    vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae,
+                     frames_per_call=cfg.model.vae_frames_per_call)
            if any(v["vae"] != "none" for v in variants) else None)
 
     state = {"vae": "none"}
@@ -498,7 +527,9 @@ def run_ours(args) -> None:
         offload = apply_activation_offload(model, v["offload"] == "1")
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
-               "ckpt": v["ckpt"] or cfg.model.activation_checkpointing, "attn": attn_mod.get_attention_backend(),
+               "ckpt": v["ckpt"] or cfg.model.activation_checkpointing + (
+                   f"@{cfg.model.activation_checkpointing_blocks}" if cfg.model.activation_checkpointing_blocks >= 0 else ""),
+               "vae_frames_per_call": cfg.model.vae_frames_per_call, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul,
@@ -654,7 +685,10 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
             lines.append(f"VAE encode ({r['videos']}): {r['error']}")
         if r.get("kind") == "vae":
             rate = f", {r['tflops']:.0f} TFLOP/s" if "tflops" in r else ""
-            lines.append(f"VAE encode ({r['videos']}): {r['encode_s']:.3f} s{rate}")
+            peak = f", peak {r['peak_gb']:.1f} GB" if r.get("peak_gb") else ""
+            diff = (f", latents vs first row {r['rel_to_first']:.1e}, vs fp32 {r['rel_to_fp32']:.1e}"
+                    if "rel_to_fp32" in r else "")
+            lines.append(f"VAE encode ({r['videos']}): {r['encode_s']:.3f} s{rate}{peak}{diff}")
     cols = ["preset", "who", "variant", "step s", "samples/s", "PFLOP", "MFU989", "MFUmm", "DiT MFU", "peak GB", "vae/cond",
             "fwd", "bwd", "optim", "data", "x peer", "x peer DiT", "mix s", "mix MFU", "note"]
     table = []

@@ -227,6 +227,47 @@ def test_checkpointing_recomputes_in_backward():
     assert len(calls) == 3  # forward, then recompute during backward (hooks run again)
 
 
+@pytest.mark.parametrize("num_blocks", [0, 1, 2])
+def test_checkpointing_the_first_blocks_only(num_blocks):
+    """`activation_checkpointing_blocks`: the first N blocks recompute in backward, the others keep their
+    activations; the gradients stay those of the uncheckpointed model."""
+    model = random_model(False)
+    x, t, context, _ = inputs(model.cfg, batch=1)
+    context = context[:, :8]
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.self_attn.q.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def grads():
+        model.zero_grad()
+        model(x, t[:1], context).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = grads()
+    apply_activation_checkpointing(model.blocks, "full", num_blocks)
+    calls[:] = [0] * len(model.blocks)
+    got = grads()
+    assert calls == [2 if i < num_blocks else 1 for i in range(len(model.blocks))]
+    assert [type(b).__name__ for b in model.blocks] == ["CheckpointedWanBlock" if i < num_blocks else "WanBlock"
+                                                        for i in range(len(model.blocks))]
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="-1 \\(all\\)"):
+        apply_activation_checkpointing(model.blocks, "full", -2)
+
+
+def test_model_config_checks_the_checkpointed_block_count():
+    from one4d_train.model.config import ModelConfig
+    assert not ModelConfig(activation_checkpointing_blocks=12).validate()
+    problems = ModelConfig(activation_checkpointing_blocks=-2).validate()
+    assert [key for key, _ in problems] == ["activation_checkpointing_blocks"]
+    from one4d_train.model.one4d import build_one4d
+    model = build_one4d(ModelConfig(activation_checkpointing="selective", activation_checkpointing_blocks=1, num_links=2),
+                        dtype=torch.float32)
+    kinds = [getattr(b, "_checkpoint_mode", None) for b in model.base.blocks]
+    assert kinds[0] == "selective" and set(kinds[1:]) == {None} and len(kinds) > 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -93,3 +93,27 @@ def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
     assert "fp8 row-wise matmul 8192^3 (model.base_matmul=fp8's product): 1390 TFLOP/s" in table
     who = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("14b ")]
     assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs
+
+
+def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
+    """`ckpt=MODE@K` (the first K blocks in MODE, as model.activation_checkpointing_blocks=K) runs a real step,
+    and rows record the checkpointing and the VAE's frames per call."""
+    results = str(tmp_path / "r.jsonl")
+    _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
+         results, "--set", "model.vae_frames_per_call=8", "--variants", "ckpt=selective@1+vae=latents")
+    (row,) = [json.loads(line) for line in open(results)]
+    assert "error" not in row and row["steps"] == 1 and row["step_s"] > 0, row
+    assert row["ckpt"] == "selective@1" and row["vae_frames_per_call"] == 8
+
+
+def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps({"kind": "vae", "videos": "condition, + 8 frames per call", "encode_s": 0.338,
+                                   "tflops": 266.0, "peak_gb": 5.8, "rel_to_first": 5.5e-3, "rel_to_fp32": 3.2e-3})
+                       + "\n")
+    assert ("VAE encode (condition, + 8 frames per call): 0.338 s, 266 TFLOP/s, peak 5.8 GB, latents vs first row "
+            "5.5e-03, vs fp32 3.2e-03") in bench.report([str(results)])

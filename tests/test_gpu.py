@@ -254,6 +254,7 @@ def test_fp8_base_compiled_matches_eager_and_tracks_bf16(restore_attention):
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) * 0.01)
     models["fp8 compiled"] = copy.deepcopy(models["fp8"])
+    models["fp8 repeat"] = copy.deepcopy(models["fp8"])  # eager again: the run-to-run spread, for the messages
     apply_activation_checkpointing(models["fp8 compiled"].base.blocks, "selective")
     compile_blocks(models["fp8 compiled"].base.blocks)
     inputs = mid_inputs(seed=4)
@@ -264,8 +265,9 @@ def test_fp8_base_compiled_matches_eager_and_tracks_bf16(restore_attention):
         out[name] = torch.cat([v_rgb.flatten(), v_xyz.flatten()])
         grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
-    assert rel(out["fp8 compiled"], out["fp8"]) < 2e-2
-    assert rel(grads["fp8 compiled"], grads["fp8"]) < 5e-2
+    spread = (rel(out["fp8 repeat"], out["fp8"]), rel(grads["fp8 repeat"], grads["fp8"]))
+    assert rel(out["fp8 compiled"], out["fp8"]) < 2e-2, (rel(out["fp8 compiled"], out["fp8"]), spread)
+    assert rel(grads["fp8 compiled"], grads["fp8"]) < 5e-2, (rel(grads["fp8 compiled"], grads["fp8"]), spread)
     for name in ("fp8", "fp8 compiled"):
         assert 1e-3 < rel(out[name], out["bf16"]) < 0.1, (name, rel(out[name], out["bf16"]))
         cosine = torch.nn.functional.cosine_similarity(grads[name], grads["bf16"], dim=0).item()
@@ -348,3 +350,17 @@ def test_compiled_vae_encoder_matches_eager():
     video = torch.rand(2, 3, 9, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
     want, got = eager.encode(video), compiled.encode(video)
     assert got.shape == want.shape and rel(got, want) < 2e-2, rel(got, want)
+
+
+def test_cuda_vae_settings_give_the_fp32_latents():
+    """On CUDA the first convolution is padded to 8 input channels; with it, 16 frames per encoder call and the
+    compiled encoder, bf16 latents stay those of the unpadded fp32 encode on the CPU with Wan's 4-frame loop."""
+    from one4d_train.model.vae import WanVAE, tiny_wan_vae
+
+    video = torch.rand(1, 3, 33, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    want = WanVAE(tiny_wan_vae(0)).encode(video)
+    for settings in ({}, {"frames_per_call": 16}, {"frames_per_call": 16, "compile": True}):
+        vae = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16, device="cuda", **settings)
+        assert vae.in_channels == 8 and vae.model.encoder.conv_in.weight.shape[1] == 8
+        got = vae.encode(video.cuda()).cpu()
+        assert got.shape == want.shape and rel(got, want) < 2e-2, (settings, rel(got, want))

@@ -56,6 +56,35 @@ def test_chunked_encode_equals_unchunked_and_encode_many(vae, videos):
     assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
 
 
+@pytest.mark.parametrize("frames", [8, 12, 16, 80])
+def test_longer_causal_calls_give_wans_latents(frames):
+    """Any multiple of 4 frames per encoder call equals diffusers' own 4-frame loop (81 frames: 20 calls of 4
+    against 10 of 8, 7 of 12 with a short last call, 5 of 16, one of 80); the tiny VAE has every causal cache and
+    both temporal downsamplings of the real one."""
+    video = torch.rand(1, 3, 81, 16, 24, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    wan = WanVAE(tiny_wan_vae(0)).encode(video)
+    longer = WanVAE(tiny_wan_vae(0), frames_per_call=frames).encode(video)
+    assert longer.shape == wan.shape == (1, 16, 21, 2, 3)
+    assert (longer - wan).abs().max() < 1e-5 * wan.abs().max()
+
+
+def test_frames_per_call_must_keep_the_downsampling_windows_aligned():
+    for bad in (0, 2, 6):
+        with pytest.raises(ValueError, match="frames_per_call"):
+            WanVAE(tiny_wan_vae(0), frames_per_call=bad)
+
+
+def test_padded_first_convolution_gives_the_same_latents(videos):
+    plain = WanVAE(tiny_wan_vae(0))
+    padded = WanVAE(tiny_wan_vae(0), pad_channels=True, frames_per_call=8)
+    conv = padded.model.encoder.conv_in
+    assert conv.in_channels == padded.in_channels == 8 and conv.weight.shape[1] == 8
+    assert torch.count_nonzero(conv.weight[:, 3:]) == 0
+    assert torch.equal(conv.weight[:, :3], plain.model.encoder.conv_in.weight)
+    assert (padded.encode(videos) - plain.encode(videos)).abs().max() < 1e-5
+    assert WanVAE(tiny_wan_vae(0)).in_channels == 3  # CPU default: unpadded
+
+
 def test_bf16_compute_returns_float32_latents_close_to_fp32(vae, videos):
     bf16 = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16)
     z = bf16.encode(videos[:1])
@@ -129,3 +158,14 @@ def test_loads_official_layout_pth(vae, videos, tmp_path):
         load_vae(str(tmp_path / "broken.pth"))
     assert "decoder.up_blocks.1.resnets.0.conv_shortcut.bias" in str(err.value)
     assert "decoder.up_blocks.24.resnets.2.norm1.gamma" in str(err.value) and "decoder.extra.weight" in str(err.value)
+
+
+def test_model_config_checks_frames_per_call_and_the_encoders_use_it():
+    from one4d_train.model.config import ModelConfig
+    from one4d_train.model.encoders import build_encoders
+    from one4d_train.model.presets import wan_config
+    assert not ModelConfig(vae_frames_per_call=16).validate()
+    assert [key for key, _ in ModelConfig(vae_frames_per_call=6).validate()] == ["vae_frames_per_call"]
+    vae, _, _ = build_encoders(ModelConfig(vae_frames_per_call=16), wan_config("tiny"), torch.device("cpu"),
+                               torch.float32)
+    assert vae.frames_per_call == 16

@@ -8,6 +8,9 @@ Modes:
 - `selective_self`: as `selective` for self-attention only; the cross-attentions (to 512 text and 257 image
   tokens: ~3% of a block's attention FLOPs) are recomputed. A third of `selective`'s kept memory.
 
+A count (`ModelConfig.activation_checkpointing_blocks`) limits the mode to the first N blocks; the others keep
+every activation (`none`): recompute traded for memory where the GPU has room (1.3B on one GPU).
+
 Checkpointing is non-reentrant (reentrant checkpointing breaks under ZeRO-3). The block's class is swapped for a
 subclass whose `__call__` runs the ordinary module call inside `torch.utils.checkpoint`, so module names and
 state-dict keys stay unchanged and the block's hooks (ZeRO-3 parameter gathering) run again on recompute.
@@ -87,13 +90,16 @@ def _checkpointed_class(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {"_original_class": cls})
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
-    """Checkpoint every block of `blocks` in `mode` (one of MODES); re-applying replaces the mode."""
+def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks: int = -1) -> None:
+    """Checkpoint the first `num_blocks` blocks of `blocks` (-1: all) in `mode` (one of MODES), the rest not at
+    all; re-applying replaces the modes."""
     if mode not in MODES:
         raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {', '.join(MODES)}")
-    for block in blocks:
+    if num_blocks < -1:
+        raise ValueError(f"activation checkpointing of {num_blocks} blocks: need -1 (all) or a count >= 0")
+    for i, block in enumerate(blocks):
         cls = getattr(type(block), "_original_class", type(block))
-        if mode == "none":
+        if mode == "none" or 0 <= num_blocks <= i:
             block.__class__ = cls
             block.__dict__.pop("_checkpoint_mode", None)
             continue

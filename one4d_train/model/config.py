@@ -59,11 +59,13 @@ class ModelConfig:
     num_links: int = 5
     xyz_patch_embedding: bool = True  # the XYZ branch's own trainable patch embedding (from the base's)
     activation_checkpointing: str = "full"  # none | full | selective | selective_self (model/checkpointing.py)
+    activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)
+    vae_frames_per_call: int = 4  # frames per causal VAE encoder call (a multiple of 4; same latents, fewer larger kernels, more memory)
     umc: UMCConfig = field(default_factory=UMCConfig)
 
     def validate(self):
@@ -73,7 +75,10 @@ class ModelConfig:
         p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
         p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
                     "activation_checkpointing")
+        p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
         p += in_range(self.num_links, 0, None, "num_links")
+        if self.vae_frames_per_call < 4 or self.vae_frames_per_call % 4:
+            p.append(("vae_frames_per_call", f"must be a positive multiple of 4, got {self.vae_frames_per_call}"))
         return p

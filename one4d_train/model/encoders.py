@@ -27,7 +27,8 @@ def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.
 
 
 def _build(mcfg, wan_cfg, device, dtype, seed):
-    vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device, compile=mcfg.compile_vae)
+    vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device, compile=mcfg.compile_vae,
+                   frames_per_call=mcfg.vae_frames_per_call)
     if mcfg.text_encoder or mcfg.preset != "tiny":
         text = build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
                                        dim=wan_cfg.text_dim, dtype=dtype, device=device)

@@ -184,6 +184,6 @@ def build_one4d(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None
                 base.load_state_dict(random_base_state(wan_cfg, seed))
         model = One4DModel(base, cfg)
     if cfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(base.blocks, cfg.activation_checkpointing)
+        apply_activation_checkpointing(base.blocks, cfg.activation_checkpointing, cfg.activation_checkpointing_blocks)
     apply_activation_offload(model, cfg.activation_offload)
     return model

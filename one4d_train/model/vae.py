@@ -12,7 +12,9 @@ import os
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 TEMPORAL_STRIDE = 4
 SPATIAL_STRIDE = 8
@@ -122,6 +124,16 @@ def load_official_vae(path: str) -> AutoencoderKLWan:
     return model
 
 
+def _pad_input_channels(conv: torch.nn.Conv3d, channels: int) -> int:
+    """Give `conv` zero weights for input channels up to `channels` (its input is padded with zeros to match)."""
+    extra = channels - conv.in_channels
+    if extra > 0:
+        w = conv.weight.data
+        conv.weight.data = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
+        conv.in_channels = channels
+    return conv.in_channels
+
+
 def tiny_wan_vae(seed: int = 0, base_dim: int = 8) -> AutoencoderKLWan:
     """The real Wan VAE architecture (same blocks, strides, z=16, Wan2.1 latent statistics) with a small
     width and random weights, for tests and the CPU demo."""
@@ -137,14 +149,27 @@ class WanVAE:
     256 px (overlapping tiles blended, so results differ slightly from untiled encoding). compile:
     torch.compile the encoder in place (fuses the norms, activations and causal padding between the convs;
     H100, 81x352x624: 0.65 -> 0.40 s per video, after ~100 s of compilation on first use).
+    frames_per_call: frames the causal encoder takes per call after the first frame (Wan's own loop: 4). Any
+    multiple of 4 gives the same latents (the causal convolutions carry their last frames across calls, and the
+    temporal downsampling windows stay aligned); longer calls mean fewer, larger kernels and more activation
+    memory (81x352x624, bf16: ~3 GB at 4, ~10 GB at 16).
+    On CUDA the convolution weights are stored channels-last (cuDNN's NDHWC kernels). pad_channels (default:
+    on CUDA): the first convolution's 3 RGB input channels are zero-padded to 8, input and weight alike (in
+    place, so the products are the same): with 3 channels cuDNN falls back to a kernel without tensor cores.
     """
 
     def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 chunk_size: int = 0, tiling: bool = False, compile: bool = False):
+                 chunk_size: int = 0, tiling: bool = False, compile: bool = False, frames_per_call: int = TEMPORAL_STRIDE,
+                 pad_channels: bool | None = None):
+        if frames_per_call < TEMPORAL_STRIDE or frames_per_call % TEMPORAL_STRIDE:
+            raise ValueError(f"frames_per_call={frames_per_call}: need a positive multiple of {TEMPORAL_STRIDE}")
         model = model.to(device)
         if next(model.parameters()).dtype != dtype:
             model = model.to(dtype)
         self.model = model.eval().requires_grad_(False)
+        if self.model.device.type == "cuda" if pad_channels is None else pad_channels:
+            _pad_input_channels(model.encoder.conv_in, 8)
+        self.in_channels = model.encoder.conv_in.in_channels
         if self.model.device.type == "cuda":  # cuDNN's channels-last conv3d kernels: H100 encode 0.73 -> 0.56-0.65 s
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Conv3d):
@@ -156,6 +181,7 @@ class WanVAE:
         self.dtype = dtype
         self.device = torch.device(device)
         self.chunk_size = chunk_size
+        self.frames_per_call = frames_per_call
         z = model.config.z_dim
         self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
         self.std = torch.tensor(model.config.latents_std, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
@@ -190,9 +216,30 @@ class WanVAE:
         latent_shape(*video.shape[2:])
         out = []
         for chunk in self._chunks(video):
-            posterior = self.model.encode(chunk.to(self.device, self.dtype)).latent_dist
+            x = chunk.to(self.device, self.dtype)
+            if x.shape[1] < self.in_channels:  # the zero channels of a padded first convolution
+                x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.in_channels - x.shape[1]))
+            posterior = self._posterior(x)
             out.append(posterior.sample(generator) if sample else posterior.mean)
         return self.normalise(torch.cat(out))
+
+    def _posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """diffusers' `AutoencoderKLWan._encode` loop, `frames_per_call` frames per causal call after the first
+        (its own tiled and patchified paths unchanged)."""
+        m = self.model
+        if self.frames_per_call == TEMPORAL_STRIDE or m.use_tiling or m.config.patch_size is not None:
+            return m.encode(x).latent_dist
+        starts = [0, *range(1, x.shape[2], self.frames_per_call)]
+        m.clear_cache()
+        try:
+            out = []
+            for start in starts:
+                m._enc_conv_idx = [0]
+                frames = x[:, :, start:start + (1 if start == 0 else self.frames_per_call)]
+                out.append(m.encoder(frames, feat_cache=m._enc_feat_map, feat_idx=m._enc_conv_idx))
+            return DiagonalGaussianDistribution(m.quant_conv(torch.cat(out, 2)))
+        finally:
+            m.clear_cache()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -233,7 +233,7 @@ def time_encode(vae, video, repeats: int) -> float:
 
 VAE_LEVERS = [  # (name, WanVAE settings); each row a fresh VAE with the same random weights
     ("bf16, channels-last convs, 3 input channels", dict(pad_channels=False)),
-    ("+ cudnn.benchmark", dict(pad_channels=False, cudnn_benchmark=True)),
+    ("+ cudnn.benchmark (this row only)", dict(pad_channels=False, cudnn_benchmark=True)),
     ("+ compiled encoder", dict(pad_channels=False, compile=True)),
     ("+ first conv padded to 8 channels", dict(compile=True)),
     ("+ 8 frames per call", dict(compile=True, frames_per_call=8)),
@@ -384,7 +384,7 @@ def build_random_model(mcfg, device):
     modules as `build_one4d`, without its CPU-side fp32 copy of the base (65 GB and minutes for 14B)."""
     from one4d_train.model.attention import set_attention_backend
     from one4d_train.model.backbone import WanDiT, wan_config
-    from one4d_train.model.checkpointing import apply_activation_checkpointing
+    from one4d_train.model.checkpointing import apply_configured_checkpointing
     from one4d_train.model.one4d import DTYPES, One4DModel
 
     wan_cfg = wan_config(mcfg.preset, in_dim=36, has_image_input=mcfg.has_image_input)
@@ -397,8 +397,7 @@ def build_random_model(mcfg, device):
         base.head.head.weight.normal_(0, wan_cfg.dim ** -0.5)
     set_attention_backend(mcfg.attention)
     model = One4DModel(base, mcfg)
-    if mcfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(base.blocks, mcfg.activation_checkpointing, mcfg.activation_checkpointing_blocks)
+    apply_configured_checkpointing(base.blocks, mcfg)
     return model
 
 
@@ -529,7 +528,7 @@ def run_ours(args) -> None:
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": v["ckpt"] or cfg.model.activation_checkpointing + (
                    f"@{cfg.model.activation_checkpointing_blocks}" if cfg.model.activation_checkpointing_blocks >= 0 else ""),
-               "vae_frames_per_call": cfg.model.vae_frames_per_call, "attn": attn_mod.get_attention_backend(),
+               "vae_frames_per_call": vae.frames_per_call if vae is not None else None, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul,

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from launch_utils import ROOT
 from one4d_train.model.backbone import WanDiT, sinusoidal_embedding, wan_config
 from one4d_train.model.checkpointing import apply_activation_checkpointing
 from one4d_train.model.state_dict import official_to_diffusers
@@ -254,6 +255,11 @@ def test_checkpointing_the_first_blocks_only(num_blocks):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match="-1 \\(all\\)"):
         apply_activation_checkpointing(model.blocks, "full", -2)
+    # re-applying replaces every block's mode: the blocks past the count lose their checkpointing
+    apply_activation_checkpointing(model.blocks, "selective")
+    apply_activation_checkpointing(model.blocks, "full", 1)
+    assert [getattr(b, "_checkpoint_mode", None) for b in model.blocks] == ["full"] + [None] * (len(model.blocks) - 1)
+    assert [type(b).__name__ for b in model.blocks][1:] == ["WanBlock"] * (len(model.blocks) - 1)
 
 
 def test_model_config_checks_the_checkpointed_block_count():
@@ -261,11 +267,21 @@ def test_model_config_checks_the_checkpointed_block_count():
     assert not ModelConfig(activation_checkpointing_blocks=12).validate()
     problems = ModelConfig(activation_checkpointing_blocks=-2).validate()
     assert [key for key, _ in problems] == ["activation_checkpointing_blocks"]
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_every_model_builder_checkpoints_only_the_configured_blocks(zero_stage):
+    """`build_one4d` and the trainer's `One4DTask.build_model` (the path real runs take) both apply the count."""
+    from contextlib import nullcontext
+
+    from one4d_train.config import load_config
     from one4d_train.model.one4d import build_one4d
-    model = build_one4d(ModelConfig(activation_checkpointing="selective", activation_checkpointing_blocks=1, num_links=2),
-                        dtype=torch.float32)
-    kinds = [getattr(b, "_checkpoint_mode", None) for b in model.base.blocks]
-    assert kinds[0] == "selective" and set(kinds[1:]) == {None} and len(kinds) > 1
+    from one4d_train.train.one4d_task import One4DTask
+
+    cfg = load_config([f"config={ROOT}/configs/experiment/demo.yaml", "model.activation_checkpointing=selective",
+                       "model.activation_checkpointing_blocks=1", f"train.zero_stage={zero_stage}"])
+    for model in (build_one4d(cfg.model, dtype=torch.float32), One4DTask(cfg).build_model(nullcontext)):
+        kinds = [getattr(b, "_checkpoint_mode", None) for b in model.base.blocks]
+        assert kinds[0] == "selective" and set(kinds[1:]) == {None} and len(kinds) > 1, kinds
 
 
 @pytest.mark.gpu

@@ -274,9 +274,11 @@ def test_fp8_base_compiled_matches_eager_and_tracks_bf16(restore_attention):
         assert cosine > 0.99, (name, cosine)
 
 
-def test_one4d_task_step_on_cuda_with_a_cuda_generator():
+@pytest.mark.parametrize("text_device", ["auto", "cpu"])
+def test_one4d_task_step_on_cuda_with_a_cuda_generator(text_device):
     """The training step as the trainer runs it on a GPU: batch and generator on CUDA (UMC draws, noise,
-    condition encode, DLC forward/backward), tiny preset in bf16."""
+    condition encode, DLC forward/backward), tiny preset in bf16; the text encoder on the GPU or in host memory
+    (`model.text_encoder_device`)."""
     from contextlib import nullcontext
 
     from one4d_train.config import load_config
@@ -285,9 +287,11 @@ def test_one4d_task_step_on_cuda_with_a_cuda_generator():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config([f"config={root}/configs/experiment/demo.yaml", "train.device=cuda", "train.zero_stage=2",
                        "train.precision=bf16", "model.compute_dtype=bf16", "model.umc.p_image=0",
-                       "model.umc.p_video=0", "model.umc.p_sparse=1"])
+                       "model.umc.p_video=0", "model.umc.p_sparse=1", f"model.text_encoder_device={text_device}"])
     task = One4DTask(cfg)
     model = task.build_model(nullcontext)
+    text = task.encoders(torch.device("cuda"))[1]
+    assert text.encoder.device.type == ("cpu" if text_device == "cpu" else "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     B, T, H, W = 2, 9, 32, 48
     batch = {"rgb": torch.rand(B, T, 3, H, W, device="cuda") * 2 - 1,
@@ -361,6 +365,6 @@ def test_cuda_vae_settings_give_the_fp32_latents():
     want = WanVAE(tiny_wan_vae(0)).encode(video)
     for settings in ({}, {"frames_per_call": 16}, {"frames_per_call": 16, "compile": True}):
         vae = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16, device="cuda", **settings)
-        assert vae.in_channels == 8 and vae.model.encoder.conv_in.weight.shape[1] == 8
+        assert vae.model.encoder.conv_in._extra_in == 5 and vae.model.encoder.conv_in.weight.shape[1] == 3
         got = vae.encode(video.cuda()).cpu()
         assert got.shape == want.shape and rel(got, want) < 2e-2, (settings, rel(got, want))

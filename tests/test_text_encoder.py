@@ -105,3 +105,12 @@ def test_clip_penultimate_layer_matches_transformers(tmp_path):
     assert not torch.allclose(out, direct.last_hidden_state, atol=1e-3)
     tiny = load_image_encoder("", hidden=32)
     assert torch.equal(tiny.encode(frames), out) and isinstance(tiny, CLIPImageEncoder)
+
+
+def test_text_encoder_device_setting():
+    """`model.text_encoder_device`: auto = the training device, cpu = host memory whatever the training device."""
+    from one4d_train.model.config import ModelConfig
+    from one4d_train.model.encoders import text_encoder_device
+    assert text_encoder_device(ModelConfig(), torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert text_encoder_device(ModelConfig(text_encoder_device="cpu"), torch.device("cuda", 1)) == torch.device("cpu")
+    assert [key for key, _ in ModelConfig(text_encoder_device="gpu").validate()] == ["text_encoder_device"]

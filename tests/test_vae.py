@@ -75,14 +75,30 @@ def test_frames_per_call_must_keep_the_downsampling_windows_aligned():
 
 
 def test_padded_first_convolution_gives_the_same_latents(videos):
+    """pad_channels: the first convolution runs on 8 input channels (5 of them zero), its stored weight, the state
+    dict and the wrapped model's own 3-channel API unchanged."""
     plain = WanVAE(tiny_wan_vae(0))
     padded = WanVAE(tiny_wan_vae(0), pad_channels=True, frames_per_call=8)
     conv = padded.model.encoder.conv_in
-    assert conv.in_channels == padded.in_channels == 8 and conv.weight.shape[1] == 8
-    assert torch.count_nonzero(conv.weight[:, 3:]) == 0
-    assert torch.equal(conv.weight[:, :3], plain.model.encoder.conv_in.weight)
+    assert conv._extra_in == 5 and conv.weight.shape[1] == 3
+    seen = []
+    conv.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     assert (padded.encode(videos) - plain.encode(videos)).abs().max() < 1e-5
-    assert WanVAE(tiny_wan_vae(0)).in_channels == 3  # CPU default: unpadded
+    assert seen and set(seen) == {3}  # the module gets the video; the padding happens inside its call
+    state, want = padded.model.state_dict(), plain.model.state_dict()
+    assert list(state) == list(want) and all(torch.equal(state[k], want[k]) for k in want)
+    raw = padded.model.encode(videos).latent_dist.mean  # diffusers' own call on 3-channel videos still works
+    assert torch.allclose(raw, plain.model.encode(videos).latent_dist.mean, atol=1e-5)
+    assert not hasattr(WanVAE(tiny_wan_vae(0)).model.encoder.conv_in, "_extra_in")  # CPU default: unpadded
+
+
+def test_padding_leaves_a_wider_first_convolution_alone():
+    """A patchified VAE's first convolution (12 input channels) is wider than the padding target: unchanged."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    from one4d_train.model.vae import _pad_input_channels
+    conv = WanCausalConv3d(12, 4, 3, padding=1)
+    _pad_input_channels(conv, 8)
+    assert type(conv) is WanCausalConv3d and not hasattr(conv, "_extra_in")
 
 
 def test_bf16_compute_returns_float32_latents_close_to_fp32(vae, videos):
@@ -169,3 +185,4 @@ def test_model_config_checks_frames_per_call_and_the_encoders_use_it():
     vae, _, _ = build_encoders(ModelConfig(vae_frames_per_call=16), wan_config("tiny"), torch.device("cpu"),
                                torch.float32)
     assert vae.frames_per_call == 16
+

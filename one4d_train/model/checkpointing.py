@@ -90,6 +90,13 @@ def _checkpointed_class(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {"_original_class": cls})
 
 
+def apply_configured_checkpointing(blocks: nn.ModuleList, cfg) -> None:
+    """`ModelConfig.activation_checkpointing` on its first `activation_checkpointing_blocks` blocks (every builder of
+    the model, the trainer's included, goes through here)."""
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.activation_checkpointing_blocks)
+
+
 def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks: int = -1) -> None:
     """Checkpoint the first `num_blocks` blocks of `blocks` (-1: all) in `mode` (one of MODES), the rest not at
     all; re-applying replaces the modes."""

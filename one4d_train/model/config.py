@@ -49,6 +49,7 @@ class ModelConfig:
     checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
     vae: str = ""  # diffusers AutoencoderKLWan folder or official Wan2.1_VAE.pth; empty = tiny random VAE
     text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
+    text_encoder_device: str = "auto"  # auto = the training device; cpu = host memory (11.4 GB of bf16 off the GPU), for shards that carry text embeddings
     tokenizer: str = ""
     empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (used without text_encoder); empty = zeros
     image_encoder: str = ""  # CLIP vision folder (transformers)
@@ -65,13 +66,14 @@ class ModelConfig:
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)
-    vae_frames_per_call: int = 4  # frames per causal VAE encoder call (a multiple of 4; same latents, fewer larger kernels, more memory)
+    vae_frames_per_call: int = 4  # frames per causal VAE encoder call (a multiple of 4; same latents up to rounding, fewer larger kernels, more memory)
     umc: UMCConfig = field(default_factory=UMCConfig)
 
     def validate(self):
         p = []
         p += choice(self.preset, ["tiny", "1.3b", "14b"], "preset")
         p += choice(self.attention, ["auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
+        p += choice(self.text_encoder_device, ["auto", "cpu"], "text_encoder_device")
         p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
         p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
                     "activation_checkpointing")

@@ -26,15 +26,22 @@ def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.
         return _build(mcfg, wan_cfg, device, dtype, seed)
 
 
+def text_encoder_device(mcfg, device: torch.device) -> torch.device:
+    """Where the UMT5 encoder lives and runs: the training device, or the host (`text_encoder_device: cpu`: its
+    weights stay off the GPU; it then encodes only the empty prompt and captions whose samples carry no stored
+    embedding, slowly)."""
+    return torch.device("cpu") if mcfg.text_encoder_device == "cpu" else torch.device(device)
+
+
 def _build(mcfg, wan_cfg, device, dtype, seed):
     vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device, compile=mcfg.compile_vae,
                    frames_per_call=mcfg.vae_frames_per_call)
     if mcfg.text_encoder or mcfg.preset != "tiny":
         text = build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
-                                       dim=wan_cfg.text_dim, dtype=dtype, device=device)
+                                       dim=wan_cfg.text_dim, dtype=dtype, device=text_encoder_device(mcfg, device))
     else:
         encoder = UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype,
-                                  device=device)
+                                  device=text_encoder_device(mcfg, device))
         text = TextConditioning(encoder, dim=wan_cfg.text_dim)
     image = None
     if wan_cfg.has_image_input:

@@ -22,7 +22,7 @@ from torch import nn
 
 from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT, wan_config
-from one4d_train.model.checkpointing import apply_activation_checkpointing
+from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.config import ModelConfig
 from one4d_train.model.control_links import ControlLinks, resolve_link_blocks
 from one4d_train.model.dlc import BRANCHES, SHARED, InputDtypeConv3d, InputDtypeLinear, apply_dlc
@@ -183,7 +183,6 @@ def build_one4d(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None
             else:
                 base.load_state_dict(random_base_state(wan_cfg, seed))
         model = One4DModel(base, cfg)
-    if cfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(base.blocks, cfg.activation_checkpointing, cfg.activation_checkpointing_blocks)
+    apply_configured_checkpointing(base.blocks, cfg)
     apply_activation_offload(model, cfg.activation_offload)
     return model

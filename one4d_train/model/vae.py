@@ -124,14 +124,33 @@ def load_official_vae(path: str) -> AutoencoderKLWan:
     return model
 
 
-def _pad_input_channels(conv: torch.nn.Conv3d, channels: int) -> int:
-    """Give `conv` zero weights for input channels up to `channels` (its input is padded with zeros to match)."""
+def _pad_channels(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """Zero channels appended on dim 1 (a video's channels, a convolution weight's input channels)."""
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, extra))
+
+
+class _PaddedInput:
+    """A causal convolution run as if it had `_extra_in` more input channels, all zero: its input (and causal cache)
+    and its weight are padded at call time, so the stored weight and the state dict stay the checkpoint's."""
+
+    def forward(self, x, cache_x=None):
+        cache_x = None if cache_x is None else _pad_channels(cache_x, self._extra_in)
+        return super().forward(_pad_channels(x, self._extra_in), cache_x)
+
+    def _conv_forward(self, x, weight, bias):
+        padded = _pad_channels(weight, self._extra_in)
+        if weight.is_contiguous(memory_format=torch.channels_last_3d):
+            padded = padded.contiguous(memory_format=torch.channels_last_3d)
+        return super()._conv_forward(x, padded, bias)
+
+
+def _pad_input_channels(conv: torch.nn.Conv3d, channels: int) -> None:
+    """Run `conv` with its input channels zero-padded up to `channels` (nothing to do if it has as many)."""
     extra = channels - conv.in_channels
     if extra > 0:
-        w = conv.weight.data
-        conv.weight.data = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
-        conv.in_channels = channels
-    return conv.in_channels
+        cls = type(conv)
+        conv.__class__ = type(f"PaddedInput{cls.__name__}", (_PaddedInput, cls), {})
+        conv._extra_in = extra
 
 
 def tiny_wan_vae(seed: int = 0, base_dim: int = 8) -> AutoencoderKLWan:
@@ -150,12 +169,13 @@ class WanVAE:
     torch.compile the encoder in place (fuses the norms, activations and causal padding between the convs;
     H100, 81x352x624: 0.65 -> 0.40 s per video, after ~100 s of compilation on first use).
     frames_per_call: frames the causal encoder takes per call after the first frame (Wan's own loop: 4). Any
-    multiple of 4 gives the same latents (the causal convolutions carry their last frames across calls, and the
-    temporal downsampling windows stay aligned); longer calls mean fewer, larger kernels and more activation
+    multiple of 4 gives the same latents up to rounding (the causal convolutions carry their last frames across
+    calls, and the temporal downsampling windows stay aligned; other kernel shapes round differently in bf16); longer calls mean fewer, larger kernels and more activation
     memory (81x352x624, bf16: ~3 GB at 4, ~10 GB at 16).
     On CUDA the convolution weights are stored channels-last (cuDNN's NDHWC kernels). pad_channels (default:
-    on CUDA): the first convolution's 3 RGB input channels are zero-padded to 8, input and weight alike (in
-    place, so the products are the same): with 3 channels cuDNN falls back to a kernel without tensor cores.
+    on CUDA): the first convolution runs with its 3 RGB input channels zero-padded to 8, input and weight alike at
+    call time (the same products; weights and state dict unchanged): with 3 channels cuDNN falls back to a kernel
+    without tensor cores.
     """
 
     def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -169,7 +189,6 @@ class WanVAE:
         self.model = model.eval().requires_grad_(False)
         if self.model.device.type == "cuda" if pad_channels is None else pad_channels:
             _pad_input_channels(model.encoder.conv_in, 8)
-        self.in_channels = model.encoder.conv_in.in_channels
         if self.model.device.type == "cuda":  # cuDNN's channels-last conv3d kernels: H100 encode 0.73 -> 0.56-0.65 s
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Conv3d):
@@ -216,10 +235,7 @@ class WanVAE:
         latent_shape(*video.shape[2:])
         out = []
         for chunk in self._chunks(video):
-            x = chunk.to(self.device, self.dtype)
-            if x.shape[1] < self.in_channels:  # the zero channels of a padded first convolution
-                x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.in_channels - x.shape[1]))
-            posterior = self._posterior(x)
+            posterior = self._posterior(chunk.to(self.device, self.dtype))
             out.append(posterior.sample(generator) if sample else posterior.mean)
         return self.normalise(torch.cat(out))
 

@@ -21,7 +21,7 @@ from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pa
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
-from one4d_train.model.checkpointing import apply_activation_checkpointing
+from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.encoders import build_encoders
@@ -77,8 +77,7 @@ class One4DTask:
         copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
             model = One4DModel(base, self.cfg.model)
-        if self.cfg.model.activation_checkpointing != "none":
-            apply_activation_checkpointing(base.blocks, self.cfg.model.activation_checkpointing)
+        apply_configured_checkpointing(base.blocks, self.cfg.model)
         apply_activation_offload(model, self.cfg.model.activation_offload)
         if self.cfg.model.compile:
             compile_blocks(base.blocks)

@@ -377,6 +377,30 @@ def parse_variants(text: str) -> list[dict]:
     return out
 
 
+def resident_encoders(mcfg, device, tiny: bool) -> list[torch.nn.Module]:
+    """The frozen towers a training run keeps on its GPU besides the VAE, at their real sizes: the UMT5-XXL encoder
+    (5.68B parameters; not with `model.text_encoder_device=cpu`) and CLIP ViT-H/14's vision tower (0.63B), in bf16,
+    uninitialised. Held for the run's memory only: the step's text and image features stay synthetic."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+    from one4d_train.model.image_encoder import tiny_clip_vision
+    from one4d_train.model.text_encoder import tiny_umt5
+    if tiny:
+        text, image = tiny_umt5().config, tiny_clip_vision().config
+    else:
+        text = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                          relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+        image = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                 num_attention_heads=16, patch_size=14, image_size=224)
+    towers = [] if mcfg.text_encoder_device == "cpu" else [(UMT5EncoderModel, text)]
+    towers.append((CLIPVisionModel, image))
+    out = []
+    for cls, config in towers:
+        with torch.device("meta"):
+            tower = cls(config).to(torch.bfloat16)
+        out.append(tower.to_empty(device=device).requires_grad_(False))
+    return out
+
+
 def build_random_model(mcfg, device):
     """The One4D model with random weights, built directly on the device: the base on the meta device, then
     materialised once in its compute dtype with Wan's initialisation (the head N(0, dim^-0.5) instead of Wan's
@@ -476,6 +500,8 @@ def run_ours(args) -> None:
     vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae,
                      frames_per_call=cfg.model.vae_frames_per_call)
            if any(v["vae"] != "none" for v in variants) else None)
+    encoders = resident_encoders(cfg.model, device, tiny=args.preset == "tiny") if args.encoders else []
+    encoders_gb = sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()) / 1e9
 
     state = {"vae": "none"}
 
@@ -531,7 +557,7 @@ def run_ours(args) -> None:
                "vae_frames_per_call": vae.frames_per_call if vae is not None else None, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
-               "base_matmul": cfg.model.base_matmul,
+               "base_matmul": cfg.model.base_matmul, "encoders_gb": encoders_gb,
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
             row["p_live_encode"] = cfg.model.umc.p_sparse
@@ -723,7 +749,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"{speed_dit:.2f}x" if speed_dit == speed_dit else "-",
                       f"{mix:.3f}" if mix == mix else "-", f"{100 * r['flops'] / mix / H100_PEAK:.1f}%" if mix == mix else "-",
                       f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
-                      + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")])
+                      + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
+                      + (f" enc {r['encoders_gb']:.1f} GB" if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     lines.append(fmt(cols))
@@ -735,6 +762,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "step encodes no condition); mix s / mix MFU = the step averaged over the UMC task mix with stored latents "
                  "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; [fp8 base] rows run the frozen "
                  "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
+                 "enc X GB: the frozen text/image towers held on the GPU, in the peak (rows without it: the step alone). "
                  "data wait = 0: synthetic tensors on the GPU.")
     return "\n".join(lines)
 
@@ -748,6 +776,9 @@ def main(argv=None) -> None:
     ap.add_argument("--zero-stage", type=int, default=None, help="train.zero_stage (default: the config's)")
     ap.add_argument("--persistence", type=int, default=None, help="train.zero3_param_persistence_threshold")
     ap.add_argument("--set", action="append", help="extra config key=value (repeatable)")
+    ap.add_argument("--no-encoders", dest="encoders", action="store_false",
+                    help="leave the frozen text/image towers off the GPU (by default they are held there, at their "
+                         "real sizes, so peak memory is a training run's)")
     ap.add_argument("--lever", default="", help="label for this process's rows")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)

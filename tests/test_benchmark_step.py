@@ -104,6 +104,11 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     (row,) = [json.loads(line) for line in open(results)]
     assert "error" not in row and row["steps"] == 1 and row["step_s"] > 0, row
     assert row["ckpt"] == "selective@1" and row["vae_frames_per_call"] == 8
+    # the frozen text and image towers are held for the peak (tiny ones here); in host memory the text one is not
+    assert row["encoders_gb"] > 0
+    _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
+         results, "--set", "model.text_encoder_device=cpu", "--variants", "vae=none")
+    assert 0 < json.loads(open(results).read().splitlines()[-1])["encoders_gb"] < row["encoders_gb"]
 
 
 def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):

@@ -558,6 +558,7 @@ def run_ours(args) -> None:
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul, "encoders_gb": encoders_gb,
+               "ckpt_blocks": sum(hasattr(b, "_checkpoint_mode") for b in model.base.blocks),
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
             row["p_live_encode"] = cfg.model.umc.p_sparse

@@ -268,6 +268,7 @@ def test_model_config_checks_the_checkpointed_block_count():
     problems = ModelConfig(activation_checkpointing_blocks=-2).validate()
     assert [key for key, _ in problems] == ["activation_checkpointing_blocks"]
 
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_every_model_builder_checkpoints_only_the_configured_blocks(zero_stage):
     """`build_one4d` and the trainer's `One4DTask.build_model` (the path real runs take) both apply the count."""

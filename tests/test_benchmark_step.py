@@ -106,9 +106,13 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     assert row["ckpt"] == "selective@1" and row["vae_frames_per_call"] == 8
     # the frozen text and image towers are held for the peak (tiny ones here); in host memory the text one is not
     assert row["encoders_gb"] > 0
+    assert row["ckpt_blocks"] == 1  # counted on the model
+    # the configured count reaches the benchmark's model too; in host memory the text tower is not held
     _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
-         results, "--set", "model.text_encoder_device=cpu", "--variants", "vae=none")
-    assert 0 < json.loads(open(results).read().splitlines()[-1])["encoders_gb"] < row["encoders_gb"]
+         results, "--set", "model.text_encoder_device=cpu", "--set", "model.activation_checkpointing=full",
+         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none")
+    last = json.loads(open(results).read().splitlines()[-1])
+    assert 0 < last["encoders_gb"] < row["encoders_gb"] and last["ckpt_blocks"] == 2 and last["ckpt"] == "full@2"
 
 
 def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):

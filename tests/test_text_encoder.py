@@ -69,6 +69,29 @@ def test_conditioning_uses_encoder_for_missing_embeddings(encoder):
     assert torch.allclose(batch[1], encoder.encode(["the car moves right"])[0])
 
 
+def test_empty_captions_reuse_the_cached_empty_prompt(encoder, monkeypatch):
+    """Captions that clean to "" take the empty-prompt embedding (computed once), not another encoder pass: eval's
+    benchmark samples have no captions, and a host-memory encoder would otherwise run on every one."""
+    cond = TextConditioning(encoder)
+    empty = encoder.empty_embedding
+    calls = []
+    encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    batch = cond(["", "  ", "a cat"], [None, None, None])
+    assert calls == [["a cat"]]
+    assert torch.equal(batch[0], empty) and torch.equal(batch[1], empty)
+    assert torch.allclose(batch[0], encode([""])[0], atol=1e-6)
+
+
+def test_batch_is_assembled_where_the_stored_embeddings_are():
+    """Stored embeddings (on the training device) fix the batch's device; the empty prompt is copied there once."""
+    cond = TextConditioning(dim=8)
+    stored = torch.randn(5, 8, device="meta")
+    batch = cond(["a", "b"], [stored, None])
+    assert batch.device.type == "meta" and cond.empty_on(torch.device("meta")) is cond.empty_on(torch.device("meta"))
+    assert cond(["a"], [None]).device.type == "cpu"
+
+
 def test_build_from_config_paths(folder, encoder, tmp_path):
     cond = build_text_conditioning(str(folder / "model"), str(folder / "tokenizer"), dim=64)
     assert torch.allclose(cond.empty, encoder.empty_embedding)

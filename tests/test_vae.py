@@ -90,6 +90,9 @@ def test_padded_first_convolution_gives_the_same_latents(videos):
     raw = padded.model.encode(videos).latent_dist.mean  # diffusers' own call on 3-channel videos still works
     assert torch.allclose(raw, plain.model.encode(videos).latent_dist.mean, atol=1e-5)
     assert not hasattr(WanVAE(tiny_wan_vae(0)).model.encoder.conv_in, "_extra_in")  # CPU default: unpadded
+    again = WanVAE(padded.model, pad_channels=True)  # a model wrapped twice is padded once
+    assert again.model.encoder.conv_in._extra_in == 5
+    assert (again.encode(videos) - plain.encode(videos)).abs().max() < 1e-5
 
 
 def test_padding_leaves_a_wider_first_convolution_alone():
@@ -185,4 +188,3 @@ def test_model_config_checks_frames_per_call_and_the_encoders_use_it():
     vae, _, _ = build_encoders(ModelConfig(vae_frames_per_call=16), wan_config("tiny"), torch.device("cpu"),
                                torch.float32)
     assert vae.frames_per_call == 16
-

@@ -99,6 +99,7 @@ class TextConditioning:
         self.encoder = encoder
         self.text_len = encoder.text_len if encoder is not None else text_len
         self.dim = encoder.dim if encoder is not None else dim
+        self._empty_copies: dict[torch.device, torch.Tensor] = {}
         if empty is not None:
             self._empty = pad_text_embedding(empty.float(), self.text_len)
         elif encoder is None:
@@ -110,17 +111,26 @@ class TextConditioning:
     def empty(self) -> torch.Tensor:
         return self._empty if self._empty is not None else self.encoder.empty_embedding
 
+    def empty_on(self, device: torch.device) -> torch.Tensor:
+        """The empty-prompt embedding on `device` (copied there once)."""
+        if device not in self._empty_copies:
+            self._empty_copies[device] = self.empty.to(device)
+        return self._empty_copies[device]
+
     def __call__(self, captions: Sequence[str], text_embs: Sequence[torch.Tensor | None] | None = None,
                  dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         text_embs = list(text_embs) if text_embs is not None else [None] * len(captions)
         rows: list[torch.Tensor | None] = [pad_text_embedding(e.float(), self.text_len) if e is not None else None
                                            for e in text_embs]
-        missing = [i for i, r in enumerate(rows) if r is None]
+        # captions that clean to "" are the empty prompt, whose embedding is computed once
+        missing = [i for i, r in enumerate(rows) if r is None and clean_prompt(captions[i])]
         if missing and self.encoder is not None:
             for i, r in zip(missing, self.encoder.encode([captions[i] for i in missing])):
                 rows[i] = r
-        empty = self.empty
-        batch = torch.stack([(r if r is not None else empty).to(empty.device) for r in rows])
+        # assembled where the stored embeddings are (the training device), else where the empty prompt is
+        device = next((e.device for e in text_embs if e is not None), self.empty.device)
+        empty = self.empty_on(device)
+        batch = torch.stack([(r if r is not None else empty).to(device) for r in rows])
         if batch.shape[-1] != self.dim:
             raise ValueError(f"text embedding width {batch.shape[-1]} != configured {self.dim}")
         return apply_text_dropout(batch, dropout, generator, empty)[0] if dropout > 0 else batch

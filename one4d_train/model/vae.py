@@ -147,7 +147,7 @@ class _PaddedInput:
 def _pad_input_channels(conv: torch.nn.Conv3d, channels: int) -> None:
     """Run `conv` with its input channels zero-padded up to `channels` (nothing to do if it has as many)."""
     extra = channels - conv.in_channels
-    if extra > 0:
+    if extra > 0 and not isinstance(conv, _PaddedInput):  # a model wrapped twice is padded once
         cls = type(conv)
         conv.__class__ = type(f"PaddedInput{cls.__name__}", (_PaddedInput, cls), {})
         conv._extra_in = extra

@@ -140,7 +140,8 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev, frames_per_call=cfg.model.vae_frames_per_call)
+        vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
+                       frames_per_call=cfg.model.vae_frames_per_call)
         for e in todo:
             encode_shard(src, out, e, vae, cfg, run, batch)
             bar.update()

@@ -170,8 +170,8 @@ class WanVAE:
     H100, 81x352x624: 0.65 -> 0.40 s per video, after ~100 s of compilation on first use).
     frames_per_call: frames the causal encoder takes per call after the first frame (Wan's own loop: 4). Any
     multiple of 4 gives the same latents up to rounding (the causal convolutions carry their last frames across
-    calls, and the temporal downsampling windows stay aligned; other kernel shapes round differently in bf16); longer calls mean fewer, larger kernels and more activation
-    memory (81x352x624, bf16: ~3 GB at 4, ~10 GB at 16).
+    calls, and the temporal downsampling windows stay aligned; other kernel shapes round differently in bf16);
+    longer calls mean fewer, larger kernels and more activation memory (81x352x624, bf16: ~3 GB at 4, ~10 GB at 16).
     On CUDA the convolution weights are stored channels-last (cuDNN's NDHWC kernels). pad_channels (default:
     on CUDA): the first convolution runs with its 3 RGB input channels zero-padded to 8, input and weight alike at
     call time (the same products; weights and state dict unchanged): with 3 channels cuDNN falls back to a kernel
@@ -179,8 +179,8 @@ class WanVAE:
     """
 
     def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 chunk_size: int = 0, tiling: bool = False, compile: bool = False, frames_per_call: int = TEMPORAL_STRIDE,
-                 pad_channels: bool | None = None):
+                 chunk_size: int = 0, tiling: bool = False, compile: bool = False,
+                 frames_per_call: int = TEMPORAL_STRIDE, pad_channels: bool | None = None):
         if frames_per_call < TEMPORAL_STRIDE or frames_per_call % TEMPORAL_STRIDE:
             raise ValueError(f"frames_per_call={frames_per_call}: need a positive multiple of {TEMPORAL_STRIDE}")
         model = model.to(device)

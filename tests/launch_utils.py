@@ -7,8 +7,6 @@ import socket
 import subprocess
 import sys
 
-from mlflow.tracking import MlflowClient
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,6 +48,8 @@ def srun_like(run_dir, *args, extra_env=None, nproc=2, timeout=400):
 
 
 def mlflow_run(run_dir):
+    from mlflow.tracking import MlflowClient  # here: GPU machines without mlflow still import ROOT
+
     client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("one4d").experiment_id])
     assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"

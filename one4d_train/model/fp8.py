@@ -41,7 +41,10 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torc
     is cast from there: an fp32 model gets fp32 tensors, with FP8's rounding either way."""
     qa, sa = quantize_rows(a)
     qb, sb = quantize_rows(b)
-    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16).to(out_dtype)
+    out = torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
+    # no `.to()` that returns its own input: under torch.compile (2.11) an autograd.Function whose output
+    # aliases an intermediate gets its gradient routed to the wrong slot, and the input gradient comes out zero
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 class _FrozenFP8Matmul(torch.autograd.Function):

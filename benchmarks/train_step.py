@@ -397,7 +397,9 @@ def resident_encoders(mcfg, device, tiny: bool) -> list[torch.nn.Module]:
     for cls, config in towers:
         with torch.device("meta"):
             tower = cls(config).to(torch.bfloat16)
-        out.append(tower.to_empty(device=device).requires_grad_(False))
+        tower = tower.to_empty(device=device).requires_grad_(False)
+        tower.tie_weights()  # to_empty unties UMT5's shared/encoder embeddings (2.1 GB counted twice otherwise)
+        out.append(tower)
     return out
 
 

@@ -126,3 +126,28 @@ def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):
                        + "\n")
     assert ("VAE encode (condition, + 8 frames per call): 0.338 s, 266 TFLOP/s, peak 5.8 GB, latents vs first row "
             "5.5e-03, vs fp32 3.2e-03") in bench.report([str(results)])
+
+
+def test_resident_encoders_hold_each_tower_parameter_once():
+    """The towers held for the peak are the sizes a loaded model has: UMT5's shared and encoder embeddings are one
+    tensor (materialising from the meta device unties them), the text tower left out with the encoder on the host."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+    from train_step import resident_encoders
+
+    from one4d_train.model.config import ModelConfig
+    from one4d_train.model.image_encoder import tiny_clip_vision
+    from one4d_train.model.text_encoder import tiny_umt5
+
+    def unique_bytes(modules):
+        seen = {p.data_ptr(): p.numel() * p.element_size() for m in modules for p in m.parameters()}
+        return sum(seen.values())
+
+    text = tiny_umt5().to(torch.bfloat16)
+    image = tiny_clip_vision().to(torch.bfloat16)
+    towers = resident_encoders(ModelConfig(preset="tiny"), torch.device("cpu"), tiny=True)
+    umt5 = towers[0]
+    assert umt5.shared.weight is umt5.encoder.embed_tokens.weight
+    assert sum(p.numel() * p.element_size() for t in towers for p in t.parameters()) == unique_bytes([text, image])
+    host = resident_encoders(ModelConfig(preset="tiny", text_encoder_device="cpu"), torch.device("cpu"), tiny=True)
+    assert len(host) == 1 and sum(p.numel() for p in host[0].parameters()) == sum(p.numel() for p in image.parameters())

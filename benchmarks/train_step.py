@@ -377,10 +377,12 @@ def parse_variants(text: str) -> list[dict]:
     return out
 
 
-def resident_encoders(mcfg, device, tiny: bool) -> list[torch.nn.Module]:
+def resident_encoders(mcfg, device, tiny: bool, text_stored: bool = False) -> list[torch.nn.Module]:
     """The frozen towers a training run keeps on its GPU besides the VAE, at their real sizes: the UMT5-XXL encoder
-    (5.68B parameters; not with `model.text_encoder_device=cpu`) and CLIP ViT-H/14's vision tower (0.63B), in bf16,
-    uninitialised. Held for the run's memory only: the step's text and image features stay synthetic."""
+    (5.68B parameters; not where the trainer keeps it in host memory: `model.text_encoder_device=cpu`, or `auto`
+    with `text_stored`, shards whose captions' embeddings are stored) and CLIP ViT-H/14's vision tower (0.63B), in
+    bf16, uninitialised. Held for the run's memory only: the step's text and image features stay synthetic."""
+    from one4d_train.model.encoders import text_encoder_device
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
     from one4d_train.model.image_encoder import tiny_clip_vision
     from one4d_train.model.text_encoder import tiny_umt5
@@ -391,7 +393,8 @@ def resident_encoders(mcfg, device, tiny: bool) -> list[torch.nn.Module]:
                           relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
         image = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                  num_attention_heads=16, patch_size=14, image_size=224)
-    towers = [] if mcfg.text_encoder_device == "cpu" else [(UMT5EncoderModel, text)]
+    on_device = text_encoder_device(mcfg, device, text_stored).type == torch.device(device).type
+    towers = [(UMT5EncoderModel, text)] if on_device else []
     towers.append((CLIPVisionModel, image))
     out = []
     for cls, config in towers:
@@ -502,7 +505,10 @@ def run_ours(args) -> None:
     vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae,
                      frames_per_call=cfg.model.vae_frames_per_call)
            if any(v["vae"] != "none" for v in variants) else None)
-    encoders = resident_encoders(cfg.model, device, tiny=args.preset == "tiny") if args.encoders else []
+    # stored latents come from `one4d encode-latents`, which stores the captions' text embeddings as well
+    text_stored = all(v["vae"] == "latents" for v in variants)
+    encoders = (resident_encoders(cfg.model, device, tiny=args.preset == "tiny", text_stored=text_stored)
+                if args.encoders else [])
     encoders_gb = sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()) / 1e9
 
     state = {"vae": "none"}
@@ -560,6 +566,7 @@ def run_ours(args) -> None:
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul, "encoders_gb": encoders_gb,
+               "encoders_held": [type(e).__name__.removesuffix("Model") for e in encoders],
                "ckpt_blocks": sum(hasattr(b, "_checkpoint_mode") for b in model.base.blocks),
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
@@ -744,6 +751,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         # the step averaged over the UMC task mix: the timed step encodes a condition every time, training with
         # stored latents only for the fraction p_live_encode of samples (the sparse task)
         mix = step - r["vae_cond_s"] * (1 - r["p_live_encode"]) if "p_live_encode" in r else float("nan")
+        held = f" ({'+'.join(r['encoders_held'])})" if r.get("encoders_held") else ""
         table.append([r["preset"], who, r["variant"], f"{step:.3f}", f"{1 / step:.3f}", f"{r['flops'] / 1e15:.3f}",
                       f"{100 * mfu:.1f}%",
                       f"{100 * mfu_mm:.1f}%" if matmul else "-", f"{100 * r['flops'] / dit / H100_PEAK:.1f}%",
@@ -753,7 +761,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"{mix:.3f}" if mix == mix else "-", f"{100 * r['flops'] / mix / H100_PEAK:.1f}%" if mix == mix else "-",
                       f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
-                      + (f" enc {r['encoders_gb']:.1f} GB" if r.get("encoders_gb") else "")])
+                      + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     lines.append(fmt(cols))

@@ -9,6 +9,9 @@ original member plus
                       latent_valid_packed: np.packbits(cells, axis=-1), cells bool [1, T_lat, h, w]
   {key}.latents.json  window, crop, resolution, source size, xyz centre/scale, percentiles, VAE identity and
                       its latents mean/std, valid_min_fraction, dtype, latent shape
+  {key}.emb.npy       float16 [L, D]: the caption's UMT5 embedding (its L tokens), for a sample with a caption
+                      and no stored embedding, unless --no-text; then the trainer needs no text encoder on its
+                      GPU (model.text_encoder_device: cpu) and encodes no caption per step
 
 Shard names, keys and the sample-to-shard assignment are those of the source; each output shard is written
 atomically and recorded (NAME.record.json), so a re-run after a kill finishes the job with identical bytes.
@@ -19,6 +22,7 @@ condition encode, and the stored latents instead of geometry (depth/pointmaps ar
 """
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass
@@ -200,6 +204,24 @@ def encode_batch(vae, samples: list[dict], valid_min_fraction: float) -> list[di
     cells = latent_validity(torch.stack([s["valid"] for s in samples]), valid_min_fraction)
     return [{"z_rgb": z_rgb[i].float().cpu().numpy(), "z_xyz": z_xyz[i].float().cpu().numpy(),
              "z_image": z_image[i].float().cpu().numpy(), "cells": cells[i].cpu().numpy()} for i in range(len(samples))]
+
+
+def text_identity(mcfg, seed: int) -> str:
+    """The text encoder as recorded with stored embeddings: its path, or 'tiny:SEED' for the tiny random tower
+    that the tiny preset with an empty model.text_encoder gets ('' when there is no encoder)."""
+    if mcfg.text_encoder:
+        return mcfg.text_encoder
+    return f"tiny:{seed}" if mcfg.preset == "tiny" else ""
+
+
+def text_member(key: str, emb: torch.Tensor) -> tuple[str, bytes]:
+    """The `emb.npy` member of one caption's embedding rows [L, D] (float16, as the latents)."""
+    a = emb.float().cpu().numpy()
+    if not np.isfinite(a).all() or np.abs(a).max() > 65000:
+        raise SampleError("the caption's text embedding has non-finite or float16-overflowing values")
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a.astype(np.float16)), allow_pickle=False)
+    return f"{key}.emb.npy", buf.getvalue()
 
 
 def latent_members(key: str, enc: dict, info: dict, run: dict, vae_mean: list, vae_std: list) -> list[tuple[str, bytes]]:

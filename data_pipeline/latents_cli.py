@@ -1,11 +1,12 @@
-"""`one4d encode-latents`: shards -> the same shards plus precomputed VAE latents per sample.
+"""`one4d encode-latents`: shards -> the same shards plus precomputed VAE latents and text embeddings per sample.
 
   one4d encode-latents SRC_SHARDS OUT_DIR config=EXPERIMENT.yaml [key=value ...] [--device cuda|cpu] [--batch N]
   one4d encode-latents SRC_SHARDS OUT_DIR config=... --num-tasks N --task-index I   (one Slurm array task)
 
 The window is fixed per clip (start 0, data.frame_stride, data.num_frames) with a centre crop; the VAE is
-model.vae (empty: the tiny random VAE seeded with `seed`). Re-running the same command after a kill finishes
-the job; index.json is written once every shard is done (by whichever task finishes last).
+model.vae (empty: the tiny random VAE seeded with `seed`). Captions without a stored embedding are encoded with
+model.text_encoder (the trainer's text conditioning; --no-text leaves them). Re-running the same command after
+a kill finishes the job; index.json is written once every shard is done (by whichever task finishes last).
 """
 from __future__ import annotations
 
@@ -19,26 +20,38 @@ from pathlib import Path
 from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
-                                   tar_samples)
+                                   tar_samples, text_identity, text_member)
 from data_pipeline.shard import shard_done
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the text encoder joins the plan
 
 
 class EncodeError(RuntimeError):
     """The run cannot proceed: a source shard that does not verify, a folder planned with other settings."""
 
 
-def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int) -> dict:
+def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int, text: str) -> dict:
     spec = latents_spec(cfg)
     return {"version": PLAN_VERSION, "source_index_sha256": si.sha256_file(src / si.INDEX),
-            "settings": settings(cfg.data, spec.vae, spec.valid_min_fraction),
+            "settings": settings(cfg.data, spec.vae, spec.valid_min_fraction), "text_encoder": text,
             "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch}}
 
 
-def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int) -> dict:
-    """Write one output shard atomically (all source members, plus latents for every encodable sample), then its
-    record. Samples that do not decode keep their members and no latents; they are listed in `failed`."""
+def _text_rows(text, chunk) -> dict[str, torch.Tensor]:
+    """key -> embedding rows [L, D] for the chunk's decodable samples with a caption and no stored embedding."""
+    from one4d_train.model.text_encoder import clean_prompt
+
+    todo = [(key, ready[0]["caption"]) for key, _, ready in chunk
+            if ready is not None and "text_emb" not in ready[0] and clean_prompt(ready[0].get("caption", ""))]
+    if text is None or not todo:
+        return {}
+    return dict(zip([k for k, _ in todo], text.encoder.encode_rows([c for _, c in todo])))
+
+
+def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int, text=None) -> dict:
+    """Write one output shard atomically (all source members, plus latents, and with `text` (a TextConditioning)
+    the caption's embedding, for every encodable sample), then its record. Samples that do not decode keep their
+    members and get nothing added; they are listed in `failed`."""
     from data_pipeline.shard import _add
 
     problem = si.verify_shard_file(src, entry)
@@ -46,21 +59,26 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
         raise EncodeError(f"source shard does not match its index: {problem}")
     name = entry["name"]
     mean, std = [float(v) for v in vae.model.config.latents_mean], [float(v) for v in vae.model.config.latents_std]
-    keys, failed, encoded = [], [], 0
+    keys, failed, encoded, text_encoded = [], [], 0, 0
     tmp = out / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
 
     def flush(tar, chunk):
-        nonlocal encoded
+        nonlocal encoded, text_encoded
         good = [c for c in chunk if c[2] is not None]
         encs = iter(encode_batch(vae, [c[2][0] for c in good], run["valid_min_fraction"]) if good else [])
+        rows = _text_rows(text, chunk)
         for key, members, ready in chunk:
             extra = []
             if ready is not None:
                 try:
                     extra = latent_members(key, next(encs), ready[1], run, mean, std)
+                    if key in rows:
+                        extra.append(text_member(key, rows[key]))
                     encoded += 1
+                    text_encoded += key in rows
                 except SampleError as exc:
                     failed.append({"key": key, "reason": str(exc)})
+                    extra = []
             for member, data in checksums.with_sums(key, members + extra) if extra else members:
                 _add(tar, member, data)
 
@@ -91,7 +109,8 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     si.fsync_dir(out)
     final = out / name
     record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
-              "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "failed": failed}
+              "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "text_encoded": text_encoded,
+              "failed": failed}
     si.write_json(si.record_path(out, name), record)
     return record
 
@@ -103,9 +122,10 @@ def _done(out: Path, entry: dict) -> dict | None:
 
 
 def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: int | None = None,
-               task_index: int | None = None, progress: bool = True) -> dict:
+               task_index: int | None = None, progress: bool = True, text: bool = True) -> dict:
     """Encode this task's shards (all without num_tasks), skipping finished ones; write index.json once every
-    shard has its record. Returns a summary dict."""
+    shard has its record. `text`: store the embeddings of captions that have none (needs model.text_encoder, or
+    the tiny preset). Returns a summary dict."""
     import torch
     from tqdm import tqdm
 
@@ -123,7 +143,10 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
     out.mkdir(parents=True, exist_ok=True)
-    plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch)
+    text_id = text_identity(cfg.model, cfg.seed) if text else ""
+    if text and not text_id:
+        raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")
+    plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch, text_id or None)
     old = si.pin_plan(out, plan)
     if old is not None:
         raise EncodeError(f"{out / si.PLAN}: this folder holds latents from another source index or other settings "
@@ -142,8 +165,9 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
             torch.backends.cudnn.deterministic = True
         vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
                        frames_per_call=cfg.model.vae_frames_per_call)
+        conditioning = _text_conditioning(cfg, dev, dtype) if text_id else None
         for e in todo:
-            encode_shard(src, out, e, vae, cfg, run, batch)
+            encode_shard(src, out, e, vae, cfg, run, batch, conditioning)
             bar.update()
     bar.close()
     records = {e["name"]: _done(out, e) for e in entries}
@@ -156,10 +180,26 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
                   "totals": {**index["totals"], "bytes": sum(r["bytes"] for r in recs)},
                   "statistics": index["statistics"], "rejects": index["rejects"],
                   "latents": {**run, "source_index_sha256": plan["source_index_sha256"],
-                              "encoded": sum(r["encoded"] for r in recs), "failed": failed}}
+                              "encoded": sum(r["encoded"] for r in recs), "text_encoder": plan["text_encoder"],
+                              "text_encoded": sum(r.get("text_encoded", 0) for r in recs), "failed": failed}}
         si.write_index(out, result)
-        summary.update(index=str(out / si.INDEX), encoded=result["latents"]["encoded"], failed=failed)
+        summary.update(index=str(out / si.INDEX), encoded=result["latents"]["encoded"],
+                       text_encoded=result["latents"]["text_encoded"], failed=failed)
     return summary
+
+
+def _text_conditioning(cfg, device, dtype):
+    """The trainer's text conditioning (model/encoders.py build_text), on the encoding device."""
+    import torch
+
+    from one4d_train.model.encoders import build_text
+    from one4d_train.model.presets import wan_config
+
+    with torch.random.fork_rng(devices=[]):
+        text = build_text(cfg.model, wan_config(cfg.model.preset), device, dtype, cfg.seed)
+    if text.encoder is None:
+        raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="clips per VAE call (3 videos each; default 1)")
     p.add_argument("--num-tasks", type=int, help="Slurm array size: this task encodes shards with id %% N == I")
     p.add_argument("--task-index", type=int, help="this task's index (default $SLURM_ARRAY_TASK_ID with --num-tasks)")
+    p.add_argument("--no-text", action="store_true", help="store no text embeddings (captions are then encoded by "
+                   "the trainer's text encoder at every step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -199,14 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(overrides)
         s = run_encode(paths[0], paths[1], cfg, device=args.device, batch=args.batch, num_tasks=args.num_tasks,
-                       task_index=task_index, progress=not args.no_progress)
+                       task_index=task_index, progress=not args.no_progress, text=not args.no_text)
     except ConfigError as exc:
         print(f"one4d encode-latents: config error: {exc}", file=sys.stderr)
         return 2
     except (EncodeError, si.ShardIndexError, FileNotFoundError) as exc:
         print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
         return 1
-    done = (f"index: {s['index']} ({s['encoded']} samples encoded, {len(s['failed'])} without latents)"
+    done = (f"index: {s['index']} ({s['encoded']} samples encoded, {s['text_encoded']} captions embedded, "
+            f"{len(s['failed'])} without latents)"
             if s["index"] else "other shards still to do: index.json comes when all are done")
     print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done); {done}")
     for f in s.get("failed", []):

@@ -86,6 +86,13 @@ def stored_latents(spec: str, cfg: DataConfig, latents: LatentsSpec | None) -> b
     return True
 
 
+def stored_text_encoder(spec: str, cfg: DataConfig) -> str | None:
+    """The text encoder whose caption embeddings the shard set stores (`one4d encode-latents` records it in
+    index.json), when this run reads the stored latents (data.use_latents); else None."""
+    meta = read_index(shard_directory(spec)).get("latents")
+    return meta.get("text_encoder") if meta is not None and cfg.use_latents else None
+
+
 def shard_fingerprint(shards: list[Shard]) -> str:
     """Identifies the shard set (names and counts) a position belongs to."""
     text = json.dumps([[s.name, s.count] for s in shards])

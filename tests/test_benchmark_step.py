@@ -107,12 +107,14 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     # the frozen text and image towers are held for the peak (tiny ones here); in host memory the text one is not
     assert row["encoders_gb"] > 0
     assert row["ckpt_blocks"] == 1  # counted on the model
-    # the configured count reaches the benchmark's model too; in host memory the text tower is not held
+    # the configured count reaches the benchmark's model too (a CPU run's host is its device: both towers held;
+    # test_resident_encoders_... covers the text tower left out of a GPU's peak)
     _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
          results, "--set", "model.text_encoder_device=cpu", "--set", "model.activation_checkpointing=full",
          "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none")
     last = json.loads(open(results).read().splitlines()[-1])
-    assert 0 < last["encoders_gb"] < row["encoders_gb"] and last["ckpt_blocks"] == 2 and last["ckpt"] == "full@2"
+    assert last["encoders_held"] == row["encoders_held"] == ["UMT5Encoder", "CLIPVision"]
+    assert last["encoders_gb"] == row["encoders_gb"] and last["ckpt_blocks"] == 2 and last["ckpt"] == "full@2"
 
 
 def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):
@@ -130,7 +132,8 @@ def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):
 
 def test_resident_encoders_hold_each_tower_parameter_once():
     """The towers held for the peak are the sizes a loaded model has: UMT5's shared and encoder embeddings are one
-    tensor (materialising from the meta device unties them), the text tower left out with the encoder on the host."""
+    tensor (materialising from the meta device unties them); the text tower is left out where the trainer keeps
+    it in host memory."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
     from train_step import resident_encoders
@@ -149,5 +152,10 @@ def test_resident_encoders_hold_each_tower_parameter_once():
     umt5 = towers[0]
     assert umt5.shared.weight is umt5.encoder.embed_tokens.weight
     assert sum(p.numel() * p.element_size() for t in towers for p in t.parameters()) == unique_bytes([text, image])
-    host = resident_encoders(ModelConfig(preset="tiny", text_encoder_device="cpu"), torch.device("cpu"), tiny=True)
-    assert len(host) == 1 and sum(p.numel() for p in host[0].parameters()) == sum(p.numel() for p in image.parameters())
+    n_image = sum(p.numel() for p in image.parameters())
+    for mode, stored in (("cpu", False), ("auto", True)):  # where the trainer keeps the text encoder in host memory
+        host = resident_encoders(ModelConfig(preset="tiny", text_encoder_device=mode), torch.device("meta"), tiny=True,
+                                 text_stored=stored)
+        assert len(host) == 1 and sum(p.numel() for p in host[0].parameters()) == n_image, (mode, stored)
+    assert len(resident_encoders(ModelConfig(preset="tiny", text_encoder_device="device"), torch.device("meta"),
+                                 tiny=True, text_stored=True)) == 2

@@ -68,14 +68,16 @@ def test_stored_latents_equal_a_direct_encode_of_the_pipeline_sample(encoded):
     index = read_index(out)
     assert [s["keys"] for s in index["shards"]] == [s["keys"] for s in read_index(src)["shards"]]
     assert index["latents"]["encoded"] == 4 and index["latents"]["vae"] == "tiny:0"
+    assert index["latents"]["text_encoder"] == "tiny:0" and index["latents"]["text_encoded"] == 4
     errors = []
     for entry in index["shards"]:
         assert sha256_file(out / entry["name"]) == entry["sha256"]
         source = dict(tar_samples(src / entry["name"]))
         for key, members in tar_samples(out / entry["name"]):
             # every original member, byte for byte and in order, then the latents, then checksums of them all
-            assert members[:-3] == [m for m in source[key] if m[0] != f"{key}.sums.json"]
-            assert [n for n, _ in members[-3:]] == [f"{key}.latents.npz", f"{key}.latents.json", f"{key}.sums.json"]
+            assert members[:-4] == [m for m in source[key] if m[0] != f"{key}.sums.json"]
+            assert [n for n, _ in members[-4:]] == [f"{key}.latents.npz", f"{key}.latents.json", f"{key}.emb.npy",
+                                                    f"{key}.sums.json"]
             raw = raw_of(key, members)
             assert sorted(json.loads(raw["sums.json"])) == sorted(k for k in raw if k not in ("__key__", "sums.json"))
             checksums.verify(raw)
@@ -211,3 +213,91 @@ def test_a_corrupt_source_sample_is_not_encoded_and_stays_detectable(tmp_path):
     with pytest.raises(Exception, match="corrupt"):
         checksums.verify(raw_of("r000000000", samples["r000000000"]))
     checksums.verify(raw_of("r000000001", samples["r000000001"]))
+
+
+def _trainer_text(cfg):
+    from one4d_train.model.encoders import build_encoders
+    from one4d_train.model.presets import wan_config
+
+    return build_encoders(cfg.model, wan_config(cfg.model.preset), torch.device("cpu"), torch.float32, cfg.seed)[1]
+
+
+def test_stored_text_embeddings_give_the_trainers_context(encoded):
+    """emb.npy of each sample is the trainer's own encoder output for its caption (float16 storage), and a batch
+    that carries it gets the context the trainer's encoder gives the caption, without running the encoder."""
+    from one4d_train.model.text_encoder import TextConditioning
+
+    _, out = encoded
+    text = _trainer_text(load_config(CONFIG))
+    batches = _take(build_loader(_cfg(out), rank=0, world_size=1, seed=3, micro_batch_size=1, latents=SPEC), 4)
+    for b in batches:
+        caption, stored = b["caption"][0], b["text_emb"][0]
+        live = text.encoder.encode_rows([caption])[0]
+        assert stored.shape == live.shape and 2 < stored.shape[0] < text.text_len
+        torch.testing.assert_close(stored, live, rtol=2 ** -10, atol=1e-4)
+        no_encoder = TextConditioning(None, dim=text.dim, empty=text.empty)  # the stored rows alone
+        torch.testing.assert_close(no_encoder([caption], [stored]), text([caption]), rtol=2 ** -10, atol=1e-4)
+
+
+def test_text_embeddings_are_optional_kept_and_pinned(tmp_path):
+    """--no-text stores none; a sample whose manifest gave an embedding keeps exactly it; a folder encoded with
+    text refuses a run without."""
+    import tarfile
+
+    from data_pipeline.shard import run_sharding
+    from data_utils import make_dataset
+
+    manifest = make_dataset(tmp_path, num_clips=2, frames=9, height=32, width=64)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    given = np.random.default_rng(0).standard_normal((7, 4096)).astype(np.float16)
+    np.save(tmp_path / "given.npy", given)
+    rows[0]["text_embedding"] = str(tmp_path / "given.npy")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = tmp_path / "shards"
+    run_sharding(manifest, src, samples_per_shard=2, workers=1, progress=False)
+    cfg = load_config(CONFIG)
+    assert run_encode(src, tmp_path / "plain", cfg, progress=False, text=False)["text_encoded"] == 0
+    summary = run_encode(src, tmp_path / "text", cfg, progress=False)
+    assert summary["text_encoded"] == 1 and summary["encoded"] == 2
+    for folder, expect in (("plain", [1, 0]), ("text", [1, 1])):
+        with tarfile.open(tmp_path / folder / "shard-000000.tar") as tar:
+            names = tar.getnames()
+            embs = {n: np.load(io.BytesIO(tar.extractfile(n).read())) for n in names if n.endswith(".emb.npy")}
+        assert [sum(n.startswith(f"r00000000{i}.") and n.endswith(".emb.npy") for n in names) for i in range(2)] \
+            == expect, (folder, names)
+        first = next(v for n, v in embs.items() if n.startswith("r000000000."))
+        np.testing.assert_array_equal(first, given)
+    with pytest.raises(EncodeError, match="other settings"):
+        run_encode(src, tmp_path / "text", cfg, progress=False, text=False)
+    with pytest.raises(EncodeError, match="needs model.text_encoder"):
+        run_encode(src, tmp_path / "x", load_config(CONFIG + ["model.preset=1.3b"]), progress=False)
+
+
+def test_a_host_text_encoder_says_once_that_a_caption_had_no_stored_embedding(caplog):
+    text = _trainer_text(load_config(CONFIG))
+    text.slow_encode_warning = "caption encoded in host memory"
+    stored = text.encoder.encode_rows(["a cat"])[0]
+    with caplog.at_level("WARNING"):
+        text(["a dog"], [stored])  # stored: no encode, no warning
+        assert text.encoded_captions == 0 and not caplog.records
+        text(["a cat", "a dog"], [None, None])
+        text(["a cat"], [None])
+    assert text.encoded_captions == 3
+    assert [r.getMessage() for r in caplog.records] == ["caption encoded in host memory"]
+
+
+def test_auto_keeps_the_text_encoder_in_host_memory_only_for_shards_that_store_its_embeddings(encoded, tmp_path):
+    from one4d_train.model.encoders import text_encoder_device
+    from one4d_train.train.one4d_task import One4DTask
+
+    src, out = encoded
+    assert One4DTask(load_config(CONFIG + [f"data.shards={out}"])).text_stored()
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "seed=5"])).text_stored()  # another tower
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "data.use_latents=false"])).text_stored()
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={src}"])).text_stored()  # pixel shards
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={tmp_path}/missing"])).text_stored()
+    gpu = torch.device("cuda")
+    for mode, stored, where in [("auto", True, "cpu"), ("auto", False, "cuda"), ("cpu", False, "cpu"),
+                                ("device", True, "cuda")]:
+        mcfg = load_config(CONFIG + [f"model.text_encoder_device={mode}"]).model
+        assert text_encoder_device(mcfg, gpu, stored).type == where, (mode, stored)

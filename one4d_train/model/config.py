@@ -49,7 +49,7 @@ class ModelConfig:
     checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
     vae: str = ""  # diffusers AutoencoderKLWan folder or official Wan2.1_VAE.pth; empty = tiny random VAE
     text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
-    text_encoder_device: str = "auto"  # auto = the training device; cpu = host memory (11.4 GB of bf16 off the GPU), for shards that carry text embeddings
+    text_encoder_device: str = "auto"  # auto = host memory when the training shards store every caption's embedding from this text_encoder (`one4d encode-latents`: 11.4 GB of bf16 off the GPU), else the training device; cpu = always host memory; device = always the training device
     tokenizer: str = ""
     empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (used without text_encoder); empty = zeros
     image_encoder: str = ""  # CLIP vision folder (transformers)
@@ -73,7 +73,7 @@ class ModelConfig:
         p = []
         p += choice(self.preset, ["tiny", "1.3b", "14b"], "preset")
         p += choice(self.attention, ["auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
-        p += choice(self.text_encoder_device, ["auto", "cpu"], "text_encoder_device")
+        p += choice(self.text_encoder_device, ["auto", "cpu", "device"], "text_encoder_device")
         p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
         p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
                     "activation_checkpointing")

@@ -10,11 +10,12 @@ from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
 from one4d_train.model.vae import WanVAE, load_vae
 
 
-def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype,
-                   seed: int = 0) -> tuple[WanVAE, TextConditioning, CLIPImageEncoder | None]:
+def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                   text_stored: bool = False) -> tuple[WanVAE, TextConditioning, CLIPImageEncoder | None]:
     """(VAE, text conditioning, CLIP image encoder or None) from ModelConfig paths. The tiny preset with empty
     paths gets tiny random towers of the real architectures (seeded on a forked RNG, so the global stream that
-    training resumes exactly is untouched), so CPU runs take the same code path. Real presets need real files."""
+    training resumes exactly is untouched), so CPU runs take the same code path. Real presets need real files.
+    `text_stored`: the data stores every caption's embedding from this text encoder (text_encoder_device)."""
     if mcfg.preset != "tiny":
         missing = [k for k in ("vae", "image_encoder") if not getattr(mcfg, k) and
                    (k != "image_encoder" or wan_cfg.has_image_input)]
@@ -23,26 +24,39 @@ def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.
         if missing:
             raise ValueError(f"preset {mcfg.preset!r} needs local encoder files: set model.{', model.'.join(missing)}")
     with torch.random.fork_rng(devices=[]):
-        return _build(mcfg, wan_cfg, device, dtype, seed)
+        return _build(mcfg, wan_cfg, device, dtype, seed, text_stored)
 
 
-def text_encoder_device(mcfg, device: torch.device) -> torch.device:
-    """Where the UMT5 encoder lives and runs: the training device, or the host (`text_encoder_device: cpu`: its
-    weights stay off the GPU; it then encodes only the empty prompt and captions whose samples carry no stored
-    embedding, slowly)."""
-    return torch.device("cpu") if mcfg.text_encoder_device == "cpu" else torch.device(device)
+def text_encoder_device(mcfg, device: torch.device, text_stored: bool = False) -> torch.device:
+    """Where the UMT5 encoder lives and runs: the host with `text_encoder_device: cpu`, or with `auto` when the
+    data stores every caption's embedding (`text_stored`): its weights stay off the GPU, and it encodes only the
+    empty prompt (once) and the captions of samples without a stored embedding (slowly, with a warning).
+    Otherwise the training device."""
+    mode = mcfg.text_encoder_device
+    return torch.device("cpu") if mode == "cpu" or (mode == "auto" and text_stored) else torch.device(device)
 
 
-def _build(mcfg, wan_cfg, device, dtype, seed):
+def build_text(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> TextConditioning:
+    """The text conditioning of a model config on `device`: the configured UMT5 (or only the stored empty-prompt
+    embedding), or for the tiny preset with no path the tiny random tower seeded with `seed`. The trainer and
+    `one4d encode-latents` (which stores the embeddings) build it here, so both compute the same embeddings."""
+    if mcfg.text_encoder or mcfg.preset != "tiny":
+        return build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
+                                       dim=wan_cfg.text_dim, dtype=dtype, device=device)
+    encoder = UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype, device=device)
+    return TextConditioning(encoder, dim=wan_cfg.text_dim)
+
+
+def _build(mcfg, wan_cfg, device, dtype, seed, text_stored):
     vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device, compile=mcfg.compile_vae,
                    frames_per_call=mcfg.vae_frames_per_call)
-    if mcfg.text_encoder or mcfg.preset != "tiny":
-        text = build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
-                                       dim=wan_cfg.text_dim, dtype=dtype, device=text_encoder_device(mcfg, device))
-    else:
-        encoder = UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype,
-                                  device=text_encoder_device(mcfg, device))
-        text = TextConditioning(encoder, dim=wan_cfg.text_dim)
+    text = build_text(mcfg, wan_cfg, text_encoder_device(mcfg, device, text_stored), dtype, seed)
+    if text.encoder is not None and text.encoder.device.type != torch.device(device).type:
+        text.slow_encode_warning = (
+            f"a sample without a stored text embedding: its caption is encoded by UMT5 in host memory "
+            f"(model.text_encoder_device={mcfg.text_encoder_device}), seconds per caption; store the embeddings with "
+            f"`one4d encode-latents` "
+            f"(model.text_encoder={mcfg.text_encoder or '(tiny random)'})")
     image = None
     if wan_cfg.has_image_input:
         if mcfg.image_encoder:

@@ -14,6 +14,7 @@ suits random-weight runs, since a real Wan checkpoint was trained with the true 
 from __future__ import annotations
 
 import html
+import logging
 import re
 from typing import Sequence
 
@@ -22,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 TEXT_LEN = 512
+log = logging.getLogger(__name__)
 
 
 def clean_prompt(text: str) -> str:
@@ -74,13 +76,23 @@ class UMT5TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._encode(prompts)[0]
+
+    def encode_rows(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Each prompt's own rows [L_i, D] (its tokens, `</s>` included): what a shard stores as `emb.npy`."""
+        hidden, lengths = self._encode(prompts)
+        return [h[:n] for h, n in zip(hidden, lengths.tolist())]
+
+    @torch.no_grad()
+    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.text_len,
                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
                                 return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        keep = torch.arange(self.text_len, device=self.device)[None] < mask.sum(1, keepdim=True)
-        return hidden * keep[..., None]
+        lengths = mask.sum(1)
+        keep = torch.arange(self.text_len, device=self.device)[None] < lengths[:, None]
+        return hidden * keep[..., None], lengths
 
     @property
     def empty_embedding(self) -> torch.Tensor:
@@ -100,6 +112,8 @@ class TextConditioning:
         self.text_len = encoder.text_len if encoder is not None else text_len
         self.dim = encoder.dim if encoder is not None else dim
         self._empty_copies: dict[torch.device, torch.Tensor] = {}
+        self.encoded_captions = 0  # captions the encoder ran on (samples without a stored embedding)
+        self.slow_encode_warning = ""  # logged once at the first such caption (set for an encoder in host memory)
         if empty is not None:
             self._empty = pad_text_embedding(empty.float(), self.text_len)
         elif encoder is None:
@@ -125,6 +139,9 @@ class TextConditioning:
         # captions that clean to "" are the empty prompt, whose embedding is computed once
         missing = [i for i, r in enumerate(rows) if r is None and clean_prompt(captions[i])]
         if missing and self.encoder is not None:
+            if self.slow_encode_warning and not self.encoded_captions:
+                log.warning(self.slow_encode_warning)
+            self.encoded_captions += len(missing)
             for i, r in zip(missing, self.encoder.encode([captions[i] for i in missing])):
                 rows[i] = r
         # assembled where the stored embeddings are (the training device), else where the empty prompt is

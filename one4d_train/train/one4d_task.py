@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from data_pipeline.finish import finish_batch
-from data_pipeline.latents import latents_spec
+from data_pipeline.latents import latents_spec, text_identity
 from data_pipeline.loader import build_loader
+from data_pipeline.reader import stored_text_encoder
+from data_pipeline.shard_index import ShardIndexError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.attention import set_attention_backend
@@ -123,8 +125,20 @@ class One4DTask:
     def encoders(self, device: torch.device):
         if self._encoders is None:
             dtype = self.dtype if device.type == "cuda" else torch.float32
-            self._encoders = build_encoders(self.cfg.model, self.wan_cfg, device, dtype, self.cfg.seed)
+            self._encoders = build_encoders(self.cfg.model, self.wan_cfg, device, dtype, self.cfg.seed,
+                                            text_stored=self.text_stored())
         return self._encoders
+
+    def text_stored(self) -> bool:
+        """Whether the training shards store every caption's embedding from this run's text encoder (`one4d
+        encode-latents`); `model.text_encoder_device: auto` then keeps the encoder in host memory."""
+        if not self.cfg.data.shards:
+            return False
+        try:
+            stored = stored_text_encoder(self.cfg.data.shards, self.cfg.data)
+        except (OSError, ShardIndexError, ValueError):  # no readable index here: the loader reports it
+            return False
+        return stored is not None and stored == text_identity(self.cfg.model, self.cfg.seed)
 
     # ---- the step ---------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ original member plus
   {key}.latents.json  window, crop, resolution, source size, xyz centre/scale, percentiles, VAE identity and
                       its latents mean/std, valid_min_fraction, dtype, latent shape
   {key}.emb.npy       float16 [L, D]: the caption's UMT5 embedding (its L tokens), for a sample with a caption
-                      and no stored embedding, unless --no-text; then the trainer needs no text encoder on its
-                      GPU (model.text_encoder_device: cpu) and encodes no caption per step
+                      and no stored embedding, unless --no-text; then the trainer keeps its text encoder in host
+                      memory (model.text_encoder_device: auto) and encodes no caption per step
 
 Shard names, keys and the sample-to-shard assignment are those of the source; each output shard is written
 atomically and recorded (NAME.record.json), so a re-run after a kill finishes the job with identical bytes.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,6 +213,17 @@ def text_identity(mcfg, seed: int) -> str:
     if mcfg.text_encoder:
         return mcfg.text_encoder
     return f"tiny:{seed}" if mcfg.preset == "tiny" else ""
+
+
+def same_text_encoder(recorded: str | None, configured: str) -> bool:
+    """Whether the text encoder recorded with stored embeddings is the configured one (`text_identity`s; paths
+    compared after resolving links and relative parts)."""
+    if not recorded or not configured:
+        return False
+    if recorded == configured:
+        return True
+    tiny = recorded.startswith("tiny:") or configured.startswith("tiny:")
+    return not tiny and os.path.realpath(recorded) == os.path.realpath(configured)
 
 
 def text_member(key: str, emb: torch.Tensor) -> tuple[str, bytes]:

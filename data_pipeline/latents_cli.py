@@ -37,6 +37,13 @@ def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int, text
             "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch}}
 
 
+def _text_free_plan_of(old: dict, plan: dict) -> bool:
+    """Whether `old` is a version-1 plan (written before encode-latents stored text embeddings) of the same
+    source, settings and compute as `plan`."""
+    same = {k: v for k, v in plan.items() if k not in ("version", "text_encoder")}
+    return old.get("version") == 1 and {k: v for k, v in old.items() if k != "version"} == same
+
+
 def _text_rows(text, chunk) -> dict[str, torch.Tensor]:
     """key -> embedding rows [L, D] for the chunk's decodable samples with a caption and no stored embedding."""
     from one4d_train.model.text_encoder import clean_prompt
@@ -51,7 +58,8 @@ def _text_rows(text, chunk) -> dict[str, torch.Tensor]:
 def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int, text=None) -> dict:
     """Write one output shard atomically (all source members, plus latents, and with `text` (a TextConditioning)
     the caption's embedding, for every encodable sample), then its record. Samples that do not decode keep their
-    members and get nothing added; they are listed in `failed`."""
+    members and get nothing added; they are listed in `failed`. A caption whose embedding cannot be stored (float16
+    overflow) leaves its sample's latents without one, listed in `text_failed`."""
     from data_pipeline.shard import _add
 
     problem = si.verify_shard_file(src, entry)
@@ -59,7 +67,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
         raise EncodeError(f"source shard does not match its index: {problem}")
     name = entry["name"]
     mean, std = [float(v) for v in vae.model.config.latents_mean], [float(v) for v in vae.model.config.latents_std]
-    keys, failed, encoded, text_encoded = [], [], 0, 0
+    keys, failed, text_failed, encoded, text_encoded = [], [], [], 0, 0
     tmp = out / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
 
     def flush(tar, chunk):
@@ -72,13 +80,15 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
             if ready is not None:
                 try:
                     extra = latent_members(key, next(encs), ready[1], run, mean, std)
-                    if key in rows:
-                        extra.append(text_member(key, rows[key]))
                     encoded += 1
-                    text_encoded += key in rows
                 except SampleError as exc:
                     failed.append({"key": key, "reason": str(exc)})
-                    extra = []
+                if extra and key in rows:
+                    try:  # the latents stay without it: the trainer then encodes the caption itself
+                        extra.append(text_member(key, rows[key]))
+                        text_encoded += 1
+                    except SampleError as exc:
+                        text_failed.append({"key": key, "reason": str(exc)})
             for member, data in checksums.with_sums(key, members + extra) if extra else members:
                 _add(tar, member, data)
 
@@ -110,7 +120,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     final = out / name
     record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
               "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "text_encoded": text_encoded,
-              "failed": failed}
+              "failed": failed, "text_failed": text_failed}
     si.write_json(si.record_path(out, name), record)
     return record
 
@@ -148,6 +158,11 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")
     plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch, text_id or None)
     old = si.pin_plan(out, plan)
+    if old is not None and _text_free_plan_of(old, plan):  # finishable the way it was started: without text
+        if text_id:
+            raise EncodeError(f"{out / si.PLAN}: this folder was started without text embeddings (plan version 1); "
+                              f"finish it with --no-text, or use a new output folder")
+        old = None
     if old is not None:
         raise EncodeError(f"{out / si.PLAN}: this folder holds latents from another source index or other settings "
                           f"(plan {old}); use the same options or a new output folder")
@@ -181,10 +196,12 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
                   "statistics": index["statistics"], "rejects": index["rejects"],
                   "latents": {**run, "source_index_sha256": plan["source_index_sha256"],
                               "encoded": sum(r["encoded"] for r in recs), "text_encoder": plan["text_encoder"],
-                              "text_encoded": sum(r.get("text_encoded", 0) for r in recs), "failed": failed}}
+                              "text_encoded": sum(r.get("text_encoded", 0) for r in recs), "failed": failed,
+                              "text_failed": [x for r in recs for x in r.get("text_failed", [])]}}
         si.write_index(out, result)
         summary.update(index=str(out / si.INDEX), encoded=result["latents"]["encoded"],
-                       text_encoded=result["latents"]["text_encoded"], failed=failed)
+                       text_encoded=result["latents"]["text_encoded"], failed=failed,
+                       text_failed=result["latents"]["text_failed"])
     return summary
 
 
@@ -254,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done); {done}")
     for f in s.get("failed", []):
         print(f"  no latents for {f['key']}: {f['reason']}")
+    for f in s.get("text_failed", []):
+        print(f"  no text embedding stored for {f['key']} (the trainer encodes its caption): {f['reason']}")
     return 0
 
 

@@ -273,7 +273,7 @@ def test_text_embeddings_are_optional_kept_and_pinned(tmp_path):
         run_encode(src, tmp_path / "x", load_config(CONFIG + ["model.preset=1.3b"]), progress=False)
 
 
-def test_a_host_text_encoder_says_once_that_a_caption_had_no_stored_embedding(caplog):
+def test_a_host_text_encoder_warns_at_powers_of_ten_and_caches_recent_captions(caplog):
     text = _trainer_text(load_config(CONFIG))
     text.slow_encode_warning = "caption encoded in host memory"
     stored = text.encoder.encode_rows(["a cat"])[0]
@@ -282,8 +282,92 @@ def test_a_host_text_encoder_says_once_that_a_caption_had_no_stored_embedding(ca
         assert text.encoded_captions == 0 and not caplog.records
         text(["a cat", "a dog"], [None, None])
         text(["a cat"], [None])
-    assert text.encoded_captions == 3
-    assert [r.getMessage() for r in caplog.records] == ["caption encoded in host memory"]
+        for i in range(8):
+            text([f"the car {'moves ' * i}"], None)
+    assert text.encoded_captions == 11
+    assert [r.getMessage() for r in caplog.records] == ["caption encoded in host memory: 2 so far",
+                                                        "caption encoded in host memory: 10 so far"]
+    # with a cache (an encoder in host memory), a caption seen again is not encoded again, and gives the same rows
+    text.cache_size = 2
+    first = text(["a dog runs"], None)
+    again = text(["a dog runs", "a cat"], [None, stored])
+    assert text.encoded_captions == 12 and torch.equal(again[0], first[0])
+    torch.testing.assert_close(again[1], text(["a cat"], None)[0])
+    text(["a car"], None), text(["the dog"], None)  # the cache keeps the last 2
+    assert list(text._cache) == ["a car", "the dog"]
+
+
+def test_a_batch_with_and_without_stored_text_embeddings(encoded):
+    """Samples with and without emb.npy in one batch (an empty caption gets none): each keeps what it has."""
+    from data_pipeline.loader import collate
+    from one4d_train.model.text_encoder import batch_text_embeddings
+
+    _, out = encoded
+    text = _trainer_text(load_config(CONFIG))
+    loader = build_loader(_cfg(out), rank=0, world_size=1, seed=3, micro_batch_size=1, latents=SPEC)
+    a, b = [{k: (v[0] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            for batch in _take(loader, 2)]
+    b.pop("text_emb")
+    for samples in ([a, b], [b, a]):
+        batch = collate(samples)
+        embs = batch_text_embeddings(batch)
+        have = [s.get("text_emb") for s in samples]
+        assert [e is None for e in embs] == [h is None for h in have]
+        for e, h in zip(embs, have):
+            assert h is None or torch.equal(e, h)
+        got = text(batch["caption"], embs)
+        torch.testing.assert_close(got, text(batch["caption"]), rtol=2 ** -10, atol=1e-4)
+    assert batch_text_embeddings(collate([b, dict(b)])) is None
+
+
+def test_encode_folder_of_the_textless_version_is_finished_with_no_text(tmp_path):
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=1)
+    cfg = load_config(CONFIG)
+    out = tmp_path / "old"
+    run_encode(src, out, cfg, progress=False, text=False)
+    plan = json.loads((out / "plan.json").read_text())
+    plan.pop("text_encoder")
+    (out / "plan.json").write_text(json.dumps({**plan, "version": 1}))  # as the earlier encode-latents wrote it
+    (out / "index.json").unlink()
+    next(out.glob("*.record.json")).unlink()  # one shard still to do
+    with pytest.raises(EncodeError, match="started without text embeddings .* --no-text"):
+        run_encode(src, out, cfg, progress=False)
+    summary = run_encode(src, out, cfg, progress=False, text=False)
+    assert summary["written"] == 1 and summary["text_encoded"] == 0 and summary["index"]
+
+
+def test_a_caption_embedding_that_cannot_be_stored_leaves_the_latents(tmp_path, monkeypatch):
+    import data_pipeline.latents_cli as cli
+    from data_pipeline.decode import SampleError
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=2)
+    real = cli.text_member
+
+    def overflow_first(key, emb):
+        if key.endswith("0"):
+            raise SampleError("the caption's text embedding has non-finite or float16-overflowing values")
+        return real(key, emb)
+
+    monkeypatch.setattr(cli, "text_member", overflow_first)
+    summary = run_encode(src, tmp_path / "out", load_config(CONFIG), progress=False)
+    assert summary["encoded"] == 2 and summary["text_encoded"] == 1 and not summary["failed"]
+    assert [f["key"] for f in summary["text_failed"]] == ["r000000000"]
+    members = dict(tar_samples(tmp_path / "out" / "shard-000000.tar"))
+    names = {k: [n for n, _ in m] for k, m in members.items()}
+    assert "r000000000.latents.npz" in names["r000000000"] and "r000000000.emb.npy" not in names["r000000000"]
+    assert "r000000001.emb.npy" in names["r000000001"]
+
+
+def test_the_recorded_text_encoder_matches_through_links(tmp_path):
+    from data_pipeline.latents import same_text_encoder
+
+    (tmp_path / "umt5").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "umt5")
+    assert same_text_encoder(str(tmp_path / "umt5"), str(tmp_path / "link"))
+    assert same_text_encoder(str(tmp_path / "umt5"), str(tmp_path / "x" / ".." / "umt5"))
+    assert not same_text_encoder(str(tmp_path / "umt5"), str(tmp_path / "other"))
+    assert same_text_encoder("tiny:0", "tiny:0") and not same_text_encoder("tiny:0", "tiny:1")
+    assert not same_text_encoder(None, "tiny:0") and not same_text_encoder("/m/umt5", "")
 
 
 def test_auto_keeps_the_text_encoder_in_host_memory_only_for_shards_that_store_its_embeddings(encoded, tmp_path):

@@ -75,8 +75,8 @@ def test_empty_captions_reuse_the_cached_empty_prompt(encoder, monkeypatch):
     cond = TextConditioning(encoder)
     empty = encoder.empty_embedding
     calls = []
-    encode = encoder.encode
-    monkeypatch.setattr(encoder, "encode", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    encode, encode_rows = encoder.encode, encoder.encode_rows
+    monkeypatch.setattr(encoder, "encode_rows", lambda prompts: calls.append(list(prompts)) or encode_rows(prompts))
     batch = cond(["", "  ", "a cat"], [None, None, None])
     assert calls == [["a cat"]]
     assert torch.equal(batch[0], empty) and torch.equal(batch[1], empty)
@@ -131,9 +131,12 @@ def test_clip_penultimate_layer_matches_transformers(tmp_path):
 
 
 def test_text_encoder_device_setting():
-    """`model.text_encoder_device`: auto = the training device, cpu = host memory whatever the training device."""
+    """`model.text_encoder_device`: auto = the training device (unless the shards store the embeddings:
+    test_latents), cpu = host memory whatever the training device, device = the training device."""
     from one4d_train.model.config import ModelConfig
     from one4d_train.model.encoders import text_encoder_device
     assert text_encoder_device(ModelConfig(), torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert text_encoder_device(ModelConfig(text_encoder_device="cpu"), torch.device("cuda", 1)) == torch.device("cpu")
+    assert text_encoder_device(ModelConfig(text_encoder_device="device"), torch.device("cuda", 1), True) == \
+        torch.device("cuda", 1)
     assert [key for key, _ in ModelConfig(text_encoder_device="gpu").validate()] == ["text_encoder_device"]

@@ -90,14 +90,14 @@ def umc_condition(gen: Generator, rgb: torch.Tensor, frame_mask: torch.Tensor, c
 def generate(gen: Generator, batch: dict, mode: str, ecfg, seeds: list[int]) -> dict:
     """Sample one batch (docs/data.md layout, [B, T, 3, H, W]) in `mode`. Returns rgb [B, T, 3, H, W] in
     [-1, 1], xyz [B, T, 3, H, W] normalised, frame_mask [B, T]."""
+    from one4d_train.model.text_encoder import batch_text_embeddings
     from one4d_train.model.umc import eval_frame_mask
 
     rgb = batch["rgb"].to(gen.device).transpose(1, 2).float()  # [B, 3, T, H, W]
     B, _, T = rgb.shape[:3]
     frame_mask = eval_frame_mask(mode, T, ecfg.sparse_frames).expand(B, T).to(gen.device)
     captions = batch.get("caption", [""] * B)
-    embs = batch.get("text_emb")
-    context = gen.text(captions, None if embs is None else list(embs)).to(gen.device)
+    context = gen.text(captions, batch_text_embeddings(batch)).to(gen.device)
     cond = umc_condition(gen, rgb, frame_mask, context)
     uncond = dict(cond, context=gen.text.empty.to(gen.device).expand_as(context))
     shape = cond["z_cond"].shape[1:]

@@ -49,7 +49,7 @@ class ModelConfig:
     checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
     vae: str = ""  # diffusers AutoencoderKLWan folder or official Wan2.1_VAE.pth; empty = tiny random VAE
     text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
-    text_encoder_device: str = "auto"  # auto = host memory when the training shards store every caption's embedding from this text_encoder (`one4d encode-latents`: 11.4 GB of bf16 off the GPU), else the training device; cpu = always host memory; device = always the training device
+    text_encoder_device: str = "auto"  # auto = host memory when the training shards store the captions' embeddings from this text_encoder (`one4d encode-latents` records it in index.json; 11.4 GB of bf16 off the GPU), else the training device; cpu = always host memory; device = always the training device
     tokenizer: str = ""
     empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (used without text_encoder); empty = zeros
     image_encoder: str = ""  # CLIP vision folder (transformers)

@@ -15,7 +15,7 @@ def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.
     """(VAE, text conditioning, CLIP image encoder or None) from ModelConfig paths. The tiny preset with empty
     paths gets tiny random towers of the real architectures (seeded on a forked RNG, so the global stream that
     training resumes exactly is untouched), so CPU runs take the same code path. Real presets need real files.
-    `text_stored`: the data stores every caption's embedding from this text encoder (text_encoder_device)."""
+    `text_stored`: the data stores the captions' embeddings from this text encoder (text_encoder_device)."""
     if mcfg.preset != "tiny":
         missing = [k for k in ("vae", "image_encoder") if not getattr(mcfg, k) and
                    (k != "image_encoder" or wan_cfg.has_image_input)]
@@ -29,8 +29,9 @@ def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.
 
 def text_encoder_device(mcfg, device: torch.device, text_stored: bool = False) -> torch.device:
     """Where the UMT5 encoder lives and runs: the host with `text_encoder_device: cpu`, or with `auto` when the
-    data stores every caption's embedding (`text_stored`): its weights stay off the GPU, and it encodes only the
-    empty prompt (once) and the captions of samples without a stored embedding (slowly, with a warning).
+    data stores the captions' embeddings (`text_stored`): its weights stay off the GPU, and it encodes only the
+    empty prompt (once) and the captions of samples without a stored embedding (slowly, with a warning; the last
+    128 cached, for evaluation's).
     Otherwise the training device."""
     mode = mcfg.text_encoder_device
     return torch.device("cpu") if mode == "cpu" or (mode == "auto" and text_stored) else torch.device(device)
@@ -53,10 +54,10 @@ def _build(mcfg, wan_cfg, device, dtype, seed, text_stored):
     text = build_text(mcfg, wan_cfg, text_encoder_device(mcfg, device, text_stored), dtype, seed)
     if text.encoder is not None and text.encoder.device.type != torch.device(device).type:
         text.slow_encode_warning = (
-            f"a sample without a stored text embedding: its caption is encoded by UMT5 in host memory "
-            f"(model.text_encoder_device={mcfg.text_encoder_device}), seconds per caption; store the embeddings with "
-            f"`one4d encode-latents` "
-            f"(model.text_encoder={mcfg.text_encoder or '(tiny random)'})")
+            f"captions without a stored text embedding are encoded by UMT5 in host memory "
+            f"(model.text_encoder_device={mcfg.text_encoder_device}), seconds each; `one4d encode-latents` stores "
+            f"them in the shards")
+        text.cache_size = 128  # evaluation's captions come back every round
     image = None
     if wan_cfg.has_image_input:
         if mcfg.image_encoder:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -113,7 +114,11 @@ class TextConditioning:
         self.dim = encoder.dim if encoder is not None else dim
         self._empty_copies: dict[torch.device, torch.Tensor] = {}
         self.encoded_captions = 0  # captions the encoder ran on (samples without a stored embedding)
-        self.slow_encode_warning = ""  # logged once at the first such caption (set for an encoder in host memory)
+        # set for an encoder off the training device (in host memory, slow): a warning logged at the 1st, 10th,
+        # 100th, ... caption it encodes, and a cache of the last `cache_size` captions' rows (eval repeats its own)
+        self.slow_encode_warning = ""
+        self.cache_size = 0
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if empty is not None:
             self._empty = pad_text_embedding(empty.float(), self.text_len)
         elif encoder is None:
@@ -139,11 +144,11 @@ class TextConditioning:
         # captions that clean to "" are the empty prompt, whose embedding is computed once
         missing = [i for i, r in enumerate(rows) if r is None and clean_prompt(captions[i])]
         if missing and self.encoder is not None:
-            if self.slow_encode_warning and not self.encoded_captions:
-                log.warning(self.slow_encode_warning)
-            self.encoded_captions += len(missing)
-            for i, r in zip(missing, self.encoder.encode([captions[i] for i in missing])):
-                rows[i] = r
+            for i in missing:
+                if captions[i] in self._cache:
+                    self._cache.move_to_end(captions[i])
+                    rows[i] = pad_text_embedding(self._cache[captions[i]], self.text_len)
+            self._encode_missing(captions, rows, [i for i in missing if rows[i] is None])
         # assembled where the stored embeddings are (the training device), else where the empty prompt is
         device = next((e.device for e in text_embs if e is not None), self.empty.device)
         empty = self.empty_on(device)
@@ -151,6 +156,31 @@ class TextConditioning:
         if batch.shape[-1] != self.dim:
             raise ValueError(f"text embedding width {batch.shape[-1]} != configured {self.dim}")
         return apply_text_dropout(batch, dropout, generator, empty)[0] if dropout > 0 else batch
+
+    def _encode_missing(self, captions: Sequence[str], rows: list, todo: list[int]) -> None:
+        if not todo:
+            return
+        before = self.encoded_captions
+        self.encoded_captions += len(todo)
+        if self.slow_encode_warning and (before == 0 or len(str(before)) != len(str(self.encoded_captions))):
+            log.warning("%s: %d so far", self.slow_encode_warning, self.encoded_captions)
+        for i, r in zip(todo, self.encoder.encode_rows([captions[i] for i in todo])):
+            rows[i] = pad_text_embedding(r, self.text_len)
+            if self.cache_size:
+                self._cache[captions[i]] = r.clone()
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+
+
+def batch_text_embeddings(batch: dict) -> list[torch.Tensor | None] | None:
+    """The stored text embeddings of a collated batch, one per sample (None where a sample had none: its length
+    in `text_emb_len` is 0), each cut to its own length; None when no sample had one."""
+    embs = batch.get("text_emb")
+    if embs is None:
+        return None
+    if "text_emb_len" not in batch:
+        return list(embs)
+    return [e[:n] if n else None for e, n in zip(embs, batch["text_emb_len"].tolist())]
 
 
 def build_text_conditioning(encoder: str = "", tokenizer: str = "", empty_prompt_embedding: str = "",

@@ -6,6 +6,7 @@ The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoin
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from data_pipeline.finish import finish_batch
-from data_pipeline.latents import latents_spec, text_identity
+from data_pipeline.latents import latents_spec, same_text_encoder, text_identity
 from data_pipeline.loader import build_loader
 from data_pipeline.reader import stored_text_encoder
 from data_pipeline.shard_index import ShardIndexError
@@ -31,9 +32,12 @@ from one4d_train.model.flops import FlopShape, training_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
 from one4d_train.model.presets import IMAGE_TOKENS, wan_config
 from one4d_train.model.state_dict import open_backbone_checkpoint
+from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
+
+log = logging.getLogger(__name__)
 
 
 def base_parameter_names(model: nn.Module) -> dict[str, str]:
@@ -130,15 +134,25 @@ class One4DTask:
         return self._encoders
 
     def text_stored(self) -> bool:
-        """Whether the training shards store every caption's embedding from this run's text encoder (`one4d
-        encode-latents`); `model.text_encoder_device: auto` then keeps the encoder in host memory."""
+        """Whether the training shards store their captions' embeddings from this run's text encoder (`one4d
+        encode-latents` records it in index.json); `model.text_encoder_device: auto` then keeps the encoder in
+        host memory. The decision is logged."""
         if not self.cfg.data.shards:
             return False
         try:
             stored = stored_text_encoder(self.cfg.data.shards, self.cfg.data)
         except (OSError, ShardIndexError, ValueError):  # no readable index here: the loader reports it
             return False
-        return stored is not None and stored == text_identity(self.cfg.model, self.cfg.seed)
+        ours = text_identity(self.cfg.model, self.cfg.seed)
+        same = same_text_encoder(stored, ours)
+        if same:
+            log.info("the training shards store text embeddings from %s: with model.text_encoder_device=auto the "
+                     "encoder stays in host memory", stored)
+        elif stored:
+            log.warning("the training shards store text embeddings from %s, not from model.text_encoder=%s: they "
+                        "are used, and the encoder stays on the training device for the captions without one",
+                        stored, ours)
+        return same
 
     # ---- the step ---------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -157,10 +171,8 @@ class One4DTask:
                 (z_rgb, z_xyz), z_image = vae.encode_many([rgb, xyz]), None
             z_cond = condition_latents(tasks, frame_mask, rgb, z_rgb, vae.encode, z_image=z_image)
             mask4 = fold_frame_mask(frame_mask.to(device), *z_rgb.shape[-2:]).to(z_rgb)
-            text_embs = batch.get("text_emb")
-            if text_embs is not None and "text_emb_len" in batch:
-                text_embs = [e[:n] for e, n in zip(text_embs, batch["text_emb_len"].tolist())]
-            context = text(batch["caption"], text_embs, dropout=umc_cfg.text_dropout, generator=generator)
+            context = text(batch["caption"], batch_text_embeddings(batch), dropout=umc_cfg.text_dropout,
+                           generator=generator)
             clip = None if image is None else image.encode(first_observed_frame(rgb, frame_mask))
         flow = noisy_pair(z_rgb, z_xyz, self.cfg.flow, generator)
         rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_cond)

@@ -24,6 +24,7 @@ from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_mem
 from data_pipeline.shard import shard_done
 
 PLAN_VERSION = 2  # 2: the text encoder joins the plan
+EMPTY_PROMPT = "empty_prompt.npy"
 
 
 class EncodeError(RuntimeError):
@@ -181,6 +182,8 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
                        frames_per_call=cfg.model.vae_frames_per_call)
         conditioning = _text_conditioning(cfg, dev, dtype) if text_id else None
+        if conditioning is not None:
+            _write_empty_prompt(out, conditioning)
         for e in todo:
             encode_shard(src, out, e, vae, cfg, run, batch, conditioning)
             bar.update()
@@ -196,7 +199,9 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
                   "statistics": index["statistics"], "rejects": index["rejects"],
                   "latents": {**run, "source_index_sha256": plan["source_index_sha256"],
                               "encoded": sum(r["encoded"] for r in recs), "text_encoder": plan["text_encoder"],
-                              "text_encoded": sum(r.get("text_encoded", 0) for r in recs), "failed": failed,
+                              "text_encoded": sum(r.get("text_encoded", 0) for r in recs),
+                              "empty_prompt": EMPTY_PROMPT if text_id and (out / EMPTY_PROMPT).is_file() else None,
+                              "failed": failed,
                               "text_failed": [x for r in recs for x in r.get("text_failed", [])]}}
         si.write_index(out, result)
         summary.update(index=str(out / si.INDEX), encoded=result["latents"]["encoded"],
@@ -217,6 +222,20 @@ def _text_conditioning(cfg, device, dtype):
     if text.encoder is None:
         raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")
     return text
+
+
+def _write_empty_prompt(out: Path, text) -> None:
+    """OUT/empty_prompt.npy: the text encoder's embedding of "" (its rows, float32), written atomically before
+    any shard, so a trainer whose samples all carry embeddings never needs the encoder itself."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, text.encoder.encode_rows([""])[0].float().cpu().numpy(), allow_pickle=False)
+    tmp = out / f".{EMPTY_PROMPT}.tmp{socket.gethostname()}-{os.getpid()}"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out / EMPTY_PROMPT)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -93,6 +93,14 @@ def stored_text_encoder(spec: str, cfg: DataConfig) -> str | None:
     return meta.get("text_encoder") if meta is not None and cfg.use_latents else None
 
 
+def stored_empty_prompt(spec: str) -> Path | None:
+    """The empty prompt's embedding file stored with the shard set's text embeddings (index.json
+    latents.empty_prompt), when there is one."""
+    directory = shard_directory(spec)
+    name = (read_index(directory).get("latents") or {}).get("empty_prompt")
+    return directory / name if name and (directory / name).is_file() else None
+
+
 def shard_fingerprint(shards: list[Shard]) -> str:
     """Identifies the shard set (names and counts) a position belongs to."""
     text = json.dumps([[s.name, s.count] for s in shards])

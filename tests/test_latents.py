@@ -385,3 +385,38 @@ def test_auto_keeps_the_text_encoder_in_host_memory_only_for_shards_that_store_i
                                 ("device", True, "cuda")]:
         mcfg = load_config(CONFIG + [f"model.text_encoder_device={mode}"]).model
         assert text_encoder_device(mcfg, gpu, stored).type == where, (mode, stored)
+
+
+def test_the_stored_empty_prompt_lets_a_host_encoder_load_only_when_needed(encoded, monkeypatch):
+    """encode-latents stores the encoder's embedding of "" with the shards; a trainer keeping the encoder in host
+    memory starts from it and builds the encoder only at the first caption without a stored embedding (without
+    touching training's RNG stream), with the results of an encoder built up front."""
+    import one4d_train.model.encoders as enc
+    from one4d_train.model.presets import wan_config
+    from one4d_train.train.one4d_task import One4DTask
+
+    _, out = encoded
+    cfg = load_config(CONFIG + [f"data.shards={out}"])
+    eager = _trainer_text(cfg)
+    assert read_index(out)["latents"]["empty_prompt"] == "empty_prompt.npy"
+    stored = One4DTask(cfg)._stored_empty()
+    torch.testing.assert_close(stored, eager.encoder.encode_rows([""])[0], rtol=0, atol=0)
+
+    # the trainer's build with the encoder in host memory and the model elsewhere (meta stands in for the GPU)
+    monkeypatch.setattr(enc, "load_vae", lambda *a, **k: None)
+    monkeypatch.setattr(enc, "CLIPImageEncoder", lambda *a, **k: None)
+    _, text, _ = enc.build_encoders(cfg.model, wan_config(cfg.model.preset), torch.device("meta"), torch.float32,
+                                    cfg.seed, text_stored=True, stored_empty=stored)
+    assert text.has_encoder and text._encoder is None and text.slow_encode_warning and text.cache_size
+    torch.testing.assert_close(text.empty, eager.empty, rtol=0, atol=0)
+    cat = eager.encoder.encode_rows(["a cat"])[0]
+    torch.testing.assert_close(text(["a cat", ""], [cat, None]), eager(["a cat", ""], [cat, None]))
+    assert text._encoder is None  # stored embeddings and the empty prompt: nothing loaded
+    rng = torch.get_rng_state()
+    got = text(["a dog runs"], None)
+    assert text._encoder is not None and torch.equal(torch.get_rng_state(), rng)
+    torch.testing.assert_close(got, eager(["a dog runs"], None), rtol=0, atol=0)
+    # on the device itself (not in host memory) the encoder is built up front, as before
+    _, on_device, _ = enc.build_encoders(cfg.model, wan_config(cfg.model.preset), torch.device("cpu"), torch.float32,
+                                         cfg.seed, text_stored=True, stored_empty=stored)
+    assert on_device._encoder is not None and not on_device.slow_encode_warning

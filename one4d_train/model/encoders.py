@@ -11,11 +11,14 @@ from one4d_train.model.vae import WanVAE, load_vae
 
 
 def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                   text_stored: bool = False) -> tuple[WanVAE, TextConditioning, CLIPImageEncoder | None]:
+                   text_stored: bool = False, stored_empty: torch.Tensor | None = None
+                   ) -> tuple[WanVAE, TextConditioning, CLIPImageEncoder | None]:
     """(VAE, text conditioning, CLIP image encoder or None) from ModelConfig paths. The tiny preset with empty
     paths gets tiny random towers of the real architectures (seeded on a forked RNG, so the global stream that
     training resumes exactly is untouched), so CPU runs take the same code path. Real presets need real files.
-    `text_stored`: the data stores the captions' embeddings from this text encoder (text_encoder_device)."""
+    `text_stored`: the data stores the captions' embeddings from this text encoder (text_encoder_device);
+    `stored_empty`: its empty-prompt embedding, stored with them: an encoder in host memory is then loaded only at
+    the first caption without a stored embedding."""
     if mcfg.preset != "tiny":
         missing = [k for k in ("vae", "image_encoder") if not getattr(mcfg, k) and
                    (k != "image_encoder" or wan_cfg.has_image_input)]
@@ -24,7 +27,7 @@ def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.
         if missing:
             raise ValueError(f"preset {mcfg.preset!r} needs local encoder files: set model.{', model.'.join(missing)}")
     with torch.random.fork_rng(devices=[]):
-        return _build(mcfg, wan_cfg, device, dtype, seed, text_stored)
+        return _build(mcfg, wan_cfg, device, dtype, seed, text_stored, stored_empty)
 
 
 def text_encoder_device(mcfg, device: torch.device, text_stored: bool = False) -> torch.device:
@@ -37,22 +40,37 @@ def text_encoder_device(mcfg, device: torch.device, text_stored: bool = False) -
     return torch.device("cpu") if mode == "cpu" or (mode == "auto" and text_stored) else torch.device(device)
 
 
-def build_text(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> TextConditioning:
+def build_text(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               lazy_empty: torch.Tensor | None = None) -> TextConditioning:
     """The text conditioning of a model config on `device`: the configured UMT5 (or only the stored empty-prompt
     embedding), or for the tiny preset with no path the tiny random tower seeded with `seed`. The trainer and
-    `one4d encode-latents` (which stores the embeddings) build it here, so both compute the same embeddings."""
+    `one4d encode-latents` (which stores the embeddings) build it here, so both compute the same embeddings.
+    `lazy_empty` (the empty prompt's embedding stored with the shards): the encoder is built at its first use."""
+    has_encoder = bool(mcfg.text_encoder) or mcfg.preset == "tiny"
+    if lazy_empty is not None and has_encoder:
+        def load() -> UMT5TextEncoder:
+            with torch.random.fork_rng(devices=[]):  # the tiny tower seeds torch: training's RNG stream is kept
+                return _text_encoder(mcfg, wan_cfg, device, dtype, seed)
+        return TextConditioning(None, dim=wan_cfg.text_dim, empty=lazy_empty, load_encoder=load)
     if mcfg.text_encoder or mcfg.preset != "tiny":
         return build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
                                        dim=wan_cfg.text_dim, dtype=dtype, device=device)
-    encoder = UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype, device=device)
-    return TextConditioning(encoder, dim=wan_cfg.text_dim)
+    return TextConditioning(_text_encoder(mcfg, wan_cfg, device, dtype, seed), dim=wan_cfg.text_dim)
 
 
-def _build(mcfg, wan_cfg, device, dtype, seed, text_stored):
+def _text_encoder(mcfg, wan_cfg: WanConfig, device, dtype, seed: int) -> UMT5TextEncoder:
+    if mcfg.text_encoder:
+        return UMT5TextEncoder.from_pretrained(mcfg.text_encoder, mcfg.tokenizer, dtype=dtype, device=device)
+    return UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype, device=device)
+
+
+def _build(mcfg, wan_cfg, device, dtype, seed, text_stored, stored_empty):
     vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device, compile=mcfg.compile_vae,
                    frames_per_call=mcfg.vae_frames_per_call)
-    text = build_text(mcfg, wan_cfg, text_encoder_device(mcfg, device, text_stored), dtype, seed)
-    if text.encoder is not None and text.encoder.device.type != torch.device(device).type:
+    text_device = text_encoder_device(mcfg, device, text_stored)
+    host = text_device.type != torch.device(device).type
+    text = build_text(mcfg, wan_cfg, text_device, dtype, seed, lazy_empty=stored_empty if host else None)
+    if text.has_encoder and host:
         text.slow_encode_warning = (
             f"captions without a stored text embedding are encoded by UMT5 in host memory "
             f"(model.text_encoder_device={mcfg.text_encoder_device}), seconds each; `one4d encode-latents` stores "

@@ -17,7 +17,7 @@ import html
 import logging
 import re
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,8 +108,10 @@ class TextConditioning:
     caption, else the empty prompt; plus text dropout towards the empty prompt."""
 
     def __init__(self, encoder: UMT5TextEncoder | None = None, dim: int = 4096, text_len: int = TEXT_LEN,
-                 empty: torch.Tensor | None = None):
-        self.encoder = encoder
+                 empty: torch.Tensor | None = None, load_encoder: Callable[[], UMT5TextEncoder] | None = None):
+        """`load_encoder` (with `empty` given, no `encoder`): builds the encoder at the first caption that needs
+        it, so a run whose samples all carry embeddings never loads it."""
+        self._encoder, self._load = encoder, load_encoder
         self.text_len = encoder.text_len if encoder is not None else text_len
         self.dim = encoder.dim if encoder is not None else dim
         self._empty_copies: dict[torch.device, torch.Tensor] = {}
@@ -121,10 +123,26 @@ class TextConditioning:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if empty is not None:
             self._empty = pad_text_embedding(empty.float(), self.text_len)
+        elif load_encoder is not None:
+            raise ValueError("a text encoder loaded on first use needs the empty-prompt embedding given")
         elif encoder is None:
             self._empty = torch.zeros(self.text_len, self.dim)
         else:
             self._empty = None
+
+    @property
+    def encoder(self) -> UMT5TextEncoder | None:
+        if self._encoder is None and self._load is not None:
+            log.info("a caption without a stored text embedding: loading the text encoder")
+            self._encoder, self._load = self._load(), None
+            if self._encoder.dim != self.dim:
+                raise ValueError(f"text encoder width {self._encoder.dim} != backbone text_dim {self.dim}")
+        return self._encoder
+
+    @property
+    def has_encoder(self) -> bool:
+        """An encoder is configured (loaded, or loaded at its first use)."""
+        return self._encoder is not None or self._load is not None
 
     @property
     def empty(self) -> torch.Tensor:
@@ -143,7 +161,7 @@ class TextConditioning:
                                            for e in text_embs]
         # captions that clean to "" are the empty prompt, whose embedding is computed once
         missing = [i for i, r in enumerate(rows) if r is None and clean_prompt(captions[i])]
-        if missing and self.encoder is not None:
+        if missing and self.has_encoder:
             for i in missing:
                 if captions[i] in self._cache:
                     self._cache.move_to_end(captions[i])

@@ -12,13 +12,14 @@ import os
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 import torch
 from torch import nn
 
 from data_pipeline.finish import finish_batch
 from data_pipeline.latents import latents_spec, same_text_encoder, text_identity
 from data_pipeline.loader import build_loader
-from data_pipeline.reader import stored_text_encoder
+from data_pipeline.reader import stored_empty_prompt, stored_text_encoder
 from data_pipeline.shard_index import ShardIndexError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import export_adapters
@@ -129,9 +130,15 @@ class One4DTask:
     def encoders(self, device: torch.device):
         if self._encoders is None:
             dtype = self.dtype if device.type == "cuda" else torch.float32
+            stored = self.text_stored()
             self._encoders = build_encoders(self.cfg.model, self.wan_cfg, device, dtype, self.cfg.seed,
-                                            text_stored=self.text_stored())
+                                            text_stored=stored, stored_empty=self._stored_empty() if stored else None)
         return self._encoders
+
+    def _stored_empty(self) -> torch.Tensor | None:
+        """The empty prompt's embedding stored with the shards' text embeddings (`one4d encode-latents`)."""
+        path = stored_empty_prompt(self.cfg.data.shards)
+        return None if path is None else torch.from_numpy(np.load(path, allow_pickle=False))
 
     def text_stored(self) -> bool:
         """Whether the training shards store their captions' embeddings from this run's text encoder (`one4d

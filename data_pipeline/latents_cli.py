@@ -174,6 +174,11 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         for stale in out.glob(f".{e['name']}.tmp*"):
             stale.unlink()
     todo = [e for e in mine if _done(out, e) is None]
+    # the empty prompt's embedding comes before any shard (and after a folder finished without it)
+    conditioning = _text_conditioning(cfg, dev, dtype) if text_id and (todo or not (out / EMPTY_PROMPT).is_file()) \
+        else None
+    if conditioning is not None:
+        _write_empty_prompt(out, conditioning)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc="encode", disable=not progress)
     if todo:
         if dev.type == "cuda":
@@ -181,9 +186,6 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
             torch.backends.cudnn.deterministic = True
         vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
                        frames_per_call=cfg.model.vae_frames_per_call)
-        conditioning = _text_conditioning(cfg, dev, dtype) if text_id else None
-        if conditioning is not None:
-            _write_empty_prompt(out, conditioning)
         for e in todo:
             encode_shard(src, out, e, vae, cfg, run, batch, conditioning)
             bar.update()
@@ -231,11 +233,11 @@ def _write_empty_prompt(out: Path, text) -> None:
 
     import numpy as np
 
+    for stale in out.glob(f".{EMPTY_PROMPT}.tmp*"):
+        stale.unlink()
     buf = io.BytesIO()
     np.lib.format.write_array(buf, text.encoder.encode_rows([""])[0].float().cpu().numpy(), allow_pickle=False)
-    tmp = out / f".{EMPTY_PROMPT}.tmp{socket.gethostname()}-{os.getpid()}"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out / EMPTY_PROMPT)
+    si.write_atomic(out / EMPTY_PROMPT, buf.getvalue())
 
 
 def parser() -> argparse.ArgumentParser:

@@ -178,7 +178,8 @@ def test_killed_encode_resumes_to_identical_output(tmp_path):
     summary = run_encode(src, out, cfg, progress=False)
     assert summary["skipped"] >= done and summary["written"] == 10 - summary["skipped"]
     assert not list(out.glob(".*tmp*"))
-    for name in ["index.json", "rejects.jsonl", "plan.json"] + [s["name"] for s in read_index(ref)["shards"]]:
+    for name in ["index.json", "rejects.jsonl", "plan.json", "empty_prompt.npy"] + \
+            [s["name"] for s in read_index(ref)["shards"]]:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     # the folder is tied to its settings
     with pytest.raises(EncodeError, match="other settings"):
@@ -420,3 +421,31 @@ def test_the_stored_empty_prompt_lets_a_host_encoder_load_only_when_needed(encod
     _, on_device, _ = enc.build_encoders(cfg.model, wan_config(cfg.model.preset), torch.device("cpu"), torch.float32,
                                          cfg.seed, text_stored=True, stored_empty=stored)
     assert on_device._encoder is not None and not on_device.slow_encode_warning
+
+
+def test_the_empty_prompt_is_written_on_a_rerun_and_a_configured_one_wins(tmp_path):
+    from one4d_train.model.encoders import build_text
+    from one4d_train.model.presets import wan_config
+    from one4d_train.model.text_encoder import TextConditioning
+
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    cfg = load_config(CONFIG)
+    out = tmp_path / "out"
+    run_encode(src, out, cfg, progress=False)
+    stored = np.load(out / "empty_prompt.npy")
+    (out / "empty_prompt.npy").unlink()  # a folder finished before encode-latents stored it
+    (out / ".empty_prompt.npy.tmpx-1").write_bytes(b"partial")
+    assert run_encode(src, out, cfg, progress=False)["written"] == 0
+    np.testing.assert_array_equal(np.load(out / "empty_prompt.npy"), stored)
+    assert read_index(out)["latents"]["empty_prompt"] == "empty_prompt.npy" and not list(out.glob(".empty_prompt*"))
+
+    configured = np.full((3, 4096), 0.5, dtype=np.float32)
+    np.save(tmp_path / "mine.npy", configured)
+    mcfg = load_config(CONFIG + [f"model.empty_prompt_embedding={tmp_path / 'mine.npy'}"]).model
+    lazy = build_text(mcfg, wan_config("tiny"), torch.device("cpu"), torch.float32, lazy_empty=torch.from_numpy(stored))
+    assert torch.equal(lazy.empty[:3], torch.from_numpy(configured)) and lazy._encoder is None
+
+    wrong = TextConditioning(None, dim=99, empty=torch.zeros(1, 99), load_encoder=lambda: _trainer_text(cfg).encoder)
+    for _ in range(2):  # a failed width check leaves no encoder behind
+        with pytest.raises(ValueError, match="width 64 != backbone text_dim 99"):
+            wrong(["a cat"], None)

@@ -51,7 +51,7 @@ class ModelConfig:
     text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
     text_encoder_device: str = "auto"  # auto = host memory when the training shards store the captions' embeddings from this text_encoder (`one4d encode-latents` records it in index.json; 11.4 GB of bf16 off the GPU), else the training device; cpu = always host memory; device = always the training device
     tokenizer: str = ""
-    empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (used without text_encoder); empty = zeros
+    empty_prompt_embedding: str = ""  # .npy [L, D] UMT5 embedding of "" (taken over the encoder's own); empty = the encoder's, or zeros without one
     image_encoder: str = ""  # CLIP vision folder (transformers)
     attention: str = "auto"  # auto | fa4 | fa3 | fa2 | cudnn | flash | efficient | math
     design: str = "dlc"  # dlc | channel_concat | width_concat (ablations (a) and (b) share one LoRA)

@@ -1,6 +1,7 @@
 """The frozen encoders of a model config, built one way for training and evaluation alike (outside ZeRO)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder, tiny_clip_vision
@@ -48,6 +49,8 @@ def build_text(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtyp
     `lazy_empty` (the empty prompt's embedding stored with the shards): the encoder is built at its first use."""
     has_encoder = bool(mcfg.text_encoder) or mcfg.preset == "tiny"
     if lazy_empty is not None and has_encoder:
+        if mcfg.empty_prompt_embedding:  # the configured file wins, as with an encoder built up front
+            lazy_empty = torch.from_numpy(np.load(mcfg.empty_prompt_embedding, allow_pickle=False))
         def load() -> UMT5TextEncoder:
             with torch.random.fork_rng(devices=[]):  # the tiny tower seeds torch: training's RNG stream is kept
                 return _text_encoder(mcfg, wan_cfg, device, dtype, seed)

@@ -134,9 +134,10 @@ class TextConditioning:
     def encoder(self) -> UMT5TextEncoder | None:
         if self._encoder is None and self._load is not None:
             log.info("a caption without a stored text embedding: loading the text encoder")
-            self._encoder, self._load = self._load(), None
-            if self._encoder.dim != self.dim:
-                raise ValueError(f"text encoder width {self._encoder.dim} != backbone text_dim {self.dim}")
+            encoder = self._load()
+            if encoder.dim != self.dim:
+                raise ValueError(f"text encoder width {encoder.dim} != backbone text_dim {self.dim}")
+            self._encoder, self._load = encoder, None
         return self._encoder
 
     @property

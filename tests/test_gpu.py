@@ -299,11 +299,12 @@ def test_fp8_base_compiled_matches_eager_and_tracks_bf16(restore_attention):
         assert cosine > 0.99, (name, cosine)
 
 
-@pytest.mark.parametrize("text_device", ["auto", "cpu"])
+@pytest.mark.parametrize("text_device", ["auto", "cpu", "stored"])
 def test_one4d_task_step_on_cuda_with_a_cuda_generator(text_device):
     """The training step as the trainer runs it on a GPU: batch and generator on CUDA (UMC draws, noise,
     condition encode, DLC forward/backward), tiny preset in bf16; the text encoder on the GPU or in host memory
-    (`model.text_encoder_device`)."""
+    (`model.text_encoder_device`), or (stored: shards with text embeddings and the empty prompt's) in host memory
+    and built at the first caption."""
     from contextlib import nullcontext
 
     from one4d_train.config import load_config
@@ -312,11 +313,17 @@ def test_one4d_task_step_on_cuda_with_a_cuda_generator(text_device):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config([f"config={root}/configs/experiment/demo.yaml", "train.device=cuda", "train.zero_stage=2",
                        "train.precision=bf16", "model.compute_dtype=bf16", "model.umc.p_image=0",
-                       "model.umc.p_video=0", "model.umc.p_sparse=1", f"model.text_encoder_device={text_device}"])
+                       "model.umc.p_video=0", "model.umc.p_sparse=1",
+                       f"model.text_encoder_device={'auto' if text_device == 'stored' else text_device}"])
     task = One4DTask(cfg)
     model = task.build_model(nullcontext)
+    if text_device == "stored":
+        from one4d_train.model.encoders import build_encoders
+        empty = build_encoders(cfg.model, task.wan_cfg, torch.device("cpu"), torch.bfloat16, cfg.seed)[1].empty
+        task._encoders = build_encoders(cfg.model, task.wan_cfg, torch.device("cuda"), torch.bfloat16, cfg.seed,
+                                        text_stored=True, stored_empty=empty[:1])
+        assert task._encoders[1]._encoder is None
     text = task.encoders(torch.device("cuda"))[1]
-    assert text.encoder.device.type == ("cpu" if text_device == "cpu" else "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     B, T, H, W = 2, 9, 32, 48
     batch = {"rgb": torch.rand(B, T, 3, H, W, device="cuda") * 2 - 1,
@@ -325,6 +332,7 @@ def test_one4d_task_step_on_cuda_with_a_cuda_generator(text_device):
     out = task.loss(model, batch, 0, g)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
+    assert text.encoder.device.type == ("cuda" if text_device == "auto" else "cpu")
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and any(gr.abs().sum() > 0 for gr in grads)
 

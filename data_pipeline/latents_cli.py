@@ -213,17 +213,12 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
 
 
 def _text_conditioning(cfg, device, dtype):
-    """The trainer's text conditioning (model/encoders.py build_text), on the encoding device."""
-    import torch
-
+    """The trainer's text conditioning (model/encoders.py build_text, the tiny tower on a forked RNG), on the
+    encoding device; run_encode has checked that an encoder is configured (text_identity)."""
     from one4d_train.model.encoders import build_text
     from one4d_train.model.presets import wan_config
 
-    with torch.random.fork_rng(devices=[]):
-        text = build_text(cfg.model, wan_config(cfg.model.preset), device, dtype, cfg.seed)
-    if text.encoder is None:
-        raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")
-    return text
+    return build_text(cfg.model, wan_config(cfg.model.preset), device, dtype, cfg.seed)
 
 
 def _write_empty_prompt(out: Path, text) -> None:

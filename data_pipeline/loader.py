@@ -43,9 +43,10 @@ def _worker_init(worker_id: int):
 
 def collate(samples: list[dict]) -> dict:
     """Stack tensors and numbers on a new batch axis; strings stay lists. Text embeddings of different
-    lengths are zero-padded, with their lengths in `text_emb_len` (0 for a sample without one). A batch of one is a view of its sample
-    (whose large tensors already live in shared memory in a worker), a larger one is stacked straight into
-    shared memory (transforms.output_tensor, as torch's default_collate does, but from the worker's pool)."""
+    lengths are zero-padded, with their lengths in `text_emb_len` (0 for a sample without one). A batch of one
+    is a view of its sample (whose large tensors already live in shared memory in a worker), a larger one is
+    stacked straight into shared memory (transforms.output_tensor, as torch's default_collate does, but from the
+    worker's pool)."""
     batch = {}
     have = [s for s in samples if "text_emb" in s]
     if have and len(have) < len(samples):  # length 0 for the others (batch_text_embeddings gives them None)

@@ -86,19 +86,16 @@ def stored_latents(spec: str, cfg: DataConfig, latents: LatentsSpec | None) -> b
     return True
 
 
-def stored_text_encoder(spec: str, cfg: DataConfig) -> str | None:
-    """The text encoder whose caption embeddings the shard set stores (`one4d encode-latents` records it in
-    index.json), when this run reads the stored latents (data.use_latents); else None."""
-    meta = read_index(shard_directory(spec)).get("latents")
-    return meta.get("text_encoder") if meta is not None and cfg.use_latents else None
-
-
-def stored_empty_prompt(spec: str) -> Path | None:
-    """The empty prompt's embedding file stored with the shard set's text embeddings (index.json
-    latents.empty_prompt), when there is one."""
+def stored_text(spec: str, cfg: DataConfig) -> tuple[str | None, Path | None]:
+    """(the text encoder whose caption embeddings the shard set stores, the file of its empty-prompt embedding)
+    as `one4d encode-latents` records them in index.json, when this run reads the stored latents
+    (data.use_latents); None for what is not there."""
     directory = shard_directory(spec)
-    name = (read_index(directory).get("latents") or {}).get("empty_prompt")
-    return directory / name if name and (directory / name).is_file() else None
+    meta = read_index(directory).get("latents")
+    if meta is None or not cfg.use_latents:
+        return None, None
+    name = meta.get("empty_prompt")
+    return meta.get("text_encoder"), directory / name if name and (directory / name).is_file() else None
 
 
 def shard_fingerprint(shards: list[Shard]) -> str:

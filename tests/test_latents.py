@@ -376,11 +376,11 @@ def test_auto_keeps_the_text_encoder_in_host_memory_only_for_shards_that_store_i
     from one4d_train.train.one4d_task import One4DTask
 
     src, out = encoded
-    assert One4DTask(load_config(CONFIG + [f"data.shards={out}"])).text_stored()
-    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "seed=5"])).text_stored()  # another tower
-    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "data.use_latents=false"])).text_stored()
-    assert not One4DTask(load_config(CONFIG + [f"data.shards={src}"])).text_stored()  # pixel shards
-    assert not One4DTask(load_config(CONFIG + [f"data.shards={tmp_path}/missing"])).text_stored()
+    assert One4DTask(load_config(CONFIG + [f"data.shards={out}"])).stored_text()[0]
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "seed=5"])).stored_text()[0]  # another tower
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "data.use_latents=false"])).stored_text()[0]
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={src}"])).stored_text()[0]  # pixel shards
+    assert not One4DTask(load_config(CONFIG + [f"data.shards={tmp_path}/missing"])).stored_text()[0]
     gpu = torch.device("cuda")
     for mode, stored, where in [("auto", True, "cpu"), ("auto", False, "cuda"), ("cpu", False, "cpu"),
                                 ("device", True, "cuda")]:
@@ -400,7 +400,7 @@ def test_the_stored_empty_prompt_lets_a_host_encoder_load_only_when_needed(encod
     cfg = load_config(CONFIG + [f"data.shards={out}"])
     eager = _trainer_text(cfg)
     assert read_index(out)["latents"]["empty_prompt"] == "empty_prompt.npy"
-    stored = One4DTask(cfg)._stored_empty()
+    stored = One4DTask(cfg).stored_text()[1]
     torch.testing.assert_close(stored, eager.encoder.encode_rows([""])[0], rtol=0, atol=0)
 
     # the trainer's build with the encoder in host memory and the model elsewhere (meta stands in for the GPU)

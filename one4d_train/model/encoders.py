@@ -1,7 +1,6 @@
 """The frozen encoders of a model config, built one way for training and evaluation alike (outside ZeRO)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder, tiny_clip_vision
@@ -47,24 +46,15 @@ def build_text(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtyp
     embedding), or for the tiny preset with no path the tiny random tower seeded with `seed`. The trainer and
     `one4d encode-latents` (which stores the embeddings) build it here, so both compute the same embeddings.
     `lazy_empty` (the empty prompt's embedding stored with the shards): the encoder is built at its first use."""
-    has_encoder = bool(mcfg.text_encoder) or mcfg.preset == "tiny"
-    if lazy_empty is not None and has_encoder:
-        if mcfg.empty_prompt_embedding:  # the configured file wins, as with an encoder built up front
-            lazy_empty = torch.from_numpy(np.load(mcfg.empty_prompt_embedding, allow_pickle=False))
-        def load() -> UMT5TextEncoder:
+    tiny = None
+    if not mcfg.text_encoder and mcfg.preset == "tiny":
+        def tiny() -> UMT5TextEncoder:
             with torch.random.fork_rng(devices=[]):  # the tiny tower seeds torch: training's RNG stream is kept
-                return _text_encoder(mcfg, wan_cfg, device, dtype, seed)
-        return TextConditioning(None, dim=wan_cfg.text_dim, empty=lazy_empty, load_encoder=load)
-    if mcfg.text_encoder or mcfg.preset != "tiny":
-        return build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
-                                       dim=wan_cfg.text_dim, dtype=dtype, device=device)
-    return TextConditioning(_text_encoder(mcfg, wan_cfg, device, dtype, seed), dim=wan_cfg.text_dim)
-
-
-def _text_encoder(mcfg, wan_cfg: WanConfig, device, dtype, seed: int) -> UMT5TextEncoder:
-    if mcfg.text_encoder:
-        return UMT5TextEncoder.from_pretrained(mcfg.text_encoder, mcfg.tokenizer, dtype=dtype, device=device)
-    return UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype, device=device)
+                return UMT5TextEncoder(tiny_umt5(seed, d_model=wan_cfg.text_dim), tiny_tokenizer(), dtype=dtype,
+                                       device=device)
+    return build_text_conditioning(mcfg.text_encoder, mcfg.tokenizer, mcfg.empty_prompt_embedding,
+                                   dim=wan_cfg.text_dim, dtype=dtype, device=device, make_encoder=tiny,
+                                   stored_empty=lazy_empty)
 
 
 def _build(mcfg, wan_cfg, device, dtype, seed, text_stored, stored_empty):

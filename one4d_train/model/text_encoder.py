@@ -109,8 +109,9 @@ class TextConditioning:
 
     def __init__(self, encoder: UMT5TextEncoder | None = None, dim: int = 4096, text_len: int = TEXT_LEN,
                  empty: torch.Tensor | None = None, load_encoder: Callable[[], UMT5TextEncoder] | None = None):
-        """`load_encoder` (with `empty` given, no `encoder`): builds the encoder at the first caption that needs
-        it, so a run whose samples all carry embeddings never loads it."""
+        """`load_encoder` (instead of `encoder`): builds the encoder at its first use (a caption without a stored
+        embedding, or the empty prompt when `empty` is not given), so a run whose samples all carry embeddings and
+        which has the empty prompt's never loads it."""
         self._encoder, self._load = encoder, load_encoder
         self.text_len = encoder.text_len if encoder is not None else text_len
         self.dim = encoder.dim if encoder is not None else dim
@@ -123,9 +124,7 @@ class TextConditioning:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if empty is not None:
             self._empty = pad_text_embedding(empty.float(), self.text_len)
-        elif load_encoder is not None:
-            raise ValueError("a text encoder loaded on first use needs the empty-prompt embedding given")
-        elif encoder is None:
+        elif not self.has_encoder:
             self._empty = torch.zeros(self.text_len, self.dim)
         else:
             self._empty = None
@@ -133,7 +132,7 @@ class TextConditioning:
     @property
     def encoder(self) -> UMT5TextEncoder | None:
         if self._encoder is None and self._load is not None:
-            log.info("a caption without a stored text embedding: loading the text encoder")
+            log.info("building the text encoder")
             encoder = self._load()
             if encoder.dim != self.dim:
                 raise ValueError(f"text encoder width {encoder.dim} != backbone text_dim {self.dim}")
@@ -204,14 +203,22 @@ def batch_text_embeddings(batch: dict) -> list[torch.Tensor | None] | None:
 
 def build_text_conditioning(encoder: str = "", tokenizer: str = "", empty_prompt_embedding: str = "",
                             dim: int = 4096, dtype: torch.dtype = torch.float32,
-                            device: str | torch.device = "cpu") -> TextConditioning:
+                            device: str | torch.device = "cpu",
+                            make_encoder: Callable[[], UMT5TextEncoder] | None = None,
+                            stored_empty: torch.Tensor | None = None) -> TextConditioning:
     """From `ModelConfig.text_encoder` / `tokenizer` / `empty_prompt_embedding` (all optional) and the
-    backbone's text width."""
-    model = UMT5TextEncoder.from_pretrained(encoder, tokenizer, dtype=dtype, device=device) if encoder else None
-    if model is not None and model.dim != dim:
-        raise ValueError(f"text encoder width {model.dim} != backbone text_dim {dim}")
+    backbone's text width. `make_encoder` builds the encoder instead of loading `encoder` (the tiny tower).
+    `stored_empty` (the empty prompt's embedding stored with the shards; a configured `empty_prompt_embedding`
+    wins): the encoder is built at its first use instead of here."""
     empty = torch.from_numpy(np.load(empty_prompt_embedding, allow_pickle=False)) if empty_prompt_embedding else None
-    return TextConditioning(model, dim=dim, empty=empty)
+    if not (encoder or make_encoder):
+        return TextConditioning(dim=dim, empty=empty)
+    load = make_encoder or (lambda: UMT5TextEncoder.from_pretrained(encoder, tokenizer, dtype=dtype, device=device))
+    lazy = stored_empty is not None
+    cond = TextConditioning(dim=dim, empty=empty if empty is not None or not lazy else stored_empty, load_encoder=load)
+    if not lazy:
+        cond.encoder  # built (and its width checked) now
+    return cond
 
 
 def tiny_tokenizer(words: Sequence[str] = ()) -> PreTrainedTokenizerFast:

@@ -19,7 +19,7 @@ from torch import nn
 from data_pipeline.finish import finish_batch
 from data_pipeline.latents import latents_spec, same_text_encoder, text_identity
 from data_pipeline.loader import build_loader
-from data_pipeline.reader import stored_empty_prompt, stored_text_encoder
+from data_pipeline.reader import stored_text
 from data_pipeline.shard_index import ShardIndexError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import export_adapters
@@ -130,36 +130,31 @@ class One4DTask:
     def encoders(self, device: torch.device):
         if self._encoders is None:
             dtype = self.dtype if device.type == "cuda" else torch.float32
-            stored = self.text_stored()
+            stored, empty = self.stored_text()
             self._encoders = build_encoders(self.cfg.model, self.wan_cfg, device, dtype, self.cfg.seed,
-                                            text_stored=stored, stored_empty=self._stored_empty() if stored else None)
+                                            text_stored=stored, stored_empty=empty)
         return self._encoders
 
-    def _stored_empty(self) -> torch.Tensor | None:
-        """The empty prompt's embedding stored with the shards' text embeddings (`one4d encode-latents`)."""
-        path = stored_empty_prompt(self.cfg.data.shards)
-        return None if path is None else torch.from_numpy(np.load(path, allow_pickle=False))
-
-    def text_stored(self) -> bool:
-        """Whether the training shards store their captions' embeddings from this run's text encoder (`one4d
-        encode-latents` records it in index.json); `model.text_encoder_device: auto` then keeps the encoder in
-        host memory. The decision is logged."""
+    def stored_text(self) -> tuple[bool, torch.Tensor | None]:
+        """(whether the training shards store their captions' embeddings from this run's text encoder, the empty
+        prompt's embedding stored with them), as `one4d encode-latents` records them in index.json;
+        `model.text_encoder_device: auto` then keeps the encoder in host memory. The decision is logged."""
         if not self.cfg.data.shards:
-            return False
+            return False, None
         try:
-            stored = stored_text_encoder(self.cfg.data.shards, self.cfg.data)
+            stored, empty_path = stored_text(self.cfg.data.shards, self.cfg.data)
         except (OSError, ShardIndexError, ValueError):  # no readable index here: the loader reports it
-            return False
+            return False, None
         ours = text_identity(self.cfg.model, self.cfg.seed)
-        same = same_text_encoder(stored, ours)
-        if same:
-            log.info("the training shards store text embeddings from %s: with model.text_encoder_device=auto the "
-                     "encoder stays in host memory", stored)
-        elif stored:
-            log.warning("the training shards store text embeddings from %s, not from model.text_encoder=%s: they "
-                        "are used, and the encoder stays on the training device for the captions without one",
-                        stored, ours)
-        return same
+        if not same_text_encoder(stored, ours):
+            if stored:
+                log.warning("the training shards store text embeddings from %s, not from model.text_encoder=%s: "
+                            "they are used, and the encoder stays on the training device for the captions without "
+                            "one", stored, ours)
+            return False, None
+        log.info("the training shards store text embeddings from %s: with model.text_encoder_device=auto the "
+                 "encoder stays in host memory", stored)
+        return True, None if empty_path is None else torch.from_numpy(np.load(empty_path, allow_pickle=False))
 
     # ---- the step ---------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: dict, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ alike (H200, Gaussian data; tests/test_fp8.py bounds it). Opt-in: it changes wha
 trained against, so a run should use the same setting for evaluation (the model config carries it).
 Rates (H200, 2 x 18,018 tokens, fwd + input-gradient, quantisation included, compiled): 5120 -> 5120 1056 vs
 730 TFLOP/s bf16, 5120 -> 13824 966 vs 694, 13824 -> 5120 1016 vs 695; at 1.3B's width (1536) the standalone
-FP8 linear is slower (313 vs 399 for 1536 -> 1536). Training step (H200, shipped 14B config): 7.77 -> 6.61 s
-(benchmarks/PERF_NOTES.md).
+FP8 linear is slower (313 vs 399 for 1536 -> 1536). Training step (H200, shipped configs): 14B 7.77 -> 6.61 s,
+1.3B 1.63 -> 1.58 s (benchmarks/PERF_NOTES.md).
 """
 from __future__ import annotations
 

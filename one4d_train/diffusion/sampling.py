@@ -85,6 +85,9 @@ def unipc_scheduler(steps: int, shift: float, device="cpu"):
                                   prediction_type="flow_prediction", flow_shift=shift, solver_order=2)
     # unshifted grid 1 -> 1/steps, the same base grid as the Euler sampler; the scheduler applies the shift
     sch.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device)
+    # step i is the i-th grid point, as in diffusers' Wan pipeline: the integer timesteps repeat above ~200 steps
+    # ([999, 999, 998, ...]) and a lookup by value starts at the second copy and runs off the end
+    sch.set_begin_index(0)
     return sch
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 KEYS = {"video", "depth", "xyz", "intrinsics", "poses", "valid", "caption", "text_embedding", "id"}
-ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+ID_RE = re.compile(r"[A-Za-z0-9_-]+")  # matched whole (fullmatch): "$" would let "abc\n" through
 
 
 class RowError(ValueError):
@@ -25,6 +25,25 @@ class RowError(ValueError):
 
     def record(self) -> dict:
         return {"row": self.row, "path": self.path, "reason": self.reason}
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object that repeats a key (json.loads would silently keep the last value)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: an object whose keys are unique, else DuplicateKeyError naming the key."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(f"duplicate key {key!r} in a JSON object")
+        obj[key] = value
+    return obj
+
+
+def loads(text):
+    """json.loads refusing duplicate keys (DuplicateKeyError, a ValueError)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 @dataclass(frozen=True)
@@ -71,10 +90,13 @@ def parse_row(obj, row: int, base: Path) -> ManifestRow:
     for key in ("intrinsics", "poses"):
         if geometry == "depth" and key not in obj:
             raise RowError(row, str(video), f"'{key}' is required with depth geometry")
+        if key in obj and obj[key] is None:  # a depth sample without cameras could never be read
+            raise RowError(row, str(video), f"'{key}' is null: give a list or a path" +
+                           (" (with xyz geometry, leave both keys out for no cameras)" if geometry == "xyz" else ""))
         if key in obj:
             cams[key] = _path(base, obj[key], row, key) if isinstance(obj[key], str) else obj[key]
     clip_id = obj.get("id", f"row{row:09d}")
-    if not isinstance(clip_id, str) or not ID_RE.match(clip_id):
+    if not isinstance(clip_id, str) or not ID_RE.fullmatch(clip_id):
         raise RowError(row, str(video), f"'id' must be letters, digits, '_' or '-', got {clip_id!r}")
     caption = obj.get("caption", "")
     if not isinstance(caption, str):
@@ -91,10 +113,10 @@ def parse_row(obj, row: int, base: Path) -> ManifestRow:
 def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
     """All rows of a JSONL manifest: (parsed rows, errors of rows that could not be parsed). Blank lines are
     skipped but still count, so row numbers are line numbers (0-based)."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    base = path.resolve().parent
+    path = Path(path).resolve()  # rejects name it so, however it was spelled (they are part of the shard plan)
+    base = path.parent
     rows, errors = [], []
     # rows are lines ending in b"\n" only (str.splitlines would also split at U+2028 and other separators that
     # JSON strings may hold raw), each decoded on its own: a row that is not UTF-8 is rejected, not fatal
@@ -102,12 +124,15 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             errors.append(RowError(i, str(path), f"not UTF-8 text: {exc}"))
             continue
         except json.JSONDecodeError as exc:
             errors.append(RowError(i, str(path), f"not valid JSON: {exc}"))
+            continue
+        except DuplicateKeyError as exc:
+            errors.append(RowError(i, str(path), str(exc)))
             continue
         try:
             rows.append(parse_row(obj, i, base))
@@ -122,7 +147,7 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
         raise RowError(row, str(path), "file not found")
     try:
         if path.suffix == ".json":
-            return np.asarray(json.loads(path.read_text()), np.float64)
+            return _numbers(loads(path.read_text()), row, str(path), member)
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
@@ -136,11 +161,26 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
         raise RowError(row, str(path), f"cannot load array: {exc}") from None
 
 
-def _finite_array(value, row: int, where: str, shape: tuple, name: str) -> np.ndarray:
+def _numbers(value, row: int, where: str, name: str) -> np.ndarray:
+    """A nested JSON list of real numbers as float64 (np.asarray would also take "5" or true as numbers)."""
+    def real(v):
+        return all(real(x) for x in v) if isinstance(v, list) else isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not real(value):
+        raise RowError(row, where, f"'{name}' must hold real numbers (no strings, booleans or nulls)")
     try:
-        a = np.asarray(value, np.float64)
-    except (TypeError, ValueError) as exc:
-        raise RowError(row, where, f"'{name}' is not numeric: {exc}") from None
+        return np.asarray(value, np.float64)
+    except ValueError as exc:  # ragged nesting
+        raise RowError(row, where, f"'{name}' is not a numeric array: {exc}") from None
+
+
+def _finite_array(value, row: int, where: str, shape: tuple, name: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iuf":
+            raise RowError(row, where, f"'{name}' must hold real numbers, got a {value.dtype} array")
+        a = value.astype(np.float64)
+    else:
+        a = _numbers(value, row, where, name)
     if a.shape not in shape:
         want = " or ".join(str(list(s)) for s in shape)
         raise RowError(row, where, f"'{name}' has shape {list(a.shape)}, expected {want}")
@@ -198,6 +238,8 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
         raise RowError(r.row, gp, f"depth must be > 0 where valid; {int((g[valid] <= 0).sum())} pixels are not")
     if (r.intrinsics is None) != (r.poses is None):
         raise RowError(r.row, str(r.video), "'intrinsics' and 'poses' go together")
+    if r.geometry == "depth" and r.intrinsics is None:
+        raise RowError(r.row, str(r.video), "depth geometry needs 'intrinsics' and 'poses'")
     if r.intrinsics is not None:
         K = r.intrinsics if not isinstance(r.intrinsics, Path) else load_array(r.intrinsics, "intrinsics", r.row)
         K = _finite_array(K, r.row, _where(r.intrinsics, r), ((3, 3), (T, 3, 3)), "intrinsics")

@@ -164,3 +164,74 @@ def test_xyz_geometry_with_optional_cameras(files):
     assert g["intrinsics"].shape == (T, 3, 3) and g["poses_c2w"].shape == (T, 4, 4)
     with pytest.raises(RowError, match="go together"):
         load(files, {"video": "v.mp4", "xyz": "x.npz", "intrinsics": "K.json"})
+
+
+def test_null_cameras_are_rejected_with_the_reason(files):
+    """A depth row with "intrinsics": null or "poses": null would make a sample without cam.json, which the
+    reader skips every epoch: it is a bad row. With xyz geometry null is no way to leave cameras out either."""
+    rows, errors = read_manifest(write_rows(files, [
+        '{"video": "v.mp4", "depth": "d.npy", "intrinsics": null, "poses": null}',
+        '{"video": "v.mp4", "depth": "d.npy", "intrinsics": [[5, 0, 2.5], [0, 5, 1.5], [0, 0, 1]], "poses": null}',
+        '{"video": "v.mp4", "xyz": "x.npy", "intrinsics": null, "poses": null}',
+        json.dumps(depth_row()),
+    ]))
+    assert [r.row for r in rows] == [3]
+    by_row = {e.row: e.reason for e in errors}
+    assert set(by_row) == {0, 1, 2}
+    assert "'intrinsics' is null" in by_row[0] and "'poses' is null" in by_row[1]
+    assert "leave both keys out" in by_row[2]
+
+
+def test_depth_rows_without_cameras_never_load(files):
+    """load_geometry itself refuses depth geometry without cameras (a ManifestRow made without the parser)."""
+    import dataclasses
+
+    rows, _ = read_manifest(write_rows(files, [depth_row()]))
+    row = dataclasses.replace(rows[0], intrinsics=None, poses=None)
+    with pytest.raises(RowError, match="depth geometry needs 'intrinsics' and 'poses'"):
+        load_geometry(row, T, H, W)
+
+
+def test_duplicate_keys_in_a_row_are_rejected(tmp_path):
+    path = write_rows(tmp_path, [
+        json.dumps(depth_row()),
+        '{"video": "v.mp4", "depth": "d.npy", "intrinsics": "K.json", "poses": "p.npy", "video": "w.mp4"}',
+        '{"video": "v.mp4", "xyz": "x.npy", "caption": "a", "caption": "b"}',
+    ])
+    rows, errors = read_manifest(path)
+    assert [r.row for r in rows] == [0]
+    by_row = {e.row: e for e in errors}
+    assert "duplicate key 'video'" in by_row[1].reason and "duplicate key 'caption'" in by_row[2].reason
+    assert str(by_row[1]).startswith("row 1 (")
+
+
+def test_a_json_camera_file_with_duplicate_keys_is_rejected(files):
+    (files / "Kdup.json").write_text('{"a": 1, "a": 2}')
+    with pytest.raises(RowError, match="duplicate key 'a'"):
+        load(files, depth_row(intrinsics="Kdup.json"))
+
+
+@pytest.mark.parametrize("clip_id", ["abc\n", "abc\r\n", "\nabc", "a b", ""])
+def test_ids_are_matched_whole(tmp_path, clip_id):
+    rows, errors = read_manifest(write_rows(tmp_path, [depth_row(id=clip_id)]))
+    assert not rows and "'id' must be letters, digits" in errors[0].reason
+
+
+@pytest.mark.parametrize("where, value", [
+    ("intrinsics", [["5", 0, 2.5], [0, 5, 1.5], [0, 0, 1]]),
+    ("intrinsics", [[5, 0, 2.5], [0, 5, 1.5], [False, False, True]]),
+    ("intrinsics", [[5, 0, 2.5], [0, 5, 1.5], [0, 0, None]]),
+    ("intrinsics", "Kstr.json"),
+    ("intrinsics", "Kbool.npy"),
+    ("poses", "posestr.npy"),
+    ("poses", [[["1", 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]] * T),
+])
+def test_cameras_must_be_real_numbers(files, where, value):
+    """Strings and booleans would be converted to numbers by numpy (np.asarray(['5'], float) is [5.]): refused, in
+    inline lists, .json files and .npy files alike."""
+    (files / "Kstr.json").write_text(json.dumps([[5, 0, "2.5"], [0, 5, 1.5], [0, 0, 1]]))
+    np.save(files / "Kbool.npy", np.eye(3, dtype=bool))
+    np.save(files / "posestr.npy", np.broadcast_to(np.eye(4), (T, 4, 4)).astype(str))
+    with pytest.raises(RowError, match=rf"'{where}' must hold real numbers"):
+        load(files, depth_row(**{where: value}))
+    load(files, depth_row(intrinsics=[[5, 0, 2.5], [0, 5.0, 1.5], [0, 0, 1]]))  # ints and floats are fine

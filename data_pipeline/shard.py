@@ -243,6 +243,27 @@ def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int |
     return plan, {r.row: r for r in rows}
 
 
+def plan_differences(old: dict, new: dict) -> list[str]:
+    """What differs between a recorded plan and this run's, in words."""
+    def short(v):
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else v
+
+    out = []
+    for key in ("version", "manifest_sha256", "samples_per_shard", "shard_bytes"):
+        if old.get(key) != new.get(key):
+            out.append(f"{key.replace('_sha256', ' sha256')} {short(old.get(key))} when planned, {short(new.get(key))} now")
+    if old.get("shards") != new.get("shards") and not out:
+        out.append("the rows' grouping into shards differs")
+    a, b = old.get("rejects", []), new.get("rejects", [])
+    rows = sorted({r.get("row") for r in a} ^ {r.get("row") for r in b})
+    if rows:
+        out.append(f"unparsable rows differ: rows {rows}")
+    elif a != b:
+        x, y = next((x, y) for x, y in zip(a, b) if x != y)
+        out.append(f"an unparsable row's record differs: {x} when planned, {y} now")
+    return out or ["recorded plan differs"]
+
+
 def _write_task(args) -> dict:
     out_dir, name, rows = args
     return write_shard(out_dir, name, rows)
@@ -266,8 +287,9 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
                            previous=si.read_json(recorded) if recorded.is_file() else None)
     old = si.pin_plan(out_dir, plan)
     if old is not None:
-        raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from a different manifest or "
-                            f"options (manifest sha256 {old.get('manifest_sha256')}); use a new output folder")
+        raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "
+                            f"options ({'; '.join(plan_differences(old, plan))}); re-run with the manifest and options "
+                            f"it was planned with, or use a new output folder")
     mine = [(i, s) for i, s in enumerate(plan["shards"]) if num_tasks is None or i % num_tasks == task_index]
     for _, s in mine:
         for stale in out_dir.glob(f".{s['name']}.tmp*"):

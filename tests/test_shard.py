@@ -181,8 +181,27 @@ def test_rerun_skips_finished_shards_and_rewrites_tampered_ones(tmp_path, manife
         f.write(b"XXXX")
     third = run_sharding(manifest, out, samples_per_shard=2, progress=False)
     assert third["written"] == 1 and (out / "index.json").read_bytes() == index
-    with pytest.raises(ShardingError, match="different manifest or options"):
+    with pytest.raises(ShardingError, match="samples_per_shard 2 when planned, 3 now"):
         run_sharding(manifest, out, samples_per_shard=3, progress=False)
+
+
+def test_resume_does_not_depend_on_how_the_manifest_path_is_spelled(tmp_path, manifest, monkeypatch):
+    """A re-run naming the manifest relatively, absolutely or through a link finishes the same job (the plan holds
+    rejects that name the manifest); a re-run with another manifest or options is refused, saying what differs."""
+    (tmp_path / "m").mkdir()
+    shutil.copytree(manifest.parent / "clips", tmp_path / "m" / "clips")
+    text = manifest.read_text() + "{broken json\n"
+    (tmp_path / "m" / "manifest.jsonl").write_text(text)
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    first = run_sharding("m/manifest.jsonl", "out", samples_per_shard=2, progress=False)
+    assert first["written"] == 3 and [r["row"] for r in first["rejects"]] == [5]
+    for spelling in (tmp_path / "m" / "manifest.jsonl", "./m/../m/manifest.jsonl", "link/manifest.jsonl"):
+        again = run_sharding(spelling, tmp_path / "out", samples_per_shard=2, progress=False)
+        assert (again["written"], again["skipped"]) == (0, 3), spelling
+    (tmp_path / "m" / "manifest.jsonl").write_text(text + "{more broken json\n")
+    with pytest.raises(ShardingError, match=r"manifest sha256 [0-9a-f]{12}\.\.\. when planned, [0-9a-f]{12}\.\.\. now"):
+        run_sharding("m/manifest.jsonl", "out", samples_per_shard=2, progress=False)
 
 
 def test_task_split_and_merge_equal_a_single_run(tmp_path, manifest, capsys):

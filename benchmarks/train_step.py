@@ -350,16 +350,12 @@ def our_config(args):
 
 
 def our_flops(cfg, args) -> float:
-    from one4d_train.model.flops import FlopShape, training_flops_per_sample
+    from one4d_train.model.flops import model_flops_per_sample
     from one4d_train.model.presets import wan_config
     c = wan_config(cfg.model.preset, has_image_input=cfg.model.has_image_input)
     t, h, w = latent_shape(args)
-    shape = FlopShape(dim=c.dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers, tokens=t * (h // 2) * (w // 2),
-                      text_len=c.text_len, image_tokens=IMAGE_TOKENS if c.has_image_input else 0)
-    links = len(cfg.model.link_blocks) or cfg.model.num_links
-    return training_flops_per_sample(shape, lora_rank=cfg.model.lora.rank, lora_targets=cfg.model.lora.targets,
-                                     num_link_blocks=links, xyz_patch_embedding=cfg.model.xyz_patch_embedding,
-                                     attention_backward_factor=2.5)
+    return model_flops_per_sample(cfg.model, c, t * (h // 2) * (w // 2),
+                                  image_tokens=IMAGE_TOKENS if c.has_image_input else 0)
 
 
 def parse_variants(text: str) -> list[dict]:

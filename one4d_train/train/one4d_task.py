@@ -29,7 +29,7 @@ from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.encoders import build_encoders
-from one4d_train.model.flops import FlopShape, training_flops_per_sample
+from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
 from one4d_train.model.presets import IMAGE_TOKENS, wan_config
 from one4d_train.model.state_dict import open_backbone_checkpoint
@@ -234,13 +234,9 @@ class One4DTask:
         return 2 * (t // pt) * (h // ph) * (w // pw)
 
     def flops_per_sample(self) -> float:
-        w, m = self.wan_cfg, self.cfg.model
-        shape = FlopShape(dim=w.dim, ffn_dim=w.ffn_dim, num_layers=w.num_layers,
-                          tokens=self.tokens_per_sample() // 2, text_len=w.text_len,
-                          image_tokens=IMAGE_TOKENS if w.has_image_input else 0, in_dim=w.in_dim)
-        return training_flops_per_sample(shape, lora_rank=m.lora.rank, lora_targets=m.lora.targets,
-                                         num_link_blocks=m.num_links if m.design == "dlc" else 0,
-                                         xyz_patch_embedding=m.xyz_patch_embedding)
+        w = self.wan_cfg
+        return model_flops_per_sample(self.cfg.model, w, self.tokens_per_sample() // 2,
+                                      image_tokens=IMAGE_TOKENS if w.has_image_input else 0)
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
         export_adapters(trainable_state, self.cfg.model, out_dir)

@@ -7,11 +7,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from one4d_train.model.adapters import export_adapters, load_adapters
+from one4d_train.model.adapters import AdapterError, export_adapters, load_adapters, read_adapters
 from one4d_train.model.backbone import sinusoidal_embedding
-from one4d_train.model.one4d import build_one4d
+from one4d_train.model.one4d import One4DModel, build_one4d
 from one4d_train.model.state_dict import official_to_diffusers
-from test_dlc import model_inputs, randomise_trainable, tiny_cfg, tiny_one4d
+from test_dlc import model_inputs, random_base, randomise_trainable, tiny_cfg, tiny_one4d
 
 
 class WanSinusoid(nn.Module):
@@ -99,8 +99,69 @@ def test_load_reports_missing_parameters(tmp_path):
     state = model.trainable_state_dict()
     del state["control_links.links.2.xyz_from_rgb.weight"]
     export_adapters(state, model.cfg, str(tmp_path))
-    with pytest.raises(RuntimeError, match="xyz_from_rgb"):
+    with pytest.raises(AdapterError, match="xyz_from_rgb"):
         load_adapters(model, str(tmp_path))
+
+
+def _edit_config(folder, edit):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_damaged_exports_name_the_file_and_key(tmp_path):
+    model, _ = tiny_one4d()
+    export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    config_file, lora = tmp_path / "adapter_config.json", tmp_path / "lora_rgb.safetensors"
+    good_config, good_lora = config_file.read_text(), lora.read_bytes()
+
+    lora.write_bytes(good_lora[: len(good_lora) // 2])  # a copy cut short
+    with pytest.raises(AdapterError, match=r"lora_rgb\.safetensors.*(truncated|incomplete)"):
+        read_adapters(str(tmp_path))
+    lora.unlink()
+    with pytest.raises(AdapterError, match=r"lora_rgb\.safetensors.*missing"):
+        load_adapters(model, str(tmp_path))
+    lora.write_bytes(good_lora)
+
+    config_file.write_text(good_config[:40])
+    with pytest.raises(AdapterError, match=r"adapter_config\.json.*not valid JSON"):
+        load_adapters(model, str(tmp_path))
+    config_file.write_text(good_config)
+    _edit_config(tmp_path, lambda c: c["lora"].pop("alpha"))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json.*'lora\.alpha'"):
+        read_adapters(str(tmp_path))
+    config_file.write_text(good_config)
+    _edit_config(tmp_path, lambda c: c["lora"].update(rank="4"))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json.*'lora\.rank'"):
+        read_adapters(str(tmp_path))
+    config_file.unlink()
+    with pytest.raises(AdapterError, match=r"adapter_config\.json.*missing"):
+        load_adapters(model, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value", [("alpha", 16.0), ("rank", 8)])
+def test_lora_scale_must_match_the_model(tmp_path, key, value):
+    """The export's alpha / rank scale is taken out of lora_B on reading and the model applies its own: a
+    model of another alpha would load silently with every adapter scaled wrongly."""
+    model, _ = tiny_one4d()
+    export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    cfg = tiny_cfg()
+    setattr(cfg.lora, key, value)
+    other = One4DModel(random_base(), cfg)
+    with pytest.raises(AdapterError, match=f"lora.{key} {getattr(model.cfg.lora, key)}.*model.lora.{key} {value}"):
+        load_adapters(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value", [("preset", "1.3b"), ("has_image_input", False)])
+def test_backbone_mismatch_is_reported_before_the_links(tmp_path, key, value):
+    model, _ = tiny_one4d()
+    export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    # an export from another backbone also links other blocks; the backbone is what to report
+    _edit_config(tmp_path, lambda c: c.update({key: value, "link_blocks": [5, 10, 15]}))
+    with pytest.raises(AdapterError, match=f"{key}.*{value!r}.*model.{key}") as err:
+        load_adapters(model, str(tmp_path))
+    assert "link" not in str(err.value)
 
 
 def test_rgb_adapter_loads_in_diffusers_and_matches(tmp_path):

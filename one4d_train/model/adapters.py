@@ -17,7 +17,7 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from one4d_train.model.config import ModelConfig
@@ -32,6 +32,7 @@ DIFFUSERS_PREFIX = "transformer."
 LORA_METADATA_KEY = "lora_adapter_metadata"
 _LORA_RE = re.compile(r"^base\.(blocks\.\d+\.(.+))\.(lora_[AB])$")
 _LINK_RE = re.compile(r"^control_links\.links\.(\d+)\.")
+_LORA_KEY_RE = re.compile(rf"^{re.escape(DIFFUSERS_PREFIX)}(.+)\.(lora_[AB])\.weight$")
 
 
 def lora_file(branch: str) -> str:
@@ -107,46 +108,109 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
     return config
 
 
-def read_adapters(out_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The adapter config and the tensors of an export, under the One4D model's parameter names (LoRA
-    scale taken back out of lora_B)."""
-    with open(os.path.join(out_dir, CONFIG_NAME)) as f:
-        config = json.load(f)
+class AdapterError(ValueError):
+    """An export that cannot be read, or that does not fit the model it is loaded into."""
+
+
+# what reading and loading an export rely on, with the JSON types they need
+_CONFIG_KEYS = {"design": str, "preset": str, "has_image_input": bool, "branches": list, "lora.rank": int,
+                "lora.alpha": (int, float), "link_blocks": list, "files": dict}
+
+
+def _config_value(config, key: str):
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            raise KeyError(key)
+        config = config[part]
+    return config
+
+
+def read_adapter_config(out_dir: str) -> dict:
+    """adapter_config.json of an export, with every key that loading uses present and of its type."""
+    path = os.path.join(out_dir, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: missing (not an export folder, or one not completely written)") from None
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc}); the file is damaged or was cut short") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: cannot be read ({exc})") from exc
+    for key, kind in _CONFIG_KEYS.items():
+        try:
+            value = _config_value(config, key)
+        except KeyError:
+            raise AdapterError(f"{path}: no key {key!r}") from None
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise AdapterError(f"{path}: key {key!r} has the wrong type: {value!r}")
+    if config["lora"]["rank"] < 1:
+        raise AdapterError(f"{path}: key 'lora.rank' must be >= 1, got {config['lora']['rank']}")
+    return config
+
+
+def _read_tensors(out_dir: str, config: dict) -> dict[str, torch.Tensor]:
     scaling = config["lora"]["alpha"] / config["lora"]["rank"]
     state, per_branch = {}, {}
     for group, filename in config["files"].items():
-        with safe_open(os.path.join(out_dir, filename), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if group.startswith("lora."):
-                    module, ab, _ = key[len(DIFFUSERS_PREFIX):].rsplit(".", 2)
-                    name = f"base.{diffusers_to_official(module)}.{ab}"
-                    per_branch.setdefault(name, {})[group[5:]] = tensor / scaling if ab == "lora_B" else tensor
-                else:
-                    state[key] = tensor
+        path = os.path.join(out_dir, filename)
+        if not os.path.isfile(path):
+            raise AdapterError(f"{path}: missing (listed in {CONFIG_NAME} as {group!r})")
+        try:
+            with safe_open(path, framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"{path}: not a readable safetensors file ({exc}); truncated or damaged") from exc
+        for key, tensor in tensors.items():
+            if group.startswith("lora."):
+                m = _LORA_KEY_RE.match(key)
+                if not m:
+                    raise AdapterError(f"{path}: key {key!r} is not a diffusers LoRA key of this export format")
+                module, ab = m.groups()
+                name = f"base.{diffusers_to_official(module)}.{ab}"
+                per_branch.setdefault(name, {})[group[5:]] = tensor / scaling if ab == "lora_B" else tensor
+            else:
+                state[key] = tensor
     for name, tensors in per_branch.items():
         if set(tensors) != set(config["branches"]):
-            raise RuntimeError(f"export {out_dir}: {name} has adapters {sorted(tensors)}, "
+            raise AdapterError(f"export {out_dir}: {name} has adapters {sorted(tensors)}, "
                                f"expected {config['branches']}")
         state[name] = torch.stack([tensors[b] for b in config["branches"]])
-    return config, state
+    return state
+
+
+def read_adapters(out_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter config and the tensors of an export, under the One4D model's parameter names (LoRA
+    scale taken back out of lora_B). Raises AdapterError naming the file (and key) that is missing or damaged."""
+    config = read_adapter_config(out_dir)
+    return config, _read_tensors(out_dir, config)
 
 
 def load_adapters(model: torch.nn.Module, out_dir: str) -> dict:
     """Copy an export into `model` (a One4DModel of the same design, preset and LoRA shape); every trainable
     parameter must be covered and nothing else may be present. Returns the adapter config."""
-    config, state = read_adapters(out_dir)
-    if config["design"] != model.design:
-        raise ValueError(f"export {out_dir} is design {config['design']!r}, the model is {model.design!r}")
+    config = read_adapter_config(out_dir)
+    mcfg = model.cfg
+    ours = {"preset": mcfg.preset, "has_image_input": mcfg.has_image_input, "design": model.design,
+            "lora.rank": mcfg.lora.rank, "lora.alpha": mcfg.lora.alpha}
+    # the backbone first: an export made for another one differs in everything that follows
+    for keys in (("preset", "has_image_input"), ("design",), ("lora.rank", "lora.alpha")):
+        wrong = [f"{k} {_config_value(config, k)!r} (model.{k} {ours[k]!r})" for k in keys
+                 if _config_value(config, k) != ours[k]]
+        if wrong:
+            raise AdapterError(f"export {out_dir} does not fit the model: {'; '.join(wrong)} (adapter_config.json "
+                               f"vs the model config; set model.* to the export's values)")
     if config["link_blocks"] != list(model.link_blocks):
-        raise ValueError(f"export {out_dir} links blocks {config['link_blocks']}, the model {model.link_blocks}")
+        raise AdapterError(f"export {out_dir} links blocks {config['link_blocks']}, "
+                           f"the model (model.link_blocks / model.num_links) {model.link_blocks}")
+    state = _read_tensors(out_dir, config)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     wrong = [f"{n}: export {tuple(state[n].shape)} vs model {tuple(p.shape)}"
              for n, p in params.items() if n in state and state[n].shape != p.shape]
     if missing or unexpected or wrong:
-        raise RuntimeError(f"export {out_dir} does not match the model: missing {missing[:10]} "
+        raise AdapterError(f"export {out_dir} does not match the model: missing {missing[:10]} "
                            f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), shapes {wrong[:10]}")
     with torch.no_grad():
         for name, p in params.items():

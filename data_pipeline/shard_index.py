@@ -107,20 +107,53 @@ def read_index(shard_dir) -> dict:
     if index.get("sample_format", 1) not in SAMPLE_FORMATS:
         raise ShardIndexError(f"{path}: sample_format {index.get('sample_format')!r}, this code reads "
                               f"{list(SAMPLE_FORMATS)}: update the code or re-shard")
-    for key in ("shards", "totals", "statistics", "rejects"):
+    for key, kind in (("shards", list), ("totals", dict), ("statistics", dict), ("rejects", list)):
         if key not in index:
             raise ShardIndexError(f"{path}: missing key '{key}'")
+        if not isinstance(index[key], kind):
+            raise ShardIndexError(f"{path}: '{key}' must be a JSON {'list' if kind is list else 'object'}, "
+                                  f"got {index[key]!r:.80}")
+    seen: dict[str, int] = {}
     for i, s in enumerate(index["shards"]):
-        missing = {"name", "samples", "bytes", "sha256", "keys"} - set(s)
-        if missing:
-            raise ShardIndexError(f"{path}: shards[{i}] lacks {sorted(missing)}")
-        if s["samples"] != len(s["keys"]):
-            raise ShardIndexError(f"{path}: shard {s['name']}: samples {s['samples']} != {len(s['keys'])} keys")
+        _check_entry(path, i, s)
+        if s["name"] in seen:
+            raise ShardIndexError(f"{path}: shards[{i}]: {s['name']} is listed twice (also shards[{seen[s['name']]}])")
+        seen[s["name"]] = i
     totals = {"shards": len(index["shards"]), "samples": sum(s["samples"] for s in index["shards"]),
               "bytes": sum(s["bytes"] for s in index["shards"]), "rejected": len(index["rejects"])}
     if index["totals"] != totals:
         raise ShardIndexError(f"{path}: totals {index['totals']} disagree with the shard list ({totals})")
     return index
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(path: Path, i: int, s) -> None:
+    """ShardIndexError naming the file and the field unless shards[i] is a well-formed shard entry."""
+    where = f"{path}: shards[{i}]"
+    if not isinstance(s, dict):
+        raise ShardIndexError(f"{where} must be a JSON object, got {s!r:.80}")
+    missing = {"name", "samples", "bytes", "sha256", "keys"} - set(s)
+    if missing:
+        raise ShardIndexError(f"{where} lacks {sorted(missing)}")
+    name = s["name"]
+    if not (isinstance(name, str) and name and name not in (".", "..") and os.path.basename(name) == name):
+        raise ShardIndexError(f"{where}.name must be a file name in the folder, got {name!r:.80}")
+    for key in ("samples", "bytes"):
+        if not _count(s[key]):
+            raise ShardIndexError(f"{where}.{key} must be a non-negative integer, got {s[key]!r:.80}")
+    if not (isinstance(s["sha256"], str) and len(s["sha256"]) == 64 and set(s["sha256"]) <= set("0123456789abcdef")):
+        raise ShardIndexError(f"{where}.sha256 must be 64 lowercase hex digits, got {s['sha256']!r:.80}")
+    keys = s["keys"]
+    if not (isinstance(keys, list) and all(isinstance(k, str) and k for k in keys)):
+        raise ShardIndexError(f"{where}.keys must be a list of sample keys, got {keys!r:.80}")
+    if s["samples"] != len(keys):
+        raise ShardIndexError(f"{where}: shard {name}: samples {s['samples']} != {len(keys)} keys")
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise ShardIndexError(f"{where}: sample key {twice} is listed twice in {name}")
 
 
 def shard_entry(record: dict) -> dict:

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -377,3 +378,69 @@ def test_byte_planning_survives_bad_geometry_and_is_made_once(tmp_path, manifest
 
     monkeypatch.setattr(shard_mod, "_estimated_bytes", no_estimates)
     assert run_sharding(m, out, shard_bytes=10 ** 6, progress=False)["samples"] == 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("bytes", "123", "shards[1].bytes must be a non-negative integer, got '123'"),
+    ("samples", True, "shards[1].samples must be a non-negative integer, got True"),
+    ("samples", -1, "shards[1].samples must be a non-negative integer, got -1"),
+    ("sha256", 5, "shards[1].sha256 must be 64 lowercase hex digits, got 5"),
+    ("name", "../shard-000001.tar", "shards[1].name must be a file name in the folder, got '../shard-000001.tar'"),
+    ("name", None, "shards[1].name must be a file name in the folder, got None"),
+    ("keys", "r000000002", "shards[1].keys must be a list of sample keys, got 'r000000002'"),
+    ("keys", [2], "shards[1].keys must be a list of sample keys, got [2]"),
+    (None, "shard-000001.tar", "shards[1] must be a JSON object, got 'shard-000001.tar'"),
+])
+def test_an_index_with_a_wrong_typed_field_is_refused_naming_it(tmp_path, capsys, field, value, message):
+    """A hand-edited or damaged index.json is an error naming the file and the field (not a raw TypeError)."""
+    from data_pipeline.reader import list_shards
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=3, samples_per_shard=2)
+    index = json.loads((out / "index.json").read_text())
+    if field is None:
+        index["shards"][1] = value
+    else:
+        index["shards"][1][field] = value
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match=re.escape(f"{out / 'index.json'}: {message}")):
+        list_shards(str(out))
+    assert inspect_main([str(out)]) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top, value", [("shards", {}), ("rejects", 3), ("totals", []), ("statistics", None)])
+def test_an_index_with_a_wrong_typed_section_is_refused(tmp_path, top, value):
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    index[top] = value
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match=rf"index.json: '{top}' must be a JSON (list|object)"):
+        read_index(out)
+
+
+def test_an_index_listing_a_shard_twice_is_refused(tmp_path, capsys):
+    """The reader would silently read such a shard once; inspect-shards would pass it. Both refuse it, as a sample
+    key listed twice within a shard."""
+    from data_pipeline.reader import list_shards
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=3, samples_per_shard=2)
+    good = json.loads((out / "index.json").read_text())
+    index = json.loads(json.dumps(good))
+    index["shards"].append(index["shards"][0])
+    index["totals"] = {"shards": 3, "samples": 5, "bytes": sum(s["bytes"] for s in index["shards"]), "rejected": 0}
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match=r"shards\[2\]: shard-000000.tar is listed twice \(also shards\[0\]\)"):
+        list_shards(str(out))
+    assert inspect_main([str(out)]) == 1
+    assert "shard-000000.tar is listed twice" in capsys.readouterr().err
+
+    index = json.loads(json.dumps(good))
+    index["shards"][1].update(keys=["r000000002", "r000000002"], samples=2)
+    index["totals"]["samples"] = 4
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match=r"shards\[1\]: sample key r000000002 is listed twice"):
+        list_shards(str(out))

@@ -1,9 +1,12 @@
-"""`one4d eval checkpoint=<checkpoint or run dir> [config=x.yaml] [key=value ...]`: sample checkpoints in the
-three UMC modes, recover depth and cameras, score them, and write videos, point clouds, contact sheets and
+"""`one4d eval checkpoint=<checkpoint, export or run dir> [config=x.yaml] [key=value ...]`: sample checkpoints in
+the three UMC modes, recover depth and cameras, score them, and write videos, point clouds, contact sheets and
 metrics.json into <checkpoint>/eval (logged to the run's MLflow run when the checkpoint has one).
 
-A run directory evaluates every complete checkpoint that has no eval/metrics.json yet. Without config=, the
-run's own config.yaml is used; key=value pairs (eval.*, data.*, model.*) override it.
+A checkpoint must be complete (its COMPLETE marker matching its files); an export folder of `one4d export`
+is evaluated as it is. A run directory evaluates every complete checkpoint that has no eval/metrics.json yet.
+Without config=, the run's own config.yaml is used; key=value pairs (eval.*, data.*, model.*) override it.
+Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing or incomplete
+checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import os
 import sys
 
 from one4d_train.config import ConfigError, load_config
-from one4d_train.eval.pipeline import checkpoints_to_evaluate, evaluate_checkpoint, run_of
+from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, eval_dataset, evaluate_checkpoint,
+                                       run_of)
+from one4d_train.model.adapters import AdapterError
 
 
 def main(argv: list[str]) -> int:
@@ -21,11 +26,19 @@ def main(argv: list[str]) -> int:
     target = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
     rest = [a for a in argv if not a.startswith("checkpoint=")]
     if len(target) != 1:
-        print("one4d eval: give exactly one checkpoint=<checkpoint dir or run dir>", file=sys.stderr)
+        print("one4d eval: give exactly one checkpoint=<checkpoint dir, export dir or run dir>", file=sys.stderr)
         return 2
-    checkpoints = checkpoints_to_evaluate(target[0])
+    try:
+        checkpoints = checkpoints_to_evaluate(target[0])
+    except EvalInputError as exc:
+        print(f"one4d eval: {exc}", file=sys.stderr)
+        return 2
     if not checkpoints:
-        print(f"one4d eval: nothing to evaluate under {target[0]} (no complete checkpoint without eval/metrics.json)")
+        from one4d_train.train.checkpoint import complete_checkpoints
+
+        scored = len(complete_checkpoints(os.path.join(target[0], "checkpoints")))
+        print(f"one4d eval: nothing to evaluate under run directory {target[0]}: {scored} already scored "
+              f"(eval/metrics.json), no other complete checkpoint")
         return 0
     for ckpt in checkpoints:
         run_dir, run_id, step = run_of(ckpt)
@@ -35,9 +48,17 @@ def main(argv: list[str]) -> int:
             args.insert(0, f"config={run_config}")
         try:
             cfg = load_config(args + [f"run_dir={run_dir}"])
+            eval_dataset(cfg)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
+        except EvalInputError as exc:
+            print(f"one4d eval: {exc}", file=sys.stderr)
+            return 2
         print(f"evaluating {ckpt} (step {step}, MLflow run {run_id or '-'})")
-        evaluate_checkpoint(cfg, ckpt, run_id=run_id, step=step)
+        try:
+            evaluate_checkpoint(cfg, ckpt, run_id=run_id, step=step)
+        except (AdapterError, EvalInputError) as exc:
+            print(f"one4d eval: {ckpt}: {exc}", file=sys.stderr)
+            return 2
     return 0

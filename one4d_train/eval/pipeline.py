@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,7 +27,12 @@ from one4d_train.eval.recovery import RecoveryConfig, recover_geometry
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
+BENCHMARKS = ("sintel", "bonn", "tum")
 TABLE_COLUMNS = ["sample", "mode", "abs_rel", "delta_1_25", "ate", "rpe_trans", "rpe_rot", "psnr", "ssim"]
+
+
+class EvalInputError(ValueError):
+    """A checkpoint, export or dataset that evaluation cannot use; the message names it and says why."""
 
 
 @dataclass
@@ -45,8 +51,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def adapter_dir(checkpoint: str) -> str:
+    """The export folder of a checkpoint (its adapters/), or an export of `one4d export` itself."""
+    from one4d_train.model.adapters import CONFIG_NAME
+
+    return checkpoint if os.path.isfile(os.path.join(checkpoint, CONFIG_NAME)) else os.path.join(checkpoint, "adapters")
+
+
 def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generator:
-    """The One4D model of cfg.model with the checkpoint's exported adapters (checkpoint/adapters)."""
+    """The One4D model of cfg.model with the adapters of `checkpoint` (a checkpoint or an export folder)."""
     from one4d_train.model.adapters import load_adapters
     from one4d_train.model.encoders import build_encoders
     from one4d_train.model.one4d import build_one4d
@@ -54,7 +67,7 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
     mcfg = cfg.model
     model = build_one4d(mcfg, device=device, seed=cfg.seed)
     if checkpoint:
-        load_adapters(model, os.path.join(checkpoint, "adapters"))
+        load_adapters(model, adapter_dir(checkpoint))
     model.eval().requires_grad_(False)
     dtype = torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
     vae, text, image = build_encoders(mcfg, model.base.cfg, device, dtype, cfg.seed)
@@ -172,14 +185,34 @@ def score_and_write(pred: dict, batch: dict, ecfg, device, out_dir: Path, title:
     return metrics
 
 
+def eval_dataset(cfg) -> str:
+    """eval.dataset (default data.val_shards), checked without reading any sample: a benchmark's root is a
+    directory, a shard set's index.json lists the shards. EvalInputError otherwise."""
+    spec = cfg.eval.dataset or cfg.data.val_shards
+    key = "eval.dataset" if cfg.eval.dataset else "data.val_shards"
+    if not spec:
+        raise EvalInputError("nothing to evaluate on: set eval.dataset=<shard directory or pattern | sintel:ROOT | "
+                             "bonn:ROOT | tum:ROOT> or data.val_shards=<shard directory or pattern>")
+    name, sep, root = spec.partition(":")
+    if sep and name in BENCHMARKS:
+        if not os.path.isdir(root):
+            raise EvalInputError(f"{key}={spec}: {root} is not a directory")
+        return spec
+    from data_pipeline.reader import list_shards
+
+    try:
+        list_shards(spec)
+    except (OSError, ValueError) as exc:
+        raise EvalInputError(f"{key}={spec}: {exc}") from exc
+    return spec
+
+
 def iter_samples(cfg) -> Iterator[dict]:
     """eval.num_samples samples (batches of one) of eval.dataset (default data.val_shards): shards through
     the data pipeline with centre crops, or a benchmark through its reader."""
-    spec = cfg.eval.dataset or cfg.data.val_shards
-    if not spec:
-        raise ValueError("nothing to evaluate on: set eval.dataset or data.val_shards")
+    spec = eval_dataset(cfg)
     head = spec.split(":", 1)
-    if len(head) == 2 and head[0] in ("sintel", "bonn", "tum"):
+    if len(head) == 2 and head[0] in BENCHMARKS:
         from one4d_train.eval.readers import read_benchmark, to_sample
 
         T = cfg.data.num_frames
@@ -244,6 +277,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     from tqdm import tqdm
 
     ecfg = cfg.eval
+    eval_dataset(cfg)  # before the model is built
     out = Path(out_dir or ecfg.out_dir or os.path.join(checkpoint or ".", "eval"))
     device = resolve_device(cfg.train.device)
     gen = gen or load_generator(cfg, checkpoint, device)
@@ -284,14 +318,76 @@ def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int) -> N
         tracker.end()
 
 
-def checkpoints_to_evaluate(path: str) -> list[str]:
-    """A checkpoint directory -> [it]; a run directory -> its complete checkpoints without eval/metrics.json."""
-    from one4d_train.train.checkpoint import complete_checkpoints, is_complete
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete checkpoint (train/checkpoint.py's is_complete), None when it is one."""
+    from one4d_train.train.checkpoint import MARKER, is_complete, marker_of
 
-    if is_complete(path) or os.path.isdir(os.path.join(path, "adapters")):
+    if is_complete(path):
+        return None
+    try:
+        files = marker_of(path)["files"]
+    except FileNotFoundError:
+        return f"no {MARKER} marker (a checkpoint still being written, or copied without it)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MARKER} marker cannot be read ({exc!r})"
+    if not isinstance(files, dict) or not files:
+        return f"its {MARKER} marker lists no files"
+    for rel, size in sorted(files.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel}, listed in {MARKER}, is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} is {os.path.getsize(full)} bytes, {MARKER} says {size} (cut short or changed)"
+    return f"its {MARKER} marker does not match its files"
+
+
+def checkpoints_to_evaluate(path: str) -> list[str]:
+    """What `one4d eval checkpoint=path` evaluates. A checkpoint -> [it], and it must be complete; its adapters/
+    named directly -> [the checkpoint]; an export folder of `one4d export` (adapter_config.json) -> [it]; a run
+    directory -> its complete checkpoints without eval/metrics.json (possibly none). Anything else, or a
+    checkpoint that is missing or incomplete, raises EvalInputError naming the path and why."""
+    from one4d_train.model.adapters import CONFIG_NAME
+    from one4d_train.train.checkpoint import MARKER, STEP_DIR, complete_checkpoints
+
+    def looks_like_checkpoint(p: str) -> bool:
+        name = os.path.basename(os.path.normpath(p))
+        return (os.path.exists(os.path.join(p, MARKER)) or bool(STEP_DIR.match(name)) or name.startswith(".tmp-")
+                or os.path.isdir(os.path.join(p, "train_state")))
+
+    def checked(ckpt: str) -> str:
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise EvalInputError(f"checkpoint {ckpt} is not complete: {problem}")
+        if not os.path.isdir(os.path.join(ckpt, "adapters")):
+            raise EvalInputError(f"checkpoint {ckpt} has no adapters/: write them with `one4d export "
+                                 f"checkpoint={ckpt} out=DIR from_zero=true` and evaluate DIR")
+        return ckpt
+
+    if not os.path.exists(path):
+        raise EvalInputError(f"checkpoint={path}: no such directory")
+    if not os.path.isdir(path):
+        raise EvalInputError(f"checkpoint={path}: not a directory")
+    parent = os.path.dirname(os.path.normpath(path))
+    if os.path.basename(os.path.normpath(path)) == "adapters" and looks_like_checkpoint(parent):
+        return [checked(parent)]
+    if looks_like_checkpoint(path):
+        return [checked(path)]
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return [path]
-    ckpts = complete_checkpoints(os.path.join(path, "checkpoints"))
-    return [c for c in ckpts if not os.path.exists(os.path.join(c, "eval", METRICS_FILE))]
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if not (os.path.isdir(ckpt_dir) or os.path.isfile(os.path.join(path, "config.yaml"))):
+        hint = (f"; it holds adapters/ without a {MARKER} marker, so it is no complete checkpoint (an export "
+                f"there is evaluated as checkpoint={os.path.join(path, 'adapters')})"
+                if os.path.isdir(os.path.join(path, "adapters")) else "")
+        raise EvalInputError(f"checkpoint={path} is neither a checkpoint ({MARKER}), an export "
+                             f"({CONFIG_NAME}) nor a run directory (checkpoints/, config.yaml){hint}")
+    complete = complete_checkpoints(ckpt_dir)
+    names = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
+    for name in names:
+        if STEP_DIR.match(name) and os.path.join(ckpt_dir, name) not in complete:
+            print(f"one4d eval: skipping {os.path.join(ckpt_dir, name)}: "
+                  f"{checkpoint_problem(os.path.join(ckpt_dir, name))}", file=sys.stderr)
+    return [c for c in complete if not os.path.exists(os.path.join(c, "eval", METRICS_FILE))]
 
 
 def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:

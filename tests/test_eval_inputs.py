@@ -1,0 +1,141 @@
+"""What `one4d eval` is given: a checkpoint named explicitly must be complete (else exit 2 naming the path and
+why), an export of `one4d export` loads as it is, a run directory is scanned for complete checkpoints not yet
+scored, and a config without a dataset is refused before any model is built."""
+import json
+import os
+
+import pytest
+import torch
+
+from one4d_train.cli import main as cli
+from one4d_train.config import load_config, to_yaml
+from one4d_train.eval.pipeline import EvalInputError, checkpoints_to_evaluate, evaluate_checkpoint, load_generator
+from one4d_train.model.adapters import export_adapters
+from one4d_train.model.one4d import build_one4d
+from one4d_train.train.checkpoint import MARKER, _listing
+
+TINY = ["model.num_links=2", "model.compute_dtype=fp32", "model.activation_checkpointing=none", "train.device=cpu",
+        "model.lora.rank=4", "model.lora.alpha=8"]
+
+
+def _run(tmp_path, *extra):
+    """A run directory holding config.yaml; returns (run dir, config, exported trainable state)."""
+    run = tmp_path / "run"
+    cfg = load_config([f"run_dir={run}", *TINY, *extra])
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    model = build_one4d(cfg.model, seed=1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.normal_(0, 0.02)
+    return run, cfg, model.trainable_state_dict()
+
+
+def _checkpoint(run, cfg, state, step=10, complete=True):
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    export_adapters(state, cfg.model, str(ckpt / "adapters"))
+    (ckpt / "train_state").mkdir()
+    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": step}))
+    if complete:
+        (ckpt / MARKER).write_text(json.dumps({"step": step, "world_size": 1, "files": _listing(str(ckpt))}))
+    return ckpt
+
+
+def test_a_missing_checkpoint_is_an_error(tmp_path, capsys):
+    target = tmp_path / "run" / "checkpoints" / "step-0000001O"  # mistyped
+    assert cli(["eval", f"checkpoint={target}"]) == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "no such directory" in err
+
+
+def test_an_incomplete_checkpoint_is_an_error_naming_why(tmp_path, capsys):
+    run, cfg, state = _run(tmp_path)
+    ckpt = _checkpoint(run, cfg, state)
+    lora = ckpt / "adapters" / "lora_rgb.safetensors"
+    size = lora.stat().st_size
+    os.truncate(lora, size // 2)  # half copied
+    assert cli(["eval", f"checkpoint={ckpt}"]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "adapters/lora_rgb.safetensors" in err and f"{size // 2} bytes" in err, err
+    with pytest.raises(EvalInputError, match="lora_rgb.safetensors"):
+        checkpoints_to_evaluate(str(ckpt / "adapters"))  # its adapters named directly: the same check
+
+    (ckpt / MARKER).unlink()  # adapters/ present, COMPLETE not (yet) written
+    os.truncate(lora, size)
+    for target in (ckpt, ckpt / "adapters"):
+        assert cli(["eval", f"checkpoint={target}"]) == 2
+        err = capsys.readouterr().err
+        assert str(ckpt) in err and f"no {MARKER} marker" in err, err
+    (ckpt / MARKER).write_text('{"step": 10, "files": {')
+    with pytest.raises(EvalInputError, match=f"{MARKER}.*cannot be read"):
+        checkpoints_to_evaluate(str(ckpt))
+
+
+def test_a_directory_that_is_no_checkpoint_export_or_run_is_an_error(tmp_path, capsys):
+    (tmp_path / "somewhere").mkdir()
+    assert cli(["eval", f"checkpoint={tmp_path / 'somewhere'}"]) == 2
+    assert "neither" in capsys.readouterr().err
+
+
+def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, capsys):
+    run, cfg, state = _run(tmp_path)
+    assert checkpoints_to_evaluate(str(run)) == []
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert "nothing to evaluate" in capsys.readouterr().out
+    done = _checkpoint(run, cfg, state, step=10)
+    (done / "eval").mkdir()
+    (done / "eval" / "metrics.json").write_text("{}")
+    half = _checkpoint(run, cfg, state, step=20, complete=False)
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    out = capsys.readouterr()
+    assert "nothing to evaluate" in out.out and "1 already scored" in out.out, out.out
+    assert "step-00000020" in out.err and f"no {MARKER} marker" in out.err, out.err
+    new = _checkpoint(run, cfg, state, step=30)
+    assert checkpoints_to_evaluate(str(run)) == [str(new)]
+    assert checkpoints_to_evaluate(str(half.parent.parent)) == [str(new)]
+
+
+def test_exports_load_as_they_are(tmp_path):
+    """`one4d export out=DIR` writes the adapter files and adapter_config.json (last) into DIR, no COMPLETE:
+    DIR itself is evaluated; a complete checkpoint's adapters/ named directly stands for its checkpoint."""
+    run, cfg, state = _run(tmp_path)
+    export = tmp_path / "export"
+    export_adapters(state, cfg.model, str(export))
+    assert checkpoints_to_evaluate(str(export)) == [str(export)]
+    gen = load_generator(cfg, str(export), torch.device("cpu"))
+    got = dict(gen.model.named_parameters())
+    for name, tensor in state.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=0)
+    ckpt = _checkpoint(run, cfg, state)
+    assert checkpoints_to_evaluate(str(ckpt / "adapters")) == [str(ckpt)]
+
+
+def test_a_checkpoint_of_another_lora_scale_is_an_error(tmp_path, capsys):
+    run, cfg, state = _run(tmp_path)
+    ckpt = _checkpoint(run, cfg, state)
+    assert cli(["eval", f"checkpoint={ckpt}", "model.lora.alpha=16", "data.val_shards=/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "data.val_shards=/nowhere" in err  # the dataset is checked first
+    from data_utils import make_shards
+
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    assert cli(["eval", f"checkpoint={ckpt}", "model.lora.alpha=16", f"data.val_shards={shards}"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.alpha 8" in err and "model.lora.alpha 16" in err, err
+
+
+def test_no_dataset_is_reported_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    run, cfg, state = _run(tmp_path)
+    ckpt = _checkpoint(run, cfg, state)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr("one4d_train.model.one4d.build_one4d", no_model)
+    with pytest.raises(EvalInputError, match="eval.dataset.*data.val_shards"):
+        evaluate_checkpoint(cfg, str(ckpt))
+    assert cli(["eval", f"checkpoint={ckpt}"]) == 2
+    assert "eval.dataset" in capsys.readouterr().err
+    bonn = load_config([*TINY, f"eval.dataset=bonn:{tmp_path / 'nowhere'}"])
+    with pytest.raises(EvalInputError, match="nowhere.*not a directory"):
+        evaluate_checkpoint(bonn, str(ckpt))

@@ -1,6 +1,8 @@
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -70,6 +72,23 @@ def test_metrics_json_and_table(tmp_path):
     table = format_table([{"mode": "video", "abs_rel": 0.123456}, {"mode": "image", "abs_rel": 1.5}], ["mode", "abs_rel"])
     lines = table.splitlines()
     assert lines[0].split() == ["mode", "abs_rel"] and lines[2].split() == ["video", "0.1235"] and len(lines) == 4
+
+
+def test_means_leave_out_non_finite_values_and_count_them():
+    from one4d_train.eval.pipeline import summarise
+
+    nan, inf = float("nan"), float("inf")
+    rows = [{"sample": "a", "mode": "video", "abs_rel": 0.1, "psnr": inf, "ate": 0.5},
+            {"sample": "b", "mode": "video", "abs_rel": nan, "psnr": 30.0, "ate": 0.7},
+            {"sample": "c", "mode": "video", "abs_rel": 0.3, "psnr": -inf, "ate": 0.9},
+            {"sample": "a", "mode": "image", "abs_rel": nan, "psnr": 20.0}]
+    means = summarise(rows)
+    video, image = means["video"], means["image"]
+    assert video["num_samples"] == 3 and image["num_samples"] == 1
+    assert video["abs_rel"] == pytest.approx(0.2) and video["abs_rel_nonfinite"] == 1
+    assert video["psnr"] == 30.0 and video["psnr_nonfinite"] == 2
+    assert video["ate"] == pytest.approx(0.7) and "ate_nonfinite" not in video
+    assert math.isnan(image["abs_rel"]) and image["abs_rel_nonfinite"] == 1 and image["psnr"] == 20.0
 
 
 def _oracle_scores(cfg, tmp_path):

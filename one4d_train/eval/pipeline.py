@@ -253,7 +253,9 @@ def _sample_name(batch: dict, index: int) -> str:
 
 
 def summarise(results: list[dict]) -> dict:
-    """Means per mode over samples (NaN and inf left out; their count is reported)."""
+    """Means per mode over samples. NaN and inf are left out of a metric's mean and counted as
+    `<metric>_nonfinite` (present only where there were any): a perfect frame's PSNR is inf, a failed
+    recovery's depth error NaN."""
     by_mode: dict[str, dict] = {}
     for r in results:
         by_mode.setdefault(r["mode"], []).append(r)
@@ -262,8 +264,11 @@ def summarise(results: list[dict]) -> dict:
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "num_pixels"})
         means = {}
         for k in keys:
-            vals = [float(r[k]) for r in rows if k in r and math.isfinite(float(r[k]))]
-            means[k] = float(np.mean(vals)) if vals else float("nan")
+            vals = [float(r[k]) for r in rows if k in r]
+            finite = [v for v in vals if math.isfinite(v)]
+            means[k] = float(np.mean(finite)) if finite else float("nan")
+            if len(finite) < len(vals):
+                means[f"{k}_nonfinite"] = len(vals) - len(finite)
         means["num_samples"] = len(rows)
         out[mode] = means
     return out

@@ -4,13 +4,14 @@ The shard index's sha256 covers a whole shard, which the streaming reader cannot
 out that shard's samples; a flipped bit in an mp4 mostly still decodes, to different frames. Each sample
 therefore carries the CRC-32 of its members, written by `one4d shard` (and rewritten by `one4d encode-latents`,
 which adds members), checked by the reader before decoding (a mismatch skips the sample like any corrupt one)
-and by `one4d inspect-shards`. Samples of shards written before sums existed have none and are read as before.
+and by `one4d inspect-shards`. Every sample has one (index.json sample_format 3), written last: a sample without
+it, or without a member it lists, was cut short (a truncated shard, a damaged tar header) and is skipped.
 """
 from __future__ import annotations
 
 import json
 
-from data_pipeline.decode import SampleError, crc32
+from data_pipeline.decode import SampleError, crc32, member_problem
 
 MEMBER = "sums.json"
 
@@ -47,12 +48,23 @@ def problems(sums: dict[str, int], crcs: dict[str, int]) -> str | None:
     return None
 
 
+def sample_problem(crcs: dict[str, int], sums: bytes | None) -> str | None:
+    """What is wrong with a sample whose members other than sums.json have CRC-32s `crcs` and whose sums.json
+    holds `sums` (None: it has none): a missing sums.json, members that do not match it, or members every
+    sample has (decode.member_problem) missing; None when nothing is."""
+    if sums is None:
+        return f"no {MEMBER}: the sample is incomplete (a truncated shard or a damaged tar header?)"
+    try:
+        problem = problems(read_sums(sums), crcs)
+    except SampleError as exc:
+        problem = str(exc)
+    return problem or member_problem(crcs)
+
+
 def verify(raw: dict) -> None:
-    """SampleError naming the members that do not match the sample's sums.json (raw: suffix -> bytes, as the
-    reader groups a sample; keys starting with '__' are the reader's own); nothing to check without sums.json."""
-    if MEMBER not in raw:
-        return
-    sums = read_sums(raw[MEMBER])
-    problem = problems(sums, {k: crc32(v) for k, v in raw.items() if k != MEMBER and not k.startswith("__")})
+    """SampleError unless the sample has its sums.json, its members match it and none that every sample has is
+    missing (raw: suffix -> bytes, as the reader groups a sample; keys starting with '__' are the reader's own)."""
+    crcs = {k: crc32(v) for k, v in raw.items() if k != MEMBER and not k.startswith("__")}
+    problem = sample_problem(crcs, raw.get(MEMBER))
     if problem:
         raise SampleError(problem)

@@ -1,8 +1,8 @@
 """Raw shard sample (member bytes) -> the sampled frame window and its geometry, as numpy arrays.
 
 Only the frames up to the end of the window are decoded (from memory: PyAV sequentially for windows near the
-start, decord `get_batch` with keyframe seeking otherwise; identical pixels at source size), and with
-per-frame geometry (sample format 2, docs/data.md) only the window's geometry frames are inflated. Given the
+start, decord `get_batch` with keyframe seeking otherwise; identical pixels at source size), and of the
+per-frame geometry (docs/data.md) only the window's frames are inflated. Given the
 training crop's size, frames come out already resized to cover it (on the PyAV path by swscale in the
 YUV -> RGB conversion, after decord by torch: the same bilinear kernel, chroma handled differently), while
 geometry stays at source resolution for the transforms' nearest resize. Nothing is unpickled: npz members
@@ -38,8 +38,8 @@ class DecodedClip:
     depth: np.ndarray | None  # [T, H, W] z-depth (depth geometry)
     xyz: np.ndarray | None  # [T, H, W, 3] pointmaps in the clip's first frame's camera (pointmap geometry)
     xyz_to_ref: np.ndarray | None  # 4x4 taking xyz into the first sampled frame's camera (None: already there)
-    valid: np.ndarray | None  # bool [T, H, W], the stored mask (all True when absent); None: implied by
-    # depth (sample format 2 depth geometry stores invalid depth as 0, so valid == depth > 0 and finite)
+    valid: np.ndarray | None  # bool [T, H, W], the stored mask; None: implied by depth (the writer stores
+    # invalid depth as 0, so valid == depth > 0 and finite)
     intrinsics: np.ndarray  # float64 [T, 3, 3], NaN when unknown
     poses_c2w: np.ndarray  # float64 [T, 4, 4] relative to the first sampled frame, NaN when unknown
     caption: str
@@ -106,20 +106,41 @@ class NpzReader:
             raise SampleError(f"member {self.member} array '{name}' is not readable: {exc}") from None
 
 
+GEOMETRY_MEMBERS = ("depth.npz", "xyz.npz")
+
+
+def member_problem(members) -> str | None:
+    """What a sample with members `members` (suffixes, sums.json aside) lacks of what every sample of `one4d shard`
+    has (docs/data.md: mp4, one geometry member, valid.npz, txt, json, and cam.json with depth geometry;
+    latents.json with latents.npz from `one4d encode-latents`), or None."""
+    have = set(members)
+    geometry = [g for g in GEOMETRY_MEMBERS if g in have]
+    if len(geometry) > 1:
+        return "has both depth.npz and xyz.npz"
+    need = {"mp4", "valid.npz", "txt", "json"} | ({"cam.json"} if geometry == ["depth.npz"] else set())
+    if "latents.npz" in have or "latents.json" in have:
+        need |= {"latents.npz", "latents.json"}
+    missing = sorted(need - have) + ([] if geometry else ["depth.npz or xyz.npz"])
+    return f"missing members {missing}" if missing else None
+
+
 def frame_member(name: str, i: int) -> str:
-    """Name of frame i's array in a per-frame geometry npz (sample format 2)."""
+    """Name of frame i's array in a per-frame geometry npz."""
     return f"{name}_{i:06d}"
 
 
-def read_frames(z: NpzReader, name: str, window: np.ndarray | None = None) -> np.ndarray:
-    """The [T, ...] array `name` of a geometry npz, restricted to frame indices `window` (all when None):
-    format 1 holds one array, format 2 one array per frame (only the window's frames are inflated)."""
-    if name in z:
-        a = z[name]
-        return a if window is None else a[window]
+def frame_count(z: NpzReader, name: str) -> int:
+    """The number of per-frame arrays `name_000000`, ... of a geometry npz."""
     n = sum(1 for f in z.files if f.startswith(name + "_"))
     if n == 0:
-        raise SampleError(f"member {z.member} has neither '{name}' nor per-frame arrays '{frame_member(name, 0)}'...")
+        raise SampleError(f"member {z.member} has no per-frame arrays '{frame_member(name, 0)}'...")
+    return n
+
+
+def read_frames(z: NpzReader, name: str, window: np.ndarray | None = None) -> np.ndarray:
+    """The [T, ...] array `name` of a geometry npz (one array per frame), restricted to frame indices `window`
+    (all when None): only the window's frames are inflated."""
+    n = frame_count(z, name)
     idx = np.arange(n) if window is None else np.asarray(window)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise SampleError(f"member {z.member} has {n} frames, frames {idx.min()}..{idx.max()} requested")
@@ -135,21 +156,15 @@ def read_frames(z: NpzReader, name: str, window: np.ndarray | None = None) -> np
 
 
 def read_valid(z: NpzReader, n: int, height: int, width: int, window: np.ndarray | None = None) -> np.ndarray:
-    """bool [T, H, W] validity of a valid.npz: format 1 holds `valid` (bool), format 2 `valid_packed`
-    (np.packbits along the width: uint8 [T, H, ceil(W / 8)]); only the window's frames are unpacked."""
-    if "valid_packed" in z:
-        packed = z["valid_packed"]
-        if packed.shape != (n, height, (width + 7) // 8) or packed.dtype != np.uint8:
-            raise SampleError(f"member {z.member} valid_packed is {packed.dtype} {packed.shape}, expected uint8 "
-                              f"{(n, height, (width + 7) // 8)}")
-        if window is not None:
-            packed = packed[window]
-        return np.unpackbits(packed, axis=-1, count=width).view(bool)
-    valid = z["valid"]
-    if valid.shape != (n, height, width):
-        raise SampleError(f"member {z.member} has shape {valid.shape}, expected {(n, height, width)}")
-    valid = valid if window is None else valid[window]
-    return valid.astype(bool, copy=False)
+    """bool [T, H, W] validity of a valid.npz's `valid_packed` (np.packbits along the width: uint8
+    [T, H, ceil(W / 8)]); only the window's frames are unpacked."""
+    packed = z["valid_packed"]
+    if packed.shape != (n, height, (width + 7) // 8) or packed.dtype != np.uint8:
+        raise SampleError(f"member {z.member} valid_packed is {packed.dtype} {packed.shape}, expected uint8 "
+                          f"{(n, height, (width + 7) // 8)}")
+    if window is not None:
+        packed = packed[window]
+    return np.unpackbits(packed, axis=-1, count=width).view(bool)
 
 
 def _npz_member(raw: dict, member: str, name: str) -> np.ndarray:
@@ -198,7 +213,9 @@ def open_video(data: bytes):
 
 def text_members(raw: dict) -> tuple[str, np.ndarray | None]:
     """(caption, float32 [L, D] text embedding or None) of a raw sample."""
-    caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
+    if "txt" not in raw:  # one4d shard writes one for every sample, empty captions too
+        raise SampleError("missing member txt")
+    caption = raw["txt"].decode("utf-8", errors="replace")
     text_emb = None
     if "emb.npy" in raw:
         try:
@@ -357,13 +374,12 @@ def decode_clip(raw: dict, num_frames: int, frame_stride: int, rng: np.random.Ge
         raise SampleError("missing geometry member depth.npz or xyz.npz")
 
     gz = NpzReader(raw[f"{geometry}.npz"], f"{geometry}.npz")
-    full = gz[geometry] if geometry in gz else None  # format 1: one array; format 2: one array per frame
-    n = full.shape[0] if full is not None else sum(1 for f in gz.files if f.startswith(geometry + "_"))
+    n = frame_count(gz, geometry)
     K, c2w = cameras(raw, n)
     if geometry == "depth" and (K is None or c2w is None):
         raise SampleError("depth geometry needs cam.json with intrinsics and poses_c2w")
     idx = window_indices(n, num_frames, frame_stride, pinned=geometry == "xyz" and c2w is None, rng=rng, start=start)
-    geo = full[idx] if full is not None else read_frames(gz, geometry, idx)
+    geo = read_frames(gz, geometry, idx)
     want_ndim = 3 if geometry == "depth" else 4
     if geo.ndim != want_ndim or (geometry == "xyz" and geo.shape[-1] != 3) or geo.dtype.kind != "f":
         raise SampleError(f"member {geometry}.npz array is {geo.dtype} {geo.shape[1:]} per frame, expected float "
@@ -371,12 +387,12 @@ def decode_clip(raw: dict, num_frames: int, frame_stride: int, rng: np.random.Ge
     hw = geo.shape[1:3]
     resized = None if size is None else cover_size(*hw, *size)
     frames = decode_window(raw["mp4"], idx, n, hw, resized)  # checks the video's frame count and size too
-    if geometry == "depth" and full is None:
-        valid = None  # format 2: the writer stores 0 wherever the mask is false, so depth > 0 is the mask
+    if geometry == "depth":
+        valid = None  # the writer stores 0 wherever the mask is false, so depth > 0 is the mask
     elif "valid.npz" in raw:
         valid = read_valid(NpzReader(raw["valid.npz"], "valid.npz"), n, *hw, window=idx)
-    else:
-        valid = np.ones((num_frames,) + hw, bool)
+    else:  # one4d shard writes one for every sample: no mask is a damaged sample, not an all-valid one
+        raise SampleError("missing member valid.npz")
 
     nan = np.full((num_frames, 4, 4), np.nan)
     rel = nan if c2w is None else np.linalg.inv(c2w[idx[0]]) @ c2w[idx]

@@ -1,8 +1,9 @@
 """`one4d inspect-shards DIR`: check every shard against index.json and print dataset statistics.
 
 Checks per shard: file present, size and sha256 as indexed, the tar reads, its sample keys equal the
-index's, every sample has its required members, every member parses (npz/npy with allow_pickle=False,
-json, UTF-8 text, mp4 container opens with decord) and matches the sample's sums.json (data_pipeline/checksums.py).
+index's, every sample has its sums.json and the members of its geometry (cam.json with depth), every member
+parses (npz/npy with allow_pickle=False, json, UTF-8 text, mp4 container opens with decord) and matches the
+sample's sums.json (data_pipeline/checksums.py).
 Exits 1 naming the first failing shard and key.
 """
 from __future__ import annotations
@@ -18,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import checksums, shard_index as si
-from data_pipeline.decode import SampleError, crc32
+from data_pipeline.decode import crc32
 from data_pipeline.video import open_reader
-
-REQUIRED = {"mp4", "valid.npz", "txt", "json"}
 
 
 class ShardProblem(ValueError):
@@ -54,7 +53,7 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
     problem = si.verify_shard_file(shard_dir, entry)
     if problem:
         raise ShardProblem(problem)
-    members: dict[str, set] = defaultdict(set)
+    keys: list[str] = []
     counts: dict[str, int] = defaultdict(int)
     raws: dict[str, dict] = defaultdict(dict)  # per key: member -> CRC-32 (sums.json: its bytes)
     try:
@@ -65,25 +64,19 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
                     raise ShardProblem(f"{entry['name']}: unexpected tar member {info.name!r}")
                 data = tar.extractfile(info).read()
                 _check_member(entry["name"], key, ext, data)
-                members[key].add(ext)
+                if key not in raws:
+                    keys.append(key)
                 counts[ext] += 1
                 raws[key][ext] = data if ext == checksums.MEMBER else crc32(data)
     except tarfile.TarError as exc:
         raise ShardProblem(f"{entry['name']}: tar does not read: {exc}") from None
-    for key, raw in raws.items():  # the per-sample member checksums (shards written before them have none)
-        if checksums.MEMBER in raw:
-            try:
-                problem = checksums.problems(checksums.read_sums(raw.pop(checksums.MEMBER)), raw)
-            except SampleError as exc:
-                problem = str(exc)
-            if problem:
-                raise ShardProblem(f"{entry['name']}: {key}: {problem}")
-    if list(members) != entry["keys"]:
-        raise ShardProblem(f"{entry['name']}: keys {list(members)} differ from the index's {entry['keys']}")
-    for key, exts in members.items():
-        missing = REQUIRED - exts
-        if missing or not ({"depth.npz", "xyz.npz"} & exts):
-            raise ShardProblem(f"{entry['name']}: {key}: missing members {sorted(missing) or 'depth.npz/xyz.npz'}")
+    for key, raw in raws.items():  # the reader's own check: sums.json, its members, the members every sample has
+        sums = raw.pop(checksums.MEMBER, None)
+        problem = checksums.sample_problem(raw, sums)
+        if problem:
+            raise ShardProblem(f"{entry['name']}: {key}: {problem}")
+    if keys != entry["keys"]:
+        raise ShardProblem(f"{entry['name']}: keys {keys} differ from the index's {entry['keys']}")
     return counts
 
 

@@ -195,7 +195,7 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     if all(records.values()):
         recs = [records[e["name"]] for e in entries]
         failed = [x for r in recs for x in r["failed"]]
-        result = {"version": si.INDEX_VERSION, "sample_format": index.get("sample_format", 1),
+        result = {"version": si.INDEX_VERSION, "sample_format": index["sample_format"],
                   "shards": [si.shard_entry(r) for r in recs],
                   "totals": {**index["totals"], "bytes": sum(r["bytes"] for r in recs)},
                   "statistics": index["statistics"], "rejects": index["rejects"],

@@ -229,9 +229,12 @@ def read_in_order(sources: list[Shard], order: np.ndarray, start: int) -> Iterat
         shard = sources[cur]
         raw = next(it, None)
         if raw is None:
-            for i in range(shard.count):
-                if i not in seen:
-                    missing.add(cur * _STRIDE + i)
+            lost = [i for i in range(shard.count) if i not in seen]
+            if lost:  # tarfile ends quietly at a damaged header: the index's count is what tells
+                log.warning("shard=%s: the tar ended after %d of the %d samples index.json lists; the other %d "
+                            "(those still due this epoch) are counted as skipped", shard.name, len(seen),
+                            shard.count, len(lost))
+            missing.update(cur * _STRIDE + i for i in lost)
             cur, it = cur + 1, None
             return
         i = index_of.get(raw["__key__"], -1)

@@ -56,13 +56,13 @@ def npz_bytes(name: str, array: np.ndarray) -> bytes:
 
 
 def frames_npz_bytes(name: str, array: np.ndarray) -> bytes:
-    """Sample format 2 geometry: one compressed array per frame (`{name}_000000`, ...), so a reader inflates
+    """Geometry: one compressed array per frame (`{name}_000000`, ...), so a reader inflates
     only the frames of its window."""
     return npz_arrays_bytes([(frame_member(name, i), a) for i, a in enumerate(array)])
 
 
 def packed_valid_bytes(valid: np.ndarray) -> bytes:
-    """Sample format 2 validity: `valid_packed` = np.packbits(valid, axis=-1), uint8 [T, H, ceil(W / 8)]."""
+    """Validity: `valid_packed` = np.packbits(valid, axis=-1), uint8 [T, H, ceil(W / 8)]."""
     return npz_bytes("valid_packed", np.packbits(np.asarray(valid, bool), axis=-1))
 
 
@@ -157,7 +157,7 @@ TAR_MEMBER_BYTES, NPZ_MEMBER_BYTES, CAM_FRAME_BYTES = 768, 160, 520
 
 
 def _geometry_bytes(path: Path) -> tuple[int, int] | None:
-    """(estimated bytes, frames) of a .npy geometry stored as sample format 2 (float16 frames, each deflated):
+    """(estimated bytes, frames) of a .npy geometry stored as written (float16 frames, each deflated):
     the middle frame deflated as the writer does, times the number of frames (~12 ms a row at 480p instead of
     compressing the clip; within ~10-20% on real and synthetic clips: frames differ). None where the file is
     not a plain .npy."""

@@ -13,10 +13,10 @@ import socket
 from pathlib import Path
 
 INDEX_VERSION = 1
-# Layout of the sample members (docs/data.md): 1 = one geometry array and a bool mask per sample (index
-# files without the key); 2 = per-frame geometry arrays and a bit-packed mask. Readers accept both.
-SAMPLE_FORMAT = 2
-SAMPLE_FORMATS = (1, 2)
+# Layout of the sample members (docs/data.md): 3 = per-frame geometry arrays, a bit-packed mask and sums.json in
+# every sample. The only one read: 1 (one geometry array, a bool mask; index files without the key) and 2 (no
+# sums.json) were written in the project's first days, and their samples could not be told from damaged ones.
+SAMPLE_FORMAT = 3
 INDEX = "index.json"
 PLAN = "plan.json"
 REJECTS = "rejects.jsonl"
@@ -104,9 +104,9 @@ def read_index(shard_dir) -> dict:
     index = read_json(path)
     if index.get("version") != INDEX_VERSION:
         raise ShardIndexError(f"{path}: version {index.get('version')!r}, this code reads {INDEX_VERSION}")
-    if index.get("sample_format", 1) not in SAMPLE_FORMATS:
+    if index.get("sample_format") != SAMPLE_FORMAT:
         raise ShardIndexError(f"{path}: sample_format {index.get('sample_format')!r}, this code reads "
-                              f"{list(SAMPLE_FORMATS)}: update the code or re-shard")
+                              f"{SAMPLE_FORMAT}: re-shard with `one4d shard` (or update the code)")
     for key, kind in (("shards", list), ("totals", dict), ("statistics", dict), ("rejects", list)):
         if key not in index:
             raise ShardIndexError(f"{path}: missing key '{key}'")

@@ -38,3 +38,14 @@ def kill_after_first_shard(cmd: list[str], out: Path, cwd, timeout: float, env: 
     proc.wait()
     return len(list(out.glob("*.record.json")))
 
+
+
+def resum(raw: dict) -> dict:
+    """A raw sample (member suffix -> bytes, as the reader groups it) edited by a test, with its sums.json
+    rewritten to match its members, as the shard writers would have written it."""
+    from data_pipeline.checksums import MEMBER, with_sums
+
+    key = raw.get("__key__", "r000000000")
+    members = [(f"{key}.{k}", v) for k, v in raw.items() if not k.startswith("__") and k != MEMBER]
+    return {**{k: v for k, v in raw.items() if k.startswith("__")},
+            **{name.split(".", 1)[1]: data for name, data in with_sums(key, members)}}

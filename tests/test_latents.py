@@ -67,7 +67,7 @@ def test_stored_latents_equal_a_direct_encode_of_the_pipeline_sample(encoded):
     vae = load_vae("", seed=0)
     index = read_index(out)
     assert [s["keys"] for s in index["shards"]] == [s["keys"] for s in read_index(src)["shards"]]
-    assert index["latents"]["encoded"] == 4 and index["latents"]["vae"] == "tiny:0"
+    assert index["latents"]["encoded"] == 4 and index["latents"]["vae"] == "tiny:0" and index["sample_format"] == 3
     assert index["latents"]["text_encoder"] == "tiny:0" and index["latents"]["text_encoded"] == 4
     errors = []
     for entry in index["shards"]:

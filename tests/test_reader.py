@@ -1,6 +1,7 @@
 """The shard stream on real shards written by `one4d shard` code: round trip, splitting, bad data."""
 import io
 import logging
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_utils import make_shards
+from data_utils import make_shards, resum
 
 from data_pipeline.config import DataConfig
 from data_pipeline.geometry import denormalise_pointmap, depth_to_pointmaps
@@ -249,9 +250,8 @@ def test_text_embedding_member_is_decoded_without_pickle(depth_shards):
     emb = np.random.default_rng(0).standard_normal((7, 16)).astype(np.float16)
     buf = io.BytesIO()
     np.save(buf, emb, allow_pickle=False)
-    raw = {k: v for k, v in raw.items() if k != "sums.json"}  # a member added by hand: not in the sample's sums
     sample = ShardStream(StreamPlan(tuple(list_shards(str(depth_shards))), seed=0, rank=0, world_size=1, workers=1),
-                         _cfg(depth_shards)).decode({**raw, "emb.npy": buf.getvalue()}, np.random.default_rng(0))
+                         _cfg(depth_shards)).decode(resum({**raw, "emb.npy": buf.getvalue()}), np.random.default_rng(0))
     assert sample["text_emb"].dtype == torch.float32
     np.testing.assert_array_equal(sample["text_emb"].numpy(), emb.astype(np.float32))
     pickled = io.BytesIO()
@@ -292,41 +292,23 @@ def test_npz_members_are_checked_against_their_crc():
     assert crc_caught > 0
 
 
-@pytest.mark.parametrize("geometry", ["depth", "xyz"])
-def test_sample_format_1_members_give_the_same_samples(tmp_path, geometry):
-    """Shards written before sample format 2 (one whole geometry array, a bool mask) stay readable and give
-    exactly the samples of format 2 (per-frame geometry arrays, a bit-packed mask)."""
-    shards = make_shards(tmp_path, num_clips=1, samples_per_shard=1, geometry=geometry, **SRC)
-    raw = next(raw_samples(list_shards(str(shards))[0]))
-    g = NpzReader(raw[f"{geometry}.npz"], f"{geometry}.npz")
-    assert f"{geometry}_000008" in g and geometry not in g  # format 2 as written now
-    v = NpzReader(raw["valid.npz"], "valid.npz")
-    assert v.files == ["valid_packed"] and v["valid_packed"].shape == (9, 32, 8)
-    old = {**raw, f"{geometry}.npz": npz_bytes(geometry, read_frames(g, geometry)),
-           "valid.npz": npz_bytes("valid", read_valid(v, 9, 32, 64))}
-    del old["sums.json"]  # such shards predate the per-sample member checksums too
-    stream = ShardStream(StreamPlan(tuple(list_shards(str(shards))), seed=0, rank=0, world_size=1, workers=1),
-                         _cfg(shards, crop="random", num_frames=3, frame_stride=2))
-    for seed in range(3):
-        a = stream.decode(raw, np.random.default_rng(seed))
-        b = stream.decode(old, np.random.default_rng(seed))
-        assert a.keys() == b.keys()
-        for key in a:
-            if isinstance(a[key], torch.Tensor):
-                torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True, msg=key)
-
-
-def test_unknown_sample_format_is_refused(depth_shards, tmp_path):
+@pytest.mark.parametrize("recorded", [None, 1, 2, 4])
+def test_other_sample_formats_are_refused(depth_shards, tmp_path, recorded):
+    """Format 3 (every sample with sums.json) is the only one read: shard sets of the earlier formats, written in
+    this project's first days, have samples without sums.json that could not be told from damaged ones."""
     import json
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(depth_shards, copy)
     index = json.loads((copy / "index.json").read_text())
-    assert index["sample_format"] == 2
-    index["sample_format"] = 3
+    assert index["sample_format"] == 3
+    if recorded is None:
+        del index["sample_format"]
+    else:
+        index["sample_format"] = recorded
     (copy / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="sample_format 3, this code reads \\[1, 2\\]"):
+    with pytest.raises(ValueError, match=rf"sample_format {recorded}, this code reads 3: re-shard"):
         list_shards(str(copy))
 
 
@@ -375,3 +357,69 @@ def test_resized_decode_matches_decoding_then_resizing(depth_shards, monkeypatch
     monkeypatch.undo()
     frames = dec.decode_window(raw["mp4"], idx, 9, (32, 64), size)
     assert frames.transpose(0, 3, 1, 2).flags.c_contiguous  # planar: each channel's conversion reads contiguous rows
+
+
+def _one_shard_stream(shards_dir, **kw):
+    shard = list_shards(str(shards_dir))[0]
+    return shard, iter(ShardStream(StreamPlan((shard,), seed=0, rank=0, world_size=1, workers=1, shuffle_buffer=0),
+                                   _cfg(shards_dir, **kw)))
+
+
+def _first_epoch(stream):
+    """(keys of epoch 0's samples, skipped count at the first sample of epoch 1)."""
+    keys = []
+    for s in stream:
+        if s["__epoch__"] > 0:
+            return keys, s["__skipped__"]
+        keys.append(s["__key__"])
+
+
+@pytest.mark.parametrize("how", ["truncated", "header"])
+@pytest.mark.parametrize("victim", ["valid.npz", "txt", "sums.json"])
+def test_a_partly_read_sample_is_skipped_and_the_rest_of_the_shard_counted(tmp_path, caplog, how, victim):
+    """A shard cut inside a sample's member, or one whose member header has a flipped bit (tarfile reads a bad
+    header as the end of the archive), yields that sample's earlier members as a sample: without its sums.json it
+    is skipped as incomplete, never trained on with an empty caption or an all-true mask; the samples after it are
+    counted as skipped, and the shard's shortfall is logged."""
+    shards_dir = make_shards(tmp_path, num_clips=3, samples_per_shard=3, **SRC)
+    path = Path(list_shards(str(shards_dir))[0].path)
+    with tarfile.open(path) as tar:
+        info = tar.getmember(f"r000000001.{victim}")
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[:info.offset_data + max(1, info.size // 2)]
+    else:
+        data[info.offset + 130] ^= 0x01  # inside the header's uid field: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    shard, stream = _one_shard_stream(shards_dir, crop="random")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.reader"):
+        keys, skipped = _first_epoch(stream)
+    assert keys == ["r000000000"] and skipped == 2
+    text = caplog.text
+    assert f"shard={shard.name} key=r000000001" in text and "no sums.json" in text
+    assert f"shard={shard.name} key=r000000002" in text
+    assert f"shard={shard.name}: the tar ended after 2 of the 3 samples index.json lists" in text
+
+
+def test_a_sample_missing_a_member_its_sums_list_is_skipped(depth_shards):
+    raw = next(raw_samples(list_shards(str(depth_shards))[0]))
+    stream = ShardStream(StreamPlan(tuple(list_shards(str(depth_shards))), seed=0, rank=0, world_size=1, workers=1),
+                         _cfg(depth_shards))
+    for member in ("valid.npz", "txt", "cam.json", "json"):
+        with pytest.raises(SampleError, match=rf"members \['{member}'\] listed in sums.json are missing"):
+            stream.decode({k: v for k, v in raw.items() if k != member}, np.random.default_rng(0))
+    with pytest.raises(SampleError, match="no sums.json"):
+        stream.decode({k: v for k, v in raw.items() if k != "sums.json"}, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("member", ["valid.npz", "txt", "json", "cam.json", "mp4", "depth.npz"])
+def test_a_sample_without_a_member_every_sample_has_is_skipped(depth_shards, member):
+    """Even with sums.json rewritten to match (a writer that left a member out), a sample lacking a member that
+    `one4d shard` always writes is not read with a default in its place."""
+    raw = next(raw_samples(list_shards(str(depth_shards))[0]))
+    stream = ShardStream(StreamPlan(tuple(list_shards(str(depth_shards))), seed=0, rank=0, world_size=1, workers=1),
+                         _cfg(depth_shards))
+    with pytest.raises(SampleError, match=r"missing members \[.*'" + re.escape(member)):
+        stream.decode(resum({k: v for k, v in raw.items() if k != member}), np.random.default_rng(0))
+    with pytest.raises(SampleError, match="both depth.npz and xyz.npz"):
+        stream.decode(resum({**raw, "xyz.npz": raw["depth.npz"]}), np.random.default_rng(0))

@@ -40,12 +40,12 @@ def read_tar(path):
 
 
 def npz(data, member):
-    """A geometry member's whole array in either sample format (docs/data.md), read by the reader's code."""
+    """A geometry member's whole array (one array per frame, docs/data.md), read by the reader's code."""
     return read_frames(NpzReader(data, member), member)
 
 
 def valid_mask(data, frames, height, width):
-    """A valid.npz member's bool mask in either sample format (bool array or bit-packed)."""
+    """A valid.npz member's bool mask (bit-packed), read by the reader's code."""
     return read_valid(NpzReader(data, "valid.npz"), frames, height, width)
 
 
@@ -444,3 +444,54 @@ def test_an_index_listing_a_shard_twice_is_refused(tmp_path, capsys):
     (out / "index.json").write_text(json.dumps(index))
     with pytest.raises(ShardIndexError, match=r"shards\[1\]: sample key r000000002 is listed twice"):
         list_shards(str(out))
+
+
+def _rewrite_sample(shard: Path, key: str, edit) -> None:
+    """Rewrite one sample's members (`edit`: suffix -> bytes, returns the new dict) with its sums.json remade to
+    match, and the shard's entry in index.json, as a writer leaving the result on disk would have."""
+    from data_utils import resum
+
+    members = read_tar(shard)
+    raw = {n.split(".", 1)[1]: d for n, d in members.items() if n.startswith(key + ".")}
+    raw = edit({k: v for k, v in raw.items()})
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        done = False
+        for name, data in members.items():
+            if name.startswith(key + "."):
+                if not done:
+                    for suffix, content in raw.items():
+                        info = tarfile.TarInfo(f"{key}.{suffix}")
+                        info.size = len(content)
+                        tar.addfile(info, io.BytesIO(content))
+                    done = True
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = shard.parent
+    index = json.loads((out / "index.json").read_text())
+    entry = next(s for s in index["shards"] if s["name"] == shard.name)
+    entry.update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
+    index["totals"]["bytes"] = sum(s["bytes"] for s in index["shards"])
+    (out / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("geometry", ["depth", "xyz"])
+def test_inspect_checks_the_members_of_each_geometry(tmp_path, capsys, geometry):
+    """A depth sample needs cam.json (the reader skips one without); an xyz sample may go without. Every sample
+    needs its sums.json."""
+    from data_utils import resum
+
+    out = make_shards(tmp_path, num_clips=2, samples_per_shard=2, geometry=geometry)
+    shard = out / "shard-000000.tar"
+    if geometry == "xyz":
+        assert "r000000000.cam.json" not in read_tar(shard)
+        assert inspect_main([str(out)]) == 0
+        capsys.readouterr()
+    else:
+        _rewrite_sample(shard, "r000000001", lambda raw: resum({k: v for k, v in raw.items() if k != "cam.json"}))
+        assert inspect_main([str(out)]) == 1
+        assert "shard-000000.tar: r000000001: missing members ['cam.json']" in capsys.readouterr().err
+    _rewrite_sample(shard, "r000000000", lambda raw: {k: v for k, v in raw.items() if k != "sums.json"})
+    assert inspect_main([str(out)]) == 1
+    assert "shard-000000.tar: r000000000: no sums.json" in capsys.readouterr().err

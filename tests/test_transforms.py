@@ -179,7 +179,8 @@ def test_rgb_and_geometry_edges_stay_aligned_through_the_resized_decode(tmp_path
     K = np.array([[100.0, 0, 79.5], [0, 100.0, 44.5], [0, 0, 1]])
     raw = {"mp4": (tmp_path / "edge.mp4").read_bytes(),
            "depth.npz": npz_arrays_bytes([(frame_member("depth", t), depth[t]) for t in range(T)]),
-           "cam.json": json.dumps({"intrinsics": K.tolist(), "poses_c2w": [np.eye(4).tolist()] * T}).encode()}
+           "cam.json": json.dumps({"intrinsics": K.tolist(), "poses_c2w": [np.eye(4).tolist()] * T}).encode(),
+           "txt": b""}
     for seed in range(3):
         rng = np.random.default_rng(seed)
         clip = decode_clip(raw, T, 1, rng, size=(64, 96))

@@ -4,6 +4,7 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from one4d_train.eval.readers import read_benchmark
+from one4d_train.eval.readers.bonn import BONN_MARKER_TO_CAMERA, BONN_T_ROS, bonn_camera_poses
 from one4d_train.eval.readers.sintel import read_cam, read_dpt, write_cam, write_dpt
 from one4d_train.eval.readers.tum import DEPTH_FACTOR, associate, c2w_to_tum_pose
 
@@ -76,7 +77,9 @@ def test_rgbd_round_trip_with_association(tmp_path, bench):
     t_depth = t_rgb + np.array([0.004, -0.01, 0.05, 0.0, 0.015])  # frame 2 has no depth within 0.02 s
     t_gt = np.concatenate([t_rgb[:4] + 0.003, [t_rgb[4] + 0.03]])  # frame 4 has no pose within 0.02 s
     c2w = _poses(rng, 5)
-    rgb, raw = _write_rgbd(tmp_path / name, rng, t_rgb, t_depth, t_gt, c2w, lists=bench == "tum")
+    # Bonn's groundtruth.txt holds the motion-capture marker's poses, the camera's follow from them
+    written = c2w if bench == "tum" else np.linalg.inv(BONN_T_ROS) @ c2w @ np.linalg.inv(BONN_MARKER_TO_CAMERA)
+    rgb, raw = _write_rgbd(tmp_path / name, rng, t_rgb, t_depth, t_gt, written, lists=bench == "tum")
     (s,) = list(read_benchmark(bench, tmp_path))
     keep = [0, 1, 3]
     assert s.name == name and np.array_equal(s.rgb, rgb[keep])
@@ -92,3 +95,27 @@ def test_associate_is_greedy_by_difference():
     b = np.array([0.015, 0.031, 0.5])
     assert associate(a, b) == [(0, 0), (1, 1)]
     assert associate(np.array([0.0, 0.01]), np.array([0.012])) == [(1, 0)]
+
+
+
+def test_bonn_marker_poses_become_camera_poses():
+    """groundtruth.txt of Bonn RGB-D Dynamic is the motion-capture marker's pose; the dataset's conversion is
+    camera c2w = T_ros G T_ros T_m with the published marker-to-camera calibration T_m (whose rotation block
+    carries a uniform scale of ~1.059, taken out so that poses stay rigid) and the ROS axis change T_ros."""
+    t_m = np.array([[1.0157, 0.1828, -0.2389, 0.0113], [0.0009, -0.8431, -0.6413, -0.0098],
+                    [-0.3009, 0.6147, -0.8085, 0.0111], [0, 0, 0, 1.0]])
+    t_ros = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    (at_origin,) = bonn_camera_poses(np.eye(4)[None])  # T_ros T_ros = I: the calibration itself
+    scale = np.cbrt(np.linalg.det(t_m[:3, :3]))
+    assert abs(scale - 1.0593) < 1e-3
+    np.testing.assert_allclose(at_origin[:3, :3], t_m[:3, :3] / scale, atol=2e-4)
+    np.testing.assert_allclose(at_origin[:3, 3], t_m[:3, 3], atol=1e-12)
+    marker = _poses(np.random.default_rng(3), 4)
+    cams = bonn_camera_poses(marker)
+    np.testing.assert_allclose(cams, t_ros @ marker @ t_ros @ at_origin, atol=1e-12)
+    for c in cams:
+        np.testing.assert_allclose(c[:3, :3] @ c[:3, :3].T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(c[:3, :3]) > 0
+    # the camera turns ~173 degrees from the marker: marker poses used as camera poses are far off
+    rel_marker, rel_cam = np.linalg.inv(marker[0]) @ marker[1], np.linalg.inv(cams[0]) @ cams[1]
+    assert np.abs(rel_marker[:3, 3] - rel_cam[:3, 3]).max() > 0.1

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+import numpy as np
 
 from data_pipeline.synthetic import write_dataset
+from data_pipeline.video import VideoError, frame_rate, probe_and_check, write_mp4
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,16 +27,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def decodable(height: int, width: int) -> str | None:
+    """None when decord reads H.264 frames of this size back, else why not (decord 0.6 cannot batch-decode some
+    widths, docs/data.md): found out on a 2-frame black clip before anything is rendered."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "size.mp4"
+        try:
+            write_mp4(path, np.zeros((2, height, width, 3), np.uint8))
+            probe_and_check(path)
+        except VideoError as exc:
+            return str(exc).removeprefix(f"{path}: ")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     for name in ("clips", "frames", "height", "width"):
         if getattr(args, name) < 1:
-            parser().error(f"--{name} must be >= 1")
+            p.error(f"--{name} must be >= 1")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if frame_rate(args.fps) is None:
+        p.error(f"--fps must be a positive number of at least 1/1001, got {args.fps}")
     if args.height % 2 or args.width % 2:
-        parser().error("--height and --width must be even (H.264 yuv420p)")
+        p.error("--height and --width must be even (H.264 yuv420p)")
+    problem = decodable(args.height, args.width)
+    if problem:
+        p.error(f"decord cannot decode H.264 frames of {args.width}x{args.height} (width x height): {problem}; "
+                f"choose another size (docs/data.md: widths 16, 24 and 48 fail, for example)")
     start = time.perf_counter()
-    manifest = write_dataset(args.out_dir, args.clips, args.frames, args.height, args.width, seed=args.seed,
-                             geometry=args.geometry, fps=args.fps)
+    try:
+        manifest = write_dataset(args.out_dir, args.clips, args.frames, args.height, args.width, seed=args.seed,
+                                 geometry=args.geometry, fps=args.fps)
+    except VideoError as exc:
+        print(f"one4d synth: error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {args.clips} clips of {args.frames}x{args.height}x{args.width} ({args.geometry}) "
           f"in {time.perf_counter() - start:.1f} s; manifest: {manifest}")
     return 0

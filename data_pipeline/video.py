@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,13 +33,25 @@ def write_mp4(path, frames: np.ndarray, fps: float = 16.0, crf: int = 10) -> Non
     T, H, W, _ = frames.shape
     if H % 2 or W % 2:
         raise VideoError(f"{path}: yuv420p needs even height and width, got {H}x{W}")
+    rate = frame_rate(fps)
+    if rate is None:
+        raise VideoError(f"{path}: fps must be a positive number of at least 1/1001, got {fps}")
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "medium"}
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         out.mux(stream.encode())
+
+
+def frame_rate(fps: float) -> Fraction | None:
+    """The stored frame rate of `fps` (denominator at most 1001), or None where it is not a positive number (a rate
+    that rounds to 0 would make libx264 silently use 24 fps; a negative one fails inside it)."""
+    if not math.isfinite(fps):
+        return None
+    rate = Fraction(fps).limit_denominator(1001)
+    return rate if rate > 0 else None
 
 
 def _short(exc: Exception) -> str:

@@ -150,3 +150,33 @@ def test_synth_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         synth_main([str(tmp_path), "--height", "33"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--width", "16"], "decord cannot decode H.264 frames of 16x64 (width x height)"),
+    (["--width", "48"], "decord cannot decode H.264 frames of 48x64 (width x height)"),
+    (["--height", "2", "--width", "2"], "decord cannot decode H.264 frames of 2x2"),
+    (["--fps", "0"], "--fps must be a positive number"),
+    (["--fps", "-3"], "--fps must be a positive number"),
+    (["--fps", "0.0001"], "--fps must be a positive number"),
+    (["--fps", "inf"], "--fps must be a positive number"),
+    (["--fps", "nan"], "--fps must be a positive number"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+])
+def test_synth_cli_refuses_bad_arguments_before_rendering(tmp_path, capsys, args, message):
+    """A frame size decord cannot read, or a frame rate libx264 would not take (or silently replace by 24), is a
+    usage error naming the argument, before anything is rendered: no traceback, no clips written."""
+    with pytest.raises(SystemExit) as e:
+        synth_main([str(tmp_path / "out"), "--clips", "1", "--frames", "2", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fps", [0.0, -3.0, 1e-4, float("inf"), float("nan")])
+def test_write_mp4_refuses_a_frame_rate_it_cannot_store(tmp_path, fps):
+    from data_pipeline.video import VideoError, write_mp4
+
+    with pytest.raises(VideoError, match="fps must be a positive number"):
+        write_mp4(tmp_path / "a.mp4", np.zeros((2, 32, 64, 3), np.uint8), fps=fps)
+    assert not (tmp_path / "a.mp4").exists()

@@ -7,10 +7,13 @@ rejects, per-sample statistics) is written. A shard whose record matches its fil
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
+import signal
 import socket
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -264,6 +267,20 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     return out or ["recorded plan differs"]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: the worker gets SIGKILL when the process that forked it dies (Linux prctl; elsewhere only
+    the check below), so a killed `one4d shard` leaves no orphans writing shards beside a re-run."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the signal was set up
+        os._exit(1)
+
+
 def _write_task(args) -> dict:
     out_dir, name, rows = args
     return write_shard(out_dir, name, rows)
@@ -300,7 +317,9 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     bar = tqdm(total=len(mine), initial=skipped, unit="shard", desc="shards", disable=not progress)
     if workers > 1 and len(todo) > 1:
         try:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork")) as pool:
+            # workers are forked by this (main) thread, whose exit the death signal follows
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("fork"),
+                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                 for done in as_completed([pool.submit(_write_task, t) for t in todo]):
                     rec = done.result()
                     records[rec["name"]] = rec

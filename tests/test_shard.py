@@ -495,3 +495,59 @@ def test_inspect_checks_the_members_of_each_geometry(tmp_path, capsys, geometry)
     _rewrite_sample(shard, "r000000000", lambda raw: {k: v for k, v in raw.items() if k != "sums.json"})
     assert inspect_main([str(out)]) == 1
     assert "shard-000000.tar: r000000000: no sums.json" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc; zombies count as gone)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow their parent through Linux prctl")
+def test_workers_die_with_a_killed_parent(tmp_path, manifest):
+    """SIGKILL of `one4d shard --workers 3` (an out-of-memory kill, a scancel) takes its pool workers with it:
+    orphans would go on writing shards (and using the memory) beside the re-run."""
+    import signal
+    import subprocess
+    import time
+
+    many = tmp_path / "many.jsonl"
+    base = manifest.parent
+    many.write_text("".join(json.dumps(dict(r, video=str(base / r["video"]), depth=str(base / r["depth"]),
+                                             poses=str(base / r["poses"]), valid=str(base / r["valid"]))) + "\n"
+                            for r in rows_of(manifest) * 12))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "shard", str(many), str(out),
+                             "--samples-per-shard", "1", "--workers", "3", "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while (len(_children(proc.pid)) < 3 or not list(out.glob("*.record.json"))) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert len(workers) >= 3
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # leave no orphans behind a failing test either
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed parent"
+    assert len(list(out.glob("*.record.json"))) < 60 and not (out / "index.json").exists()

@@ -45,6 +45,7 @@ class Shard:
     path: str
     count: int
     keys: tuple[str, ...]  # sample keys in tar order (index.json)
+    sha256: str  # of the shard file (index.json)
 
 
 def shard_directory(spec: str) -> Path:
@@ -68,7 +69,7 @@ def list_shards(spec: str) -> list[Shard]:
         unknown = [n for n in names if n not in entries]
         if unknown:
             raise ValueError(f"data.shards={spec}: {len(unknown)} shard(s) not in {directory / 'index.json'}: {unknown[:5]}")
-    shards = [Shard(n, str(directory / n), entries[n]["samples"], tuple(entries[n]["keys"]))
+    shards = [Shard(n, str(directory / n), entries[n]["samples"], tuple(entries[n]["keys"]), entries[n]["sha256"])
               for n in names if entries[n]["samples"] > 0]
     if not shards:
         raise ValueError(f"data.shards={spec}: no non-empty shards")
@@ -99,8 +100,9 @@ def stored_text(spec: str, cfg: DataConfig) -> tuple[str | None, Path | None]:
 
 
 def shard_fingerprint(shards: list[Shard]) -> str:
-    """Identifies the shard set (names and counts) a position belongs to."""
-    text = json.dumps([[s.name, s.count] for s in shards])
+    """Identifies the shard set a position belongs to: names, counts and contents (sha256), so that shards of
+    other clips under the same names and counts (a re-shard) are another set."""
+    text = json.dumps([[s.name, s.count, s.sha256] for s in shards])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -115,3 +115,24 @@ def test_collate_stacks_tensors_pads_embeddings_and_keeps_strings():
     assert batch["__pos__"].tolist() == [1, 2]
     one = collate([a])
     assert one["rgb"].shape == (1, 2, 3) and one["rgb"].data_ptr() == a["rgb"].data_ptr()
+
+
+def test_position_against_a_resharded_set_of_equal_names_and_counts_is_refused(tmp_path):
+    """Shards of other clips under the same names and counts (a re-shard from another manifest) are another data
+    set: an exact position saved against the first must not be taken for a position in the second. The same shards
+    elsewhere (copied) are the same set."""
+    import shutil
+
+    kw = dict(num_clips=4, frames=9, height=32, width=64, samples_per_shard=2)
+    first = make_shards(tmp_path / "a", seed=0, **kw)
+    other = make_shards(tmp_path / "b", seed=1, **kw)
+    again = shutil.copytree(first, tmp_path / "c")
+    assert [(s.name, s.count) for s in list_shards(str(first))] == [(s.name, s.count) for s in list_shards(str(other))]
+    loader = build_loader(_cfg(first, 0), rank=0, world_size=1, seed=4, micro_batch_size=1)
+    _run(loader, 1)
+    state = loader.state_dict()
+    loader.close()
+    with pytest.raises(PositionError, match="shards: [0-9a-f]+ vs [0-9a-f]+.*names, sample counts and sha256"):
+        build_loader(_cfg(other, 0), rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
+    resumed = build_loader(_cfg(again, 0), rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
+    assert resumed.samples_yielded == 1

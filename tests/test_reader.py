@@ -1,4 +1,5 @@
 """The shard stream on real shards written by `one4d shard` code: round trip, splitting, bad data."""
+import dataclasses
 import io
 import logging
 import re
@@ -194,7 +195,7 @@ def test_a_slot_with_no_usable_data_at_all_stops_with_the_reason(tmp_path):
 
 def test_read_in_order_skips_whole_consumed_shards_unopened(depth_shards):
     shards = list_shards(str(depth_shards))
-    missing = shards[0].__class__(shards[0].name, str(depth_shards / "does-not-exist.tar"), shards[0].count, shards[0].keys)
+    missing = dataclasses.replace(shards[0], path=str(depth_shards / "does-not-exist.tar"))
     sources = [missing] + shards[1:3]
     order = shuffle_order([s.count for s in sources], 1, np.random.default_rng(0))
     out = list(read_in_order(sources, order, start=1))  # sample 0 (the unreadable shard) already consumed

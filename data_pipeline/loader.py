@@ -146,8 +146,8 @@ class StreamLoader:
         if diff:
             raise PositionError("data position does not fit this loader (saved vs now): " +
                                 ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()) +
-                                "; exact resume needs the same seed, rank, world size, num_workers and shard set (its shards' "
-                                "names, sample counts and sha256)")
+                                "; exact resume needs the same seed, rank, world size, num_workers and shard set "
+                                "(its shards' names, sample counts and sha256)")
         if len(slots) != self.plan.workers or not 0 <= next_slot < self.plan.workers:
             raise PositionError(f"data position has {len(slots)} slots / next_slot {next_slot} for "
                                 f"{self.plan.workers} workers")

@@ -164,7 +164,9 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
 def _numbers(value, row: int, where: str, name: str) -> np.ndarray:
     """A nested JSON list of real numbers as float64 (np.asarray would also take "5" or true as numbers)."""
     def real(v):
-        return all(real(x) for x in v) if isinstance(v, list) else isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(v, list):
+            return all(real(x) for x in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     if not real(value):
         raise RowError(row, where, f"'{name}' must hold real numbers (no strings, booleans or nulls)")

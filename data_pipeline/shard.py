@@ -254,7 +254,8 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in ("version", "manifest_sha256", "samples_per_shard", "shard_bytes"):
         if old.get(key) != new.get(key):
-            out.append(f"{key.replace('_sha256', ' sha256')} {short(old.get(key))} when planned, {short(new.get(key))} now")
+            name = key.replace("_sha256", " sha256")
+            out.append(f"{name} {short(old.get(key))} when planned, {short(new.get(key))} now")
     if old.get("shards") != new.get("shards") and not out:
         out.append("the rows' grouping into shards differs")
     a, b = old.get("rejects", []), new.get("rejects", [])

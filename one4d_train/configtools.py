@@ -7,6 +7,7 @@ with the key's full name and the file (or `command line`) it came from. After me
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Iterable
 
@@ -114,6 +115,11 @@ def validate_tree(obj: Any, path: str = "", origins: dict[str, str] | None = Non
     with `origins` (key -> the file or "command line" that set it), where its value came from."""
     if not dataclasses.is_dataclass(obj):
         return
+    for f in dataclasses.fields(obj):  # NaN passes every comparison a validate() makes, inf most
+        value = getattr(obj, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            full = f"{path}{f.name}"
+            raise ConfigError(f"{_origin(full, origins or {})}: key '{full}': must be a finite number, got {value!r}")
     check = getattr(obj, "validate", None)
     if check is not None:
         for key, problem in check() or []:
@@ -149,6 +155,8 @@ def choice(value: Any, allowed: Iterable[Any], key: str) -> list[tuple[str, str]
 
 
 def in_range(value: float, lo: float | None, hi: float | None, key: str) -> list[tuple[str, str]]:
+    if not math.isfinite(value):  # NaN compares false with both bounds
+        return [(key, f"must be a finite number in [{lo}, {hi}], got {value!r}")]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         return [(key, f"must be in [{lo}, {hi}], got {value!r}")]
     return []

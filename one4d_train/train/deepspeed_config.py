@@ -1,9 +1,46 @@
 """The DeepSpeed config, generated from ours; `train.deepspeed_overrides` is deep-merged on top and every key it
-changes is reported, so there is no second hand-kept JSON that can disagree."""
+changes is reported, so there is no second hand-kept JSON that can disagree.
+
+Overrides are for DeepSpeed's own tuning keys (bucket sizes, overlap, offload, logging ...). An override that
+changes a key the trainer derives from train.* / optim.* or relies on is refused, naming the key to set instead
+(an accumulation or batch size of DeepSpeed's own made the trainer count every other step as skipped and log the
+wrong global batch), and so is a top-level key DeepSpeed does not read (a misspelt section was silently ignored).
+Which keys DeepSpeed reads is taken from DeepSpeed itself: its config class parses the merged config once while
+the keys it looks up are recorded; the parse also refuses bad values and unknown keys inside its sections.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
+import logging
 from typing import Any
+
+from one4d_train.configtools import ConfigError
+
+KEY = "train.deepspeed_overrides"
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# DeepSpeed keys the trainer sets from our config or relies on -> why an override may not change them
+TRAINER_KEYS: dict[tuple[str, ...], str] = {
+    ("train_batch_size",): "set from train.micro_batch_size x train.grad_accum x world size: set train.micro_batch_size "
+                           "or train.grad_accum instead",
+    ("train_micro_batch_size_per_gpu",): "set from train.micro_batch_size: set that instead",
+    ("gradient_accumulation_steps",): "set from train.grad_accum (the trainer counts a step per accumulation window): "
+                                      "set train.grad_accum instead",
+    ("managed_gradient_accumulation",): "the trainer's step counting needs DeepSpeed to accumulate: set "
+                                        "train.grad_accum instead",
+    ("zero_optimization", "stage"): "set from train.zero_stage (the model is built for that stage): set that instead",
+    ("zero_optimization", "stage3_param_persistence_threshold"): "set from train.zero3_param_persistence_threshold: "
+                                                                 "set that instead",
+    ("bf16", "enabled"): "set from train.precision: set that instead",
+    ("fp16", "enabled"): "the precision is train.precision (bf16 | fp32): set that instead",
+    ("bf16", "check_grad_overflow"): "the trainer skips a non-finite step through this check (train.max_bad_steps)",
+    ("gradient_clipping",): "set from optim.grad_clip: set that instead",
+    ("optimizer",): "the trainer passes its own AdamW: set optim.lr, optim.betas, optim.eps, optim.weight_decay",
+    ("scheduler",): "the trainer passes its own LR schedule: set optim.schedule, optim.warmup_steps, "
+                    "optim.min_lr_ratio",
+    ("zero_allow_untested_optimizer",): "the trainer's torch AdamW needs it",
+}
 
 
 def base_config(cfg, world_size: int) -> dict[str, Any]:
@@ -40,5 +77,156 @@ def merge(base: dict, overrides: dict, prefix: str = "") -> tuple[dict, list[str
     return out, changed
 
 
+def problems(cfg, world_size: int) -> list[tuple[str, str]]:
+    """[(train.deepspeed_overrides.KEY, problem)]: overrides of the trainer's keys, else what DeepSpeed refuses or
+    does not read."""
+    overrides = dict(cfg.train.deepspeed_overrides)
+    found = _trainer_keys_changed(base_config(cfg, world_size), overrides)
+    return found or _deepspeed_problems(cfg, overrides)
+
+
 def build(cfg, world_size: int) -> tuple[dict, list[str]]:
+    found = problems(cfg, world_size)
+    if found:
+        raise ConfigError("\n".join(f"key '{key}': {problem}" for key, problem in found))
     return merge(base_config(cfg, world_size), dict(cfg.train.deepspeed_overrides))
+
+
+_ABSENT = object()
+
+
+def _trainer_keys_changed(base: dict, overrides: dict) -> list[tuple[str, str]]:
+    out, mapping_needed = [], {}
+    for path, why in TRAINER_KEYS.items():
+        node = overrides
+        for depth, part in enumerate(path):
+            if not isinstance(node, dict):  # a section replaced by a plain value
+                mapping_needed.setdefault(path[:depth], why)
+                break
+            names = _names(path[:depth], part)
+            given = [n for n in names if n in node]
+            if not given:
+                break
+            if depth == len(path) - 1:
+                if node[given[0]] != _trainer_value(base, path):
+                    out.append((".".join((KEY,) + path[:depth] + (given[0],)), f"{why} (got {node[given[0]]!r})"))
+            else:
+                node = node[given[0]]
+    for section, why in mapping_needed.items():
+        out.append((".".join((KEY,) + section), f"must be a mapping: it holds keys the trainer sets ({why})"))
+    return out
+
+
+def _names(section: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """`key` and its other spelling in DeepSpeed's pydantic model of `section` (field name vs alias)."""
+    if section != ("zero_optimization",):
+        return (key,)
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for name, info in DeepSpeedZeroConfig.model_fields.items():
+        if key in (name, info.alias):
+            return tuple(dict.fromkeys((key, name, info.alias or name)))
+    return (key,)
+
+
+def _trainer_value(base: dict, path: tuple[str, ...]):
+    """The value the trainer runs with: in the generated config, else DeepSpeed's default."""
+    node = base
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return _deepspeed_default(path)
+        node = node[part]
+    return node
+
+
+def _deepspeed_default(path: tuple[str, ...]):
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+
+    models = {"bf16": DeepSpeedBF16Config, "fp16": DeepSpeedFP16Config}
+    if len(path) == 2 and path[0] in models:
+        return models[path[0]].model_fields[path[1]].get_default()
+    if path == ("managed_gradient_accumulation",):
+        return constants.MANAGED_GRADIENT_ACCUMULATION_DEFAULT
+    return _ABSENT  # the trainer leaves it unset: any value changes it
+
+
+class _Keys:
+    """`dict.keys()` of a _ReadRecorder: membership tests are recorded too (DeepSpeed writes `k in d.keys()`)."""
+
+    def __init__(self, owner: "_ReadRecorder"):
+        self.owner = owner
+
+    def __contains__(self, key) -> bool:
+        return self.owner.__contains__(key)
+
+    def __iter__(self):
+        return iter(dict.keys(self.owner))
+
+    def __len__(self) -> int:
+        return dict.__len__(self.owner)
+
+
+class _ReadRecorder(dict):
+    """A config dict that records every top-level key looked up (DeepSpeedConfig's shallow copy shares `seen`)."""
+
+    def __init__(self, data: dict, seen: set[str]):
+        super().__init__(data)
+        self.seen = seen
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _Keys(self)
+
+
+class _OneRank:
+    """DeepSpeedConfig's world size for the trial parse (the batch keys are the trainer's, checked above)."""
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return 1
+
+
+@contextlib.contextmanager
+def _quiet():
+    from deepspeed.utils import logger
+
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # its info line names the trial's world size of 1
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _deepspeed_problems(cfg, overrides: dict) -> list[tuple[str, str]]:
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    trial, _ = merge(base_config(cfg, 1), {k: v for k, v in overrides.items() if k not in BATCH_KEYS})
+    seen: set[str] = set()
+    try:
+        with _quiet():
+            DeepSpeedConfig(_ReadRecorder(trial, seen), mpu=_OneRank())
+    except Exception as exc:  # pydantic ValidationError, DeepSpeedConfigError, AssertionError, ValueError ...
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and "pydantic.dev" not in line)
+        return [(KEY, f"DeepSpeed {deepspeed.__version__} refuses the merged config: {text or type(exc).__name__}")]
+    out = []
+    for key in overrides:
+        if key not in seen:
+            close = difflib.get_close_matches(key, sorted(seen), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            out.append((f"{KEY}.{key}", f"not a key DeepSpeed {deepspeed.__version__} reads (misspelt, or ignored "
+                        f"with this config){hint}"))
+    return out

@@ -29,8 +29,10 @@ class One4DConfig:
         return [] if self.resume in ("auto", "never") or self.resume else [("resume", "must be auto, never or a path")]
 
 
-def load_config(args=()) -> One4DConfig:
-    return build_config(One4DConfig, args)
+def load_config(args=(), checks=None) -> One4DConfig:
+    """The merged, validated config; `checks(cfg)` -> [(key, problem)] adds a command's own checks (files,
+    imports), reported like value errors (see one4d_train.train.config.preflight)."""
+    return build_config(One4DConfig, args, checks)
 
 
 __all__ = ["One4DConfig", "load_config", "ConfigError", "to_yaml", "choice"]

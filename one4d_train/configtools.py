@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -70,9 +70,13 @@ def _section_given_a_value(schema: DictConfig, layer: DictConfig, prefix: str = 
     return None
 
 
-def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
+Problems = list[tuple[str, str]]  # (key, what is wrong with its value)
+
+
+def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[Any], Problems] | None = None) -> Any:
     """Merge defaults -> `config=FILE` (with its `_base_` chain) -> other `key=value` args, validate, return
-    the dataclass instance."""
+    the dataclass instance. `checks(obj)` then returns problems by full key (files, imports: what a command
+    needs beyond valid values); all of them are reported at once."""
     args = list(args)
     files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
     # `key=` means the empty string (OmegaConf would read it as null)
@@ -97,6 +101,10 @@ def build_config(schema_cls: type, args: Iterable[str] = ()) -> Any:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"key '{key}': {str(exc).splitlines()[0]}") from None
     validate_tree(obj, origins=origins)
+    if checks is not None:
+        problems = checks(obj)
+        if problems:
+            raise ConfigError("\n".join(f"{_origin(key, origins)}: key '{key}': {problem}" for key, problem in problems))
     return obj
 
 
@@ -105,6 +113,9 @@ def _origin(key: str, origins: dict[str, str]) -> str:
     where the section's keys that were set came from."""
     if key in origins:
         return origins[key]
+    inside = sorted({src for k, src in origins.items() if k.startswith(key + ".")})
+    if len(inside) == 1:  # a section (or mapping value) set in one place
+        return inside[0]
     section = key.rpartition(".")[0]
     sources = sorted({src for k, src in origins.items() if k.startswith(section + ".")}) if section else []
     return f"{' / '.join(sources)} (set keys of '{section}')" if sources else "defaults"

@@ -1,11 +1,162 @@
-"""Bad config values are refused with a message naming the key and where its value came from."""
+"""`one4d train` refuses a bad config before any process group starts: exit 2 and a message naming the key (and the
+file or command line that set it). Values: non-finite numbers. Files: shards, resume checkpoint, model files.
+Imports: train.task. Everything runs in-process through `main` (which returns 2 before `distributed.setup`), except
+one launch of the real CLI for the exit code."""
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import subprocess
+import sys
 
+import pytest
+import torch.distributed as dist
+
+from data_utils import make_shards
+from launch_utils import ROOT, _env
 from one4d_train.config import ConfigError, load_config
 from one4d_train.configtools import in_range
+from one4d_train.train import checkpoint as ckpt
 
+DEMO = os.path.join(ROOT, "configs", "experiment", "demo.yaml")
+MODEL_1_3B = "/models/Wan2.1-Fun-V1.1-1.3B-InP"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("bad_config_data"), num_clips=2, frames=9, height=32, width=64,
+                       samples_per_shard=1)
+
+
+def args(shards, tmp_path, *extra):
+    return [f"config={DEMO}", f"data.shards={shards}", f"run_dir={tmp_path / 'run'}", *extra]
+
+
+def refused(capsys, argv) -> str:
+    """Run `one4d train` in-process; it must exit 2 before starting a process group. Returns its stderr."""
+    from one4d_train.train.main import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not dist.is_initialized()
+    assert "Traceback" not in err
+    return err
+
+
+def preflight_config(argv):
+    from one4d_train.train.config import preflight
+
+    return load_config(argv, checks=preflight)
+
+
+def fake_checkpoint(path, world_size=2, complete=True):
+    os.makedirs(os.path.join(path, "ds"))
+    with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
+        f.write(b"x" * 100)
+    if complete:
+        marker = {"step": 4, "world_size": world_size, "files": ckpt._listing(path)}
+        ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
+    return path
+
+
+def test_the_demo_config_passes_every_check(shards, tmp_path):
+    cfg = preflight_config(args(shards, tmp_path))
+    assert cfg.data.shards == str(shards)
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+def test_shards_not_set(capsys, tmp_path):
+    err = refused(capsys, [f"config={DEMO}", f"run_dir={tmp_path}"])
+    assert "key 'data.shards'" in err and "one4d shard" in err
+    err = refused(capsys, [f"config={DEMO}", f"run_dir={tmp_path}", "data.shards="])
+    assert "command line: key 'data.shards'" in err
+
+
+def test_shards_path_that_does_not_exist_is_named_itself(capsys, tmp_path):
+    missing = tmp_path / "nonexist"
+    err = refused(capsys, [f"config={DEMO}", f"run_dir={tmp_path}", f"data.shards={missing}"])
+    assert f"command line: key 'data.shards': {missing}: no such directory" in err
+    assert str(tmp_path / "index.json") not in err  # not the index of the folder above
+    pattern = tmp_path / "gone" / "shard-{000000..000003}.tar"
+    err = refused(capsys, [f"config={DEMO}", f"run_dir={tmp_path}", f"data.shards={pattern}"])
+    assert f"key 'data.shards': {tmp_path / 'gone'}: no such directory" in err
+
+
+def test_shards_folder_without_index_or_with_a_missing_shard(capsys, shards, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = refused(capsys, args(empty, tmp_path))
+    assert "key 'data.shards'" in err and str(empty / "index.json") in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(shards):
+        if name != "shard-000001.tar":
+            os.symlink(shards / name, broken / name)
+    err = refused(capsys, args(broken, tmp_path))
+    assert "key 'data.shards'" in err and str(broken / "shard-000001.tar") in err
+
+
+def test_held_out_shards_of_in_training_evaluation_are_checked_too(capsys, shards, tmp_path):
+    err = refused(capsys, args(shards, tmp_path, f"data.val_shards={tmp_path / 'val'}", "eval.every=5"))
+    assert f"key 'data.val_shards': {tmp_path / 'val'}: no such directory" in err
+    err = refused(capsys, args(shards, tmp_path, f"eval.dataset=sintel:{tmp_path / 'sintel'}", "eval.every=5"))
+    assert "key 'eval.dataset'" in err and str(tmp_path / "sintel") in err
+
+
+# ---- resume -----------------------------------------------------------------------------------------------------
+
+def test_resume_path_must_be_a_complete_checkpoint(capsys, shards, tmp_path):
+    err = refused(capsys, args(shards, tmp_path, "resume=/nonexistent"))
+    assert "command line: key 'resume': /nonexistent: no such checkpoint directory" in err
+    err = refused(capsys, args(shards, tmp_path, "resume=Auto"))
+    assert "key 'resume'" in err and "auto" in err
+    tmp_ckpt = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / ".tmp-step-00000004"), complete=False)
+    err = refused(capsys, args(shards, tmp_path, f"resume={tmp_ckpt}"))
+    assert f"key 'resume': {tmp_ckpt}: not a complete checkpoint" in err
+
+
+def test_resume_from_a_checkpoint_of_another_world_size(capsys, shards, tmp_path):
+    """This process is a job of 1 rank; the checkpoints were written by 2."""
+    done = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / ckpt.step_name(4)))
+    err = refused(capsys, args(shards, tmp_path, f"resume={done}"))
+    assert "key 'resume'" in err and "written by 2 ranks" in err and "1 rank" in err
+    err = refused(capsys, args(shards, tmp_path))  # resume=auto finds the same checkpoint
+    assert "key 'resume'" in err and "written by 2 ranks" in err
+    assert preflight_config(args(shards, tmp_path, "resume=never")).resume == "never"
+
+
+# ---- model and task ---------------------------------------------------------------------------------------------
+
+def test_compute_dtype_must_match_precision(capsys, shards, tmp_path):
+    err = refused(capsys, args(shards, tmp_path, "model.compute_dtype=bf16"))
+    assert "command line: key 'model.compute_dtype'" in err and "train.precision=fp32" in err
+
+
+def test_task_that_cannot_be_imported(capsys, shards, tmp_path):
+    err = refused(capsys, args(shards, tmp_path, "train.task=foo:Bar"))
+    assert "command line: key 'train.task': cannot import module 'foo'" in err
+    err = refused(capsys, args(shards, tmp_path, "train.task=one4d_train.train.task:NoSuchTask"))
+    assert "key 'train.task'" in err and "NoSuchTask" in err
+
+
+@pytest.mark.skipif(os.path.exists(MODEL_1_3B), reason="the 1.3B model files exist on this machine")
+def test_real_model_config_without_its_files_names_every_missing_one(capsys, shards, tmp_path):
+    exp = os.path.join(ROOT, "configs", "experiment", "one4d_1.3b.yaml")
+    err = refused(capsys, [f"config={exp}", f"data.shards={shards}", f"run_dir={tmp_path}"])
+    source = os.path.join(ROOT, "configs", "model", "wan2.1-fun-1.3b-inp.yaml")
+    assert f"{source}: key 'model.checkpoint': {MODEL_1_3B}: not found" in err
+    for key in ("vae", "text_encoder", "tokenizer", "image_encoder"):
+        assert f"key 'model.{key}': {MODEL_1_3B}/" in err, key
+
+
+def test_model_file_set_on_the_command_line(capsys, shards, tmp_path):
+    err = refused(capsys, args(shards, tmp_path, f"model.vae={tmp_path / 'vae'}"))
+    assert f"command line: key 'model.vae': {tmp_path / 'vae'}: not found" in err
+
+
+# ---- values -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("item", ["optim.lr=nan", "optim.grad_clip=nan", "optim.lr=inf", "optim.weight_decay=nan",
                                   "flow.logit_mean=nan", "model.umc.p_image=nan", "model.lora.alpha=inf",
@@ -22,3 +173,20 @@ def test_in_range_refuses_non_finite_values():
     assert in_range(float("-inf"), None, 1.0, "lr")
     assert in_range(float("nan"), None, None, "lr")
     assert not in_range(0.5, 0.0, 1.0, "lr") and not in_range(3, 1, None, "steps")
+
+
+def test_every_problem_of_the_checks_is_reported(capsys, tmp_path):
+    err = refused(capsys, [f"config={DEMO}", f"run_dir={tmp_path}", "resume=/nonexistent", "train.task=foo:Bar"])
+    assert "key 'resume'" in err and "key 'train.task'" in err
+    assert all(line.startswith("config error: ") for line in err.strip().splitlines())
+
+
+def test_cli_exit_code_for_a_bad_config(tmp_path):
+    """The real entry point, as srun or torchrun start it: exit 2 before DeepSpeed or a process group."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"config={DEMO}",
+                        f"data.shards={tmp_path / 'nonexist'}", f"run_dir={run_dir}"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"key 'data.shards': {tmp_path / 'nonexist'}: no such directory" in r.stderr
+    assert "Traceback" not in r.stderr and not run_dir.exists()

@@ -79,3 +79,14 @@ def test_tuning_keys_merge_and_are_reported():
     assert sorted(changed) == ["communication_data_type: '<unset>' -> 'fp32'", "wall_clock_breakdown: False -> True",
                                "zero_optimization.overlap_comm: True -> False",
                                "zero_optimization.reduce_bucket_size: '<unset>' -> 1000"]
+
+
+def test_one4d_train_refuses_a_bad_override_before_any_process_group(capsys, tmp_path):
+    import torch.distributed as dist
+
+    from one4d_train.train.main import main
+
+    code = main(["train.task=tests.train_toy_task:ToyTask", "train.precision=fp32", f"run_dir={tmp_path}",
+                 "train.deepspeed_overrides={zero_optimisation: {stage: 2}}"])
+    assert code == 2 and not dist.is_initialized()
+    assert "command line: key 'train.deepspeed_overrides.zero_optimisation'" in capsys.readouterr().err

@@ -1,6 +1,9 @@
-"""Training configuration: optimiser, engine, checkpoints, tracking (the `optim.`, `train.`, `tracking.` subtrees)."""
+"""Training configuration: optimiser, engine, checkpoints, tracking (the `optim.`, `train.`, `tracking.` subtrees),
+and `preflight`: what `one4d train` checks beyond valid values before any process group starts."""
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,3 +74,70 @@ class TrackingConfig:
 
     def validate(self):
         return [] if self.experiment else [("experiment", "must not be empty")]
+
+
+def preflight(cfg) -> list[tuple[str, str]]:
+    """What `one4d train` checks on every rank before any process group starts, beyond valid values, as
+    [(key, problem)]: the task class imports, and passes its own `check_config(cfg)` when it has one (the One4D
+    task: model files, shards); the resume checkpoint is complete and of this job's world size; the DeepSpeed
+    config with train.deepspeed_overrides merged is one DeepSpeed accepts and the trainer can count steps with."""
+    from one4d_train.train import deepspeed_config
+    from one4d_train.train.distributed import detect
+
+    world_size = detect().world_size
+    problems = resume_problems(cfg.resume, cfg.run_dir, world_size)
+    task_cls, problem = task_class(cfg.train.task)
+    if problem:
+        problems.append(("train.task", problem))
+    elif callable(getattr(task_cls, "check_config", None)):
+        problems += task_cls.check_config(cfg)
+    return problems + deepspeed_config.problems(cfg, world_size)
+
+
+def task_class(spec: str) -> tuple[type | None, str | None]:
+    """(the TrainTask class `train.task` names, None), or (None, why it cannot be loaded)."""
+    if not spec:
+        from one4d_train.train.one4d_task import One4DTask
+
+        return One4DTask, None
+    module, _, name = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except ImportError as exc:
+        return None, f"cannot import module '{module}': {exc}"
+    except Exception as exc:  # the module itself fails while importing
+        return None, f"importing module '{module}' failed: {type(exc).__name__}: {exc}"
+    if obj is None:
+        return None, f"module '{module}' has no '{name}'"
+    if not callable(obj):
+        return None, f"'{spec}' is not a class"
+    return obj, None
+
+
+def resume_problems(resume: str, run_dir: str, world_size: int) -> list[tuple[str, str]]:
+    """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job."""
+    from one4d_train.train import checkpoint as ckpt
+
+    if resume == "never":
+        return []
+    if resume == "auto":
+        found = ckpt.complete_checkpoints(os.path.join(run_dir, "checkpoints"))
+        if not found:
+            return []
+        path, chosen = found[-1], f"resume=auto chose {found[-1]}: "
+    else:
+        path, chosen = resume, f"{resume}: "
+        if not os.path.isdir(resume):
+            hint = (f" (did you mean {resume.lower()}?)" if resume.lower() in ("auto", "never") else
+                    " (resume takes auto, never or the path of a checkpoint directory)")
+            return [("resume", f"{resume}: no such checkpoint directory{hint}")]
+        if not ckpt.is_complete(resume):
+            hint = (f": {resume} is a run directory; resume=auto with run_dir={resume} continues it"
+                    if os.path.isdir(os.path.join(resume, "checkpoints")) else "")
+            return [("resume", f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files "
+                     f"changed since){hint}")]
+    written = ckpt.marker_of(path).get("world_size")
+    if written != world_size:
+        return [("resume", f"{chosen}written by {written} ranks, this job has {world_size} "
+                 f"rank{'s' if world_size != 1 else ''}: resume it with {written}")]
+    return []

@@ -7,11 +7,16 @@ main keys:
   train.steps=5500            optimiser steps;  train.micro_batch_size=1  train.grad_accum=4
   train.zero_stage=3|2        train.precision=bf16|fp32  train.device=auto|cuda|cpu
   train.checkpoint_every=500  train.keep_last=3  train.log_every=10  train.max_bad_steps=5
-  train.deepspeed_overrides={...}  merged into the generated DeepSpeed config (changes are logged)
+  train.deepspeed_overrides={...}  DeepSpeed tuning keys merged into the generated config (changes are logged;
+                              keys set from train.* / optim.* and keys DeepSpeed does not read are refused)
   train.task=module:Class     train another TrainTask (default: the One4D task)
   optim.lr=1e-4 optim.warmup_steps optim.schedule=constant|cosine optim.min_lr_ratio optim.grad_clip
   tracking.uri=               MLflow server (default: sqlite store in run_dir)  tracking.experiment=one4d
   eval.every=0                in-training evaluation every N steps, all ranks taking part
+
+Before any process group starts, every rank checks the config: values, then what the run needs (the task
+importable, model files and shards present, the resume checkpoint complete and of this world size, DeepSpeed
+overrides that leave the trainer's keys alone); every problem names its key and where it was set.
 
 exit codes: 0 finished, 2 bad config, 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
 requeue the job), 1 any other failure.
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from one4d_train.config import ConfigError, load_config
+from one4d_train.train.config import preflight
 from one4d_train.train.preemption import EXIT_CONFIG
 
 LAUNCHER_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")  # the deepspeed launcher appends --local_rank=N
@@ -51,9 +57,9 @@ def main(argv: list[str]) -> int:
         return 0
     argv = [a for a in argv if not LAUNCHER_ARG.match(a)]
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, checks=preflight)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        _print_config_error(exc)
         return EXIT_CONFIG
 
     from one4d_train.train import distributed
@@ -85,3 +91,8 @@ def main(argv: list[str]) -> int:
         os._exit(1)  # peers may sit in a collective: do not wait for the process group to shut down
     distributed.shutdown(code)
     return code
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    for line in str(exc).splitlines():
+        print(f"config error: {line}", file=sys.stderr)

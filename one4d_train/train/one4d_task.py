@@ -6,6 +6,7 @@ The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoin
 """
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from data_pipeline.finish import finish_batch
-from data_pipeline.latents import latents_spec, same_text_encoder, text_identity
+from data_pipeline.latents import LatentsMismatchError, latents_spec, same_text_encoder, text_identity
 from data_pipeline.loader import build_loader
-from data_pipeline.reader import stored_text
+from data_pipeline.reader import list_shards, stored_latents, stored_text
 from data_pipeline.shard_index import ShardIndexError
+from one4d_train.configtools import ConfigError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.attention import set_attention_backend
@@ -39,6 +41,7 @@ from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
 
 log = logging.getLogger(__name__)
+MODEL_FILES = ("checkpoint", "vae", "text_encoder", "tokenizer", "image_encoder", "empty_prompt_embedding")  # model.*
 
 
 def base_parameter_names(model: nn.Module) -> dict[str, str]:
@@ -51,19 +54,47 @@ class One4DTask:
     def __init__(self, cfg):
         self.cfg = cfg
         m = cfg.model
+        problems = self.config_problems(cfg)
+        if problems:
+            raise ConfigError("; ".join(f"key '{key}': {problem}" for key, problem in problems))
         self.dtype = DTYPES[m.compute_dtype]
         self.wan_cfg = wan_config(m.preset, in_dim=36, has_image_input=m.has_image_input)
-        if m.preset != "tiny" and not m.checkpoint:
-            raise ValueError(f"model.checkpoint must point to local weights for preset {m.preset!r} "
-                             "(random weights exist only for the tiny preset)")
-        if m.compile and cfg.train.zero_stage == 3:
-            raise ValueError("model.compile needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the "
-                             "compiled graphs (slower than eager, see benchmarks/PERF_NOTES.md)")
-        if m.compute_dtype != cfg.train.precision:
-            raise ValueError(f"model.compute_dtype={m.compute_dtype} and train.precision={cfg.train.precision} "
-                             "must agree: training and evaluation run the base in that one dtype")
         self._encoders = None
         self._base_loaded_at_build = False
+
+    # ---- config -----------------------------------------------------------------------------------------
+    @staticmethod
+    def config_problems(cfg) -> list[tuple[str, str]]:
+        """Settings this task cannot train with, by key (checked again when the task is built)."""
+        m, t, p = cfg.model, cfg.train, []
+        if m.preset != "tiny":  # random weights and towers exist only for the tiny preset (model/encoders.py)
+            needed = ["checkpoint", "vae"] + (["image_encoder"] if m.has_image_input else [])
+            p += [(f"model.{k}", f"preset {m.preset!r} needs local files: set it") for k in needed if not getattr(m, k)]
+            if not (m.text_encoder or m.empty_prompt_embedding):
+                p.append(("model.text_encoder", f"preset {m.preset!r} needs local files: set it (or "
+                          "model.empty_prompt_embedding, with text embeddings stored in the shards)"))
+        if m.compile and t.zero_stage == 3:
+            p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
+                      "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
+        if m.compute_dtype != t.precision:
+            p.append(("model.compute_dtype", f"{m.compute_dtype} and train.precision={t.precision} must agree: "
+                      "training and evaluation run the base in that one dtype"))
+        return p
+
+    @classmethod
+    def check_config(cls, cfg) -> list[tuple[str, str]]:
+        """`one4d train`'s check before any process group: config_problems, then that what the run reads exists:
+        the model files, the training shards (index, shard files, stored latents fitting this config) and the
+        held-out set of in-training evaluation."""
+        p = cls.config_problems(cfg)
+        for key in MODEL_FILES:
+            path = getattr(cfg.model, key)
+            if path and not os.path.exists(path):
+                p.append((f"model.{key}", f"{path}: not found"))
+        p += _training_shard_problems(cfg)
+        if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
+            p += _eval_set_problems(cfg)
+        return p
 
     # ---- model ------------------------------------------------------------------------------------------
     def build_model(self, partitioned) -> nn.Module:
@@ -240,6 +271,53 @@ class One4DTask:
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
         export_adapters(trainable_state, self.cfg.model, out_dir)
+
+
+def _shard_spec_problem(spec: str) -> str | None:
+    """A shard directory, or a brace/glob pattern of shard files, that names nothing (the reader would look for
+    index.json in the folder above a missing directory)."""
+    if os.path.isdir(spec):
+        return None
+    pattern = glob.has_magic(spec) or "{" in spec
+    folder = (os.path.dirname(spec) or ".") if pattern else spec
+    if pattern and not os.path.isdir(folder) or not pattern and not os.path.exists(spec):
+        return f"{folder}: no such directory"
+    return None
+
+
+def _training_shard_problems(cfg) -> list[tuple[str, str]]:
+    spec = cfg.data.shards
+    if not spec:
+        return [("data.shards", "not set: point it at a shard directory made by `one4d shard` (or a pattern of its "
+                 "shard files, like DIR/shard-{000000..000009}.tar)")]
+    problem = _shard_spec_problem(spec)
+    if problem:
+        return [("data.shards", problem)]
+    try:
+        shards = list_shards(spec)
+        missing = [s.path for s in shards if not os.path.isfile(s.path)]
+        if missing:
+            return [("data.shards", f"{len(missing)} shard file(s) listed in index.json missing: "
+                     f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")]
+        stored_latents(spec, cfg.data, latents_spec(cfg))
+    except (OSError, ValueError, LatentsMismatchError) as exc:  # ShardIndexError is a ValueError
+        return [("data.shards", str(exc))]
+    return []
+
+
+def _eval_set_problems(cfg) -> list[tuple[str, str]]:
+    from one4d_train.eval.pipeline import BENCHMARKS, EvalInputError, eval_dataset
+
+    key = "eval.dataset" if cfg.eval.dataset else "data.val_shards"
+    spec = cfg.eval.dataset or cfg.data.val_shards
+    problem = None if spec.partition(":")[0] in BENCHMARKS else _shard_spec_problem(spec)
+    if problem:
+        return [(key, problem)]
+    try:
+        eval_dataset(cfg)
+    except EvalInputError as exc:
+        return [(key, str(exc))]
+    return []
 
 
 def _local_device(setting: str) -> torch.device:

@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from data_utils import make_shards
-from launch_utils import ROOT, _env
+from launch_utils import ROOT, _env, mlflow_run
 from one4d_train.config import ConfigError, load_config
 from one4d_train.configtools import in_range
 from one4d_train.train import checkpoint as ckpt
@@ -179,6 +179,36 @@ def test_every_problem_of_the_checks_is_reported(capsys, tmp_path):
     err = refused(capsys, [f"config={DEMO}", f"run_dir={tmp_path}", "resume=/nonexistent", "train.task=foo:Bar"])
     assert "key 'resume'" in err and "key 'train.task'" in err
     assert all(line.startswith("config error: ") for line in err.strip().splitlines())
+
+
+# ---- failures after the start ----------------------------------------------------------------------------------
+
+def test_a_crash_ends_the_mlflow_run_as_failed(tmp_path, capsys):
+    from one4d_train.train.main import report_failure
+    from one4d_train.train.tracking import build_tracker
+
+    cfg = load_config([f"run_dir={tmp_path}", "tracking.system_metrics=false"])
+    tracker = build_tracker(cfg, is_main=True)
+    tracker.start(None, {"seed": 0})
+    try:
+        raise RuntimeError("boom in step 3")
+    except RuntimeError as exc:
+        code = report_failure(exc, tracker)
+    assert code == 1
+    assert "boom in step 3" in capsys.readouterr().err
+    _, run = mlflow_run(tmp_path)
+    assert run.info.status == "FAILED"
+
+
+def test_a_late_config_error_still_exits_2(tmp_path, capsys):
+    from one4d_train.train.main import report_failure
+    from one4d_train.train.tracking import NullTracker
+
+    try:
+        raise ConfigError("key 'x': bad")
+    except ConfigError as exc:
+        assert report_failure(exc, NullTracker()) == 2
+    assert "key 'x': bad" in capsys.readouterr().err
 
 
 def test_cli_exit_code_for_a_bad_config(tmp_path):

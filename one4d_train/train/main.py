@@ -19,7 +19,7 @@ importable, model files and shards present, the resume checkpoint complete and o
 overrides that leave the trainer's keys alone); every problem names its key and where it was set.
 
 exit codes: 0 finished, 2 bad config, 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
-requeue the job), 1 any other failure.
+requeue the job), 1 any other failure (the MLflow run is ended as FAILED).
 
 examples:
   one4d train config=configs/experiment/demo.yaml train.steps=20
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
         return EXIT_CONFIG
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(message)s", stream=sys.stdout, force=True)
-    code = 1
+    trainer = None
     try:
         from one4d_train.train.task import build_task
         from one4d_train.train.trainer import Trainer
@@ -84,13 +84,28 @@ def main(argv: list[str]) -> int:
         trainer = Trainer(cfg, task, env)
         seed_everything(cfg.seed + 1_000_003 * env.rank)  # per-rank streams for the steps
         code = trainer.train()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # peers may sit in a collective: do not wait for the process group to shut down
+    except BaseException as exc:
+        code = report_failure(exc, getattr(trainer, "tracker", None))
+        os._exit(code)  # peers may sit in a collective: do not wait for the process group to shut down
     distributed.shutdown(code)
     return code
+
+
+def report_failure(exc: BaseException, tracker) -> int:
+    """Print the failure, end this rank's MLflow run (started or not; other ranks hold a no-op tracker) as FAILED,
+    KILLED for an interrupt, and return the exit code: 2 for a config error found late, else 1."""
+    if isinstance(exc, ConfigError):
+        _print_config_error(exc)
+    else:
+        traceback.print_exception(exc)
+    if tracker is not None:
+        try:
+            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        except Exception as end_exc:  # the store may be what failed: the original error is the one to report
+            print(f"could not end the MLflow run: {type(end_exc).__name__}: {end_exc}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
 
 
 def _print_config_error(exc: ConfigError) -> None:

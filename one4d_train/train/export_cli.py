@@ -1,12 +1,16 @@
 """`one4d export checkpoint=DIR out=DIR [from_zero=true]`: the branch adapters and control links of a checkpoint.
 
-Every checkpoint already holds `adapters/` (written from the gathered trainable parameters); this checks it
-(every file and key present, shapes consistent) and copies it to `out`. With `from_zero=true` (or when a
-checkpoint has no adapters/) the adapters are rebuilt on the CPU from the DeepSpeed ZeRO partitions instead,
+Only a complete checkpoint (its COMPLETE marker lists every file at its size) is exported: not a `.tmp-step-*`
+folder being written or left by a killed job, nor one whose files changed since. Every checkpoint already
+holds `adapters/` (written from the gathered trainable parameters); this checks it (every file and key present,
+shapes consistent) and copies it to `out`. With `from_zero=true` (true/false, yes/no, on/off, 1/0), or when a
+checkpoint has no adapters/, the adapters are rebuilt on the CPU from the DeepSpeed ZeRO partitions instead,
 using the run's config.yaml: no GPU and no process group needed.
 
 Output: lora_rgb.safetensors / lora_xyz.safetensors (diffusers WanTransformer3DModel LoRA keys),
 control_links.safetensors (links + the XYZ patch embedding), adapter_config.json.
+
+exit codes: 0 exported, 2 bad arguments or a checkpoint that cannot be exported, 1 any other failure.
 """
 from __future__ import annotations
 
@@ -14,7 +18,19 @@ import os
 import shutil
 import sys
 
-from omegaconf import OmegaConf
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class ExportError(Exception):
+    """Arguments or a checkpoint that cannot be exported; the message names the key or the folder."""
+
+
+def parse_bool(key: str, text: str) -> bool:
+    if text.strip().lower() in TRUE:
+        return True
+    if text.strip().lower() in FALSE:
+        return False
+    raise ExportError(f"{key}={text!r}: must be true or false (also yes/no, on/off, 1/0)")
 
 
 def _args(argv: list[str]) -> dict[str, str]:
@@ -22,10 +38,10 @@ def _args(argv: list[str]) -> dict[str, str]:
     for a in argv:
         key, sep, value = a.partition("=")
         if not sep or key not in ("checkpoint", "out", "from_zero"):
-            raise SystemExit(f"one4d export: unexpected argument {a!r}\n\n{__doc__.strip()}")
+            raise ExportError(f"unexpected argument {a!r}\n\n{__doc__.strip()}")
         out[key] = value
     if "checkpoint" not in out or "out" not in out:
-        raise SystemExit(f"one4d export: checkpoint= and out= are required\n\n{__doc__.strip()}")
+        raise ExportError(f"checkpoint= and out= are required\n\n{__doc__.strip()}")
     return out
 
 
@@ -39,7 +55,8 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
-        raise SystemExit(f"one4d export: {cfg_path} not found (the run's merged config is needed to rebuild)")
+        raise ExportError(f"{cfg_path} not found (the run's merged config is needed to rebuild from the ZeRO "
+                          "partitions)")
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
@@ -50,15 +67,30 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    args = _args(argv)
-    ckpt, out = args["checkpoint"], args["out"]
-    if not os.path.isdir(ckpt):
-        print(f"one4d export: checkpoint {ckpt} is not a directory", file=sys.stderr)
-        return 2
-    from one4d_train.model.adapters import read_adapters
+    from one4d_train.configtools import ConfigError
+    from one4d_train.model.adapters import AdapterError
 
+    try:
+        args = _args(argv)
+        from_zero = parse_bool("from_zero", args.get("from_zero", "false"))
+        export(args["checkpoint"], args["out"], from_zero)
+    except (ExportError, AdapterError, ConfigError) as exc:  # damaged adapters/, a run config that no longer loads
+        print(f"one4d export: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export(ckpt: str, out: str, from_zero: bool) -> None:
+    from one4d_train.model.adapters import read_adapters
+    from one4d_train.train.checkpoint import MARKER, is_complete
+
+    if not os.path.isdir(ckpt):
+        raise ExportError(f"checkpoint {ckpt} is not a directory")
+    if not is_complete(ckpt):
+        raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
+                          "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")
     src = os.path.join(ckpt, "adapters")
-    if OmegaConf.create({"v": args.get("from_zero", "false")}).v in (True, "true", "1") or not os.path.isdir(src):
+    if from_zero or not os.path.isdir(src):
         rebuild_from_zero(ckpt, out)
     else:
         read_adapters(src)  # raises on a missing file or key
@@ -67,4 +99,3 @@ def main(argv: list[str]) -> int:
     total = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({total / 2**20:.2f}M parameters; design {config['design']}, "
           f"branches {', '.join(config['branches'])}, link blocks {config['link_blocks']}) to {out}")
-    return 0

@@ -1,0 +1,88 @@
+"""`one4d export` arguments and the checkpoint it accepts: from_zero parsed strictly, only complete checkpoints
+exported. In-process on a checkpoint folder holding a tiny model's real adapters (the ZeRO rebuild itself runs in
+test_one4d_training.py on a trained run)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from one4d_train.model.adapters import export_adapters
+from one4d_train.train import checkpoint as ckpt
+from one4d_train.train.export_cli import main, parse_bool
+from test_dlc import tiny_one4d
+
+
+def make_checkpoint(run_dir, name=ckpt.step_name(4), complete=True):
+    path = os.path.join(run_dir, "checkpoints", name)
+    model, _ = tiny_one4d()
+    export_adapters(model.trainable_state_dict(), model.cfg, os.path.join(path, "adapters"))
+    os.makedirs(os.path.join(path, "ds"))
+    with open(os.path.join(path, "ds", "mp_rank_00_model_states.pt"), "wb") as f:
+        f.write(b"x" * 64)
+    if complete:
+        marker = {"step": 4, "world_size": 1, "files": ckpt._listing(path)}
+        ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
+    return path
+
+
+def export(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("YES", True), ("1", True), ("on", True),
+                                        ("false", False), ("False", False), ("no", False), ("0", False),
+                                        ("off", False)])
+def test_booleans_in_the_usual_spellings(text, value):
+    assert parse_bool("from_zero", text) is value
+
+
+@pytest.mark.parametrize("text", ["maybe", "", "2", "tru", "yes please"])
+def test_anything_else_is_refused_naming_the_key(capsys, tmp_path, text):
+    ckpt_dir = make_checkpoint(tmp_path)
+    code, out = export(capsys, f"checkpoint={ckpt_dir}", f"out={tmp_path / 'out'}", f"from_zero={text}")
+    assert code == 2 and "from_zero" in out and repr(text) in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["from_zero=True", "from_zero=yes", "from_zero=1"])
+def test_from_zero_spellings_rebuild_from_the_partitions(capsys, tmp_path, flag):
+    """Was: anything but 'true'/'1' copied adapters/ silently. The rebuild needs the run's config.yaml, which
+    this run directory lacks: the refusal shows the rebuild was taken."""
+    ckpt_dir = make_checkpoint(tmp_path)
+    code, out = export(capsys, f"checkpoint={ckpt_dir}", f"out={tmp_path / 'out'}", flag)
+    assert code == 2 and str(tmp_path / "config.yaml") in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_complete_checkpoint_is_copied(capsys, tmp_path):
+    ckpt_dir = make_checkpoint(tmp_path)
+    code, out = export(capsys, f"checkpoint={ckpt_dir}", f"out={tmp_path / 'out'}", "from_zero=false")
+    assert code == 0, out
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(ckpt_dir, "adapters")))
+
+
+def test_incomplete_checkpoints_are_refused(capsys, tmp_path):
+    """A checkpoint being written (or abandoned), or one whose files changed after its COMPLETE marker."""
+    writing = make_checkpoint(tmp_path, ".tmp-" + ckpt.step_name(8), complete=False)
+    code, out = export(capsys, f"checkpoint={writing}", f"out={tmp_path / 'out'}")
+    assert code == 2 and f"{writing}: not a complete checkpoint" in out
+    code, out = export(capsys, f"checkpoint={writing}", f"out={tmp_path / 'out'}", "from_zero=true")
+    assert code == 2 and "not a complete checkpoint" in out
+    damaged = make_checkpoint(tmp_path, ckpt.step_name(12))
+    with open(os.path.join(damaged, "ds", "mp_rank_00_model_states.pt"), "ab") as f:
+        f.write(b"more")
+    code, out = export(capsys, f"checkpoint={damaged}", f"out={tmp_path / 'out'}")
+    assert code == 2 and "not a complete checkpoint" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments_exit_2(capsys, tmp_path):
+    assert export(capsys, f"checkpoint={tmp_path}")[0] == 2
+    code, out = export(capsys, f"checkpoint={tmp_path / 'none'}", f"out={tmp_path / 'out'}")
+    assert code == 2 and str(tmp_path / "none") in out
+    code, out = export(capsys, "checkpoint=x", "out=y", "form_zero=true")
+    assert code == 2 and "form_zero" in out

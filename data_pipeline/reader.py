@@ -52,7 +52,12 @@ def shard_directory(spec: str) -> Path:
     """The folder holding index.json of a shard directory or pattern (data.shards)."""
     if not spec:
         raise ValueError("data.shards is empty: give a shard directory or a pattern like /d/shard-{000000..000009}.tar")
-    return Path(spec) if os.path.isdir(spec) else Path(os.path.dirname(spec) or ".")
+    if os.path.isdir(spec):
+        return Path(spec)
+    name = os.path.basename(spec)
+    if not (glob.has_magic(name) or "{" in name or os.path.isfile(spec)):
+        raise ValueError(f"data.shards={spec}: no such shard directory or shard file")
+    return Path(os.path.dirname(spec) or ".")
 
 
 def list_shards(spec: str) -> list[Shard]:

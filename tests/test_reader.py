@@ -424,3 +424,12 @@ def test_a_sample_without_a_member_every_sample_has_is_skipped(depth_shards, mem
         stream.decode(resum({k: v for k, v in raw.items() if k != member}), np.random.default_rng(0))
     with pytest.raises(SampleError, match="both depth.npz and xyz.npz"):
         stream.decode(resum({**raw, "xyz.npz": raw["depth.npz"]}), np.random.default_rng(0))
+
+
+def test_shards_are_found_by_directory_pattern_or_file_and_a_missing_path_is_named(depth_shards, tmp_path):
+    names = [s.name for s in list_shards(str(depth_shards))]
+    assert [s.name for s in list_shards(str(depth_shards / "*.tar"))] == names
+    assert [s.name for s in list_shards(str(depth_shards / names[0]))] == names[:1]
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(ValueError, match=f"data.shards={missing}: no such shard directory or shard file"):
+        list_shards(str(missing))

@@ -217,3 +217,23 @@ def test_real_presets_refuse_missing_encoder_files():
                        "model.text_encoder="])
     with pytest.raises(ValueError, match="model.image_encoder.*model.text_encoder"):
         build_encoders(cfg.model, wan_config("1.3b"), torch.device("cpu"), torch.float32)
+
+
+def test_in_training_evaluation_counts_the_non_finite_values_it_leaves_out(monkeypatch, tmp_path):
+    """As `one4d eval`'s means: a NaN or inf metric is left out of its mean and counted per metric."""
+    from types import SimpleNamespace
+
+    from one4d_train.eval import pipeline
+    from one4d_train.train.one4d_task import One4DTask
+
+    scores = iter([{"abs_rel": 0.2, "psnr": float("inf")}, {"abs_rel": float("nan"), "psnr": 20.0},
+                   {"abs_rel": 0.4, "psnr": 30.0}])
+    monkeypatch.setattr(pipeline, "Generator", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "iter_samples", lambda cfg: [{}, {}, {}])
+    monkeypatch.setattr(pipeline, "generate", lambda *a: None)
+    monkeypatch.setattr(pipeline, "score_and_write", lambda *a: next(scores))
+    cfg = SimpleNamespace(eval=SimpleNamespace(dataset="d", modes=["video"], seed=0), data=SimpleNamespace())
+    task = SimpleNamespace(cfg=cfg, EVAL_KEYS=("abs_rel", "psnr"), encoders=lambda device: ())
+    out = One4DTask.evaluate(task, torch.nn.Linear(1, 1), 2, str(tmp_path))
+    assert out == pytest.approx({"video/abs_rel": 0.3, "video/abs_rel_nonfinite": 1.0, "video/psnr": 25.0,
+                                 "video/psnr_nonfinite": 1.0})

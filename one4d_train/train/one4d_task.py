@@ -224,7 +224,8 @@ class One4DTask:
     def evaluate(self, model: nn.Module, step: int, out_dir: str) -> dict[str, float]:
         """Every rank samples its share of the held-out set (eval.num_samples of data.val_shards / eval.dataset)
         in every eval mode; a rank with no sample left in a round samples a dummy so all ranks run the same
-        forwards (ZeRO-3 gathers are collective). Means per mode are all-reduced; outputs go to out_dir."""
+        forwards (ZeRO-3 gathers are collective). Means per mode are all-reduced, with a `<mode>/<metric>_nonfinite`
+        count where NaN or inf were left out of one; outputs go to out_dir."""
         from one4d_train.eval.pipeline import Generator, generate, iter_samples, score_and_write
 
         ecfg = self.cfg.eval
@@ -235,7 +236,7 @@ class One4DTask:
         gen = Generator(model, *self.encoders(device), device=device)
         samples = list(iter_samples(self.cfg))
         keys = [f"{mode}/{k}" for mode in ecfg.modes for k in self.EVAL_KEYS]
-        sums, counts = torch.zeros(len(keys), dtype=torch.float64), torch.zeros(len(keys), dtype=torch.float64)
+        sums, counts, bad = (torch.zeros(len(keys), dtype=torch.float64) for _ in range(3))
         for first in range(0, len(samples), world):
             i = first + rank
             real = i < len(samples)
@@ -248,14 +249,21 @@ class One4DTask:
                                           f"step {step} | sample {i} | {mode} mode")
                 for name in self.EVAL_KEYS:
                     value = metrics.get(name)
-                    if value is not None and math.isfinite(float(value)):
-                        j = keys.index(f"{mode}/{name}")
+                    if value is None:
+                        continue
+                    j = keys.index(f"{mode}/{name}")
+                    if math.isfinite(float(value)):
                         sums[j] += float(value)
                         counts[j] += 1
+                    else:
+                        bad[j] += 1
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(counts)
-        return {k: float(sums[j] / counts[j]) for j, k in enumerate(keys) if counts[j] > 0}
+            for t in (sums, counts, bad):
+                torch.distributed.all_reduce(t)
+        # as `one4d eval`'s means (eval/pipeline.py summarise): NaN and inf left out and counted per metric
+        out = {k: float(sums[j] / counts[j]) for j, k in enumerate(keys) if counts[j] > 0}
+        out.update({f"{k}_nonfinite": float(bad[j]) for j, k in enumerate(keys) if bad[j] > 0})
+        return out
 
     # ---- accounting -------------------------------------------------------------------------------------
     def tokens_per_sample(self) -> int:

@@ -3,6 +3,9 @@
 The trainer is generic (DeepSpeed, schedule, checkpoints, tracking); everything model- or data-specific sits
 behind this interface. `train.task="module:Class"` selects another implementation (the tests train
 `tests.train_toy_task:ToyTask` through the real `one4d train`); empty means the One4D task.
+Optionally a task class has `check_config(cfg) -> [(key, problem)]`, a classmethod that `one4d train` calls on
+every rank before any process group starts (train/config.py `preflight`): whatever it returns is reported by key
+and the run exits 2 before anything is built.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,11 @@ def test_launcher_detection():
     d = distributed.detect(slurm)
     assert (d.rank, d.world_size, d.local_rank, d.launcher, d.master_addr) == (5, 16, 5, "slurm", "gpu01")
     assert d.master_port == distributed.detect(dict(slurm, SLURM_PROCID="0")).master_port  # same on every task
+    # without MASTER_PORT: the port slurm/train.sbatch exports, from the same formula
+    assert d.master_port == 20777
+    sbatch = open(os.path.join(ROOT, "slurm", "train.sbatch")).read()
+    base, span = re.search(r"MASTER_PORT=\$\(\( (\d+) \+ SLURM_JOB_ID % (\d+) \)\)", sbatch).groups()
+    assert (int(base), int(span)) == (distributed.PORT_BASE, distributed.PORT_SPAN)
     d = distributed.detect({})
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and d.master_port > 0
 

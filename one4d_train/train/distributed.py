@@ -11,6 +11,9 @@ from datetime import timedelta
 
 import torch
 
+# Slurm's rendezvous port when MASTER_PORT is unset: PORT_BASE + job id % PORT_SPAN, as slurm/train.sbatch sets it
+PORT_BASE, PORT_SPAN = 20000, 20000
+
 
 class DeviceUnavailable(RuntimeError):
     pass
@@ -52,7 +55,7 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
         # every task of the job derives the same port from the job id without talking to the others
-        port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
+        port = int(env.get("MASTER_PORT") or PORT_BASE + int(env.get("SLURM_JOB_ID", 0)) % PORT_SPAN)
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm",
                        addr, port)
     return DistEnv(0, 1, 0, "single", env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port()))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from one4d_train.config import ConfigError, load_config
-from one4d_train.train.schedule import WarmupSchedule, build_scheduler
+from one4d_train.train.schedule import WarmupSchedule, apply_config, build_scheduler
 
 
 def test_warmup_then_cosine_to_floor():
@@ -47,3 +47,49 @@ def test_bad_optim_values_name_the_key():
         load_config(["optim.schedule=linear"])
     with pytest.raises(ConfigError, match="optim.min_lr_ratio"):
         load_config(["optim.min_lr_ratio=2"])
+
+
+def _resumed(cfg_written, cfg_now, steps_written, steps_now, done):
+    """A scheduler and optimizer as DeepSpeed's load_checkpoint leaves them (state of `cfg_written` after `done`
+    steps), with `cfg_now` applied."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    o = cfg_written.optim
+    opt = torch.optim.AdamW([p], lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    sched = build_scheduler(opt, o, steps_written)
+    for _ in range(done):
+        opt.step()
+        sched.step()
+    written = (opt.state_dict(), sched.state_dict(), opt.param_groups[0]["lr"])
+    n = cfg_now.optim
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=n.lr, betas=tuple(n.betas), eps=n.eps,
+                             weight_decay=n.weight_decay)
+    sched2 = build_scheduler(opt2, n, steps_now)
+    opt2.load_state_dict(written[0])
+    sched2.load_state_dict(written[1])
+    return opt2, sched2, apply_config(sched2, n, steps_now), written[2]
+
+
+def test_resume_applies_this_configs_schedule_and_hyperparameters():
+    before = load_config(["optim.lr=0.1", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.min_lr_ratio=0.2"])
+    after = load_config(["optim.lr=0.01", "optim.warmup_steps=4", "optim.schedule=cosine", "optim.min_lr_ratio=0.5",
+                         "optim.betas=[0.8,0.95]", "optim.eps=1e-6", "optim.weight_decay=0.1"])
+    opt, sched, changes, _ = _resumed(before, after, 6, 20, done=3)
+    assert changes == ["optim.warmup_steps: 2 -> 4", "train.steps: 6 -> 20", "optim.min_lr_ratio: 0.2 -> 0.5",
+                       "optim.lr: 0.1 -> 0.01", "optim.betas: (0.9, 0.999) -> (0.8, 0.95)",
+                       "optim.eps: 1e-08 -> 1e-06", "optim.weight_decay: 0.0 -> 0.1"]
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.1)
+    # the schedule is a function of (config, applied steps): the new one, from the restored count on
+    new = WarmupSchedule(4, 20, "cosine", 0.5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(group["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.01 * new(d) for d in range(3, 8)] and sched.get_last_lr() == [group["lr"]]
+
+
+def test_resume_with_the_same_config_keeps_the_lr_bit_for_bit():
+    cfg = load_config(["optim.lr=0.03", "optim.warmup_steps=3", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"])
+    opt, _, changes, written_lr = _resumed(cfg, cfg, 24, 24, done=7)
+    assert changes == [] and opt.param_groups[0]["lr"] == written_lr

@@ -15,10 +15,9 @@ import torch.distributed as dist
 
 from one4d_train.configtools import flatten, to_dict, to_yaml
 from one4d_train.train import checkpoint as ckpt
-from one4d_train.train import deepspeed_config, grad_checks, metrics
+from one4d_train.train import deepspeed_config, grad_checks, metrics, schedule
 from one4d_train.train.distributed import DistEnv
 from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE, Preemption
-from one4d_train.train.schedule import build_scheduler
 from one4d_train.train.task import TrainTask
 from one4d_train.train.tracking import build_tracker
 
@@ -68,7 +67,7 @@ class Trainer:
         o = self.cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                       fused=self.device.type == "cuda")
-        scheduler = build_scheduler(optimizer, o, t.steps)
+        scheduler = schedule.build_scheduler(optimizer, o, t.steps)
         grad_checks.install()
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False)
@@ -94,11 +93,16 @@ class Trainer:
         load_dir, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=False)
         if load_dir is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
+        # the checkpoint restored the optimizer hyperparameters and schedule it was written with: this config's win
+        changes = schedule.apply_config(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.steps)
         self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
         ckpt.restore_rng(state["rng"], tensors, self.generator)
         self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+            if changes:
+                log.warning("resumed with a changed optimiser or schedule; from step %d on: %s", self.step + 1,
+                            "; ".join(changes))
         return state["loader"], state["mlflow_run_id"]  # the id is meaningful on rank 0, which tracks
 
     def _save(self, loader) -> None:

@@ -75,3 +75,19 @@ def test_write_atomic_replaces(tmp_path):
     ckpt.write_atomic(p, "a")
     ckpt.write_atomic(p, "b")
     assert open(p).read() == "b" and os.listdir(tmp_path) == ["latest"]
+
+
+def test_each_rank_owns_its_deepspeed_partition_files(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    files = ["mp_rank_00_model_states.pt", "zero_to_fp32.py"] + [
+        f"{prefix}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1, 10) for prefix in ("", "bf16_")
+        for kind in ("model", "optim")]
+    for f in files:
+        (ds / f).write_bytes(b"x")
+    owned = {r: [os.path.basename(p) for p in ckpt.written_by(str(ds), r)] for r in (0, 1, 10, 2)}
+    assert owned[1] == sorted(f for f in files if "zero_pp_rank_1_" in f) and len(owned[1]) == 4
+    assert owned[10] == sorted(f for f in files if "zero_pp_rank_10_" in f)
+    assert sorted(owned[0]) == sorted(f for f in files if "zero_pp_rank_0_" in f or "zero_pp_rank" not in f)
+    assert owned[2] == []
+

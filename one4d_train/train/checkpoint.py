@@ -8,8 +8,9 @@
       COMPLETE        written last inside the directory: step, world size, every file and its size
     latest            name of the newest checkpoint, replaced atomically after the rename
 
-Everything is written into `.tmp-step-X`, fsynced, renamed to `step-X`; `resume=auto` takes the newest
-directory whose COMPLETE matches its files, so a kill at any point leaves the previous checkpoint in use.
+Everything is written into `.tmp-step-X`, fsynced (each rank its own files, then rank 0 the rest), renamed to
+`step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any point leaves
+the previous checkpoint in use.
 Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -108,6 +109,18 @@ def resolve_resume(resume: str, ckpt_dir: str) -> str | None:
     return resume
 
 
+def written_by(ds_dir: str, rank: int) -> list[str]:
+    """The files of a DeepSpeed checkpoint folder that `rank` wrote: its ZeRO partitions (zero_pp_rank_R_*), and
+    on rank 0 every file not named after a partition (model states of ZeRO-1/2, the recovery script)."""
+    own = re.compile(rf"(^|_)zero_pp_rank_{rank}_")
+    out = []
+    for name in sorted(os.listdir(ds_dir)):
+        partition = "zero_pp_rank_" in name
+        if own.search(name) or (rank == 0 and not partition):
+            out.append(os.path.join(ds_dir, name))
+    return out
+
+
 # RNG state of every source the step draws from, as JSON + tensors (never pickled).
 
 def capture_rng(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -156,11 +169,16 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "train_state"))
         dist.barrier()
         engine.save_checkpoint(tmp, tag="ds", save_latest=False, exclude_frozen_parameters=True)
+        mine = written_by(os.path.join(tmp, "ds"), self.rank)
+        if not mine:
+            raise RuntimeError(f"checkpoint {tmp}: no DeepSpeed file of rank {self.rank} in ds/ to fsync "
+                               f"(found {sorted(os.listdir(os.path.join(tmp, 'ds')))})")
         base = os.path.join(tmp, "train_state", f"rank-{self.rank:05d}")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, base + ".safetensors")
         with open(base + ".json", "w") as f:
             json.dump(train_state, f)
-        for path in (base + ".json", base + ".safetensors"):
+        # each writer flushes its own files: on NFS/Lustre an fsync by rank 0 on another node flushes nothing of ours
+        for path in mine + [base + ".json", base + ".safetensors"]:
             _fsync_path(path)
         export(os.path.join(tmp, "adapters"))
         _test_stall(step)

@@ -77,6 +77,46 @@ def test_write_atomic_replaces(tmp_path):
     assert open(p).read() == "b" and os.listdir(tmp_path) == ["latest"]
 
 
+def names(d):
+    return sorted(n for n in os.listdir(d) if ckpt.STEP_DIR.match(n))
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_newer_timeline_aside(tmp_path):
+    run_dir = str(tmp_path)
+    d = os.path.join(run_dir, "checkpoints")
+    for step in (4, 8, 12):
+        make(d, step)
+    ckpt.write_atomic(os.path.join(d, "latest"), ckpt.step_name(12))
+    assert ckpt.set_aside(d, os.path.join(d, ckpt.step_name(12))) is None  # the newest: nothing to move
+    make(d, 16, complete=False)  # killed while writing: after step 4 too
+    aside = ckpt.set_aside(d, os.path.join(d, ckpt.step_name(4)))
+    assert os.path.basename(aside).startswith("abandoned-")
+    assert names(d) == [ckpt.step_name(4)] and names(aside) == [ckpt.step_name(s) for s in (8, 12, 16)]
+    assert ckpt.is_complete(os.path.join(aside, ckpt.step_name(12)))  # moved whole, nothing deleted
+    assert open(os.path.join(d, "latest")).read().strip() == ckpt.step_name(4)
+    # the branch writes steps 5..7: resume=auto takes its newest, pruning keeps it and leaves the old timeline
+    for step in (5, 6, 7):
+        make(d, step)
+    assert ckpt.resolve_resume("auto", d) == os.path.join(d, ckpt.step_name(7))
+    ckpt.Checkpointer(run_dir, 0, 2, keep_last=2)._prune()
+    assert names(d) == [ckpt.step_name(6), ckpt.step_name(7)]
+    assert names(aside) == [ckpt.step_name(s) for s in (8, 12, 16)]
+
+
+def test_a_fresh_start_or_another_runs_checkpoint_sets_all_aside(tmp_path):
+    d = str(tmp_path / "checkpoints")
+    other = make(str(tmp_path / "other"), 3)
+    make(d, 2)
+    make(d, 6)
+    first = ckpt.set_aside(d, other)  # resume=PATH of another run: none of ours is its history
+    assert names(d) == [] and names(first) == [ckpt.step_name(2), ckpt.step_name(6)]
+    assert not os.path.exists(os.path.join(d, "latest"))
+    make(d, 1)
+    second = ckpt.set_aside(d, None)  # resume=never, the same second: a folder of its own
+    assert second != first and names(second) == [ckpt.step_name(1)] and names(first) == [ckpt.step_name(2), ckpt.step_name(6)]
+    assert ckpt.set_aside(str(tmp_path / "none"), None) is None
+
+
 def test_each_rank_owns_its_deepspeed_partition_files(tmp_path):
     ds = tmp_path / "ds"
     ds.mkdir()
@@ -91,3 +131,12 @@ def test_each_rank_owns_its_deepspeed_partition_files(tmp_path):
     assert sorted(owned[0]) == sorted(f for f in files if "zero_pp_rank_0_" in f or "zero_pp_rank" not in f)
     assert owned[2] == []
 
+
+def test_set_aside_reads_the_resumed_path_as_written(tmp_path):
+    d = str(tmp_path / "checkpoints")
+    for step in (2, 4):
+        make(d, step)
+    aside = ckpt.set_aside(d, os.path.join(d, ckpt.step_name(2)) + "/")  # a trailing slash: still ours
+    assert names(d) == [ckpt.step_name(2)] and names(aside) == [ckpt.step_name(4)]
+    again = ckpt.set_aside(d, os.path.join(aside, ckpt.step_name(4)))  # back to the abandoned timeline
+    assert names(d) == [] and names(again) == [ckpt.step_name(2)]

@@ -7,16 +7,19 @@
       adapters/       task.export of the gathered trainable parameters
       COMPLETE        written last inside the directory: step, world size, every file and its size
     latest            name of the newest checkpoint, replaced atomically after the rename
+    abandoned-<UTC time>/   checkpoints of an abandoned timeline (see set_aside), kept, never read
 
 Everything is written into `.tmp-step-X`, fsynced (each rank its own files, then rank 0 the rest), renamed to
-`step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any point leaves
-the previous checkpoint in use.
-Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through torch.load(weights_only=True).
+`step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any point
+leaves the previous checkpoint in use. The folder holds one linear history: a run that resumes from anything but
+its newest checkpoint first moves the newer ones aside. Nothing is unpickled on load: JSON, safetensors, and
+DeepSpeed's files through torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
@@ -107,6 +112,40 @@ def resolve_resume(resume: str, ckpt_dir: str) -> str | None:
     if not is_complete(resume):
         raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no valid {MARKER} marker)")
     return resume
+
+
+def set_aside(ckpt_dir: str, resumed: str | None) -> str | None:
+    """Keep the checkpoint folder one linear history ending at `resumed` (a checkpoint path, None for a fresh
+    start): every step folder after it, or every one when `resumed` is not a step folder of this one, belongs to an
+    abandoned timeline and moves, whole, to `abandoned-<UTC time>/`; `latest` then names the newest complete one
+    left. Without this `resume=auto` would later pick the abandoned timeline's newest checkpoint, and pruning would
+    delete the new timeline's. Returns the folder they went to, or None when none was after `resumed`."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    path = os.path.normpath(os.path.abspath(resumed)) if resumed else ""
+    ours = STEP_DIR.match(os.path.basename(path)) if path else None
+    if ours and os.path.realpath(os.path.dirname(path)) != os.path.realpath(ckpt_dir):
+        ours = None
+    after = int(ours.group(1)) if ours else -1
+    newer = sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n) and int(STEP_DIR.match(n).group(1)) > after)
+    if newer:
+        base = os.path.join(ckpt_dir, "abandoned-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        dest, n = base, 1
+        while os.path.exists(dest):
+            dest, n = f"{base}-{n}", n + 1
+        os.makedirs(dest)
+        for name in newer:
+            os.rename(os.path.join(ckpt_dir, name), os.path.join(dest, name))
+        _fsync_path(dest)
+        _fsync_path(ckpt_dir)
+        log.warning("resuming from %s: the newer checkpoints %s belong to an abandoned timeline; moved to %s",
+                    resumed or "nothing (fresh start)", ", ".join(newer), dest)
+    found = complete_checkpoints(ckpt_dir)
+    if found:
+        write_atomic(os.path.join(ckpt_dir, "latest"), os.path.basename(found[-1]) + "\n")
+    elif os.path.exists(os.path.join(ckpt_dir, "latest")):
+        os.remove(os.path.join(ckpt_dir, "latest"))
+    return dest if newer else None
 
 
 def written_by(ds_dir: str, rank: int) -> list[str]:

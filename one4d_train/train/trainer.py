@@ -85,8 +85,12 @@ class Trainer:
         return state, tensors
 
     def _resume(self) -> tuple[dict | None, str | None]:
-        """Load the checkpoint chosen by cfg.resume; returns (loader position, MLflow run id)."""
+        """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
+        timeline); returns (loader position, MLflow run id)."""
         path = ckpt.resolve_resume(self.cfg.resume, self.checkpointer.dir)
+        dist.barrier()  # every rank has chosen before rank 0 moves folders
+        if self.env.is_main:
+            ckpt.set_aside(self.checkpointer.dir, path)
         if path is None:
             return None, None
         state, tensors = self.checkpointer.load_train_state(path)

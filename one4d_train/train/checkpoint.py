@@ -4,7 +4,7 @@
       ds/             DeepSpeed: trainable parameters, optimizer, LR scheduler (frozen base excluded)
       train_state/    per rank: rank-00000.json (step, samples, loader position, python/numpy RNG, run id)
                                 rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
-      adapters/       task.export of the gathered trainable parameters
+      adapters/       task.export of the gathered trainable parameters (train.export_adapters=true only)
       COMPLETE        written last inside the directory: step, world size, every file and its size
     latest            name of the newest checkpoint, replaced atomically after the rename
     abandoned-<UTC time>/   checkpoints of an abandoned timeline (see set_aside), kept, never read
@@ -196,8 +196,8 @@ class Checkpointer:
         self.dir = os.path.join(run_dir, "checkpoints")
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
 
-    def save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export) -> str:
-        """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too)."""
+    def save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export=None) -> str:
+        """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too); None: none."""
         final = os.path.join(self.dir, step_name(step))
         tmp = os.path.join(self.dir, ".tmp-" + step_name(step))
         if self.rank == 0:
@@ -219,7 +219,8 @@ class Checkpointer:
         # each writer flushes its own files: on NFS/Lustre an fsync by rank 0 on another node flushes nothing of ours
         for path in mine + [base + ".json", base + ".safetensors"]:
             _fsync_path(path)
-        export(os.path.join(tmp, "adapters"))
+        if export is not None:
+            export(os.path.join(tmp, "adapters"))
         _test_stall(step)
         dist.barrier()
         if self.rank == 0:

@@ -111,7 +111,8 @@ class Trainer:
 
     def _save(self, loader) -> None:
         state, tensors = self._train_state(loader)
-        path = self.checkpointer.save(self.engine, self.step, state, tensors, self._export)
+        export = self._export if self.cfg.train.export_adapters else None
+        path = self.checkpointer.save(self.engine, self.step, state, tensors, export)
         if self.env.is_main:
             log.info("checkpoint %s", path)
 
@@ -234,6 +235,9 @@ class Trainer:
             if t.export_adapters and os.path.isdir(os.path.join(final, "adapters")):
                 self.tracker.log_artifacts(os.path.join(final, "adapters"), "adapters")
                 log.info("adapters: %s", os.path.join(final, "adapters"))
+            elif not t.export_adapters:
+                log.info("adapters not exported (train.export_adapters=false): one4d export checkpoint=%s out=DIR "
+                         "from_zero=true rebuilds them", final)
             self.tracker.end("FINISHED")
             uri = getattr(self.tracker, "uri", "-")
             log.info("done: %d steps, %d skipped; MLflow store %s (view: mlflow ui --backend-store-uri %s)", self.step,

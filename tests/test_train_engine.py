@@ -19,6 +19,7 @@ from launch_utils import ROOT, _env, metric, mlflow_run, srun_like, torchrun
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, distributed
 from one4d_train.train.preemption import EXIT_BAD_STEPS, REQUEUE_EXIT_CODE
+from one4d_train.train.schedule import WarmupSchedule
 
 STEPS = 24
 COMMON = ["train.task=tests.train_toy_task:ToyTask", "train.device=cpu", "train.precision=fp32",
@@ -89,6 +90,14 @@ def test_mlflow_records_params_metrics_artifacts(straight):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "adapters")] == ["adapters/adapter.safetensors"]
     assert run.info.status == "FINISHED"
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+
+
+def test_logged_lr_is_the_one_the_step_used(straight):
+    # step s updates with the schedule's factor after s - 1 applied steps (step 1: the first warmup third)
+    run_dir, _ = straight
+    schedule = WarmupSchedule(3, STEPS, "cosine", 0.1)
+    lr = metric(*mlflow_run(run_dir), "lr")
+    assert lr == {s: pytest.approx(0.03 * schedule(s - 1), rel=1e-12) for s in range(1, STEPS + 1)}
 
 
 def test_checkpoints_keep_last_and_latest(straight):
@@ -175,8 +184,9 @@ def test_nan_steps_are_skipped_on_all_ranks_then_stop(tmp_path, engine):
     client, run = mlflow_run(run_dir)
     assert run.info.status == "FAILED"
     assert metric(client, run, "skipped_steps") == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 2, 7: 3, 8: 4}
-    lr = metric(client, run, "lr")
-    assert lr[3] == lr[2] and lr[4] > lr[3]  # the skipped step did not advance the warmup
+    # the lr each step used: the skipped steps 3, 6, 7 did not advance the warmup (1/6 of 0.01 per applied step)
+    applied_before = {1: 0, 2: 1, 3: 2, 4: 2, 5: 3, 6: 4, 7: 4}  # step 8, the third bad one in a row, stops the run
+    assert metric(client, run, "lr") == {s: pytest.approx(0.01 * (n + 1) / 6, rel=1e-12) for s, n in applied_before.items()}
     assert 3 not in metric(client, run, "loss")
     # the skipped step moved neither the weights nor Adam's moments/step count, on either rank
     assert all(torch.equal(adapters(run_dir, 2)[k], adapters(run_dir, 3)[k]) for k in adapters(run_dir, 2))

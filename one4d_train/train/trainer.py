@@ -53,6 +53,7 @@ class Trainer:
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
         self.preemption = Preemption(self.device).install()
         self.step, self.bad_streak, self.skipped_total = 0, 0, 0
+        self.step_lr = 0.0  # the lr the current step's optimizer update uses
         self.peak = metrics.peak_flops(t.peak_flops_per_device, self.device)
 
     def _build_engine(self):
@@ -189,6 +190,7 @@ class Trainer:
         evaluate = getattr(self.task, "evaluate", None)
         while self.step < t.steps:
             step = self.step + 1
+            self.step_lr = self.engine.get_lr()[0]  # the scheduler moves on inside the step: log the lr it used
             step_losses, step_bad = {}, False
             for _ in range(t.grad_accum):
                 losses, bad = self._micro_step(lambda: timer.timed_next(next_batch), step)
@@ -257,7 +259,7 @@ class Trainer:
         losses = {k: v / world for k, v in zip(keys, reduced)}
         perf = metrics.throughput(elapsed, data_s, steps, self.global_batch, world, self.task.flops_per_sample(),
                                   self.task.tokens_per_sample(), self.peak, self.device)
-        lr = self.engine.get_lr()[0]
+        lr = self.step_lr
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
         log.info(metrics.format_line(step, self.cfg.train.steps, losses, lr, grad_norm, perf, self.skipped_total))

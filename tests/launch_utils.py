@@ -35,14 +35,16 @@ def torchrun(run_dir, *args, extra_env=None, timeout=400, wait=True):
 
 
 def srun_like(run_dir, *args, extra_env=None, nproc=2, timeout=400):
-    """Launch the way srun does: one plain process per task with SLURM_* variables, no torchrun."""
+    """Launch the way srun does: one plain process per task with SLURM_* variables, no torchrun, each task in a
+    process group of its own (a signal to it reaches the task's data workers, not this test)."""
     port, procs = _port(), []
     for rank in range(nproc):
         env = _env({**(extra_env or {}), "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nproc),
                     "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "4242", "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port)})
         procs.append(subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *args],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], "\n".join(outs)
 

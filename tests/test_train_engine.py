@@ -23,10 +23,12 @@ from one4d_train.train.schedule import WarmupSchedule
 
 STEPS = 24
 COMMON = ["train.task=tests.train_toy_task:ToyTask", "train.device=cpu", "train.precision=fp32",
-          "train.zero3_param_persistence_threshold=0", "tracking.system_metrics=false", "train.log_every=1"]
+          "train.zero3_param_persistence_threshold=0", "tracking.system_metrics=false"]
 RUN = COMMON + [f"train.steps={STEPS}", "train.micro_batch_size=2", "train.grad_accum=2", "train.checkpoint_every=6",
-                "train.keep_last=2", "optim.lr=0.03", "optim.warmup_steps=3", "optim.schedule=cosine",
-                "optim.min_lr_ratio=0.1", "eval.every=12"]
+                "train.keep_last=2", "train.log_every=5", "optim.lr=0.03", "optim.warmup_steps=3",
+                "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "eval.every=8"]
+LOGGED = [5, 10, 15, 20, 24]  # RUN's log lines: every 5 steps and the last
+COMPARED = ("loss", "loss_rgb", "loss_xyz", "lr", "grad_norm", "skipped_steps", "eval/eval_loss")  # not timings
 pytestmark = pytest.mark.slow
 
 
@@ -37,6 +39,21 @@ def trace(run_dir, rank):
 
 def adapters(run_dir, step):
     return load_file(os.path.join(run_dir, "checkpoints", ckpt.step_name(step), "adapters", "adapter.safetensors"))
+
+
+def from_zero(checkpoint):
+    """The trainable weights rebuilt on the CPU from a checkpoint's ZeRO partitions (what export from_zero reads)."""
+    from deepspeed.utils import zero_to_fp32
+
+    with ckpt.weights_only_load(zero_to_fp32.torch):
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds",
+                                                                    exclude_frozen_parameters=True)
+
+
+def checkpoint_names(run_dir):
+    """The checkpoint folder's entries, complete checkpoints marked with a *."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return sorted(n + ("*" if ckpt.is_complete(os.path.join(ckpt_dir, n)) else "") for n in os.listdir(ckpt_dir))
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +68,26 @@ def straight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory):
-    """SIGUSR1 reaches rank 1 only, during step 10; then the job is 'requeued' under torchrun."""
+    """1: SIGTERM to rank 1's whole process group (the rank and its 2 data workers) during step 8, an evaluation
+    step in the middle of a log window; 2: the requeued job, signalled (SIGUSR1, rank 0) while it builds the model;
+    3: the requeued job again, under torchrun, with train.export_adapters=false, to the end."""
     run_dir = tmp_path_factory.mktemp("preempted")
-    codes, out1 = srun_like(run_dir, *RUN, extra_env={"TOY_SIGNAL_AT": "10:1:USR1"})
-    assert codes == [REQUEUE_EXIT_CODE] * 2, out1[-4000:]
-    code, out2 = torchrun(run_dir, *RUN)
-    assert code == 0, out2[-4000:]
-    return run_dir, out1, out2
+    codes1, out1 = srun_like(run_dir, *RUN, extra_env={"TOY_WORKERS": "2", "TOY_SIGNAL_AT": "8:1:TERM:group"})
+    after1 = checkpoint_names(run_dir)
+    codes2, out2 = srun_like(run_dir, *RUN, extra_env={"TOY_SIGNAL_AT": "0:0:USR1"})
+    after2 = checkpoint_names(run_dir)
+    code3, out3 = torchrun(run_dir, *RUN, "train.export_adapters=false")
+    assert code3 == 0, out3[-4000:]
+    return {"run_dir": run_dir, "codes1": codes1, "out1": out1, "after1": after1, "codes2": codes2, "out2": out2,
+            "after2": after2, "out3": out3}
 
 
 def test_zero3_trains_two_ranks_and_overfits(straight):
     run_dir, out = straight
     client, run = mlflow_run(run_dir)
     loss = metric(client, run, "loss")
-    assert sorted(loss) == list(range(1, STEPS + 1))
-    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (22, 23, 24)) / 3
-    assert last < first / 5, f"loss fell only from {first:.4f} to {last:.4f}"
+    assert sorted(loss) == LOGGED
+    assert loss[24] < loss[5] / 5, f"loss fell only from {loss[5]:.4f} to {loss[24]:.4f}"
     assert "global batch 8 = micro 2 x accum 2 x world 2" in out
     # only the trainable adapter is exported, gathered whole from its ZeRO-3 partitions
     final = adapters(run_dir, STEPS)
@@ -84,7 +105,7 @@ def test_mlflow_records_params_metrics_artifacts(straight):
                 "eval/eval_loss"):
         assert metric(client, run, key), key
     assert "mfu" not in run.data.metrics  # CPU and no configured peak: MFU is not logged
-    assert sorted(metric(client, run, "eval/eval_loss")) == [12, 24]
+    assert sorted(metric(client, run, "eval/eval_loss")) == [8, 16, 24]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "adapters", "eval"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "adapters")] == ["adapters/adapter.safetensors"]
@@ -97,7 +118,7 @@ def test_logged_lr_is_the_one_the_step_used(straight):
     run_dir, _ = straight
     schedule = WarmupSchedule(3, STEPS, "cosine", 0.1)
     lr = metric(*mlflow_run(run_dir), "lr")
-    assert lr == {s: pytest.approx(0.03 * schedule(s - 1), rel=1e-12) for s in range(1, STEPS + 1)}
+    assert lr == {s: pytest.approx(0.03 * schedule(s - 1), rel=1e-12) for s in LOGGED}
 
 
 def test_checkpoints_keep_last_and_latest(straight):
@@ -108,31 +129,73 @@ def test_checkpoints_keep_last_and_latest(straight):
     assert all(ckpt.is_complete(p) for p in ckpt.complete_checkpoints(ckpt_dir))
     state = json.load(open(os.path.join(ckpt_dir, "step-00000024", "train_state", "rank-00001.json")))
     assert state["step"] == STEPS and state["samples_seen"] == STEPS * 8 and state["loader"] == {"epoch": 3, "batch": 0}
+    assert state["log_window"] == {"sums": {}, "counted": 0}  # logged at the last step
+    window = json.load(open(os.path.join(ckpt_dir, "step-00000018", "train_state", "rank-00001.json")))["log_window"]
+    assert window["counted"] == 3 and sorted(window["sums"]) == ["loss", "loss_rgb", "loss_xyz"]  # steps 16-18
+
+
+def test_each_rank_fsyncs_the_deepspeed_files_it_wrote(straight):
+    ds = os.path.join(straight[0], "checkpoints", ckpt.step_name(STEPS), "ds")
+    rank0, rank1 = ckpt.written_by(ds, 0), ckpt.written_by(ds, 1)
+    assert sorted(rank0 + rank1) == sorted(os.path.join(ds, f) for f in os.listdir(ds))  # each file has its writer
+    assert sorted(os.path.basename(p) for p in rank1) == ["zero_pp_rank_1_mp_rank_00_model_states.pt",
+                                                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_sigterm_to_a_ranks_process_group_with_data_workers_checkpoints_and_exits_42(preempted):
+    out = preempted["out1"]
+    assert preempted["codes1"] == [REQUEUE_EXIT_CODE] * 2, out[-4000:]
+    workers = re.search(r"toy: SIGTERM to process group \d+: rank 1 and data workers \[([\d, ]+)\]", out)
+    assert workers and len(workers.group(1).split(",")) == 2, out[-4000:]
+    assert "received SIGTERM" in out and "checkpointed step 8, exiting 42 for requeue" in out
+    assert "DataLoader worker" not in out
+    assert preempted["after1"] == ["latest", ckpt.step_name(6) + "*", ckpt.step_name(8) + "*"]
+
+
+def test_stop_during_start_up_exits_42_without_a_checkpoint(preempted):
+    out = preempted["out2"]
+    assert preempted["codes2"] == [REQUEUE_EXIT_CODE] * 2, out[-4000:]
+    assert "stop requested (SIGUSR1 on some rank) before the first step: exiting 42" in out
+    assert preempted["after2"] == preempted["after1"]  # nothing written; the requeue resumes from step 8
 
 
 def test_preemption_checkpoints_requeues_and_resumes_exactly(straight, preempted):
     ref_dir, _ = straight
-    run_dir, out1, out2 = preempted
-    assert "preempted" in out1 and "checkpoint" in out1
-    assert "resumed from" in out2 and ckpt.step_name(10) in out2
-    # both launches appended to one MLflow run; same losses as the uninterrupted run, step by step
+    run_dir, out1, out3 = preempted["run_dir"], preempted["out1"], preempted["out3"]
+    assert "resumed from" in out3 and ckpt.step_name(8) in out3
+    # the evaluation due at step 8 was left for after the requeue, and ran there first
+    assert "evaluation of step 8 left for after the requeue" in out1 and "eval step 8" not in out1
+    assert out3.index("eval step 8") < out3.index("step 10/")
+    # three launches appended to one MLflow run; the same metrics as the uninterrupted run, the log window of
+    # steps 6-10 included, which the stop at step 8 cut in two
     client, run = mlflow_run(run_dir)
     ref_client, ref_run = mlflow_run(ref_dir)
-    assert metric(client, run, "loss") == metric(ref_client, ref_run, "loss")
-    assert metric(client, run, "lr") == metric(ref_client, ref_run, "lr")
-    # no step lost or repeated, same data order on every rank
+    for key in COMPARED:
+        assert metric(client, run, key) == metric(ref_client, ref_run, key), key
+    # no step lost or repeated, same data order on every rank, with and without data workers
     for rank in (0, 1):
         steps = [r["step"] for r in trace(run_dir, rank)]
         assert steps == [s for s in range(1, STEPS + 1) for _ in range(2)]
         assert trace(run_dir, rank) == trace(ref_dir, rank)
     # final trainable weights bit-exact
-    final, ref = adapters(run_dir, STEPS), adapters(ref_dir, STEPS)
-    assert all(torch.equal(final[k], ref[k]) for k in ref)
+    final, ref = from_zero(os.path.join(run_dir, "checkpoints", ckpt.step_name(STEPS))), adapters(ref_dir, STEPS)
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in ref)
 
 
-def test_kill_during_checkpoint_write_resumes_from_previous(straight, tmp_path):
-    ref_dir, _ = straight
-    run_dir = tmp_path / "killed"
+def test_export_adapters_false_writes_no_adapters(preempted):
+    run_dir = preempted["run_dir"]
+    for step in (18, 24):  # written by the launch with train.export_adapters=false
+        path = os.path.join(run_dir, "checkpoints", ckpt.step_name(step))
+        assert ckpt.is_complete(path) and not os.path.exists(os.path.join(path, "adapters"))
+    client, run = mlflow_run(run_dir)
+    assert "adapters" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "adapters not exported (train.export_adapters=false)" in preempted["out3"]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A run killed (-9) while it writes its step-12 checkpoint, then resumed to the end."""
+    run_dir = tmp_path_factory.mktemp("killed")
     proc = torchrun(run_dir, *RUN, extra_env={ckpt.TEST_SLEEP_ENV: "12:120"}, wait=False)
     tmp_adapters = os.path.join(run_dir, "checkpoints", ".tmp-" + ckpt.step_name(12), "adapters", "adapter.safetensors")
     deadline = time.time() + 300
@@ -145,13 +208,50 @@ def test_kill_during_checkpoint_write_resumes_from_previous(straight, tmp_path):
         p.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    assert ckpt.resolve_resume("auto", ckpt_dir).endswith(ckpt.step_name(6))
+    chosen = ckpt.resolve_resume("auto", ckpt_dir)
     code, out = torchrun(run_dir, *RUN)
     assert code == 0, out[-4000:]
-    assert "resumed from" in out and ckpt.step_name(6) in out
-    final, ref = adapters(run_dir, STEPS), adapters(ref_dir, STEPS)
+    return {"run_dir": run_dir, "chosen": chosen, "out": out, "final": adapters(run_dir, STEPS),
+            "names": checkpoint_names(run_dir)}
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(straight, killed):
+    ref_dir, _ = straight
+    assert killed["chosen"].endswith(ckpt.step_name(6))
+    assert "resumed from" in killed["out"] and ckpt.step_name(6) in killed["out"]
+    final, ref = killed["final"], adapters(ref_dir, STEPS)
     assert all(torch.equal(final[k], ref[k]) for k in ref)
-    assert not [n for n in os.listdir(ckpt_dir) if n.startswith(".tmp-")]
+    assert not [n for n in killed["names"] if n.startswith(".tmp-")]
+
+
+def test_resume_from_an_earlier_checkpoint_branches_with_this_configs_optimizer(killed):
+    """Resume the finished run from its step 18 with another lr, schedule, step count and AdamW settings: step 24
+    (the old timeline) is moved aside, not picked by resume=auto nor pruned in place of the new ones, and the new
+    config drives the optimizer from step 19 on."""
+    run_dir = killed["run_dir"]
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    old = adapters(run_dir, 24)
+    code, out = torchrun(run_dir, *RUN, f"resume={os.path.join(ckpt_dir, ckpt.step_name(18))}", "train.steps=22",
+                         "optim.lr=0.01", "optim.min_lr_ratio=0.5", "optim.weight_decay=0.05", "optim.betas=[0.8,0.99]")
+    assert code == 0, out[-4000:]
+    (aside,) = [n for n in os.listdir(ckpt_dir) if n.startswith("abandoned-")]
+    assert "belong to an abandoned timeline" in out and aside in out
+    assert sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step-")) == [ckpt.step_name(18), ckpt.step_name(22)]
+    assert ckpt.resolve_resume("auto", ckpt_dir).endswith(ckpt.step_name(22))
+    assert open(os.path.join(ckpt_dir, "latest")).read().strip() == ckpt.step_name(22)
+    moved = os.path.join(ckpt_dir, aside, ckpt.step_name(24))  # kept whole
+    assert ckpt.is_complete(moved)
+    assert all(torch.equal(old[k], v) for k, v in load_file(os.path.join(moved, "adapters", "adapter.safetensors")).items())
+    for change in ("optim.lr: 0.03 -> 0.01", "train.steps: 24 -> 22", "optim.min_lr_ratio: 0.1 -> 0.5",
+                   "optim.weight_decay: 0.0 -> 0.05", "optim.betas: (0.9, 0.999) -> (0.8, 0.99)"):
+        assert change in out, change
+    schedule = WarmupSchedule(3, 22, "cosine", 0.5)
+    lr = metric(*mlflow_run(run_dir), "lr")
+    assert {s: lr[s] for s in (20, 22)} == {s: pytest.approx(0.01 * schedule(s - 1), rel=1e-12) for s in (20, 22)}
+    for rank in (0, 1):
+        (group,) = _optim_state(run_dir, 22, rank)["optimizer_state_dict"]["param_groups"]
+        assert (group["lr"], group["weight_decay"], tuple(group["betas"])) == (
+            pytest.approx(0.01 * schedule(22)), 0.05, (0.8, 0.99))
 
 
 def _optim_state(run_dir, step, rank):
@@ -177,7 +277,7 @@ def test_nan_steps_are_skipped_on_all_ranks_then_stop(tmp_path, engine):
     # zero2-bf16: the shipped configs' engine, whose non-finite check is one4d_train.train.grad_checks'
     run_dir = tmp_path / "nan"
     args = COMMON + ["train.steps=12", "train.checkpoint_every=1", "train.keep_last=20", "optim.warmup_steps=6",
-                     "optim.lr=0.01", "train.max_bad_steps=3"] + engine
+                     "optim.lr=0.01", "train.max_bad_steps=3", "train.log_every=1"] + engine
     codes, out = srun_like(run_dir, *args, extra_env={"TOY_NAN_STEPS": "3,6,7,8", "TOY_NAN_RANK": "1"})
     assert codes == [EXIT_BAD_STEPS] * 2, out[-4000:]
     assert "3 consecutive non-finite steps" in out and "train.max_bad_steps=3" in out
@@ -203,6 +303,7 @@ def test_zero2_single_plain_process_bf16(tmp_path):
     env = _env()
     code = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
                            "train.zero_stage=2", "train.precision=bf16", "train.steps=16", "train.checkpoint_every=8",
+                           "train.log_every=1",
                            "train.micro_batch_size=8", "train.peak_flops_per_device=1e9",
                            "optim.lr=0.03", "train.deepspeed_overrides={zero_optimization: {overlap_comm: false}}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -5,11 +5,15 @@ target is a fixed perturbed teacher, so the adapters can fit it. Data: a seeded 
 loader ({epoch, batch}). The step draws from torch's generator, numpy and python RNGs so resume exactness
 covers them. Test hooks (environment): TOY_NAN_STEPS="3,6" (+ TOY_NAN_RANK=r, default every rank) make the
 loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" sends the signal to that rank's own process at that
-step; each rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl.
+step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that rank's whole process group, its data
+workers included, as scancel and Slurm preemption do; TOY_WORKERS=N serves the batches from N DataLoader worker
+processes (the same batches in the same order); each rank appends {step, ids} per micro-batch to
+<run_dir>/toy_trace/rank-R.jsonl.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -56,11 +60,26 @@ class ToyModel(nn.Module):
         return self.base(x) + self.adapter_up(self.adapter_down(x))
 
 
+class ToyBatches(torch.utils.data.Dataset):
+    """Batch i of a list of id batches, built in a DataLoader worker."""
+
+    def __init__(self, x, y, batches):
+        self.x, self.y, self.batches = x, y, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        ids = self.batches[i]
+        return {"x": self.x[ids], "y": self.y[ids], "ids": ids.tolist()}
+
+
 class ToyLoader:
-    def __init__(self, x, y, rank, world_size, seed, micro_batch_size, position=None):
+    def __init__(self, x, y, rank, world_size, seed, micro_batch_size, position=None, workers=0):
         self.x, self.y, self.rank, self.world, self.seed, self.mbs = x, y, rank, world_size, seed, micro_batch_size
         position = position or {"epoch": 0, "batch": 0}
         self.epoch, self.batch = position["epoch"], position["batch"]
+        self.workers = workers
 
     def _order(self, epoch):
         perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
@@ -69,12 +88,16 @@ class ToyLoader:
 
     def __iter__(self):
         batches = self._order(self.epoch)
-        while self.batch < len(batches):
-            ids = batches[self.batch]
+        todo = ToyBatches(self.x, self.y, batches[self.batch:])
+        # a generator of its own: starting the workers leaves the global torch RNG (checkpointed) untouched
+        source = (torch.utils.data.DataLoader(todo, batch_size=None, num_workers=self.workers,
+                                              generator=torch.Generator().manual_seed(0))
+                  if self.workers else (todo[i] for i in range(len(todo))))
+        for batch in source:
             self.batch += 1
             if self.batch == len(batches):
                 self.epoch, self.batch = self.epoch + 1, 0
-            yield {"x": self.x[ids], "y": self.y[ids], "ids": ids.tolist()}
+            yield batch
             if self.batch == 0:
                 return
 
@@ -88,10 +111,28 @@ class ToyTask:
         self.nan_steps = {int(s) for s in os.environ.get("TOY_NAN_STEPS", "").split(",") if s}
         self.nan_rank = int(os.environ.get("TOY_NAN_RANK", "-1"))
         self.signal_at = os.environ.get("TOY_SIGNAL_AT", "")
+        self.workers = int(os.environ.get("TOY_WORKERS", "0"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.trace = os.path.join(cfg.run_dir, "toy_trace", f"rank-{self.rank}.jsonl")
 
+    def _signal(self, step):
+        if not self.signal_at:
+            return
+        at, rank, name, *group = self.signal_at.split(":")
+        if int(at) != step or int(rank) != self.rank:
+            return
+        self.signal_at = ""  # once, not at every micro-batch
+        sig = getattr(signal, "SIG" + name)
+        if group == ["group"]:
+            workers = sorted(p.pid for p in multiprocessing.active_children())
+            print(f"toy: SIG{name} to process group {os.getpgid(0)}: rank {self.rank} and data workers {workers}",
+                  flush=True)
+            os.killpg(os.getpgid(0), sig)
+        else:
+            os.kill(os.getpid(), sig)
+
     def build_model(self, partitioned):
+        self._signal(0)
         with partitioned():
             return ToyModel()
 
@@ -105,7 +146,8 @@ class ToyTask:
 
     def build_loader(self, rank, world_size, position):
         x, y = _teacher_data(N_TRAIN, 7)
-        return ToyLoader(x, y, rank, world_size, self.cfg.seed, self.cfg.train.micro_batch_size, position)
+        return ToyLoader(x, y, rank, world_size, self.cfg.seed, self.cfg.train.micro_batch_size, position,
+                         self.workers)
 
     def loss(self, model, batch, step, generator):
         os.makedirs(os.path.dirname(self.trace), exist_ok=True)
@@ -119,10 +161,7 @@ class ToyTask:
         losses["loss"] = 0.5 * (losses["loss_rgb"] + losses["loss_xyz"])
         if step in self.nan_steps and self.nan_rank in (-1, self.rank):
             losses["loss"] = losses["loss"] * float("nan")
-        if self.signal_at:
-            at, rank, name = self.signal_at.split(":")
-            if int(at) == step and int(rank) == self.rank:
-                os.kill(os.getpid(), getattr(signal, "SIG" + name))
+        self._signal(step)
         return losses
 
     def evaluate(self, model, step, out_dir):

@@ -2,7 +2,8 @@
 
     step-00000500/
       ds/             DeepSpeed: trainable parameters, optimizer, LR scheduler (frozen base excluded)
-      train_state/    per rank: rank-00000.json (step, samples, loader position, python/numpy RNG, run id)
+      train_state/    per rank: rank-00000.json (step, samples, loader position, python/numpy RNG, run id, the
+                                unlogged window of losses, a pending evaluation)
                                 rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
       adapters/       task.export of the gathered trainable parameters (train.export_adapters=true only)
       COMPLETE        written last inside the directory: step, world size, every file and its size

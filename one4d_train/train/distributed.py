@@ -11,6 +11,8 @@ from datetime import timedelta
 
 import torch
 
+from one4d_train.train import preemption
+
 # Slurm's rendezvous port when MASTER_PORT is unset: PORT_BASE + job id % PORT_SPAN, as slurm/train.sbatch sets it
 PORT_BASE, PORT_SPAN = 20000, 20000
 
@@ -71,7 +73,9 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
 
 
 def setup(device: str, timeout_s: int) -> DistEnv:
-    """Export the variables torch.distributed/DeepSpeed read, pick the device and start the process group."""
+    """Export the variables torch.distributed/DeepSpeed read, pick the device and start the process group. The stop
+    signals are caught from here on (preemption.install): one during the start-up is a requested stop, not a kill."""
+    preemption.install()
     info = detect()
     info.device = choose_device(device, info.local_rank)
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),

@@ -1,7 +1,15 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; at the end of each step the ranks agree (all-reduce max) so all of
-them stop after the same step, checkpoint, and exit with REQUEUE_EXIT_CODE for the Slurm script to requeue."""
+them stop after the same step, checkpoint, and exit with REQUEUE_EXIT_CODE for the Slurm script to requeue.
+
+The handler is installed once per process, as the first thing the trainer does (`install()`, called by
+distributed.setup): a stop asked for during the start-up (rendezvous, the model and engine build, the resume) is
+kept and honoured before the first step instead of killing the rank. Slurm and scancel signal a task's whole
+process group, data-loader workers included; `shielded()` blocks the stop signals while the trainer fetches data,
+so workers forked there inherit the block and keep serving batches until the trainer has checkpointed.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 
@@ -19,8 +27,8 @@ REQUEUE_EXIT_CODE = 42
 class Preemption:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, device: torch.device):
-        self.device, self.received = device, None
+    def __init__(self):
+        self.received = None
 
     def install(self) -> "Preemption":
         for sig in self.SIGNALS:
@@ -31,9 +39,31 @@ class Preemption:
         self.received = signal.Signals(signum).name
         log.warning("received %s: will checkpoint and exit after the current step", self.received)
 
-    def agreed(self) -> bool:
+    @contextlib.contextmanager
+    def shielded(self):
+        """Block the stop signals in this thread for the block: processes forked inside it (DataLoader workers)
+        inherit the blocked mask, so a signal to the whole process group leaves them running; one that reaches
+        this process meanwhile is delivered, and sets the flag, when the block ends."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def agreed(self, device: torch.device) -> bool:
         """Collective: True on every rank when any rank received a signal."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+_process: Preemption | None = None
+
+
+def install() -> Preemption:
+    """The process's Preemption, its handlers installed on the first call."""
+    global _process
+    if _process is None:
+        _process = Preemption().install()
+    return _process

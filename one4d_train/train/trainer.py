@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from one4d_train.configtools import flatten, to_dict, to_yaml
 from one4d_train.train import checkpoint as ckpt
-from one4d_train.train import deepspeed_config, grad_checks, metrics, schedule
+from one4d_train.train import deepspeed_config, grad_checks, metrics, preemption, schedule
 from one4d_train.train.distributed import DistEnv
-from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE, Preemption
+from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE
 from one4d_train.train.task import TrainTask
 from one4d_train.train.tracking import build_tracker
 
@@ -36,6 +36,7 @@ def to_device(batch, device: torch.device):
 
 class Trainer:
     def __init__(self, cfg, task: TrainTask, env: DistEnv):
+        self.preemption = preemption.install()  # first: a stop asked for during the build is honoured, not fatal
         self.cfg, self.task, self.env, self.device = cfg, task, env, env.device
         t = cfg.train
         self.global_batch = t.micro_batch_size * t.grad_accum * env.world_size
@@ -51,8 +52,9 @@ class Trainer:
         self.tracker = build_tracker(cfg, env.is_main)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
-        self.preemption = Preemption(self.device).install()
         self.step, self.bad_streak, self.skipped_total = 0, 0, 0
+        self.window = {"sums": {}, "counted": 0}  # losses of the steps since the last log line, this rank's
+        self.eval_pending = False  # the evaluation due at self.step was left for after the requeue
         self.step_lr = 0.0  # the lr the current step's optimizer update uses
         self.peak = metrics.peak_flops(t.peak_flops_per_device, self.device)
 
@@ -82,6 +84,7 @@ class Trainer:
         rng, tensors = ckpt.capture_rng(self.generator)
         state = {"step": self.step, "samples_seen": self.step * self.global_batch, "bad_streak": self.bad_streak,
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
+                 "log_window": self.window, "eval_pending": self.eval_pending,
                  "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size}
         return state, tensors
 
@@ -103,6 +106,9 @@ class Trainer:
         self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
         ckpt.restore_rng(state["rng"], tensors, self.generator)
         self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
+        # written before these were kept: the log window restarts, no evaluation is owed
+        self.window = state.get("log_window", {"sums": {}, "counted": 0})
+        self.eval_pending = state.get("eval_pending", False)
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
             if changes:
@@ -154,9 +160,10 @@ class Trainer:
         """Every rank runs task.evaluate (its share, reduced inside); nobody waits alone in a collective."""
         out_dir = os.path.join(self.cfg.run_dir, "eval", ckpt.step_name(self.step))
         self.engine.module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.preemption.shielded():  # its data workers too outlive a group-wide signal
             results = self.task.evaluate(self.engine.module, self.step, out_dir)
         self.engine.module.train()
+        self.eval_pending = False
         dist.barrier()
         if self.env.is_main:
             log.info("eval step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(results.items())))
@@ -164,30 +171,45 @@ class Trainer:
             if os.path.isdir(out_dir) and os.listdir(out_dir):
                 self.tracker.log_artifacts(out_dir, f"eval/{ckpt.step_name(self.step)}")
 
+    def _stop_before_first_step(self) -> bool:
+        """Collective: a stop asked for during the start-up ends the run before any step, with nothing to save."""
+        if not self.preemption.agreed(self.device):
+            return False
+        if self.env.is_main:
+            log.warning("stop requested (%s on some rank) before the first step: exiting %d for requeue, with "
+                        "nothing new to checkpoint", self.preemption.received or "signal", REQUEUE_EXIT_CODE)
+        return True
+
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
+        evaluate = getattr(self.task, "evaluate", None)
+        if self._stop_before_first_step():  # before reading a checkpoint, which takes minutes at 14B
+            return REQUEUE_EXIT_CODE
         position, run_id = self._resume()
+        if self._stop_before_first_step():
+            return REQUEUE_EXIT_CODE
         if self.env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             text = to_yaml(cfg)
             ckpt.write_atomic(os.path.join(cfg.run_dir, "config.yaml"), text)
             self.tracker.start(run_id, flatten(to_dict(cfg)))
             self.tracker.log_text(text, "config.yaml")
-        loader = self.task.build_loader(self.env.rank, self.env.world_size, position)
-        iterator = iter(loader)
+        with self.preemption.shielded():
+            loader = self.task.build_loader(self.env.rank, self.env.world_size, position)
+            iterator = iter(loader)
 
         def next_batch():
             nonlocal iterator
-            try:
-                return next(iterator)
-            except StopIteration:
-                iterator = iter(loader)  # next epoch
-                return next(iterator)
+            with self.preemption.shielded():  # data workers start here: they outlive a signal to the process group
+                try:
+                    return next(iterator)
+                except StopIteration:
+                    iterator = iter(loader)  # next epoch
+                    return next(iterator)
 
+        if self.eval_pending and evaluate is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
+            self._evaluate()  # due at the step the last run stopped at, skipped then to exit within the grace time
         timer = metrics.StepTimer()
-        sums: dict[str, float] = {}
-        counted = 0
-        evaluate = getattr(self.task, "evaluate", None)
         while self.step < t.steps:
             step = self.step + 1
             self.step_lr = self.engine.get_lr()[0]  # the scheduler moves on inside the step: log the lr it used
@@ -215,16 +237,23 @@ class Trainer:
                     return EXIT_BAD_STEPS
             else:
                 self.bad_streak = 0
+                sums = self.window["sums"]
                 for k, v in step_losses.items():
                     sums[k] = sums.get(k, 0.0) + v
-                counted += 1
+                self.window["counted"] += 1
             if step % t.log_every == 0 or step == t.steps:
-                self._log(step, sums, counted, timer, getattr(loader, "samples_skipped", 0))
-                sums, counted = {}, 0
-            stop = self.preemption.agreed()
+                self._log(step, self.window["sums"], self.window["counted"], timer,
+                          getattr(loader, "samples_skipped", 0))
+                self.window = {"sums": {}, "counted": 0}
+            stop = self.preemption.agreed(self.device)
+            due = evaluate is not None and bool(cfg.eval.every) and step % cfg.eval.every == 0
+            self.eval_pending = due and stop  # checkpointed: the resumed run evaluates this step first
+            if self.eval_pending and self.env.is_main:
+                log.warning("evaluation of step %d left for after the requeue (the signal's grace time is short)",
+                            step)
             if step % t.checkpoint_every == 0 or step == t.steps or stop:
                 self._save(loader)
-            if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0:
+            if due and not stop:
                 self._evaluate()
             if stop:
                 if self.env.is_main:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import signal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -28,17 +27,11 @@ from data_pipeline.transforms import output_tensor
 log = logging.getLogger(__name__)
 POSITION_VERSION = 1
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # those the trainer stops on (one4d_train/train/preemption.py)
 
 
 def _worker_init(worker_id: int):
-    """Ignore the stop signals the main process acts on: scancel and Slurm's preemption send SIGTERM (or the
-    configured signal) to every process of the job step, and a worker killed by it would fail the trainer
-    while it writes its preemption checkpoint; workers still end with the loader or with their parent.
-    Keep a worker's large temporaries (decoded frames, depth, scratch) on its heap between samples: glibc
+    """Keep a worker's large temporaries (decoded frames, depth, scratch) on its heap between samples: glibc
     maps every allocation over 32 MiB afresh, which the kernel then zero-fills page by page (glibc only)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
     try:
         os.confstr("CS_GNU_LIBC_VERSION")
     except (ValueError, OSError):

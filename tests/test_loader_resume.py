@@ -2,11 +2,7 @@
 loader yields next (no repeats, no gaps), with and without worker processes, across epoch boundaries and
 past corrupt samples."""
 import json
-import multiprocessing
-import os
-import signal
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -65,35 +61,6 @@ def test_resume_continues_exactly(shards, workers):
         assert resumed.samples_skipped == full_skipped
         resumed.close()
     assert full_skipped >= 1
-
-
-def test_workers_outlive_the_signals_a_preemption_sends(shards):
-    """scancel and Slurm's preemption signal every process of a job step, data workers included; the trainer
-    (the main process) checkpoints on SIGTERM/SIGUSR1, so its workers must not die of them meanwhile."""
-    cfg = _cfg(shards, 2)
-    kw = dict(rank=0, world_size=1, seed=4, micro_batch_size=2)
-    reference = build_loader(cfg, **kw)
-    expected = _run(reference, 6)
-    reference.close()
-    loader = build_loader(cfg, **kw)
-    got = []
-    for batch in loader:
-        got.append((batch["__key__"], batch["rgb"].sum().item(), batch["xyz"].sum().item()))
-        if len(got) == 1:
-            workers = multiprocessing.active_children()
-            assert len(workers) == 2
-            for w in workers:
-                os.kill(w.pid, signal.SIGTERM)
-                os.kill(w.pid, signal.SIGUSR1)
-            time.sleep(0.5)
-            assert all(w.is_alive() for w in workers)
-        if len(got) == 6:
-            break
-    loader.close()
-    assert got == expected
-    for w in workers:  # and still end with the loader
-        w.join(timeout=30)
-        assert not w.is_alive()
 
 
 def test_iterating_again_resumes_from_what_was_consumed(shards):

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"one4d: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
+    if name == "train":  # catch the stop signals before the imports of the trainer (torch...: seconds)
+        from one4d_train.train import preemption
+        preemption.install()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

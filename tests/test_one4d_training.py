@@ -237,3 +237,30 @@ def test_in_training_evaluation_counts_the_non_finite_values_it_leaves_out(monke
     out = One4DTask.evaluate(task, torch.nn.Linear(1, 1), 2, str(tmp_path))
     assert out == pytest.approx({"video/abs_rel": 0.3, "video/abs_rel_nonfinite": 1.0, "video/psnr": 25.0,
                                  "video/psnr_nonfinite": 1.0})
+
+
+def test_eval_rebuilds_the_adapters_of_a_checkpoint_written_without_them(straight, tmp_path):
+    """train.export_adapters=false leaves adapters/ out of the checkpoints; eval then rebuilds them from the ZeRO
+    partitions, to the same weights as the adapters/ a checkpoint otherwise carries."""
+    import json
+    import shutil
+
+    from one4d_train.config import load_config
+    from one4d_train.eval.pipeline import checkpoints_to_evaluate, load_generator
+    from one4d_train.train import checkpoint as ckpt
+
+    src = os.path.join(straight, "checkpoints", "step-00000030")
+    run = tmp_path / "run"
+    copy = run / "checkpoints" / "step-00000030"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("adapters", "eval"))
+    shutil.copy(os.path.join(straight, "config.yaml"), run / "config.yaml")
+    marker = ckpt.marker_of(src)  # as such a run writes it: the same files but adapters/
+    marker["files"] = {k: v for k, v in marker["files"].items() if not k.startswith("adapters")}
+    (copy / ckpt.MARKER).write_text(json.dumps(marker))
+    assert ckpt.is_complete(str(copy)) and not (copy / "adapters").exists()
+    assert checkpoints_to_evaluate(str(copy)) == [str(copy)]
+
+    cfg = load_config([f"config={run / 'config.yaml'}"])
+    rebuilt = load_generator(cfg, str(copy), torch.device("cpu")).model.state_dict()
+    saved = load_generator(cfg, src, torch.device("cpu")).model.state_dict()
+    assert rebuilt.keys() == saved.keys() and all(torch.equal(rebuilt[k], saved[k]) for k in saved)

@@ -366,3 +366,30 @@ def test_deepspeed_config_generated_and_overrides_reported():
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is False
     assert ds["zero_allow_untested_optimizer"] is True and ds["bf16"] == {"enabled": True}
     assert changed == ["zero_optimization.reduce_bucket_size: '<unset>' -> 1000"]
+
+
+def test_the_entry_point_catches_stop_signals_before_importing_the_trainer(monkeypatch):
+    """Importing the trainer (torch, DeepSpeed...) takes seconds; a USR1 from the Slurm script in that time must
+    be a requested stop, not a killed rank, so `one4d train` installs the handler before any of it."""
+    import importlib
+
+    from one4d_train import cli
+    from one4d_train.train import preemption
+
+    seen = {}
+
+    def import_module(name):
+        seen[name] = {s: signal.getsignal(s) for s in preemption.Preemption.SIGNALS}
+        raise ImportError("stop here")
+
+    monkeypatch.setattr(preemption, "_process", None)
+    previous = {s: signal.getsignal(s) for s in preemption.Preemption.SIGNALS}
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    try:
+        with pytest.raises(ImportError, match="stop here"):
+            cli.main(["train", "config=x.yaml"])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    handlers = seen["one4d_train.train.main"]
+    assert all(getattr(h, "__self__", None) is preemption._process for h in handlers.values()), handlers

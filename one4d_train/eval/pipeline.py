@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -59,7 +60,8 @@ def adapter_dir(checkpoint: str) -> str:
 
 
 def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generator:
-    """The One4D model of cfg.model with the adapters of `checkpoint` (a checkpoint or an export folder)."""
+    """The One4D model of cfg.model with the adapters of `checkpoint` (a checkpoint or an export folder); a
+    checkpoint written without adapters/ (train.export_adapters=false) has them rebuilt from its ZeRO files."""
     from one4d_train.model.adapters import load_adapters
     from one4d_train.model.encoders import build_encoders
     from one4d_train.model.one4d import build_one4d
@@ -67,7 +69,17 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
     mcfg = cfg.model
     model = build_one4d(mcfg, device=device, seed=cfg.seed)
     if checkpoint:
-        load_adapters(model, adapter_dir(checkpoint))
+        src = adapter_dir(checkpoint)
+        if os.path.isdir(src) or not os.path.isdir(os.path.join(checkpoint, "ds")):
+            load_adapters(model, src)
+        else:  # a checkpoint of train.export_adapters=false: the adapters from its ZeRO partitions
+            from one4d_train.train.export_cli import rebuild_from_zero
+
+            print(f"one4d eval: {checkpoint} has no adapters/; rebuilding them from its ZeRO partitions",
+                  file=sys.stderr)
+            with tempfile.TemporaryDirectory(prefix="one4d-adapters-") as tmp:
+                rebuild_from_zero(checkpoint, tmp)
+                load_adapters(model, tmp)
     model.eval().requires_grad_(False)
     dtype = torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
     vae, text, image = build_encoders(mcfg, model.base.cfg, device, dtype, cfg.seed)
@@ -363,9 +375,6 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
         problem = checkpoint_problem(ckpt)
         if problem:
             raise EvalInputError(f"checkpoint {ckpt} is not complete: {problem}")
-        if not os.path.isdir(os.path.join(ckpt, "adapters")):
-            raise EvalInputError(f"checkpoint {ckpt} has no adapters/: write them with `one4d export "
-                                 f"checkpoint={ckpt} out=DIR from_zero=true` and evaluate DIR")
         return ckpt
 
     if not os.path.exists(path):

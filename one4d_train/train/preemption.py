@@ -1,20 +1,19 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; at the end of each step the ranks agree (all-reduce max) so all of
 them stop after the same step, checkpoint, and exit with REQUEUE_EXIT_CODE for the Slurm script to requeue.
 
-The handler is installed once per process, as the first thing the trainer does (`install()`, called by
-distributed.setup): a stop asked for during the start-up (rendezvous, the model and engine build, the resume) is
-kept and honoured before the first step instead of killing the rank. Slurm and scancel signal a task's whole
-process group, data-loader workers included; `shielded()` blocks the stop signals while the trainer fetches data,
-so workers forked there inherit the block and keep serving batches until the trainer has checkpointed.
+The handler is installed once per process, as the first thing `one4d train` does: the `one4d` entry point calls
+`install()` before it imports the trainer and torch, and distributed.setup calls it again (idempotent) for other
+entry points. So a stop asked for during the start-up (the imports, the checks, the rendezvous, the model and
+engine build, the resume) is kept and honoured before the first step instead of killing the rank. Slurm and
+scancel signal a task's whole process group, data-loader workers included; `shielded()` blocks the stop signals
+while the trainer fetches data, so workers forked there inherit the block and keep serving batches until the
+trainer has checkpointed.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import signal
-
-import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,11 @@ class Preemption:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, device) -> bool:
         """Collective: True on every rank when any rank received a signal."""
+        import torch  # not at the top: the module is imported, and its handler installed, before torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

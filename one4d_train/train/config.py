@@ -45,7 +45,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config (reported)
-    export_adapters: bool = True  # export branch adapters at the end
+    export_adapters: bool = True  # adapters/ in every checkpoint + the final MLflow upload; false: neither
     dist_timeout_s: int = 1800  # process-group timeout; must exceed any rank-0-only work inside task.evaluate
     task: str = ""  # "module:Class" of the TrainTask to train; empty = the One4D task (tests use tests.train_toy_task:ToyTask)
     peak_flops_per_device: float = 0.0  # for MFU; 0 = 989e12 on CUDA (H100 dense bf16), MFU not logged on CPU

@@ -104,10 +104,11 @@ def stored_text(spec: str, cfg: DataConfig) -> tuple[str | None, Path | None]:
     return meta.get("text_encoder"), directory / name if name and (directory / name).is_file() else None
 
 
-def shard_fingerprint(shards: list[Shard]) -> str:
+def shard_fingerprint(shards: list[Shard], contents: bool = True) -> str:
     """Identifies the shard set a position belongs to: names, counts and contents (sha256), so that shards of
-    other clips under the same names and counts (a re-shard) are another set."""
-    text = json.dumps([[s.name, s.count, s.sha256] for s in shards])
+    other clips under the same names and counts (a re-shard) are another set. `contents=False`: names and counts
+    only, the fingerprint of positions saved before 2026-12-04."""
+    text = json.dumps([[s.name, s.count, s.sha256] if contents else [s.name, s.count] for s in shards])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

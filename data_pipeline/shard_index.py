@@ -14,9 +14,12 @@ from pathlib import Path
 
 INDEX_VERSION = 1
 # Layout of the sample members (docs/data.md): 3 = per-frame geometry arrays, a bit-packed mask and sums.json in
-# every sample. The only one read: 1 (one geometry array, a bool mask; index files without the key) and 2 (no
-# sums.json) were written in the project's first days, and their samples could not be told from damaged ones.
+# every sample. 2 is the same layout; `one4d shard` wrote it with sums.json from 2026-12-03 on, and read as 3
+# (every sample must carry sums.json), such shards load as they are, while the earlier ones' samples are all
+# skipped as lacking it (re-shard those). 1 (one geometry array, a bool mask; index files without the key), of
+# the project's first days, is refused.
 SAMPLE_FORMAT = 3
+SAMPLE_FORMATS_READ = (2, 3)
 INDEX = "index.json"
 PLAN = "plan.json"
 REJECTS = "rejects.jsonl"
@@ -104,9 +107,9 @@ def read_index(shard_dir) -> dict:
     index = read_json(path)
     if index.get("version") != INDEX_VERSION:
         raise ShardIndexError(f"{path}: version {index.get('version')!r}, this code reads {INDEX_VERSION}")
-    if index.get("sample_format") != SAMPLE_FORMAT:
+    if index.get("sample_format") not in SAMPLE_FORMATS_READ:
         raise ShardIndexError(f"{path}: sample_format {index.get('sample_format')!r}, this code reads "
-                              f"{SAMPLE_FORMAT}: re-shard with `one4d shard` (or update the code)")
+                              f"{list(SAMPLE_FORMATS_READ)}: re-shard with `one4d shard` (or update the code)")
     for key, kind in (("shards", list), ("totals", dict), ("statistics", dict), ("rejects", list)):
         if key not in index:
             raise ShardIndexError(f"{path}: missing key '{key}'")

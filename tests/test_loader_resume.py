@@ -136,3 +136,28 @@ def test_position_against_a_resharded_set_of_equal_names_and_counts_is_refused(t
         build_loader(_cfg(other, 0), rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
     resumed = build_loader(_cfg(again, 0), rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
     assert resumed.samples_yielded == 1
+
+
+def test_a_position_of_the_earlier_names_and_counts_fingerprint_still_resumes(shards, caplog):
+    """Positions saved before the fingerprint covered the shards' sha256 name the set by names and counts: they
+    resume exactly when those match (with a warning that contents are not checked)."""
+    from data_pipeline.reader import shard_fingerprint
+
+    cfg = _cfg(shards, 2)
+    kw = dict(rank=0, world_size=1, seed=4, micro_batch_size=2)
+    first = build_loader(cfg, **kw)
+    _run(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    reference = build_loader(cfg, position=state, **kw)
+    expected = _run(reference, 3)
+    reference.close()
+    state["shards"] = shard_fingerprint(list_shards(str(shards)), contents=False)
+    with caplog.at_level("WARNING"):
+        old = build_loader(cfg, position=state, **kw)
+    assert _run(old, 3) == expected
+    old.close()
+    assert "names and sample counts only" in caplog.text
+    state["shards"] = "0123456789abcdef"
+    with pytest.raises(PositionError, match="shards: 0123456789abcdef vs"):
+        build_loader(cfg, position=state, **kw)

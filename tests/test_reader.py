@@ -293,10 +293,10 @@ def test_npz_members_are_checked_against_their_crc():
     assert crc_caught > 0
 
 
-@pytest.mark.parametrize("recorded", [None, 1, 2, 4])
+@pytest.mark.parametrize("recorded", [None, 1, 4])
 def test_other_sample_formats_are_refused(depth_shards, tmp_path, recorded):
-    """Format 3 (every sample with sums.json) is the only one read: shard sets of the earlier formats, written in
-    this project's first days, have samples without sums.json that could not be told from damaged ones."""
+    """Formats 2 and 3 are read; format 1 (and an index without the key) of this project's first days and formats
+    of later code are refused with what to do."""
     import json
     import shutil
 
@@ -309,8 +309,45 @@ def test_other_sample_formats_are_refused(depth_shards, tmp_path, recorded):
     else:
         index["sample_format"] = recorded
     (copy / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=rf"sample_format {recorded}, this code reads 3: re-shard"):
+    with pytest.raises(ValueError, match=rf"sample_format {recorded}, this code reads \[2, 3\]: re-shard"):
         list_shards(str(copy))
+
+
+def test_format_2_shards_load_when_their_samples_carry_sums_and_are_skipped_without(depth_shards, tmp_path):
+    """Format 2 is format 3's layout: written with sums.json (2026-12-03 on) its shards load as they are; the
+    earlier ones' samples lack it and are skipped and counted, naming the reason."""
+    import json
+    import shutil
+
+    copy = tmp_path / "v2"
+    shutil.copytree(depth_shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["sample_format"] = 2
+    (copy / "index.json").write_text(json.dumps(index))
+    first = list_shards(str(copy))[0]
+    assert [k for k, _ in _keys_and_problems(first)] == list(first.keys)
+    assert all(p is None for _, p in _keys_and_problems(first))
+    stripped = tmp_path / "stripped.tar"
+    with tarfile.open(first.path) as src, tarfile.open(stripped, "w") as dst:
+        for m in src.getmembers():
+            if not m.name.endswith(".sums.json"):
+                dst.addfile(m, src.extractfile(m))
+    shutil.copy(stripped, first.path)
+    assert all(p is not None and "no sums.json" in p for _, p in _keys_and_problems(first))
+
+
+def _keys_and_problems(shard):
+    """(key, the reader's sample check's complaint or None) per sample of a shard."""
+    from data_pipeline.checksums import verify
+
+    out = []
+    for raw in raw_samples(shard):
+        try:
+            verify(raw)
+            out.append((raw["__key__"], None))
+        except SampleError as exc:
+            out.append((raw["__key__"], str(exc)))
+    return out
 
 
 def test_sequential_and_seeking_decoders_give_identical_frames(depth_shards, monkeypatch):

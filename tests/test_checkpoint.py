@@ -140,3 +140,9 @@ def test_set_aside_reads_the_resumed_path_as_written(tmp_path):
     assert names(d) == [ckpt.step_name(2)] and names(aside) == [ckpt.step_name(4)]
     again = ckpt.set_aside(d, os.path.join(aside, ckpt.step_name(4)))  # back to the abandoned timeline
     assert names(d) == [] and names(again) == [ckpt.step_name(2)]
+
+
+def test_the_run_directory_of_a_checkpoint_set_aside_is_its_run(tmp_path):
+    run = tmp_path / "run"
+    assert ckpt.run_dir_of(str(run / "checkpoints" / "step-00000008")) == str(run)
+    assert ckpt.run_dir_of(str(run / "checkpoints" / "abandoned-20261204T221500Z" / "step-00000012")) == str(run)

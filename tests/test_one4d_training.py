@@ -241,7 +241,8 @@ def test_in_training_evaluation_counts_the_non_finite_values_it_leaves_out(monke
 
 def test_eval_rebuilds_the_adapters_of_a_checkpoint_written_without_them(straight, tmp_path):
     """train.export_adapters=false leaves adapters/ out of the checkpoints; eval then rebuilds them from the ZeRO
-    partitions, to the same weights as the adapters/ a checkpoint otherwise carries."""
+    partitions (and the run's config, found from a checkpoint set aside too), to the same weights as the adapters/
+    a checkpoint otherwise carries."""
     import json
     import shutil
 
@@ -251,7 +252,7 @@ def test_eval_rebuilds_the_adapters_of_a_checkpoint_written_without_them(straigh
 
     src = os.path.join(straight, "checkpoints", "step-00000030")
     run = tmp_path / "run"
-    copy = run / "checkpoints" / "step-00000030"
+    copy = run / "checkpoints" / "abandoned-20261204T000000Z" / "step-00000030"  # set aside: still its run's
     shutil.copytree(src, copy, ignore=shutil.ignore_patterns("adapters", "eval"))
     shutil.copy(os.path.join(straight, "config.yaml"), run / "config.yaml")
     marker = ckpt.marker_of(src)  # as such a run writes it: the same files but adapters/

@@ -73,12 +73,16 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
         if os.path.isdir(src) or not os.path.isdir(os.path.join(checkpoint, "ds")):
             load_adapters(model, src)
         else:  # a checkpoint of train.export_adapters=false: the adapters from its ZeRO partitions
-            from one4d_train.train.export_cli import rebuild_from_zero
+            from one4d_train.model.adapters import AdapterError
+            from one4d_train.train.export_cli import ExportError, rebuild_from_zero
 
             print(f"one4d eval: {checkpoint} has no adapters/; rebuilding them from its ZeRO partitions",
                   file=sys.stderr)
             with tempfile.TemporaryDirectory(prefix="one4d-adapters-") as tmp:
-                rebuild_from_zero(checkpoint, tmp)
+                try:
+                    rebuild_from_zero(checkpoint, tmp)
+                except ExportError as exc:
+                    raise AdapterError(f"{checkpoint}: its adapters cannot be rebuilt: {exc}") from None
                 load_adapters(model, tmp)
     model.eval().requires_grad_(False)
     dtype = torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
@@ -406,7 +410,9 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
 
 def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:
     """(run directory, MLflow run id from the train state, step) of a checkpoint."""
-    run_dir = str(Path(checkpoint).resolve().parent.parent)
+    from one4d_train.train.checkpoint import run_dir_of
+
+    run_dir = run_dir_of(str(Path(checkpoint).resolve()))
     state_file = os.path.join(checkpoint, "train_state", "rank-00000.json")
     if not os.path.exists(state_file):
         return run_dir, None, None

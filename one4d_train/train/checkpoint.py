@@ -39,6 +39,15 @@ MARKER = "COMPLETE"
 TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
 
 
+def run_dir_of(checkpoint: str) -> str:
+    """The run directory of a checkpoint: <run_dir>/checkpoints/step-X, or .../checkpoints/abandoned-TIME/step-X
+    for one set aside."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.basename(parent).startswith("abandoned-"):
+        parent = os.path.dirname(parent)
+    return os.path.dirname(parent)
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 

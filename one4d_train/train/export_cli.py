@@ -49,10 +49,10 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     from deepspeed.utils import zero_to_fp32
 
     from one4d_train.config import load_config
-    from one4d_train.train.checkpoint import weights_only_load
+    from one4d_train.train.checkpoint import run_dir_of, weights_only_load
     from one4d_train.model.adapters import export_adapters
 
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    run_dir = run_dir_of(ckpt)
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise ExportError(f"{cfg_path} not found (the run's merged config is needed to rebuild from the ZeRO "

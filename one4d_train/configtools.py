@@ -121,6 +121,9 @@ def _origin(key: str, origins: dict[str, str]) -> str:
     return f"{' / '.join(sources)} (set keys of '{section}')" if sources else "defaults"
 
 
+INF_OK = "inf_ok"  # dataclass field metadata: +inf is a meaningful value of this key (e.g. "no cap")
+
+
 def validate_tree(obj: Any, path: str = "", origins: dict[str, str] | None = None) -> None:
     """Call `validate()` on every dataclass in the tree; problems come back as ConfigError naming the key and,
     with `origins` (key -> the file or "command line" that set it), where its value came from."""
@@ -128,9 +131,12 @@ def validate_tree(obj: Any, path: str = "", origins: dict[str, str] | None = Non
         return
     for f in dataclasses.fields(obj):  # NaN passes every comparison a validate() makes, inf most
         value = getattr(obj, f.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        allowed = (lambda v: v == math.inf) if f.metadata.get(INF_OK) else (lambda v: False)
+        if any(isinstance(v, float) and not math.isfinite(v) and not allowed(v)
+               for v in (value if isinstance(value, list) else [value])):
             full = f"{path}{f.name}"
-            raise ConfigError(f"{_origin(full, origins or {})}: key '{full}': must be a finite number, got {value!r}")
+            what = "a number (inf allowed)" if f.metadata.get(INF_OK) else "a finite number"
+            raise ConfigError(f"{_origin(full, origins or {})}: key '{full}': must be {what}, got {value!r}")
     check = getattr(obj, "validate", None)
     if check is not None:
         for key, problem in check() or []:

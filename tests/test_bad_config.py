@@ -167,6 +167,14 @@ def test_non_finite_numbers_are_refused(item):
         load_config([item])
 
 
+def test_infinity_where_it_means_no_limit():
+    """eval.depth_cap=inf: no cap (the evaluation's metrics and readers take it as such); NaN is refused there too."""
+    assert load_config(["eval.depth_cap=inf"]).eval.depth_cap == float("inf")
+    for item in ("eval.depth_cap=nan", "eval.depth_cap=-inf"):
+        with pytest.raises(ConfigError, match=r"key 'eval.depth_cap': must be a number \(inf allowed\)"):
+            load_config([item])
+
+
 def test_in_range_refuses_non_finite_values():
     assert in_range(float("nan"), 0.0, None, "lr")
     assert in_range(float("inf"), 0.0, None, "lr")

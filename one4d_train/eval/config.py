@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from one4d_train.configtools import choice, in_range
+from one4d_train.configtools import INF_OK, choice, in_range
 
 
 @dataclass
@@ -17,7 +17,7 @@ class EvalConfig:
     modes: list[str] = field(default_factory=lambda: ["image", "sparse", "video"])
     sparse_frames: int = 5  # observed frames in sparse mode: first, last and evenly spaced
     depth_align: str = "scale_shift"  # median | scale | scale_shift
-    depth_cap: float = 70.0  # metres; Sintel 70, Bonn 10 per protocol
+    depth_cap: float = field(default=70.0, metadata={INF_OK: True})  # metres; Sintel 70, Bonn 10 per protocol; inf: none
     out_dir: str = ""  # empty = <checkpoint>/eval
     seed: int = 0
     dataset: str = ""  # empty = data.val_shards; a shard directory/pattern; or sintel:<root> | bonn:<root> | tum:<root>

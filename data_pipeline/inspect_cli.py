@@ -53,7 +53,6 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
     problem = si.verify_shard_file(shard_dir, entry)
     if problem:
         raise ShardProblem(problem)
-    keys: list[str] = []
     counts: dict[str, int] = defaultdict(int)
     raws: dict[str, dict] = defaultdict(dict)  # per key: member -> CRC-32 (sums.json: its bytes)
     try:
@@ -64,8 +63,6 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
                     raise ShardProblem(f"{entry['name']}: unexpected tar member {info.name!r}")
                 data = tar.extractfile(info).read()
                 _check_member(entry["name"], key, ext, data)
-                if key not in raws:
-                    keys.append(key)
                 counts[ext] += 1
                 raws[key][ext] = data if ext == checksums.MEMBER else crc32(data)
     except tarfile.TarError as exc:
@@ -75,8 +72,8 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
         problem = checksums.sample_problem(raw, sums)
         if problem:
             raise ShardProblem(f"{entry['name']}: {key}: {problem}")
-    if keys != entry["keys"]:
-        raise ShardProblem(f"{entry['name']}: keys {keys} differ from the index's {entry['keys']}")
+    if list(raws) != entry["keys"]:
+        raise ShardProblem(f"{entry['name']}: keys {list(raws)} differ from the index's {entry['keys']}")
     return counts
 
 

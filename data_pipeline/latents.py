@@ -22,7 +22,6 @@ condition encode, and the stored latents instead of geometry (depth/pointmaps ar
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -231,9 +230,9 @@ def text_member(key: str, emb: torch.Tensor) -> tuple[str, bytes]:
     a = emb.float().cpu().numpy()
     if not np.isfinite(a).all() or np.abs(a).max() > 65000:
         raise SampleError("the caption's text embedding has non-finite or float16-overflowing values")
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(a.astype(np.float16)), allow_pickle=False)
-    return f"{key}.emb.npy", buf.getvalue()
+    from data_pipeline.shard import npy_bytes
+
+    return f"{key}.emb.npy", npy_bytes(a.astype(np.float16))
 
 
 def latent_members(key: str, enc: dict, info: dict, run: dict, vae_mean: list, vae_std: list) -> list[tuple[str, bytes]]:

@@ -224,15 +224,11 @@ def _text_conditioning(cfg, device, dtype):
 def _write_empty_prompt(out: Path, text) -> None:
     """OUT/empty_prompt.npy: the text encoder's embedding of "" (its rows, float32), written atomically before
     any shard, so a trainer whose samples all carry embeddings never needs the encoder itself."""
-    import io
-
-    import numpy as np
+    from data_pipeline.shard import npy_bytes
 
     for stale in out.glob(f".{EMPTY_PROMPT}.tmp*"):
         stale.unlink()
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, text.encoder.encode_rows([""])[0].float().cpu().numpy(), allow_pickle=False)
-    si.write_atomic(out / EMPTY_PROMPT, buf.getvalue())
+    si.write_atomic(out / EMPTY_PROMPT, npy_bytes(text.encoder.encode_rows([""])[0].float().cpu().numpy()))
 
 
 def parser() -> argparse.ArgumentParser:

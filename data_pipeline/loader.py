@@ -110,7 +110,6 @@ class StreamLoader:
                                workers=max(1, cfg.num_workers), mode=cfg.mode, epoch_length=cfg.epoch_length,
                                shuffle_buffer=cfg.shuffle_buffer)
         self.fingerprint = shard_fingerprint(shard_list)
-        self.names_and_counts = shard_fingerprint(shard_list, contents=False)  # positions saved before 2026-12-04
         self.slots = [[0, 0, 0] for _ in range(self.plan.workers)]  # per local slot: epoch, position, skipped
         self.next_slot = 0
         self.samples = 0
@@ -135,7 +134,7 @@ class StreamLoader:
             raise PositionError(f"data position is malformed ({exc!r}): {position}") from None
         mine = self._identity()
         diff = {k: (saved[k], mine[k]) for k in mine if saved[k] != mine[k]}
-        if diff.get("shards", (None,))[0] == self.names_and_counts:
+        if diff.get("shards", (None,))[0] == shard_fingerprint(self.plan.shards, contents=False):  # pre-2026-12-04
             log.warning("data position saved by an earlier version, whose fingerprint of the shard set covers names "
                         "and sample counts only: they match; the shards' contents cannot be checked against it")
             del diff["shards"]

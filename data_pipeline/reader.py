@@ -84,21 +84,26 @@ def list_shards(spec: str) -> list[Shard]:
 def stored_latents(spec: str, cfg: DataConfig, latents: LatentsSpec | None) -> bool:
     """Whether the shard set's index records latents that this run uses (data.use_latents); checks them
     against the config and the expected VAE first (LatentsMismatchError naming the index)."""
-    directory = shard_directory(spec)
-    meta = read_index(directory).get("latents")
-    if meta is None or not cfg.use_latents:
+    directory, meta = _used_latents(spec, cfg)
+    if meta is None:
         return False
     check_settings(meta, cfg, latents, str(directory / "index.json"))
     return True
+
+
+def _used_latents(spec: str, cfg: DataConfig) -> tuple[Path, dict | None]:
+    """(the shard set's folder, its index's `latents` record when this run reads them (data.use_latents))."""
+    directory = shard_directory(spec)
+    meta = read_index(directory).get("latents")
+    return directory, meta if cfg.use_latents else None
 
 
 def stored_text(spec: str, cfg: DataConfig) -> tuple[str | None, Path | None]:
     """(the text encoder whose caption embeddings the shard set stores, the file of its empty-prompt embedding)
     as `one4d encode-latents` records them in index.json, when this run reads the stored latents
     (data.use_latents); None for what is not there."""
-    directory = shard_directory(spec)
-    meta = read_index(directory).get("latents")
-    if meta is None or not cfg.use_latents:
+    directory, meta = _used_latents(spec, cfg)
+    if meta is None:
         return None, None
     name = meta.get("empty_prompt")
     return meta.get("text_encoder"), directory / name if name and (directory / name).is_file() else None

@@ -339,36 +339,13 @@ def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int) -> N
         tracker.end()
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why `path` is not a complete checkpoint (train/checkpoint.py's is_complete), None when it is one."""
-    from one4d_train.train.checkpoint import MARKER, is_complete, marker_of
-
-    if is_complete(path):
-        return None
-    try:
-        files = marker_of(path)["files"]
-    except FileNotFoundError:
-        return f"no {MARKER} marker (a checkpoint still being written, or copied without it)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"its {MARKER} marker cannot be read ({exc!r})"
-    if not isinstance(files, dict) or not files:
-        return f"its {MARKER} marker lists no files"
-    for rel, size in sorted(files.items()):
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            return f"{rel}, listed in {MARKER}, is missing"
-        if os.path.getsize(full) != size:
-            return f"{rel} is {os.path.getsize(full)} bytes, {MARKER} says {size} (cut short or changed)"
-    return f"its {MARKER} marker does not match its files"
-
-
 def checkpoints_to_evaluate(path: str) -> list[str]:
     """What `one4d eval checkpoint=path` evaluates. A checkpoint -> [it], and it must be complete; its adapters/
     named directly -> [the checkpoint]; an export folder of `one4d export` (adapter_config.json) -> [it]; a run
     directory -> its complete checkpoints without eval/metrics.json (possibly none). Anything else, or a
     checkpoint that is missing or incomplete, raises EvalInputError naming the path and why."""
     from one4d_train.model.adapters import CONFIG_NAME
-    from one4d_train.train.checkpoint import MARKER, STEP_DIR, complete_checkpoints
+    from one4d_train.train.checkpoint import MARKER, STEP_DIR, checkpoint_problem, complete_checkpoints
 
     def looks_like_checkpoint(p: str) -> bool:
         name = os.path.basename(os.path.normpath(p))

@@ -89,14 +89,27 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def is_complete(path: str) -> bool:
+    return checkpoint_problem(path) is None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete checkpoint (its COMPLETE marker lists every file at its size), None when it
+    is one."""
     try:
-        with open(os.path.join(path, MARKER)) as f:
-            marker = json.load(f)
-        files = marker["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(files) and all(os.path.isfile(os.path.join(path, rel)) and os.path.getsize(os.path.join(path, rel)) == size
-                               for rel, size in files.items())
+        files = marker_of(path)["files"]
+    except FileNotFoundError:
+        return f"no {MARKER} marker (a checkpoint still being written, or copied without it)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MARKER} marker cannot be read ({exc!r})"
+    if not isinstance(files, dict) or not files:
+        return f"its {MARKER} marker lists no files"
+    for rel, size in sorted(files.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel}, listed in {MARKER}, is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} is {os.path.getsize(full)} bytes, {MARKER} says {size} (cut short or changed)"
+    return None
 
 
 def marker_of(path: str) -> dict:

@@ -214,9 +214,8 @@ def build_text_conditioning(encoder: str = "", tokenizer: str = "", empty_prompt
     if not (encoder or make_encoder):
         return TextConditioning(dim=dim, empty=empty)
     load = make_encoder or (lambda: UMT5TextEncoder.from_pretrained(encoder, tokenizer, dtype=dtype, device=device))
-    lazy = stored_empty is not None
-    cond = TextConditioning(dim=dim, empty=empty if empty is not None or not lazy else stored_empty, load_encoder=load)
-    if not lazy:
+    cond = TextConditioning(dim=dim, empty=empty if empty is not None else stored_empty, load_encoder=load)
+    if stored_empty is None:
         cond.encoder  # built (and its width checked) now
     return cond
 

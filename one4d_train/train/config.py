@@ -118,24 +118,20 @@ def resume_problems(resume: str, run_dir: str, world_size: int) -> list[tuple[st
     """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job."""
     from one4d_train.train import checkpoint as ckpt
 
-    if resume == "never":
-        return []
-    if resume == "auto":
-        found = ckpt.complete_checkpoints(os.path.join(run_dir, "checkpoints"))
-        if not found:
-            return []
-        path, chosen = found[-1], f"resume=auto chose {found[-1]}: "
-    else:
-        path, chosen = resume, f"{resume}: "
+    try:  # the trainer's own choice
+        path = ckpt.resolve_resume(resume, os.path.join(run_dir, "checkpoints"))
+    except FileNotFoundError:
         if not os.path.isdir(resume):
             hint = (f" (did you mean {resume.lower()}?)" if resume.lower() in ("auto", "never") else
                     " (resume takes auto, never or the path of a checkpoint directory)")
             return [("resume", f"{resume}: no such checkpoint directory{hint}")]
-        if not ckpt.is_complete(resume):
-            hint = (f": {resume} is a run directory; resume=auto with run_dir={resume} continues it"
-                    if os.path.isdir(os.path.join(resume, "checkpoints")) else "")
-            return [("resume", f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files "
-                     f"changed since){hint}")]
+        hint = (f": {resume} is a run directory; resume=auto with run_dir={resume} continues it"
+                if os.path.isdir(os.path.join(resume, "checkpoints")) else "")
+        return [("resume", f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files "
+                 f"changed since){hint}")]
+    if path is None:
+        return []
+    chosen = f"resume=auto chose {path}: " if resume == "auto" else f"{resume}: "
     written = ckpt.marker_of(path).get("world_size")
     if written != world_size:
         return [("resume", f"{chosen}written by {written} ranks, this job has {world_size} "

@@ -95,11 +95,11 @@ def preflight(cfg) -> list[tuple[str, str]]:
 
 
 def task_class(spec: str) -> tuple[type | None, str | None]:
-    """(the TrainTask class `train.task` names, None), or (None, why it cannot be loaded)."""
-    if not spec:
-        from one4d_train.train.one4d_task import One4DTask
+    """(the TrainTask class `train.task` names (empty: the One4D task), None), or (None, why it cannot be
+    loaded)."""
+    from one4d_train.train.task import DEFAULT_TASK
 
-        return One4DTask, None
+    spec = spec or DEFAULT_TASK
     module, _, name = spec.partition(":")
     try:
         obj = getattr(importlib.import_module(module), name, None)

@@ -56,11 +56,14 @@ class TrainTask(Protocol):
     # Optional: evaluate(model, step, out_dir) -> dict[str, float], run on every rank; see Trainer.
 
 
+DEFAULT_TASK = "one4d_train.train.one4d_task:One4DTask"  # train.task empty
+
+
 def load_object(spec: str) -> Any:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
 def build_task(cfg) -> TrainTask:
-    cls = load_object(cfg.train.task or "one4d_train.train.one4d_task:One4DTask")
+    cls = load_object(cfg.train.task or DEFAULT_TASK)
     return cls(cfg)

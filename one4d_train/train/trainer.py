@@ -207,7 +207,10 @@ class Trainer:
                     iterator = iter(loader)  # next epoch
                     return next(iterator)
 
-        if self.eval_pending and evaluate is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
+        def eval_due(step: int) -> bool:
+            return evaluate is not None and bool(cfg.eval.every) and step % cfg.eval.every == 0
+
+        if self.eval_pending and eval_due(self.step):
             self._evaluate()  # due at the step the last run stopped at, skipped then to exit within the grace time
         timer = metrics.StepTimer()
         while self.step < t.steps:
@@ -246,7 +249,7 @@ class Trainer:
                           getattr(loader, "samples_skipped", 0))
                 self.window = {"sums": {}, "counted": 0}
             stop = self.preemption.agreed(self.device)
-            due = evaluate is not None and bool(cfg.eval.every) and step % cfg.eval.every == 0
+            due = eval_due(step)
             self.eval_pending = due and stop  # checkpointed: the resumed run evaluates this step first
             if self.eval_pending and self.env.is_main:
                 log.warning("evaluation of step %d left for after the requeue (the signal's grace time is short)",

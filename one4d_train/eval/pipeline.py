@@ -67,27 +67,31 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
     from one4d_train.model.one4d import build_one4d
 
     mcfg = cfg.model
-    model = build_one4d(mcfg, device=device, seed=cfg.seed)
-    if checkpoint:
-        src = adapter_dir(checkpoint)
-        if os.path.isdir(src) or not os.path.isdir(os.path.join(checkpoint, "ds")):
+    with tempfile.TemporaryDirectory(prefix="one4d-adapters-") as tmp:
+        src = adapter_dir(checkpoint) if checkpoint else None
+        if src and not os.path.isdir(src) and os.path.isdir(os.path.join(checkpoint, "ds")):
+            src = _rebuild_adapters(checkpoint, tmp)  # before the model: a rebuild that fails costs no build
+        model = build_one4d(mcfg, device=device, seed=cfg.seed)
+        if src:
             load_adapters(model, src)
-        else:  # a checkpoint of train.export_adapters=false: the adapters from its ZeRO partitions
-            from one4d_train.model.adapters import AdapterError
-            from one4d_train.train.export_cli import ExportError, rebuild_from_zero
-
-            print(f"one4d eval: {checkpoint} has no adapters/; rebuilding them from its ZeRO partitions",
-                  file=sys.stderr)
-            with tempfile.TemporaryDirectory(prefix="one4d-adapters-") as tmp:
-                try:
-                    rebuild_from_zero(checkpoint, tmp)
-                except ExportError as exc:
-                    raise AdapterError(f"{checkpoint}: its adapters cannot be rebuilt: {exc}") from None
-                load_adapters(model, tmp)
     model.eval().requires_grad_(False)
     dtype = torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
     vae, text, image = build_encoders(mcfg, model.base.cfg, device, dtype, cfg.seed)
     return Generator(model, vae, text, image, device)
+
+
+def _rebuild_adapters(checkpoint: str, out: str) -> str:
+    """The adapters of a checkpoint written with train.export_adapters=false, rebuilt from its ZeRO partitions
+    into `out`."""
+    from one4d_train.model.adapters import AdapterError
+    from one4d_train.train.export_cli import ExportError, rebuild_from_zero
+
+    print(f"one4d eval: {checkpoint} has no adapters/; rebuilding them from its ZeRO partitions", file=sys.stderr)
+    try:
+        rebuild_from_zero(checkpoint, out)
+    except ExportError as exc:
+        raise AdapterError(f"{checkpoint}: its adapters cannot be rebuilt: {exc}") from None
+    return out
 
 
 def model_velocity(model: torch.nn.Module) -> Callable:

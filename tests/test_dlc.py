@@ -104,6 +104,17 @@ def test_apply_dlc_replaces_targets_and_freezes_base():
     assert "blocks.0.self_attn.q.lora_A" in trainable and "blocks.0.ffn.2.lora_B" in trainable
 
 
+def test_lora_targets_must_be_block_linears():
+    """A misspelt target would otherwise be skipped like k_img/v_img in t2v: fewer adapters, silently."""
+    from one4d_train.config import ConfigError, load_config
+
+    assert load_config(["model.lora.targets=[self_attn.q,ffn.2]"]).model.lora.targets == ["self_attn.q", "ffn.2"]
+    with pytest.raises(ConfigError, match=r"command line: key 'model.lora.targets'.*unknown: \['self_attn.kk'\]"):
+        load_config(["model.lora.targets=[self_attn.q,self_attn.kk]"])
+    with pytest.raises(ConfigError, match=r"key 'model.lora.targets'"):
+        load_config(["model.lora.targets=[]"])
+
+
 def test_evenly_spaced_blocks():
     assert evenly_spaced_blocks(40, 5) == [4, 12, 20, 28, 36]
     assert evenly_spaced_blocks(30, 5) == [3, 9, 15, 21, 27]

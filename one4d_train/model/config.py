@@ -6,20 +6,28 @@ from dataclasses import dataclass, field
 from one4d_train.configtools import choice, in_range
 
 
+# every linear of a Wan2.1 block, by its official name (k_img/v_img exist only with image cross-attention)
+BLOCK_LINEARS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
+)
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 64
     alpha: float = 64.0
     dropout: float = 0.0
-    # official Wan2.1 names of the block linears that carry the branch adapters
-    targets: list[str] = field(default_factory=lambda: [
-        "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-        "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-        "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
-    ])
+    targets: list[str] = field(default_factory=lambda: list(BLOCK_LINEARS))  # block linears that carry the branch adapters
 
     def validate(self):
-        return in_range(self.rank, 1, None, "rank") + in_range(self.dropout, 0.0, 1.0, "dropout")
+        p = in_range(self.rank, 1, None, "rank") + in_range(self.dropout, 0.0, 1.0, "dropout")
+        unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
+        if unknown or not self.targets:
+            p.append(("targets", f"must name Wan2.1 block linears among {list(BLOCK_LINEARS)}, got "
+                      f"{list(self.targets)}" + (f" (unknown: {unknown})" if unknown else "")))
+        return p
 
 
 @dataclass

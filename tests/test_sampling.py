@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,15 @@ def test_unipc_at_many_steps_follows_the_exact_flow(steps, shift):
     # as close at 250 and 400 steps as at 50 (2.9e-3; Euler is 0.18 at 50 steps, 0.036 at 250)
     torch.testing.assert_close(x_rgb, 2.0 + 0.5 * n_rgb, rtol=0, atol=3e-3)
     torch.testing.assert_close(x_xyz, 2.0 + 0.5 * n_xyz, rtol=0, atol=3e-3)
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0])
+def test_eval_shift_must_be_positive(shift):
+    """Wan's shift k s / (1 + (k - 1) s) is 0/0 at s = 1 for k = 0 and leaves [0, 1] for k < 0: NaN or inf samples."""
+    from one4d_train.config import ConfigError, load_config
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        assert not torch.isfinite(euler_sigmas(4, shift)).all()
+    with pytest.raises(ConfigError, match=r"command line: key 'eval.shift'"):
+        load_config([f"eval.shift={shift}"])
+    assert load_config(["eval.shift=1.0"]).eval.shift == 1.0

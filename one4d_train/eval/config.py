@@ -37,6 +37,7 @@ class EvalConfig:
         for m in self.modes:
             p += choice(m, ["image", "sparse", "video"], "modes")
         p += in_range(self.steps, 1, None, "steps") + in_range(self.every, 0, None, "every")
+        p += in_range(self.shift, 1e-6, None, "shift")  # as flow.shift: 0 or less makes the sigma grid NaN or inf
         p += in_range(self.recovery_iters, 0, None, "recovery_iters") + in_range(self.keyframes, 1, None, "keyframes")
         p += in_range(self.benchmark_stride, 1, None, "benchmark_stride")
         if self.dataset and ":" in self.dataset.split("/")[0]:

@@ -26,7 +26,12 @@ class One4DConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self):
-        return [] if self.resume in ("auto", "never") or self.resume else [("resume", "must be auto, never or a path")]
+        p = [] if self.resume in ("auto", "never") or self.resume else [("resume", "must be auto, never or a path")]
+        frames, sparse = self.data.num_frames, self.eval.sparse_frames
+        if "sparse" in self.eval.modes and not 2 <= sparse <= frames:
+            p.append(("eval.sparse_frames", f"the sparse mode observes the first, the last and evenly spaced frames of "
+                      f"a clip of data.num_frames={frames}: must be in [2, {frames}], got {sparse}"))
+        return p
 
 
 def load_config(args=(), checks=None) -> One4DConfig:

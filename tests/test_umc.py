@@ -58,6 +58,19 @@ def test_eval_sparse_mask_first_last_evenly_spaced():
         eval_frame_mask("sparse", 9, 1)
 
 
+@pytest.mark.parametrize("frames", [1, 0, 10])
+def test_eval_sparse_frames_checked_against_the_clip_length(frames):
+    """Accepted, a bad count only failed at the first evaluation (in training: after eval.every steps)."""
+    from one4d_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"command line: key 'eval.sparse_frames'.*\[2, 9\]"):
+        load_config(["data.num_frames=9", f"eval.sparse_frames={frames}"])
+    assert load_config(["data.num_frames=9", f"eval.sparse_frames={frames}", "eval.modes=[image,video]"])
+    assert load_config(["data.num_frames=9", "eval.sparse_frames=9"]).eval.sparse_frames == 9
+    with pytest.raises(ValueError, match="eval.sparse_frames"):  # a benchmark clip shorter than the configured count
+        eval_frame_mask("sparse", 5, 6)
+
+
 def test_condition_video_and_branch_inputs():
     rgb = torch.rand(2, 3, 5, 8, 8) + 0.5
     mask = torch.tensor([[1, 0, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)

@@ -68,7 +68,8 @@ def eval_frame_mask(mode: str, num_frames: int, sparse_frames: int = 0) -> torch
         mask[:] = True
     elif mode == "sparse":
         if not 2 <= sparse_frames <= num_frames:
-            raise ValueError(f"sparse_frames must be in [2, {num_frames}], got {sparse_frames}")
+            raise ValueError(f"eval.sparse_frames must be in [2, {num_frames}] for a clip of {num_frames} frames, "
+                             f"got {sparse_frames}")
         mask[torch.linspace(0, num_frames - 1, sparse_frames).round().long()] = True
     else:
         raise ValueError(f"unknown UMC mode {mode!r}; expected one of {TASKS}")

@@ -132,6 +132,21 @@ def test_evenly_spaced_blocks():
         resolve_link_blocks([10], 5, 10)
 
 
+@pytest.mark.parametrize("setting, key", [("model.num_links=41", "model.num_links"),
+                                          ("model.link_blocks=[3,40]", "model.link_blocks"),
+                                          ("model.link_blocks=[4,4]", "model.link_blocks")])
+def test_link_blocks_checked_before_any_process_group(setting, key):
+    """Valid values alone, these failed in One4DModel, after every rank had loaded the frozen base."""
+    from one4d_train.config import load_config
+    from one4d_train.train.one4d_task import One4DTask
+
+    cfg = load_config(["model.preset=14b", setting])
+    assert [k for k, _ in One4DTask.config_problems(cfg) if "link" in k] == [key]
+    assert not [k for k, _ in One4DTask.config_problems(load_config(["model.preset=14b"])) if "link" in k]
+    ablation = load_config(["model.preset=14b", "model.design=width_concat", setting])  # no links to place
+    assert not [k for k, _ in One4DTask.config_problems(ablation) if "link" in k]
+
+
 def test_links_zero_init_and_pre_update_values():
     torch.manual_seed(0)
     links = ControlLinks(6, [1])

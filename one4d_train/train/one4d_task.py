@@ -29,6 +29,7 @@ from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
+from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.encoders import build_encoders
 from one4d_train.model.flops import model_flops_per_sample
@@ -73,6 +74,11 @@ class One4DTask:
             if not (m.text_encoder or m.empty_prompt_embedding):
                 p.append(("model.text_encoder", f"preset {m.preset!r} needs local files: set it (or "
                           "model.empty_prompt_embedding, with text embeddings stored in the shards)"))
+        if m.design == "dlc":  # else One4DModel raises it only after every rank has loaded the frozen base
+            try:
+                resolve_link_blocks(m.link_blocks, m.num_links, wan_config(m.preset).num_layers)
+            except ValueError as exc:
+                p.append(("model.link_blocks" if m.link_blocks else "model.num_links", str(exc)))
         if m.compile and t.zero_stage == 3:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))

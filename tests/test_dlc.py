@@ -115,6 +115,19 @@ def test_lora_targets_must_be_block_linears():
         load_config(["model.lora.targets=[]"])
 
 
+def test_lora_alpha_must_be_positive():
+    """alpha 0 scales every delta, and so both adapter gradients, to 0: the adapters would never train."""
+    from one4d_train.config import ConfigError, load_config
+
+    layer = BranchLoRALinear(nn.Linear(8, 8), rank=4, alpha=0.0)
+    layer(torch.randn(4, 3, 8)).square().sum().backward()
+    assert layer.lora_A.grad.abs().max() == 0 and layer.lora_B.grad.abs().max() == 0
+    for alpha in (0.0, -8.0):
+        with pytest.raises(ConfigError, match=r"command line: key 'model.lora.alpha'"):
+            load_config([f"model.lora.alpha={alpha}"])
+    assert load_config(["model.lora.alpha=16"]).model.lora.alpha == 16
+
+
 def test_evenly_spaced_blocks():
     assert evenly_spaced_blocks(40, 5) == [4, 12, 20, 28, 36]
     assert evenly_spaced_blocks(30, 5) == [3, 9, 15, 21, 27]

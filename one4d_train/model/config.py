@@ -23,6 +23,7 @@ class LoRAConfig:
 
     def validate(self):
         p = in_range(self.rank, 1, None, "rank") + in_range(self.dropout, 0.0, 1.0, "dropout")
+        p += in_range(self.alpha, 1e-6, None, "alpha")  # the delta's scale alpha/rank: 0 stops both adapter gradients
         unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
         if unknown or not self.targets:
             p.append(("targets", f"must name Wan2.1 block linears among {list(BLOCK_LINEARS)}, got "

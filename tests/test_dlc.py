@@ -375,6 +375,19 @@ def test_xyz_branch_without_own_embedding_uses_the_base():
     assert not any(n.startswith("xyz_patch_embedding") for n, _ in model.named_parameters())
 
 
+def test_xyz_branch_sees_the_condition_latent_only_through_links_but_shares_the_context():
+    """What umc.py says of the XYZ branch: with zero links the RGB input (mask, z_c) cannot reach it, the CLIP
+    tokens of the observed frame do (both halves cross-attend to one context)."""
+    model, _ = tiny_one4d()
+    rgb, xyz, t, ctx, clip = model_inputs()
+    with torch.no_grad():
+        _, v_xyz = model(rgb, xyz, t, ctx, clip)
+        _, other_rgb_input = model(torch.randn_like(rgb), xyz, t, ctx, clip)
+        _, other_image = model(rgb, xyz, t, ctx, torch.randn_like(clip))
+    assert torch.equal(v_xyz, other_rgb_input)
+    assert not torch.allclose(v_xyz, other_image, atol=1e-3)
+
+
 def test_build_one4d_seeded_checkpointed_and_bf16():
     a = build_one4d(tiny_cfg(), "cpu", torch.float32, seed=3)
     c = build_one4d(tiny_cfg(activation_checkpointing="full"), "cpu", torch.float32, seed=3)

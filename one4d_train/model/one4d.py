@@ -4,7 +4,7 @@ Designs (ModelConfig.design), all on the backbone's public stages:
 - `dlc` (the paper's): RGB and XYZ token sets stacked on the batch axis through the frozen blocks, each
   half with its own LoRA (dlc.py), control links after the configured blocks, the base's head for both.
   The XYZ input (16 latent channels + 20 zero channels) enters through its own trainable copy of the
-  36-channel patch embedding.
+  36-channel patch embedding; both halves cross-attend to the same context (caption, CLIP image tokens).
 - `channel_concat`: one sequence from concat(RGB input, XYZ latent) channels through a widened patch
   embedding (base weights for the first 36 channels, zeros for the rest) and a widened head that
   predicts both velocities; one shared LoRA.

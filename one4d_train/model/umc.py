@@ -5,8 +5,10 @@ seeded `torch.Generator`, so the draws are reproducible. Its frame mask M [T] (T
   condition video  = the clip with unobserved frames set to 0, VAE-encoded to z_c;
   folded mask      = M laid out as 4 channels x T_lat exactly as Wan I2V / Fun-InP does;
   RGB branch input = concat(noisy RGB latent, folded mask, z_c) -> 16 + 4 + 16 = 36 channels.
-The XYZ branch sees the condition only through the control links: its input is the noisy XYZ latent plus
-zero channels up to the patch embedding's width.
+The XYZ branch's input carries no condition: it is the noisy XYZ latent plus zero channels up to the patch
+embedding's width, so z_c and the mask reach it only through the control links. It shares the RGB branch's
+cross-attention context, though: the caption and, on an I2V backbone, the CLIP tokens of the first observed
+frame (One4DModel passes one context to both halves).
 
 Sparse task (training): the first frame is always observed, because the pointmaps are expressed in the
 first frame's camera and Wan's I2V prior is anchored on frame 0; the other observed frames are a uniform

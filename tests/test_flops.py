@@ -27,13 +27,15 @@ def test_matches_quoted_peer_figures(preset, pflop):
 
 
 @pytest.mark.parametrize("design,links", [("dlc", {"num_links": 2}), ("dlc", {"link_blocks": [0, 1]}),
+                                          ("dlc", {"num_links": 2, "xyz_patch_embedding": False}),
                                           ("channel_concat", {}), ("width_concat", {})])
 def test_analytic_count_matches_flop_counter(design, links):
     """The count the trainer logs (model_flops_per_sample) against the operations the model runs, per design;
     explicit link blocks count as many links as they name (num_links is then ignored, as by the model)."""
     set_attention_backend("math")  # unfused attention: backward = 2x forward, no recompute
     cfg = ModelConfig(preset="tiny", design=design, num_links=links.get("num_links", 5),
-                      link_blocks=links.get("link_blocks", []), activation_checkpointing="none",
+                      link_blocks=links.get("link_blocks", []),
+                      xyz_patch_embedding=links.get("xyz_patch_embedding", True), activation_checkpointing="none",
                       compute_dtype="fp32")
     cfg.lora.rank = 4
     wc = wan_config("tiny")
@@ -55,13 +57,14 @@ def test_analytic_count_matches_flop_counter(design, links):
         set_attention_backend("auto")
     counts = counter.get_flop_counts()
     # the analytic count leaves out the embedding MLPs of time, text and image (run once per sample, no
-    # gradient; ~1% at the training shape, several % at this toy one): the rest must match it closely
+    # gradient; ~1% at the training shape, several % at this toy one): the rest must match it exactly, since at
+    # this toy shape (512 text tokens against 72 video tokens) a dropped head, link or LoRA term is < 0.2%
     mlps = sum(sum(counts[f"One4DModel.base.{m}"].values())
                for m in ("time_embedding", "time_projection", "text_embedding", "img_emb"))
     measured = counter.get_total_flops() - mlps
     predicted = model_flops_per_sample(cfg, wc, T * (H // 2) * (W // 2), image_tokens=IMAGE_TOKENS,
                                        attention_backward_factor=2.0) * B
-    assert measured == pytest.approx(predicted, rel=0.002), (measured, predicted)
+    assert measured == predicted, (measured, predicted)
 
 
 def test_explicit_link_blocks_are_counted():

@@ -321,6 +321,26 @@ def test_zero2_single_plain_process_bf16(tmp_path):
     assert sorted(mfu) == list(range(1, 17)) and all(0 < v < 1 for v in mfu.values())
 
 
+def test_logged_throughput_leaves_out_checkpoints_and_evaluation(tmp_path):
+    """Samples/s, step time and MFU are the training steps' own: a checkpoint or an evaluation between two log
+    lines does not count as step time (here every evaluation takes 2 s more, a toy step a few ms)."""
+    run_dir = tmp_path / "timed"
+    code = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
+                           "train.zero_stage=2", "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
+                           "eval.every=2", "train.micro_batch_size=8", "train.peak_flops_per_device=1e9",
+                           "train.deepspeed_overrides={zero_optimization: {overlap_comm: false}}"],
+                          cwd=ROOT, env=_env({"TOY_EVAL_SLEEP": "2"}), capture_output=True, text=True, timeout=400)
+    assert code.returncode == 0, (code.stdout + code.stderr)[-4000:]
+    client, run = mlflow_run(run_dir)
+    assert sorted(metric(client, run, "eval/eval_loss")) == [2, 4, 6]
+    step_time, samples, mfu = (metric(client, run, k) for k in ("step_time_s", "samples_per_s", "mfu"))
+    assert sorted(step_time) == list(range(1, 7))
+    for step in (3, 5):  # the windows right after an evaluation and a checkpoint
+        assert step_time[step] < 1.0, step_time
+        assert samples[step] == pytest.approx(8 / step_time[step], rel=1e-6)
+        assert mfu[step] / samples[step] == pytest.approx(mfu[1] / samples[1], rel=1e-6)  # MFU from the same rate
+
+
 def test_bad_config_exits_2_before_any_process_group(capsys):
     import torch.distributed as dist
 

@@ -7,8 +7,8 @@ covers them. Test hooks (environment): TOY_NAN_STEPS="3,6" (+ TOY_NAN_RANK=r, de
 loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" sends the signal to that rank's own process at that
 step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that rank's whole process group, its data
 workers included, as scancel and Slurm preemption do; TOY_WORKERS=N serves the batches from N DataLoader worker
-processes (the same batches in the same order); each rank appends {step, ids} per micro-batch to
-<run_dir>/toy_trace/rank-R.jsonl.
+processes (the same batches in the same order); TOY_EVAL_SLEEP=S makes every evaluation take S seconds more; each
+rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import random
 import signal
+import time
 
 import deepspeed
 import numpy as np
@@ -112,6 +113,7 @@ class ToyTask:
         self.nan_rank = int(os.environ.get("TOY_NAN_RANK", "-1"))
         self.signal_at = os.environ.get("TOY_SIGNAL_AT", "")
         self.workers = int(os.environ.get("TOY_WORKERS", "0"))
+        self.eval_sleep = float(os.environ.get("TOY_EVAL_SLEEP", "0"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.trace = os.path.join(cfg.run_dir, "toy_trace", f"rank-{self.rank}.jsonl")
 
@@ -165,6 +167,7 @@ class ToyTask:
         return losses
 
     def evaluate(self, model, step, out_dir):
+        time.sleep(self.eval_sleep)
         x, y = _teacher_data(N_EVAL, 8)
         world = torch.distributed.get_world_size()
         share = slice(self.rank, None, world)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -29,6 +30,16 @@ class StepTimer:
 
     def step_done(self) -> None:
         self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (checkpoints, evaluation) is left out of the window: not a step's, so not in
+        samples/s, step time or MFU."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t
 
     def window(self) -> tuple[float, float, int]:
         """(elapsed seconds, data-wait seconds, steps) since the previous window; starts a new one."""

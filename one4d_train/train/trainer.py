@@ -254,10 +254,11 @@ class Trainer:
             if self.eval_pending and self.env.is_main:
                 log.warning("evaluation of step %d left for after the requeue (the signal's grace time is short)",
                             step)
-            if step % t.checkpoint_every == 0 or step == t.steps or stop:
-                self._save(loader)
-            if due and not stop:
-                self._evaluate()
+            with timer.paused():
+                if step % t.checkpoint_every == 0 or step == t.steps or stop:
+                    self._save(loader)
+                if due and not stop:
+                    self._evaluate()
             if stop:
                 if self.env.is_main:
                     log.warning("preempted (%s on some rank): checkpointed step %d, exiting %d for requeue",

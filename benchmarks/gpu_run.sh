@@ -98,11 +98,11 @@ fi
 if [[ $WHAT == release || $WHAT == release-small ]]; then  # the shipped experiment configs vs the peers
   part 20 "matmul + SDPA rates" $B --matmul
   part 240 "1.3b ours (configs/experiment/one4d_1.3b.yaml)" $B --preset 1.3b --warmup 2 --steps 10 --variants "vae=latents"
-  part 60 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 6
+  part 75 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 10
 fi
 if [[ $WHAT == release || $WHAT == release-large ]]; then
-  part 330 "14b ours (configs/experiment/one4d_14b.yaml)" $B --preset 14b --warmup 2 --steps 8 --variants "vae=latents"
-  part 100 "14b peer" $B --preset 14b --peer --warmup 1 --steps 4
+  part 350 "14b ours (configs/experiment/one4d_14b.yaml)" $B --preset 14b --warmup 2 --steps 10 --variants "vae=latents"
+  part 200 "14b peer" $B --preset 14b --peer --warmup 1 --steps 10
 fi
 if [[ $WHAT == release-profile ]]; then
   part 20 "matmul + SDPA rates" $B --matmul
@@ -182,8 +182,8 @@ if [[ $WHAT == ckpt-blocks ]]; then  # 1.3B: fewer checkpointed blocks (model.ac
 fi
 if [[ $WHAT == peers ]]; then
   for preset in ${PRESETS:-1.3b 14b}; do
-    if [[ $preset == 14b ]]; then limit=110 warm=1 steps=4; else limit=60 warm=2 steps=6; fi
-    part $limit "$preset peer" $B --preset "$preset" --peer --warmup $warm --steps $steps
+    if [[ $preset == 14b ]]; then limit=200 warm=1; else limit=75 warm=2; fi
+    part $limit "$preset peer" $B --preset "$preset" --peer --warmup $warm --steps 10
   done
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then

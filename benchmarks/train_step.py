@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H100_PEAK = 989e12
+MIN_TIMED_STEPS = 10  # the step time is the median of at least this many timed steps after warm-up
 LATENT = (21, 44, 78)  # 81 x 352 x 624 video -> 18,018 tokens per modality
 VIDEO = (81, 352, 624)
 TEXT_LEN, TEXT_DIM, IMAGE_TOKENS, IMAGE_DIM = 512, 4096, 257, 1280
@@ -755,7 +756,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"{r['dit_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", "0", f"{speed:.2f}x{mark}" if speed == speed else "-",
                       f"{speed_dit:.2f}x" if speed_dit == speed_dit else "-",
                       f"{mix:.3f}" if mix == mix else "-", f"{100 * r['flops'] / mix / H100_PEAK:.1f}%" if mix == mix else "-",
-                      f"n={r['steps']} [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
+                      f"n={r['steps']}{'' if r['steps'] >= MIN_TIMED_STEPS else ' (too few)'}"
+                      f" [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
                       + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
@@ -770,6 +772,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; [fp8 base] rows run the frozen "
                  "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "enc X GB: the frozen text/image towers held on the GPU, in the peak (rows without it: the step alone). "
+                 f"n = timed steps after warm-up, step s their median; '(too few)': fewer than {MIN_TIMED_STEPS}, "
+                 "not a figure for the record. "
                  "data wait = 0: synthetic tensors on the GPU.")
     return "\n".join(lines)
 
@@ -788,7 +792,8 @@ def main(argv=None) -> None:
                          "real sizes, so peak memory is a training run's)")
     ap.add_argument("--lever", default="", help="label for this process's rows")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=MIN_TIMED_STEPS,
+                    help=f"timed steps after the warm-up (default {MIN_TIMED_STEPS}; the table marks rows with fewer)")
     ap.add_argument("--results", default=None, help="append JSON lines here")
     ap.add_argument("--matmul", action="store_true")
     ap.add_argument("--vae", action="store_true")

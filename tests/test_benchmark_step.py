@@ -95,6 +95,23 @@ def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
     assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs
 
 
+def test_report_marks_rows_timed_with_fewer_than_ten_steps(tmp_path):
+    """The step time is the median of at least 10 timed steps: a row with fewer says so in the table."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    step = {"kind": "ours", "preset": "14b", "variant": "vae=latents", "zero_stage": 2, "flops": 3.755e15,
+            "step_s": 7.0, "step_s_min": 6.9, "step_s_max": 7.1, "vae_cond_s": 0.36, "dit_fwd_s": 2.0,
+            "dit_bwd_s": 4.6, "optimizer_s": 0.03}
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in [{**step, "steps": 10, "lever": "a"},
+                                                          {**step, "steps": 8, "lever": "b"}]) + "\n")
+    notes = {line.split("|")[1].strip(): line.split("|")[-1].strip() for line in bench.report([str(results)]).splitlines()
+             if line.startswith("14b ")}
+    assert notes == {"z2/a": "n=10 [6.900,7.100]", "z2/b": "n=8 (too few) [6.900,7.100]"}
+
+
 def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     """`ckpt=MODE@K` (the first K blocks in MODE, as model.activation_checkpointing_blocks=K) runs a real step,
     and rows record the checkpointing and the VAE's frames per call."""

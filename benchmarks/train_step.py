@@ -5,23 +5,26 @@ recorded there. `benchmarks/gpu_run.sh` runs the parts as separate processes, so
 costs only its own rows.
 
 Parts:
-  --matmul            bf16 8192^3 matmul rate (the MFU reference measured in the same run) and SDPA attention
-                      rate per backend at the self-attention shape.
+  --matmul            bf16 8192^3 matmul rate (the MFU reference measured in the same run), the FP8 row-wise
+                      matmul rate where the GPU has FP8 tensor cores, and the attention rate of each backend
+                      present (SDPA's, FlashAttention's) at the self-, text- and image-attention shapes of a step.
   --vae               the full-size Wan2.1 VAE (diffusers AutoencoderKLWan default config, random weights, bf16):
                       encode time of the condition video alone and of RGB + pointmap + condition in one call.
-  (default)           our DLC model (One4DModel on WanDiT, random weights) under DeepSpeed (ZeRO-3 by default,
-                      world size 1, config from one4d_train.train.deepspeed_config), torch AdamW(fused=True),
-                      `--variants` timed one after the other on the same engine (activation checkpointing mode,
-                      attention backend and the VAE mode change in place; ZeRO settings and compile need their
+  (default)           our DLC model (One4DModel on WanDiT, random weights) under DeepSpeed (world size 1, the
+                      DeepSpeed config the trainer builds from configs/experiment/one4d_<preset>.yaml: ZeRO-2 as
+                      shipped, `--zero-stage 3` for ZeRO-3), torch AdamW(fused=True), `--variants` timed one
+                      after the other on the same engine (activation checkpointing mode, attention backend,
+                      compilation, activation offload and the VAE mode change in place; ZeRO settings need their
                       own process).
-  --peer              diffusers WanTransformer3DModel(in_channels=36) bf16 + one shared PEFT LoRA (rank 64, fp32
-                      LoRA weights), autocast bf16, gradient checkpointing, AdamW(fused=True), RGB+XYZ as batch 2.
+  --peer              diffusers WanTransformer3DModel(in_channels=36) bf16 + one shared PEFT LoRA (rank 64; 8 for
+                      the tiny preset; fp32 LoRA weights), autocast bf16, gradient checkpointing, AdamW(fused=True),
+                      RGB+XYZ as batch 2.
 
 A step = one sample (RGB + XYZ of one clip): [VAE/conditioning] -> DiT forward -> loss -> backward -> optimizer.
 The breakdown is timed with CUDA events; the step time is host wall time between synchronisations.
 
     python benchmarks/train_step.py --matmul --results r.jsonl
-    python benchmarks/train_step.py --preset 1.3b --variants selective,full,attn=flash --results r.jsonl
+    python benchmarks/train_step.py --preset 1.3b --variants ckpt=selective,ckpt=full,attn=flash --results r.jsonl
     python benchmarks/train_step.py --preset 14b --peer --results r.jsonl
     python benchmarks/train_step.py --report r.jsonl
 """

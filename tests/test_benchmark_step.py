@@ -95,6 +95,22 @@ def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
     assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs
 
 
+def test_usage_examples_parse():
+    """The variants of every command line in the script's usage text are valid variant settings."""
+    import importlib.util
+    import shlex
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    examples = [line.split("train_step.py", 1)[1] for line in bench.__doc__.splitlines()
+                if line.strip().startswith("python benchmarks/train_step.py")]
+    assert len(examples) == 4
+    for example in examples:
+        argv = shlex.split(example)
+        if "--variants" in argv:
+            assert bench.parse_variants(argv[argv.index("--variants") + 1]), example
+
+
 def test_report_marks_rows_timed_with_fewer_than_ten_steps(tmp_path):
     """The step time is the median of at least 10 timed steps: a row with fewer says so in the table."""
     import importlib.util

@@ -606,7 +606,11 @@ PEER_CONFIGS = {
 }
 
 
-def peer_flops(preset: str, args) -> float:
+def peer_rank(preset: str) -> int:
+    return 8 if preset == "tiny" else 64
+
+
+def peer_flops(preset: str, args, attention_backward_factor: float = 2.5) -> float:
     from one4d_train.model.flops import FlopShape, training_flops_per_sample
     from one4d_train.model.presets import wan_config
     c = wan_config(preset, has_image_input=False)
@@ -614,25 +618,25 @@ def peer_flops(preset: str, args) -> float:
     shape = FlopShape(dim=c.dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers, tokens=t * (h // 2) * (w // 2))
     targets = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
-    return training_flops_per_sample(shape, lora_rank=64, lora_targets=targets, xyz_patch_embedding=False)
+    return training_flops_per_sample(shape, lora_rank=peer_rank(preset), lora_targets=targets,
+                                     xyz_patch_embedding=False, attention_backward_factor=attention_backward_factor)
 
 
-def run_peer(args) -> None:
+def build_peer(preset: str, device: torch.device):
+    """The peer model and its trainable LoRA parameters, ready to train."""
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
 
-    device = torch.device(args.device)
-    cfg = dict(PEER_CONFIGS[args.preset])
+    cfg = dict(PEER_CONFIGS[preset])
     text_dim = cfg.pop("text_dim", TEXT_DIM)
     torch.manual_seed(0)
-    t0 = time.perf_counter()
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build the base in bf16 directly on the device (14B fits only so)
     with torch.device(device):
         model = WanTransformer3DModel(in_channels=36, out_channels=16, text_dim=text_dim, **cfg)
     torch.set_default_dtype(old)
     model.requires_grad_(False)
-    rank = 8 if args.preset == "tiny" else 64
+    rank = peer_rank(preset)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=PEER_TARGETS))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in lora:
@@ -640,6 +644,14 @@ def run_peer(args) -> None:
         p.requires_grad_(True)
     model.enable_gradient_checkpointing()
     model.train()
+    return model, lora
+
+
+def run_peer(args) -> None:
+    device = torch.device(args.device)
+    text_dim = PEER_CONFIGS[args.preset].get("text_dim", TEXT_DIM)
+    t0 = time.perf_counter()
+    model, lora = build_peer(args.preset, device)
     build_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(lora, lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device=device)

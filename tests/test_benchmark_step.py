@@ -95,6 +95,35 @@ def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
     assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs
 
 
+def test_peer_flop_count_is_what_the_peer_model_runs():
+    """The peer row's model FLOPs (the analytic formula with the peer's LoRA) against torch's flop counter on the
+    benchmark's own tiny peer model, fed as the benchmark feeds it (RGB + XYZ as a batch of 2); math attention
+    (backward = 2x forward) and no recompute (checkpointing off while counting), as model FLOPs count them."""
+    import argparse
+    import importlib.util
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(preset="tiny")
+    model, lora = bench.build_peer("tiny", torch.device("cpu"))
+    model.disable_gradient_checkpointing()
+    t, h, w = bench.latent_shape(args)
+    inp = torch.randn(2, 36, t, h, w, dtype=torch.bfloat16)
+    ctx = torch.randn(2, bench.TEXT_LEN, bench.PEER_CONFIGS["tiny"]["text_dim"], dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = model(hidden_states=inp, timestep=torch.full((2,), 500.0), encoder_hidden_states=ctx,
+                         return_dict=False)[0]
+        pred.float().square().mean().backward()
+    assert all(p.grad is not None for p in lora)
+    # the time and text embedding MLPs are left out of the analytic count, as for our model
+    mlps = sum(counter.get_flop_counts()["WanTransformer3DModel.condition_embedder"].values())
+    assert counter.get_total_flops() - mlps == bench.peer_flops("tiny", args, attention_backward_factor=2.0)
+
+
 def test_usage_examples_parse():
     """The variants of every command line in the script's usage text are valid variant settings."""
     import importlib.util

@@ -341,6 +341,27 @@ def test_logged_throughput_leaves_out_checkpoints_and_evaluation(tmp_path):
         assert mfu[step] / samples[step] == pytest.approx(mfu[1] / samples[1], rel=1e-6)  # MFU from the same rate
 
 
+def test_resume_from_another_runs_checkpoint_records_into_a_new_mlflow_run_of_this_run(tmp_path):
+    """A run started from another run's checkpoint (resume=PATH into a new run_dir) keeps its steps and weights, but
+    that run's MLflow run lives in the other store (or is the other run's, on a shared server): a new one is started."""
+    def train(run_dir, *args):
+        r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
+                            "train.zero_stage=2", "train.log_every=1", *args],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        return r.returncode, r.stdout + r.stderr
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, out = train(first, "train.steps=2", "train.checkpoint_every=2")
+    assert code == 0, out[-4000:]
+    code, out = train(second, f"resume={first / 'checkpoints' / ckpt.step_name(2)}", "train.steps=4",
+                      "train.checkpoint_every=4")
+    assert code == 0, out[-4000:]
+    client, run = mlflow_run(second)
+    assert sorted(metric(client, run, "loss")) == [3, 4] and run.info.status == "FINISHED"
+    client, run = mlflow_run(first)
+    assert sorted(metric(client, run, "loss")) == [1, 2] and run.info.status == "FINISHED"
+
+
 def test_bad_config_exits_2_before_any_process_group(capsys):
     import torch.distributed as dist
 

@@ -90,7 +90,7 @@ class Trainer:
 
     def _resume(self) -> tuple[dict | None, str | None]:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
-        timeline); returns (loader position, MLflow run id)."""
+        timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
         path = ckpt.resolve_resume(self.cfg.resume, self.checkpointer.dir)
         dist.barrier()  # every rank has chosen before rank 0 moves folders
         if self.env.is_main:
@@ -114,7 +114,10 @@ class Trainer:
             if changes:
                 log.warning("resumed with a changed optimiser or schedule; from step %d on: %s", self.step + 1,
                             "; ".join(changes))
-        return state["loader"], state["mlflow_run_id"]  # the id is meaningful on rank 0, which tracks
+        # the id is meaningful on rank 0, which tracks; another run's checkpoint (a start from it) brings its weights
+        # and position, but its MLflow run is that run's, kept in that run's store: this run records into a new one
+        ours = os.path.realpath(ckpt.run_dir_of(path)) == os.path.realpath(self.cfg.run_dir)
+        return state["loader"], state["mlflow_run_id"] if ours else None
 
     def _save(self, loader) -> None:
         state, tensors = self._train_state(loader)

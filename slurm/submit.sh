@@ -19,4 +19,12 @@ if ! declare -p "ONE4D_SBATCH_${kind^^}" >/dev/null 2>&1; then
     exit 2
 fi
 site_opts="ONE4D_SBATCH_${kind^^}[@]"
+# inside a job (the training job submitting its evaluation, an salloc shell) the environment holds that job's
+# allocation (SLURM_NTASKS_PER_NODE, SLURM_MEM_PER_NODE ...): it would travel with the new job (--export=ALL), whose
+# srun reads it as options of its own and may refuse to start (SLURM_MEM_PER_CPU next to SLURM_MEM_PER_NODE)
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    for var in $(compgen -e SLURM_); do
+        if [[ $var != SLURM_CONF ]]; then unset "$var"; fi
+    done
+fi
 exec sbatch "${ONE4D_SBATCH_ALL[@]}" "${!site_opts}" "$@"

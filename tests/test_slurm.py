@@ -245,7 +245,12 @@ def test_shard_merge_fails_loudly_on_a_corrupt_shard(shards, job_env, tmp_path):
 def test_train_real_tiny_model_on_the_shards_then_the_eval_job_it_submits_writes_metrics(cluster, job_env, shards,
                                                                                        tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
-    env = dict(job_env, ONE4D_EVAL_AFTER_TRAIN="1")
+    # memory asked for per node for training and per CPU for evaluation, as sites do: the evaluation job, submitted
+    # from inside the training job, must not inherit the training job's SLURM_MEM_PER_NODE (its srun would refuse
+    # to start next to its own SLURM_MEM_PER_CPU)
+    site = tmp_path / "site.env"
+    site.write_text(f"source {SITE}\nONE4D_SBATCH_TRAIN+=(--mem=1)\nONE4D_SBATCH_EVAL+=(--mem-per-cpu=1)\n")
+    env = dict(job_env, ONE4D_EVAL_AFTER_TRAIN="1", ONE4D_SITE=str(site))
     r = submit(env, "--wait", f"--output={out}", REPO / "slurm" / "train.sbatch",
                REPO / "configs" / "experiment" / "demo.yaml", f"run_dir={run_dir}", f"data.shards={shards['dir']}",
                f"data.val_shards={shards['dir']}", "train.steps=2", "train.log_every=1", "train.zero_stage=3",

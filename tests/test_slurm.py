@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from slurm_cluster import LocalSlurm, SlurmUnavailable, ensure_installed
@@ -191,6 +192,36 @@ def test_term_with_no_restarts_left_checkpoints_and_exits_43_without_requeue(clu
     assert "checkpointed; NOT requeued (restart 0, ONE4D_MAX_RESTARTS=0)" in text
     stopped = int(re.search(r"checkpointed step (\d+), exiting 42", text).group(1))
     assert (run_dir / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").exists(), "resubmitting continues from here"
+
+
+def test_job_started_from_another_runs_checkpoint_and_killed_before_its_first_resumes_from_that_one(
+        cluster, job_env, tmp_path, uninterrupted):
+    """A run started from another run's checkpoint (resume=PATH), its tasks killed hard (SIGKILL, as on a node
+    failure) before it wrote a checkpoint of its own, then requeued by Slurm: the requeued job must load PATH again,
+    not start from scratch, and end with the weights of the run it started from."""
+    assert uninterrupted["rc"] == 0
+    start = uninterrupted["run_dir"] / "checkpoints" / f"step-{TRAIN_STEPS // 2:08d}"
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    args = [*train_args(tmp_path, run_dir, TRAIN_STEPS), f"resume={start}", f"train.checkpoint_every={TRAIN_STEPS}"]
+    r = submit(job_env, "--parsable", f"--output={out}", "slurm/train.sbatch", *args)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    wait_for_text(out, rf"\[rank 0\] step {TRAIN_STEPS // 2 + 3}/")
+    tasks = [p for p in psutil.process_iter(["name", "cmdline"])
+             if p.info["name"] == "one4d" and f"run_dir={run_dir}" in (p.info["cmdline"] or [])]
+    assert len(tasks) == 2, tasks
+    for p in tasks:
+        p.kill()
+    psutil.wait_procs(tasks, timeout=30)
+    assert run(["scontrol", "requeue", job_id], job_env, timeout=30).returncode == 0
+    job = wait_for_job(cluster, job_id)
+    text = out.read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{text[-4000:]}"
+    restarted = text[text.index("restart 1:"):]
+    assert f"resumed from {start} at step {TRAIN_STEPS // 2}" in restarted, restarted[-4000:]
+    expected = final_weights(uninterrupted["run_dir"], TRAIN_STEPS)
+    got = final_weights(run_dir, TRAIN_STEPS)
+    assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
 
 
 # -- sharding, then the real tiny model trained on those shards and evaluated --

@@ -6,7 +6,7 @@
                                 unlogged window of losses, a pending evaluation)
                                 rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
       adapters/       task.export of the gathered trainable parameters (train.export_adapters=true only)
-      COMPLETE        written last inside the directory: step, world size, every file and its size
+      COMPLETE        written last inside the directory: step, world size, Slurm job id, every file and its size
     latest            name of the newest checkpoint, replaced atomically after the rename
     abandoned-<UTC time>/   checkpoints of an abandoned timeline (see set_aside), kept, never read
 
@@ -248,7 +248,9 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             _fsync_tree(tmp)
-            marker = {"step": step, "world_size": self.world_size, "files": _listing(tmp)}
+            # the writing Slurm job: its requeue continues from here (one4d_train.train.requeue)
+            marker = {"step": step, "world_size": self.world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                      "files": _listing(tmp)}
             write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             if os.path.exists(final):  # a complete twin from an earlier attempt at this very step
                 shutil.rmtree(final)

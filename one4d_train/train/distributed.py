@@ -89,6 +89,15 @@ def setup(device: str, timeout_s: int) -> DistEnv:
     return info
 
 
+def broadcast_from_main(value):
+    """Rank 0's `value` (picklable, small), on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown(code: int) -> None:
     """Leave the process group and exit without running interpreter teardown: DeepSpeed ranks otherwise abort at
     exit now and then (SIGABRT after finishing), which would turn a clean finish into a failure."""

@@ -18,7 +18,7 @@ Before any process group starts, every rank checks the config: values, then what
 importable, model files and shards present, the resume checkpoint complete and of this world size, DeepSpeed
 overrides that leave the trainer's keys alone); every problem names its key and where it was set.
 
-exit codes: 0 finished, 2 bad config, 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
+exit codes: 0 finished, 2 bad config (or run_dir in use by another training job), 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
 requeue the job), 1 any other failure (the MLflow run is ended as FAILED).
 
 examples:
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         _print_config_error(exc)
         return EXIT_CONFIG
 
-    from one4d_train.train import distributed
+    from one4d_train.train import distributed, run_lock
 
     # DeepSpeed calls these on every step; the deprecation notice would bury the log
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
@@ -74,6 +74,16 @@ def main(argv: list[str]) -> int:
         return EXIT_CONFIG
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(message)s", stream=sys.stdout, force=True)
+    busy = None
+    if env.is_main:  # before anything in run_dir is read or written; held until this process ends
+        try:
+            lock = run_lock.acquire(cfg.run_dir)  # noqa: F841 (kept open: closing it would release the lock)
+        except run_lock.RunDirBusy as exc:
+            busy = exc
+    if distributed.broadcast_from_main(busy is not None):
+        if busy is not None:
+            _print_config_error(busy)
+        distributed.shutdown(EXIT_CONFIG)
     trainer = None
     try:
         from one4d_train.train.task import build_task

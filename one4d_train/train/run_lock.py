@@ -1,0 +1,98 @@
+"""One training job per run directory.
+
+Two jobs training into one run_dir (a double submission, a resubmission while the first job still runs) would
+delete each other's half-written checkpoints (rank 0 clears `.tmp-*` before each save), prune each other's
+complete ones and interleave their steps in one MLflow run. So global rank 0 holds an exclusive POSIX lock
+(`fcntl.lockf`, which NFS carries to the server) on RUN_DIR/train.lock from before the run directory is touched
+until the process ends. The operating system releases it when the process dies, however it dies: a killed or
+requeued job leaves no stale lock on a local or NFSv4 file system (NFSv4 after the dead client's lease).
+
+The file records its holder (Slurm job id, host, pid, start time) for the refusal message. A holder with this
+job's own Slurm job id is a dead instance of this job (Slurm never runs a job id twice at once; a requeue keeps
+the id) whose lock a crashed node left on the server: the job goes on, with a warning. A file system without POSIX
+locks (Lustre mounted without `flock`) gets a warning too, not a refusal.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+
+from one4d_train.configtools import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "train.lock"
+
+
+class RunDirBusy(ConfigError):
+    """Another live training job holds the run directory."""
+
+
+class RunLock:
+    """The held lock: an open descriptor of the lock file. Closing any descriptor of the file in this process
+    releases a POSIX lock, so nothing else here may open it; the lock lasts until `release` or the process ends."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def holder_of(path: str) -> dict:
+    """The holder recorded in a lock file ({} when unreadable or empty). Never call it on a lock this process
+    holds: closing the descriptor it opens would release that lock."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "a process that recorded no details"
+    job = holder.get("slurm_job_id")
+    who = f"Slurm job {job}, " if job else ""
+    return f"{who}pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+
+
+def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | None:
+    """Lock `run_dir` for this process (creating the folder). Returns the lock, or None where it cannot be held
+    (no POSIX locks on this file system; a dead instance of this very job still holding it), with a warning.
+    Raises RunDirBusy, naming the holder and the lock file, when another job holds it."""
+    env = os.environ if environ is None else environ
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            log.warning("cannot lock %s (%s): this file system has no POSIX locks, so nothing stops a second job "
+                        "from training into %s at the same time", path, exc.strerror, run_dir)
+            return None
+        holder = holder_of(path)
+        job = env.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job_id") == job:
+            log.warning("%s is held by an earlier instance of this job (%s), dead since Slurm requeued it; its node "
+                        "may have failed with the lock on the file server: going on without the lock", path,
+                        _describe(holder))
+            return None
+        raise RunDirBusy(f"run_dir {run_dir}: another training job is using it ({_describe(holder)}); two jobs "
+                         f"in one run directory would delete each other's checkpoints. Wait for it to end, or use "
+                         f"another run_dir. If that job is no longer running (its node failed while it held the "
+                         f"lock on a network file system), delete {path}") from None
+    holder = {"slurm_job_id": env.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return RunLock(fd, path)

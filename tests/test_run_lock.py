@@ -1,0 +1,69 @@
+"""One training job per run directory (one4d_train/train/run_lock.py): a second job is refused before it touches the
+run directory, naming the job that holds it; a dead holder's lock is gone; a requeued job's own dead instance does
+not block it."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from launch_utils import ROOT, _env, srun_like
+from one4d_train.train import run_lock
+
+HOLD = ("import sys, time; from one4d_train.train import run_lock; "
+        "lock = run_lock.acquire(sys.argv[1], {'SLURM_JOB_ID': sys.argv[2]}); print('held', flush=True); "
+        "time.sleep(600)")
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A live process of Slurm job 99 holding tmp_path/run's lock."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), "99"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield run_dir, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_second_job_refused_naming_the_holder_until_the_holder_dies(holder):
+    run_dir, proc = holder
+    with pytest.raises(run_lock.RunDirBusy) as exc:
+        run_lock.acquire(str(run_dir), {"SLURM_JOB_ID": "100"})
+    assert f"run_dir {run_dir}" in str(exc.value) and f"Slurm job 99, pid {proc.pid}" in str(exc.value)
+    proc.send_signal(signal.SIGKILL)  # however the holder dies, the system releases its lock
+    proc.wait()
+    lock = run_lock.acquire(str(run_dir), {"SLURM_JOB_ID": "100"})
+    try:
+        assert lock is not None
+        with open(lock.path) as f:  # read through another descriptor only after checking: see holder_of
+            recorded = f.read()
+    finally:
+        lock.release()
+    assert f'"pid": {os.getpid()}' in recorded and '"slurm_job_id": "100"' in recorded
+
+
+def test_a_requeued_job_goes_on_past_its_own_dead_instance(holder, caplog):
+    """A lock recorded under this job's own Slurm id belongs to a dead instance of it (a crashed node's lock left on
+    the file server): the requeued job goes on without it, with a warning."""
+    run_dir, _ = holder
+    with caplog.at_level(logging.WARNING, logger="one4d_train.train.run_lock"):
+        assert run_lock.acquire(str(run_dir), {"SLURM_JOB_ID": "99"}) is None
+    assert "earlier instance of this job" in caplog.text
+
+
+@pytest.mark.slow
+def test_train_refuses_a_run_dir_in_use_before_touching_it(holder):
+    """Both ranks of a second `one4d train` exit 2 (rank 0 names the holder) and nothing of the run directory but
+    the lock file is written."""
+    run_dir, proc = holder
+    codes, out = srun_like(run_dir, "train.task=tests.train_toy_task:ToyTask", "train.device=cpu",
+                           "train.precision=fp32", "tracking.system_metrics=false", "train.steps=2", timeout=120)
+    assert codes == [2, 2], out[-3000:]
+    assert f"another training job is using it (Slurm job 99, pid {proc.pid}" in out
+    assert sorted(os.listdir(run_dir)) == [run_lock.LOCK_NAME]

@@ -33,11 +33,19 @@ def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, 
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
     bases = node.pop("_base_", [])
+    if OmegaConf.is_config(bases):
+        bases = OmegaConf.to_container(bases)
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: key '_base_': must be a file name or a list of file names (relative to this "
+                          f"file), got {bases!r}")
     layers: list[tuple[str, DictConfig]] = []
     for base in bases:
-        layers += _load_yaml_layers(os.path.join(os.path.dirname(path), str(base)), seen + (path,))
+        base_path = os.path.abspath(os.path.join(os.path.dirname(path), base))
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}: key '_base_': config file not found: {base_path}")
+        layers += _load_yaml_layers(base_path, seen + (path,))
     layers.append((path, node))
     return layers
 

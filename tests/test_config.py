@@ -90,3 +90,17 @@ def test_help_shows_real_usage(command, capsys):
         code = exc.code
     assert code == 0
     assert f"one4d {command}" in capsys.readouterr().out
+
+
+def test_base_that_is_not_a_list_of_file_names_names_the_file(tmp_path):
+    for i, value in enumerate(["5", "{a: 1}", "[base.yaml, 3]", "[[base.yaml]]"]):
+        exp = write(tmp_path, f"exp{i}.yaml", f"_base_: {value}\n")
+        with pytest.raises(ConfigError, match=rf"exp{i}.yaml: key '_base_': must be a file name or a list of file names"):
+            load_config([f"config={exp}"])
+
+
+def test_missing_base_file_names_the_file_that_lists_it(tmp_path):
+    exp = write(tmp_path, "exp.yaml", "_base_: [../model/nonexistent.yaml]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([f"config={exp}"])
+    assert f"{exp}: key '_base_': config file not found: {tmp_path.parent / 'model' / 'nonexistent.yaml'}" in str(err.value)

@@ -44,13 +44,19 @@ def loss_summary(db: str) -> tuple[list[tuple[int, float]], str]:
     return sorted((m.step, m.value) for m in history), run_.info.run_id
 
 
+def count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="one4d demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="where data, shards and the run go (default runs/demo)")
-    p.add_argument("--steps", type=int, default=60, help="training steps of the first run (default 60)")
-    p.add_argument("--resume-steps", type=int, default=10, help="steps added by the resumed run (default 10)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    p.add_argument("--steps", type=count, default=60, help="training steps of the first run (default 60)")
+    p.add_argument("--resume-steps", type=count, default=10, help="steps added by the resumed run (default 10)")
+    p.add_argument("--nproc", type=count, default=2, help="training processes (default 2)")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
     raw, shards, run_dir = (os.path.join(out, d) for d in ("data", "shards", "run"))

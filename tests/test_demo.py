@@ -10,9 +10,8 @@ import pytest
 
 from launch_utils import ROOT, _env, metric, mlflow_run
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "one4d_train.cli", "demo", "--out", str(out), "--steps", "4",
@@ -27,3 +26,14 @@ def test_demo_runs_end_to_end(tmp_path):
     client, run = mlflow_run(out / "run")
     steps = sorted(metric(client, run, "loss"))  # logged every 5 steps and at the end of each run
     assert 4 in steps and steps[-1] == 6, steps
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--resume-steps", "--nproc"])
+def test_demo_refuses_counts_below_one_before_doing_anything(flag, tmp_path, capsys):
+    from one4d_train.demo import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "demo"), flag, "0"])
+    assert exc.value.code == 2
+    assert f"{flag}: must be a whole number of at least 1, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

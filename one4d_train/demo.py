@@ -1,4 +1,4 @@
-"""`one4d demo [--out DIR] [--steps N]`: the whole product on a CPU in about four minutes.
+"""`one4d demo [--out DIR] [--steps N]`: the whole product on a CPU in about four minutes, in a new folder.
 
 synthetic clips with exact geometry -> `one4d shard` -> `one4d inspect-shards` -> `one4d train` (tiny DLC model,
 DeepSpeed ZeRO-3 on 2 CPU processes) -> stop -> `one4d train` again (resumes from the checkpoint) ->
@@ -53,12 +53,16 @@ def count(text: str) -> int:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="one4d demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="where data, shards and the run go (default runs/demo)")
+    p.add_argument("--out", default="runs/demo",
+                   help="where data, shards and the run go: a new or empty folder (default runs/demo)")
     p.add_argument("--steps", type=count, default=60, help="training steps of the first run (default 60)")
     p.add_argument("--resume-steps", type=count, default=10, help="steps added by the resumed run (default 10)")
     p.add_argument("--nproc", type=count, default=2, help="training processes (default 2)")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
+    # an earlier demo's run there would be resumed from its last checkpoint: nothing trained, old results shown
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        p.error(f"--out {out} exists and is not an empty folder (an earlier demo?): remove it or choose another --out")
     raw, shards, run_dir = (os.path.join(out, d) for d in ("data", "shards", "run"))
     val_raw, val_shards = os.path.join(out, "val_data"), os.path.join(out, "val_shards")
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -28,6 +28,20 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 4 in steps and steps[-1] == 6, steps
 
 
+def test_demo_refuses_a_folder_that_holds_an_earlier_run(tmp_path, capsys):
+    """A second demo into the same folder would resume the first one's final checkpoint and train nothing, while
+    its output said it trained: it stops first, naming the folder, and leaves it untouched."""
+    from one4d_train.demo import main
+
+    out = tmp_path / "demo"
+    (out / "run" / "checkpoints" / "step-00000070").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(out)])
+    assert exc.value.code == 2
+    assert f"--out {out} exists and is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["run"]
+
+
 @pytest.mark.parametrize("flag", ["--steps", "--resume-steps", "--nproc"])
 def test_demo_refuses_counts_below_one_before_doing_anything(flag, tmp_path, capsys):
     from one4d_train.demo import main

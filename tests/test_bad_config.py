@@ -228,3 +228,14 @@ def test_cli_exit_code_for_a_bad_config(tmp_path):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"key 'data.shards': {tmp_path / 'nonexist'}: no such directory" in r.stderr
     assert "Traceback" not in r.stderr and not run_dir.exists()
+
+
+@pytest.mark.parametrize("item", ["eval.num_samples=0", "eval.modes=[]", "eval.modes=[video,video]",
+                                  "eval.depth_cap=0", "eval.recovery_lr=-1", "eval.smooth_rot=-1",
+                                  "eval.benchmark_start=-3", "eval.fps=0"])
+def test_evaluation_values_that_would_fail_or_score_nothing_are_refused(item):
+    """Each of these evaluated nothing (and marked the checkpoint scored), scored NaN, read the wrong frames, or
+    failed with a traceback after the model was built and the first modes were sampled."""
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"command line: key '{key}': "):
+        load_config([f"config={DEMO}", item])

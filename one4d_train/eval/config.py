@@ -36,10 +36,19 @@ class EvalConfig:
         p += choice(self.depth_align, ["median", "scale", "scale_shift"], "depth_align")
         for m in self.modes:
             p += choice(m, ["image", "sparse", "video"], "modes")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            p.append(("modes", f"must name each mode to evaluate once, got {self.modes}"))
         p += in_range(self.steps, 1, None, "steps") + in_range(self.every, 0, None, "every")
         p += in_range(self.shift, 1e-6, None, "shift")  # as flow.shift: 0 or less makes the sigma grid NaN or inf
+        p += in_range(self.num_samples, 1, None, "num_samples")
         p += in_range(self.recovery_iters, 0, None, "recovery_iters") + in_range(self.keyframes, 1, None, "keyframes")
+        p += in_range(self.recovery_lr, 1e-12, None, "recovery_lr")
+        p += in_range(self.smooth_rot, 0.0, None, "smooth_rot") + in_range(self.smooth_centre, 0.0, None, "smooth_centre")
+        if not self.depth_cap > 0:
+            p.append(("depth_cap", f"must be > 0 metres (inf: no cap), got {self.depth_cap}"))
+        p += in_range(self.benchmark_start, 0, None, "benchmark_start")
         p += in_range(self.benchmark_stride, 1, None, "benchmark_stride")
+        p += in_range(self.fps, 1 / 1001, None, "fps")  # the lowest rate the video writer takes
         if self.dataset and ":" in self.dataset.split("/")[0]:
             p += choice(self.dataset.split(":", 1)[0], ["sintel", "bonn", "tum"], "dataset")
         return p

@@ -37,8 +37,8 @@ class DataConfig:
         p += in_range(self.frame_stride, 1, None, "frame_stride")
         if (self.num_frames - 1) % 4:
             p.append(("num_frames", f"must be 4k+1 for the Wan VAE, got {self.num_frames}"))
-        if self.height % 16 or self.width % 16:
-            p.append(("height", f"height and width must be multiples of 16, got {self.height}x{self.width}"))
+        if self.height % 16 or self.width % 16 or self.height < 16 or self.width < 16:
+            p.append(("height", f"height and width must be positive multiples of 16, got {self.height}x{self.width}"))
         lo, hi = (self.pointmap_percentiles + [None, None])[:2]
         if len(self.pointmap_percentiles) != 2 or not (0 <= lo < hi <= 100):
             p.append(("pointmap_percentiles", f"must be [lo, hi] with 0 <= lo < hi <= 100, got {self.pointmap_percentiles}"))

@@ -239,3 +239,10 @@ def test_evaluation_values_that_would_fail_or_score_nothing_are_refused(item):
     key = item.split("=")[0]
     with pytest.raises(ConfigError, match=rf"command line: key '{key}': "):
         load_config([f"config={DEMO}", item])
+
+
+@pytest.mark.parametrize("item", ["data.height=0", "data.width=0", "data.height=-16", "data.width=-32"])
+def test_clip_size_must_be_positive(item):
+    """0 passed the multiple-of-16 check and failed in the VAE's first convolution with a traceback."""
+    with pytest.raises(ConfigError, match=r"command line.*: key 'data.height': height and width must be positive"):
+        load_config([item])

@@ -104,3 +104,22 @@ def test_missing_base_file_names_the_file_that_lists_it(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config([f"config={exp}"])
     assert f"{exp}: key '_base_': config file not found: {tmp_path.parent / 'model' / 'nonexistent.yaml'}" in str(err.value)
+
+
+def test_train_help_states_the_defaults_of_the_keys_it_shows(capsys):
+    """`key=value` in `one4d train --help`'s key list is the default (alternatives are written a|b, placeholders
+    in capitals or {...})."""
+    import re
+
+    from one4d_train.cli import main as one4d_main
+    from one4d_train.configtools import flatten, to_dict
+
+    assert one4d_main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    keys = text[text.index("main keys:"):text.index("Before any process group")]
+    defaults = flatten(to_dict(load_config()))
+    shown = re.findall(r"\b((?:optim|train|tracking|eval|data|model|flow)\.[a-z_.]+)=(\S*)", keys)
+    checked = [(k, v) for k, v in shown if not re.search(r"[|{A-Z]", v)]
+    assert len(checked) >= 10, shown
+    for key, value in checked:
+        assert str(defaults[key]) == value or (value and float(defaults[key]) == float(value)), (key, value)

@@ -246,3 +246,15 @@ def test_clip_size_must_be_positive(item):
     """0 passed the multiple-of-16 check and failed in the VAE's first convolution with a traceback."""
     with pytest.raises(ConfigError, match=r"command line.*: key 'data.height': height and width must be positive"):
         load_config([item])
+
+
+def test_the_train_help_example_passes_every_check(shards, tmp_path, capsys):
+    """`one4d train --help`'s first example, on shards like the demo's: it named no shards, which every run needs."""
+    from one4d_train.train.main import main
+
+    assert main(["--help"]) == 0
+    example = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("one4d train"))
+    argv = [a.replace("runs/demo/shards", str(shards)).replace("runs/mine", str(tmp_path / "mine"))
+            for a in example.split()[2:]]
+    argv = [f"config={os.path.join(ROOT, a[7:])}" if a.startswith("config=") else a for a in argv]
+    assert preflight_config(argv).train.steps == 20

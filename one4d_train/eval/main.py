@@ -21,7 +21,8 @@ from one4d_train.model.adapters import AdapterError
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\nexample: one4d eval checkpoint=runs/demo eval.modes=[video] eval.steps=20")
+        print(__doc__.strip() + "\n\nexample (the run of `one4d train --help`'s first example, held-out shards of `one4d demo`):\n"
+              "  one4d eval checkpoint=runs/mine data.val_shards=runs/demo/val_shards eval.modes=[video] eval.steps=20")
         return 0
     target = [a.split("=", 1)[1] for a in argv if a.startswith("checkpoint=")]
     rest = [a for a in argv if not a.startswith("checkpoint=")]

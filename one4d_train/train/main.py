@@ -21,8 +21,8 @@ overrides that leave the trainer's keys alone); every problem names its key and 
 exit codes: 0 finished, 2 bad config (or run_dir in use by another training job), 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
 requeue the job), 1 any other failure (the MLflow run is ended as FAILED).
 
-examples:
-  one4d train config=configs/experiment/demo.yaml train.steps=20
+examples (the first on the shards `one4d demo` writes):
+  one4d train config=configs/experiment/demo.yaml data.shards=runs/demo/shards run_dir=runs/mine train.steps=20
   python -m torch.distributed.run --nproc_per_node=2 -m one4d_train.cli train config=... train.device=cpu
 """
 from __future__ import annotations

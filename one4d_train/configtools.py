@@ -107,7 +107,7 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"key '{key}': {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{_origin(key, origins)}: key '{key}': {str(exc).splitlines()[0]}") from None
     validate_tree(obj, origins=origins)
     if checks is not None:
         problems = checks(obj)

@@ -123,3 +123,11 @@ def test_train_help_states_the_defaults_of_the_keys_it_shows(capsys):
     assert len(checked) >= 10, shown
     for key, value in checked:
         assert str(defaults[key]) == value or (value and float(defaults[key]) == float(value)), (key, value)
+
+
+def test_an_interpolation_error_names_the_file_that_set_the_key(tmp_path):
+    exp = write(tmp_path, "exp.yaml", "name: ${nmae}\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: key 'name': Interpolation key 'nmae' not found"):
+        load_config([f"config={exp}"])
+    with pytest.raises(ConfigError, match=r"^command line: key 'run_dir': "):
+        load_config(["run_dir=${nope}/x"])

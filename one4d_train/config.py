@@ -27,6 +27,8 @@ class One4DConfig:
 
     def validate(self):
         p = [] if self.resume in ("auto", "never") or self.resume else [("resume", "must be auto, never or a path")]
+        if not self.run_dir:
+            p.append(("run_dir", "must name a folder (. for the working directory)"))
         frames, sparse = self.data.num_frames, self.eval.sparse_frames
         if "sparse" in self.eval.modes and not 2 <= sparse <= frames:
             p.append(("eval.sparse_frames", f"the sparse mode observes the first, the last and evenly spaced frames of "

@@ -258,3 +258,11 @@ def test_the_train_help_example_passes_every_check(shards, tmp_path, capsys):
             for a in example.split()[2:]]
     argv = [f"config={os.path.join(ROOT, a[7:])}" if a.startswith("config=") else a for a in argv]
     assert preflight_config(argv).train.steps == 20
+
+
+def test_an_empty_run_dir_is_refused():
+    """It passed, and the trainer failed after the process group had started (os.makedirs(''): a traceback), having
+    created mlflow.db in the working directory."""
+    with pytest.raises(ConfigError, match=r"command line: key 'run_dir': must name a folder"):
+        load_config(["run_dir="])
+    assert load_config(["run_dir=."]).run_dir == "."

@@ -90,8 +90,12 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
     # `key=` means the empty string (OmegaConf would read it as null)
     dotlist = [a + "''" if a.endswith("=") else a for a in args if not a.startswith("config=")]
     for item in dotlist:
+        if item.startswith("-"):
+            raise ConfigError(f"command line: '{item}': settings are written key=value without dashes "
+                              "(a config file as config=FILE)")
         if "=" not in item:
-            raise ConfigError(f"command line: '{item}' is not of the form key=value")
+            hint = " (a config file is given as config=FILE)" if item.endswith((".yaml", ".yml")) else ""
+            raise ConfigError(f"command line: '{item}' is not of the form key=value{hint}")
     cfg = OmegaConf.structured(schema_cls)
     origins: dict[str, str] = {}
     for f in files:

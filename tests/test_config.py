@@ -131,3 +131,10 @@ def test_an_interpolation_error_names_the_file_that_set_the_key(tmp_path):
         load_config([f"config={exp}"])
     with pytest.raises(ConfigError, match=r"^command line: key 'run_dir': "):
         load_config(["run_dir=${nope}/x"])
+
+
+@pytest.mark.parametrize("arg", ["configs/experiment/demo.yaml", "--config=configs/experiment/demo.yaml",
+                                 "--train.steps=3"])
+def test_a_config_file_or_option_written_the_usual_cli_way_says_how_to_write_it(arg):
+    with pytest.raises(ConfigError, match=r"^command line: '[^']*'.*(config=FILE|key=value without dashes)"):
+        load_config([arg])

@@ -50,18 +50,31 @@ def count(text: str) -> int:
     return int(text)
 
 
+def is_new(path: str) -> bool:
+    return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+
+
+def fresh_folder(base: str) -> str:
+    """`base`, or the first of base-2, base-3 ... that is new or empty: the README's command runs again as is."""
+    n, path = 1, base
+    while not is_new(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="one4d demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo",
-                   help="where data, shards and the run go: a new or empty folder (default runs/demo)")
+    p.add_argument("--out", help="where data, shards and the run go: a new or empty folder (default runs/demo, or "
+                                 "runs/demo-2, -3 ... where earlier demos are)")
     p.add_argument("--steps", type=count, default=60, help="training steps of the first run (default 60)")
     p.add_argument("--resume-steps", type=count, default=10, help="steps added by the resumed run (default 10)")
     p.add_argument("--nproc", type=count, default=2, help="training processes (default 2)")
     a = p.parse_args(argv)
-    out = os.path.abspath(a.out)
-    # an earlier demo's run there would be resumed from its last checkpoint: nothing trained, old results shown
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    # an earlier demo's run in the folder would be resumed from its last checkpoint: nothing trained, old results
+    out = os.path.abspath(a.out) if a.out else fresh_folder(os.path.abspath("runs/demo"))
+    if not is_new(out):
         p.error(f"--out {out} exists and is not an empty folder (an earlier demo?): remove it or choose another --out")
     raw, shards, run_dir = (os.path.join(out, d) for d in ("data", "shards", "run"))
     val_raw, val_shards = os.path.join(out, "val_data"), os.path.join(out, "val_shards")

@@ -3,6 +3,7 @@ one elsewhere; this checks that they still fit together)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,19 @@ def test_demo_refuses_a_folder_that_holds_an_earlier_run(tmp_path, capsys):
     assert exc.value.code == 2
     assert f"--out {out} exists and is not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["run"]
+
+
+def test_demo_picks_a_new_folder_next_to_earlier_demos(tmp_path):
+    """Without --out the README's command runs again as written: runs/demo, then runs/demo-2, -3 ..."""
+    from one4d_train.demo import fresh_folder
+
+    base = str(tmp_path / "demo")
+    assert fresh_folder(base) == base
+    os.makedirs(os.path.join(base, "run"))
+    os.makedirs(base + "-2")  # empty: usable
+    assert fresh_folder(base) == base + "-2"
+    os.makedirs(os.path.join(base + "-2", "data"))
+    assert fresh_folder(base) == base + "-3"
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--resume-steps", "--nproc"])

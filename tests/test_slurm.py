@@ -75,6 +75,17 @@ def wait_for_text(path: Path, pattern: str, timeout_s: float = JOB_TIMEOUT_S) ->
     raise AssertionError(f"{pattern!r} never appeared in {path}:\n{path.read_text() if path.exists() else ''}")
 
 
+def test_job_tasks_get_the_cpus_per_task_the_site_asks_for(cluster, job_env, tmp_path):
+    """From Slurm 22.05 on srun does not inherit the job's --cpus-per-task but reads SRUN_CPUS_PER_TASK (sbatch(1)):
+    job_env.sh, which every job script sources first, passes the job's value on to the tasks' srun."""
+    script, out = tmp_path / "probe.sbatch", tmp_path / "probe.out"
+    script.write_text(f"#!/bin/bash\nsource {REPO}/slurm/job_env.sh\n"
+                      "srun bash -c 'echo task $SLURM_PROCID srun_cpus=$SRUN_CPUS_PER_TASK'\n")
+    r = run(["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=2", f"--output={out}", script], job_env)
+    assert r.returncode == 0, r.stdout + r.stderr + (out.read_text() if out.exists() else "")
+    assert sorted(re.findall(r"task \d srun_cpus=(\S*)", out.read_text())) == ["2", "2"]
+
+
 # -- training --
 
 def train_args(tmp: Path, run_dir: Path, steps: int) -> list[str]:

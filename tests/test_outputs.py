@@ -166,6 +166,8 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     tracker = MlflowTracker(str(run), cfg.tracking, cfg.name)
     run_id = tracker.start(None, {})
     tracker.end()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    client.update_run(run_id, status="RUNNING")  # training still going on beside this evaluation
     ckpt = run / "checkpoints" / "step-00000010"
     (ckpt / "adapters").mkdir(parents=True)
     (ckpt / "train_state").mkdir()
@@ -188,9 +190,9 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
             assert (tmp_path / r["files"][f]).is_file()
     sparse = next(r for r in report["samples"] if r["mode"] == "sparse")
     assert sparse["num_frames"] == 3
-    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
     history = client.get_metric_history(run_id, "eval/video/abs_rel")
     assert len(history) == 1 and history[0].step == 10
+    assert client.get_run(run_id).info.status == "RUNNING"  # the evaluation does not end the training's run
     assert any(a.path.startswith("eval") for a in client.list_artifacts(run_id))
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert "nothing to evaluate" in capsys.readouterr().out

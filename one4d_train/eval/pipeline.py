@@ -334,13 +334,8 @@ def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int) -> N
     from one4d_train.train.tracking import MlflowTracker
 
     tracker = MlflowTracker(cfg.run_dir, replace(cfg.tracking, system_metrics=False), cfg.name)
-    tracker.start(run_id, {})
-    try:
-        metrics = {f"eval/{mode}/{k}": v for mode, means in report["means"].items() for k, v in means.items()}
-        tracker.log_metrics(metrics, step)
-        tracker.log_artifacts(str(out_dir), f"eval/step-{step:08d}")
-    finally:
-        tracker.end()
+    metrics = {f"eval/{mode}/{k}": v for mode, means in report["means"].items() for k, v in means.items()}
+    tracker.add_to_run(run_id, metrics, step, str(out_dir), f"eval/step-{step:08d}")
 
 
 def checkpoints_to_evaluate(path: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,19 @@ class MlflowTracker(NullTracker):
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifacts(local_dir, artifact_path)
+
+    def add_to_run(self, run_id: str, metrics: dict[str, float], step: int, local_dir: str,
+                   artifact_path: str) -> None:
+        """Metrics and a folder of artifacts into an existing run, leaving its status alone: an evaluation job
+        beside a training job that is still running must not mark that run FINISHED (nor reopen a finished one)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        finite = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                  if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(finite), BATCH):
+            self.client.log_batch(run_id, metrics=finite[i:i + BATCH])
+        self.client.log_artifacts(run_id, local_dir, artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
         self.mlflow.log_text(text, name)

@@ -48,3 +48,29 @@ def test_other_ranks_get_a_no_op_tracker(tmp_path):
     assert type(tracker) is NullTracker and tracker.start("abc", {}) == "abc"
     tracker.log_metrics({"loss": 1.0}, 1)
     assert not os.listdir(tmp_path)
+
+
+def test_a_run_left_running_by_a_dead_job_is_ended_when_the_run_dir_starts_again(tmp_path):
+    """A job killed before its first checkpoint leaves its MLflow run RUNNING and no checkpoint to carry it on: the
+    next job of the run directory (the only one alive: run_lock) ends it as KILLED. Runs of other run directories
+    on a shared store, and the run being resumed, are left alone."""
+    cfg = SimpleNamespace(uri=f"sqlite:///{tmp_path}/shared.db", experiment="exp", system_metrics=False)
+    mine, other = str(tmp_path / "mine"), str(tmp_path / "other")
+
+    def started(run_dir):
+        tracker = MlflowTracker(run_dir, cfg, "n")
+        run_id = tracker.start(None, {})
+        tracker.end()
+        return run_id
+
+    dead, resumed, elsewhere = started(mine), started(mine), started(other)
+    client = MlflowClient(cfg.uri)
+    for run_id in (dead, resumed, elsewhere):  # as jobs killed without a word leave them
+        client.update_run(run_id, status="RUNNING")
+
+    tracker = MlflowTracker(mine, cfg, "n")
+    assert tracker.start(resumed, {}) == resumed
+    status = {r: client.get_run(r).info.status for r in (dead, resumed, elsewhere)}
+    assert status == {dead: "KILLED", resumed: "RUNNING", elsewhere: "RUNNING"}
+    assert client.get_run(resumed).data.tags["one4d.run_dir"] == os.path.abspath(mine)
+    tracker.end()

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch
+RUN_DIR_TAG = "one4d.run_dir"  # the run directory that a training run's MLflow run records
 
 
 class NullTracker:
@@ -36,7 +37,7 @@ class MlflowTracker(NullTracker):
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        run_dir = os.path.abspath(run_dir)
+        self.run_dir = run_dir = os.path.abspath(run_dir)
         self.uri = tracking_cfg.uri or f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}"
         self.client = MlflowClient(tracking_uri=self.uri)
         self.mlflow, self.cfg, self.run_name = mlflow, tracking_cfg, run_name
@@ -58,14 +59,29 @@ class MlflowTracker(NullTracker):
             except ImportError:
                 log.warning("tracking.system_metrics needs psutil, which is not installed: system metrics off")
                 system = False
+        self._end_dead_runs(keep=run_id)
         if run_id is None:
             run = self.mlflow.start_run(experiment_id=self._experiment_id(), run_name=self.run_name,
-                                        log_system_metrics=system)
+                                        tags={RUN_DIR_TAG: self.run_dir}, log_system_metrics=system)
         else:
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
         self.run_id = run.info.run_id
         self._log_params(params)
         return self.run_id
+
+    def _end_dead_runs(self, keep: str | None) -> None:
+        """Runs of this run directory still RUNNING belong to jobs that died without a word (SIGKILL, a node
+        failure) before a checkpoint could carry their run on: one training job holds the run directory at a time
+        (run_lock), so none is alive. They are ended as KILLED instead of showing as running for ever."""
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            return
+        dead = self.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        for run in dead:
+            if run.info.run_id != keep and run.data.tags.get(RUN_DIR_TAG) == self.run_dir:
+                log.warning("MLflow run %s of this run directory was left RUNNING by a job that died before its "
+                            "first checkpoint: ended as KILLED", run.info.run_id)
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _log_params(self, params: dict) -> None:
         """New params are logged; a value that changed on resume (MLflow forbids rewriting one) becomes a tag.

@@ -21,5 +21,7 @@ if [[ -n ${ONE4D_VENV:-} ]]; then
 fi
 command -v one4d >/dev/null || { echo "[one4d] 'one4d' is not on PATH (ONE4D_VENV=${ONE4D_VENV:-})" >&2; exit 2; }
 # from Slurm 22.05 on, srun does not inherit the job's --cpus-per-task (sbatch(1)): it reads SRUN_CPUS_PER_TASK.
-# Without it each training task, data workers included, may be pinned to a single CPU where tasks are bound
-if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+# Without it each training task, data workers included, may be pinned to a single CPU where tasks are bound.
+# Always this job's own value: one inherited from the job that submitted this one (--export=ALL) would make srun
+# ask for CPUs this allocation may not have
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; else unset SRUN_CPUS_PER_TASK; fi

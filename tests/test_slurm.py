@@ -86,6 +86,25 @@ def test_job_tasks_get_the_cpus_per_task_the_site_asks_for(cluster, job_env, tmp
     assert sorted(re.findall(r"task \d srun_cpus=(\S*)", out.read_text())) == ["2", "2"]
 
 
+def test_a_job_submitted_from_a_job_does_not_inherit_its_srun_cpus_per_task(cluster, job_env, tmp_path):
+    """A job with --cpus-per-task (training) submits one without it (an evaluation where the site file asks for none)
+    through submit.sh: the new job's srun must not ask for the first job's CPUs per task, which its allocation of one
+    CPU cannot give."""
+    site, inner_out, outer_out = tmp_path / "site.env", tmp_path / "inner.out", tmp_path / "outer.out"
+    site.write_text(f"source {SITE}\nONE4D_SBATCH_INNER=(--ntasks=1 --time=00:05:00)\n")
+    inner = tmp_path / "inner.sbatch"
+    inner.write_text(f"#!/bin/bash\nsource {REPO}/slurm/job_env.sh\n"
+                     "srun bash -c 'echo srun_cpus=${SRUN_CPUS_PER_TASK:-none}'\n")
+    outer = tmp_path / "outer.sbatch"
+    outer.write_text(f"#!/bin/bash\nsource {REPO}/slurm/job_env.sh\n"
+                     f"{REPO}/slurm/submit.sh --wait --output={inner_out} {inner}\n")
+    r = run(["sbatch", "--wait", "--ntasks=1", "--cpus-per-task=2", f"--output={outer_out}", outer],
+            dict(job_env, ONE4D_SITE=str(site)))
+    logs = (outer_out.read_text() if outer_out.exists() else "") + (inner_out.read_text() if inner_out.exists() else "")
+    assert r.returncode == 0, r.stdout + r.stderr + logs
+    assert "srun_cpus=none" in inner_out.read_text(), logs
+
+
 # -- training --
 
 def train_args(tmp: Path, run_dir: Path, steps: int) -> list[str]:

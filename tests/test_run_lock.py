@@ -49,12 +49,20 @@ def test_second_job_refused_naming_the_holder_until_the_holder_dies(holder):
 
 
 def test_a_requeued_job_goes_on_past_its_own_dead_instance(holder, caplog):
-    """A lock recorded under this job's own Slurm id belongs to a dead instance of it (a crashed node's lock left on
-    the file server): the requeued job goes on without it, with a warning."""
+    """A lock recorded under this job's own Slurm id and an earlier restart count belongs to a dead instance of it (a
+    crashed node's lock left on the file server): the requeued job goes on without it, with a warning."""
     run_dir, _ = holder
     with caplog.at_level(logging.WARNING, logger="one4d_train.train.run_lock"):
-        assert run_lock.acquire(str(run_dir), {"SLURM_JOB_ID": "99"}) is None
+        assert run_lock.acquire(str(run_dir), {"SLURM_JOB_ID": "99", "SLURM_RESTART_COUNT": "1"}) is None
     assert "earlier instance of this job" in caplog.text
+
+
+def test_a_second_training_in_the_same_allocation_is_refused(holder):
+    """Two `srun one4d train` of one salloc allocation share its Slurm job id and restart count: the holder is alive,
+    not a requeued job's dead instance, and the second is refused as any other job."""
+    run_dir, proc = holder
+    with pytest.raises(run_lock.RunDirBusy, match=f"Slurm job 99, pid {proc.pid}"):
+        run_lock.acquire(str(run_dir), {"SLURM_JOB_ID": "99"})
 
 
 @pytest.mark.slow

@@ -7,10 +7,12 @@ complete ones and interleave their steps in one MLflow run. So global rank 0 hol
 until the process ends. The operating system releases it when the process dies, however it dies: a killed or
 requeued job leaves no stale lock on a local or NFSv4 file system (NFSv4 after the dead client's lease).
 
-The file records its holder (Slurm job id, host, pid, start time) for the refusal message. A holder with this
-job's own Slurm job id is a dead instance of this job (Slurm never runs a job id twice at once; a requeue keeps
-the id) whose lock a crashed node left on the server: the job goes on, with a warning. A file system without POSIX
-locks (Lustre mounted without `flock`) gets a warning too, not a refusal.
+The file records its holder (Slurm job id and restart count, host, pid, start time) for the refusal message. A
+holder with this job's own Slurm job id and a lower restart count is a dead instance of this job (a requeue keeps
+the id and counts up SLURM_RESTART_COUNT) whose lock a crashed node left on the server: the job goes on, with a
+warning. One with the same count is alive in this very allocation (a second `srun one4d train` in an salloc
+shell) and is refused like any other job. A file system without POSIX locks (Lustre mounted without `flock`) gets
+a warning too, not a refusal.
 """
 from __future__ import annotations
 
@@ -56,6 +58,14 @@ def holder_of(path: str) -> dict:
         return {}
 
 
+def _restart_count(value) -> int:
+    """A SLURM_RESTART_COUNT, or the one a holder recorded: 0 before the first requeue (Slurm leaves it unset)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _describe(holder: dict) -> str:
     if not holder:
         return "a process that recorded no details"
@@ -69,6 +79,7 @@ def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | No
     (no POSIX locks on this file system; a dead instance of this very job still holding it), with a warning.
     Raises RunDirBusy, naming the holder and the lock file, when another job holds it."""
     env = os.environ if environ is None else environ
+    job, restarts = env.get("SLURM_JOB_ID"), _restart_count(env.get("SLURM_RESTART_COUNT"))
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -81,8 +92,7 @@ def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | No
                         "from training into %s at the same time", path, exc.strerror, run_dir)
             return None
         holder = holder_of(path)
-        job = env.get("SLURM_JOB_ID")
-        if job and holder.get("slurm_job_id") == job:
+        if job and holder.get("slurm_job_id") == job and _restart_count(holder.get("slurm_restart_count")) < restarts:
             log.warning("%s is held by an earlier instance of this job (%s), dead since Slurm requeued it; its node "
                         "may have failed with the lock on the file server: going on without the lock", path,
                         _describe(holder))
@@ -91,7 +101,7 @@ def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | No
                          f"in one run directory would delete each other's checkpoints. Wait for it to end, or use "
                          f"another run_dir. If that job is no longer running (its node failed while it held the "
                          f"lock on a network file system), delete {path}") from None
-    holder = {"slurm_job_id": env.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
+    holder = {"slurm_job_id": job, "slurm_restart_count": restarts, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)

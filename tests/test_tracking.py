@@ -74,3 +74,22 @@ def test_a_run_left_running_by_a_dead_job_is_ended_when_the_run_dir_starts_again
     assert status == {dead: "KILLED", resumed: "RUNNING", elsewhere: "RUNNING"}
     assert client.get_run(resumed).data.tags["one4d.run_dir"] == os.path.abspath(mine)
     tracker.end()
+
+
+def test_a_live_run_of_the_same_path_on_another_machine_is_left_alone(tmp_path):
+    """On a shared tracking server one path can name a folder on each of several machines (containers that all train
+    in /workspace/runs/NAME): a job starting in its folder must not end the live run of another machine's."""
+    cfg = SimpleNamespace(uri=f"sqlite:///{tmp_path}/shared.db", experiment="exp", system_metrics=False)
+    run_dir = tmp_path / "runs" / "x"
+    run_dir.mkdir(parents=True)  # as the trainer makes it before the tracker starts
+    elsewhere = MlflowTracker(str(run_dir), cfg, "n")
+    live = elsewhere.start(None, {})
+    elsewhere.end()
+    client = MlflowClient(cfg.uri)
+    client.update_run(live, status="RUNNING")  # still training, over there (one active run per process here)
+    os.rename(run_dir, tmp_path / "other-machine")  # that machine's folder is not this one's
+    run_dir.mkdir()
+    tracker = MlflowTracker(str(run_dir), cfg, "n")
+    mine = tracker.start(None, {})
+    assert {r: client.get_run(r).info.status for r in (live, mine)} == {live: "RUNNING", mine: "RUNNING"}
+    tracker.end()

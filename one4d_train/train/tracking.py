@@ -9,12 +9,15 @@ import logging
 import math
 import os
 import time
+import uuid
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch
 RUN_DIR_TAG = "one4d.run_dir"  # the run directory that a training run's MLflow run records
+RUN_DIR_ID_TAG = "one4d.run_dir_id"  # and that directory's own id: one path can name folders on several machines
+RUN_DIR_ID_FILE = "run_dir_id"
 
 
 class NullTracker:
@@ -61,13 +64,27 @@ class MlflowTracker(NullTracker):
                 system = False
         self._end_dead_runs(keep=run_id)
         if run_id is None:
-            run = self.mlflow.start_run(experiment_id=self._experiment_id(), run_name=self.run_name,
-                                        tags={RUN_DIR_TAG: self.run_dir}, log_system_metrics=system)
+            tags = {RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: self._run_dir_id()}
+            run = self.mlflow.start_run(experiment_id=self._experiment_id(), run_name=self.run_name, tags=tags,
+                                        log_system_metrics=system)
         else:
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
         self.run_id = run.info.run_id
         self._log_params(params)
         return self.run_id
+
+    def _run_dir_id(self) -> str:
+        """This run directory's id, made on its first run: on a shared tracking server the same path may be another
+        machine's folder (containers that all work in /workspace), whose runs are not ours to end."""
+        path = os.path.join(self.run_dir, RUN_DIR_ID_FILE)
+        os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            with open(path, "x") as f:
+                f.write(uuid.uuid4().hex)
+        except FileExistsError:
+            pass
+        with open(path) as f:
+            return f.read().strip()
 
     def _end_dead_runs(self, keep: str | None) -> None:
         """Runs of this run directory still RUNNING belong to jobs that died without a word (SIGKILL, a node
@@ -76,7 +93,8 @@ class MlflowTracker(NullTracker):
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
             return
-        dead = self.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        dead = self.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING' and "
+                                       f"tags.`{RUN_DIR_ID_TAG}` = '{self._run_dir_id()}'")
         for run in dead:
             if run.info.run_id != keep and run.data.tags.get(RUN_DIR_TAG) == self.run_dir:
                 log.warning("MLflow run %s of this run directory was left RUNNING by a job that died before its "

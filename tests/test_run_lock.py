@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from launch_utils import ROOT, _env, srun_like
+from one4d_train.configtools import ConfigError
 from one4d_train.train import run_lock
 
 HOLD = ("import sys, time; from one4d_train.train import run_lock; "
@@ -75,3 +76,9 @@ def test_train_refuses_a_run_dir_in_use_before_touching_it(holder):
     assert codes == [2, 2], out[-3000:]
     assert f"another training job is using it (Slurm job 99, pid {proc.pid}" in out
     assert sorted(os.listdir(run_dir)) == [run_lock.LOCK_NAME]
+
+
+def test_a_run_dir_that_cannot_be_made_names_the_key(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"key 'run_dir': cannot create .*file/run.*Not a directory"):
+        run_lock.acquire(str(tmp_path / "file" / "run"), {})

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     if env.is_main:  # before anything in run_dir is read or written; held until this process ends
         try:
             lock = run_lock.acquire(cfg.run_dir)  # noqa: F841 (kept open: closing it would release the lock)
-        except run_lock.RunDirBusy as exc:
+        except ConfigError as exc:  # in use by another job, or not creatable
             busy = exc
     if distributed.broadcast_from_main(busy is not None):
         if busy is not None:

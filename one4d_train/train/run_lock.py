@@ -77,12 +77,16 @@ def _describe(holder: dict) -> str:
 def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | None:
     """Lock `run_dir` for this process (creating the folder). Returns the lock, or None where it cannot be held
     (no POSIX locks on this file system; a dead instance of this very job still holding it), with a warning.
-    Raises RunDirBusy, naming the holder and the lock file, when another job holds it."""
+    Raises RunDirBusy, naming the holder and the lock file, when another job holds it, and ConfigError when the
+    folder or the file cannot be made."""
     env = os.environ if environ is None else environ
     job, restarts = env.get("SLURM_JOB_ID"), _restart_count(env.get("SLURM_RESTART_COUNT"))
-    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"key 'run_dir': cannot create {exc.filename or path}: {exc.strerror}") from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

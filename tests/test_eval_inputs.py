@@ -139,3 +139,80 @@ def test_no_dataset_is_reported_before_the_model_is_built(tmp_path, capsys, monk
     bonn = load_config([*TINY, f"eval.dataset=bonn:{tmp_path / 'nowhere'}"])
     with pytest.raises(EvalInputError, match="nowhere.*not a directory"):
         evaluate_checkpoint(bonn, str(ckpt))
+
+
+EVAL = ["data.num_frames=5", "data.height=32", "data.width=64", "eval.steps=2", "eval.num_samples=1",
+        "eval.recovery_iters=5", "eval.keyframes=2", "eval.modes=[video]", "tracking.system_metrics=false"]
+
+
+def _scored_run(tmp_path, steps=(10, 20)):
+    """A run directory with held-out shards and complete checkpoints at `steps`, none evaluated yet."""
+    from data_utils import make_shards
+
+    torch.set_num_threads(1)
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", *EVAL)
+    return run, [_checkpoint(run, cfg, state, step=s) for s in steps]
+
+
+@pytest.mark.parametrize("when", ["load_generator", "iter_samples"])
+def test_a_checkpoint_pruned_while_a_run_directory_is_evaluated_is_skipped_not_recreated(tmp_path, capsys,
+                                                                                          monkeypatch, when):
+    """The training run prunes (train.keep_last) a listed checkpoint before its model is built, or while its
+    samples are generated: the scan goes on with the next one, and no step folder holding eval/ alone comes back."""
+    import one4d_train.eval.pipeline as pipeline
+    from one4d_train.train.checkpoint import Checkpointer, complete_checkpoints
+
+    run, (old, new) = _scored_run(tmp_path)
+    real, calls = getattr(pipeline, when), []
+
+    def pruned_first(*args):
+        if not calls:  # in the first (oldest) checkpoint's evaluation
+            Checkpointer(str(run), 0, 1, keep_last=1)._prune()  # what the trainer does after saving step 20
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, when, pruned_first)
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {old}: removed by the training run" in err, err
+    assert not old.exists()
+    assert (new / "eval" / "metrics.json").is_file()
+    assert complete_checkpoints(str(run / "checkpoints")) == [str(new)]
+
+
+def test_two_evaluations_of_one_run_directory_never_score_the_same_checkpoint(tmp_path, capsys):
+    """A checkpoint another evaluation holds is skipped by a scan and refused when named; one scored since the
+    scan listed it is not scored again."""
+    from one4d_train.eval.claim import claim
+
+    run, (first, second) = _scored_run(tmp_path)
+    with claim(str(first / "eval")):
+        assert cli(["eval", f"checkpoint={run}"]) == 0
+        err = capsys.readouterr().err
+        assert f"skipping {first}" in err and "being evaluated by another process" in err, err
+        assert not (first / "eval" / "metrics.json").exists() and (second / "eval" / "metrics.json").is_file()
+        assert cli(["eval", f"checkpoint={first}"]) == 2
+        assert "being evaluated by another process" in capsys.readouterr().err
+    cfg = load_config([f"config={run / 'config.yaml'}"])
+    assert evaluate_checkpoint(cfg, str(second), unscored_only=True, progress=False) is None
+    assert checkpoints_to_evaluate(str(run)) == [str(first)]
+
+
+def test_an_evaluation_killed_mid_way_leaves_the_checkpoint_unscored(tmp_path, monkeypatch):
+    """Re-evaluating a scored checkpoint removes its metrics.json first: an evaluation that dies before writing
+    the new one leaves the checkpoint to the next scan instead of passing off the old score for the new outputs."""
+    import one4d_train.eval.pipeline as pipeline
+
+    run, (ckpt,) = _scored_run(tmp_path, steps=(10,))
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert checkpoints_to_evaluate(str(run)) == []
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # SIGINT / scancel mid-way through the samples
+
+    monkeypatch.setattr(pipeline, "score_and_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli(["eval", f"checkpoint={ckpt}"])
+    assert checkpoints_to_evaluate(str(run)) == [str(ckpt)]
+    assert sorted(p.name for p in (ckpt / "eval").iterdir() if p.name.startswith("metrics")) == []

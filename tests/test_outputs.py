@@ -67,8 +67,13 @@ def test_render_points_z_buffer():
 
 
 def test_metrics_json_and_table(tmp_path):
+    with pytest.raises(FileNotFoundError):  # never recreates the folder (a checkpoint pruned meanwhile)
+        write_metrics_json(tmp_path / "eval/metrics.json", {})
+    assert not (tmp_path / "eval").exists()
+    (tmp_path / "eval").mkdir()
     path = write_metrics_json(tmp_path / "eval/metrics.json", {"a": {"psnr": float("inf"), "abs_rel": np.float32(0.5)}})
     assert json.loads(path.read_text()) == {"a": {"abs_rel": 0.5, "psnr": "inf"}}
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["metrics.json"]  # no temporary file left
     table = format_table([{"mode": "video", "abs_rel": 0.123456}, {"mode": "image", "abs_rel": 1.5}], ["mode", "abs_rel"])
     lines = table.splitlines()
     assert lines[0].split() == ["mode", "abs_rel"] and lines[2].split() == ["video", "0.1235"] and len(lines) == 4

@@ -3,7 +3,9 @@ the three UMC modes, recover depth and cameras, score them, and write videos, po
 metrics.json into <checkpoint>/eval (logged to the run's MLflow run when the checkpoint has one).
 
 A checkpoint must be complete (its COMPLETE marker matching its files); an export folder of `one4d export`
-is evaluated as it is. A run directory evaluates every complete checkpoint that has no eval/metrics.json yet.
+is evaluated as it is. A run directory evaluates every complete checkpoint that has no eval/metrics.json yet,
+skipping one that another evaluation holds (eval.lock beside eval/) or that the training run removes meanwhile
+(train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
 Without config=, the run's own config.yaml is used; key=value pairs (eval.*, data.*, model.*) override it.
 Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing or incomplete
 checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
@@ -14,9 +16,11 @@ import os
 import sys
 
 from one4d_train.config import ConfigError, load_config
+from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, eval_dataset, evaluate_checkpoint,
                                        run_of)
 from one4d_train.model.adapters import AdapterError
+from one4d_train.train.checkpoint import checkpoint_problem, complete_checkpoints
 
 
 def main(argv: list[str]) -> int:
@@ -34,9 +38,9 @@ def main(argv: list[str]) -> int:
     except EvalInputError as exc:
         print(f"one4d eval: {exc}", file=sys.stderr)
         return 2
+    # a run directory: its checkpoints were listed once, and the training run may prune them or another job score them
+    scan = os.path.isdir(os.path.join(target[0], "checkpoints"))
     if not checkpoints:
-        from one4d_train.train.checkpoint import complete_checkpoints
-
         scored = len(complete_checkpoints(os.path.join(target[0], "checkpoints")))
         print(f"one4d eval: nothing to evaluate under run directory {target[0]}: {scored} already scored "
               f"(eval/metrics.json), no other complete checkpoint")
@@ -58,8 +62,20 @@ def main(argv: list[str]) -> int:
             return 2
         print(f"evaluating {ckpt} (step {step}, MLflow run {run_id or '-'})")
         try:
-            evaluate_checkpoint(cfg, ckpt, run_id=run_id, step=step)
-        except (AdapterError, EvalInputError) as exc:
+            if evaluate_checkpoint(cfg, ckpt, run_id=run_id, step=step, unscored_only=scan) is None:
+                print(f"one4d eval: skipping {ckpt}: another evaluation scored it meanwhile", file=sys.stderr)
+        except Busy as exc:
+            print(f"one4d eval: {'skipping ' if scan else ''}{ckpt}: {exc}", file=sys.stderr)
+            if not scan:
+                return 2
+        except (AdapterError, EvalInputError, OSError) as exc:
+            # a scan's checkpoint can be pruned (train.keep_last) or set aside by a resume while it is evaluated
+            if scan and checkpoint_problem(ckpt):
+                print(f"one4d eval: skipping {ckpt}: removed by the training run while it was being evaluated "
+                      f"({exc})", file=sys.stderr)
+                continue
+            if isinstance(exc, OSError):
+                raise
             print(f"one4d eval: {ckpt}: {exc}", file=sys.stderr)
             return 2
     return 0

@@ -220,11 +220,12 @@ def _clean(v):
 
 
 def write_metrics_json(path, metrics: dict) -> Path:
-    """JSON with non-finite numbers written as strings ('inf', 'nan') so strict parsers read it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(_clean(metrics), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """JSON with non-finite numbers written as strings ('inf', 'nan') so strict parsers read it; written whole or
+    not at all (fsynced temporary file of this process, renamed): its presence marks a checkpoint as scored. The
+    folder must exist: it is not recreated under a checkpoint removed meanwhile."""
+    from one4d_train.train.checkpoint import write_atomic
+
+    write_atomic(str(path), json.dumps(_clean(metrics), indent=2, sort_keys=True) + "\n")
     return Path(path)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from data_pipeline.geometry import denormalise_pointmap
 from one4d_train.diffusion.sampling import initial_noise, sample
+from one4d_train.eval.claim import claim
 from one4d_train.eval.metrics import depth_metrics, pose_metrics, rgb_metrics
 from one4d_train.eval.outputs import format_table, keyframe_indices, write_metrics_json, write_sample_outputs
 from one4d_train.eval.recovery import RecoveryConfig, recover_geometry
@@ -295,37 +296,55 @@ def summarise(results: list[dict]) -> dict:
 
 
 def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None, run_id: str | None = None,
-                        step: int | None = None, progress: bool = True, gen: Generator | None = None) -> dict:
+                        step: int | None = None, progress: bool = True, gen: Generator | None = None,
+                        unscored_only: bool = False) -> dict | None:
     """Evaluate one checkpoint in every eval.modes mode; writes outputs and metrics.json into out_dir
     (default <checkpoint>/eval); logs means and files to MLflow run `run_id` when given. Returns the
-    metrics dict (also printed as a table)."""
+    metrics dict (also printed as a table).
+
+    The eval folder is held locked throughout (eval/claim.py: Busy when another process evaluates it). A
+    metrics.json already there is removed first, so a run killed mid-way leaves the checkpoint unscored;
+    unscored_only: return None instead, doing nothing (another job scored it since the scan). The default
+    folder is only ever created inside an existing checkpoint: one removed meanwhile (train.keep_last) raises
+    FileNotFoundError rather than coming back as a step folder holding eval/ alone."""
     from tqdm import tqdm
 
     ecfg = cfg.eval
     eval_dataset(cfg)  # before the model is built
-    out = Path(out_dir or ecfg.out_dir or os.path.join(checkpoint or ".", "eval"))
-    device = resolve_device(cfg.train.device)
-    gen = gen or load_generator(cfg, checkpoint, device)
-    results = []
-    samples = list(iter_samples(cfg))
-    bar = tqdm(total=len(samples) * len(ecfg.modes), desc="eval", disable=not progress, unit="run")
-    for i, batch in enumerate(samples):
-        name = _sample_name(batch, i)
-        for mode in ecfg.modes:
-            pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
-            metrics = score_and_write(pred, batch, ecfg, gen.device, out / name / mode, f"{name} | {mode} mode")
-            results.append({"sample": name, "mode": mode, **metrics})
-            bar.update(1)
-    bar.close()
-    report = {"checkpoint": checkpoint, "step": step, "samples": results, "means": summarise(results),
-              "settings": {k: getattr(ecfg, k) for k in ("sampler", "steps", "cfg_scale", "shift", "sparse_frames",
-                                                          "depth_align", "depth_cap", "seed", "dataset")}}
-    write_metrics_json(out / METRICS_FILE, report)
-    rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
-    rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
-    print(format_table(rows, TABLE_COLUMNS))
-    if run_id is not None:
-        log_to_mlflow(cfg, run_id, report, out, step or 0)
+    chosen = out_dir or ecfg.out_dir
+    out = Path(chosen or os.path.join(checkpoint or ".", "eval"))
+    if chosen:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with claim(str(out)):
+        if (out / METRICS_FILE).exists():
+            if unscored_only:
+                return None
+            (out / METRICS_FILE).unlink()
+        out.mkdir(exist_ok=True)
+        device = resolve_device(cfg.train.device)
+        gen = gen or load_generator(cfg, checkpoint, device)
+        results = []
+        samples = list(iter_samples(cfg))
+        bar = tqdm(total=len(samples) * len(ecfg.modes), desc="eval", disable=not progress, unit="run")
+        for i, batch in enumerate(samples):
+            name = _sample_name(batch, i)
+            (out / name).mkdir(exist_ok=True)
+            for mode in ecfg.modes:
+                pred = generate(gen, batch, mode, ecfg, [ecfg.seed + i])
+                (out / name / mode).mkdir(exist_ok=True)
+                metrics = score_and_write(pred, batch, ecfg, gen.device, out / name / mode, f"{name} | {mode} mode")
+                results.append({"sample": name, "mode": mode, **metrics})
+                bar.update(1)
+        bar.close()
+        report = {"checkpoint": checkpoint, "step": step, "samples": results, "means": summarise(results),
+                  "settings": {k: getattr(ecfg, k) for k in ("sampler", "steps", "cfg_scale", "shift", "sparse_frames",
+                                                              "depth_align", "depth_cap", "seed", "dataset")}}
+        write_metrics_json(out / METRICS_FILE, report)
+        rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
+        rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
+        print(format_table(rows, TABLE_COLUMNS))
+        if run_id is not None:
+            log_to_mlflow(cfg, run_id, report, out, step or 0)
     return report
 
 

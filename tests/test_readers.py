@@ -119,3 +119,33 @@ def test_bonn_marker_poses_become_camera_poses():
     # the camera turns ~173 degrees from the marker: marker poses used as camera poses are far off
     rel_marker, rel_cam = np.linalg.inv(marker[0]) @ marker[1], np.linalg.inv(cams[0]) @ cams[1]
     assert np.abs(rel_marker[:3, 3] - rel_cam[:3, 3]).max() > 0.1
+
+
+@pytest.mark.parametrize("bench", ["tum", "bonn"])
+def test_malformed_rgbd_files_are_errors_naming_the_file(tmp_path, bench):
+    """A list or trajectory line that does not parse, and a sequence with no frame left after matching, are errors
+    naming the file (and line); `one4d eval` reports them as a bad dataset (EvalInputError, exit 2)."""
+    from one4d_train.config import load_config
+    from one4d_train.eval.pipeline import EvalInputError, iter_samples
+
+    rng = np.random.default_rng(2)
+    name = "rgbd_dataset_freiburg1_desk" if bench == "tum" else "rgbd_bonn_balloon"
+    t = np.arange(3) * 0.1
+    cases = {"groundtruth.txt": ("0.1 1 2 3\n", r"groundtruth.txt, line 1: expected a timestamp and 7 more"),
+             "rgb.txt": ("x rgb/a.png\n", r"rgb.txt, line 1: 'x' is not a timestamp"),
+             "depth.txt": ("100.0 depth/x.png\n", r": no frame left: 3 rgb and 1 depth timestamps, 0 matched")}
+    for i, (file, (text, message)) in enumerate(cases.items()):
+        root = tmp_path / str(i)
+        _write_rgbd(root / name, rng, t, t + 0.001, t, _poses(rng, 3))
+        (root / name / file).write_text(text)
+        with pytest.raises(ValueError, match=message) as err:
+            list(read_benchmark(bench, root))
+        assert str(root / name) in str(err.value)
+        cfg = load_config([f"eval.dataset={bench}:{root}", "data.num_frames=5", "data.height=32", "data.width=64"])
+        with pytest.raises(EvalInputError, match=f"eval.dataset={bench}:.*{message}"):
+            list(iter_samples(cfg))
+    root = tmp_path / "text"
+    _write_rgbd(root / name, rng, t, t + 0.001, t, _poses(rng, 3))
+    (root / name / "groundtruth.txt").write_text("0.0 1 2 3 a 0 0 1\n")
+    with pytest.raises(ValueError, match=f"{root / name / 'groundtruth.txt'}: a pose that is not 7 numbers"):
+        list(read_benchmark(bench, root))

@@ -238,9 +238,14 @@ def iter_samples(cfg) -> Iterator[dict]:
 
         T = cfg.data.num_frames
         count = 0
-        for seq in read_benchmark(head[0], head[1], start=cfg.eval.benchmark_start,
-                                  stride=cfg.eval.benchmark_stride, max_frames=T):
-            if count >= cfg.eval.num_samples:
+        sequences = read_benchmark(head[0], head[1], start=cfg.eval.benchmark_start,
+                                   stride=cfg.eval.benchmark_stride, max_frames=T)
+        while count < cfg.eval.num_samples:
+            try:  # a malformed benchmark file is bad input (exit 2), its message names the file
+                seq = next(sequences, None)
+            except (OSError, ValueError) as exc:
+                raise EvalInputError(f"eval.dataset={spec}: {exc}") from exc
+            if seq is None:
                 return
             keep = (len(seq.rgb) - 1) // 4 * 4 + 1
             for field in ("rgb", "depth", "intrinsics", "poses_c2w", "timestamps"):

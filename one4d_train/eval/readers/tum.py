@@ -22,14 +22,22 @@ TUM_INTRINSICS = {"freiburg1": (517.3, 516.5, 318.6, 255.3), "freiburg2": (520.9
                   "freiburg3": (535.4, 539.2, 320.1, 247.6)}
 
 
-def read_list(path) -> tuple[np.ndarray, list[list[str]]]:
-    """A TUM list file -> (timestamps [N], the remaining fields of each line); '#' lines are comments."""
+def read_list(path, min_fields: int = 1) -> tuple[np.ndarray, list[list[str]]]:
+    """A TUM list file -> (timestamps [N], the remaining fields of each line); '#' lines are comments. Each line
+    holds a timestamp and at least `min_fields` more fields (ValueError naming the file and line otherwise)."""
     stamps, rest = [], []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         fields = line.replace(",", " ").split()
         if not fields or fields[0].startswith("#"):
             continue
-        stamps.append(float(fields[0]))
+        try:
+            stamp = float(fields[0])
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: {fields[0]!r} is not a timestamp") from None
+        if len(fields) - 1 < min_fields:
+            raise ValueError(f"{path}, line {number}: expected a timestamp and {min_fields} more fields, got "
+                             f"{line.strip()!r}")
+        stamps.append(stamp)
         rest.append(fields[1:])
     return np.asarray(stamps, np.float64), rest
 
@@ -87,12 +95,20 @@ def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int =
     pairs = associate(t_rgb, t_depth)
     poses = None
     if (folder / "groundtruth.txt").is_file():
-        t_gt, gt = read_list(folder / "groundtruth.txt")
+        t_gt, gt = read_list(folder / "groundtruth.txt", min_fields=7)
+        try:
+            gt = np.asarray([row[:7] for row in gt], np.float64).reshape(-1, 7)
+        except ValueError as exc:
+            raise ValueError(f"{folder / 'groundtruth.txt'}: a pose that is not 7 numbers ({exc})") from None
         with_gt = dict(associate(t_rgb[[i for i, _ in pairs]], t_gt))
         pairs = [(pairs[k], with_gt[k]) for k in range(len(pairs)) if k in with_gt]
         poses = [tum_pose_to_c2w(gt[g]) for _, g in pairs]
         pairs = [p for p, _ in pairs]
     keep = frame_window(len(pairs), start, stride, max_frames)
+    if not keep:
+        raise ValueError(f"{folder}: no frame left: {len(t_rgb)} rgb and {len(t_depth)} depth timestamps, "
+                         f"{len(pairs)} matched within {MAX_DIFFERENCE} s"
+                         f"{' and to groundtruth.txt' if poses is not None else ''}, from frame {start}")
     pairs = [pairs[k] for k in keep]
     rgb = np.stack([np.asarray(Image.open(folder / rgb_files[i][0]).convert("RGB")) for i, _ in pairs])
     depth = np.stack([read_depth_png(folder / depth_files[j][0]) for _, j in pairs])

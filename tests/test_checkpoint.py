@@ -146,3 +146,20 @@ def test_the_run_directory_of_a_checkpoint_set_aside_is_its_run(tmp_path):
     run = tmp_path / "run"
     assert ckpt.run_dir_of(str(run / "checkpoints" / "step-00000008")) == str(run)
     assert ckpt.run_dir_of(str(run / "checkpoints" / "abandoned-20261204T221500Z" / "step-00000012")) == str(run)
+
+
+def test_evaluation_of_a_set_aside_checkpoint_logs_into_no_mlflow_run(tmp_path):
+    """The run continues along the new timeline and logs its own eval scores at the same steps: a set-aside
+    checkpoint's scores would mix the two timelines in one curve, so eval takes no run id for it."""
+    import json
+
+    from one4d_train.eval.pipeline import run_of
+
+    run = tmp_path / "run"
+    for folder in (run / "checkpoints" / "step-00000008", run / "checkpoints" / "abandoned-20261204T221500Z" /
+                   "step-00000012"):
+        (folder / "train_state").mkdir(parents=True)
+        step = int(folder.name.split("-")[1])
+        (folder / "train_state" / "rank-00000.json").write_text(json.dumps({"step": step, "mlflow_run_id": "r1"}))
+    assert run_of(str(run / "checkpoints" / "step-00000008")) == (str(run), "r1", 8)
+    assert run_of(str(run / "checkpoints" / "abandoned-20261204T221500Z" / "step-00000012")) == (str(run), None, 12)

@@ -409,8 +409,10 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
 
 
 def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:
-    """(run directory, MLflow run id from the train state, step) of a checkpoint."""
-    from one4d_train.train.checkpoint import run_dir_of
+    """(run directory, MLflow run id from the train state, step) of a checkpoint. A set-aside checkpoint gets no run
+    id: the run goes on along another timeline (a resume from an earlier step), which logs its own scores at the
+    same steps, so this one's are written to its eval/ folder only."""
+    from one4d_train.train.checkpoint import is_set_aside, run_dir_of
 
     run_dir = run_dir_of(str(Path(checkpoint).resolve()))
     state_file = os.path.join(checkpoint, "train_state", "rank-00000.json")
@@ -418,4 +420,4 @@ def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:
         return run_dir, None, None
     with open(state_file) as f:
         state = json.load(f)
-    return run_dir, state.get("mlflow_run_id"), state.get("step")
+    return run_dir, None if is_set_aside(checkpoint) else state.get("mlflow_run_id"), state.get("step")

@@ -39,11 +39,16 @@ MARKER = "COMPLETE"
 TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
 
 
+def is_set_aside(checkpoint: str) -> bool:
+    """A checkpoint of an abandoned timeline: .../checkpoints/abandoned-TIME/step-X (see set_aside)."""
+    return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))).startswith("abandoned-")
+
+
 def run_dir_of(checkpoint: str) -> str:
     """The run directory of a checkpoint: <run_dir>/checkpoints/step-X, or .../checkpoints/abandoned-TIME/step-X
     for one set aside."""
     parent = os.path.dirname(os.path.abspath(checkpoint))
-    if os.path.basename(parent).startswith("abandoned-"):
+    if is_set_aside(checkpoint):
         parent = os.path.dirname(parent)
     return os.path.dirname(parent)
 

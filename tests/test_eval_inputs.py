@@ -216,3 +216,15 @@ def test_an_evaluation_killed_mid_way_leaves_the_checkpoint_unscored(tmp_path, m
         cli(["eval", f"checkpoint={ckpt}"])
     assert checkpoints_to_evaluate(str(run)) == [str(ckpt)]
     assert sorted(p.name for p in (ckpt / "eval").iterdir() if p.name.startswith("metrics")) == []
+
+
+def test_one_out_dir_for_a_run_directorys_checkpoints_is_refused(tmp_path, capsys):
+    """eval.out_dir names one evaluation's folder: with a run directory every checkpoint would overwrite the last
+    (and the second would be skipped as already scored)."""
+    run, cfg, state = _run(tmp_path)
+    for step in (10, 20):
+        _checkpoint(run, cfg, state, step=step)
+    assert cli(["eval", f"checkpoint={run}", f"eval.out_dir={tmp_path / 'scores'}"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'eval.out_dir'" in err and str(run) in err
+    assert not (tmp_path / "scores").exists()

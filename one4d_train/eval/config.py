@@ -18,7 +18,7 @@ class EvalConfig:
     sparse_frames: int = 5  # observed frames in sparse mode: first, last and evenly spaced
     depth_align: str = "scale_shift"  # median | scale | scale_shift
     depth_cap: float = field(default=70.0, metadata={INF_OK: True})  # metres; Sintel 70, Bonn 10 per protocol; inf: none
-    out_dir: str = ""  # empty = <checkpoint>/eval
+    out_dir: str = ""  # empty = <checkpoint>/eval; set: the folder of one checkpoint's evaluation (refused for a run directory)
     seed: int = 0
     dataset: str = ""  # empty = data.val_shards; a shard directory/pattern; or sintel:<root> | bonn:<root> | tum:<root>
     benchmark_start: int = 0  # benchmark readers: first frame, frame stride (clips of data.num_frames frames)

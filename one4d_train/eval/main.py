@@ -53,6 +53,10 @@ def main(argv: list[str]) -> int:
             args.insert(0, f"config={run_config}")
         try:
             cfg = load_config(args + [f"run_dir={run_dir}"])
+            if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
+                raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
+                                  f"checkpoints of run directory {target[0]} are each scored into their own eval/ "
+                                  f"folder (leave eval.out_dir empty, or name one checkpoint)")
             eval_dataset(cfg)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)

@@ -141,6 +141,19 @@ def test_mismatched_checkpoint_is_refused_naming_keys(shards, tmp_path):
     assert "missing keys (1): blocks.1.ffn.0.weight" in out and "blocks.1.ffn.extra.weight" in out
 
 
+def test_resume_by_a_model_of_other_shapes_is_refused_naming_keys(shards, straight, tmp_path):
+    """A checkpoint resumed with another adapter shape (here the LoRA rank) stops with exit 2 naming the checkpoint
+    and the model key that differs from its run's config, not with DeepSpeed's bare tensor size error."""
+    run_dir, chosen = tmp_path / "other_rank", os.path.join(straight, "checkpoints", "step-00000015")
+    before = sorted(os.listdir(os.path.join(straight, "checkpoints")))
+    code, out = torchrun(run_dir, *common(shards, run_dir, 20), f"resume={chosen}", "model.lora.rank=4", timeout=900)
+    assert code != 0 and "exitcode  : 2" in out, out[-4000:]
+    assert f"config error: key 'resume': {chosen} was trained with another model" in out, out[-4000:]
+    assert f"config error: key 'model.lora.rank': 4 here, 8 in {os.path.join(straight, 'config.yaml')}" in out
+    assert "size of tensor" not in out
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == before
+
+
 def test_in_training_evaluation_all_ranks_take_part(shards, tmp_path):
     """3 held-out samples on 2 ranks: rank 1 samples a dummy in the second round, so the ZeRO-3 forwards stay
     collective; the means are reduced over ranks and logged to MLflow at the evaluation step."""

@@ -282,6 +282,26 @@ class Checkpointer:
 
 
 
+def saved_trainable_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the trainable parameters in checkpoint `path`, from DeepSpeed's model states (tensors
+    memory-mapped, not read)."""
+    ds_dir = os.path.join(path, "ds")
+    name = sorted(n for n in os.listdir(ds_dir) if n.endswith("model_states.pt"))[0]
+    with torch.serialization.safe_globals(_safe_globals()):
+        states = torch.load(os.path.join(ds_dir, name), map_location="cpu", weights_only=True, mmap=True)
+    return {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+
+
+def shape_mismatches(path: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How this model's trainable parameters (name -> shape) differ from those saved in checkpoint `path`: one
+    line per parameter, [] when they are the same. DeepSpeed's own load fails later with a bare tensor size error."""
+    saved = saved_trainable_shapes(path)
+    out = [f"{k}: checkpoint {list(saved[k])}, this model {list(shapes[k])}"
+           for k in sorted(saved.keys() & shapes.keys()) if saved[k] != shapes[k]]
+    out += [f"{k}: in the checkpoint only" for k in sorted(saved.keys() - shapes.keys())]
+    return out + [f"{k}: in this model only" for k in sorted(shapes.keys() - saved.keys())]
+
+
 def _safe_globals() -> list:
     """The few DeepSpeed classes its checkpoint files hold besides tensors and plain containers."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler

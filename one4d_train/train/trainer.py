@@ -10,10 +10,11 @@ from contextlib import nullcontext
 
 import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
+from omegaconf import OmegaConf
 import torch
 import torch.distributed as dist
 
-from one4d_train.configtools import flatten, to_dict, to_yaml
+from one4d_train.configtools import ConfigError, flatten, to_dict, to_yaml
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, grad_checks, metrics, preemption, schedule
 from one4d_train.train.distributed import DistEnv
@@ -32,6 +33,21 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def other_model_message(path: str, mismatches: list[str], cfg) -> str:
+    """Why checkpoint `path` cannot be resumed by this config's model, naming the model.* keys that differ from the
+    config.yaml of the checkpoint's run."""
+    lines = [f"key 'resume': {path} was trained with another model: {len(mismatches)} trainable parameters differ "
+             f"({'; '.join(mismatches[:3])}{'; ...' if len(mismatches) > 3 else ''}). Resume with the model.* values "
+             "it was trained with, or start a new run (another run_dir, or resume=never)"]
+    run_config = os.path.join(ckpt.run_dir_of(path), "config.yaml")
+    if os.path.isfile(run_config):
+        theirs = flatten(OmegaConf.to_container(OmegaConf.load(run_config), resolve=True))
+        ours = flatten(to_dict(cfg))
+        lines += [f"key '{k}': {ours[k]!r} here, {theirs[k]!r} in {run_config}" for k in sorted(ours)
+                  if k.startswith("model.") and k in theirs and theirs[k] != ours[k]]
+    return "\n".join(lines)
 
 
 class Trainer:
@@ -92,6 +108,11 @@ class Trainer:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
         path = ckpt.resolve_resume(self.cfg.resume, self.checkpointer.dir)
+        if path is not None:  # before any checkpoint is moved aside for it
+            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
+            mismatches = ckpt.shape_mismatches(path, shapes)
+            if mismatches:
+                raise ConfigError(other_model_message(path, mismatches, self.cfg))
         dist.barrier()  # every rank has chosen before rank 0 moves folders
         if self.env.is_main:
             ckpt.set_aside(self.checkpointer.dir, path)

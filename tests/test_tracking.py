@@ -93,3 +93,17 @@ def test_a_live_run_of_the_same_path_on_another_machine_is_left_alone(tmp_path):
     mine = tracker.start(None, {})
     assert {r: client.get_run(r).info.status for r in (live, mine)} == {live: "RUNNING", mine: "RUNNING"}
     tracker.end()
+
+
+def test_a_later_resume_brings_the_resumed_with_tag_up_to_date(tmp_path):
+    """lr 1e-3, resumed with 5e-4, resumed again with 1e-3: the tag says what the run now uses, not the first
+    resume's value; an unchanged key gets no tag."""
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    run_id = None
+    for lr, steps in ((0.001, 40), (0.0005, 50), (0.001, 50)):
+        tracker = MlflowTracker(str(tmp_path), cfg, "name")
+        run_id = tracker.start(run_id, {"lr": lr, "steps": steps, "seed": 0})
+        tracker.end()
+    tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags
+    assert tags["resumed_with.lr"] == "0.001" and tags["resumed_with.steps"] == "50"
+    assert "resumed_with.seed" not in tags

@@ -102,20 +102,24 @@ class MlflowTracker(NullTracker):
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _log_params(self, params: dict) -> None:
-        """New params are logged; a value that changed on resume (MLflow forbids rewriting one) becomes a tag.
-        Values over MLflow's length limit are pointed at the config artifact, which holds them whole."""
+        """New params are logged; a value that changed on resume (MLflow forbids rewriting one) becomes a tag
+        holding the value this job runs with, so a tag set by an earlier resume is brought up to date too (back to
+        the param's value when the change is undone). Values over MLflow's length limit are pointed at the config
+        artifact, which holds them whole."""
         from mlflow.entities import Param, RunTag
 
-        existing = self.client.get_run(self.run_id).data.params
+        run = self.client.get_run(self.run_id)
+        existing, existing_tags = run.data.params, run.data.tags
         new, tags = [], []
         for key, value in params.items():
             text = str(value)
             if len(text) > MAX_PARAM_LEN:
                 text = text[: MAX_PARAM_LEN - 40] + " ...(truncated; see config.yaml)"
+            tag = f"resumed_with.{key}"
             if key not in existing:
                 new.append(Param(key, text))
-            elif existing[key] != text:
-                tags.append(RunTag(f"resumed_with.{key}", text[:5000]))
+            elif existing[key] != text or existing_tags.get(tag, text[:5000]) != text[:5000]:
+                tags.append(RunTag(tag, text[:5000]))
         for i in range(0, len(new), BATCH):
             self.client.log_batch(self.run_id, params=new[i:i + BATCH])
         if tags:

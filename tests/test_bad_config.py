@@ -98,6 +98,16 @@ def test_shards_folder_without_index_or_with_a_missing_shard(capsys, shards, tmp
     assert "key 'data.shards'" in err and str(broken / "shard-000001.tar") in err
 
 
+def test_a_window_longer_than_every_clip_is_refused_naming_the_key(shards, tmp_path):
+    """9-frame clips: 9 frames 1 apart fit; 5 frames 3 apart (a span of 13) fit none, and every sample would be
+    skipped until the loader gives up, after the start-up, with a traceback."""
+    assert preflight_config(args(shards, tmp_path, "data.num_frames=9")).data.num_frames == 9
+    with pytest.raises(ConfigError) as err:
+        preflight_config(args(shards, tmp_path, "data.num_frames=5", "data.frame_stride=3"))
+    assert "command line: key 'data.num_frames': the window needs 13 frames" in str(err.value)
+    assert f"the longest clip of {shards} has 9" in str(err.value)
+
+
 def test_held_out_shards_of_in_training_evaluation_are_checked_too(capsys, shards, tmp_path):
     err = refused(capsys, args(shards, tmp_path, f"data.val_shards={tmp_path / 'val'}", "eval.every=5"))
     assert f"key 'data.val_shards': {tmp_path / 'val'}: no such directory" in err

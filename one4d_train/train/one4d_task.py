@@ -20,8 +20,8 @@ from torch import nn
 from data_pipeline.finish import finish_batch
 from data_pipeline.latents import LatentsMismatchError, latents_spec, same_text_encoder, text_identity
 from data_pipeline.loader import build_loader
-from data_pipeline.reader import list_shards, stored_latents, stored_text
-from data_pipeline.shard_index import ShardIndexError
+from data_pipeline.reader import list_shards, shard_directory, stored_latents, stored_text
+from data_pipeline.shard_index import ShardIndexError, read_index
 from one4d_train.configtools import ConfigError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import export_adapters
@@ -90,8 +90,8 @@ class One4DTask:
     @classmethod
     def check_config(cls, cfg) -> list[tuple[str, str]]:
         """`one4d train`'s check before any process group: config_problems, then that what the run reads exists:
-        the model files, the training shards (index, shard files, stored latents fitting this config) and the
-        held-out set of in-training evaluation."""
+        the model files, the training shards (index, shard files, a clip as long as the frame window, stored latents
+        fitting this config) and the held-out set of in-training evaluation."""
         p = cls.config_problems(cfg)
         for key in MODEL_FILES:
             path = getattr(cfg.model, key)
@@ -314,8 +314,14 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
             return [("data.shards", f"{len(missing)} shard file(s) listed in index.json missing: "
                      f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")]
         stored_latents(spec, cfg.data, latents_spec(cfg))
+        longest = read_index(shard_directory(spec)).get("statistics", {}).get("frames", {}).get("max")
     except (OSError, ValueError, LatentsMismatchError) as exc:  # ShardIndexError is a ValueError
         return [("data.shards", str(exc))]
+    span = (cfg.data.num_frames - 1) * cfg.data.frame_stride + 1
+    if longest is not None and longest < span:  # every sample would be skipped: the loader gives up after epochs
+        return [("data.num_frames", f"the window needs {span} frames (data.num_frames={cfg.data.num_frames}, "
+                 f"data.frame_stride={cfg.data.frame_stride}), the longest clip of {spec} has {longest}: lower "
+                 "data.num_frames or data.frame_stride, or shard longer clips")]
     return []
 
 

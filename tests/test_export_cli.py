@@ -86,3 +86,13 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     assert code == 2 and str(tmp_path / "none") in out
     code, out = export(capsys, "checkpoint=x", "out=y", "form_zero=true")
     assert code == 2 and "form_zero" in out
+
+
+def test_an_out_that_is_a_file_or_empty_exits_2_naming_it(capsys, tmp_path):
+    path = make_checkpoint(tmp_path / "run")
+    (tmp_path / "taken").write_text("not a folder")
+    code, out = export(capsys, f"checkpoint={path}", f"out={tmp_path / 'taken'}")
+    assert code == 2 and f"out='{tmp_path / 'taken'}': exists and is not a folder" in out
+    code, out = export(capsys, f"checkpoint={path}", "out=")
+    assert code == 2 and "out='': empty" in out
+    assert (tmp_path / "taken").read_text() == "not a folder"

@@ -86,6 +86,9 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
 
     if not os.path.isdir(ckpt):
         raise ExportError(f"checkpoint {ckpt} is not a directory")
+    if not out or (os.path.exists(out) and not os.path.isdir(out)):
+        raise ExportError(f"out={out!r}: {'empty' if not out else 'exists and is not a folder'}: give the folder to "
+                          "write the adapters into (made when missing)")
     if not is_complete(ckpt):
         raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
                           "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")

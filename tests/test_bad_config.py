@@ -89,6 +89,11 @@ def test_shards_folder_without_index_or_with_a_missing_shard(capsys, shards, tmp
     empty.mkdir()
     err = refused(capsys, args(empty, tmp_path))
     assert "key 'data.shards'" in err and str(empty / "index.json") in err
+    assert "one4d shard MANIFEST OUT" in err  # a folder of clips, or an empty one: what makes shards
+    manifest = empty / "manifest.jsonl"
+    manifest.write_text("{}\n")
+    err = refused(capsys, args(manifest, tmp_path))
+    assert f"key 'data.shards': {manifest} is a file, not a shard directory" in err and "one4d shard" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(shards):

@@ -290,12 +290,17 @@ class One4DTask:
 def _shard_spec_problem(spec: str) -> str | None:
     """A shard directory, or a brace/glob pattern of shard files, that names nothing (the reader would look for
     index.json in the folder above a missing directory)."""
+    shard_first = "shards are made from a manifest by `one4d shard MANIFEST OUT` (README: the pipeline)"
     if os.path.isdir(spec):
-        return None
+        if os.path.exists(os.path.join(spec, "index.json")):
+            return None
+        return f"{os.path.join(spec, 'index.json')}: not found, so {spec} is no shard directory: {shard_first}"
     pattern = glob.has_magic(spec) or "{" in spec
     folder = (os.path.dirname(spec) or ".") if pattern else spec
     if pattern and not os.path.isdir(folder) or not pattern and not os.path.exists(spec):
         return f"{folder}: no such directory"
+    if not pattern:
+        return f"{spec} is a file, not a shard directory: {shard_first}"
     return None
 
 

@@ -62,9 +62,10 @@ class MlflowTracker(NullTracker):
             except ImportError:
                 log.warning("tracking.system_metrics needs psutil, which is not installed: system metrics off")
                 system = False
-        self._end_dead_runs(keep=run_id)
+        run_dir_id = self._run_dir_id()
+        self._end_dead_runs(run_dir_id, keep=run_id)
         if run_id is None:
-            tags = {RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: self._run_dir_id()}
+            tags = {RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: run_dir_id}
             run = self.mlflow.start_run(experiment_id=self._experiment_id(), run_name=self.run_name, tags=tags,
                                         log_system_metrics=system)
         else:
@@ -86,7 +87,7 @@ class MlflowTracker(NullTracker):
         with open(path) as f:
             return f.read().strip()
 
-    def _end_dead_runs(self, keep: str | None) -> None:
+    def _end_dead_runs(self, run_dir_id: str, keep: str | None) -> None:
         """Runs of this run directory still RUNNING belong to jobs that died without a word (SIGKILL, a node
         failure) before a checkpoint could carry their run on: one training job holds the run directory at a time
         (run_lock), so none is alive. They are ended as KILLED instead of showing as running for ever."""
@@ -94,7 +95,7 @@ class MlflowTracker(NullTracker):
         if exp is None:
             return
         dead = self.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING' and "
-                                       f"tags.`{RUN_DIR_ID_TAG}` = '{self._run_dir_id()}'")
+                                       f"tags.`{RUN_DIR_ID_TAG}` = '{run_dir_id}'")
         for run in dead:
             if run.info.run_id != keep and run.data.tags.get(RUN_DIR_TAG) == self.run_dir:
                 log.warning("MLflow run %s of this run directory was left RUNNING by a job that died before its "
@@ -127,7 +128,7 @@ class MlflowTracker(NullTracker):
             self.client.log_batch(self.run_id, tags=tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        finite = _finite(metrics)
         if finite:
             self.mlflow.log_metrics(finite, step=step)
 
@@ -141,8 +142,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        finite = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                  if v is not None and math.isfinite(float(v))]
+        finite = [Metric(k, v, now, step) for k, v in _finite(metrics).items()]
         for i in range(0, len(finite), BATCH):
             self.client.log_batch(run_id, metrics=finite[i:i + BATCH])
         self.client.log_artifacts(run_id, local_dir, artifact_path)
@@ -153,6 +153,11 @@ class MlflowTracker(NullTracker):
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.mlflow.end_run(status)
+
+
+def _finite(metrics: dict) -> dict[str, float]:
+    """The metrics MLflow can hold: None, NaN and inf values left out (a skipped step's loss, say)."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
 def build_tracker(cfg, is_main: bool) -> NullTracker:

@@ -392,6 +392,8 @@ def test_launcher_detection():
     sbatch = open(os.path.join(ROOT, "slurm", "train.sbatch")).read()
     base, span = re.search(r"MASTER_PORT=\$\(\( (\d+) \+ SLURM_JOB_ID % (\d+) \)\)", sbatch).groups()
     assert (int(base), int(span)) == (distributed.PORT_BASE, distributed.PORT_SPAN)
+    # every port of the range lies below Linux's default ephemeral ports (32768-60999), which outgoing connections hold
+    assert distributed.PORT_BASE + distributed.PORT_SPAN - 1 < 32768
     d = distributed.detect({})
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and d.master_port > 0
 

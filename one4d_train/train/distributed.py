@@ -13,8 +13,9 @@ import torch
 
 from one4d_train.train import preemption
 
-# Slurm's rendezvous port when MASTER_PORT is unset: PORT_BASE + job id % PORT_SPAN, as slurm/train.sbatch sets it
-PORT_BASE, PORT_SPAN = 20000, 20000
+# Slurm's rendezvous port when MASTER_PORT is unset: PORT_BASE + job id % PORT_SPAN, as slurm/train.sbatch sets it.
+# 20000-31999 stays below Linux's ephemeral range (32768-60999), where an outgoing connection may already hold it.
+PORT_BASE, PORT_SPAN = 20000, 12000
 
 
 class DeviceUnavailable(RuntimeError):

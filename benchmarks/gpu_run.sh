@@ -165,7 +165,7 @@ if [[ $WHAT == fp8 ]]; then  # FP8 base matmuls: their GPU tests, then the shipp
     tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
   fi
   for bm in ${BASES:-fp8 bf16}; do
-    part ${T14:-240} "${PRESET:-14b} ours, model.base_matmul=$bm" $B --preset "${PRESET:-14b}" --warmup 2 --steps 8 \
+    part ${T14:-240} "${PRESET:-14b} ours, model.base_matmul=$bm" $B --preset "${PRESET:-14b}" --warmup 2 --steps 10 \
       --variants "vae=latents" --set "model.base_matmul=$bm" --lever "$bm"
   done
 fi

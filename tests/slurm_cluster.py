@@ -30,11 +30,11 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -51,8 +51,7 @@ SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
 KillWait=30
 MinJobAge=4
-NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{nodes}PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -120,11 +119,26 @@ def _wait(predicate, timeout_s: float, what: str, log: Path | None = None):
     raise SlurmStartError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
 
 
-class LocalSlurm:
-    """Start a private Slurm cluster (one node `localhost`, partition `debug`); `env` points clients at it."""
+# one line per node; every node is this machine (loopback), each with its own slurmd on its own port
+NODE_LINE = "NodeName={name} NodeAddr=127.0.0.1 NodeHostname={name} Port={port} CPUs={cpus} State=UNKNOWN\n"
 
-    def __init__(self, cpus: int = 8, keep_dir: bool = False):
+
+class LocalSlurm:
+    """Start a private Slurm cluster in partition `debug`; `env` points clients at it. One node, `localhost`, by
+    default; `nodes=N` runs N slurmds on this machine, named HOST, HOST-2 ... HOST-N, so that a job spans N nodes."""
+
+    def __init__(self, cpus: int = 8, keep_dir: bool = False, nodes: int = 1):
         self.cpus = cpus  # config_overrides lets the node claim more CPUs than the machine has
+        # Slurm reads a node named `localhost` as this machine's host name, which then clashes with the others: with
+        # several nodes the first is this machine's name (so the first host of a job resolves) and the others sort
+        # after it, as Slurm orders a job's node list by name
+        host = socket.gethostname().split(".")[0]
+        self.names = ["localhost"] if nodes == 1 else [host] + [f"{host}-{i}" for i in range(2, nodes + 1)]
+        if nodes > 1:
+            try:
+                socket.gethostbyname(host)
+            except OSError as exc:
+                raise SlurmUnavailable(f"this machine's name {host!r} does not resolve ({exc}): no node to name") from exc
         self.keep_dir = keep_dir
         self.root: Path | None = None
         self.env: dict[str, str] = {}
@@ -148,20 +162,27 @@ class LocalSlurm:
         self.root = Path(tempfile.mkdtemp(prefix="one4d-slurm-"))
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir()
+        for name in self.names:
+            (self.root / "spool" / name).mkdir()
         self._start_munge(self.root / "log" / "munged.log")
         conf = self.root / "slurm.conf"
-        ctld_port = _free_port()
-        slurmd_port = _wait(lambda: (p := _free_port()) != ctld_port and p, 5, "a second free port")
-        conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=ctld_port,
-                                          slurmd_port=slurmd_port, root=self.root, cpus=self.cpus))
+        ports = [_free_port()]
+        for _ in self.names:  # slurmctld's, then one per slurmd
+            ports.append(_wait(lambda: (p := _free_port()) not in ports and p, 5, "another free port"))
+        nodes = "".join(NODE_LINE.format(name=n, port=p, cpus=self.cpus) for n, p in zip(self.names, ports[1:]))
+        conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=ports[0],
+                                          slurmd_port=ports[1], root=self.root, nodes=nodes,
+                                          node_names=",".join(self.names)))
         self.env = dict(os.environ, SLURM_CONF=str(conf))
         log = self.root / "log"
         # -D: stay in the foreground as our child; -i: ignore state from an earlier run in the same dir
         self._spawn(["slurmctld", "-D", "-i", "-f", str(conf)], log / "slurmctld.stdout")
         _wait(lambda: _run(["scontrol", "ping"], env=self.env).stdout.count("UP") > 0, 30,
               "slurmctld to answer", log / "slurmctld.log")
-        self._spawn(["slurmd", "-D", "-N", "localhost", "-f", str(conf)], log / "slurmd.stdout")
-        _wait(lambda: self.node_state().startswith("idle"), 30, "the node to become idle", log / "slurmd.log")
+        for name in self.names:
+            self._spawn(["slurmd", "-D", "-N", name, "-f", str(conf)], log / f"slurmd-{name}.stdout")
+        _wait(lambda: self.node_state() == "\n".join(["idle"] * len(self.names)), 30,
+              "the node(s) to become idle", log / f"slurmd-{self.names[-1]}.log")
 
     def stop(self) -> None:
         if self.env and self._procs:

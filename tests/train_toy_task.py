@@ -8,7 +8,8 @@ loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" sends the signal to th
 step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that rank's whole process group, its data
 workers included, as scancel and Slurm preemption do; TOY_WORKERS=N serves the batches from N DataLoader worker
 processes (the same batches in the same order); TOY_EVAL_SLEEP=S makes every evaluation take S seconds more; each
-rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl.
+rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl and writes its rank, world size, local
+rank and Slurm node to where-R.json.
 """
 from __future__ import annotations
 
@@ -116,6 +117,12 @@ class ToyTask:
         self.eval_sleep = float(os.environ.get("TOY_EVAL_SLEEP", "0"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.trace = os.path.join(cfg.run_dir, "toy_trace", f"rank-{self.rank}.jsonl")
+        # where this rank runs, as the trainer set it up: the multi-node test reads it back
+        os.makedirs(os.path.dirname(self.trace), exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "toy_trace", f"where-{self.rank}.json"), "w") as f:
+            json.dump({"rank": self.rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                       "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+                       "node": os.environ.get("SLURMD_NODENAME", "")}, f)
 
     def _signal(self, step):
         if not self.signal_at:

@@ -118,6 +118,44 @@ def test_depth_known_error_value():
         depth_alignment(pred, gt, gt > 0, "affine")
 
 
+def _video_depth_reference(pred, gt, max_depth, lstsq):
+    """MonST3R's depth_evaluation (dust3r/depth_eval.py) in numpy: ground truth in (0, max_depth), median or
+    least-squares scale-and-shift alignment over the whole sequence, aligned depth clipped at max_depth
+    (post_clip_max), Abs Rel and delta < 1.25 over the masked pixels; nothing masks the prediction."""
+    mask = (gt > 0) & (gt < max_depth)
+    p, g = pred[mask], gt[mask]
+    if lstsq:
+        (s, t), *_ = np.linalg.lstsq(np.stack([p, np.ones_like(p)], 1), g, rcond=None)
+        p = s * p + t
+    else:
+        p = p * (np.median(g) / np.median(p))
+    p = np.minimum(p, max_depth)
+    abs_rel = np.mean(np.abs(p - g) / g)
+    p = np.maximum(p, 1e-5)
+    return abs_rel, np.mean(np.maximum(p / g, g / p) < 1.25)
+
+
+@pytest.mark.parametrize("align", ["median", "scale_shift"])
+def test_depth_metrics_match_the_reference_and_a_failed_prediction_scores_nan(align):
+    rng = np.random.default_rng(4)
+    gt = rng.uniform(0.5, 90.0, (4, 12, 16))
+    gt[rng.random(gt.shape) < 0.1] = 0.0
+    pred = 0.3 * gt * np.exp(rng.normal(0, 0.3, gt.shape)) + 0.5
+    ref = _video_depth_reference(pred, gt, 70.0, align == "scale_shift")
+    m = depth_metrics(pred, gt, align=align, cap=70.0)
+    assert abs(m["abs_rel"] - ref[0]) < 1e-12 and m["delta_1_25"] == ref[1] and 0.05 < ref[0] < 1
+    # the prediction failed on some scored pixels: NaN, as in the reference (whose least-squares fit raises)
+    pred[1, 3:6] = np.nan
+    m = depth_metrics(pred, gt, align=align, cap=70.0)
+    assert np.isnan(m["abs_rel"]) and np.isnan(m["delta_1_25"])
+    if align == "median":
+        assert np.isnan(_video_depth_reference(pred, gt, 70.0, False)[0])
+    assert m["num_pixels"] == int(((gt > 0) & (gt < 70.0)).sum())
+    pred[gt == 0] = np.inf  # but not where the ground truth is unknown
+    pred[1, 3:6] = gt[1, 3:6]
+    assert np.isfinite(depth_metrics(pred, gt, align=align, cap=70.0)["abs_rel"])
+
+
 def _ssim_reference(x, y, L=1.0):
     """Wang et al.'s SSIM, written with scipy separable filtering, cropped to the 'valid' region."""
     x, y = x.astype(np.float64), y.astype(np.float64)

@@ -19,13 +19,16 @@ from one4d_train.eval.alignment import align_trajectory, depth_alignment
 
 def depth_metrics(pred: np.ndarray, gt: np.ndarray, align: str = "scale_shift", cap: float = 70.0,
                   valid: np.ndarray | None = None) -> dict:
-    """pred, gt: [T, H, W] depth of one sequence. Returns abs_rel, delta_1_25, scale, shift, num_pixels."""
+    """pred, gt: [T, H, W] depth of one sequence. Returns abs_rel, delta_1_25, scale, shift, num_pixels.
+    A prediction that is not finite on a scored pixel scores NaN (as it does in the reference code): leaving
+    such pixels out would score a failed prediction on the pixels where it did not fail."""
     pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
-    mask = np.isfinite(gt) & (gt > 0) & (gt < cap) & np.isfinite(pred)
+    mask = np.isfinite(gt) & (gt > 0) & (gt < cap)
     if valid is not None:
         mask &= np.asarray(valid, bool)
-    if not mask.any():
-        return {"abs_rel": float("nan"), "delta_1_25": float("nan"), "scale": 1.0, "shift": 0.0, "num_pixels": 0}
+    if not mask.any() or not np.isfinite(pred[mask]).all():
+        return {"abs_rel": float("nan"), "delta_1_25": float("nan"), "scale": 1.0, "shift": 0.0,
+                "num_pixels": int(mask.sum())}
     s, t = depth_alignment(pred, gt, mask, align)
     d = np.clip(s * pred[mask] + t, 1e-3, cap)
     g = gt[mask]

@@ -67,6 +67,28 @@ def test_pose_identity_and_similarity_give_zero():
     assert m["ate"] < 1e-9 and m["rpe_trans"] < 1e-9 and m["rpe_rot"] < 1e-5
 
 
+def test_still_cameras_and_too_short_trajectories_give_no_aligned_scores():
+    from evo.core.geometry import GeometryException
+
+    rng = np.random.default_rng(5)
+    gt = _random_trajectory(rng, 8)
+    gt[:, :3, 3] = [0.5, -1.0, 2.0]  # a camera that turns on a tripod
+    est = _random_trajectory(rng, 8)  # an estimate that wanders off
+    with pytest.raises(GeometryException):  # the reference has no Sim(3) alignment for it
+        _evo_numbers(est, gt)
+    _, er = relative_pose_errors(est, gt)
+    for a, b in ((est, gt), (gt, est)):  # a still ground truth (ATE 0 whatever the estimate), a still estimate
+        m = pose_metrics(a, b)
+        assert math.isnan(m["ate"]) and math.isnan(m["rpe_trans"]), m
+        assert abs(m["rpe_rot"] - np.sqrt(np.mean(er ** 2))) < 1e-9
+    assert pose_metrics(est, gt, with_scale=False)["ate"] > 0.1  # SE(3) alignment is defined
+    for n in (1, 2):  # one or two poses align exactly: no score, and no 0 standing for one
+        with pytest.raises(ValueError, match="T >= 3"):
+            pose_metrics(est[:n], gt[:n])
+    with pytest.raises(ValueError, match="same"):
+        pose_metrics(est, gt[:5])
+
+
 def test_known_rotation_perturbation_gives_its_rpe():
     gt = np.tile(np.eye(4), (5, 1, 1))
     gt[:, 0, 3] = np.arange(5.0)

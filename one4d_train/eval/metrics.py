@@ -51,13 +51,27 @@ def relative_pose_errors(est_c2w: np.ndarray, gt_c2w: np.ndarray, delta: int = 1
     return np.linalg.norm(E[:, :3, 3], axis=1), _rotation_angle_deg(E[:, :3, :3])
 
 
+def _static(centres: np.ndarray) -> bool:
+    """Camera centres that do not move (up to rounding): no similarity alignment is defined for them."""
+    spread = np.sqrt(np.mean(np.sum((centres - centres.mean(0)) ** 2, axis=1)))
+    return not spread > 1e-9 * max(1.0, float(np.abs(centres).max()))
+
+
 def pose_metrics(est_c2w: np.ndarray, gt_c2w: np.ndarray, with_scale: bool = True) -> dict:
-    """ATE, RPE-T (RMSE, gt units) and RPE-R (RMSE, degrees) after Sim(3) alignment of est onto gt."""
-    aligned = align_trajectory(est_c2w, gt_c2w, with_scale)
-    gt = np.asarray(gt_c2w, np.float64)
+    """ATE, RPE-T (RMSE, gt units) and RPE-R (RMSE, degrees) after Sim(3) alignment of est onto gt, for [T, 4, 4]
+    poses, T >= 3 (any two trajectories of two poses align exactly). Where either trajectory's camera centres do
+    not move, the Sim(3) fit is undefined and evo refuses it (a still ground-truth camera would shrink any
+    estimate onto itself, ATE = RPE-T = 0; a still estimate gives 0 / 0): ATE and RPE-T are NaN then, and
+    RPE-R, which no alignment changes, is scored."""
+    est, gt = np.asarray(est_c2w, np.float64), np.asarray(gt_c2w, np.float64)
+    if est.shape != gt.shape or est.shape[1:] != (4, 4) or len(gt) < 3:
+        raise ValueError(f"pose metrics need two trajectories of the same T >= 3 poses [T, 4, 4], got {est.shape} "
+                         f"and {gt.shape}")
+    if with_scale and (_static(est[:, :3, 3]) or _static(gt[:, :3, 3])):
+        _, er = relative_pose_errors(est, gt)
+        return {"ate": float("nan"), "rpe_trans": float("nan"), "rpe_rot": float(np.sqrt(np.mean(er ** 2)))}
+    aligned = align_trajectory(est, gt, with_scale)
     ate = float(np.sqrt(np.mean(np.sum((aligned[:, :3, 3] - gt[:, :3, 3]) ** 2, axis=1))))
-    if len(gt) < 2:
-        return {"ate": ate, "rpe_trans": 0.0, "rpe_rot": 0.0}
     et, er = relative_pose_errors(aligned, gt)
     return {"ate": ate, "rpe_trans": float(np.sqrt(np.mean(et ** 2))), "rpe_rot": float(np.sqrt(np.mean(er ** 2)))}
 

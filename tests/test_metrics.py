@@ -67,6 +67,21 @@ def test_pose_identity_and_similarity_give_zero():
     assert m["ate"] < 1e-9 and m["rpe_trans"] < 1e-9 and m["rpe_rot"] < 1e-5
 
 
+def test_small_rotation_errors_of_float32_poses_agree_with_evo():
+    """Scoring reads float32 ground-truth poses (the sample's poses_c2w): their rounding must not become an
+    RPE-R floor (arccos of the trace made ~0.007 degrees of it for a perfect estimate)."""
+    rng = np.random.default_rng(6)
+    gt = _random_trajectory(rng, 40)
+    gt32 = (np.linalg.inv(gt[0]) @ gt).astype(np.float32).astype(np.float64)
+    for noise_deg in (0.0, 0.01, 0.5):
+        est = gt32.copy()
+        turn = Rotation.from_rotvec(rng.normal(0, np.radians(noise_deg) / math.sqrt(3), (40, 3)))
+        est[:, :3, :3] = est[:, :3, :3] @ turn.as_matrix()
+        est[:, :3, :3] = Rotation.from_matrix(est[:, :3, :3]).as_matrix()  # exactly orthonormal, as recovered
+        ours, ref = pose_metrics(est, gt32)["rpe_rot"], _evo_numbers(est, gt32)["rpe_rot"]
+        assert abs(ours - ref) < 1e-5 + 1e-3 * ref, (noise_deg, ours, ref)
+
+
 def test_still_cameras_and_too_short_trajectories_give_no_aligned_scores():
     from evo.core.geometry import GeometryException
 

@@ -38,8 +38,12 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, align: str = "scale_shift", 
 
 
 def _rotation_angle_deg(R: np.ndarray) -> np.ndarray:
-    cos = np.clip((np.trace(R, axis1=-2, axis2=-1) - 1) / 2, -1.0, 1.0)
-    return np.degrees(np.arccos(cos))
+    """Angle of rotations [..., 3, 3] in degrees, as atan2(sin, cos) from the skew and trace parts: arccos of the
+    trace alone turns a rounding error e of a nearly identical rotation (float32 poses: e ~ 1e-7) into an angle of
+    sqrt(e) (~0.02 degrees) where the angle is ~e."""
+    cos = (np.trace(R, axis1=-2, axis2=-1) - 1) / 2
+    skew = np.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    return np.degrees(np.arctan2(np.linalg.norm(skew, axis=-1) / 2, cos))
 
 
 def relative_pose_errors(est_c2w: np.ndarray, gt_c2w: np.ndarray, delta: int = 1) -> tuple[np.ndarray, np.ndarray]:

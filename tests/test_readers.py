@@ -149,3 +149,38 @@ def test_malformed_rgbd_files_are_errors_naming_the_file(tmp_path, bench):
     (root / name / "groundtruth.txt").write_text("0.0 1 2 3 a 0 0 1\n")
     with pytest.raises(ValueError, match=f"{root / name / 'groundtruth.txt'}: a pose that is not 7 numbers"):
         list(read_benchmark(bench, root))
+
+
+def test_depth_cap_follows_the_datasets_protocol_unless_set():
+    """eval.depth_cap=0 (the default) scores with the benchmark protocols' cap: 10 m on the indoor Bonn and TUM
+    sequences, 70 m on Sintel and shards; a set value wins. Bonn was scored to 70 m, though its protocol is 10."""
+    from one4d_train.config import load_config
+
+    caps = {spec: load_config([f"eval.dataset={spec}"] if spec else []).eval.resolved_depth_cap()
+            for spec in ("bonn:/b", "tum:/t", "sintel:/s", "/shards", "")}
+    assert caps == {"bonn:/b": 10.0, "tum:/t": 10.0, "sintel:/s": 70.0, "/shards": 70.0, "": 70.0}
+    assert load_config(["eval.dataset=bonn:/b", "eval.depth_cap=70"]).eval.resolved_depth_cap() == 70.0
+    assert load_config(["eval.depth_cap=inf"]).eval.resolved_depth_cap() == float("inf")
+
+
+def test_a_benchmark_cut_short_by_num_samples_says_so(tmp_path, capsys):
+    """eval.num_samples (default 4) scored the first sequences of a benchmark in silence: a user evaluating Bonn
+    got 4 of its sequences as 'the' score. The cut is now said, naming the setting; a whole benchmark is not."""
+    from one4d_train.config import load_config
+    from one4d_train.eval.pipeline import iter_samples
+
+    rng = np.random.default_rng(3)
+    t = np.arange(5) * 0.1
+    for name in ("rgbd_bonn_a", "rgbd_bonn_b", "rgbd_bonn_c"):
+        _write_rgbd(tmp_path / name, rng, t, t + 0.001, t, _poses(rng, 5))
+    base = [f"eval.dataset=bonn:{tmp_path}", "data.num_frames=5", "data.height=32", "data.width=64"]
+    got = [s["__key__"][0] for s in iter_samples(load_config([*base, "eval.num_samples=2"]))]
+    assert got == ["rgbd_bonn_a", "rgbd_bonn_b"]
+    err = capsys.readouterr().err
+    assert f"scored the first 2 sequences of bonn:{tmp_path} (eval.num_samples=2); it has more" in err, err
+    samples = list(iter_samples(load_config([*base, "eval.num_samples=3"])))
+    assert [s["__key__"][0] for s in samples] == ["rgbd_bonn_a", "rgbd_bonn_b", "rgbd_bonn_c"]
+    assert "scored the first" not in capsys.readouterr().err
+    # the ground truth counts as valid only within Bonn's 10 m (its depth PNGs hold up to 65.5 m here)
+    depth, valid = samples[0]["depth"][0], samples[0]["valid"][0, :, 0].bool()
+    assert valid.any() and (depth[valid] < 10).all() and (depth[~valid] >= 10).any()

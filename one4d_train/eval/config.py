@@ -17,7 +17,8 @@ class EvalConfig:
     modes: list[str] = field(default_factory=lambda: ["image", "sparse", "video"])
     sparse_frames: int = 5  # observed frames in sparse mode: first, last and evenly spaced
     depth_align: str = "scale_shift"  # median | scale | scale_shift
-    depth_cap: float = field(default=70.0, metadata={INF_OK: True})  # metres; Sintel 70, Bonn 10 per protocol; inf: none
+    # metres; 0 = the dataset's protocol (resolved_depth_cap): Bonn and TUM 10, Sintel and shards 70; inf: none
+    depth_cap: float = field(default=0.0, metadata={INF_OK: True})
     out_dir: str = ""  # empty = <checkpoint>/eval; set: the folder of one checkpoint's evaluation (refused for a run directory)
     seed: int = 0
     dataset: str = ""  # empty = data.val_shards; a shard directory/pattern; or sintel:<root> | bonn:<root> | tum:<root>
@@ -44,11 +45,18 @@ class EvalConfig:
         p += in_range(self.recovery_iters, 0, None, "recovery_iters") + in_range(self.keyframes, 1, None, "keyframes")
         p += in_range(self.recovery_lr, 1e-12, None, "recovery_lr")
         p += in_range(self.smooth_rot, 0.0, None, "smooth_rot") + in_range(self.smooth_centre, 0.0, None, "smooth_centre")
-        if not self.depth_cap > 0:
-            p.append(("depth_cap", f"must be > 0 metres (inf: no cap), got {self.depth_cap}"))
+        if not self.depth_cap >= 0:
+            p.append(("depth_cap", f"must be >= 0 metres (0: the dataset's protocol, inf: no cap), got {self.depth_cap}"))
         p += in_range(self.benchmark_start, 0, None, "benchmark_start")
         p += in_range(self.benchmark_stride, 1, None, "benchmark_stride")
         p += in_range(self.fps, 1 / 1001, None, "fps")  # the lowest rate the video writer takes
         if self.dataset and ":" in self.dataset.split("/")[0]:
             p += choice(self.dataset.split(":", 1)[0], ["sintel", "bonn", "tum"], "dataset")
         return p
+
+    def resolved_depth_cap(self) -> float:
+        """The depth cap scored with: depth_cap, or where it is 0 the dataset's protocol (the video-depth benchmarks'
+        convention): 10 m for the indoor Bonn and TUM sequences, 70 m for Sintel and for shards."""
+        if self.depth_cap:
+            return self.depth_cap
+        return 10.0 if self.dataset.split(":", 1)[0] in ("bonn", "tum") else 70.0

@@ -175,7 +175,7 @@ def score(pred_rgb: torch.Tensor, pred_xyz_n: torch.Tensor, frame_mask: torch.Te
     rec = recover_geometry(points.to(device), None, recovery_config(ecfg))
     depth, c2w = rec.depth.cpu().numpy(), rec.c2w.cpu().numpy()
     _, gt_depth, gt_poses = ground_truth(sample)
-    metrics = depth_metrics(depth, gt_depth, ecfg.depth_align, ecfg.depth_cap)
+    metrics = depth_metrics(depth, gt_depth, ecfg.depth_align, ecfg.resolved_depth_cap())
     metrics["focal"] = float(rec.focal.mean())
     if gt_poses is not None and len(gt_poses) >= 3:
         metrics.update(pose_metrics(c2w, gt_poses))
@@ -240,18 +240,23 @@ def iter_samples(cfg) -> Iterator[dict]:
         count = 0
         sequences = read_benchmark(head[0], head[1], start=cfg.eval.benchmark_start,
                                    stride=cfg.eval.benchmark_stride, max_frames=T)
-        while count < cfg.eval.num_samples:
+        while True:
             try:  # a malformed benchmark file is bad input (exit 2), its message names the file
                 seq = next(sequences, None)
             except (OSError, ValueError) as exc:
                 raise EvalInputError(f"eval.dataset={spec}: {exc}") from exc
             if seq is None:
                 return
+            if count == cfg.eval.num_samples:  # say so: a benchmark is meant to be scored whole
+                print(f"one4d eval: scored the first {count} sequences of {spec} (eval.num_samples={count}); it has "
+                      f"more: eval.num_samples=N scores up to N", file=sys.stderr)
+                return
             keep = (len(seq.rgb) - 1) // 4 * 4 + 1
             for field in ("rgb", "depth", "intrinsics", "poses_c2w", "timestamps"):
                 if getattr(seq, field) is not None:
                     setattr(seq, field, getattr(seq, field)[:keep])
-            s = to_sample(seq, cfg.data.height, cfg.data.width, cfg.data.pointmap_percentiles, cfg.eval.depth_cap)
+            s = to_sample(seq, cfg.data.height, cfg.data.width, cfg.data.pointmap_percentiles,
+                          cfg.eval.resolved_depth_cap())
             yield {k: ([v] if isinstance(v, str) else v[None] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
             count += 1
         return
@@ -342,8 +347,9 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
                 bar.update(1)
         bar.close()
         report = {"checkpoint": checkpoint, "step": step, "samples": results, "means": summarise(results),
-                  "settings": {k: getattr(ecfg, k) for k in ("sampler", "steps", "cfg_scale", "shift", "sparse_frames",
-                                                              "depth_align", "depth_cap", "seed", "dataset")}}
+                  "settings": {**{k: getattr(ecfg, k) for k in ("sampler", "steps", "cfg_scale", "shift", "sparse_frames",
+                                                                 "depth_align", "seed", "dataset")},
+                               "depth_cap": ecfg.resolved_depth_cap()}}
         write_metrics_json(out / METRICS_FILE, report)
         rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
         rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]

@@ -248,6 +248,14 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
         K = np.broadcast_to(K, (T, 3, 3)).copy()
         if not (np.allclose(K[:, 2], [0, 0, 1]) and (K[:, 0, 0] > 0).all() and (K[:, 1, 1] > 0).all()):
             raise RowError(r.row, _where(r.intrinsics, r), "intrinsics must have last row [0, 0, 1] and fx, fy > 0")
+        # pixel centres are at integers (geometry.py): the frame spans [-0.5, W - 0.5] x [-0.5, H - 0.5]
+        outside = (np.abs(K[:, 0, 2] - (W - 1) / 2) > W / 2) | (np.abs(K[:, 1, 2] - (H - 1) / 2) > H / 2)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise RowError(r.row, _where(r.intrinsics, r),
+                           f"intrinsics of frame {i} put the principal point at ({K[i, 0, 2]:.6g}, {K[i, 1, 2]:.6g}), "
+                           f"outside the {W}x{H} video: intrinsics of another resolution? (fx, fy, cx, cy scale "
+                           "with the frame size)")
         P = r.poses if not isinstance(r.poses, Path) else load_array(r.poses, "poses", r.row)
         P = _finite_array(P, r.row, _where(r.poses, r), ((T, 4, 4),), "poses")
         if not np.allclose(P[:, 3], [0, 0, 0, 1]):

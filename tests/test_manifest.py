@@ -139,6 +139,23 @@ def test_geometry_errors(files):
         load(files, depth_row(depth="huge.npy", valid="valid.npz"))
 
 
+
+@pytest.mark.parametrize("K, frame", [
+    ([[20, 0, 2.5 * 4 + 1.5], [0, 20, 1.5 * 4 + 1.5], [0, 0, 1]], 0),  # a 4x larger frame's intrinsics
+    ([[5, 0, -0.6], [0, 5, 1.5], [0, 0, 1]], 0),
+    ([[5, 0, 2.5], [0, 5, 3.6], [0, 0, 1]], 0),
+    ([[[5, 0, 2.5], [0, 5, 1.5], [0, 0, 1]]] * (T - 1) + [[[5, 0, 9], [0, 5, 1.5], [0, 0, 1]]], T - 1),
+])
+def test_intrinsics_of_another_resolution_are_rejected(files, K, frame):
+    """A principal point outside the video's frame is intrinsics of another size (the original footage's, say):
+    they would pass every other check and give wrong pointmaps. The frame spans [-0.5, W - 0.5] in x."""
+    with pytest.raises(RowError, match=rf"intrinsics of frame {frame} put the principal point at .* outside the "
+                                       rf"{W}x{H} video") as e:
+        load(files, depth_row(intrinsics=K))
+    assert e.value.row == 0
+    for cx, cy in ((-0.5, -0.5), (W - 0.5, H - 0.5)):  # the frame's edges are inside
+        load(files, depth_row(intrinsics=[[5, 0, cx], [0, 5, cy], [0, 0, 1]]))
+
 def test_text_embedding(files):
     np.save(files / "emb.npy", np.zeros((7, 4096), np.float32))
     np.save(files / "bad_emb.npy", np.zeros((7, 10), np.float32))

@@ -222,8 +222,8 @@ def text_members(raw: dict) -> tuple[str, np.ndarray | None]:
             text_emb = np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False).astype(np.float32)
         except Exception as exc:
             raise SampleError(f"member emb.npy is not a readable npy: {exc}") from None
-        if text_emb.ndim != 2:
-            raise SampleError(f"member emb.npy has shape {text_emb.shape}, expected [L, D]")
+        if text_emb.ndim != 2 or text_emb.shape[0] == 0:  # collate reads length 0 as "no embedding"
+            raise SampleError(f"member emb.npy has shape {text_emb.shape}, expected [L, D] with L > 0")
     return caption, text_emb
 
 

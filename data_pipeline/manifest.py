@@ -277,6 +277,11 @@ def load_text_embedding(r: ManifestRow) -> np.ndarray | None:
     if e.ndim != 2 or e.shape[1] != 4096 or not np.issubdtype(e.dtype, np.floating):
         raise RowError(r.row, str(r.text_embedding),
                        f"text embedding must be float [L, 4096], got {e.dtype} {list(e.shape)}")
+    # L = 0 is how a collated batch marks a sample without one: a stored one would give its batch mates without an
+    # embedding an all-zero text context instead of their captions'
+    if e.shape[0] == 0:
+        raise RowError(r.row, str(r.text_embedding), "text embedding has no rows (L = 0): leave 'text_embedding' out "
+                                                     "to have the caption encoded")
     if not np.isfinite(e).all() or np.abs(e).max(initial=0) > 65000:
         raise RowError(r.row, str(r.text_embedding), "text embedding has non-finite or float16-overflowing values")
     return e

@@ -167,6 +167,15 @@ def test_text_embedding(files):
     assert load_text_embedding(rows[2]) is None
 
 
+def test_an_empty_text_embedding_is_rejected(files):
+    """[0, 4096] is no embedding: collated next to a sample without one it would hide that sample's caption."""
+    np.save(files / "emb0.npy", np.zeros((0, 4096), np.float32))
+    rows, _ = read_manifest(write_rows(files, [depth_row(text_embedding="emb0.npy")]))
+    with pytest.raises(RowError, match=r"text embedding has no rows \(L = 0\)") as e:
+        load_text_embedding(rows[0])
+    assert e.value.path.endswith("emb0.npy")
+
+
 def test_xyz_geometry_with_optional_cameras(files):
     xyz = np.ones((T, H, W, 3), np.float32)
     xyz[0, 0, 0] = np.inf

@@ -261,6 +261,29 @@ def test_text_embedding_member_is_decoded_without_pickle(depth_shards):
         decode_clip({**raw, "emb.npy": pickled.getvalue()}, 5, 2, np.random.default_rng(0))
 
 
+def test_an_empty_text_embedding_member_is_refused(depth_shards):
+    """A batch of a sample with a [0, D] emb.npy and one without would collate to two empty embeddings (the length
+    that marks "none" is then not recorded): the second sample's caption would be replaced by an all-zero text
+    context. Such a member makes its sample a bad one."""
+    from data_pipeline.loader import collate
+    from one4d_train.model.text_encoder import batch_text_embeddings
+
+    shards = list_shards(str(depth_shards))
+    stream = ShardStream(StreamPlan(tuple(shards), seed=0, rank=0, world_size=1, workers=1), _cfg(depth_shards))
+    raws = [next(raw_samples(s)) for s in shards[:2]]
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((0, 4096), np.float16), allow_pickle=False)
+    with pytest.raises(SampleError, match=r"emb.npy has shape \(0, 4096\), expected \[L, D\] with L > 0"):
+        stream.decode(resum({**raws[0], "emb.npy": buf.getvalue()}), np.random.default_rng(0))
+    # a batch of a sample with an embedding and one without keeps the second's caption to be encoded
+    buf = io.BytesIO()
+    np.save(buf, np.ones((3, 4096), np.float16), allow_pickle=False)
+    samples = [stream.decode(resum({**raws[0], "emb.npy": buf.getvalue()}), np.random.default_rng(0)),
+               stream.decode(raws[1], np.random.default_rng(0))]
+    embs = batch_text_embeddings(collate(samples))
+    assert embs[0].shape == (3, 4096) and embs[1] is None
+
+
 @pytest.mark.parametrize("member", ["mp4", "depth.npz", "cam.json", "txt"])
 def test_a_flipped_bit_in_any_member_is_caught_by_the_sample_checksums(depth_shards, member):
     """A flipped bit mostly still decodes (to other frames or depth); the sample's sums.json catches it."""

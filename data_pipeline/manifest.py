@@ -6,6 +6,7 @@ shard writer can reject a row and carry on.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,19 @@ class ManifestRow:
     valid: Path | None = None
     caption: str = ""
     text_embedding: Path | None = None
+
+    def inputs(self) -> tuple:
+        """What the row's sample is made of (files by their real path, so links and spellings compare equal)."""
+        def number(v):  # inline cameras: 1 and 1.0 are the same number
+            if isinstance(v, list):
+                return [number(x) for x in v]
+            return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+        def real(v):
+            return os.path.realpath(v) if isinstance(v, Path) else json.dumps(number(v))
+
+        return (self.geometry, self.caption) + tuple(real(v) for v in (
+            self.video, self.geometry_path, self.intrinsics, self.poses, self.valid, self.text_embedding))
 
     def input_paths(self) -> list[Path]:
         paths = [self.video, self.geometry_path, self.valid, self.text_embedding, self.intrinsics, self.poses]
@@ -139,6 +153,22 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         except RowError as exc:
             errors.append(exc)
     return rows, errors
+
+
+def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, str]]:
+    """(row, what it repeats, in words) of the rows that repeat an earlier row's clip (every input equal) or id. Such a row is sharded (a
+    clip may be listed on purpose more than once), but a manifest concatenated twice or a clip added again would
+    otherwise train that clip twice as often without a word."""
+    first_of_clip, first_of_id, out = {}, {}, []
+    for r in rows:
+        clip = r.inputs()
+        if clip in first_of_clip:
+            out.append((r.row, f"row {r.row} ({r.video}) is row {first_of_clip[clip]}'s clip again (every input equal)"))
+        elif r.id in first_of_id:
+            out.append((r.row, f"row {r.row} ({r.video}) has row {first_of_id[r.id]}'s id {r.id!r}"))
+        first_of_clip.setdefault(clip, r.row)
+        first_of_id.setdefault(r.id, r.row)
+    return out
 
 
 def load_array(path: Path, member: str, row: int) -> np.ndarray:

@@ -27,7 +27,8 @@ import numpy as np
 from data_pipeline import shard_index as si
 from data_pipeline.checksums import with_sums
 from data_pipeline.decode import frame_member
-from data_pipeline.manifest import ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest
+from data_pipeline.manifest import (ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest,
+                                   repeated_rows)
 from data_pipeline.video import VideoError, probe_and_check
 
 PLAN_VERSION = 1
@@ -291,7 +292,8 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
                  workers: int = 1, num_tasks: int | None = None, task_index: int | None = None,
                  progress: bool = True) -> dict:
     """Write this task's planned shards (all shards without num_tasks), skipping finished ones; then write
-    index.json (single run) or index.task-I.json (array task). Returns a summary dict."""
+    index.json (single run) or index.task-I.json (array task). Returns a summary dict (`repeated`: the written
+    rows, of this task's shards, that repeat an earlier one's clip or id: manifest.repeated_rows)."""
     from tqdm import tqdm
 
     if (num_tasks is None) != (task_index is None):
@@ -345,8 +347,10 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
                                    "manifest_sha256": plan["manifest_sha256"], "records": recs})
         rejects = sorted((x for r in recs for x in r["rejects"]), key=lambda x: x["row"])
         samples = sum(r["samples"] for r in recs)
+    written = sorted(int(k.removeprefix("r")) for r in recs for k in r["keys"])
+    repeated = [text for _, text in repeated_rows([rows[r] for r in written])]
     return {"index": str(index_path), "shards": len(mine), "written": len(todo), "skipped": skipped,
-            "samples": samples, "rejects": rejects}
+            "samples": samples, "rejects": rejects, "repeated": repeated}
 
 
 def merge(out_dir) -> dict:

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done), {s['samples']} samples, "
           f"{len(s['rejects'])} rejected; index: {s['index']}")
     _print_rejects(s["rejects"])
+    for text in s["repeated"]:
+        print(f"  warning: {text}: it is sharded as often as it is listed")
     return 0
 
 

@@ -333,6 +333,33 @@ def test_cli_errors(tmp_path, capsys):
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_clip_or_id_listed_again_is_sharded_and_named(tmp_path, manifest, capsys):
+    """A manifest concatenated twice, or a clip added again, would train that clip twice as often without a word:
+    a written row whose inputs all equal an earlier one's (file paths however spelled) or that has an earlier
+    row's id is still sharded (clips may be repeated on purpose) but named in a warning. Other cameras or another
+    caption make another sample."""
+    base = manifest.parent
+    r0, r1 = rows_of(manifest)[:2]
+    rows = [r0, r1,
+            dict(r0, video=str(base / r0["video"]), id="again"),  # r0's clip, the path spelled another way
+            dict(r1, caption="another caption"),  # r1's id
+            dict(r0, id="other_cameras", intrinsics=[[50.0, 0, 31.5], [0, 50.0, 15.5], [0, 0, 1]]),
+            dict(r0, id="rejected", video="missing.mp4"),
+            dict(r0, id="rejected")]  # r0's clip again, with the id of a rejected row
+    m = base / "repeats.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert shard_main([str(m), str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    warnings = [line.strip() for line in out.splitlines() if "warning" in line]
+    assert warnings == [
+        f"warning: row 2 ({base / r0['video']}) is row 0's clip again (every input equal): it is sharded as often "
+        "as it is listed",
+        f"warning: row 3 ({base / r1['video']}) has row 1's id '{r1['id']}': it is sharded as often as it is listed",
+        f"warning: row 6 ({base / r0['video']}) is row 0's clip again (every input equal): it is sharded as often "
+        "as it is listed"]
+    assert read_index(tmp_path / "out")["totals"]["samples"] == 6
+
+
 def test_optional_members_text_embedding_and_xyz_cameras(tmp_path):
     manifest = make_dataset(tmp_path, num_clips=2, geometry="xyz")
     raw = manifest.parent

@@ -301,10 +301,12 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
         raise ShardingError(f"need 0 <= task_index < num_tasks, got {task_index} and {num_tasks}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     recorded = out_dir / si.PLAN
     plan, rows = make_plan(manifest, samples_per_shard, shard_bytes,
                            previous=si.read_json(recorded) if recorded.is_file() else None)
+    if not plan["shards"] and not plan["rejects"]:  # nothing made from it, not even an index of no shards
+        raise ShardingError(f"{manifest}: the manifest has no rows (one JSON object per line: docs/data.md)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     old = si.pin_plan(out_dir, plan)
     if old is not None:
         raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "

@@ -13,7 +13,7 @@ import os
 import sys
 
 from data_pipeline.shard import ShardingError, merge, run_sharding
-from data_pipeline.shard_index import ShardIndexError
+from data_pipeline.shard_index import REJECTS, ShardIndexError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +38,16 @@ def _print_rejects(rejects: list[dict]) -> None:
         print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}")
 
 
+def _none_written(samples: int, rejected: int) -> int:
+    """The exit status of a finished shard set: 1 (with the reason) when every row was rejected, so that a job
+    that runs next (training, a dependent Slurm job) does not start on a dataset of no samples."""
+    if samples:
+        return 0
+    print(f"one4d shard: error: no sample was written: all {rejected} rows were rejected (reasons above and in "
+          f"{REJECTS})", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -49,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             t = index["totals"]
             print(f"merged: {t['shards']} shards, {t['samples']} samples, {t['bytes']} bytes, {t['rejected']} rejected")
             _print_rejects(index["rejects"])
-            return 0
+            return _none_written(t["samples"], t["rejected"])
         if len(args.paths) != 2:
             p.error("expected MANIFEST OUT_DIR")
         task_index = args.task_index
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_rejects(s["rejects"])
     for text in s["repeated"]:
         print(f"  warning: {text}: it is sharded as often as it is listed")
-    return 0
+    return _none_written(s["samples"], len(s["rejects"])) if args.num_tasks is None else 0
 
 
 if __name__ == "__main__":

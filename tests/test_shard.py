@@ -360,6 +360,33 @@ def test_a_clip_or_id_listed_again_is_sharded_and_named(tmp_path, manifest, caps
     assert read_index(tmp_path / "out")["totals"]["samples"] == 6
 
 
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_an_empty_manifest_is_an_error_and_makes_no_folder(tmp_path, capsys, text):
+    (tmp_path / "m.jsonl").write_text(text)
+    assert shard_main([str(tmp_path / "m.jsonl"), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "m.jsonl: the manifest has no rows" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_rows_were_all_rejected_fails_naming_them(tmp_path, manifest, capsys):
+    """An index of no samples is written (the rejects are in it), but the exit status says the run failed: a job
+    after it (training, a dependent Slurm job) must not start on an empty dataset. An array task whose own rows
+    were all rejected is no failure; the merge of such tasks is."""
+    r0 = rows_of(manifest)[0]
+    m = manifest.parent / "all_bad.jsonl"
+    m.write_text(json.dumps(dict(r0, video="missing.mp4")) + "\n" + json.dumps(dict(r0, depth="missing.npy")) + "\n")
+    assert shard_main([str(m), str(tmp_path / "out"), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "rejected row 0" in captured.out and "rejected row 1" in captured.out
+    assert "no sample was written: all 2 rows were rejected" in captured.err
+    assert read_index(tmp_path / "out")["totals"] == {"shards": 1, "samples": 0, "bytes": 10240, "rejected": 2}
+    for i in range(2):
+        assert shard_main([str(m), str(tmp_path / "tasks"), "--samples-per-shard", "1", "--num-tasks", "2",
+                           "--task-index", str(i), "--no-progress"]) == 0
+    assert shard_main(["--merge", str(tmp_path / "tasks")]) == 1
+    assert "no sample was written: all 2 rows were rejected" in capsys.readouterr().err
+
+
 def test_optional_members_text_embedding_and_xyz_cameras(tmp_path):
     manifest = make_dataset(tmp_path, num_clips=2, geometry="xyz")
     raw = manifest.parent

@@ -153,6 +153,8 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     dev = torch.device(device)
     # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
+    if out.exists() and not out.is_dir():
+        raise EncodeError(f"{out}: not a folder: OUT_DIR is the folder the latent shards go to (new or this run's)")
     out.mkdir(parents=True, exist_ok=True)
     text_id = text_identity(cfg.model, cfg.seed) if text else ""
     if text and not text_id:
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"one4d encode-latents: config error: {exc}", file=sys.stderr)
         return 2
-    except (EncodeError, si.ShardIndexError, FileNotFoundError) as exc:
+    except (EncodeError, si.ShardIndexError, OSError) as exc:  # OSError: a file it cannot read or write, a full disk
         print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
         return 1
     done = (f"index: {s['index']} ({s['encoded']} samples encoded, {s['text_encoded']} captions embedded, "

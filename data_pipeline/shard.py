@@ -306,6 +306,8 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
                            previous=si.read_json(recorded) if recorded.is_file() else None)
     if not plan["shards"] and not plan["rejects"]:  # nothing made from it, not even an index of no shards
         raise ShardingError(f"{manifest}: the manifest has no rows (one JSON object per line: docs/data.md)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardingError(f"{out_dir}: not a folder: OUT_DIR is the folder the shards go to (new or this run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
     old = si.pin_plan(out_dir, plan)
     if old is not None:

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         s = run_sharding(args.paths[0], args.paths[1], samples_per_shard=per_shard, shard_bytes=args.shard_bytes,
                          workers=args.workers, num_tasks=args.num_tasks, task_index=task_index,
                          progress=not args.no_progress)
-    except (ShardingError, ShardIndexError, FileNotFoundError) as exc:
+    except (ShardingError, ShardIndexError, OSError) as exc:  # OSError: a file it cannot read or write, a full disk
         print(f"one4d shard: error: {exc}", file=sys.stderr)
         return 1
     print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done), {s['samples']} samples, "

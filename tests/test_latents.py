@@ -186,6 +186,17 @@ def test_killed_encode_resumes_to_identical_output(tmp_path):
         run_encode(src, out, load_config(CONFIG + ["data.height=64"]), progress=False)
 
 
+def test_an_output_folder_that_is_a_file_is_named(tmp_path, capsys):
+    """OUT_DIR naming a file is an error message and exit 1, not a traceback."""
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    (tmp_path / "file").write_text("")
+    assert encode_main([str(src), str(tmp_path / "file"), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+    assert f"{tmp_path / 'file'}: not a folder: OUT_DIR is the folder the latent shards go to" in \
+        capsys.readouterr().err
+    assert encode_main([str(src), str(tmp_path / "file" / "x"), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+    assert f"Not a directory: '{tmp_path / 'file' / 'x'}'" in capsys.readouterr().err
+
+
 def test_a_corrupt_source_sample_is_not_encoded_and_stays_detectable(tmp_path):
     """A source mp4 with a flipped bit (it would still decode): encode-latents lists the sample as failed and copies
     it with its original sums.json, so the reader still skips it instead of training on latents of wrong frames."""

@@ -333,6 +333,15 @@ def test_cli_errors(tmp_path, capsys):
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_an_output_folder_that_is_a_file_is_named(tmp_path, manifest, capsys):
+    """OUT_DIR naming a file (or a path under one) is an error message and exit 1, not a traceback."""
+    (tmp_path / "file").write_text("")
+    assert shard_main([str(manifest), str(tmp_path / "file"), "--no-progress"]) == 1
+    assert f"{tmp_path / 'file'}: not a folder: OUT_DIR is the folder the shards go to" in capsys.readouterr().err
+    assert shard_main([str(manifest), str(tmp_path / "file" / "sub"), "--no-progress"]) == 1
+    assert f"Not a directory: '{tmp_path / 'file' / 'sub'}'" in capsys.readouterr().err
+
+
 def test_a_clip_or_id_listed_again_is_sharded_and_named(tmp_path, manifest, capsys):
     """A manifest concatenated twice, or a clip added again, would train that clip twice as often without a word:
     a written row whose inputs all equal an earlier one's (file paths however spelled) or that has an earlier

@@ -4,7 +4,8 @@ Checks per shard: file present, size and sha256 as indexed, the tar reads, its s
 index's, every sample has its sums.json and the members of its geometry (cam.json with depth), every member
 parses (npz/npy with allow_pickle=False, json, UTF-8 text, mp4 container opens with decord) and matches the
 sample's sums.json (data_pipeline/checksums.py).
-Exits 1 naming the first failing shard and key.
+Every shard is checked (a shard whose size or sha256 differ is still read, to name the samples at fault); each
+problem is printed with its shard and key, and the command exits 1 naming the failing shards.
 """
 from __future__ import annotations
 
@@ -48,11 +49,13 @@ def _check_member(shard: str, key: str, ext: str, data: bytes) -> None:
         raise ShardProblem(f"{where}: does not parse: {type(exc).__name__}: {detail}") from None
 
 
-def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
-    """Verify one shard against its index entry; returns member counts by extension."""
+def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]]:
+    """Verify one shard against its index entry: (member counts by extension, its problems). A shard whose size
+    or sha256 differ is still read, so that the samples at fault are named."""
     problem = si.verify_shard_file(shard_dir, entry)
-    if problem:
-        raise ShardProblem(problem)
+    if problem and not (shard_dir / entry["name"]).is_file():
+        return {}, [problem]
+    problems = [problem] if problem else []
     counts: dict[str, int] = defaultdict(int)
     raws: dict[str, dict] = defaultdict(dict)  # per key: member -> CRC-32 (sums.json: its bytes)
     try:
@@ -60,21 +63,25 @@ def check_shard(shard_dir: Path, entry: dict) -> dict[str, int]:
             for info in tar:
                 key, _, ext = info.name.partition(".")
                 if not info.isfile() or not ext:
-                    raise ShardProblem(f"{entry['name']}: unexpected tar member {info.name!r}")
+                    problems.append(f"{entry['name']}: unexpected tar member {info.name!r}")
+                    continue
                 data = tar.extractfile(info).read()
-                _check_member(entry["name"], key, ext, data)
+                try:
+                    _check_member(entry["name"], key, ext, data)
+                except ShardProblem as exc:
+                    problems.append(str(exc))
                 counts[ext] += 1
                 raws[key][ext] = data if ext == checksums.MEMBER else crc32(data)
     except tarfile.TarError as exc:
-        raise ShardProblem(f"{entry['name']}: tar does not read: {exc}") from None
+        problems.append(f"{entry['name']}: tar does not read: {(str(exc).splitlines() or [repr(exc)])[0]}")
     for key, raw in raws.items():  # the reader's own check: sums.json, its members, the members every sample has
         sums = raw.pop(checksums.MEMBER, None)
         problem = checksums.sample_problem(raw, sums)
         if problem:
-            raise ShardProblem(f"{entry['name']}: {key}: {problem}")
+            problems.append(f"{entry['name']}: {key}: {problem}")
     if list(raws) != entry["keys"]:
-        raise ShardProblem(f"{entry['name']}: keys {list(raws)} differ from the index's {entry['keys']}")
-    return counts
+        problems.append(f"{entry['name']}: keys {list(raws)} differ from the index's {entry['keys']}")
+    return counts, problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     shard_dir = Path(args.shard_dir)
     try:
         index = si.read_index(shard_dir)
-        totals: dict[str, int] = defaultdict(int)
-        for entry in index["shards"]:
-            for ext, n in check_shard(shard_dir, entry).items():
-                totals[ext] += n
-    except (si.ShardIndexError, ShardProblem) as exc:
+    except si.ShardIndexError as exc:
         print(f"one4d inspect-shards: FAILED: {exc}", file=sys.stderr)
+        return 1
+    totals: dict[str, int] = defaultdict(int)
+    failed = []
+    for entry in index["shards"]:
+        counts, problems = check_shard(shard_dir, entry)
+        for ext, n in counts.items():
+            totals[ext] += n
+        for problem in problems:
+            print(f"one4d inspect-shards: FAILED: {problem}", file=sys.stderr)
+        failed += [entry["name"]] if problems else []
+    if failed:
+        print(f"one4d inspect-shards: FAILED: {len(failed)} of {len(index['shards'])} shards: {', '.join(failed)}",
+              file=sys.stderr)
         return 1
     stray = sorted({p.name for p in shard_dir.glob("*.tar")} - {e["name"] for e in index["shards"]})
     if stray:

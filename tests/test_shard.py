@@ -307,6 +307,30 @@ def test_inspect_shards(tmp_path, capsys):
     assert inspect_main([str(out)]) == 1
 
 
+def test_inspect_names_every_bad_shard_and_the_samples_at_fault(tmp_path, capsys):
+    """A flipped bit in one mp4 changes its shard's sha256: the sample is named too (the shard is still read), and
+    a second bad shard (truncated) is reported in the same run instead of after the first is mended."""
+    out = make_shards(tmp_path, num_clips=6, samples_per_shard=2)
+    first, last = out / "shard-000000.tar", out / "shard-000002.tar"
+    with tarfile.open(first) as tar:
+        mp4 = tar.getmember("r000000001.mp4")
+    data = bytearray(first.read_bytes())
+    data[mp4.offset_data + mp4.size // 2] ^= 0x10
+    first.write_bytes(bytes(data))
+    with tarfile.open(last) as tar:
+        cut = tar.getmember("r000000004.sums.json").offset_data + 2
+    last.write_bytes(last.read_bytes()[:cut])
+    assert inspect_main([str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{first}: sha256 differs from the index" in err
+    assert "shard-000000.tar: r000000001: members ['mp4'] are corrupt" in err
+    assert f"{last}: {cut} bytes, index says" in err and "shard-000002.tar: tar does not read: unexpected end" in err
+    assert "shard-000002.tar: r000000004: no sums.json" in err
+    assert "shard-000002.tar: keys ['r000000004'] differ from the index's ['r000000004', 'r000000005']" in err
+    assert err.splitlines()[-1] == "one4d inspect-shards: FAILED: 2 of 3 shards: shard-000000.tar, shard-000002.tar"
+    assert "shard-000001.tar" not in err
+
+
 def test_npz_bytes_are_deterministic_and_plain():
     a = np.arange(12, dtype=np.float16).reshape(3, 4)
     assert npz_bytes("depth", a) == npz_bytes("depth", a.copy())

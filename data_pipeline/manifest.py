@@ -268,6 +268,13 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
     out = {"geometry": g, "valid": valid}
     if r.geometry == "depth" and (g[valid] <= 0).any():
         raise RowError(r.row, gp, f"depth must be > 0 where valid; {int((g[valid] <= 0).sum())} pixels are not")
+    # frame 0's pixels see points in front of its camera: z <= 0 there is a missing-point marker (0, 0, 0) or
+    # another axis convention (OpenGL's z points backwards), which would train on wrong geometry
+    behind = int((g[0, ..., 2][valid[0]] <= 0).sum()) if r.geometry == "xyz" else 0
+    if behind:
+        raise RowError(r.row, gp, f"xyz of frame 0 has {behind} valid points with z <= 0, which its own camera could "
+                                  "not see: pointmaps are in the first frame's camera with OpenCV axes (x right, "
+                                  "y down, z forward); mark points without geometry false in 'valid'")
     if (r.intrinsics is None) != (r.poses is None):
         raise RowError(r.row, str(r.video), "'intrinsics' and 'poses' go together")
     if r.geometry == "depth" and r.intrinsics is None:

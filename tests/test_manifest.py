@@ -192,6 +192,29 @@ def test_xyz_geometry_with_optional_cameras(files):
         load(files, {"video": "v.mp4", "xyz": "x.npz", "intrinsics": "K.json"})
 
 
+@pytest.mark.parametrize("how", ["opengl", "zero_marker"])
+def test_pointmaps_behind_the_first_camera_are_rejected(files, how):
+    """Frame 0's pixels see points in front of its camera (z > 0 in its OpenCV axes). Pointmaps in OpenGL's axes
+    (z backwards), or with (0, 0, 0) marking missing points and no valid mask, passed and trained on wrong
+    geometry. Masked out, such points are fine, and later frames may hold points behind the first camera."""
+    xyz = np.ones((T, H, W, 3), np.float32)
+    xyz[1:, 0, 0, 2] = -4.0  # later frames: behind the first camera is possible
+    if how == "opengl":
+        xyz[0, ..., 1:] *= -1
+    else:
+        xyz[0, 1, 2:4] = 0.0
+    np.save(files / "x.npy", xyz)
+    with pytest.raises(RowError, match=rf"xyz of frame 0 has {H * W if how == 'opengl' else 2} valid points with "
+                                       r"z <= 0, .* OpenCV axes") as e:
+        load(files, {"video": "v.mp4", "xyz": "x.npy"})
+    assert e.value.path.endswith("x.npy")
+    valid = xyz[..., 2] != 0
+    valid[1:] = True
+    np.save(files / "valid.npy", valid)
+    if how == "zero_marker":
+        assert load(files, {"video": "v.mp4", "xyz": "x.npy", "valid": "valid.npy"})["valid"].sum() == T * H * W - 2
+
+
 def test_null_cameras_are_rejected_with_the_reason(files):
     """A depth row with "intrinsics": null or "poses": null would make a sample without cam.json, which the
     reader skips every epoch: it is a bad row. With xyz geometry null is no way to leave cameras out either."""

@@ -188,9 +188,19 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
             torch.backends.cudnn.deterministic = True
         vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
                        frames_per_call=cfg.model.vae_frames_per_call)
+        damaged = []
         for e in todo:
-            encode_shard(src, out, e, vae, cfg, run, batch, conditioning)
+            try:
+                encode_shard(src, out, e, vae, cfg, run, batch, conditioning)
+            except EncodeError as exc:  # a damaged source shard: the others are encoded all the same
+                damaged.append(str(exc))
             bar.update()
+        if damaged:
+            bar.close()
+            raise EncodeError(f"{len(damaged)} of this run's {len(todo)} source shards could not be encoded (the "
+                              "others were): " + "; ".join(damaged) + f". `one4d inspect-shards {src}` names the "
+                              "samples at fault; re-running the `one4d shard` that made it rewrites a damaged shard; "
+                              "then re-run this command to finish")
     bar.close()
     records = {e["name"]: _done(out, e) for e in entries}
     summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None}

@@ -197,6 +197,25 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path, capsys):
     assert f"Not a directory: '{tmp_path / 'file' / 'x'}'" in capsys.readouterr().err
 
 
+def test_a_damaged_source_shard_does_not_stop_the_others(tmp_path):
+    """A source shard that no longer matches its index (a flipped bit, a cut) is named, and every other shard is
+    still encoded before the run fails: a long GPU job does not stop at the first bad shard. Re-made by re-running
+    `one4d shard`, it is encoded by the re-run, which writes the index."""
+    src = make_shards(tmp_path, num_clips=3, frames=9, height=32, width=64, samples_per_shard=1)
+    victim = src / "shard-000000.tar"
+    good = victim.read_bytes()
+    victim.write_bytes(good[:len(good) // 2])
+    out, cfg = tmp_path / "lat", load_config(CONFIG)
+    with pytest.raises(EncodeError, match=rf"1 of this run's 3 source shards could not be encoded \(the others were\): "
+                                          rf"source shard does not match its index: {victim}: .* bytes, index says"):
+        run_encode(src, out, cfg, progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000001.tar", "shard-000002.tar"]
+    assert not (out / "index.json").exists()
+    victim.write_bytes(good)
+    summary = run_encode(src, out, cfg, progress=False)
+    assert (summary["written"], summary["skipped"], summary["encoded"]) == (1, 2, 3)
+
+
 def test_a_corrupt_source_sample_is_not_encoded_and_stays_detectable(tmp_path):
     """A source mp4 with a flipped bit (it would still decode): encode-latents lists the sample as failed and copies
     it with its original sums.json, so the reader still skips it instead of training on latents of wrong frames."""

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fps must be a positive number of at least 1/1001, got {args.fps}")
     if args.height % 2 or args.width % 2:
         p.error("--height and --width must be even (H.264 yuv420p)")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        p.error(f"{args.out_dir}: not a folder: OUT_DIR is the folder clips/ and manifest.jsonl go to")
     problem = decodable(args.height, args.width)
     if problem:
         p.error(f"decord cannot decode H.264 frames of {args.width}x{args.height} (width x height): {problem}; "
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = write_dataset(args.out_dir, args.clips, args.frames, args.height, args.width, seed=args.seed,
                                  geometry=args.geometry, fps=args.fps)
-    except VideoError as exc:
+    except (VideoError, OSError) as exc:  # OSError: a folder it cannot make or write (a path under a file, a full disk)
         print(f"one4d synth: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.clips} clips of {args.frames}x{args.height}x{args.width} ({args.geometry}) "

@@ -173,6 +173,18 @@ def test_synth_cli_refuses_bad_arguments_before_rendering(tmp_path, capsys, args
     assert not (tmp_path / "out").exists()
 
 
+def test_synth_cli_names_an_output_folder_that_is_a_file(tmp_path, capsys):
+    """OUT_DIR naming a file is a usage error before rendering, a path under a file an error message: no traceback."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        synth_main([str(tmp_path / "file"), "--clips", "1", "--frames", "2"])
+    assert e.value.code == 2
+    assert f"{tmp_path / 'file'}: not a folder: OUT_DIR is the folder clips/ and manifest.jsonl go to" in \
+        capsys.readouterr().err
+    assert synth_main([str(tmp_path / "file" / "x"), "--clips", "1", "--frames", "2"]) == 1
+    assert f"one4d synth: error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'x'}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fps", [0.0, -3.0, 1e-4, float("inf"), float("nan")])
 def test_write_mp4_refuses_a_frame_rate_it_cannot_store(tmp_path, fps):
     from data_pipeline.video import VideoError, write_mp4

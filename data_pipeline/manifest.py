@@ -178,14 +178,16 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
     try:
         if path.suffix == ".json":
             return _numbers(loads(path.read_text()), row, str(path), member)
-        loaded = np.load(path, allow_pickle=False)
+        # a .npy is mapped first: a header that promises more data than the file holds is an error here, not an
+        # allocation of that size (out of memory would read as no fault of the file's)
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 if member not in loaded.files:
                     raise RowError(row, str(path), f"npz has no member '{member}' (has {loaded.files})")
                 return loaded[member]
-        return loaded
-    except RowError:
+        return np.array(loaded)
+    except (RowError, MemoryError):
         raise
     except Exception as exc:
         raise RowError(row, str(path), f"cannot load array: {exc}") from None

@@ -113,9 +113,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
-    """Write one planned shard atomically, then its record; bad rows become rejects. Returns the record."""
+    """Write one planned shard atomically, then its record; bad rows become rejects. Returns the record. A row
+    that ran out of memory is a reject of this run only: the shard gets no record file, so a re-run writes it
+    again."""
     out_dir = Path(out_dir)
-    keys, rejects, stats = [], [], []
+    keys, rejects, stats, retry = [], [], [], False
     tmp = out_dir / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
@@ -124,6 +126,11 @@ def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
                     members, st = encode_sample(r)
                 except RowError as exc:
                     rejects.append(exc.record())
+                    continue
+                except MemoryError as exc:  # no fault of the row's: reported, and the shard is left unrecorded
+                    retry = True
+                    rejects.append({"row": r.row, "path": str(r.video), "reason": f"MemoryError: {exc} (out of "
+                                    "memory: re-run the same command, with fewer --workers, to write this row)"})
                     continue
                 except Exception as exc:  # a row must never stop the run
                     rejects.append({"row": r.row, "path": str(r.video), "reason": f"{type(exc).__name__}: {exc}"})
@@ -139,7 +146,8 @@ def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
     final = out_dir / name
     record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
               "keys": keys, "rows": [r.row for r in rows], "rejects": rejects, "sample_stats": stats}
-    si.write_json(si.record_path(out_dir, name), record)
+    if not retry:  # a re-run rewrites a shard without a record, and so tries its rows again
+        si.write_json(si.record_path(out_dir, name), record)
     return record
 
 

@@ -94,7 +94,7 @@ def probe_and_check(path, chunk: int = 16) -> VideoInfo:
             batch = vr.get_batch(list(range(start, min(n, start + chunk)))).asnumpy()
             height, width = batch.shape[1:3]
         return VideoInfo(n, int(height), int(width), float(vr.get_avg_fps()))
-    except VideoError:
+    except (VideoError, MemoryError):  # out of memory is no fault of the video's
         raise
     except Exception as exc:
         raise VideoError(f"{path}: video does not decode with decord: {_short(exc)}") from None

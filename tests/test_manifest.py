@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -155,6 +156,17 @@ def test_intrinsics_of_another_resolution_are_rejected(files, K, frame):
     assert e.value.row == 0
     for cx, cy in ((-0.5, -0.5), (W - 0.5, H - 0.5)):  # the frame's edges are inside
         load(files, depth_row(intrinsics=[[5, 0, cx], [0, 5, cy], [0, 0, 1]]))
+
+def test_a_npy_whose_header_promises_more_than_the_file_holds_is_rejected(files):
+    """A cut or damaged .npy whose header claims a huge shape is the file's fault, said so without allocating
+    that shape (an out-of-memory error is no fault of the row's, and is not a reject for good)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 6, 10 ** 6, 10)})
+    (files / "cut.npy").write_bytes(buf.getvalue() + bytes(64))
+    with pytest.raises(RowError, match="cannot load array") as e:
+        load(files, depth_row(depth="cut.npy"))
+    assert e.value.path.endswith("cut.npy") and "allocate" not in e.value.reason
+
 
 def test_text_embedding(files):
     np.save(files / "emb.npy", np.zeros((7, 4096), np.float32))

@@ -331,6 +331,42 @@ def test_inspect_names_every_bad_shard_and_the_samples_at_fault(tmp_path, capsys
     assert "shard-000001.tar" not in err
 
 
+def test_a_row_that_ran_out_of_memory_is_retried_by_the_re_run(tmp_path):
+    """Out of memory (too many --workers for the node) is no fault of the row's: it is reported as such, and the
+    shard gets no record, so that re-running the same command writes the row. It was a reject recorded for good
+    (in the probe as 'video does not decode'), which every re-run kept. The run is limited in a child process:
+    its address space to what it holds after the imports plus 180 MiB, less than the 1024x1536 clip needs."""
+    import subprocess
+
+    from data_pipeline.video import write_mp4
+
+    T, H, W = 9, 1024, 1536
+    write_mp4(tmp_path / "big.mp4", np.zeros((T, H, W, 3), np.uint8))
+    np.save(tmp_path / "big.npy", np.full((T, H, W), 2.0, np.float32))
+    np.save(tmp_path / "poses.npy", np.broadcast_to(np.eye(4), (T, 4, 4)))
+    row = {"video": "big.mp4", "depth": "big.npy", "poses": "poses.npy",
+           "intrinsics": [[500, 0, (W - 1) / 2], [0, 500, (H - 1) / 2], [0, 0, 1]]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    script = (
+        "import json, resource, sys\n"
+        "import av, decord, numpy\n"
+        "from data_pipeline.shard import run_sharding\n"
+        "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (180 << 20), resource.RLIM_INFINITY))\n"
+        "print(json.dumps(run_sharding(sys.argv[1], sys.argv[2], samples_per_shard=1, progress=False)))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.jsonl"), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["samples"] == 0 and len(summary["rejects"]) == 1, summary
+    reason = summary["rejects"][0]["reason"]
+    assert reason.startswith("MemoryError: ") and "re-run the same command, with fewer --workers" in reason, reason
+    assert not list(out.glob("*.record.json")) and read_index(out)["rejects"] == summary["rejects"]
+    again = run_sharding(tmp_path / "m.jsonl", out, samples_per_shard=1, progress=False)
+    assert (again["written"], again["samples"], again["rejects"]) == (1, 1, [])
+
+
 def test_npz_bytes_are_deterministic_and_plain():
     a = np.arange(12, dtype=np.float16).reshape(3, 4)
     assert npz_bytes("depth", a) == npz_bytes("depth", a.copy())

@@ -156,14 +156,15 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
 
 
 def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, str]]:
-    """(row, what it repeats, in words) of the rows that repeat an earlier row's clip (every input equal) or id. Such a row is sharded (a
-    clip may be listed on purpose more than once), but a manifest concatenated twice or a clip added again would
-    otherwise train that clip twice as often without a word."""
+    """(row, what it repeats, in words) of the rows that repeat an earlier row's clip (every input equal) or id.
+    Such a row is sharded (a clip may be listed on purpose more than once), but a manifest concatenated twice or a
+    clip added again would otherwise train that clip twice as often without a word."""
     first_of_clip, first_of_id, out = {}, {}, []
     for r in rows:
         clip = r.inputs()
         if clip in first_of_clip:
-            out.append((r.row, f"row {r.row} ({r.video}) is row {first_of_clip[clip]}'s clip again (every input equal)"))
+            out.append((r.row, f"row {r.row} ({r.video}) is row {first_of_clip[clip]}'s clip again "
+                               "(every input equal)"))
         elif r.id in first_of_id:
             out.append((r.row, f"row {r.row} ({r.video}) has row {first_of_id[r.id]}'s id {r.id!r}"))
         first_of_clip.setdefault(clip, r.row)

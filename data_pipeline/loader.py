@@ -174,9 +174,13 @@ class StreamLoader:
         workers = self.cfg.num_workers
         # new flags for each DataLoader: batches of an earlier one, freed late, must not free this one's buffers
         self._loans = shm_pool.new_flags(workers) if workers else None
+        # a generator of its own for the workers' base seed (the stream does not depend on it): DataLoader would
+        # otherwise draw it from the global torch RNG at every iter(), which the trainer checkpoints and the step
+        # draws from (LoRA dropout), so a resumed run would step with other random numbers than an uninterrupted one
+        seed = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + self.plan.rank)
         return DataLoader(BatchStream(stream, self.batch_size, self._loans), batch_size=None, num_workers=workers,
                           pin_memory=self.pin_memory, prefetch_factor=2 if workers else None, in_order=True,
-                          worker_init_fn=_worker_init if workers else None)
+                          worker_init_fn=_worker_init if workers else None, generator=seed)
 
     def __iter__(self):
         """Batches from the consumed position on; a new iterator resumes where the last consumed batch left off."""

@@ -161,3 +161,17 @@ def test_a_position_of_the_earlier_names_and_counts_fingerprint_still_resumes(sh
     state["shards"] = "0123456789abcdef"
     with pytest.raises(PositionError, match="shards: 0123456789abcdef vs"):
         build_loader(cfg, position=state, **kw)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_leaves_the_global_torch_rng_alone(shards, workers):
+    """The trainer checkpoints the global torch RNG and the step draws from it (LoRA dropout); a resumed run starts
+    a new iterator where an uninterrupted one did not, so starting one must not draw from it."""
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    loader = build_loader(_cfg(shards, workers), rank=0, world_size=1, seed=4, micro_batch_size=1)
+    _run(loader, 1)
+    _run(loader, 1)
+    loader.close()
+    assert torch.equal(torch.rand(3), expected)

@@ -9,6 +9,8 @@ import torch
 
 from one4d_train.train import checkpoint as ckpt
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def make(ckpt_dir, step, complete=True, corrupt=False):
     path = os.path.join(ckpt_dir, ckpt.step_name(step))
@@ -163,3 +165,42 @@ def test_evaluation_of_a_set_aside_checkpoint_logs_into_no_mlflow_run(tmp_path):
         (folder / "train_state" / "rank-00000.json").write_text(json.dumps({"step": step, "mlflow_run_id": "r1"}))
     assert run_of(str(run / "checkpoints" / "step-00000008")) == (str(run), "r1", 8)
     assert run_of(str(run / "checkpoints" / "abandoned-20261204T221500Z" / "step-00000012")) == (str(run), None, 12)
+
+
+def test_a_prune_killed_midway_leaves_no_step_folder_behind(tmp_path):
+    """Pruning deletes a checkpoint of many files; a kill in the middle must not leave a step folder without its
+    files: no later prune would see it (it counts complete checkpoints only) and it would stay on disk for good.
+    What a cut-short delete leaves is a .tmp- folder, which the next save removes."""
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    d = run_dir / "checkpoints"
+    old = make(str(d), 1)
+    for i in range(20000):
+        (d / ckpt.step_name(1) / "ds" / f"part-{i:05d}").write_bytes(b"x")
+    marker = {"step": 1, "world_size": 1, "files": ckpt._listing(old)}
+    ckpt.write_atomic(os.path.join(old, ckpt.MARKER), json.dumps(marker))
+    make(str(d), 2)
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from one4d_train.train import checkpoint as c; "
+            f"print('go', flush=True); c.Checkpointer({str(run_dir)!r}, 0, 1, keep_last=1)._prune()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "go\n"
+
+    def left():
+        for name in os.listdir(d):
+            if name != ckpt.step_name(2):
+                try:
+                    return len(os.listdir(d / name / "ds"))
+                except FileNotFoundError:
+                    pass
+        return 0
+
+    while proc.poll() is None and left() > 10000:
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < left() < 20000, "the kill did not land inside the delete"
+    assert names(d) == [ckpt.step_name(2)], os.listdir(d)
+    assert [n for n in os.listdir(d) if n != ckpt.step_name(2)] == [".tmp-deleted-" + ckpt.step_name(1)]

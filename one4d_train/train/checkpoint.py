@@ -258,7 +258,7 @@ class Checkpointer:
                       "files": _listing(tmp)}
             write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             if os.path.exists(final):  # a complete twin from an earlier attempt at this very step
-                shutil.rmtree(final)
+                self._remove(final)
             os.rename(tmp, final)
             _fsync_path(self.dir)
             write_atomic(os.path.join(self.dir, "latest"), step_name(step) + "\n")
@@ -269,7 +269,18 @@ class Checkpointer:
     def _prune(self) -> None:
         found = complete_checkpoints(self.dir)
         for old in found[: max(0, len(found) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._remove(old)
+
+    def _remove(self, path: str) -> None:
+        """Delete a checkpoint folder by first renaming it to a .tmp- name: a delete cut short (a killed job, a file
+        the filesystem keeps busy) leaves a folder the next save removes, not a step folder without its files, which
+        no later prune would see (it counts complete checkpoints only) and which would stay on disk for good."""
+        base = os.path.join(self.dir, ".tmp-deleted-" + os.path.basename(path))
+        gone, n = base, 1
+        while os.path.exists(gone):  # one an earlier delete could not empty
+            gone, n = f"{base}-{n}", n + 1
+        os.rename(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def load_train_state(self, path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         written_by = marker_of(path)["world_size"]

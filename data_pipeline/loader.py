@@ -90,7 +90,12 @@ class BatchStream(IterableDataset):
 
 
 class PositionError(ValueError):
-    """A saved data position that does not fit this loader."""
+    """A saved data position that does not fit this loader; `differs`: the parts of its identity that differ (seed,
+    mode, num_workers, shards, rank, world_size, version) -> (saved, now), empty when it is malformed."""
+
+    def __init__(self, message: str, differs: dict[str, tuple] | None = None):
+        super().__init__(message)
+        self.differs = differs or {}
 
 
 class StreamLoader:
@@ -151,7 +156,7 @@ class StreamLoader:
             raise PositionError("data position does not fit this loader (saved vs now): " +
                                 ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()) +
                                 "; exact resume needs the same seed, rank, world size, num_workers and shard set "
-                                "(its shards' names, sample counts and sha256)")
+                                "(its shards' names, sample counts and sha256)", diff)
         if len(slots) != self.plan.workers or not 0 <= next_slot < self.plan.workers:
             raise PositionError(f"data position has {len(slots)} slots / next_slot {next_slot} for "
                                 f"{self.plan.workers} workers")

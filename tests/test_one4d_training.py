@@ -154,6 +154,21 @@ def test_resume_by_a_model_of_other_shapes_is_refused_naming_keys(shards, straig
     assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == before
 
 
+def test_resume_with_another_data_stream_is_refused_before_the_model_is_built(shards, straight, tmp_path):
+    """A resume whose data position cannot continue under this config (another data.num_workers, seed) exits 2
+    before any process group, naming the keys, instead of with the loader's traceback after the model is built and
+    the checkpoint loaded, with the run's config.yaml rewritten by the refused config."""
+    chosen = os.path.join(straight, "checkpoints", "step-00000015")
+    config_before = open(os.path.join(straight, "config.yaml")).read()
+    code, out = torchrun(straight, *common(shards, straight, 20), f"resume={chosen}", "data.num_workers=2", "seed=5",
+                         timeout=900)
+    assert code != 0 and "exitcode  : 2" in out, out[-4000:]
+    assert (f"key 'data.num_workers': 2 here, 1 in the data position of {chosen}" in out and
+            f"key 'seed': 5 here, 0 in the data position of {chosen}" in out), out[-4000:]
+    assert "PositionError" not in out and "global batch" not in out
+    assert open(os.path.join(straight, "config.yaml")).read() == config_before
+
+
 def test_in_training_evaluation_all_ranks_take_part(shards, tmp_path):
     """3 held-out samples on 2 ranks: rank 1 samples a dummy in the second round, so the ZeRO-3 forwards stay
     collective; the means are reduced over ranks and logged to MLflow at the evaluation step."""

@@ -7,6 +7,7 @@ The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoin
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import math
 import os
@@ -97,7 +98,8 @@ class One4DTask:
             path = getattr(cfg.model, key)
             if path and not os.path.exists(path):
                 p.append((f"model.{key}", f"{path}: not found"))
-        p += _training_shard_problems(cfg)
+        shard_problems = _training_shard_problems(cfg)
+        p += shard_problems or _resume_position_problems(cfg)
         if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
             p += _eval_set_problems(cfg)
         return p
@@ -327,6 +329,43 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
         return [("data.num_frames", f"the window needs {span} frames (data.num_frames={cfg.data.num_frames}, "
                  f"data.frame_stride={cfg.data.frame_stride}), the longest clip of {spec} has {longest}: lower "
                  "data.num_frames or data.frame_stride, or shard longer clips")]
+    return []
+
+
+POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_workers", "shards": "data.shards"}
+
+
+def _resume_position_problems(cfg) -> list[tuple[str, str]]:
+    """The data position in the checkpoint this run resumes from fits the loader this config builds (the same seed,
+    data.mode, data.num_workers and shard set), by key: the loader refuses another only once the model is built and
+    the checkpoint loaded (minutes at 14B), with the run's config.yaml already rewritten by the refused config."""
+    from data_pipeline.loader import PositionError
+    from one4d_train.train import checkpoint as ckpt
+    from one4d_train.train.distributed import detect
+
+    try:
+        path = ckpt.resolve_resume(cfg.resume, os.path.join(cfg.run_dir, "checkpoints"))
+    except FileNotFoundError:
+        return []  # reported under 'resume' by train/config.py
+    env = detect()
+    state = os.path.join(path or "", "train_state", f"rank-{env.rank:05d}.json")
+    if path is None or ckpt.marker_of(path).get("world_size") != env.world_size or not os.path.isfile(state):
+        return []  # a fresh start, or another world size (reported under 'resume')
+    with open(state) as f:
+        position = json.load(f).get("loader")
+    try:
+        build_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                     micro_batch_size=cfg.train.micro_batch_size, position=position, latents=latents_spec(cfg))
+    except PositionError as exc:
+        named = {POSITION_KEYS[k]: v for k, v in exc.differs.items() if k in POSITION_KEYS}
+        if not named or len(named) < len(exc.differs):
+            return [("resume", f"{path}: {exc}")]
+        what = {"data.shards": "another shard set (fingerprint of the names, sample counts and sha256 of its shards)"}
+        return [(key, f"{what.get(key, repr(now))} here, {saved!r} in the data position of {path}: exact resume "
+                 f"continues the data stream it was written with; resume with {key} as it was, or start a new run "
+                 "(another run_dir, or resume=never)") for key, (saved, now) in named.items()]
+    except (OSError, ValueError):  # a loader this config cannot build at all: the run reports it as before
+        pass
     return []
 
 

@@ -436,3 +436,18 @@ def test_the_entry_point_catches_stop_signals_before_importing_the_trainer(monke
             signal.signal(s, handler)
     handlers = seen["one4d_train.train.main"]
     assert all(getattr(h, "__self__", None) is preemption._process for h in handlers.values()), handlers
+
+
+def test_resume_with_another_batch_size_counts_the_samples_the_steps_took(tmp_path):
+    """train.micro_batch_size may change on resume (the global batch with it): the checkpoint's samples_seen is the
+    sum over the steps of each step's global batch, not the step count times the current one."""
+    def train(*args):
+        r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={tmp_path}", *COMMON,
+                            "train.zero_stage=2", "train.log_every=1", *args],
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    train("train.steps=2", "train.checkpoint_every=2", "train.micro_batch_size=8")
+    train("train.steps=5", "train.checkpoint_every=5", "train.micro_batch_size=2", "train.grad_accum=2")
+    state = json.load(open(os.path.join(tmp_path, "checkpoints", ckpt.step_name(5), "train_state", "rank-00000.json")))
+    assert state["step"] == 5 and state["samples_seen"] == 2 * 8 + 3 * 4

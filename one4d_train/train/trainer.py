@@ -69,6 +69,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
         self.step, self.bad_streak, self.skipped_total = 0, 0, 0
+        self.samples_seen = 0  # all ranks, every step so far (a resume may change the global batch)
         self.window = {"sums": {}, "counted": 0}  # losses of the steps since the last log line, this rank's
         self.eval_pending = False  # the evaluation due at self.step was left for after the requeue
         self.step_lr = 0.0  # the lr the current step's optimizer update uses
@@ -98,7 +99,7 @@ class Trainer:
 
     def _train_state(self, loader) -> tuple[dict, dict]:
         rng, tensors = ckpt.capture_rng(self.generator)
-        state = {"step": self.step, "samples_seen": self.step * self.global_batch, "bad_streak": self.bad_streak,
+        state = {"step": self.step, "samples_seen": self.samples_seen, "bad_streak": self.bad_streak,
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
                  "log_window": self.window, "eval_pending": self.eval_pending,
                  "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size}
@@ -127,6 +128,7 @@ class Trainer:
         self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
         ckpt.restore_rng(state["rng"], tensors, self.generator)
         self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
+        self.samples_seen = state["samples_seen"]
         # written before these were kept: the log window restarts, no evaluation is owed
         self.window = state.get("log_window", {"sums": {}, "counted": 0})
         self.eval_pending = state.get("eval_pending", False)
@@ -248,6 +250,7 @@ class Trainer:
                     step_losses[k] = step_losses.get(k, 0.0) + v / t.grad_accum
             skipped = step_bad or not self.engine.was_step_applied()
             self.step = step
+            self.samples_seen += self.global_batch
             timer.step_done()
             if skipped:
                 self.bad_streak += 1

@@ -26,6 +26,38 @@ def make(ckpt_dir, step, complete=True, corrupt=False):
     return path
 
 
+def _choose_on_rank(rank, port, dirs, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        with open(out[rank], "w") as f:
+            json.dump({"own": ckpt.resolve_resume("auto", dirs[rank]),
+                       "chosen": ckpt.resolve_resume_once("auto", dirs[rank])}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
+    """Another node's listing of a shared file system may lag behind: a rank that chose for itself would load an
+    older checkpoint than rank 0 (each rank is shown its own folder here: rank 1's lacks the newest)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    make(dirs[0], 10), make(dirs[0], 20), make(dirs[1], 10)
+    out = [str(tmp_path / "rank0.json"), str(tmp_path / "rank1.json")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_choose_on_rank, args=(port, dirs, out), nprocs=2)
+    got = [json.load(open(f)) for f in out]
+    newest = os.path.join(dirs[0], ckpt.step_name(20))
+    assert got[1]["own"] == os.path.join(dirs[1], ckpt.step_name(10))  # what rank 1 would have chosen itself
+    assert [g["chosen"] for g in got] == [newest, newest]
+
+
 def test_auto_picks_newest_complete_ignoring_leftovers(tmp_path):
     d = str(tmp_path / "checkpoints")
     assert ckpt.resolve_resume("auto", d) is None

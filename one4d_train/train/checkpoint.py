@@ -142,6 +142,15 @@ def resolve_resume(resume: str, ckpt_dir: str) -> str | None:
     return resume
 
 
+def resolve_resume_once(resume: str, ckpt_dir: str) -> str | None:
+    """resolve_resume as rank 0 sees it, on every rank of the process group. Each rank choosing for itself could
+    resume ranks from different checkpoints: on a shared file system another node's listing may lag behind the
+    node that wrote the newest one. Every rank still checks an explicit PATH (its error names it everywhere)."""
+    from one4d_train.train.distributed import broadcast_from_main
+
+    return broadcast_from_main(resolve_resume(resume, ckpt_dir))
+
+
 def set_aside(ckpt_dir: str, resumed: str | None) -> str | None:
     """Keep the checkpoint folder one linear history ending at `resumed` (a checkpoint path, None for a fresh
     start): every step folder after it, or every one when `resumed` is not a step folder of this one, belongs to an

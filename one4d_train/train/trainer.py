@@ -108,7 +108,7 @@ class Trainer:
     def _resume(self) -> tuple[dict | None, str | None]:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
-        path = ckpt.resolve_resume(self.cfg.resume, self.checkpointer.dir)
+        path = ckpt.resolve_resume_once(self.cfg.resume, self.checkpointer.dir)
         if path is not None:  # before any checkpoint is moved aside for it
             shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
             mismatches = ckpt.shape_mismatches(path, shapes)

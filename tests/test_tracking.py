@@ -1,5 +1,7 @@
 """MLflow tracking against a real sqlite store, read back with MLflow's own client."""
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
@@ -107,3 +109,42 @@ def test_a_later_resume_brings_the_resumed_with_tag_up_to_date(tmp_path):
     tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags
     assert tags["resumed_with.lr"] == "0.001" and tags["resumed_with.steps"] == "50"
     assert "resumed_with.seed" not in tags
+
+
+def test_a_moved_run_directory_keeps_its_artifacts_with_it(tmp_path):
+    """MLflow stores absolute artifact locations: a run directory moved to another path (scratch -> project space)
+    and resumed there wrote its new artifacts to the old path, re-created for them, and its runs still named the
+    old directory. The store now follows the directory; the artifacts logged before the move stay readable."""
+    from one4d_train.train.tracking import RUN_DIR_TAG
+
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    old, new = tmp_path / "scratch" / "run", tmp_path / "project" / "run"
+    tracker = MlflowTracker(str(old), cfg, "name")
+    run_id = tracker.start(None, {})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "first.txt").write_text("1")
+    tracker.log_artifacts(str(tmp_path / "a"), "eval")
+    tracker.end("KILLED")
+    new.parent.mkdir()
+    os.rename(old, new)
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "second.txt").write_text("2")
+    # the resumed job: a new process (MLflow caches each run's artifact location for the life of a process)
+    script = ("import sys; from types import SimpleNamespace; from one4d_train.train.tracking import MlflowTracker\n"
+              "t = MlflowTracker(sys.argv[1], SimpleNamespace(uri='', experiment='exp', system_metrics=False), 'n')\n"
+              "t.start(sys.argv[2], {}); t.log_artifacts(sys.argv[3], 'eval'); t.end()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(new), run_id, str(tmp_path / "b")], capture_output=True,
+                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the run directory moved from" in done.stderr
+
+    assert not old.exists(), "nothing is written to the old path"
+    client = MlflowClient(f"sqlite:///{new}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.artifact_uri == f"file://{new}/mlartifacts/{run_id}/artifacts"
+    assert {a.path for a in client.list_artifacts(run_id, "eval")} == {"eval/first.txt", "eval/second.txt"}
+    assert run.data.tags[RUN_DIR_TAG] == str(new)
+    assert client.get_experiment_by_name("exp").artifact_location == f"file://{new}/mlartifacts"
+    again = MlflowTracker(str(new), cfg, "name")  # nothing more to do once it follows
+    assert again.client.get_run(run_id).info.artifact_uri == run.info.artifact_uri

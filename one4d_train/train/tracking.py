@@ -1,13 +1,16 @@
 """MLflow tracking, written by rank 0 only (other ranks get `NullTracker`).
 
 Default store: `sqlite:///<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifacts/`; `tracking.uri` points at a
-server instead. The run id is kept in the train state so a resumed job continues the same run.
+server instead. The run id is kept in the train state so a resumed job continues the same run. A run directory
+moved or copied to another path takes its store along, whose artifact locations are made to follow it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sqlite3
 import time
 import uuid
 
@@ -42,9 +45,11 @@ class MlflowTracker(NullTracker):
 
         self.run_dir = run_dir = os.path.abspath(run_dir)
         self.uri = tracking_cfg.uri or f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}"
+        self.artifact_location = None if tracking_cfg.uri else "file://" + os.path.join(run_dir, "mlartifacts")
+        if self.artifact_location:
+            _follow_moved_run_dir(os.path.join(run_dir, "mlflow.db"), self.artifact_location, run_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.mlflow, self.cfg, self.run_name = mlflow, tracking_cfg, run_name
-        self.artifact_location = None if tracking_cfg.uri else "file://" + os.path.join(run_dir, "mlartifacts")
         self.run_id = None
 
     def _experiment_id(self) -> str:
@@ -153,6 +158,28 @@ class MlflowTracker(NullTracker):
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.mlflow.end_run(status)
+
+
+def _follow_moved_run_dir(db: str, location: str, run_dir: str) -> None:
+    """MLflow's store records absolute artifact locations, made in the run directory's first path: after the
+    directory moved (or was copied) new artifacts went to the old path, re-created there or failing where it is no
+    longer writable, and the runs' one4d.run_dir tags named the old path. Both are rewritten to this path in the
+    store's database, which MLflow's client has no call for (the experiments' and runs' locations, and the tags)."""
+    if not os.path.isfile(db):
+        return
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        if not con.execute("select 1 from sqlite_master where type = 'table' and name = 'experiments'").fetchone():
+            return
+        old = [row[0] for row in con.execute("select artifact_location from experiments where artifact_location "
+                                             "like 'file://%/mlartifacts' and artifact_location != ?", (location,))]
+        for prev in old:
+            log.warning("the run directory moved from %s: MLflow's artifact locations now follow it to %s",
+                        os.path.dirname(prev[len("file://"):]), run_dir)
+            con.execute("update experiments set artifact_location = ? where artifact_location = ?", (location, prev))
+            con.execute("update runs set artifact_uri = ? || substr(artifact_uri, ?) where artifact_uri like ?",
+                        (location, len(prev) + 1, prev + "/%"))
+            con.execute("update tags set value = ? where key = ? and value = ?",
+                        (run_dir, RUN_DIR_TAG, os.path.dirname(prev[len("file://"):])))
 
 
 def _finite(metrics: dict) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.decode import SampleError, crc32, member_problem
+from data_pipeline.decode import SampleError, crc32, member_problem, why
 
 MEMBER = "sums.json"
 
@@ -30,7 +30,7 @@ def read_sums(data: bytes) -> dict[str, int]:
         if not isinstance(sums, dict) or not all(isinstance(v, int) for v in sums.values()):
             raise ValueError("not a JSON object of integers")
     except Exception as exc:
-        raise SampleError(f"member {MEMBER} is not readable: {exc}") from None
+        raise SampleError(f"member {MEMBER} is not readable: {why(exc)}") from None
     return sums
 
 

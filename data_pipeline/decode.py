@@ -29,6 +29,11 @@ class SampleError(ValueError):
     """A shard sample that cannot be used; the reader logs it with its shard and key and skips it."""
 
 
+def why(exc: BaseException) -> str:
+    """An exception's message, or its type where it has none (MemoryError(), say): a skip is never unexplained."""
+    return str(exc) or type(exc).__name__
+
+
 @dataclass
 class DecodedClip:
     """The sampled window: geometry at source resolution, in its stored dtype and not yet masked (transforms
@@ -63,7 +68,7 @@ class NpzReader:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 self.infos = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
         except Exception as exc:
-            raise SampleError(f"member {member} is not a readable npz: {exc}") from None
+            raise SampleError(f"member {member} is not a readable npz: {why(exc)}") from None
 
     @property
     def files(self) -> list[str]:
@@ -103,7 +108,7 @@ class NpzReader:
             a = np.frombuffer(buf, dtype, count=count, offset=f.tell())
             return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
         except Exception as exc:
-            raise SampleError(f"member {self.member} array '{name}' is not readable: {exc}") from None
+            raise SampleError(f"member {self.member} array '{name}' is not readable: {why(exc)}") from None
 
 
 GEOMETRY_MEMBERS = ("depth.npz", "xyz.npz")
@@ -221,7 +226,7 @@ def text_members(raw: dict) -> tuple[str, np.ndarray | None]:
         try:
             text_emb = np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False).astype(np.float32)
         except Exception as exc:
-            raise SampleError(f"member emb.npy is not a readable npy: {exc}") from None
+            raise SampleError(f"member emb.npy is not a readable npy: {why(exc)}") from None
         if text_emb.ndim != 2 or text_emb.shape[0] == 0:  # collate reads length 0 as "no embedding"
             raise SampleError(f"member emb.npy has shape {text_emb.shape}, expected [L, D] with L > 0")
     return caption, text_emb

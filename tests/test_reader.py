@@ -316,6 +316,19 @@ def test_npz_members_are_checked_against_their_crc():
     assert crc_caught > 0
 
 
+def test_a_sample_that_ran_out_of_memory_says_so(monkeypatch):
+    """MemoryError() has no message: the skipped sample's reason read 'member depth.npz array 'depth' is not
+    readable: ' with nothing after it. It names the error now."""
+    good = npz_bytes("depth", np.ones((4, 6), np.float16))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(np, "frombuffer", no_memory)
+    with pytest.raises(SampleError, match=r"array 'depth' is not readable: MemoryError$"):
+        NpzReader(good, "depth.npz")["depth"]
+
+
 @pytest.mark.parametrize("recorded", [None, 1, 4])
 def test_other_sample_formats_are_refused(depth_shards, tmp_path, recorded):
     """Formats 2 and 3 are read; format 1 (and an index without the key) of this project's first days and formats

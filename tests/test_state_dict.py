@@ -205,3 +205,30 @@ def test_load_torch_file_and_missing_path(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         checkpoint_files(str(tmp_path / "empty"))
+
+
+def test_unreadable_files_are_named_with_what_is_wrong(tmp_path):
+    """A truncated shard, an index naming a shard that is not there, an index that is no JSON and a pickled module
+    are each refused naming the file, before any tensor is loaded (safetensors' and torch's own errors name none)."""
+    src = tiny(True)
+    folder = tmp_path / "sharded"
+    write_sharded(src.state_dict(), str(folder), "model")
+    shard = folder / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # an interrupted download
+    dst = tiny(True, seed=1)
+    with pytest.raises(ValueError, match=f"{shard}: not a readable safetensors file .*truncated"):
+        load_backbone_weights(dst, str(folder))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"model.safetensors.index.json names 1 shard file.*{shard}"):
+        load_backbone_weights(dst, str(folder))
+    (folder / "model.safetensors.index.json").write_text("<html>not found</html>")
+    with pytest.raises(ValueError, match="index.json: not a safetensors shard index"):
+        load_backbone_weights(dst, str(folder))
+    pickled = tmp_path / "dit.pth"
+    torch.save(src, pickled)  # the whole module, not its state dict: never unpickled
+    with pytest.raises(ValueError, match=f"{pickled}: holds objects other than tensors"):
+        load_backbone_weights(dst, str(pickled))
+    not_torch = tmp_path / "dit.bin"
+    not_torch.write_bytes(shard.with_name("model-00001-of-00003.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=f"{not_torch}: not a readable torch file"):
+        load_backbone_weights(dst, str(not_torch))

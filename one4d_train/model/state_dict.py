@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import re
 
 import torch
@@ -99,9 +100,12 @@ def checkpoint_files(path: str) -> list[str]:
     folder of shards (official or diffusers), or a diffusers pipeline folder with a `transformer/` subfolder."""
     if os.path.isfile(path):
         if path.endswith(".json"):
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-            return [os.path.join(os.path.dirname(path), s) for s in sorted(set(weight_map.values()))]
+            files = [os.path.join(os.path.dirname(path), s) for s in sorted(set(_weight_map(path).values()))]
+            absent = [f for f in files if not os.path.isfile(f)]
+            if absent:
+                raise FileNotFoundError(f"{path} names {len(absent)} shard file(s) that are not there: "
+                                        f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
+            return files
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"backbone checkpoint not found: {path}")
@@ -121,18 +125,47 @@ def checkpoint_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: no *.safetensors weights (nor a shard index, nor a transformer/ subfolder)")
 
 
+def _weight_map(index: str) -> dict[str, str]:
+    """The `weight_map` {tensor name: shard file} of a *.safetensors.index.json."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{index}: not a safetensors shard index (JSON with a 'weight_map'): "
+                         f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: its 'weight_map' is not a {{tensor name: shard file}} object")
+    return weight_map
+
+
 class _TensorSource:
-    """Read-one-tensor-at-a-time access to one weight file (safetensors lazily; torch files memory-mapped)."""
+    """Read-one-tensor-at-a-time access to one weight file (safetensors lazily; torch files memory-mapped and
+    loaded with weights_only=True: nothing but tensors and plain containers is unpickled)."""
 
     def __init__(self, path: str, device: str = "cpu"):
         self.path = path
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            self._file = safe_open(path, framework="pt", device=device)
+            from safetensors import SafetensorError, safe_open
+            try:
+                self._file = safe_open(path, framework="pt", device=device)
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged, e.g. an "
+                                 f"interrupted download or copy?): {exc}") from None
             self._tensors = None
         else:
-            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            self._tensors = self._tensors.get("state_dict", self._tensors)
+            try:
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise ValueError(f"{path}: holds objects other than tensors (a pickled module or class?), which are "
+                                 "not unpickled: torch files are read with weights_only=True; save its state dict, "
+                                 "or better, a .safetensors file") from None
+            except (RuntimeError, OSError, EOFError) as exc:  # not a torch zip archive, truncated, a folder
+                raise ValueError(f"{path}: not a readable torch file of tensors (truncated, or another format? "
+                                 f"safetensors files must end in .safetensors): {exc}") from None
+            tensors = tensors.get("state_dict", tensors) if isinstance(tensors, dict) else tensors
+            if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+                raise ValueError(f"{path}: holds no flat state dict {{name: tensor}}")
+            self._tensors = tensors
 
     def keys(self) -> list[str]:
         return list(self._file.keys() if self._tensors is None else self._tensors.keys())

@@ -171,6 +171,29 @@ def test_model_file_set_on_the_command_line(capsys, shards, tmp_path):
     assert f"command line: key 'model.vae': {tmp_path / 'vae'}: not found" in err
 
 
+def test_backbone_weights_that_do_not_fit_are_refused_before_any_process_group(capsys, shards, tmp_path):
+    """model.checkpoint is read against the configured backbone from the files' headers: text-to-video weights
+    (16 input channels, no image cross-attention) and a truncated shard are refused by key, the matching file passes."""
+    from safetensors.torch import save_file
+
+    from one4d_train.model.one4d import random_base_state
+    from one4d_train.model.presets import wan_config
+
+    good = tmp_path / "dit.safetensors"
+    save_file(random_base_state(wan_config("tiny"), 0), str(good))
+    assert preflight_config(args(shards, tmp_path, f"model.checkpoint={good}")).model.checkpoint == str(good)
+    t2v = tmp_path / "t2v.safetensors"
+    save_file(random_base_state(wan_config("tiny", in_dim=16, has_image_input=False), 0), str(t2v))
+    err = refused(capsys, args(shards, tmp_path, f"model.checkpoint={t2v}"))
+    assert f"command line: key 'model.checkpoint': backbone checkpoint {t2v} does not match the model" in err
+    assert "missing keys (23): blocks.0.cross_attn.k_img.bias" in err
+    assert "16 input channels, the model's 36: a text-to-video checkpoint" in err
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-64])
+    err = refused(capsys, args(shards, tmp_path, f"model.checkpoint={truncated}"))
+    assert f"key 'model.checkpoint': {truncated}: not a readable safetensors file" in err
+
+
 # ---- values -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("item", ["optim.lr=nan", "optim.grad_clip=nan", "optim.lr=inf", "optim.weight_decay=nan",

@@ -232,13 +232,33 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
         problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
                                                    ("keys in several files", duplicated),
                                                    ("shape mismatches", wrong)) if ks]
-        raise RuntimeError(f"backbone checkpoint {path} does not match the model:\n  " + "\n  ".join(problems))
+        raise RuntimeError(f"backbone checkpoint {path} does not match the model:\n  " + "\n  ".join(
+            problems + _kind_hints(found, expected, missing)))
 
     def get(name: str) -> torch.Tensor:
         src, raw = found[name]
         return src.get(raw)
 
     return get
+
+
+def _kind_hints(found: dict, expected: dict[str, tuple[int, ...]], missing: list[str]) -> list[str]:
+    """What a mismatch says about the checkpoint: another model size, or text-to-video weights for an I2V model."""
+    hints, key = [], "patch_embedding.weight"
+    if key in found and key in expected:
+        (dim, in_dim, *_), (want_dim, want_in, *_) = found[key][0].shape(found[key][1]), expected[key]
+        if dim != want_dim:
+            hints.append(f"the checkpoint's hidden size is {dim}, the model's {want_dim}: weights of another model "
+                         "size (1.3B: 1536, 14B: 5120)")
+        if in_dim != want_in:
+            hints.append(f"the checkpoint's patch embedding takes {in_dim} input channels, the model's {want_in}"
+                         + (": a text-to-video checkpoint; the image-to-video/InP one takes 36 (noise, mask and "
+                            "condition latents)" if in_dim == 16 else ""))
+    if any(".k_img." in k or k.startswith("img_emb.") for k in missing) and not any(
+            k.startswith("img_emb.") for k in found):
+        hints.append("the checkpoint has no image cross-attention (img_emb, k_img/v_img): text-to-video weights "
+                     "for an image-to-video model")
+    return hints
 
 
 def load_backbone_weights(model: nn.Module, path: str, dtype: torch.dtype | None = None,

@@ -98,6 +98,8 @@ class One4DTask:
             path = getattr(cfg.model, key)
             if path and not os.path.exists(path):
                 p.append((f"model.{key}", f"{path}: not found"))
+        if cfg.model.checkpoint and os.path.exists(cfg.model.checkpoint):
+            p += _backbone_checkpoint_problems(cfg.model)
         shard_problems = _training_shard_problems(cfg)
         p += shard_problems or _resume_position_problems(cfg)
         if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
@@ -287,6 +289,19 @@ class One4DTask:
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
         export_adapters(trainable_state, self.cfg.model, out_dir)
+
+
+def _backbone_checkpoint_problems(m) -> list[tuple[str, str]]:
+    """model.checkpoint against the configured backbone: every file readable, every name and shape matched, from
+    the files' headers alone (no tensor data read), so that a truncated shard or weights of another model size or
+    kind is reported before any process group rather than when every rank loads the base."""
+    with torch.device("meta"):
+        base = WanDiT(wan_config(m.preset, in_dim=36, has_image_input=m.has_image_input))
+    try:
+        open_backbone_checkpoint(m.checkpoint, {k: tuple(p.shape) for k, p in base.named_parameters()})
+    except (OSError, ValueError, RuntimeError) as exc:
+        return [("model.checkpoint", str(exc))]
+    return []
 
 
 def _shard_spec_problem(spec: str) -> str | None:

@@ -140,3 +140,41 @@ def test_text_encoder_device_setting():
     assert text_encoder_device(ModelConfig(text_encoder_device="device"), torch.device("cuda", 1), True) == \
         torch.device("cuda", 1)
     assert [key for key, _ in ModelConfig(text_encoder_device="gpu").validate()] == ["text_encoder_device"]
+
+
+def test_encoder_folders_missing_weights_are_refused_not_left_random(folder, tmp_path):
+    """transformers initialises weights a folder lacks at random and only logs it: a UMT5 or CLIP folder missing a
+    tensor (or a folder of another model) is refused naming the folder and the keys. A full checkpoint whose extra
+    weights the tower does not use (the UMT5 decoder, CLIP's text tower) still loads."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel, UMT5Config, UMT5Model
+
+    def without(src, dst, name, key):
+        tensors = load_file(src / name)
+        del tensors[key]
+        dst.mkdir()
+        (dst / "config.json").write_text((src / "config.json").read_text())
+        save_file(tensors, dst / name, metadata={"format": "pt"})
+
+    without(folder / "model", tmp_path / "umt5", "model.safetensors", "encoder.block.1.layer.1.DenseReluDense.wo.weight")
+    with pytest.raises(ValueError, match=f"text encoder {tmp_path / 'umt5'}: 1 weight.* not in its files .*random"
+                                         ".*encoder.block.1.layer.1.DenseReluDense.wo.weight"):
+        UMT5TextEncoder.from_pretrained(str(tmp_path / "umt5"), str(folder / "tokenizer"))
+    with pytest.raises(ValueError, match=f"tokenizer {tmp_path}: no UMT5 tokenizer there"):
+        UMT5TextEncoder.from_pretrained(str(folder / "model"), str(tmp_path))
+    tiny_clip_vision(0).save_pretrained(tmp_path / "clip")
+    without(tmp_path / "clip", tmp_path / "clip_part", "model.safetensors", "post_layernorm.bias")
+    with pytest.raises(ValueError, match=f"image encoder {tmp_path / 'clip_part'}: 1 weight.*post_layernorm.bias"):
+        load_image_encoder(str(tmp_path / "clip_part"))
+    with pytest.raises(ValueError, match=f"image encoder {folder / 'model'}: .* weight"):  # the UMT5 folder
+        load_image_encoder(str(folder / "model"))
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path / "full")
+    assert load_image_encoder(str(tmp_path / "full")).model.config.hidden_size == 32
+    UMT5Model(UMT5Config(vocab_size=64, d_model=64, d_kv=8, d_ff=128, num_layers=1, num_heads=4,
+                         relative_attention_num_buckets=8)).save_pretrained(tmp_path / "t5")
+    assert UMT5TextEncoder.from_pretrained(str(tmp_path / "t5"), str(folder / "tokenizer")).dim == 64

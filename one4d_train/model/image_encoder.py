@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from one4d_train.model.pretrained import load_complete
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -29,7 +31,7 @@ class CLIPImageEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **kwargs) -> "CLIPImageEncoder":
-        return cls(CLIPVisionModel.from_pretrained(path, dtype=dtype, local_files_only=True), dtype=dtype, **kwargs)
+        return cls(load_complete(CLIPVisionModel, path, "image encoder", dtype=dtype), dtype=dtype, **kwargs)
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(frames.to(self.device).float(), size=(self.size, self.size), mode="bicubic",

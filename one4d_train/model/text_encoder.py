@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from one4d_train.model.pretrained import load_complete
+
 TEXT_LEN = 512
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,12 @@ class UMT5TextEncoder:
                         **kwargs) -> "UMT5TextEncoder":
         from transformers import AutoTokenizer
 
-        model = UMT5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        model = load_complete(UMT5EncoderModel, path, "text encoder", dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"tokenizer {tokenizer_path or path}: no UMT5 tokenizer there (tokenizer.json, or "
+                             f"spiece.model with sentencepiece installed): {str(exc).splitlines()[0]}") from None
         return cls(model, tokenizer, dtype=dtype, **kwargs)
 
     @property

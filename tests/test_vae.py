@@ -188,3 +188,28 @@ def test_model_config_checks_frames_per_call_and_the_encoders_use_it():
     vae, _, _ = build_encoders(ModelConfig(vae_frames_per_call=16), wan_config("tiny"), torch.device("cpu"),
                                torch.float32)
     assert vae.frames_per_call == 16
+
+
+def test_vae_files_that_are_not_the_wan21_vae_are_refused_naming_them(vae, videos, tmp_path):
+    """A diffusers folder missing a weight (left on the meta device by diffusers: 'Cannot copy out of meta tensor'
+    at first use), a VAE of 48 latent channels (a shape error deep in the DiT), and a pickled module are refused
+    naming the file; the released weights repackaged as one .safetensors file (official or diffusers names) load."""
+    from safetensors.torch import load_file, save_file
+
+    vae.model.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "decoder.conv_in.bias"}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"VAE {tmp_path / 'vae'}: 1 weight.* not in its files: decoder.conv_in.bias"):
+        load_vae(str(tmp_path / "vae"))
+    AutoencoderKLWan(base_dim=8, z_dim=48, latents_mean=[0.0] * 48, latents_std=[1.0] * 48).save_pretrained(
+        tmp_path / "z48")
+    with pytest.raises(ValueError, match=f"VAE {tmp_path / 'z48'}: 48 latent channels, where the Wan2.1 VAE"):
+        load_vae(str(tmp_path / "z48"))
+    torch.save(vae.model, tmp_path / "module.pth")  # a pickled module: never unpickled
+    with pytest.raises(ValueError, match="module.pth: holds objects other than tensors"):
+        load_vae(str(tmp_path / "module.pth"))
+    for names, convert in (("official", diffusers_to_official_key), ("diffusers", lambda k: k)):
+        save_file({convert(k): v for k, v in state.items()}, tmp_path / f"{names}.safetensors")
+        loaded = load_vae(str(tmp_path / f"{names}.safetensors"))
+        assert torch.equal(loaded.encode(videos[:1]), vae.encode(videos[:1])), names

@@ -9,6 +9,7 @@ condition latents); `sample=True` draws from the posterior instead.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 TEMPORAL_STRIDE = 4
+Z_DIM = 16  # latent channels of the Wan2.1 VAE, the DiT's input and output
 SPATIAL_STRIDE = 8
 
 
@@ -114,13 +116,56 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], model: Autoencod
 
 
 def load_official_vae(path: str) -> AutoencoderKLWan:
-    """`Wan2.1_VAE.pth` (a plain state dict; loaded with weights_only=True). The width (96 for the released
+    """`Wan2.1_VAE.pth` (a plain state dict; loaded with weights_only=True), or the same weights as a .safetensors
+    file (official names, as repackaged for other tools, or diffusers names). The width (96 for the released
     file) is read from the first convolution, so tiny files in the same layout load too."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged?): {exc}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path}: holds objects other than tensors, which are not unpickled (torch files are read "
+                             "with weights_only=True): not a Wan2.1 VAE state dict") from None
+        except (RuntimeError, OSError, EOFError) as exc:  # not a torch file (a safetensors file named .pth?), truncated
+            raise ValueError(f"{path}: not a readable torch file (truncated, or another format? safetensors files "
+                             f"must end in .safetensors): {exc}") from None
+    if isinstance(state, dict) and "encoder.conv_in.weight" in state:  # diffusers names in one file
+        model = AutoencoderKLWan(base_dim=state["encoder.conv_in.weight"].shape[0])
+        expected = model.state_dict()
+        missing = sorted(k for k in expected if k not in state)
+        unexpected = sorted(k for k in state if k not in expected)
+        wrong = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise KeyError(f"{path}: does not match AutoencoderKLWan(base_dim={model.config.base_dim}): missing "
+                           f"{missing}, unexpected {unexpected}, wrong shape {wrong}")
+        model.load_state_dict(state, strict=True)
+        return model
     if not isinstance(state, dict) or "encoder.conv1.weight" not in state:
         raise KeyError(f"{path}: not an official Wan2.1 VAE state dict (no encoder.conv1.weight)")
     model = AutoencoderKLWan(base_dim=state["encoder.conv1.weight"].shape[0])
     model.load_state_dict(convert_official_state_dict(state, model), strict=True)
+    return model
+
+
+def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
+    """A diffusers `AutoencoderKLWan` folder, refused naming it when it is not one or lacks weights (diffusers
+    leaves those on the meta device, failing only at the first use with 'Cannot copy out of meta tensor')."""
+    try:
+        model, info = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"VAE {path}: cannot be loaded as a diffusers AutoencoderKLWan folder (config.json and "
+                         f"diffusion_pytorch_model.safetensors of the Wan2.1 VAE): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    missing = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])
+    if missing:
+        raise ValueError(f"VAE {path}: {len(missing)} weight(s) of AutoencoderKLWan not in its files: "
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; is it completely downloaded?")
     return model
 
 
@@ -209,8 +254,7 @@ class WanVAE:
     def from_pretrained(cls, path: str, **kwargs) -> "WanVAE":
         """A diffusers `AutoencoderKLWan` folder, or the official `Wan2.1_VAE.pth` file."""
         if os.path.isdir(path):
-            dtype = kwargs.get("dtype", torch.float32)
-            return cls(AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype), **kwargs)
+            return cls(load_diffusers_vae(path, kwargs.get("dtype", torch.float32)), **kwargs)
         if os.path.isfile(path):
             return cls(load_official_vae(path), **kwargs)
         raise FileNotFoundError(f"VAE weights not found: {path}")
@@ -271,5 +315,10 @@ class WanVAE:
 
 
 def load_vae(path: str = "", seed: int = 0, **kwargs) -> WanVAE:
-    """`ModelConfig.vae`: a diffusers folder or an official `.pth`; empty = the tiny random VAE."""
-    return WanVAE.from_pretrained(path, **kwargs) if path else WanVAE(tiny_wan_vae(seed), **kwargs)
+    """`ModelConfig.vae`: a diffusers folder or an official `.pth`; empty = the tiny random VAE. Its latents must
+    have Wan2.1's 16 channels, the DiT's."""
+    vae = WanVAE.from_pretrained(path, **kwargs) if path else WanVAE(tiny_wan_vae(seed), **kwargs)
+    if vae.z_dim != Z_DIM:
+        raise ValueError(f"VAE {path}: {vae.z_dim} latent channels, where the Wan2.1 VAE (and the DiT) has {Z_DIM}: "
+                         "the VAE of another model (Wan2.2's has 48)?")
+    return vae

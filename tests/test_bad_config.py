@@ -194,6 +194,46 @@ def test_backbone_weights_that_do_not_fit_are_refused_before_any_process_group(c
     assert f"key 'model.checkpoint': {truncated}: not a readable safetensors file" in err
 
 
+def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_process_group(capsys, shards, tmp_path):
+    """The VAE, text encoder, tokenizer, CLIP and empty-prompt files are read against the backbone from their
+    config.json files: each would otherwise fail at the first step, deep in the model (or its tokenizer)."""
+    import numpy as np
+    from diffusers import AutoencoderKLWan
+
+    from one4d_train.model.image_encoder import tiny_clip_vision
+    from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
+    from one4d_train.model.vae import tiny_wan_vae
+
+    tiny_wan_vae(0).save_pretrained(tmp_path / "vae")
+    tiny_umt5(0, d_model=64).save_pretrained(tmp_path / "umt5")
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    tiny_clip_vision(0, hidden=32, image_size=224).save_pretrained(tmp_path / "clip")
+    np.save(tmp_path / "empty.npy", np.zeros((3, 64), np.float32))
+    good = [f"model.vae={tmp_path / 'vae'}", f"model.text_encoder={tmp_path / 'umt5'}",
+            f"model.tokenizer={tmp_path / 'tokenizer'}", f"model.image_encoder={tmp_path / 'clip'}",
+            f"model.empty_prompt_embedding={tmp_path / 'empty.npy'}"]
+    assert preflight_config(args(shards, tmp_path, *good)).model.vae == str(tmp_path / "vae")
+    AutoencoderKLWan(base_dim=8, z_dim=48, latents_mean=[0.0] * 48, latents_std=[1.0] * 48).save_pretrained(
+        tmp_path / "vae48")
+    tiny_umt5(0, d_model=32).save_pretrained(tmp_path / "umt5_32")
+    tiny_clip_vision(0, hidden=48, image_size=224).save_pretrained(tmp_path / "clip_48")
+    np.save(tmp_path / "empty_32.npy", np.zeros((3, 32), np.float32))
+    (tmp_path / "no_tokenizer").mkdir()
+    err = refused(capsys, args(shards, tmp_path, f"model.vae={tmp_path / 'vae48'}",
+                               f"model.text_encoder={tmp_path / 'umt5_32'}", f"model.tokenizer={tmp_path / 'no_tokenizer'}",
+                               f"model.image_encoder={tmp_path / 'umt5'}",
+                               f"model.empty_prompt_embedding={tmp_path / 'empty_32.npy'}"))
+    assert f"key 'model.vae': {tmp_path / 'vae48'}: AutoencoderKLWan with 48 latent channels, not the Wan2.1 VAE" in err
+    assert f"key 'model.text_encoder': {tmp_path / 'umt5_32'}: umt5 of width 32, the backbone's text input is 64" in err
+    assert f"key 'model.tokenizer': {tmp_path / 'no_tokenizer'}: no tokenizer.json or spiece.model" in err
+    assert f"key 'model.image_encoder': {tmp_path / 'umt5'}: a model of type umt5, not CLIP" in err
+    assert f"key 'model.empty_prompt_embedding': {tmp_path / 'empty_32.npy'}: shape (3, 32), need [tokens, 64]" in err
+    err = refused(capsys, args(shards, tmp_path, f"model.image_encoder={tmp_path / 'clip_48'}",
+                               f"model.text_encoder={tmp_path / 'umt5' / 'model.safetensors'}"))
+    assert f"key 'model.image_encoder': {tmp_path / 'clip_48'}: CLIP of width 48, the backbone's image input is 32" in err
+    assert f"key 'model.text_encoder': {tmp_path / 'umt5' / 'model.safetensors'}: not a folder" in err
+
+
 # ---- values -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("item", ["optim.lr=nan", "optim.grad_clip=nan", "optim.lr=inf", "optim.weight_decay=nan",

@@ -1,13 +1,17 @@
 """The frozen encoders of a model config, built one way for training and evaluation alike (outside ZeRO)."""
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import torch
 
 from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder, tiny_clip_vision
 from one4d_train.model.presets import WanConfig
 from one4d_train.model.text_encoder import TextConditioning, UMT5TextEncoder, build_text_conditioning
 from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
-from one4d_train.model.vae import WanVAE, load_vae
+from one4d_train.model.vae import Z_DIM, WanVAE, load_vae
 
 
 def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -77,3 +81,66 @@ def _build(mcfg, wan_cfg, device, dtype, seed, text_stored, stored_empty):
             image = CLIPImageEncoder(tiny_clip_vision(seed, hidden=wan_cfg.image_dim, image_size=224),
                                      dtype=dtype, device=device)
     return vae, text, image
+
+
+def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
+    """The configured encoder files against the backbone, from their config.json files and headers (no weights
+    read), by key (`model.vae`, ...): what would otherwise fail only at the first step, deep in the model. Paths that
+    do not exist are left to the caller."""
+    p = []
+
+    def config(key: str, path: str, what: str) -> dict | None:
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            p.append((f"model.{key}", f"{path}: not a folder: {what} is a folder with config.json and its weights"))
+        elif not os.path.isfile(cfg_path):
+            p.append((f"model.{key}", f"{cfg_path}: not found: {what} is a folder with config.json and its weights"))
+        else:
+            try:
+                with open(cfg_path) as f:
+                    return json.load(f)
+            except ValueError as exc:
+                p.append((f"model.{key}", f"{cfg_path}: not JSON: {exc}"))
+        return None
+
+    if mcfg.vae and os.path.isdir(mcfg.vae):
+        cfg = config("vae", mcfg.vae, "a diffusers AutoencoderKLWan")
+        if cfg is not None and (cfg.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan" or
+                                cfg.get("z_dim", Z_DIM) != Z_DIM):
+            p.append(("model.vae", f"{mcfg.vae}: {cfg.get('_class_name')} with "
+                      f"{cfg.get('z_dim', cfg.get('latent_channels'))} latent channels, not the Wan2.1 VAE "
+                      f"(AutoencoderKLWan, z_dim {Z_DIM})"))
+    elif mcfg.vae and os.path.isfile(mcfg.vae) and mcfg.vae.endswith(".json"):
+        p.append(("model.vae", f"{mcfg.vae}: a JSON file; give the VAE's folder, or its official .pth file"))
+    if mcfg.text_encoder and os.path.exists(mcfg.text_encoder):
+        cfg = config("text_encoder", mcfg.text_encoder, "a transformers UMT5 encoder (the official .pth is not read)")
+        if cfg is not None and cfg.get("d_model") != wan_cfg.text_dim:
+            p.append(("model.text_encoder", f"{mcfg.text_encoder}: {cfg.get('model_type')} of width "
+                      f"{cfg.get('d_model')}, the backbone's text input is {wan_cfg.text_dim} wide (umt5-xxl: 4096)"))
+    tokenizer = mcfg.tokenizer or mcfg.text_encoder
+    if tokenizer and os.path.isdir(tokenizer) and not any(
+            os.path.isfile(os.path.join(tokenizer, f)) for f in ("tokenizer.json", "spiece.model")):
+        p.append((f"model.{'tokenizer' if mcfg.tokenizer else 'text_encoder'}",
+                  f"{tokenizer}: no tokenizer.json or spiece.model: not a UMT5 tokenizer folder"
+                  + ("" if mcfg.tokenizer else " (set model.tokenizer to the folder of google/umt5-xxl's)")))
+    elif mcfg.tokenizer and os.path.isfile(mcfg.tokenizer):
+        p.append(("model.tokenizer", f"{mcfg.tokenizer}: a file; give the tokenizer's folder"))
+    if mcfg.image_encoder and os.path.exists(mcfg.image_encoder) and wan_cfg.has_image_input:
+        cfg = config("image_encoder", mcfg.image_encoder, "a transformers CLIP vision model")
+        if cfg is not None:
+            vision = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
+            if cfg.get("model_type") not in ("clip", "clip_vision_model"):
+                p.append(("model.image_encoder", f"{mcfg.image_encoder}: a model of type {cfg.get('model_type')}, not CLIP"))
+            elif vision.get("hidden_size") != wan_cfg.image_dim:
+                p.append(("model.image_encoder", f"{mcfg.image_encoder}: CLIP of width {vision.get('hidden_size')}, "
+                          f"the backbone's image input is {wan_cfg.image_dim} wide (ViT-H/14: 1280)"))
+    if mcfg.empty_prompt_embedding and os.path.exists(mcfg.empty_prompt_embedding):
+        try:
+            shape = np.load(mcfg.empty_prompt_embedding, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError) as exc:
+            p.append(("model.empty_prompt_embedding", f"{mcfg.empty_prompt_embedding}: not a .npy array: {exc}"))
+        else:
+            if len(shape) != 2 or shape[1] != wan_cfg.text_dim:
+                p.append(("model.empty_prompt_embedding", f"{mcfg.empty_prompt_embedding}: shape {shape}, need "
+                          f"[tokens, {wan_cfg.text_dim}] (the text encoder's embedding of the empty prompt)"))
+    return p

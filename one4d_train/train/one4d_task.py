@@ -32,7 +32,7 @@ from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.offload import apply_activation_offload
-from one4d_train.model.encoders import build_encoders
+from one4d_train.model.encoders import build_encoders, encoder_file_problems
 from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
 from one4d_train.model.presets import IMAGE_TOKENS, wan_config
@@ -100,6 +100,8 @@ class One4DTask:
                 p.append((f"model.{key}", f"{path}: not found"))
         if cfg.model.checkpoint and os.path.exists(cfg.model.checkpoint):
             p += _backbone_checkpoint_problems(cfg.model)
+        p += encoder_file_problems(cfg.model, wan_config(cfg.model.preset, in_dim=36,
+                                                         has_image_input=cfg.model.has_image_input))
         shard_problems = _training_shard_problems(cfg)
         p += shard_problems or _resume_position_problems(cfg)
         if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):

@@ -232,3 +232,20 @@ def test_unreadable_files_are_named_with_what_is_wrong(tmp_path):
     not_torch.write_bytes(shard.with_name("model-00001-of-00003.safetensors").read_bytes())
     with pytest.raises(ValueError, match=f"{not_torch}: not a readable torch file"):
         load_backbone_weights(dst, str(not_torch))
+
+
+def test_integer_tensors_are_refused_not_cast(tmp_path):
+    """An integer tensor where the model has a float weight (a quantised export) was cast to the compute dtype as if
+    its codes were the weights; it is refused, named, from the header alone. bf16 and fp16 files load."""
+    src = tiny(True)
+    sd = {k: v.to(torch.float16 if "ffn" in k else torch.bfloat16) for k, v in src.state_dict().items()}
+    save_file(sd, str(tmp_path / "half.safetensors"))
+    dst = tiny(True, seed=1)
+    load_backbone_weights(dst, str(tmp_path / "half.safetensors"))
+    assert torch.equal(dst.state_dict()["blocks.0.ffn.0.weight"], sd["blocks.0.ffn.0.weight"].float())
+    sd["blocks.0.ffn.0.weight"] = (sd["blocks.0.ffn.0.weight"] * 64).to(torch.int8)
+    for path in (tmp_path / "int8.safetensors", tmp_path / "int8.pth"):
+        save_file(sd, str(path)) if path.suffix == ".safetensors" else torch.save(sd, path)
+        with pytest.raises(RuntimeError, match=r"not floating-point \(a quantised checkpoint\?\) \(1\): "
+                                               r"blocks\.0\.ffn\.0\.weight"):
+            load_backbone_weights(dst, str(path))

@@ -175,6 +175,12 @@ class _TensorSource:
             return tuple(self._file.get_slice(key).get_shape())
         return tuple(self._tensors[key].shape)
 
+    def is_float(self, key: str) -> bool:
+        """Whether the tensor holds floating-point values (safetensors: from the header, no data read)."""
+        if self._tensors is None:
+            return self._file.get_slice(key).get_dtype().startswith(("F", "BF"))
+        return self._tensors[key].is_floating_point()
+
     def get(self, key: str) -> torch.Tensor:
         return self._file.get_tensor(key) if self._tensors is None else self._tensors[key]
 
@@ -228,10 +234,13 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
     missing = [k for k in expected if k not in found]
     wrong = [f"{k}: checkpoint {found[k][0].shape(found[k][1])} vs model {tuple(shape)}"
              for k, shape in expected.items() if k in found and found[k][0].shape(found[k][1]) != tuple(shape)]
-    if missing or unexpected or duplicated or wrong:
+    # integer tensors (a quantised export) would be cast to the compute dtype as if they were the weights' values
+    not_float = [k for k in expected if k in found and not found[k][0].is_float(found[k][1])]
+    if missing or unexpected or duplicated or wrong or not_float:
         problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
                                                    ("keys in several files", duplicated),
-                                                   ("shape mismatches", wrong)) if ks]
+                                                   ("shape mismatches", wrong),
+                                                   ("not floating-point (a quantised checkpoint?)", not_float)) if ks]
         raise RuntimeError(f"backbone checkpoint {path} does not match the model:\n  " + "\n  ".join(
             problems + _kind_hints(found, expected, missing)))
 

@@ -232,6 +232,11 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
                                f"model.text_encoder={tmp_path / 'umt5' / 'model.safetensors'}"))
     assert f"key 'model.image_encoder': {tmp_path / 'clip_48'}: CLIP of width 48, the backbone's image input is 32" in err
     assert f"key 'model.text_encoder': {tmp_path / 'umt5' / 'model.safetensors'}: not a folder" in err
+    from transformers import T5Config, T5EncoderModel  # T5 (one relative attention bias) where UMT5 is expected
+    T5EncoderModel(T5Config(vocab_size=64, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=4)).save_pretrained(
+        tmp_path / "t5")
+    err = refused(capsys, args(shards, tmp_path, f"model.text_encoder={tmp_path / 't5'}"))
+    assert f"key 'model.text_encoder': {tmp_path / 't5'}: a model of type t5, not UMT5" in err
 
 
 # ---- values -----------------------------------------------------------------------------------------------------

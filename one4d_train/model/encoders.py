@@ -114,7 +114,10 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
         p.append(("model.vae", f"{mcfg.vae}: a JSON file; give the VAE's folder, or its official .pth file"))
     if mcfg.text_encoder and os.path.exists(mcfg.text_encoder):
         cfg = config("text_encoder", mcfg.text_encoder, "a transformers UMT5 encoder (the official .pth is not read)")
-        if cfg is not None and cfg.get("d_model") != wan_cfg.text_dim:
+        if cfg is not None and cfg.get("model_type") != "umt5":  # T5's own weights: one relative bias, not one a layer
+            p.append(("model.text_encoder", f"{mcfg.text_encoder}: a model of type {cfg.get('model_type')}, not UMT5 "
+                      "(Wan's text encoder is umt5-xxl)"))
+        elif cfg is not None and cfg.get("d_model") != wan_cfg.text_dim:
             p.append(("model.text_encoder", f"{mcfg.text_encoder}: {cfg.get('model_type')} of width "
                       f"{cfg.get('d_model')}, the backbone's text input is {wan_cfg.text_dim} wide (umt5-xxl: 4096)"))
     tokenizer = mcfg.tokenizer or mcfg.text_encoder

@@ -188,6 +188,10 @@ def test_backbone_weights_that_do_not_fit_are_refused_before_any_process_group(c
     assert f"command line: key 'model.checkpoint': backbone checkpoint {t2v} does not match the model" in err
     assert "missing keys (23): blocks.0.cross_attn.k_img.bias" in err
     assert "16 input channels, the model's 36: a text-to-video checkpoint" in err
+    assert "no CLIP image cross-attention (img_emb, k_img/v_img), the model has (model.has_image_input)" in err
+    err = refused(capsys, args(shards, tmp_path, f"model.checkpoint={good}", "model.has_image_input=false"))
+    assert "unexpected keys (23)" in err and "the checkpoint has CLIP image cross-attention" in err
+    assert "model.has_image_input=true for it" in err
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-64])
     err = refused(capsys, args(shards, tmp_path, f"model.checkpoint={truncated}"))

@@ -252,7 +252,8 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
 
 
 def _kind_hints(found: dict, expected: dict[str, tuple[int, ...]], missing: list[str]) -> list[str]:
-    """What a mismatch says about the checkpoint: another model size, or text-to-video weights for an I2V model."""
+    """What a mismatch says about the checkpoint: another model size, text-to-video weights, or image
+    cross-attention on one side only (model.has_image_input)."""
     hints, key = [], "patch_embedding.weight"
     if key in found and key in expected:
         (dim, in_dim, *_), (want_dim, want_in, *_) = found[key][0].shape(found[key][1]), expected[key]
@@ -263,10 +264,15 @@ def _kind_hints(found: dict, expected: dict[str, tuple[int, ...]], missing: list
             hints.append(f"the checkpoint's patch embedding takes {in_dim} input channels, the model's {want_in}"
                          + (": a text-to-video checkpoint; the image-to-video/InP one takes 36 (noise, mask and "
                             "condition latents)" if in_dim == 16 else ""))
-    if any(".k_img." in k or k.startswith("img_emb.") for k in missing) and not any(
-            k.startswith("img_emb.") for k in found):
-        hints.append("the checkpoint has no image cross-attention (img_emb, k_img/v_img): text-to-video weights "
-                     "for an image-to-video model")
+    image_in_checkpoint = any(k.startswith("img_emb.") for k in found)
+    image_in_model = any(k.startswith("img_emb.") for k in expected)
+    if image_in_model and not image_in_checkpoint:
+        hints.append("the checkpoint has no CLIP image cross-attention (img_emb, k_img/v_img), the model has "
+                     "(model.has_image_input): text-to-video weights, or a base without CLIP image conditioning "
+                     "(model.has_image_input=false for such a base)")
+    elif image_in_checkpoint and not image_in_model:
+        hints.append("the checkpoint has CLIP image cross-attention (img_emb, k_img/v_img), the model has not: "
+                     "model.has_image_input=true for it (Wan2.1-Fun InP and I2V have it)")
     return hints
 
 

@@ -236,6 +236,17 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
                                f"model.text_encoder={tmp_path / 'umt5' / 'model.safetensors'}"))
     assert f"key 'model.image_encoder': {tmp_path / 'clip_48'}: CLIP of width 48, the backbone's image input is 32" in err
     assert f"key 'model.text_encoder': {tmp_path / 'umt5' / 'model.safetensors'}: not a folder" in err
+    import torch  # VAE weight files: read from their headers, not loaded
+    from safetensors.torch import load_file, save_file
+    from one4d_train.model.vae import diffusers_to_official_key
+
+    state = load_file(tmp_path / "vae48" / "diffusion_pytorch_model.safetensors")
+    torch.save({diffusers_to_official_key(k): v for k, v in state.items()}, tmp_path / "vae48.pth")
+    save_file({"patch_embedding.weight": torch.zeros(2)}, tmp_path / "dit.safetensors")
+    err = refused(capsys, args(shards, tmp_path, f"model.vae={tmp_path / 'vae48.pth'}"))
+    assert f"key 'model.vae': {tmp_path / 'vae48.pth'}: a VAE of 48 latent channels, where the Wan2.1 VAE" in err
+    err = refused(capsys, args(shards, tmp_path, f"model.vae={tmp_path / 'dit.safetensors'}"))
+    assert f"key 'model.vae': {tmp_path / 'dit.safetensors'}: holds no Wan VAE weights" in err
     from transformers import T5Config, T5EncoderModel  # T5 (one relative attention bias) where UMT5 is expected
     T5EncoderModel(T5Config(vocab_size=64, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=4)).save_pretrained(
         tmp_path / "t5")

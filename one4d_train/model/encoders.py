@@ -11,7 +11,7 @@ from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder
 from one4d_train.model.presets import WanConfig
 from one4d_train.model.text_encoder import TextConditioning, UMT5TextEncoder, build_text_conditioning
 from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
-from one4d_train.model.vae import Z_DIM, WanVAE, load_vae
+from one4d_train.model.vae import Z_DIM, WanVAE, load_vae, vae_file_problem
 
 
 def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -110,8 +110,10 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
             p.append(("model.vae", f"{mcfg.vae}: {cfg.get('_class_name')} with "
                       f"{cfg.get('z_dim', cfg.get('latent_channels'))} latent channels, not the Wan2.1 VAE "
                       f"(AutoencoderKLWan, z_dim {Z_DIM})"))
-    elif mcfg.vae and os.path.isfile(mcfg.vae) and mcfg.vae.endswith(".json"):
-        p.append(("model.vae", f"{mcfg.vae}: a JSON file; give the VAE's folder, or its official .pth file"))
+    elif mcfg.vae and os.path.isfile(mcfg.vae):
+        problem = vae_file_problem(mcfg.vae)
+        if problem:
+            p.append(("model.vae", f"{mcfg.vae}: {problem}"))
     if mcfg.text_encoder and os.path.exists(mcfg.text_encoder):
         cfg = config("text_encoder", mcfg.text_encoder, "a transformers UMT5 encoder (the official .pth is not read)")
         if cfg is not None and cfg.get("model_type") != "umt5":  # T5's own weights: one relative bias, not one a layer

@@ -153,6 +153,32 @@ def load_official_vae(path: str) -> AutoencoderKLWan:
     return model
 
 
+def vae_file_problem(path: str) -> str | None:
+    """What makes the weights file `path` not the Wan2.1 VAE (official or diffusers names), from the safetensors
+    header or a memory-mapped torch load, reading no weights: so that a wrong file (the DiT's 28 GB, say) is named
+    before a run rather than read whole. None if it is one."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} \
+                if isinstance(state, dict) else {}
+    except pickle.UnpicklingError:
+        return "holds objects other than tensors, which are not unpickled (torch files are read with weights_only=True)"
+    except Exception as exc:  # SafetensorError, RuntimeError (not a torch file), OSError, EOFError
+        return (f"not a readable weights file (truncated, or another format? safetensors files must end in "
+                f".safetensors): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    quant = shapes.get("conv1.weight") or shapes.get("quant_conv.weight")
+    if quant is None or not ("encoder.conv1.weight" in shapes or "encoder.conv_in.weight" in shapes):
+        return "holds no Wan VAE weights (no encoder.conv1 or encoder.conv_in, conv1 or quant_conv)"
+    if quant[0] != 2 * Z_DIM:
+        return f"a VAE of {quant[0] // 2} latent channels, where the Wan2.1 VAE (and the DiT) has {Z_DIM}"
+    return None
+
+
 def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
     """A diffusers `AutoencoderKLWan` folder, refused naming it when it is not one or lacks weights (diffusers
     leaves those on the meta device, failing only at the first use with 'Cannot copy out of meta tensor')."""

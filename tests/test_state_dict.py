@@ -249,3 +249,17 @@ def test_integer_tensors_are_refused_not_cast(tmp_path):
         with pytest.raises(RuntimeError, match=r"not floating-point \(a quantised checkpoint\?\) \(1\): "
                                                r"blocks\.0\.ffn\.0\.weight"):
             load_backbone_weights(dst, str(path))
+
+
+def test_other_files_beside_the_dit_are_named(tmp_path):
+    """A folder read as a checkpoint takes every *.safetensors in it: a LoRA (diffusers names) beside official
+    shards turns the whole folder's naming, and hundreds of 'unexpected keys' hid which file was at fault."""
+    src = tiny(True)
+    write_sharded(src.state_dict(), str(tmp_path), "model", n=2)
+    os.remove(tmp_path / "model.safetensors.index.json")
+    save_file({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64)}, str(tmp_path / "my_lora.safetensors"))
+    with pytest.raises(RuntimeError) as err:
+        load_backbone_weights(tiny(True, seed=1), str(tmp_path))
+    assert "missing keys" not in str(err.value)  # the shards are still read with official names
+    assert "unexpected keys (1): blocks.0.attn1.to_q.lora_A.weight" in str(err.value)
+    assert "unexpected keys by file: my_lora.safetensors (1); holding none of the model's weights: my_lora" in str(err.value)

@@ -193,7 +193,11 @@ def _strip(key: str) -> str:
 
 
 def _is_diffusers(keys: list[str]) -> bool:
-    return any(k.startswith("condition_embedder.") or ".attn1." in k or k == "proj_out.weight" for k in keys)
+    """Diffusers names where more keys read as only diffusers' than as only Wan's (not any one: a diffusers-named
+    LoRA file beside official shards would turn the naming of all of them)."""
+    diffusers = sum(k.startswith("condition_embedder.") or ".attn1." in k or k == "proj_out.weight" for k in keys)
+    official = sum(k.startswith(("text_embedding.", "time_embedding.", "head.")) or ".self_attn." in k for k in keys)
+    return diffusers > official
 
 
 def _index(sources: list[_TensorSource]):
@@ -229,7 +233,8 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
     `expected` {official name: shape}, reading no tensor data. Every expected name must be matched by exactly one
     checkpoint tensor of that shape and vice versa, else the error lists missing/unexpected keys. Returns
     `get(name) -> tensor`, reading one tensor at a time (for loading into partitioned or meta parameters)."""
-    found, unexpected, duplicated = _index([_TensorSource(f) for f in checkpoint_files(path)])
+    sources = [_TensorSource(f) for f in checkpoint_files(path)]
+    found, unexpected, duplicated = _index(sources)
     unexpected += [found[k][1] for k in found if k not in expected]
     missing = [k for k in expected if k not in found]
     wrong = [f"{k}: checkpoint {found[k][0].shape(found[k][1])} vs model {tuple(shape)}"
@@ -241,6 +246,15 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
                                                    ("keys in several files", duplicated),
                                                    ("shape mismatches", wrong),
                                                    ("not floating-point (a quantised checkpoint?)", not_float)) if ks]
+        if len(sources) > 1 and unexpected:  # a VAE, LoRA or other model's file beside the DiT's in its folder
+            names = set(unexpected)
+            counts = [(os.path.basename(src.path), sum(raw in names for raw in src.keys())) for src in sources]
+            used = {id(src) for k, (src, _) in found.items() if k in expected}
+            strays = [os.path.basename(src.path) for src in sources if id(src) not in used]
+            problems.append("unexpected keys by file: " + ", ".join(f"{n} ({c})" for n, c in counts if c)
+                            + (f"; holding none of the model's weights: {', '.join(strays)} (not part of this "
+                               "checkpoint? move them out of the folder, or point model.checkpoint at the DiT's "
+                               "file or *.safetensors.index.json)" if strays else ""))
         raise RuntimeError(f"backbone checkpoint {path} does not match the model:\n  " + "\n  ".join(
             problems + _kind_hints(found, expected, missing)))
 

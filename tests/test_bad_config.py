@@ -224,7 +224,8 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
     np.save(tmp_path / "empty_32.npy", np.zeros((3, 32), np.float32))
     (tmp_path / "no_tokenizer").mkdir()
     err = refused(capsys, args(shards, tmp_path, f"model.vae={tmp_path / 'vae48'}",
-                               f"model.text_encoder={tmp_path / 'umt5_32'}", f"model.tokenizer={tmp_path / 'no_tokenizer'}",
+                               f"model.text_encoder={tmp_path / 'umt5_32'}",
+                               f"model.tokenizer={tmp_path / 'no_tokenizer'}",
                                f"model.image_encoder={tmp_path / 'umt5'}",
                                f"model.empty_prompt_embedding={tmp_path / 'empty_32.npy'}"))
     assert f"key 'model.vae': {tmp_path / 'vae48'}: AutoencoderKLWan with 48 latent channels, not the Wan2.1 VAE" in err
@@ -234,7 +235,8 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
     assert f"key 'model.empty_prompt_embedding': {tmp_path / 'empty_32.npy'}: shape (3, 32), need [tokens, 64]" in err
     err = refused(capsys, args(shards, tmp_path, f"model.image_encoder={tmp_path / 'clip_48'}",
                                f"model.text_encoder={tmp_path / 'umt5' / 'model.safetensors'}"))
-    assert f"key 'model.image_encoder': {tmp_path / 'clip_48'}: CLIP of width 48, the backbone's image input is 32" in err
+    assert (f"key 'model.image_encoder': {tmp_path / 'clip_48'}: CLIP of width 48, the backbone's image input is 32"
+            in err)
     assert f"key 'model.text_encoder': {tmp_path / 'umt5' / 'model.safetensors'}: not a folder" in err
     import torch  # VAE weight files: read from their headers, not loaded
     from safetensors.torch import load_file, save_file

@@ -262,4 +262,5 @@ def test_other_files_beside_the_dit_are_named(tmp_path):
         load_backbone_weights(tiny(True, seed=1), str(tmp_path))
     assert "missing keys" not in str(err.value)  # the shards are still read with official names
     assert "unexpected keys (1): blocks.0.attn1.to_q.lora_A.weight" in str(err.value)
-    assert "unexpected keys by file: my_lora.safetensors (1); holding none of the model's weights: my_lora" in str(err.value)
+    assert ("unexpected keys by file: my_lora.safetensors (1); holding none of the model's weights: my_lora"
+            in str(err.value))

@@ -156,7 +156,8 @@ def test_encoder_folders_missing_weights_are_refused_not_left_random(folder, tmp
         (dst / "config.json").write_text((src / "config.json").read_text())
         save_file(tensors, dst / name, metadata={"format": "pt"})
 
-    without(folder / "model", tmp_path / "umt5", "model.safetensors", "encoder.block.1.layer.1.DenseReluDense.wo.weight")
+    without(folder / "model", tmp_path / "umt5", "model.safetensors",
+            "encoder.block.1.layer.1.DenseReluDense.wo.weight")
     with pytest.raises(ValueError, match=f"text encoder {tmp_path / 'umt5'}: 1 weight.* not in its files .*random"
                                          ".*encoder.block.1.layer.1.DenseReluDense.wo.weight"):
         UMT5TextEncoder.from_pretrained(str(tmp_path / "umt5"), str(folder / "tokenizer"))

@@ -56,7 +56,7 @@ class ModelConfig:
     preset: str = "tiny"  # tiny | 1.3b | 14b (architecture sizes; see model/backbone presets)
     has_image_input: bool = True  # I2V image cross-attention (k_img/v_img + image projection)
     checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
-    vae: str = ""  # diffusers AutoencoderKLWan folder, official Wan2.1_VAE.pth or its .safetensors repackaging; empty = tiny random VAE
+    vae: str = ""  # diffusers AutoencoderKLWan folder, official Wan2.1_VAE.pth (or as .safetensors); empty = tiny random VAE
     text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
     text_encoder_device: str = "auto"  # auto = host memory when the training shards store the captions' embeddings from this text_encoder (`one4d encode-latents` records it in index.json; 11.4 GB of bf16 off the GPU), else the training device; cpu = always host memory; device = always the training device
     tokenizer: str = ""

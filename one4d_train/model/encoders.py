@@ -135,7 +135,8 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
         if cfg is not None:
             vision = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
             if cfg.get("model_type") not in ("clip", "clip_vision_model"):
-                p.append(("model.image_encoder", f"{mcfg.image_encoder}: a model of type {cfg.get('model_type')}, not CLIP"))
+                p.append(("model.image_encoder",
+                          f"{mcfg.image_encoder}: a model of type {cfg.get('model_type')}, not CLIP"))
             elif vision.get("hidden_size") != wan_cfg.image_dim:
                 p.append(("model.image_encoder", f"{mcfg.image_encoder}: CLIP of width {vision.get('hidden_size')}, "
                           f"the backbone's image input is {wan_cfg.image_dim} wide (ViT-H/14: 1280)"))

@@ -191,7 +191,8 @@ def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> Autoenc
     missing = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])
     if missing:
         raise ValueError(f"VAE {path}: {len(missing)} weight(s) of AutoencoderKLWan not in its files: "
-                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; is it completely downloaded?")
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; "
+                         "is it completely downloaded?")
     return model
 
 

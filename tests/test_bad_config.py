@@ -238,6 +238,14 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
     assert (f"key 'model.image_encoder': {tmp_path / 'clip_48'}: CLIP of width 48, the backbone's image input is 32"
             in err)
     assert f"key 'model.text_encoder': {tmp_path / 'umt5' / 'model.safetensors'}: not a folder" in err
+    for folder in ("umt5", "clip"):  # a truncated download: safetensors' own error names no file
+        weights = tmp_path / folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-64])
+    err = refused(capsys, args(shards, tmp_path, f"model.text_encoder={tmp_path / 'umt5'}",
+                               f"model.tokenizer={tmp_path / 'tokenizer'}", f"model.image_encoder={tmp_path / 'clip'}"))
+    for folder, key in (("umt5", "text_encoder"), ("clip", "image_encoder")):
+        assert (f"key 'model.{key}': {tmp_path / folder / 'model.safetensors'}: not a readable safetensors file "
+                "(truncated or damaged?)" in err), key
     import torch  # VAE weight files: read from their headers, not loaded
     from safetensors.torch import load_file, save_file
     from one4d_train.model.vae import diffusers_to_official_key

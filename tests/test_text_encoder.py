@@ -161,6 +161,10 @@ def test_encoder_folders_missing_weights_are_refused_not_left_random(folder, tmp
     with pytest.raises(ValueError, match=f"text encoder {tmp_path / 'umt5'}: 1 weight.* not in its files .*random"
                                          ".*encoder.block.1.layer.1.DenseReluDense.wo.weight"):
         UMT5TextEncoder.from_pretrained(str(tmp_path / "umt5"), str(folder / "tokenizer"))
+    weights = tmp_path / "umt5" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated
+    with pytest.raises(ValueError, match=f"text encoder {tmp_path / 'umt5'}: cannot be loaded .*incomplete metadata"):
+        UMT5TextEncoder.from_pretrained(str(tmp_path / "umt5"), str(folder / "tokenizer"))
     with pytest.raises(ValueError, match=f"tokenizer {tmp_path}: no UMT5 tokenizer there"):
         UMT5TextEncoder.from_pretrained(str(folder / "model"), str(tmp_path))
     tiny_clip_vision(0).save_pretrained(tmp_path / "clip")

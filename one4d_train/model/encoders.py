@@ -1,6 +1,7 @@
 """The frozen encoders of a model config, built one way for training and evaluation alike (outside ZeRO)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -96,6 +97,9 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
         elif not os.path.isfile(cfg_path):
             p.append((f"model.{key}", f"{cfg_path}: not found: {what} is a folder with config.json and its weights"))
         else:
+            damaged = _unreadable_safetensors(path)
+            if damaged:
+                p.append((f"model.{key}", damaged))
             try:
                 with open(cfg_path) as f:
                     return json.load(f)
@@ -150,3 +154,16 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
                 p.append(("model.empty_prompt_embedding", f"{mcfg.empty_prompt_embedding}: shape {shape}, need "
                           f"[tokens, {wan_cfg.text_dim}] (the text encoder's embedding of the empty prompt)"))
     return p
+
+
+def _unreadable_safetensors(folder: str) -> str | None:
+    """The first *.safetensors file of `folder` whose header cannot be read (a truncated download), said why."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{path}: not a readable safetensors file (truncated or damaged?): {exc}"
+    return None

@@ -10,9 +10,11 @@ from __future__ import annotations
 def load_complete(model_cls, path: str, what: str, **kwargs):
     """`model_cls.from_pretrained(path, local_files_only=True, **kwargs)`, refused (ValueError naming `path` and
     the keys) when any weight of the model is not in the folder's files."""
+    from safetensors import SafetensorError
+
     try:
         model, info = model_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # SafetensorError: a truncated file
         raise ValueError(f"{what} {path}: cannot be loaded as a transformers {model_cls.__name__} folder: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     missing = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])

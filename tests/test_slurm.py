@@ -22,7 +22,7 @@ from slurm_cluster import LocalSlurm, SlurmUnavailable, ensure_installed
 REPO = Path(__file__).resolve().parents[1]
 SITE = REPO / "slurm" / "sites" / "local-cpu.env"
 JOB_TIMEOUT_S = 600
-TRAIN_STEPS = 300  # toy steps take ~30 ms here: long enough for a USR1 to land mid-run
+TRAIN_STEPS = 120  # toy steps take ~25-50 ms here: a USR1 or TERM sent at step 3 lands within ~10 steps, mid-run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

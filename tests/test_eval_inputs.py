@@ -228,3 +228,23 @@ def test_one_out_dir_for_a_run_directorys_checkpoints_is_refused(tmp_path, capsy
     err = capsys.readouterr().err
     assert "key 'eval.out_dir'" in err and str(run) in err
     assert not (tmp_path / "scores").exists()
+
+
+def test_model_files_that_do_not_fit_are_refused_before_the_model_is_built(tmp_path, capsys):
+    """`one4d eval` reads the configured model files as `one4d train` does before building anything: a truncated
+    backbone shard gave a traceback (exit 1) from deep in the model build, naming no key."""
+    from safetensors.torch import save_file
+
+    from one4d_train.model.one4d import random_base_state
+    from one4d_train.model.presets import wan_config
+
+    run, cfg, state = _run(tmp_path)
+    ckpt = _checkpoint(run, cfg, state)
+    good = tmp_path / "dit.safetensors"
+    save_file(random_base_state(wan_config("tiny"), 0), str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-64])
+    assert cli(["eval", f"checkpoint={ckpt}", f"model.checkpoint={truncated}", f"eval.dataset={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"key 'model.checkpoint': {truncated}: not a readable safetensors file" in err, err
+    assert "Traceback" not in err and not (ckpt / "eval").exists()

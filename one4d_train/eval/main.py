@@ -21,6 +21,7 @@ from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, 
                                        run_of)
 from one4d_train.model.adapters import AdapterError
 from one4d_train.train.checkpoint import checkpoint_problem, complete_checkpoints
+from one4d_train.train.one4d_task import model_file_problems
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
         if not any(a.startswith("config=") for a in args) and os.path.exists(run_config):
             args.insert(0, f"config={run_config}")
         try:
-            cfg = load_config(args + [f"run_dir={run_dir}"])
+            cfg = load_config(args + [f"run_dir={run_dir}"], checks=model_file_problems)
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

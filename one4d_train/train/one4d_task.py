@@ -93,15 +93,7 @@ class One4DTask:
         """`one4d train`'s check before any process group: config_problems, then that what the run reads exists:
         the model files, the training shards (index, shard files, a clip as long as the frame window, stored latents
         fitting this config) and the held-out set of in-training evaluation."""
-        p = cls.config_problems(cfg)
-        for key in MODEL_FILES:
-            path = getattr(cfg.model, key)
-            if path and not os.path.exists(path):
-                p.append((f"model.{key}", f"{path}: not found"))
-        if cfg.model.checkpoint and os.path.exists(cfg.model.checkpoint):
-            p += _backbone_checkpoint_problems(cfg.model)
-        p += encoder_file_problems(cfg.model, wan_config(cfg.model.preset, in_dim=36,
-                                                         has_image_input=cfg.model.has_image_input))
+        p = cls.config_problems(cfg) + model_file_problems(cfg)
         shard_problems = _training_shard_problems(cfg)
         p += shard_problems or _resume_position_problems(cfg)
         if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
@@ -291,6 +283,21 @@ class One4DTask:
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
         export_adapters(trainable_state, self.cfg.model, out_dir)
+
+
+def model_file_problems(cfg) -> list[tuple[str, str]]:
+    """The configured model files (backbone, VAE, text and image encoders, tokenizer) exist and fit the backbone,
+    read from their headers and configs only: `one4d train`'s and `one4d eval`'s check before any model is built."""
+    p = []
+    for key in MODEL_FILES:
+        path = getattr(cfg.model, key)
+        if path and not os.path.exists(path):
+            p.append((f"model.{key}", f"{path}: not found"))
+    if cfg.model.checkpoint and os.path.exists(cfg.model.checkpoint):
+        p += _backbone_checkpoint_problems(cfg.model)
+    p += encoder_file_problems(cfg.model, wan_config(cfg.model.preset, in_dim=36,
+                                                     has_image_input=cfg.model.has_image_input))
+    return p
 
 
 def _backbone_checkpoint_problems(m) -> list[tuple[str, str]]:

@@ -267,6 +267,7 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from one4d_train.config import ConfigError, load_config
+    from one4d_train.train.one4d_task import model_file_problems
 
     p = parser()
     args = p.parse_args(argv)
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
         task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
     try:
-        cfg = load_config(overrides)
+        cfg = load_config(overrides, checks=lambda c: model_file_problems(c, backbone=False))
         s = run_encode(paths[0], paths[1], cfg, device=args.device, batch=args.batch, num_tasks=args.num_tasks,
                        task_index=task_index, progress=not args.no_progress, text=not args.no_text)
     except ConfigError as exc:

@@ -479,3 +479,18 @@ def test_the_empty_prompt_is_written_on_a_rerun_and_a_configured_one_wins(tmp_pa
     for _ in range(2):  # a failed width check leaves no encoder behind
         with pytest.raises(ValueError, match="width 64 != backbone text_dim 99"):
             wrong(["a cat"], None)
+
+
+def test_a_vae_that_does_not_fit_is_refused_before_anything_is_encoded(tmp_path, capsys):
+    """encode-latents reads the model files as `one4d train` does (the DiT's own weights aside): a VAE of 48 latent
+    channels (Wan2.2's) failed with a traceback from the first encode; it is refused by key, nothing written."""
+    from diffusers import AutoencoderKLWan
+
+    src = make_shards(tmp_path / "src", num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    AutoencoderKLWan(base_dim=8, z_dim=48, latents_mean=[0.0] * 48, latents_std=[1.0] * 48).save_pretrained(
+        tmp_path / "vae48")
+    out = tmp_path / "out"
+    assert encode_main([str(src), str(out), *CONFIG, f"model.vae={tmp_path / 'vae48'}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"key 'model.vae': {tmp_path / 'vae48'}: AutoencoderKLWan with 48 latent channels" in err, err
+    assert "Traceback" not in err and not out.exists()

@@ -285,15 +285,16 @@ class One4DTask:
         export_adapters(trainable_state, self.cfg.model, out_dir)
 
 
-def model_file_problems(cfg) -> list[tuple[str, str]]:
+def model_file_problems(cfg, backbone: bool = True) -> list[tuple[str, str]]:
     """The configured model files (backbone, VAE, text and image encoders, tokenizer) exist and fit the backbone,
-    read from their headers and configs only: `one4d train`'s and `one4d eval`'s check before any model is built."""
+    read from their headers and configs only: `one4d train`'s and `one4d eval`'s check before any model is built.
+    backbone=False leaves the DiT's own weights out (`one4d encode-latents` reads only the encoders)."""
     p = []
-    for key in MODEL_FILES:
+    for key in MODEL_FILES[0 if backbone else 1:]:
         path = getattr(cfg.model, key)
         if path and not os.path.exists(path):
             p.append((f"model.{key}", f"{path}: not found"))
-    if cfg.model.checkpoint and os.path.exists(cfg.model.checkpoint):
+    if backbone and cfg.model.checkpoint and os.path.exists(cfg.model.checkpoint):
         p += _backbone_checkpoint_problems(cfg.model)
     p += encoder_file_problems(cfg.model, wan_config(cfg.model.preset, in_dim=36,
                                                      has_image_input=cfg.model.has_image_input))

@@ -290,7 +290,7 @@ def model_file_problems(cfg, backbone: bool = True) -> list[tuple[str, str]]:
     read from their headers and configs only: `one4d train`'s and `one4d eval`'s check before any model is built.
     backbone=False leaves the DiT's own weights out (`one4d encode-latents` reads only the encoders)."""
     p = []
-    for key in MODEL_FILES[0 if backbone else 1:]:
+    for key in (k for k in MODEL_FILES if backbone or k != "checkpoint"):
         path = getattr(cfg.model, key)
         if path and not os.path.exists(path):
             p.append((f"model.{key}", f"{path}: not found"))

@@ -173,13 +173,14 @@ def _follow_moved_run_dir(db: str, location: str, run_dir: str) -> None:
         old = [row[0] for row in con.execute("select artifact_location from experiments where artifact_location "
                                              "like 'file://%/mlartifacts' and artifact_location != ?", (location,))]
         for prev in old:
+            prev_dir = os.path.dirname(prev[len("file://"):])
             log.warning("the run directory moved from %s: MLflow's artifact locations now follow it to %s",
-                        os.path.dirname(prev[len("file://"):]), run_dir)
+                        prev_dir, run_dir)
             con.execute("update experiments set artifact_location = ? where artifact_location = ?", (location, prev))
             con.execute("update runs set artifact_uri = ? || substr(artifact_uri, ?) where artifact_uri like ?",
                         (location, len(prev) + 1, prev + "/%"))
             con.execute("update tags set value = ? where key = ? and value = ?",
-                        (run_dir, RUN_DIR_TAG, os.path.dirname(prev[len("file://"):])))
+                        (run_dir, RUN_DIR_TAG, prev_dir))
 
 
 def _finite(metrics: dict) -> dict[str, float]:

@@ -10,6 +10,7 @@ import torch
 
 from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder, tiny_clip_vision
 from one4d_train.model.presets import WanConfig
+from one4d_train.model.pretrained import open_safetensors
 from one4d_train.model.text_encoder import TextConditioning, UMT5TextEncoder, build_text_conditioning
 from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
 from one4d_train.model.vae import Z_DIM, WanVAE, load_vae, vae_file_problem
@@ -158,12 +159,10 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
 
 def _unreadable_safetensors(folder: str) -> str | None:
     """The first *.safetensors file of `folder` whose header cannot be read (a truncated download), said why."""
-    from safetensors import SafetensorError, safe_open
-
     for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         try:
-            with safe_open(path, framework="pt"):
+            with open_safetensors(path):
                 pass
-        except (SafetensorError, OSError) as exc:
-            return f"{path}: not a readable safetensors file (truncated or damaged?): {exc}"
+        except ValueError as exc:
+            return str(exc)
     return None

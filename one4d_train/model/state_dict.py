@@ -11,13 +11,13 @@ import glob
 import json
 import math
 import os
-import pickle
 import re
 
 import torch
 from torch import nn
 
 from one4d_train.model.presets import WanConfig
+from one4d_train.model.pretrained import load_state_dict, open_safetensors
 
 # (official prefix, diffusers prefix); prefixes match whole dot-separated components
 _TOP = [
@@ -145,27 +145,9 @@ class _TensorSource:
     def __init__(self, path: str, device: str = "cpu"):
         self.path = path
         if path.endswith(".safetensors"):
-            from safetensors import SafetensorError, safe_open
-            try:
-                self._file = safe_open(path, framework="pt", device=device)
-            except (SafetensorError, OSError) as exc:
-                raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged, e.g. an "
-                                 f"interrupted download or copy?): {exc}") from None
-            self._tensors = None
+            self._file, self._tensors = open_safetensors(path, device), None
         else:
-            try:
-                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError:
-                raise ValueError(f"{path}: holds objects other than tensors (a pickled module or class?), which are "
-                                 "not unpickled: torch files are read with weights_only=True; save its state dict, "
-                                 "or better, a .safetensors file") from None
-            except (RuntimeError, OSError, EOFError) as exc:  # not a torch zip archive, truncated, a folder
-                raise ValueError(f"{path}: not a readable torch file of tensors (truncated, or another format? "
-                                 f"safetensors files must end in .safetensors): {exc}") from None
-            tensors = tensors.get("state_dict", tensors) if isinstance(tensors, dict) else tensors
-            if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-                raise ValueError(f"{path}: holds no flat state dict {{name: tensor}}")
-            self._tensors = tensors
+            self._tensors = load_state_dict(path)
 
     def keys(self) -> list[str]:
         return list(self._file.keys() if self._tensors is None else self._tensors.keys())

@@ -9,13 +9,14 @@ condition latents); `sample=True` draws from the posterior instead.
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from one4d_train.model.pretrained import load_complete, load_state_dict, tensor_shapes
 
 TEMPORAL_STRIDE = 4
 Z_DIM = 16  # latent channels of the Wan2.1 VAE, the DiT's input and output
@@ -119,23 +120,8 @@ def load_official_vae(path: str) -> AutoencoderKLWan:
     """`Wan2.1_VAE.pth` (a plain state dict; loaded with weights_only=True), or the same weights as a .safetensors
     file (official names, as repackaged for other tools, or diffusers names). The width (96 for the released
     file) is read from the first convolution, so tiny files in the same layout load too."""
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged?): {exc}") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            raise ValueError(f"{path}: holds objects other than tensors, which are not unpickled (torch files are read "
-                             "with weights_only=True): not a Wan2.1 VAE state dict") from None
-        except (RuntimeError, OSError, EOFError) as exc:  # not a torch file (a safetensors file named .pth?), truncated
-            raise ValueError(f"{path}: not a readable torch file (truncated, or another format? safetensors files "
-                             f"must end in .safetensors): {exc}") from None
-    if isinstance(state, dict) and "encoder.conv_in.weight" in state:  # diffusers names in one file
+    state = load_state_dict(path)
+    if "encoder.conv_in.weight" in state:  # diffusers names in one file
         model = AutoencoderKLWan(base_dim=state["encoder.conv_in.weight"].shape[0])
         expected = model.state_dict()
         missing = sorted(k for k in expected if k not in state)
@@ -146,7 +132,7 @@ def load_official_vae(path: str) -> AutoencoderKLWan:
                            f"{missing}, unexpected {unexpected}, wrong shape {wrong}")
         model.load_state_dict(state, strict=True)
         return model
-    if not isinstance(state, dict) or "encoder.conv1.weight" not in state:
+    if "encoder.conv1.weight" not in state:
         raise KeyError(f"{path}: not an official Wan2.1 VAE state dict (no encoder.conv1.weight)")
     model = AutoencoderKLWan(base_dim=state["encoder.conv1.weight"].shape[0])
     model.load_state_dict(convert_official_state_dict(state, model), strict=True)
@@ -158,19 +144,9 @@ def vae_file_problem(path: str) -> str | None:
     header or a memory-mapped torch load, reading no weights: so that a wrong file (the DiT's 28 GB, say) is named
     before a run rather than read whole. None if it is one."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} \
-                if isinstance(state, dict) else {}
-    except pickle.UnpicklingError:
-        return "holds objects other than tensors, which are not unpickled (torch files are read with weights_only=True)"
-    except Exception as exc:  # SafetensorError, RuntimeError (not a torch file), OSError, EOFError
-        return (f"not a readable weights file (truncated, or another format? safetensors files must end in "
-                f".safetensors): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        shapes = tensor_shapes(path)
+    except ValueError as exc:
+        return str(exc).removeprefix(f"{path}: ")
     quant = shapes.get("conv1.weight") or shapes.get("quant_conv.weight")
     if quant is None or not ("encoder.conv1.weight" in shapes or "encoder.conv_in.weight" in shapes):
         return "holds no Wan VAE weights (no encoder.conv1 or encoder.conv_in, conv1 or quant_conv)"
@@ -182,18 +158,7 @@ def vae_file_problem(path: str) -> str | None:
 def load_diffusers_vae(path: str, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
     """A diffusers `AutoencoderKLWan` folder, refused naming it when it is not one or lacks weights (diffusers
     leaves those on the meta device, failing only at the first use with 'Cannot copy out of meta tensor')."""
-    try:
-        model, info = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"VAE {path}: cannot be loaded as a diffusers AutoencoderKLWan folder (config.json and "
-                         f"diffusion_pytorch_model.safetensors of the Wan2.1 VAE): "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    missing = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])
-    if missing:
-        raise ValueError(f"VAE {path}: {len(missing)} weight(s) of AutoencoderKLWan not in its files: "
-                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; "
-                         "is it completely downloaded?")
-    return model
+    return load_complete(AutoencoderKLWan, path, "VAE", torch_dtype=dtype)
 
 
 def _pad_channels(t: torch.Tensor, extra: int) -> torch.Tensor:

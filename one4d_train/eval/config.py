@@ -12,7 +12,7 @@ class EvalConfig:
     num_samples: int = 4
     sampler: str = "unipc"  # euler | unipc
     steps: int = 50
-    cfg_scale: float = 6.0
+    cfg_scale: float = 6.0  # classifier-free guidance: 1 = none (one pass per step), 0 = unconditional; >= 0
     shift: float = 5.0
     modes: list[str] = field(default_factory=lambda: ["image", "sparse", "video"])
     sparse_frames: int = 5  # observed frames in sparse mode: first, last and evenly spaced
@@ -40,6 +40,7 @@ class EvalConfig:
         if not self.modes or len(set(self.modes)) != len(self.modes):
             p.append(("modes", f"must name each mode to evaluate once, got {self.modes}"))
         p += in_range(self.steps, 1, None, "steps") + in_range(self.every, 0, None, "every")
+        p += in_range(self.cfg_scale, 0.0, None, "cfg_scale")
         p += in_range(self.shift, 1e-6, None, "shift")  # as flow.shift: 0 or less makes the sigma grid NaN or inf
         p += in_range(self.num_samples, 1, None, "num_samples")
         p += in_range(self.recovery_iters, 0, None, "recovery_iters") + in_range(self.keyframes, 1, None, "keyframes")

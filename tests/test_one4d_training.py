@@ -108,7 +108,8 @@ def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
 
 def test_base_weights_load_from_checkpoint_into_zero3_partitions(shards, tmp_path):
     """A Wan2.1-format checkpoint file is streamed into the ZeRO-3-partitioned frozen base; the trained
-    adapters then sit on exactly those weights (checked by the XYZ patch embedding, copied from the base's)."""
+    adapters then sit on exactly those weights (checked by the XYZ patch embedding, copied from the base's). The
+    checkpoint records the base's content: a resume onto other weights is refused, the same weights moved resume."""
     from one4d_train.model.backbone import WanDiT
     from one4d_train.model.presets import wan_config
 
@@ -124,6 +125,21 @@ def test_base_weights_load_from_checkpoint_into_zero3_partitions(shards, tmp_pat
     assert code == 0, out[-4000:]
     links = load_file(os.path.join(run_dir, "checkpoints", "step-00000001", "adapters", "control_links.safetensors"))
     assert torch.equal(links["xyz_patch_embedding.weight"], ref.patch_embedding.weight)
+    # a resume onto another base of the same shapes is refused by key before any process group; the same weights
+    # at another path resume
+    other = tmp_path / "other.safetensors"
+    torch.nn.init.normal_(ref.head.head.weight, std=0.1)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(other))
+    code, out = torchrun(run_dir, *common(shards, run_dir, 2), f"model.checkpoint={other}", timeout=900)
+    assert code != 0 and "exitcode  : 2" in out, out[-4000:]
+    assert (f"key 'model.checkpoint': {other} (content fingerprint " in out and
+            f"{os.path.join(run_dir, 'checkpoints', 'step-00000001')} was trained on {ckpt_file}" in out), out[-4000:]
+    moved = tmp_path / "moved" / "wan_tiny.safetensors"
+    moved.parent.mkdir()
+    os.rename(ckpt_file, moved)
+    code, out = torchrun(run_dir, *common(shards, run_dir, 2), f"model.checkpoint={moved}", "optim.lr=0",
+                         "optim.grad_clip=0", timeout=900)
+    assert code == 0 and "resumed from" in out, out[-4000:]
 
 
 def test_mismatched_checkpoint_is_refused_naming_keys(shards, tmp_path):

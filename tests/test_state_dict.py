@@ -264,3 +264,19 @@ def test_other_files_beside_the_dit_are_named(tmp_path):
     assert "unexpected keys (1): blocks.0.attn1.to_q.lora_A.weight" in str(err.value)
     assert ("unexpected keys by file: my_lora.safetensors (1); holding none of the model's weights: my_lora"
             in str(err.value))
+
+
+def test_checkpoint_fingerprint_follows_the_content_not_the_path(tmp_path):
+    """The same files at another path (or a folder of them) agree; other weights of the same shapes differ."""
+    from one4d_train.model.state_dict import checkpoint_fingerprint
+
+    torch.manual_seed(0)
+    state = {f"blocks.{i}.w": torch.randn(64, 300) for i in range(4)}
+    save_file(state, tmp_path / "a.safetensors")
+    (tmp_path / "copy").mkdir()
+    save_file(state, tmp_path / "copy" / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in state.items()}, tmp_path / "b.safetensors")
+    a = checkpoint_fingerprint(str(tmp_path / "a.safetensors"))
+    assert a == checkpoint_fingerprint(str(tmp_path / "copy")) == checkpoint_fingerprint(str(tmp_path / "copy" /
+                                                                                           "model.safetensors"))
+    assert a != checkpoint_fingerprint(str(tmp_path / "b.safetensors"))

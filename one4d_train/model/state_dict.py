@@ -8,6 +8,7 @@ names and module names (`blocks.0.self_attn.q` <-> `blocks.0.attn1.to_q`).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -123,6 +124,21 @@ def checkpoint_files(path: str) -> list[str]:
     if os.path.isdir(os.path.join(path, "transformer")):
         return checkpoint_files(os.path.join(path, "transformer"))
     raise FileNotFoundError(f"{path}: no *.safetensors weights (nor a shard index, nor a transformer/ subfolder)")
+
+
+def checkpoint_fingerprint(path: str, blocks: int = 16, block_bytes: int = 1 << 16) -> str:
+    """A content fingerprint of a backbone checkpoint, cheap enough for every start: each weight file's size and
+    `blocks` evenly spaced blocks of its bytes, hashed (about 1 MB read per file, not the 28 GB). Another checkpoint
+    of the same architecture (another fine-tune, another precision) differs; the same files at another path agree."""
+    h = hashlib.sha256()
+    for f in checkpoint_files(path):
+        size = os.path.getsize(f)
+        h.update(size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            for i in range(blocks):
+                fh.seek(max(0, size - block_bytes) * i // max(1, blocks - 1))
+                h.update(fh.read(block_bytes))
+    return h.hexdigest()[:20]
 
 
 def _weight_map(index: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ from one4d_train.model.encoders import build_encoders, encoder_file_problems
 from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
 from one4d_train.model.presets import IMAGE_TOKENS, wan_config
-from one4d_train.model.state_dict import open_backbone_checkpoint
+from one4d_train.model.state_dict import checkpoint_fingerprint, open_backbone_checkpoint
 from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
@@ -95,7 +95,7 @@ class One4DTask:
         fitting this config) and the held-out set of in-training evaluation."""
         p = cls.config_problems(cfg) + model_file_problems(cfg)
         shard_problems = _training_shard_problems(cfg)
-        p += shard_problems or _resume_position_problems(cfg)
+        p += shard_problems or _resume_problems(cfg)
         if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
             p += _eval_set_problems(cfg)
         return p
@@ -144,6 +144,15 @@ class One4DTask:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                 if get is not None:
                     p.copy_(get(official).to(p.dtype))
+
+    def base_identity(self) -> dict:
+        """The frozen base the adapters train against, as every checkpoint records it: model.checkpoint and its
+        content fingerprint (model/state_dict.py), "random" for the seeded random base of the tiny preset."""
+        if not hasattr(self, "_base_identity"):
+            path = self.cfg.model.checkpoint
+            self._base_identity = {"checkpoint": path,
+                                   "fingerprint": checkpoint_fingerprint(path) if path else "random"}
+        return self._base_identity
 
     def load_base_weights(self, model: nn.Module) -> None:
         """Reload the frozen base (ZeRO-3 checkpoints do not hold it); trainable parameters are untouched. The
@@ -360,38 +369,71 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
 POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_workers", "shards": "data.shards"}
 
 
-def _resume_position_problems(cfg) -> list[tuple[str, str]]:
-    """The data position in the checkpoint this run resumes from fits the loader this config builds (the same seed,
-    data.mode, data.num_workers and shard set), by key: the loader refuses another only once the model is built and
-    the checkpoint loaded (minutes at 14B), with the run's config.yaml already rewritten by the refused config."""
-    from data_pipeline.loader import PositionError
+def _resumed_state(cfg):
+    """(checkpoint, this rank's train state, the launch's ranks) of the checkpoint this run resumes from; None for a fresh start, or
+    where the resume itself is wrong (reported under 'resume' by train/config.py: no such checkpoint, another
+    world size)."""
     from one4d_train.train import checkpoint as ckpt
     from one4d_train.train.distributed import detect
 
     try:
         path = ckpt.resolve_resume(cfg.resume, os.path.join(cfg.run_dir, "checkpoints"))
     except FileNotFoundError:
-        return []  # reported under 'resume' by train/config.py
+        return None
     env = detect()
     state = os.path.join(path or "", "train_state", f"rank-{env.rank:05d}.json")
     if path is None or ckpt.marker_of(path).get("world_size") != env.world_size or not os.path.isfile(state):
-        return []  # a fresh start, or another world size (reported under 'resume')
+        return None
     with open(state) as f:
-        position = json.load(f).get("loader")
+        return path, json.load(f), env
+
+
+def _resume_problems(cfg) -> list[tuple[str, str]]:
+    """What keeps the checkpoint this run resumes from from continuing under this config, by key, before any
+    process group: its data position (the same seed, data.mode, data.num_workers and shard set; the loader refuses
+    another only once the model is built and the checkpoint loaded, minutes at 14B, with the run's config.yaml
+    already rewritten by the refused config), and its frozen base (model.checkpoint's content: adapters trained
+    against one base continue on another without any error, and fit neither)."""
+    from data_pipeline.loader import PositionError
+
+    resumed = _resumed_state(cfg)
+    if resumed is None:
+        return []
+    path, state, env = resumed
+    p = _base_problems(cfg, path, state.get("base"))
     try:
         build_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                     micro_batch_size=cfg.train.micro_batch_size, position=position, latents=latents_spec(cfg))
+                     micro_batch_size=cfg.train.micro_batch_size, position=state.get("loader"), latents=latents_spec(cfg))
     except PositionError as exc:
         named = {POSITION_KEYS[k]: v for k, v in exc.differs.items() if k in POSITION_KEYS}
         if not named or len(named) < len(exc.differs):
-            return [("resume", f"{path}: {exc}")]
+            return p + [("resume", f"{path}: {exc}")]
         what = {"data.shards": "another shard set (fingerprint of the names, sample counts and sha256 of its shards)"}
-        return [(key, f"{what.get(key, repr(now))} here, {saved!r} in the data position of {path}: exact resume "
-                 f"continues the data stream it was written with; resume with {key} as it was, or start a new run "
-                 "(another run_dir, or resume=never)") for key, (saved, now) in named.items()]
+        p += [(key, f"{what.get(key, repr(now))} here, {saved!r} in the data position of {path}: exact resume "
+               f"continues the data stream it was written with; resume with {key} as it was, or start a new run "
+               "(another run_dir, or resume=never)") for key, (saved, now) in named.items()]
     except (OSError, ValueError):  # a loader this config cannot build at all: the run reports it as before
         pass
-    return []
+    return p
+
+
+def _base_problems(cfg, path: str, saved: dict | None) -> list[tuple[str, str]]:
+    if not saved:  # written before checkpoints recorded their base
+        return []
+    ckpt_now = cfg.model.checkpoint
+    try:
+        now = checkpoint_fingerprint(ckpt_now) if ckpt_now else "random"
+    except (OSError, ValueError):  # an unreadable checkpoint: reported under model.checkpoint by model_file_problems
+        return []
+    if now == saved.get("fingerprint"):
+        return []
+
+    def said(checkpoint: str, fingerprint: str) -> str:
+        return f"{checkpoint} (content fingerprint {fingerprint})" if checkpoint else "the random base of the seed"
+    return [("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
+             f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
+             "that base only; resume with model.checkpoint pointing at those weights (any path: the content is "
+             "compared), or start a new run (another run_dir, or resume=never)")]
 
 
 def _eval_set_problems(cfg) -> list[tuple[str, str]]:

@@ -103,6 +103,8 @@ class Trainer:
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
                  "log_window": self.window, "eval_pending": self.eval_pending,
                  "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size}
+        if hasattr(self.task, "base_identity"):  # what the frozen base was: a resume onto another is refused
+            state["base"] = self.task.base_identity()
         return state, tensors
 
     def _resume(self) -> tuple[dict | None, str | None]:

@@ -70,6 +70,8 @@ def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]
                     _check_member(entry["name"], key, ext, data)
                 except ShardProblem as exc:
                     problems.append(str(exc))
+                if ext in raws[key]:  # a reader keeps one of the two (webdataset warns and skips the sample)
+                    problems.append(f"{entry['name']}: {key}: member {ext} repeated")
                 counts[ext] += 1
                 raws[key][ext] = data if ext == checksums.MEMBER else crc32(data)
     except tarfile.TarError as exc:

@@ -39,6 +39,7 @@ from data_pipeline.transforms import Crop, crop_intrinsics, output_tensor, plan_
 
 LATENTS_VERSION = 1
 LATENT_DTYPE = "float16"
+LATENT_MEMBERS = ("latents.npz", "latents.json")  # the members `latent_members` writes
 Z_KEYS = ("z_rgb", "z_xyz", "z_image")
 
 
@@ -248,8 +249,8 @@ def latent_members(key: str, enc: dict, info: dict, run: dict, vae_mean: list, v
     arrays.append(("latent_valid_packed", np.packbits(enc["cells"].astype(bool), axis=-1)))
     meta = {**run, **info, "latent_shape": list(enc["z_rgb"].shape), "vae_latents_mean": vae_mean,
             "vae_latents_std": vae_std}
-    return [(f"{key}.latents.npz", npz_arrays_bytes(arrays)),
-            (f"{key}.latents.json", json.dumps(meta, sort_keys=True).encode())]
+    return [(f"{key}.{LATENT_MEMBERS[0]}", npz_arrays_bytes(arrays)),
+            (f"{key}.{LATENT_MEMBERS[1]}", json.dumps(meta, sort_keys=True).encode())]
 
 
 def tar_samples(path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:

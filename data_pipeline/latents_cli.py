@@ -19,8 +19,8 @@ from pathlib import Path
 
 from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import SampleError
-from data_pipeline.latents import (encode_batch, fixed_window_sample, latent_members, latents_spec, raw_of, settings,
-                                   tar_samples, text_identity, text_member)
+from data_pipeline.latents import (LATENT_MEMBERS, encode_batch, fixed_window_sample, latent_members, latents_spec,
+                                   raw_of, settings, tar_samples, text_identity, text_member)
 from data_pipeline.shard import shard_done
 
 PLAN_VERSION = 2  # 2: the text encoder joins the plan
@@ -90,7 +90,12 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
                         text_encoded += 1
                     except SampleError as exc:
                         text_failed.append({"key": key, "reason": str(exc)})
-            for member, data in checksums.with_sums(key, members + extra) if extra else members:
+            # a source encoded before (latent shards keep every member): its latents are replaced, never repeated,
+            # and a sample that does not encode now keeps none of the old settings' latents. Members that failed
+            # their sums keep the original sums.json, so the reader still finds them corrupt
+            kept = [(n, d) for n, d in members if Path(n).name.split(".", 1)[1] not in LATENT_MEMBERS]
+            resum = ready is not None and (extra or len(kept) < len(members))
+            for member, data in checksums.with_sums(key, kept + extra) if resum else kept:
                 _add(tar, member, data)
 
     with open(tmp, "wb") as f:

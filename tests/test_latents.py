@@ -494,3 +494,36 @@ def test_a_vae_that_does_not_fit_is_refused_before_anything_is_encoded(tmp_path,
     err = capsys.readouterr().err
     assert f"key 'model.vae': {tmp_path / 'vae48'}: AutoencoderKLWan with 48 latent channels" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_encoding_a_latent_folder_again_replaces_its_latents(encoded, tmp_path, capsys):
+    """Latent shards keep every source member, so they can be encoded again (another resolution, say): the old
+    latents are replaced, not written a second time beside the new (a reader kept one of the two duplicate names
+    and skipped every sample as corrupt), and `inspect-shards` names a member a sample repeats."""
+    import tarfile
+
+    from data_pipeline.inspect_cli import main as inspect_main
+
+    _, lat = encoded
+    again = tmp_path / "again"
+    assert encode_main([str(lat), str(again), *CONFIG, "data.height=16", "data.width=32", "--device", "cpu",
+                        "--no-progress"]) == 0
+    for shard in sorted(again.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+        assert len(names) == len(set(names)) and sum(n.endswith(".latents.npz") for n in names) == 2, names
+    assert inspect_main([str(again)]) == 0
+    batch = _take(build_loader(_cfg(again, height=16, width=32), rank=0, world_size=1, seed=0, micro_batch_size=1,
+                               latents=SPEC), 1)[0]
+    assert batch["z_rgb"].shape[-2:] == (2, 4)
+    # a shard holding a repeated member (what the encode wrote before)
+    shard = again / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, data in members + [members[0]]:
+            tar.addfile(m, io.BytesIO(data))
+    capsys.readouterr()
+    assert inspect_main([str(again)]) != 0
+    key, ext = members[0][0].name.split(".", 1)
+    assert f"shard-000000.tar: {key}: member {ext} repeated" in capsys.readouterr().err

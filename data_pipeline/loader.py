@@ -26,6 +26,7 @@ from data_pipeline.transforms import output_tensor
 
 log = logging.getLogger(__name__)
 POSITION_VERSION = 1
+LATER_KEYS = ("shuffle_buffer", "epoch_length")  # not in positions saved before 2026-12-05: not compared there
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
@@ -91,7 +92,7 @@ class BatchStream(IterableDataset):
 
 class PositionError(ValueError):
     """A saved data position that does not fit this loader; `differs`: the parts of its identity that differ (seed,
-    mode, num_workers, shards, rank, world_size, version) -> (saved, now), empty when it is malformed."""
+    mode, num_workers, shards, shuffle_buffer, epoch_length, rank, world_size, version) -> (saved, now), empty when it is malformed."""
 
     def __init__(self, message: str, differs: dict[str, tuple] | None = None):
         super().__init__(message)
@@ -124,8 +125,11 @@ class StreamLoader:
             self._restore(position)
 
     def _identity(self) -> dict:
+        # shuffle_buffer orders every epoch; epoch_length splits a resampled stream into epochs (exact mode: unused)
         return {"version": POSITION_VERSION, "mode": self.plan.mode, "seed": self.plan.seed, "rank": self.plan.rank,
-                "world_size": self.plan.world_size, "num_workers": self.plan.workers, "shards": self.fingerprint}
+                "world_size": self.plan.world_size, "num_workers": self.plan.workers, "shards": self.fingerprint,
+                "shuffle_buffer": self.plan.shuffle_buffer,
+                "epoch_length": self.plan.epoch_length if self.plan.mode == "resampled" else 0}
 
     def state_dict(self) -> dict:
         return {**self._identity(), "next_slot": self.next_slot, "samples": self.samples,
@@ -133,12 +137,12 @@ class StreamLoader:
 
     def _restore(self, position: dict):
         try:
-            saved = {k: position[k] for k in self._identity()}
+            saved = {k: position[k] for k in self._identity() if k in position or k not in LATER_KEYS}
             slots, next_slot, samples = position["slots"], int(position["next_slot"]), int(position["samples"])
         except (KeyError, TypeError, ValueError) as exc:
             raise PositionError(f"data position is malformed ({exc!r}): {position}") from None
         mine = self._identity()
-        diff = {k: (saved[k], mine[k]) for k in mine if saved[k] != mine[k]}
+        diff = {k: (saved[k], mine[k]) for k in saved if saved[k] != mine[k]}
         if diff.get("shards", (None,))[0] == shard_fingerprint(self.plan.shards, contents=False):  # pre-2026-12-04
             log.warning("data position saved by an earlier version, whose fingerprint of the shard set covers names "
                         "and sample counts only: they match; the shards' contents cannot be checked against it")
@@ -155,8 +159,8 @@ class StreamLoader:
         if diff:
             raise PositionError("data position does not fit this loader (saved vs now): " +
                                 ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items()) +
-                                "; exact resume needs the same seed, rank, world size, num_workers and shard set "
-                                "(its shards' names, sample counts and sha256)", diff)
+                                "; exact resume needs the same seed, rank, world size, num_workers, shuffle buffer and "
+                                "shard set (its shards' names, sample counts and sha256)", diff)
         if len(slots) != self.plan.workers or not 0 <= next_slot < self.plan.workers:
             raise PositionError(f"data position has {len(slots)} slots / next_slot {next_slot} for "
                                 f"{self.plan.workers} workers")

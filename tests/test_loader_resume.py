@@ -89,6 +89,13 @@ def test_position_from_another_layout_is_refused(shards, tmp_path):
         build_loader(_cfg(other, 2), rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
     with pytest.raises(PositionError, match="malformed"):
         build_loader(_cfg(shards, 2), rank=0, world_size=1, seed=4, micro_batch_size=1, position={"slots": []})
+    bigger = _cfg(shards, 2)  # the buffer orders every epoch: another one repeats some samples and drops others
+    bigger.shuffle_buffer = 16
+    with pytest.raises(PositionError, match="shuffle_buffer: 3 vs 16") as caught:
+        build_loader(bigger, rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
+    assert caught.value.differs == {"shuffle_buffer": (3, 16)}
+    older = {k: v for k, v in state.items() if k not in ("shuffle_buffer", "epoch_length")}  # saved before they were
+    build_loader(_cfg(shards, 2), rank=0, world_size=1, seed=4, micro_batch_size=1, position=older).close()
 
 
 def test_resampled_position_from_another_layout_moves_to_fresh_epochs(shards):

@@ -366,7 +366,8 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
     return []
 
 
-POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_workers", "shards": "data.shards"}
+POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_workers", "shards": "data.shards",
+                 "shuffle_buffer": "data.shuffle_buffer", "epoch_length": "data.epoch_length"}
 
 
 def _resumed_state(cfg):
@@ -390,10 +391,10 @@ def _resumed_state(cfg):
 
 def _resume_problems(cfg) -> list[tuple[str, str]]:
     """What keeps the checkpoint this run resumes from from continuing under this config, by key, before any
-    process group: its data position (the same seed, data.mode, data.num_workers and shard set; the loader refuses
-    another only once the model is built and the checkpoint loaded, minutes at 14B, with the run's config.yaml
-    already rewritten by the refused config), and its frozen base (model.checkpoint's content: adapters trained
-    against one base continue on another without any error, and fit neither)."""
+    process group: its data position (the same seed, data.mode, data.num_workers, data.shuffle_buffer and shard
+    set; the loader refuses another only once the model is built and the checkpoint loaded, minutes at 14B, with
+    the run's config.yaml already rewritten by the refused config), and its frozen base (model.checkpoint's
+    content: adapters trained against one base continue on another without any error, and fit neither)."""
     from data_pipeline.loader import PositionError
 
     resumed = _resumed_state(cfg)

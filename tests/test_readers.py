@@ -18,20 +18,26 @@ def _poses(rng, n):
     return c2w
 
 
-def test_sintel_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    T, seq = 3, "alley_1"
+def _write_sintel(root, seq, rng, T):
+    """A Sintel training sequence of T random frames under root; returns (rgb, depth, K, c2w)."""
     rgb = rng.integers(0, 256, (T, H, W, 3), dtype=np.uint8)
     depth = rng.uniform(0.1, 100, (T, H, W)).astype(np.float32)
     K = np.array([[688.0, 0, 511.5], [0, 688.0, 217.5], [0, 0, 1]])
     c2w = _poses(rng, T)
     for sub in ("final", "depth", "camdata_left"):
-        (tmp_path / "training" / sub / seq).mkdir(parents=True)
+        (root / "training" / sub / seq).mkdir(parents=True)
     for i in range(T):
         stem = f"frame_{i + 1:04d}"
-        Image.fromarray(rgb[i]).save(tmp_path / "training/final" / seq / f"{stem}.png")
-        write_dpt(tmp_path / "training/depth" / seq / f"{stem}.dpt", depth[i])
-        write_cam(tmp_path / "training/camdata_left" / seq / f"{stem}.cam", K, np.linalg.inv(c2w[i])[:3])
+        Image.fromarray(rgb[i]).save(root / "training/final" / seq / f"{stem}.png")
+        write_dpt(root / "training/depth" / seq / f"{stem}.dpt", depth[i])
+        write_cam(root / "training/camdata_left" / seq / f"{stem}.cam", K, np.linalg.inv(c2w[i])[:3])
+    return rgb, depth, K, c2w
+
+
+def test_sintel_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    seq = "alley_1"
+    rgb, depth, K, c2w = _write_sintel(tmp_path, seq, rng, 3)
     raw = (tmp_path / "training/depth" / seq / "frame_0001.dpt").read_bytes()
     assert np.frombuffer(raw[:4], "<f4")[0] == np.float32(202021.25)
     assert tuple(np.frombuffer(raw[4:12], "<i4")) == (W, H) and len(raw) == 12 + 4 * H * W
@@ -177,10 +183,44 @@ def test_a_benchmark_cut_short_by_num_samples_says_so(tmp_path, capsys):
     got = [s["__key__"][0] for s in iter_samples(load_config([*base, "eval.num_samples=2"]))]
     assert got == ["rgbd_bonn_a", "rgbd_bonn_b"]
     err = capsys.readouterr().err
-    assert f"scored the first 2 sequences of bonn:{tmp_path} (eval.num_samples=2); it has more" in err, err
+    assert (f"scoring the first 2 of the 3 sequences of bonn:{tmp_path} (eval.num_samples=2): eval.num_samples=3 "
+            "scores them all") in err, err
     samples = list(iter_samples(load_config([*base, "eval.num_samples=3"])))
     assert [s["__key__"][0] for s in samples] == ["rgbd_bonn_a", "rgbd_bonn_b", "rgbd_bonn_c"]
-    assert "scored the first" not in capsys.readouterr().err
+    assert "scoring the first" not in capsys.readouterr().err
     # the ground truth counts as valid only within Bonn's 10 m (its depth PNGs hold up to 65.5 m here)
     depth, valid = samples[0]["depth"][0], samples[0]["valid"][0, :, 0].bool()
     assert valid.any() and (depth[valid] < 10).all() and (depth[~valid] >= 10).any()
+
+
+def test_benchmark_inputs_that_cannot_be_scored_are_named_before_any_sample(tmp_path, capsys):
+    """A root one level too deep (no sequence: it scored nothing, exit 0, and the checkpoint counted as scored), a
+    TUM folder renamed without its freiburgN camera, a window too short to score, and a Sintel start past the end
+    are EvalInputErrors naming the root or sequence; a damaged sequence after the eval.num_samples scored ones is
+    not read."""
+    from one4d_train.config import load_config
+    from one4d_train.eval.pipeline import EvalInputError, eval_dataset, iter_samples
+
+    rng = np.random.default_rng(4)
+    t = np.arange(9) * 0.1
+    for name in ("rgbd_bonn_a", "rgbd_bonn_b", "rgbd_bonn_c"):
+        _write_rgbd(tmp_path / "bonn" / name, rng, t, t + 0.001, t, _poses(rng, 9))
+    base = ["data.num_frames=9", "data.height=32", "data.width=64"]
+    deep = tmp_path / "bonn" / "rgbd_bonn_a"
+    with pytest.raises(EvalInputError, match=f"eval.dataset=bonn:{deep}: {deep}: no bonn sequence there; the reader "
+                                             "expects ROOT/<sequence>/ with rgb/"):
+        eval_dataset(load_config([f"eval.dataset=bonn:{deep}", *base]))
+    (tmp_path / "bonn" / "rgbd_bonn_c" / "depth.txt").write_text("x depth/a.png\n")  # the third: never read
+    got = list(iter_samples(load_config([f"eval.dataset=bonn:{tmp_path / 'bonn'}", "eval.num_samples=2", *base])))
+    assert [s["__key__"][0] for s in got] == ["rgbd_bonn_a", "rgbd_bonn_b"]
+    with pytest.raises(EvalInputError, match=r"rgbd_bonn_a: 3 frame\(s\) in its window \(eval.benchmark_start=6, "
+                                             r"eval.benchmark_stride=1, data.num_frames=9\), 5 needed"):
+        list(iter_samples(load_config([f"eval.dataset=bonn:{tmp_path / 'bonn'}", "eval.benchmark_start=6", *base])))
+    renamed = tmp_path / "tum" / "fr3_walking_xyz"
+    _write_rgbd(renamed, rng, t, t + 0.001, t, _poses(rng, 9))
+    with pytest.raises(EvalInputError, match=f"{renamed}: no freiburg1, freiburg2 or freiburg3 in the folder's name"):
+        list(iter_samples(load_config([f"eval.dataset=tum:{tmp_path / 'tum'}", *base])))
+    _write_sintel(tmp_path / "sintel", "alley_1", rng, 9)
+    with pytest.raises(EvalInputError, match=r"alley_1: no frame from frame 20 on \(it has 9\)"):
+        list(iter_samples(load_config([f"eval.dataset=sintel:{tmp_path / 'sintel'}", "eval.benchmark_start=20",
+                                       *base])))

@@ -208,7 +208,7 @@ def score_and_write(pred: dict, batch: dict, ecfg, device, out_dir: Path, title:
 
 def eval_dataset(cfg) -> str:
     """eval.dataset (default data.val_shards), checked without reading any sample: a benchmark's root is a
-    directory, a shard set's index.json lists the shards. EvalInputError otherwise."""
+    directory holding its sequences, a shard set's index.json lists the shards. EvalInputError otherwise."""
     spec = cfg.eval.dataset or cfg.data.val_shards
     key = "eval.dataset" if cfg.eval.dataset else "data.val_shards"
     if not spec:
@@ -216,8 +216,14 @@ def eval_dataset(cfg) -> str:
                              "bonn:ROOT | tum:ROOT> or data.val_shards=<shard directory or pattern>")
     name, sep, root = spec.partition(":")
     if sep and name in BENCHMARKS:
+        from one4d_train.eval.readers import benchmark_sequences
+
         if not os.path.isdir(root):
             raise EvalInputError(f"{key}={spec}: {root} is not a directory")
+        try:
+            benchmark_sequences(name, root)
+        except ValueError as exc:
+            raise EvalInputError(f"{key}={spec}: {exc}") from exc
         return spec
     from data_pipeline.reader import list_shards
 
@@ -234,31 +240,7 @@ def iter_samples(cfg) -> Iterator[dict]:
     spec = eval_dataset(cfg)
     head = spec.split(":", 1)
     if len(head) == 2 and head[0] in BENCHMARKS:
-        from one4d_train.eval.readers import read_benchmark, to_sample
-
-        T = cfg.data.num_frames
-        count = 0
-        sequences = read_benchmark(head[0], head[1], start=cfg.eval.benchmark_start,
-                                   stride=cfg.eval.benchmark_stride, max_frames=T)
-        while True:
-            try:  # a malformed benchmark file is bad input (exit 2), its message names the file
-                seq = next(sequences, None)
-            except (OSError, ValueError) as exc:
-                raise EvalInputError(f"eval.dataset={spec}: {exc}") from exc
-            if seq is None:
-                return
-            if count == cfg.eval.num_samples:  # say so: a benchmark is meant to be scored whole
-                print(f"one4d eval: scored the first {count} sequences of {spec} (eval.num_samples={count}); it has "
-                      f"more: eval.num_samples=N scores up to N", file=sys.stderr)
-                return
-            keep = (len(seq.rgb) - 1) // 4 * 4 + 1
-            for field in ("rgb", "depth", "intrinsics", "poses_c2w", "timestamps"):
-                if getattr(seq, field) is not None:
-                    setattr(seq, field, getattr(seq, field)[:keep])
-            s = to_sample(seq, cfg.data.height, cfg.data.width, cfg.data.pointmap_percentiles,
-                          cfg.eval.resolved_depth_cap())
-            yield {k: ([v] if isinstance(v, str) else v[None] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-            count += 1
+        yield from _benchmark_samples(cfg, spec, *head)
         return
     from data_pipeline.loader import build_loader
 
@@ -276,6 +258,42 @@ def iter_samples(cfg) -> Iterator[dict]:
             yield batch
     finally:
         loader.close()
+
+
+def _benchmark_samples(cfg, spec: str, name: str, root: str) -> Iterator[dict]:
+    """The first eval.num_samples sequences of a benchmark, each cut to its window (eval.benchmark_start and
+    _stride, at most data.num_frames, then to 4k + 1 frames). Bad input (a malformed file, a root without
+    sequences, a window too short to score) is EvalInputError naming the file or sequence."""
+    from one4d_train.eval.readers import benchmark_sequences, read_benchmark, to_sample
+
+    ecfg = cfg.eval
+    try:
+        names = benchmark_sequences(name, root)
+    except ValueError as exc:
+        raise EvalInputError(f"eval.dataset={spec}: {exc}") from exc
+    if len(names) > ecfg.num_samples:  # say so: a benchmark is meant to be scored whole
+        print(f"one4d eval: scoring the first {ecfg.num_samples} of the {len(names)} sequences of {spec} "
+              f"(eval.num_samples={ecfg.num_samples}): eval.num_samples={len(names)} scores them all", file=sys.stderr)
+    # the pose scores need 3 frames (so 5 in 4k + 1); a sparse-mode run observes eval.sparse_frames of them
+    need = max(5, ecfg.sparse_frames if "sparse" in ecfg.modes else 0)
+    sequences = read_benchmark(name, root, sequences=names[:ecfg.num_samples], start=ecfg.benchmark_start,
+                               stride=ecfg.benchmark_stride, max_frames=cfg.data.num_frames)
+    for seq_name in names[:ecfg.num_samples]:
+        try:  # a malformed benchmark file is bad input (exit 2), its message names the file
+            seq = next(sequences)
+            keep = (len(seq.rgb) - 1) // 4 * 4 + 1
+            if keep < need:
+                raise ValueError(f"{seq_name}: {len(seq.rgb)} frame(s) in its window (eval.benchmark_start="
+                                 f"{ecfg.benchmark_start}, eval.benchmark_stride={ecfg.benchmark_stride}, "
+                                 f"data.num_frames={cfg.data.num_frames}), {need} needed to score (4k + 1 frames)")
+            for field in ("rgb", "depth", "intrinsics", "poses_c2w", "timestamps"):
+                if getattr(seq, field) is not None:
+                    setattr(seq, field, getattr(seq, field)[:keep])
+            s = to_sample(seq, cfg.data.height, cfg.data.width, cfg.data.pointmap_percentiles,
+                          ecfg.resolved_depth_cap())
+        except (OSError, ValueError) as exc:
+            raise EvalInputError(f"eval.dataset={spec}: {exc}") from exc
+        yield {k: ([v] if isinstance(v, str) else v[None] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
 
 
 def _sample_name(batch: dict, index: int) -> str:

@@ -24,17 +24,44 @@ def frame_window(n: int, start: int = 0, stride: int = 1, max_frames: int = 0) -
     return idx[:max_frames] if max_frames > 0 else idx
 
 
-def read_benchmark(name: str, root, sequences=None, **window) -> Iterator[Sequence]:
-    """Sequences of benchmark `name` (sintel | bonn | tum) under `root`; `window`: start, stride, max_frames."""
+LAYOUTS = {"sintel": "ROOT/training/final/<sequence>/frame_*.png with training/depth and training/camdata_left",
+           "bonn": "ROOT/<sequence>/ with rgb/, depth/, rgb.txt, depth.txt and groundtruth.txt",
+           "tum": "ROOT/rgbd_dataset_freiburgN_<name>/ with rgb/, depth/, rgb.txt, depth.txt and groundtruth.txt"}
+
+
+def _reader(name: str):
+    """(read, list) functions of benchmark `name`."""
     if name == "sintel":
-        from one4d_train.eval.readers.sintel import read_sintel as read
-    elif name == "bonn":
-        from one4d_train.eval.readers.bonn import read_bonn as read
-    elif name == "tum":
-        from one4d_train.eval.readers.tum import read_tum as read
+        from one4d_train.eval.readers.sintel import list_sintel, read_sintel
+        return read_sintel, list_sintel
+    if name == "bonn":
+        from one4d_train.eval.readers.bonn import read_bonn
+        from one4d_train.eval.readers.tum import list_tum
+        return read_bonn, list_tum
+    if name == "tum":
+        from one4d_train.eval.readers.tum import list_tum, read_tum
+        return read_tum, list_tum
+    raise ValueError(f"benchmark must be sintel, bonn or tum, got {name!r}")
+
+
+def benchmark_sequences(name: str, root) -> list[str]:
+    """The names of benchmark `name`'s sequences under `root`, from folder listings alone (no frame read); a root
+    holding none raises ValueError saying the layout the reader expects."""
+    try:
+        names = _reader(name)[1](root)
+    except OSError as exc:
+        names, why = [], f" ({exc})"
     else:
-        raise ValueError(f"benchmark must be sintel, bonn or tum, got {name!r}")
-    return read(root, sequences=sequences, **window)
+        why = ""
+    if not names:
+        raise ValueError(f"{root}: no {name} sequence there{why}; the reader expects {LAYOUTS[name]}")
+    return names
+
+
+def read_benchmark(name: str, root, sequences=None, **window) -> Iterator[Sequence]:
+    """Sequences of benchmark `name` (sintel | bonn | tum) under `root` (`sequences`: these names only, in this
+    order; None: every one); `window`: start, stride, max_frames."""
+    return _reader(name)[0](root, sequences=sequences, **window)
 
 
 def to_sample(seq: Sequence, height: int, width: int, percentiles=(2.0, 98.0), max_depth: float = np.inf) -> dict:

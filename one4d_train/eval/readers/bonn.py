@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from one4d_train.eval.readers import Sequence
-from one4d_train.eval.readers.tum import read_rgbd_sequence
+from one4d_train.eval.readers.tum import list_tum, read_rgbd_sequence
 
 BONN_INTRINSICS = (542.822841, 542.576870, 315.593520, 237.756098)  # fx, fy, cx, cy
 BONN_T_ROS = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
@@ -42,8 +42,7 @@ def bonn_camera_poses(marker_c2w: np.ndarray) -> np.ndarray:
 def read_bonn(root, sequences=None, start: int = 0, stride: int = 1, max_frames: int = 0) -> Iterator[Sequence]:
     """Sequences (folders holding rgb/ and depth/) under `root`."""
     root = Path(root)
-    names = sorted(p.name for p in root.iterdir() if (p / "rgb").is_dir()) if sequences is None else sequences
-    for name in names:
+    for name in list_tum(root) if sequences is None else sequences:
         seq = read_rgbd_sequence(root / name, name, BONN_INTRINSICS, start, stride, max_frames)
         if seq.poses_c2w is not None:
             seq.poses_c2w = bonn_camera_poses(seq.poses_c2w)

@@ -66,16 +66,23 @@ def w2c_to_c2w(w2c: np.ndarray) -> np.ndarray:
     return np.linalg.inv(E)
 
 
+def list_sintel(root, render_pass: str = "final") -> list[str]:
+    """The sequence folders of `root`/training/`render_pass`, by name."""
+    return sorted(p.name for p in (Path(root) / "training" / render_pass).iterdir() if p.is_dir())
+
+
 def read_sintel(root, sequences=None, render_pass: str = "final", start: int = 0, stride: int = 1,
                 max_frames: int = 0) -> Iterator[Sequence]:
     """Sequences of the Sintel training set under `root` (the folder holding `training/`)."""
     train = Path(root) / "training"
-    names = sorted(p.name for p in (train / render_pass).iterdir() if p.is_dir()) if sequences is None else sequences
-    for name in names:
+    for name in list_sintel(root, render_pass) if sequences is None else sequences:
         frames = sorted((train / render_pass / name).glob("frame_*.png"))
         if not frames:
             raise FileNotFoundError(f"{train / render_pass / name}: no frame_*.png")
-        frames = [frames[i] for i in frame_window(len(frames), start, stride, max_frames)]
+        window = frame_window(len(frames), start, stride, max_frames)
+        if not window:
+            raise ValueError(f"{train / render_pass / name}: no frame from frame {start} on (it has {len(frames)})")
+        frames = [frames[i] for i in window]
         rgb = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in frames])
         depth, Ks, poses = [], [], []
         for p in frames:

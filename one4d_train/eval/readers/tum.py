@@ -124,9 +124,18 @@ def tum_intrinsics(name: str):
     return next((v for k, v in TUM_INTRINSICS.items() if k in name), None)
 
 
+def list_tum(root) -> list[str]:
+    """The sequence folders (holding rgb/) under `root`, by name."""
+    return sorted(p.name for p in Path(root).iterdir() if (p / "rgb").is_dir())
+
+
 def read_tum(root, sequences=None, start: int = 0, stride: int = 1, max_frames: int = 0) -> Iterator[Sequence]:
-    """Sequences (folders named rgbd_dataset_freiburgN_*) under `root`."""
+    """Sequences (folders named rgbd_dataset_freiburgN_*) under `root`; the camera (freiburg1/2/3) and so the
+    intrinsics come from the folder's name."""
     root = Path(root)
-    names = sorted(p.name for p in root.iterdir() if (p / "rgb").is_dir()) if sequences is None else sequences
-    for name in names:
-        yield read_rgbd_sequence(root / name, name, tum_intrinsics(name), start, stride, max_frames)
+    for name in list_tum(root) if sequences is None else sequences:
+        K = tum_intrinsics(name)
+        if K is None:
+            raise ValueError(f"{root / name}: no freiburg1, freiburg2 or freiburg3 in the folder's name, which says "
+                             "the camera and its intrinsics (keep TUM's names: rgbd_dataset_freiburgN_...)")
+        yield read_rgbd_sequence(root / name, name, K, start, stride, max_frames)

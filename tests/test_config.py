@@ -78,6 +78,11 @@ def test_print_config_prints_the_merged_config(capsys):
     assert "num_workers: 3" in out and "micro_batch_size: 2" in out  # command line over the demo file over defaults
     assert one4d_main(["print-config", "data.num_wrokers=3"]) != 0
     assert "data.num_wrokers" in capsys.readouterr().err
+    # a script's one value, whole: YAML output wraps a long path with spaces onto a second line
+    long = "/scratch/jane doe/one4d experiments/wan2.1-14b-inp lora rank 64/ablation 3 seed 1"
+    assert one4d_main(["print-config", "--get", "run_dir", f"config={demo}", f"run_dir={long}"]) == 0
+    assert capsys.readouterr().out == long + "\n"
+    assert one4d_main(["print-config", "--get", "run_dri", f"config={demo}"]) == 2
 
 
 @pytest.mark.parametrize("command", ["print-config", "train", "eval", "export", "demo"])

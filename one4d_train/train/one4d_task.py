@@ -98,6 +98,9 @@ class One4DTask:
         p += shard_problems or _resume_problems(cfg)
         if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
             p += _eval_set_problems(cfg)
+        elif cfg.eval.every:
+            p.append(("eval.every", f"{cfg.eval.every}, but there is nothing to evaluate on: set data.val_shards=<held-out "
+                      "shard directory> (or eval.dataset=<shards | sintel:ROOT | bonn:ROOT | tum:ROOT>), or eval.every=0"))
         return p
 
     # ---- model ------------------------------------------------------------------------------------------
@@ -358,6 +361,17 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
         longest = read_index(shard_directory(spec)).get("statistics", {}).get("frames", {}).get("max")
     except (OSError, ValueError, LatentsMismatchError) as exc:  # ShardIndexError is a ValueError
         return [("data.shards", str(exc))]
+    from data_pipeline.reader import StreamPlan
+    from one4d_train.train.distributed import detect
+
+    d = cfg.data
+    try:  # every rank's plan: enough shards for the reader slots (ranks x workers), samples for each slot
+        for rank in range(detect().world_size):
+            StreamPlan(tuple(shards), seed=cfg.seed, rank=rank, world_size=detect().world_size,
+                       workers=max(1, d.num_workers), mode=d.mode, epoch_length=d.epoch_length,
+                       shuffle_buffer=d.shuffle_buffer)
+    except ValueError as exc:
+        return [("data.num_workers", f"{exc} ({spec}, data.mode={d.mode})")]
     span = (cfg.data.num_frames - 1) * cfg.data.frame_stride + 1
     if longest is not None and longest < span:  # every sample would be skipped: the loader gives up after epochs
         return [("data.num_frames", f"the window needs {span} frames (data.num_frames={cfg.data.num_frames}, "

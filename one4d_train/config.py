@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig
-from one4d_train.configtools import ConfigError, build_config, choice, to_yaml
+from one4d_train.configtools import ConfigError, build_config, choice, in_range, to_yaml
 from one4d_train.diffusion.config import FlowConfig
 from one4d_train.eval.config import EvalConfig
 from one4d_train.model.config import ModelConfig
@@ -29,6 +29,7 @@ class One4DConfig:
         p = [] if self.resume in ("auto", "never") or self.resume else [("resume", "must be auto, never or a path")]
         if not self.run_dir:
             p.append(("run_dir", "must name a folder (. for the working directory)"))
+        p += in_range(self.seed, 0, 2**32 - 1, "seed")  # numpy's generators take no negative seed
         frames, sparse = self.data.num_frames, self.eval.sparse_frames
         if "sparse" in self.eval.modes and not 2 <= sparse <= frames:
             p.append(("eval.sparse_frames", f"the sparse mode observes the first, the last and evenly spaced frames of "

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any, Callable, Iterable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -81,6 +82,19 @@ def _section_given_a_value(schema: DictConfig, layer: DictConfig, prefix: str = 
 Problems = list[tuple[str, str]]  # (key, what is wrong with its value)
 
 
+def _bad_yaml_item(dotlist: list[str]) -> str:
+    """The message for a command line whose values do not all parse as YAML, naming the first that does not."""
+    for item in dotlist:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:
+            return (f"command line: '{item}': the value is not YAML ({str(exc).splitlines()[0]}); a mapping is "
+                    "written {key: value, ...} with a space after each colon, a list [a, b]")
+        except OmegaConfBaseException:
+            pass
+    return f"command line: the values are not YAML: {dotlist}"
+
+
 def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[Any], Problems] | None = None) -> Any:
     """Merge defaults -> `config=FILE` (with its `_base_` chain) -> other `key=value` args, validate, return
     the dataclass instance. `checks(obj)` then returns problems by full key (files, imports: what a command
@@ -106,6 +120,8 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
             cli = OmegaConf.from_dotlist(dotlist)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line: {exc}") from None
+        except yaml.YAMLError:  # a value that is not YAML: name the item (a flow mapping needs `key: value` spaces)
+            raise ConfigError(_bad_yaml_item(dotlist)) from None
         cfg = _merge(cfg, cli, "command line", origins)
     try:
         obj = OmegaConf.to_object(cfg)

@@ -374,3 +374,18 @@ def test_an_empty_run_dir_is_refused():
     with pytest.raises(ConfigError, match=r"command line: key 'run_dir': must name a folder"):
         load_config(["run_dir="])
     assert load_config(["run_dir=."]).run_dir == "."
+
+
+def test_more_reader_slots_than_shards_is_refused_before_any_process_group(capsys, shards, tmp_path):
+    """Exact mode gives each reader slot (ranks x data.num_workers) its own shards: with fewer shards the loader
+    failed with a traceback after the model was built and the run's MLflow store created."""
+    err = refused(capsys, args(shards, tmp_path, "data.num_workers=3"))
+    assert ("key 'data.num_workers': exact mode needs at least one shard per reader slot: 2 shards for 1 ranks x 3 "
+            "workers" in err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_in_training_evaluation_with_nothing_to_evaluate_on_is_refused(capsys, shards, tmp_path):
+    """eval.every without data.val_shards or eval.dataset evaluated nothing at every interval, in silence."""
+    err = refused(capsys, args(shards, tmp_path, "eval.every=5"))
+    assert "key 'eval.every': 5, but there is nothing to evaluate on: set data.val_shards=" in err, err

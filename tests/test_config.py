@@ -1,3 +1,4 @@
+import re
 import textwrap
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_an_interpolation_error_names_the_file_that_set_the_key(tmp_path):
 def test_a_config_file_or_option_written_the_usual_cli_way_says_how_to_write_it(arg):
     with pytest.raises(ConfigError, match=r"^command line: '[^']*'.*(config=FILE|key=value without dashes)"):
         load_config([arg])
+
+
+@pytest.mark.parametrize("item, key", [("seed=-1", "seed"), ("seed=20000000000000", "seed")])
+def test_a_seed_the_generators_cannot_take_is_refused(item, key):
+    """numpy refuses a negative seed in the first data worker, torch a seed past 64 bits in the trainer."""
+    with pytest.raises(ConfigError, match=f"command line: key '{key}': must be in"):
+        load_config([item])
+
+
+@pytest.mark.parametrize("item", ["train.deepspeed_overrides={zero_optimization:{reduce_bucket_size:1000}}",
+                                  "model.link_blocks=[0,2"])
+def test_a_value_that_is_not_yaml_is_named(item):
+    """PyYAML's scanner error came out as a traceback (exit 1); the README's flow-mapping form without the space
+    after each colon is an easy slip."""
+    with pytest.raises(ConfigError, match=rf"command line: '{re.escape(item)}': the value is not YAML .*a space after"):
+        load_config(["seed=1", item])

@@ -185,6 +185,18 @@ def test_resume_with_another_data_stream_is_refused_before_the_model_is_built(sh
     assert open(os.path.join(straight, "config.yaml")).read() == config_before
 
 
+def test_resume_under_another_scale_stage_or_precision_is_refused_by_key(shards, straight):
+    """Another model.lora.alpha (the same LoRA weights as another function, and an export would carry the new
+    scale), train.zero_stage or train.precision (DeepSpeed's optimizer files are laid out by both: it failed inside
+    DeepSpeed after the model build) exits 2 before any process group, naming each key."""
+    chosen = os.path.join(straight, "checkpoints", "step-00000015")
+    code, out = torchrun(straight, *common(shards, straight, 20), f"resume={chosen}", "model.lora.alpha=16",
+                         "train.zero_stage=2", "train.precision=bf16", "model.compute_dtype=bf16", timeout=900)
+    assert code != 0 and "exitcode  : 2" in out, out[-4000:]
+    assert f"key 'model.lora.alpha': 16.0 here, but {chosen} was trained with 8.0" in out, out[-4000:]
+    assert f"key 'train.zero_stage': 2 here, 3 in {chosen}" in out and f"key 'train.precision': bf16 here, fp32" in out
+
+
 def test_in_training_evaluation_all_ranks_take_part(shards, tmp_path):
     """3 held-out samples on 2 ranks: rank 1 samples a dummy in the second round, so the ZeRO-3 forwards stay
     collective; the means are reduced over ranks and logged to MLflow at the evaluation step."""

@@ -3,6 +3,7 @@ and `preflight`: what `one4d train` checks beyond valid values before any proces
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,7 @@ def preflight(cfg) -> list[tuple[str, str]]:
     from one4d_train.train.distributed import detect
 
     world_size = detect().world_size
-    problems = resume_problems(cfg.resume, cfg.run_dir, world_size)
+    problems = resume_problems(cfg.resume, cfg.run_dir, world_size, cfg.train)
     task_cls, problem = task_class(cfg.train.task)
     if problem:
         problems.append(("train.task", problem))
@@ -114,8 +115,9 @@ def task_class(spec: str) -> tuple[type | None, str | None]:
     return obj, None
 
 
-def resume_problems(resume: str, run_dir: str, world_size: int) -> list[tuple[str, str]]:
-    """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job."""
+def resume_problems(resume: str, run_dir: str, world_size: int, train) -> list[tuple[str, str]]:
+    """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job,
+    under `train`'s (TrainConfig) ZeRO stage and precision."""
     from one4d_train.train import checkpoint as ckpt
 
     try:  # the trainer's own choice
@@ -136,4 +138,13 @@ def resume_problems(resume: str, run_dir: str, world_size: int) -> list[tuple[st
     if written != world_size:
         return [("resume", f"{chosen}written by {written} ranks, this job has {world_size} "
                  f"rank{'s' if world_size != 1 else ''}: resume it with {written}")]
-    return []
+    try:  # DeepSpeed reads its optimizer files by stage and precision: another of either fails inside it
+        with open(os.path.join(path, "train_state", "rank-00000.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [(f"train.{key}", f"{now} here, {state[key]} in {chosen.rstrip(': ')}: DeepSpeed's checkpoint holds the "
+             f"optimizer state as {key.replace('_', ' ')} {state[key]} writes it; resume with train.{key}="
+             f"{state[key]}, or start a new run (another run_dir, or resume=never)")
+            for key, now in (("zero_stage", train.zero_stage), ("precision", train.precision))
+            if key in state and state[key] != now]

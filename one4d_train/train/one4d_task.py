@@ -75,11 +75,7 @@ class One4DTask:
             if not (m.text_encoder or m.empty_prompt_embedding):
                 p.append(("model.text_encoder", f"preset {m.preset!r} needs local files: set it (or "
                           "model.empty_prompt_embedding, with text embeddings stored in the shards)"))
-        if m.design == "dlc":  # else One4DModel raises it only after every rank has loaded the frozen base
-            try:
-                resolve_link_blocks(m.link_blocks, m.num_links, wan_config(m.preset).num_layers)
-            except ValueError as exc:
-                p.append(("model.link_blocks" if m.link_blocks else "model.num_links", str(exc)))
+        p += link_problems(m)
         if m.compile and t.zero_stage == 3:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
@@ -148,14 +144,16 @@ class One4DTask:
                 if get is not None:
                     p.copy_(get(official).to(p.dtype))
 
-    def base_identity(self) -> dict:
-        """The frozen base the adapters train against, as every checkpoint records it: model.checkpoint and its
-        content fingerprint (model/state_dict.py), "random" for the seeded random base of the tiny preset."""
-        if not hasattr(self, "_base_identity"):
+    def identity(self) -> dict:
+        """What the adapters and links depend on beyond their shapes, as every checkpoint records it: the frozen base
+        (model.checkpoint and its content fingerprint, model/state_dict.py; "random" for the seeded random base of
+        the tiny preset) and the LoRA scale model.lora.alpha (the same weights under another scale are another
+        function, and an export would carry the new scale)."""
+        if not hasattr(self, "_identity"):
             path = self.cfg.model.checkpoint
-            self._base_identity = {"checkpoint": path,
-                                   "fingerprint": checkpoint_fingerprint(path) if path else "random"}
-        return self._base_identity
+            self._identity = {"checkpoint": path, "fingerprint": checkpoint_fingerprint(path) if path else "random",
+                              "lora_alpha": self.cfg.model.lora.alpha}
+        return self._identity
 
     def load_base_weights(self, model: nn.Module) -> None:
         """Reload the frozen base (ZeRO-3 checkpoints do not hold it); trainable parameters are untouched. The
@@ -297,6 +295,18 @@ class One4DTask:
         export_adapters(trainable_state, self.cfg.model, out_dir)
 
 
+def link_problems(m) -> list[tuple[str, str]]:
+    """model.link_blocks / model.num_links against the preset's blocks (DLC only); One4DModel raises it only once
+    the frozen base is loaded."""
+    if m.design != "dlc":
+        return []
+    try:
+        resolve_link_blocks(m.link_blocks, m.num_links, wan_config(m.preset).num_layers)
+    except ValueError as exc:
+        return [("model.link_blocks" if m.link_blocks else "model.num_links", str(exc))]
+    return []
+
+
 def model_file_problems(cfg, backbone: bool = True) -> list[tuple[str, str]]:
     """The configured model files (backbone, VAE, text and image encoders, tokenizer) exist and fit the backbone,
     read from their headers and configs only: `one4d train`'s and `one4d eval`'s check before any model is built.
@@ -415,7 +425,7 @@ def _resume_problems(cfg) -> list[tuple[str, str]]:
     if resumed is None:
         return []
     path, state, env = resumed
-    p = _base_problems(cfg, path, state.get("base"))
+    p = _identity_problems(cfg, path, state.get("task_identity"))
     try:
         build_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                      micro_batch_size=cfg.train.micro_batch_size, position=state.get("loader"), latents=latents_spec(cfg))
@@ -432,23 +442,29 @@ def _resume_problems(cfg) -> list[tuple[str, str]]:
     return p
 
 
-def _base_problems(cfg, path: str, saved: dict | None) -> list[tuple[str, str]]:
-    if not saved:  # written before checkpoints recorded their base
+def _identity_problems(cfg, path: str, saved: dict | None) -> list[tuple[str, str]]:
+    """The frozen base and LoRA scale of the checkpoint `path` (its task identity) against this config's."""
+    if not saved:  # written before checkpoints recorded them
         return []
+    p, how = [], ("; resume with {key} as it was (the checkpoint's adapters fit that only), or start a new run "
+                  "(another run_dir, or resume=never)")
+    alpha = saved.get("lora_alpha")
+    if alpha is not None and float(alpha) != float(cfg.model.lora.alpha):
+        p.append(("model.lora.alpha", f"{cfg.model.lora.alpha} here, but {path} was trained with {alpha}: the same "
+                  "LoRA weights under another scale are another model" + how.format(key="model.lora.alpha")))
     ckpt_now = cfg.model.checkpoint
     try:
         now = checkpoint_fingerprint(ckpt_now) if ckpt_now else "random"
     except (OSError, ValueError):  # an unreadable checkpoint: reported under model.checkpoint by model_file_problems
-        return []
-    if now == saved.get("fingerprint"):
-        return []
-
-    def said(checkpoint: str, fingerprint: str) -> str:
-        return f"{checkpoint} (content fingerprint {fingerprint})" if checkpoint else "the random base of the seed"
-    return [("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
-             f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
-             "that base only; resume with model.checkpoint pointing at those weights (any path: the content is "
-             "compared), or start a new run (another run_dir, or resume=never)")]
+        return p
+    if now != saved.get("fingerprint"):
+        def said(checkpoint: str, fingerprint: str) -> str:
+            return f"{checkpoint} (content fingerprint {fingerprint})" if checkpoint else "the random base of the seed"
+        p.append(("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
+                  f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
+                  "that base only; resume with model.checkpoint pointing at those weights (any path: the content is "
+                  "compared), or start a new run (another run_dir, or resume=never)"))
+    return p
 
 
 def _eval_set_problems(cfg) -> list[tuple[str, str]]:

@@ -5,9 +5,9 @@ behind this interface. `train.task="module:Class"` selects another implementatio
 `tests.train_toy_task:ToyTask` through the real `one4d train`); empty means the One4D task.
 Optionally a task class has `check_config(cfg) -> [(key, problem)]`, a classmethod that `one4d train` calls on
 every rank before any process group starts (train/config.py `preflight`): whatever it returns is reported by key
-and the run exits 2 before anything is built. Optionally a task has `base_identity() -> dict`, stored in every
-checkpoint's train state (JSON): what the frozen weights the adapters were trained on are, for its check_config to
-compare on resume.
+and the run exits 2 before anything is built. Optionally a task has `identity() -> dict`, stored in every
+checkpoint's train state (JSON) as `task_identity`: what the trained parameters depend on beyond their shapes (the
+frozen weights they were trained on, a scale they are applied with), for its check_config to compare on resume.
 """
 from __future__ import annotations
 

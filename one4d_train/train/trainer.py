@@ -102,9 +102,11 @@ class Trainer:
         state = {"step": self.step, "samples_seen": self.samples_seen, "bad_streak": self.bad_streak,
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
                  "log_window": self.window, "eval_pending": self.eval_pending,
-                 "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size}
-        if hasattr(self.task, "base_identity"):  # what the frozen base was: a resume onto another is refused
-            state["base"] = self.task.base_identity()
+                 "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size,
+                 # DeepSpeed's checkpoint layout: a resume under another stage or precision is refused by key
+                 "zero_stage": self.cfg.train.zero_stage, "precision": self.cfg.train.precision}
+        if hasattr(self.task, "identity"):  # e.g. the frozen base: a resume onto another is refused
+            state["task_identity"] = self.task.identity()
         return state, tensors
 
     def _resume(self) -> tuple[dict | None, str | None]:

@@ -248,3 +248,24 @@ def test_model_files_that_do_not_fit_are_refused_before_the_model_is_built(tmp_p
     err = capsys.readouterr().err
     assert f"key 'model.checkpoint': {truncated}: not a readable safetensors file" in err, err
     assert "Traceback" not in err and not (ckpt / "eval").exists()
+
+
+def test_an_export_without_config_is_built_as_it_was_trained(tmp_path, capsys):
+    """An export outside its run (no config.yaml to find) was built from the defaults (5 links on the tiny preset's
+    3 blocks: a traceback); its adapter_config.json now gives the model settings, and the command line still wins."""
+    from data_utils import make_shards
+
+    run, cfg, state = _run(tmp_path, "model.link_blocks=[0,2]", "model.lora.rank=4", "model.lora.alpha=2")
+    export = tmp_path / "elsewhere" / "export"
+    export_adapters(state, cfg.model, str(export))
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    common = [f"checkpoint={export}", f"data.val_shards={shards}", "data.num_frames=5", "data.height=32",
+              "data.width=64", "eval.num_samples=1", "eval.steps=1", "eval.cfg_scale=1", "eval.modes=[video]",
+              "eval.recovery_iters=1", "model.compute_dtype=fp32", "model.activation_checkpointing=none",
+              "train.device=cpu"]
+    assert cli(["eval", *common]) == 0, capsys.readouterr().err
+    assert json.loads((export / "eval" / "metrics.json").read_text())["means"]["video"]["num_samples"] == 1
+    assert cli(["eval", *common, "model.lora.alpha=16"]) == 2  # the command line over the export's settings
+    assert "model.lora.alpha 16" in capsys.readouterr().err
+    assert cli(["eval", *common, "model.link_blocks=[]", "model.num_links=5"]) == 2  # checked before the model build
+    assert "key 'model.num_links': model.num_links must be in [0, 3]" in capsys.readouterr().err

@@ -6,7 +6,8 @@ A checkpoint must be complete (its COMPLETE marker matching its files); an expor
 is evaluated as it is. A run directory evaluates every complete checkpoint that has no eval/metrics.json yet,
 skipping one that another evaluation holds (eval.lock beside eval/) or that the training run removes meanwhile
 (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
-Without config=, the run's own config.yaml is used; key=value pairs (eval.*, data.*, model.*) override it.
+Without config=, the run's own config.yaml is used (an export: the model settings of its adapter_config.json, over
+a config.yaml beside it); key=value pairs (eval.*, data.*, model.*) override it.
 Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing or incomplete
 checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
 """
@@ -19,9 +20,25 @@ from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, eval_dataset, evaluate_checkpoint,
                                        run_of)
-from one4d_train.model.adapters import AdapterError
+from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.train.checkpoint import checkpoint_problem, complete_checkpoints
-from one4d_train.train.one4d_task import model_file_problems
+from one4d_train.train.one4d_task import link_problems, model_file_problems
+
+
+def export_settings(export: str) -> list[str]:
+    """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks) as
+    key=value items: without config= its model is built as it was trained, not from the defaults; the model files
+    (model.checkpoint, model.vae, ...) are still the config's or the command line's."""
+    c = read_adapter_config(export)
+    lora = c["lora"]
+    items = [f"model.preset={c['preset']}", f"model.design={c['design']}", f"model.has_image_input={c['has_image_input']}",
+             f"model.lora.rank={lora['rank']}", f"model.lora.alpha={lora['alpha']}",
+             f"model.link_blocks=[{','.join(str(b) for b in c['link_blocks'])}]"]
+    if isinstance(lora.get("targets"), list) and lora["targets"]:
+        items.append(f"model.lora.targets=[{','.join(lora['targets'])}]")
+    if isinstance(c.get("xyz_patch_embedding"), bool):
+        items.append(f"model.xyz_patch_embedding={c['xyz_patch_embedding']}")
+    return items
 
 
 def main(argv: list[str]) -> int:
@@ -50,10 +67,19 @@ def main(argv: list[str]) -> int:
         run_dir, run_id, step = run_of(ckpt)
         args = list(rest)
         run_config = os.path.join(run_dir, "config.yaml")
-        if not any(a.startswith("config=") for a in args) and os.path.exists(run_config):
-            args.insert(0, f"config={run_config}")
+        if not any(a.startswith("config=") for a in args):
+            if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)):  # an export, wherever it lies: it names its model
+                run_config = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.yaml")
+                try:
+                    args[:0] = export_settings(ckpt)
+                except AdapterError as exc:
+                    print(f"one4d eval: {exc}", file=sys.stderr)
+                    return 2
+            if os.path.exists(run_config):  # a checkpoint's run (an export: a config.yaml beside it)
+                args.insert(0, f"config={run_config}")
         try:
-            cfg = load_config(args + [f"run_dir={run_dir}"], checks=model_file_problems)
+            cfg = load_config(args + [f"run_dir={run_dir}"], checks=lambda c: link_problems(c.model) +
+                              model_file_problems(c))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

@@ -3,13 +3,15 @@ why), an export of `one4d export` loads as it is, a run directory is scanned for
 scored, and a config without a dataset is refused before any model is built."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from one4d_train.cli import main as cli
 from one4d_train.config import load_config, to_yaml
-from one4d_train.eval.pipeline import EvalInputError, checkpoints_to_evaluate, evaluate_checkpoint, load_generator
+from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, dataset_tag, eval_dataset,
+                                       evaluate_checkpoint, load_generator, scored)
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.one4d import build_one4d
 from one4d_train.train.checkpoint import MARKER, _listing
@@ -77,22 +79,33 @@ def test_a_directory_that_is_no_checkpoint_export_or_run_is_an_error(tmp_path, c
     assert "neither" in capsys.readouterr().err
 
 
+def _metrics(run, ckpt):
+    """Where `one4d eval` writes the scores of `ckpt` on its run's configured dataset."""
+    cfg = load_config([f"config={run / 'config.yaml'}"])
+    return ckpt / "eval" / dataset_tag(eval_dataset(cfg)) / "metrics.json"
+
+
 def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, capsys):
-    run, cfg, state = _run(tmp_path)
+    from data_utils import make_shards
+
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}")
     assert checkpoints_to_evaluate(str(run)) == []
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert "nothing to evaluate" in capsys.readouterr().out
     done = _checkpoint(run, cfg, state, step=10)
-    (done / "eval").mkdir()
-    (done / "eval" / "metrics.json").write_text("{}")
+    _metrics(run, done).parent.mkdir(parents=True)
+    _metrics(run, done).write_text("{}")
     half = _checkpoint(run, cfg, state, step=20, complete=False)
     assert cli(["eval", f"checkpoint={run}"]) == 0
     out = capsys.readouterr()
-    assert "nothing to evaluate" in out.out and "1 already scored" in out.out, out.out
+    assert "nothing to evaluate" in out.out and "1 complete checkpoint(s) are scored on this dataset" in out.out, out.out
     assert "step-00000020" in out.err and f"no {MARKER} marker" in out.err, out.err
     new = _checkpoint(run, cfg, state, step=30)
-    assert checkpoints_to_evaluate(str(run)) == [str(new)]
-    assert checkpoints_to_evaluate(str(half.parent.parent)) == [str(new)]
+    assert checkpoints_to_evaluate(str(run)) == [str(done), str(new)]
+    assert checkpoints_to_evaluate(str(half.parent.parent)) == [str(done), str(new)]
+    tag = dataset_tag(str(shards))
+    assert scored(str(done), tag) and not scored(str(new), tag)
 
 
 def test_exports_load_as_they_are(tmp_path):
@@ -177,7 +190,7 @@ def test_a_checkpoint_pruned_while_a_run_directory_is_evaluated_is_skipped_not_r
     err = capsys.readouterr().err
     assert f"skipping {old}: removed by the training run" in err, err
     assert not old.exists()
-    assert (new / "eval" / "metrics.json").is_file()
+    assert _metrics(run, new).is_file()
     assert complete_checkpoints(str(run / "checkpoints")) == [str(new)]
 
 
@@ -187,16 +200,17 @@ def test_two_evaluations_of_one_run_directory_never_score_the_same_checkpoint(tm
     from one4d_train.eval.claim import claim
 
     run, (first, second) = _scored_run(tmp_path)
-    with claim(str(first / "eval")):
+    (first / "eval").mkdir()
+    with claim(str(_metrics(run, first).parent)):
         assert cli(["eval", f"checkpoint={run}"]) == 0
         err = capsys.readouterr().err
         assert f"skipping {first}" in err and "being evaluated by another process" in err, err
-        assert not (first / "eval" / "metrics.json").exists() and (second / "eval" / "metrics.json").is_file()
+        assert not _metrics(run, first).exists() and _metrics(run, second).is_file()
         assert cli(["eval", f"checkpoint={first}"]) == 2
         assert "being evaluated by another process" in capsys.readouterr().err
     cfg = load_config([f"config={run / 'config.yaml'}"])
     assert evaluate_checkpoint(cfg, str(second), unscored_only=True, progress=False) is None
-    assert checkpoints_to_evaluate(str(run)) == [str(first)]
+    assert [c for c in checkpoints_to_evaluate(str(run)) if not _metrics(run, Path(c)).exists()] == [str(first)]
 
 
 def test_an_evaluation_killed_mid_way_leaves_the_checkpoint_unscored(tmp_path, monkeypatch):
@@ -206,7 +220,7 @@ def test_an_evaluation_killed_mid_way_leaves_the_checkpoint_unscored(tmp_path, m
 
     run, (ckpt,) = _scored_run(tmp_path, steps=(10,))
     assert cli(["eval", f"checkpoint={run}"]) == 0
-    assert checkpoints_to_evaluate(str(run)) == []
+    assert _metrics(run, ckpt).is_file()
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # SIGINT / scancel mid-way through the samples
@@ -214,8 +228,7 @@ def test_an_evaluation_killed_mid_way_leaves_the_checkpoint_unscored(tmp_path, m
     monkeypatch.setattr(pipeline, "score_and_write", killed)
     with pytest.raises(KeyboardInterrupt):
         cli(["eval", f"checkpoint={ckpt}"])
-    assert checkpoints_to_evaluate(str(run)) == [str(ckpt)]
-    assert sorted(p.name for p in (ckpt / "eval").iterdir() if p.name.startswith("metrics")) == []
+    assert not _metrics(run, ckpt).exists()
 
 
 def test_one_out_dir_for_a_run_directorys_checkpoints_is_refused(tmp_path, capsys):
@@ -264,7 +277,8 @@ def test_an_export_without_config_is_built_as_it_was_trained(tmp_path, capsys):
               "eval.recovery_iters=1", "model.compute_dtype=fp32", "model.activation_checkpointing=none",
               "train.device=cpu"]
     assert cli(["eval", *common]) == 0, capsys.readouterr().err
-    assert json.loads((export / "eval" / "metrics.json").read_text())["means"]["video"]["num_samples"] == 1
+    report = json.loads((export / "eval" / dataset_tag(str(shards)) / "metrics.json").read_text())
+    assert report["means"]["video"]["num_samples"] == 1
     assert cli(["eval", *common, "model.lora.alpha=16"]) == 2  # the command line over the export's settings
     assert "model.lora.alpha 16" in capsys.readouterr().err
     assert cli(["eval", *common, "model.link_blocks=[]", "model.num_links=5"]) == 2  # checked before the model build

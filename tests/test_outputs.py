@@ -147,12 +147,14 @@ def test_scoring_a_perfect_prediction_of_a_sintel_sequence(tmp_path):
 
 def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     """`one4d eval` on a run directory: model + adapters from the checkpoint, three modes, outputs,
-    metrics.json, MLflow metrics in the run the checkpoint names; a second call finds nothing left to do."""
+    metrics.json, MLflow metrics in the run the checkpoint names; a second call finds nothing left to do, and
+    another dataset is scored beside the first (it was skipped as scored, or overwrote it when named)."""
     from data_utils import make_shards
     from mlflow.tracking import MlflowClient
 
     from one4d_train.cli import main as cli
     from one4d_train.config import load_config, to_yaml
+    from one4d_train.eval.pipeline import dataset_tag
     from one4d_train.model.adapters import export_adapters
     from one4d_train.model.one4d import build_one4d
     from one4d_train.train.checkpoint import MARKER, _listing
@@ -187,7 +189,8 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     assert cli(["eval", f"checkpoint={run}"]) == 0
     table = capsys.readouterr().out
     assert "video" in table and "sparse" in table and "image" in table and "abs_rel" in table
-    report = json.loads((ckpt / "eval" / "metrics.json").read_text())
+    tag = dataset_tag(str(shards))
+    report = json.loads((ckpt / "eval" / tag / "metrics.json").read_text())
     assert report["step"] == 10 and {r["mode"] for r in report["samples"]} == {"image", "sparse", "video"}
     for r in report["samples"]:
         assert np.isfinite(r["abs_rel"]) and np.isfinite(r["ate"]) and np.isfinite(r["psnr"])
@@ -195,9 +198,17 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
             assert (tmp_path / r["files"][f]).is_file()
     sparse = next(r for r in report["samples"] if r["mode"] == "sparse")
     assert sparse["num_frames"] == 3
-    history = client.get_metric_history(run_id, "eval/video/abs_rel")
+    history = client.get_metric_history(run_id, f"eval/{tag}/video/abs_rel")
     assert len(history) == 1 and history[0].step == 10
     assert client.get_run(run_id).info.status == "RUNNING"  # the evaluation does not end the training's run
     assert any(a.path.startswith("eval") for a in client.list_artifacts(run_id))
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert "nothing to evaluate" in capsys.readouterr().out
+    # another dataset of the same run: scored into its own folder and MLflow keys, the first one's kept
+    other = make_shards(tmp_path / "other", num_clips=1, frames=5, height=32, width=64, seed=3)
+    assert cli(["eval", f"checkpoint={run}", f"eval.dataset={other}", "eval.modes=[video]"]) == 0
+    capsys.readouterr()
+    assert dataset_tag(str(other)) != tag and (ckpt / "eval" / dataset_tag(str(other)) / "metrics.json").is_file()
+    assert json.loads((ckpt / "eval" / tag / "metrics.json").read_text()) == report
+    assert len(client.get_metric_history(run_id, f"eval/{dataset_tag(str(other))}/video/abs_rel")) == 1
+    assert len(client.get_metric_history(run_id, f"eval/{tag}/video/abs_rel")) == 1

@@ -322,8 +322,11 @@ def test_train_real_tiny_model_on_the_shards_then_the_eval_job_it_submits_writes
     job = wait_for_job(cluster, eval_id)
     eval_log = (tmp_path / f"one4d-eval-{eval_id}.out").read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), eval_log[-4000:]
-    metrics = json.loads((run_dir / "checkpoints" / "step-00000002" / "eval" / "metrics.json").read_text())
+    from one4d_train.eval.pipeline import dataset_tag
+
+    tag = dataset_tag(str(shards["dir"]))
+    metrics = json.loads((run_dir / "checkpoints" / "step-00000002" / "eval" / tag / "metrics.json").read_text())
     assert sorted(metrics["means"]) == ["image", "sparse", "video"]
     assert all(math.isfinite(m["abs_rel"]) for m in metrics["means"].values())
     _, run_ = mlflow_run(run_dir)
-    assert run_.data.metrics["eval/video/abs_rel"] == pytest.approx(metrics["means"]["video"]["abs_rel"])
+    assert run_.data.metrics[f"eval/{tag}/video/abs_rel"] == pytest.approx(metrics["means"]["video"]["abs_rel"])

@@ -1,9 +1,10 @@
 """`one4d eval checkpoint=<checkpoint, export or run dir> [config=x.yaml] [key=value ...]`: sample checkpoints in
 the three UMC modes, recover depth and cameras, score them, and write videos, point clouds, contact sheets and
-metrics.json into <checkpoint>/eval (logged to the run's MLflow run when the checkpoint has one).
+metrics.json into <checkpoint>/eval/<dataset>/, one folder per dataset (eval.dataset or data.val_shards: its kind
+and a hash of its path), logged to the run's MLflow run (eval/<dataset>/<mode>/<metric>) when it has one.
 
 A checkpoint must be complete (its COMPLETE marker matching its files); an export folder of `one4d export`
-is evaluated as it is. A run directory evaluates every complete checkpoint that has no eval/metrics.json yet,
+is evaluated as it is. A run directory evaluates every complete checkpoint not yet scored on this dataset,
 skipping one that another evaluation holds (eval.lock beside eval/) or that the training run removes meanwhile
 (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
 Without config=, the run's own config.yaml is used (an export: the model settings of its adapter_config.json, over
@@ -18,10 +19,10 @@ import sys
 
 from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
-from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, eval_dataset, evaluate_checkpoint,
-                                       run_of)
+from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, dataset_tag, eval_dataset,
+                                       evaluate_checkpoint, run_of, scored)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
-from one4d_train.train.checkpoint import checkpoint_problem, complete_checkpoints
+from one4d_train.train.checkpoint import checkpoint_problem
 from one4d_train.train.one4d_task import link_problems, model_file_problems
 
 
@@ -59,10 +60,9 @@ def main(argv: list[str]) -> int:
     # a run directory: its checkpoints were listed once, and the training run may prune them or another job score them
     scan = os.path.isdir(os.path.join(target[0], "checkpoints"))
     if not checkpoints:
-        scored = len(complete_checkpoints(os.path.join(target[0], "checkpoints")))
-        print(f"one4d eval: nothing to evaluate under run directory {target[0]}: {scored} already scored "
-              f"(eval/metrics.json), no other complete checkpoint")
+        print(f"one4d eval: nothing to evaluate under run directory {target[0]}: no complete checkpoint")
         return 0
+    done = []
     for ckpt in checkpoints:
         run_dir, run_id, step = run_of(ckpt)
         args = list(rest)
@@ -84,14 +84,18 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "
                                   f"folder (leave eval.out_dir empty, or name one checkpoint)")
-            eval_dataset(cfg)
+            tag = dataset_tag(eval_dataset(cfg))
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
         except EvalInputError as exc:
             print(f"one4d eval: {exc}", file=sys.stderr)
             return 2
-        print(f"evaluating {ckpt} (step {step}, MLflow run {run_id or '-'})")
+        if scan and scored(ckpt, tag):
+            done.append(ckpt)
+            continue
+        print(f"evaluating {ckpt} on {cfg.eval.dataset or cfg.data.val_shards} (step {step}, MLflow run "
+              f"{run_id or '-'}) into {os.path.join(ckpt, 'eval', tag) if not cfg.eval.out_dir else cfg.eval.out_dir}")
         try:
             if evaluate_checkpoint(cfg, ckpt, run_id=run_id, step=step, unscored_only=scan) is None:
                 print(f"one4d eval: skipping {ckpt}: another evaluation scored it meanwhile", file=sys.stderr)
@@ -109,4 +113,7 @@ def main(argv: list[str]) -> int:
                 raise
             print(f"one4d eval: {ckpt}: {exc}", file=sys.stderr)
             return 2
+    if done and len(done) == len(checkpoints):
+        print(f"one4d eval: nothing to evaluate under run directory {target[0]}: its {len(done)} complete "
+              f"checkpoint(s) are scored on this dataset already (eval/{tag}/metrics.json)")
     return 0

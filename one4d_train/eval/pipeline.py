@@ -1,12 +1,13 @@
 """Evaluation of a checkpoint: for each sample and UMC mode, sample RGB + pointmaps, undo the pointmap
 normalisation, recover depth and cameras, score them against the ground truth and write outputs.
 
-Layout written under the checkpoint (or eval.out_dir):
-    eval/metrics.json              per sample and mode, plus means per mode
-    eval/<sample>/<mode>/          rgb.mp4, depth.mp4, points_NNN.ply, sheet.png, geometry.npz
+Layout written under the checkpoint, one folder per dataset (`dataset_tag`; eval.out_dir replaces it):
+    eval/<dataset>/metrics.json              per sample and mode, plus means per mode
+    eval/<dataset>/<sample>/<mode>/          rgb.mp4, depth.mp4, points_NNN.ply, sheet.png, geometry.npz
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -234,6 +235,27 @@ def eval_dataset(cfg) -> str:
     return spec
 
 
+def dataset_tag(spec: str) -> str:
+    """The folder name (under <checkpoint>/eval/) and MLflow key part of a dataset's scores: its kind (the benchmark,
+    or the shard directory's name) and a hash of where it is, so that each dataset keeps its own scores."""
+    from data_pipeline.reader import shard_directory
+
+    name, sep, root = spec.partition(":")
+    if sep and name in BENCHMARKS:
+        kind, where = name, f"{name}:{os.path.realpath(root)}"
+    else:
+        folder = shard_directory(spec)
+        kind = folder.resolve().name or "shards"
+        where = os.path.realpath(spec) if os.path.isdir(spec) else os.path.join(folder.resolve(), os.path.basename(spec))
+    kind = "".join(c if c.isalnum() or c in "-_." else "_" for c in kind)
+    return f"{kind}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+
+
+def scored(checkpoint: str, tag: str) -> bool:
+    """Whether `checkpoint` holds the finished scores of the dataset of `tag` (its metrics.json, written last)."""
+    return os.path.exists(os.path.join(checkpoint, "eval", tag, METRICS_FILE))
+
+
 def iter_samples(cfg) -> Iterator[dict]:
     """eval.num_samples samples (batches of one) of eval.dataset (default data.val_shards): shards through
     the data pipeline with centre crops, or a benchmark through its reader."""
@@ -338,11 +360,11 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     from tqdm import tqdm
 
     ecfg = cfg.eval
-    eval_dataset(cfg)  # before the model is built
+    tag = dataset_tag(eval_dataset(cfg))  # the dataset is checked before the model is built
     chosen = out_dir or ecfg.out_dir
-    out = Path(chosen or os.path.join(checkpoint or ".", "eval"))
-    if chosen:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(chosen or os.path.join(checkpoint or ".", "eval", tag))
+    # <checkpoint>/eval without parents: a checkpoint removed meanwhile raises instead of coming back
+    out.parent.mkdir(parents=bool(chosen), exist_ok=True)
     with claim(str(out)):
         if (out / METRICS_FILE).exists():
             if unscored_only:
@@ -373,23 +395,24 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
         rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
         print(format_table(rows, TABLE_COLUMNS))
         if run_id is not None:
-            log_to_mlflow(cfg, run_id, report, out, step or 0)
+            log_to_mlflow(cfg, run_id, report, out, step or 0, tag)
     return report
 
 
-def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int) -> None:
-    """Means per mode as metrics `eval/<mode>/<name>` at `step`; the eval folder as artifacts."""
+def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag: str) -> None:
+    """Means per mode as metrics `eval/<dataset tag>/<mode>/<name>` at `step` (in-training evaluation logs
+    `eval/<mode>/<name>`); the eval folder as artifacts under eval/<dataset tag>/step-N."""
     from one4d_train.train.tracking import MlflowTracker
 
     tracker = MlflowTracker(cfg.run_dir, replace(cfg.tracking, system_metrics=False), cfg.name)
-    metrics = {f"eval/{mode}/{k}": v for mode, means in report["means"].items() for k, v in means.items()}
-    tracker.add_to_run(run_id, metrics, step, str(out_dir), f"eval/step-{step:08d}")
+    metrics = {f"eval/{tag}/{mode}/{k}": v for mode, means in report["means"].items() for k, v in means.items()}
+    tracker.add_to_run(run_id, metrics, step, str(out_dir), f"eval/{tag}/step-{step:08d}")
 
 
 def checkpoints_to_evaluate(path: str) -> list[str]:
     """What `one4d eval checkpoint=path` evaluates. A checkpoint -> [it], and it must be complete; its adapters/
     named directly -> [the checkpoint]; an export folder of `one4d export` (adapter_config.json) -> [it]; a run
-    directory -> its complete checkpoints without eval/metrics.json (possibly none). Anything else, or a
+    directory -> its complete checkpoints (possibly none; `scored` tells which hold a dataset's scores). Anything else, or a
     checkpoint that is missing or incomplete, raises EvalInputError naming the path and why."""
     from one4d_train.model.adapters import CONFIG_NAME
     from one4d_train.train.checkpoint import MARKER, STEP_DIR, checkpoint_problem, complete_checkpoints
@@ -429,7 +452,7 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
         if STEP_DIR.match(name) and os.path.join(ckpt_dir, name) not in complete:
             print(f"one4d eval: skipping {os.path.join(ckpt_dir, name)}: "
                   f"{checkpoint_problem(os.path.join(ckpt_dir, name))}", file=sys.stderr)
-    return [c for c in complete if not os.path.exists(os.path.join(c, "eval", METRICS_FILE))]
+    return complete
 
 
 def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:

@@ -20,12 +20,13 @@ ID_RE = re.compile(r"[A-Za-z0-9_-]+")  # matched whole (fullmatch): "$" would le
 class RowError(ValueError):
     """A bad manifest row: `row`, `path` and `reason` are kept for the rejects file."""
 
-    def __init__(self, row: int, path: str, reason: str):
+    def __init__(self, row: int, path: str, reason: str, missing: bool = False):
         super().__init__(f"row {row} ({path}): {reason}")
-        self.row, self.path, self.reason = row, str(path), reason
+        self.row, self.path, self.reason, self.missing = row, str(path), reason, missing
 
     def record(self) -> dict:
-        return {"row": self.row, "path": self.path, "reason": self.reason}
+        """The reject's entry; `missing`: the file at `path` was not there (a re-run retries the row once it is)."""
+        return {"row": self.row, "path": self.path, "reason": self.reason, **({"missing": True} if self.missing else {})}
 
 
 class DuplicateKeyError(ValueError):
@@ -175,7 +176,7 @@ def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, str]]:
 def load_array(path: Path, member: str, row: int) -> np.ndarray:
     """A .npy, or member `member` of a .npz (never unpickled); a .json holds a nested list."""
     if not path.is_file():
-        raise RowError(row, str(path), "file not found")
+        raise RowError(row, str(path), "file not found", missing=True)
     try:
         if path.suffix == ".json":
             return _numbers(loads(path.read_text()), row, str(path), member)

@@ -78,6 +78,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     """Validate one row and build its shard members (docs/data.md) and statistics; raises RowError."""
+    if not Path(r.video).is_file():
+        raise RowError(r.row, str(r.video), "video file not found", missing=True)
     try:
         info = probe_and_check(r.video)
     except VideoError as exc:
@@ -148,6 +150,13 @@ def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
               "keys": keys, "rows": [r.row for r in rows], "rejects": rejects, "sample_stats": stats}
     if not retry:  # a re-run rewrites a shard without a record, and so tries its rows again
         si.write_json(si.record_path(out_dir, name), record)
+    return record
+
+
+def _unless_restored(record: dict | None) -> dict | None:
+    """`record`, or None when one of its rejects names a missing input file that exists now."""
+    if record is not None and any(r.get("missing") and os.path.exists(r["path"]) for r in record["rejects"]):
+        return None
     return record
 
 
@@ -326,7 +335,8 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     for _, s in mine:
         for stale in out_dir.glob(f".{s['name']}.tmp*"):
             stale.unlink()
-    records = {s["name"]: shard_done(out_dir, s["name"]) for _, s in mine}
+    # a shard whose rows were rejected for a missing file that is there now is written again, with those rows
+    records = {s["name"]: _unless_restored(shard_done(out_dir, s["name"])) for _, s in mine}
     todo = [(str(out_dir), s["name"], [rows[r] for r in s["rows"]]) for _, s in mine if records[s["name"]] is None]
     skipped = len(mine) - len(todo)
     bar = tqdm(total=len(mine), initial=skipped, unit="shard", desc="shards", disable=not progress)

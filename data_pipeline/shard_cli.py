@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _print_rejects(rejects: list[dict]) -> None:
     for r in rejects:
-        print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}")
+        again = " (put the file there and run the same command again: it writes the row)" if r.get("missing") else ""
+        print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}{again}")
 
 
 def _none_written(samples: int, rejected: int) -> int:

@@ -368,6 +368,26 @@ def test_a_row_that_ran_out_of_memory_is_retried_by_the_re_run(tmp_path):
     assert (again["written"], again["samples"], again["rejects"]) == (1, 1, [])
 
 
+def test_a_row_whose_file_was_missing_is_written_once_the_file_is_back(tmp_path, capsys):
+    """A row rejected because its video or geometry file was not there (an unfinished copy, a moved folder) was lost
+    for good: its shard was recorded and every re-run skipped it. The reject now says so, and a re-run after the
+    file is back writes that shard again with the row; rejects of other kinds stay recorded."""
+    src = make_dataset(tmp_path / "data", num_clips=3, frames=9, height=32, width=64)
+    held = tmp_path / "held.mp4"
+    video = src.parent / json.loads(src.read_text().splitlines()[1])["video"]
+    os.rename(video, held)
+    out = tmp_path / "out"
+    assert shard_main([str(src), str(out), "--samples-per-shard", "2", "--no-progress"]) == 0
+    assert f"rejected row 1 ({video}): video file not found (put the file there and run the same command" \
+        in capsys.readouterr().out
+    again = run_sharding(src, out, samples_per_shard=2, progress=False)
+    assert (again["written"], again["samples"]) == (0, 2)  # still missing: nothing to do
+    os.rename(held, video)
+    again = run_sharding(src, out, samples_per_shard=2, progress=False)
+    assert (again["written"], again["samples"], again["rejects"]) == (1, 3, [])
+    assert read_index(out)["totals"]["samples"] == 3
+
+
 def test_npz_bytes_are_deterministic_and_plain():
     a = np.arange(12, dtype=np.float16).reshape(3, 4)
     assert npz_bytes("depth", a) == npz_bytes("depth", a.copy())

@@ -246,8 +246,21 @@ def test_resume_from_an_earlier_checkpoint_branches_with_this_configs_optimizer(
                    "optim.weight_decay: 0.0 -> 0.05", "optim.betas: (0.9, 0.999) -> (0.8, 0.99)"):
         assert change in out, change
     schedule = WarmupSchedule(3, 22, "cosine", 0.5)
-    lr = metric(*mlflow_run(run_dir), "lr")
+    # the branch logs into a new MLflow run naming its origin; the first keeps the abandoned timeline alone
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    first, branch = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
+                           key=lambda r: r.info.start_time)
+    assert branch.data.tags["one4d.branched_from_run"] == first.info.run_id
+    assert branch.data.tags["one4d.branched_at_step"] == "18"
+    lr = metric(client, branch, "lr")
+    assert sorted(lr) == [20, 22]  # log_every=5, and the last step
     assert {s: lr[s] for s in (20, 22)} == {s: pytest.approx(0.01 * schedule(s - 1), rel=1e-12) for s in (20, 22)}
+    old_schedule = WarmupSchedule(3, 24, "cosine", 0.1)
+    old_lr = client.get_metric_history(first.info.run_id, "lr")
+    assert 22 not in {m.step for m in old_lr} and 24 in {m.step for m in old_lr}
+    assert all(m.value == pytest.approx(0.03 * old_schedule(19), rel=1e-12) for m in old_lr if m.step == 20)
     for rank in (0, 1):
         (group,) = _optim_state(run_dir, 22, rank)["optimizer_state_dict"]["param_groups"]
         assert (group["lr"], group["weight_decay"], tuple(group["betas"])) == (

@@ -26,7 +26,7 @@ RUN_DIR_ID_FILE = "run_dir_id"
 class NullTracker:
     run_id: str | None = None
 
-    def start(self, run_id: str | None, params: dict) -> str | None:
+    def start(self, run_id: str | None, params: dict, tags: dict | None = None) -> str | None:
         return run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -58,7 +58,8 @@ class MlflowTracker(NullTracker):
             return exp.experiment_id
         return self.client.create_experiment(self.cfg.experiment, artifact_location=self.artifact_location)
 
-    def start(self, run_id: str | None, params: dict) -> str:
+    def start(self, run_id: str | None, params: dict, tags: dict | None = None) -> str:
+        """Continue `run_id`, or start a new run (with `tags`) when it is None; log `params`."""
         self.mlflow.set_tracking_uri(self.uri)
         system = self.cfg.system_metrics
         if system:
@@ -70,7 +71,7 @@ class MlflowTracker(NullTracker):
         run_dir_id = self._run_dir_id()
         self._end_dead_runs(run_dir_id, keep=run_id)
         if run_id is None:
-            tags = {RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: run_dir_id}
+            tags = {**(tags or {}), RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: run_dir_id}
             run = self.mlflow.start_run(experiment_id=self._experiment_id(), run_name=self.run_name, tags=tags,
                                         log_system_metrics=system)
         else:

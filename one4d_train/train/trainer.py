@@ -119,8 +119,7 @@ class Trainer:
             if mismatches:
                 raise ConfigError(other_model_message(path, mismatches, self.cfg))
         dist.barrier()  # every rank has chosen before rank 0 moves folders
-        if self.env.is_main:
-            ckpt.set_aside(self.checkpointer.dir, path)
+        branched = self.env.is_main and ckpt.set_aside(self.checkpointer.dir, path) is not None
         if path is None:
             return None, None
         state, tensors = self.checkpointer.load_train_state(path)
@@ -144,6 +143,12 @@ class Trainer:
         # the id is meaningful on rank 0, which tracks; another run's checkpoint (a start from it) brings its weights
         # and position, but its MLflow run is that run's, kept in that run's store: this run records into a new one
         ours = os.path.realpath(ckpt.run_dir_of(path)) == os.path.realpath(self.cfg.run_dir)
+        if ours and branched:
+            # a branch from an earlier checkpoint: its run holds the abandoned timeline's metrics past this step, so
+            # the branch records into a new run that names it (a shared one showed two values at every later step)
+            self.branch_tags = {"one4d.branched_from_run": str(state["mlflow_run_id"]),
+                                "one4d.branched_at_step": str(self.step)}
+            return state["loader"], None
         return state["loader"], state["mlflow_run_id"] if ours else None
 
     def _save(self, loader) -> None:
@@ -222,7 +227,7 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             text = to_yaml(cfg)
             ckpt.write_atomic(os.path.join(cfg.run_dir, "config.yaml"), text)
-            self.tracker.start(run_id, flatten(to_dict(cfg)))
+            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=getattr(self, "branch_tags", None))
             self.tracker.log_text(text, "config.yaml")
         with self.preemption.shielded():
             loader = self.task.build_loader(self.env.rank, self.env.world_size, position)

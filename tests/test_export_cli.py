@@ -96,3 +96,9 @@ def test_an_out_that_is_a_file_or_empty_exits_2_naming_it(capsys, tmp_path):
     code, out = export(capsys, f"checkpoint={path}", "out=")
     assert code == 2 and "out='': empty" in out
     assert (tmp_path / "taken").read_text() == "not a folder"
+    for inside in (os.path.join(path, "adapters"), path, os.path.join(path, "exported")):
+        # adapters/ itself: a copy onto itself (a traceback); the checkpoint or a folder in it: files in a checkpoint
+        # whose COMPLETE marker does not list them
+        code, out = export(capsys, f"checkpoint={path}", f"out={inside}")
+        assert code == 2 and f"out={inside}: inside the checkpoint {path}" in out, out
+    assert ckpt.is_complete(path) and not os.path.exists(os.path.join(path, "exported"))

@@ -89,6 +89,10 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
     if not out or (os.path.exists(out) and not os.path.isdir(out)):
         raise ExportError(f"out={out!r}: {'empty' if not out else 'exists and is not a folder'}: give the folder to "
                           "write the adapters into (made when missing)")
+    inside = os.path.realpath(out) + os.sep
+    if inside.startswith(os.path.realpath(ckpt) + os.sep):  # its own files would be overwritten, the marker broken
+        raise ExportError(f"out={out}: inside the checkpoint {ckpt}, whose adapters/ already holds the export; give "
+                          "a folder outside it")
     if not is_complete(ckpt):
         raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
                           "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")

@@ -3,6 +3,7 @@ the real `one4d train` CLI; base weights loaded from a checkpoint file into ZeRO
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,7 +82,6 @@ def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
     """One sample of every shard has a flipped bit in its mp4 (it would still decode): training goes on, and the
     skipped samples, summed over both ranks, reach MLflow."""
     import io
-    import shutil
     import tarfile
 
     bad = tmp_path / "shards"
@@ -238,17 +238,22 @@ def test_stored_latents_and_device_finished_samples_give_the_pixel_path_loss(sha
 
 def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight, tmp_path):
     """`one4d export`: the checkpoint's adapters/ verified and copied; from_zero=true rebuilds the same files from
-    the DeepSpeed partitions (read with weights_only=True) and the run's config."""
+    the DeepSpeed partitions (read with weights_only=True) and the run's config, or the checkpoint's own config.yaml
+    where it was copied out of its run."""
     ckpt = os.path.join(straight, "checkpoints", "step-00000030")
+    alone = tmp_path / "copied" / "step-00000030"  # a checkpoint copied without its run: it holds its config.yaml
+    shutil.copytree(ckpt, alone)
     outs = {}
-    for name, extra in (("copy", []), ("zero", ["from_zero=true"])):
+    for name, source, extra in (("copy", ckpt, []), ("zero", ckpt, ["from_zero=true"]),
+                                ("alone", alone, ["from_zero=true"])):
         outs[name] = tmp_path / name
-        r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "export", f"checkpoint={ckpt}",
+        r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "export", f"checkpoint={source}",
                             f"out={outs[name]}", *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for f in ("lora_rgb.safetensors", "lora_xyz.safetensors", "control_links.safetensors"):
-        a, b = load_file(str(outs["copy"] / f)), load_file(str(outs["zero"] / f))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+        a, b, c = (load_file(str(outs[n] / f)) for n in ("copy", "zero", "alone"))
+        assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
+                                                         for k in a), f
 
 
 def test_encoders_leave_the_global_rng_alone():
@@ -300,7 +305,6 @@ def test_eval_rebuilds_the_adapters_of_a_checkpoint_written_without_them(straigh
     partitions (and the run's config, found from a checkpoint set aside too), to the same weights as the adapters/
     a checkpoint otherwise carries."""
     import json
-    import shutil
 
     from one4d_train.config import load_config
     from one4d_train.eval.pipeline import checkpoints_to_evaluate, load_generator

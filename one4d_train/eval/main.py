@@ -7,8 +7,8 @@ A checkpoint must be complete (its COMPLETE marker matching its files); an expor
 is evaluated as it is. A run directory evaluates every complete checkpoint not yet scored on this dataset,
 skipping one that another evaluation holds (eval.lock beside eval/) or that the training run removes meanwhile
 (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
-Without config=, the run's own config.yaml is used (an export: the model settings of its adapter_config.json, over
-a config.yaml beside it); key=value pairs (eval.*, data.*, model.*) override it.
+Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
+export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*, data.*, model.*) override it.
 Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing or incomplete
 checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
 """
@@ -22,7 +22,7 @@ from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, dataset_tag, eval_dataset,
                                        evaluate_checkpoint, run_of, scored)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
-from one4d_train.train.checkpoint import checkpoint_problem
+from one4d_train.train.checkpoint import checkpoint_problem, config_of
 from one4d_train.train.one4d_task import link_problems, model_file_problems
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     for ckpt in checkpoints:
         run_dir, run_id, step = run_of(ckpt)
         args = list(rest)
-        run_config = os.path.join(run_dir, "config.yaml")
+        run_config = config_of(ckpt)  # its run's config.yaml, else the checkpoint's own
         if not any(a.startswith("config=") for a in args):
             if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)):  # an export, wherever it lies: it names its model
                 run_config = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.yaml")
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
                 except AdapterError as exc:
                     print(f"one4d eval: {exc}", file=sys.stderr)
                     return 2
-            if os.path.exists(run_config):  # a checkpoint's run (an export: a config.yaml beside it)
+            if run_config and os.path.exists(run_config):  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
         try:
             cfg = load_config(args + [f"run_dir={run_dir}"], checks=lambda c: link_problems(c.model) +

@@ -6,6 +6,7 @@
                                 unlogged window of losses, a pending evaluation)
                                 rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
       adapters/       task.export of the gathered trainable parameters (train.export_adapters=true only)
+      config.yaml     the merged config the run trained this checkpoint with (export and eval rebuild from it)
       COMPLETE        written last inside the directory: step, world size, Slurm job id, every file and its size
     latest            name of the newest checkpoint, replaced atomically after the rename
     abandoned-<UTC time>/   checkpoints of an abandoned timeline (see set_aside), kept, never read
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
+CONFIG_FILE = "config.yaml"
 TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
 
 
@@ -51,6 +53,16 @@ def run_dir_of(checkpoint: str) -> str:
     if is_set_aside(checkpoint):
         parent = os.path.dirname(parent)
     return os.path.dirname(parent)
+
+
+def config_of(checkpoint: str) -> str:
+    """The config to rebuild a checkpoint's model with: its run's config.yaml (the latest start's: model files may
+    have moved since, while a resume that changes what was trained is refused), else the checkpoint's own (one copied
+    out of its run directory); "" when neither is there."""
+    for path in (os.path.join(run_dir_of(checkpoint), CONFIG_FILE), os.path.join(checkpoint, CONFIG_FILE)):
+        if os.path.isfile(path):
+            return path
+    return ""
 
 
 def step_name(step: int) -> str:
@@ -229,9 +241,10 @@ def _test_stall(step: int) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, rank: int, world_size: int, keep_last: int):
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep_last: int, config_text: str = ""):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.config_text = config_text  # written into each checkpoint as config.yaml (rank 0)
 
     def save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export=None) -> str:
         """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too); None: none."""
@@ -243,6 +256,9 @@ class Checkpointer:
                 if name.startswith(".tmp-"):
                     shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
             os.makedirs(os.path.join(tmp, "train_state"))
+            if self.config_text:
+                with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                    f.write(self.config_text)
         dist.barrier()
         engine.save_checkpoint(tmp, tag="ds", save_latest=False, exclude_frozen_parameters=True)
         mine = written_by(os.path.join(tmp, "ds"), self.rank)

@@ -49,14 +49,13 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     from deepspeed.utils import zero_to_fp32
 
     from one4d_train.config import load_config
-    from one4d_train.train.checkpoint import run_dir_of, weights_only_load
+    from one4d_train.train.checkpoint import config_of, weights_only_load
     from one4d_train.model.adapters import export_adapters
 
-    run_dir = run_dir_of(ckpt)
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise ExportError(f"{cfg_path} not found (the run's merged config is needed to rebuild from the ZeRO "
-                          "partitions)")
+    cfg_path = config_of(ckpt)
+    if not cfg_path:
+        raise ExportError(f"no config.yaml in the run directory of {ckpt} nor in the checkpoint (the merged config it "
+                          "was trained with is needed to rebuild from the ZeRO partitions)")
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)

@@ -64,7 +64,7 @@ class Trainer:
                      t.grad_accum, env.world_size)
         self.engine = self._build_engine()
         self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
-        self.checkpointer = ckpt.Checkpointer(cfg.run_dir, env.rank, env.world_size, t.keep_last)
+        self.checkpointer = ckpt.Checkpointer(cfg.run_dir, env.rank, env.world_size, t.keep_last, to_yaml(cfg))
         self.tracker = build_tracker(cfg, env.is_main)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)

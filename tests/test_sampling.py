@@ -124,3 +124,23 @@ def test_eval_shift_must_be_positive(shift):
     with pytest.raises(ConfigError, match=r"command line: key 'eval.shift'"):
         load_config([f"eval.shift={shift}"])
     assert load_config(["eval.shift=1.0"]).eval.shift == 1.0
+
+
+def test_the_sampler_calls_the_model_as_training_does():
+    """model_velocity gives the model its inputs in the model's dtype (as the training step casts them) and no
+    autocast: a bf16 model got fp32 context (a dtype error off CUDA) and, under CUDA's bf16 autocast, its fp32 time
+    embedding and an fp32-trained model ran in bf16, neither as trained."""
+    from test_dlc import model_inputs, randomise_trainable, tiny_one4d
+
+    from one4d_train.eval.pipeline import model_velocity
+
+    model, _ = tiny_one4d()
+    randomise_trainable(model)
+    model = model.to(torch.bfloat16)
+    model.compute_dtype = torch.bfloat16
+    rgb_in, x_xyz, t, context, clip = model_inputs()
+    x_rgb, mask4, z_cond = rgb_in[:, :16], rgb_in[:, 16:20], rgb_in[:, 20:]
+    want = model(rgb_in.bfloat16(), x_xyz.bfloat16(), t, context.bfloat16(), clip.bfloat16())
+    got = model_velocity(model)(x_rgb, x_xyz, t, {"mask4": mask4, "z_cond": z_cond, "context": context,
+                                                   "clip_fea": clip})
+    assert all(g.dtype == torch.float32 and torch.equal(g, w.float()) for g, w in zip(got, want))

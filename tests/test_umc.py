@@ -58,7 +58,7 @@ def test_eval_sparse_mask_first_last_evenly_spaced():
         eval_frame_mask("sparse", 9, 1)
 
 
-@pytest.mark.parametrize("frames", [1, 0, 10])
+@pytest.mark.parametrize("frames", [1, -1, 10])
 def test_eval_sparse_frames_checked_against_the_clip_length(frames):
     """Accepted, a bad count only failed at the first evaluation (in training: after eval.every steps)."""
     from one4d_train.config import ConfigError, load_config
@@ -134,3 +134,18 @@ def test_condition_latent_reuses_rgb_latent_for_video_task():
     z_image = torch.full_like(z_rgb, -1.0)
     z_c = condition_latents(["video", "image", "sparse"], mask, rgb, z_rgb, encode, z_image=z_image)
     assert calls == [2, 1] and z_c[1].eq(-1).all() and z_c[2].eq(7).all()
+
+
+@pytest.mark.parametrize("frames", [9, 49, 81])
+def test_eval_sparse_mode_observes_as_many_frames_as_training_does(frames):
+    """eval.sparse_frames=0 (the default): evaluation's sparse mode observes a count the training sparse task draws
+    (a fixed 5 was below training's 8-40 at 81 frames and above its 2-4 at 9: a setting never trained on)."""
+    from one4d_train.model.config import UMCConfig
+    from one4d_train.model.umc import eval_sparse_frames
+
+    cfg = UMCConfig()
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample_frame_mask("sparse", frames, cfg, g).sum()) for _ in range(2000)}
+    k = eval_sparse_frames(frames, cfg)
+    assert min(drawn) <= k <= max(drawn), (k, sorted(drawn))
+    assert int(eval_frame_mask("sparse", frames, k).sum()) == k

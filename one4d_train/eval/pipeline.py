@@ -101,9 +101,13 @@ def model_velocity(model: torch.nn.Module) -> Callable:
     from one4d_train.model.umc import rgb_branch_input
 
     def v(x_rgb, x_xyz, t, cond):
+        # the inputs in the model's dtype, as training gives them; no autocast: it would run the fp32 time
+        # embedding (Float32Linear, as in Wan) and an fp32-trained model in bf16, neither as trained
+        dtype = getattr(model, "compute_dtype", x_rgb.dtype)
         rgb_in = rgb_branch_input(x_rgb, cond["mask4"], cond["z_cond"])
-        with torch.autocast(x_rgb.device.type, dtype=torch.bfloat16, enabled=x_rgb.device.type == "cuda"):
-            v_rgb, v_xyz = model(rgb_in, x_xyz, t, cond["context"], cond.get("clip_fea"))
+        clip = cond.get("clip_fea")
+        v_rgb, v_xyz = model(rgb_in.to(dtype), x_xyz.to(dtype), t, cond["context"].to(dtype),
+                             None if clip is None else clip.to(dtype))
         return v_rgb.float(), v_xyz.float()
 
     return v
@@ -126,11 +130,14 @@ def generate(gen: Generator, batch: dict, mode: str, ecfg, seeds: list[int]) -> 
     """Sample one batch (docs/data.md layout, [B, T, 3, H, W]) in `mode`. Returns rgb [B, T, 3, H, W] in
     [-1, 1], xyz [B, T, 3, H, W] normalised, frame_mask [B, T]."""
     from one4d_train.model.text_encoder import batch_text_embeddings
-    from one4d_train.model.umc import eval_frame_mask
+    from one4d_train.model.config import UMCConfig
+    from one4d_train.model.umc import eval_frame_mask, eval_sparse_frames
 
     rgb = batch["rgb"].to(gen.device).transpose(1, 2).float()  # [B, 3, T, H, W]
     B, _, T = rgb.shape[:3]
-    frame_mask = eval_frame_mask(mode, T, ecfg.sparse_frames).expand(B, T).to(gen.device)
+    umc = getattr(getattr(gen.model, "cfg", None), "umc", None) or UMCConfig()
+    sparse = ecfg.sparse_frames or eval_sparse_frames(T, umc)
+    frame_mask = eval_frame_mask(mode, T, sparse).expand(B, T).to(gen.device)
     captions = batch.get("caption", [""] * B)
     context = gen.text(captions, batch_text_embeddings(batch)).to(gen.device)
     cond = umc_condition(gen, rgb, frame_mask, context)

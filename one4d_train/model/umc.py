@@ -60,6 +60,14 @@ def sample_umc(batch: int, num_frames: int, cfg: UMCConfig,
     return tasks, torch.stack([sample_frame_mask(t, num_frames, cfg, generator) for t in tasks])
 
 
+def eval_sparse_frames(num_frames: int, cfg: UMCConfig) -> int:
+    """The observed frames of evaluation's sparse mode by default (eval.sparse_frames=0): the middle of what the
+    training sparse task draws for a clip of `num_frames` (a fixed 5 was below training's range at 81 frames, 8-40,
+    and above it at 9, 2-4)."""
+    k = round((cfg.sparse_min_frac + cfg.sparse_max_frac) / 2 * num_frames)
+    return min(max(k, 2), max(num_frames - 1, 2))
+
+
 def eval_frame_mask(mode: str, num_frames: int, sparse_frames: int = 0) -> torch.Tensor:
     """Evaluation's fixed mask [T]: image = first frame; video = all; sparse = `sparse_frames` frames
     (>= 2) evenly spaced from the first to the last, both included."""

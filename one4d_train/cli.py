@@ -6,6 +6,7 @@ their subcommand runs, so `one4d --help` stays fast.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 COMMANDS = {
@@ -22,6 +23,9 @@ COMMANDS = {
 }
 
 
+LAUNCHER_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")  # the deepspeed launcher adds --local_rank=N
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: one4d <command> [args...]   (one4d <command> --help for each)", "", "commands:"]
@@ -31,6 +35,9 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher puts --local_rank=N first (`deepspeed --module one4d_train.cli train ...`); the rank
+    # comes from the environment it sets as well
+    argv = [a for a in argv if not LAUNCHER_ARG.match(a)]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

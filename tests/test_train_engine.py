@@ -385,6 +385,9 @@ def test_bad_config_exits_2_before_any_process_group(capsys):
     assert "train.zero_stage" in capsys.readouterr().err
     assert main(["--local_rank=0", "train.task=nocolon"]) == 2  # the deepspeed launcher's argument is dropped
     assert "train.task" in capsys.readouterr().err
+    from one4d_train.cli import main as one4d_main  # `deepspeed --module one4d_train.cli train ...` puts it first
+    assert one4d_main(["--local_rank=1", "train", "train.task=nocolon"]) == 2
+    assert "train.task" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["train.device=cuda", "train.task=tests.train_toy_task:ToyTask"]) == 2
         assert "train.device" in capsys.readouterr().err

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import sys
 import traceback
 import warnings
@@ -38,11 +37,10 @@ import warnings
 import numpy as np
 import torch
 
+from one4d_train.cli import LAUNCHER_ARG
 from one4d_train.config import ConfigError, load_config
 from one4d_train.train.config import preflight
 from one4d_train.train.preemption import EXIT_CONFIG
-
-LAUNCHER_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")  # the deepspeed launcher appends --local_rank=N
 
 
 def seed_everything(seed: int) -> None:

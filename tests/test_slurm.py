@@ -160,8 +160,9 @@ def uninterrupted(cluster, job_env, tmp_path_factory):
     job environment still from the site file."""
     tmp = tmp_path_factory.mktemp("train")
     run_dir, out = tmp / "run", tmp / "train.out"
+    # ONE4D_EVAL_AFTER_TRAIN=1 with no held-out set: the evaluation job would only exit 2, so none is submitted
     r = run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={out}",
-             "slurm/train.sbatch", *train_args(tmp, run_dir, TRAIN_STEPS)], job_env)
+             "slurm/train.sbatch", *train_args(tmp, run_dir, TRAIN_STEPS)], dict(job_env, ONE4D_EVAL_AFTER_TRAIN="1"))
     return {"rc": r.returncode, "sbatch": r.stdout + r.stderr, "run_dir": run_dir, "out": out.read_text()}
 
 
@@ -170,6 +171,8 @@ def test_train_job_trains_zero3_on_two_tasks_and_checkpoints(uninterrupted):
     assert uninterrupted["rc"] == 0, f"{uninterrupted['sbatch']}\n{out[-4000:]}"
     assert re.search(r"1 node\(s\), 2 task\(s\), rendezvous localhost:\d+", out)
     assert "training finished" in out
+    assert "no evaluation submitted: the run names no eval.dataset nor data.val_shards" in out, out[-2000:]
+    assert "Submitted batch job" not in out
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert names == [f"step-{TRAIN_STEPS // 2:08d}", f"step-{TRAIN_STEPS:08d}"]
     final = run_dir / "checkpoints" / names[-1]

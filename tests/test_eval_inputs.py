@@ -89,7 +89,7 @@ def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, c
     from data_utils import make_shards
 
     shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
-    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}")
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", "data.num_frames=5")
     assert checkpoints_to_evaluate(str(run)) == []
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert "nothing to evaluate" in capsys.readouterr().out
@@ -132,7 +132,8 @@ def test_a_checkpoint_of_another_lora_scale_is_an_error(tmp_path, capsys):
     from data_utils import make_shards
 
     shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
-    assert cli(["eval", f"checkpoint={ckpt}", "model.lora.alpha=16", f"data.val_shards={shards}"]) == 2
+    assert cli(["eval", f"checkpoint={ckpt}", "model.lora.alpha=16", f"data.val_shards={shards}",
+                "data.num_frames=5"]) == 2
     err = capsys.readouterr().err
     assert "lora.alpha 8" in err and "model.lora.alpha 16" in err, err
 
@@ -279,7 +280,22 @@ def test_an_export_without_config_is_built_as_it_was_trained(tmp_path, capsys):
     assert cli(["eval", *common]) == 0, capsys.readouterr().err
     report = json.loads((export / "eval" / dataset_tag(str(shards)) / "metrics.json").read_text())
     assert report["means"]["video"]["num_samples"] == 1
+    stale = export / "eval" / dataset_tag(str(shards)) / "r_of_other_adapters"  # a sample of an earlier evaluation
+    stale.mkdir()
+    assert cli(["eval", *common]) == 0 and not stale.exists()
     assert cli(["eval", *common, "model.lora.alpha=16"]) == 2  # the command line over the export's settings
     assert "model.lora.alpha 16" in capsys.readouterr().err
     assert cli(["eval", *common, "model.link_blocks=[]", "model.num_links=5"]) == 2  # checked before the model build
     assert "key 'model.num_links': model.num_links must be in [0, 3]" in capsys.readouterr().err
+
+
+def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_path, capsys):
+    """Every sample skipped as too short, then the loader's RuntimeError (exit 1): now exit 2 naming
+    data.num_frames before the model is built, as `one4d train` does; scored checkpoints of a scan are named."""
+    run, (ckpt,) = _scored_run(tmp_path, steps=(10,))
+    assert cli(["eval", f"checkpoint={ckpt}", "data.num_frames=9"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'data.num_frames': the window needs 9 frames" in err and "has 5" in err, err
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert f"skipping {ckpt}: scored on this dataset already" in capsys.readouterr().err

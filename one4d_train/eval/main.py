@@ -19,11 +19,11 @@ import sys
 
 from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
-from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, dataset_tag, eval_dataset,
-                                       evaluate_checkpoint, run_of, scored)
+from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
+                                       eval_dataset, evaluate_checkpoint, run_of, scored)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.train.checkpoint import checkpoint_problem, config_of
-from one4d_train.train.one4d_task import link_problems, model_file_problems
+from one4d_train.train.one4d_task import link_problems, model_file_problems, window_problems
 
 
 def export_settings(export: str) -> list[str]:
@@ -84,7 +84,12 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "
                                   f"folder (leave eval.out_dir empty, or name one checkpoint)")
-            tag = dataset_tag(eval_dataset(cfg))
+            spec = eval_dataset(cfg)
+            tag = dataset_tag(spec)
+            if spec.partition(":")[0] not in BENCHMARKS:  # a benchmark's window is checked per sequence
+                window = window_problems(cfg.data, spec)
+                if window:
+                    raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in window))
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
@@ -92,6 +97,9 @@ def main(argv: list[str]) -> int:
             print(f"one4d eval: {exc}", file=sys.stderr)
             return 2
         if scan and scored(ckpt, tag):
+            print(f"one4d eval: skipping {ckpt}: scored on this dataset already "
+                  f"({os.path.join(ckpt, 'eval', tag, 'metrics.json')}; name the checkpoint to score it again)",
+                  file=sys.stderr)
             done.append(ckpt)
             continue
         print(f"evaluating {ckpt} on {cfg.eval.dataset or cfg.data.val_shards} (step {step}, MLflow run "

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -377,6 +378,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
             if unscored_only:
                 return None
             (out / METRICS_FILE).unlink()
+        if not chosen and out.is_dir():  # our own folder: no sample folder of an earlier evaluation stays beside
+            shutil.rmtree(out)
         out.mkdir(exist_ok=True)
         device = resolve_device(cfg.train.device)
         gen = gen or load_generator(cfg, checkpoint, device)

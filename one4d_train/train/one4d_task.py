@@ -382,10 +382,22 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
                        shuffle_buffer=d.shuffle_buffer)
     except ValueError as exc:
         return [("data.num_workers", f"{exc} ({spec}, data.mode={d.mode})")]
-    span = (cfg.data.num_frames - 1) * cfg.data.frame_stride + 1
-    if longest is not None and longest < span:  # every sample would be skipped: the loader gives up after epochs
-        return [("data.num_frames", f"the window needs {span} frames (data.num_frames={cfg.data.num_frames}, "
-                 f"data.frame_stride={cfg.data.frame_stride}), the longest clip of {spec} has {longest}: lower "
+    return window_problems(cfg.data, spec, longest)
+
+
+def window_problems(data, spec: str, longest: int | None = None) -> list[tuple[str, str]]:
+    """The frame window (data.num_frames x data.frame_stride) against the longest clip of the shard set `spec`
+    (index.json's statistics; `longest` when read already): a longer window skips every sample, and the loader
+    gives up after epochs of skips with a traceback."""
+    if longest is None:
+        try:
+            longest = read_index(shard_directory(spec)).get("statistics", {}).get("frames", {}).get("max")
+        except (OSError, ValueError):  # reported where the shards are checked
+            return []
+    span = (data.num_frames - 1) * data.frame_stride + 1
+    if longest is not None and longest < span:
+        return [("data.num_frames", f"the window needs {span} frames (data.num_frames={data.num_frames}, "
+                 f"data.frame_stride={data.frame_stride}), the longest clip of {spec} has {longest}: lower "
                  "data.num_frames or data.frame_stride, or shard longer clips")]
     return []
 

@@ -155,7 +155,9 @@ def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
 
 def _unless_restored(record: dict | None) -> dict | None:
     """`record`, or None when one of its rejects names a missing input file that exists now."""
-    if record is not None and any(r.get("missing") and os.path.exists(r["path"]) for r in record["rejects"]):
+    # (records written before rejects carried `missing` say so by their reason)
+    if record is not None and any((r.get("missing") or r.get("reason") in ("file not found", "video file not found"))
+                                  and os.path.exists(r["path"]) for r in record["rejects"]):
         return None
     return record
 

@@ -31,7 +31,7 @@ class One4DConfig:
             p.append(("run_dir", "must name a folder (. for the working directory)"))
         p += in_range(self.seed, 0, 2**32 - 1, "seed")  # numpy's generators take no negative seed
         frames, sparse = self.data.num_frames, self.eval.sparse_frames
-        if "sparse" in self.eval.modes and sparse != 0 and not 2 <= sparse <= frames:
+        if "sparse" in self.eval.modes and not 2 <= (sparse or 2) <= frames:
             p.append(("eval.sparse_frames", f"the sparse mode observes the first, the last and evenly spaced frames of "
                       f"a clip of data.num_frames={frames}: must be in [2, {frames}] (or 0: the middle of training's "
                       f"sparse range), got {sparse}"))

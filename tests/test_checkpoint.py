@@ -236,3 +236,38 @@ def test_a_prune_killed_midway_leaves_no_step_folder_behind(tmp_path):
     assert 0 < left() < 20000, "the kill did not land inside the delete"
     assert names(d) == [ckpt.step_name(2)], os.listdir(d)
     assert [n for n in os.listdir(d) if n != ckpt.step_name(2)] == [".tmp-deleted-" + ckpt.step_name(1)]
+
+
+def _state(folder, run_id):
+    os.makedirs(os.path.join(folder, "train_state"), exist_ok=True)
+    with open(os.path.join(folder, "train_state", "rank-00000.json"), "w") as f:
+        json.dump({"mlflow_run_id": run_id}, f)
+
+
+def test_a_branch_is_known_by_the_abandoned_timeline_it_leaves(tmp_path):
+    """Resuming step 4 of run A with an abandoned step 6 of run A is a branch, on the first start (set_aside moved it)
+    and on a requeue before the branch's first checkpoint (nothing left to move); resuming the branch's own newer
+    checkpoint (run B) is not."""
+    d = str(tmp_path / "checkpoints")
+    for step, run in ((4, "A"), (6, "A"), (8, "B")):
+        _state(os.path.join(d, "abandoned-20261205T000000Z" if step == 6 else "", ckpt.step_name(step)), run)
+    assert ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(4)), "A")
+    assert not ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(8)), "B")
+    assert not ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(4)), "C")
+    assert not ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(6)), "A")
+
+
+def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):
+    """config_of takes the run's config.yaml only for a checkpoint inside a run's checkpoints/ (or set aside there),
+    not a config.yaml that happens to sit two folders up from a copy."""
+    run = tmp_path / "run"
+    inside = run / "checkpoints" / ckpt.step_name(4)
+    aside = run / "checkpoints" / "abandoned-20261205T000000Z" / ckpt.step_name(6)
+    copy = tmp_path / "copies" / ckpt.step_name(4)
+    for folder in (inside, aside, copy):
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("seed: 1\n")
+    (run / "config.yaml").write_text("seed: 2\n")
+    (tmp_path / "config.yaml").write_text("seed: 3\n")  # unrelated, two folders above the copy
+    assert ckpt.config_of(str(inside)) == ckpt.config_of(str(aside)) == str(run / "config.yaml")
+    assert ckpt.config_of(str(copy)) == str(copy / "config.yaml")

@@ -287,6 +287,11 @@ def test_an_export_without_config_is_built_as_it_was_trained(tmp_path, capsys):
     assert "model.lora.alpha 16" in capsys.readouterr().err
     assert cli(["eval", *common, "model.link_blocks=[]", "model.num_links=5"]) == 2  # checked before the model build
     assert "key 'model.num_links': model.num_links must be in [0, 3]" in capsys.readouterr().err
+    unlinked = tmp_path / "unlinked"  # no control links: [] alone meant num_links (5) evenly spaced
+    (tmp_path / "r2").mkdir()
+    run2, cfg2, state2 = _run(tmp_path / "r2", "model.num_links=0", "model.lora.rank=4", "model.lora.alpha=2")
+    export_adapters(state2, cfg2.model, str(unlinked))
+    assert cli(["eval", *[a if not a.startswith("checkpoint=") else f"checkpoint={unlinked}" for a in common]]) == 0
 
 
 def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_path, capsys):
@@ -299,3 +304,11 @@ def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_pat
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert f"skipping {ckpt}: scored on this dataset already" in capsys.readouterr().err
+    # scores of the layout before per-dataset folders (eval/metrics.json) count for the dataset they name
+    new = _scored_run(tmp_path / "legacy", steps=(10,))[1][0]
+    legacy = new / "eval" / "metrics.json"
+    legacy.parent.mkdir()
+    legacy.write_text(json.dumps({"settings": {"dataset": ""}}))  # the run's data.val_shards
+    assert cli(["eval", f"checkpoint={new.parent.parent}"]) == 0
+    assert f"skipping {new}: scored on this dataset already" in capsys.readouterr().err
+    assert not _metrics(new.parent.parent, new).exists()

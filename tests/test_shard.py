@@ -386,6 +386,10 @@ def test_a_row_whose_file_was_missing_is_written_once_the_file_is_back(tmp_path,
     again = run_sharding(src, out, samples_per_shard=2, progress=False)
     assert (again["written"], again["samples"], again["rejects"]) == (1, 3, [])
     assert read_index(out)["totals"]["samples"] == 3
+    from data_pipeline.shard import _unless_restored  # records written before rejects carried `missing`
+    old = {"rejects": [{"row": 1, "path": str(video), "reason": "video file not found"}]}
+    assert _unless_restored(old) is None
+    assert _unless_restored({"rejects": [{"row": 1, "path": str(video), "reason": "video does not decode"}]})
 
 
 def test_npz_bytes_are_deterministic_and_plain():

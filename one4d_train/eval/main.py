@@ -34,7 +34,8 @@ def export_settings(export: str) -> list[str]:
     lora = c["lora"]
     items = [f"model.preset={c['preset']}", f"model.design={c['design']}", f"model.has_image_input={c['has_image_input']}",
              f"model.lora.rank={lora['rank']}", f"model.lora.alpha={lora['alpha']}",
-             f"model.link_blocks=[{','.join(str(b) for b in c['link_blocks'])}]"]
+             f"model.link_blocks=[{','.join(str(b) for b in c['link_blocks'])}]",
+             f"model.num_links={len(c['link_blocks'])}"]  # [] alone means num_links evenly spaced
     if isinstance(lora.get("targets"), list) and lora["targets"]:
         items.append(f"model.lora.targets=[{','.join(lora['targets'])}]")
     if isinstance(c.get("xyz_patch_embedding"), bool):
@@ -96,9 +97,9 @@ def main(argv: list[str]) -> int:
         except EvalInputError as exc:
             print(f"one4d eval: {exc}", file=sys.stderr)
             return 2
-        if scan and scored(ckpt, tag):
+        if scan and scored(ckpt, tag, cfg.data.val_shards):
             print(f"one4d eval: skipping {ckpt}: scored on this dataset already "
-                  f"({os.path.join(ckpt, 'eval', tag, 'metrics.json')}; name the checkpoint to score it again)",
+                  f"(its eval/ holds the metrics.json; name the checkpoint to score it again)",
                   file=sys.stderr)
             done.append(ckpt)
             continue

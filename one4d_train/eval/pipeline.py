@@ -259,9 +259,18 @@ def dataset_tag(spec: str) -> str:
     return f"{kind}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def scored(checkpoint: str, tag: str) -> bool:
-    """Whether `checkpoint` holds the finished scores of the dataset of `tag` (its metrics.json, written last)."""
-    return os.path.exists(os.path.join(checkpoint, "eval", tag, METRICS_FILE))
+def scored(checkpoint: str, tag: str, default_spec: str = "") -> bool:
+    """Whether `checkpoint` holds the finished scores of the dataset of `tag` (its metrics.json, written last); also
+    the eval/metrics.json of versions before per-dataset folders, when the dataset it records (its eval.dataset, or
+    where that was empty `default_spec`, the run's data.val_shards) has that tag."""
+    if os.path.exists(os.path.join(checkpoint, "eval", tag, METRICS_FILE)):
+        return True
+    try:
+        with open(os.path.join(checkpoint, "eval", METRICS_FILE)) as f:
+            spec = json.load(f).get("settings", {}).get("dataset") or default_spec
+        return bool(spec) and dataset_tag(spec) == tag
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def iter_samples(cfg) -> Iterator[dict]:

@@ -20,6 +20,7 @@ DeepSpeed's files through torch.load(weights_only=True).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -55,11 +56,34 @@ def run_dir_of(checkpoint: str) -> str:
     return os.path.dirname(parent)
 
 
+def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool:
+    """Whether an abandoned timeline (abandoned-*/step-N, N past `resumed`'s step) continued the MLflow run `run_id`
+    past the checkpoint `resumed`: resuming it starts a branch, on its first start (set_aside moved the newer
+    folders) and on a requeue of that start before its first checkpoint (nothing left to move) alike."""
+    match = STEP_DIR.match(os.path.basename(os.path.normpath(resumed)))
+    if run_id is None or match is None:
+        return False
+    for folder in glob.glob(os.path.join(ckpt_dir, "abandoned-*", "step-*")):
+        later = STEP_DIR.match(os.path.basename(folder))
+        if later and int(later.group(1)) > int(match.group(1)):
+            try:
+                with open(os.path.join(folder, "train_state", "rank-00000.json")) as f:
+                    if json.load(f).get("mlflow_run_id") == run_id:
+                        return True
+            except (OSError, ValueError):
+                continue
+    return False
+
+
 def config_of(checkpoint: str) -> str:
     """The config to rebuild a checkpoint's model with: its run's config.yaml (the latest start's: model files may
     have moved since, while a resume that changes what was trained is refused), else the checkpoint's own (one copied
     out of its run directory); "" when neither is there."""
-    for path in (os.path.join(run_dir_of(checkpoint), CONFIG_FILE), os.path.join(checkpoint, CONFIG_FILE)):
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    in_run = os.path.basename(parent) == "checkpoints" or (
+        os.path.basename(parent).startswith("abandoned-") and os.path.basename(os.path.dirname(parent)) == "checkpoints")
+    runs = [os.path.join(run_dir_of(checkpoint), CONFIG_FILE)] if in_run else []  # not a copy's unrelated folder
+    for path in (*runs, os.path.join(checkpoint, CONFIG_FILE)):
         if os.path.isfile(path):
             return path
     return ""

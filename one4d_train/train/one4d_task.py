@@ -381,7 +381,9 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
                        workers=max(1, d.num_workers), mode=d.mode, epoch_length=d.epoch_length,
                        shuffle_buffer=d.shuffle_buffer)
     except ValueError as exc:
-        return [("data.num_workers", f"{exc} ({spec}, data.mode={d.mode})")]
+        key = ("data.shards" if "no samples" in str(exc) else "data.epoch_length" if "epoch length" in str(exc)
+               else "data.num_workers")
+        return [(key, f"{exc} ({spec}, data.mode={d.mode})")]
     return window_problems(cfg.data, spec, longest)
 
 

@@ -119,7 +119,8 @@ class Trainer:
             if mismatches:
                 raise ConfigError(other_model_message(path, mismatches, self.cfg))
         dist.barrier()  # every rank has chosen before rank 0 moves folders
-        branched = self.env.is_main and ckpt.set_aside(self.checkpointer.dir, path) is not None
+        if self.env.is_main:
+            ckpt.set_aside(self.checkpointer.dir, path)
         if path is None:
             return None, None
         state, tensors = self.checkpointer.load_train_state(path)
@@ -143,7 +144,7 @@ class Trainer:
         # the id is meaningful on rank 0, which tracks; another run's checkpoint (a start from it) brings its weights
         # and position, but its MLflow run is that run's, kept in that run's store: this run records into a new one
         ours = os.path.realpath(ckpt.run_dir_of(path)) == os.path.realpath(self.cfg.run_dir)
-        if ours and branched:
+        if ours and self.env.is_main and ckpt.continued_elsewhere(self.checkpointer.dir, path, state["mlflow_run_id"]):
             # a branch from an earlier checkpoint: its run holds the abandoned timeline's metrics past this step, so
             # the branch records into a new run that names it (a shared one showed two values at every later step)
             self.branch_tags = {"one4d.branched_from_run": str(state["mlflow_run_id"]),

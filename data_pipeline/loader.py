@@ -92,7 +92,8 @@ class BatchStream(IterableDataset):
 
 class PositionError(ValueError):
     """A saved data position that does not fit this loader; `differs`: the parts of its identity that differ (seed,
-    mode, num_workers, shards, shuffle_buffer, epoch_length, rank, world_size, version) -> (saved, now), empty when it is malformed."""
+    mode, num_workers, shards, shuffle_buffer, epoch_length, rank, world_size, version) -> (saved, now), empty when
+    it is malformed."""
 
     def __init__(self, message: str, differs: dict[str, tuple] | None = None):
         super().__init__(message)

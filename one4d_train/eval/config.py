@@ -15,7 +15,9 @@ class EvalConfig:
     cfg_scale: float = 6.0  # classifier-free guidance: 1 = none (one pass per step), 0 = unconditional; >= 0
     shift: float = 5.0
     modes: list[str] = field(default_factory=lambda: ["image", "sparse", "video"])
-    sparse_frames: int = 0  # observed frames in sparse mode (first, last, evenly spaced); 0 = the middle of training's sparse range (model.umc.sparse_*_frac x frames: 24 of 81)
+    # observed frames in sparse mode (first, last, evenly spaced); 0 = the middle of training's sparse range
+    # (model.umc.sparse_*_frac x frames: 24 of 81)
+    sparse_frames: int = 0
     depth_align: str = "scale_shift"  # median | scale | scale_shift
     # metres; 0 = the dataset's protocol (resolved_depth_cap): Bonn and TUM 10, Sintel and shards 70; inf: none
     depth_cap: float = field(default=0.0, metadata={INF_OK: True})

@@ -8,7 +8,8 @@ is evaluated as it is. A run directory evaluates every complete checkpoint not y
 skipping one that another evaluation holds (eval.lock beside eval/) or that the training run removes meanwhile
 (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
-export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*, data.*, model.*) override it.
+export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*,
+data.*, model.*) override it.
 Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing or incomplete
 checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
 """
@@ -32,7 +33,8 @@ def export_settings(export: str) -> list[str]:
     (model.checkpoint, model.vae, ...) are still the config's or the command line's."""
     c = read_adapter_config(export)
     lora = c["lora"]
-    items = [f"model.preset={c['preset']}", f"model.design={c['design']}", f"model.has_image_input={c['has_image_input']}",
+    items = [f"model.preset={c['preset']}", f"model.design={c['design']}",
+             f"model.has_image_input={c['has_image_input']}",
              f"model.lora.rank={lora['rank']}", f"model.lora.alpha={lora['alpha']}",
              f"model.link_blocks=[{','.join(str(b) for b in c['link_blocks'])}]",
              f"model.num_links={len(c['link_blocks'])}"]  # [] alone means num_links evenly spaced

@@ -431,8 +431,8 @@ def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag:
 def checkpoints_to_evaluate(path: str) -> list[str]:
     """What `one4d eval checkpoint=path` evaluates. A checkpoint -> [it], and it must be complete; its adapters/
     named directly -> [the checkpoint]; an export folder of `one4d export` (adapter_config.json) -> [it]; a run
-    directory -> its complete checkpoints (possibly none; `scored` tells which hold a dataset's scores). Anything else, or a
-    checkpoint that is missing or incomplete, raises EvalInputError naming the path and why."""
+    directory -> its complete checkpoints (possibly none; `scored` tells which hold a dataset's scores). Anything
+    else, or a checkpoint that is missing or incomplete, raises EvalInputError naming the path and why."""
     from one4d_train.model.adapters import CONFIG_NAME
     from one4d_train.train.checkpoint import MARKER, STEP_DIR, checkpoint_problem, complete_checkpoints
 

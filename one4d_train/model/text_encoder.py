@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from one4d_train.model.pretrained import load_complete
+from one4d_train.model.pretrained import first_line, load_complete
 
 TEXT_LEN = 512
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class UMT5TextEncoder:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ValueError(f"tokenizer {tokenizer_path or path}: no UMT5 tokenizer there (tokenizer.json, or "
-                             f"spiece.model with sentencepiece installed): {str(exc).splitlines()[0]}") from None
+                             f"spiece.model with sentencepiece installed): {first_line(exc)}") from None
         return cls(model, tokenizer, dtype=dtype, **kwargs)
 
     @property

@@ -375,11 +375,10 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
     from one4d_train.train.distributed import detect
 
     d = cfg.data
-    try:  # every rank's plan: enough shards for the reader slots (ranks x workers), samples for each slot
-        for rank in range(detect().world_size):
-            StreamPlan(tuple(shards), seed=cfg.seed, rank=rank, world_size=detect().world_size,
-                       workers=max(1, d.num_workers), mode=d.mode, epoch_length=d.epoch_length,
-                       shuffle_buffer=d.shuffle_buffer)
+    try:  # the plan's checks (shards for every reader slot, ranks x workers; samples per slot) hold for any rank
+        StreamPlan(tuple(shards), seed=cfg.seed, rank=0, world_size=detect().world_size,
+                   workers=max(1, d.num_workers), mode=d.mode, epoch_length=d.epoch_length,
+                   shuffle_buffer=d.shuffle_buffer)
     except ValueError as exc:
         key = ("data.shards" if "no samples" in str(exc) else "data.epoch_length" if "epoch length" in str(exc)
                else "data.num_workers")
@@ -409,9 +408,9 @@ POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_w
 
 
 def _resumed_state(cfg):
-    """(checkpoint, this rank's train state, the launch's ranks) of the checkpoint this run resumes from; None for a fresh start, or
-    where the resume itself is wrong (reported under 'resume' by train/config.py: no such checkpoint, another
-    world size)."""
+    """(checkpoint, this rank's train state, the launch's ranks) of the checkpoint this run resumes from; None for a
+    fresh start, or where the resume itself is wrong (reported under 'resume' by train/config.py: no such
+    checkpoint, another world size)."""
     from one4d_train.train import checkpoint as ckpt
     from one4d_train.train.distributed import detect
 
@@ -442,7 +441,8 @@ def _resume_problems(cfg) -> list[tuple[str, str]]:
     p = _identity_problems(cfg, path, state.get("task_identity"))
     try:
         build_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                     micro_batch_size=cfg.train.micro_batch_size, position=state.get("loader"), latents=latents_spec(cfg))
+                     micro_batch_size=cfg.train.micro_batch_size, position=state.get("loader"),
+                     latents=latents_spec(cfg))
     except PositionError as exc:
         named = {POSITION_KEYS[k]: v for k, v in exc.differs.items() if k in POSITION_KEYS}
         if not named or len(named) < len(exc.differs):

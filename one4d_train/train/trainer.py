@@ -65,6 +65,7 @@ class Trainer:
         self.engine = self._build_engine()
         self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         self.checkpointer = ckpt.Checkpointer(cfg.run_dir, env.rank, env.world_size, t.keep_last, to_yaml(cfg))
+        self.branch_tags = None  # MLflow tags of a new run for a branch (set by _resume)
         self.tracker = build_tracker(cfg, env.is_main)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
@@ -228,7 +229,7 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             text = to_yaml(cfg)
             ckpt.write_atomic(os.path.join(cfg.run_dir, "config.yaml"), text)
-            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=getattr(self, "branch_tags", None))
+            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=self.branch_tags)
             self.tracker.log_text(text, "config.yaml")
         with self.preemption.shielded():
             loader = self.task.build_loader(self.env.rank, self.env.world_size, position)

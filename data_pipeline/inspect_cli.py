@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  frames: {st['frames']['total']} total, {st['frames']['min']}-{st['frames']['max']} per clip")
     print(f"  resolutions: {', '.join(f'{k} x{v}' for k, v in st['resolutions'].items())}")
     print(f"  geometry: {st['geometry']}; depth range: {st['depth_range']}; valid fraction: {st['valid_fraction']}")
+    text = st.get("text_embeddings") or {}
+    if text.get("widths") is not None:
+        print(f"  stored text embeddings: {text['samples']} samples"
+              + (f", {' and '.join(map(str, text['widths']))} wide" if text["widths"] else ""))
     print(f"  members: {dict(sorted(totals.items()))}")
     for r in index["rejects"]:
         print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}")

@@ -210,12 +210,16 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     records = {e["name"]: _done(out, e) for e in entries}
     summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None}
     if all(records.values()):
+        from one4d_train.model.presets import wan_config
+
         recs = [records[e["name"]] for e in entries]
         failed = [x for r in recs for x in r["failed"]]
         result = {"version": si.INDEX_VERSION, "sample_format": index["sample_format"],
                   "shards": [si.shard_entry(r) for r in recs],
                   "totals": {**index["totals"], "bytes": sum(r["bytes"] for r in recs)},
-                  "statistics": index["statistics"], "rejects": index["rejects"],
+                  "statistics": si.with_text_embeddings(index["statistics"], sum(r.get("text_encoded", 0) for r in recs),
+                                                        wan_config(cfg.model.preset).text_dim),
+                  "rejects": index["rejects"],
                   "latents": {**run, "source_index_sha256": plan["source_index_sha256"],
                               "encoded": sum(r["encoded"] for r in recs), "text_encoder": plan["text_encoder"],
                               "text_encoded": sum(r.get("text_encoded", 0) for r in recs),

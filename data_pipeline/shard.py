@@ -104,7 +104,8 @@ def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     z = g[valid] if r.geometry == "depth" else g[..., 2][valid]
     stats = {"key": key, "frames": info.num_frames, "height": info.height, "width": info.width,
              "geometry": r.geometry, "valid_fraction": float(valid.mean()),
-             "depth_min": float(z.min()) if z.size else None, "depth_max": float(z.max()) if z.size else None}
+             "depth_min": float(z.min()) if z.size else None, "depth_max": float(z.max()) if z.size else None,
+             "text_emb_dim": int(emb.shape[1]) if emb is not None else None}
     return members, stats
 
 

@@ -196,7 +196,25 @@ def statistics(records: list[dict]) -> dict:
         "xyz_z_range": [min((s["depth_min"] for s in xyz), default=None),
                         max((s["depth_max"] for s in xyz), default=None)],
         "valid_fraction": (sum(s["valid_fraction"] * s["frames"] for s in samples) / sum(frames)) if frames else None,
+        "text_embeddings": text_embedding_statistics(samples),
     }
+
+
+def text_embedding_statistics(samples: list[dict]) -> dict:
+    """{"samples": how many store a text embedding, "widths": their distinct widths} of per-sample stats; both None
+    (unknown) where a record was written before the widths were kept."""
+    dims = [s.get("text_emb_dim", "?") for s in samples]
+    if "?" in dims:
+        return {"samples": None, "widths": None}
+    return {"samples": sum(d is not None for d in dims), "widths": sorted({d for d in dims if d is not None})}
+
+
+def with_text_embeddings(stats: dict, added: int, width: int) -> dict:
+    """Dataset statistics with `added` more samples storing a text embedding `width` wide (`one4d encode-latents`)."""
+    text = stats.get("text_embeddings") or {"samples": None, "widths": None}
+    if added and text["widths"] is not None:
+        text = {"samples": text["samples"] + added, "widths": sorted({*text["widths"], width})}
+    return {**stats, "text_embeddings": text}
 
 
 def build_index(plan: dict, records: list[dict]) -> dict:

@@ -290,6 +290,11 @@ def test_text_embeddings_are_optional_kept_and_pinned(tmp_path):
     assert run_encode(src, tmp_path / "plain", cfg, progress=False, text=False)["text_encoded"] == 0
     summary = run_encode(src, tmp_path / "text", cfg, progress=False)
     assert summary["text_encoded"] == 1 and summary["encoded"] == 2
+    # the indexes count the stored embeddings and their widths: the manifest's 4096, the tiny encoder's 64
+    widths = {f: json.loads((tmp_path / f / "index.json").read_text())["statistics"]["text_embeddings"]
+              for f in ("shards", "plain", "text")}
+    assert widths == {"shards": {"samples": 1, "widths": [4096]}, "plain": {"samples": 1, "widths": [4096]},
+                      "text": {"samples": 2, "widths": [64, 4096]}}
     for folder, expect in (("plain", [1, 0]), ("text", [1, 1])):
         with tarfile.open(tmp_path / folder / "shard-000000.tar") as tar:
             names = tar.getnames()

@@ -58,6 +58,7 @@ def test_round_trip_members(tmp_path, geometry):
                                "rejected": 0}
     assert index["statistics"]["frames"] == {"total": 27, "min": 9, "max": 9}
     assert index["statistics"]["resolutions"] == {"32x64": 3}
+    assert index["statistics"]["text_embeddings"] == {"samples": 0, "widths": []}
     members = {**read_tar(out / "shard-000000.tar"), **read_tar(out / "shard-000001.tar")}
     raw = tmp_path / "raw"
     for n, row in enumerate(rows_of(raw / "manifest.jsonl")):
@@ -262,6 +263,7 @@ def test_inspect_shards(tmp_path, capsys):
     assert inspect_main([str(out)]) == 0
     printed = capsys.readouterr().out
     assert "OK: 2 shards, 3 samples" in printed and "32x64 x3" in printed
+    assert "stored text embeddings: 0 samples\n" in printed
 
     shard = out / "shard-000001.tar"
     good = shard.read_bytes()

@@ -92,6 +92,13 @@ def test_batch_is_assembled_where_the_stored_embeddings_are():
     assert cond(["a"], [None]).device.type == "cpu"
 
 
+def test_a_stored_embedding_of_another_width_is_named_by_its_sample():
+    cond = TextConditioning(dim=8)
+    with pytest.raises(ValueError, match="sample r000000007: its stored text embedding is 4096 wide, the backbone's "
+                                         "text input 8"):
+        cond(["a", "b"], [torch.zeros(5, 8), torch.zeros(5, 4096)], keys=["r000000003", "r000000007"])
+
+
 def test_build_from_config_paths(folder, encoder, tmp_path):
     cond = build_text_conditioning(str(folder / "model"), str(folder / "tokenizer"), dim=64)
     assert torch.allclose(cond.empty, encoder.empty_embedding)

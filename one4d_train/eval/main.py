@@ -24,7 +24,7 @@ from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_t
                                        eval_dataset, evaluate_checkpoint, run_of, scored)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.train.checkpoint import checkpoint_problem, config_of
-from one4d_train.train.one4d_task import link_problems, model_file_problems, window_problems
+from one4d_train.train.one4d_task import index_problems, link_problems, model_file_problems
 
 
 def export_settings(export: str) -> list[str]:
@@ -90,9 +90,9 @@ def main(argv: list[str]) -> int:
             spec = eval_dataset(cfg)
             tag = dataset_tag(spec)
             if spec.partition(":")[0] not in BENCHMARKS:  # a benchmark's window is checked per sequence
-                window = window_problems(cfg.data, spec)
-                if window:
-                    raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in window))
+                problems = index_problems(cfg, spec, key="eval.dataset" if cfg.eval.dataset else "data.val_shards")
+                if problems:
+                    raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2

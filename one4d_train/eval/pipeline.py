@@ -140,7 +140,7 @@ def generate(gen: Generator, batch: dict, mode: str, ecfg, seeds: list[int]) -> 
     sparse = ecfg.sparse_frames or eval_sparse_frames(T, umc)
     frame_mask = eval_frame_mask(mode, T, sparse).expand(B, T).to(gen.device)
     captions = batch.get("caption", [""] * B)
-    context = gen.text(captions, batch_text_embeddings(batch)).to(gen.device)
+    context = gen.text(captions, batch_text_embeddings(batch), keys=batch.get("__key__")).to(gen.device)
     cond = umc_condition(gen, rgb, frame_mask, context)
     uncond = dict(cond, context=gen.text.empty.to(gen.device).expand_as(context))
     shape = cond["z_cond"].shape[1:]

@@ -161,8 +161,16 @@ class TextConditioning:
         return self._empty_copies[device]
 
     def __call__(self, captions: Sequence[str], text_embs: Sequence[torch.Tensor | None] | None = None,
-                 dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                 dropout: float = 0.0, generator: torch.Generator | None = None,
+                 keys: Sequence[str] | None = None) -> torch.Tensor:
+        """The padded text contexts [B, text_len, dim] of a batch: stored embeddings where given, else the encoded
+        captions (the empty prompt's for an empty caption); `keys` name the samples in errors."""
         text_embs = list(text_embs) if text_embs is not None else [None] * len(captions)
+        for i, e in enumerate(text_embs):
+            if e is not None and e.shape[-1] != self.dim:
+                raise ValueError(f"sample {keys[i] if keys else i}: its stored text embedding is {e.shape[-1]} wide, "
+                                 f"the backbone's text input {self.dim} (model.preset): use shards without stored "
+                                 "embeddings or with embeddings of that width")
         rows: list[torch.Tensor | None] = [pad_text_embedding(e.float(), self.text_len) if e is not None else None
                                            for e in text_embs]
         # captions that clean to "" are the empty prompt, whose embedding is computed once

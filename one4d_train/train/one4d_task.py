@@ -219,7 +219,7 @@ class One4DTask:
             z_cond = condition_latents(tasks, frame_mask, rgb, z_rgb, vae.encode, z_image=z_image)
             mask4 = fold_frame_mask(frame_mask.to(device), *z_rgb.shape[-2:]).to(z_rgb)
             context = text(batch["caption"], batch_text_embeddings(batch), dropout=umc_cfg.text_dropout,
-                           generator=generator)
+                           generator=generator, keys=batch.get("__key__"))
             clip = None if image is None else image.encode(first_observed_frame(rgb, frame_mask))
         flow = noisy_pair(z_rgb, z_xyz, self.cfg.flow, generator)
         rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_cond)
@@ -368,7 +368,7 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
             return [("data.shards", f"{len(missing)} shard file(s) listed in index.json missing: "
                      f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")]
         stored_latents(spec, cfg.data, latents_spec(cfg))
-        longest = read_index(shard_directory(spec)).get("statistics", {}).get("frames", {}).get("max")
+        stats = read_index(shard_directory(spec)).get("statistics", {})
     except (OSError, ValueError, LatentsMismatchError) as exc:  # ShardIndexError is a ValueError
         return [("data.shards", str(exc))]
     from data_pipeline.reader import StreamPlan
@@ -383,18 +383,37 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
         key = ("data.shards" if "no samples" in str(exc) else "data.epoch_length" if "epoch length" in str(exc)
                else "data.num_workers")
         return [(key, f"{exc} ({spec}, data.mode={d.mode})")]
-    return window_problems(cfg.data, spec, longest)
+    return index_problems(cfg, spec, stats)
 
 
-def window_problems(data, spec: str, longest: int | None = None) -> list[tuple[str, str]]:
-    """The frame window (data.num_frames x data.frame_stride) against the longest clip of the shard set `spec`
-    (index.json's statistics; `longest` when read already): a longer window skips every sample, and the loader
-    gives up after epochs of skips with a traceback."""
-    if longest is None:
+def index_problems(cfg, spec: str, stats: dict | None = None, key: str = "data.shards") -> list[tuple[str, str]]:
+    """The config against the statistics of the shard set `spec` (config key `key`; index.json's statistics,
+    `stats` when read already): the frame window and the stored text embeddings' width."""
+    if stats is None:
         try:
-            longest = read_index(shard_directory(spec)).get("statistics", {}).get("frames", {}).get("max")
+            stats = read_index(shard_directory(spec)).get("statistics", {})
         except (OSError, ValueError):  # reported where the shards are checked
             return []
+    return (window_problems(cfg.data, spec, stats.get("frames", {}).get("max"))
+            + text_width_problems(cfg.model, spec, stats, key))
+
+
+def text_width_problems(mcfg, spec: str, stats: dict, key: str) -> list[tuple[str, str]]:
+    """Stored text embeddings (index.json's statistics) of another width than the backbone's text input: every
+    batch holding one would fail at the text conditioning."""
+    text = stats.get("text_embeddings") or {}
+    dim = wan_config(mcfg.preset).text_dim
+    other = [w for w in text.get("widths") or [] if w != dim]
+    if not other:
+        return []
+    return [(key, f"{spec} stores text embeddings {' and '.join(map(str, text['widths']))} wide "
+             f"({text['samples']} samples), the backbone of model.preset={mcfg.preset} takes {dim}: use a preset "
+             f"whose text input is {other[0]} wide, or shards without stored embeddings (or with {dim}-wide ones)")]
+
+
+def window_problems(data, spec: str, longest: int | None) -> list[tuple[str, str]]:
+    """The frame window (data.num_frames x data.frame_stride) against the longest clip of the shard set `spec`: a
+    longer window skips every sample, and the loader gives up after epochs of skips with a traceback."""
     span = (data.num_frames - 1) * data.frame_stride + 1
     if longest is not None and longest < span:
         return [("data.num_frames", f"the window needs {span} frames (data.num_frames={data.num_frames}, "
@@ -493,7 +512,7 @@ def _eval_set_problems(cfg) -> list[tuple[str, str]]:
         eval_dataset(cfg)
     except EvalInputError as exc:
         return [(key, str(exc))]
-    return []
+    return [] if spec.partition(":")[0] in BENCHMARKS else index_problems(cfg, spec, key=key)
 
 
 def _local_device(setting: str) -> torch.device:

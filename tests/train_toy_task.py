@@ -6,7 +6,7 @@ loader ({epoch, batch}). The step draws from torch's generator, numpy and python
 covers them. Test hooks (environment): TOY_NAN_STEPS="3,6" (+ TOY_NAN_RANK=r, default every rank) make the
 loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" sends the signal to that rank's own process at that
 step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that rank's whole process group, its data
-workers included, as scancel and Slurm preemption do; TOY_WORKERS=N serves the batches from N DataLoader worker
+workers included, as scancel and Slurm preemption do, "STEP:RANK:SIGNAL:batch" to the Slurm job's batch shell; TOY_WORKERS=N serves the batches from N DataLoader worker
 processes (the same batches in the same order); TOY_EVAL_SLEEP=S makes every evaluation take S seconds more; each
 rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl and writes its rank, world size, local
 rank and Slurm node to where-R.json.
@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
 import time
 
 import deepspeed
@@ -132,7 +133,10 @@ class ToyTask:
             return
         self.signal_at = ""  # once, not at every micro-batch
         sig = getattr(signal, "SIG" + name)
-        if group == ["group"]:
+        if group == ["batch"]:  # to the Slurm job's batch shell, as the time limit's --signal=B:USR1@LEAD comes
+            subprocess.run(["scancel", f"--signal={name}", "--batch", os.environ["SLURM_JOB_ID"]], check=True)
+            time.sleep(5)  # the shell passes it on to the ranks: it reaches this one here, before the first step
+        elif group == ["group"]:
             workers = sorted(p.pid for p in multiprocessing.active_children())
             print(f"toy: SIG{name} to process group {os.getpgid(0)}: rank {self.rank} and data workers {workers}",
                   flush=True)

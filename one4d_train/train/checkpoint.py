@@ -302,9 +302,10 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             _fsync_tree(tmp)
-            # the writing Slurm job: its requeue continues from here (one4d_train.train.requeue)
+            # the writing Slurm job and its run (requeues count up SLURM_RESTART_COUNT): its requeue continues
+            # from here, and a run that wrote none is not requeued again after a time-limit signal (train/requeue)
             marker = {"step": step, "world_size": self.world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                      "files": _listing(tmp)}
+                      "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0), "files": _listing(tmp)}
             write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             if os.path.exists(final):  # a complete twin from an earlier attempt at this very step
                 self._remove(final)

@@ -80,23 +80,24 @@ class ManifestRow:
         return [p for p in paths if isinstance(p, Path)]
 
 
-def _path(base: Path, value, row: int, key: str) -> Path:
+def _path(base: Path, value, row: int, key: str, manifest: str) -> Path:
     if not isinstance(value, str) or not value:
-        raise RowError(row, "<manifest>", f"'{key}' must be a non-empty path string, got {value!r}")
+        raise RowError(row, manifest, f"'{key}' must be a non-empty path string, got {value!r}")
     p = Path(value)
     return p if p.is_absolute() else base / p
 
 
-def parse_row(obj, row: int, base: Path) -> ManifestRow:
-    """One decoded JSON line -> ManifestRow (paths resolved against `base`; files are not opened)."""
+def parse_row(obj, row: int, base: Path, manifest: str = "<manifest>") -> ManifestRow:
+    """One decoded JSON line of file `manifest` -> ManifestRow (paths resolved against `base`; files are not
+    opened). A fault of the row itself names the manifest; one of a field that names a file, the clip's video."""
     if not isinstance(obj, dict):
-        raise RowError(row, "<manifest>", f"a row must be a JSON object, got {type(obj).__name__}")
+        raise RowError(row, manifest, f"a row must be a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - KEYS)
     if unknown:
-        raise RowError(row, "<manifest>", f"unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
+        raise RowError(row, manifest, f"unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
     if "video" not in obj:
-        raise RowError(row, "<manifest>", "missing required key 'video'")
-    video = _path(base, obj["video"], row, "video")
+        raise RowError(row, manifest, "missing required key 'video'")
+    video = _path(base, obj["video"], row, "video", manifest)
     has = [k for k in ("depth", "xyz") if k in obj]
     if len(has) != 1:
         raise RowError(row, str(video), f"exactly one of 'depth' or 'xyz' is required, got {has or 'neither'}")
@@ -109,7 +110,7 @@ def parse_row(obj, row: int, base: Path) -> ManifestRow:
             raise RowError(row, str(video), f"'{key}' is null: give a list or a path" +
                            (" (with xyz geometry, leave both keys out for no cameras)" if geometry == "xyz" else ""))
         if key in obj:
-            cams[key] = _path(base, obj[key], row, key) if isinstance(obj[key], str) else obj[key]
+            cams[key] = _path(base, obj[key], row, key, str(video)) if isinstance(obj[key], str) else obj[key]
     clip_id = obj.get("id", f"row{row:09d}")
     if not isinstance(clip_id, str) or not ID_RE.fullmatch(clip_id):
         raise RowError(row, str(video), f"'id' must be letters, digits, '_' or '-', got {clip_id!r}")
@@ -118,10 +119,11 @@ def parse_row(obj, row: int, base: Path) -> ManifestRow:
         raise RowError(row, str(video), f"'caption' must be a string, got {type(caption).__name__}")
     return ManifestRow(
         row=row, id=clip_id, video=video, source=obj["video"], geometry=geometry,
-        geometry_path=_path(base, obj[geometry], row, geometry),
-        valid=_path(base, obj["valid"], row, "valid") if "valid" in obj else None,
+        geometry_path=_path(base, obj[geometry], row, geometry, str(video)),
+        valid=_path(base, obj["valid"], row, "valid", str(video)) if "valid" in obj else None,
         caption=caption,
-        text_embedding=_path(base, obj["text_embedding"], row, "text_embedding") if "text_embedding" in obj else None,
+        text_embedding=(_path(base, obj["text_embedding"], row, "text_embedding", str(video))
+                        if "text_embedding" in obj else None),
         **cams)
 
 
@@ -150,7 +152,7 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
             errors.append(RowError(i, str(path), str(exc)))
             continue
         try:
-            rows.append(parse_row(obj, i, base))
+            rows.append(parse_row(obj, i, base, str(path)))
         except RowError as exc:
             errors.append(exc)
     return rows, errors

@@ -179,6 +179,24 @@ def test_rgb_adapter_loads_in_diffusers_and_matches(tmp_path):
     torch.testing.assert_close(v_rgb, with_lora, rtol=1e-4, atol=2e-4)
 
 
+def test_xyz_adapter_loads_in_diffusers_with_every_weight(tmp_path):
+    """lora_xyz.safetensors is a diffusers LoRA of the same base (the XYZ branch's patch embedding and the links
+    are in control_links.safetensors): every tensor lands in its PEFT layer, none is dropped as unmatched."""
+    from safetensors.torch import load_file
+
+    model, base = tiny_one4d()
+    randomise_trainable(model, links=False)
+    export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    ref = diffusers_twin(base)
+    ref.load_lora_adapter(str(tmp_path / "lora_xyz.safetensors"), adapter_name="xyz")
+    loaded, stored = ref.state_dict(), load_file(tmp_path / "lora_xyz.safetensors")
+    peft = {k for k in loaded if ".lora_" in k}
+    assert len(peft) == len(stored) > 0
+    for key, value in stored.items():
+        name = key.removeprefix("transformer.").replace(".lora_A.", ".lora_A.xyz.").replace(".lora_B.", ".lora_B.xyz.")
+        assert torch.equal(loaded[name], value), key
+
+
 def test_config_targets_follow_the_model(tmp_path):
     cfg = tiny_cfg()
     cfg.lora.targets = ["self_attn.q", "ffn.2"]

@@ -285,6 +285,26 @@ def test_every_model_builder_checkpoints_only_the_configured_blocks(zero_stage):
         assert kinds[0] == "selective" and set(kinds[1:]) == {None} and len(kinds) > 1, kinds
 
 
+@pytest.mark.parametrize("setting", [False, True])
+def test_model_compile_compiles_every_block_of_the_trainers_model(setting):
+    """model.compile: the trainer's build compiles each block's call (its numerics: test_gpu.py
+    test_compiled_blocks_match_eager), and model.compile_vae the VAE encoder (test_compiled_vae_encoder_matches_eager)."""
+    from contextlib import nullcontext
+
+    from one4d_train.config import load_config
+    from one4d_train.model.compile import is_compiled
+    from one4d_train.model.encoders import build_encoders
+    from one4d_train.train.one4d_task import One4DTask
+
+    cfg = load_config([f"config={ROOT}/configs/experiment/demo.yaml", f"model.compile={setting}",
+                       f"model.compile_vae={setting}", "train.zero_stage=2"])
+    task = One4DTask(cfg)
+    layers = wan_config(cfg.model.preset).num_layers
+    assert [is_compiled(b) for b in task.build_model(nullcontext).base.blocks] == [setting] * layers
+    vae = build_encoders(cfg.model, task.wan_cfg, torch.device("cpu"), torch.float32, cfg.seed)[0]
+    assert (vae.model.encoder._compiled_call_impl is not None) == setting
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["full", "selective"])

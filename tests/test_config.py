@@ -14,11 +14,11 @@ def write(tmp_path, name, text):
 
 
 def test_order_defaults_yaml_cli(tmp_path):
-    base = write(tmp_path, "base.yaml", "train:\n  steps: 7\n  log_every: 3\n")
+    write(tmp_path, "base.yaml", "train:\n  steps: 7\n  log_every: 3\n  checkpoint_every: 11\n")
     exp = write(tmp_path, "exp.yaml", "_base_: [base.yaml]\ntrain:\n  steps: 9\n")
     cfg = load_config([f"config={exp}", "train.log_every=5"])
     assert cfg.train.steps == 9 and cfg.train.log_every == 5 and cfg.optim.lr == 1e-4
-    assert base
+    assert cfg.train.checkpoint_every == 11  # the base's value where nothing later sets the key
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

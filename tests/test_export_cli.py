@@ -3,6 +3,7 @@ exported. In-process on a checkpoint folder holding a tiny model's real adapters
 test_one4d_training.py on a trained run)."""
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 
@@ -62,7 +63,9 @@ def test_complete_checkpoint_is_copied(capsys, tmp_path):
     ckpt_dir = make_checkpoint(tmp_path)
     code, out = export(capsys, f"checkpoint={ckpt_dir}", f"out={tmp_path / 'out'}", "from_zero=false")
     assert code == 0, out
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(ckpt_dir, "adapters")))
+    names = sorted(os.listdir(os.path.join(ckpt_dir, "adapters")))
+    assert sorted(os.listdir(tmp_path / "out")) == names
+    assert all(filecmp.cmp(tmp_path / "out" / n, os.path.join(ckpt_dir, "adapters", n), shallow=False) for n in names)
 
 
 def test_incomplete_checkpoints_are_refused(capsys, tmp_path):

@@ -234,6 +234,7 @@ def test_compiled_blocks_match_eager(ckpt, attn, restore_attention):
         grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
         results.append((v_rgb, v_xyz, grads))
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     (er, ex, eg), (cr, cx, cg) = results
     assert rel(cr, er) < 2e-2 and rel(cx, ex) < 2e-2, (rel(cr, er), rel(cx, ex))
     for n, g in eg.items():
@@ -287,6 +288,7 @@ def test_fp8_base_compiled_matches_eager_and_tracks_bf16(restore_attention):
         out[name] = torch.cat([v_rgb.flatten(), v_xyz.flatten()])
         grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     spread = {"eager repeat": (rel(out["fp8 repeat"], out["fp8"]), rel(grads["fp8 repeat"], grads["fp8"])),
               **{f"{n} vs bf16": (rel(out[n], out["bf16"]), rel(grads[n], grads["bf16"])) for n in ("fp8", "fp8 compiled")}}
     print("fp8 (output, grad) rel differences:", spread)
@@ -385,7 +387,10 @@ def test_compiled_vae_encoder_matches_eager():
     compiled = WanVAE(tiny_wan_vae(0), dtype=torch.bfloat16, device="cuda", compile=True)
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
     video = torch.rand(2, 3, 9, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     want, got = eager.encode(video), compiled.encode(video)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     assert got.shape == want.shape and rel(got, want) < 2e-2, rel(got, want)
 
 

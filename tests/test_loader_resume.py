@@ -89,6 +89,10 @@ def test_position_from_another_layout_is_refused(shards, tmp_path):
         build_loader(_cfg(other, 2), rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
     with pytest.raises(PositionError, match="malformed"):
         build_loader(_cfg(shards, 2), rank=0, world_size=1, seed=4, micro_batch_size=1, position={"slots": []})
+    resampled = _cfg(shards, 2)  # an exact position is no place in an infinite resampled stream, nor back
+    resampled.mode = "resampled"
+    with pytest.raises(PositionError, match="mode: exact vs resampled"):
+        build_loader(resampled, rank=0, world_size=1, seed=4, micro_batch_size=1, position=state)
     bigger = _cfg(shards, 2)  # the buffer orders every epoch: another one repeats some samples and drops others
     bigger.shuffle_buffer = 16
     with pytest.raises(PositionError, match="shuffle_buffer: 3 vs 16") as caught:

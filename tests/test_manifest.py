@@ -66,6 +66,9 @@ def test_row_errors_name_row_and_reason(tmp_path):
     assert "'id'" in by_row[6]
     assert "JSON object" in by_row[9]
     assert set(by_row) == {1, 2, 3, 4, 5, 6, 9}
+    # a fault of the row itself names the manifest; one of a clip's fields, the clip
+    paths = {e.row: e.path for e in errors}
+    assert [paths[r] for r in (1, 2, 3, 9)] == [str(path.resolve())] * 4 and paths[4] == str(tmp_path / "v.mp4")
     assert str(RowError(4, "p.mp4", "why")) == "row 4 (p.mp4): why"
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         read_manifest(tmp_path / "nope.jsonl")

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from one4d_train.model.checkpointing import apply_activation_checkpointing
-from one4d_train.model.compile import compile_blocks
+from one4d_train.model.compile import compile_blocks, is_compiled
 from one4d_train.model.offload import HostOffload, apply_activation_offload
 from test_dlc import model_inputs, tiny_one4d
 
@@ -31,11 +32,15 @@ def test_offload_keeps_loss_and_gradients(ckpt, compiled):
     offloaded = copy.deepcopy(model)
     if compiled:  # the compiled region's saved tensors pass through the same hooks
         compile_blocks(offloaded.base.blocks)
+        torch._dynamo.reset()
+        counters.clear()
     offload = apply_activation_offload(offloaded, min_bytes=0)
     inputs = model_inputs()
     want_loss, want = loss_and_grads(model, inputs)
     loss, got = loss_and_grads(offloaded, inputs)
     assert offload.stats.tensors > 0
+    if compiled:  # the blocks ran compiled (else the test would only show eager offload again)
+        assert all(is_compiled(b) for b in offloaded.base.blocks) and counters["stats"]["unique_graphs"] > 0
     assert torch.allclose(loss, want_loss, rtol=1e-6) if compiled else torch.equal(loss, want_loss)
     for name, g in want.items():
         if compiled:  # Inductor's fused kernels round differently

@@ -177,10 +177,11 @@ def test_resume_with_another_data_stream_is_refused_before_the_model_is_built(sh
     chosen = os.path.join(straight, "checkpoints", "step-00000015")
     config_before = open(os.path.join(straight, "config.yaml")).read()
     code, out = torchrun(straight, *common(shards, straight, 20), f"resume={chosen}", "data.num_workers=2", "seed=5",
-                         timeout=900)
+                         "data.mode=resampled", timeout=900)
     assert code != 0 and "exitcode  : 2" in out, out[-4000:]
     assert (f"key 'data.num_workers': 2 here, 1 in the data position of {chosen}" in out and
-            f"key 'seed': 5 here, 0 in the data position of {chosen}" in out), out[-4000:]
+            f"key 'seed': 5 here, 0 in the data position of {chosen}" in out and
+            f"key 'data.mode': 'resampled' here, 'exact' in the data position of {chosen}" in out), out[-4000:]
     assert "PositionError" not in out and "global batch" not in out
     assert open(os.path.join(straight, "config.yaml")).read() == config_before
 
@@ -325,3 +326,5 @@ def test_eval_rebuilds_the_adapters_of_a_checkpoint_written_without_them(straigh
     rebuilt = load_generator(cfg, str(copy), torch.device("cpu")).model.state_dict()
     saved = load_generator(cfg, src, torch.device("cpu")).model.state_dict()
     assert rebuilt.keys() == saved.keys() and all(torch.equal(rebuilt[k], saved[k]) for k in saved)
+    untrained = load_generator(cfg, None, torch.device("cpu")).model.state_dict()
+    assert any(not torch.equal(untrained[k], saved[k]) for k in saved), "no adapter was loaded"

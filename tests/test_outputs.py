@@ -154,7 +154,7 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
 
     from one4d_train.cli import main as cli
     from one4d_train.config import load_config, to_yaml
-    from one4d_train.eval.pipeline import dataset_tag
+    from one4d_train.eval.pipeline import dataset_tag, load_generator
     from one4d_train.model.adapters import export_adapters
     from one4d_train.model.one4d import build_one4d
     from one4d_train.train.checkpoint import MARKER, _listing
@@ -188,6 +188,9 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
 
     assert cli(["eval", f"checkpoint={run}"]) == 0
     table = capsys.readouterr().out
+    loaded = load_generator(cfg, str(ckpt), torch.device("cpu")).model.state_dict()  # what the evaluation sampled
+    want = model.trainable_state_dict()
+    assert want and all(torch.equal(loaded[k], want[k]) for k in want)
     assert "video" in table and "sparse" in table and "image" in table and "abs_rel" in table
     tag = dataset_tag(str(shards))
     report = json.loads((ckpt / "eval" / tag / "metrics.json").read_text())
@@ -198,6 +201,10 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
             assert (tmp_path / r["files"][f]).is_file()
     sparse = next(r for r in report["samples"] if r["mode"] == "sparse")
     assert sparse["num_frames"] == 3
+    settings = report["settings"]  # what the scores depend on: the dataset (data.val_shards here) and the window too
+    assert (settings["dataset"], settings["sparse_frames"], settings["sparse_frames_observed"]) == (str(shards), 3, [3])
+    assert (settings["num_frames"], settings["height"], settings["width"], settings["steps"]) == (5, 32, 64, 2)
+    assert settings["modes"] == ["image", "sparse", "video"] and settings["recovery_iters"] == 5
     history = client.get_metric_history(run_id, f"eval/{tag}/video/abs_rel")
     assert len(history) == 1 and history[0].step == 10
     assert client.get_run(run_id).info.status == "RUNNING"  # the evaluation does not end the training's run

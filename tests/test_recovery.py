@@ -79,3 +79,28 @@ def test_coplanar_points_fall_back_to_the_previous_camera():
     rec = closed_form(plane)
     assert torch.allclose(rec.focal, torch.full((T,), 20.0, dtype=torch.float64))
     assert torch.allclose(rec.c2w, torch.eye(4, dtype=torch.float64).repeat(T, 1, 1))
+
+
+def test_temporal_smoothness_weights_smooth_the_recovered_trajectory(clip):
+    """eval.smooth_rot / eval.smooth_centre (DESIGN: temporal smoothness on R and o) penalise frame-to-frame camera
+    changes: with per-frame noise in the pointmaps, larger weights give a smoother trajectory, and the settings
+    reach the recovery."""
+    from one4d_train.eval.config import EvalConfig
+    from one4d_train.eval.pipeline import recovery_config
+
+    rng = np.random.default_rng(1)
+    noisy = clip["xyz"] * (1 + 0.05 * rng.standard_normal((len(clip["xyz"]), 1, 1)))[..., None]
+    noisy = noisy + 0.05 * rng.standard_normal((len(noisy), 1, 1, 3))  # a shift per frame
+    xyz, valid = torch.from_numpy(noisy), torch.from_numpy(clip["valid"])
+    init = closed_form(xyz, valid)
+
+    def steps(weight):
+        c2w = refine(xyz, valid, init, RecoveryConfig(iters=100, lr=3e-3, smooth_rot=weight,
+                                                      smooth_centre=weight)).c2w
+        return (((c2w[1:, :3, :3] - c2w[:-1, :3, :3]) ** 2).sum().item(),
+                ((c2w[1:, :3, 3] - c2w[:-1, :3, 3]) ** 2).sum().item())
+
+    (rot0, centre0), (rot1, centre1) = steps(0.0), steps(100.0)
+    assert rot1 < 0.8 * rot0 and centre1 < 0.8 * centre0, (rot0, rot1, centre0, centre1)
+    cfg = recovery_config(EvalConfig(smooth_rot=0.25, smooth_centre=0.5))
+    assert (cfg.smooth_rot, cfg.smooth_centre) == (0.25, 0.5)

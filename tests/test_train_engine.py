@@ -452,7 +452,9 @@ def test_the_entry_point_catches_stop_signals_before_importing_the_trainer(monke
         for s, handler in previous.items():
             signal.signal(s, handler)
     handlers = seen["one4d_train.train.main"]
-    assert all(getattr(h, "__self__", None) is preemption._process for h in handlers.values()), handlers
+    assert preemption._process is not None, "no handler installed before the trainer's import"
+    assert all(getattr(h, "__func__", None) is preemption.Preemption._handle
+               and h.__self__ is preemption._process for h in handlers.values()), handlers
 
 
 def test_resume_with_another_batch_size_counts_the_samples_the_steps_took(tmp_path):

@@ -377,7 +377,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     from tqdm import tqdm
 
     ecfg = cfg.eval
-    tag = dataset_tag(eval_dataset(cfg))  # the dataset is checked before the model is built
+    spec = eval_dataset(cfg)
+    tag = dataset_tag(spec)  # the dataset is checked before the model is built
     chosen = out_dir or ecfg.out_dir
     out = Path(chosen or os.path.join(checkpoint or ".", "eval", tag))
     # <checkpoint>/eval without parents: a checkpoint removed meanwhile raises instead of coming back
@@ -406,9 +407,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
                 bar.update(1)
         bar.close()
         report = {"checkpoint": checkpoint, "step": step, "samples": results, "means": summarise(results),
-                  "settings": {**{k: getattr(ecfg, k) for k in ("sampler", "steps", "cfg_scale", "shift", "sparse_frames",
-                                                                 "depth_align", "seed", "dataset")},
-                               "depth_cap": ecfg.resolved_depth_cap()}}
+                  "settings": evaluation_settings(cfg, spec, results)}
         write_metrics_json(out / METRICS_FILE, report)
         rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
         rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
@@ -416,6 +415,18 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
         if run_id is not None:
             log_to_mlflow(cfg, run_id, report, out, step or 0, tag)
     return report
+
+
+def evaluation_settings(cfg, spec: str, results: list[dict]) -> dict:
+    """What a score depends on, for metrics.json: the dataset scored (`spec`, resolved), the frame window and
+    resolution, the sampler, recovery and alignment settings, and the sparse mode's observed frame counts (the
+    setting 0 resolves per clip length)."""
+    ecfg, d = cfg.eval, cfg.data
+    keys = ("sampler", "steps", "cfg_scale", "shift", "sparse_frames", "depth_align", "seed", "num_samples", "modes",
+            "benchmark_start", "benchmark_stride", "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
+    return {**{k: getattr(ecfg, k) for k in keys}, "dataset": spec, "depth_cap": ecfg.resolved_depth_cap(),
+            "sparse_frames_observed": sorted({r["num_frames"] for r in results if r["mode"] == "sparse"}),
+            "num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width}
 
 
 def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag: str) -> None:

@@ -2,11 +2,14 @@
 built by the project's own code paths (data_pipeline.synthetic, data_pipeline.shard)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+import numpy as np
 
 from data_pipeline.shard import run_sharding
 from data_pipeline.synthetic import write_dataset
@@ -19,9 +22,17 @@ def make_dataset(tmp_dir, num_clips: int = 4, frames: int = 9, height: int = 32,
 
 
 def make_shards(tmp_dir, num_clips: int = 4, frames: int = 9, height: int = 32, width: int = 64,
-                geometry: str = "depth", samples_per_shard: int = 2, seed: int = 0) -> Path:
-    """make_dataset, then shard it into tmp_dir/shards (index.json included); returns the shard folder."""
+                geometry: str = "depth", samples_per_shard: int = 2, seed: int = 0,
+                text_embeddings: tuple[int, ...] = ()) -> Path:
+    """make_dataset, then shard it into tmp_dir/shards (index.json included); returns the shard folder. The rows
+    numbered in `text_embeddings` get a stored caption embedding (zeros, [5, 4096] as the manifest takes)."""
     manifest = make_dataset(tmp_dir, num_clips, frames, height, width, geometry, seed)
+    if text_embeddings:
+        np.save(Path(tmp_dir) / "raw" / "emb.npy", np.zeros((5, 4096), np.float32))
+        rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+        for i in text_embeddings:
+            rows[i]["text_embedding"] = "emb.npy"
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = Path(tmp_dir) / "shards"
     run_sharding(manifest, out, samples_per_shard=samples_per_shard, workers=1, progress=False)
     return out

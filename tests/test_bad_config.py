@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch.distributed as dist
 
@@ -117,15 +116,7 @@ def test_a_window_longer_than_every_clip_is_refused_naming_the_key(shards, tmp_p
 def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(capsys, tmp_path):
     """The manifest's embeddings are UMT5-XXL's (4096 wide); the tiny preset's text input is 64 wide: every batch
     holding one would fail at its first step. The index's statistics name the widths, so it is refused before."""
-    from data_pipeline.shard import run_sharding
-    from data_utils import make_dataset
-
-    manifest = make_dataset(tmp_path, num_clips=2, frames=9, height=32, width=64)
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    np.save(tmp_path / "emb.npy", np.zeros((5, 4096), np.float32))
-    rows[1]["text_embedding"] = str(tmp_path / "emb.npy")
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_sharding(manifest, tmp_path / "shards", samples_per_shard=1, workers=1, progress=False)
+    make_shards(tmp_path, num_clips=2, samples_per_shard=1, text_embeddings=(1,))
     err = refused(capsys, args(tmp_path / "shards", tmp_path))
     assert (f"key 'data.shards': {tmp_path / 'shards'} stores text embeddings 4096 wide (1 samples), the backbone "
             "of model.preset=tiny takes 64") in err

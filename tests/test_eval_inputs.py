@@ -296,11 +296,17 @@ def test_an_export_without_config_is_built_as_it_was_trained(tmp_path, capsys):
 
 def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_path, capsys):
     """Every sample skipped as too short, then the loader's RuntimeError (exit 1): now exit 2 naming
-    data.num_frames before the model is built, as `one4d train` does; scored checkpoints of a scan are named."""
+    data.num_frames before the model is built, as `one4d train` does (and stored text embeddings the model cannot
+    take); scored checkpoints of a scan are named."""
+    from data_utils import make_shards
+
     run, (ckpt,) = _scored_run(tmp_path, steps=(10,))
     assert cli(["eval", f"checkpoint={ckpt}", "data.num_frames=9"]) == 2
     err = capsys.readouterr().err
     assert "key 'data.num_frames': the window needs 9 frames" in err and "has 5" in err, err
+    wide = make_shards(tmp_path / "wide", num_clips=1, frames=5, height=32, width=64, text_embeddings=(0,))
+    assert cli(["eval", f"checkpoint={ckpt}", f"eval.dataset={wide}"]) == 2  # 4096-wide embeddings, a tiny model
+    assert f"key 'eval.dataset': {wide} stores text embeddings 4096 wide" in capsys.readouterr().err
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert f"skipping {ckpt}: scored on this dataset already" in capsys.readouterr().err

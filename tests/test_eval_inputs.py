@@ -283,8 +283,11 @@ def test_an_export_without_config_is_built_as_it_was_trained(tmp_path, capsys):
     stale = export / "eval" / dataset_tag(str(shards)) / "r_of_other_adapters"  # a sample of an earlier evaluation
     stale.mkdir()
     assert cli(["eval", *common]) == 0 and not stale.exists()
+    scores = (export / "eval" / dataset_tag(str(shards)) / "metrics.json").read_text()
     assert cli(["eval", *common, "model.lora.alpha=16"]) == 2  # the command line over the export's settings
     assert "model.lora.alpha 16" in capsys.readouterr().err
+    # refused while the model is built: the earlier evaluation is kept (it was cleared before the build)
+    assert (export / "eval" / dataset_tag(str(shards)) / "metrics.json").read_text() == scores
     assert cli(["eval", *common, "model.link_blocks=[]", "model.num_links=5"]) == 2  # checked before the model build
     assert "key 'model.num_links': model.num_links must be in [0, 3]" in capsys.readouterr().err
     unlinked = tmp_path / "unlinked"  # no control links: [] alone meant num_links (5) evenly spaced

@@ -384,17 +384,19 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     # <checkpoint>/eval without parents: a checkpoint removed meanwhile raises instead of coming back
     out.parent.mkdir(parents=bool(chosen), exist_ok=True)
     with claim(str(out)):
+        if unscored_only and (out / METRICS_FILE).exists():
+            return None
+        # the model and the samples first: an evaluation refused there (adapters that do not fit, a dataset that
+        # does not read) leaves the earlier scores as they were
+        device = resolve_device(cfg.train.device)
+        gen = gen or load_generator(cfg, checkpoint, device)
+        samples = list(iter_samples(cfg))
         if (out / METRICS_FILE).exists():
-            if unscored_only:
-                return None
             (out / METRICS_FILE).unlink()
         if not chosen and out.is_dir():  # our own folder: no sample folder of an earlier evaluation stays beside
             shutil.rmtree(out)
         out.mkdir(exist_ok=True)
-        device = resolve_device(cfg.train.device)
-        gen = gen or load_generator(cfg, checkpoint, device)
         results = []
-        samples = list(iter_samples(cfg))
         bar = tqdm(total=len(samples) * len(ecfg.modes), desc="eval", disable=not progress, unit="run")
         for i, batch in enumerate(samples):
             name = _sample_name(batch, i)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,23 @@ def test_an_out_that_is_a_file_or_empty_exits_2_naming_it(capsys, tmp_path):
         code, out = export(capsys, f"checkpoint={path}", f"out={inside}")
         assert code == 2 and f"out={inside}: inside the checkpoint {path}" in out, out
     assert ckpt.is_complete(path) and not os.path.exists(os.path.join(path, "exported"))
+
+
+def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsys, tmp_path):
+    """out= was written into whatever folder it named: another checkpoint's adapters/ took this one's weights under
+    its own COMPLETE marker (same sizes: still 'complete'), and an earlier export of another design kept its
+    io.safetensors beside the new files. An earlier export is now replaced whole; anything else is refused."""
+    first, second = make_checkpoint(tmp_path / "run", "step-00000002"), make_checkpoint(tmp_path / "run")
+    before = Path(first, "adapters", "lora_rgb.safetensors").read_bytes()
+    code, out = export(capsys, f"checkpoint={second}", f"out={os.path.join(first, 'adapters')}")
+    assert code == 2 and f"inside the checkpoint {first}" in out, out
+    assert Path(first, "adapters", "lora_rgb.safetensors").read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, out = export(capsys, f"checkpoint={second}", f"out={tmp_path / 'mine'}")
+    assert code == 2 and "holds notes.txt, not an earlier export's files alone" in out, out
+    assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'out'}")[0] == 0
+    (tmp_path / "out" / "io.safetensors").write_bytes(b"an earlier export's")
+    assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'out'}")[0] == 0
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))
+    assert not list(tmp_path.glob("*.tmp-export-*"))

@@ -8,7 +8,8 @@ checkpoint has no adapters/, the adapters are rebuilt on the CPU from the DeepSp
 using the run's config.yaml: no GPU and no process group needed.
 
 Output: lora_rgb.safetensors / lora_xyz.safetensors (diffusers WanTransformer3DModel LoRA keys),
-control_links.safetensors (links + the XYZ patch embedding), adapter_config.json.
+control_links.safetensors (links + the XYZ patch embedding), adapter_config.json, in `out`: a new or empty folder,
+or an earlier export, replaced whole (written beside it, then renamed over it); never a folder inside a checkpoint.
 
 exit codes: 0 exported, 2 bad arguments or a checkpoint that cannot be exported, 1 any other failure.
 """
@@ -79,6 +80,32 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _target_problem(out: str) -> str | None:
+    """Why `out` cannot take an export: inside a checkpoint (its adapters/ or another folder of it: a checkpoint's
+    files would change under its COMPLETE marker, or another step's adapters be replaced by these), or a folder
+    holding anything but an earlier export's files (replaced whole)."""
+    from one4d_train.model.adapters import CONFIG_NAME, GROUP_FILES, lora_file
+    from one4d_train.model.dlc import BRANCHES
+    from one4d_train.train.checkpoint import MARKER
+
+    here = os.path.realpath(out)
+    while True:
+        if os.path.isfile(os.path.join(here, MARKER)) or all(os.path.isdir(os.path.join(here, d))
+                                                              for d in ("ds", "train_state")):
+            return (f"inside the checkpoint {here}, whose files its {MARKER} marker lists (its adapters/ already "
+                    "holds its export); give a folder outside every checkpoint")
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    export_files = {CONFIG_NAME, *GROUP_FILES.values(), *(lora_file(b) for b in BRANCHES)}
+    others = sorted(set(os.listdir(out)) - export_files) if os.path.isdir(out) else []
+    if others:
+        return (f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not an earlier export's files "
+                "alone (an export replaces the folder whole): give a new or empty folder, or an earlier export")
+    return None
+
+
 def export(ckpt: str, out: str, from_zero: bool) -> None:
     from one4d_train.model.adapters import read_adapters
     from one4d_train.train.checkpoint import MARKER, is_complete
@@ -88,19 +115,29 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
     if not out or (os.path.exists(out) and not os.path.isdir(out)):
         raise ExportError(f"out={out!r}: {'empty' if not out else 'exists and is not a folder'}: give the folder to "
                           "write the adapters into (made when missing)")
-    inside = os.path.realpath(out) + os.sep
-    if inside.startswith(os.path.realpath(ckpt) + os.sep):  # its own files would be overwritten, the marker broken
-        raise ExportError(f"out={out}: inside the checkpoint {ckpt}, whose adapters/ already holds the export; give "
-                          "a folder outside it")
+    problem = _target_problem(out)
+    if problem:
+        raise ExportError(f"out={out}: {problem}")
     if not is_complete(ckpt):
         raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
                           "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")
     src = os.path.join(ckpt, "adapters")
-    if from_zero or not os.path.isdir(src):
-        rebuild_from_zero(ckpt, out)
-    else:
-        read_adapters(src)  # raises on a missing file or key
-        shutil.copytree(src, out, dirs_exist_ok=True)
+    # written beside `out` and renamed over it once read back whole: an earlier export there is replaced, never
+    # mixed with this one's files (another design leaves other files) nor left half-written
+    tmp = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if from_zero or not os.path.isdir(src):
+            rebuild_from_zero(ckpt, tmp)
+        else:
+            read_adapters(src)  # raises on a missing file or key
+            shutil.copytree(src, tmp)
+        read_adapters(tmp)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     config, state = read_adapters(out)
     total = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({total / 2**20:.2f}M parameters; design {config['design']}, "

@@ -313,7 +313,8 @@ def _scaled_planes(scaler, frame, out: np.ndarray) -> None:
 def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[int, int] | None,
                        resized_hw: tuple[int, int] | None) -> np.ndarray | None:
     """PyAV, one thread, frames counted in presentation order from the first; None (use decord) when the
-    container does not state `n` frames. Frames are resized to `resized_hw` by swscale when given."""
+    container does not state `n` frames or holds several video streams. Frames are resized to `resized_hw` by
+    swscale when given."""
     import av
     from av.video.reformatter import VideoReformatter
 
@@ -323,7 +324,7 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
-            if stream.frames != n:
+            if stream.frames != n or len(container.streams.video) > 1:  # decord picks among several, as sharding did
                 return None
             stream.thread_type = "NONE"
             stream.codec_context.thread_count = 1

@@ -79,11 +79,27 @@ def decode_frames(src, indices=None) -> np.ndarray:
         raise VideoError(f"{name}: video does not decode with decord: {_short(exc)}") from None
 
 
+def video_streams(src) -> int:
+    """How many video streams the container at path or in bytes `src` holds (0 where PyAV cannot open it: the
+    decode check reports why)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
+            return len(container.streams.video)
+    except (av.FFmpegError, OSError, ValueError):
+        return 0
+
+
 def probe_and_check(path, chunk: int = 16) -> VideoInfo:
     """Open `path` with decord and decode every frame (in chunks, so memory stays small): a truncated or
     corrupt stream fails here, not in training. Returns its frame count, size and frame rate."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: video file not found")
+    streams = video_streams(path)
+    if streams > 1:  # decoders disagree on which one a clip is: decord takes the 'best', PyAV the first
+        raise VideoError(f"{path}: {streams} video streams (a second angle, or cover art?): keep the clip's own alone, "
+                         f"e.g. ffmpeg -i IN -map 0:v:0 -c copy OUT.mp4")
     try:
         vr = open_reader(path)
         n = len(vr)

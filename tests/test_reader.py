@@ -402,6 +402,32 @@ def test_sequential_and_seeking_decoders_give_identical_frames(depth_shards, mon
             dec.decode_window(mp4, np.arange(3), 10)
 
 
+def test_a_video_of_two_streams_is_rejected_and_read_by_one_decoder(tmp_path):
+    """Stream 0 one clip, stream 1 another: decord (the shard check, late windows) took stream 1, PyAV (early
+    windows) stream 0, so one sample gave frames of two clips. Sharding rejects it naming the file; a shard written
+    before reads it with decord alone."""
+    import av
+
+    import data_pipeline.decode as dec
+    from data_pipeline.video import VideoError, probe_and_check
+
+    clips = [render_clip(i, 9, 32, 64)["frames"] for i in (0, 1)]
+    path = tmp_path / "two.mp4"
+    with av.open(str(path), "w") as out:
+        streams = [out.add_stream("libx264", rate=16) for _ in clips]
+        for s in streams:
+            s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        for frames in zip(*clips):
+            for s, f in zip(streams, frames):
+                out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        for s in streams:
+            out.mux(s.encode())
+    with pytest.raises(VideoError, match=rf"{path}: 2 video streams"):
+        probe_and_check(path)
+    data = path.read_bytes()
+    np.testing.assert_array_equal(dec.decode_window(data, np.arange(3), 9), decode_frames(data)[:3])
+
+
 @pytest.mark.parametrize("size", [(24, 42), (48, 96)])
 def test_resized_decode_matches_decoding_then_resizing(depth_shards, monkeypatch, size):
     """Frames resized in the decoder (swscale on the PyAV path, torch after decord) are those of a full decode

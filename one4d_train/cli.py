@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     if name == "train":  # catch the stop signals before the imports of the trainer (torch...: seconds)
         from one4d_train.train import preemption
         preemption.install()
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C (in training, a second one): one line, the shell's code for SIGINT
+        print(f"one4d {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

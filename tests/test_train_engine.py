@@ -334,6 +334,44 @@ def test_zero2_single_plain_process_bf16(tmp_path):
     assert sorted(mfu) == list(range(1, 17)) and all(0 < v < 1 for v in mfu.values())
 
 
+def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys, monkeypatch):
+    """Ctrl-C reaches the whole foreground group (the trainer and its data workers): it was a KeyboardInterrupt
+    traceback and the steps since the last checkpoint were lost. Now a first one stops as SIGTERM does (checkpoint,
+    exit 42: the same command resumes); a second one stops at once, with one line and the shell's 130."""
+    from one4d_train.train.preemption import Preemption
+
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
+                        "train.zero_stage=2", "train.steps=16", "train.checkpoint_every=100", "train.log_every=1"],
+                       cwd=ROOT, env={**_env(), "TOY_WORKERS": "2", "TOY_SIGNAL_AT": "5:0:INT:group"},
+                       capture_output=True, text=True, timeout=400, start_new_session=True)  # its own group
+    out = r.stdout + r.stderr
+    assert r.returncode == REQUEUE_EXIT_CODE, out[-4000:]
+    assert "received SIGINT: will checkpoint and exit after the current step (Ctrl-C again" in out
+    assert "Traceback" not in out and "DataLoader worker" not in out, out[-4000:]
+    stopped = int(re.search(r"checkpointed step (\d+), exiting 42", out).group(1))
+    assert 5 <= stopped < 16 and checkpoint_names(run_dir)[-1] == ckpt.step_name(stopped) + "*"
+
+    previous = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
+    try:
+        stop = Preemption().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    from one4d_train import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert cli.main(["eval", "checkpoint=x"]) == 130
+    assert capsys.readouterr().err == "one4d eval: interrupted\n"
+
+
 def test_logged_throughput_leaves_out_checkpoints_and_evaluation(tmp_path):
     """Samples/s, step time and MFU are the training steps' own: a checkpoint or an evaluation between two log
     lines does not count as step time (here every evaluation takes 1 s more, a toy step a few ms: a window that

@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM / SIGUSR1 set a flag; at the end of each step the ranks agree (all-reduce max) so all of
-them stop after the same step, checkpoint, and exit with REQUEUE_EXIT_CODE for the Slurm script to requeue.
+"""Preemption: SIGTERM / SIGUSR1 / SIGINT (a first Ctrl-C) set a flag; at the end of each step the ranks agree
+(all-reduce max) so all of them stop after the same step, checkpoint, and exit with REQUEUE_EXIT_CODE for the Slurm
+script to requeue (by hand: run the same command again). A second Ctrl-C stops at once (KeyboardInterrupt).
 
 The handler is installed once per process, as the first thing `one4d train` does: the `one4d` entry point calls
 `install()` before it imports the trainer and torch, and distributed.setup calls it again (idempotent) for other
@@ -24,7 +25,8 @@ REQUEUE_EXIT_CODE = 42
 
 
 class Preemption:
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    # SIGINT: Ctrl-C, which a terminal sends to the whole foreground group (the ranks and their data workers)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received = None
@@ -35,8 +37,12 @@ class Preemption:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == "SIGINT":  # Ctrl-C twice: stop at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
-        log.warning("received %s: will checkpoint and exit after the current step", self.received)
+        log.warning("received %s: will checkpoint and exit after the current step%s", self.received,
+                    " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
 
     @contextlib.contextmanager
     def shielded(self):

@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("one4d_train.eval.main", "sample a checkpoint in the three UMC modes and score it"),
     "export": ("one4d_train.train.export_cli", "export a checkpoint's branch adapters and control links (safetensors)"),
     "demo": ("one4d_train.demo", "end-to-end demo on synthetic data, CPU, ~4 minutes"),
+    "requeue": ("one4d_train.train.requeue", "for slurm/train.sbatch: where a requeued job resumes, what a run saved"),
 }
 
 

@@ -1,6 +1,10 @@
 # Sourced first by every job script: this site's settings, its modules and the Python environment.
 # The scripts run from Slurm's spool copy, so the repository is found through ONE4D_ROOT (set by submit.sh)
 # or, for a plain `sbatch` from the repository root, the submission directory.
+if (( BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4) )); then
+    echo "[one4d] the job scripts need bash 4.4 or newer (empty arrays under set -u), this is $BASH_VERSION" >&2
+    exit 2
+fi
 export ONE4D_ROOT=${ONE4D_ROOT:-$SLURM_SUBMIT_DIR}
 export ONE4D_SITE=${ONE4D_SITE:-$ONE4D_ROOT/slurm/site.env}
 if [[ ! -f $ONE4D_SITE ]]; then
@@ -8,6 +12,20 @@ if [[ ! -f $ONE4D_SITE ]]; then
     exit 2
 fi
 source "$ONE4D_SITE"
+# the settings the job scripts read, checked now rather than where they are used (after hours of training)
+ONE4D_MAX_RESTARTS=${ONE4D_MAX_RESTARTS:-20}
+ONE4D_TASK_EXIT_WAIT_S=${ONE4D_TASK_EXIT_WAIT_S:-300}
+ONE4D_EVAL_AFTER_TRAIN=${ONE4D_EVAL_AFTER_TRAIN:-1}
+for setting in ONE4D_MAX_RESTARTS ONE4D_TASK_EXIT_WAIT_S; do
+    if [[ ! ${!setting} =~ ^[0-9]+$ ]]; then
+        echo "[one4d] $setting=${!setting} ($ONE4D_SITE or the environment): must be a whole number" >&2
+        exit 2
+    fi
+done
+if [[ $ONE4D_EVAL_AFTER_TRAIN != [01] ]]; then
+    echo "[one4d] ONE4D_EVAL_AFTER_TRAIN=$ONE4D_EVAL_AFTER_TRAIN ($ONE4D_SITE or the environment): must be 0 or 1" >&2
+    exit 2
+fi
 if [[ -n ${ONE4D_MODULES:-} ]]; then
     # a batch shell is not a login shell: the `module` function may not be defined yet
     for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do

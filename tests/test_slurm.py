@@ -230,17 +230,19 @@ def test_term_with_no_restarts_left_checkpoints_and_exits_43_without_requeue(clu
 def test_the_time_limits_usr1_before_the_first_step_ends_the_job_instead_of_requeuing_it(cluster, job_env, tmp_path):
     """A time limit at or below the USR1 lead plus the start-up: the signal comes before the first step, and every
     requeue would stop the same way until ONE4D_MAX_RESTARTS ran out. USR1 to the batch shell (as Slurm's
-    --signal=B:USR1@600 sends it) while the model is built: the job ends with 43, saying why, after one run."""
+    --signal=B:USR1@600 sends it) while the model is built, then a TERM (scancel): the job ends with 43, saying why,
+    after one run."""
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
-    env = dict(job_env, TOY_SIGNAL_AT="0:0:USR1:batch")
+    env = dict(job_env, TOY_SIGNAL_AT="0:0:USR1:batch,0:0:TERM:batch")
     r = submit(env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
     assert r.returncode == 0, r.stderr
     job = wait_for_job(cluster, r.stdout.strip().split(";")[0])
     text = out.read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "43:0", "0"), f"{job}\n{text[-4000:]}"
-    assert "restart 0: got SIGUSR1: asking the trainer to checkpoint" in text
+    assert "restart 0: got SIGUSR1: asking the trainer to checkpoint" in text and "got SIGTERM" in text
     assert "stop requested (SIGUSR1 on some rank) before the first step" in text
-    assert "stopped by USR1 before this run's first step: NOT requeued" in text and "requeued (restart" not in text
+    assert "stopped before its first step, nothing saved, after USR1: NOT requeued" in text
+    assert "requeued (restart" not in text
     assert not list(run_dir.glob("checkpoints/step-*"))
 
 

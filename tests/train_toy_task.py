@@ -4,9 +4,10 @@ Model: a frozen 'base' MLP plus trainable 'adapter' layers (zero-initialised up-
 target is a fixed perturbed teacher, so the adapters can fit it. Data: a seeded dataset with a positioned
 loader ({epoch, batch}). The step draws from torch's generator, numpy and python RNGs so resume exactness
 covers them. Test hooks (environment): TOY_NAN_STEPS="3,6" (+ TOY_NAN_RANK=r, default every rank) make the
-loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" sends the signal to that rank's own process at that
-step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that rank's whole process group, its data
-workers included, as scancel and Slurm preemption do, "STEP:RANK:SIGNAL:batch" to the Slurm job's batch shell; TOY_WORKERS=N serves the batches from N DataLoader worker
+loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" (several: comma-separated, sent in order) sends the
+signal to that rank's own process at that step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that
+rank's whole process group, its data workers included, as scancel and Slurm preemption do,
+"STEP:RANK:SIGNAL:batch" to the Slurm job's batch shell; TOY_WORKERS=N serves the batches from N DataLoader worker
 processes (the same batches in the same order); TOY_EVAL_SLEEP=S makes every evaluation take S seconds more; each
 rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl and writes its rank, world size, local
 rank and Slurm node to where-R.json.
@@ -113,7 +114,7 @@ class ToyTask:
         self.cfg = cfg
         self.nan_steps = {int(s) for s in os.environ.get("TOY_NAN_STEPS", "").split(",") if s}
         self.nan_rank = int(os.environ.get("TOY_NAN_RANK", "-1"))
-        self.signal_at = os.environ.get("TOY_SIGNAL_AT", "")
+        self.signal_at = [e for e in os.environ.get("TOY_SIGNAL_AT", "").split(",") if e]
         self.workers = int(os.environ.get("TOY_WORKERS", "0"))
         self.eval_sleep = float(os.environ.get("TOY_EVAL_SLEEP", "0"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -126,23 +127,21 @@ class ToyTask:
                        "node": os.environ.get("SLURMD_NODENAME", "")}, f)
 
     def _signal(self, step):
-        if not self.signal_at:
-            return
-        at, rank, name, *group = self.signal_at.split(":")
-        if int(at) != step or int(rank) != self.rank:
-            return
-        self.signal_at = ""  # once, not at every micro-batch
-        sig = getattr(signal, "SIG" + name)
-        if group == ["batch"]:  # to the Slurm job's batch shell, as the time limit's --signal=B:USR1@LEAD comes
-            subprocess.run(["scancel", f"--signal={name}", "--batch", os.environ["SLURM_JOB_ID"]], check=True)
-            time.sleep(5)  # the shell passes it on to the ranks: it reaches this one here, before the first step
-        elif group == ["group"]:
-            workers = sorted(p.pid for p in multiprocessing.active_children())
-            print(f"toy: SIG{name} to process group {os.getpgid(0)}: rank {self.rank} and data workers {workers}",
-                  flush=True)
-            os.killpg(os.getpgid(0), sig)
-        else:
-            os.kill(os.getpid(), sig)
+        due = [e for e in self.signal_at if int(e.split(":")[0]) == step and int(e.split(":")[1]) == self.rank]
+        self.signal_at = [e for e in self.signal_at if e not in due]  # once, not at every micro-batch
+        for entry in due:
+            _, _, name, *group = entry.split(":")
+            sig = getattr(signal, "SIG" + name)
+            if group == ["batch"]:  # to the Slurm job's batch shell, as the time limit's --signal=B:USR1@LEAD comes
+                subprocess.run(["scancel", f"--signal={name}", "--batch", os.environ["SLURM_JOB_ID"]], check=True)
+                time.sleep(1 if entry != due[-1] else 5)  # in order; the shell passes it on to the ranks: here
+            elif group == ["group"]:
+                workers = sorted(p.pid for p in multiprocessing.active_children())
+                print(f"toy: SIG{name} to process group {os.getpgid(0)}: rank {self.rank} and data workers "
+                      f"{workers}", flush=True)
+                os.killpg(os.getpgid(0), sig)
+            else:
+                os.kill(os.getpid(), sig)
 
     def build_model(self, partitioned):
         self._signal(0)

@@ -37,10 +37,13 @@ class Preemption:
         return self
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.received == "SIGINT":  # Ctrl-C twice: stop at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        if self.received == name:  # the same stop again (the Slurm script repeats it until the tasks end)
+            return
+        self.received = name
         log.warning("received %s: will checkpoint and exit after the current step%s", self.received,
                     " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
 

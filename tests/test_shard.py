@@ -124,6 +124,9 @@ def bad_rows(raw):
         (dict(r0, intrinsics=[[1.0, 0, 0], [0, 1.0, 0]]), "'intrinsics' has shape [2, 3]"),
         (dict(r0, video="truncated.mp4"), "does not decode"),
         ("{broken json", "not valid JSON"),
+        # each aborted the whole run: int()'s digit limit (ValueError) and the parser's recursion limit
+        (json.dumps(r0)[:-1] + ', "caption": 1' + "0" * 5000 + "}", "not valid JSON: an integer of 5001 digits"),
+        ('{"video": ' + "[" * 100000 + "]" * 100000 + "}", "not valid JSON: nested too deeply"),
     ]
     lines = [json.dumps(r) for r in good] + [e if isinstance(e, str) else json.dumps(e) for e, _ in extra]
     (raw / "manifest.jsonl").write_text("\n".join(lines) + "\n")
@@ -146,7 +149,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
     assert rejects[3]["path"].endswith("missing.mp4") and rejects[6]["path"].endswith("garbage.mp4")
     assert rejects[5]["path"].endswith("nan.npy")
     assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == index["rejects"]
-    assert index["totals"]["rejected"] == 7 and index["totals"]["samples"] == 3
+    assert index["totals"]["rejected"] == 9 and index["totals"]["samples"] == 3
 
 
 def test_killed_run_resumes_to_the_identical_index(tmp_path, manifest):

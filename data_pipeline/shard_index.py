@@ -83,8 +83,12 @@ def read_json(path) -> dict:
         raise ShardIndexError(f"{path}: not found")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise ShardIndexError(f"{path}: not valid JSON: nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past int()'s digit limit
         raise ShardIndexError(f"{path}: not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ShardIndexError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     if not isinstance(obj, dict):
         raise ShardIndexError(f"{path}: top level must be a JSON object")
     return obj

@@ -574,6 +574,22 @@ def test_an_index_with_a_wrong_typed_section_is_refused(tmp_path, top, value):
         read_index(out)
 
 
+@pytest.mark.parametrize("text, message", [("[" * 100000, "not valid JSON: nested too deeply to parse"),
+                                           ('{"version": 1' + "0" * 5000 + "}", "not valid JSON: Exceeds the limit")])
+def test_an_index_the_json_parser_cannot_take_is_refused_naming_it(tmp_path, capsys, text, message):
+    """Nesting past the parser's recursion limit (RecursionError) and an integer past int()'s digit limit (a
+    ValueError that is no JSONDecodeError) came out of inspect-shards, train, eval and encode-latents as tracebacks."""
+    from data_pipeline.reader import list_shards
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    (out / "index.json").write_text(text)
+    with pytest.raises(ShardIndexError, match=re.escape(f"{out / 'index.json'}: {message}")):
+        list_shards(str(out))
+    assert inspect_main([str(out)]) == 1
+    assert f"FAILED: {out / 'index.json'}: {message}" in capsys.readouterr().err
+
+
 def test_an_index_listing_a_shard_twice_is_refused(tmp_path, capsys):
     """The reader would silently read such a shard once; inspect-shards would pass it. Both refuse it, as a sample
     key listed twice within a shard."""

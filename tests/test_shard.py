@@ -590,6 +590,49 @@ def test_an_index_the_json_parser_cannot_take_is_refused_naming_it(tmp_path, cap
     assert f"FAILED: {out / 'index.json'}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda st: st["frames"].update(max="17"), "statistics.frames.max must be a non-negative integer, got '17'"),
+    (lambda st: st.pop("frames"), "statistics.frames must be a JSON object, got None"),
+    (lambda st: st.update(frames="x"), "statistics.frames must be a JSON object, got 'x'"),
+    (lambda st: st["resolutions"].update({"32x64": -1}), "statistics.resolutions.32x64 must be a non-negative integer"),
+    (lambda st: st.update(geometry=[]), "statistics.geometry must be a JSON object, got []"),
+    (lambda st: st.update(depth_range=None), "statistics.depth_range must be [min, max] (numbers or nulls), got None"),
+    (lambda st: st.update(valid_fraction="1"), "statistics.valid_fraction must be a number or null, got '1'"),
+    (lambda st: st.update(text_embeddings={"samples": 1}), "statistics.text_embeddings must be a JSON object"),
+    (lambda st: st.update(text_embeddings={"samples": "1", "widths": [4096]}),
+     "statistics.text_embeddings.samples must be a non-negative integer (null where widths is null), got '1'"),
+    (lambda st: st.update(text_embeddings={"samples": 1, "widths": ["4096"]}),
+     "statistics.text_embeddings.widths must be a list of positive integers or null, got ['4096']"),
+])
+def test_an_index_with_wrong_typed_statistics_is_refused_naming_the_field(tmp_path, capsys, edit, message):
+    """Train's and eval's checks, inspect-shards and encode-latents read these fields: a hand-edited or damaged one
+    was a TypeError, KeyError or AttributeError in whichever read it first."""
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    edit(index["statistics"])
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match=re.escape(f"{out / 'index.json'}: {message}")):
+        read_index(out)
+    assert inspect_main([str(out)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_an_index_written_before_text_embeddings_were_counted_is_read(tmp_path, capsys):
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    for text in ({"samples": None, "widths": None}, "missing"):
+        if text == "missing":
+            del index["statistics"]["text_embeddings"]
+        else:
+            index["statistics"]["text_embeddings"] = text
+        (out / "index.json").write_text(json.dumps(index))
+        assert read_index(out)["statistics"]["frames"] == index["statistics"]["frames"]
+        assert inspect_main([str(out)]) == 0
+        assert "stored text embeddings" not in capsys.readouterr().out
+
+
 def test_an_index_listing_a_shard_twice_is_refused(tmp_path, capsys):
     """The reader would silently read such a shard once; inspect-shards would pass it. Both refuse it, as a sample
     key listed twice within a shard."""

@@ -291,6 +291,13 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
     assert f"key 'model.text_encoder': {tmp_path / 't5'}: a model of type t5, not UMT5" in err
 
 
+def test_a_tracking_uri_mlflow_has_no_store_for_is_refused_before_the_run_directory_is_locked(capsys, shards,
+                                                                                               tmp_path):
+    err = refused(capsys, args(shards, tmp_path, "tracking.uri=ftp://x"))
+    assert "command line: key 'tracking.uri': 'ftp://x': MLflow has no tracking store for scheme 'ftp'" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ---- values -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("item", ["optim.lr=nan", "optim.grad_clip=nan", "optim.lr=inf", "optim.weight_decay=nan",

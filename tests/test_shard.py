@@ -240,6 +240,58 @@ def test_task_split_and_merge_equal_a_single_run(tmp_path, manifest, capsys):
         merge(split)
 
 
+HOLD = ("import sys, time; from pathlib import Path; from data_pipeline.shard import lock_out_dir; "
+        "lock = lock_out_dir(Path(sys.argv[1]), None if sys.argv[2] == '-' else int(sys.argv[2])); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+@pytest.fixture
+def holding(tmp_path):
+    """holding(folder, task_index or None): a live process that holds the folder's lock as `one4d shard` takes it."""
+    import subprocess
+    from launch_utils import ROOT as SRC, _env
+
+    procs = []
+
+    def hold(folder, task=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), "-" if task is None else str(task)],
+                                cwd=SRC, env=_env(), stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, manifest, capsys, holding):
+    """Two runs into one folder deleted each other's temporary shard files: the loser failed with a raw
+    FileNotFoundError from the rename. Array tasks lock only their own task index, so the tasks of one array run
+    side by side, and the merge locks the folder as a run does."""
+    out = tmp_path / "out"
+    first = holding(out)
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"one4d shard: error: {out} is in use by another one4d shard (pid {first.pid} on " in err
+    assert f"delete {out / 'shard.lock'}" in err and "Traceback" not in err
+    assert not (out / "plan.json").exists()  # refused before anything was written
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--num-tasks", "2", "--task-index", "0",
+                       "--no-progress"]) == 0
+    holding(out, task=1)
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--num-tasks", "2", "--task-index", "1",
+                       "--no-progress"]) == 1
+    assert f"{out} is in use by another one4d shard as array task 1 (pid " in capsys.readouterr().err
+    assert shard_main(["--merge", str(out)]) == 1
+    assert f"{out} is in use by another one4d shard (pid {first.pid} on " in capsys.readouterr().err
+    first.kill()
+    first.wait()  # however the holder dies, the system releases its lock
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"]) == 0
+    assert read_index(out)["totals"]["samples"] == 5
+
+
 def test_parallel_workers_and_byte_sized_shards(tmp_path, manifest):
     one = run_sharding(manifest, tmp_path / "w1", samples_per_shard=1, workers=1, progress=False)
     two = run_sharding(manifest, tmp_path / "w2", samples_per_shard=1, workers=2, progress=False)

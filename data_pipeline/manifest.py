@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,22 @@ def _unique_keys(pairs: list) -> dict:
     return obj
 
 
+def _int(digits: str) -> int:
+    """json.loads' parse_int: a literal longer than int() converts is refused saying so (int()'s own message advises
+    a Python setting)."""
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits (at most {limit} are read)")
+    return int(digits)
+
+
 def loads(text):
-    """json.loads refusing duplicate keys (DuplicateKeyError, a ValueError)."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    """json.loads refusing duplicate keys (DuplicateKeyError); every fault of the text is a ValueError, nesting too
+    deep for the parser and integers too long to convert included."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_int=_int)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
 
 
 @dataclass(frozen=True)
@@ -145,11 +159,11 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         except UnicodeDecodeError as exc:
             errors.append(RowError(i, str(path), f"not UTF-8 text: {exc}"))
             continue
-        except json.JSONDecodeError as exc:
-            errors.append(RowError(i, str(path), f"not valid JSON: {exc}"))
-            continue
         except DuplicateKeyError as exc:
             errors.append(RowError(i, str(path), str(exc)))
+            continue
+        except ValueError as exc:
+            errors.append(RowError(i, str(path), f"not valid JSON: {exc}"))
             continue
         try:
             rows.append(parse_row(obj, i, base, str(path)))

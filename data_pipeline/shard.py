@@ -4,6 +4,8 @@ The plan (which manifest rows go to which shard) is fixed from the manifest befo
 any split of the work (worker processes, Slurm array tasks, a re-run after a kill) produces the same shards.
 A shard is written to a hidden temp name, fsynced and renamed; then its record (`NAME.record.json`: entry,
 rejects, per-sample statistics) is written. A shard whose record matches its file is never rewritten.
+One run at a time writes into an output folder (`shard.lock`; an array task locks its own `shard.task-I.lock`, so
+the tasks of one array run side by side).
 """
 from __future__ import annotations
 
@@ -32,10 +34,28 @@ from data_pipeline.manifest import (ManifestRow, RowError, load_geometry, load_t
 from data_pipeline.video import VideoError, probe_and_check
 
 PLAN_VERSION = 1
+LOCK = "shard.lock"  # held by a run that writes every shard, and by --merge
 
 
 class ShardingError(RuntimeError):
-    """The run cannot proceed (bad options, a plan from another manifest) or a merge does not verify."""
+    """The run cannot proceed (bad options, a plan from another manifest, the folder in use) or a merge does not
+    verify."""
+
+
+def lock_out_dir(out_dir: Path, task_index: int | None = None):
+    """Hold `out_dir`'s lock for this run (array task `task_index`: that task's own), or raise ShardingError naming
+    the run that holds it: two runs into one folder delete each other's temporary files. None where the file
+    system has no POSIX locks (a warning says so)."""
+    from one4d_train.train.run_lock import Held, hold
+
+    path = out_dir / (LOCK if task_index is None else f"shard.task-{task_index}.lock")
+    try:
+        return hold(str(path), what="a second `one4d shard`")
+    except Held as exc:
+        task = "" if task_index is None else f" as array task {task_index}"
+        raise ShardingError(f"{out_dir} is in use by another one4d shard{task} ({exc.who}): wait "
+                            f"for it to end, or write into another folder. If it is no longer running (its node "
+                            f"failed while it held the lock on a network file system), delete {path}") from None
 
 
 def sample_key(row: int) -> str:
@@ -314,8 +334,6 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     """Write this task's planned shards (all shards without num_tasks), skipping finished ones; then write
     index.json (single run) or index.task-I.json (array task). Returns a summary dict (`repeated`: the written
     rows, of this task's shards, that repeat an earlier one's clip or id: manifest.repeated_rows)."""
-    from tqdm import tqdm
-
     if (num_tasks is None) != (task_index is None):
         raise ShardingError("--num-tasks and --task-index go together")
     if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
@@ -329,6 +347,19 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardingError(f"{out_dir}: not a folder: OUT_DIR is the folder the shards go to (new or this run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_out_dir(out_dir, task_index)
+    try:
+        return _write_planned(out_dir, plan, rows, workers, num_tasks, task_index, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_tasks: int | None, task_index: int | None,
+                   progress: bool) -> dict:
+    """run_sharding's writing, with the output folder locked."""
+    from tqdm import tqdm
+
     old = si.pin_plan(out_dir, plan)
     if old is not None:
         raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "
@@ -383,6 +414,15 @@ def merge(out_dir) -> dict:
     written from its planned rows, and matches its recorded size, sha256 and sample count."""
     out_dir = Path(out_dir)
     plan = si.read_json(out_dir / si.PLAN)
+    lock = lock_out_dir(out_dir)
+    try:
+        return _merge(out_dir, plan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _merge(out_dir: Path, plan: dict) -> dict:
     partials = [si.read_json(p) for p in sorted(out_dir.glob("index.task-*.json"))]
     if not partials:
         raise ShardingError(f"{out_dir}: no partial indexes (index.task-*.json) to merge")

@@ -83,8 +83,12 @@ def read_json(path) -> dict:
         raise ShardIndexError(f"{path}: not found")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise ShardIndexError(f"{path}: not valid JSON: nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past int()'s digit limit
         raise ShardIndexError(f"{path}: not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ShardIndexError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     if not isinstance(obj, dict):
         raise ShardIndexError(f"{path}: top level must be a JSON object")
     return obj
@@ -116,6 +120,7 @@ def read_index(shard_dir) -> dict:
         if not isinstance(index[key], kind):
             raise ShardIndexError(f"{path}: '{key}' must be a JSON {'list' if kind is list else 'object'}, "
                                   f"got {index[key]!r:.80}")
+    _check_statistics(path, index["statistics"])
     seen: dict[str, int] = {}
     for i, s in enumerate(index["shards"]):
         _check_entry(path, i, s)
@@ -131,6 +136,49 @@ def read_index(shard_dir) -> dict:
 
 def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_statistics(path: Path, st: dict) -> None:
+    """ShardIndexError naming the file and the field unless `statistics` holds what its readers use (train's and
+    eval's checks, inspect-shards, encode-latents) in the types `statistics()` writes. `text_embeddings` may be
+    missing (indexes written before it was kept) or unknown (samples and widths null)."""
+    where = f"{path}: statistics"
+
+    def counts(key: str, names=None) -> None:
+        value = st.get(key)
+        if not isinstance(value, dict):
+            raise ShardIndexError(f"{where}.{key} must be a JSON object, got {value!r:.80}")
+        for name in names or value:
+            if not (isinstance(name, str) and _count(value.get(name))):
+                raise ShardIndexError(f"{where}.{key}.{name} must be a non-negative integer, got "
+                                      f"{value.get(name)!r:.80}")
+
+    counts("frames", ("total", "min", "max"))
+    counts("resolutions")
+    counts("geometry", ("depth", "xyz"))
+    for key in ("depth_range", "xyz_z_range"):
+        value = st.get(key)
+        if not (isinstance(value, list) and len(value) == 2 and all(v is None or _number(v) for v in value)):
+            raise ShardIndexError(f"{where}.{key} must be [min, max] (numbers or nulls), got {value!r:.80}")
+    value = st.get("valid_fraction", "missing")
+    if not (value is None or _number(value)):
+        raise ShardIndexError(f"{where}.valid_fraction must be a number or null, got {value!r:.80}")
+    if "text_embeddings" not in st:
+        return
+    text = st["text_embeddings"]
+    if not (isinstance(text, dict) and {"samples", "widths"} <= set(text)):
+        raise ShardIndexError(f"{where}.text_embeddings must be a JSON object {{samples, widths}}, got {text!r:.80}")
+    samples, widths = text["samples"], text["widths"]
+    if widths is None and samples is not None or widths is not None and not _count(samples):
+        raise ShardIndexError(f"{where}.text_embeddings.samples must be a non-negative integer (null where widths "
+                              f"is null), got {samples!r:.80}")
+    if widths is not None and not (isinstance(widths, list) and all(_count(w) and w > 0 for w in widths)):
+        raise ShardIndexError(f"{where}.text_embeddings.widths must be a list of positive integers or null, got "
+                              f"{widths!r:.80}")
 
 
 def _check_entry(path: Path, i: int, s) -> None:

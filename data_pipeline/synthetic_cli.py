@@ -15,7 +15,7 @@ from data_pipeline.video import VideoError, frame_rate, probe_and_check, write_m
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="one4d synth", description=__doc__.split(":", 1)[1].strip())
-    p.add_argument("out_dir", help="output folder (clips/ and manifest.jsonl are written there)")
+    p.add_argument("out_dir", help="output folder, new or empty (clips/ and manifest.jsonl are written there)")
     p.add_argument("--clips", type=int, default=8, help="number of clips (default 8)")
     p.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
     p.add_argument("--height", type=int, default=64, help="frame height, even (default 64)")
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--height and --width must be even (H.264 yuv420p)")
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         p.error(f"{args.out_dir}: not a folder: OUT_DIR is the folder clips/ and manifest.jsonl go to")
+    if Path(args.out_dir).is_dir() and any(Path(args.out_dir).iterdir()):  # an earlier dataset would be overwritten
+        p.error(f"{args.out_dir}: not empty (an earlier dataset's manifest.jsonl and clips/ would be overwritten, "
+                "or mixed with this one's): OUT_DIR must be a new or empty folder")
     problem = decodable(args.height, args.width)
     if problem:
         p.error(f"decord cannot decode H.264 frames of {args.width}x{args.height} (width x height): {problem}; "

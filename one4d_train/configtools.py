@@ -6,6 +6,7 @@ with the key's full name and the file (or `command line`) it came from. After me
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -53,10 +54,18 @@ def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, 
 
 def _merge(schema: DictConfig, layer: DictConfig, source: str, origins: dict[str, str]) -> DictConfig:
     """schema <- layer; records in `origins` which source set each (dotted) key."""
+    replaced = _container_clashes(schema, layer, source)
+    if replaced:  # free-form values the layer gives as the other kind of container: its value replaces them
+        schema = copy.deepcopy(schema)
+        for *parents, key in replaced:
+            node = schema
+            for parent in parents:
+                node = node._get_node(parent)
+            del node[key]
     try:
         merged = OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or _section_given_a_value(schema, layer) or "?"
+        key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: key '{key}': {msg}") from None
     for key in flatten(OmegaConf.to_container(layer, resolve=False)):
@@ -64,19 +73,40 @@ def _merge(schema: DictConfig, layer: DictConfig, source: str, origins: dict[str
     return merged
 
 
-def _section_given_a_value(schema: DictConfig, layer: DictConfig, prefix: str = "") -> str | None:
-    """The first key of `layer` that holds a plain value where the schema has a section (OmegaConf names no key
-    for that error)."""
+def _kind(node: Any) -> str | None:
+    return "mapping" if OmegaConf.is_dict(node) else "list" if OmegaConf.is_list(node) else None
+
+
+def _container_clashes(schema: DictConfig, layer: DictConfig, source: str,
+                       path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Refuse, naming the key, a layer value that is not the mapping or list the schema has there (a section or a
+    mapping given a list or a plain value, a list given a mapping or a plain value): OmegaConf's merge raises a
+    bare TypeError for a list onto a mapping and names no key for a plain value onto a section. Inside a free-form
+    mapping (train.deepspeed_overrides) a later layer's value replaces the earlier one whatever its kind, as a
+    plain value does in OmegaConf: returns the paths of those whose kind changes, to be dropped before merging."""
+    replaced: list[tuple[str, ...]] = []
     for key in layer:
-        if key not in schema:
+        if key not in schema or OmegaConf.is_missing(layer, key) or OmegaConf.is_interpolation(layer, key):
             continue
-        if OmegaConf.is_dict(schema[key]) and not OmegaConf.is_dict(layer[key]):
-            return f"{prefix}{key}"
-        if OmegaConf.is_dict(schema[key]):
-            inner = _section_given_a_value(schema[key], layer[key], f"{prefix}{key}.")
-            if inner:
-                return inner
-    return None
+        node, value = schema._get_node(key), layer._get_node(key)
+        want, got = _kind(node), _kind(value)
+        if want is None or layer[key] is None:  # a plain key (OmegaConf converts or names it), or null: not Optional
+            continue
+        if want == got == "mapping":
+            replaced += _container_clashes(node, value, source, path + (key,))
+        elif want != got and node._metadata.ref_type is Any:
+            if got is not None:
+                replaced.append(path + (key,))
+        elif want != got:
+            full = ".".join(path + (key,))
+            shown = OmegaConf.to_container(value) if got else layer[key]
+            given = f"a {got} {shown!r}" if got else repr(shown)
+            if want == "mapping" and dataclasses.is_dataclass(node._metadata.object_type):
+                raise ConfigError(f"{source}: key '{full}': is a section: set its keys ({full}.KEY=...) or give "
+                                  f"a mapping {{KEY: value, ...}}, not {given}")
+            what = "a mapping {key: value, ...}" if want == "mapping" else "a list [a, b, ...]"
+            raise ConfigError(f"{source}: key '{full}': must be {what}, got {given}")
+    return replaced
 
 
 Problems = list[tuple[str, str]]  # (key, what is wrong with its value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,20 @@ def test_shards_folder_without_index_or_with_a_missing_shard(capsys, shards, tmp
             os.symlink(shards / name, broken / name)
     err = refused(capsys, args(broken, tmp_path))
     assert "key 'data.shards'" in err and str(broken / "shard-000001.tar") in err
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, None])
+def test_an_index_that_does_not_parse_or_has_wrong_typed_statistics_is_refused_naming_it(capsys, shards, tmp_path,
+                                                                                          text):
+    """A RecursionError from the JSON parser and a TypeError from the frame window's check, after the start-up."""
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    index = json.loads((bad / "index.json").read_text())
+    index["statistics"]["frames"]["max"] = "17"
+    (bad / "index.json").write_text(text or json.dumps(index))
+    err = refused(capsys, args(bad, tmp_path))
+    why = "not valid JSON: nested too deeply" if text else "statistics.frames.max must be a non-negative integer"
+    assert f"command line: key 'data.shards': {bad / 'index.json'}: {why}" in err
 
 
 def test_a_window_longer_than_every_clip_is_refused_naming_the_key(shards, tmp_path):
@@ -274,6 +289,13 @@ def test_encoder_files_that_do_not_fit_the_backbone_are_refused_before_any_proce
         tmp_path / "t5")
     err = refused(capsys, args(shards, tmp_path, f"model.text_encoder={tmp_path / 't5'}"))
     assert f"key 'model.text_encoder': {tmp_path / 't5'}: a model of type t5, not UMT5" in err
+
+
+def test_a_tracking_uri_mlflow_has_no_store_for_is_refused_before_the_run_directory_is_locked(capsys, shards,
+                                                                                               tmp_path):
+    err = refused(capsys, args(shards, tmp_path, "tracking.uri=ftp://x"))
+    assert "command line: key 'tracking.uri': 'ftp://x': MLflow has no tracking store for scheme 'ftp'" in err
+    assert not (tmp_path / "run").exists()
 
 
 # ---- values -----------------------------------------------------------------------------------------------------

@@ -66,6 +66,29 @@ def test_a_value_where_a_section_belongs_names_the_section(tmp_path):
         load_config([f"config={exp}"])
 
 
+@pytest.mark.parametrize("key, value, want", [
+    ("train.deepspeed_overrides", "[1]", "must be a mapping"), ("train.deepspeed_overrides", "1", "must be a mapping"),
+    ("optim.betas", "{a: 1}", "must be a list"), ("optim.betas", "1", "must be a list"),
+    ("eval.modes", "{a: 1}", "must be a list"), ("train", "[1]", "is a section")])
+def test_a_list_mapping_or_plain_value_where_another_belongs_names_the_key_and_its_source(tmp_path, key, value, want):
+    """A list onto a mapping (or the other way round) was a bare TypeError from OmegaConf's merge."""
+    with pytest.raises(ConfigError, match=rf"^command line: key '{re.escape(key)}': {want}"):
+        load_config([f"{key}={value}"])
+    head, _, last = key.rpartition(".")
+    exp = write(tmp_path, "exp.yaml", f"{head}: {{{last}: {value}}}\n" if head else f"{last}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"exp.yaml: key '{re.escape(key)}': {want}"):
+        load_config([f"config={exp}"])
+
+
+def test_a_later_layer_replaces_a_free_form_value_of_another_kind(tmp_path):
+    """Inside train.deepspeed_overrides a value is free-form: a list, a mapping or a plain value replaces the
+    earlier one, whatever its kind."""
+    exp = write(tmp_path, "exp.yaml", "train:\n  deepspeed_overrides: {a: [1], b: {c: 1}, d: 2}\n")
+    cfg = load_config([f"config={exp}", "train.deepspeed_overrides.a={x: 1}", "train.deepspeed_overrides.b=[2]",
+                       "train.deepspeed_overrides.d={y: 3}"])
+    assert cfg.train.deepspeed_overrides == {"a": {"x": 1}, "b": [2], "d": {"y": 3}}
+
+
 def test_empty_value_is_the_empty_string():
     assert load_config(["model.vae=/x", "model.vae="]).model.vae == ""
 

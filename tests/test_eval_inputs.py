@@ -243,6 +243,18 @@ def test_one_out_dir_for_a_run_directorys_checkpoints_is_refused(tmp_path, capsy
     assert not (tmp_path / "scores").exists()
 
 
+def test_an_out_dir_that_is_a_file_is_refused_by_key(tmp_path, capsys):
+    """A FileExistsError (exit 1) once the model was built; a lock file was left beside it."""
+    run, cfg, state = _run(tmp_path)
+    ckpt = _checkpoint(run, cfg, state)
+    (tmp_path / "afile").write_text("")
+    for out, why in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "sub", f"is under {tmp_path / 'afile'}")):
+        assert cli(["eval", f"checkpoint={ckpt}", f"eval.out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"command line: key 'eval.out_dir': {out} {why}" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "run"]
+
+
 def test_model_files_that_do_not_fit_are_refused_before_the_model_is_built(tmp_path, capsys):
     """`one4d eval` reads the configured model files as `one4d train` does before building anything: a truncated
     backbone shard gave a traceback (exit 1) from deep in the model build, naming no key."""

@@ -87,6 +87,19 @@ def test_rows_are_lines_of_bytes_each_decoded_on_its_own(tmp_path):
     assert [(e.row, "not UTF-8" in e.reason) for e in errors] == [(1, True)]
 
 
+def test_a_row_the_json_parser_cannot_take_is_rejected_as_that_row(tmp_path):
+    """An integer literal past int()'s digit limit (ValueError) and nesting past the parser's recursion limit
+    (RecursionError) escaped the JSONDecodeError handler and ended the whole read."""
+    path = write_rows(tmp_path, [json.dumps(depth_row())[:-1] + ', "caption": 1' + "0" * 5000 + "}",
+                                 '{"video": ' + "[" * 100000 + "]" * 100000 + "}",
+                                 depth_row(caption="kept")])
+    rows, errors = read_manifest(path)
+    assert [(r.row, r.caption) for r in rows] == [(2, "kept")]
+    assert [(e.row, e.path) for e in errors] == [(0, str(path.resolve())), (1, str(path.resolve()))]
+    assert errors[0].reason == "not valid JSON: an integer of 5001 digits (at most 4300 are read)"
+    assert errors[1].reason == "not valid JSON: nested too deeply to parse"
+
+
 def load(tmp_path, row, t=T):
     rows, errors = read_manifest(write_rows(tmp_path, [row], "one.jsonl"))
     assert not errors

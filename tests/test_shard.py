@@ -124,6 +124,9 @@ def bad_rows(raw):
         (dict(r0, intrinsics=[[1.0, 0, 0], [0, 1.0, 0]]), "'intrinsics' has shape [2, 3]"),
         (dict(r0, video="truncated.mp4"), "does not decode"),
         ("{broken json", "not valid JSON"),
+        # each aborted the whole run: int()'s digit limit (ValueError) and the parser's recursion limit
+        (json.dumps(r0)[:-1] + ', "caption": 1' + "0" * 5000 + "}", "not valid JSON: an integer of 5001 digits"),
+        ('{"video": ' + "[" * 100000 + "]" * 100000 + "}", "not valid JSON: nested too deeply"),
     ]
     lines = [json.dumps(r) for r in good] + [e if isinstance(e, str) else json.dumps(e) for e, _ in extra]
     (raw / "manifest.jsonl").write_text("\n".join(lines) + "\n")
@@ -146,7 +149,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
     assert rejects[3]["path"].endswith("missing.mp4") and rejects[6]["path"].endswith("garbage.mp4")
     assert rejects[5]["path"].endswith("nan.npy")
     assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == index["rejects"]
-    assert index["totals"]["rejected"] == 7 and index["totals"]["samples"] == 3
+    assert index["totals"]["rejected"] == 9 and index["totals"]["samples"] == 3
 
 
 def test_killed_run_resumes_to_the_identical_index(tmp_path, manifest):
@@ -235,6 +238,58 @@ def test_task_split_and_merge_equal_a_single_run(tmp_path, manifest, capsys):
     shard.unlink()
     with pytest.raises(ShardingError, match="shard-000003.tar: missing"):
         merge(split)
+
+
+HOLD = ("import sys, time; from pathlib import Path; from data_pipeline.shard import lock_out_dir; "
+        "lock = lock_out_dir(Path(sys.argv[1]), None if sys.argv[2] == '-' else int(sys.argv[2])); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+@pytest.fixture
+def holding(tmp_path):
+    """holding(folder, task_index or None): a live process that holds the folder's lock as `one4d shard` takes it."""
+    import subprocess
+    from launch_utils import ROOT as SRC, _env
+
+    procs = []
+
+    def hold(folder, task=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), "-" if task is None else str(task)],
+                                cwd=SRC, env=_env(), stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, manifest, capsys, holding):
+    """Two runs into one folder deleted each other's temporary shard files: the loser failed with a raw
+    FileNotFoundError from the rename. Array tasks lock only their own task index, so the tasks of one array run
+    side by side, and the merge locks the folder as a run does."""
+    out = tmp_path / "out"
+    first = holding(out)
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"one4d shard: error: {out} is in use by another one4d shard (pid {first.pid} on " in err
+    assert f"delete {out / 'shard.lock'}" in err and "Traceback" not in err
+    assert not (out / "plan.json").exists()  # refused before anything was written
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--num-tasks", "2", "--task-index", "0",
+                       "--no-progress"]) == 0
+    holding(out, task=1)
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--num-tasks", "2", "--task-index", "1",
+                       "--no-progress"]) == 1
+    assert f"{out} is in use by another one4d shard as array task 1 (pid " in capsys.readouterr().err
+    assert shard_main(["--merge", str(out)]) == 1
+    assert f"{out} is in use by another one4d shard (pid {first.pid} on " in capsys.readouterr().err
+    first.kill()
+    first.wait()  # however the holder dies, the system releases its lock
+    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"]) == 0
+    assert read_index(out)["totals"]["samples"] == 5
 
 
 def test_parallel_workers_and_byte_sized_shards(tmp_path, manifest):
@@ -569,6 +624,65 @@ def test_an_index_with_a_wrong_typed_section_is_refused(tmp_path, top, value):
     (out / "index.json").write_text(json.dumps(index))
     with pytest.raises(ShardIndexError, match=rf"index.json: '{top}' must be a JSON (list|object)"):
         read_index(out)
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100000, "not valid JSON: nested too deeply to parse"),
+                                           ('{"version": 1' + "0" * 5000 + "}", "not valid JSON: Exceeds the limit")])
+def test_an_index_the_json_parser_cannot_take_is_refused_naming_it(tmp_path, capsys, text, message):
+    """Nesting past the parser's recursion limit (RecursionError) and an integer past int()'s digit limit (a
+    ValueError that is no JSONDecodeError) came out of inspect-shards, train, eval and encode-latents as tracebacks."""
+    from data_pipeline.reader import list_shards
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    (out / "index.json").write_text(text)
+    with pytest.raises(ShardIndexError, match=re.escape(f"{out / 'index.json'}: {message}")):
+        list_shards(str(out))
+    assert inspect_main([str(out)]) == 1
+    assert f"FAILED: {out / 'index.json'}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda st: st["frames"].update(max="17"), "statistics.frames.max must be a non-negative integer, got '17'"),
+    (lambda st: st.pop("frames"), "statistics.frames must be a JSON object, got None"),
+    (lambda st: st.update(frames="x"), "statistics.frames must be a JSON object, got 'x'"),
+    (lambda st: st["resolutions"].update({"32x64": -1}), "statistics.resolutions.32x64 must be a non-negative integer"),
+    (lambda st: st.update(geometry=[]), "statistics.geometry must be a JSON object, got []"),
+    (lambda st: st.update(depth_range=None), "statistics.depth_range must be [min, max] (numbers or nulls), got None"),
+    (lambda st: st.update(valid_fraction="1"), "statistics.valid_fraction must be a number or null, got '1'"),
+    (lambda st: st.update(text_embeddings={"samples": 1}), "statistics.text_embeddings must be a JSON object"),
+    (lambda st: st.update(text_embeddings={"samples": "1", "widths": [4096]}),
+     "statistics.text_embeddings.samples must be a non-negative integer (null where widths is null), got '1'"),
+    (lambda st: st.update(text_embeddings={"samples": 1, "widths": ["4096"]}),
+     "statistics.text_embeddings.widths must be a list of positive integers or null, got ['4096']"),
+])
+def test_an_index_with_wrong_typed_statistics_is_refused_naming_the_field(tmp_path, capsys, edit, message):
+    """Train's and eval's checks, inspect-shards and encode-latents read these fields: a hand-edited or damaged one
+    was a TypeError, KeyError or AttributeError in whichever read it first."""
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    edit(index["statistics"])
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match=re.escape(f"{out / 'index.json'}: {message}")):
+        read_index(out)
+    assert inspect_main([str(out)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_an_index_written_before_text_embeddings_were_counted_is_read(tmp_path, capsys):
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    for text in ({"samples": None, "widths": None}, "missing"):
+        if text == "missing":
+            del index["statistics"]["text_embeddings"]
+        else:
+            index["statistics"]["text_embeddings"] = text
+        (out / "index.json").write_text(json.dumps(index))
+        assert read_index(out)["statistics"]["frames"] == index["statistics"]["frames"]
+        assert inspect_main([str(out)]) == 0
+        assert "stored text embeddings" not in capsys.readouterr().out
 
 
 def test_an_index_listing_a_shard_twice_is_refused(tmp_path, capsys):

@@ -185,6 +185,20 @@ def test_synth_cli_names_an_output_folder_that_is_a_file(tmp_path, capsys):
     assert f"one4d synth: error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'x'}" in capsys.readouterr().err
 
 
+def test_synth_cli_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    """A second synth into the folder of a first overwrote its manifest.jsonl and clips without a word (and left
+    clips of a larger first dataset beside a smaller manifest)."""
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder is fine
+    assert synth_main([str(out), "--clips", "2", "--frames", "2", "--height", "32", "--width", "64"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        synth_main([str(out), "--clips", "1", "--frames", "2", "--height", "32", "--width", "64", "--seed", "7"])
+    assert e.value.code == 2
+    assert f"{out}: not empty" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("fps", [0.0, -3.0, 1e-4, float("inf"), float("nan")])
 def test_write_mp4_refuses_a_frame_rate_it_cannot_store(tmp_path, fps):
     from data_pipeline.video import VideoError, write_mp4

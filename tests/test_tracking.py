@@ -4,8 +4,10 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 from mlflow.tracking import MlflowClient
 
+from one4d_train.train.config import tracking_uri_problem
 from one4d_train.train.tracking import MAX_PARAM_LEN, MlflowTracker, NullTracker, build_tracker
 
 
@@ -148,3 +150,27 @@ def test_a_moved_run_directory_keeps_its_artifacts_with_it(tmp_path):
     assert client.get_experiment_by_name("exp").artifact_location == f"file://{new}/mlartifacts"
     again = MlflowTracker(str(new), cfg, "name")  # nothing more to do once it follows
     assert again.client.get_run(run_id).info.artifact_uri == run.info.artifact_uri
+
+
+@pytest.mark.parametrize("uri", ["ftp://x", "s3://bucket/runs", "uc", "databricks-uc", "mlruns", "file:./mlruns",
+                                 "http://localhost:5000", "https://mlflow.example.org", "sqlite:///{tmp}/store.db",
+                                 "databricks"])
+@pytest.mark.parametrize("file_store", ["", "true"])
+def test_tracking_uri_is_refused_where_mlflow_refuses_it(tmp_path, monkeypatch, uri, file_store):
+    """tracking.uri is opened after the run directory is locked and the model built: a store MLflow's client
+    refuses (a scheme it has none for; a folder, which MLflow 3.13 on refuses unless MLFLOW_ALLOW_FILE_STORE) is
+    refused by the config's check instead, and only those. (Opening a server's or Databricks' store connects to
+    nothing.)"""
+    monkeypatch.chdir(tmp_path)
+    if file_store:
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", file_store)
+    else:
+        monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = uri.format(tmp=tmp_path)
+    problem = tracking_uri_problem(uri)
+    try:
+        MlflowClient(tracking_uri=uri)
+        opened = None
+    except Exception as exc:
+        opened = exc
+    assert (problem is None) == (opened is None), (problem, opened)

@@ -45,6 +45,20 @@ def export_settings(export: str) -> list[str]:
     return items
 
 
+def out_dir_problems(ecfg) -> list[tuple[str, str]]:
+    """eval.out_dir must be a folder or a path one can be made at: a file there (or above it) was a FileExistsError
+    after the model was built."""
+    if not ecfg.out_dir:
+        return []
+    path = os.path.abspath(ecfg.out_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return []
+    where = "is a file" if path == os.path.abspath(ecfg.out_dir) else f"is under {path}, which is a file"
+    return [("eval.out_dir", f"{ecfg.out_dir} {where}: name a new or existing folder for the evaluation's outputs")]
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\nexample (the run of `one4d train --help`'s first example, held-out shards of `one4d demo`):\n"
@@ -82,7 +96,7 @@ def main(argv: list[str]) -> int:
                 args.insert(0, f"config={run_config}")
         try:
             cfg = load_config(args + [f"run_dir={run_dir}"], checks=lambda c: link_problems(c.model) +
-                              model_file_problems(c))
+                              model_file_problems(c) + out_dir_problems(c.eval))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,48 @@ class TrainConfig:
         return p
 
 
+# the schemes MLflow's client opens a tracking store for (mlflow/tracking/_tracking_service/utils.py): a local
+# folder (no scheme) or file:, a server, Databricks, SQLAlchemy's databases (with an optional +driver)
+TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+USABLE_STORES = ("give sqlite:///PATH.db (or postgresql://, mysql://, mssql://), http(s)://SERVER or databricks; "
+                 "empty: the run directory's own store")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow would refuse `uri` as a tracking store, or None. It is opened after the run directory is locked
+    and the model built: a store it refuses was an MLflow exception then."""
+    from importlib.metadata import entry_points
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    # MLflow reads these bare words as schemes (Unity Catalog's two hold models, not runs)
+    scheme = uri if uri in ("databricks", "databricks-uc", "uc") else parsed.scheme.lower().split("+")[0]
+    if scheme in ("", "file"):
+        refused = _file_store_refused()
+        return (f"{uri!r} is a folder store, which MLflow {refused} refuses unless MLFLOW_ALLOW_FILE_STORE=true: "
+                f"{USABLE_STORES}") if refused else None
+    if scheme in ("http", "https") and not parsed.netloc:
+        return f"{uri!r} names no server: write {scheme}://HOST[:PORT]"
+    if scheme in TRACKING_SCHEMES or scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+        return None  # (an installed MLflow plugin's scheme)
+    return f"{uri!r}: MLflow has no tracking store for scheme '{scheme}': {USABLE_STORES}"
+
+
+def _file_store_refused() -> str | None:
+    """The installed MLflow's version where it refuses a folder as its tracking store (3.13 on, unless the
+    environment opts in), else None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return None
+    try:
+        installed = version("mlflow")
+        major, minor = (int(x) for x in re.findall(r"\d+", installed)[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
+    return installed if (major, minor) >= (3, 13) else None
+
+
 @dataclass
 class TrackingConfig:
     uri: str = ""  # empty = sqlite store inside the run directory; else an MLflow tracking URI (server)
@@ -74,7 +117,9 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow's CPU/GPU/memory sampling (needs psutil)
 
     def validate(self):
-        return [] if self.experiment else [("experiment", "must not be empty")]
+        p = [] if self.experiment else [("experiment", "must not be empty")]
+        problem = tracking_uri_problem(self.uri) if self.uri else None
+        return p + ([("uri", problem)] if problem else [])
 
 
 def preflight(cfg) -> list[tuple[str, str]]:

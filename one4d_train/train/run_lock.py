@@ -12,7 +12,7 @@ holder with this job's own Slurm job id and a lower restart count is a dead inst
 the id and counts up SLURM_RESTART_COUNT) whose lock a crashed node left on the server: the job goes on, with a
 warning. One with the same count is alive in this very allocation (a second `srun one4d train` in an salloc
 shell) and is refused like any other job. A file system without POSIX locks (Lustre mounted without `flock`) gets
-a warning too, not a refusal.
+a warning too, not a refusal. `hold` is the same lock on any file (`one4d shard` locks its output folder with it).
 """
 from __future__ import annotations
 
@@ -74,26 +74,29 @@ def _describe(holder: dict) -> str:
     return f"{who}pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
 
 
-def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | None:
-    """Lock `run_dir` for this process (creating the folder). Returns the lock, or None where it cannot be held
-    (no POSIX locks on this file system; a dead instance of this very job still holding it), with a warning.
-    Raises RunDirBusy, naming the holder and the lock file, when another job holds it, and ConfigError when the
-    folder or the file cannot be made."""
+class Held(Exception):
+    """Another live process holds a lock file; `holder` is what it recorded there, `who` that in words."""
+
+    def __init__(self, path: str, holder: dict):
+        self.path, self.holder, self.who = path, holder, _describe(holder)
+        super().__init__(f"{path} is held by {self.who}")
+
+
+def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second job") -> RunLock | None:
+    """An exclusive lock on the file `path` (created; its folder must exist) recording this process as its holder.
+    None where it cannot be held (no POSIX locks on this file system; a dead instance of this very job still holding
+    it), with a warning naming `what` it no longer keeps out. Raises Held when another process holds it, OSError
+    when the file cannot be made."""
     env = os.environ if environ is None else environ
     job, restarts = env.get("SLURM_JOB_ID"), _restart_count(env.get("SLURM_RESTART_COUNT"))
-    path = os.path.join(run_dir, LOCK_NAME)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"key 'run_dir': cannot create {exc.filename or path}: {exc.strerror}") from None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            log.warning("cannot lock %s (%s): this file system has no POSIX locks, so nothing stops a second job "
-                        "from training into %s at the same time", path, exc.strerror, run_dir)
+            log.warning("cannot lock %s (%s): this file system has no POSIX locks, so nothing stops %s from using "
+                        "%s at the same time", path, exc.strerror, what, os.path.dirname(path) or ".")
             return None
         holder = holder_of(path)
         if job and holder.get("slurm_job_id") == job and _restart_count(holder.get("slurm_restart_count")) < restarts:
@@ -101,12 +104,27 @@ def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | No
                         "may have failed with the lock on the file server: going on without the lock", path,
                         _describe(holder))
             return None
-        raise RunDirBusy(f"run_dir {run_dir}: another training job is using it ({_describe(holder)}); two jobs "
-                         f"in one run directory would delete each other's checkpoints. Wait for it to end, or use "
-                         f"another run_dir. If that job is no longer running (its node failed while it held the "
-                         f"lock on a network file system), delete {path}") from None
+        raise Held(path, holder) from None
     holder = {"slurm_job_id": job, "slurm_restart_count": restarts, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     return RunLock(fd, path)
+
+
+def acquire(run_dir: str, environ: dict[str, str] | None = None) -> RunLock | None:
+    """Lock `run_dir` for this process (creating the folder). Returns the lock, or None where it cannot be held
+    (no POSIX locks on this file system; a dead instance of this very job still holding it), with a warning.
+    Raises RunDirBusy, naming the holder and the lock file, when another job holds it, and ConfigError when the
+    folder or the file cannot be made."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        return hold(path, environ, what="a second training job")
+    except OSError as exc:
+        raise ConfigError(f"key 'run_dir': cannot create {exc.filename or path}: {exc.strerror}") from None
+    except Held as exc:
+        raise RunDirBusy(f"run_dir {run_dir}: another training job is using it ({exc.who}); two jobs "
+                         f"in one run directory would delete each other's checkpoints. Wait for it to end, or use "
+                         f"another run_dir. If that job is no longer running (its node failed while it held the "
+                         f"lock on a network file system), delete {path}") from None

@@ -3,7 +3,8 @@
 Checks per shard: file present, size and sha256 as indexed, the tar reads, its sample keys equal the
 index's, every sample has its sums.json and the members of its geometry (cam.json with depth), every member
 parses (npz/npy with allow_pickle=False, json, UTF-8 text, mp4 container opens with decord) and matches the
-sample's sums.json (data_pipeline/checksums.py).
+sample's sums.json (data_pipeline/checksums.py), and the members fit each other as the reader checks them
+(geometry frame count and size against the video's, camera shapes, the mask; on the first frame).
 Every shard is checked (a shard whose size or sha256 differ is still read, to name the samples at fault); each
 problem is printed with its shard and key, and the command exits 1 naming the failing shards.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import checksums, shard_index as si
-from data_pipeline.decode import crc32
+from data_pipeline.decode import crc32, decode_clip
 from data_pipeline.video import open_reader
 
 
@@ -49,6 +50,16 @@ def _check_member(shard: str, key: str, ext: str, data: bytes) -> None:
         raise ShardProblem(f"{where}: does not parse: {type(exc).__name__}: {detail}") from None
 
 
+def _sample_problem(raw: dict) -> str | None:
+    """The reader's own checks of one sample's members against each other (geometry frames and size against the
+    video's, the cameras' shapes, the mask), on its first frame only: why the reader would skip it, or None."""
+    try:
+        decode_clip(raw, num_frames=1, frame_stride=1, rng=None, start=0)
+    except Exception as exc:  # what the reader skips a sample for, said as it says it
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]]:
     """Verify one shard against its index entry: (member counts by extension, its problems). A shard whose size
     or sha256 differ is still read, so that the samples at fault are named."""
@@ -58,6 +69,13 @@ def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]
     problems = [problem] if problem else []
     counts: dict[str, int] = defaultdict(int)
     raws: dict[str, dict] = defaultdict(dict)  # per key: member -> CRC-32 (sums.json: its bytes)
+    sample: dict[str, bytes] = {}  # the members of the sample being read (a sample's members are consecutive)
+
+    def check_sample():
+        problem = _sample_problem(sample)
+        if problem:
+            problems.append(f"{entry['name']}: {sample['__key__']}: the reader would skip it: {problem}")
+
     try:
         with tarfile.open(shard_dir / entry["name"]) as tar:
             for info in tar:
@@ -74,6 +92,12 @@ def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]
                     problems.append(f"{entry['name']}: {key}: member {ext} repeated")
                 counts[ext] += 1
                 raws[key][ext] = data if ext == checksums.MEMBER else crc32(data)
+                if sample and sample["__key__"] != key:
+                    check_sample()
+                    sample = {}
+                sample.update({"__key__": key, ext: data})
+        if sample:
+            check_sample()
     except tarfile.TarError as exc:
         problems.append(f"{entry['name']}: tar does not read: {(str(exc).splitlines() or [repr(exc)])[0]}")
     for key, raw in raws.items():  # the reader's own check: sums.json, its members, the members every sample has

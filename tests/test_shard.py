@@ -815,3 +815,23 @@ def test_workers_die_with_a_killed_parent(tmp_path, manifest):
         os.kill(w, signal.SIGKILL)
     assert not left, f"workers {left} outlived their killed parent"
     assert len(list(out.glob("*.record.json"))) < 60 and not (out / "index.json").exists()
+
+
+def test_inspect_names_samples_whose_members_do_not_fit_each_other(tmp_path, capsys):
+    """Members that parse and match their sums.json but not each other (cameras of another shape, geometry of fewer
+    frames than the video): every epoch's reader would skip the sample, and inspect-shards said OK."""
+    from data_pipeline.shard import frames_npz_bytes
+    from data_utils import resum
+
+    out = make_shards(tmp_path, num_clips=2, samples_per_shard=2)
+    shard = out / "shard-000000.tar"
+    assert inspect_main([str(out)]) == 0
+    capsys.readouterr()
+    fewer = frames_npz_bytes("depth", np.ones((5, 32, 64), np.float16))
+    _rewrite_sample(shard, "r000000000", lambda raw: resum({**raw, "cam.json": b'{"intrinsics": "x"}'}))
+    _rewrite_sample(shard, "r000000001", lambda raw: resum({**raw, "depth.npz": fewer}))
+    assert inspect_main([str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "shard-000000.tar: r000000000: the reader would skip it: ValueError: could not convert string" in err
+    assert "shard-000000.tar: r000000001: the reader would skip it: SampleError: video has 9 frames but the " \
+           "geometry has 5" in err, err

@@ -4,8 +4,8 @@ The plan (which manifest rows go to which shard) is fixed from the manifest befo
 any split of the work (worker processes, Slurm array tasks, a re-run after a kill) produces the same shards.
 A shard is written to a hidden temp name, fsynced and renamed; then its record (`NAME.record.json`: entry,
 rejects, per-sample statistics) is written. A shard whose record matches its file is never rewritten.
-One run at a time writes into an output folder (`shard.lock`; an array task locks its own `shard.task-I.lock`, so
-the tasks of one array run side by side).
+One run at a time writes into an output folder (`shard.lock`; the tasks of one array hold it shared and each its
+own `shard.task-I.lock`, so they run side by side, but never beside a whole run or a --merge).
 """
 from __future__ import annotations
 
@@ -42,20 +42,33 @@ class ShardingError(RuntimeError):
     verify."""
 
 
-def lock_out_dir(out_dir: Path, task_index: int | None = None):
-    """Hold `out_dir`'s lock for this run (array task `task_index`: that task's own), or raise ShardingError naming
-    the run that holds it: two runs into one folder delete each other's temporary files. None where the file
-    system has no POSIX locks (a warning says so)."""
+def lock_out_dir(out_dir: Path, task_index: int | None = None) -> list:
+    """Hold `out_dir`'s locks for this run, or raise ShardingError naming the run that holds them: two runs into one
+    folder delete each other's temporary files. A whole run (and --merge) holds shard.lock alone; array task I holds
+    it shared with the other tasks, and shard.task-I.lock alone. The locks held (none where the file system has no
+    POSIX locks: a warning says so)."""
     from one4d_train.train.run_lock import Held, hold
 
-    path = out_dir / (LOCK if task_index is None else f"shard.task-{task_index}.lock")
-    try:
-        return hold(str(path), what="a second `one4d shard`")
-    except Held as exc:
-        task = "" if task_index is None else f" as array task {task_index}"
-        raise ShardingError(f"{out_dir} is in use by another one4d shard{task} ({exc.who}): wait "
-                            f"for it to end, or write into another folder. If it is no longer running (its node "
-                            f"failed while it held the lock on a network file system), delete {path}") from None
+    held = []
+    wanted = [(out_dir / LOCK, task_index is not None)]
+    if task_index is not None:
+        wanted.append((out_dir / f"shard.task-{task_index}.lock", False))
+    for path, shared in wanted:
+        try:
+            held.append(hold(str(path), what="a second `one4d shard`", shared=shared))
+        except Held as exc:
+            for lock in held:
+                if lock is not None:
+                    lock.release()
+            who = exc.who if exc.holder else "the tasks of a job array (shard.task-*.lock)"
+            if path.name != LOCK:
+                who = f"another array task {task_index} ({exc.who})"
+            elif task_index is not None:
+                who = f"a run of the whole manifest or a --merge ({exc.who})"
+            raise ShardingError(f"{out_dir} is in use by {who}: wait for it to end, or write into another "
+                                f"folder. If it is no longer running (its node failed while it held the lock on a "
+                                f"network file system), delete {path}") from None
+    return [lock for lock in held if lock is not None]
 
 
 def sample_key(row: int) -> str:
@@ -347,11 +360,11 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardingError(f"{out_dir}: not a folder: OUT_DIR is the folder the shards go to (new or this run's)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_out_dir(out_dir, task_index)
+    locks = lock_out_dir(out_dir, task_index)
     try:
         return _write_planned(out_dir, plan, rows, workers, num_tasks, task_index, progress)
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 
@@ -414,11 +427,11 @@ def merge(out_dir) -> dict:
     written from its planned rows, and matches its recorded size, sha256 and sample count."""
     out_dir = Path(out_dir)
     plan = si.read_json(out_dir / si.PLAN)
-    lock = lock_out_dir(out_dir)
+    locks = lock_out_dir(out_dir)
     try:
         return _merge(out_dir, plan)
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 

@@ -269,25 +269,30 @@ def holding(tmp_path):
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, manifest, capsys, holding):
     """Two runs into one folder deleted each other's temporary shard files: the loser failed with a raw
-    FileNotFoundError from the rename. Array tasks lock only their own task index, so the tasks of one array run
-    side by side, and the merge locks the folder as a run does."""
+    FileNotFoundError from the rename. The tasks of one array run side by side (each locks its own task index and
+    shares the folder's lock), but never beside a whole run or a merge."""
     out = tmp_path / "out"
     first = holding(out)
+    task = ["--num-tasks", "2", "--no-progress", "--samples-per-shard", "1", "--task-index"]
     assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert f"one4d shard: error: {out} is in use by another one4d shard (pid {first.pid} on " in err
+    assert f"one4d shard: error: {out} is in use by pid {first.pid} on " in err
     assert f"delete {out / 'shard.lock'}" in err and "Traceback" not in err
     assert not (out / "plan.json").exists()  # refused before anything was written
-    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--num-tasks", "2", "--task-index", "0",
-                       "--no-progress"]) == 0
-    holding(out, task=1)
-    assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--num-tasks", "2", "--task-index", "1",
-                       "--no-progress"]) == 1
-    assert f"{out} is in use by another one4d shard as array task 1 (pid " in capsys.readouterr().err
-    assert shard_main(["--merge", str(out)]) == 1
-    assert f"{out} is in use by another one4d shard (pid {first.pid} on " in capsys.readouterr().err
+    assert shard_main([str(manifest), str(out), *task, "0"]) == 1
+    assert f"{out} is in use by a run of the whole manifest or a --merge (pid {first.pid} on " in \
+        capsys.readouterr().err
     first.kill()
     first.wait()  # however the holder dies, the system releases its lock
+    other = holding(out, task=1)  # a running array task
+    assert shard_main([str(manifest), str(out), *task, "0"]) == 0
+    assert shard_main([str(manifest), str(out), *task, "1"]) == 1
+    assert f"{out} is in use by another array task 1 (pid {other.pid} on " in capsys.readouterr().err
+    for whole in ([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"], ["--merge", str(out)]):
+        assert shard_main(whole) == 1
+        assert f"{out} is in use by the tasks of a job array (shard.task-*.lock)" in capsys.readouterr().err
+    other.kill()
+    other.wait()
     assert shard_main([str(manifest), str(out), "--samples-per-shard", "1", "--no-progress"]) == 0
     assert read_index(out)["totals"]["samples"] == 5
 

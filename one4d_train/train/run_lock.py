@@ -82,16 +82,18 @@ class Held(Exception):
         super().__init__(f"{path} is held by {self.who}")
 
 
-def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second job") -> RunLock | None:
-    """An exclusive lock on the file `path` (created; its folder must exist) recording this process as its holder.
-    None where it cannot be held (no POSIX locks on this file system; a dead instance of this very job still holding
-    it), with a warning naming `what` it no longer keeps out. Raises Held when another process holds it, OSError
-    when the file cannot be made."""
+def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second job",
+         shared: bool = False) -> RunLock | None:
+    """An exclusive lock on the file `path` (created; its folder must exist) recording this process as its holder
+    (`shared`: a lock that other shared holders may hold too, but no exclusive one; it records no holder, and
+    clears an earlier one's record). None where it cannot be held (no POSIX locks on this file system; a dead
+    instance of this very job still holding it), with a warning naming `what` it no longer keeps out. Raises Held
+    when another process holds it (exclusively, for a shared lock), OSError when the file cannot be made."""
     env = os.environ if environ is None else environ
     job, restarts = env.get("SLURM_JOB_ID"), _restart_count(env.get("SLURM_RESTART_COUNT"))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
@@ -108,7 +110,8 @@ def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second
     holder = {"slurm_job_id": job, "slurm_restart_count": restarts, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    if not shared:
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
     return RunLock(fd, path)
 
 

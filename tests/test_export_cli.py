@@ -111,7 +111,8 @@ def test_an_out_that_is_a_file_or_empty_exits_2_naming_it(capsys, tmp_path):
 def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsys, tmp_path):
     """out= was written into whatever folder it named: another checkpoint's adapters/ took this one's weights under
     its own COMPLETE marker (same sizes: still 'complete'), and an earlier export of another design kept its
-    io.safetensors beside the new files. An earlier export is now replaced whole; anything else is refused."""
+    io.safetensors beside the new files. An earlier export's files are now replaced, and only those; anything else
+    is refused. A symlink to a folder is written through."""
     first, second = make_checkpoint(tmp_path / "run", "step-00000002"), make_checkpoint(tmp_path / "run")
     before = Path(first, "adapters", "lora_rgb.safetensors").read_bytes()
     code, out = export(capsys, f"checkpoint={second}", f"out={os.path.join(first, 'adapters')}")
@@ -125,4 +126,7 @@ def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsy
     (tmp_path / "out" / "io.safetensors").write_bytes(b"an earlier export's")
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'out'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))
-    assert not list(tmp_path.glob("*.tmp-export-*"))
+    (tmp_path / "out" / ".export-tmp-99").mkdir()  # left by a killed export
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'link'}")[0] == 0
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))

@@ -9,7 +9,8 @@ using the run's config.yaml: no GPU and no process group needed.
 
 Output: lora_rgb.safetensors / lora_xyz.safetensors (diffusers WanTransformer3DModel LoRA keys),
 control_links.safetensors (links + the XYZ patch embedding), adapter_config.json, in `out`: a new or empty folder,
-or an earlier export, replaced whole (written beside it, then renamed over it); never a folder inside a checkpoint.
+or an earlier export, whose files are replaced (written inside it and read back whole first); never a folder inside
+a checkpoint.
 
 exit codes: 0 exported, 2 bad arguments or a checkpoint that cannot be exported, 1 any other failure.
 """
@@ -80,12 +81,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+TMP_PREFIX = ".export-tmp-"  # the folder inside `out` an export is written to before its files move in
+
+
+def _export_files() -> set[str]:
+    from one4d_train.model.adapters import CONFIG_NAME, GROUP_FILES, lora_file
+    from one4d_train.model.dlc import BRANCHES
+
+    return {CONFIG_NAME, *GROUP_FILES.values(), *(lora_file(b) for b in BRANCHES)}
+
+
 def _target_problem(out: str) -> str | None:
     """Why `out` cannot take an export: inside a checkpoint (its adapters/ or another folder of it: a checkpoint's
     files would change under its COMPLETE marker, or another step's adapters be replaced by these), or a folder
-    holding anything but an earlier export's files (replaced whole)."""
-    from one4d_train.model.adapters import CONFIG_NAME, GROUP_FILES, lora_file
-    from one4d_train.model.dlc import BRANCHES
+    holding anything but an earlier export's files (which it replaces)."""
     from one4d_train.train.checkpoint import MARKER
 
     here = os.path.realpath(out)
@@ -98,12 +107,46 @@ def _target_problem(out: str) -> str | None:
         if parent == here:
             break
         here = parent
-    export_files = {CONFIG_NAME, *GROUP_FILES.values(), *(lora_file(b) for b in BRANCHES)}
-    others = sorted(set(os.listdir(out)) - export_files) if os.path.isdir(out) else []
+    others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
+                    if n not in _export_files() and not n.startswith(TMP_PREFIX))
     if others:
         return (f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not an earlier export's files "
-                "alone (an export replaces the folder whole): give a new or empty folder, or an earlier export")
+                "alone (an export replaces an earlier one's files): give a new or empty folder, or an earlier export")
     return None
+
+
+def _write_export(src: str | None, ckpt: str, out: str) -> None:
+    """The export of `ckpt` (a copy of its adapters/ `src`, or rebuilt from its ZeRO partitions) into `out`, written
+    in a folder inside it and read back whole before its files move in (each file replaced in one step, the
+    adapter_config.json last); an earlier export's files this one does not have are removed. So `out` never holds
+    a half-written file or two exports' files, and may be a symlink or a mount point."""
+    from one4d_train.model.adapters import CONFIG_NAME, read_adapters
+
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # left by a killed export
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    tmp = os.path.join(out, f"{TMP_PREFIX}{os.getpid()}")
+    done = False
+    try:
+        if src is None:
+            rebuild_from_zero(ckpt, tmp)
+        else:
+            read_adapters(src)  # raises on a missing file or key
+            shutil.copytree(src, tmp)
+        read_adapters(tmp)
+        new = set(os.listdir(tmp))
+        for name in sorted(new - {CONFIG_NAME}) + [CONFIG_NAME]:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        for name in _export_files() - new:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        done = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:  # a refused export leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
@@ -122,22 +165,11 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
         raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
                           "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")
     src = os.path.join(ckpt, "adapters")
-    # written beside `out` and renamed over it once read back whole: an earlier export there is replaced, never
-    # mixed with this one's files (another design leaves other files) nor left half-written
-    tmp = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if from_zero or not os.path.isdir(src):
-            rebuild_from_zero(ckpt, tmp)
-        else:
-            read_adapters(src)  # raises on a missing file or key
-            shutil.copytree(src, tmp)
-        read_adapters(tmp)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_export(src if not from_zero and os.path.isdir(src) else None, ckpt, out)
+    except OSError as exc:
+        raise ExportError(f"out={out}: cannot write the export there: {exc.strerror or exc} "
+                          f"({exc.filename or out})") from None
     config, state = read_adapters(out)
     total = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({total / 2**20:.2f}M parameters; design {config['design']}, "

@@ -17,7 +17,7 @@ ONE4D_MAX_RESTARTS=${ONE4D_MAX_RESTARTS:-20}
 ONE4D_TASK_EXIT_WAIT_S=${ONE4D_TASK_EXIT_WAIT_S:-300}
 ONE4D_EVAL_AFTER_TRAIN=${ONE4D_EVAL_AFTER_TRAIN:-1}
 for setting in ONE4D_MAX_RESTARTS ONE4D_TASK_EXIT_WAIT_S; do
-    if [[ ! ${!setting} =~ ^[0-9]+$ ]]; then
+    if [[ ! ${!setting} =~ ^(0|[1-9][0-9]*)$ ]]; then  # no leading 0: bash would read 08 as octal
         echo "[one4d] $setting=${!setting} ($ONE4D_SITE or the environment): must be a whole number" >&2
         exit 2
     fi

@@ -296,6 +296,8 @@ def test_a_tracking_uri_mlflow_has_no_store_for_is_refused_before_the_run_direct
     err = refused(capsys, args(shards, tmp_path, "tracking.uri=ftp://x"))
     assert "command line: key 'tracking.uri': 'ftp://x': MLflow has no tracking store for scheme 'ftp'" in err
     assert not (tmp_path / "run").exists()
+    # only the commands that open the store check it: a run's config still loads to be exported or printed
+    assert load_config(args(shards, tmp_path, "tracking.uri=ftp://x")).tracking.uri == "ftp://x"
 
 
 # ---- values -----------------------------------------------------------------------------------------------------

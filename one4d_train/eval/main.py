@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
                 args.insert(0, f"config={run_config}")
         try:
             cfg = load_config(args + [f"run_dir={run_dir}"], checks=lambda c: link_problems(c.model) +
-                              model_file_problems(c) + out_dir_problems(c.eval))
+                              model_file_problems(c) + out_dir_problems(c.eval) + c.tracking.problems())
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

@@ -117,9 +117,14 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow's CPU/GPU/memory sampling (needs psutil)
 
     def validate(self):
-        p = [] if self.experiment else [("experiment", "must not be empty")]
+        return [] if self.experiment else [("experiment", "must not be empty")]
+
+    def problems(self) -> list[tuple[str, str]]:
+        """The store against the installed MLflow: checked by the commands that open it (train, eval), not by
+        those that only read a run's config (export, print-config, requeue), so a run logged to a store this
+        MLflow no longer opens can still be exported."""
         problem = tracking_uri_problem(self.uri) if self.uri else None
-        return p + ([("uri", problem)] if problem else [])
+        return [("tracking.uri", problem)] if problem else []
 
 
 def preflight(cfg) -> list[tuple[str, str]]:
@@ -131,7 +136,7 @@ def preflight(cfg) -> list[tuple[str, str]]:
     from one4d_train.train.distributed import detect
 
     world_size = detect().world_size
-    problems = resume_problems(cfg.resume, cfg.run_dir, world_size, cfg.train)
+    problems = cfg.tracking.problems() + resume_problems(cfg.resume, cfg.run_dir, world_size, cfg.train)
     task_cls, problem = task_class(cfg.train.task)
     if problem:
         problems.append(("train.task", problem))

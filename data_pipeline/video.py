@@ -79,15 +79,19 @@ def decode_frames(src, indices=None) -> np.ndarray:
         raise VideoError(f"{name}: video does not decode with decord: {_short(exc)}") from None
 
 
+ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC: a cover picture stored as a video stream
+
+
 def video_streams(src) -> int:
-    """How many video streams the container at path or in bytes `src` holds (0 where PyAV cannot open it: the
-    decode check reports why)."""
+    """How many video streams the container at path or in bytes `src` holds, cover art (an attached picture)
+    left out; 0 where PyAV cannot open it (the decode check reports why)."""
     import av
+    import av.error
 
     try:
         with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
-            return len(container.streams.video)
-    except (av.FFmpegError, OSError, ValueError):
+            return sum(not int(getattr(s, "disposition", 0)) & ATTACHED_PIC for s in container.streams.video)
+    except (av.error.FFmpegError, OSError, ValueError):
         return 0
 
 

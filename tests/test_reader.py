@@ -402,7 +402,7 @@ def test_sequential_and_seeking_decoders_give_identical_frames(depth_shards, mon
             dec.decode_window(mp4, np.arange(3), 10)
 
 
-def test_a_video_of_two_streams_is_rejected_and_read_by_one_decoder(tmp_path):
+def test_a_video_of_two_streams_is_rejected_and_read_by_one_decoder_cover_art_kept(tmp_path):
     """Stream 0 one clip, stream 1 another: decord (the shard check, late windows) took stream 1, PyAV (early
     windows) stream 0, so one sample gave frames of two clips. Sharding rejects it naming the file; a shard written
     before reads it with decord alone."""
@@ -425,6 +425,22 @@ def test_a_video_of_two_streams_is_rejected_and_read_by_one_decoder(tmp_path):
     with pytest.raises(VideoError, match=rf"{path}: 2 video streams"):
         probe_and_check(path)
     data = path.read_bytes()
+    np.testing.assert_array_equal(dec.decode_window(data, np.arange(3), 9), decode_frames(data)[:3])
+
+    # cover art (a picture stored as a video stream marked attached_pic) is no second clip: kept, and read as one
+    cover = tmp_path / "cover.mp4"
+    with av.open(str(cover), "w") as out:
+        video, art = out.add_stream("libx264", rate=16), out.add_stream("mjpeg", rate=1)
+        video.width, video.height, video.pix_fmt = 64, 32, "yuv420p"
+        art.width, art.height, art.pix_fmt = 64, 32, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+        for f in clips[0]:
+            out.mux(video.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(art.encode(av.VideoFrame.from_ndarray(clips[1][0], format="rgb24").reformat(format="yuvj420p")))
+        for s in (video, art):
+            out.mux(s.encode())
+    assert probe_and_check(cover).num_frames == 9
+    data = cover.read_bytes()
     np.testing.assert_array_equal(dec.decode_window(data, np.arange(3), 9), decode_frames(data)[:3])
 
 

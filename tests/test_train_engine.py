@@ -359,6 +359,9 @@ def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys
         assert stop.received == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored from the start (`cmd &` in a script): left so
+        Preemption().install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -33,7 +33,9 @@ class Preemption:
 
     def install(self) -> "Preemption":
         for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+            # a SIGINT ignored from the start (`one4d train ... &` in a script) stays ignored, as Python leaves it
+            if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -1,7 +1,8 @@
 """What slurm/train.sbatch asks of the run directory, through the `one4d` entry point (so with the trainer's own
 Python environment, whatever `python3` is on PATH):
-`one4d requeue config=X.yaml [key=value ...]` prints what a requeued job adds to its arguments: `resume=auto` once this Slurm job (SLURM_JOB_ID, which a requeue keeps) has written the run directory's
-newest complete checkpoint, so the job continues from it; nothing while it has written none, so the job starts again
+`one4d requeue config=X.yaml [key=value ...]` prints what a requeued job adds to its arguments: `resume=auto`
+once this Slurm job (SLURM_JOB_ID, which a requeue keeps) has written the run directory's newest complete
+checkpoint, so the job continues from it; nothing while it has written none, so the job starts again
 as submitted (resume=PATH loads PATH again instead of starting from scratch, and resume=never starts afresh instead
 of from checkpoints an earlier run left in run_dir).
 `one4d requeue --progress config=X.yaml [key=value ...]` exits 0 when this run of the job (SLURM_JOB_ID at
@@ -36,6 +37,9 @@ def written_by_run(run_dir: str, job_id: str, restart: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     progress = argv[:1] == ["--progress"]
     try:
         cfg = load_config(argv[1:] if progress else argv)

@@ -12,13 +12,16 @@ from one4d_train.train import checkpoint as ckpt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make(ckpt_dir, step, complete=True, corrupt=False):
+def make(ckpt_dir, step, complete=True, corrupt=False, crc=False):
+    """A checkpoint folder; crc: its marker records CRC-32s (as saves do now), else sizes only (as before)."""
     path = os.path.join(ckpt_dir, ckpt.step_name(step))
     os.makedirs(os.path.join(path, "ds"))
     with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
         f.write(b"x" * 100)
     if complete:
         marker = {"step": step, "world_size": 2, "files": ckpt._listing(path)}
+        if crc:
+            marker["crc32"] = ckpt.checksums(path, [os.path.join(path, rel) for rel in marker["files"]])
         ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
     if corrupt:
         with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
@@ -271,3 +274,45 @@ def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 3\n")  # unrelated, two folders above the copy
     assert ckpt.config_of(str(inside)) == ckpt.config_of(str(aside)) == str(run / "config.yaml")
     assert ckpt.config_of(str(copy)) == str(copy / "config.yaml")
+
+
+def flip(path, offset=None, n=8):
+    """Flip n bytes of a file in place (bit rot: the size stays)."""
+    data = bytearray(open(path, "rb").read())
+    offset = len(data) // 2 if offset is None else offset
+    for i in range(offset, offset + n):
+        data[i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+
+
+def test_flipped_bytes_are_named_by_their_crc_and_each_rank_verifies_what_it_reads(tmp_path):
+    """Sizes alone miss bit rot: the marker's CRC-32s name the file. A rank verifies its own ZeRO partitions, the
+    files of no partition (ZeRO-1/2's model states, which every rank reads) and its own train state."""
+    path = make(str(tmp_path), 6, crc=True)
+    names = ["mp_rank_00_model_states.pt"] + [f"{p}zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1, 10)
+                                               for p, k in (("", "model"), ("bf16_", "optim"))]
+    for name in names:
+        with open(os.path.join(path, "ds", name), "wb") as f:
+            f.write(name.encode() * 1000)
+    os.makedirs(os.path.join(path, "train_state"))
+    for r in (0, 1):
+        with open(os.path.join(path, "train_state", f"rank-{r:05d}.json"), "w") as f:
+            json.dump({"step": 6}, f)
+    files = ckpt._listing(path)
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(
+        {"step": 6, "world_size": 2, "files": files,
+         "crc32": ckpt.checksums(path, [os.path.join(path, rel) for rel in files])}))
+    assert ckpt.resume_files(path, 1) == ["ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "ds/model.pt",
+                                          "ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+                                          "train_state/rank-00001.json", "train_state/rank-00001.safetensors"]
+    assert not ckpt.damaged_files(path)
+    damaged = os.path.join(path, "ds", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    flip(damaged)
+    assert ckpt.is_complete(path)  # every size still right
+    (line,) = ckpt.damaged_files(path)
+    assert line.startswith(damaged + ": its bytes changed after the save (CRC-32 ")
+    assert ckpt.damaged_files(path, ckpt.resume_files(path, 1)) == [line]
+    assert ckpt.damaged_files(path, ckpt.resume_files(path, 0)) == []  # rank 0 never reads rank 1's partition
+    old = make(str(tmp_path), 4)  # a marker of sizes alone, written before CRC-32s: not verified
+    flip(os.path.join(old, "ds", "model.pt"))
+    assert ckpt.damaged_files(old) == []

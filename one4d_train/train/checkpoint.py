@@ -7,15 +7,19 @@
                                 rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
       adapters/       task.export of the gathered trainable parameters (train.export_adapters=true only)
       config.yaml     the merged config the run trained this checkpoint with (export and eval rebuild from it)
-      COMPLETE        written last inside the directory: step, world size, Slurm job id, every file and its size
+      COMPLETE        written last inside the directory: step, world size, Slurm job id, every file with its size
+                      and CRC-32
     latest            name of the newest checkpoint, replaced atomically after the rename
     abandoned-<UTC time>/   checkpoints of an abandoned timeline (see set_aside), kept, never read
+    damaged-step-X-<UTC time>/   a checkpoint whose files no longer match their CRC-32 (set_damaged_aside), kept
 
-Everything is written into `.tmp-step-X`, fsynced (each rank its own files, then rank 0 the rest), renamed to
-`step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any point
-leaves the previous checkpoint in use. The folder holds one linear history: a run that resumes from anything but
-its newest checkpoint first moves the newer ones aside. Nothing is unpickled on load: JSON, safetensors, and
-DeepSpeed's files through torch.load(weights_only=True).
+Everything is written into `.tmp-step-X`, fsynced and checksummed (each rank its own files, then rank 0 the rest),
+renamed to `step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any
+point leaves the previous checkpoint in use. A resume first verifies the CRC-32 of every file it reads (each rank
+its own): sizes alone miss flipped bytes, and neither torch.load nor safetensors checks the data it reads. The
+folder holds one linear history: a run that resumes from anything but its newest checkpoint first moves the newer
+ones aside. Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through
+torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -28,11 +32,14 @@ import random
 import re
 import shutil
 import time
+import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from one4d_train.configtools import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,9 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
 TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
+CRC_CHUNK = 8 << 20  # bytes per zlib.crc32 call: a file is checksummed without being held in memory
+DAMAGED_ADVICE = ("Resume from another checkpoint (resume=PATH of an earlier one, or resume=auto, which sets a "
+                  "damaged checkpoint aside and takes the newest intact one), or put back an intact copy of the file")
 
 
 def is_set_aside(checkpoint: str) -> bool:
@@ -117,6 +127,102 @@ def _listing(root: str) -> dict[str, int]:
             if rel != MARKER:
                 out[rel] = os.path.getsize(full)
     return out
+
+
+def crc32_of(path: str) -> int:
+    """The CRC-32 (zlib) of a file's bytes, read in chunks."""
+    buf = bytearray(CRC_CHUNK)
+    view, crc = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+def checksums(root: str, paths: list[str]) -> dict[str, int]:
+    """{path relative to `root`: CRC-32} of the files `paths` under checkpoint folder `root`."""
+    return {os.path.relpath(p, root): crc32_of(p) for p in paths}
+
+
+def damaged_files(path: str, rels: list[str] | None = None) -> list[str]:
+    """The files of checkpoint `path` (of `rels`, relative to it; None: all) whose bytes no longer match the CRC-32
+    its COMPLETE marker records, one line each naming the file; [] when they match, or for a marker written before
+    markers recorded CRC-32s (nothing to verify against)."""
+    crcs = marker_of(path).get("crc32")
+    if not isinstance(crcs, dict):
+        return []
+    out = []
+    for rel in sorted(crcs if rels is None else set(rels) & crcs.keys()):
+        full, saved = os.path.join(path, rel), crcs[rel]
+        try:
+            crc = crc32_of(full)
+        except FileNotFoundError:
+            out.append(f"{full}: missing")
+            continue
+        except OSError as exc:  # an I/O error reading it back
+            out.append(f"{full}: cannot be read ({exc})")
+            continue
+        if crc != saved:
+            said = f"{saved:08x}" if isinstance(saved, int) else repr(saved)
+            out.append(f"{full}: its bytes changed after the save (CRC-32 {crc:08x}, {MARKER} records {said})")
+    return out
+
+
+def resume_files(path: str, rank: int) -> list[str]:
+    """The files of checkpoint `path` that `rank` reads to resume, relative to it: its own ZeRO partitions,
+    DeepSpeed's files of no partition (ZeRO-1/2's model states, which every rank reads) and its train_state. Every
+    file of ds/ is some rank's own, so ranks that each verify theirs and agree have verified all DeepSpeed reads."""
+    own = re.compile(rf"(^|_)zero_pp_rank_{rank}_")
+    listed = sorted(marker_of(path).get("files") or {})
+    ds = [rel for rel in listed if rel.startswith("ds/") and (own.search(os.path.basename(rel))
+                                                             or "zero_pp_rank_" not in rel)]
+    return ds + [f"train_state/rank-{rank:05d}.json", f"train_state/rank-{rank:05d}.safetensors"]
+
+
+def damaged_on_any_rank(path: str, rank: int) -> list[str]:
+    """Collective: the damaged files (damaged_files lines) among those any rank reads to resume from `path`, each
+    rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same list
+    on every rank."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, damaged_files(path, resume_files(path, rank)))
+    return sorted({line for lines in everyone for line in lines})
+
+
+def set_damaged_aside(path: str) -> str:
+    """Move the damaged checkpoint `path`, whole, to `damaged-<its name>-<UTC time>` beside it: not a step folder,
+    so resume=auto never picks it again and pruning never counts it; its files stay for inspection. Returns where."""
+    base = os.path.join(os.path.dirname(os.path.abspath(path)), f"damaged-{os.path.basename(os.path.normpath(path))}-"
+                        + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    dest, n = base, 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.rename(path, dest)
+    _fsync_path(os.path.dirname(dest))
+    return dest
+
+
+def choose_resume(resume: str, ckpt_dir: str, rank: int) -> str | None:
+    """Collective: the checkpoint to resume from (resolve_resume_once's choice) once every rank has verified the
+    files it reads against their CRC-32s. resume=auto sets a damaged one aside (rank 0, with a warning naming its
+    files) and tries the next older complete one, down to a fresh start; a damaged resume=PATH is a ConfigError."""
+    set_aside_now = []
+    while True:
+        path = resolve_resume_once(resume, ckpt_dir)
+        if path is None:
+            if set_aside_now and rank == 0:
+                log.warning("resume=auto: no intact checkpoint left in %s (damaged ones set aside: %s): TRAINING "
+                            "STARTS FROM SCRATCH at step 0", ckpt_dir, ", ".join(set_aside_now))
+            return None
+        damaged = damaged_on_any_rank(path, rank)
+        if not damaged:
+            return path
+        if resume != "auto":
+            raise ConfigError(f"key 'resume': {resume} is damaged: {'; '.join(damaged)}. {DAMAGED_ADVICE}")
+        if rank == 0:  # the others wait for its next choice, made after the move
+            dest = set_damaged_aside(path)
+            set_aside_now.append(dest)
+            log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
+                        "trying the next older checkpoint", path, "; ".join(damaged), dest)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -293,19 +399,27 @@ class Checkpointer:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, base + ".safetensors")
         with open(base + ".json", "w") as f:
             json.dump(train_state, f)
-        # each writer flushes its own files: on NFS/Lustre an fsync by rank 0 on another node flushes nothing of ours
-        for path in mine + [base + ".json", base + ".safetensors"]:
+        # each writer flushes and checksums its own files: on NFS/Lustre an fsync by rank 0 on another node flushes
+        # nothing of ours, and rank 0 reading every rank's partitions would pull them all over the network
+        own = mine + [base + ".json", base + ".safetensors"]
+        for path in own:
             _fsync_path(path)
+        crcs = checksums(tmp, own)
         if export is not None:
             export(os.path.join(tmp, "adapters"))
         _test_stall(step)
-        dist.barrier()
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, crcs)  # also the barrier: every rank's files are written and flushed
         if self.rank == 0:
             _fsync_tree(tmp)
+            files = _listing(tmp)
+            crcs = {rel: crc for part in gathered for rel, crc in part.items() if rel in files}
+            crcs.update(checksums(tmp, [os.path.join(tmp, rel) for rel in files if rel not in crcs]))  # rank 0's rest
             # the writing Slurm job and its run (requeues count up SLURM_RESTART_COUNT): its requeue continues
             # from here, and a run that wrote none is not requeued again after a time-limit signal (train/requeue)
             marker = {"step": step, "world_size": self.world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                      "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0), "files": _listing(tmp)}
+                      "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0), "files": files,
+                      "crc32": dict(sorted(crcs.items()))}
             write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             if os.path.exists(final):  # a complete twin from an earlier attempt at this very step
                 self._remove(final)

@@ -3,7 +3,8 @@ the deepspeed launcher.
 
 main keys:
   run_dir=runs/NAME           checkpoints, config.yaml, MLflow store (mlflow.db); survives requeues
-  resume=auto|never|PATH      auto: newest complete checkpoint of run_dir, else a fresh start
+  resume=auto|never|PATH      auto: newest complete checkpoint of run_dir whose files match their CRC-32s (a
+                              damaged one is moved to checkpoints/damaged-*, named), else a fresh start
   train.steps=5500            optimiser steps;  train.micro_batch_size=1  train.grad_accum=1
   train.zero_stage=3|2        train.precision=bf16|fp32  train.device=auto|cuda|cpu
   train.checkpoint_every=500  train.keep_last=3  train.log_every=10  train.max_bad_steps=5
@@ -18,8 +19,9 @@ Before any process group starts, every rank checks the config: values, then what
 importable, model files and shards present, the resume checkpoint complete and of this world size, DeepSpeed
 overrides that leave the trainer's keys alone); every problem names its key and where it was set.
 
-exit codes: 0 finished, 2 bad config (or run_dir in use by another training job), 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
-requeue the job), 1 any other failure (the MLflow run is ended as FAILED).
+exit codes: 0 finished, 2 bad config (or run_dir in use by another training job, or a damaged resume checkpoint), 3 too
+many consecutive non-finite steps, 42 preempted (checkpointed; requeue the job), 1 any other failure (the MLflow run is
+ended as FAILED).
 
 examples (the first on the shards `one4d demo` writes):
   one4d train config=configs/experiment/demo.yaml data.shards=runs/demo/shards run_dir=runs/mine train.steps=20

@@ -113,7 +113,8 @@ class Trainer:
     def _resume(self) -> tuple[dict | None, str | None]:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
-        path = ckpt.resolve_resume_once(self.cfg.resume, self.checkpointer.dir)
+        # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back
+        path = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
         if path is not None:  # before any checkpoint is moved aside for it
             shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
             mismatches = ckpt.shape_mismatches(path, shapes)

@@ -313,6 +313,9 @@ def test_flipped_bytes_are_named_by_their_crc_and_each_rank_verifies_what_it_rea
     assert line.startswith(damaged + ": its bytes changed after the save (CRC-32 ")
     assert ckpt.damaged_files(path, ckpt.resume_files(path, 1)) == [line]
     assert ckpt.damaged_files(path, ckpt.resume_files(path, 0)) == []  # rank 0 never reads rank 1's partition
+    with pytest.raises(ckpt.CheckpointDamaged, match="rank_1_mp_rank_00_optim"):
+        ckpt.verify_folder(path, "ds")
+    ckpt.verify_folder(path, "adapters")  # none there: nothing to verify
     old = make(str(tmp_path), 4)  # a marker of sizes alone, written before CRC-32s: not verified
     flip(os.path.join(old, "ds", "model.pt"))
-    assert ckpt.damaged_files(old) == []
+    assert ckpt.damaged_files(old) == [] and ckpt.verify_folder(old, "ds") is None

@@ -52,6 +52,11 @@ DAMAGED_ADVICE = ("Resume from another checkpoint (resume=PATH of an earlier one
                   "damaged checkpoint aside and takes the newest intact one), or put back an intact copy of the file")
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint file that does not read back as it was written: its CRC-32 differs from the one its COMPLETE
+    marker records. The message names the file."""
+
+
 def is_set_aside(checkpoint: str) -> bool:
     """A checkpoint of an abandoned timeline: .../checkpoints/abandoned-TIME/step-X (see set_aside)."""
     return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))).startswith("abandoned-")
@@ -166,6 +171,18 @@ def damaged_files(path: str, rels: list[str] | None = None) -> list[str]:
             said = f"{saved:08x}" if isinstance(saved, int) else repr(saved)
             out.append(f"{full}: its bytes changed after the save (CRC-32 {crc:08x}, {MARKER} records {said})")
     return out
+
+
+def verify_folder(path: str, folder: str) -> None:
+    """Verify the files of checkpoint `path` under `folder` ("adapters", "ds") against their marker's CRC-32s
+    (nothing to verify in a folder that is no checkpoint, or under a marker that records none); CheckpointDamaged
+    naming the damaged files otherwise."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        return
+    damaged = damaged_files(path, [rel for rel in marker_of(path).get("files") or {} if rel.startswith(folder + "/")])
+    if damaged:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {'; '.join(damaged)}. Use another checkpoint, or put "
+                                "back an intact copy of the file")
 
 
 def resume_files(path: str, rank: int) -> list[str]:

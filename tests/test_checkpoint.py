@@ -319,3 +319,73 @@ def test_flipped_bytes_are_named_by_their_crc_and_each_rank_verifies_what_it_rea
     old = make(str(tmp_path), 4)  # a marker of sizes alone, written before CRC-32s: not verified
     flip(os.path.join(old, "ds", "model.pt"))
     assert ckpt.damaged_files(old) == [] and ckpt.verify_folder(old, "ds") is None
+
+
+def test_a_damaged_train_state_under_a_marker_without_crc_is_named_not_a_key_error(tmp_path):
+    """A flipped byte in the train state JSON of a checkpoint written before markers held CRC-32s renamed a key
+    ('step' -> 'Xtep': KeyError in the trainer) or broke the JSON or the safetensors header (raw tracebacks)."""
+    from safetensors.torch import save_file
+
+    from one4d_train.train.config import resume_problems
+
+    run = tmp_path / "run"
+    path = make(str(run / "checkpoints"), 4)
+    os.makedirs(os.path.join(path, "train_state"))
+    state, tensors = ckpt.capture_rng(torch.Generator().manual_seed(1))
+    text = json.dumps({**{k: 0 for k in ckpt.STATE_KEYS}, "rng": state})
+    base = os.path.join(path, "train_state", "rank-00000")
+    save_file(tensors, base + ".safetensors")
+    marker = {"step": 4, "world_size": 1}
+    for damaged_text in (text.replace('"step"', '"Xtep"'), "\xff" + text[1:]):
+        with open(base + ".json", "w") as f:
+            f.write(damaged_text)
+        ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps({**marker, "files": ckpt._listing(path)}))
+        with pytest.raises(ckpt.CheckpointDamaged, match=f"^{base}.json: (no key 'step'|not valid JSON)"):
+            ckpt.Checkpointer(str(run), 0, 1, 3).load_train_state(path)
+        (key, problem), = resume_problems("auto", str(run), 1, None)
+        assert key == "resume" and f"{base}.json" in problem and f"move {path} out of" in problem, problem
+    with open(base + ".json", "w") as f:
+        f.write(text)
+    flip(base + ".safetensors", offset=3)  # in the header's length
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps({**marker, "files": ckpt._listing(path)}))
+    with pytest.raises(ckpt.CheckpointDamaged, match=f"^{base}.safetensors: not a readable safetensors file"):
+        ckpt.Checkpointer(str(run), 0, 1, 3).load_train_state(path)
+
+
+def test_a_damaged_deepspeed_file_is_named_without_torchs_advice_to_unpickle(tmp_path):
+    """torch.load(weights_only=True) of a damaged file raised UnpicklingError advising weights_only=False (which
+    runs whatever the file holds), or RuntimeError 'mmap can only be used...'; neither named what to do."""
+    import pickle
+
+    path = str(tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"param_shapes": [{"w": torch.Size([4, 4])}], "module": {"w": torch.zeros(64, 64)}}, path)
+    good = open(path, "rb").read()
+    for offset in (2, good.index(b"\x80\x02") + 4):  # the archive's first header, the pickle (protocol 2)
+        for mmap in (False, True):
+            open(path, "wb").write(good)
+            flip(path, offset=offset)
+            with pytest.raises(ckpt.CheckpointDamaged) as caught:
+                ckpt.load_weights_only(path, map_location="cpu", mmap=mmap)
+            message = str(caught.value)
+            assert message.startswith(f"{path}: cannot be read by torch.load(weights_only=True) (its zip member "), message
+            assert "weights_only=False" not in message, message
+    # the trainer opens each rank's files before DeepSpeed loads them (a rank failing alone inside DeepSpeed's load
+    # left the others to fail in its next collective): only the rank that reads the damaged file finds it
+    checkpoint = tmp_path / ckpt.step_name(4)
+    (checkpoint / "ds").mkdir(parents=True)
+    os.replace(path, checkpoint / "ds" / os.path.basename(path))
+    marker = {"step": 4, "world_size": 2, "files": ckpt._listing(str(checkpoint))}
+    ckpt.write_atomic(str(checkpoint / ckpt.MARKER), json.dumps(marker))
+    with pytest.raises(ckpt.CheckpointDamaged, match="zero_pp_rank_0_mp_rank_00_model_states.pt: cannot be read"):
+        ckpt.open_deepspeed_files(str(checkpoint), 0)
+    ckpt.open_deepspeed_files(str(checkpoint), 1)
+    path = str(checkpoint / "ds" / os.path.basename(path))
+    open(path, "wb").write(good)
+    flip(path, offset=len(good) // 2)  # tensor data: loads without a word, which the marker's CRC-32s catch
+    assert ckpt.load_weights_only(path)["module"]["w"].abs().sum() > 0
+    torch_says = ("Weights only load failed. This file can still be loaded, to do so you have two options, do those "
+                  "steps only if you trust the source of the checkpoint. \n\t(1) Re-running `torch.load` with "
+                  "`weights_only` set to `False` will likely succeed, but it can result in arbitrary code execution."
+                  "\n WeightsUnpickler error: Unsupported operand 118")
+    message = str(ckpt.unreadable(str(tmp_path / "gone.pt"), pickle.UnpicklingError(torch_says)))
+    assert "UnpicklingError: Unsupported operand 118" in message and "weights_only` set to" not in message, message

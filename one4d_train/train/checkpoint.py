@@ -19,7 +19,7 @@ point leaves the previous checkpoint in use. A resume first verifies the CRC-32 
 its own): sizes alone miss flipped bytes, and neither torch.load nor safetensors checks the data it reads. The
 folder holds one linear history: a run that resumes from anything but its newest checkpoint first moves the newer
 ones aside. Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through
-torch.load(weights_only=True).
+torch.load(weights_only=True); a file that does not load is reported by name (CheckpointDamaged).
 """
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ import random
 import re
 import shutil
 import time
+import zipfile
 import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from one4d_train.configtools import ConfigError
@@ -48,13 +50,15 @@ MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
 TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
 CRC_CHUNK = 8 << 20  # bytes per zlib.crc32 call: a file is checksummed without being held in memory
+STATE_KEYS = ("step", "samples_seen", "bad_streak", "skipped_total", "loader", "rng", "mlflow_run_id")  # train_state
+RNG_TENSORS = ("torch", "generator")
 DAMAGED_ADVICE = ("Resume from another checkpoint (resume=PATH of an earlier one, or resume=auto, which sets a "
                   "damaged checkpoint aside and takes the newest intact one), or put back an intact copy of the file")
 
 
 class CheckpointDamaged(ValueError):
     """A checkpoint file that does not read back as it was written: its CRC-32 differs from the one its COMPLETE
-    marker records. The message names the file."""
+    marker records, or it does not load. The message names the file."""
 
 
 def is_set_aside(checkpoint: str) -> bool:
@@ -83,10 +87,11 @@ def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool
         if later and int(later.group(1)) > int(match.group(1)):
             try:
                 with open(os.path.join(folder, "train_state", "rank-00000.json")) as f:
-                    if json.load(f).get("mlflow_run_id") == run_id:
-                        return True
-            except (OSError, ValueError):
+                    state = json.load(f)
+            except (OSError, ValueError):  # an abandoned checkpoint that does not read: no evidence either way
                 continue
+            if isinstance(state, dict) and state.get("mlflow_run_id") == run_id:
+                return True
     return False
 
 
@@ -196,6 +201,14 @@ def resume_files(path: str, rank: int) -> list[str]:
     return ds + [f"train_state/rank-{rank:05d}.json", f"train_state/rank-{rank:05d}.safetensors"]
 
 
+def open_deepspeed_files(path: str, rank: int) -> None:
+    """Open the DeepSpeed files `rank` reads to resume from checkpoint `path` as DeepSpeed will, memory-mapped (their
+    zip directory and pickle, not the tensor data): CheckpointDamaged names one that does not load."""
+    for rel in resume_files(path, rank):
+        if rel.startswith("ds/") and rel.endswith(".pt"):
+            load_weights_only(os.path.join(path, rel), map_location="cpu", mmap=True)
+
+
 def damaged_on_any_rank(path: str, rank: int) -> list[str]:
     """Collective: the damaged files (damaged_files lines) among those any rank reads to resume from `path`, each
     rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same list
@@ -240,6 +253,42 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int) -> str | None:
             set_aside_now.append(dest)
             log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
                         "trying the next older checkpoint", path, "; ".join(damaged), dest)
+
+
+def unloadable_advice(path: str) -> str:
+    """What to do about checkpoint `path` whose file did not load (its marker, if written before markers recorded
+    CRC-32s, let resume=auto choose it)."""
+    return (f"Nothing was loaded: put back an intact copy of the file, or resume from another checkpoint: move {path} "
+            f"out of {os.path.dirname(os.path.abspath(path))} (resume=auto then takes the newest one left), or name an "
+            "earlier one with resume=PATH")
+
+
+@contextlib.contextmanager
+def loading(path: str):
+    """Within the block, a CheckpointDamaged from reading checkpoint `path` goes on with what to do about it."""
+    try:
+        yield
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(f"{exc}. {unloadable_advice(path)}") from None
+
+
+def read_state_json(path: str, rank: int) -> dict:
+    """train_state/rank-R.json of checkpoint `path`, verified against its marker's CRC-32 (when it records one)
+    and holding the keys a resume reads; CheckpointDamaged naming the file otherwise."""
+    rel = f"train_state/rank-{rank:05d}.json"
+    damaged = damaged_files(path, [rel])
+    if damaged:
+        raise CheckpointDamaged(damaged[0])
+    full = os.path.join(path, rel)
+    try:
+        with open(full) as f:
+            state = json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointDamaged(f"{full}: not valid JSON ({exc}): the file is damaged") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise CheckpointDamaged(f"{full}: no key {', '.join(map(repr, missing))}: the file is damaged")
+    return state
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -467,11 +516,17 @@ class Checkpointer:
         written_by = marker_of(path)["world_size"]
         if written_by != self.world_size:
             raise RuntimeError(f"checkpoint {path} was written by {written_by} ranks; this job has {self.world_size}")
-        base = os.path.join(path, "train_state", f"rank-{self.rank:05d}")
-        with open(base + ".json") as f:
-            state = json.load(f)
-        return state, load_file(base + ".safetensors")
-
+        state = read_state_json(path, self.rank)
+        tensors_file = os.path.join(path, "train_state", f"rank-{self.rank:05d}.safetensors")
+        try:
+            tensors = load_file(tensors_file)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointDamaged(f"{tensors_file}: not a readable safetensors file ({exc}): the file is damaged "
+                                    "or cut short") from None
+        missing = [k for k in RNG_TENSORS if k not in tensors]
+        if missing:
+            raise CheckpointDamaged(f"{tensors_file}: no tensor {', '.join(map(repr, missing))}: the file is damaged")
+        return state, tensors
 
 
 def saved_trainable_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -479,9 +534,12 @@ def saved_trainable_shapes(path: str) -> dict[str, tuple[int, ...]]:
     memory-mapped, not read)."""
     ds_dir = os.path.join(path, "ds")
     name = sorted(n for n in os.listdir(ds_dir) if n.endswith("model_states.pt"))[0]
-    with torch.serialization.safe_globals(_safe_globals()):
-        states = torch.load(os.path.join(ds_dir, name), map_location="cpu", weights_only=True, mmap=True)
-    return {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+    states = load_weights_only(os.path.join(ds_dir, name), map_location="cpu", mmap=True)
+    try:
+        return {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointDamaged(f"{os.path.join(ds_dir, name)}: no readable parameter shapes ({type(exc).__name__}: "
+                                f"{exc}): the file is damaged") from None
 
 
 def shape_mismatches(path: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
@@ -503,6 +561,40 @@ def _safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def unreadable(path: str, exc: Exception) -> CheckpointDamaged:
+    """The error for a checkpoint file torch.load(weights_only=True) failed on, naming it. torch's own message is
+    cut to its cause: it goes on to suggest weights_only=False, which would unpickle (run) whatever the file holds."""
+    text = str(exc)
+    text = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    why = type(exc).__name__ + (f": {lines[0][:300]}" if lines and "weights_only" not in lines[0] else "")
+    why = (_zip_damage(path) if os.path.isfile(path) else None) or why
+    return CheckpointDamaged(f"{path}: cannot be read by torch.load(weights_only=True) ({why}): the file is damaged or "
+                             "cut short, or holds an object this loader does not allow (nothing is unpickled)")
+
+
+def _zip_damage(path: str) -> str | None:
+    """What is wrong with the zip archive torch.save wrote to `path` (its members' own CRC-32s included), None when
+    nothing is: read only to explain a load that failed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # BadZipFile, a bad header's struct or zlib error
+        return f"its zip structure is damaged: {type(exc).__name__}: {exc}"
+    return f"its zip member {bad} is damaged (its CRC-32 or header)" if bad else None
+
+
+def load_weights_only(path, *args, _load=None, **kwargs):
+    """torch.load(path, weights_only=True) with only DeepSpeed's known classes allowed; a file that does not load
+    raises CheckpointDamaged naming it."""
+    kwargs["weights_only"] = True
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return (_load or torch.load)(path, *args, **kwargs)
+    except Exception as exc:  # zip, pickle, tensor storage: whatever fails, the file did not load
+        raise unreadable(str(path), exc) from None
+
+
 @contextlib.contextmanager
 def weights_only_load(torch_module):
     """Within the block, `torch_module.load` (a module's reference to torch, e.g. DeepSpeed's zero_to_fp32.torch)
@@ -510,9 +602,7 @@ def weights_only_load(torch_module):
     original = torch_module.load
 
     def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
-            return original(f, *args, **kwargs)
+        return load_weights_only(f, *args, _load=original, **kwargs)
 
     torch_module.load = load
     try:
@@ -527,8 +617,7 @@ def install_safe_loader(engine) -> None:
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_weights_only(path, map_location=map_location)
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"unsupported DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")

@@ -103,9 +103,14 @@ def main(argv: list[str]) -> int:
 
 def report_failure(exc: BaseException, tracker) -> int:
     """Print the failure, end this rank's MLflow run (started or not; other ranks hold a no-op tracker) as FAILED,
-    KILLED for an interrupt, and return the exit code: 2 for a config error found late, else 1."""
+    KILLED for an interrupt, and return the exit code: 2 for a config error found late or a damaged checkpoint file
+    (the message names it: no traceback), else 1."""
+    from one4d_train.train.checkpoint import CheckpointDamaged
+
     if isinstance(exc, ConfigError):
         _print_config_error(exc)
+    elif isinstance(exc, CheckpointDamaged):
+        print(f"checkpoint error: {exc}", file=sys.stderr)
     else:
         traceback.print_exception(exc)
     if tracker is not None:
@@ -115,7 +120,7 @@ def report_failure(exc: BaseException, tracker) -> int:
             print(f"could not end the MLflow run: {type(end_exc).__name__}: {end_exc}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+    return EXIT_CONFIG if isinstance(exc, (ConfigError, CheckpointDamaged)) else 1
 
 
 def _print_config_error(exc: ConfigError) -> None:

@@ -117,7 +117,8 @@ class Trainer:
         path = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
         if path is not None:  # before any checkpoint is moved aside for it
             shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
-            mismatches = ckpt.shape_mismatches(path, shapes)
+            with ckpt.loading(path):
+                mismatches = ckpt.shape_mismatches(path, shapes)
             if mismatches:
                 raise ConfigError(other_model_message(path, mismatches, self.cfg))
         dist.barrier()  # every rank has chosen before rank 0 moves folders
@@ -125,14 +126,21 @@ class Trainer:
             ckpt.set_aside(self.checkpointer.dir, path)
         if path is None:
             return None, None
-        state, tensors = self.checkpointer.load_train_state(path)
-        load_dir, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=False)
+        # verified already, unless its marker records no CRC-32s: then a file that does not load is named here
+        with ckpt.loading(path):
+            state, tensors = self._load_train_state(path)
+            load_dir, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=False)
         if load_dir is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
         # the checkpoint restored the optimizer hyperparameters and schedule it was written with: this config's win
         changes = schedule.apply_config(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.steps)
         self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
-        ckpt.restore_rng(state["rng"], tensors, self.generator)
+        with ckpt.loading(path):
+            try:
+                ckpt.restore_rng(state["rng"], tensors, self.generator)
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+                raise ckpt.CheckpointDamaged(f"{path}/train_state/rank-{self.env.rank:05d}.json, .safetensors: the "
+                                             f"RNG state does not restore ({type(exc).__name__}: {exc}): damaged")
         self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
         self.samples_seen = state["samples_seen"]
         # written before these were kept: the log window restarts, no evaluation is owed
@@ -153,6 +161,21 @@ class Trainer:
                                 "one4d.branched_at_step": str(self.step)}
             return state["loader"], None
         return state["loader"], state["mlflow_run_id"] if ours else None
+
+    def _load_train_state(self, path: str) -> tuple[dict, dict]:
+        """Collective: this rank's train state of checkpoint `path`, once every rank has read its own and opened the
+        DeepSpeed files it reads: a file that does not load, on any rank, stops every rank with its message (one rank
+        failing alone inside DeepSpeed's load left the others to fail in its next collective, with a traceback)."""
+        try:
+            loaded, problem = self.checkpointer.load_train_state(path), None
+            ckpt.open_deepspeed_files(path, self.env.rank)
+        except ckpt.CheckpointDamaged as exc:
+            loaded, problem = None, str(exc)
+        problems = [None] * self.env.world_size
+        dist.all_gather_object(problems, problem)
+        if any(problems):
+            raise ckpt.CheckpointDamaged("; ".join(p for p in problems if p))
+        return loaded
 
     def _save(self, loader) -> None:
         state, tensors = self._train_state(loader)

@@ -16,8 +16,9 @@ main keys:
   eval.every=0                in-training evaluation every N steps, all ranks taking part
 
 Before any process group starts, every rank checks the config: values, then what the run needs (the task
-importable, model files and shards present, the resume checkpoint complete and of this world size, DeepSpeed
-overrides that leave the trainer's keys alone); every problem names its key and where it was set.
+importable, model files and shards present, the run directory's folders and MLflow store intact, the resume
+checkpoint complete and of this world size, DeepSpeed overrides that leave the trainer's keys alone); every problem
+names its key and where it was set.
 
 exit codes: 0 finished, 2 bad config (or run_dir in use by another training job, or a damaged resume checkpoint), 3 too
 many consecutive non-finite steps, 42 preempted (checkpointed; requeue the job), 1 any other failure (the MLflow run is

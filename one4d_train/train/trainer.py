@@ -43,7 +43,13 @@ def other_model_message(path: str, mismatches: list[str], cfg) -> str:
              "it was trained with, or start a new run (another run_dir, or resume=never)"]
     run_config = os.path.join(ckpt.run_dir_of(path), "config.yaml")
     if os.path.isfile(run_config):
-        theirs = flatten(OmegaConf.to_container(OmegaConf.load(run_config), resolve=True))
+        try:
+            theirs = flatten(OmegaConf.to_container(OmegaConf.load(run_config), resolve=True))
+        except Exception as exc:  # not YAML (binary garbage: UnicodeDecodeError), or not a mapping
+            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            return "\n".join(lines + [f"(the model.* values it was trained with are not shown: {run_config} cannot be "
+                                      f"read ({type(exc).__name__}{': ' + why if why else ''}); the run directory's "
+                                      "config.yaml is damaged)"])
         ours = flatten(to_dict(cfg))
         lines += [f"key '{k}': {ours[k]!r} here, {theirs[k]!r} in {run_config}" for k in sorted(ours)
                   if k.startswith("model.") and k in theirs and theirs[k] != ours[k]]

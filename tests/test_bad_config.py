@@ -169,6 +169,64 @@ def test_resume_from_a_checkpoint_of_another_world_size(capsys, shards, tmp_path
     assert preflight_config(args(shards, tmp_path, "resume=never")).resume == "never"
 
 
+def test_a_damaged_train_state_is_refused_by_path_and_left_to_the_trainers_fall_back_by_auto(capsys, shards, tmp_path):
+    """The checks before the process group read the resume checkpoint's train state: a file that fails its CRC-32
+    exits 2 naming it with resume=PATH; with resume=auto the trainer sets the checkpoint aside (no exit here)."""
+    done = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / ckpt.step_name(4)), world_size=1)
+    os.makedirs(os.path.join(done, "train_state"))
+    state = os.path.join(done, "train_state", "rank-00000.json")
+    with open(state, "w") as f:
+        json.dump({k: 0 for k in ckpt.STATE_KEYS}, f)
+    files = ckpt._listing(done)
+    marker = {"step": 4, "world_size": 1, "files": files,
+              "crc32": ckpt.checksums(done, [os.path.join(done, rel) for rel in files])}
+    ckpt.write_atomic(os.path.join(done, ckpt.MARKER), json.dumps(marker))
+    with open(state, "r+") as f:
+        f.write('{"Xtep"')  # same size, still JSON
+    err = refused(capsys, args(shards, tmp_path, f"resume={done}"))
+    assert f"key 'resume': {done}: {state}: its bytes changed after the save" in err, err
+    assert preflight_config(args(shards, tmp_path)).resume == "auto"
+
+
+# ---- the run directory ------------------------------------------------------------------------------------------
+
+def test_a_damaged_run_directory_is_refused_by_key_before_any_process_group(capsys, shards, tmp_path):
+    """run_dir/checkpoints as a file failed at the first checkpoint, after the steps since the start (FileExistsError);
+    a damaged MLflow store failed when rank 0 opened it (sqlite3.DatabaseError), after the model was built."""
+    from one4d_train.train.tracking import build_tracker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    err = refused(capsys, args(shards, tmp_path))
+    assert f"key 'run_dir': {run / 'checkpoints'} is a file, not a folder" in err, err
+    (run / "checkpoints").unlink()
+    tracker = build_tracker(load_config([f"run_dir={run}", "tracking.system_metrics=false"]), is_main=True)
+    tracker.start(None, {"seed": 0})  # a real MLflow store
+    tracker.end()
+    db = run / "mlflow.db"
+    store = db.read_bytes()
+    for damaged in (store[: len(store) // 2], b"\x5a" * 100 + store[100:]):  # cut short, a garbage header
+        db.write_bytes(damaged)
+        err = refused(capsys, args(shards, tmp_path))
+        assert f"key 'run_dir': {db}, the run's MLflow store, cannot be read: DatabaseError" in err, err
+    db.write_bytes(store)
+    assert preflight_config(args(shards, tmp_path)).run_dir == str(run)
+
+
+def test_a_garbage_run_config_is_named_where_another_model_is_refused(tmp_path):
+    """The refusal of a resume onto another model compares model.* with the run's config.yaml: binary garbage there
+    raised UnicodeDecodeError instead of the refusal."""
+    from one4d_train.train.trainer import other_model_message
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_bytes(bytes(range(128, 256)) * 4)
+    message = other_model_message(str(tmp_path / "checkpoints" / ckpt.step_name(4)), ["w: checkpoint [2], this "
+                                  "model [4]"], load_config([f"run_dir={tmp_path}"]))
+    assert message.startswith("key 'resume': ") and "1 trainable parameters differ (w: checkpoint [2]" in message
+    assert f"{tmp_path / 'config.yaml'} cannot be read (UnicodeDecodeError" in message, message
+
+
 # ---- model and task ---------------------------------------------------------------------------------------------
 
 def test_compute_dtype_must_match_precision(capsys, shards, tmp_path):
@@ -361,6 +419,18 @@ def test_a_late_config_error_still_exits_2(tmp_path, capsys):
     except ConfigError as exc:
         assert report_failure(exc, NullTracker()) == 2
     assert "key 'x': bad" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_file_found_late_exits_2_naming_it(capsys):
+    from one4d_train.train.main import report_failure
+    from one4d_train.train.tracking import NullTracker
+
+    try:
+        raise ckpt.CheckpointDamaged("/x/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot be read")
+    except ckpt.CheckpointDamaged as exc:
+        assert report_failure(exc, NullTracker()) == 2
+    err = capsys.readouterr().err
+    assert err == "checkpoint error: /x/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot be read\n", err
 
 
 def test_cli_exit_code_for_a_bad_config(tmp_path):

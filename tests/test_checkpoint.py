@@ -12,13 +12,16 @@ from one4d_train.train import checkpoint as ckpt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make(ckpt_dir, step, complete=True, corrupt=False):
+def make(ckpt_dir, step, complete=True, corrupt=False, crc=False):
+    """A checkpoint folder; crc: its marker records CRC-32s (as saves do now), else sizes only (as before)."""
     path = os.path.join(ckpt_dir, ckpt.step_name(step))
     os.makedirs(os.path.join(path, "ds"))
     with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
         f.write(b"x" * 100)
     if complete:
         marker = {"step": step, "world_size": 2, "files": ckpt._listing(path)}
+        if crc:
+            marker["crc32"] = ckpt.checksums(path, [os.path.join(path, rel) for rel in marker["files"]])
         ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
     if corrupt:
         with open(os.path.join(path, "ds", "model.pt"), "wb") as f:
@@ -271,3 +274,118 @@ def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 3\n")  # unrelated, two folders above the copy
     assert ckpt.config_of(str(inside)) == ckpt.config_of(str(aside)) == str(run / "config.yaml")
     assert ckpt.config_of(str(copy)) == str(copy / "config.yaml")
+
+
+def flip(path, offset=None, n=8):
+    """Flip n bytes of a file in place (bit rot: the size stays)."""
+    data = bytearray(open(path, "rb").read())
+    offset = len(data) // 2 if offset is None else offset
+    for i in range(offset, offset + n):
+        data[i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+
+
+def test_flipped_bytes_are_named_by_their_crc_and_each_rank_verifies_what_it_reads(tmp_path):
+    """Sizes alone miss bit rot: the marker's CRC-32s name the file. A rank verifies its own ZeRO partitions, the
+    files of no partition (ZeRO-1/2's model states, which every rank reads) and its own train state."""
+    path = make(str(tmp_path), 6, crc=True)
+    names = ["mp_rank_00_model_states.pt"] + [f"{p}zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1, 10)
+                                               for p, k in (("", "model"), ("bf16_", "optim"))]
+    for name in names:
+        with open(os.path.join(path, "ds", name), "wb") as f:
+            f.write(name.encode() * 1000)
+    os.makedirs(os.path.join(path, "train_state"))
+    for r in (0, 1):
+        with open(os.path.join(path, "train_state", f"rank-{r:05d}.json"), "w") as f:
+            json.dump({"step": 6}, f)
+    files = ckpt._listing(path)
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(
+        {"step": 6, "world_size": 2, "files": files,
+         "crc32": ckpt.checksums(path, [os.path.join(path, rel) for rel in files])}))
+    assert ckpt.resume_files(path, 1) == ["ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "ds/model.pt",
+                                          "ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+                                          "train_state/rank-00001.json", "train_state/rank-00001.safetensors"]
+    assert not ckpt.damaged_files(path)
+    damaged = os.path.join(path, "ds", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    flip(damaged)
+    assert ckpt.is_complete(path)  # every size still right
+    (line,) = ckpt.damaged_files(path)
+    assert line.startswith(damaged + ": its bytes changed after the save (CRC-32 ")
+    assert ckpt.damaged_files(path, ckpt.resume_files(path, 1)) == [line]
+    assert ckpt.damaged_files(path, ckpt.resume_files(path, 0)) == []  # rank 0 never reads rank 1's partition
+    with pytest.raises(ckpt.CheckpointDamaged, match="rank_1_mp_rank_00_optim"):
+        ckpt.verify_folder(path, "ds")
+    ckpt.verify_folder(path, "adapters")  # none there: nothing to verify
+    old = make(str(tmp_path), 4)  # a marker of sizes alone, written before CRC-32s: not verified
+    flip(os.path.join(old, "ds", "model.pt"))
+    assert ckpt.damaged_files(old) == [] and ckpt.verify_folder(old, "ds") is None
+
+
+def test_a_damaged_train_state_under_a_marker_without_crc_is_named_not_a_key_error(tmp_path):
+    """A flipped byte in the train state JSON of a checkpoint written before markers held CRC-32s renamed a key
+    ('step' -> 'Xtep': KeyError in the trainer) or broke the JSON or the safetensors header (raw tracebacks)."""
+    from safetensors.torch import save_file
+
+    from one4d_train.train.config import resume_problems
+
+    run = tmp_path / "run"
+    path = make(str(run / "checkpoints"), 4)
+    os.makedirs(os.path.join(path, "train_state"))
+    state, tensors = ckpt.capture_rng(torch.Generator().manual_seed(1))
+    text = json.dumps({**{k: 0 for k in ckpt.STATE_KEYS}, "rng": state})
+    base = os.path.join(path, "train_state", "rank-00000")
+    save_file(tensors, base + ".safetensors")
+    marker = {"step": 4, "world_size": 1}
+    for damaged_text in (text.replace('"step"', '"Xtep"'), "\xff" + text[1:]):
+        with open(base + ".json", "w") as f:
+            f.write(damaged_text)
+        ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps({**marker, "files": ckpt._listing(path)}))
+        with pytest.raises(ckpt.CheckpointDamaged, match=f"^{base}.json: (no key 'step'|not valid JSON)"):
+            ckpt.Checkpointer(str(run), 0, 1, 3).load_train_state(path)
+        (key, problem), = resume_problems("auto", str(run), 1, None)
+        assert key == "resume" and f"{base}.json" in problem and f"move {path} out of" in problem, problem
+    with open(base + ".json", "w") as f:
+        f.write(text)
+    flip(base + ".safetensors", offset=3)  # in the header's length
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps({**marker, "files": ckpt._listing(path)}))
+    with pytest.raises(ckpt.CheckpointDamaged, match=f"^{base}.safetensors: not a readable safetensors file"):
+        ckpt.Checkpointer(str(run), 0, 1, 3).load_train_state(path)
+
+
+def test_a_damaged_deepspeed_file_is_named_without_torchs_advice_to_unpickle(tmp_path):
+    """torch.load(weights_only=True) of a damaged file raised UnpicklingError advising weights_only=False (which
+    runs whatever the file holds), or RuntimeError 'mmap can only be used...'; neither named what to do."""
+    import pickle
+
+    path = str(tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"param_shapes": [{"w": torch.Size([4, 4])}], "module": {"w": torch.zeros(64, 64)}}, path)
+    good = open(path, "rb").read()
+    for offset in (2, good.index(b"\x80\x02") + 4):  # the archive's first header, the pickle (protocol 2)
+        for mmap in (False, True):
+            open(path, "wb").write(good)
+            flip(path, offset=offset)
+            with pytest.raises(ckpt.CheckpointDamaged) as caught:
+                ckpt.load_weights_only(path, map_location="cpu", mmap=mmap)
+            message = str(caught.value)
+            assert message.startswith(f"{path}: cannot be read by torch.load(weights_only=True) (its zip member "), message
+            assert "weights_only=False" not in message, message
+    # the trainer opens each rank's files before DeepSpeed loads them (a rank failing alone inside DeepSpeed's load
+    # left the others to fail in its next collective): only the rank that reads the damaged file finds it
+    checkpoint = tmp_path / ckpt.step_name(4)
+    (checkpoint / "ds").mkdir(parents=True)
+    os.replace(path, checkpoint / "ds" / os.path.basename(path))
+    marker = {"step": 4, "world_size": 2, "files": ckpt._listing(str(checkpoint))}
+    ckpt.write_atomic(str(checkpoint / ckpt.MARKER), json.dumps(marker))
+    with pytest.raises(ckpt.CheckpointDamaged, match="zero_pp_rank_0_mp_rank_00_model_states.pt: cannot be read"):
+        ckpt.open_deepspeed_files(str(checkpoint), 0)
+    ckpt.open_deepspeed_files(str(checkpoint), 1)
+    path = str(checkpoint / "ds" / os.path.basename(path))
+    open(path, "wb").write(good)
+    flip(path, offset=len(good) // 2)  # tensor data: loads without a word, which the marker's CRC-32s catch
+    assert ckpt.load_weights_only(path)["module"]["w"].abs().sum() > 0
+    torch_says = ("Weights only load failed. This file can still be loaded, to do so you have two options, do those "
+                  "steps only if you trust the source of the checkpoint. \n\t(1) Re-running `torch.load` with "
+                  "`weights_only` set to `False` will likely succeed, but it can result in arbitrary code execution."
+                  "\n WeightsUnpickler error: Unsupported operand 118")
+    message = str(ckpt.unreadable(str(tmp_path / "gone.pt"), pickle.UnpicklingError(torch_says)))
+    assert "UnpicklingError: Unsupported operand 118" in message and "weights_only` set to" not in message, message

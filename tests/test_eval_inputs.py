@@ -14,7 +14,7 @@ from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, 
                                        evaluate_checkpoint, load_generator, scored)
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.one4d import build_one4d
-from one4d_train.train.checkpoint import MARKER, _listing
+from one4d_train.train.checkpoint import MARKER, _listing, checksums
 
 TINY = ["model.num_links=2", "model.compute_dtype=fp32", "model.activation_checkpointing=none", "train.device=cpu",
         "model.lora.rank=4", "model.lora.alpha=8"]
@@ -33,13 +33,18 @@ def _run(tmp_path, *extra):
     return run, cfg, model.trainable_state_dict()
 
 
-def _checkpoint(run, cfg, state, step=10, complete=True):
+def _checkpoint(run, cfg, state, step=10, complete=True, crc=False):
+    """crc: the marker records CRC-32s as saves do now (else sizes alone, as written before)."""
     ckpt = run / "checkpoints" / f"step-{step:08d}"
     export_adapters(state, cfg.model, str(ckpt / "adapters"))
     (ckpt / "train_state").mkdir()
     (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": step}))
     if complete:
-        (ckpt / MARKER).write_text(json.dumps({"step": step, "world_size": 1, "files": _listing(str(ckpt))}))
+        files = _listing(str(ckpt))
+        marker = {"step": step, "world_size": 1, "files": files}
+        if crc:
+            marker["crc32"] = checksums(str(ckpt), [str(ckpt / rel) for rel in files])
+        (ckpt / MARKER).write_text(json.dumps(marker))
     return ckpt
 
 
@@ -159,14 +164,31 @@ EVAL = ["data.num_frames=5", "data.height=32", "data.width=64", "eval.steps=2", 
         "eval.recovery_iters=5", "eval.keyframes=2", "eval.modes=[video]", "tracking.system_metrics=false"]
 
 
-def _scored_run(tmp_path, steps=(10, 20)):
+def _scored_run(tmp_path, steps=(10, 20), crc=False):
     """A run directory with held-out shards and complete checkpoints at `steps`, none evaluated yet."""
     from data_utils import make_shards
 
     torch.set_num_threads(1)
     shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
     run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", *EVAL)
-    return run, [_checkpoint(run, cfg, state, step=s) for s in steps]
+    return run, [_checkpoint(run, cfg, state, step=s, crc=crc) for s in steps]
+
+
+def test_flipped_bytes_in_adapters_exit_2_naming_the_file_and_a_scan_scores_the_rest(tmp_path, capsys):
+    """Bytes flipped in adapter weights (same size: still complete by the marker's sizes) were scored without a
+    word. Named, the checkpoint exits 2 naming the file; a run directory's scan skips it, scores the others, exits 2."""
+    run, (good, bad) = _scored_run(tmp_path, crc=True)
+    damaged = bad / "adapters" / "lora_rgb.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-20] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    assert cli(["eval", f"checkpoint={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {bad} is damaged: {damaged}: its bytes changed after the save" in err, err
+    assert cli(["eval", f"checkpoint={run}"]) == 2
+    err = capsys.readouterr().err
+    assert f"skipping {bad}: checkpoint {bad} is damaged: {damaged}" in err and "1 damaged checkpoint(s)" in err, err
+    assert _metrics(run, good).is_file() and not _metrics(run, bad).exists()
 
 
 @pytest.mark.parametrize("when", ["load_generator", "iter_samples"])

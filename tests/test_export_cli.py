@@ -24,7 +24,9 @@ def make_checkpoint(run_dir, name=ckpt.step_name(4), complete=True):
     with open(os.path.join(path, "ds", "mp_rank_00_model_states.pt"), "wb") as f:
         f.write(b"x" * 64)
     if complete:
-        marker = {"step": 4, "world_size": 1, "files": ckpt._listing(path)}
+        files = ckpt._listing(path)
+        marker = {"step": 4, "world_size": 1, "files": files,
+                  "crc32": ckpt.checksums(path, [os.path.join(path, rel) for rel in files])}
         ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
     return path
 
@@ -130,3 +132,18 @@ def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsy
     (tmp_path / "link").symlink_to(tmp_path / "out")
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'link'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))
+
+
+@pytest.mark.parametrize("flag", ["from_zero=false", "from_zero=true"])
+def test_flipped_bytes_in_the_files_read_exit_2_naming_the_file(capsys, tmp_path, flag):
+    """Bytes flipped in adapter weights (same size: the checkpoint still complete) were exported without a word;
+    the files an export reads (adapters/, ds/ for a rebuild) must match their CRC-32 in the COMPLETE marker."""
+    path = make_checkpoint(tmp_path)
+    damaged = os.path.join(path, "adapters" if flag.endswith("false") else "ds",
+                           "lora_rgb.safetensors" if flag.endswith("false") else "mp_rank_00_model_states.pt")
+    data = bytearray(Path(damaged).read_bytes())
+    data[-20] ^= 0x01
+    Path(damaged).write_bytes(bytes(data))
+    code, out = export(capsys, f"checkpoint={path}", f"out={tmp_path / 'out'}", flag)
+    assert code == 2 and f"checkpoint {path} is damaged: {damaged}: its bytes changed after the save" in out, out
+    assert not (tmp_path / "out").exists()

@@ -140,6 +140,49 @@ def test_each_rank_fsyncs_the_deepspeed_files_it_wrote(straight):
     assert sorted(rank0 + rank1) == sorted(os.path.join(ds, f) for f in os.listdir(ds))  # each file has its writer
     assert sorted(os.path.basename(p) for p in rank1) == ["zero_pp_rank_1_mp_rank_00_model_states.pt",
                                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # and checksums them for the marker, which records a CRC-32 of every file it lists
+    path = os.path.dirname(ds)
+    marker = ckpt.marker_of(path)
+    assert marker["crc32"].keys() == marker["files"].keys() and not ckpt.damaged_files(path)
+
+
+def test_a_damaged_optimizer_partition_is_refused_by_path_and_set_aside_by_auto(straight, tmp_path):
+    """Bytes flipped in rank 1's Adam state of step 24 (same size: complete by its marker's sizes) resumed silently
+    from a corrupted optimizer. resume=PATH now exits 2 naming the file; resume=auto sets the checkpoint aside and
+    continues from step 18, exactly as the uninterrupted run did from there."""
+    import shutil
+
+    ref_dir, _ = straight
+    run_dir = tmp_path / "copy"
+    shutil.copytree(ref_dir, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    damaged = ckpt_dir / ckpt.step_name(STEPS) / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 8] = bytes(b ^ 0x5A for b in data[len(data) // 2: len(data) // 2 + 8])
+    damaged.write_bytes(bytes(data))
+    assert ckpt.is_complete(str(ckpt_dir / ckpt.step_name(STEPS)))
+
+    codes, out = srun_like(run_dir, *RUN, f"resume={ckpt_dir / ckpt.step_name(STEPS)}")
+    assert codes == [2, 2], out[-4000:]
+    assert f"key 'resume': {ckpt_dir / ckpt.step_name(STEPS)} is damaged: {damaged}: its bytes changed" in out, out[-4000:]
+    assert "Traceback" not in out and "resumed from" not in out
+    assert checkpoint_names(run_dir) == ["latest", ckpt.step_name(18) + "*", ckpt.step_name(STEPS) + "*"]
+
+    code, out = torchrun(run_dir, *RUN)
+    assert code == 0, out[-4000:]
+    (aside,) = [n for n in os.listdir(ckpt_dir) if n.startswith("damaged-")]
+    assert aside.startswith(f"damaged-{ckpt.step_name(STEPS)}-")
+    assert f"checkpoint {ckpt_dir / ckpt.step_name(STEPS)} is damaged: {damaged}" in out and aside in out
+    assert f"resumed from {ckpt_dir / ckpt.step_name(18)} at step 18" in out
+    assert (ckpt_dir / aside / "ds" / damaged.name).read_bytes() == bytes(data)  # kept whole for inspection
+    assert open(ckpt_dir / "latest").read().strip() == ckpt.step_name(STEPS)  # the new step 24
+    final, ref = adapters(run_dir, STEPS), adapters(ref_dir, STEPS)
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+    client, run = mlflow_run(run_dir)  # the run continued: steps 20 and 24 logged twice, the same values
+    for key in ("loss", "grad_norm", "lr"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history if m.step > 18) == [20, 20, 24, 24], key
+        assert len({(m.step, m.value) for m in history if m.step > 18}) == 2, key
 
 
 def test_sigterm_to_a_ranks_process_group_with_data_workers_checkpoints_and_exits_42(preempted):

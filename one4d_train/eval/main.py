@@ -10,7 +10,10 @@ skipping one that another evaluation holds (eval/<dataset>.lock) or that the tra
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
 export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*,
 data.*, model.*) override it.
-Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing or incomplete
+The files read (adapters/, or ds/ for a rebuild, and the train state) must match the CRC-32s of the checkpoint's
+COMPLETE marker (a marker written before markers recorded them is not verified): a damaged checkpoint is named with
+its damaged file, and a run directory's other checkpoints are evaluated still.
+Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing, incomplete or damaged
 checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, run_of, scored)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
-from one4d_train.train.checkpoint import checkpoint_problem, config_of
+from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
 from one4d_train.train.one4d_task import index_problems, link_problems, model_file_problems
 
 
@@ -79,9 +82,17 @@ def main(argv: list[str]) -> int:
     if not checkpoints:
         print(f"one4d eval: nothing to evaluate under run directory {target[0]}: no complete checkpoint")
         return 0
-    done = []
+    done, damaged = [], []
     for ckpt in checkpoints:
-        run_dir, run_id, step = run_of(ckpt)
+        try:
+            run_dir, run_id, step = run_of(ckpt)
+        except CheckpointDamaged as exc:
+            if not scan:
+                print(f"one4d eval: {exc}", file=sys.stderr)
+                return 2
+            print(f"one4d eval: skipping {ckpt}: {exc}", file=sys.stderr)
+            damaged.append(ckpt)
+            continue
         args = list(rest)
         run_config = config_of(ckpt)  # its run's config.yaml, else the checkpoint's own
         if not any(a.startswith("config=") for a in args):
@@ -128,6 +139,15 @@ def main(argv: list[str]) -> int:
             print(f"one4d eval: {'skipping ' if scan else ''}{ckpt}: {exc}", file=sys.stderr)
             if not scan:
                 return 2
+        except CheckpointDamaged as exc:  # its other checkpoints are still scored: one damaged file spoils one step
+            if scan and checkpoint_problem(ckpt):  # a file missing: pruned meanwhile, as below
+                print(f"one4d eval: skipping {ckpt}: removed by the training run while it was being evaluated",
+                      file=sys.stderr)
+                continue
+            print(f"one4d eval: {'skipping ' + ckpt + ': ' if scan else ''}{exc}", file=sys.stderr)
+            if not scan:
+                return 2
+            damaged.append(ckpt)
         except (AdapterError, EvalInputError, OSError) as exc:
             # a scan's checkpoint can be pruned (train.keep_last) or set aside by a resume while it is evaluated
             if scan and checkpoint_problem(ckpt):
@@ -141,4 +161,7 @@ def main(argv: list[str]) -> int:
     if done and len(done) == len(checkpoints):
         print(f"one4d eval: nothing to evaluate under run directory {target[0]}: its {len(done)} complete "
               f"checkpoint(s) are scored on this dataset already (eval/{tag}/metrics.json)")
+    if damaged:
+        print(f"one4d eval: {len(damaged)} damaged checkpoint(s) not evaluated: {', '.join(damaged)}", file=sys.stderr)
+        return 2
     return 0

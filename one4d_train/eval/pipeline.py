@@ -64,15 +64,20 @@ def adapter_dir(checkpoint: str) -> str:
 
 def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generator:
     """The One4D model of cfg.model with the adapters of `checkpoint` (a checkpoint or an export folder); a
-    checkpoint written without adapters/ (train.export_adapters=false) has them rebuilt from its ZeRO files."""
+    checkpoint written without adapters/ (train.export_adapters=false) has them rebuilt from its ZeRO files. The
+    checkpoint's files read are first verified against its marker's CRC-32s (CheckpointDamaged naming them)."""
     from one4d_train.model.adapters import load_adapters
     from one4d_train.model.encoders import build_encoders
     from one4d_train.model.one4d import build_one4d
+    from one4d_train.train.checkpoint import verify_folder
 
     mcfg = cfg.model
     with tempfile.TemporaryDirectory(prefix="one4d-adapters-") as tmp:
         src = adapter_dir(checkpoint) if checkpoint else None
-        if src and not os.path.isdir(src) and os.path.isdir(os.path.join(checkpoint, "ds")):
+        rebuild = src and not os.path.isdir(src) and os.path.isdir(os.path.join(checkpoint, "ds"))
+        if checkpoint:  # flipped bytes load silently: safetensors and torch.load check no data
+            verify_folder(checkpoint, "ds" if rebuild else "adapters")
+        if rebuild:
             src = _rebuild_adapters(checkpoint, tmp)  # before the model: a rebuild that fails costs no build
         model = build_one4d(mcfg, device=device, seed=cfg.seed)
         if src:
@@ -491,12 +496,23 @@ def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:
     """(run directory, MLflow run id from the train state, step) of a checkpoint. A set-aside checkpoint gets no run
     id: the run goes on along another timeline (a resume from an earlier step), which logs its own scores at the
     same steps, so this one's are written to its eval/ folder only."""
-    from one4d_train.train.checkpoint import is_set_aside, run_dir_of
+    from one4d_train.train.checkpoint import MARKER, CheckpointDamaged, damaged_files, is_set_aside, run_dir_of
 
     run_dir = run_dir_of(str(Path(checkpoint).resolve()))
     state_file = os.path.join(checkpoint, "train_state", "rank-00000.json")
     if not os.path.exists(state_file):
         return run_dir, None, None
-    with open(state_file) as f:
-        state = json.load(f)
+    marked = os.path.isfile(os.path.join(checkpoint, MARKER))
+    damaged = damaged_files(checkpoint, ["train_state/rank-00000.json"]) if marked else []
+    if not damaged:
+        try:
+            with open(state_file) as f:
+                state = json.load(f)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            damaged = [f"{state_file}: not valid JSON ({exc})"]
+        else:
+            damaged = [] if isinstance(state, dict) else [f"{state_file}: holds no mapping"]
+    if damaged:
+        raise CheckpointDamaged(f"checkpoint {checkpoint} is damaged: {damaged[0]}. Use another checkpoint, or put "
+                                "back an intact copy of the file")
     return run_dir, None if is_set_aside(checkpoint) else state.get("mlflow_run_id"), state.get("step")

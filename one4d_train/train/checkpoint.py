@@ -7,15 +7,19 @@
                                 rank-00000.safetensors (torch / CUDA / loss-generator RNG states)
       adapters/       task.export of the gathered trainable parameters (train.export_adapters=true only)
       config.yaml     the merged config the run trained this checkpoint with (export and eval rebuild from it)
-      COMPLETE        written last inside the directory: step, world size, Slurm job id, every file and its size
+      COMPLETE        written last inside the directory: step, world size, Slurm job id, every file with its size
+                      and CRC-32
     latest            name of the newest checkpoint, replaced atomically after the rename
     abandoned-<UTC time>/   checkpoints of an abandoned timeline (see set_aside), kept, never read
+    damaged-step-X-<UTC time>/   a checkpoint whose files no longer match their CRC-32 (set_damaged_aside), kept
 
-Everything is written into `.tmp-step-X`, fsynced (each rank its own files, then rank 0 the rest), renamed to
-`step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any point
-leaves the previous checkpoint in use. The folder holds one linear history: a run that resumes from anything but
-its newest checkpoint first moves the newer ones aside. Nothing is unpickled on load: JSON, safetensors, and
-DeepSpeed's files through torch.load(weights_only=True).
+Everything is written into `.tmp-step-X`, fsynced and checksummed (each rank its own files, then rank 0 the rest),
+renamed to `step-X`; `resume=auto` takes the newest directory whose COMPLETE matches its files, so a kill at any
+point leaves the previous checkpoint in use. A resume first verifies the CRC-32 of every file it reads (each rank
+its own): sizes alone miss flipped bytes, and neither torch.load nor safetensors checks the data it reads. The
+folder holds one linear history: a run that resumes from anything but its newest checkpoint first moves the newer
+ones aside. Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through
+torch.load(weights_only=True); a file that does not load is reported by name (CheckpointDamaged).
 """
 from __future__ import annotations
 
@@ -28,11 +32,16 @@ import random
 import re
 import shutil
 import time
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from one4d_train.configtools import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,16 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
 TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
+CRC_CHUNK = 8 << 20  # bytes per zlib.crc32 call: a file is checksummed without being held in memory
+STATE_KEYS = ("step", "samples_seen", "bad_streak", "skipped_total", "loader", "rng", "mlflow_run_id")  # train_state
+RNG_TENSORS = ("torch", "generator")
+DAMAGED_ADVICE = ("Resume from another checkpoint (resume=PATH of an earlier one, or resume=auto, which sets a "
+                  "damaged checkpoint aside and takes the newest intact one), or put back an intact copy of the file")
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint file that does not read back as it was written: its CRC-32 differs from the one its COMPLETE
+    marker records, or it does not load. The message names the file."""
 
 
 def is_set_aside(checkpoint: str) -> bool:
@@ -68,10 +87,11 @@ def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool
         if later and int(later.group(1)) > int(match.group(1)):
             try:
                 with open(os.path.join(folder, "train_state", "rank-00000.json")) as f:
-                    if json.load(f).get("mlflow_run_id") == run_id:
-                        return True
-            except (OSError, ValueError):
+                    state = json.load(f)
+            except (OSError, ValueError):  # an abandoned checkpoint that does not read: no evidence either way
                 continue
+            if isinstance(state, dict) and state.get("mlflow_run_id") == run_id:
+                return True
     return False
 
 
@@ -117,6 +137,158 @@ def _listing(root: str) -> dict[str, int]:
             if rel != MARKER:
                 out[rel] = os.path.getsize(full)
     return out
+
+
+def crc32_of(path: str) -> int:
+    """The CRC-32 (zlib) of a file's bytes, read in chunks."""
+    buf = bytearray(CRC_CHUNK)
+    view, crc = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+def checksums(root: str, paths: list[str]) -> dict[str, int]:
+    """{path relative to `root`: CRC-32} of the files `paths` under checkpoint folder `root`."""
+    return {os.path.relpath(p, root): crc32_of(p) for p in paths}
+
+
+def damaged_files(path: str, rels: list[str] | None = None) -> list[str]:
+    """The files of checkpoint `path` (of `rels`, relative to it; None: all) whose bytes no longer match the CRC-32
+    its COMPLETE marker records, one line each naming the file; [] when they match, or for a marker written before
+    markers recorded CRC-32s (nothing to verify against)."""
+    crcs = marker_of(path).get("crc32")
+    if not isinstance(crcs, dict):
+        return []
+    out = []
+    for rel in sorted(crcs if rels is None else set(rels) & crcs.keys()):
+        full, saved = os.path.join(path, rel), crcs[rel]
+        try:
+            crc = crc32_of(full)
+        except FileNotFoundError:
+            out.append(f"{full}: missing")
+            continue
+        except OSError as exc:  # an I/O error reading it back
+            out.append(f"{full}: cannot be read ({exc})")
+            continue
+        if crc != saved:
+            said = f"{saved:08x}" if isinstance(saved, int) else repr(saved)
+            out.append(f"{full}: its bytes changed after the save (CRC-32 {crc:08x}, {MARKER} records {said})")
+    return out
+
+
+def verify_folder(path: str, folder: str) -> None:
+    """Verify the files of checkpoint `path` under `folder` ("adapters", "ds") against their marker's CRC-32s
+    (nothing to verify in a folder that is no checkpoint, or under a marker that records none); CheckpointDamaged
+    naming the damaged files otherwise."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        return
+    damaged = damaged_files(path, [rel for rel in marker_of(path).get("files") or {} if rel.startswith(folder + "/")])
+    if damaged:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {'; '.join(damaged)}. Use another checkpoint, or put "
+                                "back an intact copy of the file")
+
+
+def resume_files(path: str, rank: int) -> list[str]:
+    """The files of checkpoint `path` that `rank` reads to resume, relative to it: its own ZeRO partitions,
+    DeepSpeed's files of no partition (ZeRO-1/2's model states, which every rank reads) and its train_state. Every
+    file of ds/ is some rank's own, so ranks that each verify theirs and agree have verified all DeepSpeed reads."""
+    own = re.compile(rf"(^|_)zero_pp_rank_{rank}_")
+    listed = sorted(marker_of(path).get("files") or {})
+    ds = [rel for rel in listed if rel.startswith("ds/") and (own.search(os.path.basename(rel))
+                                                             or "zero_pp_rank_" not in rel)]
+    return ds + [f"train_state/rank-{rank:05d}.json", f"train_state/rank-{rank:05d}.safetensors"]
+
+
+def open_deepspeed_files(path: str, rank: int) -> None:
+    """Open the DeepSpeed files `rank` reads to resume from checkpoint `path` as DeepSpeed will, memory-mapped (their
+    zip directory and pickle, not the tensor data): CheckpointDamaged names one that does not load."""
+    for rel in resume_files(path, rank):
+        if rel.startswith("ds/") and rel.endswith(".pt"):
+            load_weights_only(os.path.join(path, rel), map_location="cpu", mmap=True)
+
+
+def damaged_on_any_rank(path: str, rank: int) -> list[str]:
+    """Collective: the damaged files (damaged_files lines) among those any rank reads to resume from `path`, each
+    rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same list
+    on every rank."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, damaged_files(path, resume_files(path, rank)))
+    return sorted({line for lines in everyone for line in lines})
+
+
+def set_damaged_aside(path: str) -> str:
+    """Move the damaged checkpoint `path`, whole, to `damaged-<its name>-<UTC time>` beside it: not a step folder,
+    so resume=auto never picks it again and pruning never counts it; its files stay for inspection. Returns where."""
+    base = os.path.join(os.path.dirname(os.path.abspath(path)), f"damaged-{os.path.basename(os.path.normpath(path))}-"
+                        + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    dest, n = base, 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.rename(path, dest)
+    _fsync_path(os.path.dirname(dest))
+    return dest
+
+
+def choose_resume(resume: str, ckpt_dir: str, rank: int) -> str | None:
+    """Collective: the checkpoint to resume from (resolve_resume_once's choice) once every rank has verified the
+    files it reads against their CRC-32s. resume=auto sets a damaged one aside (rank 0, with a warning naming its
+    files) and tries the next older complete one, down to a fresh start; a damaged resume=PATH is a ConfigError."""
+    set_aside_now = []
+    while True:
+        path = resolve_resume_once(resume, ckpt_dir)
+        if path is None:
+            if set_aside_now and rank == 0:
+                log.warning("resume=auto: no intact checkpoint left in %s (damaged ones set aside: %s): TRAINING "
+                            "STARTS FROM SCRATCH at step 0", ckpt_dir, ", ".join(set_aside_now))
+            return None
+        damaged = damaged_on_any_rank(path, rank)
+        if not damaged:
+            return path
+        if resume != "auto":
+            raise ConfigError(f"key 'resume': {resume} is damaged: {'; '.join(damaged)}. {DAMAGED_ADVICE}")
+        if rank == 0:  # the others wait for its next choice, made after the move
+            dest = set_damaged_aside(path)
+            set_aside_now.append(dest)
+            log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
+                        "trying the next older checkpoint", path, "; ".join(damaged), dest)
+
+
+def unloadable_advice(path: str) -> str:
+    """What to do about checkpoint `path` whose file did not load (its marker, if written before markers recorded
+    CRC-32s, let resume=auto choose it)."""
+    return (f"Nothing was loaded: put back an intact copy of the file, or resume from another checkpoint: move {path} "
+            f"out of {os.path.dirname(os.path.abspath(path))} (resume=auto then takes the newest one left), or name an "
+            "earlier one with resume=PATH")
+
+
+@contextlib.contextmanager
+def loading(path: str):
+    """Within the block, a CheckpointDamaged from reading checkpoint `path` goes on with what to do about it."""
+    try:
+        yield
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(f"{exc}. {unloadable_advice(path)}") from None
+
+
+def read_state_json(path: str, rank: int) -> dict:
+    """train_state/rank-R.json of checkpoint `path`, verified against its marker's CRC-32 (when it records one)
+    and holding the keys a resume reads; CheckpointDamaged naming the file otherwise."""
+    rel = f"train_state/rank-{rank:05d}.json"
+    damaged = damaged_files(path, [rel])
+    if damaged:
+        raise CheckpointDamaged(damaged[0])
+    full = os.path.join(path, rel)
+    try:
+        with open(full) as f:
+            state = json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointDamaged(f"{full}: not valid JSON ({exc}): the file is damaged") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise CheckpointDamaged(f"{full}: no key {', '.join(map(repr, missing))}: the file is damaged")
+    return state
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -293,19 +465,27 @@ class Checkpointer:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, base + ".safetensors")
         with open(base + ".json", "w") as f:
             json.dump(train_state, f)
-        # each writer flushes its own files: on NFS/Lustre an fsync by rank 0 on another node flushes nothing of ours
-        for path in mine + [base + ".json", base + ".safetensors"]:
+        # each writer flushes and checksums its own files: on NFS/Lustre an fsync by rank 0 on another node flushes
+        # nothing of ours, and rank 0 reading every rank's partitions would pull them all over the network
+        own = mine + [base + ".json", base + ".safetensors"]
+        for path in own:
             _fsync_path(path)
+        crcs = checksums(tmp, own)
         if export is not None:
             export(os.path.join(tmp, "adapters"))
         _test_stall(step)
-        dist.barrier()
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, crcs)  # also the barrier: every rank's files are written and flushed
         if self.rank == 0:
             _fsync_tree(tmp)
+            files = _listing(tmp)
+            crcs = {rel: crc for part in gathered for rel, crc in part.items() if rel in files}
+            crcs.update(checksums(tmp, [os.path.join(tmp, rel) for rel in files if rel not in crcs]))  # rank 0's rest
             # the writing Slurm job and its run (requeues count up SLURM_RESTART_COUNT): its requeue continues
             # from here, and a run that wrote none is not requeued again after a time-limit signal (train/requeue)
             marker = {"step": step, "world_size": self.world_size, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                      "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0), "files": _listing(tmp)}
+                      "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0), "files": files,
+                      "crc32": dict(sorted(crcs.items()))}
             write_atomic(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
             if os.path.exists(final):  # a complete twin from an earlier attempt at this very step
                 self._remove(final)
@@ -336,11 +516,17 @@ class Checkpointer:
         written_by = marker_of(path)["world_size"]
         if written_by != self.world_size:
             raise RuntimeError(f"checkpoint {path} was written by {written_by} ranks; this job has {self.world_size}")
-        base = os.path.join(path, "train_state", f"rank-{self.rank:05d}")
-        with open(base + ".json") as f:
-            state = json.load(f)
-        return state, load_file(base + ".safetensors")
-
+        state = read_state_json(path, self.rank)
+        tensors_file = os.path.join(path, "train_state", f"rank-{self.rank:05d}.safetensors")
+        try:
+            tensors = load_file(tensors_file)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointDamaged(f"{tensors_file}: not a readable safetensors file ({exc}): the file is damaged "
+                                    "or cut short") from None
+        missing = [k for k in RNG_TENSORS if k not in tensors]
+        if missing:
+            raise CheckpointDamaged(f"{tensors_file}: no tensor {', '.join(map(repr, missing))}: the file is damaged")
+        return state, tensors
 
 
 def saved_trainable_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -348,9 +534,12 @@ def saved_trainable_shapes(path: str) -> dict[str, tuple[int, ...]]:
     memory-mapped, not read)."""
     ds_dir = os.path.join(path, "ds")
     name = sorted(n for n in os.listdir(ds_dir) if n.endswith("model_states.pt"))[0]
-    with torch.serialization.safe_globals(_safe_globals()):
-        states = torch.load(os.path.join(ds_dir, name), map_location="cpu", weights_only=True, mmap=True)
-    return {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+    states = load_weights_only(os.path.join(ds_dir, name), map_location="cpu", mmap=True)
+    try:
+        return {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointDamaged(f"{os.path.join(ds_dir, name)}: no readable parameter shapes ({type(exc).__name__}: "
+                                f"{exc}): the file is damaged") from None
 
 
 def shape_mismatches(path: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
@@ -372,6 +561,40 @@ def _safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def unreadable(path: str, exc: Exception) -> CheckpointDamaged:
+    """The error for a checkpoint file torch.load(weights_only=True) failed on, naming it. torch's own message is
+    cut to its cause: it goes on to suggest weights_only=False, which would unpickle (run) whatever the file holds."""
+    text = str(exc)
+    text = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    why = type(exc).__name__ + (f": {lines[0][:300]}" if lines and "weights_only" not in lines[0] else "")
+    why = (_zip_damage(path) if os.path.isfile(path) else None) or why
+    return CheckpointDamaged(f"{path}: cannot be read by torch.load(weights_only=True) ({why}): the file is damaged or "
+                             "cut short, or holds an object this loader does not allow (nothing is unpickled)")
+
+
+def _zip_damage(path: str) -> str | None:
+    """What is wrong with the zip archive torch.save wrote to `path` (its members' own CRC-32s included), None when
+    nothing is: read only to explain a load that failed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # BadZipFile, a bad header's struct or zlib error
+        return f"its zip structure is damaged: {type(exc).__name__}: {exc}"
+    return f"its zip member {bad} is damaged (its CRC-32 or header)" if bad else None
+
+
+def load_weights_only(path, *args, _load=None, **kwargs):
+    """torch.load(path, weights_only=True) with only DeepSpeed's known classes allowed; a file that does not load
+    raises CheckpointDamaged naming it."""
+    kwargs["weights_only"] = True
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return (_load or torch.load)(path, *args, **kwargs)
+    except Exception as exc:  # zip, pickle, tensor storage: whatever fails, the file did not load
+        raise unreadable(str(path), exc) from None
+
+
 @contextlib.contextmanager
 def weights_only_load(torch_module):
     """Within the block, `torch_module.load` (a module's reference to torch, e.g. DeepSpeed's zero_to_fp32.torch)
@@ -379,9 +602,7 @@ def weights_only_load(torch_module):
     original = torch_module.load
 
     def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
-            return original(f, *args, **kwargs)
+        return load_weights_only(f, *args, _load=original, **kwargs)
 
     torch_module.load = load
     try:
@@ -396,8 +617,7 @@ def install_safe_loader(engine) -> None:
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_weights_only(path, map_location=map_location)
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise RuntimeError(f"unsupported DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")

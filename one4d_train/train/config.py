@@ -3,7 +3,6 @@ and `preflight`: what `one4d train` checks beyond valid values before any proces
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -129,20 +128,22 @@ class TrackingConfig:
 
 def preflight(cfg) -> list[tuple[str, str]]:
     """What `one4d train` checks on every rank before any process group starts, beyond valid values, as
-    [(key, problem)]: the task class imports, and passes its own `check_config(cfg)` when it has one (the One4D
-    task: model files, shards); the resume checkpoint is complete and of this job's world size; the DeepSpeed
+    [(key, problem)]: the run directory holds no file where the run writes a folder and an intact MLflow store; the
+    task class imports, and passes its own `check_config(cfg)` when it has one (the One4D task: model files, shards);
+    the resume checkpoint is complete, of this job's world size, with a train state that reads; the DeepSpeed
     config with train.deepspeed_overrides merged is one DeepSpeed accepts and the trainer can count steps with."""
     from one4d_train.train import deepspeed_config
     from one4d_train.train.distributed import detect
 
-    world_size = detect().world_size
-    problems = cfg.tracking.problems() + resume_problems(cfg.resume, cfg.run_dir, world_size, cfg.train)
+    env = detect()
+    problems = cfg.tracking.problems() + run_dir_problems(cfg.run_dir, cfg.tracking)
+    problems += resume_problems(cfg.resume, cfg.run_dir, env.world_size, cfg.train, env.rank)
     task_cls, problem = task_class(cfg.train.task)
     if problem:
         problems.append(("train.task", problem))
     elif callable(getattr(task_cls, "check_config", None)):
         problems += task_cls.check_config(cfg)
-    return problems + deepspeed_config.problems(cfg, world_size)
+    return problems + deepspeed_config.problems(cfg, env.world_size)
 
 
 def task_class(spec: str) -> tuple[type | None, str | None]:
@@ -165,9 +166,53 @@ def task_class(spec: str) -> tuple[type | None, str | None]:
     return obj, None
 
 
-def resume_problems(resume: str, run_dir: str, world_size: int, train) -> list[tuple[str, str]]:
+RUN_DIR_FOLDERS = ("checkpoints", "eval", "mlartifacts")  # what training writes into as folders
+
+
+def run_dir_problems(run_dir: str, tracking) -> list[tuple[str, str]]:
+    """What in the run directory keeps a run from writing or tracking there, by key: a file where training makes a
+    folder (found only at the first checkpoint, after the steps since the start were trained), an MLflow store
+    (the default, tracking.uri empty) that SQLite cannot read."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        return [("run_dir", f"{run_dir} is a file, not a folder: give a folder (made when missing)")]
+    p = [("run_dir", f"{os.path.join(run_dir, name)} is a file, not a folder: the run writes its {name} there; move "
+          "the file away, or give another run_dir") for name in RUN_DIR_FOLDERS
+         if os.path.lexists(os.path.join(run_dir, name)) and not os.path.isdir(os.path.join(run_dir, name))]
+    db = os.path.join(run_dir, "mlflow.db")
+    if not tracking.uri and os.path.lexists(db):
+        problem = sqlite_problem(db)
+        if problem:
+            p.append(("run_dir", f"{db}, the run's MLflow store, cannot be read: {problem}. Put back an intact copy, "
+                      "or move it away and train into a new run_dir (resume=<a checkpoint of this run> carries the "
+                      "weights and data position over; metrics go to a new MLflow store)"))
+    return p
+
+
+def sqlite_problem(path: str) -> str | None:
+    """Why the SQLite database `path` is not intact (SQLite's own quick_check, read-only), None when it is."""
+    import pathlib
+    import sqlite3
+
+    if not os.path.isfile(path):
+        return "not a file"
+    try:
+        con = sqlite3.connect(pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if rows != [("ok",)]:
+        return "; ".join(str(r[0]) for r in rows[:3])
+    return None
+
+
+def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int = 0) -> list[tuple[str, str]]:
     """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job,
-    under `train`'s (TrainConfig) ZeRO stage and precision."""
+    under `train`'s (TrainConfig) ZeRO stage and precision, whose train state (rank 0's and `rank`'s) reads. With
+    resume=auto, a checkpoint whose train state fails its CRC-32 is left to the trainer, which sets it aside and
+    falls back to an older one."""
     from one4d_train.train import checkpoint as ckpt
 
     try:  # the trainer's own choice
@@ -188,11 +233,17 @@ def resume_problems(resume: str, run_dir: str, world_size: int, train) -> list[t
     if written != world_size:
         return [("resume", f"{chosen}written by {written} ranks, this job has {world_size} "
                  f"rank{'s' if world_size != 1 else ''}: resume it with {written}")]
-    try:  # DeepSpeed reads its optimizer files by stage and precision: another of either fails inside it
-        with open(os.path.join(path, "train_state", "rank-00000.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
+    try:
+        state = ckpt.read_state_json(path, 0)
+        ckpt.read_state_json(path, rank)
+    except ckpt.CheckpointDamaged as exc:
+        failed_crc = ckpt.damaged_files(path, [f"train_state/rank-{r:05d}.json" for r in {0, rank}])
+        if failed_crc and resume == "auto":
+            return []
+        return [("resume", f"{chosen}{exc}. {ckpt.DAMAGED_ADVICE if failed_crc else ckpt.unloadable_advice(path)}")]
+    except OSError:
         return []
+    # DeepSpeed reads its optimizer files by stage and precision: another of either fails inside it
     return [(f"train.{key}", f"{now} here, {state[key]} in {chosen.rstrip(': ')}: DeepSpeed's checkpoint holds the "
              f"optimizer state as {key.replace('_', ' ')} {state[key]} writes it; resume with train.{key}="
              f"{state[key]}, or start a new run (another run_dir, or resume=never)")

@@ -1,11 +1,13 @@
 """`one4d export checkpoint=DIR out=DIR [from_zero=true]`: the branch adapters and control links of a checkpoint.
 
 Only a complete checkpoint (its COMPLETE marker lists every file at its size) is exported: not a `.tmp-step-*`
-folder being written or left by a killed job, nor one whose files changed since. Every checkpoint already
-holds `adapters/` (written from the gathered trainable parameters); this checks it (every file and key present,
-shapes consistent) and copies it to `out`. With `from_zero=true` (true/false, yes/no, on/off, 1/0), or when a
-checkpoint has no adapters/, the adapters are rebuilt on the CPU from the DeepSpeed ZeRO partitions instead,
-using the run's config.yaml: no GPU and no process group needed.
+folder being written or left by a killed job, nor one whose files changed since; the files it reads (adapters/, or
+ds/ for a rebuild) must match the CRC-32s the marker records (a marker written before markers recorded them is not
+verified), else exit 2 naming the damaged file. Every checkpoint already holds `adapters/` (written from the gathered
+trainable parameters); this checks it (every file and key present, shapes consistent) and copies it to `out`. With
+`from_zero=true` (true/false, yes/no, on/off, 1/0), or when a checkpoint has no adapters/, the adapters are rebuilt
+on the CPU from the DeepSpeed ZeRO partitions instead, using the run's config.yaml: no GPU and no process group
+needed. A DeepSpeed file that does not load is named (nothing is unpickled: torch.load(weights_only=True)).
 
 Output: lora_rgb.safetensors / lora_xyz.safetensors (diffusers WanTransformer3DModel LoRA keys),
 control_links.safetensors (links + the XYZ patch embedding), adapter_config.json, in `out`: a new or empty folder,
@@ -70,12 +72,14 @@ def main(argv: list[str]) -> int:
         return 0
     from one4d_train.configtools import ConfigError
     from one4d_train.model.adapters import AdapterError
+    from one4d_train.train.checkpoint import CheckpointDamaged
 
     try:
         args = _args(argv)
         from_zero = parse_bool("from_zero", args.get("from_zero", "false"))
         export(args["checkpoint"], args["out"], from_zero)
-    except (ExportError, AdapterError, ConfigError) as exc:  # damaged adapters/, a run config that no longer loads
+    except (ExportError, AdapterError, ConfigError, CheckpointDamaged) as exc:  # damaged files, a run config that
+        # no longer loads
         print(f"one4d export: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -151,7 +155,7 @@ def _write_export(src: str | None, ckpt: str, out: str) -> None:
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
     from one4d_train.model.adapters import read_adapters
-    from one4d_train.train.checkpoint import MARKER, is_complete
+    from one4d_train.train.checkpoint import MARKER, is_complete, verify_folder
 
     if not os.path.isdir(ckpt):
         raise ExportError(f"checkpoint {ckpt} is not a directory")
@@ -165,8 +169,10 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
         raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
                           "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")
     src = os.path.join(ckpt, "adapters")
+    rebuild = from_zero or not os.path.isdir(src)
+    verify_folder(ckpt, "ds" if rebuild else "adapters")  # sizes alone miss flipped bytes, which load silently
     try:
-        _write_export(src if not from_zero and os.path.isdir(src) else None, ckpt, out)
+        _write_export(None if rebuild else src, ckpt, out)
     except OSError as exc:
         raise ExportError(f"out={out}: cannot write the export there: {exc.strerror or exc} "
                           f"({exc.filename or out})") from None

@@ -3,7 +3,8 @@ the deepspeed launcher.
 
 main keys:
   run_dir=runs/NAME           checkpoints, config.yaml, MLflow store (mlflow.db); survives requeues
-  resume=auto|never|PATH      auto: newest complete checkpoint of run_dir, else a fresh start
+  resume=auto|never|PATH      auto: newest complete checkpoint of run_dir whose files match their CRC-32s (a
+                              damaged one is moved to checkpoints/damaged-*, named), else a fresh start
   train.steps=5500            optimiser steps;  train.micro_batch_size=1  train.grad_accum=1
   train.zero_stage=3|2        train.precision=bf16|fp32  train.device=auto|cuda|cpu
   train.checkpoint_every=500  train.keep_last=3  train.log_every=10  train.max_bad_steps=5
@@ -15,11 +16,13 @@ main keys:
   eval.every=0                in-training evaluation every N steps, all ranks taking part
 
 Before any process group starts, every rank checks the config: values, then what the run needs (the task
-importable, model files and shards present, the resume checkpoint complete and of this world size, DeepSpeed
-overrides that leave the trainer's keys alone); every problem names its key and where it was set.
+importable, model files and shards present, the run directory's folders and MLflow store intact, the resume
+checkpoint complete and of this world size, DeepSpeed overrides that leave the trainer's keys alone); every problem
+names its key and where it was set.
 
-exit codes: 0 finished, 2 bad config (or run_dir in use by another training job), 3 too many consecutive non-finite steps, 42 preempted (checkpointed;
-requeue the job), 1 any other failure (the MLflow run is ended as FAILED).
+exit codes: 0 finished, 2 bad config (or run_dir in use by another training job, or a damaged resume checkpoint), 3 too
+many consecutive non-finite steps, 42 preempted (checkpointed; requeue the job), 1 any other failure (the MLflow run is
+ended as FAILED).
 
 examples (the first on the shards `one4d demo` writes):
   one4d train config=configs/experiment/demo.yaml data.shards=runs/demo/shards run_dir=runs/mine train.steps=20
@@ -101,9 +104,14 @@ def main(argv: list[str]) -> int:
 
 def report_failure(exc: BaseException, tracker) -> int:
     """Print the failure, end this rank's MLflow run (started or not; other ranks hold a no-op tracker) as FAILED,
-    KILLED for an interrupt, and return the exit code: 2 for a config error found late, else 1."""
+    KILLED for an interrupt, and return the exit code: 2 for a config error found late or a damaged checkpoint file
+    (the message names it: no traceback), else 1."""
+    from one4d_train.train.checkpoint import CheckpointDamaged
+
     if isinstance(exc, ConfigError):
         _print_config_error(exc)
+    elif isinstance(exc, CheckpointDamaged):
+        print(f"checkpoint error: {exc}", file=sys.stderr)
     else:
         traceback.print_exception(exc)
     if tracker is not None:
@@ -113,7 +121,7 @@ def report_failure(exc: BaseException, tracker) -> int:
             print(f"could not end the MLflow run: {type(end_exc).__name__}: {end_exc}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+    return EXIT_CONFIG if isinstance(exc, (ConfigError, CheckpointDamaged)) else 1
 
 
 def _print_config_error(exc: ConfigError) -> None:

@@ -7,7 +7,6 @@ The trainer (trainer.py) owns everything generic: DeepSpeed, schedule, checkpoin
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
@@ -441,8 +440,10 @@ def _resumed_state(cfg):
     state = os.path.join(path or "", "train_state", f"rank-{env.rank:05d}.json")
     if path is None or ckpt.marker_of(path).get("world_size") != env.world_size or not os.path.isfile(state):
         return None
-    with open(state) as f:
-        return path, json.load(f), env
+    try:
+        return path, ckpt.read_state_json(path, env.rank), env
+    except (ckpt.CheckpointDamaged, OSError):  # reported under 'resume' (or set aside by the trainer: resume=auto)
+        return None
 
 
 def _resume_problems(cfg) -> list[tuple[str, str]]:

@@ -43,7 +43,13 @@ def other_model_message(path: str, mismatches: list[str], cfg) -> str:
              "it was trained with, or start a new run (another run_dir, or resume=never)"]
     run_config = os.path.join(ckpt.run_dir_of(path), "config.yaml")
     if os.path.isfile(run_config):
-        theirs = flatten(OmegaConf.to_container(OmegaConf.load(run_config), resolve=True))
+        try:
+            theirs = flatten(OmegaConf.to_container(OmegaConf.load(run_config), resolve=True))
+        except Exception as exc:  # not YAML (binary garbage: UnicodeDecodeError), or not a mapping
+            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            return "\n".join(lines + [f"(the model.* values it was trained with are not shown: {run_config} cannot be "
+                                      f"read ({type(exc).__name__}{': ' + why if why else ''}); the run directory's "
+                                      "config.yaml is damaged)"])
         ours = flatten(to_dict(cfg))
         lines += [f"key '{k}': {ours[k]!r} here, {theirs[k]!r} in {run_config}" for k in sorted(ours)
                   if k.startswith("model.") and k in theirs and theirs[k] != ours[k]]
@@ -113,10 +119,12 @@ class Trainer:
     def _resume(self) -> tuple[dict | None, str | None]:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
-        path = ckpt.resolve_resume_once(self.cfg.resume, self.checkpointer.dir)
+        # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back
+        path = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
         if path is not None:  # before any checkpoint is moved aside for it
             shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
-            mismatches = ckpt.shape_mismatches(path, shapes)
+            with ckpt.loading(path):
+                mismatches = ckpt.shape_mismatches(path, shapes)
             if mismatches:
                 raise ConfigError(other_model_message(path, mismatches, self.cfg))
         dist.barrier()  # every rank has chosen before rank 0 moves folders
@@ -124,14 +132,21 @@ class Trainer:
             ckpt.set_aside(self.checkpointer.dir, path)
         if path is None:
             return None, None
-        state, tensors = self.checkpointer.load_train_state(path)
-        load_dir, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=False)
+        # verified already, unless its marker records no CRC-32s: then a file that does not load is named here
+        with ckpt.loading(path):
+            state, tensors = self._load_train_state(path)
+            load_dir, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=False)
         if load_dir is None:
             raise RuntimeError(f"DeepSpeed could not load {path}")
         # the checkpoint restored the optimizer hyperparameters and schedule it was written with: this config's win
         changes = schedule.apply_config(self.engine.lr_scheduler, self.cfg.optim, self.cfg.train.steps)
         self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
-        ckpt.restore_rng(state["rng"], tensors, self.generator)
+        with ckpt.loading(path):
+            try:
+                ckpt.restore_rng(state["rng"], tensors, self.generator)
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+                raise ckpt.CheckpointDamaged(f"{path}/train_state/rank-{self.env.rank:05d}.json, .safetensors: the "
+                                             f"RNG state does not restore ({type(exc).__name__}: {exc}): damaged")
         self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
         self.samples_seen = state["samples_seen"]
         # written before these were kept: the log window restarts, no evaluation is owed
@@ -152,6 +167,21 @@ class Trainer:
                                 "one4d.branched_at_step": str(self.step)}
             return state["loader"], None
         return state["loader"], state["mlflow_run_id"] if ours else None
+
+    def _load_train_state(self, path: str) -> tuple[dict, dict]:
+        """Collective: this rank's train state of checkpoint `path`, once every rank has read its own and opened the
+        DeepSpeed files it reads: a file that does not load, on any rank, stops every rank with its message (one rank
+        failing alone inside DeepSpeed's load left the others to fail in its next collective, with a traceback)."""
+        try:
+            loaded, problem = self.checkpointer.load_train_state(path), None
+            ckpt.open_deepspeed_files(path, self.env.rank)
+        except ckpt.CheckpointDamaged as exc:
+            loaded, problem = None, str(exc)
+        problems = [None] * self.env.world_size
+        dist.all_gather_object(problems, problem)
+        if any(problems):
+            raise ckpt.CheckpointDamaged("; ".join(p for p in problems if p))
+        return loaded
 
     def _save(self, loader) -> None:
         state, tensors = self._train_state(loader)

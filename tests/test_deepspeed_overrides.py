@@ -39,6 +39,7 @@ def test_accumulation_and_batch_size_are_the_trainers():
     ("{optimizer: {type: Adam, params: {lr: 0.1}}}", "optim.lr"),
     ("{scheduler: {type: WarmupLR}}", "optim.schedule"),
     ("{zero_allow_untested_optimizer: false}", "AdamW"),
+    ("{zero_optimization: {elastic_checkpoint: true}}", "CRC-32"),
 ])
 def test_keys_the_trainer_sets_are_refused_naming_what_to_set(overrides, instead):
     found = problems(overrides)

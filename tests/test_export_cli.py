@@ -147,3 +147,28 @@ def test_flipped_bytes_in_the_files_read_exit_2_naming_the_file(capsys, tmp_path
     code, out = export(capsys, f"checkpoint={path}", f"out={tmp_path / 'out'}", flag)
     assert code == 2 and f"checkpoint {path} is damaged: {damaged}: its bytes changed after the save" in out, out
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_export_into_a_folder_being_written_is_refused(capsys, tmp_path):
+    """Two exports into one out= removed each other's work folders; the one that then failed deleted the other's
+    finished export. One export at a time writes into a folder (a lock in it, gone with the export)."""
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, _env
+
+    path = make_checkpoint(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from one4d_train.train.run_lock import hold; "
+                               "lock = hold(sys.argv[1]); print('held', flush=True); time.sleep(600)",
+                               str(out / ".export.lock")], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = export(capsys, f"checkpoint={path}", f"out={out}")
+        assert code == 2 and f"out={out}: another one4d export is writing into it (pid {holder.pid}" in text, text
+    finally:
+        holder.kill()
+        holder.wait()
+    assert export(capsys, f"checkpoint={path}", f"out={out}")[0] == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(os.path.join(path, "adapters")))

@@ -185,6 +185,33 @@ def test_a_damaged_optimizer_partition_is_refused_by_path_and_set_aside_by_auto(
         assert len({(m.step, m.value) for m in history if m.step > 18}) == 2, key
 
 
+def test_auto_falls_back_only_to_a_checkpoint_this_run_can_continue_and_never_to_a_fresh_start(straight, tmp_path):
+    """The start-up checks read the newest checkpoint's train state; when that one fails its CRC-32, resume=auto
+    falls back in the trainer. The older one it takes is checked the same way (another ZeRO stage here: DeepSpeed's
+    assertion before), and with every checkpoint damaged the run stops instead of training from step 0 again."""
+    import shutil
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x5A
+        path.write_bytes(bytes(data))
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight[0], run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    flip(ckpt_dir / ckpt.step_name(STEPS) / "train_state" / "rank-00000.json")
+    codes, out = srun_like(run_dir, *RUN, "train.zero_stage=2")
+    assert codes == [2, 2], out[-4000:]
+    assert (f"resume=auto fell back to {ckpt_dir / ckpt.step_name(18)}, which this run cannot continue: key "
+            "'train.zero_stage': 2 here, 3 in") in out, out[-4000:]
+    assert "Traceback" not in out
+    flip(ckpt_dir / ckpt.step_name(18) / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    codes, out = srun_like(run_dir, *RUN)
+    assert codes == [2, 2], out[-4000:]
+    assert f"key 'resume': no intact checkpoint left in {ckpt_dir}" in out and "resume=never" in out, out[-4000:]
+    assert not list(ckpt_dir.glob("step-*")) and len(list(ckpt_dir.glob("damaged-step-*"))) == 2
+
+
 def test_sigterm_to_a_ranks_process_group_with_data_workers_checkpoints_and_exits_42(preempted):
     out = preempted["out1"]
     assert preempted["codes1"] == [REQUEUE_EXIT_CODE] * 2, out[-4000:]

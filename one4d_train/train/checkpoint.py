@@ -161,21 +161,28 @@ def damaged_files(path: str, rels: list[str] | None = None) -> list[str]:
     crcs = marker_of(path).get("crc32")
     if not isinstance(crcs, dict):
         return []
-    out = []
+    changed, unreadable = check_files(path, crcs, rels)
+    return changed + unreadable
+
+
+def check_files(path: str, crcs: dict, rels: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(files of checkpoint `path` whose bytes differ from their CRC-32 in `crcs`, files that cannot be read now:
+    missing or an I/O error, which may pass, so no reason to set the checkpoint aside), as lines naming each."""
+    changed, unreadable = [], []
     for rel in sorted(crcs if rels is None else set(rels) & crcs.keys()):
         full, saved = os.path.join(path, rel), crcs[rel]
         try:
             crc = crc32_of(full)
         except FileNotFoundError:
-            out.append(f"{full}: missing")
+            unreadable.append(f"{full}: missing")
             continue
         except OSError as exc:  # an I/O error reading it back
-            out.append(f"{full}: cannot be read ({exc})")
+            unreadable.append(f"{full}: cannot be read ({exc})")
             continue
         if crc != saved:
             said = f"{saved:08x}" if isinstance(saved, int) else repr(saved)
-            out.append(f"{full}: its bytes changed after the save (CRC-32 {crc:08x}, {MARKER} records {said})")
-    return out
+            changed.append(f"{full}: its bytes changed after the save (CRC-32 {crc:08x}, {MARKER} records {said})")
+    return changed, unreadable
 
 
 def verify_folder(path: str, folder: str) -> None:
@@ -209,13 +216,16 @@ def open_deepspeed_files(path: str, rank: int) -> None:
             load_weights_only(os.path.join(path, rel), map_location="cpu", mmap=True)
 
 
-def damaged_on_any_rank(path: str, rank: int) -> list[str]:
-    """Collective: the damaged files (damaged_files lines) among those any rank reads to resume from `path`, each
-    rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same list
-    on every rank."""
+def damaged_on_any_rank(path: str, rank: int) -> tuple[list[str], list[str]]:
+    """Collective: (changed, unreadable) check_files lines of the files any rank reads to resume from `path`, each
+    rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same
+    lists on every rank."""
+    crcs = marker_of(path).get("crc32")
+    mine = check_files(path, crcs, resume_files(path, rank)) if isinstance(crcs, dict) else ([], [])
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, damaged_files(path, resume_files(path, rank)))
-    return sorted({line for lines in everyone for line in lines})
+    dist.all_gather_object(everyone, mine)
+    return (sorted({line for lines, _ in everyone for line in lines}),
+            sorted({line for _, lines in everyone for line in lines}))
 
 
 def set_damaged_aside(path: str) -> str:
@@ -231,26 +241,33 @@ def set_damaged_aside(path: str) -> str:
     return dest
 
 
-def choose_resume(resume: str, ckpt_dir: str, rank: int) -> str | None:
-    """Collective: the checkpoint to resume from (resolve_resume_once's choice) once every rank has verified the
-    files it reads against their CRC-32s. resume=auto sets a damaged one aside (rank 0, with a warning naming its
-    files) and tries the next older complete one, down to a fresh start; a damaged resume=PATH is a ConfigError."""
+def choose_resume(resume: str, ckpt_dir: str, rank: int) -> tuple[str | None, bool]:
+    """Collective: (the checkpoint to resume from (resolve_resume_once's choice) once every rank has verified the
+    files it reads against their CRC-32s, whether it is an older one than the newest: the one the start-up checks
+    saw was set aside). resume=auto sets a damaged one aside (rank 0, with a warning naming its files) and tries the
+    next older complete one. ConfigError for a damaged resume=PATH, for damage with no intact checkpoint left (a
+    fresh start is resume=never's, never a silent fallback), and for a file that cannot be read now (missing, an
+    I/O error: it may pass, so nothing is set aside)."""
     set_aside_now = []
     while True:
         path = resolve_resume_once(resume, ckpt_dir)
         if path is None:
-            if set_aside_now and rank == 0:
-                log.warning("resume=auto: no intact checkpoint left in %s (damaged ones set aside: %s): TRAINING "
-                            "STARTS FROM SCRATCH at step 0", ckpt_dir, ", ".join(set_aside_now))
-            return None
-        damaged = damaged_on_any_rank(path, rank)
+            if set_aside_now:
+                raise ConfigError(f"key 'resume': no intact checkpoint left in {ckpt_dir} (the damaged ones, "
+                                  f"{', '.join(set_aside_now)}, were set aside as damaged-*): put back intact copies, "
+                                  "resume=PATH of another run's checkpoint, or resume=never to start afresh")
+            return None, False
+        damaged, unreadable = damaged_on_any_rank(path, rank)
+        if unreadable:
+            raise ConfigError(f"key 'resume': {path} cannot be read now: {'; '.join(unreadable)}. Nothing was moved: "
+                              "run again once the file system serves it (or resume=PATH of another checkpoint)")
         if not damaged:
-            return path
+            return path, bool(set_aside_now)
         if resume != "auto":
             raise ConfigError(f"key 'resume': {resume} is damaged: {'; '.join(damaged)}. {DAMAGED_ADVICE}")
-        if rank == 0:  # the others wait for its next choice, made after the move
+        set_aside_now.append(path)  # on every rank: each decides the same from here
+        if rank == 0:  # the others wait for its next choice (resolve_resume_once), made after the move
             dest = set_damaged_aside(path)
-            set_aside_now.append(dest)
             log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
                         "trying the next older checkpoint", path, "; ".join(damaged), dest)
 

@@ -40,6 +40,9 @@ TRAINER_KEYS: dict[tuple[str, ...], str] = {
     ("scheduler",): "the trainer passes its own LR schedule: set optim.schedule, optim.warmup_steps, "
                     "optim.min_lr_ratio",
     ("zero_allow_untested_optimizer",): "the trainer's torch AdamW needs it",
+    ("zero_optimization", "elastic_checkpoint"): "a resume verifies each rank's own optimizer partition against its "
+                                                 "CRC-32 before loading it; elastic checkpoints make every rank load "
+                                                 "all of them",
 }
 
 
@@ -148,6 +151,9 @@ def _deepspeed_default(path: tuple[str, ...]):
         return models[path[0]].model_fields[path[1]].get_default()
     if path == ("managed_gradient_accumulation",):
         return constants.MANAGED_GRADIENT_ACCUMULATION_DEFAULT
+    if path == ("zero_optimization", "elastic_checkpoint"):
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        return DeepSpeedZeroConfig.model_fields["elastic_checkpoint"].get_default()
     return _ABSENT  # the trainer leaves it unset: any value changes it
 
 

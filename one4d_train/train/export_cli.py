@@ -18,6 +18,7 @@ exit codes: 0 exported, 2 bad arguments or a checkpoint that cannot be exported,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> int:
 
 
 TMP_PREFIX = ".export-tmp-"  # the folder inside `out` an export is written to before its files move in
+LOCK_NAME = ".export.lock"  # held in `out` while an export writes there
 
 
 def _export_files() -> set[str]:
@@ -112,7 +114,7 @@ def _target_problem(out: str) -> str | None:
             break
         here = parent
     others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
-                    if n not in _export_files() and not n.startswith(TMP_PREFIX))
+                    if n not in _export_files() and n != LOCK_NAME and not n.startswith(TMP_PREFIX))
     if others:
         return (f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not an earlier export's files "
                 "alone (an export replaces an earlier one's files): give a new or empty folder, or an earlier export")
@@ -120,26 +122,35 @@ def _target_problem(out: str) -> str | None:
 
 
 def _write_export(src: str | None, ckpt: str, out: str) -> None:
-    """The export of `ckpt` (a copy of its adapters/ `src`, or rebuilt from its ZeRO partitions) into `out`, written
-    in a folder inside it and read back whole before its files move in (each file replaced in one step, the
-    adapter_config.json last); an earlier export's files this one does not have are removed. So `out` never holds
-    a half-written file or two exports' files, and may be a symlink or a mount point."""
+    """The export of `ckpt` (a copy of its adapters/ `src`, or rebuilt from its ZeRO partitions) into `out`, with
+    the folder locked (one export at a time), written in a folder inside it and read back whole before its files
+    move in, each replaced in one step: the earlier adapter_config.json goes first and the new one comes last, so a
+    kill part-way leaves no config (read_adapters refuses the folder) rather than two exports' weights under one.
+    An earlier export's files this one does not have are removed. `out` may be a symlink or a mount point."""
     from one4d_train.model.adapters import CONFIG_NAME, read_adapters
+    from one4d_train.train.run_lock import Held, hold
 
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):  # left by a killed export
-        if name.startswith(TMP_PREFIX):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    try:
+        lock = hold(os.path.join(out, LOCK_NAME), what="a second `one4d export`")
+    except Held as exc:
+        raise ExportError(f"out={out}: another one4d export is writing into it ({exc.who}); wait for it to "
+                          "end") from None
     tmp = os.path.join(out, f"{TMP_PREFIX}{os.getpid()}")
     done = False
     try:
+        for name in os.listdir(out):  # left by a killed export (the lock keeps a live one out)
+            if name.startswith(TMP_PREFIX):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         if src is None:
             rebuild_from_zero(ckpt, tmp)
         else:
             read_adapters(src)  # raises on a missing file or key
             shutil.copytree(src, tmp)
         read_adapters(tmp)
+        if os.path.exists(os.path.join(out, CONFIG_NAME)):
+            os.remove(os.path.join(out, CONFIG_NAME))
         new = set(os.listdir(tmp))
         for name in sorted(new - {CONFIG_NAME}) + [CONFIG_NAME]:
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
@@ -149,7 +160,11 @@ def _write_export(src: str | None, ckpt: str, out: str) -> None:
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not done:  # a refused export leaves no folder behind
+        if lock is not None:  # removed while still held: the export folder keeps no file of its own
+            with contextlib.suppress(OSError):
+                os.remove(lock.path)
+            lock.release()
+        if created and not done:  # a refused export leaves no folder behind (nothing else can be in it)
             shutil.rmtree(out, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 checkpoints, handles preemption and non-finite steps. Everything model- or data-specific is the task's."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -120,7 +121,13 @@ class Trainer:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
         # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back
-        path = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
+        path, fell_back = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
+        if fell_back:  # the start-up checks saw the damaged one: this one's world size, layout, base, data position
+            from one4d_train.train.config import preflight
+            problems = preflight(dataclasses.replace(self.cfg, resume=path))
+            if problems:
+                raise ConfigError(f"resume=auto fell back to {path}, which this run cannot continue: "
+                                  + "; ".join(f"key '{k}': {v}" for k, v in problems))
         if path is not None:  # before any checkpoint is moved aside for it
             shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
             with ckpt.loading(path):

@@ -82,3 +82,24 @@ def test_a_run_dir_that_cannot_be_made_names_the_key(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"key 'run_dir': cannot create .*file/run.*Not a directory"):
         run_lock.acquire(str(tmp_path / "file" / "run"), {})
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_held_by_a_late_opener(tmp_path, monkeypatch):
+    """A holder that removes its lock file on leaving (one4d export's) lets a process that opened the file just
+    before lock the removed file: it would run beside the next one, which locks the new file. hold() locks the file
+    that is at the path when it holds it."""
+    path = str(tmp_path / "x.lock")
+    real_open, calls = os.open, []
+
+    def open_then_removed(name, *args):
+        fd = real_open(name, *args)
+        if not calls:  # the first holder leaves between this open and the lock
+            os.remove(name)
+        calls.append(name)
+        return fd
+
+    monkeypatch.setattr(run_lock.os, "open", open_then_removed)
+    lock = run_lock.hold(path)
+    assert len(calls) == 2 and os.path.exists(path)
+    assert os.fstat(lock.fd).st_ino == os.stat(path).st_ino
+    lock.release()

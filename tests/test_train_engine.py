@@ -210,6 +210,8 @@ def test_auto_falls_back_only_to_a_checkpoint_this_run_can_continue_and_never_to
     assert codes == [2, 2], out[-4000:]
     assert f"key 'resume': no intact checkpoint left in {ckpt_dir}" in out and "resume=never" in out, out[-4000:]
     assert not list(ckpt_dir.glob("step-*")) and len(list(ckpt_dir.glob("damaged-step-*"))) == 2
+    codes, out = srun_like(run_dir, *RUN)  # launched again: refused as well, not a silent start from step 0
+    assert codes == [2, 2] and "only damaged ones set aside" in out, out[-4000:]
 
 
 def test_sigterm_to_a_ranks_process_group_with_data_workers_checkpoints_and_exits_42(preempted):

@@ -241,6 +241,17 @@ def set_damaged_aside(path: str) -> str:
     return dest
 
 
+def only_damaged_left(ckpt_dir: str) -> str | None:
+    """The refusal of resume=auto where `ckpt_dir` holds damaged checkpoints set aside and no complete one: a fresh
+    start there is resume=never's to ask for, not a silent one (a second launch after the first set every one aside
+    found nothing to resume and started from step 0). None when that is not the case."""
+    damaged = sorted(n for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if n.startswith("damaged-"))
+    if not damaged or complete_checkpoints(ckpt_dir):
+        return None
+    return (f"no intact checkpoint left in {ckpt_dir}, only damaged ones set aside ({', '.join(damaged)}): put back "
+            "intact copies, resume=PATH of another run's checkpoint, or resume=never to start afresh")
+
+
 def choose_resume(resume: str, ckpt_dir: str, rank: int) -> tuple[str | None, bool]:
     """Collective: (the checkpoint to resume from (resolve_resume_once's choice) once every rank has verified the
     files it reads against their CRC-32s, whether it is an older one than the newest: the one the start-up checks
@@ -252,15 +263,18 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int) -> tuple[str | None, bo
     while True:
         path = resolve_resume_once(resume, ckpt_dir)
         if path is None:
-            if set_aside_now:
-                raise ConfigError(f"key 'resume': no intact checkpoint left in {ckpt_dir} (the damaged ones, "
-                                  f"{', '.join(set_aside_now)}, were set aside as damaged-*): put back intact copies, "
-                                  "resume=PATH of another run's checkpoint, or resume=never to start afresh")
+            from one4d_train.train.distributed import broadcast_from_main
+
+            refusal = broadcast_from_main(only_damaged_left(ckpt_dir) if resume == "auto" else None)
+            if refusal:
+                raise ConfigError(f"key 'resume': {refusal}")
             return None, False
         damaged, unreadable = damaged_on_any_rank(path, rank)
         if unreadable:
-            raise ConfigError(f"key 'resume': {path} cannot be read now: {'; '.join(unreadable)}. Nothing was moved: "
-                              "run again once the file system serves it (or resume=PATH of another checkpoint)")
+            moved = f" ({', '.join(set_aside_now)} set aside as damaged before)" if set_aside_now else ""
+            raise ConfigError(f"key 'resume': {path} cannot be read now: {'; '.join(unreadable)}. It was not set "
+                              f"aside{moved}: run again once the file system serves it (or resume=PATH of another "
+                              "checkpoint)")
         if not damaged:
             return path, bool(set_aside_now)
         if resume != "auto":

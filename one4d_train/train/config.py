@@ -199,6 +199,8 @@ def sqlite_problem(path: str) -> str | None:
         size = os.path.getsize(path)
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
+    if size == 0:  # SQLite's empty database
+        return None
     if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
         return "not an SQLite database (its header is not SQLite's)"
     page = int.from_bytes(head[16:18], "big")
@@ -206,7 +208,10 @@ def sqlite_problem(path: str) -> str | None:
     if page < 512 or page & (page - 1):
         return f"its header records a page size of {page} bytes, which SQLite never writes"
     pages, changes, valid_for = (int.from_bytes(head[i:i + 4], "big") for i in (28, 24, 92))
-    if pages and changes == valid_for and size < pages * page:
+    # a write under way or killed part-way (its -journal or -wal beside, which SQLite rolls back or forward) may
+    # leave the header ahead of the file's length
+    pending = any(os.path.exists(path + suffix) and os.path.getsize(path + suffix) for suffix in ("-journal", "-wal"))
+    if pages and changes == valid_for and size < pages * page and not pending:
         return f"{size} bytes, where its header records {pages} pages of {page} (cut short)"
     return None
 
@@ -230,7 +235,8 @@ def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int
         return [("resume", f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files "
                  f"changed since){hint}")]
     if path is None:
-        return []
+        refusal = ckpt.only_damaged_left(os.path.join(run_dir, "checkpoints")) if resume == "auto" else None
+        return [("resume", refusal)] if refusal else []
     chosen = f"resume=auto chose {path}: " if resume == "auto" else f"{resume}: "
     written = ckpt.marker_of(path).get("world_size")
     if written != world_size:

@@ -121,12 +121,13 @@ def _target_problem(out: str) -> str | None:
     return None
 
 
-def _write_export(src: str | None, ckpt: str, out: str) -> None:
+def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
     """The export of `ckpt` (a copy of its adapters/ `src`, or rebuilt from its ZeRO partitions) into `out`, with
     the folder locked (one export at a time), written in a folder inside it and read back whole before its files
     move in, each replaced in one step: the earlier adapter_config.json goes first and the new one comes last, so a
     kill part-way leaves no config (read_adapters refuses the folder) rather than two exports' weights under one.
-    An earlier export's files this one does not have are removed. `out` may be a symlink or a mount point."""
+    An earlier export's files this one does not have are removed. `out` may be a symlink or a mount point. Returns
+    the export as read back (read_adapters)."""
     from one4d_train.model.adapters import CONFIG_NAME, read_adapters
     from one4d_train.train.run_lock import Held, hold
 
@@ -134,21 +135,25 @@ def _write_export(src: str | None, ckpt: str, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     try:
         lock = hold(os.path.join(out, LOCK_NAME), what="a second `one4d export`")
-    except Held as exc:
-        raise ExportError(f"out={out}: another one4d export is writing into it ({exc.who}); wait for it to "
-                          "end") from None
+    except (Held, OSError) as exc:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, Held):
+            raise ExportError(f"out={out}: another one4d export is writing into it ({exc.who}); wait for it to "
+                              "end") from None
+        raise
     tmp = os.path.join(out, f"{TMP_PREFIX}{os.getpid()}")
     done = False
     try:
-        for name in os.listdir(out):  # left by a killed export (the lock keeps a live one out)
-            if name.startswith(TMP_PREFIX):
+        for name in os.listdir(out):  # left by a killed export (its process gone: without POSIX locks, a live one
+            if name.startswith(TMP_PREFIX) and not _alive(name[len(TMP_PREFIX):]):  # may be writing beside this)
                 shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         if src is None:
             rebuild_from_zero(ckpt, tmp)
         else:
             read_adapters(src)  # raises on a missing file or key
             shutil.copytree(src, tmp)
-        read_adapters(tmp)
+        result = read_adapters(tmp)
         if os.path.exists(os.path.join(out, CONFIG_NAME)):
             os.remove(os.path.join(out, CONFIG_NAME))
         new = set(os.listdir(tmp))
@@ -158,18 +163,29 @@ def _write_export(src: str | None, ckpt: str, out: str) -> None:
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         done = True
+        return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if lock is not None:  # removed while still held: the export folder keeps no file of its own
+        if lock is not None:  # removed while still held (hold() takes a removed lock file for none)
             with contextlib.suppress(OSError):
                 os.remove(lock.path)
             lock.release()
-        if created and not done:  # a refused export leaves no folder behind (nothing else can be in it)
-            shutil.rmtree(out, ignore_errors=True)
+        if created and not done:  # a refused export leaves no folder behind (unless another wrote there since)
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
-    from one4d_train.model.adapters import read_adapters
     from one4d_train.train.checkpoint import MARKER, is_complete, verify_folder
 
     if not os.path.isdir(ckpt):
@@ -187,11 +203,10 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
     rebuild = from_zero or not os.path.isdir(src)
     verify_folder(ckpt, "ds" if rebuild else "adapters")  # sizes alone miss flipped bytes, which load silently
     try:
-        _write_export(None if rebuild else src, ckpt, out)
+        config, state = _write_export(None if rebuild else src, ckpt, out)
     except OSError as exc:
         raise ExportError(f"out={out}: cannot write the export there: {exc.strerror or exc} "
                           f"({exc.filename or out})") from None
-    config, state = read_adapters(out)
     total = sum(t.numel() for t in state.values())
     print(f"exported {len(state)} tensors ({total / 2**20:.2f}M parameters; design {config['design']}, "
           f"branches {', '.join(config['branches'])}, link blocks {config['link_blocks']}) to {out}")

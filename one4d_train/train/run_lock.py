@@ -82,6 +82,15 @@ class Held(Exception):
         super().__init__(f"{path} is held by {self.who}")
 
 
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
 def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second job",
          shared: bool = False) -> RunLock | None:
     """An exclusive lock on the file `path` (created; its folder must exist) recording this process as its holder
@@ -91,22 +100,27 @@ def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second
     when another process holds it (exclusively, for a shared lock), OSError when the file cannot be made."""
     env = os.environ if environ is None else environ
     job, restarts = env.get("SLURM_JOB_ID"), _restart_count(env.get("SLURM_RESTART_COUNT"))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno not in (errno.EACCES, errno.EAGAIN):
-            log.warning("cannot lock %s (%s): this file system has no POSIX locks, so nothing stops %s from using "
-                        "%s at the same time", path, exc.strerror, what, os.path.dirname(path) or ".")
-            return None
-        holder = holder_of(path)
-        if job and holder.get("slurm_job_id") == job and _restart_count(holder.get("slurm_restart_count")) < restarts:
-            log.warning("%s is held by an earlier instance of this job (%s), dead since Slurm requeued it; its node "
-                        "may have failed with the lock on the file server: going on without the lock", path,
-                        _describe(holder))
-            return None
-        raise Held(path, holder) from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                log.warning("cannot lock %s (%s): this file system has no POSIX locks, so nothing stops %s from "
+                            "using %s at the same time", path, exc.strerror, what, os.path.dirname(path) or ".")
+                return None
+            holder = holder_of(path)
+            earlier = _restart_count(holder.get("slurm_restart_count")) < restarts
+            if job and holder.get("slurm_job_id") == job and earlier:
+                log.warning("%s is held by an earlier instance of this job (%s), dead since Slurm requeued it; its "
+                            "node may have failed with the lock on the file server: going on without the lock", path,
+                            _describe(holder))
+                return None
+            raise Held(path, holder) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # locked a file its holder removed on leaving: the lock is the file now at `path`
     holder = {"slurm_job_id": job, "slurm_restart_count": restarts, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.ftruncate(fd, 0)

@@ -124,7 +124,9 @@ class Trainer:
         path, fell_back = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
         if fell_back:  # the start-up checks saw the damaged one: this one's world size, layout, base, data position
             from one4d_train.train.config import preflight
-            problems = preflight(dataclasses.replace(self.cfg, resume=path))
+            everyone = [None] * self.env.world_size  # each rank's view; all raise together, or none does
+            dist.all_gather_object(everyone, preflight(dataclasses.replace(self.cfg, resume=path)))
+            problems = list(dict.fromkeys(p for found in everyone for p in found))
             if problems:
                 raise ConfigError(f"resume=auto fell back to {path}, which this run cannot continue: "
                                   + "; ".join(f"key '{k}': {v}" for k, v in problems))

@@ -158,16 +158,17 @@ def damaged_files(path: str, rels: list[str] | None = None) -> list[str]:
     """The files of checkpoint `path` (of `rels`, relative to it; None: all) whose bytes no longer match the CRC-32
     its COMPLETE marker records, one line each naming the file; [] when they match, or for a marker written before
     markers recorded CRC-32s (nothing to verify against)."""
-    crcs = marker_of(path).get("crc32")
-    if not isinstance(crcs, dict):
-        return []
-    changed, unreadable = check_files(path, crcs, rels)
+    changed, unreadable = check_files(path, rels)
     return changed + unreadable
 
 
-def check_files(path: str, crcs: dict, rels: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(files of checkpoint `path` whose bytes differ from their CRC-32 in `crcs`, files that cannot be read now:
-    missing or an I/O error, which may pass, so no reason to set the checkpoint aside), as lines naming each."""
+def check_files(path: str, rels: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(files of checkpoint `path` (of `rels`; None: all) whose bytes differ from the CRC-32 its marker records,
+    files that cannot be read now: missing or an I/O error, which may pass, so no reason to set the checkpoint
+    aside), as lines naming each; nothing for a marker that records no CRC-32s."""
+    crcs = marker_of(path).get("crc32")
+    if not isinstance(crcs, dict):
+        return [], []
     changed, unreadable = [], []
     for rel in sorted(crcs if rels is None else set(rels) & crcs.keys()):
         full, saved = os.path.join(path, rel), crcs[rel]
@@ -220,22 +221,27 @@ def damaged_on_any_rank(path: str, rank: int) -> tuple[list[str], list[str]]:
     """Collective: (changed, unreadable) check_files lines of the files any rank reads to resume from `path`, each
     rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same
     lists on every rank."""
-    crcs = marker_of(path).get("crc32")
-    mine = check_files(path, crcs, resume_files(path, rank)) if isinstance(crcs, dict) else ([], [])
+    mine = check_files(path, resume_files(path, rank))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return (sorted({line for lines, _ in everyone for line in lines}),
             sorted({line for _, lines in everyone for line in lines}))
 
 
-def set_damaged_aside(path: str) -> str:
-    """Move the damaged checkpoint `path`, whole, to `damaged-<its name>-<UTC time>` beside it: not a step folder,
-    so resume=auto never picks it again and pruning never counts it; its files stay for inspection. Returns where."""
-    base = os.path.join(os.path.dirname(os.path.abspath(path)), f"damaged-{os.path.basename(os.path.normpath(path))}-"
-                        + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+def _stamped(prefix: str) -> str:
+    """`prefix` + the UTC time, with -1, -2 ... where that path exists already: a folder name of its own."""
+    base = prefix + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = base, 1
     while os.path.exists(dest):
         dest, n = f"{base}-{n}", n + 1
+    return dest
+
+
+def set_damaged_aside(path: str) -> str:
+    """Move the damaged checkpoint `path`, whole, to `damaged-<its name>-<UTC time>` beside it: not a step folder,
+    so resume=auto never picks it again and pruning never counts it; its files stay for inspection. Returns where."""
+    dest = _stamped(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                 f"damaged-{os.path.basename(os.path.normpath(path))}-"))
     os.rename(path, dest)
     _fsync_path(os.path.dirname(dest))
     return dest
@@ -405,10 +411,7 @@ def set_aside(ckpt_dir: str, resumed: str | None) -> str | None:
     after = int(ours.group(1)) if ours else -1
     newer = sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n) and int(STEP_DIR.match(n).group(1)) > after)
     if newer:
-        base = os.path.join(ckpt_dir, "abandoned-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        dest, n = base, 1
-        while os.path.exists(dest):
-            dest, n = f"{base}-{n}", n + 1
+        dest = _stamped(os.path.join(ckpt_dir, "abandoned-"))
         os.makedirs(dest)
         for name in newer:
             os.rename(os.path.join(ckpt_dir, name), os.path.join(dest, name))

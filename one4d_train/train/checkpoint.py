@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from one4d_train.configtools import ConfigError
+from one4d_train.train.distributed import from_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,7 @@ def damaged_on_any_rank(path: str, rank: int) -> tuple[list[str], list[str]]:
     """Collective: (changed, unreadable) check_files lines of the files any rank reads to resume from `path`, each
     rank verifying its own (resume_files: none reads another's partitions over a shared file system); the same
     lists on every rank."""
-    mine = check_files(path, resume_files(path, rank))
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone = from_every_rank(check_files(path, resume_files(path, rank)))
     return (sorted({line for lines, _ in everyone for line in lines}),
             sorted({line for _, lines in everyone for line in lines}))
 
@@ -508,8 +507,7 @@ class Checkpointer:
         if export is not None:
             export(os.path.join(tmp, "adapters"))
         _test_stall(step)
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, crcs)  # also the barrier: every rank's files are written and flushed
+        gathered = from_every_rank(crcs)  # also the barrier: every rank's files are written and flushed
         if self.rank == 0:
             _fsync_tree(tmp)
             files = _listing(tmp)

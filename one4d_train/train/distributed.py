@@ -99,6 +99,15 @@ def broadcast_from_main(value):
     return box[0]
 
 
+def from_every_rank(value) -> list:
+    """Collective: every rank's `value` (picklable, small), in rank order, on every rank; also a barrier."""
+    import torch.distributed as dist
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def shutdown(code: int) -> None:
     """Leave the process group and exit without running interpreter teardown: DeepSpeed ranks otherwise abort at
     exit now and then (SIGABRT after finishing), which would turn a clean finish into a failure."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from one4d_train.configtools import ConfigError, flatten, to_dict, to_yaml
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, grad_checks, metrics, preemption, schedule
-from one4d_train.train.distributed import DistEnv
+from one4d_train.train.distributed import DistEnv, from_every_rank
 from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE
 from one4d_train.train.task import TrainTask
 from one4d_train.train.tracking import build_tracker
@@ -124,8 +124,8 @@ class Trainer:
         path, fell_back = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
         if fell_back:  # the start-up checks saw the damaged one: this one's world size, layout, base, data position
             from one4d_train.train.config import preflight
-            everyone = [None] * self.env.world_size  # each rank's view; all raise together, or none does
-            dist.all_gather_object(everyone, preflight(dataclasses.replace(self.cfg, resume=path)))
+            # each rank's view: all raise together, or none does
+            everyone = from_every_rank(preflight(dataclasses.replace(self.cfg, resume=path)))
             problems = list(dict.fromkeys(p for found in everyone for p in found))
             if problems:
                 raise ConfigError(f"resume=auto fell back to {path}, which this run cannot continue: "
@@ -186,8 +186,7 @@ class Trainer:
             ckpt.open_deepspeed_files(path, self.env.rank)
         except ckpt.CheckpointDamaged as exc:
             loaded, problem = None, str(exc)
-        problems = [None] * self.env.world_size
-        dist.all_gather_object(problems, problem)
+        problems = from_every_rank(problem)
         if any(problems):
             raise ckpt.CheckpointDamaged("; ".join(p for p in problems if p))
         return loaded

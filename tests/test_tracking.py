@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from one4d_train.train.config import tracking_uri_problem
+from one4d_train.train.config import TrackingConfig, tracking_uri_problem
 from one4d_train.train.tracking import MAX_PARAM_LEN, MlflowTracker, NullTracker, build_tracker
 
 
@@ -174,3 +174,30 @@ def test_tracking_uri_is_refused_where_mlflow_refuses_it(tmp_path, monkeypatch, 
     except Exception as exc:
         opened = exc
     assert (problem is None) == (opened is None), (problem, opened)
+
+
+@pytest.mark.parametrize("uri, module", [("postgresql://user@db.example.org/runs", "psycopg"),
+                                         ("postgresql+psycopg2://user@db.example.org/runs", "psycopg2"),
+                                         ("mysql://user@db.example.org/runs", "MySQLdb"),
+                                         ("mssql+pyodbc://user@dsn", "pyodbc")])
+def test_database_store_without_its_driver_is_refused_by_key(monkeypatch, uri, module):
+    """A database store whose SQLAlchemy driver module is not installed failed inside MLflow once the run directory
+    was locked and the model built: the check loads the driver (connecting to nothing) and names the module. The
+    same URI with the module present passes, and SQLAlchemy's create_engine, which MLflow's store calls, fails for
+    the same reason."""
+    import sqlalchemy
+
+    monkeypatch.setitem(sys.modules, module, None)  # not installed, whatever this machine has
+    problem = tracking_uri_problem(uri)
+    assert problem is not None and f"'{module}'" in problem and uri in problem, problem
+    with pytest.raises(ImportError):
+        sqlalchemy.create_engine(uri)
+    cfg = TrackingConfig(uri=uri)
+    assert [k for k, _ in cfg.problems()] == ["tracking.uri"]
+
+
+def test_database_store_driver_checks_connect_to_nothing(tmp_path):
+    """An unknown driver is named; sqlite's, always present, passes without creating the file."""
+    assert "no driver 'postgresql+nosuch'" in tracking_uri_problem("postgresql+nosuch://h/db")
+    assert tracking_uri_problem(f"sqlite:///{tmp_path}/store.db") is None
+    assert not (tmp_path / "store.db").exists()

@@ -69,7 +69,8 @@ class TrainConfig:
 
 # the schemes MLflow's client opens a tracking store for (mlflow/tracking/_tracking_service/utils.py): a local
 # folder (no scheme) or file:, a server, Databricks, SQLAlchemy's databases (with an optional +driver)
-TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+TRACKING_SCHEMES = ("", "file", "http", "https", "databricks") + DATABASE_SCHEMES
 USABLE_STORES = ("give sqlite:///PATH.db (or postgresql://, mysql://, mssql://), http(s)://SERVER or databricks; "
                  "empty: the run directory's own store")
 
@@ -89,9 +90,35 @@ def tracking_uri_problem(uri: str) -> str | None:
                 f"{USABLE_STORES}") if refused else None
     if scheme in ("http", "https") and not parsed.netloc:
         return f"{uri!r} names no server: write {scheme}://HOST[:PORT]"
+    if scheme in DATABASE_SCHEMES:
+        return _database_driver_problem(uri)
     if scheme in TRACKING_SCHEMES or scheme in {e.name for e in entry_points(group="mlflow.tracking_store")}:
         return None  # (an installed MLflow plugin's scheme)
     return f"{uri!r}: MLflow has no tracking store for scheme '{scheme}': {USABLE_STORES}"
+
+
+def _database_driver_problem(uri: str) -> str | None:
+    """Why SQLAlchemy, which MLflow opens a database store with, could not load the driver of `uri`, or None; loads
+    the driver module only, connecting to nothing (a store missing its driver failed inside MLflow, after the run
+    directory was locked and the model built)."""
+    try:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    except ImportError:
+        return f"{uri!r} is a database store, which MLflow opens with SQLAlchemy: it is not installed"
+    try:
+        url = make_url(uri)
+    except ArgumentError as exc:
+        return f"{uri!r} is not a database URL SQLAlchemy reads: {exc}"
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        return f"{uri!r}: SQLAlchemy has no driver '{url.drivername}'"
+    except ImportError as exc:
+        return (f"{uri!r}: SQLAlchemy's driver '{url.drivername}' needs the Python module "
+                f"'{getattr(exc, 'name', None) or exc}', which is not installed: install it, or name an installed "
+                f"driver as {url.get_backend_name()}+DRIVER://")
+    return None
 
 
 def _file_store_refused() -> str | None:

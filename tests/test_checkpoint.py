@@ -183,6 +183,8 @@ def test_the_run_directory_of_a_checkpoint_set_aside_is_its_run(tmp_path):
     run = tmp_path / "run"
     assert ckpt.run_dir_of(str(run / "checkpoints" / "step-00000008")) == str(run)
     assert ckpt.run_dir_of(str(run / "checkpoints" / "abandoned-20261204T221500Z" / "step-00000012")) == str(run)
+    assert ckpt.run_dir_of(str(run / "checkpoints" / "damaged-step-00000004-20261204T221500Z")) == str(run)
+    assert ckpt.run_dir_of(str(tmp_path / "elsewhere" / "step-00000008")) is None  # a copy: no run around it
 
 
 def test_evaluation_of_a_set_aside_checkpoint_logs_into_no_mlflow_run(tmp_path):

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -219,3 +220,40 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     assert json.loads((ckpt / "eval" / tag / "metrics.json").read_text()) == report
     assert len(client.get_metric_history(run_id, f"eval/{dataset_tag(str(other))}/video/abs_rel")) == 1
     assert len(client.get_metric_history(run_id, f"eval/{tag}/video/abs_rel")) == 1
+    # a copy out of the run directory: scored on its own, into no store (its grandparent is an unrelated folder,
+    # where a store used to be made for a run it does not hold, failing once the scores were in)
+    away = tmp_path / "elsewhere" / "ck"
+    shutil.copytree(ckpt, away, ignore=shutil.ignore_patterns("eval"))
+    (away / "config.yaml").write_text(to_yaml(cfg))
+    assert cli(["eval", f"checkpoint={away}", "eval.modes=[video]"]) == 0
+    assert "not logged to MLflow: copied out of its run directory" in capsys.readouterr().out
+    assert (away / "eval" / tag / "metrics.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow")) == []
+    assert not (tmp_path / "elsewhere" / "mlflow.db").exists()
+
+
+def test_scores_go_to_the_training_run_only_where_its_store_holds_it(tmp_path, monkeypatch):
+    """tracked_run: the run's own store beside a checkpoint in its run directory, or tracking.uri's; none for a copy
+    (no store of its run), a run directory whose store is gone (none is made), or a store without the run."""
+    from one4d_train.config import load_config
+    from one4d_train.eval.pipeline import tracked_run
+    from one4d_train.train.tracking import MlflowTracker
+
+    cfg = load_config(["tracking.system_metrics=false"])
+    run = tmp_path / "run"
+    tracker = MlflowTracker(str(run), cfg.tracking, cfg.name)
+    run_id = tracker.start(None, {})
+    tracker.end()
+    assert tracked_run(cfg, str(run), run_id) == (run_id, "")
+    assert tracked_run(cfg, str(run), None) == (None, "")
+    assert tracked_run(cfg, None, run_id)[0] is None
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    got, why = tracked_run(cfg, str(gone), run_id)
+    assert got is None and "mlflow.db" in why and not (gone / "mlflow.db").exists()
+    other = tmp_path / "other"
+    MlflowTracker(str(other), cfg.tracking, cfg.name).start(None, {})
+    got, why = tracked_run(cfg, str(other), run_id)
+    assert got is None and run_id in why
+    server = load_config(["tracking.system_metrics=false", f"tracking.uri=sqlite:///{run / 'mlflow.db'}"])
+    assert tracked_run(server, None, run_id) == (run_id, "")  # a copy evaluated against the run's server

@@ -24,7 +24,7 @@ import sys
 from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
-                                       eval_dataset, evaluate_checkpoint, run_of, scored)
+                                       eval_dataset, evaluate_checkpoint, run_of, scored, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
 from one4d_train.train.one4d_task import index_problems, link_problems, model_file_problems
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
             if run_config and os.path.exists(run_config):  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
         try:
-            cfg = load_config(args + [f"run_dir={run_dir}"], checks=lambda c: link_problems(c.model) +
+            cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: link_problems(c.model) +
                               model_file_problems(c) + out_dir_problems(c.eval) + c.tracking.problems())
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
@@ -130,8 +130,11 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             done.append(ckpt)
             continue
-        print(f"evaluating {ckpt} on {cfg.eval.dataset or cfg.data.val_shards} (step {step}, MLflow run "
-              f"{run_id or '-'}) into {os.path.join(ckpt, 'eval', tag) if not cfg.eval.out_dir else cfg.eval.out_dir}")
+        run_id, untracked = tracked_run(cfg, run_dir, run_id)
+        logged = f"MLflow run {run_id}" if run_id else "not logged to MLflow" + (f": {untracked}" if untracked else "")
+        at = f"step {step}, " if step is not None else ""
+        into = os.path.join(ckpt, "eval", tag) if not cfg.eval.out_dir else cfg.eval.out_dir
+        print(f"evaluating {ckpt} on {cfg.eval.dataset or cfg.data.val_shards} ({at}{logged}) into {into}")
         try:
             if evaluate_checkpoint(cfg, ckpt, run_id=run_id, step=step, unscored_only=scan) is None:
                 print(f"one4d eval: skipping {ckpt}: another evaluation scored it meanwhile", file=sys.stderr)

@@ -446,6 +446,33 @@ def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag:
     tracker.add_to_run(run_id, metrics, step, str(out_dir), f"eval/{tag}/step-{step:08d}")
 
 
+def tracked_run(cfg, run_dir: str | None, run_id: str | None) -> tuple[str | None, str]:
+    """(the MLflow run a checkpoint's scores are logged into, or None; why None, or ""): its training run `run_id`
+    where the store holding it is at hand, else none: a checkpoint copied out of its run directory has no store
+    beside it (the run's own store; a server's, tracking.uri, is opened wherever it is), and a store without the
+    run (deleted, another server) would fail once the scores are in. Opens no store that is not there already."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if run_id is None:
+        return None, ""
+    uri = cfg.tracking.uri
+    if not uri:
+        if run_dir is None:
+            return None, "copied out of its run directory, away from its run's store"
+        db = os.path.join(run_dir, "mlflow.db")
+        if not os.path.isfile(db):
+            return None, f"its run's store {db} is not there"
+        uri = f"sqlite:///{db}"
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None, f"its run {run_id} is not in the store {uri}"
+    return run_id, ""
+
+
 def checkpoints_to_evaluate(path: str) -> list[str]:
     """What `one4d eval checkpoint=path` evaluates. A checkpoint -> [it], and it must be complete; its adapters/
     named directly -> [the checkpoint]; an export folder of `one4d export` (adapter_config.json) -> [it]; a run
@@ -492,10 +519,11 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
     return complete
 
 
-def run_of(checkpoint: str) -> tuple[str, str | None, int | None]:
-    """(run directory, MLflow run id from the train state, step) of a checkpoint. A set-aside checkpoint gets no run
-    id: the run goes on along another timeline (a resume from an earlier step), which logs its own scores at the
-    same steps, so this one's are written to its eval/ folder only."""
+def run_of(checkpoint: str) -> tuple[str | None, str | None, int | None]:
+    """(run directory, MLflow run id from the train state, step) of a checkpoint; the run directory is None for one
+    outside a run's layout (a copy). A set-aside checkpoint gets no run id: the run goes on along another timeline
+    (a resume from an earlier step), which logs its own scores at the same steps, so this one's are written to its
+    eval/ folder only."""
     from one4d_train.train.checkpoint import MARKER, CheckpointDamaged, damaged_files, is_set_aside, run_dir_of
 
     run_dir = run_dir_of(str(Path(checkpoint).resolve()))

@@ -67,13 +67,14 @@ def is_set_aside(checkpoint: str) -> bool:
     return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))).startswith("abandoned-")
 
 
-def run_dir_of(checkpoint: str) -> str:
+def run_dir_of(checkpoint: str) -> str | None:
     """The run directory of a checkpoint: <run_dir>/checkpoints/step-X, or .../checkpoints/abandoned-TIME/step-X
-    for one set aside."""
+    for one set aside; None for one outside that layout (a copy elsewhere: its grandparent is an unrelated folder,
+    holding no store of its run)."""
     parent = os.path.dirname(os.path.abspath(checkpoint))
     if is_set_aside(checkpoint):
         parent = os.path.dirname(parent)
-    return os.path.dirname(parent)
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
 def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool:
@@ -100,10 +101,8 @@ def config_of(checkpoint: str) -> str:
     """The config to rebuild a checkpoint's model with: its run's config.yaml (the latest start's: model files may
     have moved since, while a resume that changes what was trained is refused), else the checkpoint's own (one copied
     out of its run directory); "" when neither is there."""
-    parent = os.path.dirname(os.path.abspath(checkpoint))
-    in_run = os.path.basename(parent) == "checkpoints" or (
-        os.path.basename(parent).startswith("abandoned-") and os.path.basename(os.path.dirname(parent)) == "checkpoints")
-    runs = [os.path.join(run_dir_of(checkpoint), CONFIG_FILE)] if in_run else []  # not a copy's unrelated folder
+    run_dir = run_dir_of(checkpoint)
+    runs = [os.path.join(run_dir, CONFIG_FILE)] if run_dir else []  # not a copy's unrelated folder
     for path in (*runs, os.path.join(checkpoint, CONFIG_FILE)):
         if os.path.isfile(path):
             return path

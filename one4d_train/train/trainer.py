@@ -42,8 +42,8 @@ def other_model_message(path: str, mismatches: list[str], cfg) -> str:
     lines = [f"key 'resume': {path} was trained with another model: {len(mismatches)} trainable parameters differ "
              f"({'; '.join(mismatches[:3])}{'; ...' if len(mismatches) > 3 else ''}). Resume with the model.* values "
              "it was trained with, or start a new run (another run_dir, or resume=never)"]
-    run_config = os.path.join(ckpt.run_dir_of(path), "config.yaml")
-    if os.path.isfile(run_config):
+    run_config = ckpt.config_of(path)  # its run's, else a copy's own
+    if run_config:
         try:
             theirs = flatten(OmegaConf.to_container(OmegaConf.load(run_config), resolve=True))
         except Exception as exc:  # not YAML (binary garbage: UnicodeDecodeError), or not a mapping
@@ -168,7 +168,8 @@ class Trainer:
                             "; ".join(changes))
         # the id is meaningful on rank 0, which tracks; another run's checkpoint (a start from it) brings its weights
         # and position, but its MLflow run is that run's, kept in that run's store: this run records into a new one
-        ours = os.path.realpath(ckpt.run_dir_of(path)) == os.path.realpath(self.cfg.run_dir)
+        theirs = ckpt.run_dir_of(path)
+        ours = theirs is not None and os.path.realpath(theirs) == os.path.realpath(self.cfg.run_dir)
         if ours and self.env.is_main and ckpt.continued_elsewhere(self.checkpointer.dir, path, state["mlflow_run_id"]):
             # a branch from an earlier checkpoint: its run holds the abandoned timeline's metrics past this step, so
             # the branch records into a new run that names it (a shared one showed two values at every later step)

@@ -140,10 +140,13 @@ def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(caps
     assert "key 'data.val_shards'" in err and "4096 wide" in err and "key 'data.shards'" not in err
 
 
-def test_held_out_shards_of_in_training_evaluation_are_checked_too(capsys, shards, tmp_path):
-    err = refused(capsys, args(shards, tmp_path, f"data.val_shards={tmp_path / 'val'}", "eval.every=5"))
+@pytest.mark.parametrize("every", ["5", "0"])
+def test_held_out_shards_of_in_training_evaluation_are_checked_too(capsys, shards, tmp_path, every):
+    """Also without in-training evaluation (eval.every=0): the evaluation after the run reads the run's config, and a
+    typo there surfaced only in that job, once the training job was over."""
+    err = refused(capsys, args(shards, tmp_path, f"data.val_shards={tmp_path / 'val'}", f"eval.every={every}"))
     assert f"key 'data.val_shards': {tmp_path / 'val'}: no such directory" in err
-    err = refused(capsys, args(shards, tmp_path, f"eval.dataset=sintel:{tmp_path / 'sintel'}", "eval.every=5"))
+    err = refused(capsys, args(shards, tmp_path, f"eval.dataset=sintel:{tmp_path / 'sintel'}", f"eval.every={every}"))
     assert "key 'eval.dataset'" in err and str(tmp_path / "sintel") in err
 
 

@@ -87,11 +87,13 @@ class One4DTask:
     def check_config(cls, cfg) -> list[tuple[str, str]]:
         """`one4d train`'s check before any process group: config_problems, then that what the run reads exists:
         the model files, the training shards (index, shard files, a clip as long as the frame window, stored latents
-        fitting this config) and the held-out set of in-training evaluation."""
+        fitting this config) and the held-out set, whether in-training evaluation (eval.every) or the evaluation
+        after the run (slurm/train.sbatch's, `one4d eval` of the run directory, which read the run's config) scores
+        it: a typo there surfaced only in the evaluation job, once the training job was over."""
         p = cls.config_problems(cfg) + model_file_problems(cfg)
         shard_problems = _training_shard_problems(cfg)
         p += shard_problems or _resume_problems(cfg)
-        if cfg.eval.every and (cfg.eval.dataset or cfg.data.val_shards):
+        if cfg.eval.dataset or cfg.data.val_shards:
             p += _eval_set_problems(cfg)
         elif cfg.eval.every:
             p.append(("eval.every", f"{cfg.eval.every}, but there is nothing to evaluate on: set data.val_shards=<held-out "

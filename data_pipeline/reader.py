@@ -49,14 +49,15 @@ class Shard:
 
 
 def shard_directory(spec: str) -> Path:
-    """The folder holding index.json of a shard directory or pattern (data.shards)."""
+    """The folder holding index.json of a shard directory or pattern (data.shards, data.val_shards, eval.dataset:
+    the messages name the spec, their callers the key)."""
     if not spec:
-        raise ValueError("data.shards is empty: give a shard directory or a pattern like /d/shard-{000000..000009}.tar")
+        raise ValueError("no shards given: give a shard directory or a pattern like /d/shard-{000000..000009}.tar")
     if os.path.isdir(spec):
         return Path(spec)
     name = os.path.basename(spec)
     if not (glob.has_magic(name) or "{" in name or os.path.isfile(spec)):
-        raise ValueError(f"data.shards={spec}: no such shard directory or shard file")
+        raise ValueError(f"{spec}: no such shard directory or shard file")
     return Path(os.path.dirname(spec) or ".")
 
 

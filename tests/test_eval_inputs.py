@@ -158,6 +158,10 @@ def test_no_dataset_is_reported_before_the_model_is_built(tmp_path, capsys, monk
     bonn = load_config([*TINY, f"eval.dataset=bonn:{tmp_path / 'nowhere'}"])
     with pytest.raises(EvalInputError, match="nowhere.*not a directory"):
         evaluate_checkpoint(bonn, str(ckpt))
+    missing = tmp_path / "val_shardz"  # a typo: named by the key the user set, data.shards named nowhere
+    assert cli(["eval", f"checkpoint={ckpt}", f"data.val_shards={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.val_shards={missing}: {missing}: no such shard directory" in err and "data.shards" not in err
 
 
 EVAL = ["data.num_frames=5", "data.height=32", "data.width=64", "eval.steps=2", "eval.num_samples=1",

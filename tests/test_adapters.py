@@ -1,6 +1,7 @@
 """Adapter export/import: standard LoRA files that diffusers loads, links on their own, exact round trip."""
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -108,6 +109,19 @@ def _edit_config(folder, edit):
     config = json.loads(path.read_text())
     edit(config)
     path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_are_as_readable_as_the_umask_allows(tmp_path, umask):
+    """safetensors creates its files 0600 whatever the umask: teammates could not read exported adapters."""
+    model, _ = tiny_one4d()
+    old = os.umask(umask)
+    try:
+        export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert len(modes) == 4 and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_damaged_exports_name_the_file_and_key(tmp_path):

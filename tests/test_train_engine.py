@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -132,6 +133,18 @@ def test_checkpoints_keep_last_and_latest(straight):
     assert state["log_window"] == {"sums": {}, "counted": 0}  # logged at the last step
     window = json.load(open(os.path.join(ckpt_dir, "step-00000018", "train_state", "rank-00001.json")))["log_window"]
     assert window["counted"] == 3 and sorted(window["sums"]) == ["loss", "loss_rgb", "loss_xyz"]  # steps 16-18
+
+
+def test_checkpoint_files_are_as_readable_as_the_umask_allows(straight):
+    """safetensors creates its files 0600 whatever the umask: a checkpoint's train state and adapters were the only
+    files of a run its group could not read on a shared cluster."""
+    from one4d_train.tensor_files import _umask
+
+    path = os.path.join(straight[0], "checkpoints", ckpt.step_name(STEPS))
+    modes = {rel: stat.S_IMODE(os.stat(os.path.join(path, rel)).st_mode) for rel in ckpt._listing(path)}
+    assert any(rel.endswith(".safetensors") for rel in modes) and any(rel.endswith(".pt") for rel in modes)
+    # (DeepSpeed's zero_to_fp32.py scripts are executable too)
+    assert {rel: m for rel, m in modes.items() if m & 0o666 != 0o666 & ~_umask()} == {}
 
 
 def test_each_rank_fsyncs_the_deepspeed_files_it_wrote(straight):

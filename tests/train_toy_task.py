@@ -25,8 +25,9 @@ import time
 import deepspeed
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
+
+from one4d_train.tensor_files import save_tensors
 
 DIM, HIDDEN, RANK_ = 16, 64, 8
 N_TRAIN, N_EVAL = 64, 16
@@ -197,4 +198,4 @@ class ToyTask:
         return 1
 
     def export(self, trainable_state, out_dir):
-        save_file({k: v.contiguous() for k, v in trainable_state.items()}, os.path.join(out_dir, "adapter.safetensors"))
+        save_tensors({k: v.contiguous() for k, v in trainable_state.items()}, os.path.join(out_dir, "adapter.safetensors"))

@@ -18,12 +18,12 @@ import re
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from one4d_train.model.config import ModelConfig
 from one4d_train.model.dlc import BRANCHES, SHARED
 from one4d_train.model.params import parameter_group
 from one4d_train.model.state_dict import diffusers_to_official, official_to_diffusers
+from one4d_train.tensor_files import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 GROUP_FILES = {"links": "control_links.safetensors", "io": "io.safetensors"}
@@ -42,7 +42,7 @@ def lora_file(branch: str) -> str:
 def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None):
     tmp = path + ".tmp"
     # clones: the branch slices of one stacked tensor must not share memory in the file
-    save_file({k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}, tmp,
+    save_tensors({k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}, tmp,
               metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
 

@@ -39,9 +39,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from one4d_train.configtools import ConfigError
+from one4d_train.tensor_files import save_tensors
 from one4d_train.train.distributed import from_every_rank
 
 log = logging.getLogger(__name__)
@@ -494,7 +495,7 @@ class Checkpointer:
             raise RuntimeError(f"checkpoint {tmp}: no DeepSpeed file of rank {self.rank} in ds/ to fsync "
                                f"(found {sorted(os.listdir(os.path.join(tmp, 'ds')))})")
         base = os.path.join(tmp, "train_state", f"rank-{self.rank:05d}")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, base + ".safetensors")
+        save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}, base + ".safetensors")
         with open(base + ".json", "w") as f:
             json.dump(train_state, f)
         # each writer flushes and checksums its own files: on NFS/Lustre an fsync by rank 0 on another node flushes

@@ -132,6 +132,13 @@ def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsy
     (tmp_path / "link").symlink_to(tmp_path / "out")
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'link'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))
+    # an earlier export evaluated in place: its eval/ scores those adapters; the refusal says so and keeps both
+    (tmp_path / "out" / "eval" / "shards-1234").mkdir(parents=True)
+    (tmp_path / "out" / "eval" / "shards-1234" / "metrics.json").write_text("{}")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    code, out = export(capsys, f"checkpoint={first}", f"out={tmp_path / 'out'}")
+    assert code == 2 and "is an earlier export that was evaluated" in out and "move that eval/ folder away" in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == kept
 
 
 @pytest.mark.parametrize("flag", ["from_zero=false", "from_zero=true"])

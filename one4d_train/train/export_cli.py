@@ -101,6 +101,7 @@ def _target_problem(out: str) -> str | None:
     """Why `out` cannot take an export: inside a checkpoint (its adapters/ or another folder of it: a checkpoint's
     files would change under its COMPLETE marker, or another step's adapters be replaced by these), or a folder
     holding anything but an earlier export's files (which it replaces)."""
+    from one4d_train.model.adapters import CONFIG_NAME
     from one4d_train.train.checkpoint import MARKER
 
     here = os.path.realpath(out)
@@ -115,6 +116,10 @@ def _target_problem(out: str) -> str | None:
         here = parent
     others = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
                     if n not in _export_files() and n != LOCK_NAME and not n.startswith(TMP_PREFIX))
+    if others == ["eval"] and os.path.isfile(os.path.join(out, CONFIG_NAME)):  # `one4d eval checkpoint=out` wrote it
+        return (f"is an earlier export that was evaluated: {os.path.join(out, 'eval')} holds the scores of its "
+                "adapters, which a new export would replace under them; move that eval/ folder away first (or "
+                "give a new folder)")
     if others:
         return (f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, not an earlier export's files "
                 "alone (an export replaces an earlier one's files): give a new or empty folder, or an earlier export")

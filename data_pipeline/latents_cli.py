@@ -1,6 +1,6 @@
 """`one4d encode-latents`: shards -> the same shards plus precomputed VAE latents and text embeddings per sample.
 
-  one4d encode-latents SRC_SHARDS OUT_DIR config=EXPERIMENT.yaml [key=value ...] [--device cuda|cpu] [--batch N]
+  one4d encode-latents SRC_SHARDS OUT_DIR config=EXPERIMENT.yaml [key=value ...] [--device cpu|cuda|cuda:N] [--batch N]
   one4d encode-latents SRC_SHARDS OUT_DIR config=... --num-tasks N --task-index I   (one Slurm array task)
 
 The window is fixed per clip (start 0, data.frame_stride, data.num_frames) with a centre crop; the VAE is
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 import tarfile
@@ -29,6 +30,33 @@ EMPTY_PROMPT = "empty_prompt.npy"
 
 class EncodeError(RuntimeError):
     """The run cannot proceed: a source shard that does not verify, a folder planned with other settings."""
+
+
+class UsageError(EncodeError):
+    """An option this run cannot honour (exit 2, as argparse's own usage errors)."""
+
+
+DEVICE = re.compile(r"cpu|cuda(:(0|[1-9][0-9]*))?")
+
+
+def encoding_device(name: str):
+    """--device as a torch device, checked before anything is written: a CUDA device this machine lacks failed at
+    the first use with a traceback, after plan.json had pinned it (so a retry on the CPU was refused), and a name
+    torch does not know failed with torch's list of every backend it was built to name."""
+    import torch
+
+    if not DEVICE.fullmatch(name):
+        raise UsageError(f"--device {name}: expected cpu, cuda or cuda:N (N: a CUDA device of this machine)")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UsageError(f"--device {name}: no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            which = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                             f"({which})")
+    return dev
 
 
 def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int, text: str) -> dict:
@@ -148,14 +176,14 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     from one4d_train.model.vae import load_vae
 
     if batch < 1:
-        raise EncodeError(f"--batch must be >= 1, got {batch}")
+        raise UsageError(f"--batch must be >= 1, got {batch}")
     if (num_tasks is None) != (task_index is None) or (num_tasks is not None and not 0 <= task_index < num_tasks):
-        raise EncodeError(f"--num-tasks and --task-index go together with 0 <= I < N (got {num_tasks}, {task_index})")
+        raise UsageError(f"--num-tasks and --task-index go together with 0 <= I < N (got {num_tasks}, {task_index})")
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise EncodeError("OUT_DIR must differ from SRC_SHARDS")
+    dev = encoding_device(device)
     index = si.read_index(src)
-    dev = torch.device(device)
     # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
     if out.exists() and not out.is_dir():
@@ -258,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
                                 usage="one4d encode-latents SRC_SHARDS OUT_DIR config=X.yaml [key=value ...] [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="+", metavar="ARG", help="SRC_SHARDS OUT_DIR, then config=FILE and key=value overrides")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--batch", type=int, default=1, help="clips per VAE call (3 videos each; default 1)")
     p.add_argument("--num-tasks", type=int, help="Slurm array size: this task encodes shards with id %% N == I")
     p.add_argument("--task-index", type=int, help="this task's index (default $SLURM_ARRAY_TASK_ID with --num-tasks)")
@@ -295,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                        task_index=task_index, progress=not args.no_progress, text=not args.no_text)
     except ConfigError as exc:
         print(f"one4d encode-latents: config error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
         return 2
     except (EncodeError, si.ShardIndexError, OSError) as exc:  # OSError: a file it cannot read or write, a full disk
         print(f"one4d encode-latents: error: {exc}", file=sys.stderr)

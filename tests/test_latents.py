@@ -532,3 +532,36 @@ def test_encoding_a_latent_folder_again_replaces_its_latents(encoded, tmp_path, 
     assert inspect_main([str(again)]) != 0
     key, ext = members[0][0].name.split(".", 1)
     assert f"shard-000000.tar: {key}: member {ext} repeated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("cuda", 0, "--device cuda: no CUDA device is available"),
+    ("cuda:0", 0, "--device cuda:0: no CUDA device is available"),
+    ("cuda:1", 1, "--device cuda:1: this machine has 1 CUDA device (cuda:0)"),
+    ("gpu", 1, "--device gpu: expected cpu, cuda or cuda:N"),
+    ("meta", 0, "--device meta: expected cpu, cuda or cuda:N"),
+])
+def test_an_unusable_device_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, device,
+                                                                   cuda_devices, message):
+    """--device cuda without a CUDA device was a traceback (exit 1) after plan.json had pinned the device, so a
+    retry on the CPU was refused; an invalid name was a traceback from torch. Both are usage errors now: one line
+    naming --device, exit 2, nothing written."""
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    out = tmp_path / "lat"
+    assert encode_main([str(src), str(out), *CONFIG, "--device", device, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"one4d encode-latents: error: {message}" in err, err
+    assert len([line for line in err.splitlines() if "--device" in line]) == 1, err
+    assert not out.exists()
+
+
+def test_a_batch_or_task_index_out_of_range_is_a_usage_error(tmp_path, capsys):
+    """Exit 2 as the other options that cannot be honoured, not 1 (a run that failed)."""
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "lat"
+    for opts in (["--batch", "0"], ["--num-tasks", "2", "--task-index", "2"]):
+        assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", *opts]) == 2, opts
+        assert capsys.readouterr().err.startswith(f"one4d encode-latents: error: {opts[0]}")
+    assert not out.exists()

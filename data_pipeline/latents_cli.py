@@ -1,6 +1,6 @@
 """`one4d encode-latents`: shards -> the same shards plus precomputed VAE latents and text embeddings per sample.
 
-  one4d encode-latents SRC_SHARDS OUT_DIR config=EXPERIMENT.yaml [key=value ...] [--device cuda|cpu] [--batch N]
+  one4d encode-latents SRC_SHARDS OUT_DIR config=EXPERIMENT.yaml [key=value ...] [--device cpu|cuda|cuda:N] [--batch N]
   one4d encode-latents SRC_SHARDS OUT_DIR config=... --num-tasks N --task-index I   (one Slurm array task)
 
 The window is fixed per clip (start 0, data.frame_stride, data.num_frames) with a centre crop; the VAE is
@@ -11,7 +11,9 @@ a kill finishes the job; index.json is written once every shard is done (by whic
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import socket
 import sys
 import tarfile
@@ -31,6 +33,37 @@ class EncodeError(RuntimeError):
     """The run cannot proceed: a source shard that does not verify, a folder planned with other settings."""
 
 
+class UsageError(EncodeError):
+    """An option this run cannot honour (exit 2, as argparse's own usage errors)."""
+
+
+class PlanReplaced(EncodeError):
+    """plan.json changed under a running encode: its shards must not be published beside the new plan's."""
+
+
+DEVICE = re.compile(r"cpu|cuda(:(0|[1-9][0-9]*))?")
+
+
+def encoding_device(name: str):
+    """--device as a torch device, checked before anything is written: a CUDA device this machine lacks failed at
+    the first use with a traceback, after plan.json had pinned it (so a retry on the CPU was refused), and a name
+    torch does not know failed with torch's list of every backend it was built to name."""
+    import torch
+
+    if not DEVICE.fullmatch(name):
+        raise UsageError(f"--device {name}: expected cpu, cuda or cuda:N (N: a CUDA device of this machine)")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UsageError(f"--device {name}: no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            which = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                             f"({which})")
+    return dev
+
+
 def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int, text: str) -> dict:
     spec = latents_spec(cfg)
     return {"version": PLAN_VERSION, "source_index_sha256": si.sha256_file(src / si.INDEX),
@@ -45,6 +78,71 @@ def _text_free_plan_of(old: dict, plan: dict) -> bool:
     return old.get("version") == 1 and {k: v for k, v in old.items() if k != "version"} == same
 
 
+_ABSENT = object()
+
+
+def _plan_differences(old, new, at: str = "") -> list[str]:
+    """'key: recorded -> this run's' for each key (a nested one by its dotted path) whose value differs: the
+    refusal names what to change instead of printing the whole plan."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [f"{at.rstrip('.') or si.PLAN}: {_shown(old)} -> {_shown(new)}"]
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _plan_differences(a, b, f"{at}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):  # 1 vs 1.0
+            out.append(f"{at}{key}: {_shown(a)} -> {_shown(b)}")
+    return out
+
+
+def _shown(v) -> str:
+    if v is _ABSENT:
+        return "absent"
+    if v is None:
+        return "none"
+    if isinstance(v, str):
+        return f"{v[:12]}..." if len(v) == 64 else v  # a sha256
+    return json.dumps(v, sort_keys=True)
+
+
+def _encoded_under_plan(out: Path) -> list[str]:
+    """The files of `out` made (or maybe being made now) under its recorded plan: shards, their records, the index,
+    and the temp files of writers that may still be running. None: a new plan mixes nothing with an old one."""
+    def rank(name):
+        return (0 if name.endswith(".record.json") else 1 if name.endswith(".tar") else 2, name)
+
+    return sorted((p.name for p in out.iterdir()
+                   if p.name == si.INDEX or p.name.endswith((".tar", ".record.json"))
+                   or (p.name.startswith(".") and ".tmp" in p.name and _writer_may_run(p.name))), key=rank)
+
+
+def _writer_may_run(tmp_name: str) -> bool:
+    """Whether the process that named a temp file `.NAME.tmpHOST-PID` may still be writing it: unknown for another
+    host; on this one, whether the process exists."""
+    host, _, pid = tmp_name.rsplit(".tmp", 1)[1].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _check_plan(out: Path, pinned: dict, name: str) -> None:
+    """Raise PlanReplaced unless plan.json is still `pinned`: a run with other settings may replace the plan of a
+    folder that held nothing encoded under it while this run was still loading its models or encoding."""
+    path = out / si.PLAN
+    now = si.read_json(path) if path.is_file() else None
+    if now is None or si.dumps(now) != si.dumps(pinned):
+        raise PlanReplaced(f"{path} was replaced by a run with other settings while this one encoded {name} "
+                           f"({'; '.join(_plan_differences(pinned, now))}); this run publishes no shard beside that "
+                           "run's: re-run with that run's options, or use a new output folder")
+
+
 def _text_rows(text, chunk) -> dict[str, torch.Tensor]:
     """key -> embedding rows [L, D] for the chunk's decodable samples with a caption and no stored embedding."""
     from one4d_train.model.text_encoder import clean_prompt
@@ -56,11 +154,13 @@ def _text_rows(text, chunk) -> dict[str, torch.Tensor]:
     return dict(zip([k for k, _ in todo], text.encoder.encode_rows([c for _, c in todo])))
 
 
-def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int, text=None) -> dict:
+def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: int, text=None,
+                 pinned: dict | None = None) -> dict:
     """Write one output shard atomically (all source members, plus latents, and with `text` (a TextConditioning)
     the caption's embedding, for every encodable sample), then its record. Samples that do not decode keep their
     members and get nothing added; they are listed in `failed`. A caption whose embedding cannot be stored (float16
-    overflow) leaves its sample's latents without one, listed in `text_failed`."""
+    overflow) leaves its sample's latents without one, listed in `text_failed`. `pinned`: the plan.json this run
+    encodes under, checked again just before the shard is published (PlanReplaced)."""
     from data_pipeline.shard import _add
 
     problem = si.verify_shard_file(src, entry)
@@ -121,12 +221,18 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     if keys != list(entry["keys"]):
         tmp.unlink()
         raise EncodeError(f"{src / name}: keys {keys[:3]}... differ from the index's {entry['keys'][:3]}...")
-    os.replace(tmp, out / name)
-    si.fsync_dir(out)
-    final = out / name
-    record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
+    # hashed before the plan check, so that the check comes as close to publishing as it can
+    record = {"name": name, "samples": len(keys), "bytes": tmp.stat().st_size, "sha256": si.sha256_file(tmp),
               "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "text_encoded": text_encoded,
               "failed": failed, "text_failed": text_failed}
+    if pinned is not None:
+        try:
+            _check_plan(out, pinned, name)
+        except PlanReplaced:
+            tmp.unlink()
+            raise
+    os.replace(tmp, out / name)
+    si.fsync_dir(out)
     si.write_json(si.record_path(out, name), record)
     return record
 
@@ -148,14 +254,14 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     from one4d_train.model.vae import load_vae
 
     if batch < 1:
-        raise EncodeError(f"--batch must be >= 1, got {batch}")
+        raise UsageError(f"--batch must be >= 1, got {batch}")
     if (num_tasks is None) != (task_index is None) or (num_tasks is not None and not 0 <= task_index < num_tasks):
-        raise EncodeError(f"--num-tasks and --task-index go together with 0 <= I < N (got {num_tasks}, {task_index})")
+        raise UsageError(f"--num-tasks and --task-index go together with 0 <= I < N (got {num_tasks}, {task_index})")
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise EncodeError("OUT_DIR must differ from SRC_SHARDS")
+    dev = encoding_device(device)
     index = si.read_index(src)
-    dev = torch.device(device)
     # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
     if out.exists() and not out.is_dir():
@@ -166,14 +272,24 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")
     plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch, text_id or None)
     old = si.pin_plan(out, plan)
+    pinned, replaced = plan, []
     if old is not None and _text_free_plan_of(old, plan):  # finishable the way it was started: without text
         if text_id:
             raise EncodeError(f"{out / si.PLAN}: this folder was started without text embeddings (plan version 1); "
                               f"finish it with --no-text, or use a new output folder")
-        old = None
+        pinned, old = old, None
     if old is not None:
-        raise EncodeError(f"{out / si.PLAN}: this folder holds latents from another source index or other settings "
-                          f"(plan {old}); use the same options or a new output folder")
+        # the plan keeps latents of other settings apart; where nothing was encoded under it (a run that failed or
+        # was stopped before its first shard), a new plan mixes nothing, and a retry with other options goes ahead
+        differences, held = _plan_differences(old, plan), _encoded_under_plan(out)
+        if held:
+            more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+            raise EncodeError(f"{out / si.PLAN}: this folder holds latents from another source index or other "
+                              f"settings ({'; '.join(differences)}): it holds {', '.join(held[:3])}{more}; use the "
+                              f"same options or a new output folder")
+        (out / EMPTY_PROMPT).unlink(missing_ok=True)  # the old plan's text encoder's
+        si.write_json(out / si.PLAN, plan)
+        replaced = differences
     run = plan["settings"]
     entries = index["shards"]
     mine = [e for i, e in enumerate(entries) if num_tasks is None or i % num_tasks == task_index]
@@ -196,7 +312,10 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         damaged = []
         for e in todo:
             try:
-                encode_shard(src, out, e, vae, cfg, run, batch, conditioning)
+                encode_shard(src, out, e, vae, cfg, run, batch, conditioning, pinned)
+            except PlanReplaced:
+                bar.close()
+                raise
             except EncodeError as exc:  # a damaged source shard: the others are encoded all the same
                 damaged.append(str(exc))
             bar.update()
@@ -208,7 +327,8 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
                               "then re-run this command to finish")
     bar.close()
     records = {e["name"]: _done(out, e) for e in entries}
-    summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None}
+    summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None,
+               "replaced_plan": replaced}
     if all(records.values()):
         from one4d_train.model.presets import wan_config
 
@@ -258,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
                                 usage="one4d encode-latents SRC_SHARDS OUT_DIR config=X.yaml [key=value ...] [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="+", metavar="ARG", help="SRC_SHARDS OUT_DIR, then config=FILE and key=value overrides")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--batch", type=int, default=1, help="clips per VAE call (3 videos each; default 1)")
     p.add_argument("--num-tasks", type=int, help="Slurm array size: this task encodes shards with id %% N == I")
     p.add_argument("--task-index", type=int, help="this task's index (default $SLURM_ARRAY_TASK_ID with --num-tasks)")
@@ -296,9 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"one4d encode-latents: config error: {exc}", file=sys.stderr)
         return 2
+    except UsageError as exc:
+        print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
+        return 2
     except (EncodeError, si.ShardIndexError, OSError) as exc:  # OSError: a file it cannot read or write, a full disk
         print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
         return 1
+    if s["replaced_plan"]:
+        print(f"{Path(paths[1]) / si.PLAN}: replaced, nothing having been encoded under it: "
+              f"{'; '.join(s['replaced_plan'])}")
     done = (f"index: {s['index']} ({s['encoded']} samples encoded, {s['text_encoded']} captions embedded, "
             f"{len(s['failed'])} without latents)"
             if s["index"] else "other shards still to do: index.json comes when all are done")

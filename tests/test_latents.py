@@ -532,3 +532,119 @@ def test_encoding_a_latent_folder_again_replaces_its_latents(encoded, tmp_path, 
     assert inspect_main([str(again)]) != 0
     key, ext = members[0][0].name.split(".", 1)
     assert f"shard-000000.tar: {key}: member {ext} repeated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("cuda", 0, "--device cuda: no CUDA device is available"),
+    ("cuda:0", 0, "--device cuda:0: no CUDA device is available"),
+    ("cuda:1", 1, "--device cuda:1: this machine has 1 CUDA device (cuda:0)"),
+    ("gpu", 1, "--device gpu: expected cpu, cuda or cuda:N"),
+    ("meta", 0, "--device meta: expected cpu, cuda or cuda:N"),
+])
+def test_an_unusable_device_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, device,
+                                                                   cuda_devices, message):
+    """--device cuda without a CUDA device was a traceback (exit 1) after plan.json had pinned the device, so a
+    retry on the CPU was refused; an invalid name was a traceback from torch. Both are usage errors now: one line
+    naming --device, exit 2, nothing written."""
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    out = tmp_path / "lat"
+    assert encode_main([str(src), str(out), *CONFIG, "--device", device, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"one4d encode-latents: error: {message}" in err, err
+    assert len([line for line in err.splitlines() if "--device" in line]) == 1, err
+    assert not out.exists()
+
+
+def test_a_batch_or_task_index_out_of_range_is_a_usage_error(tmp_path, capsys):
+    """Exit 2 as the other options that cannot be honoured, not 1 (a run that failed)."""
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "lat"
+    for opts in (["--batch", "0"], ["--num-tasks", "2", "--task-index", "2"]):
+        assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", *opts]) == 2, opts
+        assert capsys.readouterr().err.startswith(f"one4d encode-latents: error: {opts[0]}")
+    assert not out.exists()
+
+def test_a_refused_plan_names_the_keys_that_differ(tmp_path):
+    """The refusal named no difference: it printed the whole recorded plan."""
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "lat"
+    run_encode(src, out, load_config(CONFIG), progress=False)
+    with pytest.raises(EncodeError) as exc:
+        run_encode(src, out, load_config(CONFIG + ["data.height=64"]), batch=2, progress=False, text=False)
+    msg = str(exc.value)
+    for diff in ("settings.resolution: [32, 48] -> [64, 48]", "compute.batch: 1 -> 2", "text_encoder: tiny:0 -> none"):
+        assert diff in msg, msg
+    assert "pointmap_percentiles" not in msg and "source_index" not in msg and "use the same options" in msg
+
+
+def _plan_of_another_device(out):
+    """plan.json as a run with --device cuda wrote it before failing to use the device."""
+    plan = json.loads((out / "plan.json").read_text())
+    plan["compute"].update(device="cuda", dtype="bfloat16")
+    (out / "plan.json").write_text(json.dumps(plan))
+
+
+def test_a_plan_with_nothing_encoded_under_it_gives_way_to_other_settings(tmp_path):
+    """A plan keeps latents of other settings from being mixed in one folder. A folder where nothing was encoded
+    under it (no shard, record or index; no temp file of a writer that may still run) mixes nothing when its plan
+    is replaced, so a retry with other options goes ahead instead of being refused; the output is that of a run
+    into a new folder (the old plan's empty-prompt embedding is not kept). A folder holding a finished shard, or
+    one being written, is still refused."""
+    import socket
+    import subprocess
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=1)
+    cfg = load_config(CONFIG)
+    ref = tmp_path / "ref"
+    run_encode(src, ref, cfg, progress=False, text=False)
+    names = ["index.json", "rejects.jsonl", "plan.json"] + [s["name"] for s in read_index(ref)["shards"]]
+
+    out = tmp_path / "lat"
+    out.mkdir()
+    (out / "plan.json").write_bytes((ref / "plan.json").read_bytes())
+    _plan_of_another_device(out)
+    (out / "empty_prompt.npy").write_bytes(b"the other plan's")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / f".shard-000000.tar.tmp{socket.gethostname()}-{dead.stdout.strip()}").write_bytes(b"killed")
+    summary = run_encode(src, out, cfg, progress=False, text=False)
+    assert summary["written"] == 2 and summary["index"]
+    assert summary["replaced_plan"] == ["compute.device: cuda -> cpu", "compute.dtype: bfloat16 -> float32"]
+    for name in names:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not list(out.glob(".*tmp*")) and not (out / "empty_prompt.npy").exists()
+
+    # one finished shard of the other plan: its latents would be mixed with this run's
+    next(out.glob("*.record.json")).unlink()
+    (out / "index.json").unlink()
+    _plan_of_another_device(out)
+    with pytest.raises(EncodeError, match=r"compute.device: cuda -> cpu; compute.dtype: bfloat16 -> float32\).*"
+                                          r"holds shard-00000\d.tar.record.json"):
+        run_encode(src, out, cfg, progress=False, text=False)
+    # a shard being written by a run that may still be going (elsewhere: its host is another)
+    for p in [*out.glob("*.record.json"), *out.glob("*.tar")]:
+        p.unlink()
+    (out / ".shard-000001.tar.tmpanother-host-12").write_bytes(b"")
+    with pytest.raises(EncodeError, match=r"holds \.shard-000001\.tar\.tmpanother-host-12"):
+        run_encode(src, out, cfg, progress=False, text=False)
+
+
+def test_a_run_whose_plan_was_replaced_publishes_nothing(tmp_path, monkeypatch):
+    """A run that pinned its plan and was still loading its models when a run with other options replaced the plan
+    (the folder held nothing encoded yet) must not publish shards under the old settings beside the new run's."""
+    import one4d_train.model.vae as vae_module
+
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "lat"
+    real = vae_module.load_vae
+
+    def replaced_meanwhile(*args, **kw):
+        _plan_of_another_device(out)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(vae_module, "load_vae", replaced_meanwhile)
+    with pytest.raises(EncodeError, match=r"plan.json was replaced by a run with other settings .*compute.device: "
+                                          r"cpu -> cuda"):
+        run_encode(src, out, load_config(CONFIG), progress=False)
+    assert not list(out.glob("*.tar*")) and not list(out.glob(".*tmp*")) and not (out / "index.json").exists()

@@ -252,7 +252,9 @@ def test_scores_go_to_the_training_run_only_where_its_store_holds_it(tmp_path, m
     got, why = tracked_run(cfg, str(gone), run_id)
     assert got is None and "mlflow.db" in why and not (gone / "mlflow.db").exists()
     other = tmp_path / "other"
-    MlflowTracker(str(other), cfg.tracking, cfg.name).start(None, {})
+    elsewhere = MlflowTracker(str(other), cfg.tracking, cfg.name)
+    elsewhere.start(None, {})
+    elsewhere.end()
     got, why = tracked_run(cfg, str(other), run_id)
     assert got is None and run_id in why
     server = load_config(["tracking.system_metrics=false", f"tracking.uri=sqlite:///{run / 'mlflow.db'}"])

@@ -1,7 +1,8 @@
 """The root config tree. Order: dataclass defaults -> YAML (`config=x.yaml`, with `_base_` includes) -> dotlist."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 from data_pipeline.config import DataConfig
 from one4d_train.configtools import ConfigError, build_config, choice, in_range, to_yaml
@@ -38,10 +39,35 @@ class One4DConfig:
         return p
 
 
-def load_config(args=(), checks=None) -> One4DConfig:
-    """The merged, validated config; `checks(cfg)` -> [(key, problem)] adds a command's own checks (files,
-    imports), reported like value errors (see one4d_train.train.config.preflight)."""
-    return build_config(One4DConfig, args, checks)
+def load_config(args=(), checks=None, prepare=None) -> One4DConfig:
+    """The merged, validated config (`prepare(cfg)`'s: absolute_paths for `one4d train`); `checks(cfg)` ->
+    [(key, problem)] adds a command's own checks (files, imports), reported like value errors (see
+    one4d_train.train.config.preflight)."""
+    return build_config(One4DConfig, args, checks, prepare)
 
 
-__all__ = ["One4DConfig", "load_config", "ConfigError", "to_yaml", "choice"]
+# keys naming files or folders (eval.dataset: also BENCHMARK:ROOT)
+PATH_KEYS = ("data.shards", "data.val_shards", "model.checkpoint", "model.vae", "model.text_encoder",
+             "model.tokenizer", "model.empty_prompt_embedding", "model.image_encoder", "eval.dataset", "eval.out_dir")
+
+
+def absolute_paths(cfg: One4DConfig) -> One4DConfig:
+    """`cfg` with the relative paths of PATH_KEYS resolved against the working directory. `one4d train` stores its
+    config in the run directory, where the evaluation job, an export or a resume read it from other folders: a
+    relative path there named other files, or none (the evaluation after training could not find data.val_shards
+    when submitted from another folder)."""
+    def resolved(value: str) -> str:
+        name, sep, root = value.partition(":")
+        if sep and name.isidentifier() and "/" not in name:  # sintel:ROOT
+            return f"{name}:{resolved(root)}" if root else value
+        return os.path.abspath(value) if value and not os.path.isabs(value) else value
+
+    sections = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        changes = sections.setdefault(section, {})
+        changes[name] = resolved(getattr(getattr(cfg, section), name))
+    return replace(cfg, **{section: replace(getattr(cfg, section), **changes) for section, changes in sections.items()})
+
+
+__all__ = ["One4DConfig", "load_config", "absolute_paths", "ConfigError", "to_yaml", "choice"]

@@ -125,10 +125,11 @@ def _bad_yaml_item(dotlist: list[str]) -> str:
     return f"command line: the values are not YAML: {dotlist}"
 
 
-def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[Any], Problems] | None = None) -> Any:
+def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[Any], Problems] | None = None,
+                 prepare: Callable[[Any], Any] | None = None) -> Any:
     """Merge defaults -> `config=FILE` (with its `_base_` chain) -> other `key=value` args, validate, return
-    the dataclass instance. `checks(obj)` then returns problems by full key (files, imports: what a command
-    needs beyond valid values); all of them are reported at once."""
+    the dataclass instance (`prepare(obj)`'s, when given: e.g. paths resolved). `checks(obj)` then returns problems
+    by full key (files, imports: what a command needs beyond valid values); all of them are reported at once."""
     args = list(args)
     files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
     # `key=` means the empty string (OmegaConf would read it as null)
@@ -159,6 +160,8 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"{_origin(key, origins)}: key '{key}': {str(exc).splitlines()[0]}") from None
     validate_tree(obj, origins=origins)
+    if prepare is not None:
+        obj = prepare(obj)
     if checks is not None:
         problems = checks(obj)
         if problems:

@@ -1,3 +1,4 @@
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -183,3 +184,18 @@ def test_a_value_that_is_not_yaml_is_named(item):
     after each colon is an easy slip."""
     with pytest.raises(ConfigError, match=rf"command line: '{re.escape(item)}': the value is not YAML .*a space after"):
         load_config(["seed=1", item])
+
+
+def test_train_stores_its_paths_absolute(tmp_path, monkeypatch):
+    """`one4d train` resolves the relative paths it is given against its working directory (the Slurm submission
+    folder), so that the run's config.yaml names the same files for the evaluation job, an export or a resume started
+    in another folder; empty values, absolute paths and a benchmark's name stay as they are."""
+    from one4d_train.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(["data.shards=s/shard-{000000..000009}.tar", "data.val_shards=../val",
+                                      "eval.dataset=tum:bench/tum", "model.checkpoint=/abs/wan.safetensors"]))
+    assert cfg.data.shards == f"{tmp_path}/s/shard-{{000000..000009}}.tar"
+    assert cfg.data.val_shards == os.path.join(os.path.dirname(tmp_path), "val")
+    assert cfg.eval.dataset == f"tum:{tmp_path}/bench/tum" and cfg.model.checkpoint == "/abs/wan.safetensors"
+    assert cfg.model.vae == "" and cfg.eval.out_dir == ""

@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from launch_utils import ROOT, _env, metric, mlflow_run, srun_like, torchrun
@@ -403,11 +404,16 @@ def test_zero2_single_plain_process_bf16(tmp_path):
                            "train.zero_stage=2", "train.precision=bf16", "train.steps=16", "train.checkpoint_every=8",
                            "train.log_every=1",
                            "train.micro_batch_size=8", "train.peak_flops_per_device=1e9",
-                           "optim.lr=0.03", "train.deepspeed_overrides={zero_optimization: {overlap_comm: false}}"],
+                           "optim.lr=0.03", "train.deepspeed_overrides={zero_optimization: {overlap_comm: false}}",
+                           "model.vae=weights/vae", "eval.dataset=sintel:../sintel"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     out = code.stdout + code.stderr
     assert code.returncode == 0, out[-4000:]
     assert "deepspeed override: zero_optimization.overlap_comm: True -> False" in out
+    # the run's config names its files from anywhere: the evaluation and export read it in other folders
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert stored["model"]["vae"] == os.path.join(ROOT, "weights", "vae")
+    assert stored["eval"]["dataset"] == "sintel:" + os.path.join(os.path.dirname(ROOT), "sintel")
     client, run = mlflow_run(run_dir)
     loss = metric(client, run, "loss")
     first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (14, 15, 16)) / 3

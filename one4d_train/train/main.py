@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from one4d_train.cli import LAUNCHER_ARG
-from one4d_train.config import ConfigError, load_config
+from one4d_train.config import ConfigError, absolute_paths, load_config
 from one4d_train.train.config import preflight
 from one4d_train.train.preemption import EXIT_CONFIG
 
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
         return 0
     argv = [a for a in argv if not LAUNCHER_ARG.match(a)]
     try:
-        cfg = load_config(argv, checks=preflight)
+        cfg = load_config(argv, checks=preflight, prepare=absolute_paths)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_CONFIG

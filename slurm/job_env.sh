@@ -16,16 +16,19 @@ source "$ONE4D_SITE"
 ONE4D_MAX_RESTARTS=${ONE4D_MAX_RESTARTS:-20}
 ONE4D_TASK_EXIT_WAIT_S=${ONE4D_TASK_EXIT_WAIT_S:-300}
 ONE4D_EVAL_AFTER_TRAIN=${ONE4D_EVAL_AFTER_TRAIN:-1}
+ONE4D_REQUEUE_ON_TERM=${ONE4D_REQUEUE_ON_TERM:-0}
 for setting in ONE4D_MAX_RESTARTS ONE4D_TASK_EXIT_WAIT_S; do
     if [[ ! ${!setting} =~ ^(0|[1-9][0-9]*)$ ]]; then  # no leading 0: bash would read 08 as octal
         echo "[one4d] $setting=${!setting} ($ONE4D_SITE or the environment): must be a whole number" >&2
         exit 2
     fi
 done
-if [[ $ONE4D_EVAL_AFTER_TRAIN != [01] ]]; then
-    echo "[one4d] ONE4D_EVAL_AFTER_TRAIN=$ONE4D_EVAL_AFTER_TRAIN ($ONE4D_SITE or the environment): must be 0 or 1" >&2
-    exit 2
-fi
+for setting in ONE4D_EVAL_AFTER_TRAIN ONE4D_REQUEUE_ON_TERM; do
+    if [[ ${!setting} != [01] ]]; then
+        echo "[one4d] $setting=${!setting} ($ONE4D_SITE or the environment): must be 0 or 1" >&2
+        exit 2
+    fi
+done
 if [[ -n ${ONE4D_MODULES:-} ]]; then
     # a batch shell is not a login shell: the `module` function may not be defined yet
     for init in /etc/profile.d/lmod.sh /etc/profile.d/modules.sh /usr/share/lmod/lmod/init/bash; do

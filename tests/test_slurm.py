@@ -210,9 +210,29 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_a_ste
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
 
 
-def test_term_with_no_restarts_left_checkpoints_and_exits_43_without_requeue(cluster, job_env, tmp_path):
+def test_scancel_checkpoints_and_ends_the_job(cluster, job_env, tmp_path):
+    """`scancel` (a TERM to the batch shell and the tasks) had the job checkpoint and requeue itself, so it trained
+    on to the end: the job now ends after the checkpoint, and resubmitting resumes from it."""
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
-    env = dict(job_env, ONE4D_MAX_RESTARTS="0")
+    r = submit(job_env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    wait_for_text(out, r"\[rank 0\] step 3/")
+    assert run(["scancel", job_id], job_env, timeout=30).returncode == 0
+    job = wait_for_job(cluster, job_id)
+    text = wait_for_text(out, r"NOT requeued by this job").string
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), f"{job}\n{text[-4000:]}"
+    assert "got SIGTERM: asking the trainer to checkpoint" in text and "requeued (restart" not in text
+    stopped = int(re.search(r"checkpointed step (\d+), exiting 42", text).group(1))
+    assert stopped < TRAIN_STEPS and (run_dir / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").exists()
+    time.sleep(3)  # Slurm would have requeued it by now
+    assert cluster.job(job_id).get("JobState") in (None, "CANCELLED"), cluster.job(job_id)
+
+
+def test_term_with_no_restarts_left_checkpoints_and_exits_43_without_requeue(cluster, job_env, tmp_path):
+    """ONE4D_REQUEUE_ON_TERM=1 (a site that preempts by cancelling): a TERM requeues, while restarts are left."""
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    env = dict(job_env, ONE4D_MAX_RESTARTS="0", ONE4D_REQUEUE_ON_TERM="1")
     r = submit(env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
@@ -352,3 +372,13 @@ def test_train_real_tiny_model_on_the_shards_then_the_eval_job_it_submits_writes
     assert all(math.isfinite(m["abs_rel"]) for m in metrics["means"].values())
     _, run_ = mlflow_run(run_dir)
     assert run_.data.metrics[f"eval/{tag}/video/abs_rel"] == pytest.approx(metrics["means"]["video"]["abs_rel"])
+
+
+@pytest.mark.parametrize("setting, value", [("ONE4D_REQUEUE_ON_TERM", "yes"), ("ONE4D_EVAL_AFTER_TRAIN", "2"),
+                                            ("ONE4D_MAX_RESTARTS", "08"), ("ONE4D_TASK_EXIT_WAIT_S", "1.5")])
+def test_job_settings_are_checked_when_the_job_starts(setting, value, tmp_path):
+    """A bad setting is named when a job starts, not where it is read after hours of training."""
+    env = dict(os.environ, ONE4D_ROOT=str(REPO), ONE4D_SITE=str(SITE), ONE4D_VENV=sys.prefix, **{setting: value})
+    r = subprocess.run(["bash", "-c", f"source {REPO}/slurm/job_env.sh && echo sourced"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{setting}={value}" in r.stderr and "sourced" not in r.stdout, r

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -32,6 +33,8 @@ from data_pipeline.decode import frame_member
 from data_pipeline.manifest import (ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest,
                                    repeated_rows)
 from data_pipeline.video import VideoError, probe_and_check
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 LOCK = "shard.lock"  # held by a run that writes every shard, and by --merge
@@ -436,14 +439,20 @@ def merge(out_dir) -> dict:
 
 
 def _merge(out_dir: Path, plan: dict) -> dict:
-    partials = [si.read_json(p) for p in sorted(out_dir.glob("index.task-*.json"))]
-    if not partials:
+    paths = sorted(out_dir.glob("index.task-*.json"))
+    if not paths:
         raise ShardingError(f"{out_dir}: no partial indexes (index.task-*.json) to merge")
+    partials = [si.read_json(p) for p in paths]
     problems = []
-    counts = {p.get("num_tasks") for p in partials}
-    if len(counts) != 1:
-        raise ShardingError(f"{out_dir}: partial indexes disagree on num_tasks: {sorted(map(str, counts))}")
-    num_tasks = counts.pop()
+    # an earlier array of another size left its own (its tasks past this array's count are never rewritten): the
+    # newest partial's array is the one merged, and the others' files go once it is
+    newest = max(range(len(paths)), key=lambda i: paths[i].stat().st_mtime_ns)
+    num_tasks = partials[newest].get("num_tasks")
+    stale = [p for p, part in zip(paths, partials) if part.get("num_tasks") != num_tasks]
+    if stale:
+        log.warning("%s: merging the partial indexes of the %s-task array; leaving out %s, of an earlier array of "
+                    "another size", out_dir, num_tasks, ", ".join(p.name for p in stale))
+        partials = [part for part in partials if part.get("num_tasks") == num_tasks]
     present = {p.get("task_index") for p in partials}
     missing_tasks = sorted(set(range(num_tasks)) - present)
     if missing_tasks:
@@ -467,4 +476,6 @@ def _merge(out_dir: Path, plan: dict) -> dict:
         raise ShardingError("merge failed:\n  " + "\n  ".join(problems))
     index = si.build_index(plan, [records[s["name"]] for s in plan["shards"]])
     si.write_index(out_dir, index)
+    for path in stale:
+        path.unlink(missing_ok=True)
     return index

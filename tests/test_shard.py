@@ -240,6 +240,23 @@ def test_task_split_and_merge_equal_a_single_run(tmp_path, manifest, capsys):
         merge(split)
 
 
+def test_an_array_of_another_size_over_a_finished_folder_merges_its_own_partials(tmp_path, manifest, caplog):
+    """A 3-task array's folder sharded again by a 2-task array (everything already done): its index.task-2.json was
+    never rewritten, the merge refused the two sizes, and the merge job then set the good index.json aside."""
+    split = tmp_path / "split"
+    for tasks in (3, 2):
+        for i in range(tasks):
+            assert shard_main([str(manifest), str(split), "--samples-per-shard", "1", "--num-tasks", str(tasks),
+                               "--task-index", str(i), "--no-progress"]) == 0
+        if tasks == 3:
+            assert shard_main(["--merge", str(split)]) == 0
+            first = (split / "index.json").read_bytes()
+    assert shard_main(["--merge", str(split)]) == 0
+    assert "leaving out index.task-2.json, of an earlier array of another size" in caplog.text
+    assert (split / "index.json").read_bytes() == first
+    assert sorted(p.name for p in split.glob("index.task-*.json")) == ["index.task-0.json", "index.task-1.json"]
+
+
 HOLD = ("import sys, time; from pathlib import Path; from data_pipeline.shard import lock_out_dir; "
         "lock = lock_out_dir(Path(sys.argv[1]), None if sys.argv[2] == '-' else int(sys.argv[2])); "
         "print('held', flush=True); time.sleep(600)")

@@ -425,7 +425,17 @@ def test_zero2_single_plain_process_bf16(tmp_path):
     assert sorted(mfu) == list(range(1, 17)) and all(0 < v < 1 for v in mfu.values())
 
 
-def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """SIGINT as a terminal's foreground process has it (Python's KeyboardInterrupt): a suite started in the
+    background (`cmd &` in a script) inherits it ignored, and the trainer rightly leaves an ignored SIGINT alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # a child's, before it runs Python
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys, monkeypatch,
+                                                                 sigint_as_in_a_terminal):
     """Ctrl-C reaches the whole foreground group (the trainer and its data workers): it was a KeyboardInterrupt
     traceback and the steps since the last checkpoint were lost. Now a first one stops as SIGTERM does (checkpoint,
     exit 42: the same command resumes); a second one stops at once, with one line and the shell's 130."""
@@ -435,7 +445,8 @@ def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys
     r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
                         "train.zero_stage=2", "train.steps=16", "train.checkpoint_every=100", "train.log_every=1"],
                        cwd=ROOT, env={**_env(), "TOY_WORKERS": "2", "TOY_SIGNAL_AT": "5:0:INT:group"},
-                       capture_output=True, text=True, timeout=400, start_new_session=True)  # its own group
+                       capture_output=True, text=True, timeout=400, start_new_session=True,  # its own group
+                       preexec_fn=sigint_as_in_a_terminal)
     out = r.stdout + r.stderr
     assert r.returncode == REQUEUE_EXIT_CODE, out[-4000:]
     assert "received SIGINT: will checkpoint and exit after the current step (Ctrl-C again" in out
@@ -560,7 +571,7 @@ def test_deepspeed_config_generated_and_overrides_reported():
     assert changed == ["zero_optimization.reduce_bucket_size: '<unset>' -> 1000"]
 
 
-def test_the_entry_point_catches_stop_signals_before_importing_the_trainer(monkeypatch):
+def test_the_entry_point_catches_stop_signals_before_importing_the_trainer(monkeypatch, sigint_as_in_a_terminal):
     """Importing the trainer (torch, DeepSpeed...) takes seconds; a USR1 from the Slurm script in that time must
     be a requested stop, not a killed rank, so `one4d train` installs the handler before any of it."""
     import importlib

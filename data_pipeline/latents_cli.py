@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from one4d_train.train.one4d_task import model_file_problems
 
     p = parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides after the options too (encode_latents.sbatch)
     paths = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if len(paths) != 2:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Submit a job script with this site's sbatch options (slurm/site.env, or the file named by ONE4D_SITE).
-#   slurm/submit.sh [sbatch options] slurm/<train|eval|shard|shard_merge>.sbatch [script arguments]
+#   slurm/submit.sh [sbatch options] slurm/<train|eval|shard|shard_merge|encode_latents>.sbatch [script arguments]
 # The site's options for that script go first, so options given here win. Prints what sbatch prints.
 set -euo pipefail
 export ONE4D_ROOT=${ONE4D_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}

@@ -329,6 +329,26 @@ def test_shard_array_writes_disjoint_slices_merged_into_one_verified_index(shard
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_encode_latents_array_stores_latents_of_every_shard_and_its_last_task_writes_the_index(shards, job_env,
+                                                                                              tmp_path):
+    """slurm/encode_latents.sbatch as a 2-task array: disjoint slices, one index.json (by whichever task ends
+    last), shards that inspect-shards verifies and that carry the latents."""
+    out = tmp_path / "latents"
+    config = [f"config={REPO / 'configs/experiment/demo.yaml'}", "data.num_frames=5", "data.frame_stride=2"]
+    r = submit(job_env, "--wait", "--parsable", "--array=0-1", REPO / "slurm" / "encode_latents.sbatch",
+               shards["dir"], out, *config, "--device", "cpu", cwd=tmp_path)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
+    assert r.returncode == 0, (r.stderr, logs)
+    array_id = r.stdout.strip().split(";")[0]
+    assert sorted(logs) == [f"one4d-encode-latents-{array_id}_{i}.out" for i in range(2)], logs
+    assert sum("index:" in text for text in logs.values()) >= 1, logs
+    index = json.loads((out / "index.json").read_text())
+    assert (index["totals"]["shards"], index["totals"]["samples"]) == (6, 6)
+    assert (index["latents"]["encoded"], index["latents"]["failed"]) == (6, [])
+    check = run([Path(sys.prefix) / "bin" / "one4d", "inspect-shards", out], job_env, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_shard_merge_fails_loudly_on_a_corrupt_shard(shards, job_env, tmp_path):
     bad = tmp_path / "shards"
     shutil.copytree(shards["dir"], bad)

@@ -23,7 +23,7 @@ from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (LATENT_MEMBERS, encode_batch, fixed_window_sample, latent_members, latents_spec,
                                    raw_of, settings, tar_samples, text_identity, text_member)
-from data_pipeline.shard import shard_done
+from data_pipeline.shard import lock_out_dir, shard_done
 
 PLAN_VERSION = 2  # 2: the text encoder joins the plan
 EMPTY_PROMPT = "empty_prompt.npy"
@@ -249,9 +249,6 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     shard has its record. `text`: store the embeddings of captions that have none (needs model.text_encoder, or
     the tiny preset). Returns a summary dict."""
     import torch
-    from tqdm import tqdm
-
-    from one4d_train.model.vae import load_vae
 
     if batch < 1:
         raise UsageError(f"--batch must be >= 1, got {batch}")
@@ -267,6 +264,24 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     if out.exists() and not out.is_dir():
         raise EncodeError(f"{out}: not a folder: OUT_DIR is the folder the latent shards go to (new or this run's)")
     out.mkdir(parents=True, exist_ok=True)
+    # one run at a time (a whole run alone; array tasks side by side, each its own slice): a second run into the
+    # folder deleted the first one's temporary files of the same shards, and could pin another plan under it
+    locks = lock_out_dir(out, task_index, command="encode-latents", error=EncodeError)
+    try:
+        return _encode(src, out, cfg, dev, dtype, index, batch, num_tasks, task_index, progress, text)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_tasks: int | None,
+            task_index: int | None, progress: bool, text: bool) -> dict:
+    """run_encode's work, with the output folder locked."""
+    import torch
+    from tqdm import tqdm
+
+    from one4d_train.model.vae import load_vae
+
     text_id = text_identity(cfg.model, cfg.seed) if text else ""
     if text and not text_id:
         raise EncodeError("storing text embeddings needs model.text_encoder (a UMT5 folder); or pass --no-text")

@@ -37,7 +37,6 @@ from data_pipeline.video import VideoError, probe_and_check
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
-LOCK = "shard.lock"  # held by a run that writes every shard, and by --merge
 
 
 class ShardingError(RuntimeError):
@@ -45,32 +44,35 @@ class ShardingError(RuntimeError):
     verify."""
 
 
-def lock_out_dir(out_dir: Path, task_index: int | None = None) -> list:
-    """Hold `out_dir`'s locks for this run, or raise ShardingError naming the run that holds them: two runs into one
-    folder delete each other's temporary files. A whole run (and --merge) holds shard.lock alone; array task I holds
-    it shared with the other tasks, and shard.task-I.lock alone. The locks held (none where the file system has no
-    POSIX locks: a warning says so)."""
+def lock_out_dir(out_dir: Path, task_index: int | None = None, command: str = "shard",
+                 error: type[Exception] = ShardingError) -> list:
+    """Hold `out_dir`'s locks for this run of `one4d <command>`, or raise `error` naming the run that holds them:
+    two runs into one folder delete each other's temporary files. A whole run (and --merge) holds <command>.lock
+    alone; array task I holds it shared with the other tasks, and <command>.task-I.lock alone. The locks held (none
+    where the file system has no POSIX locks: a warning says so)."""
     from one4d_train.train.run_lock import Held, hold
 
     held = []
-    wanted = [(out_dir / LOCK, task_index is not None)]
+    folder_lock = out_dir / f"{command}.lock"
+    wanted = [(folder_lock, task_index is not None)]
     if task_index is not None:
-        wanted.append((out_dir / f"shard.task-{task_index}.lock", False))
+        wanted.append((out_dir / f"{command}.task-{task_index}.lock", False))
     for path, shared in wanted:
         try:
-            held.append(hold(str(path), what="a second `one4d shard`", shared=shared))
+            held.append(hold(str(path), what=f"a second `one4d {command}`", shared=shared))
         except Held as exc:
             for lock in held:
                 if lock is not None:
                     lock.release()
-            who = exc.who if exc.holder else "the tasks of a job array (shard.task-*.lock)"
-            if path.name != LOCK:
+            who = exc.who if exc.holder else f"the tasks of a job array ({command}.task-*.lock)"
+            if path != folder_lock:
                 who = f"another array task {task_index} ({exc.who})"
             elif task_index is not None:
-                who = f"a run of the whole manifest or a --merge ({exc.who})"
-            raise ShardingError(f"{out_dir} is in use by {who}: wait for it to end, or write into another "
-                                f"folder. If it is no longer running (its node failed while it held the lock on a "
-                                f"network file system), delete {path}") from None
+                whole = "a run of the whole manifest or a --merge" if command == "shard" else "a run over every shard"
+                who = f"{whole} ({exc.who})"
+            raise error(f"{out_dir} is in use by {who}: wait for it to end, or write into another "
+                        f"folder. If it is no longer running (its node failed while it held the lock on a "
+                        f"network file system), delete {path}") from None
     return [lock for lock in held if lock is not None]
 
 

@@ -648,3 +648,36 @@ def test_a_run_whose_plan_was_replaced_publishes_nothing(tmp_path, monkeypatch):
                                           r"cpu -> cuda"):
         run_encode(src, out, load_config(CONFIG), progress=False)
     assert not list(out.glob("*.tar*")) and not list(out.glob(".*tmp*")) and not (out / "index.json").exists()
+
+
+HOLD = ("import sys, time; from pathlib import Path; from data_pipeline.shard import lock_out_dir; "
+        "lock = lock_out_dir(Path(sys.argv[1]), None, command='encode-latents'); print('held', flush=True); "
+        "time.sleep(600)")
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, capsys):
+    """A second encode-latents into a folder in use deleted the first one's temporary files of the same shards
+    (each run clears its shards' stale ones) and could pin another plan under it: refused, naming the first, before
+    anything is written; the tasks of one array share the folder."""
+    import subprocess
+
+    from launch_utils import _env
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"{out} is in use by pid {first.pid} on " in err and f"delete {out / 'encode-latents.lock'}" in err
+        assert not (out / "plan.json").exists()
+        assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress", "--num-tasks", "2",
+                            "--task-index", "0"]) == 1
+        assert f"{out} is in use by a run over every shard (pid {first.pid} on " in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 0

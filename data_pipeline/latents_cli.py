@@ -120,16 +120,10 @@ def _encoded_under_plan(out: Path) -> list[str]:
 def _writer_may_run(tmp_name: str) -> bool:
     """Whether the process that named a temp file `.NAME.tmpHOST-PID` may still be writing it: unknown for another
     host; on this one, whether the process exists."""
+    from one4d_train.train.run_lock import process_alive
+
     host, _, pid = tmp_name.rsplit(".tmp", 1)[1].rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+    return host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))
 
 
 def _check_plan(out: Path, pinned: dict, name: str) -> None:

@@ -134,7 +134,7 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
     An earlier export's files this one does not have are removed. `out` may be a symlink or a mount point. Returns
     the export as read back (read_adapters)."""
     from one4d_train.model.adapters import CONFIG_NAME, read_adapters
-    from one4d_train.train.run_lock import Held, hold
+    from one4d_train.train.run_lock import Held, hold, process_alive
 
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
@@ -150,8 +150,10 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
     tmp = os.path.join(out, f"{TMP_PREFIX}{os.getpid()}")
     done = False
     try:
-        for name in os.listdir(out):  # left by a killed export (its process gone: without POSIX locks, a live one
-            if name.startswith(TMP_PREFIX) and not _alive(name[len(TMP_PREFIX):]):  # may be writing beside this)
+        # left by a killed export (its process gone: without POSIX locks, a live one may be writing beside this)
+        for name in os.listdir(out):
+            pid = name[len(TMP_PREFIX):]
+            if name.startswith(TMP_PREFIX) and not (pid.isdigit() and process_alive(int(pid))):
                 shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         if src is None:
             rebuild_from_zero(ckpt, tmp)
@@ -178,16 +180,6 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
         if created and not done:  # a refused export leaves no folder behind (unless another wrote there since)
             with contextlib.suppress(OSError):
                 os.rmdir(out)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:

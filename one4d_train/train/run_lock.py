@@ -82,6 +82,18 @@ class Held(Exception):
         super().__init__(f"{path} is held by {self.who}")
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (another user's counts): the writer of a temporary file named by
+    its pid may still be writing it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _same_file(fd: int, path: str) -> bool:
     try:
         st = os.stat(path)

@@ -288,9 +288,10 @@ def iter_samples(cfg) -> Iterator[dict]:
         return
     from data_pipeline.loader import build_loader
 
-    # evaluation scores pixels and geometry: never the stored latents
+    # evaluation scores pixels and geometry: never the stored latents, and in float32 whatever the training
+    # samples' dtype (bfloat16 pointmaps alone put a floor of ~0.007 under a perfect prediction's Abs Rel)
     data_cfg = replace(cfg.data, crop="center", num_workers=0, mode="exact", use_latents=False,
-                       finish_on_device=False)
+                       finish_on_device=False, sample_dtype="float32")
     loader = build_loader(data_cfg, rank=0, world_size=1, seed=cfg.eval.seed, micro_batch_size=1, shards=spec)
     seen = set()
     try:

@@ -193,6 +193,23 @@ def test_depth_metrics_match_the_reference_and_a_failed_prediction_scores_nan(al
     assert np.isfinite(depth_metrics(pred, gt, align=align, cap=70.0)["abs_rel"])
 
 
+@pytest.mark.parametrize("align", ["median", "scale_shift"])
+def test_depth_metrics_keep_the_whole_error_of_pixels_aligned_below_zero(align):
+    """A prediction concave in depth: the least-squares fit puts some near pixels below zero. Their Abs Rel error
+    counts whole, as in MonST3R's depth_evaluation (clipped at 1e-5 only for delta); clipping them at 1e-3 first
+    capped each at ~1. A prediction whose median is negative aligns by that median too."""
+    rng = np.random.default_rng(5)
+    gt = rng.uniform(0.2, 20.0, (3, 10, 12))
+    pred = np.log(gt) + 0.05
+    ref = _video_depth_reference(pred, gt, 70.0, align == "scale_shift")
+    m = depth_metrics(pred, gt, align=align, cap=70.0)
+    if align == "scale_shift":
+        s, t = m["scale"], m["shift"]
+        assert ((s * pred + t) < 0).mean() > 0.01  # the case at issue
+    assert abs(m["abs_rel"] - ref[0]) < 1e-12 and m["delta_1_25"] == ref[1]
+    assert depth_metrics(-gt, gt, align="median", cap=70.0)["abs_rel"] < 1e-12
+
+
 def _ssim_reference(x, y, L=1.0):
     """Wang et al.'s SSIM, written with scipy separable filtering, cropped to the 'valid' region."""
     x, y = x.astype(np.float64), y.astype(np.float64)

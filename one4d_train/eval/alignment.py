@@ -15,7 +15,8 @@ def depth_alignment(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, mode: st
     if mode == "none" or p.size == 0:
         return 1.0, 0.0
     if mode == "median":
-        return float(np.median(g) / max(np.median(p), 1e-12)), 0.0
+        m = np.median(p)
+        return (float(np.median(g) / m) if m != 0 else float("nan")), 0.0
     if mode == "scale":
         return float((p @ g) / max(p @ p, 1e-12)), 0.0
     if mode == "scale_shift":

@@ -30,9 +30,12 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, align: str = "scale_shift", 
         return {"abs_rel": float("nan"), "delta_1_25": float("nan"), "scale": 1.0, "shift": 0.0,
                 "num_pixels": int(mask.sum())}
     s, t = depth_alignment(pred, gt, mask, align)
-    d = np.clip(s * pred[mask] + t, 1e-3, cap)
+    # as MonST3R's depth_evaluation: the aligned depth clipped at the cap for Abs Rel (a pixel aligned below zero
+    # keeps its whole error), then at 1e-5 from below for the ratios of delta < 1.25
+    d = np.minimum(s * pred[mask] + t, cap)
     g = gt[mask]
     abs_rel = float(np.mean(np.abs(d - g) / g))
+    d = np.maximum(d, 1e-5)
     delta = float(np.mean(np.maximum(d / g, g / d) < 1.25))
     return {"abs_rel": abs_rel, "delta_1_25": delta, "scale": s, "shift": t, "num_pixels": int(mask.sum())}
 

@@ -95,6 +95,12 @@ def test_means_leave_out_non_finite_values_and_count_them():
     assert video["psnr"] == 30.0 and video["psnr_nonfinite"] == 2
     assert video["ate"] == pytest.approx(0.7) and "ate_nonfinite" not in video
     assert math.isnan(image["abs_rel"]) and image["abs_rel_nonfinite"] == 1 and image["psnr"] == 20.0
+    # and the printed table says what its mean rows leave out
+    from one4d_train.eval.pipeline import left_out_lines
+    assert left_out_lines(means) == [
+        "video mean: left out (NaN or inf, see metrics.json) abs_rel of 1, psnr of 2 of 3 samples",
+        "image mean: left out (NaN or inf, see metrics.json) abs_rel of 1 of 1 samples"]
+    assert left_out_lines(summarise(rows[:1])) == ["video mean: left out (NaN or inf, see metrics.json) psnr of 1 of 1 samples"]
 
 
 def _oracle_scores(cfg, tmp_path):

@@ -19,7 +19,7 @@ class EvalConfig:
     # (model.umc.sparse_*_frac x frames: 24 of 81)
     sparse_frames: int = 0
     depth_align: str = "scale_shift"  # median | scale | scale_shift
-    # metres; 0 = the dataset's protocol (resolved_depth_cap): Bonn and TUM 10, Sintel and shards 70; inf: none
+    # metres; 0 = the protocol's 70 m (MonST3R's depth_evaluation, for Sintel and Bonn alike); inf: none
     depth_cap: float = field(default=0.0, metadata={INF_OK: True})
     out_dir: str = ""  # empty = <checkpoint>/eval; set: the folder of one checkpoint's evaluation (refused for a run directory)
     seed: int = 0
@@ -58,8 +58,7 @@ class EvalConfig:
         return p
 
     def resolved_depth_cap(self) -> float:
-        """The depth cap scored with: depth_cap, or where it is 0 the dataset's protocol (the video-depth benchmarks'
-        convention): 10 m for the indoor Bonn and TUM sequences, 70 m for Sintel and for shards."""
-        if self.depth_cap:
-            return self.depth_cap
-        return 10.0 if self.dataset.split(":", 1)[0] in ("bonn", "tum") else 70.0
+        """The depth cap scored with: depth_cap, or where it is 0 the 70 m of the protocol whose alignment and Abs
+        Rel the metrics follow (MonST3R's depth_evaluation, which scores Sintel and Bonn alike to 70 m). The 10 m of
+        DepthCrafter's Bonn protocol goes with its disparity-space alignment; depth_cap=10 takes its cap alone."""
+        return self.depth_cap or 70.0

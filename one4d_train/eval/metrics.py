@@ -66,18 +66,24 @@ def _static(centres: np.ndarray) -> bool:
 
 def pose_metrics(est_c2w: np.ndarray, gt_c2w: np.ndarray, with_scale: bool = True) -> dict:
     """ATE, RPE-T (RMSE, gt units) and RPE-R (RMSE, degrees) after Sim(3) alignment of est onto gt, for [T, 4, 4]
-    poses, T >= 3 (any two trajectories of two poses align exactly). Where either trajectory's camera centres do
-    not move, the Sim(3) fit is undefined and evo refuses it (a still ground-truth camera would shrink any
-    estimate onto itself, ATE = RPE-T = 0; a still estimate gives 0 / 0): ATE and RPE-T are NaN then, and
-    RPE-R, which no alignment changes, is scored."""
+    poses, T >= 3 (any two trajectories of two poses align exactly). Where the estimated camera centres do not
+    move, the Sim(3) fit degenerates (evo refuses it): every similarity maps them to one point, best placed at the
+    ground truth's centroid, so ATE is the ground truth's spread and RPE-T its step lengths: a failed estimate
+    scores as one, not NaN (which the means over sequences would leave out). Where the ground-truth camera does
+    not move, any estimate would shrink onto it (ATE = RPE-T = 0): ATE and RPE-T are NaN then. RPE-R, which no
+    alignment changes, is scored in both cases."""
     est, gt = np.asarray(est_c2w, np.float64), np.asarray(gt_c2w, np.float64)
     if est.shape != gt.shape or est.shape[1:] != (4, 4) or len(gt) < 3:
         raise ValueError(f"pose metrics need two trajectories of the same T >= 3 poses [T, 4, 4], got {est.shape} "
                          f"and {gt.shape}")
-    if with_scale and (_static(est[:, :3, 3]) or _static(gt[:, :3, 3])):
+    if with_scale and _static(gt[:, :3, 3]):
         _, er = relative_pose_errors(est, gt)
         return {"ate": float("nan"), "rpe_trans": float("nan"), "rpe_rot": float(np.sqrt(np.mean(er ** 2)))}
-    aligned = align_trajectory(est, gt, with_scale)
+    if with_scale and _static(est[:, :3, 3]):
+        aligned = est.copy()
+        aligned[:, :3, 3] = gt[:, :3, 3].mean(0)
+    else:
+        aligned = align_trajectory(est, gt, with_scale)
     ate = float(np.sqrt(np.mean(np.sum((aligned[:, :3, 3] - gt[:, :3, 3]) ** 2, axis=1))))
     et, er = relative_pose_errors(aligned, gt)
     return {"ate": ate, "rpe_trans": float(np.sqrt(np.mean(et ** 2))), "rpe_rot": float(np.sqrt(np.mean(er ** 2)))}

@@ -368,6 +368,19 @@ def summarise(results: list[dict]) -> dict:
     return out
 
 
+def left_out_lines(means: dict) -> list[str]:
+    """What the mean rows leave out, per mode: samples whose metric is NaN or inf (an unscorable sequence, a
+    failed prediction, a perfect frame's PSNR), so a mean over fewer samples is not read as one over all."""
+    lines = []
+    for mode, m in means.items():
+        left = {k.removesuffix("_nonfinite"): int(v) for k, v in m.items() if k.endswith("_nonfinite")}
+        if left:
+            listed = ", ".join(f"{k} of {n}" for k, n in sorted(left.items()))
+            lines.append(f"{mode} mean: left out (NaN or inf, see metrics.json) {listed} of "
+                         f"{m['num_samples']} samples")
+    return lines
+
+
 def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None, run_id: str | None = None,
                         step: int | None = None, progress: bool = True, gen: Generator | None = None,
                         unscored_only: bool = False) -> dict | None:
@@ -420,6 +433,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
         rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
         rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
         print(format_table(rows, TABLE_COLUMNS))
+        for line in left_out_lines(report["means"]):
+            print(line)
         if run_id is not None:
             log_to_mlflow(cfg, run_id, report, out, step or 0, tag)
     return report

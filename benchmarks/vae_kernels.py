@@ -4,7 +4,7 @@ DiT-like load (the 1.3B block's matmuls and self-attention) runs on the first: w
 sample's encode with the current step would hide it. Rows go to --results as JSON lines (benchmarks/train_step.py's
 format); `python3 benchmarks/train_step.py --report` does not tabulate them, the log does.
 
-    python3 benchmarks/vae_kernels.py --results $OUT/results.jsonl [convs] [profile] [overlap]
+    python3 benchmarks/vae_kernels.py --results $OUT/results.jsonl [convs] [triton] [profile] [overlap]
 """
 from __future__ import annotations
 
@@ -47,6 +47,35 @@ def bench_convs(results, dev) -> None:
         s = seconds_per_call(folded, dev, reps=10)
         record(results, {"kind": "vae_conv", "shape": [c, h, w, frames], "form": "conv2d over stacked taps",
                          "ms": s * 1e3, "tflops": flops / s / 1e12})
+
+
+def bench_triton(results, dev) -> None:
+    """Each shape through diffusers' `WanCausalConv3d` as the encoder calls it (two cache frames: `cat`, `F.pad`,
+    cuDNN's channels-last conv3d) and through the Triton kernel (`one4d_train/model/vae_conv.py`), with the
+    largest difference between the two outputs."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from one4d_train.model.vae_conv import use_triton_convs
+    for c, h, w, frames in CONV_SHAPES:
+        conv = WanCausalConv3d(c, c, 3, padding=1).to(dev, torch.bfloat16)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        x = torch.randn(1, c, frames, h, w, device=dev, dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        cache = torch.randn(1, c, 2, h, w, device=dev, dtype=torch.bfloat16)
+        flops = 2 * c * c * 27 * frames * h * w
+        ref = conv(x, cache)
+        s_cudnn = seconds_per_call(lambda: conv(x, cache), dev, reps=10)
+        use_triton_convs(conv)
+        out = conv(x, cache)  # autotunes on the first call
+        s_triton = seconds_per_call(lambda: conv(x, cache), dev, reps=10)
+        diff = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+        row = {"kind": "vae_conv_triton", "shape": [c, h, w, frames], "cudnn_ms": s_cudnn * 1e3,
+               "triton_ms": s_triton * 1e3, "cudnn_tflops": flops / s_cudnn / 1e12,
+               "triton_tflops": flops / s_triton / 1e12, "max_rel_diff": diff}
+        record(results, row)
+        print(f"conv {c}x{h}x{w}x{frames}: cuDNN (cat+pad+conv) {row['cudnn_ms']:.2f} ms {row['cudnn_tflops']:.0f} "
+              f"TFLOP/s | Triton {row['triton_ms']:.2f} ms {row['triton_tflops']:.0f} TFLOP/s | diff {diff:.1e}",
+              flush=True)
 
 
 def bench_profile(results, vae, video) -> None:
@@ -112,6 +141,8 @@ def main(argv=None) -> None:
     with torch.no_grad():  # inference kernels only: no autograd graph around the timed calls
         if "convs" in args.parts:
             bench_convs(args.results, dev)
+        if "triton" in args.parts:
+            bench_triton(args.results, dev)
         if {"profile", "overlap"} & set(args.parts):
             vae = build_vae(dev, compile=True, frames_per_call=args.frames_per_call)
             video = torch.rand(1, 3, *VIDEO, device=dev) * 2 - 1

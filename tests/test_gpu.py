@@ -406,3 +406,47 @@ def test_cuda_vae_settings_give_the_fp32_latents():
         assert vae.model.encoder.conv_in._extra_in == 5 and vae.model.encoder.conv_in.weight.shape[1] == 3
         got = vae.encode(video.cuda()).cpu()
         assert got.shape == want.shape and rel(got, want) < 2e-2, (settings, rel(got, want))
+
+
+@pytest.mark.parametrize("channels,frames,cache_frames", [(96, 8, 2), (96, 1, 0), (96, 4, 1), (192, 4, 2), (384, 2, 2)])
+def test_triton_vae_conv_matches_conv3d(channels, frames, cache_frames):
+    """model.vae_conv_kernel=triton: the kernel's causal convolution (cache frames, zero frames before them, the
+    zero border) against F.conv3d in fp32 on the same bf16 inputs, as close as cuDNN's bf16 convolution is."""
+    import torch.nn.functional as F
+
+    from one4d_train.model.vae_conv import causal_conv3d, gemm_weight
+
+    g = torch.Generator("cuda").manual_seed(channels + frames)
+    x, cache = (torch.randn(2, channels, t, 40, 200, device="cuda", generator=g).to(torch.bfloat16)
+                for t in (frames, cache_frames))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(channels, channels, 3, 3, 3, device="cuda", generator=g) / (27 * channels) ** 0.5)
+    weight, bias = weight.to(torch.bfloat16), torch.randn(channels, device="cuda", generator=g).to(torch.bfloat16)
+    full = torch.cat([x.new_zeros(2, channels, 2 - cache_frames, 40, 200), cache, x], 2)
+    want = F.conv3d(F.pad(full.float(), (1, 1, 1, 1)), weight.float(), bias.float())
+    cudnn = F.conv3d(F.pad(full, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last_3d), weight, bias)
+    got = causal_conv3d(x, cache, gemm_weight(weight), bias)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert rel(got, want) < 2 * max(rel(cudnn, want), 2e-3), (rel(got, want), rel(cudnn, want))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_triton_vae_encoder_gives_the_cudnn_latents(compile):
+    """The Wan VAE (its real widths: 96, 192, 384 channels) with its convolutions on the Triton kernel encodes the
+    latents of the cuDNN encoder, eager and compiled, its state dict unchanged."""
+    from diffusers import AutoencoderKLWan
+
+    from one4d_train.model.vae import WanVAE
+
+    def vae(kernel):
+        torch.manual_seed(0)
+        return WanVAE(AutoencoderKLWan(), dtype=torch.bfloat16, device="cuda", frames_per_call=8,
+                      conv_kernel=kernel, compile=compile)
+    video = torch.rand(1, 3, 17, 64, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 2 - 1
+    cudnn, triton_vae = vae("cudnn"), vae("triton")
+    assert list(triton_vae.model.state_dict()) == list(cudnn.model.state_dict())
+    convs = [m for m in triton_vae.model.encoder.modules() if type(m).__name__.startswith("Triton")]
+    assert len(convs) >= 10, len(convs)
+    want, got = cudnn.encode(video), triton_vae.encode(video)
+    assert got.shape == want.shape and rel(got, want) < 1e-2, rel(got, want)

@@ -75,6 +75,7 @@ class ModelConfig:
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)
+    vae_conv_kernel: str = "cudnn"  # cudnn | triton: the VAE encoder's causal 3x3x3 convolutions on a Triton implicit-GEMM kernel (CUDA, bf16; model/vae_conv.py)
     vae_frames_per_call: int = 4  # frames per causal VAE encoder call (a multiple of 4; same latents up to rounding, fewer larger kernels, more memory)
     umc: UMCConfig = field(default_factory=UMCConfig)
 
@@ -89,6 +90,7 @@ class ModelConfig:
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
+        p += choice(self.vae_conv_kernel, ["cudnn", "triton"], "vae_conv_kernel")
         p += in_range(self.num_links, 0, None, "num_links")
         if self.vae_frames_per_call < 4 or self.vae_frames_per_call % 4:
             p.append(("vae_frames_per_call", f"must be a positive multiple of 4, got {self.vae_frames_per_call}"))

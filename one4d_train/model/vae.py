@@ -17,6 +17,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from one4d_train.model.pretrained import load_complete, load_state_dict, tensor_shapes
+from one4d_train.model.vae_conv import supported, triton, use_triton_convs
 
 TEMPORAL_STRIDE = 4
 Z_DIM = 16  # latent channels of the Wan2.1 VAE, the DiT's input and output
@@ -190,6 +191,21 @@ def _pad_input_channels(conv: torch.nn.Conv3d, channels: int) -> None:
         conv._extra_in = extra
 
 
+def conv_kernel_problem(kernel: str, device, dtype: torch.dtype) -> str | None:
+    """Why the encoder's convolutions cannot run on `kernel` (cudnn | triton) here, or None."""
+    if kernel == "cudnn":
+        return None
+    if kernel != "triton":
+        return "must be cudnn or triton"
+    if torch.device(device).type != "cuda":
+        return f"the Triton kernel runs on CUDA devices, not {device}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the Triton kernel computes in bf16 or fp16, not {dtype}"
+    if triton is None:
+        return "Triton is not installed"
+    return None
+
+
 def tiny_wan_vae(seed: int = 0, base_dim: int = 8) -> AutoencoderKLWan:
     """The real Wan VAE architecture (same blocks, strides, z=16, Wan2.1 latent statistics) with a small
     width and random weights, for tests and the CPU demo."""
@@ -212,14 +228,19 @@ class WanVAE:
     On CUDA the convolution weights are stored channels-last (cuDNN's NDHWC kernels). pad_channels (default:
     on CUDA): the first convolution runs with its 3 RGB input channels zero-padded to 8, input and weight alike at
     call time (the same products; weights and state dict unchanged): with 3 channels cuDNN falls back to a kernel
-    without tensor cores.
+    without tensor cores. conv_kernel: "cudnn", or "triton" (CUDA, bf16/fp16): the encoder's causal 3x3x3
+    convolutions that `vae_conv.supported` takes (96 -> 96 channels at full resolution, 192, 384) run on the
+    Triton implicit-GEMM kernel of model/vae_conv.py, which reads the causal cache and the zero border in place.
     """
 
     def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  chunk_size: int = 0, tiling: bool = False, compile: bool = False,
-                 frames_per_call: int = TEMPORAL_STRIDE, pad_channels: bool | None = None):
+                 frames_per_call: int = TEMPORAL_STRIDE, pad_channels: bool | None = None, conv_kernel: str = "cudnn"):
         if frames_per_call < TEMPORAL_STRIDE or frames_per_call % TEMPORAL_STRIDE:
             raise ValueError(f"frames_per_call={frames_per_call}: need a positive multiple of {TEMPORAL_STRIDE}")
+        problem = conv_kernel_problem(conv_kernel, device, dtype)
+        if problem:
+            raise ValueError(f"conv_kernel={conv_kernel}: {problem}")
         model = model.to(device)
         if next(model.parameters()).dtype != dtype:
             model = model.to(dtype)
@@ -230,6 +251,9 @@ class WanVAE:
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Conv3d):
                     m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        if conv_kernel == "triton" and not use_triton_convs(self.model.encoder):
+            raise ValueError("conv_kernel=triton: no convolution of this VAE's encoder suits the kernel "
+                             f"({supported(self.model.encoder.down_blocks[0].resnets[0].conv1)})")
         if compile:
             self.model.encoder.compile()  # in place: module names (and state-dict keys) unchanged
         if tiling:

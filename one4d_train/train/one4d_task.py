@@ -39,7 +39,7 @@ from one4d_train.model.state_dict import checkpoint_fingerprint, open_backbone_c
 from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
-from one4d_train.model.vae import latent_shape
+from one4d_train.model.vae import conv_kernel_problem, latent_shape
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ("checkpoint", "vae", "text_encoder", "tokenizer", "image_encoder", "empty_prompt_embedding")  # model.*
@@ -78,6 +78,10 @@ class One4DTask:
         if m.compile and t.zero_stage == 3:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
+        if m.vae_conv_kernel != "cudnn":
+            problem = conv_kernel_problem(m.vae_conv_kernel, _local_device(t.device), DTYPES[m.compute_dtype])
+            if problem:
+                p.append(("model.vae_conv_kernel", problem))
         if m.compute_dtype != t.precision:
             p.append(("model.compute_dtype", f"{m.compute_dtype} and train.precision={t.precision} must agree: "
                       "training and evaluation run the base in that one dtype"))

@@ -1,0 +1,165 @@
+"""The Wan VAE encoder's causal 3x3x3 convolutions as one Triton implicit-GEMM kernel (`model.vae_conv_kernel=triton`).
+
+At One4D's clip size the encoder's full-resolution level (96 channels at 352x624) takes a third of the condition
+encode, and cuDNN runs it with an Ampere-generation kernel at ~240 TFLOP/s on Hopper (benchmarks/PERF_NOTES.md).
+This kernel computes the same convolution as a GEMM of M = output pixels (one row of W pixels per program
+column), N = output channels (as a 64- and a 32-wide product for the VAE's 96, so no tile is wasted on padding),
+K = 27 taps x input channels, reading its input in place: the causal cache frames, the zero frames before the
+first ones and the spatial zero border are handled by the loads' masks, so neither diffusers' `cat` nor its
+`F.pad` copy of the activation is made. Inputs in bf16/fp16, channels-last (`channels_last_3d`), accumulation
+in fp32, bias added in fp32.
+
+Exactness against `F.conv3d` is tested in Triton's interpreter on the CPU (tests/test_vae_conv.py) and on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with the CUDA builds of PyTorch; the CPU builds have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+
+CACHE_T = 2  # frames a causal 3x3x3 convolution carries across calls (diffusers' CACHE_T)
+
+
+def supported(conv: torch.nn.Conv3d) -> str | None:
+    """Why `conv` cannot run on the kernel, or None: a causal 3x3x3, stride 1, spatial padding 1 convolution whose
+    input channels are a multiple of 32 and whose output channels are a power of two >= 16, or one plus half of it
+    (96 = 64 + 32)."""
+    if triton is None:
+        return "Triton is not installed"
+    if tuple(conv.kernel_size) != (3, 3, 3) or tuple(conv.stride) != (1, 1, 1) or conv.groups != 1:
+        return f"kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, groups {conv.groups}"
+    if tuple(getattr(conv, "_padding", ())) != (1, 1, 1, 1, 2, 0):
+        return "not a causal convolution with a one-pixel spatial border"
+    if conv.in_channels % 32:
+        return f"{conv.in_channels} input channels (need a multiple of 32)"
+    if _split(conv.out_channels) is None:
+        return f"{conv.out_channels} output channels"
+    return None
+
+
+def _split(n: int) -> tuple[int, int] | None:
+    """Output channels as one or two power-of-two products: 96 -> (64, 32), 128 -> (128, 0)."""
+    for first in (256, 128, 64, 32, 16):
+        if n == first:
+            return first, 0
+        if n == first + first // 2:
+            return first, first // 2
+    return None
+
+
+# (BLOCK_M, warps, stages) tried by the autotuner per shape; Triton's CPU interpreter runs the first alone
+_CONFIGS = ((128, 4, 4), (128, 8, 4), (128, 4, 3), (64, 4, 4), (256, 8, 3), (128, 8, 5))
+if triton is not None:
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_K": 32}, num_warps=w, num_stages=s) for m, w, s in
+                 (_CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else _CONFIGS)],
+        key=["C", "N1", "N2", "HAS_N2", "W"])
+    @triton.jit
+    def _conv3d_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, T, H, W, sxb, sxt, sxh, sxw, syb, syt, syh, syw,
+                       C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, HAS_N2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[b, :, t, h, w] = bias + sum over (dt, dh, dw, c) of x[b, c, t + dt, h + dh - 1, w + dw - 1] w[.., c, dt, dh, dw]:
+        T + 2 input frames give T output frames; the spatial border is zero (masked loads)."""
+        pid_w = tl.program_id(0)
+        row = tl.program_id(1)  # one output row (b, t, h) per program row
+        h = row % H
+        t = ((row // H) % T).to(tl.int64)
+        b = (row // (H * T)).to(tl.int64)
+        offs_m = pid_w * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n1 = tl.arange(0, N1)
+        acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
+        offs_n2 = N1 + tl.arange(0, N2)  # N2 is a valid width (16) even where HAS_N2 is off
+        acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
+        steps_per_tap: tl.constexpr = C // BLOCK_K
+        for step in range(27 * steps_per_tap):
+            tap = step // steps_per_tap
+            c0 = (step % steps_per_tap) * BLOCK_K
+            hs = h + (tap // 3) % 3 - 1
+            ws = offs_m + tap % 3 - 1
+            w_end = tl.where((hs >= 0) & (hs < H), W, 0)  # a row of the border: nothing inside
+            inside = (ws >= 0) & (ws < w_end)
+            a_ptrs = x_ptr + b * sxb + (t + tap // 9) * sxt + hs * sxh + ws[:, None] * sxw + (c0 + offs_k)[None, :]
+            a = tl.load(a_ptrs, mask=inside[:, None] & (offs_k[None, :] < BLOCK_K), other=0.0)
+            k_rows = (tap * C + c0 + offs_k)[:, None] * (N1 + N2 * HAS_N2)
+            acc1 = tl.dot(a, tl.load(w_ptr + k_rows + offs_n1[None, :]), acc1)
+            if HAS_N2:
+                acc2 = tl.dot(a, tl.load(w_ptr + k_rows + offs_n2[None, :]), acc2)
+        out_mask = offs_m[:, None] < W
+        y_base = y_ptr + b * syb + t * syt + h * syh + offs_m[:, None] * syw
+        acc1 += tl.load(bias_ptr + offs_n1).to(tl.float32)[None, :]
+        tl.store(y_base + offs_n1[None, :], acc1.to(y_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_N2:
+            acc2 += tl.load(bias_ptr + offs_n2).to(tl.float32)[None, :]
+            tl.store(y_base + offs_n2[None, :], acc2.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, C, 3, 3, 3] -> [27 C, N], rows in the kernel's K order (dt, dh, dw, input channel)."""
+    n, c = weight.shape[:2]
+    return weight.permute(2, 3, 4, 1, 0).reshape(27 * c, n).contiguous()
+
+
+def _launch(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
+    """y's T frames from x's T + 2 (both channels-last)."""
+    bsz, c, t, h, w = y.shape[0], x.shape[1], y.shape[2], y.shape[3], y.shape[4]
+    n1, n2 = _split(weight_kn.shape[1])
+    grid = lambda meta: (triton.cdiv(w, meta["BLOCK_M"]), bsz * t * h)  # noqa: E731
+    _conv3d_kernel[grid](x, weight_kn, bias, y, t, h, w, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
+                         y.stride(0), y.stride(2), y.stride(3), y.stride(4),
+                         C=c, N1=n1, N2=n2 or 16, HAS_N2=n2 > 0)
+
+
+@torch.library.custom_op("one4d::causal_conv3d", mutates_args=())
+def causal_conv3d(x: torch.Tensor, cache: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A causal 3x3x3 convolution, stride 1, one-pixel zero border: x [B, C, T, H, W] after the `cache` frames
+    [B, C, 0..2, H, W] (zero frames before those), weight in `gemm_weight`'s layout, bias ->
+    [B, N, T, H, W] channels-last in x's dtype (bias added in fp32). The first two output frames read a small copy of the cache and
+    x's first frames; the rest read x in place."""
+    bsz, c, t, h, w = x.shape
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    y = torch.empty((bsz, weight_kn.shape[1], t, h, w), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last_3d)
+    head = min(CACHE_T, t)
+    zeros = x.new_zeros((bsz, c, CACHE_T - cache.shape[2], h, w))
+    front = torch.cat([zeros, cache.to(x.dtype), x[:, :, :head]], 2).contiguous(memory_format=torch.channels_last_3d)
+    _launch(front, weight_kn, bias, y[:, :, :head])
+    if t > CACHE_T:
+        _launch(x, weight_kn, bias, y[:, :, CACHE_T:])
+    return y
+
+
+@causal_conv3d.register_fake
+def _(x, cache, weight_kn, bias):
+    bsz, _, t, h, w = x.shape
+    return x.new_empty((bsz, weight_kn.shape[1], t, h, w)).contiguous(memory_format=torch.channels_last_3d)
+
+
+class _TritonCausalConv:
+    """A `WanCausalConv3d` whose forward runs `causal_conv3d`. Its weight, bias and state dict stay the
+    checkpoint's; the frozen weight's GEMM layout is a non-persistent buffer (`_weight_kn`), made when the kernel
+    is switched on, so it follows the module's `.to()` but is not saved."""
+
+    def forward(self, x, cache_x=None):
+        cache = x[:, :, :0] if cache_x is None else cache_x[:, :, -CACHE_T:]
+        return causal_conv3d(x, cache.to(x.device), self._weight_kn, self.bias)
+
+
+def use_triton_convs(module: torch.nn.Module) -> int:
+    """Run every supported causal convolution under `module` on the kernel (after its weights are loaded: the
+    GEMM layout is made from them now); returns how many."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    count = 0
+    for conv in module.modules():
+        if isinstance(conv, WanCausalConv3d) and not isinstance(conv, _TritonCausalConv) and supported(conv) is None:
+            cls = type(conv)
+            conv.__class__ = type(f"Triton{cls.__name__}", (_TritonCausalConv, cls), {})
+            conv.register_buffer("_weight_kn", gemm_weight(conv.weight.detach()), persistent=False)
+            count += 1
+    return count

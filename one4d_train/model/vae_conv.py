@@ -2,11 +2,11 @@
 
 At One4D's clip size the encoder's full-resolution level (96 channels at 352x624) takes a third of the condition
 encode, and cuDNN runs it with an Ampere-generation kernel at ~240 TFLOP/s on Hopper (benchmarks/PERF_NOTES.md).
-This kernel computes the same convolution as a GEMM of M = output pixels (one row of W pixels per program
-column), N = output channels (as a 64- and a 32-wide product for the VAE's 96, so no tile is wasted on padding),
-K = 27 taps x input channels, reading its input in place: the causal cache frames, the zero frames before the
-first ones and the spatial zero border are handled by the loads' masks, so neither diffusers' `cat` nor its
-`F.pad` copy of the activation is made. Inputs in bf16/fp16, channels-last (`channels_last_3d`), accumulation
+This kernel computes the same convolution as a GEMM of M = output pixels (a tile of rows x columns per
+program), N = output channels (as a 64- and a 32-wide product for the VAE's 96, so no tile is wasted on padding),
+K = 27 taps x input channels, reading its input in place: the spatial zero border comes from the loads' masks,
+and only the first two output frames read a small copy (the cache frames, or zeros, and x's first two frames),
+so diffusers' `cat` + `F.pad` copy of the whole activation is not made. Inputs in bf16/fp16, channels-last (`channels_last_3d`), accumulation
 in fp32, bias added in fp32.
 
 Exactness against `F.conv3d` is tested in Triton's interpreter on the CPU (tests/test_vae_conv.py) and on the GPU.
@@ -53,51 +53,59 @@ def _split(n: int) -> tuple[int, int] | None:
     return None
 
 
-# (BLOCK_M, warps, stages) tried by the autotuner per shape; Triton's CPU interpreter runs the first alone
-_CONFIGS = ((128, 4, 4), (128, 8, 4), (128, 4, 3), (64, 4, 4), (256, 8, 3), (128, 8, 5))
+# (BLOCK_H, BLOCK_W, warps, stages) tried by the autotuner per shape: tiles of BLOCK_H output rows x BLOCK_W pixels
+# (taller tiles reuse each input row for up to three output rows from cache); Triton's CPU interpreter runs one
+# small two-row tile, which partial tiles at both edges of the test shapes exercise
+_CONFIGS = ((1, 128, 4, 4), (1, 128, 8, 4), (2, 64, 4, 4), (2, 128, 8, 4), (4, 64, 8, 4), (1, 256, 8, 3),
+            (2, 64, 4, 3), (4, 32, 4, 4), (1, 64, 4, 4))
 if triton is not None:
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_K": 32}, num_warps=w, num_stages=s) for m, w, s in
-                 (_CONFIGS[:1] if os.environ.get("TRITON_INTERPRET") == "1" else _CONFIGS)],
-        key=["C", "N1", "N2", "HAS_N2", "W"])
+        configs=[triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": 32}, num_warps=w, num_stages=s)
+                 for bh, bw, w, s in (((2, 16, 4, 1),) if os.environ.get("TRITON_INTERPRET") == "1" else _CONFIGS)],
+        key=["C", "N1", "N2", "HAS_N2", "H", "W"])
     @triton.jit
     def _conv3d_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, T, H, W, sxb, sxt, sxh, sxw, syb, syt, syh, syw,
                        C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, HAS_N2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[b, :, t, h, w] = bias + sum over (dt, dh, dw, c) of x[b, c, t + dt, h + dh - 1, w + dw - 1] w[.., c, dt, dh, dw]:
-        T + 2 input frames give T output frames; the spatial border is zero (masked loads)."""
+        T + 2 input frames give T output frames; the spatial border is zero (masked loads). One program: a tile of
+        BLOCK_H rows x BLOCK_W pixels of one output frame, all output channels."""
+        BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
         pid_w = tl.program_id(0)
-        row = tl.program_id(1)  # one output row (b, t, h) per program row
-        h = row % H
-        t = ((row // H) % T).to(tl.int64)
-        b = (row // (H * T)).to(tl.int64)
-        offs_m = pid_w * BLOCK_M + tl.arange(0, BLOCK_M)
+        row = tl.program_id(1)  # (b, t, first row of the tile)
+        h_tiles = tl.cdiv(H, BLOCK_H)
+        h0 = (row % h_tiles) * BLOCK_H
+        t = ((row // h_tiles) % T).to(tl.int64)
+        b = (row // (h_tiles * T)).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        oh = h0 + offs_m // BLOCK_W  # output row and column of each tile pixel
+        ow = pid_w * BLOCK_W + offs_m % BLOCK_W
         offs_k = tl.arange(0, BLOCK_K)
         offs_n1 = tl.arange(0, N1)
         acc1 = tl.zeros((BLOCK_M, N1), dtype=tl.float32)
         offs_n2 = N1 + tl.arange(0, N2)  # N2 is a valid width (16) even where HAS_N2 is off
         acc2 = tl.zeros((BLOCK_M, N2), dtype=tl.float32)
+        x_frame = x_ptr + b * sxb + t * sxt
         steps_per_tap: tl.constexpr = C // BLOCK_K
         for step in range(27 * steps_per_tap):
             tap = step // steps_per_tap
             c0 = (step % steps_per_tap) * BLOCK_K
-            hs = h + (tap // 3) % 3 - 1
-            ws = offs_m + tap % 3 - 1
-            w_end = tl.where((hs >= 0) & (hs < H), W, 0)  # a row of the border: nothing inside
-            inside = (ws >= 0) & (ws < w_end)
-            a_ptrs = x_ptr + b * sxb + (t + tap // 9) * sxt + hs * sxh + ws[:, None] * sxw + (c0 + offs_k)[None, :]
+            hs = oh + (tap // 3) % 3 - 1
+            ws = ow + tap % 3 - 1
+            inside = (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+            a_ptrs = x_frame + (tap // 9) * sxt + (hs * sxh + ws * sxw)[:, None] + (c0 + offs_k)[None, :]
             a = tl.load(a_ptrs, mask=inside[:, None] & (offs_k[None, :] < BLOCK_K), other=0.0)
             k_rows = (tap * C + c0 + offs_k)[:, None] * (N1 + N2 * HAS_N2)
             acc1 = tl.dot(a, tl.load(w_ptr + k_rows + offs_n1[None, :]), acc1)
             if HAS_N2:
                 acc2 = tl.dot(a, tl.load(w_ptr + k_rows + offs_n2[None, :]), acc2)
-        out_mask = offs_m[:, None] < W
-        y_base = y_ptr + b * syb + t * syt + h * syh + offs_m[:, None] * syw
+        out_mask = ((oh < H) & (ow < W))[:, None]
+        y_tile = y_ptr + b * syb + t * syt + (oh * syh + ow * syw)[:, None]
         acc1 += tl.load(bias_ptr + offs_n1).to(tl.float32)[None, :]
-        tl.store(y_base + offs_n1[None, :], acc1.to(y_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(y_tile + offs_n1[None, :], acc1.to(y_ptr.dtype.element_ty), mask=out_mask)
         if HAS_N2:
             acc2 += tl.load(bias_ptr + offs_n2).to(tl.float32)[None, :]
-            tl.store(y_base + offs_n2[None, :], acc2.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(y_tile + offs_n2[None, :], acc2.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -110,7 +118,7 @@ def _launch(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor, y: tor
     """y's T frames from x's T + 2 (both channels-last)."""
     bsz, c, t, h, w = y.shape[0], x.shape[1], y.shape[2], y.shape[3], y.shape[4]
     n1, n2 = _split(weight_kn.shape[1])
-    grid = lambda meta: (triton.cdiv(w, meta["BLOCK_M"]), bsz * t * h)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(w, meta["BLOCK_W"]), bsz * t * triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
     _conv3d_kernel[grid](x, weight_kn, bias, y, t, h, w, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
                          y.stride(0), y.stride(2), y.stride(3), y.stride(4),
                          C=c, N1=n1, N2=n2 or 16, HAS_N2=n2 > 0)

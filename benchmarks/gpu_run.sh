@@ -23,6 +23,8 @@
 #     peers : the peer baselines (PRESETS, default both)
 #     vae   : the condition encode per VAE setting (padded first convolution, frames per causal call), its kernels
 #             (benchmarks/vae_kernels.py) and its GPU tests
+#     vae-conv: the VAE encoder's convolutions on the Triton kernel: its GPU tests, its rate per shape against cuDNN,
+#             the condition encode per VAE setting; with KERNELS="triton cudnn" the shipped 1.3B config with each
 #     ckpt-blocks: the 1.3B shipped config with fewer checkpointed blocks (CKPTS, e.g. "selective selective@20 none";
 #             VFPC frames per VAE call)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
@@ -174,6 +176,17 @@ if [[ $WHAT == vae ]]; then  # the condition encode per VAE setting, and its GPU
   part 200 "VAE kernels: convolution shapes, profile, side-stream overlap" python3 benchmarks/vae_kernels.py --results "$R"
   part 120 "pytest -m gpu (vae)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "vae"
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+fi
+if [[ $WHAT == vae-conv ]]; then  # the VAE encoder's convolutions on the Triton kernel (model.vae_conv_kernel=triton)
+  part 120 "pytest -m gpu (triton vae)" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k "triton_vae"
+  tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
+  part 150 "VAE kernels: Triton vs cuDNN per convolution shape" python3 benchmarks/vae_kernels.py triton --results "$R"
+  grep -E "^conv " "$LOG" | tail -7
+  part ${TVAE:-200} "VAE condition encode: 8 frames per call, cuDNN and Triton" $B --vae --vae-levers "8 frames"
+  for kernel in ${KERNELS:-}; do  # e.g. KERNELS="triton cudnn": the shipped 1.3B config with each, one instance
+    part ${TCONV:-200} "1.3b ours, model.vae_conv_kernel=$kernel" $B --preset 1.3b --warmup 2 --steps 10 \
+      --set "model.vae_conv_kernel=$kernel" --lever "vae_conv_$kernel" --variants "vae=latents"
+  done
 fi
 if [[ $WHAT == ckpt-blocks ]]; then  # 1.3B: fewer checkpointed blocks (model.activation_checkpointing_blocks), VFPC frames per VAE call
   part ${T13:-420} "1.3b ours, checkpointed blocks ${CKPTS:-selective selective@20 selective@10 none}" $B --preset 1.3b \

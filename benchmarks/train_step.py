@@ -243,6 +243,7 @@ VAE_LEVERS = [  # (name, WanVAE settings); each row a fresh VAE with the same ra
     ("+ 8 frames per call", dict(compile=True, frames_per_call=8)),
     ("+ 16 frames per call", dict(compile=True, frames_per_call=16)),
     ("+ 80 frames per call", dict(compile=True, frames_per_call=80)),
+    ("8 frames per call, Triton convolutions", dict(compile=True, frames_per_call=8, conv_kernel="triton")),
 ]
 
 
@@ -259,6 +260,8 @@ def bench_vae_levers(args, video) -> None:
     del fp32, ref32
     flops, first = None, None
     for name, settings in VAE_LEVERS:
+        if args.vae_levers not in name:
+            continue
         settings = dict(settings)
         torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)
         try:
@@ -282,7 +285,7 @@ def bench_vae_levers(args, video) -> None:
 def bench_vae(args) -> None:
     dev = torch.device(args.device)
     video = torch.rand(1, 3, *video_shape(args), device=dev) * 2 - 1
-    if args.vae_levers:
+    if args.vae_levers is not None:
         return bench_vae_levers(args, video)
     vae = build_vae(dev, tiny=args.preset == "tiny")
     for name, n in (("condition", 1), ("rgb+xyz+condition", 3)):
@@ -813,7 +816,8 @@ def main(argv=None) -> None:
     ap.add_argument("--matmul", action="store_true")
     ap.add_argument("--vae", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one extra step per variant (table in the log)")
-    ap.add_argument("--vae-levers", action="store_true", help="with --vae: condition encode per VAE setting")
+    ap.add_argument("--vae-levers", nargs="?", const="", default=None, metavar="FILTER",
+                    help="with --vae: condition encode per VAE setting (those whose name holds FILTER, if given)")
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--report", nargs="*", default=None, help="print the table of these result files")
     ap.add_argument("--peer-ref", default="", help="preset=s/step,... peer times for presets without a peer row")

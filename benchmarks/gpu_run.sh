@@ -182,7 +182,8 @@ if [[ $WHAT == vae-conv ]]; then  # the VAE encoder's convolutions on the Triton
   tail -n 15 "$LOG" | grep -E "passed|failed|error" | tail -3
   part 150 "VAE kernels: Triton vs cuDNN per convolution shape" python3 benchmarks/vae_kernels.py triton --results "$R"
   grep -E "^conv " "$LOG" | tail -7
-  part ${TVAE:-200} "VAE condition encode: 8 frames per call, cuDNN and Triton" $B --vae --vae-levers "8 frames"
+  part ${TVAE:-200} "VAE condition encode: 8 and 80 frames per call, cuDNN and Triton" $B --vae \
+    --vae-levers "${VAELEVERS:-8 frames,80 frames}"
   for kernel in ${KERNELS:-}; do  # e.g. KERNELS="triton cudnn": the shipped 1.3B config with each, one instance
     part ${TCONV:-200} "1.3b ours, model.vae_conv_kernel=$kernel" $B --preset 1.3b --warmup 2 --steps 10 \
       --set "model.vae_conv_kernel=$kernel" --lever "vae_conv_$kernel" --variants "vae=latents"

@@ -258,8 +258,10 @@ def bench_vae_levers(args, video) -> None:
     fp32 = WanVAE(ref32, dtype=torch.float32, device=dev, pad_channels=False)
     with torch.no_grad():
         z32 = fp32.encode(video)
+    # counted on the eager fp32 encoder: counting on a row's compiled one compiled it under the counter's dispatch
+    # mode, and that row was then timed on the graph it left (slower, other rounding)
+    flops, first = vae_flops(fp32, video), None
     del fp32, ref32
-    flops, first = None, None
     for name, settings in VAE_LEVERS:
         if not any(part in name for part in args.vae_levers.split(",")):
             continue
@@ -270,7 +272,6 @@ def bench_vae_levers(args, video) -> None:
         torch.backends.cudnn.benchmark = settings.pop("cudnn_benchmark", False)
         try:
             vae = build_vae(dev, tiny=args.preset == "tiny", **settings)
-            flops = flops or vae_flops(vae, video)
             torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
             s = time_encode(vae, video, repeats=4)
             z = vae.encode(video)

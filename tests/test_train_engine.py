@@ -58,6 +58,30 @@ def checkpoint_names(run_dir):
     return sorted(n + ("*" if ckpt.is_complete(os.path.join(ckpt_dir, n)) else "") for n in os.listdir(ckpt_dir))
 
 
+def single(run_dir, *args, extra_env=None, kill_after=None):
+    """`one4d train` as one plain process under ZeRO-2 (the quickest launch): (exit code, output). kill_after=
+    (PATTERN, SECONDS): SIGKILL the job that long after a line of its output matches PATTERN, as a node failure
+    would (exit code -9)."""
+    proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
+                             "train.zero_stage=2", *args], cwd=ROOT, env=_env(extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out, deadline = [], time.time() + 400
+    for line in proc.stdout:
+        out.append(line)
+        if kill_after and re.search(kill_after[0], line):
+            time.sleep(kill_after[1])
+            os.killpg(proc.pid, signal.SIGKILL)
+            kill_after = None
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait(), "".join(out)
+
+
+def steps_logged(client, run, key) -> list[int]:
+    """Every point of `key`'s MLflow history, by step: a step logged twice shows twice."""
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
@@ -613,3 +637,28 @@ def test_resume_with_another_batch_size_counts_the_samples_the_steps_took(tmp_pa
     train("train.steps=5", "train.checkpoint_every=5", "train.micro_batch_size=2", "train.grad_accum=2")
     state = json.load(open(os.path.join(tmp_path, "checkpoints", ckpt.step_name(5), "train_state", "rank-00000.json")))
     assert state["step"] == 5 and state["samples_seen"] == 2 * 8 + 3 * 4
+
+
+def test_an_evaluation_cut_short_after_its_checkpoint_runs_on_resume_and_a_finished_one_does_not(tmp_path):
+    """The checkpoint of an evaluation step is written before the evaluation runs: a job killed in between left the
+    evaluation undone for good (the checkpoint owed none). It is owed now until its marker says it finished; its
+    partial outputs are cleared first (nothing stale uploaded), and a finished one is not run again."""
+    args = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1", "eval.every=4", "optim.lr=0.03"]
+    code, out = single(tmp_path, *args, extra_env={"TOY_EVAL_SLEEP": "60"},
+                       kill_after=(rf"checkpoint .*{ckpt.step_name(4)}", 2))
+    assert code == -signal.SIGKILL and "eval step 4" not in out, out[-4000:]
+    stale = tmp_path / "eval" / ckpt.step_name(4) / "stale.json"  # what an evaluation cut short may leave
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("{}")
+    code, out = single(tmp_path, *args, extra_env={"TOY_SIGNAL_AT": "6:0:KILL"})
+    assert code == -signal.SIGKILL and f"{ckpt.step_name(4)} at step 4" in out, out[-4000:]
+    assert out.index("eval step 4: eval_loss") < out.index("step 5/")
+    assert not stale.exists()
+    code, out = single(tmp_path, *args)  # from step 4 again: its evaluation finished, nothing is owed
+    assert code == 0 and f"{ckpt.step_name(4)} at step 4" in out, out[-4000:]
+    assert "eval step 4: finished before this job" in out and "eval step 4: eval_loss" not in out
+    assert "eval step 8: eval_loss" in out
+    client, run = mlflow_run(tmp_path)
+    assert steps_logged(client, run, "eval/eval_loss") == [4, 8]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, f"eval/{ckpt.step_name(4)}")} == {
+        f"eval/{ckpt.step_name(4)}/eval.json"}

@@ -3,9 +3,11 @@ checkpoints, handles preemption and non-finite steps. Everything model- or data-
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import shutil
 
 from contextlib import nullcontext
 
@@ -18,12 +20,14 @@ import torch.distributed as dist
 from one4d_train.configtools import ConfigError, flatten, to_dict, to_yaml
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, grad_checks, metrics, preemption, schedule
-from one4d_train.train.distributed import DistEnv, from_every_rank
+from one4d_train.train.distributed import DistEnv, broadcast_from_main, from_every_rank
 from one4d_train.train.preemption import EXIT_BAD_STEPS, EXIT_OK, REQUEUE_EXIT_CODE
 from one4d_train.train.task import TrainTask
 from one4d_train.train.tracking import build_tracker
 
 log = logging.getLogger("one4d.train")
+
+EVAL_DONE = "COMPLETE"  # in eval/step-N/, written last: that step's evaluation finished and was logged
 
 
 def to_device(batch, device: torch.device):
@@ -79,7 +83,7 @@ class Trainer:
         self.step, self.bad_streak, self.skipped_total = 0, 0, 0
         self.samples_seen = 0  # all ranks, every step so far (a resume may change the global batch)
         self.window = {"sums": {}, "counted": 0}  # losses of the steps since the last log line, this rank's
-        self.eval_pending = False  # the evaluation due at self.step was left for after the requeue
+        self.eval_pending = False  # the evaluation due at self.step has not finished (a checkpoint owes it)
         self.step_lr = 0.0  # the lr the current step's optimizer update uses
         self.peak = metrics.peak_flops(t.peak_flops_per_device, self.device)
 
@@ -158,7 +162,8 @@ class Trainer:
                                              f"RNG state does not restore ({type(exc).__name__}: {exc}): damaged")
         self.step, self.bad_streak, self.skipped_total = state["step"], state["bad_streak"], state["skipped_total"]
         self.samples_seen = state["samples_seen"]
-        # written before these were kept: the log window restarts, no evaluation is owed
+        # written before these were kept: the log window restarts, no evaluation is owed; an owed one that finished
+        # after its checkpoint was written is not run again (_evaluated)
         self.window = state.get("log_window", {"sums": {}, "counted": 0})
         self.eval_pending = state.get("eval_pending", False)
         if self.env.is_main:
@@ -232,9 +237,34 @@ class Trainer:
         self.engine.step()
         return {k: float(v.detach()) for k, v in losses.items()}, bad
 
+    def _eval_dir(self) -> str:
+        return os.path.join(self.cfg.run_dir, "eval", ckpt.step_name(self.step))
+
+    def _evaluated(self) -> bool:
+        """Collective: whether the evaluation of this step finished in this MLflow run (its marker, written after
+        its metrics and files were logged). A run resumed from a checkpoint of an evaluation step owes that
+        evaluation until then: the checkpoint is written first, and a job can die in between."""
+        done = False
+        if self.env.is_main:
+            try:
+                with open(os.path.join(self._eval_dir(), EVAL_DONE)) as f:
+                    marker = json.load(f)
+                # a folder of the same step may be another timeline's (a branch's first run evaluated it)
+                done = marker.get("step") == self.step and marker.get("mlflow_run_id") == self.tracker.run_id
+            except (OSError, ValueError, AttributeError):  # none, or a damaged one: not finished
+                done = False
+            if done:
+                log.info("eval step %d: finished before this job (%s): not run again", self.step, self._eval_dir())
+        return broadcast_from_main(done)
+
     def _evaluate(self) -> None:
-        """Every rank runs task.evaluate (its share, reduced inside); nobody waits alone in a collective."""
-        out_dir = os.path.join(self.cfg.run_dir, "eval", ckpt.step_name(self.step))
+        """Every rank runs task.evaluate (its share, reduced inside); nobody waits alone in a collective. Rank 0
+        first clears what an evaluation of this step left (one cut short, or another timeline's): its files would
+        be uploaded with this one's."""
+        out_dir = self._eval_dir()
+        if self.env.is_main and os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        dist.barrier()
         self.engine.module.eval()
         with torch.no_grad(), self.preemption.shielded():  # its data workers too outlive a group-wide signal
             results = self.task.evaluate(self.engine.module, self.step, out_dir)
@@ -246,6 +276,10 @@ class Trainer:
             self.tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, self.step)
             if os.path.isdir(out_dir) and os.listdir(out_dir):
                 self.tracker.log_artifacts(out_dir, f"eval/{ckpt.step_name(self.step)}")
+            os.makedirs(out_dir, exist_ok=True)
+            marker = {"step": self.step, "mlflow_run_id": self.tracker.run_id,
+                      "results": {k: float(v) for k, v in results.items()}}
+            ckpt.write_atomic(os.path.join(out_dir, EVAL_DONE), json.dumps(marker))
 
     def _stop_before_first_step(self) -> bool:
         """Collective: a stop asked for during the start-up ends the run before any step, with nothing to save."""
@@ -286,8 +320,8 @@ class Trainer:
         def eval_due(step: int) -> bool:
             return evaluate is not None and bool(cfg.eval.every) and step % cfg.eval.every == 0
 
-        if self.eval_pending and eval_due(self.step):
-            self._evaluate()  # due at the step the last run stopped at, skipped then to exit within the grace time
+        if self.eval_pending and eval_due(self.step) and not self._evaluated():
+            self._evaluate()  # due at the checkpoint's step: left for after a requeue, or cut short by a kill
         timer = metrics.StepTimer()
         while self.step < t.steps:
             step = self.step + 1
@@ -327,14 +361,14 @@ class Trainer:
                 self.window = {"sums": {}, "counted": 0}
             stop = self.preemption.agreed(self.device)
             due = eval_due(step)
-            self.eval_pending = due and stop  # checkpointed: the resumed run evaluates this step first
-            if self.eval_pending and self.env.is_main:
+            self.eval_pending = due  # checkpointed before the evaluation: a resume runs it unless it finished
+            if due and stop and self.env.is_main:
                 log.warning("evaluation of step %d left for after the requeue (the signal's grace time is short)",
                             step)
             with timer.paused():
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
                     self._save(loader)
-                if due and not stop:
+                if due and not stop and not self._evaluated():  # one that finished before a kill is not repeated
                     self._evaluate()
             if stop:
                 if self.env.is_main:

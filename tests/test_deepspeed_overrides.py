@@ -91,3 +91,71 @@ def test_one4d_train_refuses_a_bad_override_before_any_process_group(capsys, tmp
                  "train.deepspeed_overrides={zero_optimisation: {stage: 2}}"])
     assert code == 2 and not dist.is_initialized()
     assert "command line: key 'train.deepspeed_overrides.zero_optimisation'" in capsys.readouterr().err
+
+
+def _checkpoint(run_dir, stage: int, overrides: dict, recorded: bool = True) -> str:
+    """A one-rank checkpoint folder as far as resume_problems reads it, written under ZeRO `stage` with
+    `overrides`: its optimizer-state layout recorded in the train state as the trainer records it, or (recorded
+    False, as checkpoints written before the record) only in the config.yaml its job ran with."""
+    import json
+    import os
+
+    import yaml
+
+    from one4d_train.train import checkpoint as ckpt
+    from one4d_train.train.config import TrainConfig
+
+    path = os.path.join(run_dir, "checkpoints", ckpt.step_name(4))
+    os.makedirs(os.path.join(path, "train_state"))
+    state = {**{k: 0 for k in ckpt.STATE_KEYS}, "step": 4, "zero_stage": stage, "precision": "fp32"}
+    if recorded:
+        state["zero_layout"] = deepspeed_config.optimizer_layout(
+            TrainConfig(zero_stage=stage, precision="fp32", deepspeed_overrides=overrides))
+    with open(os.path.join(path, "train_state", "rank-00000.json"), "w") as f:
+        json.dump(state, f)
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump({"train": {"zero_stage": stage, "precision": "fp32", "deepspeed_overrides": overrides}}, f)
+    marker = {"step": 4, "world_size": 1, "files": ckpt._listing(path)}
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
+    return path
+
+
+def resume_problems(run_dir, stage: int, overrides: str) -> dict[str, str]:
+    from one4d_train.train.config import resume_problems as found
+
+    cfg = cfg_with(overrides, f"train.zero_stage={stage}")
+    return dict(found("auto", str(run_dir), 1, cfg.train))
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resume_under_another_zero3_optimizer_layout_is_refused_by_key(tmp_path, recorded):
+    """ZeRO-3 splits the optimizer state into sub-groups of sub_group_size elements: a resume under another size
+    failed inside DeepSpeed with a traceback. Offloading the state moves it; prefetch, buckets and persistence only
+    move work around and may change. A checkpoint written before train states recorded the layout is read from its
+    config.yaml."""
+    path = _checkpoint(tmp_path, 3, {"zero_optimization": {"sub_group_size": 1000}}, recorded)
+    key = "train.deepspeed_overrides.zero_optimization.sub_group_size"
+    found = resume_problems(tmp_path, 3, "{zero_optimization: {sub_group_size: 100}}")
+    assert list(found) == [key] and found[key].startswith(f"100 here, 1000 in {path}: "), found
+    assert f"resume with {key}: 1000" in found[key]
+    assert list(resume_problems(tmp_path, 3, "{}")) == [key]  # DeepSpeed's default, 1e9, is another layout too
+    found = resume_problems(tmp_path, 3, "{zero_optimization: {sub_group_size: 1000, "
+                                         "offload_optimizer: {device: cpu}}}")
+    assert list(found) == ["train.deepspeed_overrides.zero_optimization.offload_optimizer.device"], found
+    assert resume_problems(tmp_path, 3, "{zero_optimization: {sub_group_size: 1000, stage3_prefetch_bucket_size: 10, "
+                                        "reduce_bucket_size: 1000, overlap_comm: false, "
+                                        "stage3_max_live_parameters: 1000}}") == {}
+
+
+def test_a_resume_under_another_zero2_optimizer_layout_is_refused_by_key(tmp_path):
+    """ZeRO-2's round_robin_gradients reorders the parameters in the flat partitions: a resume that changed it loaded
+    the optimizer state into the wrong places with no error. sub_group_size, which ZeRO-2 does not read, may change."""
+    _checkpoint(tmp_path, 2, {})
+    found = resume_problems(tmp_path, 2, "{zero_optimization: {round_robin_gradients: true}}")
+    assert list(found) == ["train.deepspeed_overrides.zero_optimization.round_robin_gradients"], found
+    assert found["train.deepspeed_overrides.zero_optimization.round_robin_gradients"].startswith("True here, False in")
+    assert list(resume_problems(tmp_path, 2, "{zero_optimization: {parameter_alignment: true}}")) == [
+        "train.deepspeed_overrides.zero_optimization.parameter_alignment"]
+    assert resume_problems(tmp_path, 2, "{zero_optimization: {sub_group_size: 100, allgather_bucket_size: 1000}}") == {}
+    # a stage change is refused as such (train.zero_stage), not key by key
+    assert list(resume_problems(tmp_path, 3, "{}")) == ["train.zero_stage"]

@@ -34,7 +34,8 @@ def test_run_in_run_dir_params_metrics_artifacts_and_resume(tmp_path):
     assert [r.info.run_id for r in runs] == [run_id]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["p149"] == "149" and run.data.params["p3"] == "3" and run.data.params["new"] == "v"
+    assert run.data.params["p149"] == "149" and run.data.params["p3"] == "3"
+    assert "new" not in run.data.params and run.data.tags["resumed_with.new"] == "v"  # not a param it always had
     assert run.data.params["nested.key"] == "[1, 2]"
     assert len(run.data.params["long"]) <= MAX_PARAM_LEN and "see config.yaml" in run.data.params["long"]
     assert run.data.tags["resumed_with.p3"] == "33"
@@ -111,6 +112,27 @@ def test_a_later_resume_brings_the_resumed_with_tag_up_to_date(tmp_path):
     tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.tags
     assert tags["resumed_with.lr"] == "0.001" and tags["resumed_with.steps"] == "50"
     assert "resumed_with.seed" not in tags
+
+
+def test_a_key_first_set_or_dropped_on_a_resume_is_tagged_not_logged_as_a_param(tmp_path):
+    """A DeepSpeed override first given on a resume was logged as a plain param: the record read as if the run had
+    always trained with it. It is tagged like a changed value; a key the resumed config no longer has is tagged
+    <unset>, and tagged back when it returns."""
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    run_id = None
+    for params in ({"lr": 0.1, "ds.overlap": False}, {"lr": 0.1, "ds.bucket": 1000}, {"lr": 0.1, "ds.overlap": False}):
+        tracker = MlflowTracker(str(tmp_path), cfg, "name")
+        run_id = tracker.start(run_id, params)
+        tracker.end()
+        if "ds.bucket" in params:
+            run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+            assert run.data.params == {"lr": "0.1", "ds.overlap": "False"}
+            assert run.data.tags["resumed_with.ds.bucket"] == "1000"
+            assert run.data.tags["resumed_with.ds.overlap"] == "<unset>"
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.data.params == {"lr": "0.1", "ds.overlap": "False"}
+    assert run.data.tags["resumed_with.ds.bucket"] == "<unset>" and run.data.tags["resumed_with.ds.overlap"] == "False"
+    assert "resumed_with.lr" not in run.data.tags
 
 
 def test_a_moved_run_directory_keeps_its_artifacts_with_it(tmp_path):

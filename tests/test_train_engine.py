@@ -662,3 +662,25 @@ def test_an_evaluation_cut_short_after_its_checkpoint_runs_on_resume_and_a_finis
     assert steps_logged(client, run, "eval/eval_loss") == [4, 8]
     assert {a.path for a in client.list_artifacts(run.info.run_id, f"eval/{ckpt.step_name(4)}")} == {
         f"eval/{ckpt.step_name(4)}/eval.json"}
+
+
+def test_a_resume_under_another_optimizer_state_layout_exits_2_naming_the_key(tmp_path):
+    """ZeRO-2's round_robin_gradients orders the parameters in the flat partitions that DeepSpeed saves the optimizer
+    state in, and loads by position: a resume that changed it trained on with the state in the wrong places (the next
+    step's loss 7.6% off, no error). A tuning key may change; one first set on a resume is recorded as a resumed_with.*
+    tag like a changed value, not as a param the run always had."""
+    args = ["train.log_every=1", "train.checkpoint_every=2"]
+    code, out = single(tmp_path, *args, "train.steps=2")
+    assert code == 0, out[-4000:]
+    code, out = single(tmp_path, *args, "train.steps=4",
+                       "train.deepspeed_overrides={zero_optimization: {round_robin_gradients: true}}")
+    key = "train.deepspeed_overrides.zero_optimization.round_robin_gradients"
+    assert code == 2 and f"key '{key}': True here, False in {tmp_path / 'checkpoints' / ckpt.step_name(2)}" in out, \
+        out[-4000:]
+    assert "Traceback" not in out and "resumed from" not in out
+    code, out = single(tmp_path, *args, "train.steps=4",
+                       "train.deepspeed_overrides={zero_optimization: {reduce_bucket_size: 1000}}")
+    assert code == 0 and "resumed from" in out, out[-4000:]
+    client, run = mlflow_run(tmp_path)
+    key = "train.deepspeed_overrides.zero_optimization.reduce_bucket_size"
+    assert key not in run.data.params and run.data.tags[f"resumed_with.{key}"] == "1000"

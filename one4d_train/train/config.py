@@ -245,7 +245,8 @@ def sqlite_problem(path: str) -> str | None:
 
 def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int = 0) -> list[tuple[str, str]]:
     """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job,
-    under `train`'s (TrainConfig) ZeRO stage and precision, whose train state (rank 0's and `rank`'s) reads. With
+    under `train`'s (TrainConfig) ZeRO stage, precision and optimizer-state layout (deepspeed_config.LAYOUT_KEYS),
+    whose train state (rank 0's and `rank`'s) reads. With
     resume=auto, a checkpoint whose train state fails its CRC-32 is left to the trainer, which sets it aside and
     falls back to an older one."""
     from one4d_train.train import checkpoint as ckpt
@@ -284,4 +285,39 @@ def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int
              f"optimizer state as {key.replace('_', ' ')} {state[key]} writes it; resume with train.{key}="
              f"{state[key]}, or start a new run (another run_dir, or resume=never)")
             for key, now in (("zero_stage", train.zero_stage), ("precision", train.precision))
-            if key in state and state[key] != now]
+            if key in state and state[key] != now] + layout_problems(path, state, train)
+
+
+def layout_problems(path: str, state: dict, train) -> list[tuple[str, str]]:
+    """The DeepSpeed settings that lay out the optimizer state (deepspeed_config.LAYOUT_KEYS) whose value under
+    `train` differs from the one checkpoint `path` (rank 0's train state `state`) was written under, by key: DeepSpeed
+    loads the state by position into whatever layout this config makes, silently wrong or failing inside it."""
+    from one4d_train.train import checkpoint as ckpt
+    from one4d_train.train import deepspeed_config
+
+    if state.get("zero_stage", train.zero_stage) != train.zero_stage:  # refused as such
+        return []
+    saved = state.get("zero_layout")
+    if not isinstance(saved, dict):  # written before checkpoints recorded it: what its config.yaml ran with
+        saved = _layout_of_config(os.path.join(path, ckpt.CONFIG_FILE)) or {}
+    now = deepspeed_config.optimizer_layout(train)
+    return [(f"{deepspeed_config.KEY}.{key}", f"{now[key]!r} here, {saved[key]!r} in {path}: DeepSpeed's checkpoint "
+             "holds the optimizer state flattened and partitioned as that setting lays it out, and loads it by "
+             f"position; resume with {deepspeed_config.KEY}.{key}: {saved[key]!r} (or leave it out where that is "
+             "DeepSpeed's default), or start a new run (another run_dir, or resume=never)")
+            for key in sorted(saved.keys() & now.keys()) if saved[key] != now[key]]
+
+
+def _layout_of_config(config_file: str) -> dict | None:
+    """deepspeed_config.optimizer_layout of the train.* a checkpoint's config.yaml records (the config its job ran
+    with), None when it does not read."""
+    from omegaconf import OmegaConf
+
+    from one4d_train.train import deepspeed_config
+
+    try:
+        train = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)["train"]
+        saved = TrainConfig(**{k: train[k] for k in ("zero_stage", "precision", "deepspeed_overrides") if k in train})
+    except Exception:  # none there (a copy without it), not YAML, not a mapping
+        return None
+    return deepspeed_config.optimizer_layout(saved)

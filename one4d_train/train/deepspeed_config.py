@@ -45,6 +45,24 @@ TRAINER_KEYS: dict[tuple[str, ...], str] = {
                                                  "all of them",
 }
 
+# DeepSpeed (0.19.8) settings that decide how ZeRO flattens and partitions the optimizer state it checkpoints, with
+# the stages that read them (stage_1_and_2.py, stage3.py): a resume under another value loaded the state into the
+# wrong places (ZeRO-2 round_robin_gradients: the next step's loss 7.6% off) or failed inside DeepSpeed (ZeRO-3
+# sub_group_size). Bucket sizes, prefetch, overlap and persistence thresholds only move work around: they may change.
+LAYOUT_KEYS: dict[tuple[str, ...], tuple[int, ...]] = {
+    ("zero_optimization", "round_robin_gradients"): (1, 2),  # the parameters' order in the flat partitions
+    ("zero_optimization", "parameter_alignment"): (1, 2),  # padding between the parameters in them
+    ("zero_optimization", "sub_group_size"): (3,),  # the sub-groups the optimizer state is split into
+    ("zero_optimization", "zero_hpz_partition_size"): (3,),  # a secondary partition of the parameters
+    ("zero_optimization", "offload_param", "device"): (3,),
+    ("zero_optimization", "offload_optimizer", "device"): (1, 2, 3),  # where the state lives, and in what form
+    ("zero_optimization", "offload_optimizer", "ratio"): (3,),  # which sub-groups are offloaded
+    ("zero_optimization", "offload_optimizer", "super_offload"): (3,),  # another optimizer class
+    ("zero_optimization", "zenflow"): (1, 2, 3),  # another optimizer class, with state of its own
+    ("bf16", "bf16_master_weights_and_grads"): (1, 2, 3),  # the master weights' dtype
+    ("bf16", "bf16_optimizer_states"): (1, 2, 3),  # the optimizer state's dtype
+}
+
 
 def base_config(cfg, world_size: int) -> dict[str, Any]:
     t, o = cfg.train, cfg.optim
@@ -93,6 +111,38 @@ def build(cfg, world_size: int) -> tuple[dict, list[str]]:
     if found:
         raise ConfigError("\n".join(f"key '{key}': {problem}" for key, problem in found))
     return merge(base_config(cfg, world_size), dict(cfg.train.deepspeed_overrides))
+
+
+def optimizer_layout(train) -> dict[str, Any]:
+    """{dotted LAYOUT_KEYS key: value} of the keys `train`'s ZeRO stage reads, as DeepSpeed runs them under
+    `train` (TrainConfig): its stage and precision with train.deepspeed_overrides merged, DeepSpeed's defaults filled
+    in and its older spellings read (cpu_offload ...), as JSON values. Every checkpoint records it; a resume under
+    another is refused by key (train/config.py resume_problems). {} for overrides DeepSpeed refuses (`problems`
+    reports them)."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    from deepspeed.runtime.zero import offload_config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    base = {"zero_optimization": {"stage": train.zero_stage}, "bf16": {"enabled": train.precision == "bf16"}}
+    merged, _ = merge(base, dict(train.deepspeed_overrides))
+    try:
+        with _quiet():
+            zero = DeepSpeedZeroConfig(**merged["zero_optimization"]).model_dump(mode="json")
+            bf16 = DeepSpeedBF16Config(**merged["bf16"]).model_dump(mode="json")
+            for name, model in (("offload_optimizer", offload_config.DeepSpeedZeroOffloadOptimizerConfig),
+                                ("offload_param", offload_config.DeepSpeedZeroOffloadParamConfig)):
+                if zero[name] is None:  # no offload: its defaults (device none) say the same
+                    zero[name] = model().model_dump(mode="json")
+    except Exception:  # pydantic's ValidationError, a section replaced by a plain value (TypeError) ...
+        return {}
+    out = {}
+    for path, stages in LAYOUT_KEYS.items():
+        if train.zero_stage in stages:
+            node = {"zero_optimization": zero, "bf16": bf16}
+            for part in path:
+                node = node[part]
+            out[".".join(path)] = node
+    return out
 
 
 _ABSENT = object()

@@ -10,7 +10,8 @@ main keys:
   train.zero_stage=3|2        train.precision=bf16|fp32  train.device=auto|cuda|cpu
   train.checkpoint_every=500  train.keep_last=3  train.log_every=10  train.max_bad_steps=5
   train.deepspeed_overrides={...}  DeepSpeed tuning keys merged into the generated config (changes are logged;
-                              keys set from train.* / optim.* and keys DeepSpeed does not read are refused)
+                              keys set from train.* / optim.* and keys DeepSpeed does not read are refused, and
+                              on resume a change of one that lays out the optimizer state, e.g. sub_group_size)
   train.task=module:Class     train another TrainTask (default: the One4D task)
   optim.lr=1e-4 optim.warmup_steps optim.schedule=constant|cosine optim.min_lr_ratio optim.grad_clip
   tracking.uri=               MLflow server (default: sqlite store in run_dir)  tracking.experiment=one4d

@@ -21,6 +21,7 @@ BATCH = 100  # MLflow's limit on params per log_batch
 RUN_DIR_TAG = "one4d.run_dir"  # the run directory that a training run's MLflow run records
 RUN_DIR_ID_TAG = "one4d.run_dir_id"  # and that directory's own id: one path can name folders on several machines
 RUN_DIR_ID_FILE = "run_dir_id"
+UNSET = "<unset>"  # a resumed_with.KEY tag's value for a key the resumed run's config no longer has
 
 
 class NullTracker:
@@ -77,7 +78,7 @@ class MlflowTracker(NullTracker):
         else:
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
         self.run_id = run.info.run_id
-        self._log_params(params)
+        self._log_params(params, resumed=run_id is not None)
         return self.run_id
 
     def _run_dir_id(self) -> str:
@@ -108,11 +109,13 @@ class MlflowTracker(NullTracker):
                             "first checkpoint: ended as KILLED", run.info.run_id)
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
-    def _log_params(self, params: dict) -> None:
-        """New params are logged; a value that changed on resume (MLflow forbids rewriting one) becomes a tag
-        holding the value this job runs with, so a tag set by an earlier resume is brought up to date too (back to
-        the param's value when the change is undone). Values over MLflow's length limit are pointed at the config
-        artifact, which holds them whole."""
+    def _log_params(self, params: dict, resumed: bool = False) -> None:
+        """A new run logs `params`. A resumed one records what differs from what it logged (MLflow forbids
+        rewriting a param) as tags `resumed_with.KEY` holding the value this job runs with: a value that changed,
+        a key the run did not have (a param would read as if the run always had it), and UNSET for a key it no
+        longer has; a tag set by an earlier resume is brought up to date too (back to the param's value when the
+        change is undone). Values over MLflow's length limit are pointed at the config artifact, which holds them
+        whole."""
         from mlflow.entities import Param, RunTag
 
         run = self.client.get_run(self.run_id)
@@ -123,15 +126,19 @@ class MlflowTracker(NullTracker):
             if len(text) > MAX_PARAM_LEN:
                 text = text[: MAX_PARAM_LEN - 40] + " ...(truncated; see config.yaml)"
             tag = f"resumed_with.{key}"
-            if key not in existing:
+            if key not in existing and not resumed:
                 new.append(Param(key, text))
-            elif existing[key] != text or existing_tags.get(tag, text[:5000]) != text[:5000]:
+            elif existing.get(key) != text or existing_tags.get(tag, text[:5000]) != text[:5000]:
                 tags.append(RunTag(tag, text[:5000]))
+        gone = set(existing) | {k[len("resumed_with."):] for k in existing_tags if k.startswith("resumed_with.")}
+        tags += [RunTag(f"resumed_with.{k}", UNSET) for k in sorted(gone - params.keys())
+                 if existing_tags.get(f"resumed_with.{k}") != UNSET]
         for i in range(0, len(new), BATCH):
             self.client.log_batch(self.run_id, params=new[i:i + BATCH])
         if tags:
             log.warning("resumed with changed config values (recorded as tags): %s", ", ".join(t.key for t in tags))
-            self.client.log_batch(self.run_id, tags=tags)
+            for i in range(0, len(tags), BATCH):
+                self.client.log_batch(self.run_id, tags=tags[i:i + BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         finite = _finite(metrics)

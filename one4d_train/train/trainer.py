@@ -115,8 +115,10 @@ class Trainer:
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
                  "log_window": self.window, "eval_pending": self.eval_pending,
                  "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size,
-                 # DeepSpeed's checkpoint layout: a resume under another stage or precision is refused by key
-                 "zero_stage": self.cfg.train.zero_stage, "precision": self.cfg.train.precision}
+                 # DeepSpeed's checkpoint layout: a resume under another stage, precision or setting that lays
+                 # out the optimizer state is refused by key
+                 "zero_stage": self.cfg.train.zero_stage, "precision": self.cfg.train.precision,
+                 "zero_layout": deepspeed_config.optimizer_layout(self.cfg.train)}
         if hasattr(self.task, "identity"):  # e.g. the frozen base: a resume onto another is refused
             state["task_identity"] = self.task.identity()
         return state, tensors

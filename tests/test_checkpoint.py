@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from one4d_train.train import checkpoint as ckpt
 
@@ -260,6 +261,44 @@ def test_a_branch_is_known_by_the_abandoned_timeline_it_leaves(tmp_path):
     assert not ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(8)), "B")
     assert not ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(4)), "C")
     assert not ckpt.continued_elsewhere(d, os.path.join(d, ckpt.step_name(6)), "A")
+
+
+def test_the_same_resume_command_run_again_goes_on_from_the_start_it_made(tmp_path):
+    """resume=PATH run again after the start it made was stopped resumed PATH again and set the progress since aside
+    as abandoned. The newest checkpoint goes on from that start when its timeline began with a start from PATH (its
+    train state's started_from names PATH's MLflow run and step) and it was trained with the same config but for
+    run_dir and resume (a moved run directory, a requeue's resume=auto); another config is another branch."""
+    d = str(tmp_path / "run" / "checkpoints")
+
+    def checkpoint(folder, step, run, started_from, **config):
+        path = make(folder, step)  # the marker lists ds/ only: the files added below leave it complete
+        _state(path, run)
+        with open(os.path.join(path, "train_state", "rank-00000.json"), "w") as f:
+            json.dump({"mlflow_run_id": run, "step": step, "started_from": started_from}, f)
+        with open(os.path.join(path, ckpt.CONFIG_FILE), "w") as f:
+            yaml.safe_dump({"run_dir": "/old/run", "resume": "auto", "optim": {"lr": 0.03, "betas": [0.9, 0.99]},
+                            **config}, f)
+        return path
+
+    def command(**config):
+        return yaml.safe_dump({"run_dir": str(tmp_path / "run"), "resume": os.path.join(d, ckpt.step_name(4)),
+                               "optim": {"lr": 0.03, "betas": [0.9, 0.99]}, **config})
+
+    start = checkpoint(d, 4, "A", None)
+    assert ckpt.start_point(start) == {"mlflow_run_id": "A", "step": 4}
+    assert ckpt.branch_progress(d, start, command()) == (None, [])  # nothing newer
+    branch = checkpoint(d, 6, "B", {"mlflow_run_id": "A", "step": 4}, optim={"lr": 0.02, "betas": [0.9, 0.99]})
+    assert ckpt.branch_progress(d, start, command(optim={"lr": 0.02, "betas": [0.9, 0.99]})) == (branch, [])
+    assert ckpt.branch_progress(d, start, command(optim={"lr": 0.01, "betas": [0.9, 0.99]})) == (None, ["optim.lr"])
+    assert ckpt.branch_progress(d, start, command(optim={"lr": 0.02, "betas": [0.9, 0.99]}, seed=1)) == (
+        None, ["seed"])
+    checkpoint(d, 8, "C", {"mlflow_run_id": "B", "step": 6}, optim={"lr": 0.02, "betas": [0.9, 0.99]})
+    assert ckpt.branch_progress(d, start, command(optim={"lr": 0.02, "betas": [0.9, 0.99]})) == (None, [])
+    # a start from another run's checkpoint (a new run directory) is known the same way
+    elsewhere = checkpoint(str(tmp_path / "other"), 4, "X", None)
+    into = str(tmp_path / "new" / "checkpoints")
+    newest = checkpoint(into, 10, "Y", {"mlflow_run_id": "X", "step": 4})
+    assert ckpt.branch_progress(into, elsewhere, command()) == (newest, [])
 
 
 def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):

@@ -684,3 +684,35 @@ def test_a_resume_under_another_optimizer_state_layout_exits_2_naming_the_key(tm
     client, run = mlflow_run(tmp_path)
     key = "train.deepspeed_overrides.zero_optimization.reduce_bucket_size"
     assert key not in run.data.params and run.data.tags[f"resumed_with.{key}"] == "1000"
+
+
+def test_the_same_resume_command_after_a_preempted_branch_goes_on_from_its_last_checkpoint(tmp_path):
+    """A branch started with resume=PATH and preempted (SIGTERM: checkpoint, exit 42): the same command, run again
+    as the README says resumes, resumed PATH again, set the branch's checkpoints aside as abandoned and logged into a
+    third MLflow run. It goes on from the branch's checkpoint in the branch's MLflow run; a command with another
+    config still starts another branch from PATH."""
+    args = ["train.steps=8", "train.checkpoint_every=2", "train.keep_last=10", "train.log_every=1"]
+    code, out = single(tmp_path, *args)
+    assert code == 0, out[-4000:]
+    ckpt_dir = tmp_path / "checkpoints"
+    branch = [*args, f"resume={ckpt_dir / ckpt.step_name(4)}", "optim.lr=0.02"]
+    code, out = single(tmp_path, *branch, extra_env={"TOY_SIGNAL_AT": "6:0:TERM"})
+    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    (aside,) = [n for n in os.listdir(ckpt_dir) if n.startswith("abandoned-")]
+    code, out = single(tmp_path, *branch)
+    assert code == 0 and f"resumed from {ckpt_dir / ckpt.step_name(6)} at step 6" in out, out[-4000:]
+    assert "abandoned timeline" not in out
+    assert [n for n in os.listdir(ckpt_dir) if n.startswith("abandoned-")] == [aside]
+    assert sorted(os.listdir(ckpt_dir / aside)) == [ckpt.step_name(6), ckpt.step_name(8)]  # the first timeline's
+    assert [r["step"] for r in trace(tmp_path, 0)][-2:] == [7, 8]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    first, second = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
+                           key=lambda r: r.info.start_time)
+    assert second.data.tags["one4d.branched_from_run"] == first.info.run_id and second.info.status == "FINISHED"
+    assert steps_logged(client, second, "loss") == [5, 6, 7, 8]
+    code, out = single(tmp_path, *args, f"resume={ckpt_dir / ckpt.step_name(4)}", "optim.lr=0.01")
+    assert code == 0 and f"resumed from {ckpt_dir / ckpt.step_name(4)} at step 4" in out, out[-4000:]
+    assert "under another config (optim.lr differ)" in out and "belong to an abandoned timeline" in out
+    assert len(client.search_runs([client.get_experiment_by_name("one4d").experiment_id])) == 3

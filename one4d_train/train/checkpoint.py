@@ -18,8 +18,9 @@ renamed to `step-X`; `resume=auto` takes the newest directory whose COMPLETE mat
 point leaves the previous checkpoint in use. A resume first verifies the CRC-32 of every file it reads (each rank
 its own): sizes alone miss flipped bytes, and neither torch.load nor safetensors checks the data it reads. The
 folder holds one linear history: a run that resumes from anything but its newest checkpoint first moves the newer
-ones aside. Nothing is unpickled on load: JSON, safetensors, and DeepSpeed's files through
-torch.load(weights_only=True); a file that does not load is reported by name (CheckpointDamaged).
+ones aside, unless they continue the start its very command made from that checkpoint (branch_progress). Nothing
+is unpickled on load: JSON, safetensors, and DeepSpeed's files through torch.load(weights_only=True); a file that
+does not load is reported by name (CheckpointDamaged).
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ import zlib
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from one4d_train.configtools import ConfigError
+from one4d_train.configtools import ConfigError, flatten
 from one4d_train.tensor_files import save_tensors
 from one4d_train.train.distributed import from_every_rank
 
@@ -96,6 +98,59 @@ def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool
             if isinstance(state, dict) and state.get("mlflow_run_id") == run_id:
                 return True
     return False
+
+
+def start_point(checkpoint: str) -> dict | None:
+    """Checkpoint `checkpoint` as the start of a timeline: the MLflow run and step of its rank 0's train state (an
+    MLflow run's checkpoints form one line, so the two name it wherever it lies), None when they do not read. The
+    trainer records the start point of the resume=PATH that began a timeline in each of its checkpoints
+    ("started_from")."""
+    try:
+        with open(os.path.join(checkpoint, "train_state", "rank-00000.json")) as f:
+            state = json.load(f)
+        point = {"mlflow_run_id": state["mlflow_run_id"], "step": state["step"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return point if point["mlflow_run_id"] else None
+
+
+SAME_COMMAND_ANYWHERE = ("run_dir", "resume")  # the same command in a moved run directory, or requeued (resume=auto)
+_ABSENT = object()
+
+
+def config_changes(checkpoint: str, config_text: str) -> list[str] | None:
+    """The keys whose value in `config_text` (a config.yaml's text) differs from the config.yaml checkpoint
+    `checkpoint` was trained with, but for SAME_COMMAND_ANYWHERE; None when either does not read."""
+    try:
+        with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
+            theirs = flatten(yaml.safe_load(f))
+        ours = flatten(yaml.safe_load(config_text))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):  # none, not YAML, not a mapping
+        return None
+    return sorted(k for k in theirs.keys() | ours.keys()
+                  if k not in SAME_COMMAND_ANYWHERE and theirs.get(k, _ABSENT) != ours.get(k, _ABSENT))
+
+
+def branch_progress(ckpt_dir: str, resumed: str, config_text: str) -> tuple[str | None, list[str]]:
+    """Where a start from checkpoint `resumed` (resume=PATH) goes on when its command is run again after that start
+    was stopped: (the newest complete checkpoint of `ckpt_dir` when its timeline began with a start from `resumed`
+    and it was trained with the same config (`config_text`), else None; the config keys that differ where only the
+    config does). Re-running the command resumed `resumed` again and set the progress since aside as abandoned;
+    another config asks for another branch from `resumed`, as before (resume=auto continues whatever the config)."""
+    point, found = start_point(resumed), complete_checkpoints(ckpt_dir)
+    if point is None or not found or os.path.realpath(found[-1]) == os.path.realpath(resumed):
+        return None, []
+    try:
+        with open(os.path.join(found[-1], "train_state", "rank-00000.json")) as f:
+            started_from = json.load(f).get("started_from")
+    except (OSError, ValueError, AttributeError):  # its own resume names it when it is read
+        return None, []
+    if started_from != point:
+        return None, []
+    changes = config_changes(found[-1], config_text)
+    if changes is None:
+        return None, []
+    return (None, changes) if changes else (found[-1], [])
 
 
 def config_of(checkpoint: str) -> str:

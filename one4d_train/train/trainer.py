@@ -77,6 +77,7 @@ class Trainer:
         self.trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         self.checkpointer = ckpt.Checkpointer(cfg.run_dir, env.rank, env.world_size, t.keep_last, to_yaml(cfg))
         self.branch_tags = None  # MLflow tags of a new run for a branch (set by _resume)
+        self.started_from = None  # the checkpoint whose resume=PATH began this timeline (ckpt.start_point)
         self.tracker = build_tracker(cfg, env.is_main)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
@@ -115,6 +116,7 @@ class Trainer:
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
                  "log_window": self.window, "eval_pending": self.eval_pending,
                  "mlflow_run_id": self.tracker.run_id, "rank": self.env.rank, "world_size": self.env.world_size,
+                 "started_from": self.started_from,  # the same resume=PATH run again goes on from here
                  # DeepSpeed's checkpoint layout: a resume under another stage, precision or setting that lays
                  # out the optimizer state is refused by key
                  "zero_stage": self.cfg.train.zero_stage, "precision": self.cfg.train.precision,
@@ -126,15 +128,18 @@ class Trainer:
     def _resume(self) -> tuple[dict | None, str | None]:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
+        resume, start = self._resume_target()
         # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back
-        path, fell_back = ckpt.choose_resume(self.cfg.resume, self.checkpointer.dir, self.env.rank)
-        if fell_back:  # the start-up checks saw the damaged one: this one's world size, layout, base, data position
+        path, fell_back = ckpt.choose_resume(resume, self.checkpointer.dir, self.env.rank)
+        if fell_back or resume != self.cfg.resume:
+            # the start-up checks saw another checkpoint: this one's world size, layout, base, data position
             from one4d_train.train.config import preflight
             # each rank's view: all raise together, or none does
             everyone = from_every_rank(preflight(dataclasses.replace(self.cfg, resume=path)))
             problems = list(dict.fromkeys(p for found in everyone for p in found))
             if problems:
-                raise ConfigError(f"resume=auto fell back to {path}, which this run cannot continue: "
+                how = "fell back to" if fell_back else "goes on from"
+                raise ConfigError(f"resume={self.cfg.resume} {how} {path}, which this run cannot continue: "
                                   + "; ".join(f"key '{k}': {v}" for k, v in problems))
         if path is not None:  # before any checkpoint is moved aside for it
             shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.trainable}
@@ -168,6 +173,8 @@ class Trainer:
         # after its checkpoint was written is not run again (_evaluated)
         self.window = state.get("log_window", {"sums": {}, "counted": 0})
         self.eval_pending = state.get("eval_pending", False)
+        begins = resume == self.cfg.resume and resume not in ("auto", "never")  # a start from PATH
+        self.started_from = start if begins else state.get("started_from")  # else the timeline it continues
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
             if changes:
@@ -184,6 +191,29 @@ class Trainer:
                                 "one4d.branched_at_step": str(self.step)}
             return state["loader"], None
         return state["loader"], state["mlflow_run_id"] if ours else None
+
+    def _resume_target(self) -> tuple[str, dict | None]:
+        """Collective: (the resume to make of cfg.resume, the start point (ckpt.start_point) of a timeline it begins,
+        None where it continues one). resume=PATH run again after the start it made was stopped goes on from that
+        start's newest checkpoint (ckpt.branch_progress), in its MLflow run: starting from PATH again set aside the
+        progress since as an abandoned branch, in a new MLflow run. Else it starts from PATH, as its checkpoints
+        record."""
+        resume = self.cfg.resume
+        if resume in ("auto", "never"):
+            return resume, None
+        decision = None
+        if self.env.is_main:
+            decision = (*ckpt.branch_progress(self.checkpointer.dir, resume, self.checkpointer.config_text),
+                        ckpt.start_point(resume))
+        newest, changes, start = broadcast_from_main(decision)
+        if self.env.is_main and newest:
+            log.info("resume=%s: %s continues the start this command made from it: resuming from there", resume,
+                     newest)
+        elif self.env.is_main and changes:
+            log.warning("resume=%s: the newer checkpoints continue a start made from it under another config (%s "
+                        "differ): a new branch starts from it, and they are set aside (the command they were trained "
+                        "with, or resume=auto, continues them instead)", resume, ", ".join(changes))
+        return (newest, None) if newest else (resume, start)
 
     def _load_train_state(self, path: str) -> tuple[dict, dict]:
         """Collective: this rank's train state of checkpoint `path`, once every rank has read its own and opened the

@@ -135,6 +135,36 @@ def test_a_key_first_set_or_dropped_on_a_resume_is_tagged_not_logged_as_a_param(
     assert "resumed_with.lr" not in run.data.tags
 
 
+def test_a_resumed_run_logs_no_step_it_holds_again(tmp_path):
+    """A job killed after logging steps past its last checkpoint: the resumed job trains and logs them again, and
+    each showed twice in the metric's history. Training metrics are not logged again up to the last step the run
+    holds; an evaluation's per key, so one run again after a kill adds nothing while another key is logged."""
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    tracker = MlflowTracker(str(tmp_path), cfg, "name")
+    run_id = tracker.start(None, {})
+    for step in range(1, 7):
+        tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1, "grad_norm": None if step == 6 else 2.0}, step)
+    tracker.log_metrics({"eval/loss": 0.5}, 4)
+    tracker.end("KILLED")
+
+    resumed = MlflowTracker(str(tmp_path), cfg, "name")
+    resumed.start(run_id, {})
+    for step in range(5, 9):  # resumed from a checkpoint of step 4
+        resumed.log_metrics({"loss": 1.0 / step, "lr": 0.1, "grad_norm": 2.0}, step)
+    resumed.log_metrics({"eval/loss": 0.5, "eval/new": 0.25}, 4)  # the evaluation of step 4 run again
+    resumed.log_metrics({"eval/loss": 0.4}, 8)
+    resumed.end()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def history(key):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    assert history("loss") == [(s, 1.0 / s) for s in range(1, 9)]
+    assert [s for s, _ in history("lr")] == list(range(1, 9))
+    assert [s for s, _ in history("grad_norm")] == [1, 2, 3, 4, 5, 7, 8]  # step 6 logged none, then or now
+    assert history("eval/loss") == [(4, 0.5), (8, 0.4)] and history("eval/new") == [(4, 0.25)]
+
+
 def test_a_moved_run_directory_keeps_its_artifacts_with_it(tmp_path):
     """MLflow stores absolute artifact locations: a run directory moved to another path (scratch -> project space)
     and resumed there wrote its new artifacts to the old path, re-created for them, and its runs still named the

@@ -216,11 +216,11 @@ def test_a_damaged_optimizer_partition_is_refused_by_path_and_set_aside_by_auto(
     assert open(ckpt_dir / "latest").read().strip() == ckpt.step_name(STEPS)  # the new step 24
     final, ref = adapters(run_dir, STEPS), adapters(ref_dir, STEPS)
     assert all(torch.equal(final[k], ref[k]) for k in ref)
-    client, run = mlflow_run(run_dir)  # the run continued: steps 20 and 24 logged twice, the same values
+    client, run = mlflow_run(run_dir)  # the run continued: steps 20 and 24 trained again, not logged twice
+    ref_client, ref_run = mlflow_run(ref_dir)
     for key in ("loss", "grad_norm", "lr"):
-        history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history if m.step > 18) == [20, 20, 24, 24], key
-        assert len({(m.step, m.value) for m in history if m.step > 18}) == 2, key
+        assert steps_logged(client, run, key) == steps_logged(ref_client, ref_run, key) == LOGGED, key
+        assert metric(client, run, key) == metric(ref_client, ref_run, key), key
 
 
 def test_auto_falls_back_only_to_a_checkpoint_this_run_can_continue_and_never_to_a_fresh_start(straight, tmp_path):
@@ -716,3 +716,22 @@ def test_the_same_resume_command_after_a_preempted_branch_goes_on_from_its_last_
     assert code == 0 and f"resumed from {ckpt_dir / ckpt.step_name(4)} at step 4" in out, out[-4000:]
     assert "under another config (optim.lr differ)" in out and "belong to an abandoned timeline" in out
     assert len(client.search_runs([client.get_experiment_by_name("one4d").experiment_id])) == 3
+
+
+def test_steps_logged_before_a_kill_are_not_logged_again_after_the_resume(tmp_path):
+    """A job killed between checkpoints had logged the steps since its last one; the resumed job trains them again
+    and logged each a second time, so every metric's history held two points at those steps where an uninterrupted
+    run holds one. Each step is logged once, with the uninterrupted run's values."""
+    args = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1", "eval.every=2"]
+    code, out = single(tmp_path / "killed", *args, extra_env={"TOY_SIGNAL_AT": "7:0:KILL"})
+    assert code == -signal.SIGKILL, out[-4000:]
+    code, out = single(tmp_path / "killed", *args)
+    assert code == 0 and f"{ckpt.step_name(4)} at step 4" in out, out[-4000:]
+    code, out = single(tmp_path / "straight", *args)
+    assert code == 0, out[-4000:]
+    client, run = mlflow_run(tmp_path / "killed")
+    ref_client, ref_run = mlflow_run(tmp_path / "straight")
+    for key in ("loss", "loss_rgb", "lr", "grad_norm", "skipped_steps", "samples_per_s", "eval/eval_loss"):
+        assert steps_logged(client, run, key) == steps_logged(ref_client, ref_run, key), key
+    for key in ("loss", "lr", "eval/eval_loss"):
+        assert metric(client, run, key) == metric(ref_client, ref_run, key), key

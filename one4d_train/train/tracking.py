@@ -52,6 +52,8 @@ class MlflowTracker(NullTracker):
         self.client = MlflowClient(tracking_uri=self.uri)
         self.mlflow, self.cfg, self.run_name = mlflow, tracking_cfg, run_name
         self.run_id = None
+        self.logged_through = {}  # metric key -> the last step the continued run holds of it (_logged_steps)
+        self.trained_through = -1  # the last step it holds training metrics of
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -79,7 +81,26 @@ class MlflowTracker(NullTracker):
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
         self.run_id = run.info.run_id
         self._log_params(params, resumed=run_id is not None)
+        if run_id is not None:
+            self._logged_steps()
         return self.run_id
+
+    def _logged_steps(self) -> None:
+        """Read the last step the continued run holds of each metric: a job killed after logging steps past its
+        last checkpoint left them there, and the resumed job trains and logs them again (the same values on the
+        CPU), which showed twice in each metric's history. log_metrics leaves those steps out: training metrics
+        up to the last step any of them was logged at, an evaluation's per key (one run again after a kill, or
+        another dataset's scores logged into the run by `one4d eval`). MLflow's system metrics count steps of
+        their own."""
+        for key in self.client.get_run(self.run_id).data.metrics:
+            if not key.startswith("system/"):
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+                self.logged_through[key] = max(steps, default=-1)
+        self.trained_through = max((s for k, s in self.logged_through.items() if not k.startswith("eval/")),
+                                   default=-1)
+        if self.trained_through >= 0:
+            log.info("MLflow run %s holds training metrics up to step %d: steps up to there are not logged again",
+                     self.run_id, self.trained_through)
 
     def _run_dir_id(self) -> str:
         """This run directory's id, made on its first run: on a shared tracking server the same path may be another
@@ -141,7 +162,9 @@ class MlflowTracker(NullTracker):
                 self.client.log_batch(self.run_id, tags=tags[i:i + BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        finite = _finite(metrics)
+        """Log the finite `metrics` at `step`, but for those the continued run holds at that step (_logged_steps)."""
+        finite = {k: v for k, v in _finite(metrics).items() if step > (
+            self.logged_through.get(k, -1) if k.startswith("eval/") else self.trained_through)}
         if finite:
             self.mlflow.log_metrics(finite, step=step)
 

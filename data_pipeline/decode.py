@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_pipeline.video import REENCODE, display_rotation
+
 try:  # ISA-L's inflate reads the same deflate streams as zlib's, ~2.4x faster (a clip's depth: ~81 members); its
     # CRC-32 is the same function, ~6x faster (5 ms for a clip window's 66 MB of inflated depth)
     from isal.isal_zlib import crc32, decompress as inflate
@@ -310,11 +312,20 @@ def _scaled_planes(scaler, frame, out: np.ndarray) -> None:
         out[c] = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
 
 
+def _check_upright(frame) -> None:
+    """SampleError for a PyAV frame whose display matrix turns it (a clip sharded before `one4d shard` refused such
+    videos): PyAV leaves the turn unapplied where decord, which the shard check used, applies it."""
+    turn = display_rotation(frame)
+    if turn:
+        raise SampleError(f"the video carries a display rotation of {turn}, which decord applies and PyAV does not: "
+                          f"re-encode it with the rotation applied ({REENCODE}) and re-shard it")
+
+
 def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[int, int] | None,
                        resized_hw: tuple[int, int] | None) -> np.ndarray | None:
     """PyAV, one thread, frames counted in presentation order from the first; None (use decord) when the
     container does not state `n` frames or holds several video streams. Frames are resized to `resized_hw` by
-    swscale when given."""
+    swscale when given. A display rotation, which PyAV leaves unapplied, is a SampleError."""
     import av
     from av.video.reformatter import VideoReformatter
 
@@ -329,6 +340,8 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
             stream.thread_type = "NONE"
             stream.codec_context.thread_count = 1
             for seen, frame in enumerate(container.decode(stream)):
+                if hw is None:
+                    _check_upright(frame)
                 hw = hw or (frame.height, frame.width)
                 if source_hw is not None and hw != tuple(source_hw):
                     break
@@ -344,6 +357,8 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
                     out[j] = a
                 if seen >= last:
                     break
+    except SampleError:
+        raise
     except Exception as exc:
         raise SampleError(f"member mp4 does not decode: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     if hw is not None:

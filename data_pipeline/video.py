@@ -95,15 +95,70 @@ def video_streams(src) -> int:
         return 0
 
 
+REENCODE = "ffmpeg -i IN.mp4 -c:v libx264 -crf 18 OUT.mp4"  # ffmpeg applies a display rotation by default
+
+
+def display_rotation(frame) -> str | None:
+    """In words, the turn that a decoded PyAV frame's display matrix asks players to apply, or None for none, from
+    VideoFrame.rotation (counter-clockwise, as FFmpeg's av_display_rotation_get gives it; walking the frame's side
+    data instead crashed forked DataLoader workers under PyAV 18). A PyAV without the property checks nothing."""
+    angle = round(getattr(frame, "rotation", 0) or 0) % 360
+    if angle == 0:
+        return None
+    return {90: "90 degrees counter-clockwise", 180: "180 degrees", 270: "90 degrees clockwise"}.get(
+        angle, f"{angle} degrees counter-clockwise")
+
+
+def rotation_problem(path) -> str | None:
+    """What is wrong with the display rotation that the first video stream of `path` carries (a phone's portrait
+    clip stored landscape, say), or None: decord applies it, PyAV's frames (the reader's early windows) do not, so
+    one clip's frames would come upright or turned by where its window starts, against one geometry. None too where
+    PyAV cannot open or decode it (the decode check reports why)."""
+    import av
+    import av.error
+
+    try:
+        with av.open(str(path)) as container:
+            stream = next((s for s in container.streams.video
+                           if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC), None)
+            if stream is None:
+                return None
+            tag = stream.metadata.get("rotate", "0").strip()  # the older way of stating it
+            stream.thread_type, stream.codec_context.thread_count = "NONE", 1  # one frame: no threads' buffers
+            frame = next(container.decode(stream), None)
+            turn = (f"{tag} degrees clockwise (its 'rotate' tag)" if tag not in ("", "0")
+                    else display_rotation(frame) if frame is not None else None)
+    except MemoryError:  # av.error.MemoryError is an FFmpegError too: out of memory is no answer
+        raise
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    if turn is None:
+        return None
+    return (f"the video carries a display rotation of {turn} (as phones store portrait video), which decoders apply "
+            f"or not (decord does, PyAV does not), so its frames would be paired turned against its geometry: "
+            f"re-encode it with the rotation applied, e.g. {REENCODE} (ffmpeg applies it by default), and give its "
+            f"geometry as the upright frames show it")
+
+
 def probe_and_check(path, chunk: int = 16) -> VideoInfo:
     """Open `path` with decord and decode every frame (in chunks, so memory stays small): a truncated or
-    corrupt stream fails here, not in training. Returns its frame count, size and frame rate."""
+    corrupt stream fails here, not in training, as does a file of several clips or with a display rotation
+    (decoders differ on those). Returns its frame count, size and frame rate."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: video file not found")
     streams = video_streams(path)
     if streams > 1:  # decoders disagree on which one a clip is: decord takes the 'best', PyAV the first
         raise VideoError(f"{path}: {streams} video streams (a second angle, or cover art?): keep the clip's own alone, "
                          f"e.g. ffmpeg -i IN -map 0:v:0 -c copy OUT.mp4")
+    info = _decode_all(path, chunk)
+    rotation = rotation_problem(path)  # after decord's pass, whose memory is then free again
+    if rotation:
+        raise VideoError(f"{path}: {rotation}")
+    return info
+
+
+def _decode_all(path, chunk: int) -> VideoInfo:
+    """probe_and_check's decord pass: every frame, `chunk` at a time."""
     try:
         vr = open_reader(path)
         n = len(vr)

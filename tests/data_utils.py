@@ -60,3 +60,22 @@ def resum(raw: dict) -> dict:
     members = [(f"{key}.{k}", v) for k, v in raw.items() if not k.startswith("__") and k != MEMBER]
     return {**{k: v for k, v in raw.items() if k.startswith("__")},
             **{name.split(".", 1)[1]: data for name, data in with_sums(key, members)}}
+
+
+def write_rotated_mp4(path, frames: np.ndarray, degrees: int, fps: int = 16) -> Path:
+    """uint8 frames [T, H, W, 3] as H.264 with a display matrix turning them `degrees` counter-clockwise for
+    display, as phones store portrait video (the frames stay stored as given)."""
+    import av
+    import pytest
+
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip("this PyAV cannot write a display matrix (no VideoStream.set_display_rotation)")
+        stream.set_display_rotation(degrees)
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return path

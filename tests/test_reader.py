@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_utils import make_shards, resum
+from data_utils import make_shards, resum, write_rotated_mp4
 
 from data_pipeline.config import DataConfig
 from data_pipeline.geometry import denormalise_pointmap, depth_to_pointmaps
@@ -442,6 +442,26 @@ def test_a_video_of_two_streams_is_rejected_and_read_by_one_decoder_cover_art_ke
     assert probe_and_check(cover).num_frames == 9
     data = cover.read_bytes()
     np.testing.assert_array_equal(dec.decode_window(data, np.arange(3), 9), decode_frames(data)[:3])
+
+
+@pytest.mark.parametrize("degrees, said", [(90, "90 degrees counter-clockwise"), (180, "180 degrees"),
+                                            (-90, "90 degrees clockwise")])
+def test_a_video_with_a_display_rotation_is_rejected_naming_it(tmp_path, degrees, said):
+    """A phone's portrait clip is stored landscape with a display matrix: decord (the shard check, late windows)
+    turns its frames upright, PyAV (early windows) does not, so a square clip trained turned against its depth. The
+    shard check refuses it, naming the file, the rotation and the re-encode; a shard written before skips it on the
+    PyAV path, saying why, instead of training on turned frames."""
+    import data_pipeline.decode as dec
+    from data_pipeline.video import VideoError, probe_and_check
+
+    frames = render_clip(0, 9, 32, 32)["frames"]
+    path = write_rotated_mp4(tmp_path / "phone.mp4", frames, degrees)
+    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: the video carries a display rotation of {said} "
+                                         r".*ffmpeg -i IN.mp4 -c:v libx264 -crf 18 OUT.mp4"):
+        probe_and_check(path)
+    with pytest.raises(SampleError, match=rf"display rotation of {said}.*re-shard"):
+        dec.decode_window(path.read_bytes(), np.arange(3), 9, (32, 32))
+    assert probe_and_check(write_rotated_mp4(tmp_path / "upright.mp4", frames, 0)).num_frames == 9
 
 
 @pytest.mark.parametrize("size", [(24, 42), (48, 96)])

@@ -20,7 +20,7 @@ from data_pipeline.shard_index import read_index, sha256_file
 from data_pipeline.synthetic import render_clip
 from data_pipeline.video import decode_frames
 from one4d_train.cli import main as one4d_main
-from data_utils import kill_after_first_shard, make_dataset, make_shards
+from data_utils import kill_after_first_shard, make_dataset, make_shards, write_rotated_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,7 @@ def bad_rows(raw):
     (raw / "garbage.mp4").write_bytes(os.urandom(5000))
     video = (raw / r0["video"]).read_bytes()
     (raw / "truncated.mp4").write_bytes(video[: len(video) * 2 // 3])
+    write_rotated_mp4(raw / "phone.mp4", decode_frames(raw / r0["video"]), 90)
     extra = [
         (dict(r0, video="clips/missing.mp4"), "video file not found"),
         (dict(r0, depth="short.npy"), "does not match the video"),
@@ -123,6 +124,7 @@ def bad_rows(raw):
         (dict(r0, video="garbage.mp4"), "does not decode"),
         (dict(r0, intrinsics=[[1.0, 0, 0], [0, 1.0, 0]]), "'intrinsics' has shape [2, 3]"),
         (dict(r0, video="truncated.mp4"), "does not decode"),
+        (dict(r0, video="phone.mp4"), "the video carries a display rotation of 90 degrees counter-clockwise"),
         ("{broken json", "not valid JSON"),
         # each aborted the whole run: int()'s digit limit (ValueError) and the parser's recursion limit
         (json.dumps(r0)[:-1] + ', "caption": 1' + "0" * 5000 + "}", "not valid JSON: an integer of 5001 digits"),
@@ -149,7 +151,8 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
     assert rejects[3]["path"].endswith("missing.mp4") and rejects[6]["path"].endswith("garbage.mp4")
     assert rejects[5]["path"].endswith("nan.npy")
     assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == index["rejects"]
-    assert index["totals"]["rejected"] == 9 and index["totals"]["samples"] == 3
+    assert "ffmpeg -i IN.mp4 -c:v libx264 -crf 18 OUT.mp4" in rejects[9]["reason"]
+    assert index["totals"]["rejected"] == 10 and index["totals"]["samples"] == 3
 
 
 def test_killed_run_resumes_to_the_identical_index(tmp_path, manifest):

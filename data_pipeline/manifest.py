@@ -246,13 +246,28 @@ def _where(value, r: ManifestRow) -> str:
     return str(value) if isinstance(value, Path) else str(r.video)
 
 
+OPENGL_DEPTH = ("depth is z > 0 in front of the camera (OpenCV axes), while OpenGL's camera looks down -z: store its "
+                "negation, and mark pixels without depth 0 (or false in 'valid')")
+
+
+def _no_negative_depth(depth: np.ndarray, row: int, where: str) -> None:
+    """RowError for negative depth without a valid mask: it is another axis convention (OpenGL's z points backwards),
+    not missing depth (0), and reading it as invalid left the whole clip without geometry."""
+    negative = depth < 0
+    if negative.any():
+        t, y, x = np.argwhere(negative)[0]
+        n = int(negative.sum())
+        raise RowError(row, where, f"depth has {n} negative value{'s' if n > 1 else ''} (first at frame {t}, y {y}, "
+                                   f"x {x}): {OPENGL_DEPTH}")
+
+
 def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> dict:
     """Load and check a row's geometry against its video's frame count and size.
 
     Returns geometry (float32 [T,H,W] depth or [T,H,W,3] xyz, 0 where invalid), valid bool [T,H,W], and
     cameras (required with depth, optional with xyz): intrinsics [T,3,3], poses_c2w [T,4,4]. Non-finite
-    values are allowed only where an explicit valid mask is false; depth must be > 0 where valid; values
-    must fit float16 storage."""
+    values are allowed only where an explicit valid mask is false, and so is negative depth; depth must be > 0
+    where valid; at least one pixel must be valid; values must fit float16 storage."""
     T, H, W = num_frames, height, width
     gp = str(r.geometry_path)
     g = load_array(r.geometry_path, r.geometry, r.row)
@@ -281,13 +296,21 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
             t, y, x = np.argwhere(~finite)[0]
             raise RowError(r.row, gp, f"non-finite {r.geometry} at (frame {t}, y {y}, x {x}) and no valid mask "
                                       f"marks it invalid; {int((~finite).sum())} such pixels")
+        if r.geometry == "depth":
+            _no_negative_depth(g, r.row, gp)
         valid = g > 0 if r.geometry == "depth" else np.ones((T, H, W), bool)
+    if not valid.any():
+        which = "the valid mask is false everywhere" if r.valid is not None else "the depth is 0 everywhere"
+        raise RowError(r.row, str(r.valid) if r.valid is not None else gp,
+                       f"no valid geometry: no pixel of any frame is valid ({which}), so the clip would train its xyz "
+                       "branch on nothing (a loss of 0): fix the geometry, or leave the row out")
     g[~valid] = 0.0
     if np.abs(g).max(initial=0.0) > 65000.0:
         raise RowError(r.row, gp, f"{r.geometry} values up to {np.abs(g).max():.4g} exceed float16 storage")
     out = {"geometry": g, "valid": valid}
     if r.geometry == "depth" and (g[valid] <= 0).any():
-        raise RowError(r.row, gp, f"depth must be > 0 where valid; {int((g[valid] <= 0).sum())} pixels are not")
+        hint = f": {OPENGL_DEPTH}" if (g[valid] < 0).any() else ""
+        raise RowError(r.row, gp, f"depth must be > 0 where valid; {int((g[valid] <= 0).sum())} pixels are not{hint}")
     # frame 0's pixels see points in front of its camera: z <= 0 there is a missing-point marker (0, 0, 0) or
     # another axis convention (OpenGL's z points backwards), which would train on wrong geometry
     behind = int((g[0, ..., 2][valid[0]] <= 0).sum()) if r.geometry == "xyz" else 0

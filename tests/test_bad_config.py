@@ -128,6 +128,20 @@ def test_a_window_longer_than_every_clip_is_refused_naming_the_key(shards, tmp_p
     assert f"the longest clip of {shards} has 9" in str(err.value)
 
 
+def test_shards_without_any_valid_geometry_are_refused_naming_the_key(shards, tmp_path):
+    """Shards written before `one4d shard` rejected rows without valid geometry (negative or all-zero depth, a mask
+    false everywhere) record statistics.valid_fraction 0: training ran with an xyz loss of 0 without a word."""
+    none = tmp_path / "none_valid"
+    shutil.copytree(shards, none)
+    index = json.loads((none / "index.json").read_text())
+    index["statistics"]["valid_fraction"] = 0.0
+    (none / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError) as err:
+        preflight_config(args(none, tmp_path))
+    assert (f"command line: key 'data.shards': {none}: no pixel of any clip has valid geometry (index.json "
+            "statistics.valid_fraction is 0") in str(err.value) and "re-shard" in str(err.value)
+
+
 def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(capsys, tmp_path):
     """The manifest's embeddings are UMT5-XXL's (4096 wide); the tiny preset's text input is 64 wide: every batch
     holding one would fail at its first step. The index's statistics name the widths, so it is refused before."""

@@ -149,12 +149,49 @@ def test_geometry_errors(files):
     np.save(files / "obj.npy", np.array([{"a": 1}], dtype=object))
     with pytest.raises(RowError, match="cannot load array"):
         load(files, depth_row(depth="obj.npy"))
-    g = load(files, depth_row(depth="neg.npy"))  # no explicit mask: depth <= 0 is invalid
-    assert not g["valid"].any()
     np.save(files / "huge.npy", d * 1e6)
     with pytest.raises(RowError, match="float16"):
         load(files, depth_row(depth="huge.npy", valid="valid.npz"))
 
+
+
+def test_negative_depth_is_rejected_as_another_convention(files):
+    """Depth stored as OpenGL's negative z passed (without a mask, depth <= 0 reads as invalid), and the clip trained
+    with no valid pixel and an xyz loss of 0. Without a mask a negative value is an error; a mask may mark one false
+    (a -1 'no depth' marker), and where it says valid the error gives the same hint. 0 without a mask is no depth."""
+    d = np.full((T, H, W), 2.0, np.float32)
+    d[1, 2, 3] = -2.0
+    np.save(files / "neg.npy", -np.full((T, H, W), 2.0, np.float32))
+    np.save(files / "one_neg.npy", d)
+    for name, count in (("neg.npy", T * H * W), ("one_neg.npy", 1)):
+        with pytest.raises(RowError, match=rf"depth has {count} negative values? \(first at frame \d+, y \d+, x \d+\): "
+                                           r"depth is z > 0 in front of the camera \(OpenCV axes\), while OpenGL's "
+                                           r"camera looks down -z: store its negation") as e:
+            load(files, depth_row(depth=name))
+        assert e.value.path.endswith(name)
+    valid = d > 0
+    np.save(files / "valid.npy", valid)
+    g = load(files, depth_row(depth="one_neg.npy", valid="valid.npy"))  # masked out: fine, stored as 0
+    assert g["geometry"][1, 2, 3] == 0 and not g["valid"][1, 2, 3]
+    np.save(files / "all_valid.npy", np.ones((T, H, W), bool))
+    with pytest.raises(RowError, match=r"depth must be > 0 where valid; 1 pixels are not.*OpenGL"):
+        load(files, depth_row(depth="one_neg.npy", valid="all_valid.npy"))
+
+
+@pytest.mark.parametrize("how", ["zero_depth", "mask_all_false", "xyz_mask_all_false"])
+def test_a_row_without_any_valid_geometry_is_rejected(files, how):
+    """All-zero depth or a mask false everywhere left no valid pixel: the clip trained with an xyz loss of 0 and
+    'valid fraction 0.0' in the index, without a word."""
+    np.save(files / "zero.npy", np.zeros((T, H, W), np.float32))
+    np.save(files / "none_valid.npy", np.zeros((T, H, W), bool))
+    np.save(files / "x.npy", np.ones((T, H, W, 3), np.float32))
+    row, path = {"zero_depth": (depth_row(depth="zero.npy"), "zero.npy"),
+                 "mask_all_false": (depth_row(valid="none_valid.npy"), "none_valid.npy"),
+                 "xyz_mask_all_false": ({"video": "v.mp4", "xyz": "x.npy", "valid": "none_valid.npy"},
+                                        "none_valid.npy")}[how]
+    with pytest.raises(RowError, match=r"no valid geometry: no pixel of any frame is valid") as e:
+        load(files, row)
+    assert e.value.path.endswith(path) and e.value.row == 0
 
 
 @pytest.mark.parametrize("K, frame", [

@@ -388,7 +388,19 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
         key = ("data.shards" if "no samples" in str(exc) else "data.epoch_length" if "epoch length" in str(exc)
                else "data.num_workers")
         return [(key, f"{exc} ({spec}, data.mode={d.mode})")]
-    return index_problems(cfg, spec, stats)
+    return geometry_problems(spec, stats) + index_problems(cfg, spec, stats)
+
+
+def geometry_problems(spec: str, stats: dict) -> list[tuple[str, str]]:
+    """A training shard set without a single valid geometry pixel (index.json's statistics.valid_fraction 0, of
+    shards written before `one4d shard` rejected such rows): its xyz branch would train on nothing, a loss of 0,
+    without a word."""
+    if stats.get("valid_fraction") != 0:
+        return []
+    return [("data.shards", f"{spec}: no pixel of any clip has valid geometry (index.json statistics.valid_fraction "
+             "is 0: depth stored as negative z, depth 0 everywhere, or valid masks false everywhere), so the xyz "
+             "branch would train on nothing; fix the geometry and re-shard with `one4d shard`, which rejects such "
+             "rows naming the reason")]
 
 
 def index_problems(cfg, spec: str, stats: dict | None = None, key: str = "data.shards") -> list[tuple[str, str]]:

@@ -31,6 +31,10 @@ class SampleError(ValueError):
     """A shard sample that cannot be used; the reader logs it with its shard and key and skips it."""
 
 
+class ShortClipError(SampleError):
+    """A clip shorter than the frame window: no damage, and counted apart from the corrupt samples."""
+
+
 def why(exc: BaseException) -> str:
     """An exception's message, or its type where it has none (MemoryError(), say): a skip is never unexplained."""
     return str(exc) or type(exc).__name__
@@ -240,8 +244,8 @@ def window_indices(n: int, num_frames: int, frame_stride: int, pinned: bool = Fa
     `start` when given, else 0 when `pinned`, else a random start drawn from `rng`."""
     span = (num_frames - 1) * frame_stride + 1
     if n < span:
-        raise SampleError(f"clip has {n} frames, the window needs {span} (num_frames={num_frames}, "
-                          f"frame_stride={frame_stride})")
+        raise ShortClipError(f"clip has {n} frames, the window needs {span} (num_frames={num_frames}, "
+                             f"frame_stride={frame_stride})")
     if start is None:
         start = 0 if pinned else int(rng.integers(0, n - span + 1))
     elif not 0 <= start <= n - span:

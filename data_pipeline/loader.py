@@ -2,10 +2,10 @@
 
 Workers batch their own samples, so every batch comes from one reader slot, and torch's DataLoader hands
 out workers' batches in a fixed round robin. The loader records what the consumer has taken: per rank-local
-slot (epoch, raw position after the last consumed sample, samples skipped so far) and the slot whose batch
-comes next. Built with that position, each worker fast-forwards its slot without decoding, and workers are
-rotated so that the first batch comes from the slot that was next: the batches that follow are the ones an
-uninterrupted run would have produced.
+slot (epoch, raw position after the last consumed sample, samples skipped so far and of them the clips shorter
+than the frame window) and the slot whose batch comes next. Built with that position, each worker fast-forwards
+its slot without decoding, and workers are rotated so that the first batch comes from the slot that was next: the
+batches that follow are the ones an uninterrupted run would have produced.
 """
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ class StreamLoader:
                                workers=max(1, cfg.num_workers), mode=cfg.mode, epoch_length=cfg.epoch_length,
                                shuffle_buffer=cfg.shuffle_buffer)
         self.fingerprint = shard_fingerprint(shard_list)
-        self.slots = [[0, 0, 0] for _ in range(self.plan.workers)]  # per local slot: epoch, position, skipped
+        # per local slot: epoch, position, samples skipped, of them clips shorter than the frame window
+        self.slots = [[0, 0, 0, 0] for _ in range(self.plan.workers)]
         self.next_slot = 0
         self.samples = 0
         self._iter = None
@@ -153,8 +154,8 @@ class StreamLoader:
             epoch = max(int(s[0]) for s in slots) + 1
             log.warning("data position saved for %s; resampled mode starts fresh at epoch %d",
                         {k: v[0] for k, v in diff.items()}, epoch)
-            self.slots = [[epoch, 0, 0] for _ in self.slots]
-            self.slots[0][2] = sum(int(s[2]) for s in slots)  # keep the run's skipped count
+            self.slots = [[epoch, 0, 0, 0] for _ in self.slots]
+            self.slots[0][2:] = [sum(int(s[i]) for s in _padded(slots)) for i in (2, 3)]  # keep the run's counts
             self.samples = samples
             return
         if diff:
@@ -165,7 +166,7 @@ class StreamLoader:
         if len(slots) != self.plan.workers or not 0 <= next_slot < self.plan.workers:
             raise PositionError(f"data position has {len(slots)} slots / next_slot {next_slot} for "
                                 f"{self.plan.workers} workers")
-        self.slots = [[int(e), int(p), int(k)] for e, p, k in slots]
+        self.slots = [[int(v) for v in s] for s in _padded(slots)]
         self.next_slot, self.samples = next_slot, samples
 
     @property
@@ -175,8 +176,13 @@ class StreamLoader:
 
     @property
     def samples_skipped(self) -> int:
-        """Corrupt or undecodable samples skipped before the consumed positions (whole run)."""
+        """Samples skipped before the consumed positions (whole run): corrupt, undecodable or too short."""
         return sum(s[2] for s in self.slots)
+
+    @property
+    def samples_too_short(self) -> int:
+        """Of samples_skipped, the clips shorter than the frame window (counted since positions kept them apart)."""
+        return sum(s[3] for s in self.slots)
 
     def _loader(self) -> DataLoader:
         stream = ShardStream(self.plan, self.cfg, start={i: tuple(s) for i, s in enumerate(self.slots)},
@@ -202,7 +208,7 @@ class StreamLoader:
             expected = self.next_slot
             if local != expected:
                 raise RuntimeError(f"batch came from reader slot {local}, expected {expected}: the round robin broke")
-            self.slots[local] = [int(batch["__epoch__"][-1]), int(batch["__pos__"][-1]), int(batch["__skipped__"][-1])]
+            self.slots[local] = [int(batch[k][-1]) for k in ("__epoch__", "__pos__", "__skipped__", "__short__")]
             self.next_slot = (local + 1) % W
             self.samples += len(batch["__key__"])
             yield batch
@@ -218,6 +224,17 @@ class StreamLoader:
             if shutdown:
                 shutdown()
             self._iter = None
+
+
+def _padded(slots: list) -> list[list[int]]:
+    """Saved slots as [epoch, position, skipped, too short]; a position saved before short clips were counted apart
+    holds 3 numbers a slot (their count starts at 0)."""
+    out = []
+    for s in slots:
+        if not isinstance(s, (list, tuple)) or len(s) not in (3, 4):
+            raise PositionError(f"data position is malformed: slot {s!r:.80} is not [epoch, position, skipped, short]")
+        out.append([int(v) for v in s] + [0] * (4 - len(s)))
+    return out
 
 
 def build_loader(data_cfg: DataConfig, *, seed: int, micro_batch_size: int, rank: int | None = None,

@@ -27,7 +27,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from data_pipeline import checksums, shm_pool
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import SampleError, decode_clip
+from data_pipeline.decode import SampleError, ShortClipError, decode_clip
 from data_pipeline.latents import LatentsMismatchError, LatentsSpec, check_settings, latent_sample
 from data_pipeline.shard_index import read_index
 from data_pipeline.transforms import to_sample, to_staged_sample
@@ -277,9 +277,9 @@ EMPTY_EPOCHS_LIMIT = 16
 class ShardStream(IterableDataset):
     """Decoded samples (docs/data.md) of one rank; each DataLoader worker serves one reader slot, forever.
 
-    `start` maps a rank-local slot to (epoch, raw position, skipped so far); `rotation` makes worker w serve
-    local slot (w + rotation) % workers, so that after a resume the DataLoader's first batch comes from the
-    slot that was next.
+    `start` maps a rank-local slot to (epoch, raw position, skipped so far, of them clips shorter than the frame
+    window); `rotation` makes worker w serve local slot (w + rotation) % workers, so that after a resume the
+    DataLoader's first batch comes from the slot that was next.
 
     With data.use_latents, a sample carrying latents (`one4d encode-latents`) is read by
     latents.latent_sample (stored window and crop, latents instead of geometry) and checked against the config
@@ -316,7 +316,8 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         local = self.local_slot()
         slot = self.plan.slot(local)
-        epoch, pos, skipped = self.start.get(local, (0, 0, 0))
+        epoch, pos, skipped, short = self.start.get(local, (0, 0, 0, 0))
+        told_short: set[str] = set()  # the short clips this slot has logged: each is skipped at every epoch
         empty = 0  # epochs in a row in which this slot found no usable sample
         while True:
             sources = self.plan.sources(local, epoch)
@@ -324,6 +325,7 @@ class ShardStream(IterableDataset):
             yielded = 0
             for after, shard, key, raw in read_in_order(sources, order, pos):
                 reason = "missing from the shard (truncated or unreadable tar)" if raw is None else None
+                too_short = False
                 if raw is not None:
                     lent = shm_pool.mark()
                     try:
@@ -332,15 +334,21 @@ class ShardStream(IterableDataset):
                     except LatentsMismatchError:
                         raise
                     except Exception as exc:
-                        reason = f"{type(exc).__name__}: {exc}"
+                        too_short = isinstance(exc, ShortClipError)  # no damage: counted apart, logged once
+                        reason = (f"shorter than the frame window: {exc}" if too_short
+                                  else f"{type(exc).__name__}: {exc}")
                         shm_pool.release(lent)  # the dropped sample's pooled buffers
                 if reason:
-                    skipped += 1
-                    log.warning("skipped sample shard=%s key=%s slot=%d epoch=%d: %s", shard.name, key, slot, epoch, reason)
+                    skipped, short = skipped + 1, short + too_short
+                    if not too_short or key not in told_short:
+                        log.warning("skipped sample shard=%s key=%s slot=%d epoch=%d: %s%s", shard.name, key, slot,
+                                    epoch, reason, " (skipped at every epoch, logged once)" if too_short else "")
+                    if too_short:
+                        told_short.add(key)
                     continue
                 yielded += 1
                 sample.update(__key__=key, __shard__=shard.name, __slot__=slot, __epoch__=epoch, __pos__=after,
-                              __skipped__=skipped)
+                              __skipped__=skipped, __short__=short)
                 yield sample
             if yielded == 0 and pos == 0:  # every shard dealt to this slot this epoch was unusable
                 empty += 1

@@ -145,7 +145,7 @@ def _number(v) -> bool:
 def _check_statistics(path: Path, st: dict) -> None:
     """ShardIndexError naming the file and the field unless `statistics` holds what its readers use (train's and
     eval's checks, inspect-shards, encode-latents) in the types `statistics()` writes. `text_embeddings` may be
-    missing (indexes written before it was kept) or unknown (samples and widths null)."""
+    missing (indexes written before it was kept) or unknown (samples and widths null); so may `clip_frames`."""
     where = f"{path}: statistics"
 
     def counts(key: str, names=None) -> None:
@@ -164,6 +164,14 @@ def _check_statistics(path: Path, st: dict) -> None:
         value = st.get(key)
         if not (isinstance(value, list) and len(value) == 2 and all(v is None or _number(v) for v in value)):
             raise ShardIndexError(f"{where}.{key} must be [min, max] (numbers or nulls), got {value!r:.80}")
+    if "clip_frames" in st:  # indexes written before clips were counted by length lack it
+        value = st["clip_frames"]
+        if not isinstance(value, dict):
+            raise ShardIndexError(f"{where}.clip_frames must be a JSON object, got {value!r:.80}")
+        if not all(isinstance(n, str) and n.isascii() and n.isdigit() for n in value):
+            raise ShardIndexError(f"{where}.clip_frames must map frame counts (digits) to clip counts, got "
+                                  f"{value!r:.80}")
+        counts("clip_frames")
     value = st.get("valid_fraction", "missing")
     if not (value is None or _number(value)):
         raise ShardIndexError(f"{where}.valid_fraction must be a number or null, got {value!r:.80}")
@@ -236,6 +244,7 @@ def statistics(records: list[dict]) -> dict:
     xyz = [s for s in samples if s["geometry"] == "xyz" and s["depth_max"] is not None]
     return {
         "frames": {"total": sum(frames), "min": min(frames, default=0), "max": max(frames, default=0)},
+        "clip_frames": {str(n): frames.count(n) for n in sorted(set(frames))},
         "resolutions": dict(sorted(resolutions.items())),
         "geometry": {"depth": sum(s["geometry"] == "depth" for s in samples),
                      "xyz": sum(s["geometry"] == "xyz" for s in samples)},

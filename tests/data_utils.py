@@ -79,3 +79,20 @@ def write_rotated_mp4(path, frames: np.ndarray, degrees: int, fps: int = 16) -> 
             out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(stream.encode())
     return path
+
+
+def make_shards_of_lengths(tmp_dir, lengths: tuple[int, ...], height: int = 32, width: int = 64,
+                           samples_per_shard: int = 1) -> Path:
+    """One synthetic clip of each frame count in `lengths` (row i: lengths[i] frames), sharded together into
+    tmp_dir/shards; returns the shard folder."""
+    rows = []
+    for i, frames in enumerate(lengths):
+        manifest = make_dataset(Path(tmp_dir) / f"clip{i}", 1, frames, height, width, seed=i)
+        for row in (json.loads(line) for line in manifest.read_text().splitlines()):
+            rows.append({k: str(manifest.parent / v) if k in ("video", "valid", "depth", "poses") else v
+                         for k, v in row.items()})
+    manifest = Path(tmp_dir) / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = Path(tmp_dir) / "shards"
+    run_sharding(manifest, out, samples_per_shard=samples_per_shard, workers=1, progress=False)
+    return out

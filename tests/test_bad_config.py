@@ -4,6 +4,7 @@ Imports: train.task. Everything runs in-process through `main` (which returns 2 
 one launch of the real CLI for the exit code."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from data_utils import make_shards
+from data_utils import make_shards, make_shards_of_lengths
 from launch_utils import ROOT, _env, mlflow_run
 from one4d_train.config import ConfigError, load_config
 from one4d_train.configtools import in_range
@@ -140,6 +141,26 @@ def test_shards_without_any_valid_geometry_are_refused_naming_the_key(shards, tm
         preflight_config(args(none, tmp_path))
     assert (f"command line: key 'data.shards': {none}: no pixel of any clip has valid geometry (index.json "
             "statistics.valid_fraction is 0") in str(err.value) and "re-shard" in str(err.value)
+
+
+def test_clips_shorter_than_the_window_are_counted_in_a_warning(tmp_path):
+    """Clips shorter than the window (but not all of them) are skipped at every epoch: the trainer's start-up warning
+    says how many (index.json counts the clips of each length; an older index has only the shortest)."""
+    from data_pipeline.shard_index import read_index
+    from one4d_train.train.one4d_task import short_clip_warning
+
+    shards = make_shards_of_lengths(tmp_path, (9, 5, 9, 5))
+    cfg = preflight_config(args(shards, tmp_path, "data.num_frames=9"))  # the longest clips fit: no refusal
+    stats = read_index(shards)["statistics"]
+    assert short_clip_warning(cfg.data, str(shards), stats) == (
+        f"2 of 4 clips of {shards} are shorter than the frame window of 9 frames (data.num_frames=9, "
+        "data.frame_stride=1): they are skipped at every epoch (logged once per reader slot, and counted as shorter "
+        "than the window); lower data.num_frames or data.frame_stride to train on them")
+    del stats["clip_frames"]
+    assert short_clip_warning(cfg.data, str(shards), stats).startswith(
+        f"some clips of {shards} (the shortest has 5 frames; this index.json does not count them by length) are "
+        "shorter than the frame window of 9 frames")
+    assert short_clip_warning(dataclasses.replace(cfg.data, num_frames=5), str(shards), stats) is None
 
 
 def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(capsys, tmp_path):

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_utils import make_shards, resum, write_rotated_mp4
+from data_utils import make_shards, make_shards_of_lengths, resum, write_rotated_mp4
 
 from data_pipeline.config import DataConfig
 from data_pipeline.geometry import denormalise_pointmap, depth_to_pointmaps
 from data_pipeline.loader import build_loader
 from data_pipeline.decode import NpzReader, SampleError, decode_clip, read_frames, read_valid
 from data_pipeline.shard import npz_bytes
+from data_pipeline.shard_index import read_index
 from data_pipeline.reader import (ShardStream, StreamPlan, dist_rank_world, list_shards, raw_samples,
                                   read_in_order, shuffle_order)
 from data_pipeline.synthetic import render_clip
@@ -163,6 +164,30 @@ def test_corrupt_members_and_truncated_shard_are_skipped_and_counted(tmp_path, c
     text = caplog.text
     for name, key in ((shards[0].name, mp4_victim), (shards[1].name, npz_victim), (shards[2].name, shards[2].keys[0])):
         assert f"shard={name} key={key}" in text
+
+
+def test_clips_shorter_than_the_window_are_skipped_and_counted_as_such(tmp_path, caplog):
+    """A clip shorter than the frame window is no corrupt sample: it is counted apart (the trainer's log line says
+    which skips were which) and logged once per reader slot, not at every epoch. The index counts the clips of each
+    length, for the trainer's warning at start-up. A position saved before the count was kept (3 numbers a slot)
+    still resumes."""
+    shards = make_shards_of_lengths(tmp_path, (9, 5, 9, 5))
+    assert read_index(shards)["statistics"]["clip_frames"] == {"5": 2, "9": 2}
+    cfg = _cfg(shards, num_frames=7, frame_stride=1)
+    loader = build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.reader"):
+        keys = [b["__key__"][0] for b in _take(loader, 6)]  # 3 epochs of the 2 clips that fit
+    assert sorted(set(keys)) == ["r000000000", "r000000002"]
+    assert loader.samples_too_short == loader.samples_skipped >= 4
+    short = [r.getMessage() for r in caplog.records if "shorter than the frame window" in r.getMessage()]
+    assert len(short) == 2 and all("clip has 5 frames, the window needs 7" in m for m in short), short
+    assert "SampleError" not in caplog.text
+    old = loader.state_dict()
+    old["slots"] = [s[:3] for s in old["slots"]]
+    resumed = build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1, position=old)
+    assert (resumed.samples_skipped, resumed.samples_too_short) == (loader.samples_skipped, 0)
+    assert [b["__key__"][0] for b in _take(resumed, 2)] == [b["__key__"][0] for b in _take(
+        build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1, position=loader.state_dict()), 2)]
 
 
 @pytest.mark.parametrize("mode", ["exact", "resampled"])

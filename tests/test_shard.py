@@ -57,6 +57,7 @@ def test_round_trip_members(tmp_path, geometry):
     assert index["totals"] == {"shards": 2, "samples": 3, "bytes": sum(s["bytes"] for s in index["shards"]),
                                "rejected": 0}
     assert index["statistics"]["frames"] == {"total": 27, "min": 9, "max": 9}
+    assert index["statistics"]["clip_frames"] == {"9": 3}
     assert index["statistics"]["resolutions"] == {"32x64": 3}
     assert index["statistics"]["text_embeddings"] == {"samples": 0, "widths": []}
     members = {**read_tar(out / "shard-000000.tar"), **read_tar(out / "shard-000001.tar")}
@@ -675,6 +676,10 @@ def test_an_index_the_json_parser_cannot_take_is_refused_naming_it(tmp_path, cap
     (lambda st: st.update(geometry=[]), "statistics.geometry must be a JSON object, got []"),
     (lambda st: st.update(depth_range=None), "statistics.depth_range must be [min, max] (numbers or nulls), got None"),
     (lambda st: st.update(valid_fraction="1"), "statistics.valid_fraction must be a number or null, got '1'"),
+    (lambda st: st.update(clip_frames=[9]), "statistics.clip_frames must be a JSON object, got [9]"),
+    (lambda st: st.update(clip_frames={"nine": 1}),
+     "statistics.clip_frames must map frame counts (digits) to clip counts, got {'nine': 1}"),
+    (lambda st: st.update(clip_frames={"9": "1"}), "statistics.clip_frames.9 must be a non-negative integer, got '1'"),
     (lambda st: st.update(text_embeddings={"samples": 1}), "statistics.text_embeddings must be a JSON object"),
     (lambda st: st.update(text_embeddings={"samples": "1", "widths": [4096]}),
      "statistics.text_embeddings.samples must be a non-negative integer (null where widths is null), got '1'"),
@@ -696,9 +701,10 @@ def test_an_index_with_wrong_typed_statistics_is_refused_naming_the_field(tmp_pa
     assert message in capsys.readouterr().err
 
 
-def test_an_index_written_before_text_embeddings_were_counted_is_read(tmp_path, capsys):
+def test_an_index_written_before_text_embeddings_or_clip_lengths_were_counted_is_read(tmp_path, capsys):
     out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
     index = json.loads((out / "index.json").read_text())
+    del index["statistics"]["clip_frames"]
     for text in ({"samples": None, "widths": None}, "missing"):
         if text == "missing":
             del index["statistics"]["text_embeddings"]

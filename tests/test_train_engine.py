@@ -582,6 +582,18 @@ def test_launcher_detection():
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and d.master_port > 0
 
 
+def test_the_data_line_tells_short_clips_from_corrupt_samples():
+    """A clip shorter than the frame window is skipped at every epoch, but it is no corrupt sample: the line said
+    "corrupt or undecodable" for all of them."""
+    from one4d_train.train.metrics import data_skips_line
+
+    assert data_skips_line(10, 10) == ("data: 10 samples skipped so far (all ranks): 10 shorter than the frame window; "
+                                       "each is logged with its shard, key and reason by the readers")
+    assert data_skips_line(3, 1).startswith("data: 3 samples skipped so far (all ranks): 1 shorter than the frame "
+                                            "window, 2 corrupt or undecodable; ")
+    assert "shorter" not in data_skips_line(2, 0) and "2 corrupt or undecodable" in data_skips_line(2, 0)
+
+
 def test_deepspeed_config_generated_and_overrides_reported():
     from one4d_train.config import load_config
 

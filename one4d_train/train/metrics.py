@@ -75,3 +75,13 @@ def format_line(step: int, total: int, losses: dict[str, float], lr: float, grad
     if skipped:
         parts.append(f"skipped {skipped}")
     return " | ".join(parts)
+
+
+def data_skips_line(skipped: int, short: int) -> str:
+    """The log line of the samples the loaders skipped so far (all ranks), `short` of them clips shorter than the
+    frame window, told apart from the corrupt ones: those are a setting's doing (data.num_frames), not damage."""
+    kinds = [f"{short} shorter than the frame window"] if short else []
+    if skipped > short:
+        kinds.append(f"{skipped - short} corrupt or undecodable")
+    return (f"data: {skipped} samples skipped so far (all ranks): {', '.join(kinds)}; each is logged with its shard, "
+            "key and reason by the readers")

@@ -172,9 +172,21 @@ class One4DTask:
     def build_loader(self, rank: int, world_size: int, position: dict | None):
         if not self.cfg.data.shards:
             raise ValueError("data.shards is empty: point it at a shard directory made by `one4d shard`")
+        if rank == 0:
+            self._warn_short_clips()
         return build_loader(self.cfg.data, rank=rank, world_size=world_size, seed=self.cfg.seed,
                             micro_batch_size=self.cfg.train.micro_batch_size, position=position,
                             latents=latents_spec(self.cfg))
+
+    def _warn_short_clips(self) -> None:
+        """Say, once, how many training clips are shorter than the frame window (short_clip_warning)."""
+        try:
+            stats = read_index(shard_directory(self.cfg.data.shards))["statistics"]
+        except (OSError, ValueError):  # no readable index here: the loader reports it
+            return
+        warning = short_clip_warning(self.cfg.data, self.cfg.data.shards, stats)
+        if warning:
+            log.warning("data: %s", warning)
 
     # ---- frozen encoders (outside ZeRO) -----------------------------------------------------------------
     def encoders(self, device: torch.device):
@@ -437,6 +449,27 @@ def window_problems(data, spec: str, longest: int | None) -> list[tuple[str, str
                  f"data.frame_stride={data.frame_stride}), the longest clip of {spec} has {longest}: lower "
                  "data.num_frames or data.frame_stride, or shard longer clips")]
     return []
+
+
+def short_clip_warning(data, spec: str, stats: dict) -> str | None:
+    """The clips of the shard set `spec` (index.json's `statistics`) shorter than the frame window, in words, where
+    some but not all are (all: window_problems refuses the config): each is skipped at every epoch, which the
+    trainer's data line counts, but the run trains on fewer clips than the shards hold."""
+    span = (data.num_frames - 1) * data.frame_stride + 1
+    shortest, longest = stats.get("frames", {}).get("min"), stats.get("frames", {}).get("max")
+    if shortest is None or shortest >= span or longest is None or longest < span:
+        return None
+    window = (f"the frame window of {span} frames (data.num_frames={data.num_frames}, "
+              f"data.frame_stride={data.frame_stride})")
+    lengths = stats.get("clip_frames")
+    if lengths is None:  # an index written before clips were counted by length
+        which = (f"some clips of {spec} (the shortest has {shortest} frames; this index.json does not count them by "
+                 "length) are")
+    else:
+        which = (f"{sum(c for n, c in lengths.items() if int(n) < span)} of {sum(lengths.values())} clips of {spec} "
+                 "are")
+    return (f"{which} shorter than {window}: they are skipped at every epoch (logged once per reader slot, and counted "
+            "as shorter than the window); lower data.num_frames or data.frame_stride to train on them")
 
 
 POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_workers", "shards": "data.shards",

@@ -389,7 +389,7 @@ class Trainer:
                 self.window["counted"] += 1
             if step % t.log_every == 0 or step == t.steps:
                 self._log(step, self.window["sums"], self.window["counted"], timer,
-                          getattr(loader, "samples_skipped", 0))
+                          getattr(loader, "samples_skipped", 0), getattr(loader, "samples_too_short", 0))
                 self.window = {"sums": {}, "counted": 0}
             stop = self.preemption.agreed(self.device)
             due = eval_due(step)
@@ -423,11 +423,12 @@ class Trainer:
         return EXIT_OK
 
     def _log(self, step: int, sums: dict[str, float], counted: int, timer: metrics.StepTimer,
-             data_skipped: int = 0) -> None:
-        """Means of the window's losses and the corrupt samples the loaders skipped so far, over all ranks."""
+             data_skipped: int = 0, data_short: int = 0) -> None:
+        """Means of the window's losses and the samples the loaders skipped so far (`data_short` of them clips
+        shorter than the frame window), over all ranks."""
         keys = sorted(sums)
-        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys] + [float(data_skipped)])
-        data_skipped = int(reduced.pop())
+        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys] + [float(data_skipped), float(data_short)])
+        data_short, data_skipped = int(reduced.pop()), int(reduced.pop())
         elapsed, data_s, steps = timer.window()
         if not self.env.is_main:
             return
@@ -440,9 +441,9 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
         log.info(metrics.format_line(step, self.cfg.train.steps, losses, lr, grad_norm, perf, self.skipped_total))
         if data_skipped:
-            log.info("data: %d corrupt or undecodable samples skipped so far (all ranks; logged with shard and key "
-                     "by the readers)", data_skipped)
-        values = {**losses, **perf, "lr": lr, "skipped_steps": self.skipped_total, "data_skipped_samples": data_skipped}
+            log.info(metrics.data_skips_line(data_skipped, data_short))
+        values = {**losses, **perf, "lr": lr, "skipped_steps": self.skipped_total, "data_skipped_samples": data_skipped,
+                  "data_short_samples": data_short}
         if grad_norm is not None:
             values["grad_norm"] = grad_norm
         self.tracker.log_metrics(values, step)

@@ -23,7 +23,7 @@ from typing import Iterator
 import braceexpand
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline import checksums, shm_pool
 from data_pipeline.config import DataConfig
@@ -216,10 +216,21 @@ def _log_tar_error(exn: Exception) -> bool:
     return True
 
 
+def _opened(path: str) -> Iterator[dict]:
+    """The shard file at `path` as webdataset's tar pieces take it, opened as a plain file: its URL opener would also
+    run 'pipe:CMD' in a shell. A file that does not open is logged and reads as empty."""
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        _log_tar_error(OSError(f"{path}: {exc.strerror or exc}"))
+        return
+    with stream:
+        yield {"url": path, "stream": stream}
+
+
 def raw_samples(shard: Shard) -> Iterator[dict]:
     """Undecoded samples (member suffix -> bytes, plus __key__) of one shard, read with webdataset's tar pieces."""
-    streams = url_opener([{"url": shard.path}], handler=_log_tar_error)
-    yield from group_by_keys(tar_file_expander(streams, handler=_log_tar_error), handler=_log_tar_error)
+    yield from group_by_keys(tar_file_expander(_opened(shard.path), handler=_log_tar_error), handler=_log_tar_error)
 
 
 def read_in_order(sources: list[Shard], order: np.ndarray, start: int) -> Iterator[tuple[int, Shard, str, dict | None]]:

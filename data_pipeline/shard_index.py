@@ -198,8 +198,9 @@ def _check_entry(path: Path, i: int, s) -> None:
     if missing:
         raise ShardIndexError(f"{where} lacks {sorted(missing)}")
     name = s["name"]
-    if not (isinstance(name, str) and name and name not in (".", "..") and os.path.basename(name) == name):
-        raise ShardIndexError(f"{where}.name must be a file name in the folder, got {name!r:.80}")
+    if not plain_shard_name(name):
+        raise ShardIndexError(f"{where}.name must be the plain name of a .tar file in the folder (no ':', '/' or "
+                              f"'\\'), got {name!r:.80}")
     for key in ("samples", "bytes"):
         if not _count(s[key]):
             raise ShardIndexError(f"{where}.{key} must be a non-negative integer, got {s[key]!r:.80}")
@@ -213,6 +214,13 @@ def _check_entry(path: Path, i: int, s) -> None:
     if len(set(keys)) != len(keys):
         twice = next(k for k in keys if keys.count(k) > 1)
         raise ShardIndexError(f"{where}: sample key {twice} is listed twice in {name}")
+
+
+def plain_shard_name(name) -> bool:
+    """Whether `name` can only mean a tar file in the index's folder: a name with a ':' (webdataset's 'pipe:CMD',
+    which runs CMD in a shell, or a URL scheme) or a path in it must never reach an opener."""
+    return (isinstance(name, str) and name.endswith(".tar") and len(name) > len(".tar")
+            and not any(c in name for c in ":/\\") and os.path.basename(name) == name)
 
 
 def shard_entry(record: dict) -> dict:

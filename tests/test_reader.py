@@ -586,6 +586,18 @@ def test_a_sample_without_a_member_every_sample_has_is_skipped(depth_shards, mem
         stream.decode(resum({**raw, "xyz.npz": raw["depth.npz"]}), np.random.default_rng(0))
 
 
+def test_a_shard_is_opened_as_a_plain_file_never_as_a_url_or_command(depth_shards, tmp_path, monkeypatch, caplog):
+    """webdataset's opener runs 'pipe:CMD' in a shell (and reads URLs): the reader opens shard files itself."""
+    shard = list_shards(str(depth_shards))[0]
+    assert [raw["__key__"] for raw in raw_samples(shard)] == list(shard.keys)
+    monkeypatch.chdir(tmp_path)
+    evil = dataclasses.replace(shard, path=f"pipe:touch RAN; cat {shard.path}")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.reader"):
+        assert list(raw_samples(evil)) == []
+    assert not (tmp_path / "RAN").exists()
+    assert "pipe:touch RAN" in caplog.text and "No such file or directory" in caplog.text
+
+
 def test_shards_are_found_by_directory_pattern_or_file_and_a_missing_path_is_named(depth_shards, tmp_path):
     names = [s.name for s in list_shards(str(depth_shards))]
     assert [s.name for s in list_shards(str(depth_shards / "*.tar"))] == names

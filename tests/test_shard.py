@@ -616,8 +616,10 @@ def test_byte_planning_survives_bad_geometry_and_is_made_once(tmp_path, manifest
     ("samples", True, "shards[1].samples must be a non-negative integer, got True"),
     ("samples", -1, "shards[1].samples must be a non-negative integer, got -1"),
     ("sha256", 5, "shards[1].sha256 must be 64 lowercase hex digits, got 5"),
-    ("name", "../shard-000001.tar", "shards[1].name must be a file name in the folder, got '../shard-000001.tar'"),
-    ("name", None, "shards[1].name must be a file name in the folder, got None"),
+    ("name", "../shard-000001.tar", "shards[1].name must be the plain name of a .tar file in the folder (no ':', '/' "
+                                    "or '\\'), got '../shard-000001.tar'"),
+    ("name", None, "shards[1].name must be the plain name of a .tar file in the folder (no ':', '/' or '\\'), got "
+                   "None"),
     ("keys", "r000000002", "shards[1].keys must be a list of sample keys, got 'r000000002'"),
     ("keys", [2], "shards[1].keys must be a list of sample keys, got [2]"),
     (None, "shard-000001.tar", "shards[1] must be a JSON object, got 'shard-000001.tar'"),
@@ -714,6 +716,28 @@ def test_an_index_written_before_text_embeddings_or_clip_lengths_were_counted_is
         assert read_index(out)["statistics"]["frames"] == index["statistics"]["frames"]
         assert inspect_main([str(out)]) == 0
         assert "stored text embeddings" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["pipe:touch RAN; cat shard-000000.tar", "file:shard-000000.tar",
+                                  "sub/shard-000000.tar", "..\\shard-000000.tar", "shard-000000", "shard-000000.tar.gz",
+                                  ".tar", "..", ""])
+def test_an_index_naming_a_shard_other_than_by_a_plain_tar_file_name_is_refused(tmp_path, capsys, name):
+    """A name such as 'pipe:CMD' reached webdataset's opener, which ran CMD in a shell when the shard spec was
+    relative: an index file is data, and names only the folder's own tar files."""
+    from data_pipeline.reader import list_shards
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["name"] = name
+    (out / "index.json").write_text(json.dumps(index))
+    message = (f"{out / 'index.json'}: shards[0].name must be the plain name of a .tar file in the folder (no ':', "
+               f"'/' or '\\'), got {name!r}")
+    with pytest.raises(ShardIndexError, match=re.escape(message)):
+        list_shards(str(out))
+    assert inspect_main([str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not (out / "RAN").exists() and not Path("RAN").exists()
 
 
 def test_an_index_listing_a_shard_twice_is_refused(tmp_path, capsys):

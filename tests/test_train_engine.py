@@ -434,6 +434,7 @@ def test_zero2_single_plain_process_bf16(tmp_path):
     out = code.stdout + code.stderr
     assert code.returncode == 0, out[-4000:]
     assert "deepspeed override: zero_optimization.overlap_comm: True -> False" in out
+    assert "done: 16 steps, 0 steps skipped (non-finite loss or gradients); MLflow store" in out  # not samples
     # the run's config names its files from anywhere: the evaluation and export read it in other folders
     stored = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert stored["model"]["vae"] == os.path.join(ROOT, "weights", "vae")
@@ -580,6 +581,15 @@ def test_launcher_detection():
     assert distributed.PORT_BASE + distributed.PORT_SPAN - 1 < 32768
     d = distributed.detect({})
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and d.master_port > 0
+
+
+def test_the_step_line_says_skipped_steps_not_samples():
+    """Next to the data line's skipped samples, a bare "skipped 2" read as samples too."""
+    from one4d_train.train.metrics import format_line
+
+    perf = {"samples_per_s": 1.0, "tokens_per_s": 2.0, "data_wait_frac": 0.5}
+    assert format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 2).endswith("| data 50% | 2 steps skipped")
+    assert "skipped" not in format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0)
 
 
 def test_the_data_line_tells_short_clips_from_corrupt_samples():

@@ -418,8 +418,8 @@ class Trainer:
                          "from_zero=true rebuilds them", final)
             self.tracker.end("FINISHED")
             uri = getattr(self.tracker, "uri", "-")
-            log.info("done: %d steps, %d skipped; MLflow store %s (view: mlflow ui --backend-store-uri %s)", self.step,
-                     self.skipped_total, uri, uri)
+            log.info("done: %d steps, %d steps skipped (non-finite loss or gradients); MLflow store %s (view: mlflow "
+                     "ui --backend-store-uri %s)", self.step, self.skipped_total, uri, uri)
         return EXIT_OK
 
     def _log(self, step: int, sums: dict[str, float], counted: int, timer: metrics.StepTimer,

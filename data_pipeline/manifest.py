@@ -144,6 +144,8 @@ def parse_row(obj, row: int, base: Path, manifest: str = "<manifest>") -> Manife
 def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
     """All rows of a JSONL manifest: (parsed rows, errors of rows that could not be parsed). Blank lines are
     skipped but still count, so row numbers are line numbers (0-based)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(_folder_given(Path(path)))
     if not Path(path).is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     path = Path(path).resolve()  # rejects name it so, however it was spelled (they are part of the shard plan)
@@ -170,6 +172,14 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         except RowError as exc:
             errors.append(exc)
     return rows, errors
+
+
+def _folder_given(folder: Path) -> str:
+    """The message for a folder given where the manifest goes, naming the manifests in it (a folder of clips is no
+    manifest: one has to be written, docs/data.md)."""
+    found = sorted(str(p) for p in folder.glob("*.jsonl") if p.is_file())[:3]
+    such = f", such as {' or '.join(found)}" if found else " (docs/data.md says how to write one)"
+    return f"{folder} is a folder: MANIFEST is a file of JSON Lines (.jsonl, one clip per line){such}"
 
 
 def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, str]]:

@@ -501,6 +501,17 @@ def test_cli_errors(tmp_path, capsys):
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_folder_given_as_the_manifest_is_named_as_such(tmp_path, manifest, capsys):
+    """'manifest not found: DIR' for a folder that exists read as a wrong path, not a wrong kind of argument."""
+    assert shard_main([str(tmp_path), str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder: MANIFEST is a file of JSON Lines (.jsonl, one clip per line)" in err
+    assert shard_main([str(manifest.parent), str(tmp_path / "o"), "--no-progress"]) == 1
+    assert f"is a folder: MANIFEST is a file of JSON Lines (.jsonl, one clip per line), such as {manifest}" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_output_folder_that_is_a_file_is_named(tmp_path, manifest, capsys):
     """OUT_DIR naming a file (or a path under one) is an error message and exit 1, not a traceback."""
     (tmp_path / "file").write_text("")

@@ -114,16 +114,7 @@ def _encoded_under_plan(out: Path) -> list[str]:
 
     return sorted((p.name for p in out.iterdir()
                    if p.name == si.INDEX or p.name.endswith((".tar", ".record.json"))
-                   or (p.name.startswith(".") and ".tmp" in p.name and _writer_may_run(p.name))), key=rank)
-
-
-def _writer_may_run(tmp_name: str) -> bool:
-    """Whether the process that named a temp file `.NAME.tmpHOST-PID` may still be writing it: unknown for another
-    host; on this one, whether the process exists."""
-    from one4d_train.train.run_lock import process_alive
-
-    host, _, pid = tmp_name.rsplit(".tmp", 1)[1].rpartition("-")
-    return host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))
+                   or (p.name.startswith(".") and ".tmp" in p.name and si.writer_may_run(p.name))), key=rank)
 
 
 def _check_plan(out: Path, pinned: dict, name: str) -> None:

@@ -30,6 +30,10 @@ class RowError(ValueError):
         return {"row": self.row, "path": self.path, "reason": self.reason, **({"missing": True} if self.missing else {})}
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read as rows at all (one JSON document rather than JSON Lines)."""
+
+
 class DuplicateKeyError(ValueError):
     """A JSON object that repeats a key (json.loads would silently keep the last value)."""
 
@@ -150,10 +154,17 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         raise FileNotFoundError(f"manifest not found: {path}")
     path = Path(path).resolve()  # rejects name it so, however it was spelled (they are part of the shard plan)
     base = path.parent
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is no row
+    kind = _one_document(data)
+    if kind:
+        lines = data.strip().count(b"\n") + 1
+        how = f": jq -c '.[]' {path} > manifest.jsonl" if kind == "an array" else ""
+        raise ManifestError(f"{path}: not JSON Lines: one JSON object per line (this file is {kind} written over "
+                            f"{lines} lines): write each clip's object on a line of its own{how}")
     rows, errors = [], []
     # rows are lines ending in b"\n" only (str.splitlines would also split at U+2028 and other separators that
     # JSON strings may hold raw), each decoded on its own: a row that is not UTF-8 is rejected, not fatal
-    for i, raw in enumerate(path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")):  # a UTF-8 BOM is no row
+    for i, raw in enumerate(data.split(b"\n")):
         if not raw.strip():
             continue
         try:
@@ -172,6 +183,22 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         except RowError as exc:
             errors.append(exc)
     return rows, errors
+
+
+def _one_document(data: bytes) -> str | None:
+    """'an array' or 'an object' where the manifest's text is one JSON document (a pretty-printed array of rows, or
+    one object over several lines) rather than JSON Lines, which would give a reject per line; else None. JSON Lines
+    of several rows fails to parse as one document at the end of its first row, so this costs a row's parse."""
+    text = data.strip()
+    if not text.startswith((b"[", b"{")):
+        return None
+    try:
+        value = loads(text.decode("utf-8"))
+    except ValueError:  # JSON Lines (or damage: the rows report it)
+        return None
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) and b"\n" in text else None
 
 
 def _folder_given(folder: Path) -> str:

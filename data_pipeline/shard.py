@@ -30,8 +30,8 @@ import numpy as np
 from data_pipeline import shard_index as si
 from data_pipeline.checksums import with_sums
 from data_pipeline.decode import frame_member
-from data_pipeline.manifest import (ManifestRow, RowError, load_geometry, load_text_embedding, read_manifest,
-                                   repeated_rows)
+from data_pipeline.manifest import (ManifestError, ManifestRow, RowError, load_geometry, load_text_embedding,
+                                   read_manifest, repeated_rows)
 from data_pipeline.video import VideoError, probe_and_check
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,10 @@ def make_plan(manifest, samples_per_shard: int | None = None, shard_bytes: int |
         raise ShardingError("give exactly one of samples_per_shard or shard_bytes")
     if (samples_per_shard or 1) < 1 or (shard_bytes or 1) < 1:
         raise ShardingError("samples_per_shard and shard_bytes must be >= 1")
-    rows, errors = read_manifest(manifest)
+    try:
+        rows, errors = read_manifest(manifest)
+    except ManifestError as exc:  # nothing to plan: refused before the output folder is made
+        raise ShardingError(str(exc)) from None
     manifest_sha = si.sha256_file(manifest)
     reuse = previous is not None and shard_bytes and (previous.get("version"), previous.get("manifest_sha256"),
                                                       previous.get("shard_bytes")) == (PLAN_VERSION, manifest_sha, shard_bytes)
@@ -320,7 +323,8 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     a, b = old.get("rejects", []), new.get("rejects", [])
     rows = sorted({r.get("row") for r in a} ^ {r.get("row") for r in b})
     if rows:
-        out.append(f"unparsable rows differ: rows {rows}")
+        listed = f"{rows[:10]}"[:-1] + (f", ... ({len(rows)} in all)]" if len(rows) > 10 else "]")
+        out.append(f"unparsable rows differ: rows {listed}")
     elif a != b:
         x, y = next((x, y) for x, y in zip(a, b) if x != y)
         out.append(f"an unparsable row's record differs: {x} when planned, {y} now")
@@ -379,10 +383,7 @@ def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_task
     from tqdm import tqdm
 
     old = si.pin_plan(out_dir, plan)
-    if old is not None:
-        raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "
-                            f"options ({'; '.join(plan_differences(old, plan))}); re-run with the manifest and options "
-                            f"it was planned with, or use a new output folder")
+    replaced = [] if old is None else _replace_plan(out_dir, old, plan, whole_run=num_tasks is None)
     mine = [(i, s) for i, s in enumerate(plan["shards"]) if num_tasks is None or i % num_tasks == task_index]
     for _, s in mine:
         for stale in out_dir.glob(f".{s['name']}.tmp*"):
@@ -424,7 +425,35 @@ def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_task
     written = sorted(int(k.removeprefix("r")) for r in recs for k in r["keys"])
     repeated = [text for _, text in repeated_rows([rows[r] for r in written])]
     return {"index": str(index_path), "shards": len(mine), "written": len(todo), "skipped": skipped,
-            "samples": samples, "rejects": rejects, "repeated": repeated}
+            "samples": samples, "rejects": rejects, "repeated": repeated, "replaced_plan": replaced}
+
+
+def _written_under_plan(out_dir: Path) -> list[str]:
+    """The files of `out_dir` written (or maybe being written now) under its recorded plan: shards, their records,
+    and the temp files of writers that may still run. None: a new plan mixes nothing with the old one."""
+    return sorted(p.name for p in out_dir.iterdir()
+                  if (not p.name.startswith(".") and p.name.endswith((".tar", ".record.json")))
+                  or (p.name.startswith(".") and ".tmp" in p.name and si.writer_may_run(p.name)))
+
+
+def _replace_plan(out_dir: Path, old: dict, plan: dict, whole_run: bool) -> list[str]:
+    """Put `plan` in place of the other plan `old` recorded in out_dir, where nothing was written under `old` (a run
+    whose rows were all unparsable, or stopped before its first shard): a retry with a corrected manifest or other
+    options then goes ahead. Returns what differs; raises ShardingError, naming it, where shards of `old` are there,
+    or for an array task, which holds the folder beside tasks that may be writing under `old`."""
+    differences, held = plan_differences(old, plan), _written_under_plan(out_dir)
+    if held or not whole_run:
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        why = (f"it holds {', '.join(held[:3])}{more}" if held else "nothing was written under it, but an array task "
+               "does not replace it (a task beside it may be writing under it): run once without --num-tasks")
+        raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "
+                            f"options ({'; '.join(differences)}); {why}; or re-run with the manifest and options it "
+                            f"was planned with, or use a new output folder")
+    for stale in [out_dir / si.INDEX, out_dir / si.REJECTS, *out_dir.glob("index.task-*.json"),
+                  *out_dir.glob(".*.tmp*")]:  # the old plan's index of no shards, and its dead writers' temp files
+        stale.unlink(missing_ok=True)
+    si.write_json(out_dir / si.PLAN, plan)
+    return differences
 
 
 def merge(out_dir) -> dict:

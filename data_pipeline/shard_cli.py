@@ -13,7 +13,7 @@ import os
 import sys
 
 from data_pipeline.shard import ShardingError, merge, run_sharding
-from data_pipeline.shard_index import REJECTS, ShardIndexError
+from data_pipeline.shard_index import PLAN, REJECTS, ShardIndexError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardingError, ShardIndexError, OSError) as exc:  # OSError: a file it cannot read or write, a full disk
         print(f"one4d shard: error: {exc}", file=sys.stderr)
         return 1
+    if s["replaced_plan"]:
+        print(f"{os.path.join(args.paths[1], PLAN)}: replaced, nothing having been written under it: "
+              f"{'; '.join(s['replaced_plan'])}")
     print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done), {s['samples']} samples, "
           f"{len(s['rejects'])} rejected; index: {s['index']}")
     _print_rejects(s["rejects"])

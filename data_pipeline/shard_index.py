@@ -49,6 +49,15 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def writer_may_run(tmp_name: str) -> bool:
+    """Whether the process that named a temp file `.NAME.tmpHOST-PID` (write_atomic's, a shard writer's) may still
+    be writing it: unknown for another host; on this one, whether the process exists."""
+    from one4d_train.train.run_lock import process_alive
+
+    host, _, pid = tmp_name.rsplit(".tmp", 1)[1].rpartition("-")
+    return host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid))
+
+
 def fsync_dir(path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:

@@ -556,6 +556,45 @@ def test_an_empty_manifest_is_an_error_and_makes_no_folder(tmp_path, capsys, tex
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("layout", ["array", "object"])
+def test_a_manifest_that_is_one_json_document_is_refused_up_front(tmp_path, manifest, capsys, layout):
+    """A pretty-printed JSON array (or object) gave a reject for every line, exit 1, and a plan.json of no shards
+    that then refused the corrected manifest in that folder: it is refused before anything is written."""
+    rows = rows_of(manifest)
+    m = manifest.parent / f"pretty_{layout}.json"
+    m.write_text(json.dumps(rows if layout == "array" else rows[0], indent=2) + "\n")
+    assert shard_main([str(m), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    kind = "an array" if layout == "array" else "an object"
+    assert f"{m}: not JSON Lines: one JSON object per line (this file is {kind} written over " in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_under_which_nothing_was_written_gives_way_to_new_settings(tmp_path, manifest, capsys):
+    """Every row of the first manifest was unparsable: its plan has no shards, nothing was written under it, and the
+    corrected manifest in its folder was refused as another manifest. A whole run replaces such a plan, saying so;
+    an array task does not (a task beside it may be writing under the old one), and a plan under which a shard was
+    written still holds."""
+    rows = rows_of(manifest)
+    m = manifest.parent / "typo.jsonl"
+    m.write_text("".join(json.dumps({("vidoe" if k == "video" else k): v for k, v in r.items()}) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert shard_main([str(m), str(out), "--no-progress"]) == 1
+    capsys.readouterr()
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = ["--num-tasks", "2", "--task-index", "0"]
+    assert shard_main([str(m), str(out), "--no-progress", *tasks]) == 1
+    err = capsys.readouterr().err
+    assert "manifest sha256" in err and "nothing was written under it, but an array task does not replace" in err
+    assert shard_main([str(m), str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / 'plan.json'}: replaced, nothing having been written under it: manifest sha256" in printed
+    assert read_index(out)["totals"]["samples"] == len(rows) and read_index(out)["rejects"] == []
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert shard_main([str(m), str(out), "--no-progress"]) == 1
+    assert "it holds shard-000000.tar, shard-000000.tar.record.json; or re-run" in capsys.readouterr().err
+
+
 def test_a_run_whose_rows_were_all_rejected_fails_naming_them(tmp_path, manifest, capsys):
     """An index of no samples is written (the rejects are in it), but the exit status says the run failed: a job
     after it (training, a dependent Slurm job) must not start on an empty dataset. An array task whose own rows

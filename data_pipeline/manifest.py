@@ -248,6 +248,11 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
         raise RowError(row, str(path), f"cannot load array: {exc}") from None
 
 
+MATRICES = {"intrinsics": "a 3x3 matrix (or one per frame, [T, 3, 3]) of nested lists, [[fx, 0, cx], [0, fy, cy], "
+                          "[0, 0, 1]]",
+            "poses": "[T, 4, 4]: a 4x4 camera-to-world matrix per frame, of nested lists"}
+
+
 def _numbers(value, row: int, where: str, name: str) -> np.ndarray:
     """A nested JSON list of real numbers as float64 (np.asarray would also take "5" or true as numbers)."""
     def real(v):
@@ -255,6 +260,12 @@ def _numbers(value, row: int, where: str, name: str) -> np.ndarray:
             return all(real(x) for x in v)
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
+    def has_object(v):
+        return isinstance(v, dict) or isinstance(v, list) and any(has_object(x) for x in v)
+
+    if has_object(value):  # {"fx": ...}: named values, where the manifest takes the matrix
+        raise RowError(row, where, f"'{name}' must be {MATRICES.get(name, 'a nested list of numbers')}, got a JSON "
+                                   f"object: {json.dumps(value)[:80]}")
     if not real(value):
         raise RowError(row, where, f"'{name}' must hold real numbers (no strings, booleans or nulls)")
     try:

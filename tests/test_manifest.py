@@ -349,3 +349,19 @@ def test_cameras_must_be_real_numbers(files, where, value):
     with pytest.raises(RowError, match=rf"'{where}' must hold real numbers"):
         load(files, depth_row(**{where: value}))
     load(files, depth_row(intrinsics=[[5, 0, 2.5], [0, 5.0, 1.5], [0, 0, 1]]))  # ints and floats are fine
+
+
+@pytest.mark.parametrize("where, value", [
+    ("intrinsics", {"fx": 5, "fy": 5, "cx": 2.5, "cy": 1.5}),
+    ("intrinsics", "Kdict.json"),
+    ("poses", {"R": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "t": [0, 0, 0]}),
+])
+def test_cameras_given_as_a_json_object_name_the_matrix_expected(files, where, value):
+    """{"fx": ..., "fy": ...} was told it 'must hold real numbers (no strings, booleans or nulls)', which it does."""
+    (files / "Kdict.json").write_text(json.dumps({"fx": 5, "fy": 5, "cx": 2.5, "cy": 1.5}))
+    want = {"intrinsics": r"a 3x3 matrix \(or one per frame, \[T, 3, 3\]\) of nested lists, \[\[fx, 0, cx\], "
+                          r"\[0, fy, cy\], \[0, 0, 1\]\]",
+            "poses": r"\[T, 4, 4\]: a 4x4 camera-to-world matrix per frame, of nested lists"}[where]
+    with pytest.raises(RowError, match=rf"'{where}' must be {want}, got a JSON object") as e:
+        load(files, depth_row(**{where: value}))
+    assert e.value.path.endswith("Kdict.json" if value == "Kdict.json" else "v.mp4")

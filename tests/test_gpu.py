@@ -443,6 +443,23 @@ def one_kernel_config():
     vae_conv._conv3d_kernel.configs = configs
 
 
+def test_triton_vae_conv_launches_past_65535_row_tiles(one_kernel_config):
+    """More (video, frame, row) tiles than a CUDA grid's second axis takes (65,535): 190 frames x 352 rows of
+    one-row tiles, as 3 videos x 78 frames of an encode-latents call at 80 frames per call hold. They are the grid's first axis."""
+    import torch.nn.functional as F
+
+    from one4d_train.model.vae_conv import causal_conv3d, gemm_weight
+
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(1, 32, 192, 352, 16, device="cuda", generator=g).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(32, 32, 3, 3, 3, device="cuda", generator=g) / (27 * 32) ** 0.5).to(torch.bfloat16)
+    bias = torch.zeros(32, device="cuda", dtype=torch.bfloat16)
+    got = causal_conv3d(x, x[:, :, :0], gemm_weight(weight), bias)
+    want = F.conv3d(F.pad(x.float(), (1, 1, 1, 1, 2, 0)), weight.float(), bias.float())
+    assert rel(got, want) < 1e-2, rel(got, want)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_triton_vae_encoder_gives_the_cudnn_latents(compile, one_kernel_config):
     """The Wan VAE (its real widths: 96, 192, 384 channels) with its convolutions on the Triton kernel encodes the

@@ -36,6 +36,8 @@ def supported(conv: torch.nn.Conv3d) -> str | None:
         return f"kernel {tuple(conv.kernel_size)}, stride {tuple(conv.stride)}, groups {conv.groups}"
     if tuple(getattr(conv, "_padding", ())) != (1, 1, 1, 1, 2, 0):
         return "not a causal convolution with a one-pixel spatial border"
+    if conv.bias is None:
+        return "no bias (the kernel adds one)"
     if conv.in_channels % 32:
         return f"{conv.in_channels} input channels (need a multiple of 32)"
     if _split(conv.out_channels) is None:
@@ -61,17 +63,17 @@ if triton is not None:
     @triton.autotune(
         configs=[triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": 32}, num_warps=w, num_stages=s)
                  for bh, bw, w, s in (((2, 16, 4, 1),) if os.environ.get("TRITON_INTERPRET") == "1" else _CONFIGS)],
-        key=["C", "N1", "N2", "HAS_N2", "H", "W"])
+        key=["C", "N1", "N2", "HAS_N2", "H", "W", "FRAMES_CLASS"])
     @triton.jit
-    def _conv3d_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, T, H, W, sxb, sxt, sxh, sxw, syb, syt, syh, syw,
+    def _conv3d_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, T, H, W, sxb, sxt, sxh, sxw, syb, syt, syh, syw, FRAMES_CLASS,
                        C: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, HAS_N2: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[b, :, t, h, w] = bias + sum over (dt, dh, dw, c) of x[b, c, t + dt, h + dh - 1, w + dw - 1] w[.., c, dt, dh, dw]:
         T + 2 input frames give T output frames; the spatial border is zero (masked loads). One program: a tile of
         BLOCK_H rows x BLOCK_W pixels of one output frame, all output channels."""
         BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
-        pid_w = tl.program_id(0)
-        row = tl.program_id(1)  # (b, t, first row of the tile)
+        row = tl.program_id(0)  # (b, t, first row of the tile): the grid's first axis, which takes 2^31 - 1 blocks
+        pid_w = tl.program_id(1)
         h_tiles = tl.cdiv(H, BLOCK_H)
         h0 = (row % h_tiles) * BLOCK_H
         t = ((row // h_tiles) % T).to(tl.int64)
@@ -117,10 +119,17 @@ def _launch(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor, y: tor
     """y's T frames from x's T + 2 (both channels-last)."""
     bsz, c, t, h, w = y.shape[0], x.shape[1], y.shape[2], y.shape[3], y.shape[4]
     n1, n2 = _split(weight_kn.shape[1])
-    grid = lambda meta: (triton.cdiv(w, meta["BLOCK_W"]), bsz * t * triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
+    # (b, t, row tiles) on the first axis: 3 videos x 78 frames x 352 rows passed the second axis' 65,535 blocks
+    grid = lambda meta: (bsz * t * triton.cdiv(h, meta["BLOCK_H"]), triton.cdiv(w, meta["BLOCK_W"]))  # noqa: E731
     _conv3d_kernel[grid](x, weight_kn, bias, y, t, h, w, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
-                         y.stride(0), y.stride(2), y.stride(3), y.stride(4),
+                         y.stride(0), y.stride(2), y.stride(3), y.stride(4), frames_class(bsz * t),
                          C=c, N1=n1, N2=n2 or 16, HAS_N2=n2 > 0)
+
+
+def frames_class(frames: int) -> int:
+    """The autotuner's bucket of a launch's output frames (videos x frames): a config tuned on the one or two
+    frames of an encoder's first call, or of a call's first frames, is not the best for its bulk of 8 or 80."""
+    return 0 if frames <= 2 else 1 if frames <= 16 else 2
 
 
 @torch.library.custom_op("one4d::causal_conv3d", mutates_args=())
@@ -133,12 +142,12 @@ def causal_conv3d(x: torch.Tensor, cache: torch.Tensor, weight_kn: torch.Tensor,
     x = x.contiguous(memory_format=torch.channels_last_3d)
     y = torch.empty((bsz, weight_kn.shape[1], t, h, w), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last_3d)
+    if t > CACHE_T:
+        _launch(x, weight_kn, bias, y[:, :, CACHE_T:])
     head = min(CACHE_T, t)
     zeros = x.new_zeros((bsz, c, CACHE_T - cache.shape[2], h, w))
     front = torch.cat([zeros, cache.to(x.dtype), x[:, :, :head]], 2).contiguous(memory_format=torch.channels_last_3d)
     _launch(front, weight_kn, bias, y[:, :, :head])
-    if t > CACHE_T:
-        _launch(x, weight_kn, bias, y[:, :, CACHE_T:])
     return y
 
 

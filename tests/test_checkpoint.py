@@ -285,7 +285,7 @@ def test_the_same_resume_command_run_again_goes_on_from_the_start_it_made(tmp_pa
                                "optim": {"lr": 0.03, "betas": [0.9, 0.99]}, **config})
 
     start = checkpoint(d, 4, "A", None)
-    assert ckpt.start_point(start) == {"mlflow_run_id": "A", "step": 4}
+    assert ckpt.start_point(start) == {"mlflow_run_id": "A", "step": 4, "path": os.path.realpath(start)}
     assert ckpt.branch_progress(d, start, command()) == (None, [])  # nothing newer
     branch = checkpoint(d, 6, "B", {"mlflow_run_id": "A", "step": 4}, optim={"lr": 0.02, "betas": [0.9, 0.99]})
     assert ckpt.branch_progress(d, start, command(optim={"lr": 0.02, "betas": [0.9, 0.99]})) == (branch, [])
@@ -299,6 +299,49 @@ def test_the_same_resume_command_run_again_goes_on_from_the_start_it_made(tmp_pa
     into = str(tmp_path / "new" / "checkpoints")
     newest = checkpoint(into, 10, "Y", {"mlflow_run_id": "X", "step": 4})
     assert ckpt.branch_progress(into, elsewhere, command()) == (newest, [])
+
+
+def resumable(folder, step, run, started_from, config_text):
+    """A complete checkpoint as far as resume_problems and branch_progress read it: a train state with the keys a
+    resume reads, recording `started_from`, and the config.yaml `config_text`."""
+    path = make(folder, step)  # the marker lists ds/ only: the files added below leave it complete
+    os.makedirs(os.path.join(path, "train_state"))
+    state = {k: 0 for k in ckpt.STATE_KEYS} | {"step": step, "mlflow_run_id": run, "started_from": started_from}
+    with open(os.path.join(path, "train_state", "rank-00000.json"), "w") as f:
+        json.dump(state, f)
+    with open(os.path.join(path, ckpt.CONFIG_FILE), "w") as f:
+        f.write(config_text)
+    return path
+
+
+def test_the_same_resume_command_goes_on_once_train_keep_last_pruned_its_start(tmp_path):
+    """resume=PATH of step 4 of the same run: the start's checkpoints 6, 8 and 10 made the prune (keep_last=3) delete
+    step 4, and the same command run again (a requeue, a re-run after a kill) stopped at its start-up check with "no
+    such checkpoint directory". Its checkpoints record PATH's path beside PATH's MLflow run and step, which no longer
+    read: the command goes on from the newest, checked as such; under another config it is told which keys differ."""
+    from one4d_train.train.config import TrainConfig, resume_problems
+
+    run = tmp_path / "run"
+    d = str(run / "checkpoints")
+    config = {"run_dir": str(run), "resume": os.path.join(d, ckpt.step_name(4)), "optim": {"lr": 0.02}}
+    text = yaml.safe_dump(config)
+    start = resumable(d, 4, "A", None, text)
+    point = ckpt.start_point(start)
+    for step in (6, 8, 10):
+        resumable(d, step, "B", point, text)
+    ckpt.Checkpointer(str(run), 0, 2, keep_last=3)._prune()
+    assert names(d) == [ckpt.step_name(s) for s in (6, 8, 10)]
+    newest = os.path.join(d, ckpt.step_name(10))
+    assert ckpt.branch_progress(d, start, text) == (newest, [])
+    assert resume_problems(start, str(run), 2, TrainConfig(), 0, text) == []
+    (key, problem), = resume_problems(start, str(run), 4, TrainConfig(), 0, text)
+    assert key == "resume" and problem.startswith(f"resume={start} goes on from {newest}: written by 2 ranks")
+    other = yaml.safe_dump({**config, "optim": {"lr": 0.01}})
+    assert ckpt.branch_progress(d, start, other) == (None, ["optim.lr"])
+    (key, problem), = resume_problems(start, str(run), 2, TrainConfig(), 0, other)
+    assert key == "resume" and "no such checkpoint directory" in problem and "(optim.lr differ)" in problem
+    elsewhere = str(tmp_path / "run" / "checkpoints" / ckpt.step_name(2))  # never a start of theirs
+    assert ckpt.branch_progress(d, elsewhere, text) == (None, [])
 
 
 def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):

@@ -740,6 +740,30 @@ def test_the_same_resume_command_after_a_preempted_branch_goes_on_from_its_last_
     assert len(client.search_runs([client.get_experiment_by_name("one4d").experiment_id])) == 3
 
 
+def test_the_same_resume_command_goes_on_after_train_keep_last_pruned_its_start(tmp_path):
+    """resume=PATH of this run's step 2: the start's checkpoints 4 and 6 made the prune (train.keep_last=2) delete
+    PATH, and the same command run again after a preemption exited 2 at its start-up check ("no such checkpoint
+    directory"). It goes on from step 6, in the branch's MLflow run."""
+    args = ["train.checkpoint_every=2", "train.log_every=1"]
+    code, out = single(tmp_path, *args, "train.steps=4")
+    assert code == 0, out[-4000:]
+    ckpt_dir = tmp_path / "checkpoints"
+    branch = [*args, "train.steps=8", "train.keep_last=2", f"resume={ckpt_dir / ckpt.step_name(2)}"]
+    code, out = single(tmp_path, *branch, extra_env={"TOY_SIGNAL_AT": "6:0:TERM"})
+    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    assert not (ckpt_dir / ckpt.step_name(2)).exists()
+    code, out = single(tmp_path, *branch)
+    assert code == 0 and f"resumed from {ckpt_dir / ckpt.step_name(6)} at step 6" in out, out[-4000:]
+    assert [r["step"] for r in trace(tmp_path, 0)][-2:] == [7, 8]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    first, second = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
+                           key=lambda r: r.info.start_time)
+    assert second.data.tags["one4d.branched_from_run"] == first.info.run_id and second.info.status == "FINISHED"
+    assert steps_logged(client, second, "loss") == list(range(3, 9))
+
+
 def test_steps_logged_before_a_kill_are_not_logged_again_after_the_resume(tmp_path):
     """A job killed between checkpoints had logged the steps since its last one; the resumed job trains them again
     and logged each a second time, so every metric's history held two points at those steps where an uninterrupted

@@ -102,16 +102,28 @@ def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool
 
 def start_point(checkpoint: str) -> dict | None:
     """Checkpoint `checkpoint` as the start of a timeline: the MLflow run and step of its rank 0's train state (an
-    MLflow run's checkpoints form one line, so the two name it wherever it lies), None when they do not read. The
-    trainer records the start point of the resume=PATH that began a timeline in each of its checkpoints
-    ("started_from")."""
+    MLflow run's checkpoints form one line, so the two name it wherever it lies), and its resolved path (all that is
+    left to know it by once train.keep_last pruned it); None when they do not read. The trainer records the start
+    point of the resume=PATH that began a timeline in each of its checkpoints ("started_from")."""
     try:
         with open(os.path.join(checkpoint, "train_state", "rank-00000.json")) as f:
             state = json.load(f)
         point = {"mlflow_run_id": state["mlflow_run_id"], "step": state["step"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return point if point["mlflow_run_id"] else None
+    return {**point, "path": os.path.realpath(checkpoint)} if point["mlflow_run_id"] else None
+
+
+def began_with(started_from, resumed: str) -> bool:
+    """Whether a timeline whose checkpoints record `started_from` began with a start from checkpoint `resumed`: by
+    its MLflow run and step while it reads, wherever it lies (a moved run directory); by its path once it does not
+    (pruned by train.keep_last, or deleted: the same resume=PATH command run again still names it)."""
+    if not isinstance(started_from, dict):
+        return False
+    point = start_point(resumed)
+    if point is not None:
+        return all(started_from.get(k) == point[k] for k in ("mlflow_run_id", "step"))
+    return started_from.get("path") == os.path.realpath(resumed)
 
 
 SAME_COMMAND_ANYWHERE = ("run_dir", "resume")  # the same command in a moved run directory, or requeued (resume=auto)
@@ -134,18 +146,19 @@ def config_changes(checkpoint: str, config_text: str) -> list[str] | None:
 def branch_progress(ckpt_dir: str, resumed: str, config_text: str) -> tuple[str | None, list[str]]:
     """Where a start from checkpoint `resumed` (resume=PATH) goes on when its command is run again after that start
     was stopped: (the newest complete checkpoint of `ckpt_dir` when its timeline began with a start from `resumed`
-    and it was trained with the same config (`config_text`), else None; the config keys that differ where only the
-    config does). Re-running the command resumed `resumed` again and set the progress since aside as abandoned;
-    another config asks for another branch from `resumed`, as before (resume=auto continues whatever the config)."""
-    point, found = start_point(resumed), complete_checkpoints(ckpt_dir)
-    if point is None or not found or os.path.realpath(found[-1]) == os.path.realpath(resumed):
+    (began_with: also once `resumed` itself was pruned) and it was trained with the same config (`config_text`), else
+    None; the config keys that differ where only the config does). Re-running the command resumed `resumed` again and
+    set the progress since aside as abandoned; another config asks for another branch from `resumed`, as before
+    (resume=auto continues whatever the config)."""
+    found = complete_checkpoints(ckpt_dir)
+    if not found or os.path.realpath(found[-1]) == os.path.realpath(resumed):
         return None, []
     try:
         with open(os.path.join(found[-1], "train_state", "rank-00000.json")) as f:
             started_from = json.load(f).get("started_from")
     except (OSError, ValueError, AttributeError):  # its own resume names it when it is read
         return None, []
-    if started_from != point:
+    if not began_with(started_from, resumed):
         return None, []
     changes = config_changes(found[-1], config_text)
     if changes is None:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from one4d_train.configtools import choice, in_range
+from one4d_train.configtools import choice, in_range, to_yaml
 
 
 @dataclass
@@ -164,7 +164,7 @@ def preflight(cfg) -> list[tuple[str, str]]:
 
     env = detect()
     problems = cfg.tracking.problems() + run_dir_problems(cfg.run_dir, cfg.tracking)
-    problems += resume_problems(cfg.resume, cfg.run_dir, env.world_size, cfg.train, env.rank)
+    problems += resume_problems(cfg.resume, cfg.run_dir, env.world_size, cfg.train, env.rank, to_yaml(cfg))
     task_cls, problem = task_class(cfg.train.task)
     if problem:
         problems.append(("train.task", problem))
@@ -243,29 +243,31 @@ def sqlite_problem(path: str) -> str | None:
     return None
 
 
-def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int = 0) -> list[tuple[str, str]]:
+def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int = 0,
+                    config_text: str = "") -> list[tuple[str, str]]:
     """`resume` names a complete checkpoint (or `auto` finds one, or none) written by as many ranks as this job,
     under `train`'s (TrainConfig) ZeRO stage, precision and optimizer-state layout (deepspeed_config.LAYOUT_KEYS),
     whose train state (rank 0's and `rank`'s) reads. With
     resume=auto, a checkpoint whose train state fails its CRC-32 is left to the trainer, which sets it aside and
-    falls back to an older one."""
+    falls back to an older one. A resume=PATH whose PATH is gone (pruned by train.keep_last) is checked as the newest
+    checkpoint of the start this command (`config_text`, its config.yaml's text) made from PATH, where the trainer
+    goes on (checkpoint.branch_progress)."""
     from one4d_train.train import checkpoint as ckpt
 
+    ckpt_dir, went_on = os.path.join(run_dir, "checkpoints"), None
     try:  # the trainer's own choice
-        path = ckpt.resolve_resume(resume, os.path.join(run_dir, "checkpoints"))
+        path = ckpt.resolve_resume(resume, ckpt_dir)
     except FileNotFoundError:
-        if not os.path.isdir(resume):
-            hint = (f" (did you mean {resume.lower()}?)" if resume.lower() in ("auto", "never") else
-                    " (resume takes auto, never or the path of a checkpoint directory)")
-            return [("resume", f"{resume}: no such checkpoint directory{hint}")]
-        hint = (f": {resume} is a run directory; resume=auto with run_dir={resume} continues it"
-                if os.path.isdir(os.path.join(resume, "checkpoints")) else "")
-        return [("resume", f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files "
-                 f"changed since){hint}")]
+        went_on, changes = (ckpt.branch_progress(ckpt_dir, resume, config_text) if config_text and
+                            not os.path.isdir(resume) else (None, []))
+        if went_on is None:
+            return [("resume", _no_checkpoint(resume, ckpt_dir, changes))]
+        path = went_on
     if path is None:
-        refusal = ckpt.only_damaged_left(os.path.join(run_dir, "checkpoints")) if resume == "auto" else None
+        refusal = ckpt.only_damaged_left(ckpt_dir) if resume == "auto" else None
         return [("resume", refusal)] if refusal else []
-    chosen = f"resume=auto chose {path}: " if resume == "auto" else f"{resume}: "
+    chosen = (f"resume=auto chose {path}: " if resume == "auto" else
+              f"resume={resume} goes on from {path}: " if went_on else f"{resume}: ")
     written = ckpt.marker_of(path).get("world_size")
     if written != world_size:
         return [("resume", f"{chosen}written by {written} ranks, this job has {world_size} "
@@ -286,6 +288,24 @@ def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int
              f"{state[key]}, or start a new run (another run_dir, or resume=never)")
             for key, now in (("zero_stage", train.zero_stage), ("precision", train.precision))
             if key in state and state[key] != now] + layout_problems(path, state, train)
+
+
+def _no_checkpoint(resume: str, ckpt_dir: str, changes: list[str]) -> str:
+    """Why `resume`, not a complete checkpoint, cannot be resumed: what it is instead, and what to give. `changes`:
+    the keys whose value differs from the checkpoints that went on from it (its start, under another config)."""
+    from one4d_train.train import checkpoint as ckpt
+
+    if changes:
+        return (f"{resume}: no such checkpoint directory (pruned?); the checkpoints in {ckpt_dir} go on from a start "
+                f"made from it under another config ({', '.join(changes)} differ): run that command again, or "
+                "resume=auto, to continue them")
+    if not os.path.isdir(resume):
+        hint = (f" (did you mean {resume.lower()}?)" if resume.lower() in ("auto", "never") else
+                " (resume takes auto, never or the path of a checkpoint directory)")
+        return f"{resume}: no such checkpoint directory{hint}"
+    hint = (f": {resume} is a run directory; resume=auto with run_dir={resume} continues it"
+            if os.path.isdir(os.path.join(resume, "checkpoints")) else "")
+    return f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files changed since){hint}"
 
 
 def layout_problems(path: str, state: dict, train) -> list[tuple[str, str]]:

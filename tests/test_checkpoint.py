@@ -301,10 +301,10 @@ def test_the_same_resume_command_run_again_goes_on_from_the_start_it_made(tmp_pa
     assert ckpt.branch_progress(into, elsewhere, command()) == (newest, [])
 
 
-def resumable(folder, step, run, started_from, config_text):
+def resumable(folder, step, run, started_from, config_text, crc=False):
     """A complete checkpoint as far as resume_problems and branch_progress read it: a train state with the keys a
     resume reads, recording `started_from`, and the config.yaml `config_text`."""
-    path = make(folder, step)  # the marker lists ds/ only: the files added below leave it complete
+    path = make(folder, step, crc=crc)  # the marker lists ds/ only: the files added below leave it complete
     os.makedirs(os.path.join(path, "train_state"))
     state = {k: 0 for k in ckpt.STATE_KEYS} | {"step": step, "mlflow_run_id": run, "started_from": started_from}
     with open(os.path.join(path, "train_state", "rank-00000.json"), "w") as f:
@@ -342,6 +342,50 @@ def test_the_same_resume_command_goes_on_once_train_keep_last_pruned_its_start(t
     assert key == "resume" and "no such checkpoint directory" in problem and "(optim.lr differ)" in problem
     elsewhere = str(tmp_path / "run" / "checkpoints" / ckpt.step_name(2))  # never a start of theirs
     assert ckpt.branch_progress(d, elsewhere, text) == (None, [])
+
+
+@pytest.fixture
+def one_rank():
+    """A process group of one rank (gloo): what choose_resume's collectives need."""
+    import torch.distributed as dist
+
+    from launch_utils import _port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_damaged_checkpoint_of_the_same_resume_commands_start_falls_back_within_that_start(tmp_path, one_rank):
+    """The same resume=PATH command goes on from the newest checkpoint of its start; that one damaged, it was refused
+    as a resume=<that checkpoint> the user never gave, for good. Those checkpoints are the command's own progress:
+    a damaged one is set aside as resume=auto does, and the start's next newest is tried, then PATH itself (refused
+    when damaged, never set aside); with PATH pruned and none left, the refusal says so."""
+    from one4d_train.configtools import ConfigError
+
+    run = tmp_path / "run"
+    d = str(run / "checkpoints")
+    text = yaml.safe_dump({"run_dir": str(run), "resume": os.path.join(d, ckpt.step_name(4)), "optim": {"lr": 0.02}})
+    start = resumable(d, 4, "A", None, text, crc=True)
+    point = ckpt.start_point(start)
+    six, eight = (resumable(d, step, "B", point, text, crc=True) for step in (6, 8))
+    flip(os.path.join(eight, "ds", "model.pt"))
+    with pytest.raises(ConfigError, match="is damaged"):  # resume=<that checkpoint> as given, never set aside
+        ckpt.choose_resume(eight, d, 0)
+    assert ckpt.choose_resume(eight, d, 0, branch=(start, text)) == (six, True)
+    assert names(d) == [ckpt.step_name(4), ckpt.step_name(6)]
+    assert any(n.startswith(f"damaged-{ckpt.step_name(8)}-") for n in os.listdir(d))
+    flip(os.path.join(six, "ds", "model.pt"))
+    assert ckpt.choose_resume(six, d, 0, branch=(start, text)) == (start, True)
+    flip(os.path.join(start, "ds", "model.pt"))
+    with pytest.raises(ConfigError, match=f"key 'resume': {start} is damaged"):
+        ckpt.choose_resume(start, d, 0, branch=(start, text))
+    assert os.path.isdir(start)
+    ten = resumable(d, 10, "B", point, text, crc=True)
+    flip(os.path.join(ten, "ds", "model.pt"))
+    os.rename(start, str(tmp_path / "pruned"))
+    with pytest.raises(ConfigError, match="no such checkpoint directory .* went on from it are damaged"):
+        ckpt.choose_resume(ten, d, 0, branch=(start, text))
 
 
 def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):

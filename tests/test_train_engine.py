@@ -764,6 +764,35 @@ def test_the_same_resume_command_goes_on_after_train_keep_last_pruned_its_start(
     assert steps_logged(client, second, "loss") == list(range(3, 9))
 
 
+def test_the_same_resume_command_falls_back_within_its_start_when_its_newest_checkpoint_is_damaged(tmp_path):
+    """resume=PATH of step 2, preempted at step 6: the command run again goes on from step 6, which was damaged (a
+    flipped byte), and exited 2 on "key 'resume': .../step-6 is damaged", a path it was never given, for good. Step 6
+    is set aside as resume=auto sets one aside, and the start's step 4 resumed, in the branch's MLflow run."""
+    args = ["train.checkpoint_every=2", "train.log_every=1"]
+    code, out = single(tmp_path, *args, "train.steps=4")
+    assert code == 0, out[-4000:]
+    ckpt_dir = tmp_path / "checkpoints"
+    branch = [*args, "train.steps=8", "train.keep_last=10", f"resume={ckpt_dir / ckpt.step_name(2)}"]
+    code, out = single(tmp_path, *branch, extra_env={"TOY_SIGNAL_AT": "6:0:TERM"})
+    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    tensors = ckpt_dir / ckpt.step_name(6) / "train_state" / "rank-00000.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-8] ^= 0x5A
+    tensors.write_bytes(bytes(data))
+    code, out = single(tmp_path, *branch)
+    assert code == 0 and f"resumed from {ckpt_dir / ckpt.step_name(4)} at step 4" in out, out[-4000:]
+    assert f"checkpoint {ckpt_dir / ckpt.step_name(6)}, where this command went on, is damaged" in out
+    assert f"falling back to {ckpt_dir / ckpt.step_name(4)}" in out
+    assert sum(n.startswith(f"damaged-{ckpt.step_name(6)}-") for n in os.listdir(ckpt_dir)) == 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    first, second = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
+                           key=lambda r: r.info.start_time)
+    assert second.data.tags["one4d.branched_from_run"] == first.info.run_id and second.info.status == "FINISHED"
+    assert steps_logged(client, second, "loss") == list(range(3, 9))
+
+
 def test_steps_logged_before_a_kill_are_not_logged_again_after_the_resume(tmp_path):
     """A job killed between checkpoints had logged the steps since its last one; the resumed job trains them again
     and logged each a second time, so every metric's history held two points at those steps where an uninterrupted

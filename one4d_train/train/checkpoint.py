@@ -325,13 +325,16 @@ def only_damaged_left(ckpt_dir: str) -> str | None:
             "intact copies, resume=PATH of another run's checkpoint, or resume=never to start afresh")
 
 
-def choose_resume(resume: str, ckpt_dir: str, rank: int) -> tuple[str | None, bool]:
+def choose_resume(resume: str, ckpt_dir: str, rank: int,
+                  branch: tuple[str, str] | None = None) -> tuple[str | None, bool]:
     """Collective: (the checkpoint to resume from (resolve_resume_once's choice) once every rank has verified the
     files it reads against their CRC-32s, whether it is an older one than the newest: the one the start-up checks
     saw was set aside). resume=auto sets a damaged one aside (rank 0, with a warning naming its files) and tries the
-    next older complete one. ConfigError for a damaged resume=PATH, for damage with no intact checkpoint left (a
-    fresh start is resume=never's, never a silent fallback), and for a file that cannot be read now (missing, an
-    I/O error: it may pass, so nothing is set aside)."""
+    next older complete one. branch=(PATH, config text): `resume` is the newest checkpoint of the start the same
+    resume=PATH command made (branch_progress), that command's own progress: a damaged one is set aside as
+    resume=auto does and the branch's next newest tried, then PATH itself (branch_fallback). ConfigError for a
+    damaged resume=PATH, for damage with no intact checkpoint left (a fresh start is resume=never's, never a silent
+    fallback), and for a file that cannot be read now (missing, an I/O error: it may pass, so nothing is set aside)."""
     set_aside_now = []
     while True:
         path = resolve_resume_once(resume, ckpt_dir)
@@ -350,13 +353,40 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int) -> tuple[str | None, bo
                               "checkpoint)")
         if not damaged:
             return path, bool(set_aside_now)
-        if resume != "auto":
+        if resume != "auto" and (branch is None or resume == branch[0]):  # PATH as given: the user's, kept
             raise ConfigError(f"key 'resume': {resume} is damaged: {'; '.join(damaged)}. {DAMAGED_ADVICE}")
         set_aside_now.append(path)  # on every rank: each decides the same from here
         if rank == 0:  # the others wait for its next choice (resolve_resume_once), made after the move
             dest = set_damaged_aside(path)
-            log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
-                        "trying the next older checkpoint", path, "; ".join(damaged), dest)
+            what = (f"resume={branch[0]}: checkpoint {path}, where this command went on," if branch
+                    else f"resume=auto: checkpoint {path}")
+            then = " of the same start, then PATH itself" if branch else ""
+            log.warning("%s is damaged: %s. Moved to %s (kept for inspection, never resumed); trying the next older "
+                        "checkpoint%s", what, "; ".join(damaged), dest, then)
+        if branch is not None:
+            resume, branch = branch_fallback(ckpt_dir, *branch, set_aside_now, rank)
+
+
+def branch_fallback(ckpt_dir: str, start: str, config_text: str, set_aside_now: list[str],
+                    rank: int) -> tuple[str, tuple[str, str] | None]:
+    """Collective: where resume=`start` (trained with `config_text`) tries next once the newest checkpoint of its
+    branch was set aside as damaged: (the branch's newest one left (branch_progress), its branch), else (`start`
+    itself, None: PATH is the user's, refused when damaged, never set aside). ConfigError when `start` is gone
+    too (pruned): nothing of that start is left to resume."""
+    from one4d_train.train.distributed import broadcast_from_main
+
+    choice = None
+    if rank == 0:
+        newest = branch_progress(ckpt_dir, start, config_text)[0]
+        choice = newest or (start if is_complete(start) else None)
+        if choice:
+            log.warning("resume=%s: falling back to %s", start, choice)
+    choice = broadcast_from_main(choice)
+    if choice is None:
+        raise ConfigError(f"key 'resume': {start}: no such checkpoint directory (pruned?), and the checkpoints that "
+                          f"went on from it are damaged ({', '.join(set_aside_now)} set aside as damaged): put back "
+                          "an intact copy of one, or resume=PATH of another checkpoint")
+    return choice, ((start, config_text) if choice != start else None)
 
 
 def unloadable_advice(path: str) -> str:

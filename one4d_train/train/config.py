@@ -249,9 +249,9 @@ def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int
     under `train`'s (TrainConfig) ZeRO stage, precision and optimizer-state layout (deepspeed_config.LAYOUT_KEYS),
     whose train state (rank 0's and `rank`'s) reads. With
     resume=auto, a checkpoint whose train state fails its CRC-32 is left to the trainer, which sets it aside and
-    falls back to an older one. A resume=PATH whose PATH is gone (pruned by train.keep_last) is checked as the newest
-    checkpoint of the start this command (`config_text`, its config.yaml's text) made from PATH, where the trainer
-    goes on (checkpoint.branch_progress)."""
+    falls back to an older one (as it does among the checkpoints a resume=PATH command went on to). A resume=PATH
+    whose PATH is gone (pruned by train.keep_last) is checked as the newest checkpoint of the start this command
+    (`config_text`, its config.yaml's text) made from PATH, where the trainer goes on (checkpoint.branch_progress)."""
     from one4d_train.train import checkpoint as ckpt
 
     ckpt_dir, went_on = os.path.join(run_dir, "checkpoints"), None
@@ -277,7 +277,7 @@ def resume_problems(resume: str, run_dir: str, world_size: int, train, rank: int
         ckpt.read_state_json(path, rank)
     except ckpt.CheckpointDamaged as exc:
         failed_crc = ckpt.damaged_files(path, [f"train_state/rank-{r:05d}.json" for r in {0, rank}])
-        if failed_crc and resume == "auto":
+        if failed_crc and (resume == "auto" or went_on):  # the trainer falls back (checkpoint.choose_resume)
             return []
         return [("resume", f"{chosen}{exc}. {ckpt.DAMAGED_ADVICE if failed_crc else ckpt.unloadable_advice(path)}")]
     except OSError:

@@ -129,8 +129,10 @@ class Trainer:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
         resume, start = self._resume_target()
-        # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back
-        path, fell_back = ckpt.choose_resume(resume, self.checkpointer.dir, self.env.rank)
+        # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back, as
+        # resume=PATH does among the checkpoints its command went on to
+        branch = (self.cfg.resume, self.checkpointer.config_text) if resume != self.cfg.resume else None
+        path, fell_back = ckpt.choose_resume(resume, self.checkpointer.dir, self.env.rank, branch)
         if fell_back or resume != self.cfg.resume:
             # the start-up checks saw another checkpoint: this one's world size, layout, base, data position
             from one4d_train.train.config import preflight
@@ -173,7 +175,7 @@ class Trainer:
         # after its checkpoint was written is not run again (_evaluated)
         self.window = state.get("log_window", {"sums": {}, "counted": 0})
         self.eval_pending = state.get("eval_pending", False)
-        begins = resume == self.cfg.resume and resume not in ("auto", "never")  # a start from PATH
+        begins = path == self.cfg.resume  # a start from PATH (also where its branch's checkpoints were damaged)
         self.started_from = start if begins else state.get("started_from")  # else the timeline it continues
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
@@ -193,11 +195,11 @@ class Trainer:
         return state["loader"], state["mlflow_run_id"] if ours else None
 
     def _resume_target(self) -> tuple[str, dict | None]:
-        """Collective: (the resume to make of cfg.resume, the start point (ckpt.start_point) of a timeline it begins,
-        None where it continues one). resume=PATH run again after the start it made was stopped goes on from that
-        start's newest checkpoint (ckpt.branch_progress), in its MLflow run: starting from PATH again set aside the
-        progress since as an abandoned branch, in a new MLflow run. Else it starts from PATH, as its checkpoints
-        record."""
+        """Collective: (the resume to make of cfg.resume, the start point (ckpt.start_point) of PATH, recorded where
+        the resume begins a timeline from it; None for auto and never). resume=PATH run again after the start it made
+        was stopped goes on from that start's newest checkpoint (ckpt.branch_progress), in its MLflow run: starting
+        from PATH again set aside the progress since as an abandoned branch, in a new MLflow run. Else it starts from
+        PATH, as its checkpoints record."""
         resume = self.cfg.resume
         if resume in ("auto", "never"):
             return resume, None
@@ -213,7 +215,7 @@ class Trainer:
             log.warning("resume=%s: the newer checkpoints continue a start made from it under another config (%s "
                         "differ): a new branch starts from it, and they are set aside (the command they were trained "
                         "with, or resume=auto, continues them instead)", resume, ", ".join(changes))
-        return (newest, None) if newest else (resume, start)
+        return newest or resume, start
 
     def _load_train_state(self, path: str) -> tuple[dict, dict]:
         """Collective: this rank's train state of checkpoint `path`, once every rank has read its own and opened the

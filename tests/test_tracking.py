@@ -165,6 +165,31 @@ def test_a_resumed_run_logs_no_step_it_holds_again(tmp_path):
     assert history("eval/loss") == [(4, 0.5), (8, 0.4)] and history("eval/new") == [(4, 0.25)]
 
 
+def test_a_run_resumed_under_another_config_logs_the_steps_it_trains_again(tmp_path):
+    """Resumed from step 4 under a changed optim.lr, the steps up to the last one the run holds are trained to other
+    values: leaving them out as repeats lost them, and the run showed the old config's values there."""
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    tracker = MlflowTracker(str(tmp_path), cfg, "name")
+    run_id = tracker.start(None, {"lr": 0.1})
+    for step in range(1, 7):
+        tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step)
+    tracker.log_metrics({"eval/loss": 0.5}, 6)
+    tracker.end("KILLED")
+    resumed = MlflowTracker(str(tmp_path), cfg, "name")
+    resumed.start(run_id, {"lr": 0.05}, same_config=False)
+    for step in range(5, 8):
+        resumed.log_metrics({"loss": 0.5, "lr": 0.05}, step)
+    resumed.log_metrics({"eval/loss": 0.25}, 6)
+    resumed.end()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def last(key):  # step -> the value logged last
+        return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+    assert last("loss") == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.5, 6: 0.5, 7: 0.5}
+    assert last("lr")[5] == 0.05 and last("eval/loss") == {6: 0.25}
+
+
 def test_a_moved_run_directory_keeps_its_artifacts_with_it(tmp_path):
     """MLflow stores absolute artifact locations: a run directory moved to another path (scratch -> project space)
     and resumed there wrote its new artifacts to the old path, re-created for them, and its runs still named the

@@ -810,3 +810,24 @@ def test_steps_logged_before_a_kill_are_not_logged_again_after_the_resume(tmp_pa
         assert steps_logged(client, run, key) == steps_logged(ref_client, ref_run, key), key
     for key in ("loss", "lr", "eval/eval_loss"):
         assert metric(client, run, key) == metric(ref_client, ref_run, key), key
+
+
+def test_a_resume_under_another_config_logs_and_evaluates_the_retrained_steps_again(tmp_path):
+    """Killed at step 7 with step 4 checkpointed, step 6 logged and evaluated, then resumed with another optim.lr
+    (allowed: tagged resumed_with.optim.lr): steps 5-7 train to other values, yet they were left out of MLflow as
+    repeats of the steps it held, and the evaluation of step 6 was not run again, its marker naming the run and
+    step. Under another config both are run and logged again."""
+    args = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1", "eval.every=2", "optim.lr=0.03"]
+    code, out = single(tmp_path, *args, extra_env={"TOY_SIGNAL_AT": "7:0:KILL"})
+    assert code == -signal.SIGKILL and "eval step 6: eval_loss" in out, out[-4000:]
+    client, run = mlflow_run(tmp_path)
+    before = {key: metric(client, run, key) for key in ("loss", "eval/eval_loss")}
+    code, out = single(tmp_path, *args, "optim.lr=0.01")
+    assert code == 0 and f"{ckpt.step_name(4)} at step 4" in out, out[-4000:]
+    assert "eval step 6: eval_loss" in out and "not run again" not in out
+    client, run = mlflow_run(tmp_path)
+    assert run.data.tags["resumed_with.optim.lr"] == "0.01"
+    assert steps_logged(client, run, "loss") == [1, 2, 3, 4, 5, 5, 6, 6, 7, 8]
+    for key, old in before.items():
+        new = metric(client, run, key)
+        assert new[6] != old[6] and {s: new[s] for s in old if s <= 4} == {s: v for s, v in old.items() if s <= 4}, key

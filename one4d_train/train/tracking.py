@@ -27,7 +27,7 @@ UNSET = "<unset>"  # a resumed_with.KEY tag's value for a key the resumed run's 
 class NullTracker:
     run_id: str | None = None
 
-    def start(self, run_id: str | None, params: dict, tags: dict | None = None) -> str | None:
+    def start(self, run_id: str | None, params: dict, tags: dict | None = None, same_config: bool = True) -> str | None:
         return run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -61,8 +61,10 @@ class MlflowTracker(NullTracker):
             return exp.experiment_id
         return self.client.create_experiment(self.cfg.experiment, artifact_location=self.artifact_location)
 
-    def start(self, run_id: str | None, params: dict, tags: dict | None = None) -> str:
-        """Continue `run_id`, or start a new run (with `tags`) when it is None; log `params`."""
+    def start(self, run_id: str | None, params: dict, tags: dict | None = None, same_config: bool = True) -> str:
+        """Continue `run_id`, or start a new run (with `tags`) when it is None; log `params`. `same_config`: the
+        checkpoint the job resumed was trained with the config it runs (run_dir and resume aside), so the steps it
+        trains again repeat those the run holds (_logged_steps); False: their values are new, and are logged."""
         self.mlflow.set_tracking_uri(self.uri)
         system = self.cfg.system_metrics
         if system:
@@ -81,8 +83,11 @@ class MlflowTracker(NullTracker):
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
         self.run_id = run.info.run_id
         self._log_params(params, resumed=run_id is not None)
-        if run_id is not None:
+        if run_id is not None and same_config:
             self._logged_steps()
+        elif run_id is not None:
+            log.info("MLflow run %s continues under another config than its checkpoint's: the steps trained again "
+                     "are logged again, with their new values", self.run_id)
         return self.run_id
 
     def _logged_steps(self) -> None:

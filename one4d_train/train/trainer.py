@@ -85,6 +85,9 @@ class Trainer:
         self.samples_seen = 0  # all ranks, every step so far (a resume may change the global batch)
         self.window = {"sums": {}, "counted": 0}  # losses of the steps since the last log line, this rank's
         self.eval_pending = False  # the evaluation due at self.step has not finished (a checkpoint owes it)
+        # rank 0: the resumed checkpoint was trained with this config (run_dir and resume aside), so what its run
+        # logged and evaluated past it is what this job would retrain: not logged or evaluated again
+        self.same_config = True
         self.step_lr = 0.0  # the lr the current step's optimizer update uses
         self.peak = metrics.peak_flops(t.peak_flops_per_device, self.device)
 
@@ -179,6 +182,7 @@ class Trainer:
         self.started_from = start if begins else state.get("started_from")  # else the timeline it continues
         if self.env.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+            self._compare_config(path)
             if changes:
                 log.warning("resumed with a changed optimiser or schedule; from step %d on: %s", self.step + 1,
                             "; ".join(changes))
@@ -193,6 +197,16 @@ class Trainer:
                                 "one4d.branched_at_step": str(self.step)}
             return state["loader"], None
         return state["loader"], state["mlflow_run_id"] if ours else None
+
+    def _compare_config(self, path: str) -> None:
+        """Rank 0: whether checkpoint `path` was trained with this job's config (self.same_config). A changed key
+        (optim.lr, train.steps ...) retrains the steps past it to other values: those its MLflow run holds are logged
+        again and their evaluations run again, which a config.yaml that does not read is taken for, too."""
+        changes = ckpt.config_changes(path, self.checkpointer.config_text)
+        self.same_config = changes == []
+        if not self.same_config:
+            log.info("resumed under another config than %s was trained with (%s): the steps after it are logged "
+                     "and evaluated again", path, ", ".join(changes) if changes else "its config.yaml does not read")
 
     def _resume_target(self) -> tuple[str, dict | None]:
         """Collective: (the resume to make of cfg.resume, the start point (ckpt.start_point) of PATH, recorded where
@@ -276,8 +290,9 @@ class Trainer:
 
     def _evaluated(self) -> bool:
         """Collective: whether the evaluation of this step finished in this MLflow run (its marker, written after
-        its metrics and files were logged). A run resumed from a checkpoint of an evaluation step owes that
-        evaluation until then: the checkpoint is written first, and a job can die in between."""
+        its metrics and files were logged), under this config (self.same_config). A run resumed from a checkpoint of
+        an evaluation step owes that evaluation until then: the checkpoint is written first, and a job can die in
+        between."""
         done = False
         if self.env.is_main:
             try:
@@ -285,6 +300,9 @@ class Trainer:
                     marker = json.load(f)
                 # a folder of the same step may be another timeline's (a branch's first run evaluated it)
                 done = marker.get("step") == self.step and marker.get("mlflow_run_id") == self.tracker.run_id
+                if done and not self.same_config:  # it scored the weights another config trained
+                    log.info("eval step %d: finished before this job under another config: run again", self.step)
+                    done = False
             except (OSError, ValueError, AttributeError):  # none, or a damaged one: not finished
                 done = False
             if done:
@@ -336,7 +354,7 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             text = to_yaml(cfg)
             ckpt.write_atomic(os.path.join(cfg.run_dir, "config.yaml"), text)
-            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=self.branch_tags)
+            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=self.branch_tags, same_config=self.same_config)
             self.tracker.log_text(text, "config.yaml")
         with self.preemption.shielded():
             loader = self.task.build_loader(self.env.rank, self.env.world_size, position)

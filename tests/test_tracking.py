@@ -135,6 +135,24 @@ def test_a_key_first_set_or_dropped_on_a_resume_is_tagged_not_logged_as_a_param(
     assert "resumed_with.lr" not in run.data.tags
 
 
+def test_a_resume_that_changes_nothing_records_and_warns_nothing(tmp_path, caplog):
+    """A key first set on a resume has no param, and a changed value no longer matches its param: every later resume
+    compared its value with the param, tagged it again and warned "resumed with changed config values" though
+    nothing had changed. What the run records of a key is its resumed_with tag where it has one."""
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    run_id = None
+    for params in ({"lr": 0.001}, {"lr": 0.0005, "ds.bucket": 1000}, {"lr": 0.0005, "ds.bucket": 1000}):
+        caplog.clear()
+        tracker = MlflowTracker(str(tmp_path), cfg, "name")
+        run_id = tracker.start(run_id, params)
+        tracker.end()
+    assert "resumed with changed config values" not in caplog.text
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.data.params == {"lr": "0.001"}
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("resumed_with.")} == {
+        "resumed_with.lr": "0.0005", "resumed_with.ds.bucket": "1000"}
+
+
 def test_a_resumed_run_logs_no_step_it_holds_again(tmp_path):
     """A job killed after logging steps past its last checkpoint: the resumed job trains and logs them again, and
     each showed twice in the metric's history. Training metrics are not logged again up to the last step the run

@@ -152,9 +152,12 @@ class MlflowTracker(NullTracker):
             if len(text) > MAX_PARAM_LEN:
                 text = text[: MAX_PARAM_LEN - 40] + " ...(truncated; see config.yaml)"
             tag = f"resumed_with.{key}"
+            # what the run records now: the tag of the latest resume that changed the key (the only record of one
+            # first set on a resume), else its param
+            recorded, now = (existing_tags[tag], text[:5000]) if tag in existing_tags else (existing.get(key), text)
             if key not in existing and not resumed:
                 new.append(Param(key, text))
-            elif existing.get(key) != text or existing_tags.get(tag, text[:5000]) != text[:5000]:
+            elif recorded != now:
                 tags.append(RunTag(tag, text[:5000]))
         gone = set(existing) | {k[len("resumed_with."):] for k in existing_tags if k.startswith("resumed_with.")}
         tags += [RunTag(f"resumed_with.{k}", UNSET) for k in sorted(gone - params.keys())

@@ -740,41 +740,48 @@ def test_the_same_resume_command_after_a_preempted_branch_goes_on_from_its_last_
     assert len(client.search_runs([client.get_experiment_by_name("one4d").experiment_id])) == 3
 
 
+def preempted_branch(run_dir, keep_last: int) -> tuple:
+    """A 4-step run, then a branch of it from its step 2 (resume=PATH, 8 steps, a checkpoint every 2) preempted at
+    step 6 (SIGTERM: checkpoint, exit 42); returns the checkpoint folder and the branch's command line."""
+    args = ["train.checkpoint_every=2", "train.log_every=1"]
+    code, out = single(run_dir, *args, "train.steps=4")
+    assert code == 0, out[-4000:]
+    ckpt_dir = run_dir / "checkpoints"
+    branch = [*args, "train.steps=8", f"train.keep_last={keep_last}", f"resume={ckpt_dir / ckpt.step_name(2)}"]
+    code, out = single(run_dir, *branch, extra_env={"TOY_SIGNAL_AT": "6:0:TERM"})
+    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    return ckpt_dir, branch
+
+
+def assert_one_finished_branch_logging(run_dir, steps: list[int]) -> None:
+    """The run directory's MLflow store holds the first run and one branch of it, finished, whose loss history is
+    `steps`, each once: the same resume command run again went on in the branch's run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    first, second = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
+                           key=lambda r: r.info.start_time)
+    assert second.data.tags["one4d.branched_from_run"] == first.info.run_id and second.info.status == "FINISHED"
+    assert steps_logged(client, second, "loss") == steps
+
+
 def test_the_same_resume_command_goes_on_after_train_keep_last_pruned_its_start(tmp_path):
     """resume=PATH of this run's step 2: the start's checkpoints 4 and 6 made the prune (train.keep_last=2) delete
     PATH, and the same command run again after a preemption exited 2 at its start-up check ("no such checkpoint
     directory"). It goes on from step 6, in the branch's MLflow run."""
-    args = ["train.checkpoint_every=2", "train.log_every=1"]
-    code, out = single(tmp_path, *args, "train.steps=4")
-    assert code == 0, out[-4000:]
-    ckpt_dir = tmp_path / "checkpoints"
-    branch = [*args, "train.steps=8", "train.keep_last=2", f"resume={ckpt_dir / ckpt.step_name(2)}"]
-    code, out = single(tmp_path, *branch, extra_env={"TOY_SIGNAL_AT": "6:0:TERM"})
-    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    ckpt_dir, branch = preempted_branch(tmp_path, keep_last=2)
     assert not (ckpt_dir / ckpt.step_name(2)).exists()
     code, out = single(tmp_path, *branch)
     assert code == 0 and f"resumed from {ckpt_dir / ckpt.step_name(6)} at step 6" in out, out[-4000:]
     assert [r["step"] for r in trace(tmp_path, 0)][-2:] == [7, 8]
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    first, second = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
-                           key=lambda r: r.info.start_time)
-    assert second.data.tags["one4d.branched_from_run"] == first.info.run_id and second.info.status == "FINISHED"
-    assert steps_logged(client, second, "loss") == list(range(3, 9))
+    assert_one_finished_branch_logging(tmp_path, list(range(3, 9)))
 
 
 def test_the_same_resume_command_falls_back_within_its_start_when_its_newest_checkpoint_is_damaged(tmp_path):
     """resume=PATH of step 2, preempted at step 6: the command run again goes on from step 6, which was damaged (a
     flipped byte), and exited 2 on "key 'resume': .../step-6 is damaged", a path it was never given, for good. Step 6
     is set aside as resume=auto sets one aside, and the start's step 4 resumed, in the branch's MLflow run."""
-    args = ["train.checkpoint_every=2", "train.log_every=1"]
-    code, out = single(tmp_path, *args, "train.steps=4")
-    assert code == 0, out[-4000:]
-    ckpt_dir = tmp_path / "checkpoints"
-    branch = [*args, "train.steps=8", "train.keep_last=10", f"resume={ckpt_dir / ckpt.step_name(2)}"]
-    code, out = single(tmp_path, *branch, extra_env={"TOY_SIGNAL_AT": "6:0:TERM"})
-    assert code == REQUEUE_EXIT_CODE, out[-4000:]
+    ckpt_dir, branch = preempted_branch(tmp_path, keep_last=10)
     tensors = ckpt_dir / ckpt.step_name(6) / "train_state" / "rank-00000.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-8] ^= 0x5A
@@ -784,13 +791,7 @@ def test_the_same_resume_command_falls_back_within_its_start_when_its_newest_che
     assert f"checkpoint {ckpt_dir / ckpt.step_name(6)}, where this command went on, is damaged" in out
     assert f"falling back to {ckpt_dir / ckpt.step_name(4)}" in out
     assert sum(n.startswith(f"damaged-{ckpt.step_name(6)}-") for n in os.listdir(ckpt_dir)) == 1
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    first, second = sorted(client.search_runs([client.get_experiment_by_name("one4d").experiment_id]),
-                           key=lambda r: r.info.start_time)
-    assert second.data.tags["one4d.branched_from_run"] == first.info.run_id and second.info.status == "FINISHED"
-    assert steps_logged(client, second, "loss") == list(range(3, 9))
+    assert_one_finished_branch_logging(tmp_path, list(range(3, 9)))
 
 
 def test_steps_logged_before_a_kill_are_not_logged_again_after_the_resume(tmp_path):

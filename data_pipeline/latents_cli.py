@@ -114,7 +114,7 @@ def _encoded_under_plan(out: Path) -> list[str]:
 
     return sorted((p.name for p in out.iterdir()
                    if p.name == si.INDEX or p.name.endswith((".tar", ".record.json"))
-                   or (p.name.startswith(".") and ".tmp" in p.name and si.writer_may_run(p.name))), key=rank)
+                   or si.live_temp_file(p.name)), key=rank)
 
 
 def _check_plan(out: Path, pinned: dict, name: str) -> None:

@@ -433,7 +433,7 @@ def _written_under_plan(out_dir: Path) -> list[str]:
     and the temp files of writers that may still run. None: a new plan mixes nothing with the old one."""
     return sorted(p.name for p in out_dir.iterdir()
                   if (not p.name.startswith(".") and p.name.endswith((".tar", ".record.json")))
-                  or (p.name.startswith(".") and ".tmp" in p.name and si.writer_may_run(p.name)))
+                  or si.live_temp_file(p.name))
 
 
 def _replace_plan(out_dir: Path, old: dict, plan: dict, whole_run: bool) -> list[str]:

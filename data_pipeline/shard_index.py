@@ -49,6 +49,11 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def live_temp_file(name: str) -> bool:
+    """Whether `name` is a temp file (`.NAME.tmpHOST-PID`) whose writer may still be writing it (writer_may_run)."""
+    return name.startswith(".") and ".tmp" in name and writer_may_run(name)
+
+
 def writer_may_run(tmp_name: str) -> bool:
     """Whether the process that named a temp file `.NAME.tmpHOST-PID` (write_atomic's, a shard writer's) may still
     be writing it: unknown for another host; on this one, whether the process exists."""

@@ -80,6 +80,17 @@ def run_dir_of(checkpoint: str) -> str | None:
     return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
+def main_train_state(checkpoint: str) -> dict | None:
+    """Rank 0's train state of `checkpoint` (its MLflow run, step, started_from ...), unverified; None when it does not
+    read as a JSON object: the lineage questions it answers then have no evidence."""
+    try:
+        with open(os.path.join(checkpoint, "train_state", "rank-00000.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool:
     """Whether an abandoned timeline (abandoned-*/step-N, N past `resumed`'s step) continued the MLflow run `run_id`
     past the checkpoint `resumed`: resuming it starts a branch, on its first start (set_aside moved the newer
@@ -90,12 +101,8 @@ def continued_elsewhere(ckpt_dir: str, resumed: str, run_id: str | None) -> bool
     for folder in glob.glob(os.path.join(ckpt_dir, "abandoned-*", "step-*")):
         later = STEP_DIR.match(os.path.basename(folder))
         if later and int(later.group(1)) > int(match.group(1)):
-            try:
-                with open(os.path.join(folder, "train_state", "rank-00000.json")) as f:
-                    state = json.load(f)
-            except (OSError, ValueError):  # an abandoned checkpoint that does not read: no evidence either way
-                continue
-            if isinstance(state, dict) and state.get("mlflow_run_id") == run_id:
+            state = main_train_state(folder)  # None: an abandoned checkpoint that does not read, no evidence
+            if state is not None and state.get("mlflow_run_id") == run_id:
                 return True
     return False
 
@@ -105,13 +112,10 @@ def start_point(checkpoint: str) -> dict | None:
     MLflow run's checkpoints form one line, so the two name it wherever it lies), and its resolved path (all that is
     left to know it by once train.keep_last pruned it); None when they do not read. The trainer records the start
     point of the resume=PATH that began a timeline in each of its checkpoints ("started_from")."""
-    try:
-        with open(os.path.join(checkpoint, "train_state", "rank-00000.json")) as f:
-            state = json.load(f)
-        point = {"mlflow_run_id": state["mlflow_run_id"], "step": state["step"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    state = main_train_state(checkpoint)
+    if state is None or not state.get("mlflow_run_id") or "step" not in state:
         return None
-    return {**point, "path": os.path.realpath(checkpoint)} if point["mlflow_run_id"] else None
+    return {"mlflow_run_id": state["mlflow_run_id"], "step": state["step"], "path": os.path.realpath(checkpoint)}
 
 
 def began_with(started_from, resumed: str) -> bool:
@@ -153,12 +157,8 @@ def branch_progress(ckpt_dir: str, resumed: str, config_text: str) -> tuple[str 
     found = complete_checkpoints(ckpt_dir)
     if not found or os.path.realpath(found[-1]) == os.path.realpath(resumed):
         return None, []
-    try:
-        with open(os.path.join(found[-1], "train_state", "rank-00000.json")) as f:
-            started_from = json.load(f).get("started_from")
-    except (OSError, ValueError, AttributeError):  # its own resume names it when it is read
-        return None, []
-    if not began_with(started_from, resumed):
+    state = main_train_state(found[-1])  # None: its own resume names it when it is read
+    if state is None or not began_with(state.get("started_from"), resumed):
         return None, []
     changes = config_changes(found[-1], config_text)
     if changes is None:

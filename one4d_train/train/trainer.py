@@ -90,6 +90,7 @@ class Trainer:
         self.same_config = True
         self.step_lr = 0.0  # the lr the current step's optimizer update uses
         self.peak = metrics.peak_flops(t.peak_flops_per_device, self.device)
+        self.zero_layout = deepspeed_config.optimizer_layout(t)  # recorded in every checkpoint
 
     def _build_engine(self):
         t = self.cfg.train
@@ -123,7 +124,7 @@ class Trainer:
                  # DeepSpeed's checkpoint layout: a resume under another stage, precision or setting that lays
                  # out the optimizer state is refused by key
                  "zero_stage": self.cfg.train.zero_stage, "precision": self.cfg.train.precision,
-                 "zero_layout": deepspeed_config.optimizer_layout(self.cfg.train)}
+                 "zero_layout": self.zero_layout}
         if hasattr(self.task, "identity"):  # e.g. the frozen base: a resume onto another is refused
             state["task_identity"] = self.task.identity()
         return state, tensors

@@ -238,11 +238,16 @@ def text_members(raw: dict) -> tuple[str, np.ndarray | None]:
     return caption, text_emb
 
 
+def window_span(num_frames: int, frame_stride: int) -> int:
+    """The source frames a window of `num_frames` taken every `frame_stride` spans, first to last."""
+    return (num_frames - 1) * frame_stride + 1
+
+
 def window_indices(n: int, num_frames: int, frame_stride: int, pinned: bool = False,
                    rng: np.random.Generator | None = None, start: int | None = None) -> np.ndarray:
     """Frame indices of a window of `num_frames` frames `frame_stride` apart in a clip of `n` frames: from
     `start` when given, else 0 when `pinned`, else a random start drawn from `rng`."""
-    span = (num_frames - 1) * frame_stride + 1
+    span = window_span(num_frames, frame_stride)
     if n < span:
         raise ShortClipError(f"clip has {n} frames, the window needs {span} (num_frames={num_frames}, "
                              f"frame_stride={frame_stride})")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.decode import window_span
 from data_pipeline.finish import finish_batch
 from data_pipeline.latents import LatentsMismatchError, latents_spec, same_text_encoder, text_identity
 from data_pipeline.loader import build_loader
@@ -443,7 +444,7 @@ def text_width_problems(mcfg, spec: str, stats: dict, key: str) -> list[tuple[st
 def window_problems(data, spec: str, longest: int | None) -> list[tuple[str, str]]:
     """The frame window (data.num_frames x data.frame_stride) against the longest clip of the shard set `spec`: a
     longer window skips every sample, and the loader gives up after epochs of skips with a traceback."""
-    span = (data.num_frames - 1) * data.frame_stride + 1
+    span = window_span(data.num_frames, data.frame_stride)
     if longest is not None and longest < span:
         return [("data.num_frames", f"the window needs {span} frames (data.num_frames={data.num_frames}, "
                  f"data.frame_stride={data.frame_stride}), the longest clip of {spec} has {longest}: lower "
@@ -455,7 +456,7 @@ def short_clip_warning(data, spec: str, stats: dict) -> str | None:
     """The clips of the shard set `spec` (index.json's `statistics`) shorter than the frame window, in words, where
     some but not all are (all: window_problems refuses the config): each is skipped at every epoch, which the
     trainer's data line counts, but the run trains on fewer clips than the shards hold."""
-    span = (data.num_frames - 1) * data.frame_stride + 1
+    span = window_span(data.num_frames, data.frame_stride)
     shortest, longest = stats.get("frames", {}).get("min"), stats.get("frames", {}).get("max")
     if shortest is None or shortest >= span or longest is None or longest < span:
         return None

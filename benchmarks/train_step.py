@@ -511,7 +511,8 @@ def run_ours(args) -> None:
     frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None]
     mask4 = fold_frame_mask(frame_mask, h, w).to(device)
     vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae,
-                     frames_per_call=cfg.model.vae_frames_per_call)
+                     frames_per_call=cfg.model.vae_frames_per_call,
+                     chunk_size=cfg.model.vae_videos_per_call, conv_kernel=cfg.model.vae_conv_kernel)
            if any(v["vae"] != "none" for v in variants) else None)
     # stored latents come from `one4d encode-latents`, which stores the captions' text embeddings as well
     text_stored = all(v["vae"] == "latents" for v in variants)
@@ -570,7 +571,8 @@ def run_ours(args) -> None:
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": v["ckpt"] or cfg.model.activation_checkpointing + (
                    f"@{cfg.model.activation_checkpointing_blocks}" if cfg.model.activation_checkpointing_blocks >= 0 else ""),
-               "vae_frames_per_call": vae.frames_per_call if vae is not None else None, "attn": attn_mod.get_attention_backend(),
+               "vae_frames_per_call": vae.frames_per_call if vae is not None else None,
+               "vae_conv_kernel": vae.conv_kernel if vae is not None else None, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul, "encoders_gb": encoders_gb,

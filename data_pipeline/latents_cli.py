@@ -308,7 +308,8 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
-                       frames_per_call=cfg.model.vae_frames_per_call, conv_kernel=cfg.model.vae_conv_kernel)
+                       frames_per_call=cfg.model.vae_frames_per_call, chunk_size=cfg.model.vae_videos_per_call,
+                       conv_kernel=cfg.model.vae_conv_kernel)
         damaged = []
         for e in todo:
             try:

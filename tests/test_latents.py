@@ -501,6 +501,29 @@ def test_a_vae_that_does_not_fit_is_refused_before_anything_is_encoded(tmp_path,
     assert "Traceback" not in err and not out.exists()
 
 
+def test_videos_per_call_encodes_one_video_at_a_time_to_the_same_latents(encoded, tmp_path, monkeypatch):
+    """model.vae_videos_per_call=1 (the 1.3B config: 80 frames per causal call, ~28 GB a video) splits the
+    batch's 2 clips x 3 videos into one VAE call per video; the stored latents are the batched run's."""
+    from one4d_train.model.vae import WanVAE
+
+    src, batched = encoded
+    calls = []
+    posterior = WanVAE._posterior
+    monkeypatch.setattr(WanVAE, "_posterior", lambda self, x: calls.append(x.shape[0]) or posterior(self, x))
+    out = tmp_path / "one"
+    assert encode_main([str(src), str(out), *CONFIG, "model.vae_videos_per_call=1", "--device", "cpu", "--batch",
+                        "2", "--no-progress"]) == 0
+    assert calls == [1] * 12  # 4 clips x (RGB, XYZ, image condition)
+    for entry in read_index(out)["shards"]:
+        ours, theirs = dict(tar_samples(out / entry["name"])), dict(tar_samples(batched / entry["name"]))
+        for key in ours:
+            with np.load(io.BytesIO(raw_of(key, ours[key])["latents.npz"])) as a, \
+                    np.load(io.BytesIO(raw_of(key, theirs[key])["latents.npz"])) as b:
+                for name in ("z_rgb", "z_xyz", "z_image"):
+                    np.testing.assert_allclose(a[name].astype(np.float32), b[name].astype(np.float32),
+                                               rtol=2 ** -10, atol=1e-4)
+
+
 def test_encoding_a_latent_folder_again_replaces_its_latents(encoded, tmp_path, capsys):
     """Latent shards keep every source member, so they can be encoded again (another resolution, say): the old
     latents are replaced, not written a second time beside the new (a reader kept one of the two duplicate names

@@ -187,7 +187,11 @@ def test_model_config_checks_frames_per_call_and_the_encoders_use_it():
     assert [key for key, _ in ModelConfig(vae_frames_per_call=6).validate()] == ["vae_frames_per_call"]
     vae, _, _ = build_encoders(ModelConfig(vae_frames_per_call=16), wan_config("tiny"), torch.device("cpu"),
                                torch.float32)
-    assert vae.frames_per_call == 16
+    assert vae.frames_per_call == 16 and vae.chunk_size == 0
+    assert [key for key, _ in ModelConfig(vae_videos_per_call=-1).validate()] == ["vae_videos_per_call"]
+    vae, _, _ = build_encoders(ModelConfig(vae_videos_per_call=1), wan_config("tiny"), torch.device("cpu"),
+                               torch.float32)
+    assert vae.chunk_size == 1
 
 
 def test_vae_files_that_are_not_the_wan21_vae_are_refused_naming_them(vae, videos, tmp_path):

@@ -77,6 +77,7 @@ class ModelConfig:
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)
     vae_conv_kernel: str = "cudnn"  # cudnn | triton: the VAE encoder's causal 3x3x3 convolutions on a Triton implicit-GEMM kernel (CUDA, bf16; model/vae_conv.py)
     vae_frames_per_call: int = 4  # frames per causal VAE encoder call (a multiple of 4; same latents up to rounding, fewer larger kernels, more memory)
+    vae_videos_per_call: int = 0  # videos per VAE call (0 = the whole batch): 1 keeps a long call's memory to one video's (81x352x624 at 80 frames: ~28 GB)
     umc: UMCConfig = field(default_factory=UMCConfig)
 
     def validate(self):
@@ -92,6 +93,7 @@ class ModelConfig:
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
         p += choice(self.vae_conv_kernel, ["cudnn", "triton"], "vae_conv_kernel")
         p += in_range(self.num_links, 0, None, "num_links")
+        p += in_range(self.vae_videos_per_call, 0, None, "vae_videos_per_call")
         if self.vae_frames_per_call < 4 or self.vae_frames_per_call % 4:
             p.append(("vae_frames_per_call", f"must be a positive multiple of 4, got {self.vae_frames_per_call}"))
         return p

@@ -65,7 +65,8 @@ def build_text(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtyp
 
 def _build(mcfg, wan_cfg, device, dtype, seed, text_stored, stored_empty):
     vae = load_vae(mcfg.vae, seed=seed, dtype=dtype, device=device, compile=mcfg.compile_vae,
-                   frames_per_call=mcfg.vae_frames_per_call, conv_kernel=mcfg.vae_conv_kernel)
+                   frames_per_call=mcfg.vae_frames_per_call, chunk_size=mcfg.vae_videos_per_call,
+                   conv_kernel=mcfg.vae_conv_kernel)
     text_device = text_encoder_device(mcfg, device, text_stored)
     host = text_device.type != torch.device(device).type
     text = build_text(mcfg, wan_cfg, text_device, dtype, seed, lazy_empty=stored_empty if host else None)

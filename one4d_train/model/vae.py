@@ -262,6 +262,7 @@ class WanVAE:
         self.device = torch.device(device)
         self.chunk_size = chunk_size
         self.frames_per_call = frames_per_call
+        self.conv_kernel = conv_kernel
         z = model.config.z_dim
         self.mean = torch.tensor(model.config.latents_mean, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)
         self.std = torch.tensor(model.config.latents_std, dtype=torch.float32, device=device).view(1, z, 1, 1, 1)

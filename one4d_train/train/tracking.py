@@ -96,11 +96,11 @@ class MlflowTracker(NullTracker):
         CPU), which showed twice in each metric's history. log_metrics leaves those steps out: training metrics
         up to the last step any of them was logged at, an evaluation's per key (one run again after a kill, or
         another dataset's scores logged into the run by `one4d eval`). MLflow's system metrics count steps of
-        their own."""
-        for key in self.client.get_run(self.run_id).data.metrics:
-            if not key.startswith("system/"):
-                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
-                self.logged_through[key] = max(steps, default=-1)
+        their own. One read of the run: the latest value MLflow keeps per metric is the one at its largest step
+        (its stores compare step, then time), so the metrics' histories are not read point by point."""
+        for m in self.client.get_run(self.run_id).data.to_proto().metrics:
+            if not m.key.startswith("system/"):
+                self.logged_through[m.key] = max(m.step, self.logged_through.get(m.key, -1))
         self.trained_through = max((s for k, s in self.logged_through.items() if not k.startswith("eval/")),
                                    default=-1)
         if self.trained_through >= 0:

@@ -11,7 +11,7 @@ import torch
 from one4d_train.cli import main as cli
 from one4d_train.config import load_config, to_yaml
 from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, dataset_tag, eval_dataset,
-                                       evaluate_checkpoint, load_generator, scored)
+                                       evaluate_checkpoint, load_generator, scored, scoring_settings)
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.one4d import build_one4d
 from one4d_train.train.checkpoint import MARKER, _listing, checksums
@@ -90,6 +90,16 @@ def _metrics(run, ckpt):
     return ckpt / "eval" / dataset_tag(eval_dataset(cfg)) / "metrics.json"
 
 
+def _scored(run, ckpt, *overrides, **settings):
+    """A finished metrics.json for `ckpt` as `one4d eval` with the run's config and `overrides` writes it;
+    `settings` replace recorded ones (None: left out)."""
+    cfg = load_config([f"config={run / 'config.yaml'}", *overrides])
+    recorded = {**scoring_settings(cfg, eval_dataset(cfg)), **settings}
+    path = _metrics(run, ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": {k: v for k, v in recorded.items() if v is not None}, "means": {}}))
+
+
 def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, capsys):
     from data_utils import make_shards
 
@@ -99,8 +109,7 @@ def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, c
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert "nothing to evaluate" in capsys.readouterr().out
     done = _checkpoint(run, cfg, state, step=10)
-    _metrics(run, done).parent.mkdir(parents=True)
-    _metrics(run, done).write_text("{}")
+    _scored(run, done)
     half = _checkpoint(run, cfg, state, step=20, complete=False)
     assert cli(["eval", f"checkpoint={run}"]) == 0
     out = capsys.readouterr()
@@ -110,7 +119,37 @@ def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, c
     assert checkpoints_to_evaluate(str(run)) == [str(done), str(new)]
     assert checkpoints_to_evaluate(str(half.parent.parent)) == [str(done), str(new)]
     tag = dataset_tag(str(shards))
-    assert scored(str(done), tag) and not scored(str(new), tag)
+    wanted = scoring_settings(cfg, str(shards))
+    assert scored(str(done), tag, wanted) == [] and scored(str(new), tag, wanted) is None
+
+
+def test_a_scan_scores_again_what_was_scored_with_other_settings_or_rules(tmp_path, capsys, monkeypatch):
+    """A run directory's checkpoints scored with other eval settings, or by the metrics of an earlier version (no
+    metrics_version: before the 70 m cap and MonST3R's clipping), are scored again, saying why: skipped, the run's
+    table mixed them. A dataset recorded by another path (the folder moved) is the same dataset by its tag."""
+    from data_utils import make_shards
+
+    from one4d_train.eval import main as eval_main
+
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", "data.num_frames=5")
+    same, moved, older, other = (_checkpoint(run, cfg, state, step=s) for s in (10, 20, 30, 40))
+    _scored(run, same)
+    _scored(run, moved, dataset="/elsewhere/shards")
+    _scored(run, older, metrics_version=None, depth_cap=10.0)
+    _scored(run, other, "eval.steps=5")
+    evaluated = []
+    monkeypatch.setattr(eval_main, "evaluate_checkpoint", lambda c, ckpt, **kw: evaluated.append(ckpt) or {})
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    err = capsys.readouterr().err
+    assert evaluated == [str(older), str(other)], evaluated
+    assert f"skipping {same}: scored on this dataset already" in err and f"skipping {moved}: scored" in err, err
+    assert f"scoring {older} again: its scores on this dataset were made with other settings (depth_cap, " \
+           f"metrics_version)" in err, err
+    assert f"scoring {other} again: its scores on this dataset were made with other settings (steps)" in err, err
+    evaluated.clear()
+    assert cli(["eval", f"checkpoint={run}", "eval.steps=5"]) == 0  # now `other` is the one scored alike
+    assert str(other) not in evaluated and str(same) in evaluated, evaluated
 
 
 def test_exports_load_as_they_are(tmp_path):
@@ -350,11 +389,11 @@ def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_pat
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert f"skipping {ckpt}: scored on this dataset already" in capsys.readouterr().err
-    # scores of the layout before per-dataset folders (eval/metrics.json) count for the dataset they name
+    # scores of the layout before per-dataset folders (eval/metrics.json) predate today's metrics: scored again
     new = _scored_run(tmp_path / "legacy", steps=(10,))[1][0]
     legacy = new / "eval" / "metrics.json"
     legacy.parent.mkdir()
     legacy.write_text(json.dumps({"settings": {"dataset": ""}}))  # the run's data.val_shards
     assert cli(["eval", f"checkpoint={new.parent.parent}"]) == 0
-    assert f"skipping {new}: scored on this dataset already" in capsys.readouterr().err
-    assert not _metrics(new.parent.parent, new).exists()
+    assert f"skipping {new}" not in capsys.readouterr().err
+    assert _metrics(new.parent.parent, new).exists()

@@ -4,8 +4,8 @@ metrics.json into <checkpoint>/eval/<dataset>/, one folder per dataset (eval.dat
 and a hash of its path), logged to the run's MLflow run (eval/<dataset>/<mode>/<metric>) when it has one.
 
 A checkpoint must be complete (its COMPLETE marker matching its files); an export folder of `one4d export`
-is evaluated as it is. A run directory evaluates every complete checkpoint not yet scored on this dataset,
-skipping one that another evaluation holds (eval/<dataset>.lock) or that the training run removes meanwhile
+is evaluated as it is. A run directory evaluates every complete checkpoint not yet scored on this dataset with
+these settings (one scored with other eval settings, or by an earlier version's metrics, is scored again), skipping one that another evaluation holds (eval/<dataset>.lock) or that the training run removes meanwhile
 (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
 export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*,
@@ -24,7 +24,8 @@ import sys
 from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
-                                       eval_dataset, evaluate_checkpoint, run_of, scored, tracked_run)
+                                       eval_dataset, evaluate_checkpoint, run_of, scored, scoring_settings,
+                                       tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
 from one4d_train.train.one4d_task import index_problems, link_problems, model_file_problems
@@ -124,12 +125,16 @@ def main(argv: list[str]) -> int:
         except EvalInputError as exc:
             print(f"one4d eval: {exc}", file=sys.stderr)
             return 2
-        if scan and scored(ckpt, tag, cfg.data.val_shards):
+        differ = scored(ckpt, tag, scoring_settings(cfg, spec)) if scan else None
+        if differ == []:
             print(f"one4d eval: skipping {ckpt}: scored on this dataset already "
                   f"(its eval/ holds the metrics.json; name the checkpoint to score it again)",
                   file=sys.stderr)
             done.append(ckpt)
             continue
+        if differ:  # a table of the run's checkpoints would mix settings (or the rules of an earlier version)
+            print(f"one4d eval: scoring {ckpt} again: its scores on this dataset were made with other settings "
+                  f"({', '.join(differ)})", file=sys.stderr)
         run_id, untracked = tracked_run(cfg, run_dir, run_id)
         logged = f"MLflow run {run_id}" if run_id else "not logged to MLflow" + (f": {untracked}" if untracked else "")
         at = f"step {step}, " if step is not None else ""

@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 BENCHMARKS = ("sintel", "bonn", "tum")
 TABLE_COLUMNS = ["sample", "mode", "abs_rel", "delta_1_25", "ate", "rpe_trans", "rpe_rot", "psnr", "ssim"]
+# The rules metrics.json's numbers follow, in its settings: 2 since 2026-12-05 (a 70 m depth cap on every dataset,
+# Abs Rel clipped at the cap only, a camera estimate that does not move scored at scale 0); a file without it was
+# scored by the earlier rules (1). Raised whenever a metric's formula changes, so older scores are made again.
+METRICS_VERSION = 2
+# settings recorded but not compared: the dataset folder's tag names the dataset already (a moved copy keeps its
+# scores), and the sparse mode's observed frame counts follow from the others
+_NOT_COMPARED = ("dataset", "sparse_frames_observed")
 
 
 class EvalInputError(ValueError):
@@ -264,18 +271,24 @@ def dataset_tag(spec: str) -> str:
     return f"{kind}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def scored(checkpoint: str, tag: str, default_spec: str = "") -> bool:
-    """Whether `checkpoint` holds the finished scores of the dataset of `tag` (its metrics.json, written last); also
-    the eval/metrics.json of versions before per-dataset folders, when the dataset it records (its eval.dataset, or
-    where that was empty `default_spec`, the run's data.val_shards) has that tag."""
-    if os.path.exists(os.path.join(checkpoint, "eval", tag, METRICS_FILE)):
-        return True
+def settings_differ(path, wanted: dict) -> list[str] | None:
+    """The keys of the scoring settings `wanted` (scoring_settings) under other values of which the finished scores
+    of metrics.json `path` were made ([]: the same), or None where there is no readable one. A file without a
+    metrics version is of version 1."""
     try:
-        with open(os.path.join(checkpoint, "eval", METRICS_FILE)) as f:
-            spec = json.load(f).get("settings", {}).get("dataset") or default_spec
-        return bool(spec) and dataset_tag(spec) == tag
+        with open(path) as f:
+            recorded = json.load(f).get("settings", {})
+        recorded = {"metrics_version": 1, **recorded}
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    wanted = json.loads(json.dumps(wanted))  # as written: tuples as lists
+    return sorted(k for k, v in wanted.items() if k not in _NOT_COMPARED and recorded.get(k) != v)
+
+
+def scored(checkpoint: str, tag: str, wanted: dict) -> list[str] | None:
+    """settings_differ for `checkpoint`'s finished scores of the dataset of `tag` (its metrics.json, written last).
+    Scores of the layout before per-dataset folders (eval/metrics.json) predate the metrics' version: unscored."""
+    return settings_differ(os.path.join(checkpoint, "eval", tag, METRICS_FILE), wanted)
 
 
 def iter_samples(cfg) -> Iterator[dict]:
@@ -390,7 +403,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
 
     The eval folder is held locked throughout (eval/claim.py: Busy when another process evaluates it). A
     metrics.json already there is removed first, so a run killed mid-way leaves the checkpoint unscored;
-    unscored_only: return None instead, doing nothing (another job scored it since the scan). The default
+    unscored_only: return None instead, doing nothing, where the scores there were made with these settings
+    (another job scored it since the scan). The default
     folder is only ever created inside an existing checkpoint: one removed meanwhile (train.keep_last) raises
     FileNotFoundError rather than coming back as a step folder holding eval/ alone."""
     from tqdm import tqdm
@@ -403,7 +417,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     # <checkpoint>/eval without parents: a checkpoint removed meanwhile raises instead of coming back
     out.parent.mkdir(parents=bool(chosen), exist_ok=True)
     with claim(str(out)):
-        if unscored_only and (out / METRICS_FILE).exists():
+        if unscored_only and settings_differ(out / METRICS_FILE, scoring_settings(cfg, spec)) == []:
             return None
         # the model and the samples first: an evaluation refused there (adapters that do not fit, a dataset that
         # does not read) leaves the earlier scores as they were
@@ -440,16 +454,22 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     return report
 
 
-def evaluation_settings(cfg, spec: str, results: list[dict]) -> dict:
-    """What a score depends on, for metrics.json: the dataset scored (`spec`, resolved), the frame window and
-    resolution, the sampler, recovery and alignment settings, and the sparse mode's observed frame counts (the
-    setting 0 resolves per clip length)."""
+def scoring_settings(cfg, spec: str) -> dict:
+    """What a score depends on: the dataset scored (`spec`, resolved), the frame window and resolution, the
+    sampler, recovery and alignment settings, and the metrics' version (METRICS_VERSION)."""
     ecfg, d = cfg.eval, cfg.data
     keys = ("sampler", "steps", "cfg_scale", "shift", "sparse_frames", "depth_align", "seed", "num_samples", "modes",
             "benchmark_start", "benchmark_stride", "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
     return {**{k: getattr(ecfg, k) for k in keys}, "dataset": spec, "depth_cap": ecfg.resolved_depth_cap(),
-            "sparse_frames_observed": sorted({r["num_frames"] for r in results if r["mode"] == "sparse"}),
+            "metrics_version": METRICS_VERSION,
             "num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width}
+
+
+def evaluation_settings(cfg, spec: str, results: list[dict]) -> dict:
+    """metrics.json's settings: scoring_settings and the sparse mode's observed frame counts (the setting 0
+    resolves per clip length)."""
+    return {**scoring_settings(cfg, spec),
+            "sparse_frames_observed": sorted({r["num_frames"] for r in results if r["mode"] == "sparse"})}
 
 
 def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag: str) -> None:

@@ -19,7 +19,8 @@ BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged", "mun
 MUNGE_SOCKET_DIR = Path("/run/munge")
 
 # Notes on these machines: no cgroups, no accounting; cred_expire=10 lets a requeued job start again within seconds;
-# MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off up to 32 s when finished jobs are kept longer)
+# MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off up to 32 s when finished jobs are kept longer);
+# jobcomp/filetxt writes each ended job's record, which stays where a poll that came too late finds the job forgotten
 SLURM_CONF = """\
 ClusterName=one4dtest
 SlurmctldHost={host}(127.0.0.1)
@@ -41,7 +42,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={root}/log/jobcomp.txt
 MpiDefault=none
 MailProg=/bin/true
 JobRequeue=1
@@ -239,6 +241,13 @@ class LocalSlurm:
     # -- queries --
     def node_state(self) -> str:
         return _run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env).stdout.strip()
+
+    def ended(self, job_id: str) -> dict[str, str]:
+        """The last record that jobcomp/filetxt wrote of the job's end (JobState, ExitCode, ...), or {}."""
+        path = self.root / "log" / "jobcomp.txt" if self.root else None
+        lines = path.read_text().splitlines() if path and path.exists() else []
+        last = next((line for line in reversed(lines) if line.startswith(f"JobId={job_id} ")), "")
+        return dict(re.findall(r"(\S+?)=(\S*)", last))
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (accounting is off, so this is the record of a job); {} once it is gone.

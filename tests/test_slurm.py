@@ -55,12 +55,18 @@ def submit(env, *args, timeout=JOB_TIMEOUT_S, cwd=REPO) -> subprocess.CompletedP
 
 
 def wait_for_job(cluster: LocalSlurm, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, str]:
-    """The job's last record before Slurm forgets it (MinJobAge): poll until it reaches a final state."""
-    deadline = time.monotonic() + timeout_s
+    """The job's last record: poll until it reaches a final state. One that ended and was forgotten (MinJobAge)
+    between two polls, on a loaded machine, is read from the end record jobcomp wrote, over the last one seen."""
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    deadline, seen = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
         job = cluster.job(job_id)
-        if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if job.get("JobState") in final:
             return job
+        ended = {} if job else cluster.ended(job_id)
+        if ended.get("JobState") in final:
+            return {**seen, **ended}
+        seen = job or seen
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not finish within {timeout_s} s: {cluster.job(job_id)}")
 
@@ -73,6 +79,19 @@ def wait_for_text(path: Path, pattern: str, timeout_s: float = JOB_TIMEOUT_S) ->
             return m
         time.sleep(0.2)
     raise AssertionError(f"{pattern!r} never appeared in {path}:\n{path.read_text() if path.exists() else ''}")
+
+
+def test_a_job_forgotten_before_a_poll_still_gives_its_final_state(cluster, job_env, tmp_path):
+    """On a loaded machine a poll can come after Slurm has forgotten an ended job (MinJobAge=4): its final state
+    comes from the end record jobcomp wrote (a wait that saw {} ran on to its 600 s timeout)."""
+    r = run(["sbatch", "--parsable", f"--output={tmp_path / 'out'}", "--wrap", "exit 3"], job_env)
+    job_id = r.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 60
+    while (cluster.job(job_id) or not cluster.ended(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.job(job_id) == {}, cluster.job(job_id)
+    job = wait_for_job(cluster, job_id, timeout_s=5)
+    assert (job["JobId"], job["JobState"], job["ExitCode"]) == (job_id, "FAILED", "3:0"), job
 
 
 def test_job_tasks_get_the_cpus_per_task_the_site_asks_for(cluster, job_env, tmp_path):

@@ -64,14 +64,15 @@ def test_fp8_base_matmuls_train_like_the_full_precision_base(shards, straight, t
 
 
 def test_resume_continues_exactly(shards, straight, tmp_path):
+    """A job started from the uninterrupted run's step-15 checkpoint (weights, optimizer, schedule, data stream,
+    UMC and noise RNG) trains steps 16-30 exactly as that run did: the same losses, the same final adapters."""
     run_dir = tmp_path / "resumed"
-    code, out = torchrun(run_dir, *common(shards, run_dir, 15), "train.checkpoint_every=15", timeout=900)
-    assert code == 0, out[-4000:]
-    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "train.checkpoint_every=15", timeout=900)
-    assert code == 0 and "resumed from" in out, out[-4000:]
-    ref_client, ref_run = mlflow_run(straight)
-    client, run = mlflow_run(run_dir)
-    assert metric(client, run, "loss") == metric(ref_client, ref_run, "loss")
+    start = os.path.join(straight, "checkpoints", "step-00000015")
+    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "train.checkpoint_every=15", f"resume={start}",
+                         timeout=900)
+    assert code == 0 and f"resumed from {start}" in out, out[-4000:]
+    loss, ref = metric(*mlflow_run(run_dir), "loss"), metric(*mlflow_run(straight), "loss")
+    assert sorted(loss) == list(range(16, 31)) and loss == {s: ref[s] for s in loss}, (loss, ref)
     final = os.path.join("checkpoints", "step-00000030", "adapters")
     for name in ("lora_rgb.safetensors", "lora_xyz.safetensors", "control_links.safetensors"):
         a, b = load_file(os.path.join(run_dir, final, name)), load_file(os.path.join(straight, final, name))
@@ -215,26 +216,24 @@ def test_in_training_evaluation_all_ranks_take_part(shards, tmp_path):
 
 
 def test_stored_latents_and_device_finished_samples_give_the_pixel_path_loss(shards, tmp_path):
-    """`one4d encode-latents` shards train through the latent path (no target encode in the step) and give the
-    pixel path's loss for the same window and crop (up to the stored float16 precision); samples finished by
-    the task (data.finish_on_device: uint8 frames and depth from the workers) give it up to float32 rounding."""
+    """`one4d encode-latents` shards train through the latent path (no target encode in the step), with samples
+    finished by the task (data.finish_on_device: uint8 frames and depth from the workers), and give the CPU-finished
+    pixel path's loss for the same window and crop (up to the stored float16 precision)."""
     latent_shards = tmp_path / "latents"
     enc = subprocess.run([sys.executable, "-m", "one4d_train.cli", "encode-latents", str(shards), str(latent_shards),
                           f"config={CONFIG}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert enc.returncode == 0, enc.stdout[-2000:] + enc.stderr[-2000:]
     losses = {}
-    for name, data, finish in (("pixels", shards, False), ("pixels-finished", shards, True),
-                               ("latents", latent_shards, False), ("latents-finished", latent_shards, True)):
+    # the CPU-finished pixel path against the shipped one: stored latents, samples finished by the task (the
+    # finish alone equals the CPU path up to float32 rounding: tests/test_finish.py)
+    for name, data, finish in (("pixels", shards, False), ("latents-finished", latent_shards, True)):
         run_dir = tmp_path / name
         code, out = torchrun(run_dir, *common(data, run_dir, 1), "data.crop=center", f"data.finish_on_device={finish}",
                              timeout=900)
         assert code == 0, out[-4000:]
         client, run = mlflow_run(run_dir)
         losses[name] = metric(client, run, "loss")[1]
-    # the finish differs from the CPU path by float32 rounding of xyz (one bf16/fp16 step on a few values at most)
-    assert losses["pixels-finished"] == pytest.approx(losses["pixels"], rel=1e-7)
-    assert losses["latents-finished"] == pytest.approx(losses["latents"], rel=1e-7)
-    assert losses["latents"] == pytest.approx(losses["pixels"], rel=2e-3)
+    assert losses["latents-finished"] == pytest.approx(losses["pixels"], rel=2e-3)
 
 
 def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight, tmp_path):

@@ -299,3 +299,34 @@ def test_database_store_driver_checks_connect_to_nothing(tmp_path):
     assert "no driver 'postgresql+nosuch'" in tracking_uri_problem("postgresql+nosuch://h/db")
     assert tracking_uri_problem(f"sqlite:///{tmp_path}/store.db") is None
     assert not (tmp_path / "store.db").exists()
+
+
+def test_a_new_store_is_a_copy_of_one_schema_made_once(tmp_path, monkeypatch):
+    """MLflow builds a new store by running its schema migrations (~1.5-2 s per run directory): the first store
+    makes an empty schema database in the cache, later ones copy it and migrate nothing; the copy holds no
+    experiment of the cache's (MLflow makes its default one per store). A damaged copy in the cache is not used."""
+    import mlflow.store.db.utils as db_utils
+    import mlflow
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+
+    def train(name):
+        tracker = MlflowTracker(str(tmp_path / name), cfg, name)
+        run_id = tracker.start(None, {"lr": 0.1})
+        tracker.log_metrics({"loss": 1.0}, 1)
+        tracker.end()
+        client = MlflowClient(f"sqlite:///{tmp_path / name}/mlflow.db")
+        assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0]
+        assert "cache" not in client.get_experiment("0").artifact_location  # made by MLflow for this store
+
+    train("first")
+    template = tmp_path / "cache" / "one4d" / f"mlflow-{mlflow.__version__}-schema.db"
+    assert template.is_file()
+    migrations = []
+    real = db_utils._upgrade_db
+    monkeypatch.setattr(db_utils, "_upgrade_db", lambda engine: migrations.append(engine) or real(engine))
+    train("second")
+    assert migrations == []  # the copy holds the schema: nothing migrated
+    template.write_bytes(b"damaged")
+    train("third")  # MLflow made this one itself
+    assert len(migrations) == 1 and sorted(p.name for p in (tmp_path / "third").iterdir() if ".tmp" in p.name) == []

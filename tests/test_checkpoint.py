@@ -517,3 +517,19 @@ def test_a_damaged_deepspeed_file_is_named_without_torchs_advice_to_unpickle(tmp
                   "\n WeightsUnpickler error: Unsupported operand 118")
     message = str(ckpt.unreadable(str(tmp_path / "gone.pt"), pickle.UnpicklingError(torch_says)))
     assert "UnpicklingError: Unsupported operand 118" in message and "weights_only` set to" not in message, message
+
+
+def test_a_key_a_checkpoints_config_lacks_counts_as_its_default(tmp_path):
+    """A checkpoint written before a config key existed: the key is its default there (what that version did), so
+    resuming it with the default is no config change (it made a requeued resume=PATH job start its branch again,
+    and a resume=auto one log its held steps twice); another value is one."""
+    from one4d_train.config import load_config
+    from one4d_train.configtools import to_yaml
+
+    cfg = load_config([])
+    old = yaml.safe_load(to_yaml(cfg))
+    del old["model"]["vae_videos_per_call"]
+    (tmp_path / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(old))
+    assert ckpt.config_changes(str(tmp_path), to_yaml(cfg)) == []
+    other = load_config(["model.vae_videos_per_call=1", "optim.lr=0.5"])
+    assert ckpt.config_changes(str(tmp_path), to_yaml(other)) == ["model.vae_videos_per_call", "optim.lr"]

@@ -136,15 +136,21 @@ _ABSENT = object()
 
 def config_changes(checkpoint: str, config_text: str) -> list[str] | None:
     """The keys whose value in `config_text` (a config.yaml's text) differs from the config.yaml checkpoint
-    `checkpoint` was trained with, but for SAME_COMMAND_ANYWHERE; None when either does not read."""
+    `checkpoint` was trained with, but for SAME_COMMAND_ANYWHERE; None when either does not read. A key that the
+    checkpoint's config.yaml lacks (written by a version before the key existed) counts as its default, which is
+    what that version did."""
+    from one4d_train.config import One4DConfig
+    from one4d_train.configtools import to_yaml
+
     try:
         with open(os.path.join(checkpoint, CONFIG_FILE)) as f:
             theirs = flatten(yaml.safe_load(f))
         ours = flatten(yaml.safe_load(config_text))
     except (OSError, ValueError, AttributeError, yaml.YAMLError):  # none, not YAML, not a mapping
         return None
-    return sorted(k for k in theirs.keys() | ours.keys()
-                  if k not in SAME_COMMAND_ANYWHERE and theirs.get(k, _ABSENT) != ours.get(k, _ABSENT))
+    defaults = flatten(yaml.safe_load(to_yaml(One4DConfig())))
+    return sorted(k for k in theirs.keys() | ours.keys() if k not in SAME_COMMAND_ANYWHERE
+                  and theirs.get(k, defaults.get(k, _ABSENT)) != ours.get(k, _ABSENT))
 
 
 def branch_progress(ckpt_dir: str, resumed: str, config_text: str) -> tuple[str | None, list[str]]:

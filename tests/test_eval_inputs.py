@@ -93,11 +93,13 @@ def _metrics(run, ckpt):
 def _scored(run, ckpt, *overrides, **settings):
     """A finished metrics.json for `ckpt` as `one4d eval` with the run's config and `overrides` writes it;
     `settings` replace recorded ones (None: left out)."""
+    from one4d_train.eval.outputs import write_metrics_json
+
     cfg = load_config([f"config={run / 'config.yaml'}", *overrides])
     recorded = {**scoring_settings(cfg, eval_dataset(cfg)), **settings}
     path = _metrics(run, ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"settings": {k: v for k, v in recorded.items() if v is not None}, "means": {}}))
+    write_metrics_json(path, {"settings": {k: v for k, v in recorded.items() if v is not None}, "means": {}})
 
 
 def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, capsys):
@@ -150,6 +152,30 @@ def test_a_scan_scores_again_what_was_scored_with_other_settings_or_rules(tmp_pa
     evaluated.clear()
     assert cli(["eval", f"checkpoint={run}", "eval.steps=5"]) == 0  # now `other` is the one scored alike
     assert str(other) not in evaluated and str(same) in evaluated, evaluated
+    # settings as written: no depth cap (inf, stored as "inf"), the modes in another order
+    _scored(run, same, "eval.depth_cap=inf", "eval.modes=[video,image,sparse]")
+    evaluated.clear()
+    assert cli(["eval", f"checkpoint={run}", "eval.depth_cap=inf", "eval.modes=[sparse,image,video]"]) == 0
+    assert str(same) not in evaluated, evaluated
+    # one scored since the scan with other settings than these is scored again, not taken for done
+    (same / "eval" / _metrics(run, same).parent.name / "metrics.json").write_text(
+        json.dumps({"settings": {"metrics_version": 1}}))
+    monkeypatch.setattr("one4d_train.eval.pipeline.load_generator", lambda *a: pytest.fail("scored") or None)
+    with pytest.raises(pytest.fail.Exception, match="scored"):
+        evaluate_checkpoint(load_config([f"config={run / 'config.yaml'}"]), str(same), unscored_only=True)
+
+
+def test_a_vae_kernel_that_cannot_run_here_is_refused_by_key_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    """The 1.3B config's Triton VAE convolutions evaluated on a CPU failed with a traceback after the DiT was built."""
+    import one4d_train.eval.pipeline as pipeline
+
+    run, cfg, state = _run(tmp_path)
+    ckpt = _checkpoint(run, cfg, state)
+    monkeypatch.setattr(pipeline, "load_generator", lambda *a: pytest.fail("built the model"))
+    assert cli(["eval", f"checkpoint={ckpt}", "model.vae_conv_kernel=triton"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'model.vae_conv_kernel': triton: the Triton kernel runs on CUDA devices, not cpu" in err, err
+    assert "model.vae_conv_kernel=cudnn model.vae_frames_per_call=8" in err and "Traceback" not in err
 
 
 def test_exports_load_as_they_are(tmp_path):

@@ -163,13 +163,15 @@ def test_a_resumed_run_logs_no_step_it_holds_again(tmp_path):
     for step in range(1, 7):
         tracker.log_metrics({"loss": 1.0 / step, "lr": 0.1, "grad_norm": None if step == 6 else 2.0}, step)
     tracker.log_metrics({"eval/loss": 0.5}, 4)
+    tracker.log_metrics({"eval/other": 0.3}, 6)  # `one4d eval` scores an earlier checkpoint after a later one
+    tracker.log_metrics({"eval/other": 0.2}, 2)
     tracker.end("KILLED")
 
     resumed = MlflowTracker(str(tmp_path), cfg, "name")
     with pytest.MonkeyPatch.context() as mp:  # one read of the run, not every metric's every point
         mp.setattr(MlflowClient, "get_metric_history", lambda *a, **k: pytest.fail("read a metric's history"))
         resumed.start(run_id, {})
-    assert resumed.logged_through == {"loss": 6, "lr": 6, "grad_norm": 5, "eval/loss": 4}
+    assert resumed.logged_through == {"loss": 6, "lr": 6, "grad_norm": 5, "eval/loss": 4, "eval/other": 6}
     for step in range(5, 9):  # resumed from a checkpoint of step 4
         resumed.log_metrics({"loss": 1.0 / step, "lr": 0.1, "grad_norm": 2.0}, step)
     resumed.log_metrics({"eval/loss": 0.5, "eval/new": 0.25}, 4)  # the evaluation of step 4 run again
@@ -304,7 +306,7 @@ def test_database_store_driver_checks_connect_to_nothing(tmp_path):
 def test_a_new_store_is_a_copy_of_one_schema_made_once(tmp_path, monkeypatch):
     """MLflow builds a new store by running its schema migrations (~1.5-2 s per run directory): the first store
     makes an empty schema database in the cache, later ones copy it and migrate nothing; the copy holds no
-    experiment of the cache's (MLflow makes its default one per store). A damaged copy in the cache is not used."""
+    experiment of the cache's (MLflow makes its default one per store). A damaged copy in the cache is made again."""
     import mlflow.store.db.utils as db_utils
     import mlflow
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -328,5 +330,7 @@ def test_a_new_store_is_a_copy_of_one_schema_made_once(tmp_path, monkeypatch):
     train("second")
     assert migrations == []  # the copy holds the schema: nothing migrated
     template.write_bytes(b"damaged")
-    train("third")  # MLflow made this one itself
+    train("third")  # the damaged copy is made again, not copied
     assert len(migrations) == 1 and sorted(p.name for p in (tmp_path / "third").iterdir() if ".tmp" in p.name) == []
+    train("fourth")
+    assert len(migrations) == 1

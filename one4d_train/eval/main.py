@@ -25,7 +25,7 @@ from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, run_of, scored, scoring_settings,
-                                       tracked_run)
+                                       tracked_run, vae_kernel_problems)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
 from one4d_train.train.one4d_task import index_problems, link_problems, model_file_problems
@@ -108,7 +108,8 @@ def main(argv: list[str]) -> int:
                 args.insert(0, f"config={run_config}")
         try:
             cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: link_problems(c.model) +
-                              model_file_problems(c) + out_dir_problems(c.eval) + c.tracking.problems())
+                              model_file_problems(c) + out_dir_problems(c.eval) + c.tracking.problems() +
+                              vae_kernel_problems(c))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

@@ -219,6 +219,11 @@ def _clean(v):
     return v
 
 
+def plain_json(v):
+    """`v` as write_metrics_json writes and json reads it back: tuples as lists, non-finite floats as strings."""
+    return json.loads(json.dumps(_clean(v)))
+
+
 def write_metrics_json(path, metrics: dict) -> Path:
     """JSON with non-finite numbers written as strings ('inf', 'nan') so strict parsers read it; written whole or
     not at all (fsynced temporary file of this process, renamed): its presence marks a checkpoint as scored. The

@@ -26,7 +26,8 @@ from data_pipeline.geometry import denormalise_pointmap
 from one4d_train.diffusion.sampling import initial_noise, sample
 from one4d_train.eval.claim import claim
 from one4d_train.eval.metrics import depth_metrics, pose_metrics, rgb_metrics
-from one4d_train.eval.outputs import format_table, keyframe_indices, write_metrics_json, write_sample_outputs
+from one4d_train.eval.outputs import (format_table, keyframe_indices, plain_json, write_metrics_json,
+                                      write_sample_outputs)
 from one4d_train.eval.recovery import RecoveryConfig, recover_geometry
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ TABLE_COLUMNS = ["sample", "mode", "abs_rel", "delta_1_25", "ate", "rpe_trans", 
 # scored by the earlier rules (1). Raised whenever a metric's formula changes, so older scores are made again.
 METRICS_VERSION = 2
 # settings recorded but not compared: the dataset folder's tag names the dataset already (a moved copy keeps its
-# scores), and the sparse mode's observed frame counts follow from the others
+# scores), and the sparse mode's observed frame counts follow from the window and the sparse settings
 _NOT_COMPARED = ("dataset", "sparse_frames_observed")
 
 
@@ -60,6 +61,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def eval_dtype(mcfg, device: torch.device) -> torch.dtype:
+    """The precision evaluation samples in: model.compute_dtype on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
+
+
+def vae_kernel_problems(cfg) -> list[tuple[str, str]]:
+    """model.vae_conv_kernel where evaluation runs (train.device, eval_dtype): the 1.3B config's Triton kernel
+    needs CUDA and bf16, and failed with a traceback once the whole DiT was built."""
+    from one4d_train.model.vae import conv_kernel_problem
+
+    device = resolve_device(cfg.train.device)
+    problem = conv_kernel_problem(cfg.model.vae_conv_kernel, device, eval_dtype(cfg.model, device))
+    return [("model.vae_conv_kernel", f"{cfg.model.vae_conv_kernel}: {problem} (set model.vae_conv_kernel=cudnn "
+                                      f"model.vae_frames_per_call=8 to evaluate here)")] if problem else []
 
 
 def adapter_dir(checkpoint: str) -> str:
@@ -90,7 +107,7 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
         if src:
             load_adapters(model, src)
     model.eval().requires_grad_(False)
-    dtype = torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
+    dtype = eval_dtype(mcfg, device)
     vae, text, image = build_encoders(mcfg, model.base.cfg, device, dtype, cfg.seed)
     return Generator(model, vae, text, image, device)
 
@@ -279,9 +296,9 @@ def settings_differ(path, wanted: dict) -> list[str] | None:
         with open(path) as f:
             recorded = json.load(f).get("settings", {})
         recorded = {"metrics_version": 1, **recorded}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):  # unreadable, not JSON, settings not an object
         return None
-    wanted = json.loads(json.dumps(wanted))  # as written: tuples as lists
+    wanted = plain_json(wanted)  # as written: tuples as lists, inf as "inf"
     return sorted(k for k, v in wanted.items() if k not in _NOT_COMPARED and recorded.get(k) != v)
 
 
@@ -455,14 +472,25 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
 
 
 def scoring_settings(cfg, spec: str) -> dict:
-    """What a score depends on: the dataset scored (`spec`, resolved), the frame window and resolution, the
-    sampler, recovery and alignment settings, and the metrics' version (METRICS_VERSION)."""
-    ecfg, d = cfg.eval, cfg.data
-    keys = ("sampler", "steps", "cfg_scale", "shift", "sparse_frames", "depth_align", "seed", "num_samples", "modes",
-            "benchmark_start", "benchmark_stride", "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
-    return {**{k: getattr(ecfg, k) for k in keys}, "dataset": spec, "depth_cap": ecfg.resolved_depth_cap(),
-            "metrics_version": METRICS_VERSION,
-            "num_frames": d.num_frames, "frame_stride": d.frame_stride, "height": d.height, "width": d.width}
+    """What a score depends on: the dataset scored (`spec`, resolved), the frame window (a benchmark's start and
+    stride, or the shards' stride) and resolution, the sampler, the sparse mode's frame count (or, where it is 0,
+    the UMC fractions it is drawn from), recovery and alignment, the precision and base products the samples are
+    made with, and the metrics' version (METRICS_VERSION). The modes as a set: each sample's seed is the mode's."""
+    ecfg, d, m = cfg.eval, cfg.data, cfg.model
+    benchmark = spec.partition(":")[0] in BENCHMARKS
+    keys = ("sampler", "steps", "cfg_scale", "shift", "sparse_frames", "depth_align", "seed", "num_samples",
+            "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
+    keys += ("benchmark_start", "benchmark_stride") if benchmark else ()
+    bf16 = eval_dtype(m, resolve_device(cfg.train.device)) == torch.bfloat16
+    out = {**{k: getattr(ecfg, k) for k in keys}, "modes": sorted(ecfg.modes), "dataset": spec,
+           "depth_cap": ecfg.resolved_depth_cap(), "metrics_version": METRICS_VERSION, "num_frames": d.num_frames,
+           "height": d.height, "width": d.width, "precision": "bf16" if bf16 else "fp32",
+           "base_matmul": m.base_matmul}
+    if not benchmark:
+        out["frame_stride"] = d.frame_stride
+    if not ecfg.sparse_frames:
+        out["sparse_fracs"] = [m.umc.sparse_min_frac, m.umc.sparse_max_frac]
+    return out
 
 
 def evaluation_settings(cfg, spec: str, results: list[dict]) -> dict:

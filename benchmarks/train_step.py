@@ -572,7 +572,8 @@ def run_ours(args) -> None:
                "ckpt": v["ckpt"] or cfg.model.activation_checkpointing + (
                    f"@{cfg.model.activation_checkpointing_blocks}" if cfg.model.activation_checkpointing_blocks >= 0 else ""),
                "vae_frames_per_call": vae.frames_per_call if vae is not None else None,
-               "vae_conv_kernel": vae.conv_kernel if vae is not None else None, "attn": attn_mod.get_attention_backend(),
+               "vae_conv_kernel": vae.conv_kernel if vae is not None else None,
+               "vae_videos_per_call": vae.chunk_size if vae is not None else None, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul, "encoders_gb": encoders_gb,

@@ -68,7 +68,21 @@ def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int, text
     spec = latents_spec(cfg)
     return {"version": PLAN_VERSION, "source_index_sha256": si.sha256_file(src / si.INDEX),
             "settings": settings(cfg.data, spec.vae, spec.valid_min_fraction), "text_encoder": text,
-            "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch}}
+            "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch, "vae": _vae_calls(cfg.model)}}
+
+
+def _vae_calls(mcfg) -> dict:
+    """The VAE settings that change the latents' rounding (as the batch does): kernels and call shapes."""
+    return {"conv_kernel": mcfg.vae_conv_kernel, "frames_per_call": mcfg.vae_frames_per_call,
+            "videos_per_call": mcfg.vae_videos_per_call}
+
+
+def _vae_free_plan_of(old: dict, plan: dict) -> bool:
+    """Whether `old` is a plan written before plans recorded the VAE's call settings, of the same source, settings
+    and compute as `plan` otherwise: it is finished under this run's (what it was encoded with is not known)."""
+    compute = old.get("compute")
+    return (isinstance(compute, dict) and "vae" not in compute
+            and {**old, "compute": {**compute, "vae": plan["compute"]["vae"]}} == plan)
 
 
 def _text_free_plan_of(old: dict, plan: dict) -> bool:
@@ -246,6 +260,13 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     index = si.read_index(src)
     # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
+    from one4d_train.config import ConfigError
+    from one4d_train.model.vae import conv_kernel_problem
+
+    problem = conv_kernel_problem(cfg.model.vae_conv_kernel, dev, dtype)
+    if problem:  # before anything is pinned or written (the 1.3B config's Triton kernel on --device cpu)
+        raise ConfigError(f"key 'model.vae_conv_kernel': {cfg.model.vae_conv_kernel}: {problem} (set "
+                          f"model.vae_conv_kernel=cudnn model.vae_frames_per_call=8 to encode here)")
     if out.exists() and not out.is_dir():
         raise EncodeError(f"{out}: not a folder: OUT_DIR is the folder the latent shards go to (new or this run's)")
     out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +294,8 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch, text_id or None)
     old = si.pin_plan(out, plan)
     pinned, replaced = plan, []
+    if old is not None and _vae_free_plan_of(old, plan):
+        pinned, old = old, None
     if old is not None and _text_free_plan_of(old, plan):  # finishable the way it was started: without text
         if text_id:
             raise EncodeError(f"{out / si.PLAN}: this folder was started without text embeddings (plan version 1); "

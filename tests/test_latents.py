@@ -499,6 +499,11 @@ def test_a_vae_that_does_not_fit_is_refused_before_anything_is_encoded(tmp_path,
     err = capsys.readouterr().err
     assert f"key 'model.vae': {tmp_path / 'vae48'}: AutoencoderKLWan with 48 latent channels" in err, err
     assert "Traceback" not in err and not out.exists()
+    # the 1.3B config's Triton VAE kernel on a CPU: refused by key before the plan is pinned or UMT5 runs
+    assert encode_main([str(src), str(out), *CONFIG, "model.vae_conv_kernel=triton", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'model.vae_conv_kernel': triton: the Triton kernel runs on CUDA devices" in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_videos_per_call_encodes_one_video_at_a_time_to_the_same_latents(encoded, tmp_path, monkeypatch):
@@ -595,11 +600,18 @@ def test_a_refused_plan_names_the_keys_that_differ(tmp_path):
     out = tmp_path / "lat"
     run_encode(src, out, load_config(CONFIG), progress=False)
     with pytest.raises(EncodeError) as exc:
-        run_encode(src, out, load_config(CONFIG + ["data.height=64"]), batch=2, progress=False, text=False)
+        run_encode(src, out, load_config(CONFIG + ["data.height=64", "model.vae_videos_per_call=1"]), batch=2,
+                   progress=False, text=False)
     msg = str(exc.value)
-    for diff in ("settings.resolution: [32, 48] -> [64, 48]", "compute.batch: 1 -> 2", "text_encoder: tiny:0 -> none"):
+    for diff in ("settings.resolution: [32, 48] -> [64, 48]", "compute.batch: 1 -> 2", "text_encoder: tiny:0 -> none",
+                 "compute.vae.videos_per_call: 0 -> 1"):  # the VAE's call shapes round the latents as the batch does
         assert diff in msg, msg
     assert "pointmap_percentiles" not in msg and "source_index" not in msg and "use the same options" in msg
+    # a plan from before plans recorded the VAE's calls is finished under this run's, not refused
+    plan = json.loads((out / "plan.json").read_text())
+    del plan["compute"]["vae"]
+    (out / "plan.json").write_text(json.dumps(plan))
+    assert run_encode(src, out, load_config(CONFIG), progress=False)["skipped"] == 1
 
 
 def _plan_of_another_device(out):

@@ -216,24 +216,25 @@ def test_in_training_evaluation_all_ranks_take_part(shards, tmp_path):
 
 
 def test_stored_latents_and_device_finished_samples_give_the_pixel_path_loss(shards, tmp_path):
-    """`one4d encode-latents` shards train through the latent path (no target encode in the step), with samples
-    finished by the task (data.finish_on_device: uint8 frames and depth from the workers), and give the CPU-finished
-    pixel path's loss for the same window and crop (up to the stored float16 precision)."""
+    """`one4d encode-latents` shards train through the latent path (no target encode in the step) and give the
+    pixel path's loss for the same window and crop (up to the stored float16 precision), both with samples finished
+    by the task (data.finish_on_device, the shipped data config: uint8 frames and depth from the workers)."""
     latent_shards = tmp_path / "latents"
     enc = subprocess.run([sys.executable, "-m", "one4d_train.cli", "encode-latents", str(shards), str(latent_shards),
                           f"config={CONFIG}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert enc.returncode == 0, enc.stdout[-2000:] + enc.stderr[-2000:]
     losses = {}
-    # the CPU-finished pixel path against the shipped one: stored latents, samples finished by the task (the
-    # finish alone equals the CPU path up to float32 rounding: tests/test_finish.py)
-    for name, data, finish in (("pixels", shards, False), ("latents-finished", latent_shards, True)):
+    # samples finished by the task on both paths (the pixel path's finish makes xyz from depth and cameras; the
+    # latents were encoded from CPU-finished samples; the finish alone equals the CPU path up to float32 rounding:
+    # tests/test_finish.py; the other trainer tests finish on the CPU)
+    for name, data, finish in (("pixels-finished", shards, True), ("latents-finished", latent_shards, True)):
         run_dir = tmp_path / name
         code, out = torchrun(run_dir, *common(data, run_dir, 1), "data.crop=center", f"data.finish_on_device={finish}",
                              timeout=900)
         assert code == 0, out[-4000:]
         client, run = mlflow_run(run_dir)
         losses[name] = metric(client, run, "loss")[1]
-    assert losses["latents-finished"] == pytest.approx(losses["pixels"], rel=2e-3)
+    assert losses["latents-finished"] == pytest.approx(losses["pixels-finished"], rel=2e-3)
 
 
 def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight, tmp_path):

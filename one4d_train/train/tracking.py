@@ -204,34 +204,13 @@ class MlflowTracker(NullTracker):
 def seed_store(db: str) -> None:
     """Start a new run directory's store `db` as a copy of an empty database that holds MLflow's schema, made once
     per MLflow version under $XDG_CACHE_HOME/one4d (~/.cache/one4d): MLflow builds a new store by running its ~50
-    schema migrations, ~1.5-2 s at every run directory's first start. The copy is linked into place, so a store
-    made meanwhile by another process is kept; on any failure MLflow creates the store as before."""
+    schema migrations, ~1.5-2 s at every run directory's first start. The copy is hard-linked into place, so a
+    store made meanwhile by another process is kept; on any failure (a file system without hard links, say) MLflow
+    creates the store as before."""
     if os.path.exists(db):
         return
     try:
-        import mlflow
-        import sqlalchemy
-        from mlflow.store.db.utils import _initialize_tables  # what MLflow's SQL store runs on a new database
-
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")),
-                             "one4d")
-        template = os.path.join(cache, f"mlflow-{mlflow.__version__}-schema.db")
-        if not os.path.isfile(template):
-            os.makedirs(cache, exist_ok=True)
-            tmp = f"{template}.{uuid.uuid4().hex}.tmp"
-            try:
-                engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
-                try:
-                    _initialize_tables(engine)
-                finally:
-                    engine.dispose()
-                os.replace(tmp, template)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        with contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as con:
-            if not con.execute("select version_num from alembic_version").fetchone():  # raises where damaged
-                raise ValueError(f"{template}: no schema version")
+        template = _schema_template()
         os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
         tmp = f"{db}.{uuid.uuid4().hex}.tmp"
         try:
@@ -242,6 +221,44 @@ def seed_store(db: str) -> None:
                 os.unlink(tmp)
     except Exception as exc:  # noqa: BLE001 - an optimisation only: MLflow makes the store itself
         log.debug("MLflow store %s not seeded from a schema copy (%s): MLflow creates it", db, exc)
+
+
+def _schema_template() -> str:
+    """The cached empty database with this MLflow version's schema; made (again, where damaged) here."""
+    import urllib.parse
+
+    import mlflow
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables  # what MLflow's SQL store runs on a new database
+
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "one4d")
+    template = os.path.join(cache, f"mlflow-{mlflow.__version__}-schema.db")
+
+    def intact() -> bool:
+        try:
+            uri = f"file:{urllib.parse.quote(template)}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as con:
+                return bool(con.execute("select version_num from alembic_version").fetchone())
+        except sqlite3.Error:
+            return False
+
+    if os.path.isfile(template) and intact():
+        return template
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{template}.{uuid.uuid4().hex}.tmp"
+    try:
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, template)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if not intact():
+        raise RuntimeError(f"{template}: no schema version after MLflow's migrations")
+    return template
 
 
 def _follow_moved_run_dir(db: str, location: str, run_dir: str) -> None:

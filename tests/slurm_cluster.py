@@ -19,7 +19,10 @@ BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged", "mun
 MUNGE_SOCKET_DIR = Path("/run/munge")
 
 # Notes on these machines: no cgroups, no accounting; cred_expire=10 lets a requeued job start again within seconds;
-# MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off up to 32 s when finished jobs are kept longer);
+# KillWait=10: a cancelled or requeued job's leftover processes are killed after 10 s, not 30 (the trainer's
+# checkpoint and the job script's last steps take a few seconds here; a requeue after its tasks were killed waited
+# the whole 30 s); MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off up to 32 s when finished jobs
+# are kept longer);
 # jobcomp/filetxt writes each ended job's record, which stays where a poll that came too late finds the job forgotten
 SLURM_CONF = """\
 ClusterName=one4dtest
@@ -51,7 +54,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
-KillWait=30
+KillWait=10
 MinJobAge=4
 {nodes}PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """

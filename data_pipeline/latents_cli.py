@@ -342,6 +342,16 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
                 raise
             except EncodeError as exc:  # a damaged source shard: the others are encoded all the same
                 damaged.append(str(exc))
+            except torch.OutOfMemoryError as exc:  # the same settings run out again: say which ones to lower
+                bar.close()
+                done = sum(_done(out, x) is not None for x in entries)
+                raise EncodeError(
+                    f"{e['name']}: out of {dev.type.upper() if dev.type == 'cuda' else 'host'} memory in a VAE call of "
+                    f"{batch} clip(s) x 3 videos, model.vae_videos_per_call={cfg.model.vae_videos_per_call} at a time, "
+                    f"model.vae_frames_per_call={cfg.model.vae_frames_per_call} ({str(exc).splitlines()[0][:200]}). "
+                    f"Fewer videos per call (--batch 1, model.vae_videos_per_call=1) or fewer frames per call take "
+                    f"less; plan.json fixes them for {out}, which holds {done} finished shard(s): "
+                    f"{'use a new output folder' if done else 'a re-run with them replaces the plan'}") from exc
             bar.update()
         if damaged:
             bar.close()

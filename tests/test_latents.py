@@ -594,6 +594,31 @@ def test_a_batch_or_task_index_out_of_range_is_a_usage_error(tmp_path, capsys):
         assert capsys.readouterr().err.startswith(f"one4d encode-latents: error: {opts[0]}")
     assert not out.exists()
 
+def test_running_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):
+    """An out-of-memory VAE call came out as a traceback, and a re-run with the same settings ran out again: it is
+    an error naming the call's settings and what takes less, and whether the folder's plan still lets them change."""
+    import data_pipeline.latents_cli as cli_mod
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "lat"
+    calls = []
+
+    def encode_batch(*a):
+        calls.append(1)
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 GiB")
+        return real(*a)
+
+    real = cli_mod.encode_batch
+    monkeypatch.setattr(cli_mod, "encode_batch", encode_batch)
+    with pytest.raises(EncodeError) as exc:
+        run_encode(src, out, load_config(CONFIG), progress=False, text=False)
+    msg = str(exc.value)
+    assert "shard-000001.tar: out of host memory in a VAE call of 1 clip(s) x 3 videos" in msg, msg
+    assert "model.vae_videos_per_call=0 at a time" in msg and "Tried to allocate 28.00 GiB" in msg, msg
+    assert "holds 1 finished shard(s): use a new output folder" in msg, msg
+
+
 def test_a_refused_plan_names_the_keys_that_differ(tmp_path):
     """The refusal named no difference: it printed the whole recorded plan."""
     src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)

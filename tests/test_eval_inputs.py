@@ -150,6 +150,9 @@ def test_a_scan_scores_again_what_was_scored_with_other_settings_or_rules(tmp_pa
            f"metrics_version)" in err, err
     assert f"scoring {other} again: its scores on this dataset were made with other settings (steps)" in err, err
     evaluated.clear()
+    assert cli(["eval", f"checkpoint={run}", "eval.rescore=never"]) == 0  # scores of other settings kept
+    assert evaluated == [] and f"skipping {older}: scored on this dataset with other settings (depth_cap, " \
+        f"metrics_version), kept (eval.rescore=never)" in capsys.readouterr().err
     assert cli(["eval", f"checkpoint={run}", "eval.steps=5"]) == 0  # now `other` is the one scored alike
     assert str(other) not in evaluated and str(same) in evaluated, evaluated
     # settings as written: no depth cap (inf, stored as "inf"), the modes in another order

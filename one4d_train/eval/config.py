@@ -33,9 +33,13 @@ class EvalConfig:
     keyframes: int = 4  # rows of the contact sheet and PLY files per sample
     ply_every_frame: bool = False
     fps: float = 16.0
+    # a run directory's checkpoints scored with other settings (or an earlier version's metrics): scored again
+    # (changed), or their scores kept (never: the scan evaluates only unscored checkpoints)
+    rescore: str = "changed"
 
     def validate(self):
         p = choice(self.sampler, ["euler", "unipc"], "sampler")
+        p += choice(self.rescore, ["changed", "never"], "rescore")
         p += choice(self.depth_align, ["median", "scale", "scale_shift"], "depth_align")
         for m in self.modes:
             p += choice(m, ["image", "sparse", "video"], "modes")

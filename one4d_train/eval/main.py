@@ -127,6 +127,11 @@ def main(argv: list[str]) -> int:
             print(f"one4d eval: {exc}", file=sys.stderr)
             return 2
         differ = scored(ckpt, tag, scoring_settings(cfg, spec)) if scan else None
+        if differ and cfg.eval.rescore == "never":
+            print(f"one4d eval: skipping {ckpt}: scored on this dataset with other settings ({', '.join(differ)}), "
+                  f"kept (eval.rescore=never)", file=sys.stderr)
+            done.append(ckpt)
+            continue
         if differ == []:
             print(f"one4d eval: skipping {ckpt}: scored on this dataset already "
                   f"(its eval/ holds the metrics.json; name the checkpoint to score it again)",

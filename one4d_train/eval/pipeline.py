@@ -420,8 +420,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
 
     The eval folder is held locked throughout (eval/claim.py: Busy when another process evaluates it). A
     metrics.json already there is removed first, so a run killed mid-way leaves the checkpoint unscored;
-    unscored_only: return None instead, doing nothing, where the scores there were made with these settings
-    (another job scored it since the scan). The default
+    unscored_only: return None instead, doing nothing, where the scores there were made with these settings, or
+    with any under eval.rescore=never (another job scored it since the scan). The default
     folder is only ever created inside an existing checkpoint: one removed meanwhile (train.keep_last) raises
     FileNotFoundError rather than coming back as a step folder holding eval/ alone."""
     from tqdm import tqdm
@@ -434,7 +434,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
     # <checkpoint>/eval without parents: a checkpoint removed meanwhile raises instead of coming back
     out.parent.mkdir(parents=bool(chosen), exist_ok=True)
     with claim(str(out)):
-        if unscored_only and settings_differ(out / METRICS_FILE, scoring_settings(cfg, spec)) == []:
+        differ = settings_differ(out / METRICS_FILE, scoring_settings(cfg, spec)) if unscored_only else None
+        if differ == [] or (differ and ecfg.rescore == "never"):
             return None
         # the model and the samples first: an evaluation refused there (adapters that do not fit, a dataset that
         # does not read) leaves the earlier scores as they were

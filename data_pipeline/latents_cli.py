@@ -247,7 +247,8 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
     """Encode this task's shards (all without num_tasks), skipping finished ones; write index.json once every
     shard has its record. `text`: store the embeddings of captions that have none (needs model.text_encoder, or
     the tiny preset). Returns a summary dict."""
-    import torch
+    from one4d_train.config import ConfigError
+    from one4d_train.model.encoders import encoder_dtype, vae_kernel_problems
 
     if batch < 1:
         raise UsageError(f"--batch must be >= 1, got {batch}")
@@ -258,15 +259,10 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise EncodeError("OUT_DIR must differ from SRC_SHARDS")
     dev = encoding_device(device)
     index = si.read_index(src)
-    # the trainer's VAE precision (One4DTask.encoders): model.compute_dtype on GPU, float32 on CPU
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.compute_dtype] if dev.type == "cuda" else torch.float32
-    from one4d_train.config import ConfigError
-    from one4d_train.model.vae import conv_kernel_problem
-
-    problem = conv_kernel_problem(cfg.model.vae_conv_kernel, dev, dtype)
-    if problem:  # before anything is pinned or written (the 1.3B config's Triton kernel on --device cpu)
-        raise ConfigError(f"key 'model.vae_conv_kernel': {cfg.model.vae_conv_kernel}: {problem} (set "
-                          f"model.vae_conv_kernel=cudnn model.vae_frames_per_call=8 to encode here)")
+    dtype = encoder_dtype(cfg.model, dev)  # the trainer's VAE precision
+    problems = vae_kernel_problems(cfg.model, dev)
+    if problems:  # before anything is pinned or written
+        raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))
     if out.exists() and not out.is_dir():
         raise EncodeError(f"{out}: not a folder: OUT_DIR is the folder the latent shards go to (new or this run's)")
     out.mkdir(parents=True, exist_ok=True)

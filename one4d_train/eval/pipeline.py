@@ -63,22 +63,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def eval_dtype(mcfg, device: torch.device) -> torch.dtype:
-    """The precision evaluation samples in: model.compute_dtype on CUDA, float32 elsewhere."""
-    return torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
-
-
-def vae_kernel_problems(cfg) -> list[tuple[str, str]]:
-    """model.vae_conv_kernel where evaluation runs (train.device, eval_dtype): the 1.3B config's Triton kernel
-    needs CUDA and bf16, and failed with a traceback once the whole DiT was built."""
-    from one4d_train.model.vae import conv_kernel_problem
-
-    device = resolve_device(cfg.train.device)
-    problem = conv_kernel_problem(cfg.model.vae_conv_kernel, device, eval_dtype(cfg.model, device))
-    return [("model.vae_conv_kernel", f"{cfg.model.vae_conv_kernel}: {problem} (set model.vae_conv_kernel=cudnn "
-                                      f"model.vae_frames_per_call=8 to evaluate here)")] if problem else []
-
-
 def adapter_dir(checkpoint: str) -> str:
     """The export folder of a checkpoint (its adapters/), or an export of `one4d export` itself."""
     from one4d_train.model.adapters import CONFIG_NAME
@@ -91,7 +75,7 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
     checkpoint written without adapters/ (train.export_adapters=false) has them rebuilt from its ZeRO files. The
     checkpoint's files read are first verified against its marker's CRC-32s (CheckpointDamaged naming them)."""
     from one4d_train.model.adapters import load_adapters
-    from one4d_train.model.encoders import build_encoders
+    from one4d_train.model.encoders import build_encoders, encoder_dtype
     from one4d_train.model.one4d import build_one4d
     from one4d_train.train.checkpoint import verify_folder
 
@@ -107,7 +91,7 @@ def load_generator(cfg, checkpoint: str | None, device: torch.device) -> Generat
         if src:
             load_adapters(model, src)
     model.eval().requires_grad_(False)
-    dtype = eval_dtype(mcfg, device)
+    dtype = encoder_dtype(mcfg, device)
     vae, text, image = build_encoders(mcfg, model.base.cfg, device, dtype, cfg.seed)
     return Generator(model, vae, text, image, device)
 
@@ -477,12 +461,14 @@ def scoring_settings(cfg, spec: str) -> dict:
     stride, or the shards' stride) and resolution, the sampler, the sparse mode's frame count (or, where it is 0,
     the UMC fractions it is drawn from), recovery and alignment, the precision and base products the samples are
     made with, and the metrics' version (METRICS_VERSION). The modes as a set: each sample's seed is the mode's."""
+    from one4d_train.model.encoders import encoder_dtype
+
     ecfg, d, m = cfg.eval, cfg.data, cfg.model
     benchmark = spec.partition(":")[0] in BENCHMARKS
     keys = ("sampler", "steps", "cfg_scale", "shift", "sparse_frames", "depth_align", "seed", "num_samples",
             "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
     keys += ("benchmark_start", "benchmark_stride") if benchmark else ()
-    bf16 = eval_dtype(m, resolve_device(cfg.train.device)) == torch.bfloat16
+    bf16 = encoder_dtype(m, resolve_device(cfg.train.device)) == torch.bfloat16
     out = {**{k: getattr(ecfg, k) for k in keys}, "modes": sorted(ecfg.modes), "dataset": spec,
            "depth_cap": ecfg.resolved_depth_cap(), "metrics_version": METRICS_VERSION, "num_frames": d.num_frames,
            "height": d.height, "width": d.width, "precision": "bf16" if bf16 else "fp32",

@@ -13,7 +13,21 @@ from one4d_train.model.presets import WanConfig
 from one4d_train.model.pretrained import open_safetensors
 from one4d_train.model.text_encoder import TextConditioning, UMT5TextEncoder, build_text_conditioning
 from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
-from one4d_train.model.vae import Z_DIM, WanVAE, load_vae, vae_file_problem
+from one4d_train.model.vae import Z_DIM, WanVAE, conv_kernel_problem, load_vae, vae_file_problem
+
+
+def encoder_dtype(mcfg, device: torch.device) -> torch.dtype:
+    """The precision the frozen encoders run in (training, evaluation, `one4d encode-latents`): model.compute_dtype
+    on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if (mcfg.compute_dtype == "bf16" and device.type == "cuda") else torch.float32
+
+
+def vae_kernel_problems(mcfg, device: torch.device) -> list[tuple[str, str]]:
+    """model.vae_conv_kernel where the VAE runs (`device`, encoder_dtype), by key: the 1.3B config's Triton kernel
+    needs CUDA and bf16 (or fp16); elsewhere the message names the cuDNN settings to use."""
+    problem = conv_kernel_problem(mcfg.vae_conv_kernel, device, encoder_dtype(mcfg, device))
+    return [("model.vae_conv_kernel", f"{mcfg.vae_conv_kernel}: {problem} (set model.vae_conv_kernel=cudnn "
+                                      "model.vae_frames_per_call=8 to run the VAE here)")] if problem else []
 
 
 def build_encoders(mcfg, wan_cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,

@@ -32,7 +32,7 @@ from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.offload import apply_activation_offload
-from one4d_train.model.encoders import build_encoders, encoder_file_problems
+from one4d_train.model.encoders import build_encoders, encoder_dtype, encoder_file_problems, vae_kernel_problems
 from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
 from one4d_train.model.presets import IMAGE_TOKENS, wan_config
@@ -40,7 +40,7 @@ from one4d_train.model.state_dict import checkpoint_fingerprint, open_backbone_c
 from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
-from one4d_train.model.vae import conv_kernel_problem, latent_shape
+from one4d_train.model.vae import latent_shape
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ("checkpoint", "vae", "text_encoder", "tokenizer", "image_encoder", "empty_prompt_embedding")  # model.*
@@ -79,10 +79,7 @@ class One4DTask:
         if m.compile and t.zero_stage == 3:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
-        if m.vae_conv_kernel != "cudnn":
-            problem = conv_kernel_problem(m.vae_conv_kernel, _local_device(t.device), DTYPES[m.compute_dtype])
-            if problem:
-                p.append(("model.vae_conv_kernel", problem))
+        p += vae_kernel_problems(m, _local_device(t.device))
         if m.compute_dtype != t.precision:
             p.append(("model.compute_dtype", f"{m.compute_dtype} and train.precision={t.precision} must agree: "
                       "training and evaluation run the base in that one dtype"))
@@ -192,7 +189,7 @@ class One4DTask:
     # ---- frozen encoders (outside ZeRO) -----------------------------------------------------------------
     def encoders(self, device: torch.device):
         if self._encoders is None:
-            dtype = self.dtype if device.type == "cuda" else torch.float32
+            dtype = encoder_dtype(self.cfg.model, device)
             stored, empty = self.stored_text()
             self._encoders = build_encoders(self.cfg.model, self.wan_cfg, device, dtype, self.cfg.seed,
                                             text_stored=stored, stored_empty=empty)

@@ -5,8 +5,10 @@ and a hash of its path), logged to the run's MLflow run (eval/<dataset>/<mode>/<
 
 A checkpoint must be complete (its COMPLETE marker matching its files); an export folder of `one4d export`
 is evaluated as it is. A run directory evaluates every complete checkpoint not yet scored on this dataset with
-these settings (one scored with other eval settings, or by an earlier version's metrics, is scored again), skipping one that another evaluation holds (eval/<dataset>.lock) or that the training run removes meanwhile
-(train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed counts as not scored.
+these settings (one scored with other settings, or by an earlier version's metrics, is scored again unless
+eval.rescore=never), skipping one that another evaluation holds (eval/<dataset>.lock) or that the training run
+removes meanwhile (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed
+counts as not scored.
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
 export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*,
 data.*, model.*) override it.

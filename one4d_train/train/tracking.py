@@ -1,8 +1,9 @@
 """MLflow tracking, written by rank 0 only (other ranks get `NullTracker`).
 
 Default store: `sqlite:///<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifacts/`; `tracking.uri` points at a
-server instead. A new store starts as a copy of an empty one with MLflow's schema (seed_store). The run id is kept in the train state so a resumed job continues the same run. A run directory
-moved or copied to another path takes its store along, whose artifact locations are made to follow it.
+server instead. A new store starts as a copy of an empty one with MLflow's schema (seed_store). The run id is kept
+in the train state so a resumed job continues the same run. A run directory moved or copied to another path takes
+its store along, whose artifact locations are made to follow it.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.video import REENCODE, display_rotation
+from data_pipeline.video import REENCODE, display_rotation, hidden_frames, hidden_frames_problem
 
 try:  # ISA-L's inflate reads the same deflate streams as zlib's, ~2.4x faster (a clip's depth: ~81 members); its
     # CRC-32 is the same function, ~6x faster (5 ms for a clip window's 66 MB of inflated depth)
@@ -373,6 +373,9 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
     if hw is not None:
         _check_size(hw, source_hw)
     if seen < last or out is None:
+        hidden = hidden_frames(data)
+        if hidden:  # a clip sharded before `one4d shard` refused such videos
+            raise SampleError(f"member mp4: {hidden_frames_problem(hidden, n)} (then re-shard it)")
         raise SampleError(f"member mp4 decodes to {seen + 1} frames, the window needs frame {last}")
     return out if resized_hw is None else out.transpose(0, 2, 3, 1)
 

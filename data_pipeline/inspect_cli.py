@@ -2,9 +2,10 @@
 
 Checks per shard: file present, size and sha256 as indexed, the tar reads, its sample keys equal the
 index's, every sample has its sums.json and the members of its geometry (cam.json with depth), every member
-parses (npz/npy with allow_pickle=False, json, UTF-8 text, mp4 container opens with decord) and matches the
-sample's sums.json (data_pipeline/checksums.py), and the members fit each other as the reader checks them
-(geometry frame count and size against the video's, camera shapes, the mask; on the first frame).
+parses (npz/npy with allow_pickle=False, json, UTF-8 text, mp4 container opens with decord and no edit list hides
+some of its frames) and matches the sample's sums.json (data_pipeline/checksums.py), and the members fit each
+other as the reader checks them (geometry frame count and size against the video's, camera shapes, the mask; on
+the first frame).
 Every shard is checked (a shard whose size or sha256 differ is still read, to name the samples at fault); each
 problem is printed with its shard and key, and the command exits 1 naming the failing shards.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import crc32, decode_clip
-from data_pipeline.video import open_reader
+from data_pipeline.video import hidden_frames, hidden_frames_problem, open_reader
 
 
 class ShardProblem(ValueError):
@@ -43,8 +44,14 @@ def _check_member(shard: str, key: str, ext: str, data: bytes) -> None:
         elif ext == "txt":
             data.decode("utf-8")
         elif ext == "mp4":
-            if len(open_reader(data)) == 0:
+            stored = len(open_reader(data))
+            if stored == 0:
                 raise ValueError("no frames")
+            hidden = hidden_frames(data)
+            if hidden:
+                raise ShardProblem(f"{where}: {hidden_frames_problem(hidden, stored)} (then re-shard it)")
+    except ShardProblem:
+        raise
     except Exception as exc:
         detail = (str(exc).strip().splitlines() or [""])[-1]
         raise ShardProblem(f"{where}: does not parse: {type(exc).__name__}: {detail}") from None

@@ -140,10 +140,39 @@ def rotation_problem(path) -> str | None:
             f"geometry as the upright frames show it")
 
 
+def hidden_frames(src) -> int:
+    """How many stored frames of the first video stream of `src` (a path or mp4 bytes) its edit list hides, by
+    demuxing alone (no decoding): what a stream-copy cut (ffmpeg -ss T -c copy) keeps of the group of pictures it
+    cuts into. decord counts them and returns repeats of the last shown frame for indices past the shown ones, PyAV
+    drops them, so one clip's frames would shift against its geometry by where its window starts. 0 where PyAV
+    cannot open it (the decode check reports why)."""
+    import av
+    import av.error
+
+    try:
+        with av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else str(src)) as container:
+            stream = next((s for s in container.streams.video
+                           if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC), None)
+            if stream is None:
+                return 0
+            return sum(1 for packet in container.demux(stream) if packet.size and packet.is_discard)
+    except MemoryError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError):
+        return 0
+
+
+def hidden_frames_problem(hidden: int, stored: int) -> str:
+    return (f"{hidden} of its {stored} stored frames are hidden by its edit list (as a stream-copy cut, "
+            f"ffmpeg -ss T -c copy, leaves them), which decoders count or not (decord does, PyAV does not), so its "
+            f"frames would be paired shifted against its geometry: re-encode it, e.g. {REENCODE}, so that it stores "
+            f"only the frames it shows, and give its geometry for those")
+
+
 def probe_and_check(path, chunk: int = 16) -> VideoInfo:
     """Open `path` with decord and decode every frame (in chunks, so memory stays small): a truncated or
-    corrupt stream fails here, not in training, as does a file of several clips or with a display rotation
-    (decoders differ on those). Returns its frame count, size and frame rate."""
+    corrupt stream fails here, not in training, as does a file of several clips, with a display rotation or with
+    frames its edit list hides (decoders differ on those). Returns its frame count, size and frame rate."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: video file not found")
     streams = video_streams(path)
@@ -154,6 +183,9 @@ def probe_and_check(path, chunk: int = 16) -> VideoInfo:
     rotation = rotation_problem(path)  # after decord's pass, whose memory is then free again
     if rotation:
         raise VideoError(f"{path}: {rotation}")
+    hidden = hidden_frames(path)
+    if hidden:
+        raise VideoError(f"{path}: {hidden_frames_problem(hidden, info.num_frames)}")
     return info
 
 

@@ -81,6 +81,27 @@ def write_rotated_mp4(path, frames: np.ndarray, degrees: int, fps: int = 16) -> 
     return path
 
 
+def write_cut_mp4(src, path, hidden: int) -> Path:
+    """The mp4 `src` remuxed (no re-encoding) with its timestamps moved `hidden` frames earlier, so that its edit
+    list hides its first `hidden` frames: what a stream-copy cut (ffmpeg -ss T -c copy) into a group of pictures
+    leaves."""
+    import av
+
+    path = Path(path)
+    with av.open(str(src)) as inp, av.open(str(path), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        step = int(round(1 / (stream.average_rate * stream.time_base)))
+        for packet in inp.demux(stream):
+            if packet.dts is None:  # the demuxer's final empty packet
+                continue
+            packet.pts -= hidden * step
+            packet.dts -= hidden * step
+            packet.stream = copy
+            out.mux(packet)
+    return path
+
+
 def make_shards_of_lengths(tmp_dir, lengths: tuple[int, ...], height: int = 32, width: int = 64,
                            samples_per_shard: int = 1) -> Path:
     """One synthetic clip of each frame count in `lengths` (row i: lengths[i] frames), sharded together into

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_utils import make_shards, make_shards_of_lengths, resum, write_rotated_mp4
+from data_utils import make_shards, make_shards_of_lengths, resum, write_cut_mp4, write_rotated_mp4
 
 from data_pipeline.config import DataConfig
 from data_pipeline.geometry import denormalise_pointmap, depth_to_pointmaps
@@ -487,6 +487,32 @@ def test_a_video_with_a_display_rotation_is_rejected_naming_it(tmp_path, degrees
     with pytest.raises(SampleError, match=rf"display rotation of {said}.*re-shard"):
         dec.decode_window(path.read_bytes(), np.arange(3), 9, (32, 32))
     assert probe_and_check(write_rotated_mp4(tmp_path / "upright.mp4", frames, 0)).num_frames == 9
+
+
+def test_a_video_whose_edit_list_hides_frames_is_rejected_naming_it(tmp_path):
+    """A stream-copy cut keeps the frames before the cut point of the group of pictures it cuts into, hidden by the
+    mp4's edit list: decord counts them (and returns repeats of the last shown frame past the shown ones), PyAV
+    drops them, so a window's frames came shifted or frozen against its geometry by where it started. The shard check
+    refuses it, naming the file and the re-encode; inspect-shards names it in a shard written before, and the PyAV
+    path says why it skips it."""
+    import data_pipeline.decode as dec
+    from data_pipeline.inspect_cli import ShardProblem, _check_member
+    from data_pipeline.video import VideoError, hidden_frames, probe_and_check, write_mp4
+
+    frames = render_clip(0, 90, 32, 64)["frames"]
+    write_mp4(tmp_path / "whole.mp4", frames)
+    path = write_cut_mp4(tmp_path / "whole.mp4", tmp_path / "cut.mp4", hidden=5)
+    assert len(decode_frames(path)) == 90 and hidden_frames(path) == 5  # decord counts the hidden ones
+    with pytest.raises(VideoError, match=rf"{re.escape(str(path))}: 5 of its 90 stored frames are hidden by its "
+                                         r"edit list .*ffmpeg -i IN.mp4 -c:v libx264 -crf 18 OUT.mp4"):
+        probe_and_check(path)
+    data = path.read_bytes()
+    with pytest.raises(ShardProblem, match=r"s.tar: k.mp4: 5 of its 90 stored frames are hidden .*re-shard it"):
+        _check_member("s.tar", "k", "mp4", data)
+    with pytest.raises(SampleError, match=r"5 of its 90 stored frames are hidden .*re-shard it"):
+        dec.decode_window(data, 2 + 6 * np.arange(15), 90)
+    assert probe_and_check(tmp_path / "whole.mp4").num_frames == 90 and hidden_frames(tmp_path / "whole.mp4") == 0
+    _check_member("s.tar", "k", "mp4", (tmp_path / "whole.mp4").read_bytes())
 
 
 @pytest.mark.parametrize("size", [(24, 42), (48, 96)])

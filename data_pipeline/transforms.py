@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from data_pipeline import shm_pool
-from data_pipeline.decode import DecodedClip, cover_size, resize_rgb
+from data_pipeline.decode import DecodedClip, SampleError, cover_size, resize_rgb
 from data_pipeline.geometry import pointmap_normalisation
 
 # normalisation percentiles are estimated on a regular pixel grid of at most this many points (2^18: at
@@ -141,6 +141,22 @@ def _grid(valid: np.ndarray, limit: int) -> int:
     return max(1, math.ceil(math.sqrt(valid.size / limit)))
 
 
+def _off_grid_pixels(valid: np.ndarray, k: int) -> tuple[np.ndarray, ...] | None:
+    """None where the k-strided grid holds its share of the valid pixels (the normalisation is estimated on it);
+    else (t, v, u) of at most NORMALISATION_POINTS valid pixels, evenly strided over all of them: a mask the grid
+    misses (valid on every other column, an object smaller than the grid's step) would leave the percentiles to a
+    few points or none. SampleError (skipped and counted) for a window with no valid pixel at all: its xyz branch
+    would train on nothing."""
+    total = np.count_nonzero(valid)
+    if total == 0:
+        raise SampleError(f"no valid geometry in the window's {valid.shape[0]} frames (depth 0 or masked out "
+                          f"everywhere), so its xyz branch would train on nothing")
+    if k == 1 or 4 * k * k * np.count_nonzero(valid[:, ::k, ::k]) >= total:
+        return None
+    idx = np.flatnonzero(valid)  # ~0.1 s at 81 x 352 x 624: only for such masks
+    return np.unravel_index(idx[::math.ceil(len(idx) / NORMALISATION_POINTS)], valid.shape)
+
+
 def positive_finite(depth: np.ndarray) -> np.ndarray:
     """depth > 0 and finite, elementwise. For float16 on its bit pattern (numpy's float16 comparisons are
     slow): a positive finite half has bits in [1, 0x7BFF], so bits - 1 (wrapping) is below 0x7BFF."""
@@ -185,11 +201,20 @@ def _depth_geometry(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles) -
     else:
         depth = np.where(valid, depth, 0).astype(depth.dtype)
     k = _grid(valid, NORMALISATION_POINTS)
-    # pixel (u, v) of the k-strided grid is pixel (k u, k v) of the crop: intrinsics divide by k, no shift
-    K_sub = np.diag([1 / k, 1 / k, 1.0]) @ K
-    sub = torch.from_numpy(depth[:, ::k, ::k].astype(np.float32))
-    sub = camera_pointmaps(sub, torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
-    centre, scale = pointmap_normalisation(sub.permute(0, 2, 3, 1).numpy(), valid[:, ::k, ::k], tuple(percentiles))
+    pixels = _off_grid_pixels(valid, k)
+    if pixels is None:
+        # pixel (u, v) of the k-strided grid is pixel (k u, k v) of the crop: intrinsics divide by k, no shift
+        K_sub = np.diag([1 / k, 1 / k, 1.0]) @ K
+        sub = torch.from_numpy(depth[:, ::k, ::k].astype(np.float32))
+        sub = camera_pointmaps(sub, torch.from_numpy(K_sub), torch.from_numpy(clip.poses_c2w))
+        centre, scale = pointmap_normalisation(sub.permute(0, 2, 3, 1).numpy(), valid[:, ::k, ::k],
+                                               tuple(percentiles))
+    else:
+        t, v, u = pixels
+        d = depth[t, v, u].astype(np.float64)
+        A = np.stack([pointmap_affine(K[i], clip.poses_c2w[i], np.zeros(3), 1.0) for i in range(len(depth))])
+        pts = np.einsum("nij,nj->ni", A[t].astype(np.float64), np.stack([u * d, v * d, d, np.ones_like(d)], -1))
+        centre, scale = pointmap_normalisation(pts, None, tuple(percentiles))
     affine = np.stack([pointmap_affine(K[i], clip.poses_c2w[i], centre, scale) for i in range(len(depth))])
     return Geometry("depth", depth, valid, affine, centre, scale)
 
@@ -202,9 +227,14 @@ def _points_geometry(clip: DecodedClip, crop: Crop, percentiles) -> Geometry:
         pts = np.where(finite[..., None], pts, 0).astype(pts.dtype)
     valid = finite if clip.valid is None else resize_crop_nearest(clip.valid, crop) & finite
     k = _grid(valid, NORMALISATION_POINTS)
+    pixels = _off_grid_pixels(valid, k)
     R, t = torch.from_numpy(to_ref[:3, :3]).float(), torch.from_numpy(to_ref[:3, 3]).float()
-    sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t
-    centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
+    if pixels is None:
+        sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t
+        centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
+    else:
+        sub = torch.from_numpy(pts[pixels].astype(np.float32)) @ R.T + t
+        centre, scale = pointmap_normalisation(sub.numpy(), None, tuple(percentiles))
     A = np.concatenate([to_ref[:3, :3], (to_ref[:3, 3] - centre)[:, None]], axis=1) / scale
     affine = np.broadcast_to(A.astype(np.float32), (len(pts), 3, 4)).copy()
     return Geometry("points", pts, valid, affine, centre, scale)
@@ -213,7 +243,8 @@ def _points_geometry(clip: DecodedClip, crop: Crop, percentiles) -> Geometry:
 def clip_geometry(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles) -> Geometry:
     """The clip's geometry resized/cropped by `crop` (nearest), its mask, and its normalisation: per-axis
     geometry.pointmap_normalisation of the valid points on a regular subsample of at most
-    NORMALISATION_POINTS pixels (all of them for clips that small)."""
+    NORMALISATION_POINTS pixels (all of them for clips that small; strided over the valid pixels themselves
+    where the grid misses the mask, _off_grid_pixels). SampleError where no pixel of the window is valid."""
     if clip.depth is not None:
         return _depth_geometry(clip, crop, K, percentiles)
     return _points_geometry(clip, crop, percentiles)

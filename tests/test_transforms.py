@@ -142,6 +142,39 @@ def test_stored_pointmaps_are_re_expressed_in_the_first_sampled_camera():
     torch.testing.assert_close(a["xyz"], b["xyz"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("form", ["depth", "xyz"])
+def test_normalisation_of_a_mask_the_subsample_grid_misses_uses_the_valid_pixels(monkeypatch, form):
+    """The percentiles are estimated on a k-strided pixel grid; geometry valid only off it (an object smaller than
+    the grid's step, a mask on every other column) gave centre 0 and scale 1, so every valid point was clipped to
+    the box's face while the sample claimed an identity transform. Such a mask is sampled among its valid pixels;
+    a window with no valid pixel at all is a SampleError (skipped and counted), not a sample training on nothing."""
+    import data_pipeline.transforms as tr
+    from data_pipeline.decode import SampleError
+
+    monkeypatch.setattr(tr, "NORMALISATION_POINTS", 200)  # 3 x 32 x 48 pixels: a stride-5 grid
+    clip = render_clip(2, 7, 32, 48)
+    idx = np.array([2, 4, 6])
+    assert clip["valid"][:, 16:20, 21:25].all()
+    clip["valid"] = np.zeros_like(clip["valid"])
+    clip["valid"][:, 16:20, 21:25] = True  # 48 pixels, none on the grid (rows and columns 0, 5, 10, ...)
+    dec = _decoded(clip, idx)
+    if form == "xyz":
+        xyz = depth_to_pointmaps(clip["depth"], clip["intrinsics"], clip["poses_c2w"], ref=0)
+        to_ref = np.linalg.inv(clip["poses_c2w"][2]) @ clip["poses_c2w"][0]
+        dec = DecodedClip(**{**dec.__dict__, "depth": None, "xyz": xyz[idx], "xyz_to_ref": to_ref})
+    s = to_sample(dec, 32, 48, "center", (2.0, 98.0), np.random.default_rng(0))
+    ref = depth_to_pointmaps(clip["depth"][idx], clip["intrinsics"], clip["poses_c2w"][idx])
+    lo, hi = np.percentile(ref[clip["valid"][idx]], [2, 98], axis=0)
+    np.testing.assert_allclose(s["xyz_centre"].numpy(), (lo + hi) / 2, rtol=1e-4, atol=1e-4)
+    assert s["xyz_scale"].item() == pytest.approx((hi - lo).max() / 2, rel=1e-4)
+    inside = s["xyz"].permute(0, 2, 3, 1)[s["valid"][:, 0]]
+    assert (inside.abs() < 1).all(-1).float().mean() > 0.85  # not clipped to the box's faces
+
+    dec.valid[:] = False
+    with pytest.raises(SampleError, match="no valid geometry in the window's 3 frames"):
+        to_sample(dec, 32, 48, "center", (2.0, 98.0), np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_samples_match_float32(dtype):
     dec = _decoded(render_clip(4, 3, 40, 64), np.arange(3))

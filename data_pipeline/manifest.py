@@ -30,6 +30,14 @@ class RowError(ValueError):
         return {"row": self.row, "path": self.path, "reason": self.reason, **({"missing": True} if self.missing else {})}
 
 
+def not_a_file(row: int, path: Path, what: str) -> RowError:
+    """The RowError for a `path` that is no file: a folder (a wrong path, not one a re-run will find filled), or
+    nothing there (missing: a re-run retries the row once it is)."""
+    if path.is_dir():
+        return RowError(row, str(path), f"{what} is a folder, not a file")
+    return RowError(row, str(path), f"{what} not found", missing=True)
+
+
 class ManifestError(ValueError):
     """A manifest that cannot be read as rows at all (one JSON document rather than JSON Lines)."""
 
@@ -226,13 +234,20 @@ def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, str]]:
     return out
 
 
+ARRAY_MAGICS = (b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")  # an .npy; an .npz (a zip; an empty one)
+
+
 def load_array(path: Path, member: str, row: int) -> np.ndarray:
     """A .npy, or member `member` of a .npz (never unpickled); a .json holds a nested list."""
     if not path.is_file():
-        raise RowError(row, str(path), "file not found", missing=True)
+        raise not_a_file(row, path, "file")
     try:
         if path.suffix == ".json":
             return _numbers(loads(path.read_text()), row, str(path), member)
+        with path.open("rb") as f:  # numpy reads any other header as a pickle, which it then refuses to load
+            if not f.read(6).startswith(ARRAY_MAGICS):
+                raise RowError(row, str(path), "cannot load array: the file begins with neither an .npy's nor an "
+                                               ".npz's header (damaged, or another format; pickles are never loaded)")
         # a .npy is mapped first: a header that promises more data than the file holds is an error here, not an
         # allocation of that size (out of memory would read as no fault of the file's)
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)

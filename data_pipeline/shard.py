@@ -31,7 +31,7 @@ from data_pipeline import shard_index as si
 from data_pipeline.checksums import with_sums
 from data_pipeline.decode import frame_member
 from data_pipeline.manifest import (ManifestError, ManifestRow, RowError, load_geometry, load_text_embedding,
-                                   read_manifest, repeated_rows)
+                                   not_a_file, read_manifest, repeated_rows)
 from data_pipeline.video import VideoError, probe_and_check
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     """Validate one row and build its shard members (docs/data.md) and statistics; raises RowError."""
     if not Path(r.video).is_file():
-        raise RowError(r.row, str(r.video), "video file not found", missing=True)
+        raise not_a_file(r.row, Path(r.video), "video file")
     try:
         info = probe_and_check(r.video)
     except VideoError as exc:

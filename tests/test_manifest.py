@@ -141,8 +141,17 @@ def test_geometry_errors(files):
     np.save(files / "mirror.npy", mirrored)
     with pytest.raises(RowError, match="pose of frame 2 is a reflection"):
         load(files, depth_row(poses="mirror.npy"))
-    with pytest.raises(RowError, match="file not found"):
+    with pytest.raises(RowError, match="file not found") as e:
         load(files, depth_row(depth="missing.npy"))
+    assert e.value.missing
+    (files / "folder.npy").mkdir()
+    with pytest.raises(RowError, match="file is a folder, not a file") as e:
+        load(files, depth_row(depth="folder.npy"))
+    assert not e.value.missing  # not one that a re-run finds filled
+    (files / "junk.npz").write_bytes(b"PKjunk")  # numpy: "contains pickled (object) data ... load it unsafely"
+    with pytest.raises(RowError, match=r"cannot load array: the file begins with neither an .npy's nor an .npz's "
+                                       r"header \(damaged, or another format; pickles are never loaded\)$"):
+        load(files, depth_row(depth="junk.npz"))
     np.savez(files / "wrong.npz", other=d)
     with pytest.raises(RowError, match="no member 'depth'"):
         load(files, depth_row(depth="wrong.npz"))

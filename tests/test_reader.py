@@ -218,14 +218,21 @@ def test_a_slot_with_no_usable_data_at_all_stops_with_the_reason(tmp_path):
         _take(loader, 1)
 
 
-def test_read_in_order_skips_whole_consumed_shards_unopened(depth_shards):
+def test_read_in_order_skips_whole_consumed_shards_unopened(depth_shards, monkeypatch, caplog):
+    import data_pipeline.reader as reader
+
     shards = list_shards(str(depth_shards))
     missing = dataclasses.replace(shards[0], path=str(depth_shards / "does-not-exist.tar"))
     sources = [missing] + shards[1:3]
+    opened = []
+    real = reader.raw_samples
+    monkeypatch.setattr(reader, "raw_samples", lambda shard: opened.append(shard.name) or real(shard))
     order = shuffle_order([s.count for s in sources], 1, np.random.default_rng(0))
-    out = list(read_in_order(sources, order, start=1))  # sample 0 (the unreadable shard) already consumed
+    with caplog.at_level(logging.WARNING, logger=reader.log.name):
+        out = list(read_in_order(sources, order, start=1))  # sample 0 (the unreadable shard) already consumed
     assert [(p, s.name) for p, s, _, _ in out] == [(2, shards[1].name), (3, shards[2].name)]
     assert all(raw is not None for *_, raw in out)
+    assert opened == [shards[1].name, shards[2].name] and not caplog.records  # the consumed shard: never opened
 
 
 def test_resampled_mode_fixed_epoch_length(depth_shards):

@@ -130,6 +130,7 @@ def bad_rows(raw):
         # each aborted the whole run: int()'s digit limit (ValueError) and the parser's recursion limit
         (json.dumps(r0)[:-1] + ', "caption": 1' + "0" * 5000 + "}", "not valid JSON: an integer of 5001 digits"),
         ('{"video": ' + "[" * 100000 + "]" * 100000 + "}", "not valid JSON: nested too deeply"),
+        (dict(r0, video="clips"), "video file is a folder, not a file"),
     ]
     lines = [json.dumps(r) for r in good] + [e if isinstance(e, str) else json.dumps(e) for e, _ in extra]
     (raw / "manifest.jsonl").write_text("\n".join(lines) + "\n")
@@ -153,7 +154,8 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path, capsys):
     assert rejects[5]["path"].endswith("nan.npy")
     assert [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()] == index["rejects"]
     assert "ffmpeg -i IN.mp4 -c:v libx264 -crf 18 OUT.mp4" in rejects[9]["reason"]
-    assert index["totals"]["rejected"] == 10 and index["totals"]["samples"] == 3
+    assert "missing" in rejects[3] and "missing" not in rejects[13]  # a re-run retries a missing file, not a folder
+    assert index["totals"]["rejected"] == 11 and index["totals"]["samples"] == 3
 
 
 def test_killed_run_resumes_to_the_identical_index(tmp_path, manifest):

@@ -2,6 +2,7 @@
 why), an export of `one4d export` loads as it is, a run directory is scanned for complete checkpoints not yet
 scored, and a config without a dataset is refused before any model is built."""
 import json
+from dataclasses import replace
 import os
 from pathlib import Path
 
@@ -426,3 +427,47 @@ def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_pat
     assert cli(["eval", f"checkpoint={new.parent.parent}"]) == 0
     assert f"skipping {new}" not in capsys.readouterr().err
     assert _metrics(new.parent.parent, new).exists()
+
+
+def test_samples_without_a_caption_take_one_pass_per_step_as_guidance_changes_nothing(tmp_path, monkeypatch):
+    """A benchmark's samples have no caption: the guided velocity v_u + w (v_c - v_u) was v_c whatever w, at two
+    passes per step. Such samples sample unguided; a captioned one is guided. A benchmark's settings leave the
+    guidance scale out (a scan does not score again for it), shards' keep it."""
+    import one4d_train.eval.pipeline as pipeline
+
+    run, cfg, state = _run(tmp_path, "data.num_frames=5", "data.height=32", "data.width=64", "eval.steps=1")
+    gen = load_generator(cfg, None, torch.device("cpu"))
+    passes = []
+    real = gen.model.forward
+    monkeypatch.setattr(gen.model, "forward", lambda x, *a, **kw: passes.append(x.shape[0]) or real(x, *a, **kw))
+    batch = {"rgb": torch.rand(1, 5, 3, 32, 64) * 2 - 1}
+    plain = pipeline.generate(gen, {**batch, "caption": [""]}, "video", cfg.eval, [0])
+    assert passes == [1]  # one pass (its batch: the one sample)
+    passes.clear()
+    pipeline.generate(gen, {**batch, "caption": ["a red car drives down a street"]}, "video", cfg.eval, [0])
+    assert passes == [2] and cfg.eval.cfg_scale != 1  # conditional and unconditional, batched
+    unguided = pipeline.generate(gen, {**batch, "caption": [""]}, "video", replace(cfg.eval, cfg_scale=1.0), [0])
+    torch.testing.assert_close(plain["xyz"], unguided["xyz"])
+
+    assert "cfg_scale" not in scoring_settings(cfg, "sintel:/data/sintel")
+    assert scoring_settings(cfg, "/data/shards")["cfg_scale"] == cfg.eval.cfg_scale
+
+
+def test_a_scan_scores_again_what_was_scored_with_other_pointmap_percentiles(tmp_path, capsys, monkeypatch):
+    """data.pointmap_percentiles sets the ground truth's normalisation, so the scores (a perfect prediction's Abs
+    Rel is ~0.004 at 2-98, ~1e-4 at 0-100): scores of other percentiles are scored again, and scores recorded
+    before the setting was are taken as made with its default."""
+    from data_utils import make_shards
+
+    from one4d_train.eval import main as eval_main
+
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", "data.num_frames=5")
+    before, other = (_checkpoint(run, cfg, state, step=s) for s in (10, 20))
+    _scored(run, before, pointmap_percentiles=None)
+    _scored(run, other, "data.pointmap_percentiles=[0.0,100.0]")
+    evaluated = []
+    monkeypatch.setattr(eval_main, "evaluate_checkpoint", lambda c, ckpt, **kw: evaluated.append(ckpt) or {})
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert evaluated == [str(other)], evaluated
+    assert "made with other settings (pointmap_percentiles)" in capsys.readouterr().err

@@ -155,7 +155,10 @@ def generate(gen: Generator, batch: dict, mode: str, ecfg, seeds: list[int]) -> 
     captions = batch.get("caption", [""] * B)
     context = gen.text(captions, batch_text_embeddings(batch), keys=batch.get("__key__")).to(gen.device)
     cond = umc_condition(gen, rgb, frame_mask, context)
-    uncond = dict(cond, context=gen.text.empty.to(gen.device).expand_as(context))
+    empty = gen.text.empty.to(gen.device).expand_as(context)
+    # no caption (benchmarks have none): the guided velocity is the conditional one whatever eval.cfg_scale says,
+    # so its second pass per step is left out
+    uncond = None if torch.equal(context, empty) else dict(cond, context=empty)
     shape = cond["z_cond"].shape[1:]
     noise = [initial_noise(shape, shape, s, gen.device) for s in seeds]
     n_rgb, n_xyz = torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])
@@ -203,7 +206,8 @@ def score(pred_rgb: torch.Tensor, pred_xyz_n: torch.Tensor, frame_mask: torch.Te
         metrics.update(pose_metrics(c2w, gt_poses))
     observed = frame_mask.bool()
     metrics.update(rgb_metrics((pred_rgb.float() + 1) / 2, (sample["rgb"].float() + 1) / 2, observed))
-    geometry = {"points": points.numpy(), "depth": depth, "focal": rec.focal.cpu().numpy(), "c2w": c2w}
+    geometry = {"points": points.numpy(), "depth": depth, "focal": rec.focal.cpu().numpy(), "c2w": c2w,
+                "xyz_centre": centre.float().numpy(), "xyz_scale": np.float32(scale)}
     return metrics, geometry
 
 
@@ -215,7 +219,8 @@ def write_outputs(out_dir: Path, pred_rgb: torch.Tensor, geometry: dict, metrics
     files = write_sample_outputs(out_dir, rgb, geometry["depth"], geometry["points"], fps=ecfg.fps,
                                  keyframes=keys, title=f"{title}   {headline}")
     np.savez_compressed(out_dir / "geometry.npz", depth=geometry["depth"].astype(np.float32),
-                        focal=geometry["focal"], c2w=geometry["c2w"])
+                        focal=geometry["focal"], c2w=geometry["c2w"], xyz_centre=geometry["xyz_centre"],
+                        xyz_scale=geometry["xyz_scale"])
     return files
 
 
@@ -272,14 +277,18 @@ def dataset_tag(spec: str) -> str:
     return f"{kind}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
+# settings recorded since a later release, as scores made before it had them (the schema's defaults)
+SETTINGS_ADDED = {"pointmap_percentiles": [2.0, 98.0]}
+
+
 def settings_differ(path, wanted: dict) -> list[str] | None:
     """The keys of the scoring settings `wanted` (scoring_settings) under other values of which the finished scores
     of metrics.json `path` were made ([]: the same), or None where there is no readable one. A file without a
-    metrics version is of version 1."""
+    metrics version is of version 1, one without a setting of SETTINGS_ADDED made with its default."""
     try:
         with open(path) as f:
             recorded = json.load(f).get("settings", {})
-        recorded = {"metrics_version": 1, **recorded}
+        recorded = {"metrics_version": 1, **SETTINGS_ADDED, **recorded}
     except (OSError, ValueError, AttributeError, TypeError):  # unreadable, not JSON, settings not an object
         return None
     wanted = plain_json(wanted)  # as written: tuples as lists, inf as "inf"
@@ -458,20 +467,23 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
 
 def scoring_settings(cfg, spec: str) -> dict:
     """What a score depends on: the dataset scored (`spec`, resolved), the frame window (a benchmark's start and
-    stride, or the shards' stride) and resolution, the sampler, the sparse mode's frame count (or, where it is 0,
+    stride, or the shards' stride) and resolution, the ground truth's normalisation percentiles, the sampler (its
+    guidance scale only for shards: benchmarks have no captions), the sparse mode's frame count (or, where it is 0,
     the UMC fractions it is drawn from), recovery and alignment, the precision and base products the samples are
     made with, and the metrics' version (METRICS_VERSION). The modes as a set: each sample's seed is the mode's."""
     from one4d_train.model.encoders import encoder_dtype
 
     ecfg, d, m = cfg.eval, cfg.data, cfg.model
     benchmark = spec.partition(":")[0] in BENCHMARKS
-    keys = ("sampler", "steps", "cfg_scale", "shift", "sparse_frames", "depth_align", "seed", "num_samples",
+    keys = ("sampler", "steps", "shift", "sparse_frames", "depth_align", "seed", "num_samples",
             "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
-    keys += ("benchmark_start", "benchmark_stride") if benchmark else ()
+    # a benchmark's samples have no caption, so guidance has nothing to apply (generate): cfg_scale changes nothing
+    keys += ("benchmark_start", "benchmark_stride") if benchmark else ("cfg_scale",)
     bf16 = encoder_dtype(m, resolve_device(cfg.train.device)) == torch.bfloat16
     out = {**{k: getattr(ecfg, k) for k in keys}, "modes": sorted(ecfg.modes), "dataset": spec,
            "depth_cap": ecfg.resolved_depth_cap(), "metrics_version": METRICS_VERSION, "num_frames": d.num_frames,
-           "height": d.height, "width": d.width, "precision": "bf16" if bf16 else "fp32",
+           "height": d.height, "width": d.width, "pointmap_percentiles": list(d.pointmap_percentiles),
+           "precision": "bf16" if bf16 else "fp32",
            "base_matmul": m.base_matmul}
     if not benchmark:
         out["frame_stride"] = d.frame_stride

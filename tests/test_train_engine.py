@@ -463,7 +463,8 @@ def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys
                                                                  sigint_as_in_a_terminal):
     """Ctrl-C reaches the whole foreground group (the trainer and its data workers): it was a KeyboardInterrupt
     traceback and the steps since the last checkpoint were lost. Now a first one stops as SIGTERM does (checkpoint,
-    exit 42: the same command resumes); a second one stops at once, with one line and the shell's 130."""
+    exit 42: the same command resumes); a second one stops at once, with one line and the shell's 130 (it was a
+    traceback and exit 1), during an evaluation too (where the two merged into one, after it)."""
     from one4d_train.train.preemption import Preemption
 
     run_dir = tmp_path / "run"
@@ -478,6 +479,18 @@ def test_ctrl_c_checkpoints_and_exits_42_a_second_stops_at_once(tmp_path, capsys
     assert "Traceback" not in out and "DataLoader worker" not in out, out[-4000:]
     stopped = int(re.search(r"checkpointed step (\d+), exiting 42", out).group(1))
     assert 5 <= stopped < 16 and checkpoint_names(run_dir)[-1] == ckpt.step_name(stopped) + "*"
+
+    # two during an evaluation (which blocks the stop signals, and so merged them into one after it, 42): at once
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={tmp_path / 'evaluating'}",
+                        *COMMON, "train.zero_stage=2", "train.steps=4", "eval.every=2"],
+                       cwd=ROOT, env={**_env(), "TOY_EVAL_SLEEP": "120", "TOY_SIGNAL_AT": "2:0:INT:eval,2:0:INT:eval"},
+                       capture_output=True, text=True, timeout=400, start_new_session=True,
+                       preexec_fn=sigint_as_in_a_terminal)
+    out = r.stdout + r.stderr
+    assert r.returncode == 130 and time.monotonic() - started < 100, out[-4000:]
+    assert "one4d train: interrupted (no checkpoint of the steps since the last one" in r.stderr
+    assert "Traceback" not in out, out[-4000:]
 
     previous = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
     try:

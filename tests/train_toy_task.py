@@ -6,7 +6,8 @@ loader ({epoch, batch}). The step draws from torch's generator, numpy and python
 covers them. Test hooks (environment): TOY_NAN_STEPS="3,6" (+ TOY_NAN_RANK=r, default every rank) make the
 loss NaN at those steps; TOY_SIGNAL_AT="STEP:RANK:SIGNAL" (several: comma-separated, sent in order) sends the
 signal to that rank's own process at that step (step 0: while the model is built), "STEP:RANK:SIGNAL:group" to that
-rank's whole process group, its data workers included, as scancel and Slurm preemption do,
+rank's whole process group, its data workers included, as scancel and Slurm preemption do, "STEP:RANK:SIGNAL:eval"
+to that rank's own process as the evaluation of that step starts,
 "STEP:RANK:SIGNAL:batch" to the Slurm job's batch shell; TOY_WORKERS=N serves the batches from N DataLoader worker
 processes (the same batches in the same order); TOY_EVAL_SLEEP=S makes every evaluation take S seconds more; each
 rank appends {step, ids} per micro-batch to <run_dir>/toy_trace/rank-R.jsonl and writes its rank, world size, local
@@ -127,8 +128,9 @@ class ToyTask:
                        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
                        "node": os.environ.get("SLURMD_NODENAME", "")}, f)
 
-    def _signal(self, step):
-        due = [e for e in self.signal_at if int(e.split(":")[0]) == step and int(e.split(":")[1]) == self.rank]
+    def _signal(self, step, in_eval=False):
+        due = [e for e in self.signal_at if int(e.split(":")[0]) == step and int(e.split(":")[1]) == self.rank
+               and e.endswith(":eval") == in_eval]
         self.signal_at = [e for e in self.signal_at if e not in due]  # once, not at every micro-batch
         for entry in due:
             _, _, name, *group = entry.split(":")
@@ -178,6 +180,7 @@ class ToyTask:
         return losses
 
     def evaluate(self, model, step, out_dir):
+        self._signal(step, in_eval=True)
         time.sleep(self.eval_sleep)
         x, y = _teacher_data(N_EVAL, 8)
         world = torch.distributed.get_world_size()

@@ -47,7 +47,7 @@ import torch
 from one4d_train.cli import LAUNCHER_ARG
 from one4d_train.config import ConfigError, absolute_paths, load_config
 from one4d_train.train.config import preflight
-from one4d_train.train.preemption import EXIT_CONFIG
+from one4d_train.train.preemption import EXIT_CONFIG, EXIT_INTERRUPTED
 
 
 def seed_everything(seed: int) -> None:
@@ -109,13 +109,16 @@ def main(argv: list[str]) -> int:
 def report_failure(exc: BaseException, tracker) -> int:
     """Print the failure, end this rank's MLflow run (started or not; other ranks hold a no-op tracker) as FAILED,
     KILLED for an interrupt, and return the exit code: 2 for a config error found late or a damaged checkpoint file
-    (the message names it: no traceback), else 1."""
+    (the message names it: no traceback), 130 (the shell's code for SIGINT) for a second Ctrl-C (one line), else 1."""
     from one4d_train.train.checkpoint import CheckpointDamaged
 
     if isinstance(exc, ConfigError):
         _print_config_error(exc)
     elif isinstance(exc, CheckpointDamaged):
         print(f"checkpoint error: {exc}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, as asked
+        print("one4d train: interrupted (no checkpoint of the steps since the last one; the same command resumes "
+              "from it)", file=sys.stderr)
     else:
         traceback.print_exception(exc)
     if tracker is not None:
@@ -125,6 +128,8 @@ def report_failure(exc: BaseException, tracker) -> int:
             print(f"could not end the MLflow run: {type(end_exc).__name__}: {end_exc}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
     return EXIT_CONFIG if isinstance(exc, (ConfigError, CheckpointDamaged)) else 1
 
 

@@ -8,7 +8,7 @@ entry points. So a stop asked for during the start-up (the imports, the checks, 
 engine build, the resume) is kept and honoured before the first step instead of killing the rank. Slurm and
 scancel signal a task's whole process group, data-loader workers included; `shielded()` blocks the stop signals
 while the trainer fetches data, so workers forked there inherit the block and keep serving batches until the
-trainer has checkpointed.
+trainer has checkpointed (Ctrl-C excepted during an evaluation, so that a second one still stops at once).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_BAD_STEPS = 3
 REQUEUE_EXIT_CODE = 42
+EXIT_INTERRUPTED = 130  # a second Ctrl-C (the shell's code for SIGINT)
 
 
 class Preemption:
@@ -50,11 +51,15 @@ class Preemption:
                     " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else "")
 
     @contextlib.contextmanager
-    def shielded(self):
+    def shielded(self, interruptible: bool = False):
         """Block the stop signals in this thread for the block: processes forked inside it (DataLoader workers)
         inherit the blocked mask, so a signal to the whole process group leaves them running; one that reaches
-        this process meanwhile is delivered, and sets the flag, when the block ends."""
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        this process meanwhile is delivered, and sets the flag, when the block ends. `interruptible` (a long block:
+        an evaluation) leaves Ctrl-C out: a first one still asks for a stop after the block, and a second one
+        stops at once (blocked, the two would merge into one pending signal). Workers forked there inherit the
+        handler, which a first Ctrl-C only sets a flag in, and torch's worker loop ends quietly on a second."""
+        shield = [s for s in self.SIGNALS if not (interruptible and s == signal.SIGINT)]
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, shield)
         try:
             yield
         finally:

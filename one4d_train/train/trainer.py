@@ -319,7 +319,8 @@ class Trainer:
             shutil.rmtree(out_dir)
         dist.barrier()
         self.engine.module.eval()
-        with torch.no_grad(), self.preemption.shielded():  # its data workers too outlive a group-wide signal
+        # its data workers too outlive a group-wide signal; a second Ctrl-C still stops at once
+        with torch.no_grad(), self.preemption.shielded(interruptible=True):
             results = self.task.evaluate(self.engine.module, self.step, out_dir)
         self.engine.module.train()
         self.eval_pending = False

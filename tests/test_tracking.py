@@ -47,6 +47,39 @@ def test_run_in_run_dir_params_metrics_artifacts_and_resume(tmp_path):
     assert any(p.endswith(os.path.join(run_id, "artifacts", "adapters", "a.safetensors")) for p in stored)
 
 
+def test_a_resume_whose_run_is_not_in_the_store_records_into_a_new_run_saying_so(tmp_path, caplog):
+    """tracking.uri changed since the run started (a team server from now on), or the run deleted: MLflow refused
+    to continue the checkpoint's run, with a traceback after the checkpoint was loaded. A new run takes the job's
+    metrics, with a warning; a run of another experiment is continued where it is."""
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    first = MlflowTracker(str(tmp_path / "run"), cfg, "name")
+    run_id = first.start(None, {"a": 1})
+    first.log_metrics({"loss": 0.5}, step=1)
+    first.end("KILLED")
+
+    server = SimpleNamespace(uri=f"sqlite:///{tmp_path / 'team.db'}", experiment="exp", system_metrics=False)
+    moved = MlflowTracker(str(tmp_path / "run"), server, "name")
+    new_id = moved.start(run_id, {"a": 1})
+    moved.log_metrics({"loss": 0.25}, step=2)
+    moved.end()
+    assert new_id != run_id and f"the checkpoint's MLflow run {run_id} is not in the store at {server.uri}" \
+        in caplog.text
+    team = MlflowClient(server.uri)
+    assert [(m.step, m.value) for m in team.get_metric_history(new_id, "loss")] == [(2, 0.25)]
+    own = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    assert [(m.step, m.value) for m in own.get_metric_history(run_id, "loss")] == [(1, 0.5)]
+
+    caplog.clear()
+    other = MlflowTracker(str(tmp_path / "run"), SimpleNamespace(**{**vars(cfg), "experiment": "renamed"}), "name")
+    assert other.start(run_id, {"a": 1}) == run_id
+    other.end()
+    assert f"MLflow run {run_id} continues in its experiment 'exp'" in caplog.text
+    own.delete_run(run_id)
+    again = MlflowTracker(str(tmp_path / "run"), cfg, "name")
+    assert again.start(run_id, {"a": 1}) != run_id and f"{run_id} is deleted in the store" in caplog.text
+    again.end()
+
+
 def test_other_ranks_get_a_no_op_tracker(tmp_path):
     cfg = SimpleNamespace(run_dir=str(tmp_path), name="n", tracking=SimpleNamespace(uri="", experiment="e", system_metrics=False))
     tracker = build_tracker(cfg, is_main=False)

@@ -77,6 +77,8 @@ class MlflowTracker(NullTracker):
                 log.warning("tracking.system_metrics needs psutil, which is not installed: system metrics off")
                 system = False
         run_dir_id = self._run_dir_id()
+        if run_id is not None:
+            run_id = self._continuable(run_id)
         self._end_dead_runs(run_dir_id, keep=run_id)
         if run_id is None:
             tags = {**(tags or {}), RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: run_dir_id}
@@ -92,6 +94,33 @@ class MlflowTracker(NullTracker):
             log.info("MLflow run %s continues under another config than its checkpoint's: the steps trained again "
                      "are logged again, with their new values", self.run_id)
         return self.run_id
+
+    def _continuable(self, run_id: str) -> str | None:
+        """`run_id` where this store holds it, not deleted; else None, saying so: a tracking.uri changed since the
+        run started (a team server from now on), a store replaced or a run deleted (MLflow refused to continue it,
+        with a traceback after the checkpoint was loaded). The job then records into a new run, with a warning;
+        the steps before stay where they were logged. A run of another experiment than tracking.experiment is
+        continued where it is, saying so."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+        try:
+            run = self.client.get_run(run_id)
+            missing = "deleted in" if run.info.lifecycle_stage == "deleted" else None
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            missing = "not in"
+        if missing:
+            log.warning("the checkpoint's MLflow run %s is %s the store at %s (tracking.uri changed since the run "
+                        "started, or the store replaced?): this job records into a new MLflow run there; the steps "
+                        "before it stay where they were logged", run_id, missing, self.uri)
+            return None
+        experiment = self.client.get_experiment(run.info.experiment_id).name
+        if experiment != self.cfg.experiment:
+            log.warning("MLflow run %s continues in its experiment %r: tracking.experiment=%r names the experiment of "
+                     "new runs", run_id, experiment, self.cfg.experiment)
+        return run_id
 
     def _logged_steps(self) -> None:
         """Read the last step the continued run holds of each metric: a job killed after logging steps past its

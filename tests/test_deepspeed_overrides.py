@@ -36,6 +36,7 @@ def test_accumulation_and_batch_size_are_the_trainers():
     ("{bf16: {enabled: true}}", "train.precision"),
     ("{fp16: {enabled: true}}", "train.precision"),
     ("{gradient_clipping: 0.0}", "optim.grad_clip"),
+    ("{zero_force_ds_cpu_optimizer: true}", "torch AdamW"),
     ("{optimizer: {type: Adam, params: {lr: 0.1}}}", "optim.lr"),
     ("{scheduler: {type: WarmupLR}}", "optim.schedule"),
     ("{zero_allow_untested_optimizer: false}", "AdamW"),

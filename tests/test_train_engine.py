@@ -421,6 +421,22 @@ def test_nan_steps_are_skipped_on_all_ranks_then_stop(tmp_path, engine):
     assert not os.path.exists(os.path.join(run_dir, "checkpoints", ckpt.step_name(8)))
 
 
+def test_optimizer_state_offloaded_to_the_host_trains(tmp_path):
+    """`offload_optimizer.device: cpu`, an override the README offers, passed every check and then failed in
+    DeepSpeed's engine build (ZeRO-Offload refused the trainer's torch AdamW): the state now steps where it lives."""
+    run_dir = tmp_path / "offloaded"
+    code = subprocess.run([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
+                           "train.zero_stage=2", "train.steps=12", "train.checkpoint_every=100", "train.log_every=1",
+                           "train.micro_batch_size=8", "optim.lr=0.03",
+                           "train.deepspeed_overrides={zero_optimization: {offload_optimizer: {device: cpu}}}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    out = code.stdout + code.stderr
+    assert code.returncode == 0, out[-4000:]
+    assert "deepspeed override: zero_optimization.offload_optimizer" in out, out[-4000:]
+    loss = metric(*mlflow_run(run_dir), "loss")
+    assert sum(loss[s] for s in (10, 11, 12)) < sum(loss[s] for s in (1, 2, 3)) / 2, loss
+
+
 def test_zero2_single_plain_process_bf16(tmp_path):
     run_dir = tmp_path / "zero2"
     env = _env()

@@ -40,6 +40,8 @@ TRAINER_KEYS: dict[tuple[str, ...], str] = {
     ("scheduler",): "the trainer passes its own LR schedule: set optim.schedule, optim.warmup_steps, "
                     "optim.min_lr_ratio",
     ("zero_allow_untested_optimizer",): "the trainer's torch AdamW needs it",
+    ("zero_force_ds_cpu_optimizer",): "the trainer's torch AdamW steps the state offload_optimizer offloads: "
+                                      "DeepSpeed refuses it with this true",
     ("zero_optimization", "elastic_checkpoint"): "a resume verifies each rank's own optimizer partition against its "
                                                  "CRC-32 before loading it; elastic checkpoints make every rank load "
                                                  "all of them",
@@ -78,6 +80,8 @@ def base_config(cfg, world_size: int) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "gradient_clipping": o.grad_clip,
         "zero_allow_untested_optimizer": True,  # our torch AdamW: no fused-op build, also on CPU
+        # and it steps the offloaded state too (DeepSpeed refused it under offload_optimizer, at the engine build)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -479,3 +479,24 @@ def test_triton_vae_encoder_gives_the_cudnn_latents(compile, one_kernel_config):
     assert len(convs) >= 10, len(convs)
     want, got = cudnn.encode(video), triton_vae.encode(video)
     assert got.shape == want.shape and rel(got, want) < 1e-2, rel(got, want)
+
+
+def test_a_checkpoints_gpu_rng_state_is_the_ranks_own_device():
+    """Every visible GPU's state was saved by index and restored with set_rng_state_all: a resume with fewer GPUs
+    visible (2 x 4 for 1 x 8) raised IndexError, reported as a damaged checkpoint, and with more a rank restored
+    another GPU's state into its own. Now the rank's own device's state is saved and restored onto it; a
+    checkpoint of the earlier form gives the state of its index."""
+    from one4d_train.train import checkpoint as ckpt
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    gen = torch.Generator().manual_seed(0)
+    torch.cuda.manual_seed_all(5)
+    state, tensors = ckpt.capture_rng(gen, device)
+    assert sorted(k for k in tensors if k.startswith("cuda")) == ["cuda"]
+    expected = torch.rand(4, device=device)
+    for saved in (tensors, {**{k: v for k, v in tensors.items() if k != "cuda"},  # written before: 16 GPUs' states
+                            **{f"cuda.{i}": (tensors["cuda"] if i == device.index else torch.zeros_like(
+                                tensors["cuda"])) for i in range(16)}}):
+        torch.cuda.manual_seed_all(9)
+        ckpt.restore_rng(state, saved, gen, device)
+        assert torch.equal(torch.rand(4, device=device), expected)

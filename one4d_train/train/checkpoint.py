@@ -544,27 +544,33 @@ def written_by(ds_dir: str, rank: int) -> list[str]:
 
 # RNG state of every source the step draws from, as JSON + tensors (never pickled).
 
-def capture_rng(generator: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+def capture_rng(generator: torch.Generator, device: torch.device | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The RNG states of Python, NumPy, torch's CPU generator, `generator` and, on a CUDA `device`, the rank's own
+    GPU (`cuda`; not every visible GPU's by index: a resume on another node layout, 2 x 4 GPUs for 1 x 8, has other
+    GPUs at those indices)."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     tensors = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
+    if device is not None and device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
     return state, tensors
 
 
-def restore_rng(state: dict, tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+def restore_rng(state: dict, tensors: dict[str, torch.Tensor], generator: torch.Generator,
+                device: torch.device | None = None) -> None:
+    """capture_rng's states back; the GPU's onto the rank's own `device`. A checkpoint written before kept every
+    visible GPU's by index (`cuda.I`): the state of the device's index is restored, where there is one."""
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
     generator.set_state(tensors["generator"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if device is not None and device.type == "cuda":
+        cuda = tensors.get("cuda", tensors.get(f"cuda.{device.index if device.index is not None else 0}"))
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _test_stall(step: int) -> None:

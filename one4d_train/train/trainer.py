@@ -115,7 +115,7 @@ class Trainer:
     # -- state --------------------------------------------------------------------------------------------------
 
     def _train_state(self, loader) -> tuple[dict, dict]:
-        rng, tensors = ckpt.capture_rng(self.generator)
+        rng, tensors = ckpt.capture_rng(self.generator, self.device)
         state = {"step": self.step, "samples_seen": self.samples_seen, "bad_streak": self.bad_streak,
                  "skipped_total": self.skipped_total, "loader": loader.state_dict(), "rng": rng,
                  "log_window": self.window, "eval_pending": self.eval_pending,
@@ -169,7 +169,7 @@ class Trainer:
         self.task.load_base_weights(self.engine.module)  # ZeRO-3 checkpoints hold no frozen weights
         with ckpt.loading(path):
             try:
-                ckpt.restore_rng(state["rng"], tensors, self.generator)
+                ckpt.restore_rng(state["rng"], tensors, self.generator, self.device)
             except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
                 raise ckpt.CheckpointDamaged(f"{path}/train_state/rank-{self.env.rank:05d}.json, .safetensors: the "
                                              f"RNG state does not restore ({type(exc).__name__}: {exc}): damaged")

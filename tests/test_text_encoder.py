@@ -52,7 +52,7 @@ def test_precomputed_embeddings_padded_and_truncated():
     assert torch.equal(pad_text_embedding(short)[:5], short) and pad_text_embedding(short)[5:].eq(0).all()
     assert torch.equal(pad_text_embedding(long), long[:TEXT_LEN])
     cond = TextConditioning(dim=8)
-    batch = cond(["a cat", "no embedding here"], [short, None])
+    batch = cond(["a cat", ""], [short, None])
     assert batch.shape == (2, TEXT_LEN, 8)
     assert torch.equal(batch[0], pad_text_embedding(short)) and batch[1].eq(0).all()
     empty = torch.randn(1, 8)
@@ -87,9 +87,28 @@ def test_batch_is_assembled_where_the_stored_embeddings_are():
     """Stored embeddings (on the training device) fix the batch's device; the empty prompt is copied there once."""
     cond = TextConditioning(dim=8)
     stored = torch.randn(5, 8, device="meta")
-    batch = cond(["a", "b"], [stored, None])
+    batch = cond(["a", ""], [stored, None])
     assert batch.device.type == "meta" and cond.empty_on(torch.device("meta")) is cond.empty_on(torch.device("meta"))
-    assert cond(["a"], [None]).device.type == "cpu"
+    assert cond([""], [None]).device.type == "cpu"
+
+
+def test_a_caption_without_an_embedding_or_an_encoder_is_a_config_error_naming_the_sample():
+    """With no text encoder set (model.empty_prompt_embedding standing in), a captioned sample without a stored
+    embedding trained as the empty prompt, silently; an empty caption is the empty prompt."""
+    from one4d_train.config import ConfigError
+    from one4d_train.model.config import ModelConfig
+    from one4d_train.train.one4d_task import missing_text_warning
+
+    cond = TextConditioning(dim=8, empty=torch.randn(1, 8))
+    assert cond(["", "a cat"], [None, torch.randn(3, 8)]).shape == (2, TEXT_LEN, 8)
+    with pytest.raises(ConfigError, match=r"key 'model.text_encoder': sample r000000004 has a caption \('a dog runs'\) "
+                                          r"but no stored text embedding, and no text encoder is set"):
+        cond(["a cat", "a dog runs"], [torch.randn(3, 8), None], keys=["r000000003", "r000000004"])
+    stats = {"text_embeddings": {"samples": 7, "widths": [4096]}}
+    offline = ModelConfig(preset="14b", text_encoder="", empty_prompt_embedding="empty.npy")
+    assert missing_text_warning(offline, "/s", stats, 10).startswith("3 of the 10 samples of /s store no text")
+    assert missing_text_warning(offline, "/s", stats, 7) is None
+    assert missing_text_warning(ModelConfig(preset="14b", text_encoder="/umt5"), "/s", stats, 10) is None
 
 
 def test_a_stored_embedding_of_another_width_is_named_by_its_sample():

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from one4d_train.configtools import ConfigError
 from one4d_train.model.pretrained import first_line, load_complete
 
 TEXT_LEN = 512
@@ -175,6 +176,13 @@ class TextConditioning:
                                            for e in text_embs]
         # captions that clean to "" are the empty prompt, whose embedding is computed once
         missing = [i for i, r in enumerate(rows) if r is None and clean_prompt(captions[i])]
+        if missing and not self.has_encoder:  # it trained as the empty prompt, silently
+            i = missing[0]
+            raise ConfigError(f"key 'model.text_encoder': sample {keys[i] if keys else i} has a caption "
+                              f"({captions[i][:60]!r}) but no stored text embedding, and no text encoder is set, so "
+                              f"its caption would count as the empty prompt: set model.text_encoder, or store an "
+                              f"embedding for every captioned sample (the manifest's text_embedding, or one4d "
+                              f"encode-latents with a text encoder)")
         if missing and self.has_encoder:
             for i in missing:
                 if captions[i] in self._cache:

@@ -171,20 +171,23 @@ class One4DTask:
         if not self.cfg.data.shards:
             raise ValueError("data.shards is empty: point it at a shard directory made by `one4d shard`")
         if rank == 0:
-            self._warn_short_clips()
+            self._warn_about_data()
         return build_loader(self.cfg.data, rank=rank, world_size=world_size, seed=self.cfg.seed,
                             micro_batch_size=self.cfg.train.micro_batch_size, position=position,
                             latents=latents_spec(self.cfg))
 
-    def _warn_short_clips(self) -> None:
-        """Say, once, how many training clips are shorter than the frame window (short_clip_warning)."""
+    def _warn_about_data(self) -> None:
+        """Say, once, how many training clips are shorter than the frame window (short_clip_warning) and how many
+        store no text embedding where no text encoder is set (missing_text_warning)."""
         try:
-            stats = read_index(shard_directory(self.cfg.data.shards))["statistics"]
+            index = read_index(shard_directory(self.cfg.data.shards))
         except (OSError, ValueError):  # no readable index here: the loader reports it
             return
-        warning = short_clip_warning(self.cfg.data, self.cfg.data.shards, stats)
-        if warning:
-            log.warning("data: %s", warning)
+        spec, stats = self.cfg.data.shards, index["statistics"]
+        for warning in (short_clip_warning(self.cfg.data, spec, stats),
+                        missing_text_warning(self.cfg.model, spec, stats, index["totals"]["samples"])):
+            if warning:
+                log.warning("data: %s", warning)
 
     # ---- frozen encoders (outside ZeRO) -----------------------------------------------------------------
     def encoders(self, device: torch.device):
@@ -447,6 +450,19 @@ def window_problems(data, spec: str, longest: int | None) -> list[tuple[str, str
                  f"data.frame_stride={data.frame_stride}), the longest clip of {spec} has {longest}: lower "
                  "data.num_frames or data.frame_stride, or shard longer clips")]
     return []
+
+
+def missing_text_warning(mcfg, spec: str, stats: dict, total: int) -> str | None:
+    """Where no text encoder is set (model.empty_prompt_embedding stands in), the samples of the shard set `spec`
+    (index.json's statistics) that store no text embedding, in words: a captioned one stops the run (a config error
+    naming it, TextConditioning); index.json does not count the captions, so this is said before."""
+    text = stats.get("text_embeddings") or {}
+    stored = text.get("samples")
+    if mcfg.text_encoder or mcfg.preset == "tiny" or stored is None or stored >= total:
+        return None
+    return (f"{total - stored} of the {total} samples of {spec} store no text embedding and no model.text_encoder "
+            f"is set: those without a caption train with the empty prompt, and the first with one stops the run "
+            f"(a config error naming it)")
 
 
 def short_clip_warning(data, spec: str, stats: dict) -> str | None:

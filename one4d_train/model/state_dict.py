@@ -20,6 +20,10 @@ from torch import nn
 from one4d_train.model.presets import WanConfig
 from one4d_train.model.pretrained import load_state_dict, open_safetensors
 
+# the dtypes a checkpoint's weights may come in (safetensors' names, torch's)
+FULL_FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
+FULL_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 # (official prefix, diffusers prefix); prefixes match whole dot-separated components
 _TOP = [
     ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
@@ -174,10 +178,11 @@ class _TensorSource:
         return tuple(self._tensors[key].shape)
 
     def is_float(self, key: str) -> bool:
-        """Whether the tensor holds floating-point values (safetensors: from the header, no data read)."""
+        """Whether the tensor holds 16- to 64-bit floating-point values (safetensors: from the header, no data
+        read); 8-bit floats (F8_E4M3 ...) are a quantised export's codes, whose scales live elsewhere."""
         if self._tensors is None:
-            return self._file.get_slice(key).get_dtype().startswith(("F", "BF"))
-        return self._tensors[key].is_floating_point()
+            return self._file.get_slice(key).get_dtype() in FULL_FLOAT_NAMES
+        return self._tensors[key].dtype in FULL_FLOATS
 
     def get(self, key: str) -> torch.Tensor:
         return self._file.get_tensor(key) if self._tensors is None else self._tensors[key]
@@ -237,13 +242,14 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
     missing = [k for k in expected if k not in found]
     wrong = [f"{k}: checkpoint {found[k][0].shape(found[k][1])} vs model {tuple(shape)}"
              for k, shape in expected.items() if k in found and found[k][0].shape(found[k][1]) != tuple(shape)]
-    # integer tensors (a quantised export) would be cast to the compute dtype as if they were the weights' values
+    # integer or 8-bit float tensors (a quantised export) would be cast to the compute dtype as if they were the
+    # weights' values (an fp8 file without its scales loads ~3% off every weight, silently)
     not_float = [k for k in expected if k in found and not found[k][0].is_float(found[k][1])]
     if missing or unexpected or duplicated or wrong or not_float:
         problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
                                                    ("keys in several files", duplicated),
                                                    ("shape mismatches", wrong),
-                                                   ("not floating-point (a quantised checkpoint?)", not_float)) if ks]
+                                                   ("not 16/32/64-bit floating-point (a quantised checkpoint? use the bf16 or fp32 release)", not_float)) if ks]
         if len(sources) > 1 and unexpected:  # a VAE, LoRA or other model's file beside the DiT's in its folder
             names = set(unexpected)
             counts = [(os.path.basename(src.path), sum(raw in names for raw in src.keys())) for src in sources]

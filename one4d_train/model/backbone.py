@@ -4,7 +4,8 @@ Numerics follow Wan2.1's arithmetic: time embedding, adaLN modulation, LayerNorm
 computed in fp32 whatever the storage dtype; linears run in the activations' dtype; the residual stream keeps the
 dtype of the tokens that enter the blocks. Storage differs: the whole module is stored in one dtype (bf16 in
 training, as DeepSpeed's bf16 engine casts it), the modulation tables and time MLP included, where Wan and diffusers
-keep those in fp32 (a bf16 rounding of the weights, ~0.2% off the fp32 output where every weight is bf16 anyway).
+keep those in fp32 (measured on a tiny model with large modulation: 0.62% from the fp32 output, 0.46% with those
+kept in fp32).
 Only parameters live in the module (no buffers), so it builds on the meta device.
 """
 from __future__ import annotations

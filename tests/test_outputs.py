@@ -103,6 +103,21 @@ def test_means_leave_out_non_finite_values_and_count_them():
     assert left_out_lines(summarise(rows[:1])) == ["video mean: left out (NaN or inf, see metrics.json) psnr of 1 of 1 samples"]
 
 
+def test_depth_means_weight_each_sample_by_its_scored_pixels():
+    """The video-depth protocol averages sequences weighted by their valid pixels (a 50-frame sequence counts ten
+    times a 5-frame one); the pose and RGB scores are plain means over sequences."""
+    from one4d_train.eval.pipeline import summarise
+
+    rows = [{"sample": "long", "mode": "video", "abs_rel": 0.1, "delta_1_25": 0.9, "ate": 0.2, "num_pixels": 5000},
+            {"sample": "short", "mode": "video", "abs_rel": 0.5, "delta_1_25": 0.5, "ate": 0.4, "num_pixels": 500},
+            {"sample": "failed", "mode": "video", "abs_rel": float("nan"), "delta_1_25": float("nan"), "ate": 0.6,
+             "num_pixels": 9000}]
+    video = summarise(rows)["video"]
+    assert video["abs_rel"] == pytest.approx((0.1 * 5000 + 0.5 * 500) / 5500)
+    assert video["delta_1_25"] == pytest.approx((0.9 * 5000 + 0.5 * 500) / 5500)
+    assert video["ate"] == pytest.approx(0.4) and video["abs_rel_nonfinite"] == 1 and "num_pixels" not in video
+
+
 def _oracle_scores(cfg, tmp_path):
     """Score every sample of eval.dataset against itself (the prediction is the label): near-perfect."""
     from one4d_train.eval.pipeline import iter_samples, score

@@ -18,7 +18,9 @@ class EvalConfig:
     # observed frames in sparse mode (first, last, evenly spaced); 0 = the middle of training's sparse range
     # (model.umc.sparse_*_frac x frames: 24 of 81)
     sparse_frames: int = 0
-    depth_align: str = "scale_shift"  # median | scale | scale_shift
+    # the video-depth protocol's L1 fits (l1_scale_shift, as Sintel/Bonn tables report; l1_scale), least squares
+    # (scale_shift, scale) or the median ratio (eval/alignment.py)
+    depth_align: str = "l1_scale_shift"
     # metres; 0 = the protocol's 70 m (MonST3R's depth_evaluation, for Sintel and Bonn alike); inf: none
     depth_cap: float = field(default=0.0, metadata={INF_OK: True})
     out_dir: str = ""  # empty = <checkpoint>/eval; set: the folder of one checkpoint's evaluation (refused for a run directory)
@@ -40,7 +42,7 @@ class EvalConfig:
     def validate(self):
         p = choice(self.sampler, ["euler", "unipc"], "sampler")
         p += choice(self.rescore, ["changed", "never"], "rescore")
-        p += choice(self.depth_align, ["median", "scale", "scale_shift"], "depth_align")
+        p += choice(self.depth_align, ["l1_scale_shift", "l1_scale", "scale_shift", "scale", "median"], "depth_align")
         for m in self.modes:
             p += choice(m, ["image", "sparse", "video"], "modes")
         if not self.modes or len(set(self.modes)) != len(self.modes):

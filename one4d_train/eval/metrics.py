@@ -1,9 +1,10 @@
 """Scores: video depth (Abs Rel, delta < 1.25), camera pose (ATE, RPE-T, RPE-R) and RGB fidelity (PSNR, SSIM).
 
-Depth follows the MonST3R / Geo4D video-depth protocol: ground truth is valid where 0 < gt < cap; one
-alignment (median scale, least-squares scale, or scale and shift) is fitted over the whole sequence; the
-aligned prediction is clipped to [1e-3, cap]; Abs Rel = mean |d - gt| / gt, delta = share of pixels with
-max(d / gt, gt / d) < 1.25. Pose follows evo: the estimate is Sim(3)-aligned to the ground truth by camera
+Depth follows the MonST3R / CUT3R / Geo4D video-depth protocol (MonST3R's depth_evaluation): ground truth is
+valid where 0 < gt < cap; one alignment is fitted over the whole sequence (by default the protocol's L1 scale and
+shift, else its L1 scale, least squares, or the median ratio: alignment.py); the aligned prediction is clipped at
+the cap; Abs Rel = mean |d - gt| / gt, and delta = the share of pixels with max(d / gt, gt / d) < 1.25, with d
+floored at 1e-5. Means over sequences weight each by its scored pixels (eval/pipeline.py's summarise). Pose follows evo: the estimate is Sim(3)-aligned to the ground truth by camera
 centres (Umeyama); ATE is the RMSE of centre errors; RPE compares relative motions between consecutive frames,
 E_i = (Q_i^-1 Q_i+1)^-1 (P_i^-1 P_i+1), and reports the RMSE of |t(E_i)| and of the angle of R(E_i) in degrees.
 """
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 from one4d_train.eval.alignment import align_trajectory, depth_alignment
 
-def depth_metrics(pred: np.ndarray, gt: np.ndarray, align: str = "scale_shift", cap: float = 70.0,
-                  valid: np.ndarray | None = None) -> dict:
+def depth_metrics(pred: np.ndarray, gt: np.ndarray, align: str = "l1_scale_shift", cap: float = 70.0,
+                  valid: np.ndarray | None = None, device: str | torch.device = "cpu") -> dict:
     """pred, gt: [T, H, W] depth of one sequence. Returns abs_rel, delta_1_25, scale, shift, num_pixels.
     A prediction that is not finite on a scored pixel scores NaN (as it does in the reference code): leaving
     such pixels out would score a failed prediction on the pixels where it did not fail."""
@@ -29,7 +30,7 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, align: str = "scale_shift", 
     if not mask.any() or not np.isfinite(pred[mask]).all():
         return {"abs_rel": float("nan"), "delta_1_25": float("nan"), "scale": 1.0, "shift": 0.0,
                 "num_pixels": int(mask.sum())}
-    s, t = depth_alignment(pred, gt, mask, align)
+    s, t = depth_alignment(pred, gt, mask, align, device)
     # as MonST3R's depth_evaluation: the aligned depth clipped at the cap for Abs Rel (a pixel aligned below zero
     # keeps its whole error), then at 1e-5 from below for the ratios of delta < 1.25
     d = np.minimum(s * pred[mask] + t, cap)

@@ -35,9 +35,10 @@ METRICS_FILE = "metrics.json"
 BENCHMARKS = ("sintel", "bonn", "tum")
 TABLE_COLUMNS = ["sample", "mode", "abs_rel", "delta_1_25", "ate", "rpe_trans", "rpe_rot", "psnr", "ssim"]
 # The rules metrics.json's numbers follow, in its settings: 2 since 2026-12-05 (a 70 m depth cap on every dataset,
-# Abs Rel clipped at the cap only, a camera estimate that does not move scored at scale 0); a file without it was
-# scored by the earlier rules (1). Raised whenever a metric's formula changes, so older scores are made again.
-METRICS_VERSION = 2
+# Abs Rel clipped at the cap only, a camera estimate that does not move scored at scale 0), 3 since 2026-12-05's
+# evening (depth means over samples weighted by scored pixels); a file without it was scored by the earlier rules
+# (1). Raised whenever a metric's formula changes, so older scores are made again.
+METRICS_VERSION = 3
 # settings recorded but not compared: the dataset folder's tag names the dataset already (a moved copy keeps its
 # scores), and the sparse mode's observed frame counts follow from the window and the sparse settings
 _NOT_COMPARED = ("dataset", "sparse_frames_observed")
@@ -200,7 +201,7 @@ def score(pred_rgb: torch.Tensor, pred_xyz_n: torch.Tensor, frame_mask: torch.Te
     rec = recover_geometry(points.to(device), None, recovery_config(ecfg))
     depth, c2w = rec.depth.cpu().numpy(), rec.c2w.cpu().numpy()
     _, gt_depth, gt_poses = ground_truth(sample)
-    metrics = depth_metrics(depth, gt_depth, ecfg.depth_align, ecfg.resolved_depth_cap())
+    metrics = depth_metrics(depth, gt_depth, ecfg.depth_align, ecfg.resolved_depth_cap(), device=device)
     metrics["focal"] = float(rec.focal.mean())
     if gt_poses is not None and len(gt_poses) >= 3:
         metrics.update(pose_metrics(c2w, gt_poses))
@@ -369,10 +370,14 @@ def _sample_name(batch: dict, index: int) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key[0]))
 
 
+PIXEL_WEIGHTED = ("abs_rel", "delta_1_25")  # the video-depth protocol's means weight sequences by scored pixels
+
+
 def summarise(results: list[dict]) -> dict:
-    """Means per mode over samples. NaN and inf are left out of a metric's mean and counted as
-    `<metric>_nonfinite` (present only where there were any): a perfect frame's PSNR is inf, a failed
-    recovery's depth error NaN."""
+    """Means per mode over samples: the depth scores (PIXEL_WEIGHTED) weighted by each sample's scored pixels
+    (num_pixels), as the video-depth protocol averages sequences, the others plain. NaN and inf are left out of a
+    metric's mean and counted as `<metric>_nonfinite` (present only where there were any): a perfect frame's
+    PSNR is inf, a failed recovery's depth error NaN."""
     by_mode: dict[str, dict] = {}
     for r in results:
         by_mode.setdefault(r["mode"], []).append(r)
@@ -381,9 +386,11 @@ def summarise(results: list[dict]) -> dict:
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "num_pixels"})
         means = {}
         for k in keys:
-            vals = [float(r[k]) for r in rows if k in r]
-            finite = [v for v in vals if math.isfinite(v)]
-            means[k] = float(np.mean(finite)) if finite else float("nan")
+            vals = [(float(r[k]), r.get("num_pixels", 1) if k in PIXEL_WEIGHTED else 1) for r in rows if k in r]
+            finite = [(v, w) for v, w in vals if math.isfinite(v)]
+            weight = sum(w for _, w in finite)
+            means[k] = (float(sum(v * w for v, w in finite) / weight) if weight
+                        else float(np.mean([v for v, _ in finite])) if finite else float("nan"))
             if len(finite) < len(vals):
                 means[f"{k}_nonfinite"] = len(vals) - len(finite)
         means["num_samples"] = len(rows)

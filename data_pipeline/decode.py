@@ -348,7 +348,7 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
                 return None
             stream.thread_type = "NONE"
             stream.codec_context.thread_count = 1
-            for seen, frame in enumerate(container.decode(stream)):
+            for seen, frame in enumerate(_shown_frames(container, stream, data, n)):
                 if hw is None:
                     _check_upright(frame)
                 hw = hw or (frame.height, frame.width)
@@ -373,11 +373,19 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
     if hw is not None:
         _check_size(hw, source_hw)
     if seen < last or out is None:
-        hidden = hidden_frames(data)
-        if hidden:  # a clip sharded before `one4d shard` refused such videos
-            raise SampleError(f"member mp4: {hidden_frames_problem(hidden, n)} (then re-shard it)")
         raise SampleError(f"member mp4 decodes to {seen + 1} frames, the window needs frame {last}")
     return out if resized_hw is None else out.transpose(0, 2, 3, 1)
+
+
+def _shown_frames(container, stream, data: bytes, n: int):
+    """container.decode(stream), packet by packet: a packet its edit list hides (a stream-copy cut's; they come
+    first) is a SampleError, since PyAV would drop its frame where decord, which sharding checked the clip with,
+    counts it, and the window would come shifted against its geometry (a clip sharded before `one4d shard` refused
+    such videos)."""
+    for packet in container.demux(stream):
+        if packet.size and packet.is_discard:
+            raise SampleError(f"member mp4: {hidden_frames_problem(hidden_frames(data), n)} (then re-shard it)")
+        yield from packet.decode()
 
 
 def decode_frames_at(vr, idx: np.ndarray) -> np.ndarray:

@@ -141,17 +141,18 @@ def _grid(valid: np.ndarray, limit: int) -> int:
     return max(1, math.ceil(math.sqrt(valid.size / limit)))
 
 
+# a grid holding fewer valid pixels than this (and than the mask has) leaves the percentiles to too few points
+MIN_GRID_POINTS = 1024
+
+
 def _off_grid_pixels(valid: np.ndarray, k: int) -> tuple[np.ndarray, ...] | None:
-    """None where the k-strided grid holds its share of the valid pixels (the normalisation is estimated on it);
-    else (t, v, u) of at most NORMALISATION_POINTS valid pixels, evenly strided over all of them: a mask the grid
-    misses (valid on every other column, an object smaller than the grid's step) would leave the percentiles to a
-    few points or none. SampleError (skipped and counted) for a window with no valid pixel at all: its xyz branch
-    would train on nothing."""
+    """None where the k-strided grid holds its share of the valid pixels, and enough of them (the normalisation is
+    estimated on it); else (t, v, u) of at most NORMALISATION_POINTS valid pixels, evenly strided over all of
+    them: a mask the grid misses or barely meets (valid on every other column, an object a few grid steps across)
+    left the percentiles to a few points or none, and clipped every valid point to the box's faces."""
     total = np.count_nonzero(valid)
-    if total == 0:
-        raise SampleError(f"no valid geometry in the window's {valid.shape[0]} frames (depth 0 or masked out "
-                          f"everywhere), so its xyz branch would train on nothing")
-    if k == 1 or 4 * k * k * np.count_nonzero(valid[:, ::k, ::k]) >= total:
+    seen = np.count_nonzero(valid[:, ::k, ::k]) if k > 1 else total
+    if seen == total or (seen >= MIN_GRID_POINTS and 4 * k * k * seen >= total):
         return None
     idx = np.flatnonzero(valid)  # ~0.1 s at 81 x 352 x 624: only for such masks
     return np.unravel_index(idx[::math.ceil(len(idx) / NORMALISATION_POINTS)], valid.shape)
@@ -244,7 +245,7 @@ def clip_geometry(clip: DecodedClip, crop: Crop, K: np.ndarray, percentiles) -> 
     """The clip's geometry resized/cropped by `crop` (nearest), its mask, and its normalisation: per-axis
     geometry.pointmap_normalisation of the valid points on a regular subsample of at most
     NORMALISATION_POINTS pixels (all of them for clips that small; strided over the valid pixels themselves
-    where the grid misses the mask, _off_grid_pixels). SampleError where no pixel of the window is valid."""
+    where the grid misses the mask, _off_grid_pixels). Centre 0 and scale 1 where no pixel is valid."""
     if clip.depth is not None:
         return _depth_geometry(clip, crop, K, percentiles)
     return _points_geometry(clip, crop, percentiles)
@@ -254,13 +255,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _prepare(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
-             rng: np.random.Generator) -> tuple[Crop, Geometry, dict]:
+             rng: np.random.Generator, empty_ok: bool = False) -> tuple[Crop, Geometry, dict]:
     """What both sample forms share: the crop, the clip's geometry (clip_geometry) and the sample keys that do
-    not depend on the form (mask, normalisation, cameras, caption, text embedding)."""
+    not depend on the form (mask, normalisation, cameras, caption, text embedding). A window with no valid pixel
+    is a SampleError (skipped and counted: its xyz branch would train on nothing) unless `empty_ok` (a benchmark's
+    sequence, whose depth then scores NaN and its cameras and frames still score)."""
     src_h, src_w = clip.source_hw
     crop = plan_crop(src_h, src_w, height, width, crop_mode, rng)
     K = crop_intrinsics(clip.intrinsics, src_h, src_w, crop)
     geo = clip_geometry(clip, crop, K, percentiles)
+    if not empty_ok and not geo.valid.any():
+        raise SampleError(f"no valid geometry in the window's {len(geo.valid)} frames at the crop (depth 0 or "
+                          f"masked out everywhere), so its xyz branch would train on nothing")
     mask = output_tensor((geo.valid.shape[0], 1) + geo.valid.shape[1:], torch.bool)
     mask.copy_(torch.from_numpy(geo.valid).unsqueeze(1))
     sample = {
@@ -277,11 +283,11 @@ def _prepare(clip: DecodedClip, height: int, width: int, crop_mode: str, percent
 
 
 def to_sample(clip: DecodedClip, height: int, width: int, crop_mode: str, percentiles,
-              rng: np.random.Generator, dtype: str = "float32") -> dict:
+              rng: np.random.Generator, dtype: str = "float32", empty_ok: bool = False) -> dict:
     """The sample dict of docs/data.md (without the origin keys the reader adds); rgb and xyz in `dtype`.
-    Pointmaps are normalised as clip_geometry says; invalid pixels are 0."""
+    Pointmaps are normalised as clip_geometry says; invalid pixels are 0. `empty_ok`: see _prepare."""
     T = clip.frames.shape[0]
-    crop, geo, sample = _prepare(clip, height, width, crop_mode, percentiles, rng)
+    crop, geo, sample = _prepare(clip, height, width, crop_mode, percentiles, rng, empty_ok)
     frames = resize_crop_rgb(clip.frames, crop)
     out_dtype = DTYPES[dtype]
     rgb, xyz = output_tensor((T, 3, height, width), out_dtype), output_tensor((T, 3, height, width), out_dtype)

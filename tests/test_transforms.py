@@ -142,8 +142,8 @@ def test_stored_pointmaps_are_re_expressed_in_the_first_sampled_camera():
     torch.testing.assert_close(a["xyz"], b["xyz"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("form", ["depth", "xyz"])
-def test_normalisation_of_a_mask_the_subsample_grid_misses_uses_the_valid_pixels(monkeypatch, form):
+@pytest.mark.parametrize("form, grid", [("depth", "misses"), ("xyz", "misses"), ("depth", "barely")])
+def test_normalisation_of_a_mask_the_subsample_grid_misses_uses_the_valid_pixels(monkeypatch, form, grid):
     """The percentiles are estimated on a k-strided pixel grid; geometry valid only off it (an object smaller than
     the grid's step, a mask on every other column) gave centre 0 and scale 1, so every valid point was clipped to
     the box's face while the sample claimed an identity transform. Such a mask is sampled among its valid pixels;
@@ -152,11 +152,14 @@ def test_normalisation_of_a_mask_the_subsample_grid_misses_uses_the_valid_pixels
     from data_pipeline.decode import SampleError
 
     monkeypatch.setattr(tr, "NORMALISATION_POINTS", 200)  # 3 x 32 x 48 pixels: a stride-5 grid
+    monkeypatch.setattr(tr, "MIN_GRID_POINTS", 4)
     clip = render_clip(2, 7, 32, 48)
     idx = np.array([2, 4, 6])
     assert clip["valid"][:, 16:20, 21:25].all()
     clip["valid"] = np.zeros_like(clip["valid"])
     clip["valid"][:, 16:20, 21:25] = True  # 48 pixels, none on the grid (rows and columns 0, 5, 10, ...)
+    if grid == "barely":
+        clip["valid"][:, 15, 20] = True  # and one that is: the grid's three points (one per frame) set the box
     dec = _decoded(clip, idx)
     if form == "xyz":
         xyz = depth_to_pointmaps(clip["depth"], clip["intrinsics"], clip["poses_c2w"], ref=0)
@@ -173,6 +176,8 @@ def test_normalisation_of_a_mask_the_subsample_grid_misses_uses_the_valid_pixels
     dec.valid[:] = False
     with pytest.raises(SampleError, match="no valid geometry in the window's 3 frames"):
         to_sample(dec, 32, 48, "center", (2.0, 98.0), np.random.default_rng(0))
+    empty = to_sample(dec, 32, 48, "center", (2.0, 98.0), np.random.default_rng(0), empty_ok=True)  # a benchmark's
+    assert not empty["valid"].any() and empty["xyz_scale"].item() == 1.0 and not empty["xyz"].any()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -82,7 +82,8 @@ def to_sample(seq: Sequence, height: int, width: int, percentiles=(2.0, 98.0), m
                        intrinsics=np.asarray(seq.intrinsics, np.float64), poses_c2w=poses, caption="",
                        text_emb=None, frame_indices=np.arange(T))
     rng = np.random.default_rng(0)
-    sample = clip_to_sample(clip, height, width, "center", list(percentiles), rng)
+    # a window with no valid depth (under the cap) still scores its cameras and frames; its depth scores NaN
+    sample = clip_to_sample(clip, height, width, "center", list(percentiles), rng, empty_ok=True)
     crop = plan_crop(seq.rgb.shape[1], seq.rgb.shape[2], height, width, "center", rng)
     sample["depth"] = torch.from_numpy(np.ascontiguousarray(resize_crop_nearest(seq.depth, crop), np.float32))
     sample["__key__"] = seq.name

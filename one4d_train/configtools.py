@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Callable, Iterable
 
 import yaml
@@ -47,7 +48,9 @@ def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, 
         base_path = os.path.abspath(os.path.join(os.path.dirname(path), base))
         if not os.path.isfile(base_path):
             raise ConfigError(f"{path}: key '_base_': config file not found: {base_path}")
-        layers += _load_yaml_layers(base_path, seen + (path,))
+        # a file two bases both include applies once, where it came first: applied again, it undid what the
+        # files between set (a shared defaults file under a model and a data config reverted the model's)
+        layers += [(p, n) for p, n in _load_yaml_layers(base_path, seen + (path,)) if p not in {q for q, _ in layers}]
     layers.append((path, node))
     return layers
 
@@ -133,7 +136,8 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
     args = list(args)
     files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
     # `key=` means the empty string (OmegaConf would read it as null)
-    dotlist = [a + "''" if a.endswith("=") else a for a in args if not a.startswith("config=")]
+    dotlist = [a + "''" if a.partition("=")[1] and not a.partition("=")[2] else a
+               for a in args if not a.startswith("config=")]
     for item in dotlist:
         if item.startswith("-"):
             raise ConfigError(f"command line: '{item}': settings are written key=value without dashes "
@@ -153,6 +157,7 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
             raise ConfigError(f"command line: {exc}") from None
         except yaml.YAMLError:  # a value that is not YAML: name the item (a flow mapping needs `key: value` spaces)
             raise ConfigError(_bad_yaml_item(dotlist)) from None
+        _as_written(cfg, cli, dotlist)
         cfg = _merge(cfg, cli, "command line", origins)
     try:
         obj = OmegaConf.to_object(cfg)
@@ -167,6 +172,34 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
         if problems:
             raise ConfigError("\n".join(f"{_origin(key, origins)}: key '{key}': {problem}" for key, problem in problems))
     return obj
+
+
+def _node(cfg: DictConfig, key: str):
+    """The node of `key` (dotted) in `cfg`, unresolved, or None where there is none."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return node
+
+
+def _as_written(cfg: DictConfig, cli: DictConfig, dotlist: list[str]) -> None:
+    """Command-line values as their keys take them, not as YAML 1.1 reads them: a text key keeps the text typed
+    (name=2024_01_05 was the integer 20240105, name=1.10 the float 1.1, name=yes True), and an integer key
+    refuses what is not written in decimal (train.steps=017 was octal 15, 1:30 base-60 90, 0b101 5)."""
+    for item in dotlist:
+        key, _, raw = item.partition("=")
+        field, given = _node(cfg, key), _node(cli, key)
+        if field is None or given is None or _kind(field) or _kind(given):
+            continue
+        kind, value = field._metadata.ref_type, given._value()  # unresolved: an interpolation stays its text
+        if kind is str and value is not None and not isinstance(value, str):
+            OmegaConf.update(cli, key, raw, merge=False)
+        elif kind is int and isinstance(value, int) and not isinstance(value, bool) \
+                and not re.fullmatch(r"[+-]?(0|[1-9][0-9_]*)", raw.strip()):
+            raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, base-60 or "
+                              f"binary form): write the number in decimal")
 
 
 def _origin(key: str, origins: dict[str, str]) -> str:

@@ -22,6 +22,29 @@ def test_order_defaults_yaml_cli(tmp_path):
     assert cfg.train.checkpoint_every == 11  # the base's value where nothing later sets the key
 
 
+def test_a_file_two_bases_include_applies_once_where_it_came_first(tmp_path):
+    """common.yaml under both a model and a data config: its second application undid what the model set."""
+    write(tmp_path, "common.yaml", "train:\n  steps: 100\n  log_every: 3\n")
+    write(tmp_path, "model.yaml", "_base_: common.yaml\ntrain:\n  steps: 5500\n")
+    write(tmp_path, "data.yaml", "_base_: common.yaml\ndata:\n  num_workers: 3\n")
+    exp = write(tmp_path, "exp.yaml", "_base_: [model.yaml, data.yaml]\n")
+    cfg = load_config([f"config={exp}"])
+    assert cfg.train.steps == 5500 and cfg.train.log_every == 3 and cfg.data.num_workers == 3
+
+
+def test_command_line_values_are_taken_as_their_keys_take_them():
+    """YAML 1.1 read name=2024_01_05 as the integer 20240105 (the run directory runs/20240105), name=1.10 as 1.1,
+    train.steps=017 as octal 15 and 1:30 as base-60 90, and `key=...=` had '' appended to its value."""
+    for value in ("2024_01_05", "1.10", "yes", "010", "abc="):
+        cfg = load_config([f"name={value}", f"tracking.experiment={value}"])
+        assert cfg.name == cfg.tracking.experiment == value and cfg.run_dir == f"runs/{value}"
+    assert load_config(["name="]).name == "" and load_config(["train.steps=1_000"]).train.steps == 1000
+    for value in ("017", "1:30", "0b101", "0x10"):
+        with pytest.raises(ConfigError, match=rf"command line: key 'train.steps': '{value}' is read as \d+ .*write "
+                                              r"the number in decimal"):
+            load_config([f"train.steps={value}"])
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     exp = write(tmp_path, "exp.yaml", "data:\n  num_wrokers: 3\n")
     with pytest.raises(ConfigError) as err:

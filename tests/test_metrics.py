@@ -185,26 +185,23 @@ def _video_depth_reference(pred, gt, max_depth, lstsq):
     return abs_rel, np.mean(np.maximum(p / g, g / p) < 1.25)
 
 
-def _lower_median(x):
-    return np.sort(x)[(len(x) - 1) // 2]  # torch.median's
-
-
-def _lad2_reference(p, g, lr=1e-4, iters=1000, tol=1e-6):
-    """The video-depth protocol's scale-and-shift fit (`align_with_lad2`), with Adam's update written out: from
-    s = median(g) / median(p) (the lower median), t = 0, minimise sum |s p + t - g| for at most 1000 steps, stopping
-    when the loss (before the step) changes by less than tol."""
-    x = np.array([_lower_median(g) / _lower_median(p), 0.0])
-    m, v, previous = np.zeros(2), np.zeros(2), None
-    for k in range(1, iters + 1):
-        r = x[0] * p + x[1] - g
-        loss = np.abs(r).sum()
-        grad = np.array([np.sum(np.sign(r) * p), np.sum(np.sign(r))])
-        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad ** 2
-        x = x - lr * (m / (1 - 0.9 ** k)) / (np.sqrt(v / (1 - 0.999 ** k)) + 1e-8)
-        if previous is not None and abs(previous - loss) < tol:
+def _lad2_reference(p, g, lr=1e-4, max_iters=1000, tol=1e-6):
+    """The video-depth protocol's scale-and-shift fit (`align_with_lad2`: absolute_value_scaling2) as it is written
+    there, torch.optim.Adam and autograd, from s = median(g) / median(p) (torch's lower median), t = 0."""
+    p, g = torch.from_numpy(p), torch.from_numpy(g)
+    s = torch.tensor([(torch.median(g) / torch.median(p)).item()], requires_grad=True, dtype=p.dtype)
+    t = torch.tensor([0.0], requires_grad=True, dtype=p.dtype)
+    optimizer = torch.optim.Adam([s, t], lr=lr)
+    prev_loss = None
+    for _ in range(max_iters):
+        optimizer.zero_grad()
+        loss = torch.sum(torch.abs(s * p + t - g))
+        loss.backward()
+        optimizer.step()
+        if prev_loss is not None and torch.abs(prev_loss - loss) < tol:
             break
-        previous = loss
-    return x
+        prev_loss = loss.item()
+    return s.item(), t.item()
 
 
 def _weiszfeld_reference(p, g):

@@ -282,14 +282,17 @@ def test_real_presets_refuse_missing_encoder_files():
 
 
 def test_in_training_evaluation_counts_the_non_finite_values_it_leaves_out(monkeypatch, tmp_path):
-    """As `one4d eval`'s means: a NaN or inf metric is left out of its mean and counted per metric."""
+    """As `one4d eval`'s means: a NaN or inf metric is left out of its mean and counted per metric, and the depth
+    scores are weighted by each sample's scored pixels (they were plain means: the training's eval/<mode>/abs_rel
+    differed from one4d eval's for the same checkpoint)."""
     from types import SimpleNamespace
 
     from one4d_train.eval import pipeline
     from one4d_train.train.one4d_task import One4DTask
 
-    scores = iter([{"abs_rel": 0.2, "psnr": float("inf")}, {"abs_rel": float("nan"), "psnr": 20.0},
-                   {"abs_rel": 0.4, "psnr": 30.0}])
+    scores = iter([{"abs_rel": 0.2, "psnr": float("inf"), "num_pixels": 300},
+                   {"abs_rel": float("nan"), "psnr": 20.0, "num_pixels": 500},
+                   {"abs_rel": 0.4, "psnr": 30.0, "num_pixels": 100}])
     monkeypatch.setattr(pipeline, "Generator", lambda *a, **k: None)
     monkeypatch.setattr(pipeline, "iter_samples", lambda cfg: [{}, {}, {}])
     monkeypatch.setattr(pipeline, "generate", lambda *a: None)
@@ -297,8 +300,8 @@ def test_in_training_evaluation_counts_the_non_finite_values_it_leaves_out(monke
     cfg = SimpleNamespace(eval=SimpleNamespace(dataset="d", modes=["video"], seed=0), data=SimpleNamespace())
     task = SimpleNamespace(cfg=cfg, EVAL_KEYS=("abs_rel", "psnr"), encoders=lambda device: ())
     out = One4DTask.evaluate(task, torch.nn.Linear(1, 1), 2, str(tmp_path))
-    assert out == pytest.approx({"video/abs_rel": 0.3, "video/abs_rel_nonfinite": 1.0, "video/psnr": 25.0,
-                                 "video/psnr_nonfinite": 1.0})
+    assert out == pytest.approx({"video/abs_rel": (0.2 * 300 + 0.4 * 100) / 400, "video/abs_rel_nonfinite": 1.0,
+                                 "video/psnr": 25.0, "video/psnr_nonfinite": 1.0})
 
 
 def test_eval_rebuilds_the_adapters_of_a_checkpoint_written_without_them(straight, tmp_path):

@@ -118,7 +118,7 @@ def report_failure(exc: BaseException, tracker) -> int:
         print(f"checkpoint error: {exc}", file=sys.stderr)
     elif isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, as asked
         print("one4d train: interrupted (no checkpoint of the steps since the last one; the same command resumes "
-              "from it)", file=sys.stderr)
+              "from the last complete checkpoint, if there is one)", file=sys.stderr)
     else:
         traceback.print_exception(exc)
     if tracker is not None:

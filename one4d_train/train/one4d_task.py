@@ -178,15 +178,23 @@ class One4DTask:
 
     def _warn_about_data(self) -> None:
         """Say, once, how many training clips are shorter than the frame window (short_clip_warning) and how many
-        store no text embedding where no text encoder is set (missing_text_warning)."""
-        try:
-            index = read_index(shard_directory(self.cfg.data.shards))
-        except (OSError, ValueError):  # no readable index here: the loader reports it
-            return
-        spec, stats = self.cfg.data.shards, index["statistics"]
-        for warning in (short_clip_warning(self.cfg.data, spec, stats),
-                        missing_text_warning(self.cfg.model, spec, stats, index["totals"]["samples"])):
-            if warning:
+        samples of the training and held-out shards store no text embedding where no text encoder is set
+        (missing_text_warning: a captioned one stops the run where it is read, an evaluation perhaps hours in)."""
+        from one4d_train.eval.pipeline import BENCHMARKS
+
+        held_out = self.cfg.eval.dataset or self.cfg.data.val_shards
+        for spec in dict.fromkeys(s for s in (self.cfg.data.shards, held_out) if s):
+            if spec.partition(":")[0] in BENCHMARKS:  # no captions
+                continue
+            try:
+                index = read_index(shard_directory(spec))
+            except (OSError, ValueError):  # no readable index here: the loader or the evaluation reports it
+                continue
+            stats = index["statistics"]
+            warnings = [missing_text_warning(self.cfg.model, spec, stats, index["totals"]["samples"])]
+            if spec == self.cfg.data.shards:
+                warnings.insert(0, short_clip_warning(self.cfg.data, spec, stats))
+            for warning in filter(None, warnings):
                 log.warning("data: %s", warning)
 
     # ---- frozen encoders (outside ZeRO) -----------------------------------------------------------------
@@ -258,7 +266,7 @@ class One4DTask:
         in every eval mode; a rank with no sample left in a round samples a dummy so all ranks run the same
         forwards (ZeRO-3 gathers are collective). Means per mode are all-reduced, with a `<mode>/<metric>_nonfinite`
         count where NaN or inf were left out of one; outputs go to out_dir."""
-        from one4d_train.eval.pipeline import Generator, generate, iter_samples, score_and_write
+        from one4d_train.eval.pipeline import PIXEL_WEIGHTED, Generator, generate, iter_samples, score_and_write
 
         ecfg = self.cfg.eval
         if not (ecfg.dataset or self.cfg.data.val_shards):
@@ -284,15 +292,17 @@ class One4DTask:
                     if value is None:
                         continue
                     j = keys.index(f"{mode}/{name}")
+                    weight = metrics.get("num_pixels", 1) if name in PIXEL_WEIGHTED else 1
                     if math.isfinite(float(value)):
-                        sums[j] += float(value)
-                        counts[j] += 1
+                        sums[j] += float(value) * weight
+                        counts[j] += weight
                     else:
                         bad[j] += 1
         if torch.distributed.is_initialized():
             for t in (sums, counts, bad):
                 torch.distributed.all_reduce(t)
-        # as `one4d eval`'s means (eval/pipeline.py summarise): NaN and inf left out and counted per metric
+        # as `one4d eval`'s means (eval/pipeline.py summarise): the depth scores weighted by scored pixels, NaN and
+        # inf left out and counted per metric
         out = {k: float(sums[j] / counts[j]) for j, k in enumerate(keys) if counts[j] > 0}
         out.update({f"{k}_nonfinite": float(bad[j]) for j, k in enumerate(keys) if bad[j] > 0})
         return out

@@ -52,10 +52,10 @@ PATH_KEYS = ("data.shards", "data.val_shards", "model.checkpoint", "model.vae", 
 
 
 def absolute_paths(cfg: One4DConfig) -> One4DConfig:
-    """`cfg` with the relative paths of PATH_KEYS resolved against the working directory. `one4d train` stores its
-    config in the run directory, where the evaluation job, an export or a resume read it from other folders: a
-    relative path there named other files, or none (the evaluation after training could not find data.val_shards
-    when submitted from another folder)."""
+    """`cfg` with the relative paths of PATH_KEYS (and of a SQLite tracking.uri) resolved against the working
+    directory. `one4d train` stores its config in the run directory, where the evaluation job, an export or a
+    resume read it from other folders: a relative path there named other files, or none (the evaluation after
+    training could not find data.val_shards when submitted from another folder)."""
     def resolved(value: str) -> str:
         name, sep, root = value.partition(":")
         if sep and name.isidentifier() and "/" not in name:  # sintel:ROOT
@@ -67,6 +67,11 @@ def absolute_paths(cfg: One4DConfig) -> One4DConfig:
         section, name = key.split(".")
         changes = sections.setdefault(section, {})
         changes[name] = resolved(getattr(getattr(cfg, section), name))
+    # a SQLite store named by a relative path (sqlite:///mlflow.db): `one4d eval` run from another folder made a new,
+    # empty store there and logged nothing where the run is
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] and not uri[len("sqlite:///"):].startswith(("/", ":")):
+        sections["tracking"] = {"uri": "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])}
     return replace(cfg, **{section: replace(getattr(cfg, section), **changes) for section, changes in sections.items()})
 
 

@@ -221,4 +221,8 @@ def test_train_stores_its_paths_absolute(tmp_path, monkeypatch):
     assert cfg.data.shards == f"{tmp_path}/s/shard-{{000000..000009}}.tar"
     assert cfg.data.val_shards == os.path.join(os.path.dirname(tmp_path), "val")
     assert cfg.eval.dataset == f"tum:{tmp_path}/bench/tum" and cfg.model.checkpoint == "/abs/wan.safetensors"
-    assert cfg.model.vae == "" and cfg.eval.out_dir == ""
+    assert cfg.model.vae == "" and cfg.eval.out_dir == "" and cfg.tracking.uri == ""
+    # a SQLite store named relatively: one4d eval from another folder made an empty store there
+    for uri, stored in (("sqlite:///team/mlflow.db", f"sqlite:///{tmp_path}/team/mlflow.db"),
+                        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"), ("http://host:5000", None)):
+        assert absolute_paths(load_config([f"tracking.uri={uri}"])).tracking.uri == (stored or uri)

@@ -94,7 +94,7 @@ def check_settings(meta: dict, cfg: DataConfig, spec: LatentsSpec | None, where:
             problems.append(f"encoded with VAE '{meta['vae']}' but the loader was given no VAE identity to check "
                             f"(build_loader(..., latents=latents_spec(cfg)))")
         else:
-            if meta["vae"] != spec.vae:
+            if not same_source(meta["vae"], spec.vae):
                 problems.append(f"encoded with VAE '{meta['vae']}', the configured VAE is '{spec.vae}'")
             if spec.valid_min_fraction is not None and float(meta["valid_min_fraction"]) != spec.valid_min_fraction:
                 problems.append(f"latent validity cells at valid_min_fraction {meta['valid_min_fraction']} vs "
@@ -215,9 +215,10 @@ def text_identity(mcfg, seed: int) -> str:
     return f"tiny:{seed}" if mcfg.preset == "tiny" else ""
 
 
-def same_text_encoder(recorded: str | None, configured: str) -> bool:
-    """Whether the text encoder recorded with stored embeddings is the configured one (`text_identity`s; paths
-    compared after resolving links and relative parts)."""
+def same_source(recorded: str | None, configured: str) -> bool:
+    """Whether the VAE or text encoder recorded with stored latents or embeddings is the configured one
+    (vae_identity / text_identity: 'tiny:SEED', or a path compared after resolving links and relative parts, so
+    `models/vae` recorded by a run in /work is /work/models/vae)."""
     if not recorded or not configured:
         return False
     if recorded == configured:

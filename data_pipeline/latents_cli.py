@@ -22,7 +22,7 @@ from pathlib import Path
 from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (LATENT_MEMBERS, encode_batch, fixed_window_sample, latent_members, latents_spec,
-                                   raw_of, settings, tar_samples, text_identity, text_member)
+                                   raw_of, same_source, settings, tar_samples, text_identity, text_member)
 from data_pipeline.shard import lock_out_dir, shard_done
 
 PLAN_VERSION = 2  # 2: the text encoder joins the plan
@@ -75,6 +75,20 @@ def _vae_calls(mcfg) -> dict:
     """The VAE settings that change the latents' rounding (as the batch does): kernels and call shapes."""
     return {"conv_kernel": mcfg.vae_conv_kernel, "frames_per_call": mcfg.vae_frames_per_call,
             "videos_per_call": mcfg.vae_videos_per_call}
+
+
+def _same_but_for_path_spellings(old: dict, plan: dict) -> bool:
+    """Whether `old` is `plan` but for how it spells the VAE's and text encoder's paths (a folder started before
+    encode-latents made them absolute recorded them as typed): it is finished under its own spelling, which its
+    latents already carry."""
+    if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+        return False
+    vae, text = old["settings"].get("vae"), old.get("text_encoder")
+    if not (same_source(vae, plan["settings"]["vae"]) and (text == plan["text_encoder"]
+                                                           or same_source(text, plan["text_encoder"] or ""))):
+        return False
+    return {**old, "settings": {**old["settings"], "vae": plan["settings"]["vae"]},
+            "text_encoder": plan["text_encoder"]} == plan
 
 
 def _vae_free_plan_of(old: dict, plan: dict) -> bool:
@@ -290,6 +304,8 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     plan = _plan(src, cfg, dev.type, str(dtype).removeprefix("torch."), batch, text_id or None)
     old = si.pin_plan(out, plan)
     pinned, replaced = plan, []
+    if old is not None and _same_but_for_path_spellings(old, plan):
+        pinned, old = old, None
     if old is not None and _vae_free_plan_of(old, plan):
         pinned, old = old, None
     if old is not None and _text_free_plan_of(old, plan):  # finishable the way it was started: without text
@@ -425,7 +441,7 @@ def _cuda() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from one4d_train.config import ConfigError, load_config
+    from one4d_train.config import ConfigError, absolute_paths, load_config
     from one4d_train.train.one4d_task import model_file_problems
 
     p = parser()
@@ -440,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
         task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
     try:
-        cfg = load_config(overrides, checks=lambda c: model_file_problems(c, backbone=False))
+        # paths absolute, as `one4d train` makes them: the VAE and text encoder are recorded by path
+        cfg = absolute_paths(load_config(overrides, checks=lambda c: model_file_problems(c, backbone=False)))
         s = run_encode(paths[0], paths[1], cfg, device=args.device, batch=args.batch, num_tasks=args.num_tasks,
                        task_index=task_index, progress=not args.no_progress, text=not args.no_text)
     except ConfigError as exc:

@@ -394,16 +394,36 @@ def test_a_caption_embedding_that_cannot_be_stored_leaves_the_latents(tmp_path, 
     assert "r000000001.emb.npy" in names["r000000001"]
 
 
-def test_the_recorded_text_encoder_matches_through_links(tmp_path):
-    from data_pipeline.latents import same_text_encoder
+def test_the_recorded_text_encoder_and_vae_match_through_links(tmp_path, monkeypatch):
+    """A VAE recorded as typed (`models/vae`, relative) was another VAE to a trainer given the same path, which it
+    makes absolute: stored latents could never be trained on. Both identities compare as resolved paths."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.latents import LatentsSpec, check_settings, settings
+
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    check_settings(settings(DataConfig(), "models/vae", 0.5), DataConfig(),
+                   LatentsSpec(str(tmp_path / "models" / "vae"), 0.5), "index.json")
+    with pytest.raises(LatentsMismatchError, match="encoded with VAE 'models/vae', the configured VAE is '/elsewhere"):
+        check_settings(settings(DataConfig(), "models/vae", 0.5), DataConfig(), LatentsSpec("/elsewhere/vae", 0.5),
+                       "index.json")
+    # encode-latents now records them absolute: a folder it started with the relative spelling is finished as it is
+    from data_pipeline.latents_cli import _same_but_for_path_spellings
+
+    plan = {"settings": {"vae": str(tmp_path / "models" / "vae"), "dtype": "float16"}, "text_encoder": None}
+    old = {**plan, "settings": {**plan["settings"], "vae": "models/vae"}}
+    assert _same_but_for_path_spellings(old, plan)
+    assert not _same_but_for_path_spellings({**old, "settings": {**old["settings"], "dtype": "float32"}}, plan)
+    assert not _same_but_for_path_spellings({**old, "settings": {**old["settings"], "vae": "other/vae"}}, plan)
+    from data_pipeline.latents import same_source
 
     (tmp_path / "umt5").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "umt5")
-    assert same_text_encoder(str(tmp_path / "umt5"), str(tmp_path / "link"))
-    assert same_text_encoder(str(tmp_path / "umt5"), str(tmp_path / "x" / ".." / "umt5"))
-    assert not same_text_encoder(str(tmp_path / "umt5"), str(tmp_path / "other"))
-    assert same_text_encoder("tiny:0", "tiny:0") and not same_text_encoder("tiny:0", "tiny:1")
-    assert not same_text_encoder(None, "tiny:0") and not same_text_encoder("/m/umt5", "")
+    assert same_source(str(tmp_path / "umt5"), str(tmp_path / "link"))
+    assert same_source(str(tmp_path / "umt5"), str(tmp_path / "x" / ".." / "umt5"))
+    assert not same_source(str(tmp_path / "umt5"), str(tmp_path / "other"))
+    assert same_source("tiny:0", "tiny:0") and not same_source("tiny:0", "tiny:1")
+    assert not same_source(None, "tiny:0") and not same_source("/m/umt5", "")
 
 
 def test_auto_keeps_the_text_encoder_in_host_memory_only_for_shards_that_store_its_embeddings(encoded, tmp_path):

@@ -19,7 +19,7 @@ from torch import nn
 
 from data_pipeline.decode import window_span
 from data_pipeline.finish import finish_batch
-from data_pipeline.latents import LatentsMismatchError, latents_spec, same_text_encoder, text_identity
+from data_pipeline.latents import LatentsMismatchError, latents_spec, same_source, text_identity
 from data_pipeline.loader import build_loader
 from data_pipeline.reader import list_shards, shard_directory, stored_latents, stored_text
 from data_pipeline.shard_index import ShardIndexError, read_index
@@ -217,7 +217,7 @@ class One4DTask:
         except (OSError, ShardIndexError, ValueError):  # no readable index here: the loader reports it
             return False, None
         ours = text_identity(self.cfg.model, self.cfg.seed)
-        if not same_text_encoder(stored, ours):
+        if not same_source(stored, ours):
             if stored:
                 log.warning("the training shards store text embeddings from %s, not from model.text_encoder=%s: "
                             "they are used, and the encoder stays on the training device for the captions without "

@@ -273,6 +273,14 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise EncodeError("OUT_DIR must differ from SRC_SHARDS")
     dev = encoding_device(device)
     index = si.read_index(src)
+    # a source encoded before keeps the caption embeddings its run stored, taken here as given with the clips: they
+    # would be recorded as this run's text encoder's (and mixed with its empty prompt) though another made them
+    earlier = (index.get("latents") or {}).get("text_encoder")
+    text_id = text_identity(cfg.model, cfg.seed) if text else ""
+    if earlier and not same_source(earlier, text_id):
+        raise EncodeError(f"{src} is one4d encode-latents' output, whose stored caption embeddings are text encoder "
+                          f"{earlier}'s, not this run's ({text_id or 'none: --no-text'}): encode from the shards "
+                          f"`one4d shard` wrote, or with the text encoder it records")
     dtype = encoder_dtype(cfg.model, dev)  # the trainer's VAE precision
     problems = vae_kernel_problems(cfg.model, dev)
     if problems:  # before anything is pinned or written

@@ -580,6 +580,11 @@ def test_encoding_a_latent_folder_again_replaces_its_latents(encoded, tmp_path, 
     assert inspect_main([str(again)]) != 0
     key, ext = members[0][0].name.split(".", 1)
     assert f"shard-000000.tar: {key}: member {ext} repeated" in capsys.readouterr().err
+    # with another text encoder: the kept caption embeddings are the first run's encoder's, recorded as this one's
+    assert encode_main([str(lat), str(tmp_path / "other"), *CONFIG, "seed=1", "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{lat} is one4d encode-latents' output, whose stored caption embeddings are text encoder tiny:0's, not " \
+           f"this run's (tiny:1)" in err and not (tmp_path / "other").exists(), err
 
 
 @pytest.mark.parametrize("device, cuda_devices, message", [

@@ -4,9 +4,10 @@ Depth follows the MonST3R / CUT3R / Geo4D video-depth protocol (MonST3R's depth_
 valid where 0 < gt < cap; one alignment is fitted over the whole sequence (by default the protocol's L1 scale and
 shift, else its L1 scale, least squares, or the median ratio: alignment.py); the aligned prediction is clipped at
 the cap; Abs Rel = mean |d - gt| / gt, and delta = the share of pixels with max(d / gt, gt / d) < 1.25, with d
-floored at 1e-5. Means over sequences weight each by its scored pixels (eval/pipeline.py's summarise). Pose follows evo: the estimate is Sim(3)-aligned to the ground truth by camera
-centres (Umeyama); ATE is the RMSE of centre errors; RPE compares relative motions between consecutive frames,
-E_i = (Q_i^-1 Q_i+1)^-1 (P_i^-1 P_i+1), and reports the RMSE of |t(E_i)| and of the angle of R(E_i) in degrees.
+floored at 1e-5. Means over sequences weight each by its scored pixels (eval/pipeline.py's summarise).
+Pose follows evo: the estimate is Sim(3)-aligned to the ground truth by camera centres (Umeyama); ATE is the RMSE
+of centre errors; RPE compares relative motions between consecutive frames, E_i = (Q_i^-1 Q_i+1)^-1
+(P_i^-1 P_i+1), and reports the RMSE of |t(E_i)| and of the angle of R(E_i) in degrees.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from one4d_train.model.pretrained import load_state_dict, open_safetensors
 # the dtypes a checkpoint's weights may come in (safetensors' names, torch's)
 FULL_FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
 FULL_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+QUANTISED = "not 16/32/64-bit floating-point (a quantised checkpoint? use the bf16 or fp32 release)"
 
 # (official prefix, diffusers prefix); prefixes match whole dot-separated components
 _TOP = [
@@ -249,7 +250,7 @@ def open_backbone_checkpoint(path: str, expected: dict[str, tuple[int, ...]]):
         problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
                                                    ("keys in several files", duplicated),
                                                    ("shape mismatches", wrong),
-                                                   ("not 16/32/64-bit floating-point (a quantised checkpoint? use the bf16 or fp32 release)", not_float)) if ks]
+                                                   (QUANTISED, not_float)) if ks]
         if len(sources) > 1 and unexpected:  # a VAE, LoRA or other model's file beside the DiT's in its folder
             names = set(unexpected)
             counts = [(os.path.basename(src.path), sum(raw in names for raw in src.keys())) for src in sources]

@@ -471,3 +471,17 @@ def test_a_scan_scores_again_what_was_scored_with_other_pointmap_percentiles(tmp
     assert cli(["eval", f"checkpoint={run}"]) == 0
     assert evaluated == [str(other)], evaluated
     assert "made with other settings (pointmap_percentiles)" in capsys.readouterr().err
+
+
+def test_an_export_of_a_full_size_model_without_its_model_files_is_refused_by_key(tmp_path, capsys):
+    """An export names its model's settings, not its files: `one4d eval checkpoint=EXPORT` of a 14B export, with no
+    config.yaml beside it, built a randomly initialised 14B base with the tiny VAE and scored that, saying nothing.
+    A preset other than tiny needs its files set, as training does."""
+    run, cfg, state = _run(tmp_path)
+    export = tmp_path / "export"
+    export_adapters(state, cfg.model, str(export))
+    settings = json.loads((export / "adapter_config.json").read_text())
+    (export / "adapter_config.json").write_text(json.dumps({**settings, "preset": "14b"}))
+    assert cli(["eval", f"checkpoint={export}", "eval.dataset=sintel:/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'model.checkpoint': preset '14b' needs local files: set it" in err and "Traceback" not in err, err

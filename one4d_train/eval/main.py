@@ -31,7 +31,8 @@ from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_t
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
-from one4d_train.train.one4d_task import index_problems, link_problems, model_file_problems
+from one4d_train.train.one4d_task import (index_problems, link_problems, model_file_problems,
+                                          unset_file_problems)
 
 
 def export_settings(export: str) -> list[str]:
@@ -110,9 +111,10 @@ def main(argv: list[str]) -> int:
             if run_config and os.path.exists(run_config):  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
         try:
-            cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: link_problems(c.model) +
-                              model_file_problems(c) + out_dir_problems(c.eval) + c.tracking.problems() +
-                              vae_kernel_problems(c.model, resolve_device(c.train.device)))
+            cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: (
+                link_problems(c.model) + unset_file_problems(c.model) + model_file_problems(c) +
+                out_dir_problems(c.eval) + c.tracking.problems() +
+                vae_kernel_problems(c.model, resolve_device(c.train.device))))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

@@ -68,14 +68,8 @@ class One4DTask:
     @staticmethod
     def config_problems(cfg) -> list[tuple[str, str]]:
         """Settings this task cannot train with, by key (checked again when the task is built)."""
-        m, t, p = cfg.model, cfg.train, []
-        if m.preset != "tiny":  # random weights and towers exist only for the tiny preset (model/encoders.py)
-            needed = ["checkpoint", "vae"] + (["image_encoder"] if m.has_image_input else [])
-            p += [(f"model.{k}", f"preset {m.preset!r} needs local files: set it") for k in needed if not getattr(m, k)]
-            if not (m.text_encoder or m.empty_prompt_embedding):
-                p.append(("model.text_encoder", f"preset {m.preset!r} needs local files: set it (or "
-                          "model.empty_prompt_embedding, with text embeddings stored in the shards)"))
-        p += link_problems(m)
+        m, t = cfg.model, cfg.train
+        p = unset_file_problems(m) + link_problems(m)
         if m.compile and t.zero_stage == 3:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
@@ -333,6 +327,19 @@ def link_problems(m) -> list[tuple[str, str]]:
     except ValueError as exc:
         return [("model.link_blocks" if m.link_blocks else "model.num_links", str(exc))]
     return []
+
+
+def unset_file_problems(m) -> list[tuple[str, str]]:
+    """The model files a preset other than tiny needs and the config leaves unset: random weights and towers exist
+    only for the tiny preset (model/encoders.py), so a 14B evaluated without model.checkpoint ran a random base."""
+    if m.preset == "tiny":
+        return []
+    needed = ["checkpoint", "vae"] + (["image_encoder"] if m.has_image_input else [])
+    p = [(f"model.{k}", f"preset {m.preset!r} needs local files: set it") for k in needed if not getattr(m, k)]
+    if not (m.text_encoder or m.empty_prompt_embedding):
+        p.append(("model.text_encoder", f"preset {m.preset!r} needs local files: set it (or "
+                  "model.empty_prompt_embedding, with text embeddings stored in the shards)"))
+    return p
 
 
 def model_file_problems(cfg, backbone: bool = True) -> list[tuple[str, str]]:

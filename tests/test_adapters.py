@@ -137,6 +137,15 @@ def test_damaged_exports_name_the_file_and_key(tmp_path):
     with pytest.raises(AdapterError, match=r"lora_rgb\.safetensors.*missing"):
         load_adapters(model, str(tmp_path))
     lora.write_bytes(good_lora)
+    # the xyz branch's file from an export of another rank: it was torch.stack's traceback, naming no file
+    from safetensors.torch import load_file, save_file
+
+    wider = {k: torch.cat([v, v], dim=0 if ".lora_A." in k else 1) for k, v in load_file(str(lora)).items()}
+    save_file(wider, str(tmp_path / "lora_xyz.safetensors"))
+    with pytest.raises(AdapterError, match=r"is \[\d+, \d+\] in lora_rgb\.safetensors, \[\d+, \d+\] in "
+                                           r"lora_xyz\.safetensors: the branches' files are of different exports"):
+        read_adapters(str(tmp_path))
+    export_adapters(model.trainable_state_dict(), model.cfg, str(tmp_path))
 
     config_file.write_text(good_config[:40])
     with pytest.raises(AdapterError, match=r"adapter_config\.json.*not valid JSON"):

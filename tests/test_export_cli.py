@@ -126,6 +126,7 @@ def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsy
     assert code == 2 and "holds notes.txt, not an earlier export's files alone" in out, out
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'out'}")[0] == 0
     (tmp_path / "out" / "io.safetensors").write_bytes(b"an earlier export's")
+    (tmp_path / "out" / "lora_shared.safetensors").write_bytes(b"an ablation design's export")  # was refused
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'out'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))
     (tmp_path / "out" / ".export-tmp-99").mkdir()  # left by a killed export

@@ -175,6 +175,11 @@ def _read_tensors(out_dir: str, config: dict) -> dict[str, torch.Tensor]:
         if set(tensors) != set(config["branches"]):
             raise AdapterError(f"export {out_dir}: {name} has adapters {sorted(tensors)}, "
                                f"expected {config['branches']}")
+        shapes = {b: tuple(tensors[b].shape) for b in config["branches"]}
+        if len(set(shapes.values())) > 1:  # a branch's file copied in from another export
+            raise AdapterError(f"export {out_dir}: {name} is " + ", ".join(
+                f"{list(shape)} in {config['files']['lora.' + b]}" for b, shape in shapes.items())
+                + ": the branches' files are of different exports")
         state[name] = torch.stack([tensors[b] for b in config["branches"]])
     return state
 

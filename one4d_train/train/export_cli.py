@@ -91,10 +91,11 @@ LOCK_NAME = ".export.lock"  # held in `out` while an export writes there
 
 
 def _export_files() -> set[str]:
+    """The files an export of any design writes (the ablations' one shared adapter too)."""
     from one4d_train.model.adapters import CONFIG_NAME, GROUP_FILES, lora_file
-    from one4d_train.model.dlc import BRANCHES
+    from one4d_train.model.dlc import BRANCHES, SHARED
 
-    return {CONFIG_NAME, *GROUP_FILES.values(), *(lora_file(b) for b in BRANCHES)}
+    return {CONFIG_NAME, *GROUP_FILES.values(), *(lora_file(b) for b in BRANCHES + SHARED)}
 
 
 def _target_problem(out: str) -> str | None:

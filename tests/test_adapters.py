@@ -137,7 +137,7 @@ def test_damaged_exports_name_the_file_and_key(tmp_path):
     with pytest.raises(AdapterError, match=r"lora_rgb\.safetensors.*missing"):
         load_adapters(model, str(tmp_path))
     lora.write_bytes(good_lora)
-    # the xyz branch's file from an export of another rank: it was torch.stack's traceback, naming no file
+    # the xyz branch's file from an export of another LoRA rank: it was torch.stack's traceback, naming no file
     from safetensors.torch import load_file, save_file
 
     wider = {k: torch.cat([v, v], dim=0 if ".lora_A." in k else 1) for k, v in load_file(str(lora)).items()}

@@ -77,8 +77,8 @@ class MlflowTracker(NullTracker):
                 log.warning("tracking.system_metrics needs psutil, which is not installed: system metrics off")
                 system = False
         run_dir_id = self._run_dir_id()
-        if run_id is not None:
-            run_id = self._continuable(run_id)
+        held = self._continuable(run_id) if run_id is not None else None
+        run_id = held.info.run_id if held is not None else None
         self._end_dead_runs(run_dir_id, keep=run_id)
         if run_id is None:
             tags = {**(tags or {}), RUN_DIR_TAG: self.run_dir, RUN_DIR_ID_TAG: run_dir_id}
@@ -89,18 +89,18 @@ class MlflowTracker(NullTracker):
         self.run_id = run.info.run_id
         self._log_params(params, resumed=run_id is not None)
         if run_id is not None and same_config:
-            self._logged_steps()
+            self._logged_steps(held)
         elif run_id is not None:
             log.info("MLflow run %s continues under another config than its checkpoint's: the steps trained again "
                      "are logged again, with their new values", self.run_id)
         return self.run_id
 
-    def _continuable(self, run_id: str) -> str | None:
-        """`run_id` where this store holds it, not deleted; else None, saying so: a tracking.uri changed since the
-        run started (a team server from now on), a store replaced or a run deleted (MLflow refused to continue it,
-        with a traceback after the checkpoint was loaded). The job then records into a new run, with a warning;
-        the steps before stay where they were logged. A run of another experiment than tracking.experiment is
-        continued where it is, saying so."""
+    def _continuable(self, run_id: str):
+        """The run `run_id` as this store holds it, where it is there and not deleted; else None, saying so: a
+        tracking.uri changed since the run started (a team server from now on), a store replaced or a run deleted
+        (MLflow refused to continue it, with a traceback after the checkpoint was loaded). The job then records
+        into a new run, with a warning; the steps before stay where they were logged. A run of another experiment
+        than tracking.experiment is continued where it is, saying so."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
@@ -119,18 +119,19 @@ class MlflowTracker(NullTracker):
         experiment = self.client.get_experiment(run.info.experiment_id).name
         if experiment != self.cfg.experiment:
             log.warning("MLflow run %s continues in its experiment %r: tracking.experiment=%r names the experiment of "
-                     "new runs", run_id, experiment, self.cfg.experiment)
-        return run_id
+                        "new runs", run_id, experiment, self.cfg.experiment)
+        return run
 
-    def _logged_steps(self) -> None:
+    def _logged_steps(self, run) -> None:
         """Read the last step the continued run holds of each metric: a job killed after logging steps past its
         last checkpoint left them there, and the resumed job trains and logs them again (the same values on the
         CPU), which showed twice in each metric's history. log_metrics leaves those steps out: training metrics
         up to the last step any of them was logged at, an evaluation's per key (one run again after a kill, or
         another dataset's scores logged into the run by `one4d eval`). MLflow's system metrics count steps of
-        their own. One read of the run: the latest value MLflow keeps per metric is the one at its largest step
-        (its stores compare step, then time), so the metrics' histories are not read point by point."""
-        for m in self.client.get_run(self.run_id).data.to_proto().metrics:
+        their own. `run` is the run as read before it was continued (_continuable): the latest value MLflow keeps
+        per metric is the one at its largest step (its stores compare step, then time), so the metrics' histories
+        are not read point by point."""
+        for m in run.data.to_proto().metrics:
             if not m.key.startswith("system/"):
                 self.logged_through[m.key] = max(m.step, self.logged_through.get(m.key, -1))
         self.trained_through = max((s for k, s in self.logged_through.items() if not k.startswith("eval/")),

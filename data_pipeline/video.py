@@ -82,6 +82,11 @@ def decode_frames(src, indices=None) -> np.ndarray:
 ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC: a cover picture stored as a video stream
 
 
+def clip_streams(container) -> list:
+    """A PyAV container's video streams, cover art (an attached picture) left out."""
+    return [s for s in container.streams.video if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC]
+
+
 def video_streams(src) -> int:
     """How many video streams the container at path or in bytes `src` holds, cover art (an attached picture)
     left out; 0 where PyAV cannot open it (the decode check reports why)."""
@@ -90,7 +95,7 @@ def video_streams(src) -> int:
 
     try:
         with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
-            return sum(not int(getattr(s, "disposition", 0)) & ATTACHED_PIC for s in container.streams.video)
+            return len(clip_streams(container))
     except (av.error.FFmpegError, OSError, ValueError):
         return 0
 
@@ -119,8 +124,7 @@ def rotation_problem(path) -> str | None:
 
     try:
         with av.open(str(path)) as container:
-            stream = next((s for s in container.streams.video
-                           if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC), None)
+            stream = next(iter(clip_streams(container)), None)
             if stream is None:
                 return None
             tag = stream.metadata.get("rotate", "0").strip()  # the older way of stating it
@@ -151,8 +155,7 @@ def hidden_frames(src) -> int:
 
     try:
         with av.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else str(src)) as container:
-            stream = next((s for s in container.streams.video
-                           if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC), None)
+            stream = next(iter(clip_streams(container)), None)
             if stream is None:
                 return 0
             return sum(1 for packet in container.demux(stream) if packet.size and packet.is_discard)

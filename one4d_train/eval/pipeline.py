@@ -373,6 +373,12 @@ def _sample_name(batch: dict, index: int) -> str:
 PIXEL_WEIGHTED = ("abs_rel", "delta_1_25")  # the video-depth protocol's means weight sequences by scored pixels
 
 
+def mean_weight(key: str, scores: dict) -> int:
+    """The weight of one sample's score `key` in a mean over samples: its scored pixels for the depth scores
+    (PIXEL_WEIGHTED), else 1. Shared by summarise and the in-training evaluation's all-reduced means."""
+    return scores.get("num_pixels", 1) if key in PIXEL_WEIGHTED else 1
+
+
 def summarise(results: list[dict]) -> dict:
     """Means per mode over samples: the depth scores (PIXEL_WEIGHTED) weighted by each sample's scored pixels
     (num_pixels), as the video-depth protocol averages sequences, the others plain. NaN and inf are left out of a
@@ -386,7 +392,7 @@ def summarise(results: list[dict]) -> dict:
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "num_pixels"})
         means = {}
         for k in keys:
-            vals = [(float(r[k]), r.get("num_pixels", 1) if k in PIXEL_WEIGHTED else 1) for r in rows if k in r]
+            vals = [(float(r[k]), mean_weight(k, r)) for r in rows if k in r]
             finite = [(v, w) for v, w in vals if math.isfinite(v)]
             weight = sum(w for _, w in finite)
             means[k] = (float(sum(v * w for v, w in finite) / weight) if weight

@@ -260,7 +260,7 @@ class One4DTask:
         in every eval mode; a rank with no sample left in a round samples a dummy so all ranks run the same
         forwards (ZeRO-3 gathers are collective). Means per mode are all-reduced, with a `<mode>/<metric>_nonfinite`
         count where NaN or inf were left out of one; outputs go to out_dir."""
-        from one4d_train.eval.pipeline import PIXEL_WEIGHTED, Generator, generate, iter_samples, score_and_write
+        from one4d_train.eval.pipeline import Generator, generate, iter_samples, mean_weight, score_and_write
 
         ecfg = self.cfg.eval
         if not (ecfg.dataset or self.cfg.data.val_shards):
@@ -286,7 +286,7 @@ class One4DTask:
                     if value is None:
                         continue
                     j = keys.index(f"{mode}/{name}")
-                    weight = metrics.get("num_pixels", 1) if name in PIXEL_WEIGHTED else 1
+                    weight = mean_weight(name, metrics)
                     if math.isfinite(float(value)):
                         sums[j] += float(value) * weight
                         counts[j] += weight

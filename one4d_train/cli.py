@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:  # Ctrl-C (in training, a second one): one line, the shell's code for SIGINT
+        from one4d_train.train.preemption import EXIT_INTERRUPTED
+
         print(f"one4d {name}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ def absolute_paths(cfg: One4DConfig) -> One4DConfig:
         changes[name] = resolved(getattr(getattr(cfg, section), name))
     # a SQLite store named by a relative path (sqlite:///mlflow.db): `one4d eval` run from another folder made a new,
     # empty store there and logged nothing where the run is
-    uri = cfg.tracking.uri
-    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] and not uri[len("sqlite:///"):].startswith(("/", ":")):
-        sections["tracking"] = {"uri": "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])}
+    db = cfg.tracking.uri.removeprefix("sqlite:///")
+    if db != cfg.tracking.uri and db and not db.startswith(("/", ":")):
+        sections["tracking"] = {"uri": "sqlite:///" + os.path.abspath(db)}
     return replace(cfg, **{section: replace(getattr(cfg, section), **changes) for section, changes in sections.items()})
 
 

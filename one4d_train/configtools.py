@@ -50,7 +50,8 @@ def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, 
             raise ConfigError(f"{path}: key '_base_': config file not found: {base_path}")
         # a file two bases both include applies once, where it came first: applied again, it undid what the
         # files between set (a shared defaults file under a model and a data config reverted the model's)
-        layers += [(p, n) for p, n in _load_yaml_layers(base_path, seen + (path,)) if p not in {q for q, _ in layers}]
+        layered = {q for q, _ in layers}
+        layers += [(p, n) for p, n in _load_yaml_layers(base_path, seen + (path,)) if p not in layered]
     layers.append((path, node))
     return layers
 

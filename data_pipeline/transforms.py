@@ -230,12 +230,9 @@ def _points_geometry(clip: DecodedClip, crop: Crop, percentiles) -> Geometry:
     k = _grid(valid, NORMALISATION_POINTS)
     pixels = _off_grid_pixels(valid, k)
     R, t = torch.from_numpy(to_ref[:3, :3]).float(), torch.from_numpy(to_ref[:3, 3]).float()
-    if pixels is None:
-        sub = torch.from_numpy(pts[:, ::k, ::k].astype(np.float32)) @ R.T + t
-        centre, scale = pointmap_normalisation(sub.numpy(), valid[:, ::k, ::k], tuple(percentiles))
-    else:
-        sub = torch.from_numpy(pts[pixels].astype(np.float32)) @ R.T + t
-        centre, scale = pointmap_normalisation(sub.numpy(), None, tuple(percentiles))
+    sel = np.s_[:, ::k, ::k] if pixels is None else pixels
+    sub = torch.from_numpy(pts[sel].astype(np.float32)) @ R.T + t
+    centre, scale = pointmap_normalisation(sub.numpy(), valid[sel], tuple(percentiles))
     A = np.concatenate([to_ref[:3, :3], (to_ref[:3, 3] - centre)[:, None]], axis=1) / scale
     affine = np.broadcast_to(A.astype(np.float32), (len(pts), 3, 4)).copy()
     return Geometry("points", pts, valid, affine, centre, scale)

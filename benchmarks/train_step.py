@@ -244,6 +244,7 @@ VAE_LEVERS = [  # (name, WanVAE settings); each row a fresh VAE with the same ra
     ("+ 16 frames per call", dict(compile=True, frames_per_call=16)),
     ("+ 80 frames per call", dict(compile=True, frames_per_call=80)),
     ("8 frames per call, Triton convolutions", dict(compile=True, frames_per_call=8, conv_kernel="triton")),
+    ("16 frames per call, Triton convolutions", dict(compile=True, frames_per_call=16, conv_kernel="triton")),
     ("80 frames per call, Triton convolutions", dict(compile=True, frames_per_call=80, conv_kernel="triton")),
 ]
 

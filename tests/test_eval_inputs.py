@@ -85,6 +85,52 @@ def test_a_directory_that_is_no_checkpoint_export_or_run_is_an_error(tmp_path, c
     assert "neither" in capsys.readouterr().err
 
 
+def test_adapters_are_evaluated_only_on_the_base_they_were_trained_on(tmp_path, capsys):
+    """Was: `one4d eval` loaded a checkpoint's or an export's adapters onto whatever model.checkpoint named; a base
+    of the same shapes (another fine-tune, another precision) scored silently wrong. Both record the base's content
+    fingerprint; another base is refused by key before any model is built, the same files at any path pass."""
+    from safetensors.torch import save_file
+
+    from data_utils import make_shards
+    from one4d_train.model.backbone import WanDiT
+    from one4d_train.model.presets import wan_config
+    from one4d_train.model.state_dict import checkpoint_fingerprint
+    from one4d_train.train.export_cli import main as export
+    from one4d_train.train.one4d_task import identity_problems
+
+    base = WanDiT(wan_config("tiny")).state_dict()
+    trained_on, other = tmp_path / "base.safetensors", tmp_path / "other.safetensors"
+    save_file(base, str(trained_on))
+    save_file({k: v + 1 for k, v in base.items()}, str(other))
+    identity = {"checkpoint": str(trained_on), "fingerprint": checkpoint_fingerprint(str(trained_on)),
+                "lora_alpha": 8}
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", "data.num_frames=5")
+    ckpt = run / "checkpoints" / "step-00000010"
+    export_adapters(state, cfg.model, str(ckpt / "adapters"), base=identity)
+    (ckpt / "train_state").mkdir()
+    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": 10, "task_identity": identity}))
+    files = _listing(str(ckpt))
+    (ckpt / MARKER).write_text(json.dumps({"step": 10, "world_size": 1, "files": files,
+                                           "crc32": checksums(str(ckpt), [str(ckpt / rel) for rel in files])}))
+    assert export([f"checkpoint={ckpt}", f"out={tmp_path / 'export'}"]) == 0
+    for target in (ckpt, tmp_path / "export"):
+        for given in (other, ""):  # another base; none (the random base)
+            assert cli(["eval", f"checkpoint={target}", f"config={run / 'config.yaml'}",
+                        f"model.checkpoint={given}"]) == 2
+            err = capsys.readouterr().err
+            assert (f"key 'model.checkpoint': {given or 'the random base of the seed'}" in err and
+                    f"{target} was trained on {trained_on} (content fingerprint {identity['fingerprint']})" in err
+                    and "evaluate with model.checkpoint pointing at those weights" in err), err
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.rename(trained_on, moved / "diffusion_pytorch_model.safetensors")
+    ok = load_config([f"config={run / 'config.yaml'}", f"model.checkpoint={moved}"])
+    assert identity_problems(ok, str(ckpt), identity, resume=False) == []
+    wrong_scale = load_config([f"config={run / 'config.yaml'}", f"model.checkpoint={moved}", "model.lora.alpha=4"])
+    assert [k for k, _ in identity_problems(wrong_scale, str(ckpt), identity, resume=False)] == ["model.lora.alpha"]
+
+
 def _metrics(run, ckpt):
     """Where `one4d eval` writes the scores of `ckpt` on its run's configured dataset."""
     cfg = load_config([f"config={run / 'config.yaml'}"])

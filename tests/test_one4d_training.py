@@ -2,6 +2,7 @@
 the real `one4d train` CLI; base weights loaded from a checkpoint file into ZeRO-3 partitions."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -113,6 +114,7 @@ def test_base_weights_load_from_checkpoint_into_zero3_partitions(shards, tmp_pat
     checkpoint records the base's content: a resume onto other weights is refused, the same weights moved resume."""
     from one4d_train.model.backbone import WanDiT
     from one4d_train.model.presets import wan_config
+    from one4d_train.model.state_dict import checkpoint_fingerprint
 
     torch.manual_seed(123)
     ref = WanDiT(wan_config("tiny"))
@@ -124,8 +126,11 @@ def test_base_weights_load_from_checkpoint_into_zero3_partitions(shards, tmp_pat
     code, out = torchrun(run_dir, *common(shards, run_dir, 1), f"model.checkpoint={ckpt_file}",
                          "optim.lr=0", "optim.grad_clip=0", timeout=900)
     assert code == 0, out[-4000:]
-    links = load_file(os.path.join(run_dir, "checkpoints", "step-00000001", "adapters", "control_links.safetensors"))
+    step1 = os.path.join(run_dir, "checkpoints", "step-00000001")
+    links = load_file(os.path.join(step1, "adapters", "control_links.safetensors"))
     assert torch.equal(links["xyz_patch_embedding.weight"], ref.patch_embedding.weight)
+    with open(os.path.join(step1, "adapters", "adapter_config.json")) as f:  # the export names its base
+        assert json.load(f)["base"] == {"checkpoint": str(ckpt_file), "fingerprint": checkpoint_fingerprint(str(ckpt_file))}
     # a resume onto another base of the same shapes is refused by key before any process group; the same weights
     # at another path resume
     other = tmp_path / "other.safetensors"
@@ -255,6 +260,9 @@ def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight,
         a, b, c = (load_file(str(outs[n] / f)) for n in ("copy", "zero", "alone"))
         assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
                                                          for k in a), f
+    # each names the base it was trained on (the tiny preset's seeded random one), rebuilt or copied
+    bases = [json.loads((outs[n] / "adapter_config.json").read_text()).get("base") for n in outs]
+    assert bases == [{"checkpoint": "", "fingerprint": "random"}] * 3, bases
 
 
 def test_encoders_leave_the_global_rng_alone():

@@ -11,7 +11,9 @@ removes meanwhile (train.keep_last); metrics.json is written last, so a checkpoi
 counts as not scored.
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
 export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*,
-data.*, model.*) override it.
+data.*, model.*) override it. The adapters are evaluated only on the frozen base they were trained on: a checkpoint's
+train state and an export's adapter_config.json record model.checkpoint's content fingerprint (and the LoRA scale),
+and another base exits 2 naming model.checkpoint (the same files at any path are taken).
 The files read (adapters/, or ds/ for a rebuild, and the train state) must match the CRC-32s of the checkpoint's
 COMPLETE marker (a marker written before markers recorded them is not verified): a damaged checkpoint is named with
 its damaged file, and a run directory's other checkpoints are evaluated still.
@@ -27,11 +29,11 @@ from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, resolve_device, run_of, scored,
-                                       scoring_settings, tracked_run)
+                                       scoring_settings, tracked_run, trained_identity)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
-from one4d_train.train.one4d_task import (index_problems, link_problems, model_file_problems,
+from one4d_train.train.one4d_task import (identity_problems, index_problems, link_problems, model_file_problems,
                                           unset_file_problems)
 
 
@@ -111,8 +113,14 @@ def main(argv: list[str]) -> int:
             if run_config and os.path.exists(run_config):  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
         try:
+            trained = trained_identity(ckpt)
+        except AdapterError as exc:
+            print(f"one4d eval: {exc}", file=sys.stderr)
+            return 2
+        try:
             cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: (
                 link_problems(c.model) + unset_file_problems(c.model) + model_file_problems(c) +
+                identity_problems(c, ckpt, trained, resume=False) +
                 out_dir_problems(c.eval) + c.tracking.problems() +
                 vae_kernel_problems(c.model, resolve_device(c.train.device))))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last

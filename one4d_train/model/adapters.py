@@ -8,7 +8,9 @@ Layout of an export folder:
 - `control_links.safetensors`: the paper's links group (control links and the XYZ patch embedding),
   `io.safetensors`: the channel-concat design's widened patch embedding and head; both under the
   One4D model's own parameter names.
-- `adapter_config.json`: design, preset, branches, rank/alpha/dropout/targets, link blocks, files.
+- `adapter_config.json`: design, preset, branches, rank/alpha/dropout/targets, link blocks, files, and the frozen
+  base trained on (`base`: model.checkpoint's path and content fingerprint, "random" for the tiny preset's seeded
+  base), which `one4d eval` compares with the base it is given.
 """
 from __future__ import annotations
 
@@ -51,9 +53,11 @@ def design_branches(design: str) -> tuple[str, ...]:
     return BRANCHES if design == "dlc" else SHARED
 
 
-def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str) -> dict:
+def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
+                    base: dict | None = None) -> dict:
     """Write `trainable_state` (names as in `One4DModel.trainable_state_dict()`, e.g. gathered under ZeRO-3)
-    to `out_dir`; returns the adapter config written next to the weights."""
+    to `out_dir`; returns the adapter config written next to the weights. `base`: the frozen base's
+    {"checkpoint", "fingerprint"} (the training task's identity), recorded as the config's "base"."""
     scaling = cfg.lora.alpha / cfg.lora.rank
     branches = design_branches(cfg.design)
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -103,6 +107,8 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
         "xyz_patch_embedding": any(n.startswith("xyz_patch_embedding.") for n in groups.get("links", {})),
         "files": files,
     }
+    if base:
+        config["base"] = {"checkpoint": base.get("checkpoint", ""), "fingerprint": base.get("fingerprint")}
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     return config
@@ -146,6 +152,10 @@ def read_adapter_config(out_dir: str) -> dict:
             raise AdapterError(f"{path}: key {key!r} has the wrong type: {value!r}")
     if config["lora"]["rank"] < 1:
         raise AdapterError(f"{path}: key 'lora.rank' must be >= 1, got {config['lora']['rank']}")
+    base = config.get("base")  # absent in exports written before they recorded it
+    if base is not None and not (isinstance(base, dict) and isinstance(base.get("fingerprint"), str)
+                                 and isinstance(base.get("checkpoint", ""), str)):
+        raise AdapterError(f"{path}: key 'base' must be {{\"checkpoint\": path, \"fingerprint\": text}}, got {base!r}")
     return config
 
 

@@ -10,7 +10,8 @@ on the CPU from the DeepSpeed ZeRO partitions instead, using the run's config.ya
 needed. A DeepSpeed file that does not load is named (nothing is unpickled: torch.load(weights_only=True)).
 
 Output: lora_rgb.safetensors / lora_xyz.safetensors (diffusers WanTransformer3DModel LoRA keys),
-control_links.safetensors (links + the XYZ patch embedding), adapter_config.json, in `out`: a new or empty folder,
+control_links.safetensors (links + the XYZ patch embedding), adapter_config.json (the model settings and the
+frozen base trained on, by content fingerprint), in `out`: a new or empty folder,
 or an earlier export, whose files are replaced (written inside it and read back whole first); never a folder inside
 a checkpoint.
 
@@ -54,7 +55,7 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     from deepspeed.utils import zero_to_fp32
 
     from one4d_train.config import load_config
-    from one4d_train.train.checkpoint import config_of, weights_only_load
+    from one4d_train.train.checkpoint import config_of, read_state_json, weights_only_load
     from one4d_train.model.adapters import export_adapters
 
     cfg_path = config_of(ckpt)
@@ -64,7 +65,8 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
-    export_adapters(state, cfg.model, out)
+    # the base it was trained on, as the checkpoint recorded it (absent from checkpoints written before they did)
+    export_adapters(state, cfg.model, out, base=read_state_json(ckpt, 0).get("task_identity"))
 
 
 def main(argv: list[str]) -> int:

@@ -314,7 +314,7 @@ class One4DTask:
                                       image_tokens=IMAGE_TOKENS if w.has_image_input else 0)
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
-        export_adapters(trainable_state, self.cfg.model, out_dir)
+        export_adapters(trainable_state, self.cfg.model, out_dir, base=self.identity())
 
 
 def link_problems(m) -> list[tuple[str, str]]:
@@ -540,7 +540,7 @@ def _resume_problems(cfg) -> list[tuple[str, str]]:
     if resumed is None:
         return []
     path, state, env = resumed
-    p = _identity_problems(cfg, path, state.get("task_identity"))
+    p = identity_problems(cfg, path, state.get("task_identity"))
     try:
         build_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                      micro_batch_size=cfg.train.micro_batch_size, position=state.get("loader"),
@@ -558,16 +558,19 @@ def _resume_problems(cfg) -> list[tuple[str, str]]:
     return p
 
 
-def _identity_problems(cfg, path: str, saved: dict | None) -> list[tuple[str, str]]:
-    """The frozen base and LoRA scale of the checkpoint `path` (its task identity) against this config's."""
+def identity_problems(cfg, path: str, saved: dict | None, resume: bool = True) -> list[tuple[str, str]]:
+    """The frozen base and LoRA scale of the checkpoint or export `path` (its task identity, as its train state or
+    adapter_config.json's "base" records it) against this config's: a resume (resume=True) or an evaluation
+    (resume=False) on another base or scale runs adapters on weights they do not fit, without any error."""
     if not saved:  # written before checkpoints recorded them
         return []
-    p, how = [], ("; resume with {key} as it was (the checkpoint's adapters fit that only), or start a new run "
-                  "(another run_dir, or resume=never)")
+    do = "resume" if resume else "evaluate"
+    new_run = ", or start a new run (another run_dir, or resume=never)" if resume else ""
+    p = []
     alpha = saved.get("lora_alpha")
     if alpha is not None and float(alpha) != float(cfg.model.lora.alpha):
         p.append(("model.lora.alpha", f"{cfg.model.lora.alpha} here, but {path} was trained with {alpha}: the same "
-                  "LoRA weights under another scale are another model" + how.format(key="model.lora.alpha")))
+                  f"LoRA weights under another scale are another model; {do} with model.lora.alpha as it was{new_run}"))
     ckpt_now = cfg.model.checkpoint
     try:
         now = checkpoint_fingerprint(ckpt_now) if ckpt_now else "random"
@@ -578,8 +581,8 @@ def _identity_problems(cfg, path: str, saved: dict | None) -> list[tuple[str, st
             return f"{checkpoint} (content fingerprint {fingerprint})" if checkpoint else "the random base of the seed"
         p.append(("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
                   f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
-                  "that base only; resume with model.checkpoint pointing at those weights (any path: the content is "
-                  "compared), or start a new run (another run_dir, or resume=never)"))
+                  f"that base only; {do} with model.checkpoint pointing at those weights (any path: the content is "
+                  f"compared){new_run}"))
     return p
 
 

@@ -126,9 +126,9 @@ def test_adapters_are_evaluated_only_on_the_base_they_were_trained_on(tmp_path, 
     moved.mkdir()
     os.rename(trained_on, moved / "diffusion_pytorch_model.safetensors")
     ok = load_config([f"config={run / 'config.yaml'}", f"model.checkpoint={moved}"])
-    assert identity_problems(ok, str(ckpt), identity, resume=False) == []
+    assert identity_problems(ok, str(ckpt), identity, action="evaluate") == []
     wrong_scale = load_config([f"config={run / 'config.yaml'}", f"model.checkpoint={moved}", "model.lora.alpha=4"])
-    assert [k for k, _ in identity_problems(wrong_scale, str(ckpt), identity, resume=False)] == ["model.lora.alpha"]
+    assert [k for k, _ in identity_problems(wrong_scale, str(ckpt), identity, action="evaluate")] == ["model.lora.alpha"]
 
 
 def _metrics(run, ckpt):

@@ -265,6 +265,48 @@ def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight,
     assert bases == [{"checkpoint": "", "fingerprint": "random"}] * 3, bases
 
 
+def test_a_new_run_starts_from_an_earlier_runs_adapters(shards, straight, tmp_path):
+    """model.init_adapters: a run directory (its newest checkpoint), a checkpoint or an export starts a new run's
+    adapters and links (here at lr 0: they stay the source's), with a fresh optimizer; a resume of that run reads its
+    own checkpoint, not the source (removed here). A source that does not fit, or was trained on another base, is
+    refused by key before any process group."""
+    from one4d_train.config import load_config
+    from one4d_train.model.backbone import WanDiT
+    from one4d_train.model.presets import wan_config
+    from one4d_train.train.one4d_task import One4DTask
+
+    source = os.path.join(straight, "checkpoints", "step-00000030", "adapters")
+    export = tmp_path / "export"
+    shutil.copytree(os.path.join(straight, "checkpoints", "step-00000030", "adapters"), export)
+    for name, spec in (("from_run", straight), ("from_export", export)):
+        run_dir = tmp_path / name
+        code, out = torchrun(run_dir, *common(shards, run_dir, 1), f"model.init_adapters={spec}", "optim.lr=0",
+                             "optim.grad_clip=0", "optim.warmup_steps=0", timeout=900)
+        assert code == 0 and "adapters and control links start from" in out, out[-4000:]
+        for f in ("lora_rgb.safetensors", "lora_xyz.safetensors", "control_links.safetensors"):
+            a = load_file(os.path.join(source, f))
+            b = load_file(str(run_dir / "checkpoints" / "step-00000001" / "adapters" / f))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, f)
+    shutil.rmtree(export)
+    code, out = torchrun(run_dir, *common(shards, run_dir, 2), f"model.init_adapters={export}", "optim.lr=0",
+                         "optim.grad_clip=0", "optim.warmup_steps=0", timeout=900)
+    assert code == 0 and "resumed from" in out and "start from" not in out, out[-4000:]
+
+    def problems(*extra):
+        cfg = load_config([*common(shards, tmp_path / "checked", 1), *extra])
+        return {k: v for k, v in One4DTask.check_config(cfg) if k in ("model.init_adapters", "model.checkpoint")}
+
+    assert problems(f"model.init_adapters={straight}") == {}
+    assert "no such folder" in problems(f"model.init_adapters={export}")["model.init_adapters"]
+    assert "lora.rank 8 (model.lora.rank 4)" in problems(f"model.init_adapters={straight}",
+                                                         "model.lora.rank=4")["model.init_adapters"]
+    base = tmp_path / "base.safetensors"
+    save_file(WanDiT(wan_config("tiny")).state_dict(), str(base))
+    found = problems(f"model.init_adapters={straight}", f"model.checkpoint={base}")
+    assert ("was trained on the random base of the seed" in found["model.checkpoint"] and
+            "start from it with model.checkpoint pointing at those weights" in found["model.checkpoint"]), found
+
+
 def test_encoders_leave_the_global_rng_alone():
     from one4d_train.config import load_config
     from one4d_train.model.encoders import build_encoders

@@ -29,10 +29,11 @@ from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, resolve_device, run_of, scored,
-                                       scoring_settings, tracked_run, trained_identity)
+                                       scoring_settings, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
+from one4d_train.train.warm_start import trained_identity
 from one4d_train.train.one4d_task import (identity_problems, index_problems, link_problems, model_file_problems,
                                           unset_file_problems)
 
@@ -120,7 +121,7 @@ def main(argv: list[str]) -> int:
         try:
             cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: (
                 link_problems(c.model) + unset_file_problems(c.model) + model_file_problems(c) +
-                identity_problems(c, ckpt, trained, resume=False) +
+                identity_problems(c, ckpt, trained, action="evaluate") +
                 out_dir_problems(c.eval) + c.tracking.problems() +
                 vae_kernel_problems(c.model, resolve_device(c.train.device))))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last

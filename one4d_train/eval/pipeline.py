@@ -595,18 +595,6 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
     return complete
 
 
-def trained_identity(checkpoint: str) -> dict | None:
-    """What the adapters of a checkpoint or export were trained against (the train state's task identity: the
-    frozen base's path and content fingerprint and the LoRA scale; an export's adapter_config.json "base"); None for
-    one written before they recorded it."""
-    from one4d_train.model.adapters import CONFIG_NAME, read_adapter_config
-    from one4d_train.train.checkpoint import main_train_state
-
-    if os.path.isfile(os.path.join(checkpoint, CONFIG_NAME)):
-        return read_adapter_config(checkpoint).get("base")
-    return (main_train_state(checkpoint) or {}).get("task_identity")
-
-
 def run_of(checkpoint: str) -> tuple[str | None, str | None, int | None]:
     """(run directory, MLflow run id from the train state, step) of a checkpoint; the run directory is None for one
     outside a run's layout (a copy). A set-aside checkpoint gets no run id: the run goes on along another timeline

@@ -201,23 +201,31 @@ def read_adapters(out_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, _read_tensors(out_dir, config)
 
 
-def load_adapters(model: torch.nn.Module, out_dir: str) -> dict:
-    """Copy an export into `model` (a One4DModel of the same design, preset and LoRA shape); every trainable
-    parameter must be covered and nothing else may be present. Returns the adapter config."""
-    config = read_adapter_config(out_dir)
-    mcfg = model.cfg
-    ours = {"preset": mcfg.preset, "has_image_input": mcfg.has_image_input, "design": model.design,
+def fit_problem(config: dict, mcfg: ModelConfig, link_blocks: list[int], out_dir: str) -> str | None:
+    """Why the export `out_dir` (its adapter_config.json `config`) does not fit a model of `mcfg` linking
+    `link_blocks`, None when it does."""
+    ours = {"preset": mcfg.preset, "has_image_input": mcfg.has_image_input, "design": mcfg.design,
             "lora.rank": mcfg.lora.rank, "lora.alpha": mcfg.lora.alpha}
     # the backbone first: an export made for another one differs in everything that follows
     for keys in (("preset", "has_image_input"), ("design",), ("lora.rank", "lora.alpha")):
         wrong = [f"{k} {_config_value(config, k)!r} (model.{k} {ours[k]!r})" for k in keys
                  if _config_value(config, k) != ours[k]]
         if wrong:
-            raise AdapterError(f"export {out_dir} does not fit the model: {'; '.join(wrong)} (adapter_config.json "
-                               f"vs the model config; set model.* to the export's values)")
-    if config["link_blocks"] != list(model.link_blocks):
-        raise AdapterError(f"export {out_dir} links blocks {config['link_blocks']}, "
-                           f"the model (model.link_blocks / model.num_links) {model.link_blocks}")
+            return (f"export {out_dir} does not fit the model: {'; '.join(wrong)} (adapter_config.json vs the model "
+                    f"config; set model.* to the export's values)")
+    if config["link_blocks"] != list(link_blocks):
+        return (f"export {out_dir} links blocks {config['link_blocks']}, the model (model.link_blocks / "
+                f"model.num_links) {list(link_blocks)}")
+    return None
+
+
+def load_adapters(model: torch.nn.Module, out_dir: str) -> dict:
+    """Copy an export into `model` (a One4DModel of the same design, preset and LoRA shape); every trainable
+    parameter must be covered and nothing else may be present. Returns the adapter config."""
+    config = read_adapter_config(out_dir)
+    problem = fit_problem(config, model.cfg, model.link_blocks, out_dir)
+    if problem:
+        raise AdapterError(problem)
     state = _read_tensors(out_dir, config)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))

@@ -56,6 +56,9 @@ class ModelConfig:
     preset: str = "tiny"  # tiny | 1.3b | 14b (architecture sizes; see model/backbone presets)
     has_image_input: bool = True  # I2V image cross-attention (k_img/v_img + image projection)
     checkpoint: str = ""  # Wan2.1 DiT weights: official/Fun safetensors (file, shard index or folder) or a diffusers folder; empty = random init
+    # a new run's adapters and control links start from these (an export, a complete checkpoint or a run directory's
+    # newest) instead of zero-initialised ones: same model settings and base; fresh optimizer; a resume ignores it
+    init_adapters: str = ""
     vae: str = ""  # diffusers AutoencoderKLWan folder, official Wan2.1_VAE.pth (or as .safetensors); empty = tiny random VAE
     text_encoder: str = ""  # UMT5 encoder folder (transformers); empty = precomputed embeddings from the shards, else the empty prompt
     text_encoder_device: str = "auto"  # auto = host memory when the training shards store the captions' embeddings from this text_encoder (`one4d encode-latents` records it in index.json; 11.4 GB of bf16 off the GPU), else the training device; cpu = always host memory; device = always the training device

@@ -25,7 +25,7 @@ from data_pipeline.reader import list_shards, shard_directory, stored_latents, s
 from data_pipeline.shard_index import ShardIndexError, read_index
 from one4d_train.configtools import ConfigError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
-from one4d_train.model.adapters import export_adapters
+from one4d_train.model.adapters import AdapterError, export_adapters, load_adapters
 from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_configured_checkpointing
@@ -41,6 +41,7 @@ from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
+from one4d_train.train.warm_start import WarmStartError, init_problems, init_source
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ("checkpoint", "vae", "text_encoder", "tokenizer", "image_encoder", "empty_prompt_embedding")  # model.*
@@ -89,6 +90,8 @@ class One4DTask:
         p = cls.config_problems(cfg) + model_file_problems(cfg)
         shard_problems = _training_shard_problems(cfg)
         p += shard_problems or _resume_problems(cfg)
+        if cfg.model.init_adapters and not link_problems(cfg.model) and _resumed_state(cfg) is None:
+            p += init_problems(cfg, _link_blocks(cfg.model))
         if cfg.eval.dataset or cfg.data.val_shards:
             p += _eval_set_problems(cfg)
         elif cfg.eval.every:
@@ -115,11 +118,24 @@ class One4DTask:
         copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
             model = One4DModel(base, self.cfg.model)
+        if self.cfg.model.init_adapters and _resumed_state(self.cfg) is None:  # a resume loads its checkpoint's
+            self._warm_start(model)
         apply_configured_checkpointing(base.blocks, self.cfg.model)
         apply_activation_offload(model, self.cfg.model.activation_offload)
         if self.cfg.model.compile:
             compile_blocks(base.blocks)
         return model
+
+    def _warm_start(self, model: nn.Module) -> None:
+        """model.init_adapters: the source's adapters and links copied into the trainable parameters, which every
+        rank holds whole until deepspeed.initialize partitions them and makes the optimizer's fp32 copies."""
+        try:
+            adapters, source = init_source(self.cfg.model.init_adapters)
+            load_adapters(model, adapters)
+        except (WarmStartError, AdapterError) as exc:
+            raise ConfigError(f"key 'model.init_adapters': {exc}") from None
+        if _rank() == 0:
+            log.info("adapters and control links start from %s", source)
 
     def _base_source(self):
         """name -> tensor getter for the frozen base: the checkpoint's, or Wan's seeded init of the tiny preset."""
@@ -317,13 +333,15 @@ class One4DTask:
         export_adapters(trainable_state, self.cfg.model, out_dir, base=self.identity())
 
 
+def _link_blocks(m) -> list[int]:
+    return resolve_link_blocks(m.link_blocks, m.num_links, wan_config(m.preset).num_layers) if m.design == "dlc" else []
+
+
 def link_problems(m) -> list[tuple[str, str]]:
     """model.link_blocks / model.num_links against the preset's blocks (DLC only); One4DModel raises it only once
     the frozen base is loaded."""
-    if m.design != "dlc":
-        return []
     try:
-        resolve_link_blocks(m.link_blocks, m.num_links, wan_config(m.preset).num_layers)
+        _link_blocks(m)
     except ValueError as exc:
         return [("model.link_blocks" if m.link_blocks else "model.num_links", str(exc))]
     return []
@@ -558,14 +576,15 @@ def _resume_problems(cfg) -> list[tuple[str, str]]:
     return p
 
 
-def identity_problems(cfg, path: str, saved: dict | None, resume: bool = True) -> list[tuple[str, str]]:
+def identity_problems(cfg, path: str, saved: dict | None, action: str = "resume") -> list[tuple[str, str]]:
     """The frozen base and LoRA scale of the checkpoint or export `path` (its task identity, as its train state or
-    adapter_config.json's "base" records it) against this config's: a resume (resume=True) or an evaluation
-    (resume=False) on another base or scale runs adapters on weights they do not fit, without any error."""
+    adapter_config.json's "base" records it) against this config's: a resume, an evaluation or a warm start
+    (`action`: "resume", "evaluate", "start from it") on another base or scale runs adapters on weights they do not
+    fit, without any error."""
     if not saved:  # written before checkpoints recorded them
         return []
-    do = "resume" if resume else "evaluate"
-    new_run = ", or start a new run (another run_dir, or resume=never)" if resume else ""
+    do = action
+    new_run = ", or start a new run (another run_dir, or resume=never)" if action == "resume" else ""
     p = []
     alpha = saved.get("lora_alpha")
     if alpha is not None and float(alpha) != float(cfg.model.lora.alpha):

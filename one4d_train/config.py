@@ -47,8 +47,9 @@ def load_config(args=(), checks=None, prepare=None) -> One4DConfig:
 
 
 # keys naming files or folders (eval.dataset: also BENCHMARK:ROOT)
-PATH_KEYS = ("data.shards", "data.val_shards", "model.checkpoint", "model.vae", "model.text_encoder",
-             "model.tokenizer", "model.empty_prompt_embedding", "model.image_encoder", "eval.dataset", "eval.out_dir")
+PATH_KEYS = ("data.shards", "data.val_shards", "model.checkpoint", "model.init_adapters", "model.vae",
+             "model.text_encoder", "model.tokenizer", "model.empty_prompt_embedding", "model.image_encoder",
+             "eval.dataset", "eval.out_dir")
 
 
 def absolute_paths(cfg: One4DConfig) -> One4DConfig:

@@ -119,7 +119,7 @@ def test_adapters_are_evaluated_only_on_the_base_they_were_trained_on(tmp_path, 
             assert cli(["eval", f"checkpoint={target}", f"config={run / 'config.yaml'}",
                         f"model.checkpoint={given}"]) == 2
             err = capsys.readouterr().err
-            assert (f"key 'model.checkpoint': {given or 'the random base of the seed'}" in err and
+            assert (f"key 'model.checkpoint': {given or 'the random base of seed 0'}" in err and
                     f"{target} was trained on {trained_on} (content fingerprint {identity['fingerprint']})" in err
                     and "evaluate with model.checkpoint pointing at those weights" in err), err
     moved = tmp_path / "moved"

@@ -262,7 +262,7 @@ def test_export_copies_checkpoint_adapters_and_rebuilds_them_from_zero(straight,
                                                          for k in a), f
     # each names the base it was trained on (the tiny preset's seeded random one), rebuilt or copied
     bases = [json.loads((outs[n] / "adapter_config.json").read_text()).get("base") for n in outs]
-    assert bases == [{"checkpoint": "", "fingerprint": "random"}] * 3, bases
+    assert bases == [{"checkpoint": "", "fingerprint": "random-seed-0"}] * 3, bases
 
 
 def test_a_new_run_starts_from_an_earlier_runs_adapters(shards, straight, tmp_path):
@@ -283,6 +283,9 @@ def test_a_new_run_starts_from_an_earlier_runs_adapters(shards, straight, tmp_pa
         code, out = torchrun(run_dir, *common(shards, run_dir, 1), f"model.init_adapters={spec}", "optim.lr=0",
                              "optim.grad_clip=0", "optim.warmup_steps=0", timeout=900)
         assert code == 0 and "adapters and control links start from" in out, out[-4000:]
+        client, run = mlflow_run(run_dir)
+        assert client.get_run(run.info.run_id).data.tags["one4d.init_adapters"].startswith(
+            os.path.join(str(straight), "checkpoints", "step-00000030") if name == "from_run" else str(export))
         for f in ("lora_rgb.safetensors", "lora_xyz.safetensors", "control_links.safetensors"):
             a = load_file(os.path.join(source, f))
             b = load_file(str(run_dir / "checkpoints" / "step-00000001" / "adapters" / f))
@@ -303,8 +306,14 @@ def test_a_new_run_starts_from_an_earlier_runs_adapters(shards, straight, tmp_pa
     base = tmp_path / "base.safetensors"
     save_file(WanDiT(wan_config("tiny")).state_dict(), str(base))
     found = problems(f"model.init_adapters={straight}", f"model.checkpoint={base}")
-    assert ("was trained on the random base of the seed" in found["model.checkpoint"] and
+    assert ("was trained on the random base of seed 0" in found["model.checkpoint"] and
             "start from it with model.checkpoint pointing at those weights" in found["model.checkpoint"]), found
+    found = problems(f"model.init_adapters={straight}", "seed=7")  # the tiny preset's random base of another seed
+    assert "the random base of seed 7 here" in found["model.checkpoint"], found
+    found = problems(f"model.init_adapters={straight}", "model.lora.targets=[self_attn.q,self_attn.k]")
+    assert "(model.lora.targets) ['self_attn.k', 'self_attn.q']" in found["model.init_adapters"], found
+    found = problems(f"model.init_adapters={straight}", "model.xyz_patch_embedding=false")
+    assert "(model.xyz_patch_embedding) has none" in found["model.init_adapters"], found
 
 
 def test_encoders_leave_the_global_rng_alone():

@@ -9,8 +9,8 @@ Layout of an export folder:
   `io.safetensors`: the channel-concat design's widened patch embedding and head; both under the
   One4D model's own parameter names.
 - `adapter_config.json`: design, preset, branches, rank/alpha/dropout/targets, link blocks, files, and the frozen
-  base trained on (`base`: model.checkpoint's path and content fingerprint, "random" for the tiny preset's seeded
-  base), which `one4d eval` compares with the base it is given.
+  base trained on (`base`: model.checkpoint's path and content fingerprint, "random-seed-N" for the tiny preset's
+  seeded base), which `one4d eval` and `model.init_adapters` compare with the base they are given.
 """
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] 
     save_tensors({k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}, tmp,
               metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
+
+
+def base_record(identity: dict) -> dict:
+    """An export's "base": the frozen base of a training task's identity (its path and content fingerprint)."""
+    return {"checkpoint": identity.get("checkpoint", ""), "fingerprint": identity.get("fingerprint")}
 
 
 def design_branches(design: str) -> tuple[str, ...]:
@@ -108,7 +113,7 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
         "files": files,
     }
     if base:
-        config["base"] = {"checkpoint": base.get("checkpoint", ""), "fingerprint": base.get("fingerprint")}
+        config["base"] = base_record(base)
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     return config
@@ -206,15 +211,23 @@ def fit_problem(config: dict, mcfg: ModelConfig, link_blocks: list[int], out_dir
     `link_blocks`, None when it does."""
     ours = {"preset": mcfg.preset, "has_image_input": mcfg.has_image_input, "design": mcfg.design,
             "lora.rank": mcfg.lora.rank, "lora.alpha": mcfg.lora.alpha}
-    # the backbone first: an export made for another one differs in everything that follows
+    # the backbone first: adapters made for another one differ in everything that follows
     for keys in (("preset", "has_image_input"), ("design",), ("lora.rank", "lora.alpha")):
         wrong = [f"{k} {_config_value(config, k)!r} (model.{k} {ours[k]!r})" for k in keys
                  if _config_value(config, k) != ours[k]]
         if wrong:
-            return (f"export {out_dir} does not fit the model: {'; '.join(wrong)} (adapter_config.json vs the model "
-                    f"config; set model.* to the export's values)")
+            return (f"the adapters of {out_dir} do not fit the model: {'; '.join(wrong)} ({CONFIG_NAME} vs the "
+                    f"model config; set model.* to its values)")
+    targets = config["lora"].get("targets")  # the targets that hold adapters (absent in early exports)
+    if isinstance(targets, list) and targets and set(targets) != set(mcfg.lora.targets):
+        return (f"the adapters of {out_dir} adapt {sorted(targets)}, the model (model.lora.targets) "
+                f"{sorted(mcfg.lora.targets)}")
+    xyz = config.get("xyz_patch_embedding")
+    if mcfg.design == "dlc" and isinstance(xyz, bool) and xyz != mcfg.xyz_patch_embedding:
+        return (f"the adapters of {out_dir} {'hold' if xyz else 'hold no'} XYZ patch embedding, the model "
+                f"(model.xyz_patch_embedding) {'has one' if mcfg.xyz_patch_embedding else 'has none'}")
     if config["link_blocks"] != list(link_blocks):
-        return (f"export {out_dir} links blocks {config['link_blocks']}, the model (model.link_blocks / "
+        return (f"the adapters of {out_dir} link blocks {config['link_blocks']}, the model (model.link_blocks / "
                 f"model.num_links) {list(link_blocks)}")
     return None
 

@@ -55,7 +55,7 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     from deepspeed.utils import zero_to_fp32
 
     from one4d_train.config import load_config
-    from one4d_train.train.checkpoint import config_of, read_state_json, weights_only_load
+    from one4d_train.train.checkpoint import config_of, weights_only_load
     from one4d_train.model.adapters import export_adapters
 
     cfg_path = config_of(ckpt)
@@ -65,8 +65,18 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
-    # the base it was trained on, as the checkpoint recorded it (absent from checkpoints written before they did)
-    export_adapters(state, cfg.model, out, base=read_state_json(ckpt, 0).get("task_identity"))
+    export_adapters(state, cfg.model, out, base=recorded_base(ckpt))
+
+
+def recorded_base(ckpt: str) -> dict | None:
+    """The frozen base `ckpt` was trained on, as its train state records it; None where it records none (written
+    before checkpoints did) or its train state is damaged (the export itself reads ds/ or adapters/ alone)."""
+    from one4d_train.train.checkpoint import CheckpointDamaged, read_state_json
+
+    try:
+        return read_state_json(ckpt, 0).get("task_identity")
+    except (CheckpointDamaged, OSError):
+        return None
 
 
 def main(argv: list[str]) -> int:
@@ -129,6 +139,22 @@ def _target_problem(out: str) -> str | None:
     return None
 
 
+def _add_base(export: str, base: dict | None) -> None:
+    """Record `base` in the export's adapter_config.json where the checkpoint's adapters/ (written before they
+    recorded it) lacks it."""
+    import json
+
+    from one4d_train.model.adapters import CONFIG_NAME, base_record
+
+    path = os.path.join(export, CONFIG_NAME)
+    with open(path) as f:
+        config = json.load(f)
+    if base and "base" not in config:
+        config["base"] = base_record(base)
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
+
+
 def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
     """The export of `ckpt` (a copy of its adapters/ `src`, or rebuilt from its ZeRO partitions) into `out`, with
     the folder locked (one export at a time), written in a folder inside it and read back whole before its files
@@ -163,6 +189,7 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
         else:
             read_adapters(src)  # raises on a missing file or key
             shutil.copytree(src, tmp)
+            _add_base(tmp, recorded_base(ckpt))
         result = read_adapters(tmp)
         if os.path.exists(os.path.join(out, CONFIG_NAME)):
             os.remove(os.path.join(out, CONFIG_NAME))

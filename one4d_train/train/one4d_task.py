@@ -41,7 +41,8 @@ from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
-from one4d_train.train.warm_start import WarmStartError, init_problems, init_source
+from one4d_train.train.distributed import broadcast_from_main
+from one4d_train.train.warm_start import WarmStartError, init_problems, init_source, source_problems
 
 log = logging.getLogger(__name__)
 MODEL_FILES = ("checkpoint", "vae", "text_encoder", "tokenizer", "image_encoder", "empty_prompt_embedding")  # model.*
@@ -64,6 +65,7 @@ class One4DTask:
         self.wan_cfg = wan_config(m.preset, in_dim=36, has_image_input=m.has_image_input)
         self._encoders = None
         self._base_loaded_at_build = False
+        self._init_source = None  # the checkpoint or export model.init_adapters started the run from
 
     # ---- config -----------------------------------------------------------------------------------------
     @staticmethod
@@ -90,7 +92,7 @@ class One4DTask:
         p = cls.config_problems(cfg) + model_file_problems(cfg)
         shard_problems = _training_shard_problems(cfg)
         p += shard_problems or _resume_problems(cfg)
-        if cfg.model.init_adapters and not link_problems(cfg.model) and _resumed_state(cfg) is None:
+        if cfg.model.init_adapters and not link_problems(cfg.model) and not _resuming(cfg):
             p += init_problems(cfg, _link_blocks(cfg.model))
         if cfg.eval.dataset or cfg.data.val_shards:
             p += _eval_set_problems(cfg)
@@ -118,8 +120,13 @@ class One4DTask:
         copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
             model = One4DModel(base, self.cfg.model)
-        if self.cfg.model.init_adapters and _resumed_state(self.cfg) is None:  # a resume loads its checkpoint's
-            self._warm_start(model)
+        if self.cfg.model.init_adapters:
+            if _resuming(self.cfg):  # the checkpoint holds the run's own adapters
+                if _rank() == 0:
+                    log.info("model.init_adapters=%s is not read: the run resumes from a checkpoint",
+                             self.cfg.model.init_adapters)
+            else:
+                self._warm_start(model)
         apply_configured_checkpointing(base.blocks, self.cfg.model)
         apply_activation_offload(model, self.cfg.model.activation_offload)
         if self.cfg.model.compile:
@@ -128,14 +135,28 @@ class One4DTask:
 
     def _warm_start(self, model: nn.Module) -> None:
         """model.init_adapters: the source's adapters and links copied into the trainable parameters, which every
-        rank holds whole until deepspeed.initialize partitions them and makes the optimizer's fp32 copies."""
+        rank holds whole until deepspeed.initialize partitions them and makes the optimizer's fp32 copies. Rank 0
+        resolves the source (a run directory's newest checkpoint may change meanwhile) and checks it again: the
+        start-up checks saw the newest one of their moment."""
         try:
-            adapters, source = init_source(self.cfg.model.init_adapters)
-            load_adapters(model, adapters)
-        except (WarmStartError, AdapterError) as exc:
-            raise ConfigError(f"key 'model.init_adapters': {exc}") from None
+            found = init_source(self.cfg.model.init_adapters) if _rank() == 0 else None
+        except WarmStartError as exc:
+            found = str(exc)
+        found = broadcast_from_main(found) if torch.distributed.is_initialized() else found
+        if isinstance(found, str):
+            raise ConfigError(f"key 'model.init_adapters': {found}")
+        adapters, source = found
+        problems = source_problems(self.cfg, adapters, source, list(getattr(model, "link_blocks", [])))
+        if problems:
+            raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))
+        load_adapters(model, adapters)
+        self._init_source = source
         if _rank() == 0:
             log.info("adapters and control links start from %s", source)
+
+    def run_tags(self) -> dict[str, str]:
+        """MLflow tags of the run this task starts: the source of its initial adapters (model.init_adapters)."""
+        return {"one4d.init_adapters": self._init_source} if self._init_source else {}
 
     def _base_source(self):
         """name -> tensor getter for the frozen base: the checkpoint's, or Wan's seeded init of the tiny preset."""
@@ -159,12 +180,13 @@ class One4DTask:
 
     def identity(self) -> dict:
         """What the adapters and links depend on beyond their shapes, as every checkpoint records it: the frozen base
-        (model.checkpoint and its content fingerprint, model/state_dict.py; "random" for the seeded random base of
-        the tiny preset) and the LoRA scale model.lora.alpha (the same weights under another scale are another
-        function, and an export would carry the new scale)."""
+        (model.checkpoint and its content fingerprint, model/state_dict.py; "random-seed-N" for the seeded random
+        base of the tiny preset; checkpoints written before the seed was recorded say "random") and the LoRA scale
+        model.lora.alpha (the same weights under another scale are another function, and an export would carry the
+        new scale)."""
         if not hasattr(self, "_identity"):
             path = self.cfg.model.checkpoint
-            self._identity = {"checkpoint": path, "fingerprint": checkpoint_fingerprint(path) if path else "random",
+            self._identity = {"checkpoint": path, "fingerprint": base_fingerprint(path, self.cfg.seed),
                               "lora_alpha": self.cfg.model.lora.alpha}
         return self._identity
 
@@ -331,6 +353,15 @@ class One4DTask:
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
         export_adapters(trainable_state, self.cfg.model, out_dir, base=self.identity())
+
+
+RANDOM_BASE = "random-seed-"  # the fingerprint of the tiny preset's seeded random base, followed by the seed
+
+
+def base_fingerprint(checkpoint: str, seed: int) -> str:
+    """What the frozen base is: model.checkpoint's content fingerprint, or the seed of the tiny preset's random base
+    (another seed is another base)."""
+    return checkpoint_fingerprint(checkpoint) if checkpoint else f"{RANDOM_BASE}{seed}"
 
 
 def _link_blocks(m) -> list[int]:
@@ -525,6 +556,17 @@ POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_w
                  "shuffle_buffer": "data.shuffle_buffer", "epoch_length": "data.epoch_length"}
 
 
+def _resuming(cfg) -> bool:
+    """Whether this run resumes from a checkpoint (resume=auto with a complete one, resume=PATH); a resume=PATH that
+    is no complete checkpoint is reported under 'resume'."""
+    from one4d_train.train import checkpoint as ckpt
+
+    try:
+        return ckpt.resolve_resume(cfg.resume, os.path.join(cfg.run_dir, "checkpoints")) is not None
+    except FileNotFoundError:
+        return True
+
+
 def _resumed_state(cfg):
     """(checkpoint, this rank's train state, the launch's ranks) of the checkpoint this run resumes from; None for a
     fresh start, or where the resume itself is wrong (reported under 'resume' by train/config.py: no such
@@ -592,12 +634,16 @@ def identity_problems(cfg, path: str, saved: dict | None, action: str = "resume"
                   f"LoRA weights under another scale are another model; {do} with model.lora.alpha as it was{new_run}"))
     ckpt_now = cfg.model.checkpoint
     try:
-        now = checkpoint_fingerprint(ckpt_now) if ckpt_now else "random"
+        now = base_fingerprint(ckpt_now, cfg.seed)
     except (OSError, ValueError):  # an unreadable checkpoint: reported under model.checkpoint by model_file_problems
         return p
-    if now != saved.get("fingerprint"):
+    then = saved.get("fingerprint")
+    if now != then and not (then == "random" and now.startswith(RANDOM_BASE)):  # "random": recorded without its seed
         def said(checkpoint: str, fingerprint: str) -> str:
-            return f"{checkpoint} (content fingerprint {fingerprint})" if checkpoint else "the random base of the seed"
+            if checkpoint:
+                return f"{checkpoint} (content fingerprint {fingerprint})"
+            seed = fingerprint[len(RANDOM_BASE):] if str(fingerprint).startswith(RANDOM_BASE) else ""
+            return f"the random base of seed {seed}" if seed else "the random base of the seed"
         p.append(("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
                   f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
                   f"that base only; {do} with model.checkpoint pointing at those weights (any path: the content is "

@@ -31,22 +31,30 @@ def trained_identity(source: str) -> dict | None:
 
 
 def init_source(spec: str) -> tuple[str, str]:
-    """(the folder whose adapters start the run, the export or checkpoint it is) for model.init_adapters=spec."""
-    from one4d_train.eval.pipeline import EvalInputError, checkpoints_to_evaluate
-    from one4d_train.train.checkpoint import CheckpointDamaged, verify_folder
+    """(the folder whose adapters start the run, the export or checkpoint it is) for model.init_adapters=spec: an
+    export, a checkpoint (or its adapters/), or a run directory's newest complete checkpoint."""
+    from one4d_train.train.checkpoint import (MARKER, CheckpointDamaged, checkpoint_problem, complete_checkpoints,
+                                              verify_folder)
 
     if not os.path.isdir(spec):
         raise WarmStartError(f"{spec}: {'not a folder' if os.path.exists(spec) else 'no such folder'} (give an "
                              f"export of `one4d export`, a complete checkpoint or a run directory)")
-    try:
-        found = checkpoints_to_evaluate(spec)
-    except EvalInputError as exc:
-        raise WarmStartError(str(exc).replace(f"checkpoint={spec}", spec)) from None
-    if not found:
-        raise WarmStartError(f"{spec}: a run directory without a complete checkpoint")
-    source = found[-1]
+    source = os.path.normpath(spec)
+    if os.path.basename(source) == "adapters" and os.path.isfile(os.path.join(os.path.dirname(source), MARKER)):
+        source = os.path.dirname(source)  # a checkpoint's adapters/: the checkpoint (its marker verifies them)
     if os.path.isfile(os.path.join(source, CONFIG_NAME)):
         return source, source
+    if os.path.isdir(os.path.join(source, "checkpoints")):
+        found = complete_checkpoints(os.path.join(source, "checkpoints"))
+        if not found:
+            raise WarmStartError(f"{spec}: a run directory without a complete checkpoint")
+        source = found[-1]
+    elif not os.path.isdir(os.path.join(source, "train_state")):
+        raise WarmStartError(f"{spec}: neither an export ({CONFIG_NAME}), a checkpoint (train_state/) nor a run "
+                             "directory (checkpoints/)")
+    problem = checkpoint_problem(source)
+    if problem:
+        raise WarmStartError(f"checkpoint {source} is not complete: {problem}")
     adapters = os.path.join(source, "adapters")
     if not os.path.isdir(adapters):
         raise WarmStartError(f"checkpoint {source} holds no adapters/ (trained with train.export_adapters=false): "
@@ -59,20 +67,28 @@ def init_source(spec: str) -> tuple[str, str]:
     return adapters, source
 
 
-def init_problems(cfg, link_blocks: list[int]) -> list[tuple[str, str]]:
-    """model.init_adapters against this config, by key: a source that cannot be read, does not fit the model, or
-    was trained on another base or LoRA scale."""
+def source_problems(cfg, adapters: str, source: str, link_blocks: list[int]) -> list[tuple[str, str]]:
+    """The source's adapters against this config, by key: they must fit the model and have been trained on its base
+    and LoRA scale."""
     from one4d_train.train.one4d_task import identity_problems
 
-    spec = cfg.model.init_adapters
-    if not spec:
-        return []
     try:
-        adapters, source = init_source(spec)
         problem = fit_problem(read_adapter_config(adapters), cfg.model, link_blocks, adapters)
         trained = trained_identity(source)
-    except (WarmStartError, AdapterError) as exc:
+    except AdapterError as exc:
         return [("model.init_adapters", str(exc))]
     if problem:
         return [("model.init_adapters", problem)]
     return identity_problems(cfg, source, trained, action="start from it")
+
+
+def init_problems(cfg, link_blocks: list[int]) -> list[tuple[str, str]]:
+    """model.init_adapters against this config, by key: a source that cannot be read, does not fit the model, or
+    was trained on another base or LoRA scale."""
+    if not cfg.model.init_adapters:
+        return []
+    try:
+        adapters, source = init_source(cfg.model.init_adapters)
+    except WarmStartError as exc:
+        return [("model.init_adapters", str(exc))]
+    return source_problems(cfg, adapters, source, link_blocks)

@@ -121,12 +121,7 @@ class One4DTask:
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
             model = One4DModel(base, self.cfg.model)
         if self.cfg.model.init_adapters:
-            if _resuming(self.cfg):  # the checkpoint holds the run's own adapters
-                if _rank() == 0:
-                    log.info("model.init_adapters=%s is not read: the run resumes from a checkpoint",
-                             self.cfg.model.init_adapters)
-            else:
-                self._warm_start(model)
+            self._warm_start(model)
         apply_configured_checkpointing(base.blocks, self.cfg.model)
         apply_activation_offload(model, self.cfg.model.activation_offload)
         if self.cfg.model.compile:
@@ -135,17 +130,25 @@ class One4DTask:
 
     def _warm_start(self, model: nn.Module) -> None:
         """model.init_adapters: the source's adapters and links copied into the trainable parameters, which every
-        rank holds whole until deepspeed.initialize partitions them and makes the optimizer's fp32 copies. Rank 0
-        resolves the source (a run directory's newest checkpoint may change meanwhile) and checks it again: the
-        start-up checks saw the newest one of their moment."""
-        try:
-            found = init_source(self.cfg.model.init_adapters) if _rank() == 0 else None
-        except WarmStartError as exc:
-            found = str(exc)
+        rank holds whole until deepspeed.initialize partitions them and makes the optimizer's fp32 copies; nothing
+        where the run resumes (its checkpoint holds its own). Rank 0 decides and resolves the source for every rank
+        (a run directory's newest checkpoint may change meanwhile, and another node's listing lag) and it is checked
+        again: the start-up checks saw the newest one of their moment."""
+        found = None
+        if _rank() == 0:
+            try:
+                found = ("resume",) if _resuming(self.cfg) else ("source", *init_source(self.cfg.model.init_adapters))
+            except WarmStartError as exc:
+                found = ("error", str(exc))
         found = broadcast_from_main(found) if torch.distributed.is_initialized() else found
-        if isinstance(found, str):
-            raise ConfigError(f"key 'model.init_adapters': {found}")
-        adapters, source = found
+        if found[0] == "resume":
+            if _rank() == 0:
+                log.info("model.init_adapters=%s is not read: the run resumes from a checkpoint",
+                         self.cfg.model.init_adapters)
+            return
+        if found[0] == "error":
+            raise ConfigError(f"key 'model.init_adapters': {found[1]}")
+        _, adapters, source = found
         problems = source_problems(self.cfg, adapters, source, list(getattr(model, "link_blocks", [])))
         if problems:
             raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))

@@ -8,6 +8,8 @@ main keys:
                               run_dir has no checkpoint at all (only damaged ones: exit 2; never: start afresh);
                               PATH: that checkpoint, or the newest one the same command wrote since it started there
                               (also once train.keep_last pruned PATH)
+  model.init_adapters=PATH    a new run's adapters and control links start from an earlier run's (an export, a
+                              checkpoint, or a run directory's newest): same model settings and base; fresh optimizer
   train.steps=5500            optimiser steps;  train.micro_batch_size=1  train.grad_accum=1
   train.zero_stage=3|2        train.precision=bf16|fp32  train.device=auto|cuda|cpu
   train.checkpoint_every=500  train.keep_last=3  train.log_every=10  train.max_bad_steps=5

@@ -15,7 +15,7 @@ from one4d_train.eval.pipeline import (EvalInputError, checkpoints_to_evaluate, 
                                        evaluate_checkpoint, load_generator, scored, scoring_settings)
 from one4d_train.model.adapters import export_adapters
 from one4d_train.model.one4d import build_one4d
-from one4d_train.train.checkpoint import MARKER, _listing, checksums
+from one4d_train.train.checkpoint import MARKER, STATE_KEYS, _listing, checksums
 
 TINY = ["model.num_links=2", "model.compute_dtype=fp32", "model.activation_checkpointing=none", "train.device=cpu",
         "model.lora.rank=4", "model.lora.alpha=8"]
@@ -34,12 +34,14 @@ def _run(tmp_path, *extra):
     return run, cfg, model.trainable_state_dict()
 
 
-def _checkpoint(run, cfg, state, step=10, complete=True, crc=False):
-    """crc: the marker records CRC-32s as saves do now (else sizes alone, as written before)."""
+def _checkpoint(run, cfg, state, step=10, complete=True, crc=False, identity=None):
+    """crc: the marker records CRC-32s as saves do now (else sizes alone, as written before); identity: the task
+    identity its train state and adapters record, as a save writes them (else none, as written before)."""
     ckpt = run / "checkpoints" / f"step-{step:08d}"
-    export_adapters(state, cfg.model, str(ckpt / "adapters"))
+    export_adapters(state, cfg.model, str(ckpt / "adapters"), base=identity)
     (ckpt / "train_state").mkdir()
-    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": step}))
+    train_state = {k: None for k in STATE_KEYS} | {"step": step, **({"task_identity": identity} if identity else {})}
+    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps(train_state))
     if complete:
         files = _listing(str(ckpt))
         marker = {"step": step, "world_size": 1, "files": files}
@@ -106,13 +108,7 @@ def test_adapters_are_evaluated_only_on_the_base_they_were_trained_on(tmp_path, 
                 "lora_alpha": 8}
     shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
     run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", "data.num_frames=5")
-    ckpt = run / "checkpoints" / "step-00000010"
-    export_adapters(state, cfg.model, str(ckpt / "adapters"), base=identity)
-    (ckpt / "train_state").mkdir()
-    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": 10, "task_identity": identity}))
-    files = _listing(str(ckpt))
-    (ckpt / MARKER).write_text(json.dumps({"step": 10, "world_size": 1, "files": files,
-                                           "crc32": checksums(str(ckpt), [str(ckpt / rel) for rel in files])}))
+    ckpt = _checkpoint(run, cfg, state, crc=True, identity=identity)
     assert export([f"checkpoint={ckpt}", f"out={tmp_path / 'export'}"]) == 0
     for target in (ckpt, tmp_path / "export"):
         for given in (other, ""):  # another base; none (the random base)

@@ -24,11 +24,16 @@ def make_checkpoint(run_dir, name=ckpt.step_name(4), complete=True):
     with open(os.path.join(path, "ds", "mp_rank_00_model_states.pt"), "wb") as f:
         f.write(b"x" * 64)
     if complete:
-        files = ckpt._listing(path)
-        marker = {"step": 4, "world_size": 1, "files": files,
-                  "crc32": ckpt.checksums(path, [os.path.join(path, rel) for rel in files])}
-        ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
+        mark_complete(path)
     return path
+
+
+def mark_complete(path: str) -> None:
+    """The COMPLETE marker a save writes over `path`'s files as they are (sizes and CRC-32s)."""
+    files = ckpt._listing(path)
+    marker = {"step": 4, "world_size": 1, "files": files,
+              "crc32": ckpt.checksums(path, [os.path.join(path, rel) for rel in files])}
+    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
 
 
 def export(capsys, *argv) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import pytest
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train.export_cli import main as export
 from one4d_train.train.warm_start import WarmStartError, init_source
-from test_export_cli import make_checkpoint
+from test_export_cli import make_checkpoint, mark_complete
 
 IDENTITY = {"checkpoint": "/models/wan.safetensors", "fingerprint": "0123456789abcdef0123", "lora_alpha": 8.0}
 
@@ -23,10 +23,7 @@ def with_train_state(path: str, identity: dict | None = IDENTITY) -> str:
     state = {k: None for k in ckpt.STATE_KEYS} | {"step": 4, **({"task_identity": identity} if identity else {})}
     with open(os.path.join(path, "train_state", "rank-00000.json"), "w") as f:
         json.dump(state, f)
-    files = ckpt._listing(path)
-    marker = {"step": 4, "world_size": 1, "files": files,
-              "crc32": ckpt.checksums(path, [os.path.join(path, rel) for rel in files])}
-    ckpt.write_atomic(os.path.join(path, ckpt.MARKER), json.dumps(marker))
+    mark_complete(path)
     return path
 
 

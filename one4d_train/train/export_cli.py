@@ -57,6 +57,7 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     from one4d_train.config import load_config
     from one4d_train.train.checkpoint import config_of, weights_only_load
     from one4d_train.model.adapters import export_adapters
+    from one4d_train.train.warm_start import trained_identity
 
     cfg_path = config_of(ckpt)
     if not cfg_path:
@@ -65,18 +66,7 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
-    export_adapters(state, cfg.model, out, base=recorded_base(ckpt))
-
-
-def recorded_base(ckpt: str) -> dict | None:
-    """The frozen base `ckpt` was trained on, as its train state records it; None where it records none (written
-    before checkpoints did) or its train state is damaged (the export itself reads ds/ or adapters/ alone)."""
-    from one4d_train.train.checkpoint import CheckpointDamaged, read_state_json
-
-    try:
-        return read_state_json(ckpt, 0).get("task_identity")
-    except (CheckpointDamaged, OSError):
-        return None
+    export_adapters(state, cfg.model, out, base=trained_identity(ckpt))
 
 
 def main(argv: list[str]) -> int:
@@ -146,10 +136,12 @@ def _add_base(export: str, base: dict | None) -> None:
 
     from one4d_train.model.adapters import CONFIG_NAME, base_record
 
+    if not base:
+        return
     path = os.path.join(export, CONFIG_NAME)
     with open(path) as f:
         config = json.load(f)
-    if base and "base" not in config:
+    if "base" not in config:
         config["base"] = base_record(base)
         with open(path, "w") as f:
             json.dump(config, f, indent=2)
@@ -163,6 +155,7 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
     An earlier export's files this one does not have are removed. `out` may be a symlink or a mount point. Returns
     the export as read back (read_adapters)."""
     from one4d_train.model.adapters import CONFIG_NAME, read_adapters
+    from one4d_train.train.warm_start import trained_identity
     from one4d_train.train.run_lock import Held, hold, process_alive
 
     created = not os.path.isdir(out)
@@ -189,7 +182,7 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
         else:
             read_adapters(src)  # raises on a missing file or key
             shutil.copytree(src, tmp)
-            _add_base(tmp, recorded_base(ckpt))
+            _add_base(tmp, trained_identity(ckpt))
         result = read_adapters(tmp)
         if os.path.exists(os.path.join(out, CONFIG_NAME)):
             os.remove(os.path.join(out, CONFIG_NAME))

@@ -131,15 +131,21 @@ class One4DTask:
     def _warm_start(self, model: nn.Module) -> None:
         """model.init_adapters: the source's adapters and links copied into the trainable parameters, which every
         rank holds whole until deepspeed.initialize partitions them and makes the optimizer's fp32 copies; nothing
-        where the run resumes (its checkpoint holds its own). Rank 0 decides and resolves the source for every rank
-        (a run directory's newest checkpoint may change meanwhile, and another node's listing lag) and it is checked
-        again: the start-up checks saw the newest one of their moment."""
+        where the run resumes (its checkpoint holds its own). Rank 0 decides, resolves the source and checks it again
+        for every rank (a run directory's newest checkpoint may change after the start-up checks, and another node's
+        listing lag)."""
         found = None
         if _rank() == 0:
-            try:
-                found = ("resume",) if _resuming(self.cfg) else ("source", *init_source(self.cfg.model.init_adapters))
-            except WarmStartError as exc:
-                found = ("error", str(exc))
+            if _resuming(self.cfg):
+                found = ("resume",)
+            else:
+                try:
+                    adapters, source = init_source(self.cfg.model.init_adapters)
+                    problems = source_problems(self.cfg, adapters, source, model.link_blocks)
+                except WarmStartError as exc:
+                    problems = [("model.init_adapters", str(exc))]
+                found = (("error", "; ".join(f"key '{k}': {v}" for k, v in problems)) if problems
+                         else ("source", adapters, source))
         found = broadcast_from_main(found) if torch.distributed.is_initialized() else found
         if found[0] == "resume":
             if _rank() == 0:
@@ -147,11 +153,8 @@ class One4DTask:
                          self.cfg.model.init_adapters)
             return
         if found[0] == "error":
-            raise ConfigError(f"key 'model.init_adapters': {found[1]}")
+            raise ConfigError(found[1])
         _, adapters, source = found
-        problems = source_problems(self.cfg, adapters, source, list(getattr(model, "link_blocks", [])))
-        if problems:
-            raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))
         load_adapters(model, adapters)
         self._init_source = source
         if _rank() == 0:
@@ -628,13 +631,12 @@ def identity_problems(cfg, path: str, saved: dict | None, action: str = "resume"
     fit, without any error."""
     if not saved:  # written before checkpoints recorded them
         return []
-    do = action
     new_run = ", or start a new run (another run_dir, or resume=never)" if action == "resume" else ""
     p = []
     alpha = saved.get("lora_alpha")
     if alpha is not None and float(alpha) != float(cfg.model.lora.alpha):
         p.append(("model.lora.alpha", f"{cfg.model.lora.alpha} here, but {path} was trained with {alpha}: the same "
-                  f"LoRA weights under another scale are another model; {do} with model.lora.alpha as it was{new_run}"))
+                  f"LoRA weights under another scale are another model; {action} with model.lora.alpha as it was{new_run}"))
     ckpt_now = cfg.model.checkpoint
     try:
         now = base_fingerprint(ckpt_now, cfg.seed)
@@ -649,7 +651,7 @@ def identity_problems(cfg, path: str, saved: dict | None, action: str = "resume"
             return f"the random base of seed {seed}" if seed else "the random base of the seed"
         p.append(("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
                   f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
-                  f"that base only; {do} with model.checkpoint pointing at those weights (any path: the content is "
+                  f"that base only; {action} with model.checkpoint pointing at those weights (any path: the content is "
                   f"compared){new_run}"))
     return p
 

@@ -357,7 +357,7 @@ class Trainer:
             text = to_yaml(cfg)
             ckpt.write_atomic(os.path.join(cfg.run_dir, "config.yaml"), text)
             tags = {**(self.branch_tags or {}), **(self.task.run_tags() if hasattr(self.task, "run_tags") else {})}
-            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=tags or None, same_config=self.same_config)
+            self.tracker.start(run_id, flatten(to_dict(cfg)), tags=tags, same_config=self.same_config)
             self.tracker.log_text(text, "config.yaml")
         with self.preemption.shielded():
             loader = self.task.build_loader(self.env.rank, self.env.world_size, position)

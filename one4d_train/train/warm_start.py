@@ -22,12 +22,16 @@ class WarmStartError(ValueError):
 def trained_identity(source: str) -> dict | None:
     """What the adapters of a checkpoint or export were trained against (the train state's task identity: the
     frozen base's path and content fingerprint and the LoRA scale; an export's adapter_config.json "base"); None for
-    one written before they recorded it."""
-    from one4d_train.train.checkpoint import main_train_state
+    one written before they recorded it, or a checkpoint whose train state is damaged (read against its marker's
+    CRC-32s: the adapters themselves are read from adapters/ or ds/ alone)."""
+    from one4d_train.train.checkpoint import CheckpointDamaged, read_state_json
 
     if os.path.isfile(os.path.join(source, CONFIG_NAME)):
         return read_adapter_config(source).get("base")
-    return (main_train_state(source) or {}).get("task_identity")
+    try:
+        return read_state_json(source, 0).get("task_identity")
+    except (CheckpointDamaged, OSError):
+        return None
 
 
 def init_source(spec: str) -> tuple[str, str]:
@@ -85,8 +89,6 @@ def source_problems(cfg, adapters: str, source: str, link_blocks: list[int]) -> 
 def init_problems(cfg, link_blocks: list[int]) -> list[tuple[str, str]]:
     """model.init_adapters against this config, by key: a source that cannot be read, does not fit the model, or
     was trained on another base or LoRA scale."""
-    if not cfg.model.init_adapters:
-        return []
     try:
         adapters, source = init_source(cfg.model.init_adapters)
     except WarmStartError as exc:

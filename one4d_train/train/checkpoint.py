@@ -493,10 +493,15 @@ def resolve_resume(resume: str, ckpt_dir: str) -> str | None:
 def resolve_resume_once(resume: str, ckpt_dir: str) -> str | None:
     """resolve_resume as rank 0 sees it, on every rank of the process group. Each rank choosing for itself could
     resume ranks from different checkpoints: on a shared file system another node's listing may lag behind the
-    node that wrote the newest one. Every rank still checks an explicit PATH (its error names it everywhere)."""
+    node that wrote the newest one. Every rank still checks an explicit PATH (its error names it everywhere); only
+    rank 0 lists the folder for resume=auto: another rank listing it while rank 0 moves a damaged checkpoint aside
+    (choose_resume) found that checkpoint's files gone half-way through its completeness check."""
+    import torch.distributed as dist
+
     from one4d_train.train.distributed import broadcast_from_main
 
-    return broadcast_from_main(resolve_resume(resume, ckpt_dir))
+    mine = resume != "auto" or dist.get_rank() == 0
+    return broadcast_from_main(resolve_resume(resume, ckpt_dir) if mine else None)
 
 
 def set_aside(ckpt_dir: str, resumed: str | None) -> str | None:

@@ -367,3 +367,44 @@ def test_a_new_store_is_a_copy_of_one_schema_made_once(tmp_path, monkeypatch):
     assert len(migrations) == 1 and sorted(p.name for p in (tmp_path / "third").iterdir() if ".tmp" in p.name) == []
     train("fourth")
     assert len(migrations) == 1
+
+
+def test_a_failing_write_after_the_start_is_counted_and_skipped_and_the_next_one_goes_through(tmp_path, caplog):
+    """A store that fails mid-run (here: its metrics table and artifact folder gone, as a server restarting or a
+    network filesystem's lock would make it fail) costs those records, not the training: no exception reaches the
+    trainer (which would turn a preempted job's checkpoint-and-requeue into a failure), each failure is a warning,
+    and the writes after the store is back are recorded."""
+    import sqlite3
+
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    tracker = MlflowTracker(str(tmp_path), cfg, "name")
+    run_id = tracker.start(None, {"a": 1})
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    db = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    db.execute("ALTER TABLE metrics RENAME TO metrics_away")
+    assert not (tmp_path / "mlartifacts").exists()  # made by the first artifact
+    (tmp_path / "mlartifacts").write_text("not a folder")
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "a.safetensors").write_bytes(b"123")
+    with caplog.at_level("WARNING", logger="one4d_train.train.tracking"):
+        tracker.log_metrics({"loss": 0.4}, 2)
+        tracker.log_artifacts(str(tmp_path / "adapters"), "adapters")
+        tracker.log_text("a: 1\n", "config.yaml")
+    assert tracker.failed_writes == 3
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("MLflow: log_metrics of step 2 failed, training goes on") for m in warned), warned
+    assert any(m.startswith("MLflow: log_text failed") and "3 failed write(s)" in m for m in warned), warned
+    assert any("no such table: metrics" in m for m in warned if m.startswith("MLflow: log_metrics")), warned
+
+    db.execute("ALTER TABLE metrics_away RENAME TO metrics")
+    (tmp_path / "mlartifacts").unlink()
+    tracker.log_metrics({"loss": 0.3}, step=3)
+    tracker.log_artifacts(str(tmp_path / "adapters"), "adapters")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="one4d_train.train.tracking"):
+        tracker.end("KILLED")
+    assert "3 write(s) to sqlite:///" in caplog.text and tracker.failed_writes == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (3, 0.3)]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert {a.path for a in client.list_artifacts(run_id)} == {"adapters"}

@@ -4,10 +4,17 @@ Default store: `sqlite:///<run_dir>/mlflow.db`, artifacts in `<run_dir>/mlartifa
 server instead. A new store starts as a copy of an empty one with MLflow's schema (seed_store). The run id is kept
 in the train state so a resumed job continues the same run. A run directory moved or copied to another path takes
 its store along, whose artifact locations are made to follow it.
+
+Once the run has started, a write that fails (a tracking server down or restarting, a SQLite store on a network
+filesystem whose lock is held past MLflow's 20 s busy timeout, an artifact folder gone) costs that record, not the
+training: it is logged as a warning and counted (`failed_writes`, reported when the run ends), and the next write
+tries again. Hours of training, or the checkpoint a preempted job has just written, are not lost to the tracker.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import os
@@ -41,6 +48,26 @@ class NullTracker:
     def end(self, status: str = "FINISHED") -> None: ...
 
 
+def _survivable(write):
+    """A write after the run started: one that raises is logged, counted and skipped (see the module's doc)."""
+    signature = inspect.signature(write)
+
+    @functools.wraps(write)
+    def guarded(self, *args, **kwargs):
+        try:
+            return write(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any store failure; KeyboardInterrupt and the like still pass
+            self.failed_writes += 1
+            step = signature.bind(self, *args, **kwargs).arguments.get("step")
+            # SQLAlchemy's messages go on with the statement, its parameters and a link: the cause comes first
+            said = " ".join(line.strip() for line in str(exc).splitlines()
+                            if line.strip() and not line.startswith(("[SQL", "[parameters", "(Background")))
+            log.warning("MLflow: %s%s failed, training goes on without it (%d failed write(s) so far): %s: %s",
+                        write.__name__, "" if step is None else f" of step {step}", self.failed_writes,
+                        type(exc).__name__, said[:400])
+    return guarded
+
+
 class MlflowTracker(NullTracker):
     def __init__(self, run_dir: str, tracking_cfg, run_name: str):
         import mlflow
@@ -57,6 +84,7 @@ class MlflowTracker(NullTracker):
         self.run_id = None
         self.logged_through = {}  # metric key -> the last step the continued run holds of it (_logged_steps)
         self.trained_through = -1  # the last step it holds training metrics of
+        self.failed_writes = 0  # writes after the start that raised (_survivable)
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -202,6 +230,7 @@ class MlflowTracker(NullTracker):
             for i in range(0, len(tags), BATCH):
                 self.client.log_batch(self.run_id, tags=tags[i:i + BATCH])
 
+    @_survivable
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log the finite `metrics` at `step`, but for those the continued run holds at that step (_logged_steps)."""
         finite = {k: v for k, v in _finite(metrics).items() if step > (
@@ -209,6 +238,7 @@ class MlflowTracker(NullTracker):
         if finite:
             self.mlflow.log_metrics(finite, step=step)
 
+    @_survivable
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifacts(local_dir, artifact_path)
 
@@ -224,12 +254,18 @@ class MlflowTracker(NullTracker):
             self.client.log_batch(run_id, metrics=finite[i:i + BATCH])
         self.client.log_artifacts(run_id, local_dir, artifact_path)
 
+    @_survivable
     def log_text(self, text: str, name: str) -> None:
         self.mlflow.log_text(text, name)
 
+    @_survivable
     def end(self, status: str = "FINISHED") -> None:
+        """Mark the run `status`; one left RUNNING by a failed end is ended when the run directory starts again."""
         if self.run_id is not None:
             self.mlflow.end_run(status)
+        if self.failed_writes:
+            log.warning("MLflow: %d write(s) to %s failed during this run (warnings above): the run lacks those "
+                        "records", self.failed_writes, self.uri)
 
 
 def seed_store(db: str) -> None:

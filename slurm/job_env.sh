@@ -23,6 +23,11 @@ for setting in ONE4D_MAX_RESTARTS ONE4D_TASK_EXIT_WAIT_S; do
         exit 2
     fi
 done
+if (( ONE4D_TASK_EXIT_WAIT_S < 1 )); then  # srun --wait=0 is no limit: a crashed rank would leave the rest blocked
+    echo "[one4d] ONE4D_TASK_EXIT_WAIT_S=0 ($ONE4D_SITE or the environment): must be 1 or more (srun reads 0 as" \
+         "'wait for ever')" >&2
+    exit 2
+fi
 for setting in ONE4D_EVAL_AFTER_TRAIN ONE4D_REQUEUE_ON_TERM; do
     if [[ ${!setting} != [01] ]]; then
         echo "[one4d] $setting=${!setting} ($ONE4D_SITE or the environment): must be 0 or 1" >&2

@@ -414,10 +414,38 @@ def test_train_real_tiny_model_on_the_shards_then_the_eval_job_it_submits_writes
 
 
 @pytest.mark.parametrize("setting, value", [("ONE4D_REQUEUE_ON_TERM", "yes"), ("ONE4D_EVAL_AFTER_TRAIN", "2"),
-                                            ("ONE4D_MAX_RESTARTS", "08"), ("ONE4D_TASK_EXIT_WAIT_S", "1.5")])
+                                            ("ONE4D_MAX_RESTARTS", "08"), ("ONE4D_TASK_EXIT_WAIT_S", "1.5"),
+                                            ("ONE4D_TASK_EXIT_WAIT_S", "0")])  # srun --wait=0: no limit at all
 def test_job_settings_are_checked_when_the_job_starts(setting, value, tmp_path):
     """A bad setting is named when a job starts, not where it is read after hours of training."""
     env = dict(os.environ, ONE4D_ROOT=str(REPO), ONE4D_SITE=str(SITE), ONE4D_VENV=sys.prefix, **{setting: value})
     r = subprocess.run(["bash", "-c", f"source {REPO}/slurm/job_env.sh && echo sourced"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"{setting}={value}" in r.stderr and "sourced" not in r.stdout, r
+
+
+def _train_script(tmp_path, *args, **env):
+    """train.sbatch run by bash as Slurm would start it on the batch host (the checks before its srun need no
+    cluster): a job of one node whose SLURM_* variables are `env`'s."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = dict(base, ONE4D_ROOT=str(REPO), ONE4D_SITE=str(SITE), ONE4D_VENV=sys.prefix, SLURM_JOB_ID="77",
+               SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(tmp_path), **env)
+    return subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), str(REPO / "configs/experiment/demo.yaml"),
+                           f"run_dir={tmp_path / 'run'}", *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+
+
+def test_a_train_job_without_a_task_count_exits_2_instead_of_training_on_one_gpu_per_node(tmp_path):
+    """sbatch sets SLURM_NTASKS only for --ntasks or --ntasks-per-node; without either srun starts one task per node."""
+    r = _train_script(tmp_path)
+    assert r.returncode == 2 and "no task count: submit with --ntasks-per-node" in r.stdout, r
+
+
+def test_a_requeued_job_refuses_what_one4d_requeue_printed_besides_its_answer(tmp_path):
+    """Stray output on one4d requeue's stdout (here a site's Python start-up banner) would be passed to the trainer
+    as an argument: the job says what it got and exits 2, instead of failing on a config error it did not make."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('welcome to the cluster')\n")
+    r = _train_script(tmp_path, SLURM_NTASKS="2", SLURM_RESTART_COUNT="1", PYTHONPATH=str(site))
+    assert r.returncode == 2 and "one4d requeue printed 'welcome to the cluster'" in r.stdout, r

@@ -138,6 +138,7 @@ def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second
     os.ftruncate(fd, 0)
     if not shared:
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.fsync(fd)  # on NFS another node may otherwise read an empty record, which names no holder to recover from
     return RunLock(fd, path)
 
 

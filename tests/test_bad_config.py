@@ -163,6 +163,26 @@ def test_clips_shorter_than_the_window_are_counted_in_a_warning(tmp_path):
     assert short_clip_warning(dataclasses.replace(cfg.data, num_frames=5), str(shards), stats) is None
 
 
+def test_clips_smaller_than_the_window_are_counted_in_a_warning(tmp_path):
+    """A window larger than the clips trained on them upsampled, without a word: the start-up warning counts them
+    from index.json's resolutions and gives the largest factor."""
+    from data_pipeline.shard_index import read_index
+    from one4d_train.train.one4d_task import upsampled_clip_warning
+
+    shards = make_shards_of_lengths(tmp_path, (9, 9))
+    stats = read_index(shards)["statistics"]
+    (size,) = stats["resolutions"]
+    h, w = map(int, size.split("x"))
+    cfg = preflight_config(args(shards, tmp_path, "data.num_frames=9"))
+    fits = dataclasses.replace(cfg.data, height=h // 16 * 16, width=w // 16 * 16)
+    assert upsampled_clip_warning(fits, str(shards), stats) is None
+    big = dataclasses.replace(cfg.data, height=2 * h, width=w)
+    assert upsampled_clip_warning(big, str(shards), stats) == (
+        f"2 of 2 clips of {shards} are smaller than the window {2 * h}x{w} (data.height x data.width): each is "
+        f"upsampled to cover it, by up to 2.00x ({size}), which blurs its frames and pointmaps; lower "
+        "data.height/data.width (multiples of 16) or shard larger clips")
+
+
 def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(capsys, tmp_path):
     """The manifest's embeddings are UMT5-XXL's (4096 wide); the tiny preset's text input is 64 wide: every batch
     holding one would fail at its first step. The index's statistics name the widths, so it is refused before."""

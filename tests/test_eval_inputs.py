@@ -527,3 +527,30 @@ def test_an_export_of_a_full_size_model_without_its_model_files_is_refused_by_ke
     assert cli(["eval", f"checkpoint={export}", "eval.dataset=sintel:/nowhere"]) == 2
     err = capsys.readouterr().err
     assert "key 'model.checkpoint': preset '14b' needs local files: set it" in err and "Traceback" not in err, err
+
+
+def test_an_export_is_sampled_at_the_window_it_was_trained_at_wherever_it_lies(tmp_path, capsys):
+    """An export outside its run was sampled at the defaults (81 frames at 352x624; with no word) unless a
+    config.yaml happened to lie beside it: the window its adapter_config.json records now decides, and one that
+    records none (written before) is named in a warning giving the window used."""
+    from data_utils import make_shards
+
+    from one4d_train.model.adapters import data_window
+
+    run, cfg, state = _run(tmp_path, "data.num_frames=5", "data.height=32", "data.width=48")
+    export = tmp_path / "elsewhere" / "export"
+    export_adapters(state, cfg.model, str(export), window=data_window(cfg.data))
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    common = [f"checkpoint={export}", f"data.val_shards={shards}", "eval.num_samples=1", "eval.steps=1",
+              "eval.cfg_scale=1", "eval.modes=[video]", "eval.recovery_iters=1", *TINY]
+    assert cli(["eval", *common]) == 0, capsys.readouterr().err
+    settings = json.loads((export / "eval" / dataset_tag(str(shards)) / "metrics.json").read_text())["settings"]
+    assert (settings["num_frames"], settings["height"], settings["width"]) == (5, 32, 48), settings
+    assert "records no data window" not in capsys.readouterr().err
+
+    older = tmp_path / "older"
+    export_adapters(state, cfg.model, str(older))  # written before exports recorded their window
+    assert cli(["eval", *[f"checkpoint={older}" if a.startswith("checkpoint=") else a for a in common]]) == 2
+    err = capsys.readouterr().err
+    assert (f"{older} records no data window" in err and "num_frames=81 frame_stride=1 height=352 width=624 from "
+            "the defaults" in err and "key 'data.num_frames': the window needs 81 frames" in err), err

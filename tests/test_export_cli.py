@@ -185,3 +185,41 @@ def test_a_second_export_into_a_folder_being_written_is_refused(capsys, tmp_path
         holder.wait()
     assert export(capsys, f"checkpoint={path}", f"out={out}")[0] == 0
     assert sorted(os.listdir(out)) == sorted(os.listdir(os.path.join(path, "adapters")))
+
+
+def test_a_run_directory_exports_its_newest_complete_checkpoint(capsys, tmp_path):
+    """As `one4d eval` and model.init_adapters take one: a run directory was refused as 'not a complete checkpoint',
+    which read as damage."""
+    done = make_checkpoint(tmp_path, ckpt.step_name(4))
+    make_checkpoint(tmp_path, ckpt.step_name(8), complete=False)  # still being written
+    code, out = export(capsys, f"checkpoint={tmp_path}", f"out={tmp_path / 'out'}")
+    assert code == 0 and f"exporting its newest complete checkpoint, {done}" in out, out
+    assert filecmp.cmp(tmp_path / "out" / "lora_rgb.safetensors", os.path.join(done, "adapters", "lora_rgb.safetensors"),
+                       shallow=False)
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    code, out = export(capsys, f"checkpoint={empty}", f"out={tmp_path / 'out2'}")
+    assert code == 2 and "a run directory without a complete checkpoint" in out, out
+
+
+def test_an_export_records_the_data_window_its_run_trained_at(capsys, tmp_path):
+    """adapters/ written before exports recorded the window get it from the run's config.yaml, so `one4d eval` of
+    the export, wherever it lies, samples at the training's clip length and size (it used the defaults, 81 x
+    352x624, unless a config.yaml happened to lie beside the export)."""
+    from one4d_train.config import load_config, to_yaml
+    from one4d_train.eval.main import export_settings
+
+    done = make_checkpoint(tmp_path)
+    cfg = load_config(["data.num_frames=9", "data.height=32", "data.width=48", "data.frame_stride=2"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    code, out = export(capsys, f"checkpoint={done}", f"out={tmp_path / 'out'}")
+    assert code == 0, out
+    window = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["data"]
+    assert window == {"num_frames": 9, "frame_stride": 2, "height": 32, "width": 48,
+                      "pointmap_percentiles": [2.0, 98.0]}, window
+    items = export_settings(str(tmp_path / "out"))
+    assert {"data.num_frames=9", "data.frame_stride=2", "data.height=32", "data.width=48",
+            "data.pointmap_percentiles=[2.0,98.0]"} <= set(items), items
+    # and every item loads as the config it came from
+    again = load_config(items)
+    assert (again.data.num_frames, again.data.height, again.data.width, again.data.frame_stride) == (9, 32, 48, 2)

@@ -10,7 +10,8 @@ eval.rescore=never), skipping one that another evaluation holds (eval/<dataset>.
 removes meanwhile (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed
 counts as not scored.
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
-export: the model settings of its adapter_config.json, over a config.yaml beside it); key=value pairs (eval.*,
+export: the model settings and data window of its adapter_config.json, over a config.yaml beside it, with a warning
+where an older export records no window); key=value pairs (eval.*,
 data.*, model.*) override it. The adapters are evaluated only on the frozen base they were trained on: a checkpoint's
 train state and an export's adapter_config.json record model.checkpoint's content fingerprint (and the LoRA scale),
 and another base exits 2 naming model.checkpoint (the same files at any path are taken).
@@ -39,9 +40,10 @@ from one4d_train.train.one4d_task import (identity_problems, index_problems, lin
 
 
 def export_settings(export: str) -> list[str]:
-    """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks) as
-    key=value items: without config= its model is built as it was trained, not from the defaults; the model files
-    (model.checkpoint, model.vae, ...) are still the config's or the command line's."""
+    """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks) and
+    its training's data window (data.num_frames, frame_stride, height, width, pointmap_percentiles) as key=value
+    items: without config= its model is built, and sampled, as it was trained, not from the defaults; the model
+    files (model.checkpoint, model.vae, ...) are still the config's or the command line's."""
     c = read_adapter_config(export)
     lora = c["lora"]
     items = [f"model.preset={c['preset']}", f"model.design={c['design']}",
@@ -53,6 +55,9 @@ def export_settings(export: str) -> list[str]:
         items.append(f"model.lora.targets=[{','.join(lora['targets'])}]")
     if isinstance(c.get("xyz_patch_embedding"), bool):
         items.append(f"model.xyz_patch_embedding={c['xyz_patch_embedding']}")
+    for key, value in (c.get("data") or {}).items():  # the window it was trained at (checked by read_adapter_config)
+        items.append(f"data.{key}=[{','.join(str(v) for v in value)}]" if isinstance(value, list) else
+                     f"data.{key}={value}")
     return items
 
 
@@ -102,6 +107,7 @@ def main(argv: list[str]) -> int:
             damaged.append(ckpt)
             continue
         args = list(rest)
+        windowless = False  # an export that records no data window, none given here either
         run_config = config_of(ckpt)  # its run's config.yaml, else the checkpoint's own
         if not any(a.startswith("config=") for a in args):
             if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)):  # an export, wherever it lies: it names its model
@@ -111,6 +117,7 @@ def main(argv: list[str]) -> int:
                 except AdapterError as exc:
                     print(f"one4d eval: {exc}", file=sys.stderr)
                     return 2
+                windowless = not any(a.startswith("data.height=") for a in args)
             if run_config and os.path.exists(run_config):  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
         try:
@@ -128,6 +135,14 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "
                                   f"folder (leave eval.out_dir empty, or name one checkpoint)")
+            if windowless:
+                d = cfg.data
+                print(f"one4d eval: warning: {ckpt} records no data window (an export written before exports "
+                      f"recorded it): sampling at data.num_frames={d.num_frames} frame_stride={d.frame_stride} "
+                      f"height={d.height} width={d.width} from "
+                      f"{run_config if run_config and os.path.exists(run_config) else 'the defaults'}; if it was "
+                      "trained at another window, give config= (its run's config.yaml) or data.* to match",
+                      file=sys.stderr)
             spec = eval_dataset(cfg)
             tag = dataset_tag(spec)
             if spec.partition(":")[0] not in BENCHMARKS:  # a benchmark's window is checked per sequence

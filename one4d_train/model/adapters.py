@@ -54,15 +54,25 @@ def base_record(identity: dict) -> dict:
     return {"checkpoint": identity.get("checkpoint", ""), "fingerprint": identity.get("fingerprint")}
 
 
+# the data settings that shape what the adapters were trained on: an evaluation of the export samples at this window
+WINDOW_KEYS = ("num_frames", "frame_stride", "height", "width", "pointmap_percentiles")
+
+
+def data_window(dcfg) -> dict:
+    """An export's "data": the training's clip window and pointmap normalisation (data.* of the run's config)."""
+    return {k: list(getattr(dcfg, k)) if k == "pointmap_percentiles" else getattr(dcfg, k) for k in WINDOW_KEYS}
+
+
 def design_branches(design: str) -> tuple[str, ...]:
     return BRANCHES if design == "dlc" else SHARED
 
 
 def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
-                    base: dict | None = None) -> dict:
+                    base: dict | None = None, window: dict | None = None) -> dict:
     """Write `trainable_state` (names as in `One4DModel.trainable_state_dict()`, e.g. gathered under ZeRO-3)
     to `out_dir`; returns the adapter config written next to the weights. `base`: the frozen base's
-    {"checkpoint", "fingerprint"} (the training task's identity), recorded as the config's "base"."""
+    {"checkpoint", "fingerprint"} (the training task's identity), recorded as the config's "base"; `window`: the
+    training's data_window, recorded as its "data"."""
     scaling = cfg.lora.alpha / cfg.lora.rank
     branches = design_branches(cfg.design)
     lora: dict[str, dict[str, torch.Tensor]] = {}
@@ -114,6 +124,8 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
     }
     if base:
         config["base"] = base_record(base)
+    if window:
+        config["data"] = dict(window)
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     return config
@@ -161,6 +173,12 @@ def read_adapter_config(out_dir: str) -> dict:
     if base is not None and not (isinstance(base, dict) and isinstance(base.get("fingerprint"), str)
                                  and isinstance(base.get("checkpoint", ""), str)):
         raise AdapterError(f"{path}: key 'base' must be {{\"checkpoint\": path, \"fingerprint\": text}}, got {base!r}")
+    window = config.get("data")  # absent in exports written before they recorded it
+    if window is not None and not (isinstance(window, dict) and set(window) == set(WINDOW_KEYS) and all(
+            isinstance(window[k], int) and not isinstance(window[k], bool) for k in WINDOW_KEYS[:4]) and
+            isinstance(window["pointmap_percentiles"], list) and len(window["pointmap_percentiles"]) == 2):
+        raise AdapterError(f"{path}: key 'data' must hold {', '.join(WINDOW_KEYS)} (whole numbers and a [lo, hi] "
+                           f"pair), got {window!r}")
     return config
 
 

@@ -1,4 +1,5 @@
-"""`one4d export checkpoint=DIR out=DIR [from_zero=true]`: the branch adapters and control links of a checkpoint.
+"""`one4d export checkpoint=DIR out=DIR [from_zero=true]`: the branch adapters and control links of a checkpoint
+(or of a run directory's newest complete checkpoint).
 
 Only a complete checkpoint (its COMPLETE marker lists every file at its size) is exported: not a `.tmp-step-*`
 folder being written or left by a killed job, nor one whose files changed since; the files it reads (adapters/, or
@@ -10,8 +11,9 @@ on the CPU from the DeepSpeed ZeRO partitions instead, using the run's config.ya
 needed. A DeepSpeed file that does not load is named (nothing is unpickled: torch.load(weights_only=True)).
 
 Output: lora_rgb.safetensors / lora_xyz.safetensors (diffusers WanTransformer3DModel LoRA keys),
-control_links.safetensors (links + the XYZ patch embedding), adapter_config.json (the model settings and the
-frozen base trained on, by content fingerprint), in `out`: a new or empty folder,
+control_links.safetensors (links + the XYZ patch embedding), adapter_config.json (the model settings, the
+frozen base trained on, by content fingerprint, and the data window trained at: data.num_frames, frame_stride,
+height, width, pointmap_percentiles, which `one4d eval` of the export samples at), in `out`: a new or empty folder,
 or an earlier export, whose files are replaced (written inside it and read back whole first); never a folder inside
 a checkpoint.
 
@@ -56,7 +58,7 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
 
     from one4d_train.config import load_config
     from one4d_train.train.checkpoint import config_of, weights_only_load
-    from one4d_train.model.adapters import export_adapters
+    from one4d_train.model.adapters import data_window, export_adapters
     from one4d_train.train.warm_start import trained_identity
 
     cfg_path = config_of(ckpt)
@@ -66,7 +68,7 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
-    export_adapters(state, cfg.model, out, base=trained_identity(ckpt))
+    export_adapters(state, cfg.model, out, base=trained_identity(ckpt), window=data_window(cfg.data))
 
 
 def main(argv: list[str]) -> int:
@@ -129,20 +131,31 @@ def _target_problem(out: str) -> str | None:
     return None
 
 
-def _add_base(export: str, base: dict | None) -> None:
-    """Record `base` in the export's adapter_config.json where the checkpoint's adapters/ (written before they
-    recorded it) lacks it."""
+def _add_records(export: str, ckpt: str) -> None:
+    """Record the frozen base (from the train state) and the data window (from the run's config.yaml) in the
+    export's adapter_config.json where the checkpoint's adapters/, written before they recorded them, lack them."""
     import json
 
-    from one4d_train.model.adapters import CONFIG_NAME, base_record
+    from one4d_train.config import load_config
+    from one4d_train.configtools import ConfigError
+    from one4d_train.model.adapters import CONFIG_NAME, base_record, data_window
+    from one4d_train.train.checkpoint import config_of
+    from one4d_train.train.warm_start import trained_identity
 
-    if not base:
-        return
     path = os.path.join(export, CONFIG_NAME)
     with open(path) as f:
         config = json.load(f)
-    if "base" not in config:
+    recorded = dict(config)
+    base = trained_identity(ckpt)
+    if "base" not in config and base:
         config["base"] = base_record(base)
+    if "data" not in config and config_of(ckpt):
+        try:
+            config["data"] = data_window(load_config([f"config={config_of(ckpt)}"]).data)
+        except ConfigError as exc:
+            print(f"one4d export: the run's config.yaml does not load ({exc}): the export records no data window "
+                  "(an evaluation of it needs config= or data.*)", file=sys.stderr)
+    if config != recorded:
         with open(path, "w") as f:
             json.dump(config, f, indent=2)
 
@@ -155,7 +168,6 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
     An earlier export's files this one does not have are removed. `out` may be a symlink or a mount point. Returns
     the export as read back (read_adapters)."""
     from one4d_train.model.adapters import CONFIG_NAME, read_adapters
-    from one4d_train.train.warm_start import trained_identity
     from one4d_train.train.run_lock import Held, hold, process_alive
 
     created = not os.path.isdir(out)
@@ -182,7 +194,7 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
         else:
             read_adapters(src)  # raises on a missing file or key
             shutil.copytree(src, tmp)
-            _add_base(tmp, trained_identity(ckpt))
+            _add_records(tmp, ckpt)
         result = read_adapters(tmp)
         if os.path.exists(os.path.join(out, CONFIG_NAME)):
             os.remove(os.path.join(out, CONFIG_NAME))
@@ -206,10 +218,17 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
-    from one4d_train.train.checkpoint import MARKER, is_complete, verify_folder
+    from one4d_train.train.checkpoint import MARKER, complete_checkpoints, is_complete, verify_folder
 
     if not os.path.isdir(ckpt):
         raise ExportError(f"checkpoint {ckpt} is not a directory")
+    if not os.path.isfile(os.path.join(ckpt, MARKER)) and os.path.isdir(os.path.join(ckpt, "checkpoints")):
+        found = complete_checkpoints(os.path.join(ckpt, "checkpoints"))  # a run directory, as eval takes one
+        if not found:
+            raise ExportError(f"{ckpt}: a run directory without a complete checkpoint (none of its checkpoints/ "
+                              "finished saving)")
+        print(f"run directory {ckpt}: exporting its newest complete checkpoint, {found[-1]}")
+        ckpt = found[-1]
     if not out or (os.path.exists(out) and not os.path.isdir(out)):
         raise ExportError(f"out={out!r}: {'empty' if not out else 'exists and is not a folder'}: give the folder to "
                           "write the adapters into (made when missing)")

@@ -25,7 +25,7 @@ from data_pipeline.reader import list_shards, shard_directory, stored_latents, s
 from data_pipeline.shard_index import ShardIndexError, read_index
 from one4d_train.configtools import ConfigError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
-from one4d_train.model.adapters import AdapterError, export_adapters, load_adapters
+from one4d_train.model.adapters import AdapterError, data_window, export_adapters, load_adapters
 from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_configured_checkpointing
@@ -215,7 +215,8 @@ class One4DTask:
                             latents=latents_spec(self.cfg))
 
     def _warn_about_data(self) -> None:
-        """Say, once, how many training clips are shorter than the frame window (short_clip_warning) and how many
+        """Say, once, how many training clips are shorter than the frame window (short_clip_warning) or smaller than
+        its size (upsampled_clip_warning), and how many
         samples of the training and held-out shards store no text embedding where no text encoder is set
         (missing_text_warning: a captioned one stops the run where it is read, an evaluation perhaps hours in)."""
         from one4d_train.eval.pipeline import BENCHMARKS
@@ -231,7 +232,8 @@ class One4DTask:
             stats = index["statistics"]
             warnings = [missing_text_warning(self.cfg.model, spec, stats, index["totals"]["samples"])]
             if spec == self.cfg.data.shards:
-                warnings.insert(0, short_clip_warning(self.cfg.data, spec, stats))
+                warnings[:0] = [short_clip_warning(self.cfg.data, spec, stats),
+                                upsampled_clip_warning(self.cfg.data, spec, stats)]
             for warning in filter(None, warnings):
                 log.warning("data: %s", warning)
 
@@ -358,7 +360,8 @@ class One4DTask:
                                       image_tokens=IMAGE_TOKENS if w.has_image_input else 0)
 
     def export(self, trainable_state: dict[str, torch.Tensor], out_dir: str) -> None:
-        export_adapters(trainable_state, self.cfg.model, out_dir, base=self.identity())
+        export_adapters(trainable_state, self.cfg.model, out_dir, base=self.identity(),
+                        window=data_window(self.cfg.data))
 
 
 RANDOM_BASE = "random-seed-"  # the fingerprint of the tiny preset's seeded random base, followed by the seed
@@ -556,6 +559,25 @@ def short_clip_warning(data, spec: str, stats: dict) -> str | None:
                  "are")
     return (f"{which} shorter than {window}: they are skipped at every epoch (logged once per reader slot, and counted "
             "as shorter than the window); lower data.num_frames or data.frame_stride to train on them")
+
+
+def upsampled_clip_warning(data, spec: str, stats: dict) -> str | None:
+    """The clips of the shard set `spec` (index.json's `statistics.resolutions`) smaller than the window
+    data.height x data.width in a side, in words: the loader scales a clip to cover the window before cropping, so
+    those train upsampled (blurred frames and pointmaps), which nothing else says."""
+    small = {}
+    for size, count in (stats.get("resolutions") or {}).items():
+        h, _, w = size.partition("x")
+        if h.isdigit() and w.isdigit() and max(data.height / int(h), data.width / int(w)) > 1:
+            small[size] = (count, max(data.height / int(h), data.width / int(w)))
+    if not small:
+        return None
+    total = sum((stats.get("resolutions") or {}).values())
+    worst = max(small, key=lambda k: small[k][1])
+    return (f"{sum(c for c, _ in small.values())} of {total} clips of {spec} are smaller than the window "
+            f"{data.height}x{data.width} (data.height x data.width): each is upsampled to cover it, by up to "
+            f"{small[worst][1]:.2f}x ({worst}), which blurs its frames and pointmaps; lower data.height/data.width "
+            "(multiples of 16) or shard larger clips")
 
 
 POSITION_KEYS = {"seed": "seed", "mode": "data.mode", "num_workers": "data.num_workers", "shards": "data.shards",

@@ -267,8 +267,9 @@ def choice(value: Any, allowed: Iterable[Any], key: str) -> list[tuple[str, str]
 
 
 def in_range(value: float, lo: float | None, hi: float | None, key: str) -> list[tuple[str, str]]:
+    bounds = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
     if not math.isfinite(value):  # NaN compares false with both bounds
-        return [(key, f"must be a finite number in [{lo}, {hi}], got {value!r}")]
+        return [(key, f"must be a finite number {bounds}, got {value!r}")]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        return [(key, f"must be in [{lo}, {hi}], got {value!r}")]
+        return [(key, f"must be {bounds}, got {value!r}")]
     return []

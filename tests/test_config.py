@@ -226,3 +226,13 @@ def test_train_stores_its_paths_absolute(tmp_path, monkeypatch):
     for uri, stored in (("sqlite:///team/mlflow.db", f"sqlite:///{tmp_path}/team/mlflow.db"),
                         ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"), ("http://host:5000", None)):
         assert absolute_paths(load_config([f"tracking.uri={uri}"])).tracking.uri == (stored or uri)
+
+
+@pytest.mark.parametrize("frames, message", [
+    ("0", "key 'data.num_frames': must be >= 1, got 0"),
+    ("1", "key 'data.num_frames': a clip of 1 frame has no sparse mode to evaluate")])
+def test_a_window_too_short_for_the_sparse_mode_is_named_by_its_own_key(frames, message):
+    """Was reported against eval.sparse_frames, a key the command line never set, with an empty range [2, 1]."""
+    with pytest.raises(ConfigError) as err:
+        load_config([f"data.num_frames={frames}"])
+    assert message in str(err.value) and "eval.sparse_frames" not in str(err.value), str(err.value)

@@ -135,6 +135,9 @@ def parse_row(obj, row: int, base: Path, manifest: str = "<manifest>") -> Manife
         if key in obj and obj[key] is None:  # a depth sample without cameras could never be read
             raise RowError(row, str(video), f"'{key}' is null: give a list or a path" +
                            (" (with xyz geometry, leave both keys out for no cameras)" if geometry == "xyz" else ""))
+        if isinstance(obj.get(key), str) and obj[key].lstrip().startswith("["):  # not a file a re-run could find
+            raise RowError(row, str(video), f"'{key}' is a string that reads as a list ({obj[key][:40]!r}...): give "
+                           "the list itself, not its text (a CSV or pandas export quotes nested lists)")
         if key in obj:
             cams[key] = _path(base, obj[key], row, key, str(video)) if isinstance(obj[key], str) else obj[key]
     clip_id = obj.get("id", f"row{row:09d}")

@@ -6,6 +6,7 @@ their subcommand runs, so `one4d --help` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 
@@ -23,6 +24,8 @@ COMMANDS = {
     "requeue": ("one4d_train.train.requeue", "for slurm/train.sbatch: where a requeued job resumes, what a run saved"),
 }
 
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a program the signal ended
 
 LAUNCHER_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")  # the deepspeed launcher adds --local_rank=N
 
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"one4d {name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `one4d inspect-shards DIR | head`: the reader left; no traceback, the shell's code
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor another one at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

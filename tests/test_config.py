@@ -236,3 +236,18 @@ def test_a_window_too_short_for_the_sparse_mode_is_named_by_its_own_key(frames, 
     with pytest.raises(ConfigError) as err:
         load_config([f"data.num_frames={frames}"])
     assert message in str(err.value) and "eval.sparse_frames" not in str(err.value), str(err.value)
+
+
+def test_output_to_a_reader_that_left_ends_quietly_with_the_shells_code():
+    """`one4d inspect-shards DIR | head -1` printed a BrokenPipeError traceback now and then."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first line
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "one4d_train.cli", "print-config",
+                           f"config={root / 'configs' / 'experiment' / 'demo.yaml'}"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, cwd=root, timeout=120)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

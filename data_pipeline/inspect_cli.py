@@ -7,7 +7,8 @@ some of its frames) and matches the sample's sums.json (data_pipeline/checksums.
 other as the reader checks them (geometry frame count and size against the video's, camera shapes, the mask; on
 the first frame).
 Every shard is checked (a shard whose size or sha256 differ is still read, to name the samples at fault); each
-problem is printed with its shard and key, and the command exits 1 naming the failing shards.
+problem is printed with its shard and key, and the command exits 1 naming the failing shards. A shard set of no
+sample (every row rejected) exits 1 as well, after its statistics and rejects.
 """
 from __future__ import annotations
 
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  members: {dict(sorted(totals.items()))}")
     for r in index["rejects"]:
         print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}")
+    if not t["samples"]:  # consistent, but nothing to train or evaluate on (`one4d shard` exited 1 for it too)
+        print(f"one4d inspect-shards: FAILED: {shard_dir} holds no sample"
+              + (f": every row was rejected ({t['rejected']}, listed above)" if t["rejected"] else ""), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -503,6 +503,20 @@ def test_cli_errors(tmp_path, capsys):
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--num-tasks", "2"], "--num-tasks needs --task-index, which defaults to $SLURM_ARRAY_TASK_ID, not set here"),
+    (["--task-index", "1"], "--task-index needs --num-tasks"),
+    (["--num-tasks", "2", "--task-index", "5"], "--task-index must be in [0, 1] with --num-tasks 2, got 5"),
+    (["--num-tasks", "0", "--task-index", "0"], "--num-tasks must be >= 1, got 0")])
+def test_array_task_flags_are_usage_errors_exit_2(tmp_path, capsys, monkeypatch, flags, said):
+    """Were exit 1 (as a failed run), where the other usage errors exit 2; without $SLURM_ARRAY_TASK_ID the message
+    now says why --task-index is missing."""
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    with pytest.raises(SystemExit) as e:
+        shard_main([str(tmp_path / "m.jsonl"), str(tmp_path / "o"), *flags])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_a_folder_given_as_the_manifest_is_named_as_such(tmp_path, manifest, capsys):
     """'manifest not found: DIR' for a folder that exists read as a wrong path, not a wrong kind of argument."""
     assert shard_main([str(tmp_path), str(tmp_path / "o"), "--no-progress"]) == 1
@@ -609,6 +623,8 @@ def test_a_run_whose_rows_were_all_rejected_fails_naming_them(tmp_path, manifest
     assert "rejected row 0" in captured.out and "rejected row 1" in captured.out
     assert "no sample was written: all 2 rows were rejected" in captured.err
     assert read_index(tmp_path / "out")["totals"] == {"shards": 1, "samples": 0, "bytes": 10240, "rejected": 2}
+    assert inspect_main([str(tmp_path / "out")]) == 1  # consistent, but empty: it said OK with exit 0
+    assert f"{tmp_path / 'out'} holds no sample: every row was rejected (2, listed above)" in capsys.readouterr().err
     for i in range(2):
         assert shard_main([str(m), str(tmp_path / "tasks"), "--samples-per-shard", "1", "--num-tasks", "2",
                            "--task-index", str(i), "--no-progress"]) == 0

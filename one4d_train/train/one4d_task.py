@@ -671,10 +671,13 @@ def identity_problems(cfg, path: str, saved: dict | None, action: str = "resume"
                 return f"{checkpoint} (content fingerprint {fingerprint})"
             seed = fingerprint[len(RANDOM_BASE):] if str(fingerprint).startswith(RANDOM_BASE) else ""
             return f"the random base of seed {seed}" if seed else "the random base of the seed"
+        seed_then = str(then)[len(RANDOM_BASE):] if str(then).startswith(RANDOM_BASE) else ""
+        fix = (f"{action} with seed={seed_then}" + (" and model.checkpoint empty" if ckpt_now else "")
+               if seed_then else  # the tiny preset's random base: no file to point at, its seed makes it
+               f"{action} with model.checkpoint pointing at those weights (any path: the content is compared)")
         p.append(("model.checkpoint", f"{said(ckpt_now, now)} here, but {path} was trained on "
                   f"{said(saved.get('checkpoint', ''), saved.get('fingerprint'))}: its adapters and control links fit "
-                  f"that base only; {action} with model.checkpoint pointing at those weights (any path: the content is "
-                  f"compared){new_run}"))
+                  f"that base only; {fix}{new_run}"))
     return p
 
 

@@ -103,6 +103,27 @@ def test_means_leave_out_non_finite_values_and_count_them():
     assert left_out_lines(summarise(rows[:1])) == ["video mean: left out (NaN or inf, see metrics.json) psnr of 1 of 1 samples"]
 
 
+def test_samples_without_ground_truth_depth_are_named_with_the_reason():
+    """Pointmap shards stored without cameras give no ground-truth depth: abs_rel NaN over 0 pixels, which read like
+    a failed prediction; the printed summary now says why."""
+    import numpy as np
+    import torch
+
+    from one4d_train.eval.metrics import depth_metrics
+    from one4d_train.eval.pipeline import ground_truth, no_depth_truth_lines
+
+    sample = {"xyz": torch.rand(5, 3, 8, 8) - 0.5, "valid": torch.ones(5, 1, 8, 8), "xyz_centre": torch.zeros(3),
+              "xyz_scale": torch.tensor(1.0), "poses_c2w": torch.full((5, 4, 4), float("nan"))}
+    _, gt_depth, poses = ground_truth(sample)
+    scores = depth_metrics(np.ones((5, 8, 8)), gt_depth)
+    assert poses is None and scores["num_pixels"] == 0 and math.isnan(scores["abs_rel"])
+    rows = [{"sample": "a", "mode": "video", **scores}, {"sample": "b", "mode": "video", "num_pixels": 40},
+            {"sample": "a", "mode": "image", "num_pixels": 40}]
+    assert no_depth_truth_lines(rows) == [
+        "video: 1 sample(s) have no ground-truth depth (a): pointmaps stored without cameras (intrinsics and poses) "
+        "give none, so their abs_rel and delta_1_25 are NaN; their PSNR/SSIM are scored"]
+
+
 def test_depth_means_weight_each_sample_by_its_scored_pixels():
     """The video-depth protocol averages sequences weighted by their valid pixels (a 50-frame sequence counts ten
     times a 5-frame one); the pose and RGB scores are plain means over sequences."""

@@ -417,6 +417,19 @@ def left_out_lines(means: dict) -> list[str]:
     return lines
 
 
+def no_depth_truth_lines(results: list[dict]) -> list[str]:
+    """Why a sample's depth scores are NaN where it has no ground-truth depth to score against: pointmap (xyz)
+    geometry stored without cameras gives no per-frame depth (ground_truth), which reads like a failed prediction."""
+    lines = []
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        blind = [r["sample"] for r in results if r["mode"] == mode and r.get("num_pixels", 1) == 0]
+        if blind:
+            lines.append(f"{mode}: {len(blind)} sample(s) have no ground-truth depth ({', '.join(blind[:3])}"
+                         f"{' ...' if len(blind) > 3 else ''}): pointmaps stored without cameras (intrinsics and "
+                         "poses) give none, so their abs_rel and delta_1_25 are NaN; their PSNR/SSIM are scored")
+    return lines
+
+
 def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None, run_id: str | None = None,
                         step: int | None = None, progress: bool = True, gen: Generator | None = None,
                         unscored_only: bool = False) -> dict | None:
@@ -471,7 +484,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
         rows = [{k: r.get(k, "") for k in TABLE_COLUMNS} for r in results]
         rows += [{"sample": "mean", "mode": m, **v} for m, v in report["means"].items()]
         print(format_table(rows, TABLE_COLUMNS))
-        for line in left_out_lines(report["means"]):
+        for line in left_out_lines(report["means"]) + no_depth_truth_lines(results):
             print(line)
         if run_id is not None:
             log_to_mlflow(cfg, run_id, report, out, step or 0, tag)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+TEXT_EMBEDDING_WIDTH = 4096  # UMT5-XXL's, the only text encoder of the real presets: what a manifest may store
 KEYS = {"video", "depth", "xyz", "intrinsics", "poses", "valid", "caption", "text_embedding", "id"}
 ID_RE = re.compile(r"[A-Za-z0-9_-]+")  # matched whole (fullmatch): "$" would let "abc\n" through
 
@@ -420,9 +421,9 @@ def load_text_embedding(r: ManifestRow) -> np.ndarray | None:
     if r.text_embedding is None:
         return None
     e = load_array(r.text_embedding, "text_embedding", r.row)
-    if e.ndim != 2 or e.shape[1] != 4096 or not np.issubdtype(e.dtype, np.floating):
+    if e.ndim != 2 or e.shape[1] != TEXT_EMBEDDING_WIDTH or not np.issubdtype(e.dtype, np.floating):
         raise RowError(r.row, str(r.text_embedding),
-                       f"text embedding must be float [L, 4096], got {e.dtype} {list(e.shape)}")
+                       f"text embedding must be float [L, {TEXT_EMBEDDING_WIDTH}], got {e.dtype} {list(e.shape)}")
     # L = 0 is how a collated batch marks a sample without one: a stored one would give its batch mates without an
     # embedding an all-zero text context instead of their captions'
     if e.shape[0] == 0:

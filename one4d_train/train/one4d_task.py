@@ -511,9 +511,12 @@ def text_width_problems(mcfg, spec: str, stats: dict, key: str) -> list[tuple[st
     other = [w for w in text.get("widths") or [] if w != dim]
     if not other:
         return []
+    from data_pipeline.manifest import TEXT_EMBEDDING_WIDTH
+
+    alike = f" (or with {dim}-wide ones)" if dim == TEXT_EMBEDDING_WIDTH else ""  # a manifest stores no other width
     return [(key, f"{spec} stores text embeddings {' and '.join(map(str, text['widths']))} wide "
              f"({text['samples']} samples), the backbone of model.preset={mcfg.preset} takes {dim}: use a preset "
-             f"whose text input is {other[0]} wide, or shards without stored embeddings (or with {dim}-wide ones)")]
+             f"whose text input is {other[0]} wide, or shards without stored embeddings{alike}")]
 
 
 def window_problems(data, spec: str, longest: int | None) -> list[tuple[str, str]]:

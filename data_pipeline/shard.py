@@ -444,11 +444,13 @@ def _replace_plan(out_dir: Path, old: dict, plan: dict, whole_run: bool) -> list
     differences, held = plan_differences(old, plan), _written_under_plan(out_dir)
     if held or not whole_run:
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
-        why = (f"it holds {', '.join(held[:3])}{more}" if held else "nothing was written under it, but an array task "
-               "does not replace it (a task beside it may be writing under it): run once without --num-tasks")
+        why = (f"it holds {', '.join(held[:3])}{more}, written under that plan: re-run with the manifest and options "
+               "it was planned with, or use a new output folder" if held else
+               "nothing was written under it, but an array task does not replace it (a task beside it may be writing "
+               "under it): run once without --num-tasks, re-run with the manifest and options it was planned with, "
+               "or use a new output folder")
         raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "
-                            f"options ({'; '.join(differences)}); {why}; or re-run with the manifest and options it "
-                            f"was planned with, or use a new output folder")
+                            f"options ({'; '.join(differences)}); {why}")
     for stale in [out_dir / si.INDEX, out_dir / si.REJECTS, *out_dir.glob("index.task-*.json"),
                   *out_dir.glob(".*.tmp*")]:  # the old plan's index of no shards, and its dead writers' temp files
         stale.unlink(missing_ok=True)

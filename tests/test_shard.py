@@ -608,7 +608,7 @@ def test_a_plan_under_which_nothing_was_written_gives_way_to_new_settings(tmp_pa
     assert read_index(out)["totals"]["samples"] == len(rows) and read_index(out)["rejects"] == []
     m.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     assert shard_main([str(m), str(out), "--no-progress"]) == 1
-    assert "it holds shard-000000.tar, shard-000000.tar.record.json; or re-run" in capsys.readouterr().err
+    assert "it holds shard-000000.tar, shard-000000.tar.record.json, written under that plan: re-run" in capsys.readouterr().err
 
 
 def test_a_run_whose_rows_were_all_rejected_fails_naming_them(tmp_path, manifest, capsys):

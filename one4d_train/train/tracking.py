@@ -119,8 +119,8 @@ class MlflowTracker(NullTracker):
         if run_id is not None and same_config:
             self._logged_steps(held)
         elif run_id is not None:
-            log.info("MLflow run %s continues under another config than its checkpoint's: the steps trained again "
-                     "are logged again, with their new values", self.run_id)
+            log.info("MLflow run %s continues under another config than its checkpoint's: a step it trains again "
+                     "(one the run holds already) is logged again, with its new values", self.run_id)
         return self.run_id
 
     def _continuable(self, run_id: str):

@@ -408,3 +408,37 @@ def test_a_failing_write_after_the_start_is_counted_and_skipped_and_the_next_one
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (3, 0.3)]
     assert client.get_run(run_id).info.status == "KILLED"
     assert {a.path for a in client.list_artifacts(run_id)} == {"adapters"}
+
+
+def test_a_store_that_fails_at_the_start_leaves_the_job_training_untracked_with_its_run_id_kept(tmp_path, caplog):
+    """A tracking server down while a requeued job starts killed the job (exit 1, so no requeue either): the start is
+    tried again, then the job trains without tracking and keeps the run id it resumed with, so the next resume
+    continues that MLflow run once the store is back."""
+    import sqlite3
+
+    cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
+    first = MlflowTracker(str(tmp_path), cfg, "name")
+    run_id = first.start(None, {"a": 1})
+    first.log_metrics({"loss": 0.5}, step=1)
+    first.end("KILLED")
+    db = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    db.execute("ALTER TABLE runs RENAME TO runs_away")
+
+    down = MlflowTracker(str(tmp_path), cfg, "name")
+    down.start_waits_s = (0, 0)
+    with caplog.at_level("WARNING", logger="one4d_train.train.tracking"):
+        assert down.start(run_id, {"a": 1}) == run_id
+    assert down.disabled and down.run_id == run_id
+    assert sum("trying again" in r.getMessage() for r in caplog.records) == 2
+    assert "failed 3 times at the start" in caplog.text and f"keep MLflow run {run_id}" in caplog.text
+    down.log_metrics({"loss": 0.4}, step=2)  # nothing recorded, nothing raised
+    down.end("KILLED")
+    assert down.failed_writes == 0
+
+    db.execute("ALTER TABLE runs_away RENAME TO runs")
+    back = MlflowTracker(str(tmp_path), cfg, "name")
+    assert back.start(run_id, {"a": 1}) == run_id
+    back.log_metrics({"loss": 0.3}, step=3)
+    back.end()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (3, 0.3)]

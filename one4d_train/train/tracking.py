@@ -5,7 +5,9 @@ server instead. A new store starts as a copy of an empty one with MLflow's schem
 in the train state so a resumed job continues the same run. A run directory moved or copied to another path takes
 its store along, whose artifact locations are made to follow it.
 
-Once the run has started, a write that fails (a tracking server down or restarting, a SQLite store on a network
+A start whose store fails (a tracking server down while a requeued job starts at night) is tried three times, 10 and
+30 s apart; then the job trains without tracking, saying so, and keeps the run id it resumed with, so that the next
+resume continues that MLflow run. Once the run has started, a write that fails (a tracking server down or restarting, a SQLite store on a network
 filesystem whose lock is held past MLflow's 20 s busy timeout, an artifact folder gone) costs that record, not the
 training: it is logged as a warning and counted (`failed_writes`, reported when the run ends), and the next write
 tries again. Hours of training, or the checkpoint a preempted job has just written, are not lost to the tracker.
@@ -30,6 +32,7 @@ BATCH = 100  # MLflow's limit on params per log_batch
 RUN_DIR_TAG = "one4d.run_dir"  # the run directory that a training run's MLflow run records
 RUN_DIR_ID_TAG = "one4d.run_dir_id"  # and that directory's own id: one path can name folders on several machines
 RUN_DIR_ID_FILE = "run_dir_id"
+START_WAITS_S = (10, 30)  # the waits before the second and the third try of a start whose store fails
 UNSET = "<unset>"  # a resumed_with.KEY tag's value for a key the resumed run's config no longer has
 
 
@@ -54,6 +57,8 @@ def _survivable(write):
 
     @functools.wraps(write)
     def guarded(self, *args, **kwargs):
+        if self.disabled:  # the start failed: this job trains without tracking (start)
+            return None
         try:
             return write(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any store failure; KeyboardInterrupt and the like still pass
@@ -85,6 +90,8 @@ class MlflowTracker(NullTracker):
         self.logged_through = {}  # metric key -> the last step the continued run holds of it (_logged_steps)
         self.trained_through = -1  # the last step it holds training metrics of
         self.failed_writes = 0  # writes after the start that raised (_survivable)
+        self.disabled = False  # the start failed every try: no writes this job (start)
+        self.start_waits_s = START_WAITS_S
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -95,7 +102,31 @@ class MlflowTracker(NullTracker):
     def start(self, run_id: str | None, params: dict, tags: dict | None = None, same_config: bool = True) -> str:
         """Continue `run_id`, or start a new run (with `tags`) when it is None; log `params`. `same_config`: the
         checkpoint the job resumed was trained with the config it runs (run_dir and resume aside), so the steps it
-        trains again repeat those the run holds (_logged_steps); False: their values are new, and are logged."""
+        trains again repeat those the run holds (_logged_steps); False: their values are new, and are logged.
+        A store that fails is tried again (start_waits_s), then left for this job (see the module's doc)."""
+        for attempt, wait in enumerate((*self.start_waits_s, None), 1):
+            try:
+                return self._start(run_id, params, tags, same_config)
+            except Exception as exc:  # noqa: BLE001 - any store failure
+                said = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                active = self.mlflow.active_run()
+                if active is not None:  # the run began; what failed after it is lost, as a later write would be
+                    self.run_id = active.info.run_id
+                    self.failed_writes += 1
+                    log.warning("MLflow: run %s started, but recording its parameters failed (%s): training goes on",
+                                self.run_id, said)
+                    return self.run_id
+                if wait is None:
+                    self.disabled, self.run_id = True, run_id
+                    log.error("MLflow: the store %s failed %d times at the start (%s): this job trains WITHOUT "
+                              "tracking%s", self.uri, attempt, said,
+                              f"; its checkpoints keep MLflow run {run_id}, which the next resume continues"
+                              if run_id else "; the next resume starts an MLflow run")
+                    return run_id
+                log.warning("MLflow: the start failed (%s): trying again in %d s", said, wait)
+                time.sleep(wait)
+
+    def _start(self, run_id: str | None, params: dict, tags: dict | None, same_config: bool) -> str:
         self.mlflow.set_tracking_uri(self.uri)
         system = self.cfg.system_metrics
         if system:

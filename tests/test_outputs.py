@@ -106,18 +106,21 @@ def test_means_leave_out_non_finite_values_and_count_them():
 def test_samples_without_ground_truth_depth_are_named_with_the_reason():
     """Pointmap shards stored without cameras give no ground-truth depth: abs_rel NaN over 0 pixels, which read like
     a failed prediction; the printed summary now says why."""
-    import numpy as np
     import torch
 
-    from one4d_train.eval.metrics import depth_metrics
-    from one4d_train.eval.pipeline import ground_truth, no_depth_truth_lines
+    from one4d_train.eval.config import EvalConfig
+    from one4d_train.eval.pipeline import no_depth_truth_lines, score
 
-    sample = {"xyz": torch.rand(5, 3, 8, 8) - 0.5, "valid": torch.ones(5, 1, 8, 8), "xyz_centre": torch.zeros(3),
+    torch.manual_seed(0)
+    xyz = torch.rand(5, 3, 8, 8) - 0.5
+    xyz[:, 2] += 2.0  # in front of the camera
+    sample = {"xyz": xyz, "valid": torch.ones(5, 1, 8, 8), "xyz_centre": torch.zeros(3), "rgb": torch.zeros(5, 3, 8, 8),
               "xyz_scale": torch.tensor(1.0), "poses_c2w": torch.full((5, 4, 4), float("nan"))}
-    _, gt_depth, poses = ground_truth(sample)
-    scores = depth_metrics(np.ones((5, 8, 8)), gt_depth)
-    assert poses is None and scores["num_pixels"] == 0 and math.isnan(scores["abs_rel"])
-    rows = [{"sample": "a", "mode": "video", **scores}, {"sample": "b", "mode": "video", "num_pixels": 40},
+    scores, _ = score(torch.zeros(5, 3, 8, 8), xyz, torch.ones(5), sample, EvalConfig(recovery_iters=1))
+    assert scores["num_pixels"] == 0 and math.isnan(scores["abs_rel"]) and scores["depth_truth"], scores
+    rows = [{"sample": "a", "mode": "video", **scores},
+            {"sample": "b", "mode": "video", "num_pixels": 40},
+            {"sample": "c", "mode": "video", "num_pixels": 0},  # real depth, all beyond the cap: another reason
             {"sample": "a", "mode": "image", "num_pixels": 40}]
     assert no_depth_truth_lines(rows) == [
         "video: 1 sample(s) have no ground-truth depth (a): pointmaps stored without cameras (intrinsics and poses) "

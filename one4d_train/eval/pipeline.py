@@ -202,6 +202,8 @@ def score(pred_rgb: torch.Tensor, pred_xyz_n: torch.Tensor, frame_mask: torch.Te
     depth, c2w = rec.depth.cpu().numpy(), rec.c2w.cpu().numpy()
     _, gt_depth, gt_poses = ground_truth(sample)
     metrics = depth_metrics(depth, gt_depth, ecfg.depth_align, ecfg.resolved_depth_cap(), device=device)
+    if gt_poses is None and "depth" not in sample:  # pointmaps without cameras: no per-frame depth to score
+        metrics["depth_truth"] = "none (pointmaps stored without cameras)"
     metrics["focal"] = float(rec.focal.mean())
     if gt_poses is not None and len(gt_poses) >= 3:
         metrics.update(pose_metrics(c2w, gt_poses))
@@ -419,10 +421,11 @@ def left_out_lines(means: dict) -> list[str]:
 
 def no_depth_truth_lines(results: list[dict]) -> list[str]:
     """Why a sample's depth scores are NaN where it has no ground-truth depth to score against: pointmap (xyz)
-    geometry stored without cameras gives no per-frame depth (ground_truth), which reads like a failed prediction."""
+    geometry stored without cameras gives no per-frame depth (ground_truth; score marks it `depth_truth`), which
+    reads like a failed prediction."""
     lines = []
     for mode in dict.fromkeys(r["mode"] for r in results):
-        blind = [r["sample"] for r in results if r["mode"] == mode and r.get("num_pixels", 1) == 0]
+        blind = [r["sample"] for r in results if r["mode"] == mode and r.get("depth_truth")]
         if blind:
             lines.append(f"{mode}: {len(blind)} sample(s) have no ground-truth depth ({', '.join(blind[:3])}"
                          f"{' ...' if len(blind) > 3 else ''}): pointmaps stored without cameras (intrinsics and "

@@ -38,6 +38,31 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered goes now, inside the handler below, not at the exit
+    except BrokenPipeError:  # `one4d inspect-shards DIR | head`: the reader left; no traceback, the shell's code
+        if not _stdout_reader_gone():  # another pipe of the command's own broke: a failure, shown as one
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor another one at the exit's flush
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end was closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor (a replaced sys.stdout), or no poll here
+        return False
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher puts --local_rank=N first (`deepspeed --module one4d_train.cli train ...`); the rank
     # comes from the environment it sets as well
@@ -60,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"one4d {name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `one4d inspect-shards DIR | head`: the reader left; no traceback, the shell's code
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor another one at exit's flush
-        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -373,11 +374,13 @@ def test_a_failing_write_after_the_start_is_counted_and_skipped_and_the_next_one
     """A store that fails mid-run (here: its metrics table and artifact folder gone, as a server restarting or a
     network filesystem's lock would make it fail) costs those records, not the training: no exception reaches the
     trainer (which would turn a preempted job's checkpoint-and-requeue into a failure), each failure is a warning,
-    and the writes after the store is back are recorded."""
+    and the writes after the store is back are recorded. After a failure the writes of the next break_s seconds are
+    skipped and counted (a server that hangs would hold every logging step for minutes); the end is always tried."""
     import sqlite3
 
     cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
     tracker = MlflowTracker(str(tmp_path), cfg, "name")
+    tracker.break_s = 0  # each write tried: what each failure says
     run_id = tracker.start(None, {"a": 1})
     tracker.log_metrics({"loss": 0.5}, step=1)
     db = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
@@ -396,16 +399,22 @@ def test_a_failing_write_after_the_start_is_counted_and_skipped_and_the_next_one
     assert any(m.startswith("MLflow: log_text failed") and "3 failed write(s)" in m for m in warned), warned
     assert any("no such table: metrics" in m for m in warned if m.startswith("MLflow: log_metrics")), warned
 
+    tracker.break_s = 3600
+    tracker.log_metrics({"loss": 0.35}, step=3)  # fails again, and opens the break
     db.execute("ALTER TABLE metrics_away RENAME TO metrics")
     (tmp_path / "mlartifacts").unlink()
-    tracker.log_metrics({"loss": 0.3}, step=3)
+    tracker.log_metrics({"loss": 0.33}, step=4)  # skipped, though the store is back: within the break
+    assert tracker.failed_writes == 5 and "log_metrics of step 4" not in caplog.text
+    tracker.break_s = 0  # the break over
+    tracker.log_metrics({"loss": 0.3}, step=5)
     tracker.log_artifacts(str(tmp_path / "adapters"), "adapters")
+    tracker.break_s, tracker.failing_since = 3600, time.monotonic()  # a break open: the end is tried all the same
     caplog.clear()
     with caplog.at_level("WARNING", logger="one4d_train.train.tracking"):
         tracker.end("KILLED")
-    assert "3 write(s) to sqlite:///" in caplog.text and tracker.failed_writes == 3
+    assert "5 write(s) to sqlite:///" in caplog.text and tracker.failed_writes == 5
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (3, 0.3)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (5, 0.3)]
     assert client.get_run(run_id).info.status == "KILLED"
     assert {a.path for a in client.list_artifacts(run_id)} == {"adapters"}
 

@@ -7,10 +7,13 @@ its store along, whose artifact locations are made to follow it.
 
 A start whose store fails (a tracking server down while a requeued job starts at night) is tried three times, 10 and
 30 s apart; then the job trains without tracking, saying so, and keeps the run id it resumed with, so that the next
-resume continues that MLflow run. Once the run has started, a write that fails (a tracking server down or restarting, a SQLite store on a network
-filesystem whose lock is held past MLflow's 20 s busy timeout, an artifact folder gone) costs that record, not the
-training: it is logged as a warning and counted (`failed_writes`, reported when the run ends), and the next write
-tries again. Hours of training, or the checkpoint a preempted job has just written, are not lost to the tracker.
+resume continues that MLflow run. Once the run has started, a write that fails (a tracking server down or
+restarting, a SQLite store on a network filesystem whose lock is held past MLflow's 20 s busy timeout, an artifact
+folder gone) costs that record, not the training: it is logged as a warning and counted (`failed_writes`, reported
+when the run ends), and the writes of the next BREAK_S seconds are skipped and counted too, so that a store that
+hangs does not hold every logging step; the run's end is always tried. MLflow's own HTTP retries (7, with backoff:
+minutes per request to a server that is down) are bounded for the trainer unless the environment sets them
+(HTTP_LIMITS). Hours of training, or the checkpoint a preempted job has just written, are not lost to the tracker.
 """
 from __future__ import annotations
 
@@ -33,11 +36,18 @@ RUN_DIR_TAG = "one4d.run_dir"  # the run directory that a training run's MLflow 
 RUN_DIR_ID_TAG = "one4d.run_dir_id"  # and that directory's own id: one path can name folders on several machines
 RUN_DIR_ID_FILE = "run_dir_id"
 START_WAITS_S = (10, 30)  # the waits before the second and the third try of a start whose store fails
+BREAK_S = 300.0  # after a failed write, the writes of this long are skipped (counted), then tried again
+# MLflow's retries of an HTTP request (defaults 7 tries, 120 s timeout, backoff factor 2), bounded for training: a
+# request to a server that is down then fails in ~15 s (refused) to ~2 min (unanswered), not ~4 to 15 min
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
 UNSET = "<unset>"  # a resumed_with.KEY tag's value for a key the resumed run's config no longer has
 
 
 class NullTracker:
     run_id: str | None = None
+    failed_writes = 0  # writes that failed or were skipped after a failure (MlflowTracker)
+    disabled = False  # the start failed: nothing is recorded (MlflowTracker)
 
     def start(self, run_id: str | None, params: dict, tags: dict | None = None, same_config: bool = True) -> str | None:
         return run_id
@@ -59,16 +69,24 @@ def _survivable(write):
     def guarded(self, *args, **kwargs):
         if self.disabled:  # the start failed: this job trains without tracking (start)
             return None
+        if (self.failing_since is not None and time.monotonic() - self.failing_since < self.break_s
+                and write.__name__ != "end"):
+            self.failed_writes += 1  # skipped: the store failed moments ago
+            return None
         try:
-            return write(self, *args, **kwargs)
+            done = write(self, *args, **kwargs)
+            self.failing_since = None
+            return done
         except Exception as exc:  # noqa: BLE001 - any store failure; KeyboardInterrupt and the like still pass
             self.failed_writes += 1
+            self.failing_since = time.monotonic()
             step = signature.bind(self, *args, **kwargs).arguments.get("step")
             # SQLAlchemy's messages go on with the statement, its parameters and a link: the cause comes first
             said = " ".join(line.strip() for line in str(exc).splitlines()
                             if line.strip() and not line.startswith(("[SQL", "[parameters", "(Background")))
-            log.warning("MLflow: %s%s failed, training goes on without it (%d failed write(s) so far): %s: %s",
-                        write.__name__, "" if step is None else f" of step {step}", self.failed_writes,
+            log.warning("MLflow: %s%s failed, training goes on without it (%d failed write(s) so far; the writes of "
+                        "the next %.0f s are skipped, then tried again): %s: %s", write.__name__,
+                        "" if step is None else f" of step {step}", self.failed_writes, self.break_s,
                         type(exc).__name__, said[:400])
     return guarded
 
@@ -78,6 +96,8 @@ class MlflowTracker(NullTracker):
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        for key, value in HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)
         self.run_dir = run_dir = os.path.abspath(run_dir)
         self.uri = tracking_cfg.uri or f"sqlite:///{os.path.join(run_dir, 'mlflow.db')}"
         self.artifact_location = None if tracking_cfg.uri else "file://" + os.path.join(run_dir, "mlartifacts")
@@ -91,7 +111,8 @@ class MlflowTracker(NullTracker):
         self.trained_through = -1  # the last step it holds training metrics of
         self.failed_writes = 0  # writes after the start that raised (_survivable)
         self.disabled = False  # the start failed every try: no writes this job (start)
-        self.start_waits_s = START_WAITS_S
+        self.start_waits_s, self.break_s = START_WAITS_S, BREAK_S
+        self.failing_since = None  # time.monotonic() of the last failed write, while writes are skipped
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -146,10 +167,10 @@ class MlflowTracker(NullTracker):
         else:
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
         self.run_id = run.info.run_id
-        self._log_params(params, resumed=run_id is not None)
-        if run_id is not None and same_config:
+        if run_id is not None and same_config:  # before the params: a start that fails there has it still
             self._logged_steps(held)
-        elif run_id is not None:
+        self._log_params(params, resumed=run_id is not None)
+        if run_id is not None and not same_config:
             log.info("MLflow run %s continues under another config than its checkpoint's: a step it trains again "
                      "(one the run holds already) is logged again, with its new values", self.run_id)
         return self.run_id

@@ -327,11 +327,14 @@ class Trainer:
         dist.barrier()
         if self.env.is_main:
             log.info("eval step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(results.items())))
+            failed = self.tracker.failed_writes
             self.tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, self.step)
             if os.path.isdir(out_dir) and os.listdir(out_dir):
                 self.tracker.log_artifacts(out_dir, f"eval/{ckpt.step_name(self.step)}")
             os.makedirs(out_dir, exist_ok=True)
-            marker = {"step": self.step, "mlflow_run_id": self.tracker.run_id,
+            # the run it was recorded in; none where the store took none of it (a resume evaluates it again)
+            recorded = not self.tracker.disabled and self.tracker.failed_writes == failed
+            marker = {"step": self.step, "mlflow_run_id": self.tracker.run_id if recorded else None,
                       "results": {k: float(v) for k, v in results.items()}}
             ckpt.write_atomic(os.path.join(out_dir, EVAL_DONE), json.dumps(marker))
 

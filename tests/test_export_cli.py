@@ -223,3 +223,9 @@ def test_an_export_records_the_data_window_its_run_trained_at(capsys, tmp_path):
     # and every item loads as the config it came from
     again = load_config(items)
     assert (again.data.num_frames, again.data.height, again.data.width, again.data.frame_stride) == (9, 32, 48, 2)
+    # the window the checkpoint was written under (its own config.yaml) over the run's latest (a resume may change it)
+    (Path(done) / "config.yaml").write_text(to_yaml(load_config(["data.num_frames=5", "data.height=64"])))
+    mark_complete(done)
+    code, out = export(capsys, f"checkpoint={done}", f"out={tmp_path / 'out2'}")
+    window = json.loads((tmp_path / "out2" / "adapter_config.json").read_text())["data"]
+    assert code == 0 and (window["num_frames"], window["height"]) == (5, 64), (out, window)

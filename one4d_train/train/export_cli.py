@@ -68,7 +68,18 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
-    export_adapters(state, cfg.model, out, base=trained_identity(ckpt), window=data_window(cfg.data))
+    own = _own_config(ckpt)
+    window = data_window((load_config([f"config={own}"]) if own != cfg_path else cfg).data)
+    export_adapters(state, cfg.model, out, base=trained_identity(ckpt), window=window)
+
+
+def _own_config(ckpt: str) -> str:
+    """The config the checkpoint was written under (its own config.yaml: a resume may change data.*), else its
+    run's (config_of)."""
+    from one4d_train.train.checkpoint import CONFIG_FILE, config_of
+
+    own = os.path.join(ckpt, CONFIG_FILE)
+    return own if os.path.isfile(own) else config_of(ckpt)
 
 
 def main(argv: list[str]) -> int:
@@ -139,7 +150,6 @@ def _add_records(export: str, ckpt: str) -> None:
     from one4d_train.config import load_config
     from one4d_train.configtools import ConfigError
     from one4d_train.model.adapters import CONFIG_NAME, base_record, data_window
-    from one4d_train.train.checkpoint import config_of
     from one4d_train.train.warm_start import trained_identity
 
     path = os.path.join(export, CONFIG_NAME)
@@ -149,12 +159,13 @@ def _add_records(export: str, ckpt: str) -> None:
     base = trained_identity(ckpt)
     if "base" not in config and base:
         config["base"] = base_record(base)
-    if "data" not in config and config_of(ckpt):
+    own = _own_config(ckpt)
+    if "data" not in config and own:
         try:
-            config["data"] = data_window(load_config([f"config={config_of(ckpt)}"]).data)
+            config["data"] = data_window(load_config([f"config={own}"]).data)
         except ConfigError as exc:
-            print(f"one4d export: the run's config.yaml does not load ({exc}): the export records no data window "
-                  "(an evaluation of it needs config= or data.*)", file=sys.stderr)
+            print(f"one4d export: {own} does not load ({exc}): the export records no data window (an evaluation "
+                  "of it needs config= or data.*)", file=sys.stderr)
     if config != recorded:
         with open(path, "w") as f:
             json.dump(config, f, indent=2)

@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         print(f"  warning: tar files not in the index (ignored by readers): {stray}")
     t, st = index["totals"], index["statistics"]
-    print(f"{shard_dir}: OK: {t['shards']} shards, {t['samples']} samples, {t['bytes'] / 2**20:.1f} MiB, "
-          f"{t['rejected']} rejected rows")
+    print(f"{shard_dir}: {'OK' if t['samples'] else 'EMPTY'}: {t['shards']} shards, {t['samples']} samples, "
+          f"{t['bytes'] / 2**20:.1f} MiB, {t['rejected']} rejected rows")
     print(f"  frames: {st['frames']['total']} total, {st['frames']['min']}-{st['frames']['max']} per clip")
     print(f"  resolutions: {', '.join(f'{k} x{v}' for k, v in st['resolutions'].items())}")
     print(f"  geometry: {st['geometry']}; depth range: {st['depth_range']}; valid fraction: {st['valid_fraction']}")

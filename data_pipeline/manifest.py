@@ -114,6 +114,14 @@ def _path(base: Path, value, row: int, key: str, manifest: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _reads_as_list(text: str) -> bool:
+    """A camera value given as the JSON text of a list ("[[5, 0, 2.5], ...]"), not a path ("[cam0]/K.npy")."""
+    try:
+        return isinstance(json.loads(text), list)
+    except ValueError:
+        return False
+
+
 def parse_row(obj, row: int, base: Path, manifest: str = "<manifest>") -> ManifestRow:
     """One decoded JSON line of file `manifest` -> ManifestRow (paths resolved against `base`; files are not
     opened). A fault of the row itself names the manifest; one of a field that names a file, the clip's video."""
@@ -136,7 +144,7 @@ def parse_row(obj, row: int, base: Path, manifest: str = "<manifest>") -> Manife
         if key in obj and obj[key] is None:  # a depth sample without cameras could never be read
             raise RowError(row, str(video), f"'{key}' is null: give a list or a path" +
                            (" (with xyz geometry, leave both keys out for no cameras)" if geometry == "xyz" else ""))
-        if isinstance(obj.get(key), str) and obj[key].lstrip().startswith("["):  # not a file a re-run could find
+        if isinstance(obj.get(key), str) and _reads_as_list(obj[key]):  # not a file a re-run could find
             raise RowError(row, str(video), f"'{key}' is a string that reads as a list ({obj[key][:40]!r}...): give "
                            "the list itself, not its text (a CSV or pandas export quotes nested lists)")
         if key in obj:

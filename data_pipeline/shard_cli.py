@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                     "an array job give --task-index I)")
         if args.num_tasks is not None and not (args.num_tasks >= 1 and 0 <= task_index < args.num_tasks):
             p.error(f"--task-index must be in [0, {args.num_tasks - 1}] with --num-tasks {args.num_tasks}, got "
-                    f"{task_index}" if args.num_tasks >= 1 else f"--num-tasks must be >= 1, got {args.num_tasks}")
+                    f"{task_index}" + (f" (array task ids start at 0: --array=0-{args.num_tasks - 1})"
+                                       if task_index == args.num_tasks else "")
+                    if args.num_tasks >= 1 else f"--num-tasks must be >= 1, got {args.num_tasks}")
         if args.samples_per_shard is not None and args.samples_per_shard < 1:
             p.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
         if args.shard_bytes is not None and args.shard_bytes < 1:

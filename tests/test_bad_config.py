@@ -190,7 +190,7 @@ def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(caps
     err = refused(capsys, args(tmp_path / "shards", tmp_path))
     assert (f"key 'data.shards': {tmp_path / 'shards'} stores text embeddings 4096 wide (1 samples), the backbone "
             "of model.preset=tiny takes 64: use a preset whose text input is 4096 wide, or shards without stored "
-            "embeddings\n") in err + "\n"  # not '(or with 64-wide ones)': a manifest stores none
+            "embeddings (or with 64-wide ones, as `one4d encode-latents` under model.preset=tiny stores them)") in err
     err = refused(capsys, args(tmp_path / "shards", tmp_path, f"data.val_shards={tmp_path / 'shards'}",
                                f"data.shards={make_shards(tmp_path / 'plain', num_clips=2)}", "eval.every=5"))
     assert "key 'data.val_shards'" in err and "4096 wide" in err and "key 'data.shards'" not in err

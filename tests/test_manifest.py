@@ -310,8 +310,10 @@ def test_a_camera_matrix_given_as_its_text_is_named_not_looked_for_as_a_file(fil
     ("missing": true, so a re-run would be expected to find it)."""
     rows, errors = read_manifest(write_rows(files, [
         json.dumps(depth_row(intrinsics="[[5, 0, 2.5], [0, 5, 1.5], [0, 0, 1]]")),
-        json.dumps(depth_row(poses=" [[1, 0, 0, 0]]"))]))
-    assert rows == [] and [e.row for e in errors] == [0, 1]
+        json.dumps(depth_row(poses=" [[1, 0, 0, 0]]")),
+        json.dumps(depth_row(intrinsics="[cam0]/K.json"))]))  # a path that begins with '[' stays a path
+    assert [r.row for r in rows] == [2] and rows[0].intrinsics == files / "[cam0]" / "K.json"
+    assert [e.row for e in errors] == [0, 1]
     assert all(not e.missing and e.path == str(files / "v.mp4") for e in errors)
     assert "'intrinsics' is a string that reads as a list ('[[5, 0, 2.5]" in errors[0].reason
     assert "give the list itself, not its text" in errors[1].reason and "'poses'" in errors[1].reason

@@ -624,7 +624,9 @@ def test_a_run_whose_rows_were_all_rejected_fails_naming_them(tmp_path, manifest
     assert "no sample was written: all 2 rows were rejected" in captured.err
     assert read_index(tmp_path / "out")["totals"] == {"shards": 1, "samples": 0, "bytes": 10240, "rejected": 2}
     assert inspect_main([str(tmp_path / "out")]) == 1  # consistent, but empty: it said OK with exit 0
-    assert f"{tmp_path / 'out'} holds no sample: every row was rejected (2, listed above)" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert f"{tmp_path / 'out'} holds no sample: every row was rejected (2, listed above)" in said.err
+    assert said.out.startswith(f"{tmp_path / 'out'}: EMPTY: 1 shards, 0 samples") and " OK" not in said.out
     for i in range(2):
         assert shard_main([str(m), str(tmp_path / "tasks"), "--samples-per-shard", "1", "--num-tasks", "2",
                            "--task-index", str(i), "--no-progress"]) == 0

@@ -31,7 +31,7 @@ from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, resolve_device, run_of, scored,
                                        scoring_settings, tracked_run)
-from one4d_train.model.adapters import CONFIG_NAME, AdapterError, read_adapter_config
+from one4d_train.model.adapters import CONFIG_NAME, WINDOW_KEYS, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
 from one4d_train.train.warm_start import trained_identity
@@ -55,7 +55,9 @@ def export_settings(export: str) -> list[str]:
         items.append(f"model.lora.targets=[{','.join(lora['targets'])}]")
     if isinstance(c.get("xyz_patch_embedding"), bool):
         items.append(f"model.xyz_patch_embedding={c['xyz_patch_embedding']}")
-    for key, value in (c.get("data") or {}).items():  # the window it was trained at (checked by read_adapter_config)
+    window = c.get("data") or {}  # the window it was trained at (checked by read_adapter_config)
+    for key in WINDOW_KEYS if window else ():
+        value = window[key]
         items.append(f"data.{key}=[{','.join(str(v) for v in value)}]" if isinstance(value, list) else
                      f"data.{key}={value}")
     return items

@@ -173,10 +173,11 @@ def read_adapter_config(out_dir: str) -> dict:
     if base is not None and not (isinstance(base, dict) and isinstance(base.get("fingerprint"), str)
                                  and isinstance(base.get("checkpoint", ""), str)):
         raise AdapterError(f"{path}: key 'base' must be {{\"checkpoint\": path, \"fingerprint\": text}}, got {base!r}")
-    window = config.get("data")  # absent in exports written before they recorded it
-    if window is not None and not (isinstance(window, dict) and set(window) == set(WINDOW_KEYS) and all(
+    window = config.get("data")  # absent in exports written before they recorded it; later keys are left alone
+    if window is not None and not (isinstance(window, dict) and set(WINDOW_KEYS) <= set(window) and all(
             isinstance(window[k], int) and not isinstance(window[k], bool) for k in WINDOW_KEYS[:4]) and
-            isinstance(window["pointmap_percentiles"], list) and len(window["pointmap_percentiles"]) == 2):
+            isinstance(window["pointmap_percentiles"], list) and len(window["pointmap_percentiles"]) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in window["pointmap_percentiles"])):
         raise AdapterError(f"{path}: key 'data' must hold {', '.join(WINDOW_KEYS)} (whole numbers and a [lo, hi] "
                            f"pair), got {window!r}")
     return config

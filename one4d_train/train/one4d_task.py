@@ -513,7 +513,8 @@ def text_width_problems(mcfg, spec: str, stats: dict, key: str) -> list[tuple[st
         return []
     from data_pipeline.manifest import TEXT_EMBEDDING_WIDTH
 
-    alike = f" (or with {dim}-wide ones)" if dim == TEXT_EMBEDDING_WIDTH else ""  # a manifest stores no other width
+    alike = (f" (or with {dim}-wide ones)" if dim == TEXT_EMBEDDING_WIDTH else  # what a manifest stores
+             f" (or with {dim}-wide ones, as `one4d encode-latents` under model.preset={mcfg.preset} stores them)")
     return [(key, f"{spec} stores text embeddings {' and '.join(map(str, text['widths']))} wide "
              f"({text['samples']} samples), the backbone of model.preset={mcfg.preset} takes {dim}: use a preset "
              f"whose text input is {other[0]} wide, or shards without stored embeddings{alike}")]

@@ -23,7 +23,7 @@ from data_pipeline import checksums, shard_index as si
 from data_pipeline.decode import SampleError
 from data_pipeline.latents import (LATENT_MEMBERS, encode_batch, fixed_window_sample, latent_members, latents_spec,
                                    raw_of, same_source, settings, tar_samples, text_identity, text_member)
-from data_pipeline.shard import lock_out_dir, shard_done
+from data_pipeline.shard import array_task_index, lock_out_dir, shard_done
 
 PLAN_VERSION = 2  # 2: the text encoder joins the plan
 EMPTY_PROMPT = "empty_prompt.npy"
@@ -460,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"expected SRC_SHARDS OUT_DIR (and key=value overrides), got {paths}")
     if not any(a.startswith("config=") for a in overrides):
         p.error("config=EXPERIMENT.yaml is required (it fixes the window, resolution and VAE)")
-    task_index = args.task_index
-    if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-        task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    task_index = array_task_index(args.num_tasks, args.task_index)
     try:
         # paths absolute, as `one4d train` makes them: the VAE and text encoder are recorded by path
         cfg = absolute_paths(load_config(overrides, checks=lambda c: model_file_problems(c, backbone=False)))

@@ -350,16 +350,38 @@ def _write_task(args) -> dict:
     return write_shard(out_dir, name, rows)
 
 
+def array_task_index(num_tasks: int | None, task_index: int | None) -> int | None:
+    """--task-index as given, else, in an array (--num-tasks given), $SLURM_ARRAY_TASK_ID where it is set."""
+    if num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return int(os.environ["SLURM_ARRAY_TASK_ID"])
+    return task_index
+
+
+def array_task_problem(num_tasks: int | None, task_index: int | None) -> str | None:
+    """Why --num-tasks N / --task-index I name no task of an array of N (None where they do, or neither is given);
+    `one4d shard` and `one4d encode-latents` alike."""
+    if num_tasks is None:
+        return None if task_index is None else "--task-index needs --num-tasks (the array's size)"
+    if task_index is None:
+        return ("--num-tasks needs --task-index, which defaults to $SLURM_ARRAY_TASK_ID, not set here (outside an "
+                "array job give --task-index I)")
+    if num_tasks < 1:
+        return f"--num-tasks must be >= 1, got {num_tasks}"
+    if not 0 <= task_index < num_tasks:
+        return (f"--task-index must be in [0, {num_tasks - 1}] with --num-tasks {num_tasks}, got {task_index}"
+                + (f" (array task ids start at 0: --array=0-{num_tasks - 1})" if task_index == num_tasks else ""))
+    return None
+
+
 def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_bytes: int | None = None,
                  workers: int = 1, num_tasks: int | None = None, task_index: int | None = None,
                  progress: bool = True) -> dict:
     """Write this task's planned shards (all shards without num_tasks), skipping finished ones; then write
     index.json (single run) or index.task-I.json (array task). Returns a summary dict (`repeated`: the written
     rows, of this task's shards, that repeat an earlier one's clip or id: manifest.repeated_rows)."""
-    if (num_tasks is None) != (task_index is None):
-        raise ShardingError("--num-tasks and --task-index go together")
-    if num_tasks is not None and not (num_tasks >= 1 and 0 <= task_index < num_tasks):
-        raise ShardingError(f"need 0 <= task_index < num_tasks, got {task_index} and {num_tasks}")
+    problem = array_task_problem(num_tasks, task_index)
+    if problem:
+        raise ShardingError(problem)
     out_dir = Path(out_dir)
     recorded = out_dir / si.PLAN
     plan, rows = make_plan(manifest, samples_per_shard, shard_bytes,

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from data_pipeline.shard import ShardingError, merge, run_sharding
+from data_pipeline.shard import ShardingError, array_task_index, array_task_problem, merge, run_sharding
 from data_pipeline.shard_index import PLAN, REJECTS, ShardIndexError
 
 
@@ -63,19 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return _none_written(t["samples"], t["rejected"])
         if len(args.paths) != 2:
             p.error("expected MANIFEST OUT_DIR")
-        task_index = args.task_index
-        if args.num_tasks is not None and task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-            task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
-        if args.num_tasks is None and task_index is not None:
-            p.error("--task-index needs --num-tasks (the array's size)")
-        if args.num_tasks is not None and task_index is None:
-            p.error("--num-tasks needs --task-index, which defaults to $SLURM_ARRAY_TASK_ID, not set here (outside "
-                    "an array job give --task-index I)")
-        if args.num_tasks is not None and not (args.num_tasks >= 1 and 0 <= task_index < args.num_tasks):
-            p.error(f"--task-index must be in [0, {args.num_tasks - 1}] with --num-tasks {args.num_tasks}, got "
-                    f"{task_index}" + (f" (array task ids start at 0: --array=0-{args.num_tasks - 1})"
-                                       if task_index == args.num_tasks else "")
-                    if args.num_tasks >= 1 else f"--num-tasks must be >= 1, got {args.num_tasks}")
+        task_index = array_task_index(args.num_tasks, args.task_index)
+        problem = array_task_problem(args.num_tasks, task_index)
+        if problem:
+            p.error(problem)
         if args.samples_per_shard is not None and args.samples_per_shard < 1:
             p.error(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
         if args.shard_bytes is not None and args.shard_bytes < 1:

@@ -61,34 +61,40 @@ class NullTracker:
     def end(self, status: str = "FINISHED") -> None: ...
 
 
-def _survivable(write):
-    """A write after the run started: one that raises is logged, counted and skipped (see the module's doc)."""
-    signature = inspect.signature(write)
+def _said(exc: Exception) -> str:
+    """An exception in one line: SQLAlchemy's messages go on with the statement, its parameters and a link, left out
+    (the cause comes first)."""
+    said = " ".join(line.strip() for line in str(exc).splitlines()
+                    if line.strip() and not line.startswith(("[SQL", "[parameters", "(Background")))
+    return f"{type(exc).__name__}: {said[:400]}"
 
-    @functools.wraps(write)
-    def guarded(self, *args, **kwargs):
-        if self.disabled:  # the start failed: this job trains without tracking (start)
-            return None
-        if (self.failing_since is not None and time.monotonic() - self.failing_since < self.break_s
-                and write.__name__ != "end"):
-            self.failed_writes += 1  # skipped: the store failed moments ago
-            return None
-        try:
-            done = write(self, *args, **kwargs)
-            self.failing_since = None
-            return done
-        except Exception as exc:  # noqa: BLE001 - any store failure; KeyboardInterrupt and the like still pass
-            self.failed_writes += 1
-            self.failing_since = time.monotonic()
-            step = signature.bind(self, *args, **kwargs).arguments.get("step")
-            # SQLAlchemy's messages go on with the statement, its parameters and a link: the cause comes first
-            said = " ".join(line.strip() for line in str(exc).splitlines()
-                            if line.strip() and not line.startswith(("[SQL", "[parameters", "(Background")))
-            log.warning("MLflow: %s%s failed, training goes on without it (%d failed write(s) so far; the writes of "
-                        "the next %.0f s are skipped, then tried again): %s: %s", write.__name__,
-                        "" if step is None else f" of step {step}", self.failed_writes, self.break_s,
-                        type(exc).__name__, said[:400])
-    return guarded
+
+def _survivable(breaks: bool = True):
+    """A write after the run started: one that raises is logged, counted and skipped (see the module's doc);
+    `breaks`: skipped as well while the store failed moments ago (BREAK_S; the run's end is tried all the same)."""
+    def wrap(write):
+        signature = inspect.signature(write)
+
+        @functools.wraps(write)
+        def guarded(self, *args, **kwargs):
+            if self.disabled:  # the start failed: this job trains without tracking (start)
+                return None
+            if breaks and self.failing_since is not None and time.monotonic() - self.failing_since < self.break_s:
+                self.failed_writes += 1  # skipped: the store failed moments ago
+                return None
+            try:
+                done = write(self, *args, **kwargs)
+                self.failing_since = None
+                return done
+            except Exception as exc:  # noqa: BLE001 - any store failure; KeyboardInterrupt and the like still pass
+                self.failed_writes += 1
+                self.failing_since = time.monotonic()
+                step = signature.bind(self, *args, **kwargs).arguments.get("step")
+                log.warning("MLflow: %s%s failed, training goes on without it (%d failed write(s) so far; the writes "
+                            "of the next %.0f s are skipped, then tried again): %s", write.__name__,
+                            "" if step is None else f" of step {step}", self.failed_writes, self.break_s, _said(exc))
+        return guarded
+    return wrap
 
 
 class MlflowTracker(NullTracker):
@@ -129,7 +135,7 @@ class MlflowTracker(NullTracker):
             try:
                 return self._start(run_id, params, tags, same_config)
             except Exception as exc:  # noqa: BLE001 - any store failure
-                said = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                said = _said(exc)
                 active = self.mlflow.active_run()
                 if active is not None:  # the run began; what failed after it is lost, as a later write would be
                     self.run_id = active.info.run_id
@@ -282,7 +288,7 @@ class MlflowTracker(NullTracker):
             for i in range(0, len(tags), BATCH):
                 self.client.log_batch(self.run_id, tags=tags[i:i + BATCH])
 
-    @_survivable
+    @_survivable()
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log the finite `metrics` at `step`, but for those the continued run holds at that step (_logged_steps)."""
         finite = {k: v for k, v in _finite(metrics).items() if step > (
@@ -290,7 +296,7 @@ class MlflowTracker(NullTracker):
         if finite:
             self.mlflow.log_metrics(finite, step=step)
 
-    @_survivable
+    @_survivable()
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifacts(local_dir, artifact_path)
 
@@ -306,11 +312,11 @@ class MlflowTracker(NullTracker):
             self.client.log_batch(run_id, metrics=finite[i:i + BATCH])
         self.client.log_artifacts(run_id, local_dir, artifact_path)
 
-    @_survivable
+    @_survivable()
     def log_text(self, text: str, name: str) -> None:
         self.mlflow.log_text(text, name)
 
-    @_survivable
+    @_survivable(breaks=False)
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run `status`; one left RUNNING by a failed end is ended when the run directory starts again."""
         if self.run_id is not None:

@@ -120,7 +120,8 @@ def main(argv: list[str]) -> int:
                     print(f"one4d eval: {exc}", file=sys.stderr)
                     return 2
                 windowless = not any(a.startswith("data.height=") for a in args)
-            if run_config and os.path.exists(run_config):  # (an export: a config.yaml beside it)
+            run_config = run_config if run_config and os.path.exists(run_config) else ""
+            if run_config:  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
         try:
             trained = trained_identity(ckpt)
@@ -141,8 +142,7 @@ def main(argv: list[str]) -> int:
                 d = cfg.data
                 print(f"one4d eval: warning: {ckpt} records no data window (an export written before exports "
                       f"recorded it): sampling at data.num_frames={d.num_frames} frame_stride={d.frame_stride} "
-                      f"height={d.height} width={d.width} from "
-                      f"{run_config if run_config and os.path.exists(run_config) else 'the defaults'}; if it was "
+                      f"height={d.height} width={d.width} from {run_config or 'the defaults'}; if it was "
                       "trained at another window, give config= (its run's config.yaml) or data.* to match",
                       file=sys.stderr)
             spec = eval_dataset(cfg)

@@ -21,6 +21,7 @@ from data_pipeline.decode import window_span
 from data_pipeline.finish import finish_batch
 from data_pipeline.latents import LatentsMismatchError, latents_spec, same_source, text_identity
 from data_pipeline.loader import build_loader
+from data_pipeline.manifest import TEXT_EMBEDDING_WIDTH
 from data_pipeline.reader import list_shards, shard_directory, stored_latents, stored_text
 from data_pipeline.shard_index import ShardIndexError, read_index
 from one4d_train.configtools import ConfigError
@@ -511,8 +512,6 @@ def text_width_problems(mcfg, spec: str, stats: dict, key: str) -> list[tuple[st
     other = [w for w in text.get("widths") or [] if w != dim]
     if not other:
         return []
-    from data_pipeline.manifest import TEXT_EMBEDDING_WIDTH
-
     alike = (f" (or with {dim}-wide ones)" if dim == TEXT_EMBEDDING_WIDTH else  # what a manifest stores
              f" (or with {dim}-wide ones, as `one4d encode-latents` under model.preset={mcfg.preset} stores them)")
     return [(key, f"{spec} stores text embeddings {' and '.join(map(str, text['widths']))} wide "
@@ -569,11 +568,12 @@ def upsampled_clip_warning(data, spec: str, stats: dict) -> str | None:
     """The clips of the shard set `spec` (index.json's `statistics.resolutions`) smaller than the window
     data.height x data.width in a side, in words: the loader scales a clip to cover the window before cropping, so
     those train upsampled (blurred frames and pointmaps), which nothing else says."""
-    small = {}
+    small = {}  # size -> (clips, upsampling factor)
     for size, count in (stats.get("resolutions") or {}).items():
         h, _, w = size.partition("x")
-        if h.isdigit() and w.isdigit() and max(data.height / int(h), data.width / int(w)) > 1:
-            small[size] = (count, max(data.height / int(h), data.width / int(w)))
+        factor = max(data.height / int(h), data.width / int(w)) if h.isdigit() and w.isdigit() else 0
+        if factor > 1:
+            small[size] = (count, factor)
     if not small:
         return None
     total = sum((stats.get("resolutions") or {}).values())

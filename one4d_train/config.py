@@ -32,10 +32,12 @@ class One4DConfig:
             p.append(("run_dir", "must name a folder (. for the working directory)"))
         p += in_range(self.seed, 0, 2**32 - 1, "seed")  # numpy's generators take no negative seed
         frames, sparse = self.data.num_frames, self.eval.sparse_frames
-        if "sparse" in self.eval.modes and frames == 1:  # (below 1: data.num_frames' own check)
+        if "sparse" not in self.eval.modes or frames < 1:  # (below 1: data.num_frames' own check)
+            return p
+        if frames == 1:
             p.append(("data.num_frames", "a clip of 1 frame has no sparse mode to evaluate (it observes the first and "
                       "the last frame at least): use 5 or more frames, or leave sparse out of eval.modes"))
-        elif "sparse" in self.eval.modes and frames > 1 and not 2 <= (sparse or 2) <= frames:
+        elif not 2 <= (sparse or 2) <= frames:
             p.append(("eval.sparse_frames", f"the sparse mode observes the first, the last and evenly spaced frames of "
                       f"a clip of data.num_frames={frames}: must be in [2, {frames}] (or 0: the middle of training's "
                       f"sparse range), got {sparse}"))

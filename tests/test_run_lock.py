@@ -103,3 +103,20 @@ def test_a_lock_file_removed_by_its_holder_is_not_held_by_a_late_opener(tmp_path
     assert len(calls) == 2 and os.path.exists(path)
     assert os.fstat(lock.fd).st_ino == os.stat(path).st_ino
     lock.release()
+
+
+def test_a_holder_record_that_cannot_be_written_leaves_no_lock_behind(tmp_path, monkeypatch):
+    """A write of the holder record that fails (a full disk, an NFS error at the fsync) is the key's error, and the
+    lock is let go with its file descriptor: the next attempt in this process (or another job) can hold it."""
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_lock.os, "fsync", no_space)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError, match="key 'run_dir': cannot create .*No space left on device"):
+        run_lock.acquire(str(tmp_path / "run"), {})
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    monkeypatch.undo()
+    lock = run_lock.acquire(str(tmp_path / "run"), {})
+    assert lock is not None
+    lock.release()

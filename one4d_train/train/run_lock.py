@@ -135,10 +135,14 @@ def hold(path: str, environ: dict[str, str] | None = None, what: str = "a second
         os.close(fd)  # locked a file its holder removed on leaving: the lock is the file now at `path`
     holder = {"slurm_job_id": job, "slurm_restart_count": restarts, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    os.ftruncate(fd, 0)
-    if not shared:
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        os.fsync(fd)  # on NFS another node may otherwise read an empty record, which names no holder to recover from
+    try:
+        os.ftruncate(fd, 0)
+        if not shared:
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            os.fsync(fd)  # on NFS another node may otherwise read an empty record, which names no holder to recover from
+    except OSError:
+        os.close(fd)  # the lock goes with it: a caller that reports the error and goes on holds nothing
+        raise
     return RunLock(fd, path)
 
 

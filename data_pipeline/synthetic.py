@@ -26,6 +26,11 @@ COLOURS = {
 LIGHT = np.array([0.4, -0.8, -0.45]) / np.linalg.norm([0.4, -0.8, -0.45])
 
 
+def _a(word: str) -> str:
+    """`word` with its indefinite article (the colour names: "an orange", "a red")."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 @dataclass(frozen=True)
 class Scene:
     """Analytic description of one clip; surfaces are exact, so tests check geometry against it."""
@@ -85,9 +90,10 @@ def make_scene(seed: int, num_frames: int, height: int, width: int) -> Scene:
     names = list(COLOURS)
     picks = rng.choice(len(names), size=5, replace=False)
     colours = dict(zip(["floor", "back_wall", "side_wall", "sphere", "box"], [names[i] for i in picks]))
-    caption = (f"A {colours['sphere']} ball bounces {'right' if dx > 0 else 'left'} across a {colours['floor']} "
-               f"checkered floor while a {colours['box']} box slides {'away' if bdz > 0 else 'closer'}, "
-               f"in front of a {colours['back_wall']} striped wall; the camera drifts and turns.")
+    caption = (f"{_a(colours['sphere']).capitalize()} ball bounces {'right' if dx > 0 else 'left'} across "
+               f"{_a(colours['floor'])} checkered floor while {_a(colours['box'])} box slides "
+               f"{'away' if bdz > 0 else 'closer'}, in front of {_a(colours['back_wall'])} striped wall; the camera "
+               f"drifts and turns.")
     return Scene(floor_y, back_z, side_x, wall_top, r, sphere, spin, half, box, K, poses, colours, caption)
 
 

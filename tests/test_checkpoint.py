@@ -388,6 +388,44 @@ def test_a_damaged_checkpoint_of_the_same_resume_commands_start_falls_back_withi
         ckpt.choose_resume(ten, d, 0, branch=(start, text))
 
 
+def test_a_step_folder_whose_files_changed_size_is_damaged_not_an_unfinished_save(tmp_path, one_rank, caplog):
+    """A save renames its folder to step-X only once complete, so a step folder that is not complete was damaged:
+    a file cut short or a marker overwritten. resume=auto set it aside as an abandoned timeline without a word (and,
+    with no other checkpoint, started afresh from step 0). It is damaged like a CRC mismatch: set aside and named,
+    the next older one tried, a refusal when none is left; a missing file may come back, so it stops the run with
+    nothing moved."""
+    import logging
+
+    from one4d_train.configtools import ConfigError
+
+    d = str(tmp_path / "checkpoints")
+    ten = make(d, 10, crc=True)
+    make(d, 20, crc=True)
+    make(d, 30, crc=True, corrupt=True)  # ds/model.pt cut from 100 to 10 bytes
+    with open(os.path.join(d, ckpt.step_name(20), ckpt.MARKER), "w") as f:
+        f.write("{garbage")
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.choose_resume("auto", d, 0) == (ten, True)
+    assert names(d) == [ckpt.step_name(10)]
+    assert sorted(n.split("-2")[0] for n in os.listdir(d) if n.startswith("damaged-")) == [
+        f"damaged-{ckpt.step_name(20)}", f"damaged-{ckpt.step_name(30)}"]
+    said = caplog.text
+    assert f"{os.path.join(d, ckpt.step_name(30), 'ds', 'model.pt')} is 10 bytes, COMPLETE says 100" in said, said
+    assert "COMPLETE marker is damaged" in said
+
+    forty = make(d, 40, crc=True)
+    os.remove(os.path.join(forty, "ds", "model.pt"))
+    with pytest.raises(ConfigError, match=r"step-00000040 cannot be read now: .*model.pt, listed in COMPLETE, is "
+                                          r"missing. It was not set aside"):
+        ckpt.choose_resume("auto", d, 0)
+    assert names(d) == [ckpt.step_name(10), ckpt.step_name(40)]
+
+    only = str(tmp_path / "only")
+    make(only, 4, crc=True, corrupt=True)
+    with pytest.raises(ConfigError, match="no intact checkpoint left .* only damaged ones set aside"):
+        ckpt.choose_resume("auto", only, 0)
+
+
 def test_a_checkpoint_copied_out_of_its_run_uses_its_own_config(tmp_path):
     """config_of takes the run's config.yaml only for a checkpoint inside a run's checkpoints/ (or set aside there),
     not a config.yaml that happens to sit two folders up from a copy."""

@@ -77,7 +77,7 @@ def test_an_incomplete_checkpoint_is_an_error_naming_why(tmp_path, capsys):
         err = capsys.readouterr().err
         assert str(ckpt) in err and f"no {MARKER} marker" in err, err
     (ckpt / MARKER).write_text('{"step": 10, "files": {')
-    with pytest.raises(EvalInputError, match=f"{MARKER}.*cannot be read"):
+    with pytest.raises(EvalInputError, match=f"{MARKER} marker is damaged"):
         checkpoints_to_evaluate(str(ckpt))
 
 
@@ -145,7 +145,7 @@ def _scored(run, ckpt, *overrides, **settings):
     write_metrics_json(path, {"settings": {k: v for k, v in recorded.items() if v is not None}, "means": {}})
 
 
-def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, capsys):
+def test_run_directory_scan_skips_incomplete_checkpoints_as_damaged(tmp_path, capsys):
     from data_utils import make_shards
 
     shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
@@ -155,11 +155,13 @@ def test_run_directory_scan_skips_incomplete_checkpoints_and_says_so(tmp_path, c
     assert "nothing to evaluate" in capsys.readouterr().out
     done = _checkpoint(run, cfg, state, step=10)
     _scored(run, done)
+    # a step folder is renamed from its .tmp- folder once complete: one without its marker was damaged since
     half = _checkpoint(run, cfg, state, step=20, complete=False)
-    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert cli(["eval", f"checkpoint={run}"]) == 2
     out = capsys.readouterr()
     assert "nothing to evaluate" in out.out and "1 complete checkpoint(s) are scored on this dataset" in out.out, out.out
-    assert "step-00000020" in out.err and f"no {MARKER} marker" in out.err, out.err
+    assert f"skipping {half}, damaged: no {MARKER} marker" in out.err, out.err
+    assert f"1 damaged checkpoint(s) not evaluated: {half}" in out.err, out.err
     new = _checkpoint(run, cfg, state, step=30)
     assert checkpoints_to_evaluate(str(run)) == [str(done), str(new)]
     assert checkpoints_to_evaluate(str(half.parent.parent)) == [str(done), str(new)]

@@ -87,7 +87,8 @@ def test_incomplete_checkpoints_are_refused(capsys, tmp_path):
     with open(os.path.join(damaged, "ds", "mp_rank_00_model_states.pt"), "ab") as f:
         f.write(b"more")
     code, out = export(capsys, f"checkpoint={damaged}", f"out={tmp_path / 'out'}")
-    assert code == 2 and "not a complete checkpoint" in out
+    grown = os.path.join(damaged, "ds", "mp_rank_00_model_states.pt")
+    assert code == 2 and "not a complete checkpoint" in out and f"{grown} is " in out, out  # the file named
     assert not (tmp_path / "out").exists()
 
 
@@ -191,9 +192,10 @@ def test_a_run_directory_exports_its_newest_complete_checkpoint(capsys, tmp_path
     """As `one4d eval` and model.init_adapters take one: a run directory was refused as 'not a complete checkpoint',
     which read as damage."""
     done = make_checkpoint(tmp_path, ckpt.step_name(4))
-    make_checkpoint(tmp_path, ckpt.step_name(8), complete=False)  # still being written
+    broken = make_checkpoint(tmp_path, ckpt.step_name(8), complete=False)  # saves rename complete folders: damaged
     code, out = export(capsys, f"checkpoint={tmp_path}", f"out={tmp_path / 'out'}")
     assert code == 0 and f"exporting its newest complete checkpoint, {done}" in out, out
+    assert f"warning: passing over {broken}, damaged after its save: no COMPLETE marker" in out, out
     assert filecmp.cmp(tmp_path / "out" / "lora_rgb.safetensors", os.path.join(done, "adapters", "lora_rgb.safetensors"),
                        shallow=False)
     empty = tmp_path / "empty_run"

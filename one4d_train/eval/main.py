@@ -33,7 +33,7 @@ from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_t
                                        scoring_settings, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, WINDOW_KEYS, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
-from one4d_train.train.checkpoint import CheckpointDamaged, checkpoint_problem, config_of
+from one4d_train.train.checkpoint import CheckpointDamaged, broken_checkpoints, checkpoint_problem, config_of
 from one4d_train.train.warm_start import trained_identity
 from one4d_train.train.one4d_task import (identity_problems, index_problems, link_problems, model_file_problems,
                                           unset_file_problems)
@@ -94,10 +94,12 @@ def main(argv: list[str]) -> int:
         return 2
     # a run directory: its checkpoints were listed once, and the training run may prune them or another job score them
     scan = os.path.isdir(os.path.join(target[0], "checkpoints"))
+    # step folders whose files changed after their save: named above, counted with the damaged ones below
+    damaged = [path for path, _, _ in broken_checkpoints(os.path.join(target[0], "checkpoints"))] if scan else []
     if not checkpoints:
         print(f"one4d eval: nothing to evaluate under run directory {target[0]}: no complete checkpoint")
-        return 0
-    done, damaged = [], []
+        return 2 if damaged else 0
+    done = []
     for ckpt in checkpoints:
         try:
             run_dir, run_id, step = run_of(ckpt)

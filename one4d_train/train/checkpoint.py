@@ -340,13 +340,20 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
     resume=PATH command made (branch_progress), that command's own progress: a damaged one is set aside as
     resume=auto does and the branch's next newest tried, then PATH itself (branch_fallback). ConfigError for a
     damaged resume=PATH, for damage with no intact checkpoint left (a fresh start is resume=never's, never a silent
-    fallback), and for a file that cannot be read now (missing, an I/O error: it may pass, so nothing is set aside)."""
+    fallback), and for a file that cannot be read now (missing, an I/O error: it may pass, so nothing is set aside).
+    A step folder newer than every complete one whose file sizes or marker changed (broken_checkpoints) is damaged
+    as well: resume=auto sets it aside the same way, rather than taking it for a save that never finished."""
+    from one4d_train.train.distributed import broadcast_from_main
+
     set_aside_now = []
+    if resume == "auto":
+        refusal = _set_broken_aside(ckpt_dir, set_aside_now) if rank == 0 else None
+        refusal, set_aside_now = broadcast_from_main((refusal, set_aside_now))
+        if refusal:
+            raise ConfigError(f"key 'resume': {refusal}")
     while True:
         path = resolve_resume_once(resume, ckpt_dir)
         if path is None:
-            from one4d_train.train.distributed import broadcast_from_main
-
             refusal = broadcast_from_main(only_damaged_left(ckpt_dir) if resume == "auto" else None)
             if refusal:
                 raise ConfigError(f"key 'resume': {refusal}")
@@ -371,6 +378,26 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
                         "checkpoint%s", what, "; ".join(damaged), dest, then)
         if branch is not None:
             resume, branch = branch_fallback(ckpt_dir, *branch, set_aside_now, rank)
+
+
+def _set_broken_aside(ckpt_dir: str, set_aside_now: list[str]) -> str | None:
+    """Rank 0 of choose_resume: set the broken step folders newer than the newest complete checkpoint aside as
+    damaged (newest first, each named in a warning, appended to `set_aside_now`); the refusal when one may pass
+    (a file missing, an I/O error), with nothing moved from there on."""
+    complete = complete_checkpoints(ckpt_dir)
+    newest = int(STEP_DIR.match(os.path.basename(complete[-1])).group(1)) if complete else -1
+    for path, problem, may_pass in reversed(broken_checkpoints(ckpt_dir)):
+        if int(STEP_DIR.match(os.path.basename(path)).group(1)) < newest:
+            break
+        if may_pass:
+            moved = f" ({', '.join(set_aside_now)} set aside as damaged before)" if set_aside_now else ""
+            return (f"{path} cannot be read now: {problem}. It was not set aside{moved}: run again once the file "
+                    "system serves it or the file is put back (or resume=PATH of another checkpoint)")
+        dest = set_damaged_aside(path)
+        set_aside_now.append(path)
+        log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
+                    "trying the next older checkpoint", path, problem, dest)
+    return None
 
 
 def branch_fallback(ckpt_dir: str, start: str, config_text: str, set_aside_now: list[str],
@@ -448,21 +475,44 @@ def is_complete(path: str) -> bool:
 def checkpoint_problem(path: str) -> str | None:
     """Why `path` is not a complete checkpoint (its COMPLETE marker lists every file at its size), None when it
     is one."""
+    return incompleteness(path)[0]
+
+
+def incompleteness(path: str) -> tuple[str | None, bool]:
+    """(checkpoint_problem, whether it may pass: a file missing or an I/O error, which a file system that serves
+    the folder late or a file put back ends, as against a file whose size or marker changed)."""
     try:
         files = marker_of(path)["files"]
     except FileNotFoundError:
-        return f"no {MARKER} marker (a checkpoint still being written, or copied without it)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"its {MARKER} marker cannot be read ({exc!r})"
+        return f"no {MARKER} marker (a checkpoint still being written, or copied without it)", False
+    except OSError as exc:
+        return f"its {MARKER} marker cannot be read now ({exc})", True
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"its {MARKER} marker is damaged ({exc!r})", False
     if not isinstance(files, dict) or not files:
-        return f"its {MARKER} marker lists no files"
+        return f"its {MARKER} marker lists no files", False
     for rel, size in sorted(files.items()):
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
-            return f"{rel}, listed in {MARKER}, is missing"
+            return f"{full}, listed in {MARKER}, is missing", True
         if os.path.getsize(full) != size:
-            return f"{rel} is {os.path.getsize(full)} bytes, {MARKER} says {size} (cut short or changed)"
-    return None
+            return f"{full} is {os.path.getsize(full)} bytes, {MARKER} says {size} (cut short or changed)", False
+    return None, False
+
+
+def broken_checkpoints(ckpt_dir: str) -> list[tuple[str, str, bool]]:
+    """(path, checkpoint_problem, whether it may pass) of the step folders of `ckpt_dir` that are not complete,
+    oldest first. A save renames its folder to step-X only once complete, and a prune renames one away before
+    deleting it, so such a folder was complete and changed since: a file cut short, removed or resized, or its
+    marker changed."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n)):
+        problem, may_pass = incompleteness(os.path.join(ckpt_dir, name))
+        if problem:
+            out.append((os.path.join(ckpt_dir, name), problem, may_pass))
+    return out
 
 
 def marker_of(path: str) -> dict:

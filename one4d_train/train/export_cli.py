@@ -229,12 +229,18 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
-    from one4d_train.train.checkpoint import MARKER, complete_checkpoints, is_complete, verify_folder
+    from one4d_train.train.checkpoint import (MARKER, broken_checkpoints, checkpoint_problem, complete_checkpoints,
+                                              verify_folder)
 
     if not os.path.isdir(ckpt):
         raise ExportError(f"checkpoint {ckpt} is not a directory")
     if not os.path.isfile(os.path.join(ckpt, MARKER)) and os.path.isdir(os.path.join(ckpt, "checkpoints")):
         found = complete_checkpoints(os.path.join(ckpt, "checkpoints"))  # a run directory, as eval takes one
+        newest = os.path.basename(found[-1]) if found else ""
+        for broken, problem, _ in broken_checkpoints(os.path.join(ckpt, "checkpoints")):
+            if os.path.basename(broken) > newest:  # step names sort by step
+                print(f"one4d export: warning: passing over {broken}, damaged after its save: {problem}",
+                      file=sys.stderr)
         if not found:
             raise ExportError(f"{ckpt}: a run directory without a complete checkpoint (none of its checkpoints/ "
                               "finished saving)")
@@ -246,9 +252,10 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
     problem = _target_problem(out)
     if problem:
         raise ExportError(f"out={out}: {problem}")
-    if not is_complete(ckpt):
-        raise ExportError(f"{ckpt}: not a complete checkpoint (no valid {MARKER} marker: still being written, left "
-                          "by a killed job, or its files changed since); export a step-* checkpoint whose save finished")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise ExportError(f"{ckpt}: not a complete checkpoint: {problem}; export a step-* checkpoint whose save "
+                          "finished and whose files are as it wrote them")
     src = os.path.join(ckpt, "adapters")
     rebuild = from_zero or not os.path.isdir(src)
     verify_folder(ckpt, "ds" if rebuild else "adapters")  # sizes alone miss flipped bytes, which load silently

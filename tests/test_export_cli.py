@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_from_zero_spellings_rebuild_from_the_partitions(capsys, tmp_path, flag)
     checkpoint's own), which this one lacks: the refusal shows the rebuild was taken."""
     ckpt_dir = make_checkpoint(tmp_path)
     code, out = export(capsys, f"checkpoint={ckpt_dir}", f"out={tmp_path / 'out'}", flag)
-    assert code == 2 and f"no config.yaml in the run directory of {ckpt_dir} nor in the checkpoint" in out, out
+    assert code == 2 and f"no config.yaml in the checkpoint {ckpt_dir} nor in its run directory" in out, out
     assert not (tmp_path / "out").exists()
 
 
@@ -160,6 +161,29 @@ def test_flipped_bytes_in_the_files_read_exit_2_naming_the_file(capsys, tmp_path
     Path(damaged).write_bytes(bytes(data))
     code, out = export(capsys, f"checkpoint={path}", f"out={tmp_path / 'out'}", flag)
     assert code == 2 and f"checkpoint {path} is damaged: {damaged}: its bytes changed after the save" in out, out
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_changed_config_yaml_in_the_checkpoint_is_damage_and_the_run_s_later_config_is_not_read(capsys, tmp_path):
+    """The rebuild from the ZeRO partitions reads the adapters' layout (rank, alpha) from a config: the run's
+    config.yaml was read first, which a later start in the run directory (resume=never model.lora.rank=4) rewrites,
+    and the checkpoint's own config.yaml, whose CRC-32 the marker records, was never verified: an edited alpha (same
+    size) exported lora_B scaled wrong, exit 0. The checkpoint's own is read, and verified like ds/."""
+    from one4d_train.config import load_config, to_yaml
+
+    path = make_checkpoint(tmp_path, complete=False)
+    own = Path(path) / "config.yaml"
+    own.write_text(to_yaml(load_config(["model.lora.alpha=8.0"])))
+    mark_complete(path)
+    (tmp_path / "config.yaml").write_text("model: {lora: {rank: [not a rank]}}\n")  # a later start's; unread
+    with mock.patch("deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint",
+                    side_effect=RuntimeError("reached the rebuild")):
+        with pytest.raises(RuntimeError, match="reached the rebuild"):  # the run's config.yaml would not load
+            export(capsys, f"checkpoint={path}", f"out={tmp_path / 'out'}", "from_zero=true")
+    own.write_text(own.read_text().replace("alpha: 8.0", "alpha: 4.0"))
+    for flag in ("from_zero=true", "from_zero=false"):
+        code, out = export(capsys, f"checkpoint={path}", f"out={tmp_path / 'out'}", flag)
+        assert code == 2 and f"checkpoint {path} is damaged: {own}: its bytes changed after the save" in out, out
     assert not (tmp_path / "out").exists()
 
 

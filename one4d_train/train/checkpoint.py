@@ -262,12 +262,13 @@ def check_files(path: str, rels: list[str] | None = None) -> tuple[list[str], li
 
 
 def verify_folder(path: str, folder: str) -> None:
-    """Verify the files of checkpoint `path` under `folder` ("adapters", "ds") against their marker's CRC-32s
-    (nothing to verify in a folder that is no checkpoint, or under a marker that records none); CheckpointDamaged
-    naming the damaged files otherwise."""
+    """Verify the files of checkpoint `path` under `folder` ("adapters", "ds"; or the file itself: "config.yaml")
+    against their marker's CRC-32s (nothing to verify in a folder that is no checkpoint, or under a marker that
+    records none); CheckpointDamaged naming the damaged files otherwise."""
     if not os.path.isfile(os.path.join(path, MARKER)):
         return
-    damaged = damaged_files(path, [rel for rel in marker_of(path).get("files") or {} if rel.startswith(folder + "/")])
+    damaged = damaged_files(path, [rel for rel in marker_of(path).get("files") or {}
+                                   if rel == folder or rel.startswith(folder + "/")])
     if damaged:
         raise CheckpointDamaged(f"checkpoint {path} is damaged: {'; '.join(damaged)}. Use another checkpoint, or put "
                                 "back an intact copy of the file")

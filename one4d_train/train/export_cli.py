@@ -57,20 +57,20 @@ def rebuild_from_zero(ckpt: str, out: str) -> None:
     from deepspeed.utils import zero_to_fp32
 
     from one4d_train.config import load_config
-    from one4d_train.train.checkpoint import config_of, weights_only_load
+    from one4d_train.train.checkpoint import weights_only_load
     from one4d_train.model.adapters import data_window, export_adapters
     from one4d_train.train.warm_start import trained_identity
 
-    cfg_path = config_of(ckpt)
+    # the checkpoint's own config: the adapters' layout (rank, alpha, design) as trained, which a later start in the
+    # same run directory (resume=never model.lora.rank=...) changes in the run's config.yaml
+    cfg_path = _own_config(ckpt)
     if not cfg_path:
-        raise ExportError(f"no config.yaml in the run directory of {ckpt} nor in the checkpoint (the merged config it "
+        raise ExportError(f"no config.yaml in the checkpoint {ckpt} nor in its run directory (the merged config it "
                           "was trained with is needed to rebuild from the ZeRO partitions)")
     cfg = load_config([f"config={cfg_path}"])
     with weights_only_load(zero_to_fp32.torch):
         state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(ckpt, tag="ds", exclude_frozen_parameters=True)
-    own = _own_config(ckpt)
-    window = data_window((load_config([f"config={own}"]) if own != cfg_path else cfg).data)
-    export_adapters(state, cfg.model, out, base=trained_identity(ckpt), window=window)
+    export_adapters(state, cfg.model, out, base=trained_identity(ckpt), window=data_window(cfg.data))
 
 
 def _own_config(ckpt: str) -> str:
@@ -229,8 +229,8 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
-    from one4d_train.train.checkpoint import (MARKER, broken_checkpoints, checkpoint_problem, complete_checkpoints,
-                                              verify_folder)
+    from one4d_train.train.checkpoint import (CONFIG_FILE, MARKER, broken_checkpoints, checkpoint_problem,
+                                              complete_checkpoints, verify_folder)
 
     if not os.path.isdir(ckpt):
         raise ExportError(f"checkpoint {ckpt} is not a directory")
@@ -259,6 +259,7 @@ def export(ckpt: str, out: str, from_zero: bool) -> None:
     src = os.path.join(ckpt, "adapters")
     rebuild = from_zero or not os.path.isdir(src)
     verify_folder(ckpt, "ds" if rebuild else "adapters")  # sizes alone miss flipped bytes, which load silently
+    verify_folder(ckpt, CONFIG_FILE)  # the layout a rebuild reads, the data window an export records
     try:
         config, state = _write_export(None if rebuild else src, ckpt, out)
     except OSError as exc:

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -571,3 +572,31 @@ def test_a_key_a_checkpoints_config_lacks_counts_as_its_default(tmp_path):
     assert ckpt.config_changes(str(tmp_path), to_yaml(cfg)) == []
     other = load_config(["model.vae_videos_per_call=1", "optim.lr=0.5"])
     assert ckpt.config_changes(str(tmp_path), to_yaml(other)) == ["model.vae_videos_per_call", "optim.lr"]
+
+
+def test_a_save_that_fails_says_why_with_the_space_left_and_a_restart_clears_its_leftovers(tmp_path, one_rank):
+    """A full disk during a save ended the run with torch's 'unexpected pos' traceback, and the unfinished folder it
+    left filled the disk for the next start, whose first write (`latest`) failed before any step. The failure is one
+    message naming the step, the space left and the checkpoint the same command resumes from; a start removes what
+    an interrupted save left."""
+    import errno
+
+    d = tmp_path / "run" / "checkpoints"
+    ten = make(str(d), 10, crc=True)
+
+    class FullDisk:
+        def save_checkpoint(self, folder, **kwargs):
+            os.makedirs(os.path.join(folder, "ds"), exist_ok=True)
+            (Path(folder) / "ds" / "half.pt").write_bytes(b"x" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    saver = ckpt.Checkpointer(str(tmp_path / "run"), 0, 1, keep_last=2)
+    with pytest.raises(ckpt.CheckpointSaveError) as caught:
+        saver.save(FullDisk(), 20, {}, {})
+    said = str(caught.value)
+    assert said.startswith(f"the checkpoint of step 20 into {d} failed (OSError: [Errno 28] No space left on device)")
+    assert " GB free on its file system" in said and f"The same command resumes from {ten};" in said, said
+    (d / "latest.tmp-4242").write_text("step-00000020")
+    assert sorted(os.listdir(d)) == [".tmp-" + ckpt.step_name(20), "latest.tmp-4242", ckpt.step_name(10)]
+    saver.clear_leftovers()
+    assert sorted(os.listdir(d)) == [ckpt.step_name(10)]

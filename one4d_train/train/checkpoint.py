@@ -60,6 +60,11 @@ DAMAGED_ADVICE = ("Resume from another checkpoint (resume=PATH of an earlier one
                   "damaged checkpoint aside and takes the newest intact one), or put back an intact copy of the file")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a file system error): the message says which step,
+    the space left and where the run resumes from."""
+
+
 class CheckpointDamaged(ValueError):
     """A checkpoint file that does not read back as it was written: its CRC-32 differs from the one its COMPLETE
     marker records, or it does not load. The message names the file."""
@@ -641,15 +646,41 @@ class Checkpointer:
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.config_text = config_text  # written into each checkpoint as config.yaml (rank 0)
 
+    def clear_leftovers(self) -> None:
+        """Rank 0: remove what an interrupted save, delete or pointer update left (.tmp- folders, latest.tmp- files):
+        never read, and on a full disk the space the next start needs (its first write, `latest`, failed there).
+        Only this run writes into the folder (the run lock)."""
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+            path = os.path.join(self.dir, name)
+            if name.startswith(".tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith("latest.tmp-"):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
     def save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export=None) -> str:
-        """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too); None: none."""
+        """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too); None: none.
+        CheckpointSaveError says what failed, the space left and where the run would resume from."""
+        try:
+            return self._save(engine, step, train_state, tensors, export)
+        except Exception as exc:
+            try:
+                free = f"{shutil.disk_usage(self.dir).free / 1e9:.1f} GB free on its file system"
+            except OSError:
+                free = "its file system's free space unknown"
+            done = complete_checkpoints(self.dir)
+            raise CheckpointSaveError(
+                f"the checkpoint of step {step} into {self.dir} failed ({type(exc).__name__}: {exc}); {free} (a full "
+                f"disk can also read as torch's 'unexpected pos'). The same command resumes from "
+                f"{done[-1] if done else 'step 0 (no complete checkpoint)'}; the unfinished folder is removed when "
+                "it starts") from exc
+
+    def _save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export) -> str:
         final = os.path.join(self.dir, step_name(step))
         tmp = os.path.join(self.dir, ".tmp-" + step_name(step))
         if self.rank == 0:
             os.makedirs(self.dir, exist_ok=True)
-            for name in os.listdir(self.dir):
-                if name.startswith(".tmp-"):
-                    shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+            self.clear_leftovers()
             os.makedirs(os.path.join(tmp, "train_state"))
             if self.config_text:
                 with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -111,12 +111,12 @@ def main(argv: list[str]) -> int:
 def report_failure(exc: BaseException, tracker) -> int:
     """Print the failure, end this rank's MLflow run (started or not; other ranks hold a no-op tracker) as FAILED,
     KILLED for an interrupt, and return the exit code: 2 for a config error found late or a damaged checkpoint file
-    (the message names it: no traceback), 130 (the shell's code for SIGINT) for a second Ctrl-C (one line), else 1."""
-    from one4d_train.train.checkpoint import CheckpointDamaged
+    (the message names it: no traceback), 1 for a checkpoint that could not be written (one line too), 130 (the shell's code for SIGINT) for a second Ctrl-C (one line), else 1."""
+    from one4d_train.train.checkpoint import CheckpointDamaged, CheckpointSaveError
 
     if isinstance(exc, ConfigError):
         _print_config_error(exc)
-    elif isinstance(exc, CheckpointDamaged):
+    elif isinstance(exc, (CheckpointDamaged, CheckpointSaveError)):
         print(f"checkpoint error: {exc}", file=sys.stderr)
     elif isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, as asked
         print("one4d train: interrupted (no checkpoint of the steps since the last one; the same command resumes "

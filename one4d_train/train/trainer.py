@@ -132,6 +132,8 @@ class Trainer:
     def _resume(self) -> tuple[dict | None, str | None]:
         """Load the checkpoint chosen by cfg.resume, after moving aside any newer one of this run (an abandoned
         timeline); returns (loader position, the MLflow run to continue: None for a new one)."""
+        if self.env.is_main:  # an interrupted save's folder: on a full disk, the space this start writes into
+            self.checkpointer.clear_leftovers()
         resume, start = self._resume_target()
         # every rank verifies the files it reads; resume=auto sets a damaged checkpoint aside and falls back, as
         # resume=PATH does among the checkpoints its command went on to

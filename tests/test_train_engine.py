@@ -861,3 +861,17 @@ def test_a_resume_under_another_config_logs_and_evaluates_the_retrained_steps_ag
     for key, old in before.items():
         new = metric(client, run, key)
         assert new[6] != old[6] and {s: new[s] for s in old if s <= 4} == {s: v for s, v in old.items() if s <= 4}, key
+
+
+def test_a_stop_requested_during_a_checkpoint_ends_on_that_checkpoint(tmp_path):
+    """A signal that came while a checkpoint was written was seen only after the next step, which was then saved
+    again: a second step and a second save inside the grace time. The run stops on the checkpoint it just wrote,
+    leaving that step's evaluation to the requeue, which runs it first."""
+    args = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1", "eval.every=4"]
+    code, out = single(tmp_path, *args, extra_env={ckpt.TEST_SLEEP_ENV: "4:1:USR1"})
+    assert code == 42 and "checkpointed step 4, exiting 42" in out, out[-4000:]
+    assert "evaluation of step 4 left for after the requeue (stop requested during its checkpoint)" in out
+    assert "step 5/" not in out and "eval step 4" not in out
+    assert checkpoint_names(tmp_path) == ["latest", ckpt.step_name(4) + "*"]
+    code, out = single(tmp_path, *args)
+    assert code == 0 and out.index("eval step 4: eval_loss") < out.index("step 5/"), out[-4000:]

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
 CONFIG_FILE = "config.yaml"
-TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"  # "STEP:SECONDS": stall inside that checkpoint's write (kill tests)
+# "STEP:SECONDS[:SIGNAL]": stall inside that checkpoint's write (kill tests), first sending SIGNAL to this process
+TEST_SLEEP_ENV = "ONE4D_TEST_CHECKPOINT_SLEEP"
 CRC_CHUNK = 8 << 20  # bytes per zlib.crc32 call: a file is checksummed without being held in memory
 STATE_KEYS = ("step", "samples_seen", "bad_streak", "skipped_total", "loader", "rng", "mlflow_run_id")  # train_state
 RNG_TENSORS = ("torch", "generator")
@@ -635,9 +636,13 @@ def restore_rng(state: dict, tensors: dict[str, torch.Tensor], generator: torch.
 
 
 def _test_stall(step: int) -> None:
-    spec = os.environ.get(TEST_SLEEP_ENV, "")
-    if spec and int(spec.split(":")[0]) == step:
-        time.sleep(float(spec.split(":")[1]))
+    at, seconds, *name = os.environ.get(TEST_SLEEP_ENV, "").split(":") + [""]
+    if at and int(at) == step:
+        if name[0]:
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, "SIG" + name[0]))
+        time.sleep(float(seconds))
 
 
 class Checkpointer:

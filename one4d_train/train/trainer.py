@@ -428,6 +428,11 @@ class Trainer:
             with timer.paused():
                 if step % t.checkpoint_every == 0 or step == t.steps or stop:
                     self._save(loader)
+                    if not stop and step < t.steps:  # a signal during the save: stop on this checkpoint, not
+                        stop = self.preemption.agreed(self.device)  # after another step and another save
+                        if due and stop and self.env.is_main:
+                            log.warning("evaluation of step %d left for after the requeue (stop requested during "
+                                        "its checkpoint)", step)
                 if due and not stop and not self._evaluated():  # one that finished before a kill is not repeated
                     self._evaluate()
             if stop:

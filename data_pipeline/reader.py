@@ -39,6 +39,11 @@ _PERMUTE, _RESAMPLE, _SHUFFLE, _SAMPLE = 1, 2, 3, 4
 _STRIDE = 1 << 32  # order items are encoded as source * _STRIDE + index-in-shard
 
 
+class NoUsableSamples(RuntimeError):
+    """A reader slot found no usable sample in EMPTY_EPOCHS_LIMIT epochs in a row: its shards became unreadable,
+    or every sample in them is skipped. Raised in a DataLoader worker, it reaches the trainer as the same type."""
+
+
 @dataclass(frozen=True)
 class Shard:
     name: str
@@ -365,8 +370,9 @@ class ShardStream(IterableDataset):
                 empty += 1
                 names = [s.name for s in sources]
                 if empty >= EMPTY_EPOCHS_LIMIT:
-                    raise RuntimeError(f"reader slot {slot}: no usable sample in {empty} epochs in a row (the last, "
-                                       f"epoch {epoch}: shards {names}); see the logged reasons")
+                    raise NoUsableSamples(f"reader slot {slot}: no usable sample in {empty} epochs in a row (the last, "
+                                          f"epoch {epoch}: shards {names}); the reason for each sample is logged "
+                                          "above; `one4d inspect-shards` checks the shards")
                 log.warning("reader slot %d: no usable sample in epoch %d (shards %s); going on with epoch %d",
                             slot, epoch, names, epoch + 1)
             elif yielded:

@@ -209,13 +209,26 @@ def test_a_slot_whose_shards_are_all_bad_in_an_epoch_goes_on(tmp_path, mode):
     assert any(sorted(e) != list(range(min(e), max(e) + 1)) for e in epochs.values()), epochs
 
 
-def test_a_slot_with_no_usable_data_at_all_stops_with_the_reason(tmp_path):
+def test_a_slot_with_no_usable_data_at_all_stops_with_the_reason(tmp_path, capsys):
+    """Through a DataLoader worker too; `one4d train` reports it in one line (it printed the worker's traceback
+    inside the main process's, exit 1, with nothing that said what to do)."""
+    from data_pipeline.reader import NoUsableSamples
+    from one4d_train.train.main import report_failure
+
     shards_dir = make_shards(tmp_path, num_clips=2, samples_per_shard=1, **SRC)
     for shard in list_shards(str(shards_dir)):
         Path(shard.path).write_bytes(Path(shard.path).read_bytes()[:300])
-    loader = build_loader(_cfg(shards_dir), rank=0, world_size=1, seed=0, micro_batch_size=1)
-    with pytest.raises(RuntimeError, match="no usable sample in 16 epochs in a row"):
-        _take(loader, 1)
+    for workers in (0, 1):
+        loader = build_loader(_cfg(shards_dir, num_workers=workers), rank=0, world_size=1, seed=0,
+                              micro_batch_size=1)
+        with pytest.raises(NoUsableSamples, match="no usable sample in 16 epochs in a row") as caught:
+            _take(loader, 1)
+    assert report_failure(caught.value, None) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("data error: reader slot 0: no usable sample in 16 epochs in a row (the last, epoch 15: "
+                          "shards ['shard-000001.tar', 'shard-000000.tar']); the reason for each sample is logged "
+                          "above; `one4d inspect-shards` checks the shards. The same command resumes"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_read_in_order_skips_whole_consumed_shards_unopened(depth_shards, monkeypatch, caplog):

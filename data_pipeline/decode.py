@@ -142,9 +142,17 @@ def frame_member(name: str, i: int) -> str:
 
 def frame_count(z: NpzReader, name: str) -> int:
     """The number of per-frame arrays `name_000000`, ... of a geometry npz."""
-    n = sum(1 for f in z.files if f.startswith(name + "_"))
+    found = {f for f in z.files if f.startswith(name + "_")}
+    n = len(found)
     if n == 0:
         raise SampleError(f"member {z.member} has no per-frame arrays '{frame_member(name, 0)}'...")
+    expected = {frame_member(name, i) for i in range(n)}
+    if found != expected:  # a frame missing: read as one frame fewer, the cameras' count was blamed
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
+        raise SampleError(f"member {z.member}: its {n} per-frame arrays are not {frame_member(name, 0)} .. "
+                          f"{frame_member(name, n - 1)}: missing {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}; beyond them {', '.join(unexpected[:3])}"
+                          f"{' ...' if len(unexpected) > 3 else ''}")
     return n
 
 
@@ -209,6 +217,10 @@ def cameras(raw: dict, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     for name, m in (("intrinsics", K), ("poses_c2w", c2w)):
         if m is not None and not np.isfinite(m).all():
             raise SampleError(f"cam.json {name} are not finite")
+        if m is not None:  # unprojection and the pose's inverse would fail on it ("Singular matrix", no member named)
+            singular = np.flatnonzero(np.abs(np.linalg.det(m)) < 1e-12)
+            if singular.size:
+                raise SampleError(f"cam.json {name} of frame {int(singular[0])} are singular (determinant 0)")
     return K, c2w
 
 

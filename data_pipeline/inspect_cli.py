@@ -36,8 +36,15 @@ def _check_member(shard: str, key: str, ext: str, data: bytes) -> None:
     try:
         if ext.endswith(".npz"):
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                frames = {}  # per-frame arrays (depth_000000 ...): the first of each kind
                 for name in z.files:
-                    z[name]
+                    a = z[name]
+                    stem, _, index = name.rpartition("_")
+                    if stem and index.isdigit():  # the reader stacks them: one frame unlike the first skips the sample
+                        first = frames.setdefault(stem, (name, a.dtype, a.shape))
+                        if (a.dtype, a.shape) != first[1:]:
+                            raise ShardProblem(f"{where}: {name} is {a.dtype} {a.shape}, {first[0]} {first[1]} "
+                                               f"{first[2]}: the reader would skip the sample")
         elif ext.endswith(".npy"):
             np.load(io.BytesIO(data), allow_pickle=False)
         elif ext.endswith("json"):

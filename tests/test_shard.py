@@ -960,3 +960,28 @@ def test_inspect_names_samples_whose_members_do_not_fit_each_other(tmp_path, cap
     assert "shard-000000.tar: r000000000: the reader would skip it: ValueError: could not convert string" in err
     assert "shard-000000.tar: r000000001: the reader would skip it: SampleError: cam.json intrinsics have shape " \
            "(9, 3, 3), expected (5, 3, 3)" in err, err  # 9 cameras for 5 frames of depth (and 9 of video)
+
+
+def test_inspect_names_geometry_frames_the_reader_would_skip_and_singular_cameras(tmp_path, capsys):
+    """inspect-shards decoded the first frame only: a later geometry frame of another dtype, a frame missing from
+    the run of names (read as one frame fewer, and blamed on the cameras' count) and singular intrinsics ("Singular
+    matrix" at every epoch, no member named) all passed as OK."""
+    from data_pipeline.shard import npz_arrays_bytes
+    from data_utils import resum
+
+    out = make_shards(tmp_path, num_clips=3, samples_per_shard=3)
+    shard = out / "shard-000000.tar"
+    depth = [(f"depth_{i:06d}", np.ones((32, 64), np.float32 if i == 3 else np.float16)) for i in range(9)]
+    gap = [(f"depth_{i:06d}", np.ones((32, 64), np.float16)) for i in range(10) if i != 4]
+    cam = json.loads(read_tar(shard)["r000000002.cam.json"])
+    cam["intrinsics"] = [[[0.0, 0.0, 32.0], [0.0, 0.0, 16.0], [0.0, 0.0, 1.0]]] * 9
+    _rewrite_sample(shard, "r000000000", lambda raw: resum({**raw, "depth.npz": npz_arrays_bytes(depth)}))
+    _rewrite_sample(shard, "r000000001", lambda raw: resum({**raw, "depth.npz": npz_arrays_bytes(gap)}))
+    _rewrite_sample(shard, "r000000002", lambda raw: resum({**raw, "cam.json": json.dumps(cam).encode()}))
+    assert inspect_main([str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "r000000000.depth.npz: depth_000003 is float32 (32, 64), depth_000000 float16 (32, 64): the reader " \
+           "would skip the sample" in err, err
+    assert "r000000001: the reader would skip it: SampleError: member depth.npz: its 9 per-frame arrays are not " \
+           "depth_000000 .. depth_000008: missing depth_000004; beyond them depth_000009" in err, err
+    assert "r000000002: the reader would skip it: SampleError: cam.json intrinsics of frame 0 are singular" in err, err

@@ -238,7 +238,10 @@ def text_members(raw: dict) -> tuple[str, np.ndarray | None]:
     """(caption, float32 [L, D] text embedding or None) of a raw sample."""
     if "txt" not in raw:  # one4d shard writes one for every sample, empty captions too
         raise SampleError("missing member txt")
-    caption = raw["txt"].decode("utf-8", errors="replace")
+    try:
+        caption = raw["txt"].decode("utf-8")  # one4d shard writes UTF-8: other bytes are damage (as inspect says)
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"member txt is not UTF-8 text ({exc})") from None
     text_emb = None
     if "emb.npy" in raw:
         try:

@@ -272,7 +272,17 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
     except (RowError, MemoryError):
         raise
     except Exception as exc:
-        raise RowError(row, str(path), f"cannot load array: {exc}") from None
+        raise RowError(row, str(path), f"cannot load array: {_load_problem(exc)}") from None
+
+
+def _load_problem(exc: Exception) -> str:
+    """numpy's reason a memory-mapped load failed, said of the file."""
+    said = str(exc)
+    if "Python objects in dtype" in said:
+        return "it holds Python objects (an object array is a pickle, and pickles are never loaded)"
+    if "mmap length is greater than file size" in said:
+        return "the file is shorter than its header says (truncated)"
+    return said
 
 
 MATRICES = {"intrinsics": "a 3x3 matrix (or one per frame, [T, 3, 3]) of nested lists, [[fx, 0, cx], [0, fy, cy], "

@@ -653,3 +653,12 @@ def test_shards_are_found_by_directory_pattern_or_file_and_a_missing_path_is_nam
     missing = tmp_path / "no-such-folder"
     with pytest.raises(ValueError, match=f"^{missing}: no such shard directory or shard file"):
         list_shards(str(missing))
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_as_inspect_shards_reports_it():
+    """The reader trained on such a caption with replacement characters while inspect-shards failed the shard."""
+    from data_pipeline.decode import SampleError, text_members
+
+    assert text_members({"txt": "café".encode()})[0] == "café"
+    with pytest.raises(SampleError, match="member txt is not UTF-8 text"):
+        text_members({"txt": b"\xff\xfe bad"})

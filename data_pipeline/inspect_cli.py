@@ -75,6 +75,14 @@ def _sample_problem(raw: dict) -> str | None:
     return None
 
 
+def _tar_problem(exc: tarfile.TarError) -> str:
+    """tarfile's reason, its plain-tar attempt's where it tried every compression ("file could not be opened
+    successfully:" and one line per method)."""
+    lines = str(exc).splitlines() or [repr(exc)]
+    plain = [line for line in lines if line.startswith("- method tar: ")]
+    return plain[0].removeprefix("- method tar: ") if plain else lines[0]
+
+
 def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]]:
     """Verify one shard against its index entry: (member counts by extension, its problems). A shard whose size
     or sha256 differ is still read, so that the samples at fault are named."""
@@ -95,7 +103,7 @@ def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]
         with tarfile.open(shard_dir / entry["name"]) as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
-                if not info.isfile() or not ext:
+                if not info.isfile() or not ext or not key or "/" in info.name:  # a path: no sample's member
                     problems.append(f"{entry['name']}: unexpected tar member {info.name!r}")
                     continue
                 data = tar.extractfile(info).read()
@@ -114,7 +122,7 @@ def check_shard(shard_dir: Path, entry: dict) -> tuple[dict[str, int], list[str]
         if sample:
             check_sample()
     except tarfile.TarError as exc:
-        problems.append(f"{entry['name']}: tar does not read: {(str(exc).splitlines() or [repr(exc)])[0]}")
+        problems.append(f"{entry['name']}: tar does not read: {_tar_problem(exc)}")
     for key, raw in raws.items():  # the reader's own check: sums.json, its members, the members every sample has
         sums = raw.pop(checksums.MEMBER, None)
         problem = checksums.sample_problem(raw, sums)

@@ -985,3 +985,26 @@ def test_inspect_names_geometry_frames_the_reader_would_skip_and_singular_camera
     assert "r000000001: the reader would skip it: SampleError: member depth.npz: its 9 per-frame arrays are not " \
            "depth_000000 .. depth_000008: missing depth_000004; beyond them depth_000009" in err, err
     assert "r000000002: the reader would skip it: SampleError: cam.json intrinsics of frame 0 are singular" in err, err
+
+
+def test_inspect_says_why_a_tar_does_not_read_and_names_a_member_outside_any_sample(tmp_path, capsys):
+    """An empty shard whose index entry matches read "tar does not read: file could not be opened successfully:"
+    (tarfile's first line, the reason on the lines after it); a member named like a path printed an empty key."""
+    out = make_shards(tmp_path, num_clips=2, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    empty = out / "shard-000000.tar"
+    empty.write_bytes(b"")
+    shard = out / "shard-000001.tar"
+    with tarfile.open(shard, "a", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("../escape.mp4")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    for name in (empty, shard):
+        entry = next(s for s in index["shards"] if s["name"] == name.name)
+        entry.update(bytes=name.stat().st_size, sha256=sha256_file(name))
+    index["totals"]["bytes"] = sum(s["bytes"] for s in index["shards"])
+    (out / "index.json").write_text(json.dumps(index))
+    assert inspect_main([str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "shard-000000.tar: tar does not read: ReadError('empty file')" in err, err
+    assert "shard-000001.tar: unexpected tar member '../escape.mp4'" in err, err

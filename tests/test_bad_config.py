@@ -183,6 +183,24 @@ def test_clips_smaller_than_the_window_are_counted_in_a_warning(tmp_path):
         "data.height/data.width (multiples of 16) or shard larger clips")
 
 
+def test_shard_files_whose_size_differs_from_the_index_are_named_in_a_warning(tmp_path):
+    """A shard cut short or rewritten after its index trained on without a word (its unreadable samples skipped
+    and counted, one by one, as they came): the start-up warning names it, a size check costing nothing."""
+    from data_pipeline.shard_index import read_index
+    from one4d_train.train.one4d_task import resized_shard_warning
+
+    shards = make_shards_of_lengths(tmp_path, (9, 9))
+    index = read_index(shards)
+    assert resized_shard_warning(str(shards), index) is None
+    first = index["shards"][0]
+    path = shards / first["name"]
+    path.write_bytes(path.read_bytes()[:2048])
+    assert resized_shard_warning(str(shards), index) == (
+        f"1 shard file(s) of {shards} differ in size from index.json, damaged or rewritten since: {first['name']} "
+        f"(2048 bytes, index.json says {first['bytes']}); their unreadable samples are skipped and counted "
+        f"(`one4d inspect-shards {shards}` names them; `one4d shard` run again rewrites them)")
+
+
 def test_stored_text_embeddings_of_another_width_are_refused_naming_the_key(capsys, tmp_path):
     """The manifest's embeddings are UMT5-XXL's (4096 wide); the tiny preset's text input is 64 wide: every batch
     holding one would fail at its first step. The index's statistics name the widths, so it is refused before."""

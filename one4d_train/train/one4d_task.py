@@ -231,7 +231,8 @@ class One4DTask:
             except (OSError, ValueError):  # no readable index here: the loader or the evaluation reports it
                 continue
             stats = index["statistics"]
-            warnings = [missing_text_warning(self.cfg.model, spec, stats, index["totals"]["samples"])]
+            warnings = [missing_text_warning(self.cfg.model, spec, stats, index["totals"]["samples"]),
+                        resized_shard_warning(spec, index)]
             if spec == self.cfg.data.shards:
                 warnings[:0] = [short_clip_warning(self.cfg.data, spec, stats),
                                 upsampled_clip_warning(self.cfg.data, spec, stats)]
@@ -562,6 +563,20 @@ def short_clip_warning(data, spec: str, stats: dict) -> str | None:
                  "are")
     return (f"{which} shorter than {window}: they are skipped at every epoch (logged once per reader slot, and counted "
             "as shorter than the window); lower data.num_frames or data.frame_stride to train on them")
+
+
+def resized_shard_warning(spec: str, index: dict) -> str | None:
+    """The shard files of the set `spec` whose size is not the one its index.json records, in words: damaged or
+    rewritten since, their unreadable samples are skipped and counted in training, which nothing said before."""
+    folder = shard_directory(spec)
+    resized = [f"{e['name']} ({os.path.getsize(folder / e['name'])} bytes, index.json says {e['bytes']})"
+               for e in index["shards"] if os.path.isfile(folder / e["name"])
+               and os.path.getsize(folder / e["name"]) != e["bytes"]]
+    if not resized:
+        return None
+    return (f"{len(resized)} shard file(s) of {spec} differ in size from index.json, damaged or rewritten since: "
+            f"{', '.join(resized[:3])}{' ...' if len(resized) > 3 else ''}; their unreadable samples are skipped and "
+            f"counted (`one4d inspect-shards {folder}` names them; `one4d shard` run again rewrites them)")
 
 
 def upsampled_clip_warning(data, spec: str, stats: dict) -> str | None:

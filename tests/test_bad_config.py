@@ -267,6 +267,20 @@ def test_a_damaged_train_state_is_refused_by_path_and_left_to_the_trainers_fall_
 
 # ---- the run directory ------------------------------------------------------------------------------------------
 
+def test_a_run_directory_this_user_cannot_write_is_refused_by_key(capsys, shards, tmp_path, monkeypatch):
+    """A read-only checkpoints/ (another user's run) failed with a PermissionError traceback at `latest`'s write.
+    (Root may write anywhere, so the permission is what os.access reports, made to say no here.)"""
+    from one4d_train.train import config as train_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    real = os.access
+    monkeypatch.setattr(train_config.os, "access",
+                        lambda path, mode: False if str(path).endswith("checkpoints") else real(path, mode))
+    err = refused(capsys, args(shards, tmp_path))
+    assert f"key 'run_dir': {run / 'checkpoints'} is not writable by this user, and the run writes into it" in err, err
+
+
 def test_a_damaged_run_directory_is_refused_by_key_before_any_process_group(capsys, shards, tmp_path):
     """run_dir/checkpoints as a file failed at the first checkpoint, after the steps since the start (FileExistsError);
     a damaged MLflow store failed when rank 0 opened it (sqlite3.DatabaseError), after the model was built."""

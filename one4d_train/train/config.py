@@ -205,6 +205,10 @@ def run_dir_problems(run_dir: str, tracking) -> list[tuple[str, str]]:
     p = [("run_dir", f"{os.path.join(run_dir, name)} is a file, not a folder: the run writes its {name} there; move "
           "the file away, or give another run_dir") for name in RUN_DIR_FOLDERS
          if os.path.lexists(os.path.join(run_dir, name)) and not os.path.isdir(os.path.join(run_dir, name))]
+    # (found otherwise as a PermissionError traceback at the first write, or after the steps up to a checkpoint)
+    p += [("run_dir", f"{folder} is not writable by this user, and the run writes into it: give it write "
+           "permission, or another run_dir") for folder in (run_dir, os.path.join(run_dir, "checkpoints"))
+          if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)]
     db = os.path.join(run_dir, "mlflow.db")
     if not tracking.uri and os.path.lexists(db):
         problem = sqlite_problem(db)

@@ -233,7 +233,13 @@ def test_resume_path_must_be_a_complete_checkpoint(capsys, shards, tmp_path):
     assert "key 'resume'" in err and "auto" in err
     tmp_ckpt = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / ".tmp-step-00000004"), complete=False)
     err = refused(capsys, args(shards, tmp_path, f"resume={tmp_ckpt}"))
-    assert f"key 'resume': {tmp_ckpt}: not a complete checkpoint" in err
+    assert f"key 'resume': {tmp_ckpt}: not a complete checkpoint: no COMPLETE marker" in err, err
+    cut = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / "step-00000008"))
+    with open(os.path.join(cut, "ds", "model.pt"), "wb") as f:  # the file was named nowhere
+        f.write(b"x" * 10)
+    err = refused(capsys, args(shards, tmp_path, f"resume={cut}"))
+    assert f"key 'resume': {cut}: not a complete checkpoint: {cut}/ds/model.pt is 10 bytes, COMPLETE says 100" \
+           in err, err
 
 
 def test_resume_from_a_checkpoint_of_another_world_size(capsys, shards, tmp_path):

@@ -309,7 +309,9 @@ def _no_checkpoint(resume: str, ckpt_dir: str, changes: list[str]) -> str:
         return f"{resume}: no such checkpoint directory{hint}"
     hint = (f": {resume} is a run directory; resume=auto with run_dir={resume} continues it"
             if os.path.isdir(os.path.join(resume, "checkpoints")) else "")
-    return f"{resume}: not a complete checkpoint (no valid {ckpt.MARKER} marker, or its files changed since){hint}"
+    if hint:
+        return f"{resume}: not a complete checkpoint{hint}"
+    return f"{resume}: not a complete checkpoint: {ckpt.checkpoint_problem(resume)}"
 
 
 def layout_problems(path: str, state: dict, train) -> list[tuple[str, str]]:

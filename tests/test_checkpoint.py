@@ -400,6 +400,7 @@ def test_a_step_folder_whose_files_changed_size_is_damaged_not_an_unfinished_sav
     from one4d_train.configtools import ConfigError
 
     d = str(tmp_path / "checkpoints")
+    make(d, 5, crc=True, corrupt=True)  # an older one damaged too: set aside, so that no later scan trips on it
     ten = make(d, 10, crc=True)
     make(d, 20, crc=True)
     make(d, 30, crc=True, corrupt=True)  # ds/model.pt cut from 100 to 10 bytes
@@ -409,7 +410,7 @@ def test_a_step_folder_whose_files_changed_size_is_damaged_not_an_unfinished_sav
         assert ckpt.choose_resume("auto", d, 0) == (ten, True)
     assert names(d) == [ckpt.step_name(10)]
     assert sorted(n.split("-2")[0] for n in os.listdir(d) if n.startswith("damaged-")) == [
-        f"damaged-{ckpt.step_name(20)}", f"damaged-{ckpt.step_name(30)}"]
+        f"damaged-{ckpt.step_name(5)}", f"damaged-{ckpt.step_name(20)}", f"damaged-{ckpt.step_name(30)}"]
     said = caplog.text
     assert f"{os.path.join(d, ckpt.step_name(30), 'ds', 'model.pt')} is 10 bytes, COMPLETE says 100" in said, said
     assert "COMPLETE marker is damaged" in said

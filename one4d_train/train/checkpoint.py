@@ -388,22 +388,25 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
 
 
 def _set_broken_aside(ckpt_dir: str, set_aside_now: list[str]) -> str | None:
-    """Rank 0 of choose_resume: set the broken step folders newer than the newest complete checkpoint aside as
-    damaged (newest first, each named in a warning, appended to `set_aside_now`); the refusal when one may pass
-    (a file missing, an I/O error), with nothing moved from there on."""
+    """Rank 0 of choose_resume: set the broken step folders aside as damaged (newest first, each named in a
+    warning; those newer than the newest complete checkpoint appended to `set_aside_now`); the refusal when one
+    newer than it may pass (a file missing, an I/O error), with nothing moved from there on. An older one that may
+    pass stays where it is (resume=auto does not read it)."""
     complete = complete_checkpoints(ckpt_dir)
     newest = int(STEP_DIR.match(os.path.basename(complete[-1])).group(1)) if complete else -1
     for path, problem, may_pass in reversed(broken_checkpoints(ckpt_dir)):
-        if int(STEP_DIR.match(os.path.basename(path)).group(1)) < newest:
-            break
-        if may_pass:
+        newer = int(STEP_DIR.match(os.path.basename(path)).group(1)) > newest
+        if may_pass and newer:
             moved = f" ({', '.join(set_aside_now)} set aside as damaged before)" if set_aside_now else ""
             return (f"{path} cannot be read now: {problem}. It was not set aside{moved}: run again once the file "
                     "system serves it or the file is put back (or resume=PATH of another checkpoint)")
+        if may_pass:
+            continue
         dest = set_damaged_aside(path)
-        set_aside_now.append(path)
-        log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed); "
-                    "trying the next older checkpoint", path, problem, dest)
+        if newer:
+            set_aside_now.append(path)
+        log.warning("resume=auto: checkpoint %s is damaged: %s. Moved to %s (kept for inspection, never resumed)%s",
+                    path, problem, dest, "; trying the next older checkpoint" if newer else "")
     return None
 
 

@@ -242,6 +242,17 @@ def test_resume_path_must_be_a_complete_checkpoint(capsys, shards, tmp_path):
            in err, err
 
 
+def test_a_run_directory_whose_only_checkpoint_is_damaged_is_refused_before_the_start(capsys, shards, tmp_path):
+    """It started afresh from step 0 (exit 0), as if the damaged checkpoint were a save that never finished; the
+    trainer now refuses it, and so do the checks before the process group (not after the model is built)."""
+    cut = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / "step-00000004"), world_size=1)
+    with open(os.path.join(cut, "ds", "model.pt"), "wb") as f:
+        f.write(b"x" * 10)
+    err = refused(capsys, args(shards, tmp_path))
+    assert (f"key 'resume': no intact checkpoint left in {tmp_path / 'run' / 'checkpoints'}, only damaged step folders "
+            f"(step-00000004: {cut}/ds/model.pt is 10 bytes, COMPLETE says 100 (cut short or changed))") in err, err
+
+
 def test_resume_from_a_checkpoint_of_another_world_size(capsys, shards, tmp_path):
     """This process is a job of 1 rank; the checkpoints were written by 2."""
     done = fake_checkpoint(str(tmp_path / "run" / "checkpoints" / ckpt.step_name(4)))

@@ -407,7 +407,8 @@ def test_a_step_folder_whose_files_changed_size_is_damaged_not_an_unfinished_sav
     with open(os.path.join(d, ckpt.step_name(20), ckpt.MARKER), "w") as f:
         f.write("{garbage")
     with caplog.at_level(logging.WARNING):
-        assert ckpt.choose_resume("auto", d, 0) == (ten, True)
+        # not a fall-back: the start-up checks, which take the newest complete one, checked step 10 already
+        assert ckpt.choose_resume("auto", d, 0) == (ten, False)
     assert names(d) == [ckpt.step_name(10)]
     assert sorted(n.split("-2")[0] for n in os.listdir(d) if n.startswith("damaged-")) == [
         f"damaged-{ckpt.step_name(5)}", f"damaged-{ckpt.step_name(20)}", f"damaged-{ckpt.step_name(30)}"]
@@ -597,6 +598,20 @@ def test_a_save_that_fails_says_why_with_the_space_left_and_a_restart_clears_its
     said = str(caught.value)
     assert said.startswith(f"the checkpoint of step 20 into {d} failed (OSError: [Errno 28] No space left on device)")
     assert " GB free on its file system" in said and f"The same command resumes from {ten};" in said, said
+
+    class Short:
+        def save_checkpoint(self, folder, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 846912 vs 846800")
+
+    class Bug:
+        def save_checkpoint(self, folder, **kwargs):
+            raise TypeError("a fault of the code, to see with its traceback")
+
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"unexpected pos .*\(torch's writer reports a short write: "
+                                                       r"a full disk reads so\)"):
+        saver.save(Short(), 20, {}, {})
+    with pytest.raises(TypeError, match="a fault of the code"):
+        saver.save(Bug(), 20, {}, {})
     (d / "latest.tmp-4242").write_text("step-00000020")
     assert sorted(os.listdir(d)) == [".tmp-" + ckpt.step_name(20), "latest.tmp-4242", ckpt.step_name(10)]
     saver.clear_leftovers()

@@ -328,14 +328,18 @@ def set_damaged_aside(path: str) -> str:
 
 
 def only_damaged_left(ckpt_dir: str) -> str | None:
-    """The refusal of resume=auto where `ckpt_dir` holds damaged checkpoints set aside and no complete one: a fresh
+    """The refusal of resume=auto where `ckpt_dir` holds damaged checkpoints (set aside, or step folders whose files
+    changed: broken_checkpoints) and no complete one: a fresh
     start there is resume=never's to ask for, not a silent one (a second launch after the first set every one aside
     found nothing to resume and started from step 0). None when that is not the case."""
     damaged = sorted(n for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if n.startswith("damaged-"))
-    if not damaged or complete_checkpoints(ckpt_dir):
+    broken = [f"{os.path.basename(path)}: {problem}" for path, problem, _ in broken_checkpoints(ckpt_dir)]
+    if not (damaged or broken) or complete_checkpoints(ckpt_dir):
         return None
-    return (f"no intact checkpoint left in {ckpt_dir}, only damaged ones set aside ({', '.join(damaged)}): put back "
-            "intact copies, resume=PATH of another run's checkpoint, or resume=never to start afresh")
+    found = ([f"only damaged ones set aside ({', '.join(damaged)})"] if damaged else []) + (
+        [f"{'and ' if damaged else 'only '}damaged step folders ({'; '.join(broken)})"] if broken else [])
+    return (f"no intact checkpoint left in {ckpt_dir}, {' '.join(found)}: put back intact copies, resume=PATH of "
+            "another run's checkpoint, or resume=never to start afresh")
 
 
 def choose_resume(resume: str, ckpt_dir: str, rank: int,
@@ -353,9 +357,14 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
     from one4d_train.train.distributed import broadcast_from_main
 
     set_aside_now = []
-    if resume == "auto":
-        refusal = _set_broken_aside(ckpt_dir, set_aside_now) if rank == 0 else None
-        refusal, set_aside_now = broadcast_from_main((refusal, set_aside_now))
+    if resume == "auto":  # the broken ones newer than the newest complete: moved before the choice, no fall-back
+        refusal = None
+        if rank == 0:
+            try:
+                refusal = _set_broken_aside(ckpt_dir, [])
+            except OSError as exc:  # said on every rank, not raised on rank 0 alone while the others wait
+                refusal = f"a damaged checkpoint in {ckpt_dir} could not be moved aside: {exc}"
+        refusal = broadcast_from_main(refusal)
         if refusal:
             raise ConfigError(f"key 'resume': {refusal}")
     while True:
@@ -389,9 +398,9 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
 
 def _set_broken_aside(ckpt_dir: str, set_aside_now: list[str]) -> str | None:
     """Rank 0 of choose_resume: set the broken step folders aside as damaged (newest first, each named in a
-    warning; those newer than the newest complete checkpoint appended to `set_aside_now`); the refusal when one
-    newer than it may pass (a file missing, an I/O error), with nothing moved from there on. An older one that may
-    pass stays where it is (resume=auto does not read it)."""
+    warning; those newer than the newest complete checkpoint appended to `set_aside_now`, for the messages); the
+    refusal when one newer than it may pass (a file missing, an I/O error), with nothing moved from there on. An
+    older one that may pass stays where it is (resume=auto does not read it)."""
     complete = complete_checkpoints(ckpt_dir)
     newest = int(STEP_DIR.match(os.path.basename(complete[-1])).group(1)) if complete else -1
     for path, problem, may_pass in reversed(broken_checkpoints(ckpt_dir)):
@@ -494,7 +503,7 @@ def incompleteness(path: str) -> tuple[str | None, bool]:
     try:
         files = marker_of(path)["files"]
     except FileNotFoundError:
-        return f"no {MARKER} marker (a checkpoint still being written, or copied without it)", False
+        return f"no {MARKER} marker (a save that did not finish, or a copy made without it)", False
     except OSError as exc:
         return f"its {MARKER} marker cannot be read now ({exc})", True
     except (ValueError, KeyError, TypeError) as exc:
@@ -520,7 +529,7 @@ def broken_checkpoints(ckpt_dir: str) -> list[tuple[str, str, bool]]:
     out = []
     for name in sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n)):
         problem, may_pass = incompleteness(os.path.join(ckpt_dir, name))
-        if problem:
+        if problem and os.path.isdir(os.path.join(ckpt_dir, name)):  # not one a prune renamed away meanwhile
             out.append((os.path.join(ckpt_dir, name), problem, may_pass))
     return out
 
@@ -668,20 +677,29 @@ class Checkpointer:
 
     def save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export=None) -> str:
         """Collective: every rank calls it. `export(out_dir)` writes the adapters (collective too); None: none.
-        CheckpointSaveError says what failed, the space left and where the run would resume from."""
+        An I/O error (and torch's writer's short write) is a CheckpointSaveError saying what failed, the space
+        left and where the run would resume from; anything else is raised as it is."""
         try:
             return self._save(engine, step, train_state, tensors, export)
-        except Exception as exc:
-            try:
-                free = f"{shutil.disk_usage(self.dir).free / 1e9:.1f} GB free on its file system"
-            except OSError:
-                free = "its file system's free space unknown"
-            done = complete_checkpoints(self.dir)
-            raise CheckpointSaveError(
-                f"the checkpoint of step {step} into {self.dir} failed ({type(exc).__name__}: {exc}); {free} (a full "
-                f"disk can also read as torch's 'unexpected pos'). The same command resumes from "
+        except OSError as exc:
+            raise CheckpointSaveError(self._failure(step, exc)) from exc
+        except RuntimeError as exc:
+            if "unexpected pos" not in str(exc):  # not torch's writer on a full disk: a fault to see in full
+                raise
+            raise CheckpointSaveError(self._failure(step, exc, "torch's writer reports a short write: a full disk "
+                                                                "reads so")) from exc
+
+    def _failure(self, step: int, exc: Exception, note: str = "") -> str:
+        try:
+            free = f"{shutil.disk_usage(self.dir).free / 1e9:.1f} GB free on its file system"
+        except OSError:
+            free = "its file system's free space unknown"
+        done = complete_checkpoints(self.dir)
+        said = (str(exc).strip().splitlines() or [""])[0]
+        return (f"the checkpoint of step {step} into {self.dir} failed ({type(exc).__name__}: {said}); {free}"
+                f"{f' ({note})' if note else ''}. The same command resumes from "
                 f"{done[-1] if done else 'step 0 (no complete checkpoint)'}; the unfinished folder is removed when "
-                "it starts") from exc
+                "it starts")
 
     def _save(self, engine, step: int, train_state: dict, tensors: dict[str, torch.Tensor], export) -> str:
         final = os.path.join(self.dir, step_name(step))

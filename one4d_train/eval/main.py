@@ -94,8 +94,10 @@ def main(argv: list[str]) -> int:
         return 2
     # a run directory: its checkpoints were listed once, and the training run may prune them or another job score them
     scan = os.path.isdir(os.path.join(target[0], "checkpoints"))
-    # step folders whose files changed after their save: named above, counted with the damaged ones below
-    damaged = [path for path, _, _ in broken_checkpoints(os.path.join(target[0], "checkpoints"))] if scan else []
+    damaged = []  # step folders whose files changed after their save, and the checkpoints that fail to load below
+    for path, problem, _ in broken_checkpoints(os.path.join(target[0], "checkpoints")) if scan else []:
+        print(f"one4d eval: skipping {path}, damaged: {problem}", file=sys.stderr)
+        damaged.append(path)
     if not checkpoints:
         print(f"one4d eval: nothing to evaluate under run directory {target[0]}: no complete checkpoint")
         return 2 if damaged else 0

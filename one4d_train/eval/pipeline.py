@@ -571,8 +571,7 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
     directory -> its complete checkpoints (possibly none; `scored` tells which hold a dataset's scores). Anything
     else, or a checkpoint that is missing or incomplete, raises EvalInputError naming the path and why."""
     from one4d_train.model.adapters import CONFIG_NAME
-    from one4d_train.train.checkpoint import (MARKER, STEP_DIR, broken_checkpoints, checkpoint_problem,
-                                              complete_checkpoints)
+    from one4d_train.train.checkpoint import MARKER, STEP_DIR, checkpoint_problem, complete_checkpoints
 
     def looks_like_checkpoint(p: str) -> bool:
         name = os.path.basename(os.path.normpath(p))
@@ -603,9 +602,7 @@ def checkpoints_to_evaluate(path: str) -> list[str]:
                 if os.path.isdir(os.path.join(path, "adapters")) else "")
         raise EvalInputError(f"checkpoint={path} is neither a checkpoint ({MARKER}), an export "
                              f"({CONFIG_NAME}) nor a run directory (checkpoints/, config.yaml){hint}")
-    for broken, problem, _ in broken_checkpoints(ckpt_dir):  # damaged after its save (the run exits 2 for them)
-        print(f"one4d eval: skipping {broken}, damaged: {problem}", file=sys.stderr)
-    return complete_checkpoints(ckpt_dir)
+    return complete_checkpoints(ckpt_dir)  # (its damaged step folders: one4d eval names them, and exits 2)
 
 
 def run_of(checkpoint: str) -> tuple[str | None, str | None, int | None]:

@@ -333,8 +333,9 @@ def only_damaged_left(ckpt_dir: str) -> str | None:
     start there is resume=never's to ask for, not a silent one (a second launch after the first set every one aside
     found nothing to resume and started from step 0). None when that is not the case."""
     damaged = sorted(n for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if n.startswith("damaged-"))
-    broken = [f"{os.path.basename(path)}: {problem}" for path, problem, _ in broken_checkpoints(ckpt_dir)]
-    if not (damaged or broken) or complete_checkpoints(ckpt_dir):
+    folders = step_folders(ckpt_dir)
+    broken = [f"{os.path.basename(path)}: {problem}" for path, problem, _ in broken_checkpoints(ckpt_dir, folders)]
+    if not (damaged or broken) or complete_checkpoints(ckpt_dir, folders):
         return None
     found = ([f"only damaged ones set aside ({', '.join(damaged)})"] if damaged else []) + (
         [f"{'and ' if damaged else 'only '}damaged step folders ({'; '.join(broken)})"] if broken else [])
@@ -361,7 +362,7 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
         refusal = None
         if rank == 0:
             try:
-                refusal = _set_broken_aside(ckpt_dir, [])
+                refusal = _set_broken_aside(ckpt_dir)
             except OSError as exc:  # said on every rank, not raised on rank 0 alone while the others wait
                 refusal = f"a damaged checkpoint in {ckpt_dir} could not be moved aside: {exc}"
         refusal = broadcast_from_main(refusal)
@@ -396,15 +397,16 @@ def choose_resume(resume: str, ckpt_dir: str, rank: int,
             resume, branch = branch_fallback(ckpt_dir, *branch, set_aside_now, rank)
 
 
-def _set_broken_aside(ckpt_dir: str, set_aside_now: list[str]) -> str | None:
+def _set_broken_aside(ckpt_dir: str) -> str | None:
     """Rank 0 of choose_resume: set the broken step folders aside as damaged (newest first, each named in a
-    warning; those newer than the newest complete checkpoint appended to `set_aside_now`, for the messages); the
-    refusal when one newer than it may pass (a file missing, an I/O error), with nothing moved from there on. An
-    older one that may pass stays where it is (resume=auto does not read it)."""
-    complete = complete_checkpoints(ckpt_dir)
-    newest = int(STEP_DIR.match(os.path.basename(complete[-1])).group(1)) if complete else -1
-    for path, problem, may_pass in reversed(broken_checkpoints(ckpt_dir)):
-        newer = int(STEP_DIR.match(os.path.basename(path)).group(1)) > newest
+    warning); the refusal when one newer than the newest complete checkpoint may pass (a file missing, an I/O
+    error), with nothing moved from there on. An older one that may pass stays where it is (resume=auto does not
+    read it)."""
+    folders = step_folders(ckpt_dir)
+    past_newest = {path for path, _, _ in broken_past_newest(folders)}
+    set_aside_now = []  # for the refusal's message
+    for path, problem, may_pass in reversed(broken_checkpoints(ckpt_dir, folders)):
+        newer = path in past_newest
         if may_pass and newer:
             moved = f" ({', '.join(set_aside_now)} set aside as damaged before)" if set_aside_now else ""
             return (f"{path} cannot be read now: {problem}. It was not set aside{moved}: run again once the file "
@@ -519,19 +521,31 @@ def incompleteness(path: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def broken_checkpoints(ckpt_dir: str) -> list[tuple[str, str, bool]]:
-    """(path, checkpoint_problem, whether it may pass) of the step folders of `ckpt_dir` that are not complete,
-    oldest first. A save renames its folder to step-X only once complete, and a prune renames one away before
-    deleting it, so such a folder was complete and changed since: a file cut short, removed or resized, or its
-    marker changed."""
+def step_folders(ckpt_dir: str) -> list[tuple[str, str | None, bool]]:
+    """(path, checkpoint_problem (None: complete), whether it may pass) of the step folders of `ckpt_dir`, oldest
+    first; a folder that a prune renamed away while it was looked at is left out."""
     if not os.path.isdir(ckpt_dir):
         return []
     out = []
     for name in sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n)):
         problem, may_pass = incompleteness(os.path.join(ckpt_dir, name))
-        if problem and os.path.isdir(os.path.join(ckpt_dir, name)):  # not one a prune renamed away meanwhile
+        if problem is None or os.path.isdir(os.path.join(ckpt_dir, name)):
             out.append((os.path.join(ckpt_dir, name), problem, may_pass))
     return out
+
+
+def broken_checkpoints(ckpt_dir: str, folders: list | None = None) -> list[tuple[str, str, bool]]:
+    """The step folders (step_folders; `folders`: as listed already) that are not complete, oldest first. A save
+    renames its folder to step-X only once complete, and a prune renames one away before deleting it, so such a
+    folder was complete and changed since: a file cut short, removed or resized, or its marker changed."""
+    return [f for f in (step_folders(ckpt_dir) if folders is None else folders) if f[1]]
+
+
+def broken_past_newest(folders: list[tuple[str, str | None, bool]]) -> list[tuple[str, str, bool]]:
+    """The broken ones of `folders` (step_folders) newer than their newest complete checkpoint, oldest first:
+    those resume=auto would have taken, had they not changed."""
+    newest = max((i for i, (_, problem, _) in enumerate(folders) if problem is None), default=-1)
+    return folders[newest + 1:]
 
 
 def marker_of(path: str) -> dict:
@@ -539,12 +553,9 @@ def marker_of(path: str) -> dict:
         return json.load(f)
 
 
-def complete_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete checkpoint directories, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if STEP_DIR.match(n))
-    return [os.path.join(ckpt_dir, n) for n in names if is_complete(os.path.join(ckpt_dir, n))]
+def complete_checkpoints(ckpt_dir: str, folders: list | None = None) -> list[str]:
+    """Complete checkpoint directories (`folders`: step_folders as listed already), oldest first."""
+    return [path for path, problem, _ in (step_folders(ckpt_dir) if folders is None else folders) if problem is None]
 
 
 def resolve_resume(resume: str, ckpt_dir: str) -> str | None:

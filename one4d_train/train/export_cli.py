@@ -229,18 +229,17 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
 
 
 def export(ckpt: str, out: str, from_zero: bool) -> None:
-    from one4d_train.train.checkpoint import (CONFIG_FILE, MARKER, broken_checkpoints, checkpoint_problem,
-                                              complete_checkpoints, verify_folder)
+    from one4d_train.train.checkpoint import (CONFIG_FILE, MARKER, broken_past_newest, checkpoint_problem,
+                                              complete_checkpoints, step_folders, verify_folder)
 
     if not os.path.isdir(ckpt):
         raise ExportError(f"checkpoint {ckpt} is not a directory")
     if not os.path.isfile(os.path.join(ckpt, MARKER)) and os.path.isdir(os.path.join(ckpt, "checkpoints")):
-        found = complete_checkpoints(os.path.join(ckpt, "checkpoints"))  # a run directory, as eval takes one
-        newest = os.path.basename(found[-1]) if found else ""
-        for broken, problem, _ in broken_checkpoints(os.path.join(ckpt, "checkpoints")):
-            if os.path.basename(broken) > newest:  # step names sort by step
-                print(f"one4d export: warning: passing over {broken}, damaged after its save: {problem}",
-                      file=sys.stderr)
+        ckpt_dir = os.path.join(ckpt, "checkpoints")  # a run directory, as eval takes one
+        folders = step_folders(ckpt_dir)
+        found = complete_checkpoints(ckpt_dir, folders)
+        for broken, problem, _ in broken_past_newest(folders):
+            print(f"one4d export: warning: passing over {broken}, damaged after its save: {problem}", file=sys.stderr)
         if not found:
             raise ExportError(f"{ckpt}: a run directory without a complete checkpoint (none of its checkpoints/ "
                               "finished saving)")

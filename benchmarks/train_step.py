@@ -108,6 +108,9 @@ def init_dist(device) -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     import deepspeed
+    if device.type == "cpu":
+        from one4d_train.train.distributed import skip_cpu_inference_ops
+        skip_cpu_inference_ops()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 

@@ -85,9 +85,20 @@ def setup(device: str, timeout_s: int) -> DistEnv:
         os.environ["DS_ACCELERATOR"] = "cpu"  # read when deepspeed first picks its accelerator, so set before importing it
     import deepspeed
 
+    if info.device.type == "cpu":
+        skip_cpu_inference_ops()
     deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s), rank=info.rank, world_size=info.world_size)
     return info
+
+
+def skip_cpu_inference_ops():
+    """Keep DeepSpeed's CPU process group from compiling its shared-memory all-reduce op: it serves only DeepSpeed's
+    inference all-reduce, never a training collective, and building it costs a C++ compiler and ~30 s of the first
+    start on a machine (the demo's, CI's). DeepSpeed reads the op's availability from this dict, made for edits."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def broadcast_from_main(value):

@@ -431,6 +431,26 @@ def test_triton_vae_conv_matches_conv3d(channels, frames, cache_frames):
     assert rel(got, want) < 2 * max(rel(cudnn, want), 2e-3), (rel(got, want), rel(cudnn, want))
 
 
+def test_triton_first_vae_conv_runs_its_rgb_channels_padded_to_32():
+    """The encoder's first convolution (3 RGB channels -> 96) on the kernel, its input and weight zero-padded to 32
+    channels at the module: the causal convolution of F.conv3d, its weight and state dict the checkpoint's."""
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    from one4d_train.model.vae_conv import use_triton_convs
+
+    torch.manual_seed(0)
+    conv = WanCausalConv3d(3, 96, 3, padding=1).to("cuda", torch.bfloat16)
+    x = torch.rand(1, 3, 9, 40, 200, device="cuda").to(torch.bfloat16) * 2 - 1
+    cache = torch.rand(1, 3, 2, 40, 200, device="cuda").to(torch.bfloat16) * 2 - 1
+    want = conv(x, cache)
+    assert use_triton_convs(conv) == 1 and conv.weight.shape[1] == 3 and conv._weight_kn.shape == (27 * 32, 96)
+    got = conv(x, cache)
+    exact = F.conv3d(F.pad(torch.cat([cache, x], 2).float(), (1, 1, 1, 1)), conv.weight.float(), conv.bias.float())
+    assert got.shape == want.shape and rel(got, exact) < 2 * max(rel(want, exact), 2e-3), (rel(got, exact),
+                                                                                            rel(want, exact))
+
+
 @pytest.fixture
 def one_kernel_config():
     """The kernel with its first autotuner configuration alone: the encoder's dozen shapes each tried every one
@@ -476,7 +496,7 @@ def test_triton_vae_encoder_gives_the_cudnn_latents(compile, one_kernel_config):
     cudnn, triton_vae = vae("cudnn"), vae("triton")
     assert list(triton_vae.model.state_dict()) == list(cudnn.model.state_dict())
     convs = [m for m in triton_vae.model.encoder.modules() if type(m).__name__.startswith("Triton")]
-    assert len(convs) >= 10, len(convs)
+    assert len(convs) >= 10 and triton_vae.model.encoder.conv_in in convs, len(convs)  # the first: 3 -> 32 channels
     want, got = cudnn.encode(video), triton_vae.encode(video)
     assert got.shape == want.shape and rel(got, want) < 1e-2, rel(got, want)
 

@@ -18,15 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _INTERPRETED = r"""
 import sys, torch, torch.nn.functional as F
-from one4d_train.model.vae_conv import causal_conv3d, gemm_weight
+from one4d_train.model.vae_conv import causal_conv3d, gemm_weight, padded_channels, zero_channels
 torch.manual_seed(0)
 worst = 0.0
 for c, n, t, cache_t, h, w, dtype in [(32, 96, 4, 2, 5, 7, torch.float32), (32, 96, 1, 0, 3, 4, torch.float32),
                                       (64, 32, 3, 1, 4, 9, torch.float32), (32, 48, 2, 2, 3, 3, torch.float16),
-                                      (32, 128, 5, 2, 2, 3, torch.float16)]:
+                                      (32, 128, 5, 2, 2, 3, torch.float16), (3, 96, 4, 2, 5, 7, torch.float32)]:
     x, cache = torch.randn(2, c, t, h, w).to(dtype), torch.randn(2, c, cache_t, h, w).to(dtype)
     weight, bias = (torch.randn(n, c, 3, 3, 3) * 0.1).to(dtype), torch.randn(n).to(dtype)
-    got = causal_conv3d(x, cache, gemm_weight(weight), bias)
+    k = padded_channels(c)  # 3 RGB channels as the first encoder convolution runs them: padded to 32
+    got = causal_conv3d(zero_channels(x, k), zero_channels(cache, k), gemm_weight(weight, k), bias)
     full = torch.cat([torch.zeros(2, c, 2 - cache_t, h, w, dtype=dtype), cache, x], 2)
     want = F.conv3d(F.pad(full.float(), (1, 1, 1, 1)), weight.float(), bias.float())
     assert got.shape == want.shape and got.dtype == dtype, (got.shape, want.shape, got.dtype)
@@ -58,7 +59,7 @@ def test_supported_convolutions_and_output_splits():
         assert vae_conv.supported(WanCausalConv3d(96, 96, 3, padding=1)) == "Triton is not installed"
         return
     assert vae_conv.supported(WanCausalConv3d(96, 96, 3, padding=1)) is None
-    assert "input channels" in vae_conv.supported(WanCausalConv3d(8, 96, 3, padding=1))
+    assert vae_conv.supported(WanCausalConv3d(3, 96, 3, padding=1)) is None  # run with its input padded to 32
     assert "kernel" in vae_conv.supported(WanCausalConv3d(96, 96, (3, 1, 1), padding=(1, 0, 0)))
     assert "output channels" in vae_conv.supported(WanCausalConv3d(96, 80, 3, padding=1))
 
@@ -69,6 +70,21 @@ def test_gemm_weight_orders_rows_as_the_kernel_reads_them():
     assert kn.shape == (27 * 4, 6)
     dt, dh, dw, c = 2, 0, 1, 3
     assert torch.equal(kn[((dt * 3 + dh) * 3 + dw) * 4 + c], w[:, c, dt, dh, dw])
+
+
+def test_input_channels_are_zero_padded_to_the_kernels_multiple_of_32():
+    """A convolution with input channels that are not a multiple of 32 (the encoder's first, on 3 RGB channels)
+    runs as one on 32: zero rows in the weight's GEMM layout, zero channels after the input's, channels-last."""
+    assert [vae_conv.padded_channels(c) for c in (1, 3, 32, 33, 96)] == [32, 32, 32, 64, 96]
+    w = torch.randn(6, 3, 3, 3, 3)
+    kn, plain = vae_conv.gemm_weight(w, 32), vae_conv.gemm_weight(w)
+    assert kn.shape == (27 * 32, 6) and plain.shape == (27 * 3, 6)
+    rows = kn.view(27, 32, 6)
+    assert torch.equal(rows[:, :3], plain.view(27, 3, 6)) and not rows[:, 3:].any()
+    x = torch.randn(2, 3, 4, 5, 7)
+    padded = vae_conv.zero_channels(x, 32)
+    assert padded.shape == (2, 32, 4, 5, 7) and padded.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(padded[:, :3], x) and not padded[:, 3:].any()
 
 
 def test_the_kernel_is_refused_where_it_cannot_run():

@@ -229,8 +229,9 @@ class WanVAE:
     on CUDA): the first convolution runs with its 3 RGB input channels zero-padded to 8, input and weight alike at
     call time (the same products; weights and state dict unchanged): with 3 channels cuDNN falls back to a kernel
     without tensor cores. conv_kernel: "cudnn", or "triton" (CUDA, bf16/fp16): the encoder's causal 3x3x3
-    convolutions that `vae_conv.supported` takes (96 -> 96 channels at full resolution, 192, 384) run on the
-    Triton implicit-GEMM kernel of model/vae_conv.py, which reads the causal cache and the zero border in place.
+    convolutions that `vae_conv.supported` takes (96 -> 96 channels at full resolution, 192, 384, and the first,
+    whose 3 input channels the kernel pads to 32 instead) run on the Triton implicit-GEMM kernel of
+    model/vae_conv.py, which reads the causal cache and the zero border in place.
     """
 
     def __init__(self, model: AutoencoderKLWan, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -245,8 +246,8 @@ class WanVAE:
         if next(model.parameters()).dtype != dtype:
             model = model.to(dtype)
         self.model = model.eval().requires_grad_(False)
-        if self.model.device.type == "cuda" if pad_channels is None else pad_channels:
-            _pad_input_channels(model.encoder.conv_in, 8)
+        if (self.model.device.type == "cuda" if pad_channels is None else pad_channels) and conv_kernel == "cudnn":
+            _pad_input_channels(model.encoder.conv_in, 8)  # (the Triton kernel pads it to 32 channels itself)
         if self.model.device.type == "cuda":  # cuDNN's channels-last conv3d kernels: H100 encode 0.73 -> 0.56-0.65 s
             for m in self.model.modules():
                 if isinstance(m, torch.nn.Conv3d):

@@ -24,12 +24,14 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
 
 CACHE_T = 2  # frames a causal 3x3x3 convolution carries across calls (diffusers' CACHE_T)
+K_CHANNELS = 32  # input channels per step of the kernel's K loop (its BLOCK_K)
 
 
 def supported(conv: torch.nn.Conv3d) -> str | None:
     """Why `conv` cannot run on the kernel, or None: a causal 3x3x3, stride 1, spatial padding 1 convolution whose
-    input channels are a multiple of 32 and whose output channels are a power of two >= 16, or one plus half of it
-    (96 = 64 + 32)."""
+    output channels are a power of two >= 16, or one plus half of it (96 = 64 + 32). The kernel reads input channels
+    32 at a time; a convolution with fewer or another number (the encoder's first, on 3 RGB channels) runs with its
+    input and weight zero-padded up to a multiple of 32 (`_TritonCausalConv`)."""
     if triton is None:
         return "Triton is not installed"
     if tuple(conv.kernel_size) != (3, 3, 3) or tuple(conv.stride) != (1, 1, 1) or conv.groups != 1:
@@ -38,8 +40,6 @@ def supported(conv: torch.nn.Conv3d) -> str | None:
         return "not a causal convolution with a one-pixel spatial border"
     if conv.bias is None:
         return "no bias (the kernel adds one)"
-    if conv.in_channels % 32:
-        return f"{conv.in_channels} input channels (need a multiple of 32)"
     if _split(conv.out_channels) is None:
         return f"{conv.out_channels} output channels"
     return None
@@ -61,7 +61,7 @@ def _split(n: int) -> tuple[int, int] | None:
 _CONFIGS = ((1, 128, 4, 4), (1, 128, 8, 4), (2, 64, 4, 4), (2, 128, 8, 4), (4, 64, 8, 4))
 if triton is not None:
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": 32}, num_warps=w, num_stages=s)
+        configs=[triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_K": K_CHANNELS}, num_warps=w, num_stages=s)
                  for bh, bw, w, s in (((2, 16, 4, 1),) if os.environ.get("TRITON_INTERPRET") == "1" else _CONFIGS)],
         key=["C", "N1", "N2", "HAS_N2", "H", "W", "FRAMES_CLASS"])
     @triton.jit
@@ -109,10 +109,27 @@ if triton is not None:
             tl.store(y_tile + offs_n2[None, :], acc2.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, C, 3, 3, 3] -> [27 C, N], rows in the kernel's K order (dt, dh, dw, input channel)."""
+def padded_channels(channels: int) -> int:
+    """Input channels as the kernel reads them: `channels` zero-padded up to a multiple of K_CHANNELS."""
+    return -(-channels // K_CHANNELS) * K_CHANNELS
+
+
+def gemm_weight(weight: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """[N, C, 3, 3, 3] -> [27 C', N], rows in the kernel's K order (dt, dh, dw, input channel), C' = `channels`
+    (default C): input channels past C get zero rows."""
     n, c = weight.shape[:2]
-    return weight.permute(2, 3, 4, 1, 0).reshape(27 * c, n).contiguous()
+    if channels is not None and channels > c:
+        weight = torch.cat([weight, weight.new_zeros(n, channels - c, *weight.shape[2:])], 1)
+    return weight.permute(2, 3, 4, 1, 0).reshape(-1, n).contiguous()
+
+
+def zero_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """t [B, C, T, H, W] followed by zero channels up to `channels`, channels-last (the kernel's layout)."""
+    out = torch.empty((t.shape[0], channels, *t.shape[2:]), dtype=t.dtype, device=t.device,
+                      memory_format=torch.channels_last_3d)
+    out[:, t.shape[1]:] = 0
+    out[:, :t.shape[1]] = t
+    return out
 
 
 def _launch(x: torch.Tensor, weight_kn: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
@@ -160,11 +177,17 @@ def _(x, cache, weight_kn, bias):
 class _TritonCausalConv:
     """A `WanCausalConv3d` whose forward runs `causal_conv3d`. Its weight, bias and state dict stay the
     checkpoint's; the frozen weight's GEMM layout is a non-persistent buffer (`_weight_kn`), made when the kernel
-    is switched on, so it follows the module's `.to()` but is not saved."""
+    is switched on, so it follows the module's `.to()` but is not saved. Input channels that are not a multiple of
+    32 are zero-padded up to one, the input at each call and the weight's GEMM layout once: the encoder's first
+    convolution (3 -> 96 channels at full resolution) on the kernel at 32 channels beats cuDNN's at 8 (H100, 80
+    frames: 7.7 vs 23 ms)."""
 
     def forward(self, x, cache_x=None):
-        cache = x[:, :, :0] if cache_x is None else cache_x[:, :, -CACHE_T:]
-        return causal_conv3d(x, cache.to(x.device), self._weight_kn, self.bias)
+        cache = (x[:, :, :0] if cache_x is None else cache_x[:, :, -CACHE_T:]).to(x.device)
+        channels = self._weight_kn.shape[0] // 27
+        if x.shape[1] != channels:
+            x, cache = zero_channels(x, channels), zero_channels(cache, channels)
+        return causal_conv3d(x, cache, self._weight_kn, self.bias)
 
 
 def use_triton_convs(module: torch.nn.Module) -> int:
@@ -176,6 +199,7 @@ def use_triton_convs(module: torch.nn.Module) -> int:
         if isinstance(conv, WanCausalConv3d) and not isinstance(conv, _TritonCausalConv) and supported(conv) is None:
             cls = type(conv)
             conv.__class__ = type(f"Triton{cls.__name__}", (_TritonCausalConv, cls), {})
-            conv.register_buffer("_weight_kn", gemm_weight(conv.weight.detach()), persistent=False)
+            conv.register_buffer("_weight_kn", gemm_weight(conv.weight.detach(), padded_channels(conv.in_channels)),
+                                 persistent=False)
             count += 1
     return count

@@ -81,6 +81,32 @@ def test_coplanar_points_fall_back_to_the_previous_camera():
     assert torch.allclose(rec.c2w, torch.eye(4, dtype=torch.float64).repeat(T, 1, 1))
 
 
+def test_a_failed_nan_prediction_recovers_nothing_instead_of_the_solvers_stand_ins(clip):
+    """A pointmap that is NaN everywhere (a model whose weights went NaN) gave depth 1, the image size as focal and
+    identity cameras, which scored as a good prediction; partly NaN gave depth 1 on its NaN pixels. What it does not
+    determine is NaN now, and its depth and pose metrics are NaN (counted as left out)."""
+    import math
+
+    from one4d_train.eval.metrics import depth_metrics, pose_metrics
+
+    xyz = torch.from_numpy(clip["xyz"].copy())
+    T = xyz.shape[0]
+    for iters in (0, 20):
+        rec = recover_geometry(torch.full_like(xyz, float("nan")), None, RecoveryConfig(iters=iters))
+        assert rec.depth.isnan().all() and rec.focal.isnan().all() and rec.c2w.isnan().all(), iters
+        assert math.isnan(depth_metrics(rec.depth.numpy(), clip["depth"])["abs_rel"])
+        assert all(math.isnan(v) for v in pose_metrics(rec.c2w.numpy(), clip["rel"]).values())
+        part = xyz.clone()
+        part[1:] = float("nan")  # frame 0 predicted, the rest failed
+        part[0, :2] = float("nan")
+        rec = recover_geometry(part, None, RecoveryConfig(iters=iters))
+        assert rec.depth[0, :2].isnan().all() and rec.depth[0, 2:].isfinite().all() and rec.depth[1:].isnan().all()
+        assert rec.focal[0].isfinite() and rec.focal[1:].isnan().all() and rec.c2w[1:].isnan().all()
+        assert rec.c2w[0].isfinite().all() and T > 2
+    ok = recover_geometry(xyz, None, RecoveryConfig(iters=0))  # a finite pointmap: nothing changes
+    assert ok.depth.isfinite().all() and ok.c2w.isfinite().all()
+
+
 def test_temporal_smoothness_weights_smooth_the_recovered_trajectory(clip):
     """eval.smooth_rot / eval.smooth_centre (DESIGN: temporal smoothness on R and o) penalise frame-to-frame camera
     changes: with per-frame noise in the pointmaps, larger weights give a smoother trajectory, and the settings

@@ -73,11 +73,14 @@ def pose_metrics(est_c2w: np.ndarray, gt_c2w: np.ndarray, with_scale: bool = Tru
     ground truth's centroid, so ATE is the ground truth's spread and RPE-T its step lengths: a failed estimate
     scores as one, not NaN (which the means over sequences would leave out). Where the ground-truth camera does
     not move, any estimate would shrink onto it (ATE = RPE-T = 0): ATE and RPE-T are NaN then. RPE-R, which no
-    alignment changes, is scored in both cases."""
+    alignment changes, is scored in both cases. An estimate with a non-finite camera (a frame of a failed, NaN
+    prediction) scores NaN throughout, as its depth does."""
     est, gt = np.asarray(est_c2w, np.float64), np.asarray(gt_c2w, np.float64)
     if est.shape != gt.shape or est.shape[1:] != (4, 4) or len(gt) < 3:
         raise ValueError(f"pose metrics need two trajectories of the same T >= 3 poses [T, 4, 4], got {est.shape} "
                          f"and {gt.shape}")
+    if not np.isfinite(est).all():
+        return {"ate": float("nan"), "rpe_trans": float("nan"), "rpe_rot": float("nan")}
     if with_scale and _static(gt[:, :3, 3]):
         _, er = relative_pose_errors(est, gt)
         return {"ate": float("nan"), "rpe_trans": float("nan"), "rpe_rot": float(np.sqrt(np.mean(er ** 2)))}

@@ -262,4 +262,19 @@ def recover_geometry(points: torch.Tensor, valid: torch.Tensor | None = None,
     """Pointmaps [T, H, W, 3] (+ validity [T, H, W]) -> depth [T, H, W], focal [T], c2w [T, 4, 4] (float64)."""
     cfg = cfg or RecoveryConfig()
     init = closed_form(points, valid, cfg.max_dlt_points)
-    return refine(points, valid, init, cfg) if cfg.iters > 0 else init
+    rec = refine(points, valid, init, cfg) if cfg.iters > 0 else init
+    return _unknown_where_not_finite(rec, points)
+
+
+def _unknown_where_not_finite(rec: Recovered, points: torch.Tensor) -> Recovered:
+    """NaN depth where the pointmap is not finite, NaN focal and camera for a frame with no finite point: what a
+    failed (NaN) prediction does not determine stays unknown, and scores NaN, instead of the solvers' stand-ins
+    (depth 1, the image size as focal, the identity or the previous frame's camera), which would be scored as a
+    prediction."""
+    finite = torch.isfinite(points).all(-1).to(rec.depth.device)
+    if bool(finite.all()):
+        return rec
+    empty = ~finite.flatten(1).any(1)
+    depth, focal, c2w = rec.depth.clone(), rec.focal.clone(), rec.c2w.clone()
+    depth[~finite], focal[empty], c2w[empty] = float("nan"), float("nan"), float("nan")
+    return Recovered(depth, focal, c2w, rec.principal)

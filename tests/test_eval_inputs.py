@@ -473,6 +473,36 @@ def test_a_frame_window_longer_than_the_held_out_clips_is_refused_by_key(tmp_pat
     assert _metrics(new.parent.parent, new).exists()
 
 
+def test_a_held_out_sample_that_does_not_read_stops_the_evaluation_naming_it(tmp_path, caplog):
+    """A truncated held-out shard was skipped (its sample logged) and the rest scored, exit 0: metrics.json then
+    covered fewer samples than the set, and a scan trusted it. `one4d eval` refuses such a set now; the evaluation
+    inside training (strict=False) scores what reads, the same samples at every step. Samples after the last one
+    an evaluation takes are not read."""
+    import logging
+
+    from data_pipeline.reader import list_shards
+    from data_utils import make_shards
+    from one4d_train.eval.pipeline import iter_samples
+
+    shards = make_shards(tmp_path, num_clips=3, frames=5, height=32, width=64, samples_per_shard=1)
+    cfg = load_config([f"data.val_shards={shards}", *TINY, *EVAL, "eval.num_samples=3"])
+    order = [b["__shard__"][0] for b in iter_samples(cfg)]  # the evaluation's order of the intact set
+    victim = next(s for s in list_shards(str(shards)) if s.name == order[-1])
+    Path(victim.path).write_bytes(Path(victim.path).read_bytes()[:3000])
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.reader"), pytest.raises(EvalInputError) as err:
+        list(iter_samples(cfg))
+    assert f"data.val_shards={shards}: 1 held-out sample(s) do not read" in str(err.value)
+    assert f"shard={victim.name}" in caplog.text
+    assert [b["__shard__"][0] for b in iter_samples(cfg, strict=False)] == order[:2]
+    assert [b["__shard__"][0] for b in iter_samples(replace(cfg, eval=replace(cfg.eval, num_samples=2)))] == order[:2]
+
+
+def test_a_held_out_set_smaller_than_eval_num_samples_is_scored_whole_saying_so(tmp_path, capsys):
+    _, (ckpt,) = _scored_run(tmp_path, steps=(10,))
+    assert cli(["eval", f"checkpoint={ckpt}", "eval.num_samples=3"]) == 0
+    assert "holds 1 sample(s): scoring all of them (eval.num_samples=3)" in capsys.readouterr().err
+
+
 def test_samples_without_a_caption_take_one_pass_per_step_as_guidance_changes_nothing(tmp_path, monkeypatch):
     """A benchmark's samples have no caption: the guided velocity v_u + w (v_c - v_u) was v_c whatever w, at two
     passes per step. Such samples sample unguided; a captioned one is guided. A benchmark's settings leave the

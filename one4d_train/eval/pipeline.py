@@ -304,15 +304,24 @@ def scored(checkpoint: str, tag: str, wanted: dict) -> list[str] | None:
     return settings_differ(os.path.join(checkpoint, "eval", tag, METRICS_FILE), wanted)
 
 
-def iter_samples(cfg) -> Iterator[dict]:
+def iter_samples(cfg, strict: bool = True) -> Iterator[dict]:
     """eval.num_samples samples (batches of one) of eval.dataset (default data.val_shards): shards through
-    the data pipeline with centre crops, or a benchmark through its reader."""
+    the data pipeline with centre crops, or a benchmark through its reader. strict: a held-out sample that does not
+    read is EvalInputError (the reader names it in its 'skipped sample' line): scores of a set that silently lost a
+    sample would be compared with scores of the whole set. The evaluation inside training passes strict=False and
+    scores what reads (every evaluation of the run then misses the same sample)."""
     spec = eval_dataset(cfg)
     head = spec.split(":", 1)
     if len(head) == 2 and head[0] in BENCHMARKS:
         yield from _benchmark_samples(cfg, spec, *head)
         return
     from data_pipeline.loader import build_loader
+    from data_pipeline.reader import NoUsableSamples
+
+    key_name = "eval.dataset" if cfg.eval.dataset else "data.val_shards"
+    unreadable = (f"{key_name}={spec}: {{}} held-out sample(s) do not read (named in the 'skipped sample' lines "
+                  "above); an evaluation scores every sample of its set: re-shard or remove them (`one4d "
+                  "inspect-shards` checks a shard set)")
 
     # evaluation scores pixels and geometry: never the stored latents, and in float32 whatever the training
     # samples' dtype (bfloat16 pointmaps alone put a floor of ~0.007 under a perfect prediction's Abs Rel)
@@ -323,10 +332,17 @@ def iter_samples(cfg) -> Iterator[dict]:
     try:
         for batch in loader:
             key = (batch["__shard__"][0], batch["__key__"][0])
-            if len(seen) >= cfg.eval.num_samples or key in seen:  # the loader runs on into the next epoch
+            skipped = int(batch["__skipped__"][0])  # (counted before this sample: a bad last one shows at the wrap)
+            if strict and skipped:
+                raise EvalInputError(unreadable.format(skipped))
+            if key in seen:  # the loader ran on into the next epoch: the set holds fewer than eval.num_samples
                 break
             seen.add(key)
             yield batch
+            if len(seen) >= cfg.eval.num_samples:
+                break
+    except NoUsableSamples as exc:
+        raise EvalInputError(f"{key_name}={spec}: no held-out sample reads ({exc})") from None
     finally:
         loader.close()
 
@@ -464,6 +480,9 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
         device = resolve_device(cfg.train.device)
         gen = gen or load_generator(cfg, checkpoint, device)
         samples = list(iter_samples(cfg))
+        if len(samples) < ecfg.num_samples and spec.partition(":")[0] not in BENCHMARKS:  # (benchmarks say so)
+            print(f"one4d eval: {spec} holds {len(samples)} sample(s): scoring all of them "
+                  f"(eval.num_samples={ecfg.num_samples})", file=sys.stderr)
         if (out / METRICS_FILE).exists():
             (out / METRICS_FILE).unlink()
         if not chosen and out.is_dir():  # our own folder: no sample folder of an earlier evaluation stays beside

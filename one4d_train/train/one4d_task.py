@@ -316,7 +316,7 @@ class One4DTask:
         rank, world = _rank(), torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         device = next(model.parameters()).device
         gen = Generator(model, *self.encoders(device), device=device)
-        samples = list(iter_samples(self.cfg))
+        samples = list(iter_samples(self.cfg, strict=False))
         keys = [f"{mode}/{k}" for mode in ecfg.modes for k in self.EVAL_KEYS]
         sums, counts, bad = (torch.zeros(len(keys), dtype=torch.float64) for _ in range(3))
         for first in range(0, len(samples), world):

@@ -561,6 +561,32 @@ def test_an_export_of_a_full_size_model_without_its_model_files_is_refused_by_ke
     assert "key 'model.checkpoint': preset '14b' needs local files: set it" in err and "Traceback" not in err, err
 
 
+def test_an_export_is_sampled_in_the_precision_it_was_trained_in(tmp_path, capsys):
+    """An export of an fp32 run was sampled in the default bf16 (another Abs Rel from the same adapters), and
+    metrics.json said fp32 (the encoders' precision on the CPU). adapter_config.json records the precision now,
+    which the evaluation takes; the settings name the DiT's precision, and the encoders' where it differs."""
+    from data_utils import make_shards
+
+    from one4d_train.model.adapters import data_window
+
+    run, cfg, state = _run(tmp_path, "data.num_frames=5", "data.height=32", "data.width=48")  # TINY: fp32
+    export = tmp_path / "export"
+    config = export_adapters(state, cfg.model, str(export), window=data_window(cfg.data))
+    assert (config["compute_dtype"], config["base_matmul"]) == ("fp32", "bf16")
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    common = [f"checkpoint={export}", f"data.val_shards={shards}", "eval.num_samples=1", "eval.steps=1",
+              "eval.modes=[video]", "eval.recovery_iters=1", "train.device=cpu"]
+    metrics = export / "eval" / dataset_tag(str(shards)) / "metrics.json"
+    assert cli(["eval", *common]) == 0, capsys.readouterr().err
+    assert json.loads(metrics.read_text())["settings"]["precision"] == "fp32"
+    assert cli(["eval", *common, "model.compute_dtype=bf16"]) == 0, capsys.readouterr().err  # asked for: taken
+    assert json.loads(metrics.read_text())["settings"]["precision"] == "bf16 (encoders fp32)"
+    edited = json.loads((export / "adapter_config.json").read_text()) | {"compute_dtype": "fp16"}
+    (export / "adapter_config.json").write_text(json.dumps(edited))
+    assert cli(["eval", *common]) == 2
+    assert "adapter_config.json: key 'compute_dtype' must be one of ['bf16', 'fp32'], got 'fp16'" in capsys.readouterr().err
+
+
 def test_an_export_is_sampled_at_the_window_it_was_trained_at_wherever_it_lies(tmp_path, capsys):
     """An export outside its run was sampled at the defaults (81 frames at 352x624; with no word) unless a
     config.yaml happened to lie beside it: the window its adapter_config.json records now decides, and one that

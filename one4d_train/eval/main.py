@@ -31,7 +31,7 @@ from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, resolve_device, run_of, scored,
                                        scoring_settings, tracked_run)
-from one4d_train.model.adapters import CONFIG_NAME, WINDOW_KEYS, AdapterError, read_adapter_config
+from one4d_train.model.adapters import CONFIG_NAME, PRECISION_KEYS, WINDOW_KEYS, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import CheckpointDamaged, broken_checkpoints, checkpoint_problem, config_of
 from one4d_train.train.warm_start import trained_identity
@@ -40,9 +40,9 @@ from one4d_train.train.one4d_task import (identity_problems, index_problems, lin
 
 
 def export_settings(export: str) -> list[str]:
-    """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks) and
-    its training's data window (data.num_frames, frame_stride, height, width, pointmap_percentiles) as key=value
-    items: without config= its model is built, and sampled, as it was trained, not from the defaults; the model
+    """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks, the
+    precision it was trained in) and its training's data window (data.num_frames, frame_stride, height, width,
+    pointmap_percentiles) as key=value items: without config= its model is built, and sampled, as it was trained, not from the defaults; the model
     files (model.checkpoint, model.vae, ...) are still the config's or the command line's."""
     c = read_adapter_config(export)
     lora = c["lora"]
@@ -55,6 +55,7 @@ def export_settings(export: str) -> list[str]:
         items.append(f"model.lora.targets=[{','.join(lora['targets'])}]")
     if isinstance(c.get("xyz_patch_embedding"), bool):
         items.append(f"model.xyz_patch_embedding={c['xyz_patch_embedding']}")
+    items += [f"model.{key}={c[key]}" for key in PRECISION_KEYS if key in c]  # its training's precision
     window = c.get("data") or {}  # the window it was trained at (checked by read_adapter_config)
     for key in WINDOW_KEYS if window else ():
         value = window[key]

@@ -527,11 +527,12 @@ def scoring_settings(cfg, spec: str) -> dict:
             "recovery_iters", "recovery_lr", "smooth_rot", "smooth_centre")
     # a benchmark's samples have no caption, so guidance has nothing to apply (generate): cfg_scale changes nothing
     keys += ("benchmark_start", "benchmark_stride") if benchmark else ("cfg_scale",)
-    bf16 = encoder_dtype(m, resolve_device(cfg.train.device)) == torch.bfloat16
+    # the DiT's precision (model.compute_dtype on every device), and the encoders' where it differs (fp32 off CUDA)
+    encoders = "bf16" if encoder_dtype(m, resolve_device(cfg.train.device)) == torch.bfloat16 else "fp32"
     out = {**{k: getattr(ecfg, k) for k in keys}, "modes": sorted(ecfg.modes), "dataset": spec,
            "depth_cap": ecfg.resolved_depth_cap(), "metrics_version": METRICS_VERSION, "num_frames": d.num_frames,
            "height": d.height, "width": d.width, "pointmap_percentiles": list(d.pointmap_percentiles),
-           "precision": "bf16" if bf16 else "fp32",
+           "precision": m.compute_dtype + ("" if encoders == m.compute_dtype else f" (encoders {encoders})"),
            "base_matmul": m.base_matmul}
     if not benchmark:
         out["frame_stride"] = d.frame_stride

@@ -119,6 +119,9 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
                  "key_format": "diffusers WanTransformer3DModel, prefix 'transformer.'",
                  "scale_folded_into_lora_B": True},
         "link_blocks": sorted(link_blocks),
+        # the precision it was trained in: an evaluation samples in it (another one scores other numbers)
+        "compute_dtype": cfg.compute_dtype,
+        "base_matmul": cfg.base_matmul,
         "xyz_patch_embedding": any(n.startswith("xyz_patch_embedding.") for n in groups.get("links", {})),
         "files": files,
     }
@@ -138,6 +141,10 @@ class AdapterError(ValueError):
 # what reading and loading an export rely on, with the JSON types they need
 _CONFIG_KEYS = {"design": str, "preset": str, "has_image_input": bool, "branches": list, "lora.rank": int,
                 "lora.alpha": (int, float), "link_blocks": list, "files": dict}
+
+
+# the precision keys an export records, with the values ModelConfig takes
+PRECISION_KEYS = {"compute_dtype": ("bf16", "fp32"), "base_matmul": ("bf16", "fp8")}
 
 
 def _config_value(config, key: str):
@@ -173,6 +180,9 @@ def read_adapter_config(out_dir: str) -> dict:
     if base is not None and not (isinstance(base, dict) and isinstance(base.get("fingerprint"), str)
                                  and isinstance(base.get("checkpoint", ""), str)):
         raise AdapterError(f"{path}: key 'base' must be {{\"checkpoint\": path, \"fingerprint\": text}}, got {base!r}")
+    for key, choices in PRECISION_KEYS.items():  # absent in exports written before they recorded them
+        if key in config and config[key] not in choices:
+            raise AdapterError(f"{path}: key {key!r} must be one of {list(choices)}, got {config[key]!r}")
     window = config.get("data")  # absent in exports written before they recorded it; later keys are left alone
     if window is not None and not (isinstance(window, dict) and set(WINDOW_KEYS) <= set(window) and all(
             isinstance(window[k], int) and not isinstance(window[k], bool) for k in WINDOW_KEYS[:4]) and

@@ -34,11 +34,12 @@ def _run(tmp_path, *extra):
     return run, cfg, model.trainable_state_dict()
 
 
-def _checkpoint(run, cfg, state, step=10, complete=True, crc=False, identity=None):
+def _checkpoint(run, cfg, state, step=10, complete=True, crc=False, identity=None, window=None):
     """crc: the marker records CRC-32s as saves do now (else sizes alone, as written before); identity: the task
-    identity its train state and adapters record, as a save writes them (else none, as written before)."""
+    identity its train state and adapters record, as a save writes them (else none, as written before); window:
+    the data window its adapters record (data_window(cfg.data) as a save writes it; else none, as before)."""
     ckpt = run / "checkpoints" / f"step-{step:08d}"
-    export_adapters(state, cfg.model, str(ckpt / "adapters"), base=identity)
+    export_adapters(state, cfg.model, str(ckpt / "adapters"), base=identity, window=window)
     (ckpt / "train_state").mkdir()
     train_state = {k: None for k in STATE_KEYS} | {"step": step, **({"task_identity": identity} if identity else {})}
     (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps(train_state))
@@ -559,6 +560,24 @@ def test_an_export_of_a_full_size_model_without_its_model_files_is_refused_by_ke
     assert cli(["eval", f"checkpoint={export}", "eval.dataset=sintel:/nowhere"]) == 2
     err = capsys.readouterr().err
     assert "key 'model.checkpoint': preset '14b' needs local files: set it" in err and "Traceback" not in err, err
+
+
+def test_a_checkpoint_is_sampled_at_the_window_it_was_trained_at_not_at_a_later_resumes(tmp_path, capsys):
+    """A resume under another data window rewrites the run's config.yaml: the run's earlier checkpoints were scored
+    at the new window (their export at their own). The window a checkpoint's adapters record decides now."""
+    from data_utils import make_shards
+
+    from one4d_train.model.adapters import data_window
+
+    shards = make_shards(tmp_path, num_clips=1, frames=5, height=32, width=64)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", *EVAL)  # the run's config.yaml: 32 x 64
+    trained = replace(cfg.data, width=48)
+    ckpt = _checkpoint(run, cfg, state, crc=True, window=data_window(trained))
+    assert cli(["eval", f"checkpoint={ckpt}"]) == 0, capsys.readouterr().err
+    settings = json.loads(_metrics(run, ckpt).read_text())["settings"]
+    assert (settings["height"], settings["width"]) == (32, 48), settings
+    assert cli(["eval", f"checkpoint={ckpt}", "data.width=64"]) == 0  # asked for on the command line: taken
+    assert json.loads(_metrics(run, ckpt).read_text())["settings"]["width"] == 64
 
 
 def test_an_export_is_sampled_in_the_precision_it_was_trained_in(tmp_path, capsys):

@@ -9,10 +9,10 @@ these settings (one scored with other settings, or by an earlier version's metri
 eval.rescore=never), skipping one that another evaluation holds (eval/<dataset>.lock) or that the training run
 removes meanwhile (train.keep_last); metrics.json is written last, so a checkpoint whose evaluation was killed
 counts as not scored.
-Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds; an
-export: the model settings and data window of its adapter_config.json, over a config.yaml beside it, with a warning
-where an older export records no window); key=value pairs (eval.*,
-data.*, model.*) override it. The adapters are evaluated only on the frozen base they were trained on: a checkpoint's
+Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds), with
+the data window the checkpoint's adapters record (the run's config may hold a later resume's); an export: the model
+settings, precision and data window of its adapter_config.json, over a config.yaml beside it, with a warning where
+an older export records no window. key=value pairs (eval.*, data.*, model.*) override it. The adapters are evaluated only on the frozen base they were trained on: a checkpoint's
 train state and an export's adapter_config.json record model.checkpoint's content fingerprint (and the LoRA scale),
 and another base exits 2 naming model.checkpoint (the same files at any path are taken).
 The files read (adapters/, or ds/ for a rebuild, and the train state) must match the CRC-32s of the checkpoint's
@@ -56,12 +56,15 @@ def export_settings(export: str) -> list[str]:
     if isinstance(c.get("xyz_patch_embedding"), bool):
         items.append(f"model.xyz_patch_embedding={c['xyz_patch_embedding']}")
     items += [f"model.{key}={c[key]}" for key in PRECISION_KEYS if key in c]  # its training's precision
-    window = c.get("data") or {}  # the window it was trained at (checked by read_adapter_config)
-    for key in WINDOW_KEYS if window else ():
-        value = window[key]
-        items.append(f"data.{key}=[{','.join(str(v) for v in value)}]" if isinstance(value, list) else
-                     f"data.{key}={value}")
-    return items
+    return items + window_settings(c)
+
+
+def window_settings(adapter_config: dict) -> list[str]:
+    """The data window an adapter_config.json records (data.num_frames, frame_stride, height, width,
+    pointmap_percentiles) as key=value items; none where it records none (written before it did)."""
+    window = adapter_config.get("data") or {}  # (checked by read_adapter_config)
+    return [f"data.{key}=[{','.join(str(v) for v in window[key])}]" if isinstance(window[key], list) else
+            f"data.{key}={window[key]}" for key in (WINDOW_KEYS if window else ())]
 
 
 def out_dir_problems(ecfg) -> list[tuple[str, str]]:
@@ -125,6 +128,14 @@ def main(argv: list[str]) -> int:
                     print(f"one4d eval: {exc}", file=sys.stderr)
                     return 2
                 windowless = not any(a.startswith("data.height=") for a in args)
+            elif os.path.isfile(os.path.join(ckpt, "adapters", CONFIG_NAME)):
+                # a checkpoint is sampled at the window it was trained at, which a later resume of its run may
+                # have changed in the run's config.yaml (its export would be sampled at its own)
+                try:
+                    args[:0] = window_settings(read_adapter_config(os.path.join(ckpt, "adapters")))
+                except AdapterError as exc:
+                    print(f"one4d eval: {exc}", file=sys.stderr)
+                    return 2
             run_config = run_config if run_config and os.path.exists(run_config) else ""
             if run_config:  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")

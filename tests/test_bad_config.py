@@ -565,7 +565,8 @@ def test_cli_exit_code_for_a_bad_config(tmp_path):
 
 @pytest.mark.parametrize("item", ["eval.num_samples=0", "eval.modes=[]", "eval.modes=[video,video]",
                                   "eval.depth_cap=-1", "eval.recovery_lr=-1", "eval.smooth_rot=-1",
-                                  "eval.benchmark_start=-3", "eval.fps=0", "eval.cfg_scale=-2", "eval.cfg_scale=nan"])
+                                  "eval.benchmark_start=-3", "eval.fps=0", "eval.cfg_scale=-2", "eval.cfg_scale=nan",
+                                  "eval.seed=-1", "eval.seed=99999999999999999999999"])
 def test_evaluation_values_that_would_fail_or_score_nothing_are_refused(item):
     """Each of these evaluated nothing (and marked the checkpoint scored), scored NaN, read the wrong frames, or
     failed with a traceback after the model was built and the first modes were sampled."""

@@ -51,6 +51,7 @@ class EvalConfig:
         p += in_range(self.cfg_scale, 0.0, None, "cfg_scale")
         p += in_range(self.shift, 1e-6, None, "shift")  # as flow.shift: 0 or less makes the sigma grid NaN or inf
         p += in_range(self.num_samples, 1, None, "num_samples")
+        p += in_range(self.seed, 0, 2**32 - 1, "seed")  # as the run's seed: the data reader takes no negative one
         p += in_range(self.recovery_iters, 0, None, "recovery_iters") + in_range(self.keyframes, 1, None, "keyframes")
         p += in_range(self.recovery_lr, 1e-12, None, "recovery_lr")
         p += in_range(self.smooth_rot, 0.0, None, "smooth_rot") + in_range(self.smooth_centre, 0.0, None, "smooth_centre")

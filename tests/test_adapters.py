@@ -158,6 +158,20 @@ def test_damaged_exports_name_the_file_and_key(tmp_path):
     _edit_config(tmp_path, lambda c: c["lora"].update(rank="4"))
     with pytest.raises(AdapterError, match=r"adapter_config\.json.*'lora\.rank'"):
         read_adapters(str(tmp_path))
+    # hand edits that swapped the branches (loaded rc=0, the XYZ adapters on the RGB half) or crashed with a TypeError
+    edits = {"branches": (lambda c: c.update(branches=["xyz", "rgb"]), r"key 'branches' must be \['rgb', 'xyz'\]"),
+             "swapped files": (lambda c: c["files"].update({"lora.rgb": "lora_xyz.safetensors",
+                                                            "lora.xyz": "lora_rgb.safetensors"}),
+                               r"key 'files' maps 'lora\.rgb' to 'lora_xyz\.safetensors'; an export names it "
+                               r"'lora_rgb\.safetensors'"),
+             "a number for a file": (lambda c: c["files"].update(links=5), r"key 'files' maps 'links' to 5"),
+             "numbers for targets": (lambda c: c["lora"].update(targets=[1, 2]),
+                                     r"key 'lora\.targets' must be a list of module names, got \[1, 2\]")}
+    for name, (edit, message) in edits.items():
+        config_file.write_text(good_config)
+        _edit_config(tmp_path, edit)
+        with pytest.raises(AdapterError, match=r"adapter_config\.json: " + message):
+            read_adapters(str(tmp_path))
     config_file.unlink()
     with pytest.raises(AdapterError, match=r"adapter_config\.json.*missing"):
         load_adapters(model, str(tmp_path))

@@ -180,6 +180,17 @@ def read_adapter_config(out_dir: str) -> dict:
     if base is not None and not (isinstance(base, dict) and isinstance(base.get("fingerprint"), str)
                                  and isinstance(base.get("checkpoint", ""), str)):
         raise AdapterError(f"{path}: key 'base' must be {{\"checkpoint\": path, \"fingerprint\": text}}, got {base!r}")
+    if config["branches"] != list(design_branches(config["design"])):  # stacked in this order when loaded
+        raise AdapterError(f"{path}: key 'branches' must be {list(design_branches(config['design']))} for design "
+                           f"{config['design']!r}, got {config['branches']!r}")
+    named = {f"lora.{b}": lora_file(b) for b in config["branches"]} | GROUP_FILES
+    for group, filename in config["files"].items():  # the files as the export writes them: no branch swapped
+        if named.get(group) != filename:
+            raise AdapterError(f"{path}: key 'files' maps {group!r} to {filename!r}; an export names "
+                               + (f"it {named[group]!r}" if group in named else f"only {sorted(named)}"))
+    targets = config["lora"].get("targets")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{path}: key 'lora.targets' must be a list of module names, got {targets!r}")
     for key, choices in PRECISION_KEYS.items():  # absent in exports written before they recorded them
         if key in config and config[key] not in choices:
             raise AdapterError(f"{path}: key {key!r} must be one of {list(choices)}, got {config[key]!r}")

@@ -383,7 +383,7 @@ def test_one_out_dir_for_a_run_directorys_checkpoints_is_refused(tmp_path, capsy
     assert not (tmp_path / "scores").exists()
 
 
-def test_an_out_dir_that_is_a_file_is_refused_by_key(tmp_path, capsys):
+def test_an_out_dir_that_is_a_file_is_refused_by_key(tmp_path, capsys, monkeypatch):
     """A FileExistsError (exit 1) once the model was built; a lock file was left beside it."""
     run, cfg, state = _run(tmp_path)
     ckpt = _checkpoint(run, cfg, state)
@@ -393,6 +393,21 @@ def test_an_out_dir_that_is_a_file_is_refused_by_key(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"command line: key 'eval.out_dir': {out} {why}" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["afile", "run"]
+    # inside a checkpoint (another's scores overwritten, then trusted; outputs copied into an export) or an export
+    other = _checkpoint(run, cfg, state, step=20)
+    export = tmp_path / "export"
+    export_adapters(state, cfg.model, str(export))
+    for out, inside in ((other / "eval" / "x", f"checkpoint {other}"), (other, f"checkpoint {other}"),
+                        (export / "out", f"export {export}")):
+        assert cli(["eval", f"checkpoint={ckpt}", f"eval.out_dir={out}"]) == 2
+        assert f"key 'eval.out_dir': {out} is inside {inside}" in capsys.readouterr().err
+    from one4d_train.eval.main import out_dir_problems
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(locked))  # as for a user who is not root
+    ((key, why),) = out_dir_problems(replace(cfg.eval, out_dir=str(locked / "out")))
+    assert key == "eval.out_dir" and why.startswith(f"{locked / 'out'}: {locked} is not writable by this user")
 
 
 def test_model_files_that_do_not_fit_are_refused_before_the_model_is_built(tmp_path, capsys):

@@ -33,7 +33,7 @@ from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_t
                                        scoring_settings, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, PRECISION_KEYS, WINDOW_KEYS, AdapterError, read_adapter_config
 from one4d_train.model.encoders import vae_kernel_problems
-from one4d_train.train.checkpoint import CheckpointDamaged, broken_checkpoints, checkpoint_problem, config_of
+from one4d_train.train.checkpoint import MARKER, CheckpointDamaged, broken_checkpoints, checkpoint_problem, config_of
 from one4d_train.train.warm_start import trained_identity
 from one4d_train.train.one4d_task import (identity_problems, index_problems, link_problems, model_file_problems,
                                           unset_file_problems)
@@ -68,17 +68,30 @@ def window_settings(adapter_config: dict) -> list[str]:
 
 
 def out_dir_problems(ecfg) -> list[tuple[str, str]]:
-    """eval.out_dir must be a folder or a path one can be made at: a file there (or above it) was a FileExistsError
-    after the model was built."""
+    """eval.out_dir must be a folder or a path one can be made at, by this user, outside any checkpoint or export:
+    a file there (or above it) was a FileExistsError, a read-only place an OSError, after the model was built; inside
+    a checkpoint the outputs became part of it (its adapters/ copied into exports, another checkpoint's scores
+    overwritten and then trusted by scans)."""
     if not ecfg.out_dir:
         return []
     path = os.path.abspath(ecfg.out_dir)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
-    if os.path.isdir(path):
-        return []
-    where = "is a file" if path == os.path.abspath(ecfg.out_dir) else f"is under {path}, which is a file"
-    return [("eval.out_dir", f"{ecfg.out_dir} {where}: name a new or existing folder for the evaluation's outputs")]
+    fix = "name a new or existing folder for the evaluation's outputs"
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(ecfg.out_dir) else f"is under {path}, which is a file"
+        return [("eval.out_dir", f"{ecfg.out_dir} {where}: {fix}")]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [("eval.out_dir", f"{ecfg.out_dir}: {path} is not writable by this user: {fix}")]
+    inside = path
+    while True:
+        for marker, what in ((MARKER, "checkpoint"), (CONFIG_NAME, "export")):
+            if os.path.isfile(os.path.join(inside, marker)):
+                return [("eval.out_dir", f"{ecfg.out_dir} is inside {what} {inside}: {fix} outside checkpoints "
+                                         "and exports (a checkpoint's own scores go to its eval/ when it is unset)")]
+        if os.path.dirname(inside) == inside:
+            return []
+        inside = os.path.dirname(inside)
 
 
 def main(argv: list[str]) -> int:

@@ -107,6 +107,13 @@ def test_missing_flash_library_is_a_clear_error(monkeypatch):
     assert not backend_present("fa3")
     with pytest.raises(RuntimeError, match="no_such_flash_module.* not importable"):
         set_attention_backend("fa3")
+    # by key before a model is built: `one4d train` (its start-up checks) and `one4d eval` failed in the first forward
+    from one4d_train.config import load_config
+    from one4d_train.train.one4d_task import One4DTask
+
+    assert attn_mod.attention_problems("auto") == attn_mod.attention_problems("math") == []
+    problems = dict(One4DTask.config_problems(load_config(["model.attention=fa3", "train.device=cpu"])))
+    assert problems["model.attention"].startswith("fa3 forced but `no_such_flash_module` is not importable here")
     with pytest.raises(RuntimeError, match="not importable"):
         attention(*qkv(), backend="fa3")
 

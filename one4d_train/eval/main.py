@@ -32,6 +32,7 @@ from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_t
                                        eval_dataset, evaluate_checkpoint, resolve_device, run_of, scored,
                                        scoring_settings, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, PRECISION_KEYS, WINDOW_KEYS, AdapterError, read_adapter_config
+from one4d_train.model.attention import attention_problems
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import MARKER, CheckpointDamaged, broken_checkpoints, checkpoint_problem, config_of
 from one4d_train.train.warm_start import trained_identity
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> int:
                 link_problems(c.model) + unset_file_problems(c.model) + model_file_problems(c) +
                 identity_problems(c, ckpt, trained, action="evaluate") +
                 out_dir_problems(c.eval) + c.tracking.problems() +
-                vae_kernel_problems(c.model, resolve_device(c.train.device))))
+                vae_kernel_problems(c.model, resolve_device(c.train.device)) + attention_problems(c.model.attention)))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "

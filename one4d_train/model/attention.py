@@ -62,15 +62,31 @@ def present_backends(device: torch.device | str = "cuda") -> list[str]:
     return [b for b in BACKENDS[1:] if backend_present(b, device)]
 
 
+def backend_problem(name: str) -> str | None:
+    """Why the backend `name` cannot be forced here, or None (`auto` and `math` always can)."""
+    if name in _FLASH_MODULES and _flash_attn_func(name) is None:
+        return f"`{_FLASH_MODULES[name]}` is not importable"
+    if name in BACKENDS[1:-1] and not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def attention_problems(name: str, key: str = "model.attention") -> list[tuple[str, str]]:
+    """`key` = `name` checked by key before a model is built (it failed in the first forward otherwise)."""
+    if name not in BACKENDS:
+        return []  # (ModelConfig's own check names the choices)
+    problem = backend_problem(name)
+    return [(key, f"{name} forced but {problem} here; `auto` picks the fastest backend present")] if problem else []
+
+
 def set_attention_backend(name: str) -> None:
     """Force a backend for every later `attention` call (`ModelConfig.attention`); `auto` restores the default."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name in _FLASH_MODULES and _flash_attn_func(name) is None:
-        raise RuntimeError(f"attention backend {name!r} forced but `{_FLASH_MODULES[name]}` is not importable")
-    if name in BACKENDS[1:-1] and not torch.cuda.is_available():
-        raise RuntimeError(f"attention backend {name!r} forced but CUDA is not available")
+    problem = backend_problem(name)
+    if problem:
+        raise RuntimeError(f"attention backend {name!r} forced but {problem}")
     _backend = name
 
 

@@ -33,6 +33,7 @@ from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.offload import apply_activation_offload
+from one4d_train.model.attention import attention_problems
 from one4d_train.model.encoders import build_encoders, encoder_dtype, encoder_file_problems, vae_kernel_problems
 from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
@@ -77,7 +78,7 @@ class One4DTask:
         if m.compile and t.zero_stage == 3:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
-        p += vae_kernel_problems(m, _local_device(t.device))
+        p += vae_kernel_problems(m, _local_device(t.device)) + attention_problems(m.attention)
         if m.compute_dtype != t.precision:
             p.append(("model.compute_dtype", f"{m.compute_dtype} and train.precision={t.precision} must agree: "
                       "training and evaluation run the base in that one dtype"))

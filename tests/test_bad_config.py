@@ -298,6 +298,23 @@ def test_a_run_directory_this_user_cannot_write_is_refused_by_key(capsys, shards
     assert f"key 'run_dir': {run / 'checkpoints'} is not writable by this user, and the run writes into it" in err, err
 
 
+@pytest.mark.parametrize("name,held", [("q?b", "?"), ("h#b", "#"), ("p%41b", "%41")])
+def test_a_run_dir_the_default_stores_address_would_misread_is_refused(capsys, shards, tmp_path, name, held):
+    """sqlite:///RUN_DIR/mlflow.db is a URL: with '?' the records went to a file 'q' beside the run directory and
+    the run exited 0; with '#' the artifacts went to another folder; '%41' failed after the model was built. A
+    tracking.uri of its own is unaffected, and so is a '%' that escapes nothing (runs/job-%j)."""
+    run = tmp_path / name
+    err = refused(capsys, [*args(shards, tmp_path), f"run_dir={run}"])
+    assert f"key 'run_dir': {run} holds {held}, which the address of the run's MLflow store" in err, err
+    assert not run.exists() and not (tmp_path / name[0]).exists()
+    from one4d_train.config import load_config
+    from one4d_train.train.config import run_dir_problems
+
+    for ok, uri in ((run, f"sqlite:///{tmp_path / 'store.db'}"), (tmp_path / "job-%j", "")):
+        cfg = load_config([f"config={DEMO}", f"run_dir={ok}", f"tracking.uri={uri}"])
+        assert run_dir_problems(cfg.run_dir, cfg.tracking) == []
+
+
 def test_a_damaged_run_directory_is_refused_by_key_before_any_process_group(capsys, shards, tmp_path):
     """run_dir/checkpoints as a file failed at the first checkpoint, after the steps since the start (FileExistsError);
     a damaged MLflow store failed when rank 0 opened it (sqlite3.DatabaseError), after the model was built."""

@@ -209,6 +209,14 @@ def run_dir_problems(run_dir: str, tracking) -> list[tuple[str, str]]:
     p += [("run_dir", f"{folder} is not writable by this user, and the run writes into it: give it write "
            "permission, or another run_dir") for folder in (run_dir, os.path.join(run_dir, "checkpoints"))
           if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)]
+    # the default store's address (sqlite:///RUN_DIR/mlflow.db) and artifact location (file://RUN_DIR/mlartifacts)
+    # are URLs: a '?' or '#' in the path cut it there, and '%41' was read as 'A' (records and artifacts went to
+    # another folder, or the store did not open)
+    url_syntax = sorted(set(re.findall(r"[?#]|%[0-9A-Fa-f]{2}", os.path.abspath(run_dir))))
+    if not tracking.uri and url_syntax:
+        p.append(("run_dir", f"{run_dir} holds {', '.join(url_syntax)}, which the address of the run's MLflow store "
+                  "(sqlite:///RUN_DIR/mlflow.db) reads as URL syntax, so its records would go to another folder: "
+                  "give a run_dir without them, or a tracking.uri"))
     db = os.path.join(run_dir, "mlflow.db")
     if not tracking.uri and os.path.lexists(db):
         problem = sqlite_problem(db)

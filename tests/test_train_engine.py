@@ -270,6 +270,43 @@ def test_stop_during_start_up_exits_42_without_a_checkpoint(preempted):
     assert preempted["after2"] == preempted["after1"]  # nothing written; the requeue resumes from step 8
 
 
+def _listening(port: int) -> bool:
+    """Whether a socket on this machine listens on TCP `port` (/proc/net/tcp and tcp6: local address, state 0A)."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            rows += [line.split() for line in f.readlines()[1:]]
+    return any(r[1].endswith(f":{port:04X}") and r[3] == "0A" for r in rows)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tmp_path, sig):
+    """Rank 0 of 2 with no rank 1 waits in the rendezvous inside C++, where Python's handlers do not run: SIGTERM
+    (scancel, timeout) and Ctrl-C, twice, were ignored until the rendezvous timed out (30 minutes). It stops at once
+    now, exit 42, nothing written."""
+    from launch_utils import _port
+
+    port = _port()
+    env = _env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={tmp_path / 'run'}", *RUN],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not _listening(port) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # rank 0's store: it waits for rank 1 from now on
+        assert proc.poll() is None and _listening(port), proc.communicate(timeout=5)[0][-3000:]
+        time.sleep(1)
+        os.kill(proc.pid, sig)
+        out = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    assert f"one4d train: {signal.Signals(sig).name} while waiting for the other ranks to start: stopping (exit 42)" in out
+    assert "Traceback" not in out and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_preemption_checkpoints_requeues_and_resumes_exactly(straight, preempted):
     ref_dir, _ = straight
     run_dir, out1, out3 = preempted["run_dir"], preempted["out1"], preempted["out3"]

@@ -2,10 +2,14 @@
 process group, and a clean exit."""
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -87,9 +91,49 @@ def setup(device: str, timeout_s: int) -> DistEnv:
 
     if info.device.type == "cpu":
         skip_cpu_inference_ops()
-    deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo", auto_mpi_discovery=False,
-                               timeout=timedelta(seconds=timeout_s), rank=info.rank, world_size=info.world_size)
+    with stop_ends_the_wait("the other ranks to start"):
+        deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), rank=info.rank,
+                                   world_size=info.world_size)
     return info
+
+
+@contextlib.contextmanager
+def stop_ends_the_wait(what: str):
+    """A stop signal inside the block ends the process at once with REQUEUE_EXIT_CODE. The rendezvous waits for the
+    other ranks inside C++, where Python's signal handlers do not run: a rank whose peers never came ignored
+    SIGTERM, scancel and Ctrl-C until the rendezvous timed out (30 minutes by default). Nothing is there to save yet.
+    The signal is seen through Python's wakeup file descriptor, which the C-level handler writes to at once, by a
+    thread that watches it for the block's length."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: no wakeup descriptor to set; the handlers act after the block
+        os.close(read), os.close(write)
+        yield
+        return
+    done = threading.Event()
+    stops = {int(s) for s in preemption.Preemption.SIGNALS}
+
+    def watch():
+        while not done.is_set():
+            if select.select([read], [], [], 0.2)[0]:
+                got = [b for b in os.read(read, 64) if b in stops]
+                if got and not done.is_set():
+                    print(f"one4d train: {signal.Signals(got[0]).name} while waiting for {what}: stopping "
+                          f"(exit {preemption.REQUEUE_EXIT_CODE}), nothing to save yet", file=sys.stderr, flush=True)
+                    os._exit(preemption.REQUEUE_EXIT_CODE)
+
+    watcher = threading.Thread(target=watch, name="one4d-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous)
+        watcher.join()
+        os.close(read), os.close(write)
 
 
 def skip_cpu_inference_ops():

@@ -648,6 +648,31 @@ def test_launcher_detection():
     assert distributed.PORT_BASE + distributed.PORT_SPAN - 1 < 32768
     d = distributed.detect({})
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and d.master_port > 0
+    assert distributed.launch_problem(torchrun_env) is None and distributed.launch_problem(slurm) is None
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "abc", "WORLD_SIZE": "1"}, "environment variable RANK='abc' is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 and WORLD_SIZE=0: the rank must be below the number of processes"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 and WORLD_SIZE=1: the rank must be below"),
+    ({"MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not a whole number"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "abc", "MASTER_ADDR": "h"}, "SLURM_JOB_ID='abc'"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, "neither MASTER_ADDR nor SLURM_JOB_NODELIST"),
+])
+def test_launcher_variables_that_do_not_read_are_named_before_anything_starts(env, said, monkeypatch, capsys):
+    """ValueError/KeyError tracebacks before; WORLD_SIZE=0 was blamed on data.num_workers of the data config; a rank
+    at or past the world size passed every check and waited for the rendezvous until its timeout."""
+    from one4d_train.train.main import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID",
+                 "MASTER_ADDR", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train.task=tests.train_toy_task:ToyTask", "train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("launch error: ") and said in err, err
 
 
 def test_the_step_line_says_skipped_steps_not_samples():

@@ -52,6 +52,36 @@ def _first_slurm_host(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+def launch_problem(environ: dict[str, str] | None = None) -> str | None:
+    """What in the launcher's variables `detect` cannot read (a number that is none, a rank outside the world, no
+    rendezvous host), naming the variable; None when they read. They come from torchrun, srun or a job script, so
+    the problem is said as theirs, not as a config key's (RANK=abc was a ValueError traceback; WORLD_SIZE=0 was
+    blamed on data.num_workers in the data config)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, names = "RANK", "WORLD_SIZE", ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = "SLURM_PROCID", "SLURM_NTASKS"
+        names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "MASTER_PORT")
+        if not env.get("MASTER_ADDR") and not env.get("SLURM_JOB_NODELIST"):
+            return ("SLURM_PROCID and SLURM_NTASKS are set, but neither MASTER_ADDR nor SLURM_JOB_NODELIST names the "
+                    "host of rank 0 (run the tasks with srun inside an allocation, or set MASTER_ADDR)")
+    else:
+        rank = world = None
+        names = ("MASTER_PORT",)
+    for name in names:
+        value = env.get(name, "")
+        if value and not value.isdigit():
+            return f"environment variable {name}={value!r} is not a whole number >= 0 (set by the launcher or job)"
+    port = env.get("MASTER_PORT", "")
+    if port and not 1 <= int(port) <= 65535:
+        return f"environment variable MASTER_PORT={port} is not a TCP port (1-65535)"
+    if rank and not int(env[rank]) < int(env[world]):
+        return (f"environment variables {rank}={env[rank]} and {world}={env[world]}: the rank must be below the "
+                "number of processes (set by the launcher or job)")
+    return None
+
+
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
     """Rank, world size and rendezvous from whichever launcher started us. torchrun and the deepspeed launcher
     set RANK/WORLD_SIZE (checked first, so `srun torchrun ...` is read as torchrun); srun sets SLURM_PROCID."""

@@ -63,6 +63,12 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0
     argv = [a for a in argv if not LAUNCHER_ARG.match(a)]
+    from one4d_train.train.distributed import launch_problem
+
+    problem = launch_problem()  # read by the checks below (the world size) and by the process group's start
+    if problem:
+        print(f"launch error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         cfg = load_config(argv, checks=preflight, prepare=absolute_paths)
     except ConfigError as exc:

@@ -72,6 +72,15 @@ def test_removed_and_misspelt_nested_keys_are_refused_by_deepspeed():
     assert "Nebula" in problems("{nebula: {enabled: true}}")["train.deepspeed_overrides"]
 
 
+def test_values_deepspeed_accepts_and_its_engine_then_fails_on_are_refused():
+    """NVMe offload without nvme_path was a TypeError in the engine's build, steps_per_print 0 a ZeroDivisionError in
+    the first step, both after the model was built."""
+    key = "train.deepspeed_overrides.zero_optimization.offload_optimizer.nvme_path"
+    assert "device nvme needs nvme_path" in problems("{zero_optimization: {offload_optimizer: {device: nvme}}}")[key]
+    assert problems("{zero_optimization: {offload_optimizer: {device: nvme, nvme_path: /local}}}") == {}
+    assert problems("{steps_per_print: 0}")["train.deepspeed_overrides.steps_per_print"] == "must be >= 1, got 0"
+
+
 def test_tuning_keys_merge_and_are_reported():
     cfg = cfg_with("{zero_optimization: {overlap_comm: false, reduce_bucket_size: 1000}, wall_clock_breakdown: true, "
                    "communication_data_type: fp32}")

@@ -270,6 +270,22 @@ def _quiet():
         logger.setLevel(level)
 
 
+def _accepted_but_failing(ds) -> list[tuple[str, str]]:
+    """Values DeepSpeed's config accepts and its engine then fails on: NVMe offload without nvme_path (a TypeError
+    in the engine's build), steps_per_print 0 (a ZeroDivisionError in the first step)."""
+    out = []
+    zero = ds.zero_config
+    for name in ("offload_optimizer", "offload_param"):
+        offload = getattr(zero, name, None)
+        if offload is not None and str(getattr(offload.device, "value", offload.device)) == "nvme" \
+                and not offload.nvme_path:
+            out.append((f"{KEY}.zero_optimization.{name}.nvme_path",
+                        "device nvme needs nvme_path, a folder on the NVMe drive"))
+    if not ds.steps_per_print or ds.steps_per_print < 1:
+        out.append((f"{KEY}.steps_per_print", f"must be >= 1, got {ds.steps_per_print}"))
+    return out
+
+
 def _deepspeed_problems(cfg, overrides: dict) -> list[tuple[str, str]]:
     import deepspeed
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -278,11 +294,11 @@ def _deepspeed_problems(cfg, overrides: dict) -> list[tuple[str, str]]:
     seen: set[str] = set()
     try:
         with _quiet():
-            DeepSpeedConfig(_ReadRecorder(trial, seen), mpu=_OneRank())
+            ds = DeepSpeedConfig(_ReadRecorder(trial, seen), mpu=_OneRank())
     except Exception as exc:  # pydantic ValidationError, DeepSpeedConfigError, AssertionError, ValueError ...
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and "pydantic.dev" not in line)
         return [(KEY, f"DeepSpeed {deepspeed.__version__} refuses the merged config: {text or type(exc).__name__}")]
-    out = []
+    out = _accepted_but_failing(ds)
     for key in overrides:
         if key not in seen:
             close = difflib.get_close_matches(key, sorted(seen), n=1)

@@ -486,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  no latents for {f['key']}: {f['reason']}")
     for f in s.get("text_failed", []):
         print(f"  no text embedding stored for {f['key']} (the trainer encodes its caption): {f['reason']}")
+    if s["index"] and not s["encoded"] and s.get("failed"):  # as `one4d shard` when it rejects every row
+        print(f"one4d encode-latents: error: no sample got latents ({len(s['failed'])} failed, reasons above): "
+              "training on these shards would find nothing to read", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -246,6 +246,17 @@ def test_a_corrupt_source_sample_is_not_encoded_and_stays_detectable(tmp_path):
     checksums.verify(raw_of("r000000001", samples["r000000001"]))
 
 
+def test_encode_latents_that_encodes_no_sample_fails(tmp_path, capsys):
+    """Every clip shorter than the window: '0 samples encoded ... 4 without latents', exit 0, so a Slurm array
+    reported success; `one4d shard` exits 1 when it rejects every row."""
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=2)
+    assert encode_main([str(src), str(tmp_path / "lat"), *CONFIG, "data.num_frames=21", "data.frame_stride=1",
+                        "--device", "cpu", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "0 samples encoded" in captured.out and "ShortClipError: clip has 9 frames" in captured.out
+    assert "no sample got latents (2 failed, reasons above)" in captured.err
+
+
 def _trainer_text(cfg):
     from one4d_train.model.encoders import build_encoders
     from one4d_train.model.presets import wan_config

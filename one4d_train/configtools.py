@@ -152,6 +152,7 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
         for source, layer in _load_yaml_layers(f):
             cfg = _merge(cfg, layer, source, origins)
     if dotlist:
+        dotlist = _text_as_typed(cfg, dotlist)
         try:
             cli = OmegaConf.from_dotlist(dotlist)
         except OmegaConfBaseException as exc:
@@ -185,19 +186,33 @@ def _node(cfg: DictConfig, key: str):
     return node
 
 
+def _text_as_typed(cfg: DictConfig, dotlist: list[str]) -> list[str]:
+    """A text key's command-line value quoted as YAML text, so that it is the text typed, not what YAML 1.1 reads in
+    it: name=2024_01_05 was the integer 20240105, name=1.10 the float 1.1, name=yes True, "run_dir=/x/a #1" the
+    path /x/a (the rest a comment), run_dir=&runs an anchor (null), and a value starting with *, @, %, !, |, > or a
+    backtick was no YAML at all. A value the user quoted is left as YAML reads it; interpolations (${...}) stay
+    interpolations inside the quotes."""
+    out = []
+    for item in dotlist:
+        key, _, raw = item.partition("=")
+        field = _node(cfg, key)
+        if field is not None and not _kind(field) and field._metadata.ref_type is str and raw \
+                and raw[0] not in "'\"":
+            item = f"{key}='{raw.replace(chr(39), chr(39) * 2)}'"
+        out.append(item)
+    return out
+
+
 def _as_written(cfg: DictConfig, cli: DictConfig, dotlist: list[str]) -> None:
-    """Command-line values as their keys take them, not as YAML 1.1 reads them: a text key keeps the text typed
-    (name=2024_01_05 was the integer 20240105, name=1.10 the float 1.1, name=yes True), and an integer key
-    refuses what is not written in decimal (train.steps=017 was octal 15, 1:30 base-60 90, 0b101 5)."""
+    """Command-line values as their keys take them, not as YAML 1.1 reads them (text keys: `_text_as_typed`): an
+    integer key refuses what is not written in decimal (train.steps=017 was octal 15, 1:30 base-60 90, 0b101 5)."""
     for item in dotlist:
         key, _, raw = item.partition("=")
         field, given = _node(cfg, key), _node(cli, key)
         if field is None or given is None or _kind(field) or _kind(given):
             continue
         kind, value = field._metadata.ref_type, given._value()  # unresolved: an interpolation stays its text
-        if kind is str and value is not None and not isinstance(value, str):
-            OmegaConf.update(cli, key, raw, merge=False)
-        elif kind is int and isinstance(value, int) and not isinstance(value, bool) \
+        if kind is int and isinstance(value, int) and not isinstance(value, bool) \
                 and not re.fullmatch(r"[+-]?(0|[1-9][0-9_]*)", raw.strip()):
             raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, base-60 or "
                               f"binary form): write the number in decimal")

@@ -39,6 +39,12 @@ def test_command_line_values_are_taken_as_their_keys_take_them():
         cfg = load_config([f"name={value}", f"tracking.experiment={value}"])
         assert cfg.name == cfg.tracking.experiment == value and cfg.run_dir == f"runs/{value}"
     assert load_config(["name="]).name == "" and load_config(["train.steps=1_000"]).train.steps == 1000
+    # text read as YAML lost what follows ' #' (a comment), was an anchor (&runs: null) or no YAML at all (*, @, %,
+    # a backtick); a text the user quoted is YAML's, an interpolation stays one
+    for value in ("/x/a #comment", "&runs", "*x", "@odd", "%x", "`x`", "it's", "|x", "!x"):
+        assert load_config([f"run_dir={value}"]).run_dir == value, value
+    assert load_config(["name='quoted'"]).name == "quoted"
+    assert load_config(["name=n1", "run_dir=runs/${name}-x"]).run_dir == "runs/n1-x"
     for value in ("017", "1:30", "0b101", "0x10"):
         with pytest.raises(ConfigError, match=rf"command line: key 'train.steps': '{value}' is read as \d+ .*write "
                                               r"the number in decimal"):

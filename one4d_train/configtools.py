@@ -212,6 +212,9 @@ def _as_written(cfg: DictConfig, cli: DictConfig, dotlist: list[str]) -> None:
         if field is None or given is None or _kind(field) or _kind(given):
             continue
         kind, value = field._metadata.ref_type, given._value()  # unresolved: an interpolation stays its text
+        if kind is bool and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            raise ConfigError(f"command line: key '{key}': {raw!r} is no truth value (OmegaConf reads any number "
+                              "but 0 as true): write true or false")
         if kind is int and isinstance(value, int) and not isinstance(value, bool) \
                 and not re.fullmatch(r"[+-]?(0|[1-9][0-9_]*)", raw.strip()):
             raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, base-60 or "

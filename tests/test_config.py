@@ -44,6 +44,10 @@ def test_command_line_values_are_taken_as_their_keys_take_them():
     for value in ("/x/a #comment", "&runs", "*x", "@odd", "%x", "`x`", "it's", "|x", "!x"):
         assert load_config([f"run_dir={value}"]).run_dir == value, value
     assert load_config(["name='quoted'"]).name == "quoted"
+    for value in ("2", "-1", "0.5"):  # read as true
+        with pytest.raises(ConfigError, match=rf"key 'train.export_adapters': '{value}' is no truth value"):
+            load_config([f"train.export_adapters={value}"])
+    assert load_config(["train.export_adapters=0"]).train.export_adapters is False
     assert load_config(["name=n1", "run_dir=runs/${name}-x"]).run_dir == "runs/n1-x"
     for value in ("017", "1:30", "0b101", "0x10"):
         with pytest.raises(ConfigError, match=rf"command line: key 'train.steps': '{value}' is read as \d+ .*write "

@@ -196,7 +196,7 @@ def test_scoring_a_perfect_prediction_of_a_sintel_sequence(tmp_path):
     assert m["abs_rel"] < 0.02 and m["delta_1_25"] > 0.98 and m["ate"] < 0.01 and m["rpe_rot"] < 0.5, str(m)
 
 
-def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
+def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys, monkeypatch):
     """`one4d eval` on a run directory: model + adapters from the checkpoint, three modes, outputs,
     metrics.json, MLflow metrics in the run the checkpoint names; a second call finds nothing left to do, and
     another dataset is scored beside the first (it was skipped as scored, or overwrote it when named)."""
@@ -270,6 +270,26 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     assert json.loads((ckpt / "eval" / tag / "metrics.json").read_text()) == report
     assert len(client.get_metric_history(run_id, f"eval/{dataset_tag(str(other))}/video/abs_rel")) == 1
     assert len(client.get_metric_history(run_id, f"eval/{tag}/video/abs_rel")) == 1
+    # the store fails after the scoring (locked by the training beside it past its timeout): the scores were kept
+    # but never logged (a traceback, and later scans skipped the checkpoint as scored); now a warning, and the next
+    # evaluation of the run directory logs them without scoring again
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+    third = make_shards(tmp_path / "third", num_clips=1, frames=5, height=32, width=64, seed=4)
+    key, scores = f"eval/{dataset_tag(str(third))}/video/abs_rel", ckpt / "eval" / dataset_tag(str(third)) / "metrics.json"
+    with monkeypatch.context() as m:
+        m.setattr(MlflowTracker, "add_to_run", locked)
+        assert cli(["eval", f"checkpoint={run}", f"eval.dataset={third}", "eval.modes=[video]"]) == 0
+    assert (f"scores are in {scores} but were not logged to MLflow run {run_id}: OperationalError: database is "
+            "locked; an evaluation of its run directory logs them") in capsys.readouterr().err
+    assert json.loads(scores.read_text())["mlflow_not_logged"]["run_id"] == run_id
+    assert client.get_metric_history(run_id, key) == []
+    assert cli(["eval", f"checkpoint={run}", f"eval.dataset={third}", "eval.modes=[video]"]) == 0
+    err = capsys.readouterr().err
+    assert "scored on this dataset already" in err and f"logged its scores (made earlier) to MLflow run {run_id}" in err
+    assert len(client.get_metric_history(run_id, key)) == 1 and "mlflow_not_logged" not in json.loads(scores.read_text())
     # a copy out of the run directory: scored on its own, into no store (its grandparent is an unrelated folder,
     # where a store used to be made for a run it does not hold, failing once the scores were in)
     away = tmp_path / "elsewhere" / "ck"

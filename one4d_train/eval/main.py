@@ -29,8 +29,8 @@ import sys
 from one4d_train.config import ConfigError, load_config
 from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
-                                       eval_dataset, evaluate_checkpoint, resolve_device, run_of, scored,
-                                       scoring_settings, tracked_run)
+                                       eval_dataset, evaluate_checkpoint, log_pending, resolve_device, run_of,
+                                       scored, scoring_settings, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, PRECISION_KEYS, WINDOW_KEYS, AdapterError, read_adapter_config
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.encoders import vae_kernel_problems
@@ -197,6 +197,9 @@ def main(argv: list[str]) -> int:
             print(f"one4d eval: skipping {ckpt}: scored on this dataset already "
                   f"(its eval/ holds the metrics.json; name the checkpoint to score it again)",
                   file=sys.stderr)
+            logged = log_pending(cfg, ckpt, tag, step or 0)  # scores its scoring could not log to MLflow
+            if logged:
+                print(f"one4d eval: {ckpt}: {logged}", file=sys.stderr)
             done.append(ckpt)
             continue
         if differ:  # a table of the run's checkpoints would mix settings (or the rules of an earlier version)

@@ -509,8 +509,33 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
         for line in left_out_lines(report["means"]) + no_depth_truth_lines(results):
             print(line)
         if run_id is not None:
-            log_to_mlflow(cfg, run_id, report, out, step or 0, tag)
+            why = log_to_mlflow(cfg, run_id, report, out, step or 0, tag)
+            if why:  # the scores stay; marked, so that a later evaluation of the run directory logs them
+                write_metrics_json(out / METRICS_FILE, {**report, NOT_LOGGED: {"run_id": run_id, "reason": why}})
+                print(f"one4d eval: warning: {checkpoint}'s scores are in {out / METRICS_FILE} but were not logged to "
+                      f"MLflow run {run_id}: {why}; an evaluation of its run directory logs them", file=sys.stderr)
     return report
+
+
+NOT_LOGGED = "mlflow_not_logged"  # metrics.json: the MLflow run its scores could not be logged to, and why
+
+
+def log_pending(cfg, checkpoint: str, tag: str, step: int) -> str | None:
+    """Log the scores that `checkpoint`'s metrics.json of the dataset of `tag` holds but could not log to its MLflow
+    run when they were made (a store locked or unreachable then); returns what happened, None when nothing was
+    pending."""
+    path = Path(checkpoint) / "eval" / tag / METRICS_FILE
+    try:
+        report = json.loads(path.read_text())
+        run_id = report[NOT_LOGGED]["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    why = log_to_mlflow(cfg, run_id, report, path.parent, step, tag)
+    if why:
+        return f"its scores are still not logged to MLflow run {run_id}: {why}"
+    report.pop(NOT_LOGGED)
+    write_metrics_json(path, report)
+    return f"logged its scores (made earlier) to MLflow run {run_id}"
 
 
 def scoring_settings(cfg, spec: str) -> dict:
@@ -548,14 +573,19 @@ def evaluation_settings(cfg, spec: str, results: list[dict]) -> dict:
             "sparse_frames_observed": sorted({r["num_frames"] for r in results if r["mode"] == "sparse"})}
 
 
-def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag: str) -> None:
+def log_to_mlflow(cfg, run_id: str, report: dict, out_dir: Path, step: int, tag: str) -> str | None:
     """Means per mode as metrics `eval/<dataset tag>/<mode>/<name>` at `step` (in-training evaluation logs
-    `eval/<mode>/<name>`); the eval folder as artifacts under eval/<dataset tag>/step-N."""
+    `eval/<mode>/<name>`); the eval folder as artifacts under eval/<dataset tag>/step-N. Returns why it failed (a
+    store locked by another writer past its timeout, a server down), None when logged."""
     from one4d_train.train.tracking import MlflowTracker
 
-    tracker = MlflowTracker(cfg.run_dir, replace(cfg.tracking, system_metrics=False), cfg.name)
     metrics = {f"eval/{tag}/{mode}/{k}": v for mode, means in report["means"].items() for k, v in means.items()}
-    tracker.add_to_run(run_id, metrics, step, str(out_dir), f"eval/{tag}/step-{step:08d}")
+    try:
+        tracker = MlflowTracker(cfg.run_dir, replace(cfg.tracking, system_metrics=False), cfg.name)
+        tracker.add_to_run(run_id, metrics, step, str(out_dir), f"eval/{tag}/step-{step:08d}")
+    except Exception as exc:  # noqa: BLE001 - whatever the store raises: the scores are kept either way
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return None
 
 
 def tracked_run(cfg, run_dir: str | None, run_id: str | None) -> tuple[str | None, str]:

@@ -513,6 +513,24 @@ def test_a_held_out_sample_that_does_not_read_stops_the_evaluation_naming_it(tmp
     assert [b["__shard__"][0] for b in iter_samples(replace(cfg, eval=replace(cfg.eval, num_samples=2)))] == order[:2]
 
 
+def test_outputs_that_cannot_be_written_end_the_evaluation_in_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk mid-evaluation was PIL's or PyAV's OSError traceback."""
+    import errno
+
+    from one4d_train.eval import pipeline
+
+    _, (ckpt,) = _scored_run(tmp_path, steps=(10,))
+
+    def full(out_dir, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "depth.mp4"))
+    monkeypatch.setattr(pipeline, "write_outputs", full)
+    assert cli(["eval", f"checkpoint={ckpt}"]) == 1
+    err = capsys.readouterr().err
+    assert (f"one4d eval: {ckpt}: its outputs cannot be written: No space left on device: {ckpt}/eval/" in err
+            and "GB free there); it does not count as scored" in err and "Traceback" not in err), err
+    assert not list(ckpt.glob("eval/*/metrics.json"))
+
+
 def test_a_held_out_set_smaller_than_eval_num_samples_is_scored_whole_saying_so(tmp_path, capsys):
     _, (ckpt,) = _scored_run(tmp_path, steps=(10,))
     assert cli(["eval", f"checkpoint={ckpt}", "eval.num_samples=3"]) == 0

@@ -23,7 +23,9 @@ checkpoint, adapters that do not fit the model, or a bad config or dataset; othe
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 
 from one4d_train.config import ConfigError, load_config
@@ -66,6 +68,22 @@ def window_settings(adapter_config: dict) -> list[str]:
     window = adapter_config.get("data") or {}  # (checked by read_adapter_config)
     return [f"data.{key}=[{','.join(str(v) for v in window[key])}]" if isinstance(window[key], list) else
             f"data.{key}={window[key]}" for key in (WINDOW_KEYS if window else ())]
+
+
+# a full disk or quota, a read-only or forbidden place: said in one line, not as a traceback from the writer
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_failure(exc: OSError) -> str:
+    """`exc` (one of WRITE_ERRNOS) as one line: what, where, and the space left there."""
+    where = exc.filename or ""
+    line = f"{exc.strerror or exc}" + (f": {where}" if where else "")
+    probe = os.path.abspath(str(where)) if where else ""
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += f" ({shutil.disk_usage(probe).free / 1e9:.1f} GB free there)"
+    return line
 
 
 def out_dir_problems(ecfg) -> list[tuple[str, str]]:
@@ -233,7 +251,11 @@ def main(argv: list[str]) -> int:
                       f"({exc})", file=sys.stderr)
                 continue
             if isinstance(exc, OSError):
-                raise
+                if exc.errno not in WRITE_ERRNOS:
+                    raise
+                print(f"one4d eval: {ckpt}: its outputs cannot be written: {write_failure(exc)}; it does not count "
+                      "as scored (metrics.json is written last)", file=sys.stderr)
+                return 1
             print(f"one4d eval: {ckpt}: {exc}", file=sys.stderr)
             return 2
     if done and len(done) == len(checkpoints):

@@ -24,9 +24,13 @@ class ConfigError(ValueError):
 
 def _load_yaml_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
     """The file's `_base_` files (recursively, in order) followed by the file itself."""
+    if not path:
+        raise ConfigError("config=: names no file (config=EXPERIMENT.yaml)")
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"{path}: `_base_` include cycle: {' -> '.join(seen + (path,))}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config={path}: is a folder; a config is a YAML file (configs/experiment/*.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -219,6 +223,11 @@ def _as_written(cfg: DictConfig, cli: DictConfig, dotlist: list[str]) -> None:
                 and not re.fullmatch(r"[+-]?(0|[1-9][0-9_]*)", raw.strip()):
             raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, base-60 or "
                               f"binary form): write the number in decimal")
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and not re.fullmatch(
+                r"[+-]?((0|[1-9][0-9_]*)(\.[0-9_]*)?|\.[0-9_]+)([eE][+-]?[0-9]+)?|[+-]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+                raw.strip()):
+            raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, hexadecimal, "
+                              f"base-60 or binary form): write the number in decimal")
 
 
 def _origin(key: str, origins: dict[str, str]) -> str:

@@ -53,6 +53,15 @@ def test_command_line_values_are_taken_as_their_keys_take_them():
         with pytest.raises(ConfigError, match=rf"command line: key 'train.steps': '{value}' is read as \d+ .*write "
                                               r"the number in decimal"):
             load_config([f"train.steps={value}"])
+        with pytest.raises(ConfigError, match=rf"command line: key 'flow.shift': '{value}' is read as \d+ .*write "
+                                              r"the number in decimal"):  # a float key: 017 was 15.0, 24:00 1440.0
+            load_config([f"flow.shift={value}"])
+    for value, want in (("3", 3.0), (".5", 0.5), ("2.5e-5", 2.5e-5), ("1_000.5", 1000.5)):
+        assert load_config([f"flow.shift={value}"]).flow.shift == want
+    with pytest.raises(ConfigError, match=r"config=: names no file"):
+        load_config(["config="])
+    with pytest.raises(ConfigError, match=r"config=.*: is a folder; a config is a YAML file"):
+        load_config([f"config={Path(__file__).parent}"])
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -154,6 +154,7 @@ def build_config(schema_cls: type, args: Iterable[str] = (), checks: Callable[[A
     origins: dict[str, str] = {}
     for f in files:
         for source, layer in _load_yaml_layers(f):
+            _as_written_in_file(source, cfg)
             cfg = _merge(cfg, layer, source, origins)
     if dotlist:
         dotlist = _text_as_typed(cfg, dotlist)
@@ -207,6 +208,43 @@ def _text_as_typed(cfg: DictConfig, dotlist: list[str]) -> list[str]:
     return out
 
 
+_DECIMAL_INT = r"[+-]?(0|[1-9][0-9_]*)"
+_DECIMAL_FLOAT = r"[+-]?((0|[1-9][0-9_]*)(\.[0-9_]*)?|\.[0-9_]+)([eE][+-]?[0-9]+)?|[+-]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+_YAML = "tag:yaml.org,2002:"
+
+
+def _as_written_in_file(path: str, cfg: DictConfig) -> None:
+    """A config file's plain (unquoted) values against their keys' types, as the command line's: YAML 1.1 read
+    `name: 2024_01_05` as the integer 20240105, `name: 1.10` as 1.1, `name: yes` as true (each then the text
+    '20240105', '1.1', 'True'), `steps: 017` as octal 15 and `steps: 1:30` as base-60 90, silently. A text key
+    asks for quotes; a number key for decimal."""
+    with open(path) as f:
+        try:
+            root = yaml.compose(f)
+        except yaml.YAMLError:
+            return  # (reported by the load, naming the file)
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.value if isinstance(node, yaml.MappingNode) else ():
+            key = f"{prefix}{k.value}"
+            if isinstance(v, yaml.MappingNode):
+                walk(v, key + ".")
+                continue
+            field = _node(cfg, key)
+            if not isinstance(v, yaml.ScalarNode) or v.style is not None or field is None or _kind(field):
+                continue
+            kind, tag, raw = field._metadata.ref_type, v.tag.removeprefix(_YAML), v.value
+            if kind is str and tag in ("int", "float", "bool", "timestamp"):
+                article = "an" if tag == "int" else "a"
+                raise ConfigError(f"{path}: key '{key}': {raw} is read by YAML as {article} {tag}, not the text "
+                                  f"written: quote it ('{raw}')")
+            if (kind is int and tag == "int" and not re.fullmatch(_DECIMAL_INT, raw)) or \
+                    (kind is float and tag in ("int", "float") and not re.fullmatch(_DECIMAL_FLOAT, raw)):
+                raise ConfigError(f"{path}: key '{key}': {raw} is read by YAML in its octal, hexadecimal, base-60 or "
+                                  "binary form: write the number in decimal")
+    walk(root, "")
+
+
 def _as_written(cfg: DictConfig, cli: DictConfig, dotlist: list[str]) -> None:
     """Command-line values as their keys take them, not as YAML 1.1 reads them (text keys: `_text_as_typed`): an
     integer key refuses what is not written in decimal (train.steps=017 was octal 15, 1:30 base-60 90, 0b101 5)."""
@@ -220,12 +258,11 @@ def _as_written(cfg: DictConfig, cli: DictConfig, dotlist: list[str]) -> None:
             raise ConfigError(f"command line: key '{key}': {raw!r} is no truth value (OmegaConf reads any number "
                               "but 0 as true): write true or false")
         if kind is int and isinstance(value, int) and not isinstance(value, bool) \
-                and not re.fullmatch(r"[+-]?(0|[1-9][0-9_]*)", raw.strip()):
+                and not re.fullmatch(_DECIMAL_INT, raw.strip()):
             raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, base-60 or "
                               f"binary form): write the number in decimal")
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and not re.fullmatch(
-                r"[+-]?((0|[1-9][0-9_]*)(\.[0-9_]*)?|\.[0-9_]+)([eE][+-]?[0-9]+)?|[+-]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
-                raw.strip()):
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not re.fullmatch(_DECIMAL_FLOAT, raw.strip()):
             raise ConfigError(f"command line: key '{key}': {raw!r} is read as {value} (YAML's octal, hexadecimal, "
                               f"base-60 or binary form): write the number in decimal")
 

@@ -64,6 +64,28 @@ def test_command_line_values_are_taken_as_their_keys_take_them():
         load_config([f"config={Path(__file__).parent}"])
 
 
+def test_config_file_values_are_taken_as_their_keys_take_them(tmp_path):
+    """A file's plain values went through YAML 1.1 unchecked (the command line's did not): `steps: 017` trained 15
+    steps, `name: yes` named the run 'True'. A text key asks for quotes, a number key for decimal; a config written
+    by a run (print-config, config.yaml) reads back as it was."""
+    from one4d_train.config import to_yaml
+
+    for body, message in (("train:\n  steps: 017\n", r"key 'train.steps': 017 is read by YAML in its octal"),
+                          ("train:\n  steps: 1:30\n", r"key 'train.steps': 1:30 is read by YAML"),
+                          ("flow:\n  shift: 0x10\n", r"key 'flow.shift': 0x10 is read by YAML"),
+                          ("name: yes\n", r"key 'name': yes is read by YAML as a bool, not the text written: quote it"),
+                          ("name: 1.10\n", r"key 'name': 1.10 is read by YAML as a float"),
+                          ("name: 2024_01_05\n", r"key 'name': 2024_01_05 is read by YAML as an int")):
+        exp = write(tmp_path, "exp.yaml", body)
+        with pytest.raises(ConfigError, match=rf"{re.escape(str(exp))}: {message}"):
+            load_config([f"config={exp}"])
+    exp = write(tmp_path, "exp.yaml", "name: 'yes'\ntrain:\n  steps: 20\nflow:\n  shift: 3\n")
+    cfg = load_config([f"config={exp}"])
+    assert (cfg.name, cfg.train.steps, cfg.flow.shift) == ("yes", 20, 3.0)
+    back = write(tmp_path, "back.yaml", to_yaml(load_config(["name=2024_01_05", "run_dir=/x/a #1"])))
+    assert (load_config([f"config={back}"]).name, load_config([f"config={back}"]).run_dir) == ("2024_01_05", "/x/a #1")
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     exp = write(tmp_path, "exp.yaml", "data:\n  num_wrokers: 3\n")
     with pytest.raises(ConfigError) as err:

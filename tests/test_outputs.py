@@ -109,7 +109,7 @@ def test_samples_without_ground_truth_depth_are_named_with_the_reason():
     import torch
 
     from one4d_train.eval.config import EvalConfig
-    from one4d_train.eval.pipeline import no_depth_truth_lines, score
+    from one4d_train.eval.pipeline import no_truth_lines, score
 
     torch.manual_seed(0)
     xyz = torch.rand(5, 3, 8, 8) - 0.5
@@ -122,9 +122,11 @@ def test_samples_without_ground_truth_depth_are_named_with_the_reason():
             {"sample": "b", "mode": "video", "num_pixels": 40},
             {"sample": "c", "mode": "video", "num_pixels": 0},  # real depth, all beyond the cap: another reason
             {"sample": "a", "mode": "image", "num_pixels": 40}]
-    assert no_depth_truth_lines(rows) == [
+    assert no_truth_lines(rows) == [
         "video: 1 sample(s) have no ground-truth depth (a): pointmaps stored without cameras (intrinsics and poses) "
-        "give none, so their abs_rel and delta_1_25 are NaN; their PSNR/SSIM are scored"]
+        "give none, so their abs_rel and delta_1_25 are NaN; their PSNR/SSIM are scored",
+        "video: 1 sample(s) have no ground-truth cameras to score ATE and RPE against (a; a benchmark sequence without "
+        "its groundtruth.txt, say): the camera means are over the others"]
 
 
 def test_depth_means_weight_each_sample_by_its_scored_pixels():

@@ -157,6 +157,70 @@ def test_malformed_rgbd_files_are_errors_naming_the_file(tmp_path, bench):
         list(read_benchmark(bench, root))
 
 
+@pytest.mark.parametrize("bench", ["tum", "bonn"])
+def test_rgbd_files_that_would_score_wrongly_or_name_nothing_are_errors_naming_the_file(tmp_path, bench):
+    """A non-finite or zero-quaternion pose left the sequence's ATE/RPE out of the means without a word; depth maps
+    at another resolution than the frames were scored as if aligned; a frame of another size, a truncated PNG and
+    frames not named by timestamp (without rgb.txt) failed naming no file."""
+    rng = np.random.default_rng(3)
+    name = "rgbd_dataset_freiburg1_desk" if bench == "tum" else "rgbd_bonn_balloon"
+    t = np.arange(3) * 0.1
+
+    def fresh(key):
+        root = tmp_path / key
+        _write_rgbd(root / name, rng, t, t + 0.001, t, _poses(rng, 3), lists=False)
+        return root, root / name
+
+    root, seq = fresh("nan")
+    lines = (seq / "groundtruth.txt").read_text().splitlines()
+    (seq / "groundtruth.txt").write_text("\n".join(lines[:-1] + ["0.2000 nan nan nan 0 0 0 1"]) + "\n")
+    with pytest.raises(ValueError, match=rf"{seq / 'groundtruth.txt'}: the pose at timestamp 0.2 is not a camera"):
+        list(read_benchmark(bench, root))
+    root, seq = fresh("zero")
+    (seq / "groundtruth.txt").write_text("\n".join(lines[:-1] + ["0.2000 1 2 3 0 0 0 0"]) + "\n")
+    with pytest.raises(ValueError, match=r"zero quaternion"):
+        list(read_benchmark(bench, root))
+    root, seq = fresh("small-depth")
+    for p in (seq / "depth").glob("*.png"):
+        Image.fromarray(np.zeros((H // 2, W // 2), np.uint16)).save(p)
+    with pytest.raises(ValueError, match=rf"{seq / 'depth'}/.*\.png: depth of {W // 2}x{H // 2}, its frames are {W}x{H}"):
+        list(read_benchmark(bench, root))
+    root, seq = fresh("odd-frame")
+    odd = sorted((seq / "rgb").glob("*.png"))[1]
+    Image.fromarray(np.zeros((H, W + 2, 3), np.uint8)).save(odd)
+    with pytest.raises(ValueError, match=rf"{odd}: a frame of {W + 2}x{H}, the sequence's first"):
+        list(read_benchmark(bench, root))
+    root, seq = fresh("truncated")
+    odd = sorted((seq / "rgb").glob("*.png"))[1]
+    odd.write_bytes(odd.read_bytes()[:len(odd.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=rf"{odd}: not a readable image"):
+        list(read_benchmark(bench, root))
+    root, seq = fresh("names")
+    first = sorted((seq / "rgb").glob("*.png"))[0]
+    first.rename(seq / "rgb" / "frame0000.png")
+    with pytest.raises(ValueError, match=rf"{seq / 'rgb' / 'frame0000.png'}: not named by its timestamp, and no "
+                                         rf"{seq / 'rgb.txt'} lists the frames"):
+        list(read_benchmark(bench, root))
+
+
+def test_sintel_files_that_would_score_wrongly_are_errors_naming_the_file(tmp_path):
+    rng = np.random.default_rng(4)
+    _write_sintel(tmp_path / "a", "alley_1", rng, 3)
+    dpt = tmp_path / "a/training/depth/alley_1/frame_0002.dpt"
+    write_dpt(dpt, np.ones((H // 2, W // 2), np.float32))
+    with pytest.raises(ValueError, match=rf"{dpt}: a depth map of {W // 2}x{H // 2}, the sequence's first"):
+        list(read_benchmark("sintel", tmp_path / "a"))
+    for p in (tmp_path / "a/training/depth/alley_1").glob("*.dpt"):
+        write_dpt(p, np.ones((H // 2, W // 2), np.float32))
+    with pytest.raises(ValueError, match=rf"frame_0001.dpt: depth of {W // 2}x{H // 2}, its frames are {W}x{H}"):
+        list(read_benchmark("sintel", tmp_path / "a"))
+    _write_sintel(tmp_path / "b", "alley_1", rng, 3)
+    cam = tmp_path / "b/training/camdata_left/alley_1/frame_0003.cam"
+    write_cam(cam, np.zeros((3, 3)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=rf"{cam}: not a camera"):
+        list(read_benchmark("sintel", tmp_path / "b"))
+
+
 def test_depth_cap_follows_the_protocol_unless_set():
     """eval.depth_cap=0 (the default) scores with the 70 m of MonST3R's depth_evaluation, whose depth-space
     alignment and Abs Rel the metrics follow, on every dataset (its Bonn evaluation included: Bonn had been capped

@@ -18,6 +18,36 @@ class Sequence:
     timestamps: np.ndarray | None = None  # float64 [T] seconds, where the format has them
 
 
+def read_rgb(path) -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3]; ValueError naming the file where it does not read (PIL's "image file
+    is truncated" named none)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+
+
+def stack_frames(arrays: list[np.ndarray], paths: list, what: str) -> np.ndarray:
+    """One sequence's per-frame arrays stacked; ValueError naming the first file whose size is not the first's
+    (numpy's "all input arrays must have the same shape" named none)."""
+    h, w = arrays[0].shape[:2]
+    for array, path in zip(arrays, paths):
+        if array.shape[:2] != (h, w):
+            raise ValueError(f"{path}: {what} of {array.shape[1]}x{array.shape[0]}, the sequence's first "
+                             f"({paths[0]}) {w}x{h}")
+    return np.stack(arrays)
+
+
+def check_depth_size(rgb: np.ndarray, depth: np.ndarray, depth_path) -> None:
+    """Depth maps at the frames' resolution (scored pixel by pixel, another size scored other pixels)."""
+    if depth.shape[1:3] != rgb.shape[1:3]:
+        raise ValueError(f"{depth_path}: depth of {depth.shape[2]}x{depth.shape[1]}, its frames are "
+                         f"{rgb.shape[2]}x{rgb.shape[1]}")
+
+
 def frame_window(n: int, start: int = 0, stride: int = 1, max_frames: int = 0) -> list[int]:
     """Indices start, start + stride, ... (at most max_frames; 0 = all) of n frames."""
     idx = list(range(start, n, max(stride, 1)))

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
-from one4d_train.eval.readers import Sequence, frame_window
+from one4d_train.eval.readers import Sequence, check_depth_size, frame_window, read_rgb, stack_frames
 
 TAG = np.float32(202021.25)
 
@@ -83,11 +82,17 @@ def read_sintel(root, sequences=None, render_pass: str = "final", start: int = 0
         if not window:
             raise ValueError(f"{train / render_pass / name}: no frame from frame {start} on (it has {len(frames)})")
         frames = [frames[i] for i in window]
-        rgb = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in frames])
-        depth, Ks, poses = [], [], []
+        rgb = stack_frames([read_rgb(p) for p in frames], frames, "a frame")
+        depth_paths = [train / "depth" / name / (p.stem + ".dpt") for p in frames]
+        depth, Ks, poses = stack_frames([read_dpt(p) for p in depth_paths], depth_paths, "a depth map"), [], []
+        check_depth_size(rgb, depth, depth_paths[0])
         for p in frames:
-            depth.append(read_dpt(train / "depth" / name / (p.stem + ".dpt")))
-            K, w2c = read_cam(train / "camdata_left" / name / (p.stem + ".cam"))
+            cam = train / "camdata_left" / name / (p.stem + ".cam")
+            K, w2c = read_cam(cam)
+            if not (np.isfinite(K).all() and np.isfinite(w2c).all() and K[0, 0] > 0 and K[1, 1] > 0) \
+                    or abs(np.linalg.det(w2c[:3, :3])) < 1e-9:
+                raise ValueError(f"{cam}: not a camera (a zero focal length or rotation, or a number that is not "
+                                 "finite)")
             Ks.append(K)
             poses.append(w2c_to_c2w(w2c))
-        yield Sequence(name, rgb, np.stack(depth).astype(np.float32), np.stack(Ks), np.stack(poses))
+        yield Sequence(name, rgb, depth.astype(np.float32), np.stack(Ks), np.stack(poses))

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from one4d_train.eval.readers import Sequence, frame_window
+from one4d_train.eval.readers import Sequence, check_depth_size, frame_window, read_rgb, stack_frames
 
 DEPTH_FACTOR = 5000.0
 MAX_DIFFERENCE = 0.02
@@ -74,7 +74,11 @@ def c2w_to_tum_pose(c2w: np.ndarray) -> list[float]:
 
 
 def read_depth_png(path) -> np.ndarray:
-    raw = np.asarray(Image.open(path))
+    try:
+        with Image.open(path) as image:
+            raw = np.asarray(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"{path}: not a readable depth PNG ({exc})") from None
     if raw.dtype not in (np.uint16, np.int32):
         raise ValueError(f"{path}: expected a 16-bit depth PNG, got {raw.dtype}")
     return (raw.astype(np.float64) / DEPTH_FACTOR).astype(np.float32)
@@ -84,7 +88,21 @@ def _listing(folder: Path, name: str, sub: str):
     if (folder / name).is_file():
         return read_list(folder / name)
     files = sorted((folder / sub).glob("*.png"))  # Bonn-style folders name files by their timestamp
-    return np.asarray([float(p.stem) for p in files]), [[f"{sub}/{p.name}"] for p in files]
+    try:
+        stamps = [float(p.stem) for p in files]
+    except ValueError:
+        odd = next(p for p in files if not _is_number(p.stem))
+        raise ValueError(f"{odd}: not named by its timestamp, and no {folder / name} lists the frames with theirs") \
+            from None
+    return np.asarray(stamps), [[f"{sub}/{p.name}"] for p in files]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int = 0, stride: int = 1,
@@ -100,6 +118,12 @@ def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int =
             gt = np.asarray([row[:7] for row in gt], np.float64).reshape(-1, 7)
         except ValueError as exc:
             raise ValueError(f"{folder / 'groundtruth.txt'}: a pose that is not 7 numbers ({exc})") from None
+        # a NaN or a zero quaternion made NaN cameras, and the sequence's ATE and RPE silently went missing
+        bad = ~np.isfinite(gt).all(1) | (np.linalg.norm(np.nan_to_num(gt[:, 3:7]), axis=1) == 0)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise ValueError(f"{folder / 'groundtruth.txt'}: the pose at timestamp {t_gt[k]} is not a camera pose "
+                             f"(a number that is not finite, or a zero quaternion): {' '.join(map(str, gt[k]))}")
         with_gt = dict(associate(t_rgb[[i for i, _ in pairs]], t_gt))
         pairs = [(pairs[k], with_gt[k]) for k in range(len(pairs)) if k in with_gt]
         poses = [tum_pose_to_c2w(gt[g]) for _, g in pairs]
@@ -110,8 +134,10 @@ def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int =
                          f"{len(pairs)} matched within {MAX_DIFFERENCE} s"
                          f"{' and to groundtruth.txt' if poses is not None else ''}, from frame {start}")
     pairs = [pairs[k] for k in keep]
-    rgb = np.stack([np.asarray(Image.open(folder / rgb_files[i][0]).convert("RGB")) for i, _ in pairs])
-    depth = np.stack([read_depth_png(folder / depth_files[j][0]) for _, j in pairs])
+    rgb_paths, depth_paths = [folder / rgb_files[i][0] for i, _ in pairs], [folder / depth_files[j][0] for _, j in pairs]
+    rgb = stack_frames([read_rgb(p) for p in rgb_paths], rgb_paths, "a frame")
+    depth = stack_frames([read_depth_png(p) for p in depth_paths], depth_paths, "a depth map")
+    check_depth_size(rgb, depth, depth_paths[0])
     K = None
     if intrinsics is not None:
         fx, fy, cx, cy = intrinsics

@@ -531,6 +531,25 @@ def test_outputs_that_cannot_be_written_end_the_evaluation_in_one_line(tmp_path,
     assert not list(ckpt.glob("eval/*/metrics.json"))
 
 
+def test_an_out_dir_scored_again_keeps_no_sample_folder_of_the_earlier_scoring(tmp_path, capsys):
+    """eval.out_dir scored again with fewer samples kept the earlier scoring's other sample folders beside a
+    metrics.json that no longer lists them; what else the folder holds is the user's, left alone."""
+    from data_utils import make_shards
+
+    shards = make_shards(tmp_path, num_clips=2, frames=5, height=32, width=64, samples_per_shard=1)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", *EVAL)
+    ckpt = _checkpoint(run, cfg, state)
+    out = tmp_path / "scores"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli(["eval", f"checkpoint={ckpt}", f"eval.out_dir={out}", "eval.num_samples=2"]) == 0
+    first = {r["sample"] for r in json.loads((out / "metrics.json").read_text())["samples"]}
+    assert len(first) == 2 and all((out / name).is_dir() for name in first)
+    assert cli(["eval", f"checkpoint={ckpt}", f"eval.out_dir={out}", "eval.num_samples=1"]) == 0
+    (kept,) = {r["sample"] for r in json.loads((out / "metrics.json").read_text())["samples"]}
+    assert sorted(p.name for p in out.iterdir()) == sorted([kept, "metrics.json", "notes.txt"])
+
+
 def test_a_held_out_set_smaller_than_eval_num_samples_is_scored_whole_saying_so(tmp_path, capsys):
     _, (ckpt,) = _scored_run(tmp_path, steps=(10,))
     assert cli(["eval", f"checkpoint={ckpt}", "eval.num_samples=3"]) == 0

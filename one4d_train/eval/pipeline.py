@@ -385,6 +385,15 @@ def _benchmark_samples(cfg, spec: str, name: str, root: str) -> Iterator[dict]:
         yield {k: ([v] if isinstance(v, str) else v[None] if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
 
 
+def _earlier_samples(metrics_file: Path) -> list[str]:
+    """The sample folders an earlier evaluation's metrics.json lists (names as _sample_name makes them: no path)."""
+    try:
+        names = {r["sample"] for r in json.loads(metrics_file.read_text())["samples"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return sorted(n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", ".."))
+
+
 def _sample_name(batch: dict, index: int) -> str:
     key = batch.get("__key__", [f"sample{index:04d}"])
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key[0]))
@@ -492,6 +501,9 @@ def evaluate_checkpoint(cfg, checkpoint: str | None, out_dir: str | None = None,
             print(f"one4d eval: {spec} holds {len(samples)} sample(s): scoring all of them "
                   f"(eval.num_samples={ecfg.num_samples})", file=sys.stderr)
         if (out / METRICS_FILE).exists():
+            if chosen:  # a folder of the user's: the sample folders its earlier evaluation listed go, nothing else
+                for name in _earlier_samples(out / METRICS_FILE):
+                    shutil.rmtree(out / name, ignore_errors=True)
             (out / METRICS_FILE).unlink()
         if not chosen and out.is_dir():  # our own folder: no sample folder of an earlier evaluation stays beside
             shutil.rmtree(out)

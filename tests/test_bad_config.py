@@ -375,6 +375,11 @@ def test_task_that_cannot_be_imported(capsys, shards, tmp_path):
     assert "command line: key 'train.task': cannot import module 'foo'" in err
     err = refused(capsys, args(shards, tmp_path, "train.task=one4d_train.train.task:NoSuchTask"))
     assert "key 'train.task'" in err and "NoSuchTask" in err
+    # a function, or a class that is no training task: tracebacks once the process group had started
+    err = refused(capsys, args(shards, tmp_path, "train.task=os:getcwd"))
+    assert "key 'train.task': 'os:getcwd' is not a class" in err
+    err = refused(capsys, args(shards, tmp_path, "train.task=one4d_train.config:One4DConfig"))
+    assert "key 'train.task': 'one4d_train.config:One4DConfig' is not a training task: it has no build_model" in err
 
 
 @pytest.mark.skipif(os.path.exists(MODEL_1_3B), reason="the 1.3B model files exist on this machine")

@@ -188,8 +188,14 @@ def task_class(spec: str) -> tuple[type | None, str | None]:
         return None, f"importing module '{module}' failed: {type(exc).__name__}: {exc}"
     if obj is None:
         return None, f"module '{module}' has no '{name}'"
-    if not callable(obj):
+    if not isinstance(obj, type):
         return None, f"'{spec}' is not a class"
+    from one4d_train.train.task import TASK_METHODS
+
+    missing = [m for m in TASK_METHODS if not callable(getattr(obj, m, None))]
+    if missing:  # (a function or another class failed after the process group had started)
+        return None, (f"'{spec}' is not a training task: it has no {', '.join(missing)} (the methods of "
+                      "one4d_train/train/task.py's TrainTask)")
     return obj, None
 
 

@@ -61,6 +61,11 @@ class TrainTask(Protocol):
 DEFAULT_TASK = "one4d_train.train.one4d_task:One4DTask"  # train.task empty
 
 
+# what the trainer calls on a task (the methods of TrainTask above)
+TASK_METHODS = ("build_model", "load_base_weights", "build_loader", "loss", "flops_per_sample", "tokens_per_sample",
+                "export")
+
+
 def load_object(spec: str) -> Any:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)

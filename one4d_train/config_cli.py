@@ -14,12 +14,18 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() + "\n\nexample: one4d print-config config=configs/experiment/demo.yaml train.steps=20"
               "\n         one4d print-config --get run_dir config=configs/experiment/demo.yaml")
         return 0
-    key = None
-    if argv[:1] == ["--get"]:
-        if len(argv) < 2:
-            print("config error: --get needs a key, e.g. --get run_dir", file=sys.stderr)
-            return 2
-        key, argv = argv[1], argv[2:]
+    key, rest = None, []
+    items = iter(argv)
+    for item in items:  # --get KEY (or --get=KEY) anywhere among the settings
+        if item == "--get" or item.startswith("--get="):
+            given = item.partition("=")[2] if "=" in item else next(items, None)
+            if key is not None or not given or given.startswith("-"):
+                print("config error: --get takes one key, e.g. --get run_dir", file=sys.stderr)
+                return 2
+            key = given
+        else:
+            rest.append(item)
+    argv = rest
     try:
         cfg = load_config(argv)
         if key is None:

@@ -172,6 +172,14 @@ def test_print_config_prints_the_merged_config(capsys):
     assert one4d_main(["print-config", "--get", "run_dir", f"config={demo}", f"run_dir={long}"]) == 0
     assert capsys.readouterr().out == long + "\n"
     assert one4d_main(["print-config", "--get", "run_dri", f"config={demo}"]) == 2
+    capsys.readouterr()
+    # after the settings, or as --get=KEY (both were refused as settings written with dashes)
+    for argv in ([f"config={demo}", f"run_dir={long}", "--get", "run_dir"], ["--get=run_dir", f"config={demo}",
+                                                                             f"run_dir={long}"]):
+        assert one4d_main(["print-config", *argv]) == 0 and capsys.readouterr().out == long + "\n"
+    for argv in (["--get"], ["--get", "a", "--get", "b"], [f"config={demo}", "--get"]):
+        assert one4d_main(["print-config", *argv]) == 2
+        assert "--get takes one key" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["print-config", "train", "eval", "export", "demo"])

@@ -550,6 +550,33 @@ def test_an_out_dir_scored_again_keeps_no_sample_folder_of_the_earlier_scoring(t
     assert sorted(p.name for p in out.iterdir()) == sorted([kept, "metrics.json", "notes.txt"])
 
 
+def test_a_shard_set_replaced_at_the_same_path_is_scored_again(tmp_path, capsys):
+    """The scores were keyed by the set's path alone: a new held-out set copied to the old path kept the old scores
+    ("scored on this dataset already"). Its index.json's hash is recorded and compared now; scores made before it
+    was recorded are not scored again for it."""
+    import shutil
+
+    from data_utils import make_shards
+
+    run, (ckpt,) = _scored_run(tmp_path, steps=(10,))
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert "scored on this dataset already" in capsys.readouterr().err
+    shards = tmp_path / "shards"
+    other = make_shards(tmp_path / "other", num_clips=1, frames=5, height=32, width=64, seed=7)
+    shutil.rmtree(shards)
+    shutil.copytree(other, shards)
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert f"scoring {ckpt} again: its scores on this dataset were made with other settings (dataset_content)" in \
+        capsys.readouterr().err
+    metrics = _metrics(run, ckpt)
+    report = json.loads(metrics.read_text())
+    del report["settings"]["dataset_content"]  # as scores made before it was recorded
+    metrics.write_text(json.dumps(report))
+    assert cli(["eval", f"checkpoint={run}"]) == 0
+    assert "scored on this dataset already" in capsys.readouterr().err
+
+
 def test_a_held_out_set_smaller_than_eval_num_samples_is_scored_whole_saying_so(tmp_path, capsys):
     _, (ckpt,) = _scored_run(tmp_path, steps=(10,))
     assert cli(["eval", f"checkpoint={ckpt}", "eval.num_samples=3"]) == 0

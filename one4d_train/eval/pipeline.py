@@ -284,6 +284,22 @@ def dataset_tag(spec: str) -> str:
 
 # settings recorded since a later release, as scores made before it had them (the schema's defaults)
 SETTINGS_ADDED = {"pointmap_percentiles": [2.0, 98.0]}
+# settings recorded since a later release and compared only with scores that record them (their value then is not
+# known): the shard set's content, which a set replaced at the same path changes
+COMPARED_WHERE_RECORDED = ("dataset_content",)
+
+
+def dataset_content(spec: str) -> str | None:
+    """A shard set's content as its index.json's SHA-256 (which lists every shard's own): scores of a set replaced
+    at the same path are not those of this one. None for a benchmark (its files are not hashed)."""
+    from data_pipeline.reader import shard_directory
+
+    if spec.partition(":")[0] in BENCHMARKS:
+        return None
+    try:
+        return hashlib.sha256((shard_directory(spec) / "index.json").read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return None
 
 
 def settings_differ(path, wanted: dict) -> list[str] | None:
@@ -297,7 +313,8 @@ def settings_differ(path, wanted: dict) -> list[str] | None:
     except (OSError, ValueError, AttributeError, TypeError):  # unreadable, not JSON, settings not an object
         return None
     wanted = plain_json(wanted)  # as written: tuples as lists, inf as "inf"
-    return sorted(k for k, v in wanted.items() if k not in _NOT_COMPARED and recorded.get(k) != v)
+    return sorted(k for k, v in wanted.items() if k not in _NOT_COMPARED and recorded.get(k) != v
+                  and (k not in COMPARED_WHERE_RECORDED or k in recorded))
 
 
 def scored(checkpoint: str, tag: str, wanted: dict) -> list[str] | None:
@@ -581,6 +598,7 @@ def scoring_settings(cfg, spec: str) -> dict:
            "base_matmul": m.base_matmul}
     if not benchmark:
         out["frame_stride"] = d.frame_stride
+        out["dataset_content"] = dataset_content(spec)
     if not ecfg.sparse_frames:
         out["sparse_fracs"] = [m.umc.sparse_min_frac, m.umc.sparse_max_frac]
     return out

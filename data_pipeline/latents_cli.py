@@ -270,7 +270,11 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise UsageError(f"--num-tasks and --task-index go together with 0 <= I < N (got {num_tasks}, {task_index})")
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
-        raise EncodeError("OUT_DIR must differ from SRC_SHARDS")
+        raise UsageError("OUT_DIR must differ from SRC_SHARDS")
+    if src.resolve() in out.resolve().parents:  # the latent shards would lie among the shards they are made from
+        raise UsageError(f"OUT_DIR {out} is inside SRC_SHARDS {src}: give a folder outside it")
+    if not (src / si.INDEX).is_file():
+        raise UsageError(f"SRC_SHARDS {src}: no {si.INDEX} (a shard folder of `one4d shard`)")
     dev = encoding_device(device)
     index = si.read_index(src)
     # a source encoded before keeps the caption embeddings its run stored, taken here as given with the clips: they

@@ -628,6 +628,13 @@ def test_a_batch_or_task_index_out_of_range_is_a_usage_error(tmp_path, capsys):
     for opts in (["--batch", "0"], ["--num-tasks", "2", "--task-index", "2"]):
         assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", *opts]) == 2, opts
         assert capsys.readouterr().err.startswith(f"one4d encode-latents: error: {opts[0]}")
+    # folders that cannot be right (exit 1, or accepted: latent shards written among their source's)
+    for args, said in (([src, src], "OUT_DIR must differ from SRC_SHARDS"),
+                       ([src, src / "sub"], f"OUT_DIR {src / 'sub'} is inside SRC_SHARDS {src}"),
+                       ([tmp_path / "nowhere", out], f"SRC_SHARDS {tmp_path / 'nowhere'}: no index.json")):
+        assert encode_main([*map(str, args), *CONFIG, "--device", "cpu", "--no-progress"]) == 2, args
+        assert f"one4d encode-latents: error: {said}" in capsys.readouterr().err
+    assert not (src / "sub").exists()
     assert not out.exists()
 
 def test_running_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch):

@@ -209,7 +209,8 @@ def _text_as_typed(cfg: DictConfig, dotlist: list[str]) -> list[str]:
 
 
 _DECIMAL_INT = r"[+-]?(0|[1-9][0-9_]*)"
-_DECIMAL_FLOAT = r"[+-]?((0|[1-9][0-9_]*)(\.[0-9_]*)?|\.[0-9_]+)([eE][+-]?[0-9]+)?|[+-]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+# (leading zeros only before a point: 017 is YAML's octal, 01.5 its 1.5)
+_DECIMAL_FLOAT = r"[+-]?(([0-9][0-9_]*)?\.[0-9_]*|0|[1-9][0-9_]*)([eE][+-]?[0-9]+)?|[+-]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
 _YAML = "tag:yaml.org,2002:"
 
 
@@ -218,9 +219,14 @@ def _as_written_in_file(path: str, cfg: DictConfig) -> None:
     `name: 2024_01_05` as the integer 20240105, `name: 1.10` as 1.1, `name: yes` as true (each then the text
     '20240105', '1.1', 'True'), `steps: 017` as octal 15 and `steps: 1:30` as base-60 90, silently. A text key
     asks for quotes; a number key for decimal."""
+    try:  # the loader OmegaConf.load reads the file with (its float resolver also takes 1e3)
+        from omegaconf._yaml import get_yaml_loader
+        loader = get_yaml_loader()
+    except ImportError:  # pragma: no cover - another OmegaConf layout
+        loader = yaml.SafeLoader
     with open(path) as f:
         try:
-            root = yaml.compose(f)
+            root = yaml.compose(f, Loader=loader)
         except yaml.YAMLError:
             return  # (reported by the load, naming the file)
 
@@ -231,7 +237,8 @@ def _as_written_in_file(path: str, cfg: DictConfig) -> None:
                 walk(v, key + ".")
                 continue
             field = _node(cfg, key)
-            if not isinstance(v, yaml.ScalarNode) or v.style is not None or field is None or _kind(field):
+            plain = isinstance(v, yaml.ScalarNode) and v.style in (None, "")  # (not quoted, not a block)
+            if not plain or field is None or _kind(field):
                 continue
             kind, tag, raw = field._metadata.ref_type, v.tag.removeprefix(_YAML), v.value
             if kind is str and tag in ("int", "float", "bool", "timestamp"):

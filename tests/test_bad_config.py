@@ -380,6 +380,8 @@ def test_task_that_cannot_be_imported(capsys, shards, tmp_path):
     assert "key 'train.task': 'os:getcwd' is not a class" in err
     err = refused(capsys, args(shards, tmp_path, "train.task=one4d_train.config:One4DConfig"))
     assert "key 'train.task': 'one4d_train.config:One4DConfig' is not a training task: it has no build_model" in err
+    err = refused(capsys, args(shards, tmp_path, "train.task=tests.train_toy_task:ToyTaskWithoutExport"))
+    assert "key 'train.export_adapters': the task tests.train_toy_task:ToyTaskWithoutExport has no export method" in err
 
 
 @pytest.mark.skipif(os.path.exists(MODEL_1_3B), reason="the 1.3B model files exist on this machine")

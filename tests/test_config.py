@@ -75,13 +75,15 @@ def test_config_file_values_are_taken_as_their_keys_take_them(tmp_path):
                           ("flow:\n  shift: 0x10\n", r"key 'flow.shift': 0x10 is read by YAML"),
                           ("name: yes\n", r"key 'name': yes is read by YAML as a bool, not the text written: quote it"),
                           ("name: 1.10\n", r"key 'name': 1.10 is read by YAML as a float"),
-                          ("name: 2024_01_05\n", r"key 'name': 2024_01_05 is read by YAML as an int")):
+                          ("name: 2024_01_05\n", r"key 'name': 2024_01_05 is read by YAML as an int"),
+                          ("name: 1e3\n", r"key 'name': 1e3 is read by YAML as a float")):
         exp = write(tmp_path, "exp.yaml", body)
         with pytest.raises(ConfigError, match=rf"{re.escape(str(exp))}: {message}"):
             load_config([f"config={exp}"])
-    exp = write(tmp_path, "exp.yaml", "name: 'yes'\ntrain:\n  steps: 20\nflow:\n  shift: 3\n")
+    exp = write(tmp_path, "exp.yaml", "name: 'yes'\ntrain:\n  steps: 20\nflow:\n  shift: 01.5\n")
     cfg = load_config([f"config={exp}"])
-    assert (cfg.name, cfg.train.steps, cfg.flow.shift) == ("yes", 20, 3.0)
+    assert (cfg.name, cfg.train.steps, cfg.flow.shift) == ("yes", 20, 1.5)
+    assert load_config(["flow.shift=01.5"]).flow.shift == 1.5
     back = write(tmp_path, "back.yaml", to_yaml(load_config(["name=2024_01_05", "run_dir=/x/a #1"])))
     assert (load_config([f"config={back}"]).name, load_config([f"config={back}"]).run_dir) == ("2024_01_05", "/x/a #1")
 

@@ -79,6 +79,7 @@ def test_values_deepspeed_accepts_and_its_engine_then_fails_on_are_refused():
     assert "device nvme needs nvme_path" in problems("{zero_optimization: {offload_optimizer: {device: nvme}}}")[key]
     assert problems("{zero_optimization: {offload_optimizer: {device: nvme, nvme_path: /local}}}") == {}
     assert problems("{steps_per_print: 0}")["train.deepspeed_overrides.steps_per_print"] == "must be >= 1, got 0"
+    assert problems("{steps_per_print: null}") == {}  # DeepSpeed's own default: no prints
 
 
 def test_tuning_keys_merge_and_are_reported():

@@ -393,16 +393,21 @@ def test_an_out_dir_that_is_a_file_is_refused_by_key(tmp_path, capsys, monkeypat
         err = capsys.readouterr().err
         assert f"command line: key 'eval.out_dir': {out} {why}" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["afile", "run"]
+    from one4d_train.eval.main import out_dir_problems
+
     # inside a checkpoint (another's scores overwritten, then trusted; outputs copied into an export) or an export
     other = _checkpoint(run, cfg, state, step=20)
     export = tmp_path / "export"
     export_adapters(state, cfg.model, str(export))
     for out, inside in ((other / "eval" / "x", f"checkpoint {other}"), (other, f"checkpoint {other}"),
-                        (export / "out", f"export {export}")):
+                        (export / "out", f"export {export}"), (ckpt / "adapters" / "x", f"export {ckpt / 'adapters'}"),
+                        (ckpt, f"checkpoint {ckpt}")):
         assert cli(["eval", f"checkpoint={ckpt}", f"eval.out_dir={out}"]) == 2
         assert f"key 'eval.out_dir': {out} is inside {inside}" in capsys.readouterr().err
-    from one4d_train.eval.main import out_dir_problems
-
+    # the eval/ folder of the checkpoint evaluated is its own: a subfolder of it is taken
+    ((key, why),) = out_dir_problems(replace(cfg.eval, out_dir=str(other / "eval" / "x")), str(ckpt))
+    assert out_dir_problems(replace(cfg.eval, out_dir=str(ckpt / "eval" / "steps20")), str(ckpt)) == []
+    assert out_dir_problems(replace(cfg.eval, out_dir=str(export / "eval" / "other")), str(export)) == []
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     monkeypatch.setattr(os, "access", lambda path, mode: path != str(locked))  # as for a user who is not root
@@ -511,6 +516,12 @@ def test_a_held_out_sample_that_does_not_read_stops_the_evaluation_naming_it(tmp
     assert f"shard={victim.name}" in caplog.text
     assert [b["__shard__"][0] for b in iter_samples(cfg, strict=False)] == order[:2]
     assert [b["__shard__"][0] for b in iter_samples(replace(cfg, eval=replace(cfg.eval, num_samples=2)))] == order[:2]
+    # a clip shorter than the window is no damage: left out (as at every evaluation at this window), not refused
+    from data_utils import make_shards_of_lengths
+
+    mixed = make_shards_of_lengths(tmp_path / "mixed", (5, 3, 5))
+    cfg = load_config([f"data.val_shards={mixed}", *TINY, *EVAL, "eval.num_samples=3"])
+    assert len(list(iter_samples(cfg))) == 2
 
 
 def test_outputs_that_cannot_be_written_end_the_evaluation_in_one_line(tmp_path, capsys, monkeypatch):
@@ -529,6 +540,18 @@ def test_outputs_that_cannot_be_written_end_the_evaluation_in_one_line(tmp_path,
     assert (f"one4d eval: {ckpt}: its outputs cannot be written: No space left on device: {ckpt}/eval/" in err
             and "GB free there); it does not count as scored" in err and "Traceback" not in err), err
     assert not list(ckpt.glob("eval/*/metrics.json"))
+
+    def refused(where):
+        def write(out_dir, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(where(out_dir)))
+        return write
+    monkeypatch.setattr(pipeline, "write_outputs", refused(lambda out: out / "sheet.png"))  # its own output: said
+    assert cli(["eval", f"checkpoint={ckpt}"]) == 1
+    assert "its outputs cannot be written: Permission denied" in capsys.readouterr().err
+    # a file it reads that it may not (another user's model files): not said as an output it cannot write
+    monkeypatch.setattr(pipeline, "write_outputs", refused(lambda out: tmp_path / "models" / "vae.safetensors"))
+    with pytest.raises(PermissionError):
+        cli(["eval", f"checkpoint={ckpt}"])
 
 
 def test_an_out_dir_scored_again_keeps_no_sample_folder_of_the_earlier_scoring(tmp_path, capsys):

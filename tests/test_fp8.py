@@ -77,6 +77,19 @@ def test_fp8_linear_matches_the_dequantised_reference():
     assert fp8(x[:0]).shape == (0, 10, 96)  # no rows: nothing to scale, still a linear
 
 
+def test_fp8_where_there_are_no_fp8_tensor_cores_is_refused_by_key(monkeypatch):
+    """An FP8 run or an export trained in FP8 on an A100 (8.0): a ValueError from the model's build, after the
+    process group had started; `one4d train` and `one4d eval` refuse it by key before."""
+    from one4d_train.model.fp8 import fp8_problems
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    ((key, why),) = fp8_problems("fp8", torch.device("cuda", 0))
+    assert key == "model.base_matmul" and why.startswith("fp8: needs FP8 tensor cores (compute capability >= 8.9)")
+    assert fp8_problems("bf16", torch.device("cuda", 0)) == fp8_problems("fp8", torch.device("cpu")) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_problems("fp8", torch.device("cuda", 0)) == []
+
+
 def test_fp8_linear_in_fp32_models_returns_fp32():
     lin = skewed_linear(bias=False).float()
     x = torch.randn(5, 64)

@@ -180,6 +180,11 @@ def test_rgbd_files_that_would_score_wrongly_or_name_nothing_are_errors_naming_t
     (seq / "groundtruth.txt").write_text("\n".join(lines[:-1] + ["0.2000 1 2 3 0 0 0 0"]) + "\n")
     with pytest.raises(ValueError, match=r"zero quaternion"):
         list(read_benchmark(bench, root))
+    # a bad row no scored frame is matched to (a trajectory at the motion capture's rate) is not read
+    root, seq = fresh("unused")
+    (seq / "groundtruth.txt").write_text("\n".join(lines + ["5.0000 nan nan nan 0 0 0 0"]) + "\n")
+    assert len(list(read_benchmark(bench, root))[0].poses_c2w) == 3
+    assert len(list(read_benchmark(bench, root, start=1))[0].poses_c2w) == 2
     root, seq = fresh("small-depth")
     for p in (seq / "depth").glob("*.png"):
         Image.fromarray(np.zeros((H // 2, W // 2), np.uint16)).save(p)

@@ -653,6 +653,7 @@ def test_launcher_detection():
 
 @pytest.mark.parametrize("env, said", [
     ({"RANK": "abc", "WORLD_SIZE": "1"}, "environment variable RANK='abc' is not a whole number"),
+    ({"RANK": "", "WORLD_SIZE": "1"}, "environment variable RANK='' is not a whole number"),
     ({"RANK": "0", "WORLD_SIZE": "0"}, "RANK=0 and WORLD_SIZE=0: the rank must be below the number of processes"),
     ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 and WORLD_SIZE=1: the rank must be below"),
     ({"MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not a whole number"),

@@ -202,3 +202,8 @@ class ToyTask:
 
     def export(self, trainable_state, out_dir):
         save_tensors({k: v.contiguous() for k, v in trainable_state.items()}, os.path.join(out_dir, "adapter.safetensors"))
+
+
+class ToyTaskWithoutExport(ToyTask):
+    """A task with nothing to export (train.export_adapters=false runs it)."""
+    export = None

@@ -12,9 +12,10 @@ counts as not scored.
 Without config=, the run's config.yaml is used (a checkpoint copied out of its run: the config.yaml it holds), with
 the data window the checkpoint's adapters record (the run's config may hold a later resume's); an export: the model
 settings, precision and data window of its adapter_config.json, over a config.yaml beside it, with a warning where
-an older export records no window. key=value pairs (eval.*, data.*, model.*) override it. The adapters are evaluated only on the frozen base they were trained on: a checkpoint's
-train state and an export's adapter_config.json record model.checkpoint's content fingerprint (and the LoRA scale),
-and another base exits 2 naming model.checkpoint (the same files at any path are taken).
+an older export records no window. key=value pairs (eval.*, data.*, model.*) override it. The adapters are
+evaluated only on the frozen base they were trained on: a checkpoint's train state and an export's
+adapter_config.json record model.checkpoint's content fingerprint (and the LoRA scale), and another base exits 2
+naming model.checkpoint (the same files at any path are taken).
 The files read (adapters/, or ds/ for a rebuild, and the train state) must match the CRC-32s of the checkpoint's
 COMPLETE marker (a marker written before markers recorded them is not verified): a damaged checkpoint is named with
 its damaged file, and a run directory's other checkpoints are evaluated still.
@@ -35,6 +36,7 @@ from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_t
                                        scored, scoring_settings, tracked_run)
 from one4d_train.model.adapters import CONFIG_NAME, PRECISION_KEYS, WINDOW_KEYS, AdapterError, read_adapter_config
 from one4d_train.model.attention import attention_problems
+from one4d_train.model.fp8 import fp8_problems
 from one4d_train.model.encoders import vae_kernel_problems
 from one4d_train.train.checkpoint import MARKER, CheckpointDamaged, broken_checkpoints, checkpoint_problem, config_of
 from one4d_train.train.warm_start import trained_identity
@@ -45,8 +47,9 @@ from one4d_train.train.one4d_task import (identity_problems, index_problems, lin
 def export_settings(export: str) -> list[str]:
     """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks, the
     precision it was trained in) and its training's data window (data.num_frames, frame_stride, height, width,
-    pointmap_percentiles) as key=value items: without config= its model is built, and sampled, as it was trained, not from the defaults; the model
-    files (model.checkpoint, model.vae, ...) are still the config's or the command line's."""
+    pointmap_percentiles) as key=value items: without config= its model is built, and sampled, as it was trained,
+    not from the defaults; the model files (model.checkpoint, model.vae, ...) are still the config's or the command
+    line's."""
     c = read_adapter_config(export)
     lora = c["lora"]
     items = [f"model.preset={c['preset']}", f"model.design={c['design']}",
@@ -70,12 +73,18 @@ def window_settings(adapter_config: dict) -> list[str]:
             f"data.{key}={window[key]}" for key in (WINDOW_KEYS if window else ())]
 
 
-# a full disk or quota, a read-only or forbidden place: said in one line, not as a traceback from the writer
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+def write_failure_in(exc: OSError, out_dir: str) -> bool:
+    """Whether `exc` is a failure to write the evaluation's outputs: a full disk or quota or a read-only file system
+    anywhere, a permission refused inside `out_dir` (one refused elsewhere is a file it reads: another problem)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    where = os.path.abspath(str(exc.filename or ""))
+    return exc.errno in (errno.EACCES, errno.EPERM) and bool(exc.filename) and \
+        (where + os.sep).startswith(os.path.abspath(out_dir) + os.sep)
 
 
 def write_failure(exc: OSError) -> str:
-    """`exc` (one of WRITE_ERRNOS) as one line: what, where, and the space left there."""
+    """A failure to write (write_failure_in) as one line: what, where, and the space left there."""
     where = exc.filename or ""
     line = f"{exc.strerror or exc}" + (f": {where}" if where else "")
     probe = os.path.abspath(str(where)) if where else ""
@@ -86,11 +95,18 @@ def write_failure(exc: OSError) -> str:
     return line
 
 
-def out_dir_problems(ecfg) -> list[tuple[str, str]]:
-    """eval.out_dir must be a folder or a path one can be made at, by this user, outside any checkpoint or export:
-    a file there (or above it) was a FileExistsError, a read-only place an OSError, after the model was built; inside
-    a checkpoint the outputs became part of it (its adapters/ copied into exports, another checkpoint's scores
-    overwritten and then trusted by scans)."""
+def say_pending_logged(cfg, ckpt: str, tag: str, step: int | None) -> None:
+    """A scored checkpoint skipped by a scan: the scores its scoring could not log to MLflow are logged now."""
+    logged = log_pending(cfg, ckpt, tag, step or 0)
+    if logged:
+        print(f"one4d eval: {ckpt}: {logged}", file=sys.stderr)
+
+
+def out_dir_problems(ecfg, checkpoint: str | None = None) -> list[tuple[str, str]]:
+    """eval.out_dir must be a folder or a path one can be made at, by this user, outside any checkpoint or export
+    but the eval/ folder of the one evaluated (`checkpoint`): a file there (or above it) was a FileExistsError, a
+    read-only place an OSError, after the model was built; inside a checkpoint the outputs became part of it (its
+    adapters/ copied into exports, another checkpoint's scores overwritten and then trusted by scans)."""
     if not ecfg.out_dir:
         return []
     path = os.path.abspath(ecfg.out_dir)
@@ -102,12 +118,16 @@ def out_dir_problems(ecfg) -> list[tuple[str, str]]:
         return [("eval.out_dir", f"{ecfg.out_dir} {where}: {fix}")]
     if not os.access(path, os.W_OK | os.X_OK):
         return [("eval.out_dir", f"{ecfg.out_dir}: {path} is not writable by this user: {fix}")]
+    own = os.path.realpath(os.path.join(checkpoint, "eval")) if checkpoint else None
+    target = os.path.realpath(ecfg.out_dir)
     inside = path
     while True:
         for marker, what in ((MARKER, "checkpoint"), (CONFIG_NAME, "export")):
-            if os.path.isfile(os.path.join(inside, marker)):
+            evaluated = own and os.path.realpath(inside) == os.path.dirname(own)
+            if os.path.isfile(os.path.join(inside, marker)) and \
+                    not (evaluated and (target + os.sep).startswith(own + os.sep)):
                 return [("eval.out_dir", f"{ecfg.out_dir} is inside {what} {inside}: {fix} outside checkpoints "
-                                         "and exports (a checkpoint's own scores go to its eval/ when it is unset)")]
+                                         "and exports, or in the eval/ folder of the one evaluated")]
         if os.path.dirname(inside) == inside:
             return []
         inside = os.path.dirname(inside)
@@ -180,8 +200,9 @@ def main(argv: list[str]) -> int:
             cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: (
                 link_problems(c.model) + unset_file_problems(c.model) + model_file_problems(c) +
                 identity_problems(c, ckpt, trained, action="evaluate") +
-                out_dir_problems(c.eval) + c.tracking.problems() +
-                vae_kernel_problems(c.model, resolve_device(c.train.device)) + attention_problems(c.model.attention)))
+                out_dir_problems(c.eval, ckpt) + c.tracking.problems() +
+                vae_kernel_problems(c.model, resolve_device(c.train.device)) + attention_problems(c.model.attention) +
+                fp8_problems(c.model.base_matmul, resolve_device(c.train.device))))
             if scan and cfg.eval.out_dir:  # one folder for every checkpoint: each would overwrite the last
                 raise ConfigError(f"key 'eval.out_dir': names the folder of one checkpoint's evaluation; the "
                                   f"checkpoints of run directory {target[0]} are each scored into their own eval/ "
@@ -209,15 +230,14 @@ def main(argv: list[str]) -> int:
         if differ and cfg.eval.rescore == "never":
             print(f"one4d eval: skipping {ckpt}: scored on this dataset with other settings ({', '.join(differ)}), "
                   f"kept (eval.rescore=never)", file=sys.stderr)
+            say_pending_logged(cfg, ckpt, tag, step)  # scores its scoring could not log to MLflow
             done.append(ckpt)
             continue
         if differ == []:
             print(f"one4d eval: skipping {ckpt}: scored on this dataset already "
                   f"(its eval/ holds the metrics.json; name the checkpoint to score it again)",
                   file=sys.stderr)
-            logged = log_pending(cfg, ckpt, tag, step or 0)  # scores its scoring could not log to MLflow
-            if logged:
-                print(f"one4d eval: {ckpt}: {logged}", file=sys.stderr)
+            say_pending_logged(cfg, ckpt, tag, step)  # scores its scoring could not log to MLflow
             done.append(ckpt)
             continue
         if differ:  # a table of the run's checkpoints would mix settings (or the rules of an earlier version)
@@ -251,7 +271,7 @@ def main(argv: list[str]) -> int:
                       f"({exc})", file=sys.stderr)
                 continue
             if isinstance(exc, OSError):
-                if exc.errno not in WRITE_ERRNOS:
+                if not write_failure_in(exc, into):
                     raise
                 print(f"one4d eval: {ckpt}: its outputs cannot be written: {write_failure(exc)}; it does not count "
                       "as scored (metrics.json is written last)", file=sys.stderr)

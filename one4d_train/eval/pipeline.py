@@ -351,7 +351,9 @@ def iter_samples(cfg, strict: bool = True) -> Iterator[dict]:
     try:
         for batch in loader:
             key = (batch["__shard__"][0], batch["__key__"][0])
-            skipped = int(batch["__skipped__"][0])  # (counted before this sample: a bad last one shows at the wrap)
+            # (counted before this sample: a bad last one shows at the wrap); clips shorter than the window are no
+            # damage: left out, the same at every evaluation at this window, and said by the reader
+            skipped = int(batch["__skipped__"][0]) - int(batch["__short__"][0])
             if strict and skipped:
                 raise EvalInputError(unreadable.format(skipped))
             if key in seen:  # the loader ran on into the next epoch: the set holds fewer than eval.num_samples
@@ -567,11 +569,12 @@ def log_pending(cfg, checkpoint: str, tag: str, step: int) -> str | None:
         run_id = report[NOT_LOGGED]["run_id"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    pending = report.pop(NOT_LOGGED)
+    write_metrics_json(path, report)  # the copy logged as an artifact carries no marker
     why = log_to_mlflow(cfg, run_id, report, path.parent, step, tag)
     if why:
+        write_metrics_json(path, {**report, NOT_LOGGED: {**pending, "reason": why}})
         return f"its scores are still not logged to MLflow run {run_id}: {why}"
-    report.pop(NOT_LOGGED)
-    write_metrics_json(path, report)
     return f"logged its scores (made earlier) to MLflow run {run_id}"
 
 

@@ -97,6 +97,18 @@ def require_fp8_tensor_cores(device: torch.device) -> None:
                              f"{device} has {major}.{minor}: use model.base_matmul=bf16")
 
 
+def fp8_problems(base_matmul: str, device: torch.device) -> list[tuple[str, str]]:
+    """model.base_matmul=fp8 where `device` has no FP8 tensor cores, by key before a model is built (a ValueError
+    from the model's build, after the process group had started; an export trained in FP8 evaluated on an A100)."""
+    if base_matmul != "fp8":
+        return []
+    try:
+        require_fp8_tensor_cores(device)
+    except ValueError as exc:
+        return [("model.base_matmul", str(exc).removeprefix("model.base_matmul=").replace("fp8 needs", "fp8: needs"))]
+    return []
+
+
 def convert_frozen_linears(module: nn.Module) -> list[str]:
     """Replace every frozen `nn.Linear` under `module` (a base linear inside a branch-LoRA layer included) by an
     `FP8Linear` on the same parameters; returns the converted names. Trainable linears are left as they are."""

@@ -168,6 +168,8 @@ def preflight(cfg) -> list[tuple[str, str]]:
     task_cls, problem = task_class(cfg.train.task)
     if problem:
         problems.append(("train.task", problem))
+    elif cfg.train.export_adapters and not callable(getattr(task_cls, "export", None)):
+        problems.append(("train.export_adapters", f"the task {cfg.train.task} has no export method: set it false"))
     elif callable(getattr(task_cls, "check_config", None)):
         problems += task_cls.check_config(cfg)
     return problems + deepspeed_config.problems(cfg, env.world_size)

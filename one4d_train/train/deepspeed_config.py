@@ -281,7 +281,7 @@ def _accepted_but_failing(ds) -> list[tuple[str, str]]:
                 and not offload.nvme_path:
             out.append((f"{KEY}.zero_optimization.{name}.nvme_path",
                         "device nvme needs nvme_path, a folder on the NVMe drive"))
-    if not ds.steps_per_print or ds.steps_per_print < 1:
+    if ds.steps_per_print is not None and ds.steps_per_print < 1:  # (None: DeepSpeed's own default, no prints)
         out.append((f"{KEY}.steps_per_print", f"must be >= 1, got {ds.steps_per_print}"))
     return out
 

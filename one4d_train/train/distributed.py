@@ -71,7 +71,7 @@ def launch_problem(environ: dict[str, str] | None = None) -> str | None:
         names = ("MASTER_PORT",)
     for name in names:
         value = env.get(name, "")
-        if value and not value.isdigit():
+        if (value or name in (rank, world)) and not value.isdigit():  # (a rank or world size set empty too)
             return f"environment variable {name}={value!r} is not a whole number >= 0 (set by the launcher or job)"
     port = env.get("MASTER_PORT", "")
     if port and not 1 <= int(port) <= 65535:

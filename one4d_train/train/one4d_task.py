@@ -34,6 +34,7 @@ from one4d_train.model.compile import compile_blocks
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.attention import attention_problems
+from one4d_train.model.fp8 import fp8_problems
 from one4d_train.model.encoders import build_encoders, encoder_dtype, encoder_file_problems, vae_kernel_problems
 from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
@@ -79,6 +80,7 @@ class One4DTask:
             p.append(("model.compile", "needs train.zero_stage=2: ZeRO-3's parameter-fetch hooks break the compiled "
                       "graphs (slower than eager, see benchmarks/PERF_NOTES.md)"))
         p += vae_kernel_problems(m, _local_device(t.device)) + attention_problems(m.attention)
+        p += fp8_problems(m.base_matmul, _local_device(t.device))
         if m.compute_dtype != t.precision:
             p.append(("model.compute_dtype", f"{m.compute_dtype} and train.precision={t.precision} must agree: "
                       "training and evaluation run the base in that one dtype"))

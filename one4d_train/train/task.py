@@ -61,9 +61,8 @@ class TrainTask(Protocol):
 DEFAULT_TASK = "one4d_train.train.one4d_task:One4DTask"  # train.task empty
 
 
-# what the trainer calls on a task (the methods of TrainTask above)
-TASK_METHODS = ("build_model", "load_base_weights", "build_loader", "loss", "flops_per_sample", "tokens_per_sample",
-                "export")
+# what the trainer calls on every task (the methods of TrainTask above; `export` only with train.export_adapters)
+TASK_METHODS = ("build_model", "load_base_weights", "build_loader", "loss", "flops_per_sample", "tokens_per_sample")
 
 
 def load_object(spec: str) -> Any:

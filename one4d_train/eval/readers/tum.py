@@ -111,30 +111,35 @@ def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int =
     t_rgb, rgb_files = _listing(folder, "rgb.txt", "rgb")
     t_depth, depth_files = _listing(folder, "depth.txt", "depth")
     pairs = associate(t_rgb, t_depth)
-    poses = None
+    gt_rows = None  # per matched frame, its groundtruth.txt row
     if (folder / "groundtruth.txt").is_file():
         t_gt, gt = read_list(folder / "groundtruth.txt", min_fields=7)
         try:
             gt = np.asarray([row[:7] for row in gt], np.float64).reshape(-1, 7)
         except ValueError as exc:
             raise ValueError(f"{folder / 'groundtruth.txt'}: a pose that is not 7 numbers ({exc})") from None
-        # a NaN or a zero quaternion made NaN cameras, and the sequence's ATE and RPE silently went missing
-        bad = ~np.isfinite(gt).all(1) | (np.linalg.norm(np.nan_to_num(gt[:, 3:7]), axis=1) == 0)
-        if bad.any():
-            k = int(np.argmax(bad))
-            raise ValueError(f"{folder / 'groundtruth.txt'}: the pose at timestamp {t_gt[k]} is not a camera pose "
-                             f"(a number that is not finite, or a zero quaternion): {' '.join(map(str, gt[k]))}")
         with_gt = dict(associate(t_rgb[[i for i, _ in pairs]], t_gt))
         pairs = [(pairs[k], with_gt[k]) for k in range(len(pairs)) if k in with_gt]
-        poses = [tum_pose_to_c2w(gt[g]) for _, g in pairs]
+        gt_rows = [g for _, g in pairs]
         pairs = [p for p, _ in pairs]
     keep = frame_window(len(pairs), start, stride, max_frames)
     if not keep:
         raise ValueError(f"{folder}: no frame left: {len(t_rgb)} rgb and {len(t_depth)} depth timestamps, "
                          f"{len(pairs)} matched within {MAX_DIFFERENCE} s"
-                         f"{' and to groundtruth.txt' if poses is not None else ''}, from frame {start}")
+                         f"{' and to groundtruth.txt' if gt_rows is not None else ''}, from frame {start}")
+    poses = None
+    if gt_rows is not None:
+        # a NaN or a zero quaternion among the poses scored made NaN cameras, and the sequence's ATE and RPE silently
+        # went missing (rows no scored frame is matched to, of a trajectory at the motion capture's rate, are not read)
+        bad = [gt_rows[k] for k in keep if not np.isfinite(gt[gt_rows[k]]).all()
+               or np.linalg.norm(np.nan_to_num(gt[gt_rows[k], 3:7])) == 0]
+        if bad:
+            raise ValueError(f"{folder / 'groundtruth.txt'}: the pose at timestamp {t_gt[bad[0]]} is not a camera pose "
+                             f"(a number that is not finite, or a zero quaternion): {' '.join(map(str, gt[bad[0]]))}")
+        poses = np.stack([tum_pose_to_c2w(gt[gt_rows[k]]) for k in keep])
     pairs = [pairs[k] for k in keep]
-    rgb_paths, depth_paths = [folder / rgb_files[i][0] for i, _ in pairs], [folder / depth_files[j][0] for _, j in pairs]
+    rgb_paths = [folder / rgb_files[i][0] for i, _ in pairs]
+    depth_paths = [folder / depth_files[j][0] for _, j in pairs]
     rgb = stack_frames([read_rgb(p) for p in rgb_paths], rgb_paths, "a frame")
     depth = stack_frames([read_depth_png(p) for p in depth_paths], depth_paths, "a depth map")
     check_depth_size(rgb, depth, depth_paths[0])
@@ -142,8 +147,7 @@ def read_rgbd_sequence(folder, name: str, intrinsics: tuple | None, start: int =
     if intrinsics is not None:
         fx, fy, cx, cy = intrinsics
         K = np.tile(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]]), (len(pairs), 1, 1))
-    return Sequence(name, rgb, depth, K, None if poses is None else np.stack([poses[k] for k in keep]),
-                    t_rgb[[i for i, _ in pairs]])
+    return Sequence(name, rgb, depth, K, poses, t_rgb[[i for i, _ in pairs]])
 
 
 def tum_intrinsics(name: str):

@@ -354,7 +354,7 @@ def test_in_training_evaluation_counts_the_non_finite_values_it_leaves_out(monke
                    {"abs_rel": float("nan"), "psnr": 20.0, "num_pixels": 500},
                    {"abs_rel": 0.4, "psnr": 30.0, "num_pixels": 100}])
     monkeypatch.setattr(pipeline, "Generator", lambda *a, **k: None)
-    monkeypatch.setattr(pipeline, "iter_samples", lambda cfg: [{}, {}, {}])
+    monkeypatch.setattr(pipeline, "iter_samples", lambda cfg, strict=True: [{}, {}, {}])
     monkeypatch.setattr(pipeline, "generate", lambda *a: None)
     monkeypatch.setattr(pipeline, "score_and_write", lambda *a: next(scores))
     cfg = SimpleNamespace(eval=SimpleNamespace(dataset="d", modes=["video"], seed=0), data=SimpleNamespace())

@@ -120,12 +120,12 @@ def out_dir_problems(ecfg, checkpoint: str | None = None) -> list[tuple[str, str
         return [("eval.out_dir", f"{ecfg.out_dir}: {path} is not writable by this user: {fix}")]
     own = os.path.realpath(os.path.join(checkpoint, "eval")) if checkpoint else None
     target = os.path.realpath(ecfg.out_dir)
+    in_own = bool(own) and (target + os.sep).startswith(own + os.sep)  # the evaluated one's eval/ (or below)
     inside = path
     while True:
+        allowed = in_own and os.path.realpath(inside) == os.path.dirname(own)
         for marker, what in ((MARKER, "checkpoint"), (CONFIG_NAME, "export")):
-            evaluated = own and os.path.realpath(inside) == os.path.dirname(own)
-            if os.path.isfile(os.path.join(inside, marker)) and \
-                    not (evaluated and (target + os.sep).startswith(own + os.sep)):
+            if os.path.isfile(os.path.join(inside, marker)) and not allowed:
                 return [("eval.out_dir", f"{ecfg.out_dir} is inside {what} {inside}: {fix} outside checkpoints "
                                          "and exports, or in the eval/ folder of the one evaluated")]
         if os.path.dirname(inside) == inside:

@@ -309,3 +309,30 @@ def test_output_to_a_reader_that_left_ends_quietly_with_the_shells_code(args, un
     # argparse's --help itself ignores a failed write (exit 0) where nothing is left buffered for the exit
     expected = (141, 0) if args[-1] == "--help" and args[0] != "--help" and unbuffered else (141,)
     assert proc.returncode in expected and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
+def test_valid_settings_that_have_no_effect_are_named():
+    """`one4d train` notes at its start the settings its config cannot follow (they are valid values: no refusal)."""
+    from one4d_train.train.config import ignored_settings
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "demo.yaml"
+    assert ignored_settings(load_config([f"config={demo}"])) == []
+    cfg = load_config([f"config={demo}", "train.steps=10", "optim.warmup_steps=40", "optim.min_lr_ratio=0.1",
+                       "data.mode=exact", "data.epoch_length=7", "train.zero_stage=2",
+                       "train.zero3_param_persistence_threshold=0", "model.activation_checkpointing=full",
+                       "model.activation_checkpointing_blocks=9", "model.design=width_concat", "model.link_blocks=[1]",
+                       "model.text_encoder_device=cpu"])
+    notes = dict(ignored_settings(cfg))
+    assert notes == {
+        "optim.warmup_steps": "40 > train.steps=10: the run ends in its warmup, at 0.25 x optim.lr",
+        "optim.min_lr_ratio": "0.1 is the cosine schedule's floor: optim.schedule=constant ignores it",
+        "data.epoch_length": "7 sets data.mode=resampled's epochs: an exact-mode epoch is every sample once",
+        "train.zero3_param_persistence_threshold": "ZeRO-3 only: train.zero_stage=2 keeps every parameter whole on "
+                                                   "each rank",
+        "model.activation_checkpointing_blocks": "9, but preset 'tiny' has 3 blocks: all of them are checkpointed",
+        "model.link_blocks": "control links are DLC's: model.design=width_concat has none",
+        "model.text_encoder_device": "cpu, but there is no model.text_encoder (text embeddings come from the shards)"}
+    cfg = load_config([f"config={demo}", "model.activation_checkpointing=none", "model.activation_checkpointing_blocks=2",
+                       "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "data.mode=resampled", "data.epoch_length=7"])
+    assert dict(ignored_settings(cfg)) == {
+        "model.activation_checkpointing_blocks": "2: no block is checkpointed (model.activation_checkpointing=none)"}

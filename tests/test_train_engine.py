@@ -784,9 +784,12 @@ def test_a_resume_under_another_optimizer_state_layout_exits_2_naming_the_key(tm
     state in, and loads by position: a resume that changed it trained on with the state in the wrong places (the next
     step's loss 7.6% off, no error). A tuning key may change; one first set on a resume is recorded as a resumed_with.*
     tag like a changed value, not as a param the run always had."""
-    args = ["train.log_every=1", "train.checkpoint_every=2"]
+    args = ["train.log_every=1", "train.checkpoint_every=2", "optim.warmup_steps=5"]
     code, out = single(tmp_path, *args, "train.steps=2")
     assert code == 0, out[-4000:]
+    # valid settings the run cannot follow are said at its start (ZeRO-2 here; the run ends in its warmup)
+    assert "config note: train.zero3_param_persistence_threshold: ZeRO-3 only" in out, out[-4000:]
+    assert "config note: optim.warmup_steps: 5 > train.steps=2: the run ends in its warmup, at 0.4 x optim.lr" in out
     code, out = single(tmp_path, *args, "train.steps=4",
                        "train.deepspeed_overrides={zero_optimization: {round_robin_gradients: true}}")
     key = "train.deepspeed_overrides.zero_optimization.round_robin_gradients"

@@ -175,6 +175,29 @@ def preflight(cfg) -> list[tuple[str, str]]:
     return problems + deepspeed_config.problems(cfg, env.world_size)
 
 
+def ignored_settings(cfg) -> list[tuple[str, str]]:
+    """Valid settings that have no effect in this config, as [(key, why)]: `one4d train` warns about them at the
+    start (the run trains, just not as the setting suggests); the task's own `ignored_settings(cfg)` adds its keys."""
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    notes = []
+    if o.warmup_steps > t.steps:
+        notes.append(("optim.warmup_steps", f"{o.warmup_steps} > train.steps={t.steps}: the run ends in its warmup, at "
+                      f"{t.steps / o.warmup_steps:.3g} x optim.lr"))
+    if o.schedule == "constant" and o.min_lr_ratio:
+        notes.append(("optim.min_lr_ratio", f"{o.min_lr_ratio:g} is the cosine schedule's floor: optim.schedule=constant "
+                      "ignores it"))
+    if d.mode == "exact" and d.epoch_length:
+        notes.append(("data.epoch_length", f"{d.epoch_length} sets data.mode=resampled's epochs: an exact-mode epoch is "
+                      "every sample once"))
+    if t.zero_stage == 2 and t.zero3_param_persistence_threshold != TrainConfig.zero3_param_persistence_threshold:
+        notes.append(("train.zero3_param_persistence_threshold", "ZeRO-3 only: train.zero_stage=2 keeps every parameter "
+                      "whole on each rank"))
+    task_cls, problem = task_class(t.task)
+    if not problem and callable(getattr(task_cls, "ignored_settings", None)):
+        notes += task_cls.ignored_settings(cfg)
+    return notes
+
+
 def task_class(spec: str) -> tuple[type | None, str | None]:
     """(the TrainTask class `train.task` names (empty: the One4D task), None), or (None, why it cannot be
     loaded)."""

@@ -48,7 +48,7 @@ import torch
 
 from one4d_train.cli import LAUNCHER_ARG
 from one4d_train.config import ConfigError, absolute_paths, load_config
-from one4d_train.train.config import preflight
+from one4d_train.train.config import ignored_settings, preflight
 from one4d_train.train.preemption import EXIT_CONFIG, EXIT_INTERRUPTED
 
 
@@ -87,6 +87,9 @@ def main(argv: list[str]) -> int:
         return EXIT_CONFIG
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(message)s", stream=sys.stdout, force=True)
+    if env.is_main:
+        for key, why in ignored_settings(cfg):
+            logging.warning("config note: %s: %s", key, why)
     busy = None
     if env.is_main:  # before anything in run_dir is read or written; held until this process ends
         try:

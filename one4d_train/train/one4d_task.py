@@ -86,6 +86,24 @@ class One4DTask:
                       "training and evaluation run the base in that one dtype"))
         return p
 
+    @staticmethod
+    def ignored_settings(cfg) -> list[tuple[str, str]]:
+        """Model settings with no effect in this config (`one4d train` warns about them at the start)."""
+        m, notes = cfg.model, []
+        layers = wan_config(m.preset).num_layers
+        if m.activation_checkpointing == "none" and m.activation_checkpointing_blocks != -1:
+            notes.append(("model.activation_checkpointing_blocks", f"{m.activation_checkpointing_blocks}: no block is "
+                          "checkpointed (model.activation_checkpointing=none)"))
+        elif m.activation_checkpointing_blocks > layers:
+            notes.append(("model.activation_checkpointing_blocks", f"{m.activation_checkpointing_blocks}, but preset "
+                          f"{m.preset!r} has {layers} blocks: all of them are checkpointed"))
+        if m.design != "dlc" and m.link_blocks:
+            notes.append(("model.link_blocks", f"control links are DLC's: model.design={m.design} has none"))
+        if not m.text_encoder and m.text_encoder_device != "auto":
+            notes.append(("model.text_encoder_device", f"{m.text_encoder_device}, but there is no model.text_encoder "
+                          "(text embeddings come from the shards)"))
+        return notes
+
     @classmethod
     def check_config(cls, cfg) -> list[tuple[str, str]]:
         """`one4d train`'s check before any process group: config_problems, then that what the run reads exists:

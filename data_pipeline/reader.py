@@ -215,9 +215,20 @@ class StreamPlan:
         return np.random.default_rng([self.seed, _SAMPLE, epoch, self.slot(local), pos])
 
 
+_said: set = set()  # shard-level warnings this process has logged: a damaged shard is read at every epoch
+
+
+def _warn_once(message: str, counted: bool = True, about=None) -> None:
+    """Log `message` the first time this process meets `about` (default: the message itself; it names the file)."""
+    about = message if about is None else about
+    if about not in _said:
+        _said.add(about)
+        log.warning("%s (logged once%s)", message, "; data_skipped counts them at every epoch" if counted else "")
+
+
 def _log_tar_error(exn: Exception) -> bool:
-    log.warning("shard read error (remaining samples of this shard are counted as skipped): %s",
-                " ".join(str(a) for a in exn.args if isinstance(a, str)) or repr(exn))
+    _warn_once("shard read error (remaining samples of this shard are counted as skipped): "
+               + (" ".join(str(a) for a in exn.args if isinstance(a, str)) or repr(exn)))
     return True
 
 
@@ -261,15 +272,16 @@ def read_in_order(sources: list[Shard], order: np.ndarray, start: int) -> Iterat
         if raw is None:
             lost = [i for i in range(shard.count) if i not in seen]
             if lost:  # tarfile ends quietly at a damaged header: the index's count is what tells
-                log.warning("shard=%s: the tar ended after %d of the %d samples index.json lists; the other %d "
-                            "(those still due this epoch) are counted as skipped", shard.name, len(seen),
-                            shard.count, len(lost))
+                _warn_once(f"shard={shard.name}: the tar ended after {len(seen)} of the {shard.count} samples "
+                           f"index.json lists; the other {len(lost)} (those still due) are counted as skipped",
+                           about=(shard.path, "ended"))
             missing.update(cur * _STRIDE + i for i in lost)
             cur, it = cur + 1, None
             return
         i = index_of.get(raw["__key__"], -1)
         if i < 0 or i in seen:
-            log.warning("shard=%s key=%s: sample not in index.json (or repeated); ignored", shard.name, raw["__key__"])
+            _warn_once(f"shard={shard.name} key={raw['__key__']}: sample not in index.json (or repeated); ignored",
+                       counted=False, about=(shard.path, raw["__key__"]))
             return
         seen.add(i)
         item = cur * _STRIDE + i
@@ -333,7 +345,7 @@ class ShardStream(IterableDataset):
         local = self.local_slot()
         slot = self.plan.slot(local)
         epoch, pos, skipped, short = self.start.get(local, (0, 0, 0, 0))
-        told_short: set[str] = set()  # the short clips this slot has logged: each is skipped at every epoch
+        told: dict[str, str] = {}  # key -> the reason this slot logged it skipped for: said again only if it changes
         empty = 0  # epochs in a row in which this slot found no usable sample
         while True:
             sources = self.plan.sources(local, epoch)
@@ -356,11 +368,11 @@ class ShardStream(IterableDataset):
                         shm_pool.release(lent)  # the dropped sample's pooled buffers
                 if reason:
                     skipped, short = skipped + 1, short + too_short
-                    if not too_short or key not in told_short:
+                    if told.get(key) != reason:  # a damaged sample fails the same way at every epoch
                         log.warning("skipped sample shard=%s key=%s slot=%d epoch=%d: %s%s", shard.name, key, slot,
-                                    epoch, reason, " (skipped at every epoch, logged once)" if too_short else "")
-                    if too_short:
-                        told_short.add(key)
+                                    epoch, reason, " (skipped at every epoch, logged once)" if too_short else
+                                    " (logged again only if it fails otherwise; data_skipped counts every skip)")
+                        told[key] = reason
                     continue
                 yielded += 1
                 sample.update(__key__=key, __shard__=shard.name, __slot__=slot, __epoch__=epoch, __pos__=after,

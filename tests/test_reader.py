@@ -164,6 +164,17 @@ def test_corrupt_members_and_truncated_shard_are_skipped_and_counted(tmp_path, c
     text = caplog.text
     for name, key in ((shards[0].name, mp4_victim), (shards[1].name, npz_victim), (shards[2].name, shards[2].keys[0])):
         assert f"shard={name} key={key}" in text
+    # a damaged sample fails the same way at every epoch: logged once (the count goes on), as its shard's damage
+    caplog.clear()
+    loader = build_loader(cfg, rank=0, world_size=1, seed=5, micro_batch_size=1)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.reader"):
+        batches = _take(loader, 16)  # four epochs
+    assert {int(b["__epoch__"][0]) for b in batches} >= {0, 1, 2}
+    for name, key in ((shards[0].name, mp4_victim), (shards[1].name, npz_victim)):
+        said = [r.getMessage() for r in caplog.records if f"shard={name} key={key} " in r.getMessage()]
+        assert len(said) == 1 and said[0].endswith("(logged again only if it fails otherwise; data_skipped counts "
+                                                   "every skip)"), said
+    assert loader.samples_skipped >= 3 * 4  # every epoch's bad samples counted
 
 
 def test_clips_shorter_than_the_window_are_skipped_and_counted_as_such(tmp_path, caplog):

@@ -24,13 +24,14 @@ from benchmarks.train_step import IMAGE_TOKENS, TEXT_LEN, VIDEO, record, sync  #
 ATTENTION_MARKS = ("flash", "fmha", "attention", "cudnn", "fa4", "Flash")
 
 
-def block_inputs(cfg, dev):
+def block_inputs(cfg, dev, video=VIDEO):
     from one4d_train.model.backbone import rope_tables
-    grid = (1 + (VIDEO[0] - 1) // 4, VIDEO[1] // 16, VIDEO[2] // 16)  # latents / (1, 2, 2) patches
+    grid = (1 + (video[0] - 1) // 4, video[1] // 16, video[2] // 16)  # latents / (1, 2, 2) patches
     n = grid[0] * grid[1] * grid[2]
-    x = torch.randn(2, n, cfg.dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    x = torch.randn(2, n, cfg.dim, device=dev, dtype=dtype, requires_grad=True)
     e0 = torch.randn(2, 6, cfg.dim, device=dev) * 0.1
-    ctx = torch.randn(2, IMAGE_TOKENS + TEXT_LEN, cfg.dim, device=dev, dtype=torch.bfloat16)
+    ctx = torch.randn(2, IMAGE_TOKENS + TEXT_LEN, cfg.dim, device=dev, dtype=dtype)
     return x, e0, ctx, rope_tables(grid, cfg.head_dim, dev)
 
 
@@ -49,7 +50,7 @@ def build_block(args, dev):
         holder.blocks = nn.ModuleList([WanBlock(cfg)])
     for p in holder.parameters():
         nn.init.normal_(p, std=0.02)
-    holder.to(torch.bfloat16)
+    holder.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if not args.no_lora:
         apply_dlc(holder, LoRAConfig(rank=args.rank))
         for name, p in holder.named_parameters():
@@ -85,8 +86,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40, help="heaviest kernels listed")
     ap.add_argument("--bandwidth", help="write Inductor's per-kernel bytes and GB/s here (kernels benchmarked)")
     ap.add_argument("--results", help="append the per-part row here (JSON lines)")
+    ap.add_argument("--device", default="cuda", help="cpu: a check of this script (fp32, --video small)")
+    ap.add_argument("--video", default=",".join(map(str, VIDEO)), help="frames,height,width of the clip")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    video = tuple(int(v) for v in args.video.split(","))
     torch.backends.cuda.matmul.allow_tf32 = True
     import torch._inductor.config as inductor
     inductor.coordinate_descent_tuning = args.cdt
@@ -94,7 +98,7 @@ def main() -> None:
         inductor.profile_bandwidth = True
         inductor.profile_bandwidth_output = args.bandwidth
     cfg, block = build_block(args, dev)
-    x, e0, ctx, freqs = block_inputs(cfg, dev)
+    x, e0, ctx, freqs = block_inputs(cfg, dev, video)
     grad = torch.randn_like(x)
 
     def step():
@@ -107,15 +111,17 @@ def main() -> None:
         print(f"per-kernel bytes and GB/s in {args.bandwidth}", flush=True)
         return
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.iters):
             step()
         sync(dev)
     events = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if dev.type == "cuda" else (lambda e: e.self_cpu_time_total)
     parts, calls = defaultdict(float), defaultdict(int)
     for e in events:
-        if e.self_device_time_total > 0:
-            parts[part_of(e.key)] += e.self_device_time_total / args.iters / 1e3
+        if own(e) > 0:
+            parts[part_of(e.key)] += own(e) / args.iters / 1e3
             calls[part_of(e.key)] += e.count // args.iters
     total = sum(parts.values())
     label = (f"{args.preset} block, ckpt {args.ckpt}, {'no LoRA' if args.no_lora else f'LoRA rank {args.rank}'}, "
@@ -124,10 +130,10 @@ def main() -> None:
           f"(x{cfg.num_layers} blocks = {total * cfg.num_layers / 1e3:.3f} s)")
     for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {part:24s} {ms:8.2f} ms  {calls[part]:5d} calls  {100 * ms / total:5.1f}%")
-    rows = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    rows = sorted((e for e in events if own(e) > 0), key=lambda e: -own(e))
     print(f"\nheaviest {args.rows} kernels/ops per forward + backward:")
     for e in rows[:args.rows]:
-        print(f"  {e.self_device_time_total / args.iters / 1e3:8.3f} ms  {e.count // args.iters:4d}x  {e.key[:150]}")
+        print(f"  {own(e) / args.iters / 1e3:8.3f} ms  {e.count // args.iters:4d}x  {e.key[:150]}")
     record(args.results, {"kind": "block_kernels", "preset": args.preset, "ckpt": args.ckpt,
                           "lora": not args.no_lora, "compiled": not args.eager, "cdt": args.cdt,
                           "block_ms": total, **{f"ms {k}": v for k, v in parts.items()}})

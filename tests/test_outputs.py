@@ -292,6 +292,19 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert "scored on this dataset already" in err and f"logged its scores (made earlier) to MLflow run {run_id}" in err
     assert len(client.get_metric_history(run_id, key)) == 1 and "mlflow_not_logged" not in json.loads(scores.read_text())
+    # a failure part-way, the metrics logged and the artifacts not: the retry logs no second point of them
+    from mlflow.tracking import MlflowClient
+
+    fourth = make_shards(tmp_path / "fourth", num_clips=1, frames=5, height=32, width=64, seed=5)
+    key = f"eval/{dataset_tag(str(fourth))}/video/abs_rel"
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "log_artifacts", locked)
+        assert cli(["eval", f"checkpoint={run}", f"eval.dataset={fourth}", "eval.modes=[video]"]) == 0
+    assert "were not logged to MLflow run" in capsys.readouterr().err and len(client.get_metric_history(run_id, key)) == 1
+    assert cli(["eval", f"checkpoint={run}", f"eval.dataset={fourth}", "eval.modes=[video]"]) == 0
+    assert f"logged its scores (made earlier) to MLflow run {run_id}" in capsys.readouterr().err
+    assert len(client.get_metric_history(run_id, key)) == 1
+    assert any(a.path == f"eval/{dataset_tag(str(fourth))}" for a in client.list_artifacts(run_id, "eval"))
     # a copy out of the run directory: scored on its own, into no store (its grandparent is an unrelated folder,
     # where a store used to be made for a run it does not hold, failing once the scores were in)
     away = tmp_path / "elsewhere" / "ck"

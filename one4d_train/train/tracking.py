@@ -303,11 +303,14 @@ class MlflowTracker(NullTracker):
     def add_to_run(self, run_id: str, metrics: dict[str, float], step: int, local_dir: str,
                    artifact_path: str) -> None:
         """Metrics and a folder of artifacts into an existing run, leaving its status alone: an evaluation job
-        beside a training job that is still running must not mark that run FINISHED (nor reopen a finished one)."""
+        beside a training job that is still running must not mark that run FINISHED (nor reopen a finished one).
+        A metric the run holds already at `step` with the same value is not logged again: a retry after a failure
+        part-way (metrics logged, artifacts not) adds no second point."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        finite = [Metric(k, v, now, step) for k, v in _finite(metrics).items()]
+        finite = [Metric(k, v, now, step) for k, v in _finite(metrics).items()
+                  if not any(m.step == step and m.value == v for m in self.client.get_metric_history(run_id, k))]
         for i in range(0, len(finite), BATCH):
             self.client.log_batch(run_id, metrics=finite[i:i + BATCH])
         self.client.log_artifacts(run_id, local_dir, artifact_path)

@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stray = sorted({p.name for p in shard_dir.glob("*.tar")} - {e["name"] for e in index["shards"]})
     if stray:
-        print(f"  warning: tar files not in the index (ignored by readers): {stray}")
+        print(si.printable(f"  warning: tar files not in the index (ignored by readers): {stray}"))
     t, st = index["totals"], index["statistics"]
-    print(f"{shard_dir}: {'OK' if t['samples'] else 'EMPTY'}: {t['shards']} shards, {t['samples']} samples, "
-          f"{t['bytes'] / 2**20:.1f} MiB, {t['rejected']} rejected rows")
+    print(si.printable(f"{shard_dir}: {'OK' if t['samples'] else 'EMPTY'}: {t['shards']} shards, {t['samples']} "
+                       f"samples, {t['bytes'] / 2**20:.1f} MiB, {t['rejected']} rejected rows"))
     print(f"  frames: {st['frames']['total']} total, {st['frames']['min']}-{st['frames']['max']} per clip")
     print(f"  resolutions: {', '.join(f'{k} x{v}' for k, v in st['resolutions'].items())}")
     print(f"  geometry: {st['geometry']}; depth range: {st['depth_range']}; valid fraction: {st['valid_fraction']}")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", {' and '.join(map(str, text['widths']))} wide" if text["widths"] else ""))
     print(f"  members: {dict(sorted(totals.items()))}")
     for r in index["rejects"]:
-        print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}")
+        print(si.printable(f"  rejected row {r['row']} ({r['path']}): {r['reason']}"))
     if not t["samples"]:  # consistent, but nothing to train or evaluate on (`one4d shard` exited 1 for it too)
         print(f"one4d inspect-shards: FAILED: {shard_dir} holds no sample"
               + (f": every row was rejected ({t['rejected']}, listed above)" if t["rejected"] else ""), file=sys.stderr)

@@ -6,9 +6,11 @@ shard writer can reject a row and carry on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +33,19 @@ class RowError(ValueError):
         return {"row": self.row, "path": self.path, "reason": self.reason, **({"missing": True} if self.missing else {})}
 
 
-def not_a_file(row: int, path: Path, what: str) -> RowError:
+def not_a_file(row: int, path: Path, what: str, base: Path | None = None) -> RowError:
     """The RowError for a `path` that is no file: a folder (a wrong path, not one a re-run will find filled), or
-    nothing there (missing: a re-run retries the row once it is)."""
+    nothing there (missing: a re-run retries the row once it is). `base`: the manifest's folder, to say so where the
+    path as written names a file relative to the current folder instead."""
     if path.is_dir():
         return RowError(row, str(path), f"{what} is a folder, not a file")
-    return RowError(row, str(path), f"{what} not found", missing=True)
+    reason = f"{what} not found"
+    written = path.relative_to(base) if base is not None and path.is_relative_to(base) else None
+    if written is not None and written.is_file():
+        reason += (f" (a file {written} is there relative to the current folder, {Path.cwd()}, but the manifest's "
+                   f"relative paths resolve against its own folder, {base}: write them relative to that folder, or "
+                   "absolute)")
+    return RowError(row, str(path), reason, missing=True)
 
 
 class ManifestError(ValueError):
@@ -88,6 +97,7 @@ class ManifestRow:
     valid: Path | None = None
     caption: str = ""
     text_embedding: Path | None = None
+    base: Path | None = None  # the manifest's folder, which relative paths resolve against
 
     def inputs(self) -> tuple:
         """What the row's sample is made of (files by their real path, so links and spellings compare equal)."""
@@ -105,6 +115,19 @@ class ManifestRow:
     def input_paths(self) -> list[Path]:
         paths = [self.video, self.geometry_path, self.valid, self.text_embedding, self.intrinsics, self.poses]
         return [p for p in paths if isinstance(p, Path)]
+
+    def fingerprints(self) -> dict:
+        """{path: [size, mtime_ns]} of every file the row reads (null where none is there): a re-run compares them to
+        tell inputs that changed since the row was sharded."""
+        out = {}
+        for p in self.input_paths():
+            try:
+                st = p.stat()
+            except OSError:
+                out[str(p)] = None
+                continue
+            out[str(p)] = [st.st_size, st.st_mtime_ns]
+        return out
 
 
 def _path(base: Path, value, row: int, key: str, manifest: str) -> Path:
@@ -162,7 +185,7 @@ def parse_row(obj, row: int, base: Path, manifest: str = "<manifest>") -> Manife
         caption=caption,
         text_embedding=(_path(base, obj["text_embedding"], row, "text_embedding", str(video))
                         if "text_embedding" in obj else None),
-        **cams)
+        base=base, **cams)
 
 
 def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
@@ -174,7 +197,13 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         raise FileNotFoundError(f"manifest not found: {path}")
     path = Path(path).resolve()  # rejects name it so, however it was spelled (they are part of the shard plan)
     base = path.parent
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is no row
+    data = path.read_bytes()
+    wide = _wide_encoding(data)
+    if wide:
+        raise ManifestError(f"{path}: not UTF-8 text: the file is {wide} (as Windows PowerShell's `>` writes): save it "
+                            f"as UTF-8, e.g. iconv -f {wide.split()[0]} -t UTF-8 {path} > manifest-utf8.jsonl, or in "
+                            "PowerShell `Get-Content IN | Set-Content -Encoding utf8 OUT`")
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is no row
     kind = _one_document(data)
     if kind:
         lines = data.strip().count(b"\n") + 1
@@ -203,6 +232,19 @@ def read_manifest(path) -> tuple[list[ManifestRow], list[RowError]]:
         except RowError as exc:
             errors.append(exc)
     return rows, errors
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """'UTF-16 text' or 'UTF-32 text' where the manifest starts with such a byte-order mark, or holds NUL bytes in
+    its first line (no UTF-8 JSON text does), else None: read line by line, it would give a reject per line."""
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32 text"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 text"
+    first = data.split(b"\n", 1)[0]
+    if b"\x00" in first:
+        return "UTF-32 text" if b"\x00\x00\x00" in first else "UTF-16 text"
+    return None
 
 
 def _one_document(data: bytes) -> str | None:
@@ -249,24 +291,33 @@ def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, str]]:
 ARRAY_MAGICS = (b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")  # an .npy; an .npz (a zip; an empty one)
 
 
-def load_array(path: Path, member: str, row: int) -> np.ndarray:
-    """A .npy, or member `member` of a .npz (never unpickled); a .json holds a nested list."""
+def load_array(path: Path, member: str, row: int, check=None, base: Path | None = None) -> np.ndarray:
+    """A .npy, or member `member` of a .npz (never unpickled); a .json holds a nested list. `check(shape, dtype)`
+    is called before the array is loaded, with what the .npy header says, so that an array of the wrong shape is
+    refused without reading it. `base`: the manifest's folder, for the message of a missing file."""
     if not path.is_file():
-        raise not_a_file(row, path, "file")
+        raise not_a_file(row, path, "file", base)
     try:
         if path.suffix == ".json":
-            return _numbers(loads(path.read_text()), row, str(path), member)
+            a = _numbers(loads(path.read_text()), row, str(path), member)
+            if check is not None:
+                check(a.shape, a.dtype)
+            return a
         with path.open("rb") as f:  # numpy reads any other header as a pickle, which it then refuses to load
-            if not f.read(6).startswith(ARRAY_MAGICS):
+            magic = f.read(6)
+            if not magic.startswith(ARRAY_MAGICS):
                 raise RowError(row, str(path), "cannot load array: the file begins with neither an .npy's nor an "
                                                ".npz's header (damaged, or another format; pickles are never loaded)")
-        # a .npy is mapped first: a header that promises more data than the file holds is an error here, not an
-        # allocation of that size (out of memory would read as no fault of the file's)
+            f.seek(0)
+            # the header alone first: a header that promises more data than the file holds, or an array of another
+            # shape, is an error here, not an allocation of that size (out of memory is no fault of the file's)
+            shape, dtype = (_npy_header(f, path.stat().st_size, path, row) if magic == ARRAY_MAGICS[0]
+                            else _npz_header(path, member, row))
+        if check is not None:
+            check(shape, dtype)
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
-                if member not in loaded.files:
-                    raise RowError(row, str(path), f"npz has no member '{member}' (has {loaded.files})")
                 return loaded[member]
         return np.array(loaded)
     except (RowError, MemoryError):
@@ -275,13 +326,40 @@ def load_array(path: Path, member: str, row: int) -> np.ndarray:
         raise RowError(row, str(path), f"cannot load array: {_load_problem(exc)}") from None
 
 
+def _npz_header(path: Path, member: str, row: int) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of member `member` of the .npz at `path`, from its header alone."""
+    with zipfile.ZipFile(path) as zf:
+        names = {n.removesuffix(".npy"): n for n in zf.namelist()}
+        if member not in names:
+            raise RowError(row, str(path), f"npz has no member '{member}' (has {list(names)})")
+        with zf.open(names[member]) as f:
+            return _npy_header(f, zf.getinfo(names[member]).file_size, path, row)
+
+
+def _npy_header(f, size: int, path: Path, row: int) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) from the .npy header at the start of file object `f` (`size` bytes long), reading nothing
+    after it; RowError for an object array or a file shorter than its header says."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if dtype.hasobject:
+        raise RowError(row, str(path), f"cannot load array: {OBJECTS}")
+    if f.tell() + math.prod(shape) * dtype.itemsize > size:
+        raise RowError(row, str(path), f"cannot load array: {TRUNCATED}")
+    return tuple(shape), dtype
+
+
+OBJECTS = "it holds Python objects (an object array is a pickle, and pickles are never loaded)"
+TRUNCATED = "the file is shorter than its header says (truncated)"
+
+
 def _load_problem(exc: Exception) -> str:
     """numpy's reason a memory-mapped load failed, said of the file."""
     said = str(exc)
     if "Python objects in dtype" in said:
-        return "it holds Python objects (an object array is a pickle, and pickles are never loaded)"
+        return OBJECTS
     if "mmap length is greater than file size" in said:
-        return "the file is shorter than its header says (truncated)"
+        return TRUNCATED
     return said
 
 
@@ -346,6 +424,29 @@ def _no_negative_depth(depth: np.ndarray, row: int, where: str) -> None:
                                    f"x {x}): {OPENGL_DEPTH}")
 
 
+FLOAT16_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-05: below it float16 loses precision, then flushes to 0
+SUBNORMAL_SHARE = 0.01
+
+
+def _fits_float16_below(g: np.ndarray, geometry: str, row: int, where: str) -> None:
+    """RowError where float16 storage would lose small valid values (geometry in another unit than metres: depth
+    x 1e-9 stored as 0 everywhere, an empty validity mask when read): any valid non-zero value that would be stored
+    as 0, or more than SUBNORMAL_SHARE of them below float16's normal range. A point counts by its largest
+    |coordinate|; `g` is 0 where invalid."""
+    mag = np.abs(g).max(-1) if geometry == "xyz" else g
+    low = (mag > 0) & (mag < FLOAT16_NORMAL)
+    if not low.any():
+        return
+    small = mag[low]
+    zero, subnormal, total = int((small.astype(np.float16) == 0).sum()), int(low.sum()), int(np.count_nonzero(mag))
+    if zero or subnormal > SUBNORMAL_SHARE * total:
+        what = "depth values" if geometry == "depth" else "points (by their largest |coordinate|)"
+        raise RowError(row, where, f"{what} as small as {small.min():.3g} fall below float16's smallest normal value, "
+                                   f"{FLOAT16_NORMAL:.2g}: of {total} valid, {subnormal} would be stored with reduced "
+                                   f"precision and {zero} as 0 (then read as invalid): give the geometry in metres "
+                                   f"(float16 storage holds {FLOAT16_NORMAL:.2g} to 65000)")
+
+
 def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> dict:
     """Load and check a row's geometry against its video's frame count and size.
 
@@ -355,21 +456,31 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
     where valid; at least one pixel must be valid; values must fit float16 storage."""
     T, H, W = num_frames, height, width
     gp = str(r.geometry_path)
-    g = load_array(r.geometry_path, r.geometry, r.row)
     want = (T, H, W) if r.geometry == "depth" else (T, H, W, 3)
-    if g.shape != want:
-        raise RowError(r.row, gp, f"{r.geometry} shape {list(g.shape)} does not match the video "
-                                  f"({T} frames, {H}x{W}): expected {list(want)}")
-    if not np.issubdtype(g.dtype, np.floating):
-        raise RowError(r.row, gp, f"{r.geometry} must be floating point, got {g.dtype}")
+
+    def geometry_header(shape, dtype):  # checked from the header, before a file of another shape is read
+        if shape != want:
+            raise RowError(r.row, gp, f"{r.geometry} shape {list(shape)} does not match the video "
+                                      f"({T} frames, {H}x{W}): expected {list(want)}")
+        if not np.issubdtype(dtype, np.floating):
+            raise RowError(r.row, gp, f"{r.geometry} must be floating point, got {dtype}")
+
+    def valid_header(shape, dtype):
+        if shape != (T, H, W):
+            raise RowError(r.row, str(r.valid), f"valid shape {list(shape)}, expected {[T, H, W]}")
+
+    g = load_array(r.geometry_path, r.geometry, r.row, geometry_header, r.base)
     g = g.astype(np.float32)
     finite = np.isfinite(g) if g.ndim == 3 else np.isfinite(g).all(-1)
     if r.valid is not None:
-        v = load_array(r.valid, "valid", r.row)
-        if v.shape != (T, H, W):
-            raise RowError(r.row, str(r.valid), f"valid shape {list(v.shape)}, expected {[T, H, W]}")
-        if v.dtype != np.bool_ and not (np.issubdtype(v.dtype, np.integer) and np.isin(v, (0, 1)).all()):
+        v = load_array(r.valid, "valid", r.row, valid_header, r.base)
+        if v.dtype != np.bool_ and not np.issubdtype(v.dtype, np.integer):
             raise RowError(r.row, str(r.valid), f"valid must be bool or 0/1 integers, got {v.dtype}")
+        if v.dtype != np.bool_ and not np.isin(v, (0, 1)).all():
+            found = np.unique(v)
+            shown = ", ".join(map(str, found[:6])) + (f", ... ({len(found)} values)" if len(found) > 6 else "")
+            raise RowError(r.row, str(r.valid), f"valid must be bool or 0/1 integers; this {v.dtype} mask holds values "
+                                                f"{{{shown}}} (a 0/255 image mask: store mask > 0)")
         valid = v.astype(bool)
         bad = valid & ~finite
         if bad.any():
@@ -403,12 +514,15 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
         raise RowError(r.row, gp, f"xyz of frame 0 has {behind} valid points with z <= 0, which its own camera could "
                                   "not see: pointmaps are in the first frame's camera with OpenCV axes (x right, "
                                   "y down, z forward); mark points without geometry false in 'valid'")
+    _fits_float16_below(g, r.geometry, r.row, gp)
     if (r.intrinsics is None) != (r.poses is None):
         raise RowError(r.row, str(r.video), "'intrinsics' and 'poses' go together")
     if r.geometry == "depth" and r.intrinsics is None:
         raise RowError(r.row, str(r.video), "depth geometry needs 'intrinsics' and 'poses'")
     if r.intrinsics is not None:
-        K = r.intrinsics if not isinstance(r.intrinsics, Path) else load_array(r.intrinsics, "intrinsics", r.row)
+        K = r.intrinsics
+        if isinstance(K, Path):
+            K = load_array(K, "intrinsics", r.row, base=r.base)
         K = _finite_array(K, r.row, _where(r.intrinsics, r), ((3, 3), (T, 3, 3)), "intrinsics")
         K = np.broadcast_to(K, (T, 3, 3)).copy()
         if not (np.allclose(K[:, 2], [0, 0, 1]) and (K[:, 0, 0] > 0).all() and (K[:, 1, 1] > 0).all()):
@@ -421,7 +535,9 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
                            f"intrinsics of frame {i} put the principal point at ({K[i, 0, 2]:.6g}, {K[i, 1, 2]:.6g}), "
                            f"outside the {W}x{H} video: intrinsics of another resolution? (fx, fy, cx, cy scale "
                            "with the frame size)")
-        P = r.poses if not isinstance(r.poses, Path) else load_array(r.poses, "poses", r.row)
+        P = r.poses
+        if isinstance(P, Path):
+            P = load_array(P, "poses", r.row, base=r.base)
         P = _finite_array(P, r.row, _where(r.poses, r), ((T, 4, 4),), "poses")
         if not np.allclose(P[:, 3], [0, 0, 0, 1]):
             raise RowError(r.row, _where(r.poses, r), "poses must be 4x4 rigid transforms with last row [0, 0, 0, 1]")
@@ -438,7 +554,7 @@ def load_geometry(r: ManifestRow, num_frames: int, height: int, width: int) -> d
 def load_text_embedding(r: ManifestRow) -> np.ndarray | None:
     if r.text_embedding is None:
         return None
-    e = load_array(r.text_embedding, "text_embedding", r.row)
+    e = load_array(r.text_embedding, "text_embedding", r.row, base=r.base)
     if e.ndim != 2 or e.shape[1] != TEXT_EMBEDDING_WIDTH or not np.issubdtype(e.dtype, np.floating):
         raise RowError(r.row, str(r.text_embedding),
                        f"text embedding must be float [L, {TEXT_EMBEDDING_WIDTH}], got {e.dtype} {list(e.shape)}")

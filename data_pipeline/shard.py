@@ -3,7 +3,8 @@
 The plan (which manifest rows go to which shard) is fixed from the manifest before anything is written, so
 any split of the work (worker processes, Slurm array tasks, a re-run after a kill) produces the same shards.
 A shard is written to a hidden temp name, fsynced and renamed; then its record (`NAME.record.json`: entry,
-rejects, per-sample statistics) is written. A shard whose record matches its file is never rewritten.
+rejects, per-sample statistics, its rows' input fingerprints) is written. A shard whose record matches its file,
+and whose rows' input files are unchanged, is not written again.
 One run at a time writes into an output folder (`shard.lock`; the tasks of one array hold it shared and each its
 own `shard.task-I.lock`, so they run side by side, but never beside a whole run or a --merge).
 """
@@ -14,6 +15,8 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -117,7 +120,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     """Validate one row and build its shard members (docs/data.md) and statistics; raises RowError."""
     if not Path(r.video).is_file():
-        raise not_a_file(r.row, Path(r.video), "video file")
+        raise not_a_file(r.row, Path(r.video), "video file", r.base)
     try:
         info = probe_and_check(r.video)
     except VideoError as exc:
@@ -125,9 +128,9 @@ def encode_sample(r: ManifestRow) -> tuple[list[tuple[str, bytes]], dict]:
     geo = load_geometry(r, info.num_frames, info.height, info.width)
     emb = load_text_embedding(r)
     key = sample_key(r.row)
-    g, valid = geo["geometry"], geo["valid"]
+    g, valid = geo["geometry"].astype(np.float16), geo["valid"]  # as stored: the statistics are the stored values
     members = [(f"{key}.mp4", r.video.read_bytes()),
-               (f"{key}.{r.geometry}.npz", frames_npz_bytes(r.geometry, g.astype(np.float16))),
+               (f"{key}.{r.geometry}.npz", frames_npz_bytes(r.geometry, g)),
                (f"{key}.valid.npz", packed_valid_bytes(valid))]
     if "intrinsics" in geo:
         cam = {"intrinsics": geo["intrinsics"].tolist(), "poses_c2w": geo["poses_c2w"].tolist()}
@@ -155,48 +158,66 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
     """Write one planned shard atomically, then its record; bad rows become rejects. Returns the record. A row
-    that ran out of memory is a reject of this run only: the shard gets no record file, so a re-run writes it
-    again."""
+    that ran out of memory is a reject of this run only (`retry`): the shard gets no record file, so a re-run writes
+    it again. The record keeps each row's input fingerprints, taken before encoding: a re-run writes the shard again
+    once they change. A failure to write (a full disk) removes the temp file and raises ShardingError naming it."""
     out_dir = Path(out_dir)
     keys, rejects, stats, retry = [], [], [], False
+    inputs = {str(r.row): r.fingerprints() for r in rows}
     tmp = out_dir / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for r in rows:
-                try:
-                    members, st = encode_sample(r)
-                except RowError as exc:
-                    rejects.append(exc.record())
-                    continue
-                except MemoryError as exc:  # no fault of the row's: reported, and the shard is left unrecorded
-                    retry = True
-                    rejects.append({"row": r.row, "path": str(r.video), "reason": f"MemoryError: {exc} (out of "
-                                    "memory: re-run the same command, with fewer --workers, to write this row)"})
-                    continue
-                except Exception as exc:  # a row must never stop the run
-                    rejects.append({"row": r.row, "path": str(r.video), "reason": f"{type(exc).__name__}: {exc}"})
-                    continue
-                for member, data in members:
-                    _add(tar, member, data)
-                keys.append(st["key"])
-                stats.append(st)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / name)
-    si.fsync_dir(out_dir)
-    final = out_dir / name
-    record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
-              "keys": keys, "rows": [r.row for r in rows], "rejects": rejects, "sample_stats": stats}
-    if not retry:  # a re-run rewrites a shard without a record, and so tries its rows again
-        si.write_json(si.record_path(out_dir, name), record)
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                for r in rows:
+                    try:
+                        members, st = encode_sample(r)
+                    except RowError as exc:
+                        rejects.append(exc.record())
+                        continue
+                    except MemoryError as exc:  # no fault of the row's: reported, and the shard is left unrecorded
+                        retry = True
+                        rejects.append({"row": r.row, "path": str(r.video), "retry": True, "reason": f"MemoryError: "
+                                        f"{exc} (out of memory: re-run the same command, with fewer --workers, to "
+                                        "write this row)"})
+                        continue
+                    except Exception as exc:  # a row must never stop the run
+                        rejects.append({"row": r.row, "path": str(r.video), "reason": f"{type(exc).__name__}: {exc}"})
+                        continue
+                    for member, data in members:
+                        _add(tar, member, data)
+                    keys.append(st["key"])
+                    stats.append(st)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / name)
+        si.fsync_dir(out_dir)
+        final = out_dir / name
+        record = {"name": name, "samples": len(keys), "bytes": final.stat().st_size, "sha256": si.sha256_file(final),
+                  "keys": keys, "rows": [r.row for r in rows], "rejects": rejects, "sample_stats": stats,
+                  "inputs": inputs}
+        if not retry:  # a re-run rewrites a shard without a record, and so tries its rows again
+            si.write_json(si.record_path(out_dir, name), record)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            free = shutil.disk_usage(out_dir).free
+            raise ShardingError(f"{out_dir / name}: cannot write the shard: {exc.strerror or exc} ({free / 2**20:.1f} "
+                                f"MiB free in {out_dir}): make room (or write into another folder) and re-run the "
+                                "same command; finished shards are kept") from None
+        raise
     return record
 
 
-def _unless_restored(record: dict | None) -> dict | None:
-    """`record`, or None when one of its rejects names a missing input file that exists now."""
+def _unless_changed(record: dict | None, rows: list[ManifestRow]) -> dict | None:
+    """`record`, or None where the inputs of one of its rows changed, appeared or went since it was written (a
+    record of before fingerprints were kept: where one of its rejects names a missing input file that exists now)."""
+    if record is None:
+        return None
+    if "inputs" in record:
+        return record if all(record["inputs"].get(str(r.row)) == r.fingerprints() for r in rows) else None
     # (records written before rejects carried `missing` say so by their reason)
-    if record is not None and any((r.get("missing") or r.get("reason") in ("file not found", "video file not found"))
-                                  and os.path.exists(r["path"]) for r in record["rejects"]):
+    if any((r.get("missing") or r.get("reason") in ("file not found", "video file not found"))
+           and os.path.exists(r["path"]) for r in record["rejects"]):
         return None
     return record
 
@@ -390,6 +411,13 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
         raise ShardingError(f"{manifest}: the manifest has no rows (one JSON object per line: docs/data.md)")
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardingError(f"{out_dir}: not a folder: OUT_DIR is the folder the shards go to (new or this run's)")
+    others = _foreign_files(out_dir)
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        raise ShardingError(f"{out_dir}: not empty (it holds {', '.join(others[:5])}{more}, and no {si.PLAN} of an "
+                            f"earlier `one4d shard` into it: the shards, {si.INDEX} and {si.REJECTS} would overwrite "
+                            "its files or mix with them): OUT_DIR must be a new or empty folder, or one `one4d shard` "
+                            "wrote into")
     out_dir.mkdir(parents=True, exist_ok=True)
     locks = lock_out_dir(out_dir, task_index)
     try:
@@ -397,6 +425,17 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     finally:
         for lock in locks:
             lock.release()
+
+
+OWN_FILES = re.compile(rf"shard(\.task-\d+)?\.lock|\.{re.escape(si.PLAN)}\.tmp.*")  # a run's before its plan is written
+
+
+def _foreign_files(out_dir: Path) -> list[str]:
+    """The files of an existing `out_dir` that holds no plan of this command, but for the locks and the plan's temp
+    file of a run starting in it (the tasks of an array start side by side)."""
+    if not out_dir.is_dir() or (out_dir / si.PLAN).is_file():
+        return []
+    return sorted(p.name for p in out_dir.iterdir() if not OWN_FILES.fullmatch(p.name))
 
 
 def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_tasks: int | None, task_index: int | None,
@@ -410,8 +449,10 @@ def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_task
     for _, s in mine:
         for stale in out_dir.glob(f".{s['name']}.tmp*"):
             stale.unlink()
-    # a shard whose rows were rejected for a missing file that is there now is written again, with those rows
-    records = {s["name"]: _unless_restored(shard_done(out_dir, s["name"])) for _, s in mine}
+    # a shard whose rows' input files changed (a video fixed in place, a missing file there now) is written again
+    done = {s["name"]: shard_done(out_dir, s["name"]) for _, s in mine}
+    records = {s["name"]: _unless_changed(done[s["name"]], [rows[r] for r in s["rows"]]) for _, s in mine}
+    changed = sum(done[name] is not None and records[name] is None for name in records)
     todo = [(str(out_dir), s["name"], [rows[r] for r in s["rows"]]) for _, s in mine if records[s["name"]] is None]
     skipped = len(mine) - len(todo)
     bar = tqdm(total=len(mine), initial=skipped, unit="shard", desc="shards", disable=not progress)
@@ -447,7 +488,8 @@ def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_task
     written = sorted(int(k.removeprefix("r")) for r in recs for k in r["keys"])
     repeated = [text for _, text in repeated_rows([rows[r] for r in written])]
     return {"index": str(index_path), "shards": len(mine), "written": len(todo), "skipped": skipped,
-            "samples": samples, "rejects": rejects, "repeated": repeated, "replaced_plan": replaced}
+            "changed": changed, "samples": samples, "rejects": rejects, "repeated": repeated,
+            "replaced_plan": replaced}
 
 
 def _written_under_plan(out_dir: Path) -> list[str]:
@@ -458,23 +500,37 @@ def _written_under_plan(out_dir: Path) -> list[str]:
                   or si.live_temp_file(p.name))
 
 
+def _no_sample(path: Path) -> bool:
+    """Whether `path` is a tar of no member: a shard whose rows were all rejected."""
+    try:
+        with tarfile.open(path) as tar:
+            return tar.next() is None
+    except (OSError, tarfile.TarError):
+        return False
+
+
 def _replace_plan(out_dir: Path, old: dict, plan: dict, whole_run: bool) -> list[str]:
-    """Put `plan` in place of the other plan `old` recorded in out_dir, where nothing was written under `old` (a run
-    whose rows were all unparsable, or stopped before its first shard): a retry with a corrected manifest or other
-    options then goes ahead. Returns what differs; raises ShardingError, naming it, where shards of `old` are there,
-    or for an array task, which holds the folder beside tasks that may be writing under `old`."""
+    """Put `plan` in place of the other plan `old` recorded in out_dir, where no sample was written under `old` (a run
+    whose rows were all unparsable or rejected, or stopped before its first shard; its shards of no sample and their
+    records are removed): a retry with a corrected manifest or other options then goes ahead. Returns what differs;
+    raises ShardingError, naming it, where shards of `old` holding samples are there, or for an array task, which
+    holds the folder beside tasks that may be writing under `old`."""
     differences, held = plan_differences(old, plan), _written_under_plan(out_dir)
+    empty = {n for n in held if n.endswith(".tar") and _no_sample(out_dir / n)}
+    held = [n for n in held if n not in empty and n.removesuffix(".record.json") not in empty]
     if held or not whole_run:
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         why = (f"it holds {', '.join(held[:3])}{more}, written under that plan: re-run with the manifest and options "
                "it was planned with, or use a new output folder" if held else
-               "nothing was written under it, but an array task does not replace it (a task beside it may be writing "
-               "under it): run once without --num-tasks, re-run with the manifest and options it was planned with, "
-               "or use a new output folder")
+               "no sample was written under it, but an array task does not replace it (a task beside it may be "
+               "writing under it): run once without --num-tasks, re-run with the manifest and options it was planned "
+               "with, or use a new output folder")
         raise ShardingError(f"{out_dir / si.PLAN}: this folder holds shards planned from another manifest or other "
                             f"options ({'; '.join(differences)}); {why}")
     for stale in [out_dir / si.INDEX, out_dir / si.REJECTS, *out_dir.glob("index.task-*.json"),
-                  *out_dir.glob(".*.tmp*")]:  # the old plan's index of no shards, and its dead writers' temp files
+                  *out_dir.glob(".*.tmp*"), *(out_dir / n for n in sorted(empty)),
+                  *(si.record_path(out_dir, n) for n in sorted(empty))]:
+        # the old plan's index of no samples, its shards of none, and its dead writers' temp files
         stale.unlink(missing_ok=True)
     si.write_json(out_dir / si.PLAN, plan)
     return differences

@@ -4,7 +4,8 @@
   one4d shard MANIFEST OUT_DIR --num-tasks N --task-index I     (one Slurm array task)
   one4d shard --merge OUT_DIR                                    (after all array tasks)
 
-Re-running the same command after a kill finishes the job: finished shards are kept, the rest written.
+Re-running the same command after a kill finishes the job: finished shards are kept, the rest written, and
+those whose rows' input files changed since written again. OUT_DIR is new, empty or one this command wrote into.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import sys
 
 from data_pipeline.shard import ShardingError, array_task_index, array_task_problem, merge, run_sharding
-from data_pipeline.shard_index import PLAN, REJECTS, ShardIndexError
+from data_pipeline.shard_index import PLAN, REJECTS, ShardIndexError, printable
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
 def _print_rejects(rejects: list[dict]) -> None:
     for r in rejects:
         again = " (put the file there and run the same command again: it writes the row)" if r.get("missing") else ""
-        print(f"  rejected row {r['row']} ({r['path']}): {r['reason']}{again}")
+        print(printable(f"  rejected row {r['row']} ({r['path']}): {r['reason']}{again}"))
 
 
 def _none_written(samples: int, rejected: int) -> int:
@@ -46,6 +47,17 @@ def _none_written(samples: int, rejected: int) -> int:
         return 0
     print(f"one4d shard: error: no sample was written: all {rejected} rows were rejected (reasons above and in "
           f"{REJECTS})", file=sys.stderr)
+    return 1
+
+
+def _retry_pending(rejects: list[dict]) -> int:
+    """1 (with the reason) where rows ran out of memory: they were not written, and a re-run writes them."""
+    retry = [r["row"] for r in rejects if r.get("retry")]
+    if not retry:
+        return 0
+    listed = f"{retry[:10]}"[:-1] + (f", ... ({len(retry)} in all)]" if len(retry) > 10 else "]")
+    print(f"one4d shard: error: out of memory: rows {listed} were not written: re-run the same command with fewer "
+          "--workers to write them (finished shards are kept)", file=sys.stderr)
     return 1
 
 
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             t = index["totals"]
             print(f"merged: {t['shards']} shards, {t['samples']} samples, {t['bytes']} bytes, {t['rejected']} rejected")
             _print_rejects(index["rejects"])
-            return _none_written(t["samples"], t["rejected"])
+            return _retry_pending(index["rejects"]) or _none_written(t["samples"], t["rejected"])
         if len(args.paths) != 2:
             p.error("expected MANIFEST OUT_DIR")
         task_index = array_task_index(args.num_tasks, args.task_index)
@@ -81,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"one4d shard: error: {exc}", file=sys.stderr)
         return 1
     if s["replaced_plan"]:
-        print(f"{os.path.join(args.paths[1], PLAN)}: replaced, nothing having been written under it: "
-              f"{'; '.join(s['replaced_plan'])}")
-    print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done), {s['samples']} samples, "
-          f"{len(s['rejects'])} rejected; index: {s['index']}")
+        print(printable(f"{os.path.join(args.paths[1], PLAN)}: replaced, no sample having been written under it: "
+                        f"{'; '.join(s['replaced_plan'])}"))
+    changed = f", {s['changed']} of them again as their input files changed" if s["changed"] else ""
+    print(printable(f"{s['shards']} shards ({s['written']} written{changed}, {s['skipped']} already done), "
+                    f"{s['samples']} samples, {len(s['rejects'])} rejected; index: {s['index']}"))
     _print_rejects(s["rejects"])
     for text in s["repeated"]:
-        print(f"  warning: {text}: it is sharded as often as it is listed")
-    return _none_written(s["samples"], len(s["rejects"])) if args.num_tasks is None else 0
+        print(printable(f"  warning: {text}: it is sharded as often as it is listed"))
+    # an array task whose own rows were all rejected is no failure; the merge of such tasks is
+    return _retry_pending(s["rejects"]) or (_none_written(s["samples"], len(s["rejects"])) if args.num_tasks is None
+                                            else 0)
 
 
 if __name__ == "__main__":

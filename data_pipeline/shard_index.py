@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 INDEX_VERSION = 1
@@ -75,11 +76,15 @@ def write_atomic(path, data: bytes) -> None:
     """Write to a hidden temp name in the same folder, fsync, rename: readers never see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -119,6 +124,13 @@ def pin_plan(out_dir, plan: dict) -> dict | None:
     return None if dumps(old) == dumps(plan) else old
 
 
+def printable(text: str) -> str:
+    """`text` as stdout can print it: characters its encoding lacks (a path of a Latin-1 file system, held as
+    surrogate escapes) as backslash escapes, where printing them would raise UnicodeEncodeError."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
 def read_index(shard_dir) -> dict:
     """Read and schema-check `shard_dir/index.json`."""
     path = Path(shard_dir) / INDEX
@@ -135,6 +147,11 @@ def read_index(shard_dir) -> dict:
             raise ShardIndexError(f"{path}: '{key}' must be a JSON {'list' if kind is list else 'object'}, "
                                   f"got {index[key]!r:.80}")
     _check_statistics(path, index["statistics"])
+    for i, r in enumerate(index["rejects"]):
+        if not (isinstance(r, dict) and _count(r.get("row")) and isinstance(r.get("path"), str)
+                and isinstance(r.get("reason"), str)):
+            raise ShardIndexError(f"{path}: rejects[{i}] must be a JSON object with 'row' (a row number), 'path' and "
+                                  f"'reason' (texts), got {r!r:.80}")
     seen: dict[str, int] = {}
     for i, s in enumerate(index["shards"]):
         _check_entry(path, i, s)

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -388,3 +389,46 @@ def test_cameras_given_as_a_json_object_name_the_matrix_expected(files, where, v
     with pytest.raises(RowError, match=rf"'{where}' must be {want}, got a JSON object") as e:
         load(files, depth_row(**{where: value}))
     assert e.value.path.endswith("Kdict.json" if value == "Kdict.json" else "v.mp4")
+
+
+def test_geometry_below_float16s_normal_range_is_rejected(files):
+    """Depth x 1e-9 was stored as float16 0 everywhere (the reader's mask, depth > 0, then empty) and passed. A row is
+    rejected where a valid non-zero value would be stored as 0, or more than 1% of them below float16's smallest
+    normal value (6.1e-05, subnormal: fewer significant bits); a point counts by its largest |coordinate|."""
+    np.save(files / "nano.npy", np.full((T, H, W), 2e-9, np.float32))
+    with pytest.raises(RowError, match=re.escape("depth values as small as 2e-09 fall below float16's smallest normal "
+                                                 "value, 6.1e-05: of 72 valid, 72 would be stored with reduced "
+                                                 "precision and 72 as 0 (then read as invalid): give the geometry in "
+                                                 "metres")) as e:
+        load(files, depth_row(depth="nano.npy"))
+    assert e.value.path.endswith("nano.npy")
+    frames = 30  # 720 values: 5 subnormal ones (0.7%) pass, 8 (1.1%) do not
+    d = np.full((frames, H, W), 2.0, np.float32)
+    d[0, 0, :5] = 3e-5
+    np.save(files / "few.npy", d)
+    row = depth_row(depth="few.npy", poses=np.broadcast_to(np.eye(4), (frames, 4, 4)).tolist())
+    assert load(files, row, t=frames)["geometry"][0, 0, 0] == np.float32(3e-5)
+    d[0, 1, :3] = 3e-5
+    np.save(files / "few.npy", d)
+    with pytest.raises(RowError, match=r"of 720 valid, 8 would be stored with reduced precision and 0 as 0"):
+        load(files, row, t=frames)
+    xyz = np.ones((T, H, W, 3), np.float32)
+    xyz[..., 0] = 1e-9  # points on the optical axis: a tiny coordinate is no unit problem
+    np.save(files / "x.npy", xyz)
+    load(files, {"video": "v.mp4", "xyz": "x.npy"})
+    np.save(files / "x.npy", xyz * 1e-9)
+    with pytest.raises(RowError, match=r"points \(by their largest \|coordinate\|\) as small as 1e-09 fall below"):
+        load(files, {"video": "v.mp4", "xyz": "x.npy"})
+
+
+def test_a_mask_of_other_integers_names_its_values(files):
+    """A 0/255 uint8 mask was told 'valid must be bool or 0/1 integers, got uint8': the dtype is fine, the values
+    are not."""
+    np.save(files / "mask255.npy", np.full((T, H, W), 255, np.uint8) * (np.arange(W) % 2).astype(np.uint8))
+    with pytest.raises(RowError, match=re.escape("valid must be bool or 0/1 integers; this uint8 mask holds values "
+                                                 "{0, 255} (a 0/255 image mask: store mask > 0)")) as e:
+        load(files, depth_row(valid="mask255.npy"))
+    assert e.value.path.endswith("mask255.npy")
+    np.save(files / "mask_f.npy", np.ones((T, H, W), np.float32))
+    with pytest.raises(RowError, match="valid must be bool or 0/1 integers, got float32"):
+        load(files, depth_row(valid="mask_f.npy"))

@@ -420,8 +420,9 @@ def test_inspect_names_every_bad_shard_and_the_samples_at_fault(tmp_path, capsys
 def test_a_row_that_ran_out_of_memory_is_retried_by_the_re_run(tmp_path):
     """Out of memory (too many --workers for the node) is no fault of the row's: it is reported as such, and the
     shard gets no record, so that re-running the same command writes the row. It was a reject recorded for good
-    (in the probe as 'video does not decode'), which every re-run kept. The run is limited in a child process:
-    its address space to what it holds after the imports plus 180 MiB, less than the 1024x1536 clip needs."""
+    (in the probe as 'video does not decode'), which every re-run kept; and the run exited 0, so that a job after it
+    started on a dataset missing those rows. The run is limited in a child process: its address space to what it
+    holds after the imports plus 180 MiB, less than the 1024x1536 clip needs."""
     import subprocess
 
     from data_pipeline.video import write_mp4
@@ -440,15 +441,19 @@ def test_a_row_that_ran_out_of_memory_is_retried_by_the_re_run(tmp_path):
         "from data_pipeline.shard import run_sharding\n"
         "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
         "resource.setrlimit(resource.RLIMIT_AS, (size + (180 << 20), resource.RLIM_INFINITY))\n"
-        "print(json.dumps(run_sharding(sys.argv[1], sys.argv[2], samples_per_shard=1, progress=False)))\n")
+        "from data_pipeline.shard_cli import main\n"
+        "sys.exit(main([sys.argv[1], sys.argv[2], '--samples-per-shard', '1', '--no-progress']))\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.jsonl"), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.splitlines()[-1])
-    assert summary["samples"] == 0 and len(summary["rejects"]) == 1, summary
-    reason = summary["rejects"][0]["reason"]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.splitlines() == ["one4d shard: error: out of memory: rows [0] were not written: re-run the same "
+                                        "command with fewer --workers to write them (finished shards are kept)"]
+    rejects = read_index(out)["rejects"]
+    assert len(rejects) == 1 and rejects[0]["retry"] and f"rejected row 0 ({tmp_path / 'big.mp4'}): MemoryError: " \
+        in done.stdout, done.stdout
+    reason = rejects[0]["reason"]
     assert reason.startswith("MemoryError: ") and "re-run the same command, with fewer --workers" in reason, reason
-    assert not list(out.glob("*.record.json")) and read_index(out)["rejects"] == summary["rejects"]
+    assert not list(out.glob("*.record.json"))
     again = run_sharding(tmp_path / "m.jsonl", out, samples_per_shard=1, progress=False)
     assert (again["written"], again["samples"], again["rejects"]) == (1, 1, [])
 
@@ -471,10 +476,10 @@ def test_a_row_whose_file_was_missing_is_written_once_the_file_is_back(tmp_path,
     again = run_sharding(src, out, samples_per_shard=2, progress=False)
     assert (again["written"], again["samples"], again["rejects"]) == (1, 3, [])
     assert read_index(out)["totals"]["samples"] == 3
-    from data_pipeline.shard import _unless_restored  # records written before rejects carried `missing`
+    from data_pipeline.shard import _unless_changed  # records written before rejects carried `missing`
     old = {"rejects": [{"row": 1, "path": str(video), "reason": "video file not found"}]}
-    assert _unless_restored(old) is None
-    assert _unless_restored({"rejects": [{"row": 1, "path": str(video), "reason": "video does not decode"}]})
+    assert _unless_changed(old, []) is None
+    assert _unless_changed({"rejects": [{"row": 1, "path": str(video), "reason": "video does not decode"}]}, [])
 
 
 def test_npz_bytes_are_deterministic_and_plain():
@@ -601,10 +606,10 @@ def test_a_plan_under_which_nothing_was_written_gives_way_to_new_settings(tmp_pa
     tasks = ["--num-tasks", "2", "--task-index", "0"]
     assert shard_main([str(m), str(out), "--no-progress", *tasks]) == 1
     err = capsys.readouterr().err
-    assert "manifest sha256" in err and "nothing was written under it, but an array task does not replace" in err
+    assert "manifest sha256" in err and "no sample was written under it, but an array task does not replace" in err
     assert shard_main([str(m), str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert f"{out / 'plan.json'}: replaced, nothing having been written under it: manifest sha256" in printed
+    assert f"{out / 'plan.json'}: replaced, no sample having been written under it: manifest sha256" in printed
     assert read_index(out)["totals"]["samples"] == len(rows) and read_index(out)["rejects"] == []
     m.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     assert shard_main([str(m), str(out), "--no-progress"]) == 1
@@ -1008,3 +1013,212 @@ def test_inspect_says_why_a_tar_does_not_read_and_names_a_member_outside_any_sam
     err = capsys.readouterr().err
     assert "shard-000000.tar: tar does not read: ReadError('empty file')" in err, err
     assert "shard-000001.tar: unexpected tar member '../escape.mp4'" in err, err
+
+
+def test_a_rerun_writes_again_the_shards_whose_input_files_changed(tmp_path, capsys):
+    """A row rejected for a bad video that was then fixed in place was never retried (its reject kept describing the
+    old file), and a written row whose depth changed kept its stale sample: a re-run skipped every recorded shard.
+    Each row's input files are fingerprinted (size, mtime) in its shard's record; a shard any of whose rows' inputs
+    changed, appeared or went is written again."""
+    manifest = make_dataset(tmp_path, num_clips=3)
+    raw, rows = manifest.parent, rows_of(manifest)
+    video = raw / rows[1]["video"]
+    good = video.read_bytes()
+    video.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "out"
+    args = [str(manifest), str(out), "--samples-per-shard", "2", "--no-progress"]
+    assert shard_main(args) == 0
+    assert [r["row"] for r in read_index(out)["rejects"]] == [1]
+    capsys.readouterr()
+    assert shard_main(args) == 0
+    assert "2 shards (0 written, 2 already done)" in capsys.readouterr().out  # nothing changed
+
+    video.write_bytes(good)  # fixed in place
+    assert shard_main(args) == 0
+    assert "2 shards (1 written, 1 of them again as their input files changed, 1 already done), 3 samples, 0 rejected" \
+        in capsys.readouterr().out
+    assert read_index(out)["rejects"] == [] and read_index(out)["totals"]["samples"] == 3
+
+    depth = raw / rows[2]["depth"]
+    np.save(depth, np.load(depth) * 2)  # the same size: its mtime tells
+    summary = run_sharding(manifest, out, samples_per_shard=2, progress=False)
+    assert (summary["written"], summary["changed"], summary["skipped"]) == (1, 1, 1)
+    stored = npz(read_tar(out / "shard-000001.tar")["r000000002.depth.npz"], "depth")
+    np.testing.assert_array_equal(stored, np.load(depth).astype(np.float16))
+
+    (raw / rows[2]["valid"]).unlink()  # an input that went
+    summary = run_sharding(manifest, out, samples_per_shard=2, progress=False)
+    assert (summary["written"], summary["changed"]) == (1, 1)
+    assert [(r["row"], r["reason"]) for r in read_index(out)["rejects"]] == [(2, "file not found")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the address space read from /proc")
+def test_geometry_of_another_shape_is_refused_from_its_header(tmp_path):
+    """A full-resolution depth next to a small video was read whole before its shape was checked: under a memory
+    limit that was a MemoryError reject naming the video, to be retried for ever. The shape comes from the .npy
+    header (or the .npz member's), before any data is read. Here a 113 MB depth of a 32x64 clip, read in a child
+    process whose address space is what it holds after the imports plus 100 MiB."""
+    import subprocess
+    import zipfile
+
+    manifest = make_dataset(tmp_path, num_clips=1)
+    raw, row = manifest.parent, rows_of(manifest)[0]
+    shape = (9, 1024, 3072)
+    np.lib.format.open_memmap(raw / "big.npy", mode="w+", dtype=np.float32, shape=shape).flush()  # sparse zeros
+    with zipfile.ZipFile(raw / "big.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("depth.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            for _ in range(27):
+                f.write(bytes(1 << 22))
+    m = raw / "big.jsonl"
+    m.write_text(json.dumps(dict(row, depth="big.npy")) + "\n" + json.dumps(dict(row, depth="big.npz")) + "\n")
+    script = (
+        "import json, resource, sys\n"
+        "import av, decord, numpy\n"
+        "from data_pipeline.shard import run_sharding\n"
+        "size = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) << 10\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (100 << 20), resource.RLIM_INFINITY))\n"
+        "print(json.dumps(run_sharding(sys.argv[1], sys.argv[2], samples_per_shard=2, progress=False)))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(m), str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rejects = json.loads(done.stdout.splitlines()[-1])["rejects"]
+    assert [(r["row"], r["path"]) for r in rejects] == [(0, str(raw / "big.npy")), (1, str(raw / "big.npz"))]
+    for r in rejects:
+        assert r["reason"] == "depth shape [9, 1024, 3072] does not match the video (9 frames, 32x64): expected " \
+                              "[9, 32, 64]", r
+
+
+def test_an_output_folder_holding_other_files_is_refused(tmp_path, manifest, capsys):
+    """Any existing folder was taken as OUT_DIR: an unrelated dataset's index.json and rejects.jsonl were replaced,
+    and OUT_DIR given as the clips' folder put shards among the clips. A non-empty folder without this command's
+    plan.json is refused, naming what it holds; an empty one, one holding only a starting run's locks (the tasks
+    of an array start side by side) and one this command wrote into are fine."""
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "index.json").write_text("{}")
+    (mine / "rejects.jsonl").write_text("mine\n")
+    clips = manifest.parent / "clips"
+    before = sorted(p.name for p in clips.iterdir())
+    for folder, held in ((mine, "index.json, rejects.jsonl"), (clips, ", ".join(before[:5]))):
+        assert shard_main([str(manifest), str(folder), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"one4d shard: error: {folder}: not empty (it holds {held}") and \
+            "and no plan.json of an earlier `one4d shard` into it" in err and \
+            "OUT_DIR must be a new or empty folder, or one `one4d shard` wrote into" in err, err
+    assert (mine / "index.json").read_text() == "{}" and (mine / "rejects.jsonl").read_text() == "mine\n"
+    assert sorted(p.name for p in clips.iterdir()) == before
+    for folder, files in ((tmp_path / "empty", ()), (tmp_path / "locked", ("shard.lock", "shard.task-1.lock"))):
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("")
+        assert shard_main([str(manifest), str(folder), "--no-progress"]) == 0
+        assert shard_main([str(manifest), str(folder), "--no-progress"]) == 0  # holds its plan now
+        assert read_index(folder)["totals"]["samples"] == 5
+
+
+def test_the_index_records_the_depth_range_as_stored(tmp_path):
+    """The index's depth range is that of the float16 values the shards hold (depth x 1e-9 was recorded as
+    [3.2e-09, ...] while every stored value was 0)."""
+    out = make_shards(tmp_path, num_clips=2, samples_per_shard=2)
+    members = read_tar(out / "shard-000000.tar")
+    depth = np.concatenate([npz(members[f"r00000000{i}.depth.npz"], "depth").ravel() for i in range(2)])
+    stored = depth[depth > 0]
+    assert read_index(out)["statistics"]["depth_range"] == [float(stored.min()), float(stored.max())]
+
+
+def test_a_corrected_manifest_replaces_a_plan_whose_shards_hold_no_sample(tmp_path, capsys, monkeypatch):
+    """Every row was rejected ('video file not found': its paths were written relative to the current folder, not
+    to the manifest's), which left a shard of 0 samples; the corrected manifest was then refused as another
+    manifest's. Such shards are removed and the plan replaced; the reject says where the paths resolve."""
+    data = make_dataset(tmp_path / "data", num_clips=2)
+    rows = rows_of(data)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    m = lists / "manifest.jsonl"
+    keys = ("video", "depth", "poses", "valid")
+    m.write_text("".join(json.dumps({k: f"data/raw/{v}" if k in keys else v for k, v in r.items()}) + "\n"
+                         for r in rows))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert shard_main([str(m), str(out), "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert f"video file not found (a file data/raw/{rows[0]['video']} is there relative to the current folder, " \
+           f"{tmp_path}, but the manifest's relative paths resolve against its own folder, {lists}: write them " \
+           "relative to that folder, or absolute)" in printed, printed
+    assert read_index(out)["totals"]["samples"] == 0 and (out / "shard-000000.tar").is_file()
+    m.write_text("".join(json.dumps({k: f"../data/raw/{v}" if k in keys else v for k, v in r.items()}) + "\n"
+                         for r in rows))
+    assert shard_main([str(m), str(out), "--no-progress"]) == 0
+    assert f"{out / 'plan.json'}: replaced, no sample having been written under it: manifest sha256" in \
+        capsys.readouterr().out
+    assert read_index(out)["totals"]["samples"] == 2 and read_index(out)["rejects"] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ")
+def test_a_shard_that_cannot_be_written_is_named_and_leaves_no_temp_file(tmp_path, manifest):
+    """A full disk ended the run with '[Errno 28] No space left on device', naming nothing, and left the shard's temp
+    file behind. The write fails here by a file-size limit of 20 kB set in a child process (EFBIG, as the disk's
+    ENOSPC, from the same write)."""
+    import subprocess
+
+    out = tmp_path / "out"
+    script = ("import resource, signal, sys\n"
+              "from data_pipeline.shard_cli import main\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+              "sys.exit(main([sys.argv[1], sys.argv[2], '--samples-per-shard', '2', '--no-progress']))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(manifest), str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert re.fullmatch(rf"one4d shard: error: {re.escape(str(out / 'shard-000000.tar'))}: cannot write the shard: "
+                        rf"File too large \(\d+\.\d MiB free in {re.escape(str(out))}\): make room \(or write into "
+                        r"another folder\) and re-run the same command; finished shards are kept\n", done.stderr), \
+        done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "shard.lock"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_utf16_or_utf32_manifest_is_refused_up_front(tmp_path, manifest, capsys, encoding):
+    """What Windows PowerShell's `>` writes (UTF-16 with a byte-order mark) gave one confusing reject per line."""
+    m = manifest.parent / f"{encoding}.jsonl"
+    m.write_bytes(manifest.read_text().encode(encoding))
+    assert shard_main([str(m), str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    wide = "UTF-32" if encoding == "utf-32" else "UTF-16"
+    assert err.startswith(f"one4d shard: error: {m}: not UTF-8 text: the file is {wide} text (as Windows "
+                          "PowerShell's `>` writes): save it as UTF-8, e.g. iconv") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["oops", {"row": "3", "path": "a.mp4", "reason": "r"}, {"row": 3, "reason": "r"},
+                                   {"row": 3, "path": "a.mp4", "reason": None}])
+def test_an_index_with_a_malformed_reject_is_refused_naming_it(tmp_path, capsys, entry):
+    """inspect-shards printed OK, then a traceback, for a rejects entry that is no {row, path, reason} object."""
+    from data_pipeline.shard_index import ShardIndexError
+
+    out = make_shards(tmp_path, num_clips=1, samples_per_shard=1)
+    index = json.loads((out / "index.json").read_text())
+    index.update(rejects=[entry], totals={**index["totals"], "rejected": 1})
+    (out / "index.json").write_text(json.dumps(index))
+    message = f"{out / 'index.json'}: rejects[0] must be a JSON object with 'row' (a row number), 'path' and " \
+              f"'reason' (texts), got {entry!r}"
+    with pytest.raises(ShardIndexError, match=re.escape(message)):
+        read_index(out)
+    assert inspect_main([str(out)]) == 1
+    said = capsys.readouterr()
+    assert message in said.err and "Traceback" not in said.err and "OK" not in said.out
+
+
+def test_paths_that_are_not_utf8_are_printed(tmp_path, manifest, capsys):
+    """A file name of a Latin-1 file system (held as a surrogate escape) crashed the reject lines of `one4d shard` and
+    `one4d inspect-shards` with UnicodeEncodeError under a strict UTF-8 stdout (as capsys's is)."""
+    latin1 = os.fsdecode(b"caf\xe9.mp4")
+    m = manifest.parent / "latin1.jsonl"
+    m.write_text(manifest.read_text() + json.dumps(dict(rows_of(manifest)[0], video=latin1)) + "\n")
+    out = tmp_path / "out"
+    assert shard_main([str(m), str(out), "--no-progress"]) == 0
+    shown = str(manifest.parent / "caf\\udce9.mp4")
+    assert f"rejected row 5 ({shown}): video file not found" in capsys.readouterr().out
+    assert inspect_main([str(out)]) == 0
+    assert f"rejected row 5 ({shown}): video file not found" in capsys.readouterr().out

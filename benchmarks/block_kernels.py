@@ -51,6 +51,7 @@ def build_block(args, dev):
     for p in holder.parameters():
         nn.init.normal_(p, std=0.02)
     holder.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    holder.requires_grad_(False)  # the frozen base (apply_dlc freezes it too): input gradients only
     if not args.no_lora:
         apply_dlc(holder, LoRAConfig(rank=args.rank))
         for name, p in holder.named_parameters():
@@ -110,13 +111,16 @@ def main() -> None:
     if args.bandwidth:
         print(f"per-kernel bytes and GB/s in {args.bandwidth}", flush=True)
         return
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.iters):
             step()
         sync(dev)
-    events = prof.key_averages()
+    # the host-side ops (aten::*, Inductor's kernel launches), each holding its kernels' device time: the kernels'
+    # own rows would count that time twice
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
     own = (lambda e: e.self_device_time_total) if dev.type == "cuda" else (lambda e: e.self_cpu_time_total)
     parts, calls = defaultdict(float), defaultdict(int)
     for e in events:

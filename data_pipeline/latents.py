@@ -7,8 +7,8 @@ original member plus
 
   {key}.latents.npz   z_rgb, z_xyz, z_image: float16 [16, T_lat, h, w] (normalised latents);
                       latent_valid_packed: np.packbits(cells, axis=-1), cells bool [1, T_lat, h, w]
-  {key}.latents.json  window, crop, resolution, source size, xyz centre/scale, percentiles, VAE identity and
-                      its latents mean/std, valid_min_fraction, dtype, latent shape
+  {key}.latents.json  window, crop, resolution, source size, xyz centre/scale, percentiles, VAE identity (and
+                      content fingerprint) and its latents mean/std, valid_min_fraction, dtype, latent shape
   {key}.emb.npy       float16 [L, D]: the caption's UMT5 embedding (its L tokens), for a sample with a caption
                       and no stored embedding, unless --no-text; then the trainer keeps its text encoder in host
                       memory (model.text_encoder_device: auto) and encodes no caption per step
@@ -53,6 +53,7 @@ class LatentsSpec:
     """What the trainer expects of stored latents beyond the data config."""
     vae: str  # vae_identity(model.vae, seed)
     valid_min_fraction: float | None = None  # flow.xyz_valid_min_fraction (None: not checked)
+    vae_fingerprint: str | None = None  # model.vae's content (state_dict.vae_fingerprint; None: the tiny VAE)
 
 
 def vae_identity(path: str, seed: int) -> str:
@@ -62,16 +63,32 @@ def vae_identity(path: str, seed: int) -> str:
 
 
 def latents_spec(cfg) -> LatentsSpec:
-    """The LatentsSpec of a full One4DConfig (model.vae, seed, flow.xyz_valid_min_fraction)."""
-    return LatentsSpec(vae_identity(cfg.model.vae, cfg.seed), float(cfg.flow.xyz_valid_min_fraction))
+    """The LatentsSpec of a full One4DConfig (model.vae and its content fingerprint, seed,
+    flow.xyz_valid_min_fraction)."""
+    from one4d_train.model.state_dict import vae_fingerprint
+
+    return LatentsSpec(vae_identity(cfg.model.vae, cfg.seed), float(cfg.flow.xyz_valid_min_fraction),
+                       vae_fingerprint(cfg.model.vae))
 
 
-def settings(cfg: DataConfig, vae: str, valid_min_fraction: float) -> dict:
-    """The settings every latent sample of a run shares (also recorded in index.json under 'latents')."""
-    return {"version": LATENTS_VERSION, "window": {"start": 0, "stride": cfg.frame_stride, "frames": cfg.num_frames},
-            "resolution": [cfg.height, cfg.width], "crop": "center",
-            "pointmap_percentiles": [float(p) for p in cfg.pointmap_percentiles], "vae": vae,
-            "valid_min_fraction": float(valid_min_fraction), "dtype": LATENT_DTYPE}
+def settings(cfg: DataConfig, vae: str, valid_min_fraction: float, vae_fingerprint: str | None = None) -> dict:
+    """The settings every latent sample of a run shares (also recorded in index.json under 'latents'); the VAE's
+    content fingerprint where it has one (not the tiny VAE)."""
+    out = {"version": LATENTS_VERSION, "window": {"start": 0, "stride": cfg.frame_stride, "frames": cfg.num_frames},
+           "resolution": [cfg.height, cfg.width], "crop": "center",
+           "pointmap_percentiles": [float(p) for p in cfg.pointmap_percentiles], "vae": vae,
+           "valid_min_fraction": float(valid_min_fraction), "dtype": LATENT_DTYPE}
+    return {**out, "vae_fingerprint": vae_fingerprint} if vae_fingerprint else out
+
+
+def same_vae(meta: dict, vae: str, fingerprint: str | None) -> bool:
+    """Whether the VAE recorded in `meta` (settings) is the VAE `vae` of content `fingerprint`: by content where
+    both have a fingerprint (a copy at another path is the same VAE, other weights at the same path are not), else
+    (latents written before fingerprints were recorded, the tiny VAE) by same_source."""
+    recorded = meta.get("vae_fingerprint")
+    if recorded and fingerprint:
+        return recorded == fingerprint
+    return same_source(meta.get("vae"), vae)
 
 
 def check_settings(meta: dict, cfg: DataConfig, spec: LatentsSpec | None, where: str) -> None:
@@ -94,8 +111,11 @@ def check_settings(meta: dict, cfg: DataConfig, spec: LatentsSpec | None, where:
             problems.append(f"encoded with VAE '{meta['vae']}' but the loader was given no VAE identity to check "
                             f"(build_loader(..., latents=latents_spec(cfg)))")
         else:
-            if not same_source(meta["vae"], spec.vae):
-                problems.append(f"encoded with VAE '{meta['vae']}', the configured VAE is '{spec.vae}'")
+            if not same_vae(meta, spec.vae, spec.vae_fingerprint):
+                recorded = meta.get("vae_fingerprint")
+                problems.append(f"encoded with VAE '{meta['vae']}', the configured VAE is '{spec.vae}'"
+                                + (f" (other weights: content fingerprint {recorded} when encoded, "
+                                   f"{spec.vae_fingerprint} now)" if recorded and spec.vae_fingerprint else ""))
             if spec.valid_min_fraction is not None and float(meta["valid_min_fraction"]) != spec.valid_min_fraction:
                 problems.append(f"latent validity cells at valid_min_fraction {meta['valid_min_fraction']} vs "
                                 f"flow.xyz_valid_min_fraction={spec.valid_min_fraction}")

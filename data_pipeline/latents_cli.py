@@ -11,18 +11,20 @@ a kill finishes the job; index.json is written once every shard is done (by whic
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tarfile
 from pathlib import Path
 
 from data_pipeline import checksums, shard_index as si
-from data_pipeline.decode import SampleError
+from data_pipeline.decode import SampleError, window_span
 from data_pipeline.latents import (LATENT_MEMBERS, encode_batch, fixed_window_sample, latent_members, latents_spec,
-                                   raw_of, same_source, settings, tar_samples, text_identity, text_member)
+                                   raw_of, same_source, same_vae, settings, tar_samples, text_identity, text_member)
 from data_pipeline.shard import array_task_index, lock_out_dir, shard_done
 
 PLAN_VERSION = 2  # 2: the text encoder joins the plan
@@ -39,6 +41,10 @@ class UsageError(EncodeError):
 
 class PlanReplaced(EncodeError):
     """plan.json changed under a running encode: its shards must not be published beside the new plan's."""
+
+
+class ShardWriteError(EncodeError):
+    """An output shard that cannot be written (a full disk): the run stops, the shards it finished are kept."""
 
 
 DEVICE = re.compile(r"cpu|cuda(:(0|[1-9][0-9]*))?")
@@ -67,7 +73,8 @@ def encoding_device(name: str):
 def _plan(src: Path, cfg, device_type: str, compute_dtype: str, batch: int, text: str) -> dict:
     spec = latents_spec(cfg)
     return {"version": PLAN_VERSION, "source_index_sha256": si.sha256_file(src / si.INDEX),
-            "settings": settings(cfg.data, spec.vae, spec.valid_min_fraction), "text_encoder": text,
+            "settings": settings(cfg.data, spec.vae, spec.valid_min_fraction, spec.vae_fingerprint),
+            "text_encoder": text,
             "compute": {"device": device_type, "dtype": compute_dtype, "batch": batch, "vae": _vae_calls(cfg.model)}}
 
 
@@ -78,17 +85,26 @@ def _vae_calls(mcfg) -> dict:
 
 
 def _same_but_for_path_spellings(old: dict, plan: dict) -> bool:
-    """Whether `old` is `plan` but for how it spells the VAE's and text encoder's paths (a folder started before
-    encode-latents made them absolute recorded them as typed): it is finished under its own spelling, which its
-    latents already carry."""
+    """Whether `old` is `plan` but for how it names the VAE and text encoder (_named_as): it is finished under its
+    own names, which its latents already carry."""
+    return isinstance(old, dict) and isinstance(old.get("settings"), dict) and _named_as(old, plan) == plan
+
+
+def _named_as(old: dict, plan: dict) -> dict:
+    """The recorded plan `old` with the VAE and text encoder named as in `plan` where they are the same ones: paths
+    as typed (a folder started before encode-latents made them absolute), the VAE copied to another path (the same
+    content fingerprint), a VAE recorded without a fingerprint (a folder started before they were recorded: its path
+    is compared)."""
     if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
-        return False
-    vae, text = old["settings"].get("vae"), old.get("text_encoder")
-    if not (same_source(vae, plan["settings"]["vae"]) and (text == plan["text_encoder"]
-                                                           or same_source(text, plan["text_encoder"] or ""))):
-        return False
-    return {**old, "settings": {**old["settings"], "vae": plan["settings"]["vae"]},
-            "text_encoder": plan["text_encoder"]} == plan
+        return old
+    named, now = dict(old), plan["settings"]
+    if same_vae(old["settings"], now["vae"], now.get("vae_fingerprint")):
+        named["settings"] = {**{k: v for k, v in old["settings"].items() if k != "vae_fingerprint"},
+                             **{k: now[k] for k in ("vae", "vae_fingerprint") if k in now}}
+    text = old.get("text_encoder", _ABSENT)
+    if text is not _ABSENT and (text == plan["text_encoder"] or same_source(text, plan["text_encoder"] or "")):
+        named["text_encoder"] = plan["text_encoder"]
+    return named
 
 
 def _vae_free_plan_of(old: dict, plan: dict) -> bool:
@@ -172,14 +188,16 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     """Write one output shard atomically (all source members, plus latents, and with `text` (a TextConditioning)
     the caption's embedding, for every encodable sample), then its record. Samples that do not decode keep their
     members and get nothing added; they are listed in `failed`. A caption whose embedding cannot be stored (float16
-    overflow) leaves its sample's latents without one, listed in `text_failed`. `pinned`: the plan.json this run
-    encodes under, checked again just before the shard is published (PlanReplaced)."""
+    overflow) leaves its sample's latents without one, listed in `text_failed`. A source shard that differs from its
+    index but reads as a tar (a flipped bit, a cut) is encoded sample by sample: each sample is checked against its
+    sums.json, as always, and the samples it lacks are listed in `failed` too (the record's `source_damage` says how
+    it differs). `pinned`: the plan.json this run encodes under, checked again just before the shard is published
+    (PlanReplaced). ShardWriteError where the shard cannot be written (a full disk); no temp file is left."""
     from data_pipeline.shard import _add
 
-    problem = si.verify_shard_file(src, entry)
-    if problem:
-        raise EncodeError(f"source shard does not match its index: {problem}")
     name = entry["name"]
+    problem = si.verify_shard_file(src, entry)
+    damage = _source_damage(src / name, problem) if problem else None
     mean, std = [float(v) for v in vae.model.config.latents_mean], [float(v) for v in vae.model.config.latents_std]
     keys, failed, text_failed, encoded, text_encoded = [], [], [], 0, 0
     tmp = out / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
@@ -211,49 +229,126 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
             for member, data in checksums.with_sums(key, kept + extra) if resum else kept:
                 _add(tar, member, data)
 
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            chunk = []
-            for key, members in tar_samples(src / name):
-                keys.append(key)
-                try:
-                    raw = raw_of(key, members)
-                    checksums.verify(raw)  # never encode (and re-sum) corrupt source bytes
-                    ready = fixed_window_sample(raw, cfg.data)
-                except Exception as exc:  # the pixel reader skips such a sample too
-                    failed.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"})
-                    ready = None
-                chunk.append((key, members, ready))
-                if len(chunk) == batch:
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                chunk = []
+                for key, members in _source_samples(src / name, entry, damage):
+                    keys.append(key)
+                    try:
+                        raw = raw_of(key, members)
+                        checksums.verify(raw)  # never encode (and re-sum) corrupt source bytes
+                        ready = fixed_window_sample(raw, cfg.data)
+                    except Exception as exc:  # the pixel reader skips such a sample too
+                        failed.append({"key": key, "reason": f"{type(exc).__name__}: {exc}"})
+                        ready = None
+                    chunk.append((key, members, ready))
+                    if len(chunk) == batch:
+                        flush(tar, chunk)
+                        chunk = []
+                if chunk:
                     flush(tar, chunk)
-                    chunk = []
-            if chunk:
-                flush(tar, chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    if keys != list(entry["keys"]):
-        tmp.unlink()
-        raise EncodeError(f"{src / name}: keys {keys[:3]}... differ from the index's {entry['keys'][:3]}...")
-    # hashed before the plan check, so that the check comes as close to publishing as it can
-    record = {"name": name, "samples": len(keys), "bytes": tmp.stat().st_size, "sha256": si.sha256_file(tmp),
-              "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "text_encoded": text_encoded,
-              "failed": failed, "text_failed": text_failed}
-    if pinned is not None:
-        try:
+            f.flush()
+            os.fsync(f.fileno())
+        if damage is None and keys != list(entry["keys"]):
+            raise EncodeError(f"{src / name}: keys {keys[:3]}... differ from the index's {entry['keys'][:3]}...")
+        if damage is not None:
+            lacking = f"not in the source shard, which differs from its index ({damage['problem']})" + \
+                (f" and stops reading: {damage['cut']}" if damage.get("cut") else "")
+            there = set(keys)
+            failed += [{"key": k, "reason": lacking} for k in entry["keys"] if k not in there]
+        # hashed before the plan check, so that the check comes as close to publishing as it can
+        record = {"name": name, "samples": len(keys), "bytes": tmp.stat().st_size, "sha256": si.sha256_file(tmp),
+                  "keys": keys, "source_sha256": entry["sha256"], "encoded": encoded, "text_encoded": text_encoded,
+                  "failed": failed, "text_failed": text_failed}
+        if damage is not None:
+            record["source_damage"] = damage
+        if pinned is not None:
             _check_plan(out, pinned, name)
-        except PlanReplaced:
-            tmp.unlink()
-            raise
-    os.replace(tmp, out / name)
-    si.fsync_dir(out)
-    si.write_json(si.record_path(out, name), record)
+        os.replace(tmp, out / name)
+        si.fsync_dir(out)
+        si.write_json(si.record_path(out, name), record)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # as `one4d shard` says it (data_pipeline/shard.py write_shard)
+            free = shutil.disk_usage(out).free
+            raise ShardWriteError(f"{out / name}: cannot write the shard: {exc.strerror or exc} ({free / 2**20:.1f} "
+                                  f"MiB free in {out}): make room (or write into another folder) and re-run the same "
+                                  "command; finished shards are kept") from None
+        raise
     return record
 
 
-def _done(out: Path, entry: dict) -> dict | None:
-    """The record of a finished output shard that still matches its file and was encoded from this source."""
+def _source_damage(path: Path, problem: str) -> dict:
+    """How the source shard `path`, which differs from its index (`problem`), differs: what encode_shard records of
+    it to encode it sample by sample (its size and sha256, so that a re-made shard is encoded again). EncodeError
+    where there is nothing to read samples from: the file is missing or is no tar."""
+    if not path.is_file():
+        raise EncodeError(f"source shard does not match its index: {problem}")
+    try:
+        with tarfile.open(path) as tar:
+            if tar.next() is None:  # zeros where its first header was
+                raise tarfile.ReadError("no member")
+    except (tarfile.TarError, EOFError) as exc:
+        raise EncodeError(f"source shard does not match its index: {problem}; and it does not read as a tar "
+                          f"({exc})") from None
+    return {"problem": problem, "bytes": path.stat().st_size, "sha256": si.sha256_file(path)}
+
+
+def _source_samples(path: Path, entry: dict, damage: dict | None):
+    """tar_samples of a source shard. Of a damaged one (`damage`, _source_damage), only the samples its index lists,
+    each once (a damaged header may make up a name), up to where the tar stops reading (said in damage['cut'])."""
+    samples, listed, seen = tar_samples(path), set(entry["keys"]), set()
+    while True:
+        try:
+            key, members = next(samples)
+        except StopIteration:
+            return
+        except (tarfile.TarError, EOFError) as exc:
+            if damage is None:
+                raise
+            damage["cut"] = f"{type(exc).__name__}: {exc}"
+            return
+        if damage is not None and (key not in listed or key in seen):
+            continue
+        seen.add(key)
+        yield key, members
+
+
+def _done(src: Path, out: Path, entry: dict) -> dict | None:
+    """The record of a finished output shard that still matches its file and was encoded from this source (one
+    encoded sample by sample from a damaged source: from the same damaged file, not one re-made since)."""
     record = shard_done(out, entry["name"])
-    return record if record is not None and record.get("source_sha256") == entry["sha256"] else None
+    if record is None or record.get("source_sha256") != entry["sha256"]:
+        return None
+    damage = record.get("source_damage")
+    if isinstance(damage, dict):
+        path = src / entry["name"]
+        if not (path.is_file() and path.stat().st_size == damage.get("bytes")
+                and si.sha256_file(path) == damage.get("sha256")):
+            return None
+    return record
+
+
+OWN_FILES = re.compile(rf"encode-latents(\.task-\d+)?\.lock|\.{re.escape(si.PLAN)}\.tmp.*")  # a run's before its plan
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """The files of an existing `out` that holds no plan of this command, but for the locks and the plan's temp file
+    of a run starting in it (the tasks of an array start side by side). EncodeError for a shard folder of
+    `one4d shard` (whose plan.json plans shards from a manifest)."""
+    if not out.is_dir():
+        return []
+    if (out / si.PLAN).is_file():
+        plan = si.read_json(out / si.PLAN)
+        if "source_index_sha256" in plan:
+            return []
+        if "manifest_sha256" in plan:
+            raise EncodeError(f"{out}: a shard folder made by `one4d shard` (its {si.PLAN} plans shards from a "
+                              "manifest), not an output of `one4d encode-latents`: the latent shards would overwrite "
+                              "its shards and index; OUT_DIR must be a new or empty folder, or one `one4d "
+                              "encode-latents` wrote into (that shard folder can be its SRC_SHARDS)")
+    return sorted(p.name for p in out.iterdir() if not OWN_FILES.fullmatch(p.name))
 
 
 def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: int | None = None,
@@ -277,6 +372,12 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise UsageError(f"SRC_SHARDS {src}: no {si.INDEX} (a shard folder of `one4d shard`)")
     dev = encoding_device(device)
     index = si.read_index(src)
+    if not index["totals"]["samples"]:
+        rejected = index["totals"]["rejected"]
+        raise EncodeError(f"SRC_SHARDS {src} holds no sample ({src / si.INDEX}: {len(index['shards'])} shard(s) of 0 "
+                          "samples" + (f"; `one4d shard` rejected all {rejected} rows of its manifest, each listed "
+                                       f"with its reason in {src / si.REJECTS}" if rejected else "") +
+                          "): there is nothing to encode; shard the clips again, fixed, and encode those shards")
     # a source encoded before keeps the caption embeddings its run stored, taken here as given with the clips: they
     # would be recorded as this run's text encoder's (and mixed with its empty prompt) though another made them
     earlier = (index.get("latents") or {}).get("text_encoder")
@@ -291,6 +392,13 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))
     if out.exists() and not out.is_dir():
         raise EncodeError(f"{out}: not a folder: OUT_DIR is the folder the latent shards go to (new or this run's)")
+    others = _foreign_files(out)
+    if others:  # as `one4d shard` refuses one (data_pipeline/shard.py)
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        raise EncodeError(f"{out}: not empty (it holds {', '.join(others[:5])}{more}, and no {si.PLAN} of an earlier "
+                          f"`one4d encode-latents` into it: the latent shards, {si.INDEX} and {si.REJECTS} would "
+                          "overwrite its files or mix with them): OUT_DIR must be a new or empty folder, or one "
+                          "`one4d encode-latents` wrote into")
     out.mkdir(parents=True, exist_ok=True)
     # one run at a time (a whole run alone; array tasks side by side, each its own slice): a second run into the
     # folder deleted the first one's temporary files of the same shards, and could pin another plan under it
@@ -308,6 +416,7 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     import torch
     from tqdm import tqdm
 
+    from one4d_train.config import ConfigError
     from one4d_train.model.vae import load_vae
 
     text_id = text_identity(cfg.model, cfg.seed) if text else ""
@@ -318,9 +427,9 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     pinned, replaced = plan, []
     if old is not None and _same_but_for_path_spellings(old, plan):
         pinned, old = old, None
-    if old is not None and _vae_free_plan_of(old, plan):
+    if old is not None and _vae_free_plan_of(_named_as(old, plan), plan):
         pinned, old = old, None
-    if old is not None and _text_free_plan_of(old, plan):  # finishable the way it was started: without text
+    if old is not None and _text_free_plan_of(_named_as(old, plan), plan):  # finishable as started: without text
         if text_id:
             raise EncodeError(f"{out / si.PLAN}: this folder was started without text embeddings (plan version 1); "
                               f"finish it with --no-text, or use a new output folder")
@@ -337,38 +446,48 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
         (out / EMPTY_PROMPT).unlink(missing_ok=True)  # the old plan's text encoder's
         si.write_json(out / si.PLAN, plan)
         replaced = differences
-    run = plan["settings"]
+    run = pinned["settings"]  # a folder finished as it was started: its VAE named as its latents already name it
     entries = index["shards"]
     mine = [e for i, e in enumerate(entries) if num_tasks is None or i % num_tasks == task_index]
     for e in mine:
         for stale in out.glob(f".{e['name']}.tmp*"):
             stale.unlink()
-    todo = [e for e in mine if _done(out, e) is None]
+    todo = [e for e in mine if _done(src, out, e) is None]
     # the empty prompt's embedding comes before any shard (and after a folder finished without it)
-    conditioning = _text_conditioning(cfg, dev, dtype) if text_id and (todo or not (out / EMPTY_PROMPT).is_file()) \
-        else None
+    try:
+        conditioning = _text_conditioning(cfg, dev, dtype) if text_id and (
+            todo or not (out / EMPTY_PROMPT).is_file()) else None
+    except ValueError as exc:  # weights that do not load (the checks before read configs and headers only)
+        raise ConfigError(f"key 'model.text_encoder': {exc}") from None
     if conditioning is not None:
         _write_empty_prompt(out, conditioning)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc="encode", disable=not progress)
+    resampled = []  # the source shards that differ from their index, encoded sample by sample
     if todo:
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
-                       frames_per_call=cfg.model.vae_frames_per_call, chunk_size=cfg.model.vae_videos_per_call,
-                       conv_kernel=cfg.model.vae_conv_kernel)
+        try:
+            vae = load_vae(cfg.model.vae, seed=cfg.seed, dtype=dtype, device=dev,
+                           frames_per_call=cfg.model.vae_frames_per_call, chunk_size=cfg.model.vae_videos_per_call,
+                           conv_kernel=cfg.model.vae_conv_kernel)
+        except ValueError as exc:  # weights that do not load (the checks before read configs and headers only)
+            bar.close()
+            raise ConfigError(f"key 'model.vae': {exc}") from None
         damaged = []
         for e in todo:
             try:
-                encode_shard(src, out, e, vae, cfg, run, batch, conditioning, pinned)
-            except PlanReplaced:
+                record = encode_shard(src, out, e, vae, cfg, run, batch, conditioning, pinned)
+                if "source_damage" in record:
+                    resampled.append(f"{src / e['name']}: {record['source_damage']['problem']}")
+            except (PlanReplaced, ShardWriteError):
                 bar.close()
                 raise
             except EncodeError as exc:  # a damaged source shard: the others are encoded all the same
                 damaged.append(str(exc))
             except torch.OutOfMemoryError as exc:  # the same settings run out again: say which ones to lower
                 bar.close()
-                done = sum(_done(out, x) is not None for x in entries)
+                done = sum(_done(src, out, x) is not None for x in entries)
                 raise EncodeError(
                     f"{e['name']}: out of {dev.type.upper() if dev.type == 'cuda' else 'host'} memory in a VAE call of "
                     f"{batch} clip(s) x 3 videos, model.vae_videos_per_call={cfg.model.vae_videos_per_call} at a time, "
@@ -384,9 +503,10 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
                               "samples at fault; re-running the `one4d shard` that made it rewrites a damaged shard; "
                               "then re-run this command to finish")
     bar.close()
-    records = {e["name"]: _done(out, e) for e in entries}
+    records = {e["name"]: _done(src, out, e) for e in entries}
     summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None,
-               "replaced_plan": replaced}
+               "replaced_plan": replaced, "resampled": resampled,
+               "longer": _longer_clips(index["statistics"], cfg.data)}
     if all(records.values()):
         from one4d_train.model.presets import wan_config
 
@@ -394,7 +514,8 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
         failed = [x for r in recs for x in r["failed"]]
         result = {"version": si.INDEX_VERSION, "sample_format": index["sample_format"],
                   "shards": [si.shard_entry(r) for r in recs],
-                  "totals": {**index["totals"], "bytes": sum(r["bytes"] for r in recs)},
+                  "totals": {**index["totals"], "samples": sum(r["samples"] for r in recs),
+                             "bytes": sum(r["bytes"] for r in recs)},
                   "statistics": si.with_text_embeddings(index["statistics"], sum(r.get("text_encoded", 0) for r in recs),
                                                         wan_config(cfg.model.preset).text_dim),
                   "rejects": index["rejects"],
@@ -409,6 +530,14 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
                        text_encoded=result["latents"]["text_encoded"], failed=failed,
                        text_failed=result["latents"]["text_failed"])
     return summary
+
+
+def _longer_clips(stats: dict, data) -> tuple[int, int, int] | None:
+    """(clips longer than the window, clips, the window's span in frames) of a shard set's statistics; None where
+    its index does not count clips by length, or none is longer."""
+    span, lengths = window_span(data.num_frames, data.frame_stride), stats.get("clip_frames")
+    longer = sum(c for n, c in (lengths or {}).items() if int(n) > span)
+    return (longer, sum(lengths.values()), span) if longer else None
 
 
 def _text_conditioning(cfg, device, dtype):
@@ -428,6 +557,16 @@ def _write_empty_prompt(out: Path, text) -> None:
     for stale in out.glob(f".{EMPTY_PROMPT}.tmp*"):
         stale.unlink()
     si.write_atomic(out / EMPTY_PROMPT, npy_bytes(text.encoder.encode_rows([""])[0].float().cpu().numpy()))
+
+
+def _os_error(exc: OSError, out: Path) -> str:
+    """An OSError in words: for a full disk (or a file-size limit) where the error names no file, the output folder
+    and its free space."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or not out.is_dir():
+        return str(exc)
+    return (f"{exc.filename or out}: cannot be written: {exc.strerror} ({shutil.disk_usage(out).free / 2**20:.1f} MiB "
+            f"free in {out}): make room (or write into another folder) and re-run the same command; finished shards "
+            "are kept")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -454,7 +593,7 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from one4d_train.config import ConfigError, absolute_paths, load_config
-    from one4d_train.train.one4d_task import model_file_problems
+    from one4d_train.train.one4d_task import model_file_problems, unset_file_problems
 
     p = parser()
     args = p.parse_intermixed_args(argv)  # key=value overrides after the options too (encode_latents.sbatch)
@@ -466,8 +605,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("config=EXPERIMENT.yaml is required (it fixes the window, resolution and VAE)")
     task_index = array_task_index(args.num_tasks, args.task_index)
     try:
-        # paths absolute, as `one4d train` makes them: the VAE and text encoder are recorded by path
-        cfg = absolute_paths(load_config(overrides, checks=lambda c: model_file_problems(c, backbone=False)))
+        # paths absolute, as `one4d train` makes them: the VAE and text encoder are recorded by path. The VAE a
+        # preset other than tiny needs is checked as train and eval check it (the text encoder by run_encode)
+        cfg = absolute_paths(load_config(overrides, checks=lambda c: [
+            (k, v) for k, v in unset_file_problems(c.model) if k == "model.vae"]
+            + model_file_problems(c, backbone=False)))
         s = run_encode(paths[0], paths[1], cfg, device=args.device, batch=args.batch, num_tasks=args.num_tasks,
                        task_index=task_index, progress=not args.no_progress, text=not args.no_text)
     except ConfigError as exc:
@@ -476,8 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
         return 2
-    except (EncodeError, si.ShardIndexError, OSError) as exc:  # OSError: a file it cannot read or write, a full disk
+    except (EncodeError, si.ShardIndexError) as exc:
         print(f"one4d encode-latents: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file it cannot read or write; a full disk (its shards say so themselves)
+        print(f"one4d encode-latents: error: {_os_error(exc, Path(paths[1]))}", file=sys.stderr)
         return 1
     if s["replaced_plan"]:
         print(f"{Path(paths[1]) / si.PLAN}: replaced, nothing having been encoded under it: "
@@ -486,6 +631,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(s['failed'])} without latents)"
             if s["index"] else "other shards still to do: index.json comes when all are done")
     print(f"{s['shards']} shards ({s['written']} written, {s['skipped']} already done); {done}")
+    for problem in s["resampled"]:
+        print(f"  source shard {problem}: encoded sample by sample (a sample that fails its checksums or is not there "
+              f"gets no latents, listed below); `one4d inspect-shards {paths[0]}` names them, and re-running the "
+              "`one4d shard` that made it rewrites it (then re-run this command)")
+    if s["longer"]:
+        longer, clips, span = s["longer"]
+        print(f"note: {longer} of {clips} clips are longer than the window of {span} frames (data.num_frames x "
+              f"data.frame_stride): their latents hold frames 0 to {span - 1} only, centre-cropped; training on these "
+              "shards sees that one window and crop per clip (data.crop=random and random window starts apply to "
+              "pixel samples only)")
     for f in s.get("failed", []):
         print(f"  no latents for {f['key']}: {f['reason']}")
     for f in s.get("text_failed", []):

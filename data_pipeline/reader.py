@@ -27,7 +27,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline import checksums, shm_pool
 from data_pipeline.config import DataConfig
-from data_pipeline.decode import SampleError, ShortClipError, decode_clip
+from data_pipeline.decode import SampleError, ShortClipError, decode_clip, window_indices
 from data_pipeline.latents import LatentsMismatchError, LatentsSpec, check_settings, latent_sample
 from data_pipeline.shard_index import read_index
 from data_pipeline.transforms import to_sample, to_staged_sample
@@ -297,6 +297,15 @@ def read_in_order(sources: list[Shard], order: np.ndarray, start: int) -> Iterat
         yield p + 1, sources[s], sources[s].keys[i], raw
 
 
+def _short_clip(raw: dict, cfg: DataConfig) -> None:
+    """ShortClipError where the clip of a sample (its json member's num_frames) is shorter than the frame window."""
+    try:
+        frames = int(json.loads(raw["json"].decode("utf-8"))["num_frames"])
+    except Exception:  # no usable count: the sample is skipped as lacking latents
+        return
+    window_indices(frames, cfg.num_frames, cfg.frame_stride, pinned=True)
+
+
 # a reader slot that finds nothing usable in this many epochs in a row stops the run (the data is unusable); a
 # single empty epoch (all of the few shards dealt to the slot were bad) is logged and passed over
 EMPTY_EPOCHS_LIMIT = 16
@@ -334,6 +343,7 @@ class ShardStream(IterableDataset):
         if c.use_latents and "latents.npz" in raw:
             return latent_sample(raw, c, self.latents, where)
         if self.latents_only:
+            _short_clip(raw, c)  # encode-latents could not encode it for its length: counted as short, not corrupt
             raise SampleError("no stored latents (one4d encode-latents could not encode it; see index.json "
                               "latents.failed)")
         clip = decode_clip(raw, c.num_frames, c.frame_stride, rng, size=(c.height, c.width))

@@ -399,6 +399,18 @@ def test_model_file_set_on_the_command_line(capsys, shards, tmp_path):
     assert f"command line: key 'model.vae': {tmp_path / 'vae'}: not found" in err
 
 
+def test_a_vae_folder_without_its_weights_file_is_refused_by_key(capsys, shards, tmp_path):
+    """diffusers' own error came only when the VAE was loaded, after the process group had started."""
+    from one4d_train.model.vae import tiny_wan_vae
+
+    tiny_wan_vae(0).save_pretrained(tmp_path / "vae")
+    assert preflight_config(args(shards, tmp_path, f"model.vae={tmp_path / 'vae'}")).model.vae == str(tmp_path / "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    err = refused(capsys, args(shards, tmp_path, f"model.vae={tmp_path / 'vae'}"))
+    assert (f"command line: key 'model.vae': {tmp_path / 'vae'}: no weights file (diffusion_pytorch_model.safetensors "
+            "or diffusion_pytorch_model.bin) beside its config.json") in err, err
+
+
 def test_backbone_weights_that_do_not_fit_are_refused_before_any_process_group(capsys, shards, tmp_path):
     """model.checkpoint is read against the configured backbone from the files' headers: text-to-video weights
     (16 input channels, no image cross-attention) and a truncated shard are refused by key, the matching file passes."""

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -197,23 +198,59 @@ def test_an_output_folder_that_is_a_file_is_named(tmp_path, capsys):
     assert f"Not a directory: '{tmp_path / 'file' / 'x'}'" in capsys.readouterr().err
 
 
-def test_a_damaged_source_shard_does_not_stop_the_others(tmp_path):
-    """A source shard that no longer matches its index (a flipped bit, a cut) is named, and every other shard is
-    still encoded before the run fails: a long GPU job does not stop at the first bad shard. Re-made by re-running
-    `one4d shard`, it is encoded by the re-run, which writes the index."""
-    src = make_shards(tmp_path, num_clips=3, frames=9, height=32, width=64, samples_per_shard=1)
-    victim = src / "shard-000000.tar"
-    good = victim.read_bytes()
-    victim.write_bytes(good[:len(good) // 2])
-    out, cfg = tmp_path / "lat", load_config(CONFIG)
-    with pytest.raises(EncodeError, match=rf"1 of this run's 3 source shards could not be encoded \(the others were\): "
-                                          rf"source shard does not match its index: {victim}: .* bytes, index says"):
-        run_encode(src, out, cfg, progress=False)
-    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000001.tar", "shard-000002.tar"]
-    assert not (out / "index.json").exists()
-    victim.write_bytes(good)
-    summary = run_encode(src, out, cfg, progress=False)
-    assert (summary["written"], summary["skipped"], summary["encoded"]) == (1, 2, 3)
+def _member_offset(shard: Path, name: str) -> int:
+    """Where the data of the member `name` of the tar `shard` starts."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return tar.getmember(name).offset_data
+
+
+def test_a_damaged_source_shard_is_encoded_sample_by_sample(tmp_path, capsys):
+    """A source shard that no longer matches its index (a flipped bit, a cut) failed whole: none of its samples got
+    latents, the run exited 1 and wrote no index, though each sample carries the CRC-32s of its members. It is
+    encoded sample by sample: the samples that verify get latents, the damaged ones and those the shard lacks are
+    listed as failed with their reason, and the index is written. Re-made by re-running `one4d shard`, it is encoded
+    again by a re-run. A shard that is missing or does not read as a tar is still named and left out while every
+    other shard is encoded, and the run exits 1."""
+    src = make_shards(tmp_path, num_clips=4, frames=9, height=32, width=64, samples_per_shard=2)
+    flipped, cut = src / "shard-000000.tar", src / "shard-000001.tar"
+    good = {p: p.read_bytes() for p in (flipped, cut)}
+    data = bytearray(good[flipped])
+    data[_member_offset(flipped, "r000000001.mp4") + 600] ^= 0x10  # the index's sha256 no longer matches
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(good[cut][:_member_offset(cut, "r000000003.mp4") + 600])  # in the last sample's video
+    out = tmp_path / "lat"
+    assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    for shard in (flipped, cut):
+        assert f"  source shard {shard}: " in said and "encoded sample by sample" in said, said
+    index = read_index(out)
+    failed = {f["key"]: f["reason"] for f in index["latents"]["failed"]}
+    assert index["latents"]["encoded"] == 2 and sorted(failed) == ["r000000001", "r000000003"], failed
+    assert "members ['mp4'] are corrupt" in failed["r000000001"]
+    assert failed["r000000003"].startswith(f"not in the source shard, which differs from its index ({cut}: "), failed
+    assert [s["keys"] for s in index["shards"]] == [["r000000000", "r000000001"], ["r000000002"]]
+    assert index["totals"]["samples"] == 3
+    batches = _take(build_loader(_cfg(out), rank=0, world_size=1, seed=0, micro_batch_size=1, latents=SPEC), 4)
+    assert {b["__key__"][0] for b in batches} == {"r000000000", "r000000002"}
+    # the cut shard re-made (as re-running `one4d shard` does): the re-run encodes it again, whole
+    cut.write_bytes(good[cut])
+    summary = run_encode(src, out, load_config(CONFIG), progress=False)
+    assert (summary["written"], summary["skipped"], summary["encoded"]) == (1, 1, 3)
+    assert [f["key"] for f in summary["failed"]] == ["r000000001"] and not summary["resampled"]
+    # a shard that is no tar at all, and a missing one: nothing to read samples from
+    noise = np.random.default_rng(0).bytes(len(good[flipped]))
+    for i, (broken, bad, problem) in enumerate(((flipped, bytes(len(noise)), "does not read as a tar \\(no member"),
+                                                (flipped, noise, "does not read as a tar"), (cut, None, "missing"))):
+        again = tmp_path / f"again-{i}"
+        saved = broken.read_bytes()
+        broken.write_bytes(bad) if bad is not None else broken.unlink()
+        with pytest.raises(EncodeError, match=rf"1 of this run's 2 source shards could not be encoded \(the others "
+                                              rf"were\): source shard does not match its index: {broken}: .*{problem}"):
+            run_encode(src, again, load_config(CONFIG), progress=False)
+        assert len(list(again.glob("*.tar"))) == 1 and not (again / "index.json").exists()
+        broken.write_bytes(saved)
 
 
 def test_a_corrupt_source_sample_is_not_encoded_and_stays_detectable(tmp_path):
@@ -438,12 +475,14 @@ def test_the_recorded_text_encoder_and_vae_match_through_links(tmp_path, monkeyp
 
 
 def test_auto_keeps_the_text_encoder_in_host_memory_only_for_shards_that_store_its_embeddings(encoded, tmp_path):
+    from one4d_train.config import ConfigError
     from one4d_train.model.encoders import text_encoder_device
     from one4d_train.train.one4d_task import One4DTask
 
     src, out = encoded
     assert One4DTask(load_config(CONFIG + [f"data.shards={out}"])).stored_text()[0]
-    assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "seed=5"])).stored_text()[0]  # another tower
+    with pytest.raises(ConfigError, match="key 'model.text_encoder'"):  # another tower: refused, never used
+        One4DTask(load_config(CONFIG + [f"data.shards={out}", "seed=5"])).stored_text()
     assert not One4DTask(load_config(CONFIG + [f"data.shards={out}", "data.use_latents=false"])).stored_text()[0]
     assert not One4DTask(load_config(CONFIG + [f"data.shards={src}"])).stored_text()[0]  # pixel shards
     assert not One4DTask(load_config(CONFIG + [f"data.shards={tmp_path}/missing"])).stored_text()[0]
@@ -784,3 +823,256 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path,
         first.kill()
         first.wait()
     assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 0
+
+
+def test_an_output_folder_with_other_content_is_refused(tmp_path, capsys):
+    """A non-empty OUT_DIR that holds no plan of encode-latents was written over without a word: a foreign
+    index.json and shard-000001.tar replaced, notes.txt mixed in; OUT_DIR = the source's parent overwrote the index
+    beside it. Refused as `one4d shard` refuses one, naming what it holds; a shard folder of `one4d shard` is named as
+    such (it was 'latents from another source index', with every plan key)."""
+    src = make_shards(tmp_path / "data", num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = {"index.json": b"{}", "notes.txt": b"mine", "shard-000001.tar": b"not yours"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"one4d encode-latents: error: {out}: not empty (it holds index.json, notes.txt, shard-000001.tar, "
+                   "and no plan.json of an earlier `one4d encode-latents` into it: the latent shards, index.json and "
+                   "rejects.jsonl would overwrite its files or mix with them): OUT_DIR must be a new or empty folder, "
+                   "or one `one4d encode-latents` wrote into\n"), err
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)
+    assert all((out / name).read_bytes() == data for name, data in theirs.items())
+    index = (src / "index.json").read_bytes()
+    assert encode_main([str(src), str(tmp_path / "data"), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+    assert f"{tmp_path / 'data'}: not empty (it holds raw, shards, and no plan.json" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw", "shards"]
+    assert (src / "index.json").read_bytes() == index
+    # a shard folder of `one4d shard`
+    other = make_shards(tmp_path / "other", num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    index = (other / "index.json").read_bytes()
+    assert encode_main([str(src), str(other), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"one4d encode-latents: error: {other}: a shard folder made by `one4d shard` (its plan.json "
+                          "plans shards from a manifest), not an output of `one4d encode-latents`"), err
+    assert "another source index" not in err and "manifest_sha256" not in err and len(err.splitlines()) == 1
+    assert (other / "index.json").read_bytes() == index and not (other / "encode-latents.lock").exists()
+
+
+def test_shards_of_another_text_encoder_are_refused_before_the_start(encoded, tmp_path):
+    """Caption embeddings stored by encode-latents with one text encoder were used by a run configured with another
+    (a warning, and none with data.use_latents=false): captioned samples conditioned on encoder A, the empty prompt
+    and the captions stored without an embedding on encoder B. Refused by key, with or without the latents."""
+    from one4d_train.config import ConfigError
+    from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
+    from one4d_train.train.config import preflight
+    from one4d_train.train.one4d_task import One4DTask
+
+    _, out = encoded
+    run = [f"data.shards={out}", f"run_dir={tmp_path / 'run'}"]
+    assert load_config(CONFIG + run, checks=preflight).data.shards == str(out)
+    tiny_umt5(0, d_model=64).save_pretrained(tmp_path / "umt5")
+    tiny_tokenizer().save_pretrained(tmp_path / "umt5")
+    for other, ours, fix in (([f"model.text_encoder={tmp_path / 'umt5'}"], str(tmp_path / "umt5"),
+                              "set seed=0 with model.text_encoder empty"),
+                             (["seed=5", "data.use_latents=false"], "the tiny preset's random text tower of seed 5",
+                              "set seed=0 with model.text_encoder empty")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(CONFIG + run + other, checks=preflight)
+        assert (f"key 'model.text_encoder': {ours} here, but the caption embeddings stored in {out} were made by the "
+                "tiny preset's random text tower of seed 0 (index.json latents.text_encoder): its captioned samples "
+                f"would be conditioned on that encoder and the empty prompt on this one; {fix}, or re-run `one4d "
+                "encode-latents` with this model.text_encoder") in str(exc.value), str(exc.value)
+    with pytest.raises(ConfigError, match="key 'model.text_encoder': the tiny preset's random text tower of seed 5"):
+        One4DTask(load_config(CONFIG + run + ["seed=5"])).stored_text()  # a task built without the checks
+
+
+def test_the_vae_of_stored_latents_is_known_by_its_content(tmp_path):
+    """The VAE was known by its path: other weights at the same path were taken for it, and a byte-identical copy at
+    another path (a node-local copy) was refused. The latents record its content fingerprint, compared where both
+    have one; latents recorded before fingerprints are still compared by path."""
+    import shutil
+
+    from data_pipeline.latents import check_settings, settings
+    from one4d_train.model.state_dict import vae_fingerprint
+    from one4d_train.model.vae import tiny_wan_vae
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=2)
+    vae, copy = tmp_path / "vae", tmp_path / "node-local" / "vae"
+    tiny_wan_vae(0).save_pretrained(vae)
+    shutil.copytree(vae, copy)
+
+    def cfg(path):
+        return load_config(CONFIG + [f"model.vae={path}"])
+
+    out = tmp_path / "lat"
+    run_encode(src, out, cfg(vae), progress=False)
+    meta = read_index(out)["latents"]
+    assert meta["vae"] == str(vae) and meta["vae_fingerprint"] == vae_fingerprint(str(vae)) == vae_fingerprint(str(copy))
+    kw = dict(rank=0, world_size=1, seed=0, micro_batch_size=1)
+    assert _take(build_loader(_cfg(out), latents=latents_spec(cfg(copy)), **kw), 1)[0]["z_rgb"].shape[1] == 16
+    assert run_encode(src, out, cfg(copy), progress=False)["skipped"] == 1  # the folder is finished with the copy
+    # a folder started before plans recorded the fingerprint is finished as it was started: by path
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    plan = json.loads((older / "plan.json").read_text())
+    del plan["settings"]["vae_fingerprint"]
+    (older / "plan.json").write_text(json.dumps(plan))
+    (older / "index.json").unlink()
+    (older / "shard-000000.tar.record.json").unlink()
+    assert run_encode(src, older, cfg(vae), progress=False)["written"] == 1
+    assert "vae_fingerprint" not in read_index(older)["latents"]
+    tiny_wan_vae(1).save_pretrained(vae)  # other weights at the same path
+    with pytest.raises(LatentsMismatchError, match=rf"encoded with VAE '{vae}', the configured VAE is '{vae}' \(other "
+                                                   r"weights: content fingerprint \w+ when encoded, \w+ now\)"):
+        build_loader(_cfg(out), latents=latents_spec(cfg(vae)), **kw)
+    # latents recorded before fingerprints: by path
+    before = settings(DataConfig(), str(vae), 1.0)
+    check_settings(before, DataConfig(), LatentsSpec(str(vae), 1.0, vae_fingerprint(str(vae))), "index.json")
+    with pytest.raises(LatentsMismatchError, match=f"the configured VAE is '{copy}'"):
+        check_settings(before, DataConfig(), LatentsSpec(str(copy), 1.0, vae_fingerprint(str(copy))), "index.json")
+
+
+def test_a_real_preset_without_its_vae_or_with_a_vae_folder_without_weights_is_refused(tmp_path, capsys):
+    """A 1.3b/14b preset with no model.vae was encoded with the tiny random VAE (exit 0; train refused the shards
+    later); a VAE folder without its weights file was a traceback after plan.json and the empty prompt were written.
+    Both are config errors by key before anything is written, as train and eval check them."""
+    from one4d_train.model.vae import tiny_wan_vae
+
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "out"
+    assert encode_main([str(src), str(out), *CONFIG, "model.preset=1.3b", "--no-text", "--device", "cpu",
+                        "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'model.vae': preset '1.3b' needs local files: set it" in err and "model.checkpoint" not in err, err
+    assert "Traceback" not in err and not out.exists()
+    tiny_wan_vae(0).save_pretrained(tmp_path / "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    assert encode_main([str(src), str(out), *CONFIG, f"model.vae={tmp_path / 'vae'}", "--device", "cpu",
+                        "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (f"key 'model.vae': {tmp_path / 'vae'}: no weights file (diffusion_pytorch_model.safetensors or "
+            "diffusion_pytorch_model.bin) beside its config.json") in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ")
+def test_a_shard_that_cannot_be_written_is_named_and_leaves_no_temp_file(tmp_path):
+    """A full disk was '[Errno 28] No space left on device', naming nothing, with the shard's temp file left behind.
+    The write fails here by a file-size limit of 20 kB set in a child process (EFBIG, as the disk's ENOSPC, from the
+    same write): the plan and the empty prompt fit, the shard does not."""
+    import subprocess
+
+    src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)
+    out = tmp_path / "out"
+    script = ("import resource, signal, sys\n"
+              "from data_pipeline.latents_cli import main\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
+              "sys.exit(main(sys.argv[2:]))\n")
+
+    def encode(limit: int):
+        done = subprocess.run([sys.executable, "-c", script, str(limit), str(src), str(out), *CONFIG, "--device",
+                               "cpu", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 1, done.stderr[-2000:]
+        return done.stderr
+
+    err = encode(20000)
+    assert re.fullmatch(rf"one4d encode-latents: error: {re.escape(str(out / 'shard-000000.tar'))}: cannot write the "
+                        rf"shard: File too large \(\d+\.\d MiB free in {re.escape(str(out))}\): make room \(or write "
+                        r"into another folder\) and re-run the same command; finished shards are kept\n", err), err
+    assert sorted(p.name for p in out.iterdir()) == ["empty_prompt.npy", "encode-latents.lock", "plan.json"]
+    # the index of a finished folder (a file whose error names none): the folder is named
+    run_encode(src, out, load_config(CONFIG), progress=False)
+    (out / "index.json").unlink()
+    err = encode(1000)
+    assert re.fullmatch(rf"one4d encode-latents: error: {re.escape(str(out))}: cannot be written: File too large "
+                        rf"\(\d+\.\d MiB free in {re.escape(str(out))}\): make room \(or write into another folder\) "
+                        r"and re-run the same command; finished shards are kept\n", err), err
+    assert not (out / "index.json").exists() and not list(out.glob(".*tmp*"))
+
+
+def test_a_latents_mismatch_found_by_a_worker_is_one_line(encoded, capsys):
+    """A sample's latents that do not fit the run, met in a DataLoader worker, ended `one4d train` in the worker's
+    traceback inside the main process's; its message is printed as one line, as NoUsableSamples', exit 1."""
+    from torch.utils.data import DataLoader
+
+    from one4d_train.train.main import report_failure
+
+    _, out = encoded
+    stream = ShardStream(StreamPlan(tuple(list_shards(str(out))), seed=0, rank=0, world_size=1, workers=1), _cfg(out),
+                         latents=LatentsSpec("/weights/Wan2.1_VAE.pth"), latents_only=True)
+    with pytest.raises(LatentsMismatchError) as caught:
+        next(iter(DataLoader(stream, batch_size=None, num_workers=1)))
+    assert "Traceback" in str(caught.value)  # the worker's, in the message
+    assert report_failure(caught.value, None) == 1
+    err = capsys.readouterr().err
+    assert re.match(r"data error: shard=shard-00000\d\.tar key=r00000000\d: stored latents do not fit this run: "
+                    r"encoded with VAE 'tiny:0', the configured VAE is '/weights/Wan2.1_VAE.pth'\. Re-encode with "
+                    r"`one4d encode-latents`", err), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_clips_shorter_than_the_window_are_counted_as_short_in_latent_shards(tmp_path, capsys):
+    """A sample encode-latents could not encode for being shorter than the window was counted as a corrupt sample
+    when training on latents; it is counted as short, as in pixel shards. encode-latents notes the clips longer than
+    the window: only the window's frames are encoded, with the centre crop."""
+    from data_utils import make_shards_of_lengths
+
+    src = make_shards_of_lengths(tmp_path, (13, 5, 9, 5))
+    out = tmp_path / "lat"
+    assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert ("note: 1 of 4 clips are longer than the window of 9 frames (data.num_frames x data.frame_stride): their "
+            "latents hold frames 0 to 8 only, centre-cropped") in said and "data.crop=random" in said, said
+    loader = build_loader(_cfg(out), rank=0, world_size=1, seed=0, micro_batch_size=1, latents=SPEC)
+    assert sorted({b["__key__"][0] for b in _take(loader, 4)}) == ["r000000000", "r000000002"]
+    assert loader.samples_too_short == loader.samples_skipped >= 2
+
+
+def test_training_on_an_unfinished_encode_folder_says_so(encoded, tmp_path):
+    """It said the folder 'is no shard directory: shards are made from a manifest by `one4d shard`'."""
+    import shutil
+
+    from one4d_train.config import ConfigError
+    from one4d_train.train.config import preflight
+
+    _, out = encoded
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out, unfinished)
+    (unfinished / "index.json").unlink()
+    with pytest.raises(ConfigError) as exc:
+        load_config(CONFIG + [f"data.shards={unfinished}", f"run_dir={tmp_path / 'run'}"], checks=preflight)
+    assert (f"key 'data.shards': {unfinished / 'index.json'}: not found: {unfinished} is the output folder of a "
+            "`one4d encode-latents` run that has not finished (its plan.json is there; index.json comes once every "
+            "shard is done): re-run the same command") in str(exc.value), str(exc.value)
+    assert "one4d shard MANIFEST" not in str(exc.value)
+    src, _ = encoded
+    sharding = tmp_path / "sharding"
+    shutil.copytree(src, sharding)
+    (sharding / "index.json").unlink()
+    with pytest.raises(ConfigError, match=rf"{sharding} is the output folder of a `one4d shard` run that has not "
+                                          rf"finished .*then `one4d shard --merge {sharding}`"):
+        load_config(CONFIG + [f"data.shards={sharding}", f"run_dir={tmp_path / 'run'}"], checks=preflight)
+
+
+def test_a_source_of_no_sample_is_refused(tmp_path, capsys):
+    """Shards whose rows were all rejected: encode-latents exited 0 with '0 samples encoded'."""
+    from data_pipeline.shard import run_sharding
+    from data_utils import make_dataset
+
+    manifest = make_dataset(tmp_path, num_clips=2, frames=9, height=32, width=64)
+    rows = [{**json.loads(line), "video": "missing.mp4"} for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = tmp_path / "shards"
+    run_sharding(manifest, src, samples_per_shard=1, workers=1, progress=False)
+    assert read_index(src)["totals"]["samples"] == 0
+    out = tmp_path / "lat"
+    assert encode_main([str(src), str(out), *CONFIG, "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"one4d encode-latents: error: SRC_SHARDS {src} holds no sample ({src / 'index.json'}: ")
+    assert f"`one4d shard` rejected all 2 rows of its manifest, each listed with its reason in {src / 'rejects.jsonl'}" \
+        in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

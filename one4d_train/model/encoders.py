@@ -11,6 +11,7 @@ import torch
 from one4d_train.model.image_encoder import CLIPImageEncoder, load_image_encoder, tiny_clip_vision
 from one4d_train.model.presets import WanConfig
 from one4d_train.model.pretrained import open_safetensors
+from one4d_train.model.state_dict import VAE_WEIGHTS, vae_files
 from one4d_train.model.text_encoder import TextConditioning, UMT5TextEncoder, build_text_conditioning
 from one4d_train.model.text_encoder import tiny_tokenizer, tiny_umt5
 from one4d_train.model.vae import Z_DIM, WanVAE, conv_kernel_problem, load_vae, vae_file_problem
@@ -130,6 +131,16 @@ def encoder_file_problems(mcfg, wan_cfg: WanConfig) -> list[tuple[str, str]]:
             p.append(("model.vae", f"{mcfg.vae}: {cfg.get('_class_name')} with "
                       f"{cfg.get('z_dim', cfg.get('latent_channels'))} latent channels, not the Wan2.1 VAE "
                       f"(AutoencoderKLWan, z_dim {Z_DIM})"))
+        elif cfg is not None:
+            try:
+                weights = vae_files(mcfg.vae)[1:]
+            except (OSError, ValueError) as exc:  # a shard index naming files that are not there
+                p.append(("model.vae", str(exc)))
+                weights = None
+            if weights == []:
+                p.append(("model.vae", f"{mcfg.vae}: no weights file ({' or '.join(VAE_WEIGHTS)}) beside its "
+                          "config.json: an interrupted download or copy? Give the complete diffusers AutoencoderKLWan "
+                          "folder"))
     elif mcfg.vae and os.path.isfile(mcfg.vae):
         problem = vae_file_problem(mcfg.vae)
         if problem:

@@ -135,8 +135,41 @@ def checkpoint_fingerprint(path: str, blocks: int = 16, block_bytes: int = 1 << 
     """A content fingerprint of a backbone checkpoint, cheap enough for every start: each weight file's size and
     `blocks` evenly spaced blocks of its bytes, hashed (about 1 MB read per file, not the 28 GB). Another checkpoint
     of the same architecture (another fine-tune, another precision) differs; the same files at another path agree."""
+    return files_fingerprint(checkpoint_files(path), blocks, block_bytes)
+
+
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # diffusers' order of preference
+
+
+def vae_files(path: str) -> list[str]:
+    """The files the latents of the VAE `path` (model.vae) depend on: an official weights file itself, or a diffusers
+    folder's config.json and the weights diffusers loads from it (none listed where the folder has none)."""
+    if os.path.isfile(path):
+        return [path]
+    weights = [os.path.join(path, n) for n in VAE_WEIGHTS if os.path.isfile(os.path.join(path, n))][:1]
+    index = os.path.join(path, f"{VAE_WEIGHTS[0]}.index.json")
+    if not weights and os.path.isfile(index):
+        weights = checkpoint_files(index)
+    return [os.path.join(path, "config.json")] + weights
+
+
+def vae_fingerprint(path: str) -> str | None:
+    """A content fingerprint of the VAE `path` (files_fingerprint of vae_files: ~1 MB read of a 500 MB file): the same
+    files at another path (a node-local copy) agree, other weights at the same path differ. None for the tiny random
+    VAE (empty path: its seed identifies it) and where the files cannot be read (model_file_problems names them)."""
+    if not path:
+        return None
+    try:
+        files = vae_files(path)
+        return files_fingerprint(files) if len(files) > 1 or os.path.isfile(path) else None
+    except (OSError, ValueError):
+        return None
+
+
+def files_fingerprint(files: list[str], blocks: int = 16, block_bytes: int = 1 << 16) -> str:
+    """checkpoint_fingerprint of the weight files `files`, in order."""
     h = hashlib.sha256()
-    for f in checkpoint_files(path):
+    for f in files:
         size = os.path.getsize(f)
         h.update(size.to_bytes(8, "little"))
         with open(f, "rb") as fh:

@@ -121,7 +121,9 @@ def report_failure(exc: BaseException, tracker) -> int:
     """Print the failure, end this rank's MLflow run (started or not; other ranks hold a no-op tracker) as FAILED,
     KILLED for an interrupt, and return the exit code: 2 for a config error found late or a damaged checkpoint file
     (the message names it: no traceback), 1 for a checkpoint that could not be written or data that no longer gives
-    a sample (one line too), 130 (the shell's code for SIGINT) for a second Ctrl-C (one line), else 1."""
+    a sample or stored latents that do not fit the run (one line too), 130 (the shell's code for SIGINT) for a second
+    Ctrl-C (one line), else 1."""
+    from data_pipeline.latents import LatentsMismatchError
     from data_pipeline.reader import NoUsableSamples
     from one4d_train.train.checkpoint import CheckpointDamaged, CheckpointSaveError
 
@@ -129,10 +131,12 @@ def report_failure(exc: BaseException, tracker) -> int:
         _print_config_error(exc)
     elif isinstance(exc, (CheckpointDamaged, CheckpointSaveError)):
         print(f"checkpoint error: {exc}", file=sys.stderr)
-    elif isinstance(exc, NoUsableSamples):  # from a DataLoader worker its message carries the worker's traceback
-        said = str(exc).strip().splitlines()[-1].removeprefix(f"{type(exc).__module__}.{type(exc).__name__}: ")
+    elif isinstance(exc, NoUsableSamples):
+        said = _worker_message(exc)
         print(f"data error: {said}. The same command resumes from the last complete checkpoint once the shards "
               "read again", file=sys.stderr)
+    elif isinstance(exc, LatentsMismatchError):  # a sample's latents.json: its message says what to do
+        print(f"data error: {_worker_message(exc)}", file=sys.stderr)
     elif isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once, as asked
         print("one4d train: interrupted (no checkpoint of the steps since the last one; the same command resumes "
               "from the last complete checkpoint, if there is one)", file=sys.stderr)
@@ -148,6 +152,12 @@ def report_failure(exc: BaseException, tracker) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_CONFIG if isinstance(exc, (ConfigError, CheckpointDamaged)) else 1
+
+
+def _worker_message(exc: BaseException) -> str:
+    """The message of an error raised in the data pipeline: from a DataLoader worker it carries the worker's
+    traceback, the message on its last line."""
+    return str(exc).strip().splitlines()[-1].removeprefix(f"{type(exc).__module__}.{type(exc).__name__}: ")
 
 
 def _print_config_error(exc: ConfigError) -> None:

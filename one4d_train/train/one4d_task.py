@@ -23,7 +23,7 @@ from data_pipeline.latents import LatentsMismatchError, latents_spec, same_sourc
 from data_pipeline.loader import build_loader
 from data_pipeline.manifest import TEXT_EMBEDDING_WIDTH
 from data_pipeline.reader import list_shards, shard_directory, stored_latents, stored_text
-from data_pipeline.shard_index import ShardIndexError, read_index
+from data_pipeline.shard_index import ShardIndexError, read_index, read_json
 from one4d_train.configtools import ConfigError
 from one4d_train.diffusion.objective import flow_loss, latent_validity, noisy_pair
 from one4d_train.model.adapters import AdapterError, data_window, export_adapters, load_adapters
@@ -281,10 +281,9 @@ class One4DTask:
             return False, None
         ours = text_identity(self.cfg.model, self.cfg.seed)
         if not same_source(stored, ours):
-            if stored:
-                log.warning("the training shards store text embeddings from %s, not from model.text_encoder=%s: "
-                            "they are used, and the encoder stays on the training device for the captions without "
-                            "one", stored, ours)
+            problems = text_encoder_problems(self.cfg, self.cfg.data.shards, {"text_encoder": stored})
+            if problems:  # refused before the start (check_config); also where a task is built without those checks
+                raise ConfigError("; ".join(f"key '{key}': {problem}" for key, problem in problems))
             return False, None
         log.info("the training shards store text embeddings from %s: with model.text_encoder_device=auto the "
                  "encoder stays in host memory", stored)
@@ -459,6 +458,11 @@ def _shard_spec_problem(spec: str) -> str | None:
     if os.path.isdir(spec):
         if os.path.exists(os.path.join(spec, "index.json")):
             return None
+        unfinished = _unfinished_run(spec)
+        if unfinished:
+            return (f"{os.path.join(spec, 'index.json')}: not found: {spec} is the output folder of {unfinished[0]} "
+                    "that has not finished (its plan.json is there; index.json comes once every shard is done): "
+                    f"{unfinished[1]}")
         return f"{os.path.join(spec, 'index.json')}: not found, so {spec} is no shard directory: {shard_first}"
     pattern = glob.has_magic(spec) or "{" in spec
     folder = (os.path.dirname(spec) or ".") if pattern else spec
@@ -466,6 +470,20 @@ def _shard_spec_problem(spec: str) -> str | None:
         return f"{folder}: no such directory"
     if not pattern:
         return f"{spec} is a file, not a shard directory: {shard_first}"
+    return None
+
+
+def _unfinished_run(folder: str) -> tuple[str, str] | None:
+    """(the run whose plan.json `folder` holds, how to finish it), or None where it holds none."""
+    try:
+        plan = read_json(os.path.join(folder, "plan.json"))
+    except (OSError, ValueError):  # no plan (ShardIndexError is a ValueError)
+        return None
+    if "source_index_sha256" in plan:
+        return "a `one4d encode-latents` run", "re-run the same command (every task of its array) to finish it"
+    if "manifest_sha256" in plan:
+        return "a `one4d shard` run", ("re-run the same command to finish it (a job array: every task, then "
+                                       f"`one4d shard --merge {folder}`)")
     return None
 
 
@@ -484,7 +502,8 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
             return [("data.shards", f"{len(missing)} shard file(s) listed in index.json missing: "
                      f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")]
         stored_latents(spec, cfg.data, latents_spec(cfg))
-        stats = read_index(shard_directory(spec)).get("statistics", {})
+        index = read_index(shard_directory(spec))
+        stats = index.get("statistics", {})
     except (OSError, ValueError, LatentsMismatchError) as exc:  # ShardIndexError is a ValueError
         return [("data.shards", str(exc))]
     from data_pipeline.reader import StreamPlan
@@ -499,7 +518,7 @@ def _training_shard_problems(cfg) -> list[tuple[str, str]]:
         key = ("data.shards" if "no samples" in str(exc) else "data.epoch_length" if "epoch length" in str(exc)
                else "data.num_workers")
         return [(key, f"{exc} ({spec}, data.mode={d.mode})")]
-    return geometry_problems(spec, stats) + index_problems(cfg, spec, stats)
+    return geometry_problems(spec, stats) + index_problems(cfg, spec, index)
 
 
 def geometry_problems(spec: str, stats: dict) -> list[tuple[str, str]]:
@@ -514,16 +533,39 @@ def geometry_problems(spec: str, stats: dict) -> list[tuple[str, str]]:
              "rows naming the reason")]
 
 
-def index_problems(cfg, spec: str, stats: dict | None = None, key: str = "data.shards") -> list[tuple[str, str]]:
-    """The config against the statistics of the shard set `spec` (config key `key`; index.json's statistics,
-    `stats` when read already): the frame window and the stored text embeddings' width."""
-    if stats is None:
+def index_problems(cfg, spec: str, index: dict | None = None, key: str = "data.shards") -> list[tuple[str, str]]:
+    """The config against the index of the shard set `spec` (config key `key`; its index.json, `index` when read
+    already): the frame window, the stored text embeddings' width and the text encoder they were made with."""
+    if index is None:
         try:
-            stats = read_index(shard_directory(spec)).get("statistics", {})
+            index = read_index(shard_directory(spec))
         except (OSError, ValueError):  # reported where the shards are checked
             return []
+    stats = index.get("statistics", {})
     return (window_problems(cfg.data, spec, stats.get("frames", {}).get("max"))
-            + text_width_problems(cfg.model, spec, stats, key))
+            + text_width_problems(cfg.model, spec, stats, key) + text_encoder_problems(cfg, spec, index.get("latents")))
+
+
+def text_encoder_problems(cfg, spec: str, latents: dict | None) -> list[tuple[str, str]]:
+    """The text encoder whose caption embeddings `one4d encode-latents` stored in the shard set `spec` (its
+    index.json's `latents`) against this run's (model.text_encoder; with the tiny preset and none, the tiny tower of
+    `seed`), whether the latents are read (data.use_latents) or not: the captioned samples would be conditioned on
+    that encoder, the empty prompt and the captions stored without an embedding on this one. Nothing where no encoder
+    is configured (model.empty_prompt_embedding stands in with the stored embeddings)."""
+    recorded, ours = (latents or {}).get("text_encoder"), text_identity(cfg.model, cfg.seed)
+    if not recorded or not ours or same_source(recorded, ours):
+        return []
+
+    def said(identity: str) -> str:
+        tiny = identity.startswith("tiny:")
+        return f"the tiny preset's random text tower of seed {identity[len('tiny:'):]}" if tiny else identity
+
+    fix = (f"seed={recorded[len('tiny:'):]} with model.text_encoder empty" if recorded.startswith("tiny:")
+           else f"model.text_encoder={recorded}")
+    return [("model.text_encoder", f"{said(ours)} here, but the caption embeddings stored in {spec} were made by "
+             f"{said(recorded)} (index.json latents.text_encoder): its captioned samples would be conditioned on that "
+             f"encoder and the empty prompt on this one; set {fix}, or re-run `one4d encode-latents` with this "
+             "model.text_encoder on the shards `one4d shard` wrote, into a new folder")]
 
 
 def text_width_problems(mcfg, spec: str, stats: dict, key: str) -> list[tuple[str, str]]:

@@ -2,11 +2,10 @@
 stacked, 769 context tokens), built as the trainer builds it (branch LoRA on every target linear, activation
 checkpointing, the block's call compiled), forward + backward under torch.profiler. Prints the block's kernel
 time per part (base GEMMs, branch-LoRA bmms, attention, Inductor's kernels, the rest) and the heaviest kernels;
-with --bandwidth, Inductor's own count of each generated kernel's bytes and its GB/s go to a file (the kernels
-then run benchmarked, not for real: that run's numbers are kernel rates, not a training step).
+--no-lora gives the base block alone, so the branch LoRA's whole cost (its bmms and the elementwise work it adds)
+is the difference.
 
-    python3 benchmarks/block_kernels.py --preset 14b --ckpt selective_self [--cdt] [--bandwidth FILE]
-        [--results FILE]
+    python3 benchmarks/block_kernels.py --preset 14b --ckpt selective_self [--no-lora] [--cdt] [--results FILE]
 """
 from __future__ import annotations
 
@@ -85,7 +84,6 @@ def main() -> None:
     ap.add_argument("--cdt", action="store_true", help="Inductor's coordinate-descent tuning of its kernels' tiles")
     ap.add_argument("--iters", type=int, default=3, help="profiled forward + backward passes")
     ap.add_argument("--rows", type=int, default=40, help="heaviest kernels listed")
-    ap.add_argument("--bandwidth", help="write Inductor's per-kernel bytes and GB/s here (kernels benchmarked)")
     ap.add_argument("--results", help="append the per-part row here (JSON lines)")
     ap.add_argument("--device", default="cuda", help="cpu: a check of this script (fp32, --video small)")
     ap.add_argument("--video", default=",".join(map(str, VIDEO)), help="frames,height,width of the clip")
@@ -95,9 +93,6 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     import torch._inductor.config as inductor
     inductor.coordinate_descent_tuning = args.cdt
-    if args.bandwidth:
-        inductor.profile_bandwidth = True
-        inductor.profile_bandwidth_output = args.bandwidth
     cfg, block = build_block(args, dev)
     x, e0, ctx, freqs = block_inputs(cfg, dev, video)
     grad = torch.randn_like(x)
@@ -105,12 +100,9 @@ def main() -> None:
     def step():
         block(x, e0, ctx, freqs).backward(grad)
 
-    for _ in range(1 if args.bandwidth else 3):
+    for _ in range(3):
         step()
     sync(dev)
-    if args.bandwidth:
-        print(f"per-kernel bytes and GB/s in {args.bandwidth}", flush=True)
-        return
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

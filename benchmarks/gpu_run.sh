@@ -27,8 +27,8 @@
 #             the condition encode per VAE setting; with KERNELS="triton cudnn" the shipped 1.3B config with each
 #     ckpt-blocks: the 1.3B shipped config with fewer checkpointed blocks (CKPTS, e.g. "selective selective@20 none";
 #             VFPC frames per VAE call)
-#     block : one DiT block's kernel time per part and Inductor's bytes per kernel (benchmarks/block_kernels.py),
-#             with and without the branch LoRA and Inductor's coordinate-descent tuning
+#     block : one DiT block's kernel time per part (benchmarks/block_kernels.py), with and without the branch
+#             LoRA, and with Inductor's coordinate-descent tuning
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
@@ -204,14 +204,13 @@ if [[ $WHAT == peers ]]; then
     part $limit "$preset peer" $B --preset "$preset" --peer --warmup $warm --steps 10
   done
 fi
-if [[ $WHAT == block ]]; then  # one DiT block's kernels per part (benchmarks/block_kernels.py), Inductor's bytes per kernel
+if [[ $WHAT == block ]]; then  # one DiT block's kernels per part (benchmarks/block_kernels.py), with and without LoRA
   K="python3 benchmarks/block_kernels.py --results $R"
   part 150 "14b block, selective_self" $K --preset 14b --ckpt selective_self
   part 150 "14b block, selective_self, no LoRA" $K --preset 14b --ckpt selective_self --no-lora
   part 150 "1.3b block, selective" $K --preset 1.3b --ckpt selective
-  part 150 "14b block, Inductor bytes per kernel" $K --preset 14b --ckpt selective_self --bandwidth "$OUT/bandwidth_14b.txt"
+  part 150 "1.3b block, selective, no LoRA" $K --preset 1.3b --ckpt selective --no-lora
   part ${TCDT:-240} "14b block, coordinate-descent tuning" $K --preset 14b --ckpt selective_self --cdt
-  part ${TCDT:-240} "1.3b block, coordinate-descent tuning" $K --preset 1.3b --ckpt selective --cdt
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

@@ -330,25 +330,14 @@ def _done(src: Path, out: Path, entry: dict) -> dict | None:
     return record
 
 
-OWN_FILES = re.compile(rf"encode-latents(\.task-\d+)?\.lock|\.{re.escape(si.PLAN)}\.tmp.*")  # a run's before its plan
-
-
-def _foreign_files(out: Path) -> list[str]:
-    """The files of an existing `out` that holds no plan of this command, but for the locks and the plan's temp file
-    of a run starting in it (the tasks of an array start side by side). EncodeError for a shard folder of
-    `one4d shard` (whose plan.json plans shards from a manifest)."""
-    if not out.is_dir():
-        return []
-    if (out / si.PLAN).is_file():
-        plan = si.read_json(out / si.PLAN)
-        if "source_index_sha256" in plan:
-            return []
-        if "manifest_sha256" in plan:
-            raise EncodeError(f"{out}: a shard folder made by `one4d shard` (its {si.PLAN} plans shards from a "
-                              "manifest), not an output of `one4d encode-latents`: the latent shards would overwrite "
-                              "its shards and index; OUT_DIR must be a new or empty folder, or one `one4d "
-                              "encode-latents` wrote into (that shard folder can be its SRC_SHARDS)")
-    return sorted(p.name for p in out.iterdir() if not OWN_FILES.fullmatch(p.name))
+def _no_shard_folder(out: Path) -> None:
+    """EncodeError where `out` is a shard folder of `one4d shard` (its plan.json plans shards from a manifest)."""
+    plan = si.read_json(out / si.PLAN) if (out / si.PLAN).is_file() else {}
+    if "manifest_sha256" in plan:
+        raise EncodeError(f"{out}: a shard folder made by `one4d shard` (its {si.PLAN} plans shards from a "
+                          "manifest), not an output of `one4d encode-latents`: the latent shards would overwrite "
+                          "its shards and index; OUT_DIR must be a new or empty folder, or one `one4d "
+                          "encode-latents` wrote into (that shard folder can be its SRC_SHARDS)")
 
 
 def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: int | None = None,
@@ -392,13 +381,10 @@ def run_encode(src, out, cfg, device: str = "cpu", batch: int = 1, num_tasks: in
         raise ConfigError("; ".join(f"key '{k}': {v}" for k, v in problems))
     if out.exists() and not out.is_dir():
         raise EncodeError(f"{out}: not a folder: OUT_DIR is the folder the latent shards go to (new or this run's)")
-    others = _foreign_files(out)
-    if others:  # as `one4d shard` refuses one (data_pipeline/shard.py)
-        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
-        raise EncodeError(f"{out}: not empty (it holds {', '.join(others[:5])}{more}, and no {si.PLAN} of an earlier "
-                          f"`one4d encode-latents` into it: the latent shards, {si.INDEX} and {si.REJECTS} would "
-                          "overwrite its files or mix with them): OUT_DIR must be a new or empty folder, or one "
-                          "`one4d encode-latents` wrote into")
+    _no_shard_folder(out)
+    problem = si.foreign_files_problem(out, "one4d encode-latents", "encode-latents", "the latent shards")
+    if problem:
+        raise EncodeError(problem)
     out.mkdir(parents=True, exist_ok=True)
     # one run at a time (a whole run alone; array tasks side by side, each its own slice): a second run into the
     # folder deleted the first one's temporary files of the same shards, and could pin another plan under it

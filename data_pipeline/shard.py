@@ -411,13 +411,9 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
         raise ShardingError(f"{manifest}: the manifest has no rows (one JSON object per line: docs/data.md)")
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardingError(f"{out_dir}: not a folder: OUT_DIR is the folder the shards go to (new or this run's)")
-    others = _foreign_files(out_dir)
-    if others:
-        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
-        raise ShardingError(f"{out_dir}: not empty (it holds {', '.join(others[:5])}{more}, and no {si.PLAN} of an "
-                            f"earlier `one4d shard` into it: the shards, {si.INDEX} and {si.REJECTS} would overwrite "
-                            "its files or mix with them): OUT_DIR must be a new or empty folder, or one `one4d shard` "
-                            "wrote into")
+    problem = si.foreign_files_problem(out_dir, "one4d shard", "shard", "the shards")
+    if problem:
+        raise ShardingError(problem)
     out_dir.mkdir(parents=True, exist_ok=True)
     locks = lock_out_dir(out_dir, task_index)
     try:
@@ -425,17 +421,6 @@ def run_sharding(manifest, out_dir, samples_per_shard: int | None = None, shard_
     finally:
         for lock in locks:
             lock.release()
-
-
-OWN_FILES = re.compile(rf"shard(\.task-\d+)?\.lock|\.{re.escape(si.PLAN)}\.tmp.*")  # a run's before its plan is written
-
-
-def _foreign_files(out_dir: Path) -> list[str]:
-    """The files of an existing `out_dir` that holds no plan of this command, but for the locks and the plan's temp
-    file of a run starting in it (the tasks of an array start side by side)."""
-    if not out_dir.is_dir() or (out_dir / si.PLAN).is_file():
-        return []
-    return sorted(p.name for p in out_dir.iterdir() if not OWN_FILES.fullmatch(p.name))
 
 
 def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_tasks: int | None, task_index: int | None,

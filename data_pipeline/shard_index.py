@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -122,6 +123,22 @@ def pin_plan(out_dir, plan: dict) -> dict | None:
         return None
     old = read_json(path)
     return None if dumps(old) == dumps(plan) else old
+
+
+def foreign_files_problem(out_dir: Path, command: str, lock: str, made: str) -> str | None:
+    """Why `out_dir` cannot take `command`'s output (`made`: what it writes there): it holds files but no plan.json
+    (a plan there is the caller's to judge), beyond the locks (`lock`.lock, `lock`.task-I.lock) and the plan's temp
+    file of a run starting in it (the tasks of an array start side by side). None where it can."""
+    if not out_dir.is_dir() or (out_dir / PLAN).is_file():
+        return None
+    own = re.compile(rf"{re.escape(lock)}(\.task-\d+)?\.lock|\.{re.escape(PLAN)}\.tmp.*")
+    others = sorted(p.name for p in out_dir.iterdir() if not own.fullmatch(p.name))
+    if not others:
+        return None
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    return (f"{out_dir}: not empty (it holds {', '.join(others[:5])}{more}, and no {PLAN} of an earlier `{command}` "
+            f"into it: {made}, {INDEX} and {REJECTS} would overwrite its files or mix with them): OUT_DIR must be a new "
+            f"or empty folder, or one `{command}` wrote into")
 
 
 def printable(text: str) -> str:

@@ -233,7 +233,8 @@ def test_scancel_checkpoints_and_ends_the_job(cluster, job_env, tmp_path):
     """`scancel` (a TERM to the batch shell and the tasks) had the job checkpoint and requeue itself, so it trained
     on to the end: the job now ends after the checkpoint, and resubmitting resumes from it."""
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
-    r = submit(job_env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    r = submit(job_env, "--parsable", f"--output={out}", REPO / "slurm" / "train.sbatch",
+               *train_args(tmp_path, run_dir, TRAIN_STEPS), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
     wait_for_text(out, r"\[rank 0\] step 3/")
@@ -252,7 +253,8 @@ def test_term_with_no_restarts_left_checkpoints_and_exits_43_without_requeue(clu
     """ONE4D_REQUEUE_ON_TERM=1 (a site that preempts by cancelling): a TERM requeues, while restarts are left."""
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
     env = dict(job_env, ONE4D_MAX_RESTARTS="0", ONE4D_REQUEUE_ON_TERM="1")
-    r = submit(env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    r = submit(env, "--parsable", f"--output={out}", REPO / "slurm" / "train.sbatch",
+               *train_args(tmp_path, run_dir, TRAIN_STEPS), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
     wait_for_text(out, r"\[rank 0\] step 3/")
@@ -273,7 +275,8 @@ def test_the_time_limits_usr1_before_the_first_step_ends_the_job_instead_of_requ
     after one run."""
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
     env = dict(job_env, TOY_SIGNAL_AT="0:0:USR1:batch,0:0:TERM:batch")
-    r = submit(env, "--parsable", f"--output={out}", "slurm/train.sbatch", *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    r = submit(env, "--parsable", f"--output={out}", REPO / "slurm" / "train.sbatch",
+               *train_args(tmp_path, run_dir, TRAIN_STEPS), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job = wait_for_job(cluster, r.stdout.strip().split(";")[0])
     text = out.read_text()
@@ -298,8 +301,9 @@ def test_job_started_from_another_runs_checkpoint_and_killed_before_its_first_re
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
     wait_for_text(out, rf"\[rank 0\] step {TRAIN_STEPS // 2 + 3}/")
+    record = REPO / f"one4d-train-{job_id}.config.yaml"  # the config every start of the job trains with
     tasks = [p for p in psutil.process_iter(["name", "cmdline"])
-             if p.info["name"] == "one4d" and f"run_dir={run_dir}" in (p.info["cmdline"] or [])]
+             if p.info["name"] == "one4d" and f"config={record}" in (p.info["cmdline"] or [])]
     assert len(tasks) == 2, tasks
     for p in tasks:
         p.kill()
@@ -313,6 +317,35 @@ def test_job_started_from_another_runs_checkpoint_and_killed_before_its_first_re
     expected = final_weights(uninterrupted["run_dir"], TRAIN_STEPS)
     got = final_weights(run_dir, TRAIN_STEPS)
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
+
+
+def test_a_requeue_after_the_config_file_was_edited_goes_on_where_the_job_started(cluster, job_env, tmp_path):
+    """Each requeue read CONFIG.yaml again: an edit of its name (so of its run_dir) while the job waited made the
+    requeued job miss its checkpoints and train afresh in another folder. Every start of a job trains with the config
+    its first start recorded (in the submission directory, removed once the training finished); the edit is named in
+    a warning."""
+    config, out = tmp_path / "edited.yaml", tmp_path / "train.out"
+    text = ("name: {name}\nrun_dir: {run}\ntrain:\n  task: tests.train_toy_task:ToyTask\n  device: cpu\n"
+            f"  precision: fp32\n  steps: {TRAIN_STEPS}\n  zero_stage: 3\n  log_every: 1\n"
+            f"  checkpoint_every: {TRAIN_STEPS // 2}\ntracking:\n  system_metrics: false\n")
+    first, second = tmp_path / "first", tmp_path / "second"
+    config.write_text(text.format(name="first", run=first))
+    r = submit(job_env, "--parsable", f"--output={out}", REPO / "slurm" / "train.sbatch", config, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    record = tmp_path / f"one4d-train-{job_id}.config.yaml"
+    wait_for_text(out, r"\[rank 0\] step 3/")
+    config.write_text(text.format(name="second", run=second))  # edited while the job trains
+    assert run(["scancel", "--signal=USR1", "--batch", job_id], job_env, timeout=30).returncode == 0
+    job = wait_for_job(cluster, job_id)
+    text = out.read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{text[-4000:]}"
+    stopped = int(re.search(r"checkpointed step (\d+), exiting 42", text).group(1))
+    restarted = text[text.index("restart 1:"):]
+    assert f"resumed from {first / 'checkpoints' / f'step-{stopped:08d}'} at step {stopped}" in restarted, text[-4000:]
+    assert f"differs from the one job {job_id} started with: name, run_dir. The job goes on as it started" in text
+    assert not second.exists() and logged_steps(first) == list(range(1, TRAIN_STEPS + 1))
+    assert not record.exists()
 
 
 # -- sharding, then the real tiny model trained on those shards and evaluated --
@@ -447,5 +480,16 @@ def test_a_requeued_job_refuses_what_one4d_requeue_printed_besides_its_answer(tm
     site = tmp_path / "site-packages"
     site.mkdir()
     (site / "sitecustomize.py").write_text("print('welcome to the cluster')\n")
+    r = _train_script(tmp_path, PYTHONPATH=str(site))  # the first start: records the job's config (no task count)
+    assert r.returncode == 2 and "no task count" in r.stdout and (tmp_path / "one4d-train-77.config.yaml").is_file(), r
     r = _train_script(tmp_path, SLURM_NTASKS="2", SLURM_RESTART_COUNT="1", PYTHONPATH=str(site))
     assert r.returncode == 2 and "one4d requeue printed 'welcome to the cluster'" in r.stdout, r
+
+
+def test_a_requeued_job_without_the_record_of_its_config_exits_2_naming_it(tmp_path):
+    """A requeued start trains with the config its first start recorded (run_dir included); without the record it
+    cannot tell which run directory holds the job's checkpoints, and does not guess from the config file."""
+    r = _train_script(tmp_path, SLURM_NTASKS="2", SLURM_RESTART_COUNT="1")
+    record = tmp_path / "one4d-train-77.config.yaml"
+    assert r.returncode == 2 and f"{record}: missing: the first start of job 77 writes there" in r.stderr, r
+    assert "cannot be read (above): cannot tell where to resume from" in r.stdout, r

@@ -1,6 +1,10 @@
 """What slurm/train.sbatch asks of the run directory, through the `one4d` entry point (so with the trainer's own
 Python environment, whatever `python3` is on PATH):
-`one4d requeue config=X.yaml [key=value ...]` prints what a requeued job adds to its arguments: `resume=auto`
+`one4d requeue --job FILE config=X.yaml [key=value ...]`, at every start of the job: the first (SLURM_RESTART_COUNT 0)
+writes the merged config (X.yaml and the key=value settings, resolved: run_dir included) to FILE, which every start
+of the job then trains with; a requeued start keeps to FILE whatever X.yaml says now (a warning names the keys an
+edit changed since), and prints what it adds to its arguments, as below. A requeued start without FILE exits 2.
+`one4d requeue config=FILE [key=value ...]` prints what a requeued job adds to its arguments: `resume=auto`
 once this Slurm job (SLURM_JOB_ID, which a requeue keeps) has written the run directory's newest complete
 checkpoint, so the job continues from it; nothing while it has written none, so the job starts again
 as submitted (resume=PATH loads PATH again instead of starting from scratch, and resume=never starts afresh instead
@@ -8,12 +12,14 @@ of from checkpoints an earlier run left in run_dir).
 `one4d requeue --progress config=X.yaml [key=value ...]` exits 0 when this run of the job (SLURM_JOB_ID at
 SLURM_RESTART_COUNT) wrote a complete checkpoint, NO_PROGRESS (10) when it wrote none: stopped by the time limit's
 signal before its first step, a requeue would only do the same again.
-Both exit 2 on a config error (named); any other failure exits with another code, which the script takes as
-"unknown"."""
+All exit 2 on a config error (named) or a job record that cannot be written or read; any other failure exits with
+another code, which the script takes as "unknown"."""
 from __future__ import annotations
 
 import os
 import sys
+
+import yaml
 
 from one4d_train.config import ConfigError, load_config
 from one4d_train.train import checkpoint as ckpt
@@ -36,10 +42,58 @@ def written_by_run(run_dir: str, job_id: str, restart: int) -> bool:
     return False
 
 
+def job_start(record: str, argv: list[str]) -> int:
+    """`one4d requeue --job FILE config=X.yaml [key=value ...]` (see the module's doc)."""
+    from one4d_train.configtools import flatten, to_yaml
+    from one4d_train.train.checkpoint import write_atomic
+
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        try:
+            write_atomic(record, to_yaml(load_config(argv)))
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"{record}: cannot write this job's record of its config ({exc.strerror or exc}): the submission "
+                  "directory must be writable (a requeue reads the record there)", file=sys.stderr)
+            return 2
+        return 0
+    if not os.path.isfile(record):
+        print(f"{record}: missing: the first start of job {job} writes there the config it trains with (run_dir "
+              "included), which its requeued starts keep to; without it this start cannot tell which run directory "
+              "holds the job's checkpoints. Submit the job again (resume=auto, the default, continues a run_dir's "
+              "newest checkpoint)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config([f"config={record}"])
+    except ConfigError as exc:
+        print(f"config error: {exc} (this job's record of the config its first start trained with)", file=sys.stderr)
+        return 2
+    try:
+        now = flatten(yaml.safe_load(to_yaml(load_config(argv))))
+        changed = sorted(k for k, v in flatten(yaml.safe_load(to_yaml(cfg))).items() if now.get(k) != v)
+    except ConfigError as exc:
+        changed = [f"(it does not load: {exc})"]
+    if changed:
+        print(f"warning: the submitted config ({' '.join(argv)}) differs from the one job {job} started with: "
+              f"{', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}. The job goes on as it started, "
+              f"with {record} (run_dir {cfg.run_dir}); submit a new job to train with the edited config",
+              file=sys.stderr)
+    if written_by_job(cfg.run_dir, job):
+        print("resume=auto")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
+    if argv[:1] == ["--job"]:
+        if len(argv) < 2:
+            print("usage: one4d requeue --job FILE config=X.yaml [key=value ...]", file=sys.stderr)
+            return 2
+        return job_start(argv[1], argv[2:])
     progress = argv[:1] == ["--progress"]
     try:
         cfg = load_config(argv[1:] if progress else argv)

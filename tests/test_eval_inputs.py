@@ -733,3 +733,63 @@ def test_an_export_is_sampled_at_the_window_it_was_trained_at_wherever_it_lies(t
     err = capsys.readouterr().err
     assert (f"{older} records no data window" in err and "num_frames=81 frame_stride=1 height=352 width=624 from "
             "the defaults" in err and "key 'data.num_frames': the window needs 81 frames" in err), err
+
+
+def test_an_export_scores_the_held_out_samples_its_checkpoint_scores(tmp_path, capsys):
+    """The loader's shuffle buffer (data.shuffle_buffer) orders the held-out set, so it picks the samples scored: an
+    export recorded the window alone, and its evaluation (at the default buffer) scored other samples than its
+    checkpoint's (at the run's), both metrics.json saying the same settings. The export records it, its evaluation
+    takes it, and metrics.json's settings hold it (scores made before it was recorded are not scored again)."""
+    from data_utils import make_shards
+
+    from one4d_train.model.adapters import data_window
+    from one4d_train.train.export_cli import main as export
+
+    shards = make_shards(tmp_path, num_clips=4, frames=5, height=32, width=64, samples_per_shard=1)
+    run, cfg, state = _run(tmp_path, f"data.val_shards={shards}", *EVAL, "data.shuffle_buffer=0")
+    ckpt = _checkpoint(run, cfg, state, crc=True, window=data_window(cfg.data))
+    exported = tmp_path / "elsewhere" / "export"
+    assert export([f"checkpoint={ckpt}", f"out={exported}"]) == 0
+    assert cli(["eval", f"checkpoint={ckpt}"]) == 0, capsys.readouterr().err
+    assert cli(["eval", f"checkpoint={exported}", f"data.val_shards={shards}", *TINY, *EVAL]) == 0, \
+        capsys.readouterr().err
+    tag = dataset_tag(str(shards))
+    scores = [json.loads((where / "eval" / tag / "metrics.json").read_text()) for where in (ckpt, exported)]
+    assert [r["sample"] for r in scores[0]["samples"]] == [r["sample"] for r in scores[1]["samples"]], scores
+    assert scores[0]["settings"]["shuffle_buffer"] == scores[1]["settings"]["shuffle_buffer"] == 0
+    wanted = scoring_settings(cfg, str(shards))
+    assert scored(str(ckpt), tag, wanted) == []
+    assert scored(str(ckpt), tag, {**wanted, "shuffle_buffer": 16}) == ["shuffle_buffer"]
+    metrics = ckpt / "eval" / tag / "metrics.json"
+    report = json.loads(metrics.read_text())
+    del report["settings"]["shuffle_buffer"]  # as scores made before it was recorded
+    metrics.write_text(json.dumps(report))
+    assert scored(str(ckpt), tag, wanted) == []
+
+
+def test_a_checkpoint_or_export_this_user_cannot_write_into_exits_2_naming_eval_out_dir(capsys):
+    """A read-only checkpoint or export (another user's) was a PermissionError traceback where <checkpoint>/eval was
+    made: it is refused before the model is built, naming the folder and eval.out_dir."""
+    import shutil
+    import tempfile
+
+    from data_utils import make_shards
+    from test_export_cli import as_another_user
+
+    shared = Path(tempfile.mkdtemp(prefix="one4d-test-"))
+    try:
+        shared.chmod(0o755)  # every user may enter it; the checkpoint and export in it are this user's alone to write
+        shards = make_shards(shared, num_clips=1, frames=5, height=32, width=64)
+        run, cfg, state = _run(shared, f"data.val_shards={shards}", *EVAL)
+        ckpt = _checkpoint(run, cfg, state)
+        exported = shared / "export"
+        export_adapters(state, cfg.model, str(exported))
+        for target in (ckpt, exported):
+            with as_another_user():
+                code = cli(["eval", f"checkpoint={target}", f"data.val_shards={shards}", *TINY, *EVAL])
+            err = capsys.readouterr().err
+            assert code == 2 and f"key 'eval.out_dir': not set, and {target} is not writable by this user" in err, err
+            assert f"name a folder of yours for them with eval.out_dir=DIR" in err and "Traceback" not in err, err
+            assert not (target / "eval").exists()
+    finally:
+        shutil.rmtree(shared)

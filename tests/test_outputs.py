@@ -210,7 +210,7 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys, monkeypatc
     from one4d_train.eval.pipeline import dataset_tag, load_generator
     from one4d_train.model.adapters import export_adapters
     from one4d_train.model.one4d import build_one4d
-    from one4d_train.train.checkpoint import MARKER, _listing
+    from one4d_train.train.checkpoint import MARKER, STATE_KEYS, _listing
     from one4d_train.train.tracking import MlflowTracker
 
     torch.set_num_threads(1)
@@ -236,7 +236,8 @@ def test_one4d_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys, monkeypatc
         for p in model.trainable_parameters():
             p.normal_(0, 0.02)  # non-zero LoRA B and links: the loaded adapters must matter
     export_adapters(model.trainable_state_dict(), cfg.model, str(ckpt / "adapters"))
-    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps({"step": 10, "mlflow_run_id": run_id}))
+    state = {**{k: 0 for k in STATE_KEYS}, "step": 10, "mlflow_run_id": run_id}  # a train state as the trainer's
+    (ckpt / "train_state" / "rank-00000.json").write_text(json.dumps(state))
     (ckpt / MARKER).write_text(json.dumps({"step": 10, "world_size": 1, "files": _listing(str(ckpt))}))
 
     assert cli(["eval", f"checkpoint={run}"]) == 0

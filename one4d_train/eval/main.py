@@ -19,6 +19,8 @@ naming model.checkpoint (the same files at any path are taken).
 The files read (adapters/, or ds/ for a rebuild, and the train state) must match the CRC-32s of the checkpoint's
 COMPLETE marker (a marker written before markers recorded them is not verified): a damaged checkpoint is named with
 its damaged file, and a run directory's other checkpoints are evaluated still.
+The outputs go to eval.out_dir where set; a checkpoint or export this user cannot write into needs it (exit 2 before
+the model is built, naming the folder).
 Exit codes: 0 evaluated (or, for a run directory, nothing left to evaluate), 2 a missing, incomplete or damaged
 checkpoint, adapters that do not fit the model, or a bad config or dataset; other: the evaluation failed.
 """
@@ -34,7 +36,8 @@ from one4d_train.eval.claim import Busy
 from one4d_train.eval.pipeline import (BENCHMARKS, EvalInputError, checkpoints_to_evaluate, dataset_tag,
                                        eval_dataset, evaluate_checkpoint, log_pending, resolve_device, run_of,
                                        scored, scoring_settings, tracked_run)
-from one4d_train.model.adapters import CONFIG_NAME, PRECISION_KEYS, WINDOW_KEYS, AdapterError, read_adapter_config
+from one4d_train.model.adapters import (CONFIG_NAME, PRECISION_KEYS, SAMPLE_KEYS, WINDOW_KEYS, AdapterError,
+                                        read_adapter_config)
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.fp8 import fp8_problems
 from one4d_train.model.encoders import vae_kernel_problems
@@ -47,9 +50,9 @@ from one4d_train.train.one4d_task import (identity_problems, index_problems, lin
 def export_settings(export: str) -> list[str]:
     """The model settings an export records (preset, design, image input, LoRA shape and scale, link blocks, the
     precision it was trained in) and its training's data window (data.num_frames, frame_stride, height, width,
-    pointmap_percentiles) as key=value items: without config= its model is built, and sampled, as it was trained,
-    not from the defaults; the model files (model.checkpoint, model.vae, ...) are still the config's or the command
-    line's."""
+    pointmap_percentiles) and held-out sample choice (data.shuffle_buffer) as key=value items: without config= its
+    model is built, and sampled, as it was trained, not from the defaults; the model files (model.checkpoint,
+    model.vae, ...) are still the config's or the command line's."""
     c = read_adapter_config(export)
     lora = c["lora"]
     items = [f"model.preset={c['preset']}", f"model.design={c['design']}",
@@ -67,10 +70,12 @@ def export_settings(export: str) -> list[str]:
 
 def window_settings(adapter_config: dict) -> list[str]:
     """The data window an adapter_config.json records (data.num_frames, frame_stride, height, width,
-    pointmap_percentiles) as key=value items; none where it records none (written before it did)."""
+    pointmap_percentiles) and the settings that pick the held-out samples (data.shuffle_buffer, where recorded) as
+    key=value items; none where it records none (written before it did)."""
     window = adapter_config.get("data") or {}  # (checked by read_adapter_config)
+    keys = (*WINDOW_KEYS, *(k for k in SAMPLE_KEYS if k in window)) if window else ()
     return [f"data.{key}=[{','.join(str(v) for v in window[key])}]" if isinstance(window[key], list) else
-            f"data.{key}={window[key]}" for key in (WINDOW_KEYS if window else ())]
+            f"data.{key}={window[key]}" for key in keys]
 
 
 def write_failure_in(exc: OSError, out_dir: str) -> bool:
@@ -108,7 +113,17 @@ def out_dir_problems(ecfg, checkpoint: str | None = None) -> list[tuple[str, str
     read-only place an OSError, after the model was built; inside a checkpoint the outputs became part of it (its
     adapters/ copied into exports, another checkpoint's scores overwritten and then trusted by scans)."""
     if not ecfg.out_dir:
-        return []
+        if not checkpoint:
+            return []
+        # the default folder, <checkpoint>/eval: a read-only checkpoint or export (another user's, a read-only
+        # mount) was a PermissionError traceback where it was made
+        folder = os.path.join(checkpoint, "eval")
+        where = folder if os.path.isdir(folder) else checkpoint
+        if os.access(where, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            return []
+        return [("eval.out_dir", f"not set, and {where} is not writable by this user: the outputs go to {folder}/ "
+                                 "by default; name a folder of yours for them with eval.out_dir=DIR (one checkpoint "
+                                 "or export at a time)")]
     path = os.path.abspath(ecfg.out_dir)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -161,13 +176,17 @@ def main(argv: list[str]) -> int:
     for ckpt in checkpoints:
         try:
             run_dir, run_id, step = run_of(ckpt)
-        except CheckpointDamaged as exc:
+            trained = trained_identity(ckpt)
+        except CheckpointDamaged as exc:  # its marker or train state: a key missing, a file this user may not read
             if not scan:
                 print(f"one4d eval: {exc}", file=sys.stderr)
                 return 2
             print(f"one4d eval: skipping {ckpt}: {exc}", file=sys.stderr)
             damaged.append(ckpt)
             continue
+        except AdapterError as exc:
+            print(f"one4d eval: {exc}", file=sys.stderr)
+            return 2
         args = list(rest)
         windowless = False  # an export that records no data window, none given here either
         run_config = config_of(ckpt)  # its run's config.yaml, else the checkpoint's own
@@ -191,11 +210,6 @@ def main(argv: list[str]) -> int:
             run_config = run_config if run_config and os.path.exists(run_config) else ""
             if run_config:  # (an export: a config.yaml beside it)
                 args.insert(0, f"config={run_config}")
-        try:
-            trained = trained_identity(ckpt)
-        except AdapterError as exc:
-            print(f"one4d eval: {exc}", file=sys.stderr)
-            return 2
         try:
             cfg = load_config(args + ([f"run_dir={run_dir}"] if run_dir else []), checks=lambda c: (
                 link_problems(c.model) + unset_file_problems(c.model) + model_file_problems(c) +

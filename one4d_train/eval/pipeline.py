@@ -285,8 +285,9 @@ def dataset_tag(spec: str) -> str:
 # settings recorded since a later release, as scores made before it had them (the schema's defaults)
 SETTINGS_ADDED = {"pointmap_percentiles": [2.0, 98.0]}
 # settings recorded since a later release and compared only with scores that record them (their value then is not
-# known): the shard set's content, which a set replaced at the same path changes
-COMPARED_WHERE_RECORDED = ("dataset_content",)
+# known): the shard set's content, which a set replaced at the same path changes; the loader's shuffle buffer, which
+# orders the held-out set and so picks its first eval.num_samples samples
+COMPARED_WHERE_RECORDED = ("dataset_content", "shuffle_buffer")
 
 
 def dataset_content(spec: str) -> str | None:
@@ -580,10 +581,11 @@ def log_pending(cfg, checkpoint: str, tag: str, step: int) -> str | None:
 
 def scoring_settings(cfg, spec: str) -> dict:
     """What a score depends on: the dataset scored (`spec`, resolved), the frame window (a benchmark's start and
-    stride, or the shards' stride) and resolution, the ground truth's normalisation percentiles, the sampler (its
-    guidance scale only for shards: benchmarks have no captions), the sparse mode's frame count (or, where it is 0,
-    the UMC fractions it is drawn from), recovery and alignment, the precision and base products the samples are
-    made with, and the metrics' version (METRICS_VERSION). The modes as a set: each sample's seed is the mode's."""
+    stride, or the shards' stride and the shuffle buffer that picks their samples) and resolution, the ground truth's
+    normalisation percentiles, the sampler (its guidance scale only for shards: benchmarks have no captions), the
+    sparse mode's frame count (or, where it is 0, the UMC fractions it is drawn from), recovery and alignment, the
+    precision and base products the samples are made with, and the metrics' version (METRICS_VERSION). The modes as
+    a set: each sample's seed is the mode's."""
     from one4d_train.model.encoders import encoder_dtype
 
     ecfg, d, m = cfg.eval, cfg.data, cfg.model
@@ -602,6 +604,7 @@ def scoring_settings(cfg, spec: str) -> dict:
     if not benchmark:
         out["frame_stride"] = d.frame_stride
         out["dataset_content"] = dataset_content(spec)
+        out["shuffle_buffer"] = d.shuffle_buffer  # (iter_samples: the loader's order picks the samples scored)
     if not ecfg.sparse_frames:
         out["sparse_fracs"] = [m.umc.sparse_min_frac, m.umc.sparse_max_frac]
     return out

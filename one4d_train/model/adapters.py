@@ -10,7 +10,9 @@ Layout of an export folder:
   One4D model's own parameter names.
 - `adapter_config.json`: design, preset, branches, rank/alpha/dropout/targets, link blocks, files, and the frozen
   base trained on (`base`: model.checkpoint's path and content fingerprint, "random-seed-N" for the tiny preset's
-  seeded base), which `one4d eval` and `model.init_adapters` compare with the base they are given.
+  seeded base), which `one4d eval` and `model.init_adapters` compare with the base they are given; the data window
+  trained at and the settings that pick the held-out samples (`data`), which `one4d eval` of the export takes; and,
+  in an export of `one4d export`, the checkpoint it holds (`source`: path, step, MLflow run).
 """
 from __future__ import annotations
 
@@ -56,11 +58,16 @@ def base_record(identity: dict) -> dict:
 
 # the data settings that shape what the adapters were trained on: an evaluation of the export samples at this window
 WINDOW_KEYS = ("num_frames", "frame_stride", "height", "width", "pointmap_percentiles")
+# the other data settings that pick the held-out samples an evaluation scores (the loader's shuffle buffer orders the
+# set): recorded beside the window since a later release, absent from exports written before
+SAMPLE_KEYS = ("shuffle_buffer",)
 
 
 def data_window(dcfg) -> dict:
-    """An export's "data": the training's clip window and pointmap normalisation (data.* of the run's config)."""
-    return {k: list(getattr(dcfg, k)) if k == "pointmap_percentiles" else getattr(dcfg, k) for k in WINDOW_KEYS}
+    """An export's "data": the training's clip window and pointmap normalisation, and the settings that pick the
+    held-out samples (SAMPLE_KEYS) (data.* of the run's config)."""
+    window = {k: list(getattr(dcfg, k)) if k == "pointmap_percentiles" else getattr(dcfg, k) for k in WINDOW_KEYS}
+    return {**window, **{k: getattr(dcfg, k) for k in SAMPLE_KEYS}}
 
 
 def design_branches(design: str) -> tuple[str, ...]:
@@ -78,12 +85,20 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     targets, link_blocks = set(), set()
+    if not any(_LORA_RE.match(name) for name in trainable_state):
+        names = ", ".join(sorted(trainable_state)[:3]) + (" ..." if len(trainable_state) > 3 else "")
+        raise AdapterError(f"no LoRA parameter of a One4D model among the trainable parameters ({names or 'none'}): "
+                           "not a One4D checkpoint (another train.task)")
     for name, tensor in trainable_state.items():
         m = _LORA_RE.match(name)
         if m:
             module, target, ab = m.groups()
-            if tensor.shape[0] != len(branches):
-                raise ValueError(f"{name!r} stacks {tensor.shape[0]} adapters, design {cfg.design} has {branches}")
+            if tensor.dim() != 3 or tensor.shape[0] != len(branches):
+                raise AdapterError(f"{name} stacks {tensor.shape[0] if tensor.dim() == 3 else 'no'} branch adapters; "
+                                   f"model.design {cfg.design} has {len(branches)} ({', '.join(branches)})")
+            rank = tensor.shape[1] if ab == "lora_A" else tensor.shape[2]
+            if rank != cfg.lora.rank:  # lora_B would be scaled by alpha / another rank, the metadata say another r
+                raise AdapterError(f"{name} is of LoRA rank {rank}; model.lora.rank is {cfg.lora.rank}")
             key = f"{DIFFUSERS_PREFIX}{official_to_diffusers(module)}.{ab}.weight"
             for branch, t in zip(branches, tensor.float()):
                 lora.setdefault(branch, {})[key] = t * scaling if ab == "lora_B" else t
@@ -91,12 +106,10 @@ def export_adapters(trainable_state: dict[str, torch.Tensor], cfg: ModelConfig, 
             continue
         group = parameter_group(name, trainable=True)
         if group not in GROUP_FILES:
-            raise ValueError(f"{name!r} is neither a LoRA, link nor io parameter of a One4D model")
+            raise AdapterError(f"{name!r} is neither a LoRA, link nor io parameter of a One4D model")
         groups.setdefault(group, {})[name] = tensor
         if _LINK_RE.match(name):
             link_blocks.add(int(_LINK_RE.match(name).group(1)))
-    if not lora:
-        raise ValueError("no LoRA parameters in the trainable state")
 
     os.makedirs(out_dir, exist_ok=True)
     files = {}
@@ -201,6 +214,10 @@ def read_adapter_config(out_dir: str) -> dict:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in window["pointmap_percentiles"])):
         raise AdapterError(f"{path}: key 'data' must hold {', '.join(WINDOW_KEYS)} (whole numbers and a [lo, hi] "
                            f"pair), got {window!r}")
+    for key in SAMPLE_KEYS if window is not None else ():  # absent in exports written before they recorded them
+        if key in window and not (isinstance(window[key], int) and not isinstance(window[key], bool)
+                                  and window[key] >= 0):
+            raise AdapterError(f"{path}: key 'data.{key}' must be a whole number >= 0, got {window[key]!r}")
     return config
 
 

@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import time
 import zipfile
 import zlib
@@ -273,11 +274,14 @@ def verify_folder(path: str, folder: str) -> None:
     records none); CheckpointDamaged naming the damaged files otherwise."""
     if not os.path.isfile(os.path.join(path, MARKER)):
         return
-    damaged = damaged_files(path, [rel for rel in marker_of(path).get("files") or {}
-                                   if rel == folder or rel.startswith(folder + "/")])
-    if damaged:
-        raise CheckpointDamaged(f"checkpoint {path} is damaged: {'; '.join(damaged)}. Use another checkpoint, or put "
-                                "back an intact copy of the file")
+    changed, unreadable = check_files(path, [rel for rel in marker_of(path).get("files") or {}
+                                             if rel == folder or rel.startswith(folder + "/")])
+    if changed:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {'; '.join(changed + unreadable)}. Use another "
+                                "checkpoint, or put back an intact copy of the file")
+    if unreadable:  # not damage: a file this user may not read, or one removed since (a prune)
+        raise CheckpointDamaged(f"checkpoint {path} cannot be read now: {'; '.join(unreadable)}. Run again once "
+                                "the files can be read (permissions, the file system), or use another checkpoint")
 
 
 def resume_files(path: str, rank: int) -> list[str]:
@@ -514,10 +518,16 @@ def incompleteness(path: str) -> tuple[str | None, bool]:
         return f"its {MARKER} marker lists no files", False
     for rel, size in sorted(files.items()):
         full = os.path.join(path, rel)
-        if not os.path.isfile(full):
+        try:
+            found = os.stat(full)
+        except (FileNotFoundError, NotADirectoryError):
             return f"{full}, listed in {MARKER}, is missing", True
-        if os.path.getsize(full) != size:
-            return f"{full} is {os.path.getsize(full)} bytes, {MARKER} says {size} (cut short or changed)", False
+        except OSError as exc:  # a folder this user may not search (permission denied), an I/O error
+            return f"{full}, listed in {MARKER}, cannot be read now ({exc.strerror or exc})", True
+        if not stat.S_ISREG(found.st_mode):
+            return f"{full}, listed in {MARKER}, is missing", True
+        if found.st_size != size:
+            return f"{full} is {found.st_size} bytes, {MARKER} says {size} (cut short or changed)", False
     return None, False
 
 
@@ -829,7 +839,11 @@ def _safe_globals() -> list:
 
 def unreadable(path: str, exc: Exception) -> CheckpointDamaged:
     """The error for a checkpoint file torch.load(weights_only=True) failed on, naming it. torch's own message is
-    cut to its cause: it goes on to suggest weights_only=False, which would unpickle (run) whatever the file holds."""
+    cut to its cause: it goes on to suggest weights_only=False, which would unpickle (run) whatever the file holds.
+    A file that could not be opened (removed meanwhile, permission denied) is no damage, and said so."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return CheckpointDamaged(f"{path}: cannot be read now ({exc.strerror or exc}): removed meanwhile, or a file "
+                                 "this user may not read")
     text = str(exc)
     text = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]

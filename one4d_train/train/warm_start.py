@@ -22,16 +22,22 @@ class WarmStartError(ValueError):
 def trained_identity(source: str) -> dict | None:
     """What the adapters of a checkpoint or export were trained against (the train state's task identity: the
     frozen base's path and content fingerprint and the LoRA scale; an export's adapter_config.json "base"); None for
-    one written before they recorded it, or a checkpoint whose train state is damaged (read against its marker's
-    CRC-32s: the adapters themselves are read from adapters/ or ds/ alone)."""
+    one written before they recorded it (or a checkpoint without a train state). A train state that does not read
+    (a CRC-32 that differs from its marker's, a file this user may not read) is CheckpointDamaged naming it: the
+    base check is never dropped for it."""
     from one4d_train.train.checkpoint import CheckpointDamaged, read_state_json
 
     if os.path.isfile(os.path.join(source, CONFIG_NAME)):
         return read_adapter_config(source).get("base")
     try:
         return read_state_json(source, 0).get("task_identity")
-    except (CheckpointDamaged, OSError):
+    except FileNotFoundError:  # (one its marker lists is a check_files line: CheckpointDamaged)
         return None
+    except (CheckpointDamaged, OSError) as exc:
+        why = f"{exc.filename}: cannot be read ({exc.strerror or exc})" if isinstance(exc, OSError) else str(exc)
+        raise CheckpointDamaged(f"checkpoint {source}: its train state, which records the frozen base its adapters "
+                                f"were trained on, does not read: {why}. Use another checkpoint, or put back an "
+                                "intact copy of the file") from None
 
 
 def init_source(spec: str) -> tuple[str, str]:
@@ -74,12 +80,13 @@ def init_source(spec: str) -> tuple[str, str]:
 def source_problems(cfg, adapters: str, source: str, link_blocks: list[int]) -> list[tuple[str, str]]:
     """The source's adapters against this config, by key: they must fit the model and have been trained on its base
     and LoRA scale."""
+    from one4d_train.train.checkpoint import CheckpointDamaged
     from one4d_train.train.one4d_task import identity_problems
 
     try:
         problem = fit_problem(read_adapter_config(adapters), cfg.model, link_blocks, adapters)
         trained = trained_identity(source)
-    except AdapterError as exc:
+    except (AdapterError, CheckpointDamaged) as exc:
         return [("model.init_adapters", str(exc))]
     if problem:
         return [("model.init_adapters", problem)]

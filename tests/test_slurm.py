@@ -486,10 +486,17 @@ def test_a_requeued_job_refuses_what_one4d_requeue_printed_besides_its_answer(tm
     assert r.returncode == 2 and "one4d requeue printed 'welcome to the cluster'" in r.stdout, r
 
 
-def test_a_requeued_job_without_the_record_of_its_config_exits_2_naming_it(tmp_path):
-    """A requeued start trains with the config its first start recorded (run_dir included); without the record it
-    cannot tell which run directory holds the job's checkpoints, and does not guess from the config file."""
-    r = _train_script(tmp_path, SLURM_NTASKS="2", SLURM_RESTART_COUNT="1")
+def test_a_requeued_job_without_the_record_of_its_config_starts_as_submitted(tmp_path):
+    """A requeued start trains with the config its first start recorded (run_dir included). Without the record no
+    start of the job reached the training (Slurm requeues a job whose launch or node failed before the script ran):
+    it starts as submitted, writing the record as a first start does."""
+    from one4d_train.train.requeue import job_start
+
     record = tmp_path / "one4d-train-77.config.yaml"
-    assert r.returncode == 2 and f"{record}: missing: the first start of job 77 writes there" in r.stderr, r
-    assert "cannot be read (above): cannot tell where to resume from" in r.stdout, r
+    env = {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"}
+    with pytest.MonkeyPatch.context() as m:
+        for k, v in env.items():
+            m.setenv(k, v)
+        assert job_start(str(record), [f"config={REPO / 'configs/experiment/demo.yaml'}",
+                                       f"run_dir={tmp_path / 'run'}"]) == 0
+    assert f"run_dir: {tmp_path / 'run'}" in record.read_text()

@@ -3,7 +3,8 @@ Python environment, whatever `python3` is on PATH):
 `one4d requeue --job FILE config=X.yaml [key=value ...]`, at every start of the job: the first (SLURM_RESTART_COUNT 0)
 writes the merged config (X.yaml and the key=value settings, resolved: run_dir included) to FILE, which every start
 of the job then trains with; a requeued start keeps to FILE whatever X.yaml says now (a warning names the keys an
-edit changed since), and prints what it adds to its arguments, as below. A requeued start without FILE exits 2.
+edit changed since), and prints what it adds to its arguments, as below. A requeued start without FILE (the job was
+requeued before any start reached the training: a failed launch or node) writes it, as a first start does.
 `one4d requeue config=FILE [key=value ...]` prints what a requeued job adds to its arguments: `resume=auto`
 once this Slurm job (SLURM_JOB_ID, which a requeue keeps) has written the run directory's newest complete
 checkpoint, so the job continues from it; nothing while it has written none, so the job starts again
@@ -48,7 +49,9 @@ def job_start(record: str, argv: list[str]) -> int:
     from one4d_train.train.checkpoint import write_atomic
 
     job = os.environ.get("SLURM_JOB_ID", "")
-    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+    # no record: no start of this job got as far as training (the script writes it before srun; Slurm also
+    # requeues a job whose launch or node failed before that): this start is its first, as submitted
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0 or not os.path.isfile(record):
         try:
             write_atomic(record, to_yaml(load_config(argv)))
         except ConfigError as exc:
@@ -59,12 +62,6 @@ def job_start(record: str, argv: list[str]) -> int:
                   "directory must be writable (a requeue reads the record there)", file=sys.stderr)
             return 2
         return 0
-    if not os.path.isfile(record):
-        print(f"{record}: missing: the first start of job {job} writes there the config it trains with (run_dir "
-              "included), which its requeued starts keep to; without it this start cannot tell which run directory "
-              "holds the job's checkpoints. Submit the job again (resume=auto, the default, continues a run_dir's "
-              "newest checkpoint)", file=sys.stderr)
-        return 2
     try:
         cfg = load_config([f"config={record}"])
     except ConfigError as exc:

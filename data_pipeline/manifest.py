@@ -430,16 +430,16 @@ SUBNORMAL_SHARE = 0.01
 
 def _fits_float16_below(g: np.ndarray, geometry: str, row: int, where: str) -> None:
     """RowError where float16 storage would lose small valid values (geometry in another unit than metres: depth
-    x 1e-9 stored as 0 everywhere, an empty validity mask when read): any valid non-zero value that would be stored
-    as 0, or more than SUBNORMAL_SHARE of them below float16's normal range. A point counts by its largest
-    |coordinate|; `g` is 0 where invalid."""
+    x 1e-9 stored as 0 everywhere, an empty validity mask when read): more than SUBNORMAL_SHARE of the valid values
+    below float16's normal range (a few stray ones are stored as they round, 0 reading as invalid). A point counts by
+    its largest |coordinate|; `g` is 0 where invalid."""
     mag = np.abs(g).max(-1) if geometry == "xyz" else g
     low = (mag > 0) & (mag < FLOAT16_NORMAL)
     if not low.any():
         return
     small = mag[low]
     zero, subnormal, total = int((small.astype(np.float16) == 0).sum()), int(low.sum()), int(np.count_nonzero(mag))
-    if zero or subnormal > SUBNORMAL_SHARE * total:
+    if subnormal > SUBNORMAL_SHARE * total:
         what = "depth values" if geometry == "depth" else "points (by their largest |coordinate|)"
         raise RowError(row, where, f"{what} as small as {small.min():.3g} fall below float16's smallest normal value, "
                                    f"{FLOAT16_NORMAL:.2g}: of {total} valid, {subnormal} would be stored with reduced "

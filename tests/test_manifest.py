@@ -393,8 +393,9 @@ def test_cameras_given_as_a_json_object_name_the_matrix_expected(files, where, v
 
 def test_geometry_below_float16s_normal_range_is_rejected(files):
     """Depth x 1e-9 was stored as float16 0 everywhere (the reader's mask, depth > 0, then empty) and passed. A row is
-    rejected where a valid non-zero value would be stored as 0, or more than 1% of them below float16's smallest
-    normal value (6.1e-05, subnormal: fewer significant bits); a point counts by its largest |coordinate|."""
+    rejected where more than 1% of its valid values fall below float16's smallest normal value (6.1e-05, subnormal:
+    fewer significant bits, then 0); a point counts by its largest |coordinate|. A stray pixel that rounds to 0 (a
+    clip in metres) does not reject the clip."""
     np.save(files / "nano.npy", np.full((T, H, W), 2e-9, np.float32))
     with pytest.raises(RowError, match=re.escape("depth values as small as 2e-09 fall below float16's smallest normal "
                                                  "value, 6.1e-05: of 72 valid, 72 would be stored with reduced "
@@ -412,6 +413,10 @@ def test_geometry_below_float16s_normal_range_is_rejected(files):
     np.save(files / "few.npy", d)
     with pytest.raises(RowError, match=r"of 720 valid, 8 would be stored with reduced precision and 0 as 0"):
         load(files, row, t=frames)
+    d[0, 1, :3] = 2.0
+    d[0, 0, :5] = 2e-8  # five stray values that float16 stores as 0 (0.7%)
+    np.save(files / "few.npy", d)
+    assert load(files, row, t=frames)["geometry"][0, 0, 0] == np.float32(2e-8)
     xyz = np.ones((T, H, W, 3), np.float32)
     xyz[..., 0] = 1e-9  # points on the optical axis: a tiny coordinate is no unit problem
     np.save(files / "x.npy", xyz)

@@ -320,8 +320,8 @@ def test_valid_settings_that_have_no_effect_are_named():
     cfg = load_config([f"config={demo}", "train.steps=10", "optim.warmup_steps=40", "optim.min_lr_ratio=0.1",
                        "data.mode=exact", "data.epoch_length=7", "train.zero_stage=2",
                        "train.zero3_param_persistence_threshold=0", "model.activation_checkpointing=full",
-                       "model.activation_checkpointing_blocks=9", "model.design=width_concat", "model.link_blocks=[1]",
-                       "model.text_encoder_device=cpu"])
+                       "model.activation_checkpointing_blocks=40", "model.design=width_concat", "model.link_blocks=[1]",
+                       "model.text_encoder_device=cpu", "model.preset=1.3b"])
     notes = dict(ignored_settings(cfg))
     assert notes == {
         "optim.warmup_steps": "40 > train.steps=10: the run ends in its warmup, at 0.25 x optim.lr",
@@ -329,10 +329,12 @@ def test_valid_settings_that_have_no_effect_are_named():
         "data.epoch_length": "7 sets data.mode=resampled's epochs: an exact-mode epoch is every sample once",
         "train.zero3_param_persistence_threshold": "ZeRO-3 only: train.zero_stage=2 keeps every parameter whole on "
                                                    "each rank",
-        "model.activation_checkpointing_blocks": "9, but preset 'tiny' has 3 blocks: all of them are checkpointed",
+        "model.activation_checkpointing_blocks": "40, but preset '1.3b' has 30 blocks: all of them are checkpointed",
         "model.link_blocks": "control links are DLC's: model.design=width_concat has none",
         "model.text_encoder_device": "cpu, but there is no model.text_encoder (text embeddings come from the shards)"}
     cfg = load_config([f"config={demo}", "model.activation_checkpointing=none", "model.activation_checkpointing_blocks=2",
                        "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "data.mode=resampled", "data.epoch_length=7"])
     assert dict(ignored_settings(cfg)) == {
         "model.activation_checkpointing_blocks": "2: no block is checkpointed (model.activation_checkpointing=none)"}
+    # the tiny preset's random text tower is an encoder too: its device is no ignored setting
+    assert ignored_settings(load_config([f"config={demo}", "model.text_encoder_device=cpu"])) == []

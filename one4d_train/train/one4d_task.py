@@ -99,7 +99,7 @@ class One4DTask:
                           f"{m.preset!r} has {layers} blocks: all of them are checkpointed"))
         if m.design != "dlc" and m.link_blocks:
             notes.append(("model.link_blocks", f"control links are DLC's: model.design={m.design} has none"))
-        if not m.text_encoder and m.text_encoder_device != "auto":
+        if not text_identity(m, cfg.seed) and m.text_encoder_device != "auto":  # (the tiny preset has its tower)
             notes.append(("model.text_encoder_device", f"{m.text_encoder_device}, but there is no model.text_encoder "
                           "(text embeddings come from the shards)"))
         return notes

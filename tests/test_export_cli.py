@@ -500,6 +500,24 @@ def test_a_checkpoint_this_user_may_not_read_is_said_so_not_missing_or_damaged(c
     assert not (shared_tmp / "out").exists()
 
 
+def test_a_read_only_checkpoint_exports(capsys, shared_tmp):
+    """A checkpoint that nobody may write (another user's, a read-only copy) exports: the copy of its adapters took
+    their modes, and the export's records could not be written into it, nor the temporary copy removed."""
+    path = make_checkpoint(shared_tmp / "run")
+    for folder, _, files in os.walk(path):
+        for name in files:
+            Path(folder, name).chmod(0o444)
+    Path(path, "adapters").chmod(0o555)
+    out = shared_tmp / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    with as_another_user():
+        code, said = export(capsys, f"checkpoint={path}", f"out={out}")
+    assert code == 0, said
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert json.loads((out / "adapter_config.json").read_text())["source"]["step"] >= 1
+
+
 @pytest.mark.parametrize("name", [".tmp-step-00000008", ".tmp-deleted-step-00000008"])
 def test_a_checkpoints_temporary_folder_is_refused_by_name(capsys, tmp_path, name):
     """A save writes into .tmp-step-X (its COMPLETE marker too, before the rename); a prune renames a checkpoint to

@@ -249,7 +249,10 @@ def _write_export(src: str | None, ckpt: str, out: str) -> tuple[dict, dict]:
             rebuild_from_zero(ckpt, tmp)
         else:
             read_adapters(src)  # raises on a missing file or key
-            shutil.copytree(src, tmp)
+            # the files as this user's: a read-only checkpoint's modes (copied with them) left the temporary export
+            # unwritable, and not removable after a failure
+            shutil.copytree(src, tmp, copy_function=shutil.copyfile)
+            os.chmod(tmp, 0o755)
         _add_records(tmp, ckpt)
         result = read_adapters(tmp)
         if os.path.exists(os.path.join(out, CONFIG_NAME)):

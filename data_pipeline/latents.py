@@ -238,13 +238,20 @@ def text_identity(mcfg, seed: int) -> str:
 def same_source(recorded: str | None, configured: str) -> bool:
     """Whether the VAE or text encoder recorded with stored latents or embeddings is the configured one
     (vae_identity / text_identity: 'tiny:SEED', or a path compared after resolving links and relative parts, so
-    `models/vae` recorded by a run in /work is /work/models/vae)."""
+    `models/vae` recorded by a run in /work is /work/models/vae; where both paths are there, by their files'
+    content: a node-local copy of the recorded encoder is the same encoder)."""
+    from one4d_train.model.state_dict import model_folder_fingerprint
+
     if not recorded or not configured:
         return False
     if recorded == configured:
         return True
-    tiny = recorded.startswith("tiny:") or configured.startswith("tiny:")
-    return not tiny and os.path.realpath(recorded) == os.path.realpath(configured)
+    if recorded.startswith("tiny:") or configured.startswith("tiny:"):
+        return False
+    if os.path.realpath(recorded) == os.path.realpath(configured):
+        return True
+    theirs = model_folder_fingerprint(recorded)
+    return theirs is not None and theirs == model_folder_fingerprint(configured)
 
 
 def text_member(key: str, emb: torch.Tensor) -> tuple[str, bytes]:

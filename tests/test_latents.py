@@ -1076,3 +1076,24 @@ def test_a_source_of_no_sample_is_refused(tmp_path, capsys):
     assert f"`one4d shard` rejected all 2 rows of its manifest, each listed with its reason in {src / 'rejects.jsonl'}" \
         in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_copy_of_the_recorded_text_encoder_at_another_path_is_the_same_encoder(tmp_path):
+    """Stored caption embeddings name the text encoder that made them by its path; a node-local copy of it (11 GB of
+    UMT5 copied to local disk) is the same encoder, known by its files' content; other weights are not."""
+    import shutil
+
+    from data_pipeline.latents import same_source
+
+    shared = tmp_path / "shared" / "umt5"
+    shared.mkdir(parents=True)
+    (shared / "config.json").write_text('{"d_model": 4096}')
+    (shared / "model.safetensors").write_bytes(os.urandom(300_000))
+    local = tmp_path / "local" / "umt5"
+    shutil.copytree(shared, local)
+    assert same_source(str(shared), str(local)) and same_source(str(shared), str(shared / ".." / "umt5"))
+    data = bytearray((local / "model.safetensors").read_bytes())
+    data[0] ^= 1
+    (local / "model.safetensors").write_bytes(bytes(data))
+    assert not same_source(str(shared), str(local))
+    assert not same_source(str(shared), str(tmp_path / "gone")) and not same_source("tiny:0", str(shared))

@@ -8,6 +8,7 @@ names and module names (`blocks.0.self_attn.q` <-> `blocks.0.attn1.to_q`).
 from __future__ import annotations
 
 import glob
+import functools
 import hashlib
 import json
 import math
@@ -164,6 +165,29 @@ def vae_fingerprint(path: str) -> str | None:
         return files_fingerprint(files) if len(files) > 1 or os.path.isfile(path) else None
     except (OSError, ValueError):
         return None
+
+
+def model_folder_fingerprint(path: str) -> str | None:
+    """files_fingerprint of a model folder's config.json and weight files (*.safetensors, *.bin, by name), or of a
+    weights file itself: the same files at another path agree (a node-local copy of the text encoder). None where
+    there are no weights to read."""
+    try:
+        if os.path.isfile(path):
+            files = [path]
+        else:
+            files = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                     if n == "config.json" or n.endswith((".safetensors", ".bin"))]
+        if [os.path.basename(f) for f in files] in ([], ["config.json"]):
+            return None
+        stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)])
+        return _fingerprint_of(stamp)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)  # compared per stored sample where an older index names the VAE by path alone
+def _fingerprint_of(stamp: tuple) -> str:
+    return files_fingerprint([f for f, _, _ in stamp])
 
 
 def files_fingerprint(files: list[str], blocks: int = 16, block_bytes: int = 1 << 16) -> str:

@@ -5,7 +5,8 @@ time per part (base GEMMs, branch-LoRA bmms, attention, Inductor's kernels, the 
 --no-lora gives the base block alone, so the branch LoRA's whole cost (its bmms and the elementwise work it adds)
 is the difference.
 
-    python3 benchmarks/block_kernels.py --preset 14b --ckpt selective_self [--no-lora] [--cdt] [--results FILE]
+    python3 benchmarks/block_kernels.py --preset 14b --ckpt selective_self [--no-lora | --lora-kernel bmm] [--cdt]
+        [--results FILE]
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def build_block(args, dev):
     holder.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
     holder.requires_grad_(False)  # the frozen base (apply_dlc freezes it too): input gradients only
     if not args.no_lora:
-        apply_dlc(holder, LoRAConfig(rank=args.rank))
+        apply_dlc(holder, LoRAConfig(rank=args.rank), kernel=args.lora_kernel)
         for name, p in holder.named_parameters():
             if "lora_B" in name:
                 nn.init.normal_(p, std=0.02)
@@ -63,7 +64,7 @@ def build_block(args, dev):
 
 
 def part_of(name: str) -> str:
-    if name in ("aten::mm", "aten::addmm"):
+    if name in ("aten::mm", "aten::addmm", "aten::addmm_"):
         return "base GEMMs (mm/addmm)"
     if name == "aten::bmm":
         return "branch-LoRA bmm"
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--ckpt", default="selective_self", choices=["none", "full", "selective", "selective_self"])
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-lora", action="store_true", help="the base block alone (the LoRA's share, by difference)")
+    ap.add_argument("--lora-kernel", default="fused", choices=["fused", "bmm"],
+                    help="the deltas accumulated in the base GEMMs (model/lora_op.py) or added after them")
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
     ap.add_argument("--cdt", action="store_true", help="Inductor's coordinate-descent tuning of its kernels' tiles")
     ap.add_argument("--iters", type=int, default=3, help="profiled forward + backward passes")
@@ -120,7 +123,7 @@ def main() -> None:
             parts[part_of(e.key)] += own(e) / args.iters / 1e3
             calls[part_of(e.key)] += e.count // args.iters
     total = sum(parts.values())
-    label = (f"{args.preset} block, ckpt {args.ckpt}, {'no LoRA' if args.no_lora else f'LoRA rank {args.rank}'}, "
+    label = (f"{args.preset} block, ckpt {args.ckpt}, {'no LoRA' if args.no_lora else f'LoRA rank {args.rank} ({args.lora_kernel})'}, "
              f"{'eager' if args.eager else 'compiled'}{', cdt' if args.cdt else ''}")
     print(f"\n{label}: {total:.2f} ms of kernels per forward + backward "
           f"(x{cfg.num_layers} blocks = {total * cfg.num_layers / 1e3:.3f} s)")
@@ -131,7 +134,7 @@ def main() -> None:
     for e in rows[:args.rows]:
         print(f"  {own(e) / args.iters / 1e3:8.3f} ms  {e.count // args.iters:4d}x  {e.key[:150]}")
     record(args.results, {"kind": "block_kernels", "preset": args.preset, "ckpt": args.ckpt,
-                          "lora": not args.no_lora, "compiled": not args.eager, "cdt": args.cdt,
+                          "lora": not args.no_lora, "lora_kernel": args.lora_kernel, "compiled": not args.eager, "cdt": args.cdt,
                           "block_ms": total, **{f"ms {k}": v for k, v in parts.items()}})
 
 

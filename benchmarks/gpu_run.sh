@@ -27,8 +27,11 @@
 #             the condition encode per VAE setting; with KERNELS="triton cudnn" the shipped 1.3B config with each
 #     ckpt-blocks: the 1.3B shipped config with fewer checkpointed blocks (CKPTS, e.g. "selective selective@20 none";
 #             VFPC frames per VAE call)
-#     block : one DiT block's kernel time per part (benchmarks/block_kernels.py), with and without the branch
-#             LoRA, and with Inductor's coordinate-descent tuning
+#     block : one DiT block's kernel time per part (benchmarks/block_kernels.py) per branch-LoRA kernel
+#             (LORA_KERNELS, default "fused bmm"); NOLORA=1 adds the block without LoRA, CDT=1 Inductor's
+#             coordinate-descent tuning
+#     lora-kernel: the shipped configs (PRESETS) with each branch-LoRA kernel (LORA_KERNELS, default "fused,bmm")
+#             on one engine, then the peer (PEERS=0 skips it)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
@@ -206,11 +209,23 @@ if [[ $WHAT == peers ]]; then
 fi
 if [[ $WHAT == block ]]; then  # one DiT block's kernels per part (benchmarks/block_kernels.py), with and without LoRA
   K="python3 benchmarks/block_kernels.py --results $R"
-  part 150 "14b block, selective_self" $K --preset 14b --ckpt selective_self
-  part 150 "14b block, selective_self, no LoRA" $K --preset 14b --ckpt selective_self --no-lora
-  part 150 "1.3b block, selective" $K --preset 1.3b --ckpt selective
-  part 150 "1.3b block, selective, no LoRA" $K --preset 1.3b --ckpt selective --no-lora
-  part ${TCDT:-240} "14b block, coordinate-descent tuning" $K --preset 14b --ckpt selective_self --cdt
+  for kernel in ${LORA_KERNELS:-fused bmm}; do
+    part 150 "14b block, selective_self, LoRA $kernel" $K --preset 14b --ckpt selective_self --lora-kernel $kernel
+    part 150 "1.3b block, selective, LoRA $kernel" $K --preset 1.3b --ckpt selective --lora-kernel $kernel
+  done
+  if [[ ${NOLORA:-0} == 1 ]]; then
+    part 150 "14b block, selective_self, no LoRA" $K --preset 14b --ckpt selective_self --no-lora
+    part 150 "1.3b block, selective, no LoRA" $K --preset 1.3b --ckpt selective --no-lora
+  fi
+  [[ ${CDT:-0} == 1 ]] && part 240 "14b block, coordinate-descent tuning" $K --preset 14b --ckpt selective_self --cdt
+fi
+if [[ $WHAT == lora-kernel ]]; then  # the shipped configs with the branch LoRA fused into the base GEMMs, then apart
+  for preset in ${PRESETS:-1.3b 14b}; do
+    if [[ $preset == 14b ]]; then limit=${T14:-480} plimit=200 warm=1; else limit=${T13:-300} plimit=75 warm=2; fi
+    part $limit "$preset ours, lora=${LORA_KERNELS:-fused,bmm}" $B --preset "$preset" --warmup 2 --steps ${STEPS:-10} \
+      --variants "$(echo "${LORA_KERNELS:-fused,bmm}" | sed 's/\([a-z]*\)/vae=latents+lora=\1/g')"
+    [[ ${PEERS:-1} == 1 ]] && part $plimit "$preset peer" $B --preset "$preset" --peer --warmup $warm --steps 10
+  done
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

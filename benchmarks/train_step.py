@@ -330,6 +330,8 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
         experiment config says
   offload=0|1                                       saved block activations in pinned host memory (model/offload.py);
         unset: as the experiment config says
+  lora=fused|bmm                                    the branch LoRA's deltas accumulated in the base GEMMs
+        (model/lora_op.py) or added after them (model.lora_kernel); unset: as the experiment config says
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
 
 
@@ -375,14 +377,16 @@ def our_flops(cfg, args) -> float:
 
 
 def parse_variants(text: str) -> list[dict]:
-    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": None, "offload": None, "n": None}
+    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": None, "offload": None,
+                        "lora": None, "n": None}
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
         for setting in item.split("+"):
             key, _, value = setting.partition("=")
-            if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)):
+            if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)) or (
+                    key == "lora" and value not in ("fused", "bmm")):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -553,8 +557,14 @@ def run_ours(args) -> None:
     from one4d_train.model.compile import compile_blocks, is_compiled, uncompile_blocks
     from one4d_train.model.offload import apply_activation_offload
 
-    last_ckpt, compiled_as = None, None
+    from one4d_train.model.dlc import set_lora_kernel
+
+    last_ckpt, compiled_as, last_lora = None, None, cfg.model.lora_kernel
     for v in variants:
+        v["lora"] = v["lora"] or cfg.model.lora_kernel
+        if v["lora"] != last_lora:
+            set_lora_kernel(model, v["lora"])
+            compiled_as, last_lora = None, v["lora"]  # compiled again below, on the new kernel
         if v["ckpt"] and v["ckpt"] != last_ckpt:
             uncompile_blocks(model.base.blocks)  # checkpointing wraps the uncompiled call; compiled again below
             set_checkpointing(model.base.blocks, v["ckpt"])
@@ -580,7 +590,7 @@ def run_ours(args) -> None:
                "vae_videos_per_call": vae.chunk_size if vae is not None else None, "attn": attn_mod.get_attention_backend(),
                "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
-               "base_matmul": cfg.model.base_matmul, "encoders_gb": encoders_gb,
+               "base_matmul": cfg.model.base_matmul, "lora_kernel": v["lora"], "encoders_gb": encoders_gb,
                "encoders_held": [type(e).__name__.removesuffix("Model") for e in encoders],
                "ckpt_blocks": sum(hasattr(b, "_checkpoint_mode") for b in model.base.blocks),
                "flops": flops, "trainable": n_trainable, "build_s": build_s}

@@ -1,4 +1,5 @@
 """DLC: the branch-routed LoRA linear, control links and the One4D model's branch semantics."""
+import contextlib
 import copy
 
 import pytest
@@ -86,6 +87,149 @@ def test_bf16_base_with_fp32_lora_gradients():
     assert (layer.lora_A.grad.flatten(1).abs().sum(1) > 0).all()
     ref = merged(layer, "rgb").float()(x[:2].float())
     torch.testing.assert_close(y[:2].float(), ref, atol=0.1, rtol=0.05)
+
+
+def _layer_pair(dtype=torch.float32, bias=True, branches=("rgb", "xyz"), seed=0):
+    """The same layer on the fused operator and on the separate products (B random: every product non-zero)."""
+    torch.manual_seed(seed)
+    fused = BranchLoRALinear(nn.Linear(24, 40, bias=bias).to(dtype), branches, rank=4, alpha=8)
+    randomise_lora(fused, seed + 1)
+    separate = copy.deepcopy(fused)
+    separate.kernel = "bmm"
+    assert fused.kernel == "fused"
+    return fused, separate
+
+
+def _run(layer, x, weights):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    (y.float() * weights).square().sum().backward()
+    grads = (x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    layer.zero_grad()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("branches,only", [(("rgb", "xyz"), None), (("rgb", "xyz"), "xyz"), (("shared",), None)])
+def test_fused_kernel_gives_the_separate_products_output_and_gradients(bias, branches, only):
+    """fp32: the fused operator (deltas accumulated in the base GEMM, its own backward) against the base linear plus
+    the two batched products under autograd, for routed halves, one branch on the whole batch and a shared adapter."""
+    fused, separate = _layer_pair(bias=bias, branches=branches)
+    x = torch.randn(4, 3, 5, 24)
+    weights = torch.linspace(0.5, 2.0, 40)
+    results = []
+    for layer in (fused, separate):
+        with only_branch(layer, only) if only else contextlib.nullcontext():
+            results.append(_run(layer, x, weights))
+    (y_f, g_f), (y_s, g_s) = results
+    assert y_f.shape == (4, 3, 5, 40)
+    torch.testing.assert_close(y_f, y_s, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "lora_A", "lora_B"), g_f, g_s):
+        assert a.dtype == b.dtype and a.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=name)
+    if only:  # the other adapter untouched
+        assert fused.lora_A.grad is None or fused.lora_A.grad[0].abs().max() == 0
+
+
+def test_fused_kernel_in_bf16_is_as_close_to_fp32_as_the_separate_products():
+    fused, separate = _layer_pair(dtype=torch.bfloat16, seed=3)
+    exact = copy.deepcopy(separate).float()
+    x = torch.randn(8, 16, 24)
+    weights = torch.linspace(0.5, 2.0, 40)
+    y_e, g_e = _run(exact, x, weights)
+    for layer in (fused, separate):
+        y, g = _run(layer, x.bfloat16(), weights)
+        assert y.dtype == torch.bfloat16 and g[1].dtype == g[2].dtype == torch.float32
+        errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip((y,) + g, (y_e,) + g_e)]
+        if layer is fused:
+            fused_errors = errors
+    for name, f, s in zip(("y", "x", "lora_A", "lora_B"), fused_errors, errors):
+        assert f <= 2 * s + 1e-3, (name, f, s)
+
+
+def test_fused_operator_registration_passes_opcheck():
+    """Schema, fake (meta) functions and autograd registration of one4d::branch_lora_linear and its backward."""
+    from one4d_train.model import lora_op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 24, generator=g, requires_grad=True)
+    w, bias = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    a = torch.randn(2, 4, 24, generator=g, requires_grad=True)
+    b = torch.randn(2, 40, 4, generator=g, requires_grad=True)
+    torch.library.opcheck(lora_op.branch_lora_linear_op, (x, w, bias, a, b, 2.0))
+    torch.library.opcheck(lora_op.branch_lora_linear_op, (x, w, None, a, b, 0.5))
+    y, h = lora_op.branch_lora_linear_op(x, w, bias, a, b, 2.0)
+    for input_grad in (True, False):
+        torch.library.opcheck(lora_op.branch_lora_linear_backward_op,
+                              (torch.randn(6, 40, generator=g), x.detach(), h.detach(), w, a.detach(), b.detach(),
+                               2.0, input_grad))
+
+
+def test_fused_kernel_compiles_into_one_graph_under_selective_checkpointing():
+    """Compiled (fullgraph: no break around the operator) inside a selectively checkpointed region, the layer gives
+    the eager separate products' gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    from one4d_train.model.checkpointing import _selective_context
+
+    fused, separate = _layer_pair(seed=5)
+    x = torch.randn(4, 6, 24)
+
+    def region(layer):
+        return lambda t: checkpoint(lambda u: torch.sin(layer(u)), t, use_reentrant=False,
+                                    context_fn=_selective_context)
+
+    compiled = torch.compile(region(fused), fullgraph=True)
+    xs = x.clone().requires_grad_()
+    compiled(xs).square().sum().backward()
+    xr = x.clone().requires_grad_()
+    region(separate)(xr).square().sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.lora_A.grad, separate.lora_A.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.lora_B.grad, separate.lora_B.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_kernel_steps_aside_where_it_cannot_apply(monkeypatch):
+    """Active LoRA dropout, autocast, a trainable or non-Linear (FP8) base, a base in another dtype and ZeRO-3's
+    partitioned weights run the separate products; a frozen plain base runs the operator."""
+    from one4d_train.model import dlc
+
+    calls = []
+    real = dlc.branch_lora_linear
+    monkeypatch.setattr(dlc, "branch_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 3, 24)
+
+    def uses_operator(layer, inp=x):
+        calls.clear()
+        try:
+            layer(inp)
+        except RuntimeError:  # the separate products' own dtype check (a float64 input on a float32 base)
+            pass
+        return bool(calls)
+
+    layer = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8)
+    assert uses_operator(layer)
+    layer.kernel = "bmm"
+    assert not uses_operator(layer)
+    dropped = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8, dropout=0.1)
+    assert not uses_operator(dropped)
+    assert uses_operator(dropped.eval())  # dropout inactive in eval
+    layer = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_operator(layer)
+    assert not uses_operator(layer, x.double())
+    layer.base_layer.weight.requires_grad_(True)
+    assert not uses_operator(layer)
+    layer.base_layer.weight.requires_grad_(False)
+    assert uses_operator(layer)
+    layer.base_layer.weight.ds_id = 7  # what ZeRO-3 marks its partitioned parameters with
+    assert not uses_operator(layer)
+
+    class Other(nn.Linear):  # FP8 bases and other linear types
+        pass
+    assert not uses_operator(BranchLoRALinear(Other(24, 40), rank=4, alpha=8))
+    with pytest.raises(ValueError, match="branch LoRA kernel 'triton'"):
+        BranchLoRALinear(nn.Linear(24, 40), kernel="triton")
 
 
 def test_apply_dlc_replaces_targets_and_freezes_base():

@@ -75,6 +75,7 @@ class ModelConfig:
     activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
+    lora_kernel: str = "fused"  # fused | bmm: the branch LoRA's deltas accumulated in the base GEMMs (model/lora_op.py) or added after them
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)
@@ -94,6 +95,7 @@ class ModelConfig:
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
+        p += choice(self.lora_kernel, ["fused", "bmm"], "lora_kernel")
         p += choice(self.vae_conv_kernel, ["cudnn", "triton"], "vae_conv_kernel")
         p += in_range(self.num_links, 0, None, "num_links")
         p += in_range(self.vae_videos_per_call, 0, None, "vae_videos_per_call")

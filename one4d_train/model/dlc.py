@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from one4d_train.model.config import LoRAConfig
+from one4d_train.model.lora_op import branch_lora_linear
 
 BRANCHES = ("rgb", "xyz")
 SHARED = ("shared",)
+KERNELS = ("fused", "bmm")
 
 
 class InputDtypeLinear(nn.Linear):
@@ -49,10 +51,14 @@ class BranchLoRALinear(nn.Module):
     matmul each way (H100, 2 x 18,018 tokens, 5120 -> 5120, forward + backward: 1.5 ms of LoRA on the
     5.3 ms base matmul, against 2.6 ms for a per-branch loop).
     They are direct parameters of this module, so ZeRO-3 gathers them with its forward.
+
+    `kernel`: `fused` (default) runs the layer as one operator whose deltas accumulate in the base GEMM
+    (lora_op.py), where it can: a frozen plain `nn.Linear` base in the input's dtype, not partitioned by ZeRO-3,
+    no active dropout, no autocast; `bmm` (and every other case) runs the base and the two batched products apart.
     """
 
     def __init__(self, base: nn.Linear, branches=BRANCHES, rank: int = 64, alpha: float = 64.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, kernel: str = "fused"):
         super().__init__()
         self.base_layer = base
         self._branches = tuple(branches)
@@ -64,6 +70,9 @@ class BranchLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(n, rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(n, base.out_features, rank, device=device, dtype=torch.float32))
         self.only_branch: str | None = None  # set by `only_branch`: that adapter on the whole batch
+        if kernel not in KERNELS:
+            raise ValueError(f"branch LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+        self.kernel = kernel
         self.reset_lora_parameters()
 
     @property
@@ -86,14 +95,23 @@ class BranchLoRALinear(nn.Module):
         n = a.shape[0]
         if x.shape[0] % n:
             raise ValueError(f"batch {x.shape[0]} does not split into {n} branch parts {self.branches}")
+        if self._fused_applies(x):
+            return branch_lora_linear(x, self.base_layer, a, b, self.scaling)
         y = self.base_layer(x)
         parts = self.dropout(x).reshape(n, -1, x.shape[-1])
         # scaled at rank width, where it is cheap
         h = torch.bmm(parts, a.to(x.dtype).transpose(1, 2)) * self.scaling
         return y + torch.bmm(h, b.to(x.dtype).transpose(1, 2)).view_as(y)
 
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        base = self.base_layer
+        return (self.kernel == "fused" and type(base) is nn.Linear and not base.weight.requires_grad
+                and x.dtype == base.weight.dtype and x.dim() >= 2 and not hasattr(base.weight, "ds_id")
+                and (isinstance(self.dropout, nn.Identity) or not self.training)
+                and not torch.is_autocast_enabled(x.device.type))
+
     def extra_repr(self) -> str:
-        return f"branches={self.branches}, rank={self.rank}, scaling={self.scaling:g}"
+        return f"branches={self.branches}, rank={self.rank}, scaling={self.scaling:g}, kernel={self.kernel}"
 
 
 @contextlib.contextmanager
@@ -126,7 +144,16 @@ def target_linears(block: nn.Module, targets) -> dict[str, nn.Linear]:
     return found
 
 
-def apply_dlc(model: nn.Module, lora_cfg: LoRAConfig, branches=BRANCHES) -> nn.Module:
+def set_lora_kernel(model: nn.Module, kernel: str) -> None:
+    """Every branch layer of `model` on `kernel` (one of KERNELS)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"branch LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    for m in model.modules():
+        if isinstance(m, BranchLoRALinear):
+            m.kernel = kernel
+
+
+def apply_dlc(model: nn.Module, lora_cfg: LoRAConfig, branches=BRANCHES, kernel: str = "fused") -> nn.Module:
     """Freeze every base parameter and put branch LoRA on the target linears of each of `model.blocks`."""
     model.requires_grad_(False)
     for block in model.blocks:
@@ -137,5 +164,5 @@ def apply_dlc(model: nn.Module, lora_cfg: LoRAConfig, branches=BRANCHES) -> nn.M
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             parent.add_module(child, BranchLoRALinear(linear, branches, lora_cfg.rank, lora_cfg.alpha,
-                                                      lora_cfg.dropout))
+                                                      lora_cfg.dropout, kernel))
     return model

@@ -80,13 +80,13 @@ class One4DModel(nn.Module):
         self.activation_offload = None  # a HostOffload (offload.py) around the blocks, set by apply_activation_offload
 
         if self.design == "dlc":
-            apply_dlc(base, cfg.lora, BRANCHES)
+            apply_dlc(base, cfg.lora, BRANCHES, cfg.lora_kernel)
             self.xyz_patch_embedding = (trainable_conv_copy(embedding, self.in_dim)
                                         if cfg.xyz_patch_embedding else None)
             self.link_blocks = resolve_link_blocks(cfg.link_blocks, cfg.num_links, len(base.blocks))
             self.control_links = ControlLinks(self.dim, self.link_blocks, device)
         elif self.design in ("channel_concat", "width_concat"):
-            apply_dlc(base, cfg.lora, SHARED)
+            apply_dlc(base, cfg.lora, SHARED, cfg.lora_kernel)
             self.link_blocks = []
             if self.design == "channel_concat":
                 base.patch_embedding = trainable_conv_copy(embedding, self.in_dim + LATENT_CHANNELS)

@@ -463,6 +463,9 @@ def build_our_engine(cfg, args, device):
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                   fused=device.type == "cuda")
     grad_checks.install()
+    if cfg.train.zero_stage == 3:
+        from one4d_train.model.dlc import share_base_with_zero3
+        share_base_with_zero3(model)
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            config=ds_config, dist_init_required=False)

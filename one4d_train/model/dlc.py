@@ -53,8 +53,9 @@ class BranchLoRALinear(nn.Module):
     They are direct parameters of this module, so ZeRO-3 gathers them with its forward.
 
     `kernel`: `fused` (default) runs the layer as one operator whose deltas accumulate in the base GEMM
-    (lora_op.py), where it can: a frozen plain `nn.Linear` base in the input's dtype, not partitioned by ZeRO-3,
-    no active dropout, no autocast; `bmm` (and every other case) runs the base and the two batched products apart.
+    (lora_op.py), where it can: a frozen plain `nn.Linear` base in the input's dtype (under ZeRO-3 registered by
+    `share_base_with_zero3`), no active dropout, no autocast; `bmm` (and every other case) runs the base and the two
+    batched products apart.
     """
 
     def __init__(self, base: nn.Linear, branches=BRANCHES, rank: int = 64, alpha: float = 64.0,
@@ -106,7 +107,8 @@ class BranchLoRALinear(nn.Module):
     def _fused_applies(self, x: torch.Tensor) -> bool:
         base = self.base_layer
         return (self.kernel == "fused" and type(base) is nn.Linear and not base.weight.requires_grad
-                and x.dtype == base.weight.dtype and x.dim() >= 2 and not hasattr(base.weight, "ds_id")
+                and x.dtype == base.weight.dtype and x.dim() >= 2
+                and (not hasattr(base.weight, "ds_id") or id(base.weight) in getattr(self, "_external_params", {}))
                 and (isinstance(self.dropout, nn.Identity) or not self.training)
                 and not torch.is_autocast_enabled(x.device.type))
 
@@ -142,6 +144,18 @@ def target_linears(block: nn.Module, targets) -> dict[str, nn.Linear]:
             raise TypeError(f"LoRA target {name!r} is a {type(module).__name__}, not nn.Linear")
         found[name] = module
     return found
+
+
+def share_base_with_zero3(model: nn.Module) -> None:
+    """Under ZeRO-3 a parameter is gathered by its own module's call, which the fused operator skips for the base
+    linear: each base weight and bias is registered as an external parameter of its branch layer, so ZeRO-3 gathers
+    it for the layer's forward and backward (before deepspeed.initialize; without it the layer runs the separate
+    products)."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    for m in model.modules():
+        if isinstance(m, BranchLoRALinear) and type(m.base_layer) is nn.Linear:  # others run their own call
+            for p in m.base_layer.parameters(recurse=False):
+                register_external_parameter(m, p)
 
 
 def set_lora_kernel(model: nn.Module, kernel: str) -> None:

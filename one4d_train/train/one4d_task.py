@@ -32,6 +32,7 @@ from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.control_links import resolve_link_blocks
+from one4d_train.model.dlc import share_base_with_zero3
 from one4d_train.model.offload import apply_activation_offload
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.fp8 import fp8_problems
@@ -142,6 +143,8 @@ class One4DTask:
         copied = [*base.patch_embedding.parameters(), *base.head.head.parameters()]
         with deepspeed.zero.GatheredParameters(copied, modifier_rank=None):
             model = One4DModel(base, self.cfg.model)
+        if self.cfg.train.zero_stage == 3:
+            share_base_with_zero3(model)
         if self.cfg.model.init_adapters:
             self._warm_start(model)
         apply_configured_checkpointing(base.blocks, self.cfg.model)

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import tarfile
@@ -271,10 +270,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):  # as `one4d shard` says it (data_pipeline/shard.py write_shard)
-            free = shutil.disk_usage(out).free
-            raise ShardWriteError(f"{out / name}: cannot write the shard: {exc.strerror or exc} ({free / 2**20:.1f} "
-                                  f"MiB free in {out}): make room (or write into another folder) and re-run the same "
-                                  "command; finished shards are kept") from None
+            raise ShardWriteError(si.write_failure(exc, out, "cannot write the shard", out / name)) from None
         raise
     return record
 
@@ -550,9 +546,7 @@ def _os_error(exc: OSError, out: Path) -> str:
     and its free space."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or not out.is_dir():
         return str(exc)
-    return (f"{exc.filename or out}: cannot be written: {exc.strerror} ({shutil.disk_usage(out).free / 2**20:.1f} MiB "
-            f"free in {out}): make room (or write into another folder) and re-run the same command; finished shards "
-            "are kept")
+    return si.write_failure(exc, out)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -200,10 +199,7 @@ def write_shard(out_dir, name: str, rows: list[ManifestRow]) -> dict:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            free = shutil.disk_usage(out_dir).free
-            raise ShardingError(f"{out_dir / name}: cannot write the shard: {exc.strerror or exc} ({free / 2**20:.1f} "
-                                f"MiB free in {out_dir}): make room (or write into another folder) and re-run the "
-                                "same command; finished shards are kept") from None
+            raise ShardingError(si.write_failure(exc, out_dir, "cannot write the shard", out_dir / name)) from None
         raise
     return record
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -87,6 +88,20 @@ def write_atomic(path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_failure(exc: OSError, out_dir, what: str = "cannot be written", path=None) -> str:
+    """A failed write into the output folder `out_dir` in one line: the file (`path`, else the one the error names,
+    else the folder), what failed, the error, the folder's free space, and what to do (the same command again goes
+    on from the finished files)."""
+    out_dir = Path(out_dir)
+    where = path or exc.filename or out_dir
+    try:
+        free = f"{shutil.disk_usage(out_dir).free / 2**20:.1f} MiB free in {out_dir}"
+    except OSError:
+        free = f"free space of {out_dir} unknown"
+    return (f"{where}: {what}: {exc.strerror or exc} ({free}): make room (or write into another folder) and re-run "
+            "the same command; finished shards are kept")
 
 
 def dumps(obj) -> bytes:

@@ -209,6 +209,8 @@ if [[ $WHAT == peers ]]; then
 fi
 if [[ $WHAT == block ]]; then  # one DiT block's kernels per part (benchmarks/block_kernels.py), with and without LoRA
   K="python3 benchmarks/block_kernels.py --results $R"
+  part 150 "one branch-LoRA linear per kernel" python3 benchmarks/lora_linear.py --results $R
+  grep -A 40 "bf16 matmul 8192" "$LOG" | grep -B 40 -m1 "^kernels of" | sed 's/^/    /'
   for kernel in ${LORA_KERNELS:-fused bmm}; do
     part 150 "14b block, selective_self, LoRA $kernel" $K --preset 14b --ckpt selective_self --lora-kernel $kernel
     part 150 "1.3b block, selective, LoRA $kernel" $K --preset 1.3b --ckpt selective --lora-kernel $kernel

@@ -121,6 +121,30 @@ def _text_free_plan_of(old: dict, plan: dict) -> bool:
     return old.get("version") == 1 and {k: v for k, v in old.items() if k != "version"} == same
 
 
+def _resharded(old: dict, plan: dict) -> bool:
+    """Whether `old` is `plan` but for the source index: the source was sharded again (clips added, removed or
+    changed) with the same settings, so a latent shard encoded from a source shard that did not change stays valid
+    (each record holds its source shard's sha256)."""
+    return isinstance(old, dict) and {**old, "source_index_sha256": plan["source_index_sha256"]} == plan
+
+
+def _drop_unlisted(out: Path, names: set[str]) -> list[str]:
+    """Remove the latent shards (and records) of source shards no longer in the source index, and the index of the
+    old set (written again once every shard of the new one is done). Returns the removed shards' names."""
+    gone = []
+    for p in sorted(out.glob("*.tar")):
+        if p.name not in names:
+            si.record_path(out, p.name).unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+    for record in out.glob("*.record.json"):
+        if record.name.removesuffix(".record.json") not in names:
+            record.unlink(missing_ok=True)
+    (out / si.INDEX).unlink(missing_ok=True)
+    si.fsync_dir(out)
+    return gone
+
+
 _ABSENT = object()
 
 
@@ -416,6 +440,12 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
             raise EncodeError(f"{out / si.PLAN}: this folder was started without text embeddings (plan version 1); "
                               f"finish it with --no-text, or use a new output folder")
         pinned, old = old, None
+    resharded = None
+    if old is not None and _resharded(_named_as(old, plan), plan):
+        # the source sharded again: latent shards of unchanged source shards are kept, the others encoded again
+        resharded = _drop_unlisted(out, {e["name"] for e in index["shards"]})
+        si.write_json(out / si.PLAN, plan)
+        pinned, old = plan, None
     if old is not None:
         # the plan keeps latents of other settings apart; where nothing was encoded under it (a run that failed or
         # was stopped before its first shard), a new plan mixes nothing, and a retry with other options goes ahead
@@ -487,7 +517,7 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     bar.close()
     records = {e["name"]: _done(src, out, e) for e in entries}
     summary = {"shards": len(mine), "written": len(todo), "skipped": len(mine) - len(todo), "index": None,
-               "replaced_plan": replaced, "resampled": resampled,
+               "replaced_plan": replaced, "resampled": resampled, "resharded": resharded,
                "longer": _longer_clips(index["statistics"], cfg.data)}
     if all(records.values()):
         from one4d_train.model.presets import wan_config
@@ -607,6 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     if s["replaced_plan"]:
         print(f"{Path(paths[1]) / si.PLAN}: replaced, nothing having been encoded under it: "
               f"{'; '.join(s['replaced_plan'])}")
+    if s["resharded"] is not None:
+        gone = s["resharded"]
+        print(f"{paths[0]} was sharded again since {paths[1]} was encoded: the latents of its unchanged shards are "
+              f"kept, its new and changed shards encoded" + (f", {len(gone)} shard(s) of the old set removed "
+                                                             f"({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''})"
+                                                             if gone else ""))
     done = (f"index: {s['index']} ({s['encoded']} samples encoded, {s['text_encoded']} captions embedded, "
             f"{len(s['failed'])} without latents)"
             if s["index"] else "other shards still to do: index.json comes when all are done")

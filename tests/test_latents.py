@@ -187,6 +187,48 @@ def test_killed_encode_resumes_to_identical_output(tmp_path):
         run_encode(src, out, load_config(CONFIG + ["data.height=64"]), progress=False)
 
 
+def test_a_source_sharded_again_keeps_the_latents_of_its_unchanged_shards(tmp_path, capsys):
+    """After the clips were sharded again (one replaced, then one dropped), encode-latents into the same folder was
+    refused ('latents from another source index') and the whole set had to be encoded again in a new one: the latent
+    shards of unchanged source shards are kept, changed ones encoded, dropped ones removed, and the folder ends as a
+    fresh encode of the new source would."""
+    from data_pipeline.shard import run_sharding
+    from data_utils import make_dataset
+
+    rows = make_dataset(tmp_path / "clips", num_clips=4, frames=9, height=32, width=64).read_text().splitlines()
+
+    def sharded(name, picked):
+        manifest = tmp_path / "clips" / "raw" / f"{name}.jsonl"
+        manifest.write_text("".join(rows[i] + "\n" for i in picked))
+        run_sharding(manifest, tmp_path / name, samples_per_shard=1, workers=1, progress=False)
+        return tmp_path / name
+
+    first, second = sharded("first", [0, 1, 2]), sharded("second", [0, 1, 3])
+    names = [e["name"] for e in read_index(second)["shards"]]
+    assert [sha256_file(first / n) == sha256_file(second / n) for n in names] == [True, True, False]
+    out = tmp_path / "lat"
+    args = [*CONFIG, "--device", "cpu", "--no-progress"]
+    assert encode_main([str(first), str(out), *args]) == 0
+    capsys.readouterr()
+    kept = {n: (out / n).stat().st_mtime_ns for n in names[:2]}
+    assert encode_main([str(second), str(out), *args]) == 0
+    said = capsys.readouterr().out
+    assert f"{second} was sharded again since {out} was encoded: the latents of its unchanged shards are kept" in said
+    assert "3 shards (1 written, 2 already done)" in said, said
+    assert {n: (out / n).stat().st_mtime_ns for n in names[:2]} == kept  # not written again
+    fresh = tmp_path / "fresh"
+    assert encode_main([str(second), str(fresh), *args]) == 0
+    for name in ["index.json", "plan.json", *names]:
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    # a shard dropped from the source: its latents go with it, the index lists what is left
+    third = sharded("third", [0, 1])
+    assert encode_main([str(third), str(out), *args]) == 0
+    assert "1 shard(s) of the old set removed (shard-000002.tar)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.tar")) == names[:2] and not (out / "shard-000002.tar.record.json").exists()
+    assert [e["name"] for e in read_index(out)["shards"]] == names[:2]
+    assert read_index(out)["latents"]["source_index_sha256"] == sha256_file(third / "index.json")
+
+
 def test_an_output_folder_that_is_a_file_is_named(tmp_path, capsys):
     """OUT_DIR naming a file is an error message and exit 1, not a traceback."""
     src = make_shards(tmp_path, num_clips=1, frames=9, height=32, width=64, samples_per_shard=1)

@@ -7,6 +7,8 @@ import contextlib
 import filecmp
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -143,7 +145,9 @@ def test_an_export_never_lands_in_another_checkpoint_nor_among_other_files(capsy
     (tmp_path / "out" / "lora_shared.safetensors").write_bytes(b"an ablation design's export")  # was refused
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'out'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))
-    (tmp_path / "out" / ".export-tmp-99").mkdir()  # left by a killed export
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # a pid no process has now (pid 99 was a live process at times: its folder was rightly kept)
+    (tmp_path / "out" / f".export-tmp-{gone.pid}").mkdir()  # left by a killed export
     (tmp_path / "link").symlink_to(tmp_path / "out")
     assert export(capsys, f"checkpoint={second}", f"out={tmp_path / 'link'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(os.path.join(second, "adapters")))

@@ -5,7 +5,7 @@ time per part (base GEMMs, branch-LoRA bmms, attention, Inductor's kernels, the 
 --no-lora gives the base block alone, so the branch LoRA's whole cost (its bmms and the elementwise work it adds)
 is the difference.
 
-    python3 benchmarks/block_kernels.py --preset 14b --ckpt selective_self [--no-lora | --lora-kernel bmm] [--cdt]
+    python3 benchmarks/block_kernels.py --preset 14b --ckpt selective_self [--no-lora | --lora-kernel fused] [--cdt]
         [--results FILE]
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default="selective_self", choices=["none", "full", "selective", "selective_self"])
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-lora", action="store_true", help="the base block alone (the LoRA's share, by difference)")
-    ap.add_argument("--lora-kernel", default="fused", choices=["fused", "bmm"],
+    ap.add_argument("--lora-kernel", default="bmm", choices=["bmm", "fused"],
                     help="the deltas accumulated in the base GEMMs (model/lora_op.py) or added after them")
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
     ap.add_argument("--cdt", action="store_true", help="Inductor's coordinate-descent tuning of its kernels' tiles")

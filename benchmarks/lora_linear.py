@@ -57,7 +57,7 @@ def main():
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     mm_rate = 2 * 8192 ** 3 / timed(lambda: a @ a, args.iters) / 1e9  # TFLOP/s
     big = torch.empty(TOKENS, 5120, device=dev, dtype=torch.bfloat16)
-    copy_rate = 2 * big.numel() * 2 / timed(lambda: big.clone(), args.iters) / 1e9  # GB/s (read + write)
+    copy_rate = 2 * big.numel() * 2 / timed(lambda: big.clone(), args.iters) / 1e6  # GB/s (bytes read + written)
     del a, big
     print(f"{torch.cuda.get_device_name()}: bf16 matmul 8192^3 {mm_rate:.0f} TFLOP/s, copy {copy_rate:.0f} GB/s")
     print("preset | linear  | K -> N        | kernel | fwd+bwd ms | base GEMMs at the matmul rate | rest ms | one read ms")

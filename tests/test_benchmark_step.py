@@ -173,13 +173,14 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     # test_resident_encoders_... covers the text tower left out of a GPU's peak)
     _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
          results, "--set", "model.text_encoder_device=cpu", "--set", "model.activation_checkpointing=full",
-         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none,lora=bmm")
-    *_, fused, separate = [json.loads(line) for line in open(results)]
-    assert fused["encoders_held"] == row["encoders_held"] == ["UMT5Encoder", "CLIPVision"]
-    assert fused["encoders_gb"] == row["encoders_gb"] and fused["ckpt_blocks"] == 2 and fused["ckpt"] == "full@2"
-    # the branch LoRA's kernel as a variant: the shipped one, then the separate products on the same engine
-    assert (row["lora_kernel"], fused["lora_kernel"], separate["lora_kernel"]) == ("fused", "fused", "bmm")
-    assert "error" not in separate and separate["steps"] == 1
+         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none,lora=fused")
+    *_, separate, fused = [json.loads(line) for line in open(results)]
+    assert separate["encoders_held"] == row["encoders_held"] == ["UMT5Encoder", "CLIPVision"]
+    assert separate["encoders_gb"] == row["encoders_gb"] and separate["ckpt_blocks"] == 2
+    assert separate["ckpt"] == "full@2"
+    # the branch LoRA's kernel as a variant: the shipped one, then the fused operator on the same engine
+    assert (row["lora_kernel"], separate["lora_kernel"], fused["lora_kernel"]) == ("bmm", "bmm", "fused")
+    assert "error" not in fused and fused["steps"] == 1
 
 
 def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):

@@ -92,11 +92,10 @@ def test_bf16_base_with_fp32_lora_gradients():
 def _layer_pair(dtype=torch.float32, bias=True, branches=("rgb", "xyz"), seed=0):
     """The same layer on the fused operator and on the separate products (B random: every product non-zero)."""
     torch.manual_seed(seed)
-    fused = BranchLoRALinear(nn.Linear(24, 40, bias=bias).to(dtype), branches, rank=4, alpha=8)
+    fused = BranchLoRALinear(nn.Linear(24, 40, bias=bias).to(dtype), branches, rank=4, alpha=8, kernel="fused")
     randomise_lora(fused, seed + 1)
     separate = copy.deepcopy(fused)
     separate.kernel = "bmm"
-    assert fused.kernel == "fused"
     return fused, separate
 
 
@@ -207,14 +206,15 @@ def test_fused_kernel_steps_aside_where_it_cannot_apply(monkeypatch):
             pass
         return bool(calls)
 
-    layer = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8)
+    assert not uses_operator(BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8))  # the default: bmm
+    layer = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8, kernel="fused")
     assert uses_operator(layer)
     layer.kernel = "bmm"
     assert not uses_operator(layer)
-    dropped = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8, dropout=0.1)
+    dropped = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8, dropout=0.1, kernel="fused")
     assert not uses_operator(dropped)
     assert uses_operator(dropped.eval())  # dropout inactive in eval
-    layer = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8)
+    layer = BranchLoRALinear(nn.Linear(24, 40), rank=4, alpha=8, kernel="fused")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not uses_operator(layer)
     assert not uses_operator(layer, x.double())
@@ -227,7 +227,7 @@ def test_fused_kernel_steps_aside_where_it_cannot_apply(monkeypatch):
 
     class Other(nn.Linear):  # FP8 bases and other linear types
         pass
-    assert not uses_operator(BranchLoRALinear(Other(24, 40), rank=4, alpha=8))
+    assert not uses_operator(BranchLoRALinear(Other(24, 40), rank=4, alpha=8, kernel="fused"))
     with pytest.raises(ValueError, match="branch LoRA kernel 'triton'"):
         BranchLoRALinear(nn.Linear(24, 40), kernel="triton")
 
@@ -560,9 +560,11 @@ def test_build_one4d_seeded_checkpointed_and_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bf16_batched_layer_matches_per_branch_reference_on_gpu():
+@pytest.mark.parametrize("kernel", ["bmm", "fused"])
+def test_bf16_batched_layer_matches_per_branch_reference_on_gpu(kernel):
     torch.manual_seed(0)
-    layer = BranchLoRALinear(nn.Linear(1536, 8960, device="cuda", dtype=torch.bfloat16), rank=64, alpha=32)
+    layer = BranchLoRALinear(nn.Linear(1536, 8960, device="cuda", dtype=torch.bfloat16), rank=64, alpha=32,
+                             kernel=kernel)
     randomise_lora(layer, 4)
     with torch.no_grad():
         layer.lora_B.mul_(0.02)

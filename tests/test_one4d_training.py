@@ -65,11 +65,11 @@ def test_fp8_base_matmuls_train_like_the_full_precision_base(shards, straight, t
 
 
 def test_fused_branch_lora_trains_like_the_separate_products_under_zero3(shards, straight, tmp_path):
-    """The straight run's branch layers ran the fused operator with the base weights gathered by ZeRO-3 as their
-    external parameters (`share_base_with_zero3`); the same run on the separate products (`model.lora_kernel=bmm`)
-    follows the same loss curve up to fp32 rounding, which shows the two are different computations."""
-    run_dir = tmp_path / "bmm"
-    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "model.lora_kernel=bmm", timeout=900)
+    """The same run with the branch layers on the fused operator (`model.lora_kernel=fused`), the base weights
+    gathered by ZeRO-3 as their external parameters (`share_base_with_zero3`), follows the straight run's loss curve
+    (the separate products) up to fp32 rounding, which shows the two are different computations."""
+    run_dir = tmp_path / "fused"
+    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "model.lora_kernel=fused", timeout=900)
     assert code == 0, out[-4000:]
     loss, ref = metric(*mlflow_run(run_dir), "loss"), metric(*mlflow_run(straight), "loss")
     assert sorted(loss) == sorted(ref) == list(range(1, 31))

@@ -75,7 +75,7 @@ class ModelConfig:
     activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
-    lora_kernel: str = "fused"  # fused | bmm: the branch LoRA's deltas accumulated in the base GEMMs (model/lora_op.py) or added after them
+    lora_kernel: str = "bmm"  # bmm | fused: the branch LoRA's deltas added after the base GEMMs, or accumulated in them (model/lora_op.py: faster eager, slower in compiled blocks; benchmarks/PERF_NOTES.md)
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
     compile: bool = False  # regional torch.compile of each DiT block (CUDA; pays with ZeRO-2, see benchmarks/PERF_NOTES.md)
     compile_vae: bool = False  # torch.compile the VAE encoder (CUDA: ~1.6x faster condition encodes, ~100 s to compile)

@@ -52,14 +52,14 @@ class BranchLoRALinear(nn.Module):
     5.3 ms base matmul, against 2.6 ms for a per-branch loop).
     They are direct parameters of this module, so ZeRO-3 gathers them with its forward.
 
-    `kernel`: `fused` (default) runs the layer as one operator whose deltas accumulate in the base GEMM
+    `kernel`: `fused` runs the layer as one operator whose deltas accumulate in the base GEMM
     (lora_op.py), where it can: a frozen plain `nn.Linear` base in the input's dtype (under ZeRO-3 registered by
-    `share_base_with_zero3`), no active dropout, no autocast; `bmm` (and every other case) runs the base and the two
-    batched products apart.
+    `share_base_with_zero3`), no active dropout, no autocast; `bmm` (the default, and every other case) runs the base and the
+    two batched products apart.
     """
 
     def __init__(self, base: nn.Linear, branches=BRANCHES, rank: int = 64, alpha: float = 64.0,
-                 dropout: float = 0.0, kernel: str = "fused"):
+                 dropout: float = 0.0, kernel: str = "bmm"):
         super().__init__()
         self.base_layer = base
         self._branches = tuple(branches)
@@ -167,7 +167,7 @@ def set_lora_kernel(model: nn.Module, kernel: str) -> None:
             m.kernel = kernel
 
 
-def apply_dlc(model: nn.Module, lora_cfg: LoRAConfig, branches=BRANCHES, kernel: str = "fused") -> nn.Module:
+def apply_dlc(model: nn.Module, lora_cfg: LoRAConfig, branches=BRANCHES, kernel: str = "bmm") -> nn.Module:
     """Freeze every base parameter and put branch LoRA on the target linears of each of `model.blocks`."""
     model.requires_grad_(False)
     for block in model.blocks:

@@ -10,7 +10,12 @@ left of the adapters is their four rank-wide products, each reading one activati
 `torch.library.custom_op` keeps Inductor from splitting the accumulation back into a product and an add, and lets
 selective checkpointing treat the whole linear as one recomputable op. The base must be a frozen plain
 `nn.Linear` in the input's dtype (the layer falls back to its separate products otherwise: FP8 bases, ZeRO-3's
-partitioned weights, LoRA dropout, autocast).
+partitioned weights not registered by `dlc.share_base_with_zero3`, LoRA dropout, autocast).
+
+Opt-in (`model.lora_kernel=fused`). Measured on an H100 (benchmarks/RESULTS.md, 2026-12-06 16:19): one eager linear
+at the 14B shapes 5-10% faster forward + backward (at 1.3B's 1536 x 1536 31% slower); but inside the compiled,
+checkpointed block the opaque operator costs more than it saves (14B +8.6 ms per block: its base GEMMs +10.8 ms,
+the `bmm`s and Inductor's kernels -6.4 ms; 1.3B level), so the shipped configs keep the separate products.
 """
 from __future__ import annotations
 

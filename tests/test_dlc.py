@@ -232,6 +232,20 @@ def test_fused_kernel_steps_aside_where_it_cannot_apply(monkeypatch):
         BranchLoRALinear(nn.Linear(24, 40), kernel="triton")
 
 
+def test_zero3_registers_the_base_weights_of_fused_layers_only():
+    """Under ZeRO-3 the fused operator reads the base weight without the base linear's call, so the weight and bias
+    become external parameters of the branch layer; a layer on the separate products gathers them by that call."""
+    from one4d_train.model.dlc import share_base_with_zero3
+
+    model = nn.Module()
+    model.fused = BranchLoRALinear(nn.Linear(8, 8), rank=2, alpha=2, kernel="fused")
+    model.separate = BranchLoRALinear(nn.Linear(8, 8), rank=2, alpha=2)
+    share_base_with_zero3(model)
+    registered = {id(p) for p in getattr(model.fused, "_external_params", {}).values()}
+    assert registered == {id(model.fused.base_layer.weight), id(model.fused.base_layer.bias)}
+    assert not getattr(model.separate, "_external_params", {})
+
+
 def test_apply_dlc_replaces_targets_and_freezes_base():
     block = nn.Module()
     block.self_attn = nn.Module()

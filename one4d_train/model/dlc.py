@@ -149,11 +149,11 @@ def target_linears(block: nn.Module, targets) -> dict[str, nn.Linear]:
 def share_base_with_zero3(model: nn.Module) -> None:
     """Under ZeRO-3 a parameter is gathered by its own module's call, which the fused operator skips for the base
     linear: each base weight and bias is registered as an external parameter of its branch layer, so ZeRO-3 gathers
-    it for the layer's forward and backward (before deepspeed.initialize; without it the layer runs the separate
-    products)."""
+    it for the layer's forward and backward (before deepspeed.initialize, for the layers on the `fused` kernel; without
+    it a layer runs the separate products)."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-    for m in model.modules():
-        if isinstance(m, BranchLoRALinear) and type(m.base_layer) is nn.Linear:  # others run their own call
+    for m in model.modules():  # layers on the separate products, and other bases, gather theirs by their own call
+        if isinstance(m, BranchLoRALinear) and m.kernel == "fused" and type(m.base_layer) is nn.Linear:
             for p in m.base_layer.parameters(recurse=False):
                 register_external_parameter(m, p)
 

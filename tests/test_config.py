@@ -338,3 +338,9 @@ def test_valid_settings_that_have_no_effect_are_named():
         "model.activation_checkpointing_blocks": "2: no block is checkpointed (model.activation_checkpointing=none)"}
     # the tiny preset's random text tower is an encoder too: its device is no ignored setting
     assert ignored_settings(load_config([f"config={demo}", "model.text_encoder_device=cpu"])) == []
+    # the fused LoRA operator steps aside for dropout and FP8 bases
+    assert ignored_settings(load_config([f"config={demo}", "model.lora_kernel=fused"])) == []
+    for setting, why in (("model.lora.dropout=0.1", "model.lora.dropout=0.1"),
+                         ("model.base_matmul=fp8", "model.base_matmul=fp8")):
+        assert dict(ignored_settings(load_config([f"config={demo}", "model.lora_kernel=fused", setting]))) == {
+            "model.lora_kernel": f"fused, but {why}: the branch layers run the separate products"}

@@ -23,7 +23,7 @@ from one4d_train.model.lora_op import branch_lora_linear
 
 BRANCHES = ("rgb", "xyz")
 SHARED = ("shared",)
-KERNELS = ("fused", "bmm")
+KERNELS = ("bmm", "fused")
 
 
 class InputDtypeLinear(nn.Linear):
@@ -52,10 +52,10 @@ class BranchLoRALinear(nn.Module):
     5.3 ms base matmul, against 2.6 ms for a per-branch loop).
     They are direct parameters of this module, so ZeRO-3 gathers them with its forward.
 
-    `kernel`: `fused` runs the layer as one operator whose deltas accumulate in the base GEMM
-    (lora_op.py), where it can: a frozen plain `nn.Linear` base in the input's dtype (under ZeRO-3 registered by
-    `share_base_with_zero3`), no active dropout, no autocast; `bmm` (the default, and every other case) runs the base and the
-    two batched products apart.
+    `kernel`: `bmm` (the default) runs the base and the two batched products apart; `fused` runs the layer as one
+    operator whose deltas accumulate in the base GEMM (lora_op.py) where it can: a frozen plain `nn.Linear` base in
+    the input's dtype (under ZeRO-3 registered by `share_base_with_zero3`), no active dropout, no autocast; elsewhere
+    it too runs the separate products.
     """
 
     def __init__(self, base: nn.Linear, branches=BRANCHES, rank: int = 64, alpha: float = 64.0,

@@ -103,6 +103,9 @@ class One4DTask:
         if not text_identity(m, cfg.seed) and m.text_encoder_device != "auto":  # (the tiny preset has its tower)
             notes.append(("model.text_encoder_device", f"{m.text_encoder_device}, but there is no model.text_encoder "
                           "(text embeddings come from the shards)"))
+        if m.lora_kernel == "fused" and (m.lora.dropout > 0 or m.base_matmul == "fp8"):
+            why = f"model.lora.dropout={m.lora.dropout:g}" if m.lora.dropout > 0 else "model.base_matmul=fp8"
+            notes.append(("model.lora_kernel", f"fused, but {why}: the branch layers run the separate products"))
         return notes
 
     @classmethod

@@ -134,10 +134,9 @@ def _drop_unlisted(out: Path, names: set[str]) -> list[str]:
     gone = []
     for p in sorted(out.glob("*.tar")):
         if p.name not in names:
-            si.record_path(out, p.name).unlink(missing_ok=True)
             p.unlink(missing_ok=True)
             gone.append(p.name)
-    for record in out.glob("*.record.json"):
+    for record in out.glob("*.record.json"):  # the dropped shards' and any other orphan's
         if record.name.removesuffix(".record.json") not in names:
             record.unlink(missing_ok=True)
     (out / si.INDEX).unlink(missing_ok=True)

@@ -26,6 +26,12 @@ SHARED = ("shared",)
 KERNELS = ("bmm", "fused")
 
 
+def _checked_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"branch LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    return kernel
+
+
 class InputDtypeLinear(nn.Linear):
     """A linear layer whose (fp32) weights are cast to the input's dtype: fp32 storage, bf16 compute."""
 
@@ -71,9 +77,7 @@ class BranchLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(n, rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(n, base.out_features, rank, device=device, dtype=torch.float32))
         self.only_branch: str | None = None  # set by `only_branch`: that adapter on the whole batch
-        if kernel not in KERNELS:
-            raise ValueError(f"branch LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
-        self.kernel = kernel
+        self.kernel = _checked_kernel(kernel)
         self.reset_lora_parameters()
 
     @property
@@ -160,8 +164,7 @@ def share_base_with_zero3(model: nn.Module) -> None:
 
 def set_lora_kernel(model: nn.Module, kernel: str) -> None:
     """Every branch layer of `model` on `kernel` (one of KERNELS)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"branch LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    _checked_kernel(kernel)
     for m in model.modules():
         if isinstance(m, BranchLoRALinear):
             m.kernel = kernel

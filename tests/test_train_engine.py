@@ -280,17 +280,19 @@ def _listening(port: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tmp_path, sig):
+def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tmp_path, sig, sigint_as_in_a_terminal):
     """Rank 0 of 2 with no rank 1 waits in the rendezvous inside C++, where Python's handlers do not run: SIGTERM
     (scancel, timeout) and Ctrl-C, twice, were ignored until the rendezvous timed out (30 minutes). It stops at once
     now, exit 42, nothing written."""
     from launch_utils import _port
 
     port = _port()
-    env = _env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    # PYTHONFAULTHANDLER: a rank that does not stop is made to print every thread's stack (SIGABRT) for the message
+    env = _env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "PYTHONFAULTHANDLER": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={tmp_path / 'run'}", *RUN],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.time() + 120
         while not _listening(port) and proc.poll() is None and time.time() < deadline:
@@ -298,13 +300,33 @@ def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tm
         assert proc.poll() is None and _listening(port), proc.communicate(timeout=5)[0][-3000:]
         time.sleep(1)
         os.kill(proc.pid, sig)
-        out = proc.communicate(timeout=30)[0]
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGABRT)
+            pytest.fail(f"still running 30 s after {signal.Signals(sig).name}:\n{proc.communicate(timeout=30)[0][-6000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
     assert f"one4d train: {signal.Signals(sig).name} while waiting for the other ranks to start: stopping (exit 42)" in out
     assert "Traceback" not in out and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_stop_that_came_before_the_wait_for_the_ranks_ends_it_at_once():
+    """A stop asked for during the imports (its flag set, no wakeup byte written) ended nothing: the rank then
+    waited for ranks that never came as long as the rendezvous allowed."""
+    code = ("import os, signal, time\n"
+            "from one4d_train.train import distributed, preemption\n"
+            "preemption.install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.1)\n"  # the handler runs: the flag is set
+            "with distributed.stop_ends_the_wait('the other ranks to start'):\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout + proc.stderr
+    assert "one4d train: SIGUSR1 while waiting for the other ranks to start: stopping (exit 42)" in proc.stderr
 
 
 def test_preemption_checkpoints_requeues_and_resumes_exactly(straight, preempted):

@@ -133,6 +133,7 @@ def stop_ends_the_wait(what: str):
     """A stop signal inside the block ends the process at once with REQUEUE_EXIT_CODE. The rendezvous waits for the
     other ranks inside C++, where Python's signal handlers do not run: a rank whose peers never came ignored
     SIGTERM, scancel and Ctrl-C until the rendezvous timed out (30 minutes by default). Nothing is there to save yet.
+    A stop that came before the block (during the imports: the handler only set its flag) ends it the same way.
     The signal is seen through Python's wakeup file descriptor, which the C-level handler writes to at once, by a
     thread that watches it for the block's length."""
     read, write = os.pipe()
@@ -146,14 +147,21 @@ def stop_ends_the_wait(what: str):
     done = threading.Event()
     stops = {int(s) for s in preemption.Preemption.SIGNALS}
 
+    def stop(name: str):
+        print(f"one4d train: {name} while waiting for {what}: stopping (exit {preemption.REQUEUE_EXIT_CODE}), "
+              "nothing to save yet", file=sys.stderr, flush=True)
+        os._exit(preemption.REQUEUE_EXIT_CODE)
+
+    received = preemption.install().received
+    if received:  # asked for before the wait (during the imports): it would wait as long as one asked inside
+        stop(received)
+
     def watch():
         while not done.is_set():
             if select.select([read], [], [], 0.2)[0]:
                 got = [b for b in os.read(read, 64) if b in stops]
                 if got and not done.is_set():
-                    print(f"one4d train: {signal.Signals(got[0]).name} while waiting for {what}: stopping "
-                          f"(exit {preemption.REQUEUE_EXIT_CODE}), nothing to save yet", file=sys.stderr, flush=True)
-                    os._exit(preemption.REQUEUE_EXIT_CODE)
+                    stop(signal.Signals(got[0]).name)
 
     watcher = threading.Thread(target=watch, name="one4d-stop-watch", daemon=True)
     watcher.start()

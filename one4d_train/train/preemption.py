@@ -4,8 +4,9 @@ script to requeue (by hand: run the same command again). A second Ctrl-C stops a
 
 The handler is installed once per process, as the first thing `one4d train` does: the `one4d` entry point calls
 `install()` before it imports the trainer and torch, and distributed.setup calls it again (idempotent) for other
-entry points. So a stop asked for during the start-up (the imports, the checks, the rendezvous, the model and
-engine build, the resume) is kept and honoured before the first step instead of killing the rank. Slurm and
+entry points. So a stop asked for during the start-up is not a kill: one before or during the rendezvous ends the
+rank there (exit 42, nothing to save yet; distributed.stop_ends_the_wait), one during the model and engine build or
+the resume is kept and honoured before the first step. Slurm and
 scancel signal a task's whole process group, data-loader workers included; `shielded()` blocks the stop signals
 while the trainer fetches data, so workers forked there inherit the block and keep serving batches until the
 trainer has checkpointed (Ctrl-C excepted during an evaluation, so that a second one still stops at once).

@@ -50,16 +50,17 @@ def test_dlc_model_learns_on_two_ranks(straight):
 
 def test_fp8_base_matmuls_train_like_the_full_precision_base(shards, straight, tmp_path):
     """The same run with the frozen linears in FP8 (`model.base_matmul=fp8`) through the real trainer (ZeRO-3,
-    2 ranks): it learns, and its loss curve stays close to the fp32 base's (the demo config's precision)."""
+    2 ranks), its first 15 steps: it learns, and its loss curve stays close to the fp32 base's (the demo config's
+    precision; a constant learning rate after the warm-up, so a shorter run takes the same steps)."""
     run_dir = tmp_path / "fp8"
-    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "model.base_matmul=fp8", timeout=900)
+    code, out = torchrun(run_dir, *common(shards, run_dir, 15), "model.base_matmul=fp8", timeout=900)
     assert code == 0, out[-4000:]
     loss = metric(*mlflow_run(run_dir), "loss")
-    ref = metric(*mlflow_run(straight), "loss")
-    assert sorted(loss) == list(range(1, 31))
+    ref = {s: v for s, v in metric(*mlflow_run(straight), "loss").items() if s <= 15}
+    assert sorted(loss) == sorted(ref) == list(range(1, 16))
     mean = lambda curve, steps: sum(curve[s] for s in steps) / len(steps)  # noqa: E731
-    first, last = mean(loss, range(1, 6)), mean(loss, range(26, 31))
-    assert last < 0.7 * first, (first, last)
+    first, last = mean(loss, range(1, 6)), mean(loss, range(11, 16))
+    assert last < 0.8 * first, (first, last)
     assert loss != ref  # FP8 rounding really changed the computation
     assert all(abs(loss[s] - ref[s]) < 0.02 * ref[s] for s in ref), [(s, loss[s], ref[s]) for s in ref]
 
@@ -67,12 +68,14 @@ def test_fp8_base_matmuls_train_like_the_full_precision_base(shards, straight, t
 def test_fused_branch_lora_trains_like_the_separate_products_under_zero3(shards, straight, tmp_path):
     """The same run with the branch layers on the fused operator (`model.lora_kernel=fused`), the base weights
     gathered by ZeRO-3 as their external parameters (`share_base_with_zero3`), follows the straight run's loss curve
-    (the separate products) up to fp32 rounding, which shows the two are different computations."""
+    (the separate products) up to fp32 rounding over its first 10 steps, which shows the two are different
+    computations."""
     run_dir = tmp_path / "fused"
-    code, out = torchrun(run_dir, *common(shards, run_dir, 30), "model.lora_kernel=fused", timeout=900)
+    code, out = torchrun(run_dir, *common(shards, run_dir, 10), "model.lora_kernel=fused", timeout=900)
     assert code == 0, out[-4000:]
-    loss, ref = metric(*mlflow_run(run_dir), "loss"), metric(*mlflow_run(straight), "loss")
-    assert sorted(loss) == sorted(ref) == list(range(1, 31))
+    loss = metric(*mlflow_run(run_dir), "loss")
+    ref = {s: v for s, v in metric(*mlflow_run(straight), "loss").items() if s <= 10}
+    assert sorted(loss) == sorted(ref) == list(range(1, 11))
     assert loss != ref  # another order of the same sums
     assert all(abs(loss[s] - ref[s]) < 1e-4 * ref[s] for s in ref), [(s, loss[s], ref[s]) for s in ref]
 

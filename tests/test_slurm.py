@@ -203,12 +203,24 @@ def test_train_job_trains_zero3_on_two_tasks_and_checkpoints(uninterrupted):
 
 def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_a_step(cluster, job_env, tmp_path,
                                                                                  uninterrupted):
-    run_dir, out = tmp_path / "run", tmp_path / "train.out"
-    r = submit(job_env, "--parsable", f"--output={out}", "slurm/train.sbatch",
-               *train_args(tmp_path, run_dir, TRAIN_STEPS))
+    """USR1 mid-run: the job checkpoints, requeues itself and trains on from that step, every step logged once, to
+    the uninterrupted job's weights. Its CONFIG.yaml is edited while it trains (its name and run_dir): each requeue
+    read the file again, so the requeued job missed its checkpoints and trained afresh in another folder. Every start
+    of a job trains with the config its first start recorded (in the submission directory, removed once the training
+    finished); the edit is named in a warning."""
+    config, out = tmp_path / "toy.yaml", tmp_path / "train.out"
+    first, second = tmp_path / "first", tmp_path / "second"
+    # the settings of train_args, all in the file (an edit of a key given on the command line changes nothing)
+    text = ("name: {name}\nrun_dir: {run}\ntrain:\n  task: tests.train_toy_task:ToyTask\n  device: cpu\n"
+            f"  precision: fp32\n  steps: {TRAIN_STEPS}\n  zero_stage: 3\n  log_every: 1\n"
+            f"  checkpoint_every: {TRAIN_STEPS // 2}\ntracking:\n  system_metrics: false\n")
+    config.write_text(text.format(name="slurm_toy", run=first))
+    r = submit(job_env, "--parsable", f"--output={out}", REPO / "slurm" / "train.sbatch", config, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
+    record = tmp_path / f"one4d-train-{job_id}.config.yaml"
     wait_for_text(out, r"\[rank 0\] step 3/")  # the trainer is in its loop, its signal handlers installed
+    config.write_text(text.format(name="second", run=second))  # edited while the job trains
     sig = run(["scancel", "--signal=USR1", "--batch", job_id], job_env, timeout=30)
     assert sig.returncode == 0, sig.stderr
     job = wait_for_job(cluster, job_id)
@@ -219,13 +231,16 @@ def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_a_ste
     assert 3 <= stopped < TRAIN_STEPS, "the signal must land mid-run"
     assert re.search(r"restart 0: got SIGUSR1: asking the trainer to checkpoint", text)
     assert re.search(r"restart 0: checkpointed; requeued \(restart 1 of at most 3\)", text)
-    assert re.search(rf"resumed from \S+step-{stopped:08d} at step {stopped}", text)
+    restarted = text[text.index("restart 1:"):]
+    assert f"resumed from {first / 'checkpoints' / f'step-{stopped:08d}'} at step {stopped}" in restarted, text[-4000:]
+    assert f"differs from the one job {job_id} started with: name, run_dir. The job goes on as it started" in text
     assert "restart 1: training finished" in text
-    assert logged_steps(run_dir) == list(range(1, TRAIN_STEPS + 1)), "every step logged exactly once"
+    assert not second.exists() and not record.exists()
+    assert logged_steps(first) == list(range(1, TRAIN_STEPS + 1)), "every step logged exactly once"
     # exact resume: the interrupted job ends with the same trainable weights as the uninterrupted one
     assert uninterrupted["rc"] == 0
     expected = final_weights(uninterrupted["run_dir"], TRAIN_STEPS)
-    got = final_weights(run_dir, TRAIN_STEPS)
+    got = final_weights(first, TRAIN_STEPS)
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
 
 
@@ -318,37 +333,6 @@ def test_job_started_from_another_runs_checkpoint_and_killed_before_its_first_re
     got = final_weights(run_dir, TRAIN_STEPS)
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
 
-
-def test_a_requeue_after_the_config_file_was_edited_goes_on_where_the_job_started(cluster, job_env, tmp_path):
-    """Each requeue read CONFIG.yaml again: an edit of its name (so of its run_dir) while the job waited made the
-    requeued job miss its checkpoints and train afresh in another folder. Every start of a job trains with the config
-    its first start recorded (in the submission directory, removed once the training finished); the edit is named in
-    a warning."""
-    config, out = tmp_path / "edited.yaml", tmp_path / "train.out"
-    text = ("name: {name}\nrun_dir: {run}\ntrain:\n  task: tests.train_toy_task:ToyTask\n  device: cpu\n"
-            f"  precision: fp32\n  steps: {TRAIN_STEPS}\n  zero_stage: 3\n  log_every: 1\n"
-            f"  checkpoint_every: {TRAIN_STEPS // 2}\ntracking:\n  system_metrics: false\n")
-    first, second = tmp_path / "first", tmp_path / "second"
-    config.write_text(text.format(name="first", run=first))
-    r = submit(job_env, "--parsable", f"--output={out}", REPO / "slurm" / "train.sbatch", config, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job_id = r.stdout.strip().split(";")[0]
-    record = tmp_path / f"one4d-train-{job_id}.config.yaml"
-    wait_for_text(out, r"\[rank 0\] step 3/")
-    config.write_text(text.format(name="second", run=second))  # edited while the job trains
-    assert run(["scancel", "--signal=USR1", "--batch", job_id], job_env, timeout=30).returncode == 0
-    job = wait_for_job(cluster, job_id)
-    text = out.read_text()
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{text[-4000:]}"
-    stopped = int(re.search(r"checkpointed step (\d+), exiting 42", text).group(1))
-    restarted = text[text.index("restart 1:"):]
-    assert f"resumed from {first / 'checkpoints' / f'step-{stopped:08d}'} at step {stopped}" in restarted, text[-4000:]
-    assert f"differs from the one job {job_id} started with: name, run_dir. The job goes on as it started" in text
-    assert not second.exists() and logged_steps(first) == list(range(1, TRAIN_STEPS + 1))
-    assert not record.exists()
-
-
-# -- sharding, then the real tiny model trained on those shards and evaluated --
 
 @pytest.fixture(scope="module")
 def shards(cluster, job_env, tmp_path_factory):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -87,17 +88,44 @@ def clip_streams(container) -> list:
     return [s for s in container.streams.video if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC]
 
 
-def video_streams(src) -> int:
-    """How many video streams the container at path or in bytes `src` holds, cover art (an attached picture)
-    left out; 0 where PyAV cannot open it (the decode check reports why)."""
+def container_problem(path) -> str | None:
+    """What keeps the file at `path` from being one clip decord reads, from its container alone (no decoding), or
+    None: an empty file, one FFmpeg cannot open (no video, or a truncated one), one without a video stream (audio
+    only), several video streams (decoders disagree on which one a clip is: decord takes the 'best', PyAV the first;
+    cover art, an attached picture, left out). These read as decord's own messages before ("cannot find video
+    stream with wanted index: -1")."""
+    import av
+    import av.error
+
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    try:
+        with av.open(str(path)) as container:
+            streams = clip_streams(container)
+            kinds = sorted({s.type for s in container.streams})
+    except MemoryError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        return f"FFmpeg cannot open it ({getattr(exc, 'strerror', None) or exc}): not a video, or a damaged or cut one"
+    if not streams:
+        return f"no video stream (it holds {', '.join(kinds) + ' only' if kinds else 'no streams'})"
+    if len(streams) > 1:
+        return (f"{len(streams)} video streams (a second angle, or cover art?): keep the clip's own alone, "
+                f"e.g. ffmpeg -i IN -map 0:v:0 -c copy OUT.mp4")
+    return None
+
+
+def container_format(path) -> str:
+    """FFmpeg's name of the container format of `path` ('mov,mp4,m4a,3gp,3g2,mj2', 'mpegts', ...); '' where it
+    cannot open it."""
     import av
     import av.error
 
     try:
-        with av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src)) as container:
-            return len(clip_streams(container))
+        with av.open(str(path)) as container:
+            return container.format.name
     except (av.error.FFmpegError, OSError, ValueError):
-        return 0
+        return ""
 
 
 REENCODE = "ffmpeg -i IN.mp4 -c:v libx264 -crf 18 OUT.mp4"  # ffmpeg applies a display rotation by default
@@ -178,10 +206,9 @@ def probe_and_check(path, chunk: int = 16) -> VideoInfo:
     frames its edit list hides (decoders differ on those). Returns its frame count, size and frame rate."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: video file not found")
-    streams = video_streams(path)
-    if streams > 1:  # decoders disagree on which one a clip is: decord takes the 'best', PyAV the first
-        raise VideoError(f"{path}: {streams} video streams (a second angle, or cover art?): keep the clip's own alone, "
-                         f"e.g. ffmpeg -i IN -map 0:v:0 -c copy OUT.mp4")
+    problem = container_problem(path)
+    if problem:
+        raise VideoError(f"{path}: {problem}")
     info = _decode_all(path, chunk)
     rotation = rotation_problem(path)  # after decord's pass, whose memory is then free again
     if rotation:
@@ -207,4 +234,7 @@ def _decode_all(path, chunk: int) -> VideoInfo:
     except (VideoError, MemoryError):  # out of memory is no fault of the video's
         raise
     except Exception as exc:
+        if container_format(path) == "mpegts":  # decord's message advises a retry limit, which does not help
+            raise VideoError(f"{path}: an MPEG-TS stream, which decord does not read to its end: remux it to MP4 "
+                             f"(same frames), e.g. ffmpeg -i IN.ts -c copy OUT.mp4") from None
         raise VideoError(f"{path}: video does not decode with decord: {_short(exc)}") from None

@@ -458,6 +458,45 @@ def test_sequential_and_seeking_decoders_give_identical_frames(depth_shards, mon
             dec.decode_window(mp4, np.arange(3), 10)
 
 
+def test_files_that_hold_no_clip_are_rejected_saying_what_they_are(tmp_path):
+    """An empty file, one that is no media, an audio-only file and an MPEG-TS stream read as decord's messages
+    ("cannot find video stream with wanted index: -1", a retry-limit advice); each is said plainly now, the TS with
+    the remux that makes it readable (checked: the remuxed file passes)."""
+    import av
+
+    from data_pipeline.video import VideoError, probe_and_check
+
+    empty, text, audio, ts, mp4 = (tmp_path / n for n in ("empty.mp4", "text.mp4", "audio.m4a", "clip.ts", "clip.mp4"))
+    empty.write_bytes(b"")
+    text.write_text("not a video\n" * 10)
+    with av.open(str(audio), "w") as out:
+        s = out.add_stream("aac", rate=16000)
+        for _ in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+    with av.open(str(ts), "w", format="mpegts") as out:
+        s = out.add_stream("libx264", rate=16)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        for f in render_clip(0, 9, 32, 64)["frames"]:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    for path, reason in ((empty, "empty file (0 bytes)"), (text, "FFmpeg cannot open it (Invalid data"),
+                         (audio, "no video stream (it holds audio only)"),
+                         (ts, "an MPEG-TS stream, which decord does not read to its end: remux it to MP4")):
+        with pytest.raises(VideoError) as exc:
+            probe_and_check(path)
+        assert str(exc.value).startswith(f"{path}: {reason}"), str(exc.value)
+    with av.open(str(ts)) as src, av.open(str(mp4), "w") as out:  # ffmpeg -i clip.ts -c copy clip.mp4
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    assert probe_and_check(mp4).num_frames == 9
+
+
 def test_a_video_of_two_streams_is_rejected_and_read_by_one_decoder_cover_art_kept(tmp_path):
     """Stream 0 one clip, stream 1 another: decord (the shard check, late windows) took stream 1, PyAV (early
     windows) stream 0, so one sample gave frames of two clips. Sharding rejects it naming the file; a shard written

@@ -122,9 +122,9 @@ def bad_rows(raw):
         (dict(r0, video="clips/missing.mp4"), "video file not found"),
         (dict(r0, depth="short.npy"), "does not match the video"),
         (dict(r0, depth="nan.npy"), "non-finite depth at valid pixel (frame 2, y 3, x 4)"),
-        (dict(r0, video="garbage.mp4"), "does not decode"),
+        (dict(r0, video="garbage.mp4"), "FFmpeg cannot open it"),
         (dict(r0, intrinsics=[[1.0, 0, 0], [0, 1.0, 0]]), "'intrinsics' has shape [2, 3]"),
-        (dict(r0, video="truncated.mp4"), "does not decode"),
+        (dict(r0, video="truncated.mp4"), "FFmpeg cannot open it"),
         (dict(r0, video="phone.mp4"), "the video carries a display rotation of 90 degrees counter-clockwise"),
         ("{broken json", "not valid JSON"),
         # each aborted the whole run: int()'s digit limit (ValueError) and the parser's recursion limit

@@ -304,7 +304,8 @@ def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tm
             out = proc.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGABRT)
-            pytest.fail(f"still running 30 s after {signal.Signals(sig).name}:\n{proc.communicate(timeout=30)[0][-6000:]}")
+            stacks = proc.communicate(timeout=30)[0][-6000:]
+            pytest.fail(f"still running 30 s after {signal.Signals(sig).name}:\n{stacks}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -5,6 +5,7 @@ Daemons run in the foreground as our children so that stopping them never touche
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged", "munge"]
 MUNGE_SOCKET_DIR = Path("/run/munge")
+LOCK = Path(tempfile.gettempdir()) / "one4d-slurm.lock"
 
 # Notes on these machines: no cgroups, no accounting; cred_expire=10 lets a requeued job start again within seconds;
 # KillWait=10: a cancelled or requeued job's leftover processes are killed after 10 s, not 30 (the trainer's
@@ -149,6 +151,7 @@ class LocalSlurm:
         self.env: dict[str, str] = {}
         self._procs: list[subprocess.Popen] = []
         self._munged: subprocess.Popen | None = None
+        self._lock = None
 
     # -- lifecycle --
     def __enter__(self) -> "LocalSlurm":
@@ -164,6 +167,11 @@ class LocalSlurm:
 
     def start(self) -> None:
         ensure_installed()
+        # one cluster at a time on this machine (the suite's two workers may each start one): they would share one
+        # munged, which the one that started it stops, and their job ids, which name the rendezvous port and the
+        # job's config record in the submission folder
+        self._lock = open(LOCK, "a")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.root = Path(tempfile.mkdtemp(prefix="one4d-slurm-"))
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir()
@@ -206,6 +214,9 @@ class LocalSlurm:
         if self.root is not None and not self.keep_dir:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     def _spawn(self, cmd, out: Path) -> None:
         with open(out, "w") as f:

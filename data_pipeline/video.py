@@ -1,6 +1,7 @@
 """H.264 writing (PyAV/libx264) and checked decoding (decord) of mp4 clips."""
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -102,11 +103,14 @@ def container_problem(path) -> str | None:
     try:
         with av.open(str(path)) as container:
             streams = clip_streams(container)
-            kinds = sorted({s.type for s in container.streams})
+            kinds = sorted({"cover art" if s.type == "video" else s.type for s in container.streams})
     except MemoryError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        return f"FFmpeg cannot open it ({getattr(exc, 'strerror', None) or exc}): not a video, or a damaged or cut one"
+        reason = getattr(exc, "strerror", None) or exc
+        if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
+            return f"cannot be read ({reason})"
+        return f"FFmpeg cannot open it ({reason}): not a video, or a damaged or cut one"
     if not streams:
         return f"no video stream (it holds {', '.join(kinds) + ' only' if kinds else 'no streams'})"
     if len(streams) > 1:
@@ -124,6 +128,8 @@ def container_format(path) -> str:
     try:
         with av.open(str(path)) as container:
             return container.format.name
+    except MemoryError:
+        raise
     except (av.error.FFmpegError, OSError, ValueError):
         return ""
 
@@ -234,7 +240,8 @@ def _decode_all(path, chunk: int) -> VideoInfo:
     except (VideoError, MemoryError):  # out of memory is no fault of the video's
         raise
     except Exception as exc:
-        if container_format(path) == "mpegts":  # decord's message advises a retry limit, which does not help
+        # decord's failure at the end of an MPEG-TS advises a retry limit, which does not help; a remux does
+        if "DECORD_REWIND_RETRY_MAX" in str(exc) and container_format(path) == "mpegts":
             raise VideoError(f"{path}: an MPEG-TS stream, which decord does not read to its end: remux it to MP4 "
                              f"(same frames), e.g. ffmpeg -i IN.ts -c copy OUT.mp4") from None
         raise VideoError(f"{path}: video does not decode with decord: {_short(exc)}") from None

@@ -482,8 +482,22 @@ def test_files_that_hold_no_clip_are_rejected_saying_what_they_are(tmp_path):
         for f in render_clip(0, 9, 32, 64)["frames"]:
             out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(s.encode())
+    song = tmp_path / "song.mp4"  # audio with cover art (a picture stored as a video stream marked attached_pic)
+    with av.open(str(song), "w") as out:
+        s, art = out.add_stream("aac", rate=16000), out.add_stream("mjpeg", rate=1)
+        art.width, art.height, art.pix_fmt = 64, 32, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+        for _ in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            out.mux(s.encode(frame))
+        picture = render_clip(1, 1, 32, 64)["frames"][0]
+        out.mux(art.encode(av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format="yuvj420p")))
+        for stream in (s, art):
+            out.mux(stream.encode())
     for path, reason in ((empty, "empty file (0 bytes)"), (text, "FFmpeg cannot open it (Invalid data"),
                          (audio, "no video stream (it holds audio only)"),
+                         (song, "no video stream (it holds audio, cover art only)"),
                          (ts, "an MPEG-TS stream, which decord does not read to its end: remux it to MP4")):
         with pytest.raises(VideoError) as exc:
             probe_and_check(path)

@@ -292,7 +292,7 @@ def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tm
                 "PYTHONFAULTHANDLER": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={tmp_path / 'run'}", *RUN],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+                            start_new_session=True)  # SIGINT: a handler here, so the default in the child
     try:
         deadline = time.time() + 120
         while not _listening(port) and proc.poll() is None and time.time() < deadline:
@@ -327,7 +327,7 @@ def test_a_stop_that_came_before_the_wait_for_the_ranks_ends_it_at_once():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout + proc.stderr
-    assert "one4d train: SIGUSR1 while waiting for the other ranks to start: stopping (exit 42)" in proc.stderr
+    assert "one4d train: SIGUSR1 before waiting for the other ranks to start: stopping (exit 42)" in proc.stderr
 
 
 def test_preemption_checkpoints_requeues_and_resumes_exactly(straight, preempted):

@@ -147,14 +147,14 @@ def stop_ends_the_wait(what: str):
     done = threading.Event()
     stops = {int(s) for s in preemption.Preemption.SIGNALS}
 
-    def stop(name: str):
-        print(f"one4d train: {name} while waiting for {what}: stopping (exit {preemption.REQUEUE_EXIT_CODE}), "
+    def stop(name: str, when: str = "while"):
+        print(f"one4d train: {name} {when} waiting for {what}: stopping (exit {preemption.REQUEUE_EXIT_CODE}), "
               "nothing to save yet", file=sys.stderr, flush=True)
         os._exit(preemption.REQUEUE_EXIT_CODE)
 
     received = preemption.install().received
     if received:  # asked for before the wait (during the imports): it would wait as long as one asked inside
-        stop(received)
+        stop(received, "before")
 
     def watch():
         while not done.is_set():

@@ -320,6 +320,8 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (model/checkpointing.py;
         mixed:K = the first K blocks selective_self, the rest full; MODE@K = the first K blocks in MODE, the rest
         keep every activation, as model.activation_checkpointing_blocks=K)
+  unit=block|sublayer                               checkpointed region: the block, or each of its three residual
+        updates (model.activation_checkpointing_unit); unset: as the experiment config says
   attn=auto|cudnn|flash|efficient|fa2|fa3|fa4       attention backend
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
@@ -338,17 +340,17 @@ e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset setting
 COMPILE_MODES = {"1": {}, "max": {"mode": "max-autotune-no-cudagraphs"}}
 
 
-def set_checkpointing(blocks, mode: str) -> None:
+def set_checkpointing(blocks, mode: str, unit: str = "block") -> None:
     from one4d_train.model.checkpointing import apply_activation_checkpointing
     if mode.startswith("mixed:"):
         k = int(mode.split(":")[1])
-        apply_activation_checkpointing(blocks, "full")
-        apply_activation_checkpointing(list(blocks)[:k], "selective_self")
+        apply_activation_checkpointing(blocks, "full", unit=unit)
+        apply_activation_checkpointing(list(blocks)[:k], "selective_self", unit=unit)
     elif "@" in mode:
         name, _, k = mode.partition("@")
-        apply_activation_checkpointing(blocks, name, int(k))
+        apply_activation_checkpointing(blocks, name, int(k), unit)
     else:
-        apply_activation_checkpointing(blocks, mode)
+        apply_activation_checkpointing(blocks, mode, unit=unit)
 
 
 def our_config(args):
@@ -377,7 +379,7 @@ def our_flops(cfg, args) -> float:
 
 
 def parse_variants(text: str) -> list[dict]:
-    out, current = [], {"ckpt": None, "attn": None, "vae": "latents", "compile": None, "offload": None,
+    out, current = [], {"ckpt": None, "unit": None, "attn": None, "vae": "latents", "compile": None, "offload": None,
                         "lora": None, "n": None}
     for item in text.split(","):
         item = item.strip()
@@ -386,7 +388,8 @@ def parse_variants(text: str) -> list[dict]:
         for setting in item.split("+"):
             key, _, value = setting.partition("=")
             if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)) or (
-                    key == "lora" and value not in ("fused", "bmm")):
+                    key == "lora" and value not in ("fused", "bmm")) or (
+                    key == "unit" and value not in ("block", "sublayer")):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -562,16 +565,21 @@ def run_ours(args) -> None:
 
     from one4d_train.model.dlc import set_lora_kernel
 
-    last_ckpt, compiled_as, last_lora = None, None, cfg.model.lora_kernel
+    m = cfg.model
+    last_ckpt = (m.activation_checkpointing + (f"@{m.activation_checkpointing_blocks}"
+                                               if m.activation_checkpointing_blocks >= 0 else ""),
+                 m.activation_checkpointing_unit)
+    compiled_as, last_lora = None, cfg.model.lora_kernel
     for v in variants:
         v["lora"] = v["lora"] or cfg.model.lora_kernel
         if v["lora"] != last_lora:
             set_lora_kernel(model, v["lora"])
             compiled_as, last_lora = None, v["lora"]  # compiled again below, on the new kernel
-        if v["ckpt"] and v["ckpt"] != last_ckpt:
+        ckpt = (v["ckpt"] or last_ckpt[0], v["unit"] or last_ckpt[1])
+        if ckpt != last_ckpt:
             uncompile_blocks(model.base.blocks)  # checkpointing wraps the uncompiled call; compiled again below
-            set_checkpointing(model.base.blocks, v["ckpt"])
-            last_ckpt = v["ckpt"]
+            set_checkpointing(model.base.blocks, *ckpt)
+            last_ckpt = ckpt
         if v["attn"]:
             attn_mod.set_attention_backend(v["attn"])
         v["compile"] = v["compile"] or str(int(cfg.model.compile))  # unset: as the experiment config says
@@ -586,8 +594,7 @@ def run_ours(args) -> None:
         offload = apply_activation_offload(model, v["offload"] == "1")
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
-               "ckpt": v["ckpt"] or cfg.model.activation_checkpointing + (
-                   f"@{cfg.model.activation_checkpointing_blocks}" if cfg.model.activation_checkpointing_blocks >= 0 else ""),
+               "ckpt": last_ckpt[0], "ckpt_unit": last_ckpt[1],
                "vae_frames_per_call": vae.frames_per_call if vae is not None else None,
                "vae_conv_kernel": vae.conv_kernel if vae is not None else None,
                "vae_videos_per_call": vae.chunk_size if vae is not None else None, "attn": attn_mod.get_attention_backend(),

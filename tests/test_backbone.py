@@ -189,8 +189,9 @@ def test_bf16_model_keeps_fp32_modulation_and_tracks_fp32():
     assert rel < 0.05, rel
 
 
+@pytest.mark.parametrize("unit", ["block", "sublayer"])
 @pytest.mark.parametrize("mode", ["full", "selective", "selective_self"])
-def test_activation_checkpointing_same_gradients(mode):
+def test_activation_checkpointing_same_gradients(mode, unit):
     model = random_model(True)
     x, t, context, clip = inputs(model.cfg)
     context = context[:, :16]
@@ -203,7 +204,7 @@ def test_activation_checkpointing_same_gradients(mode):
 
     want = grads()
     names = list(model.state_dict())
-    apply_activation_checkpointing(model.blocks, mode)
+    apply_activation_checkpointing(model.blocks, mode, unit=unit)
     assert type(model.blocks[0]).__name__ == "CheckpointedWanBlock" and list(model.state_dict()) == names
     got = grads()
     for n in want:
@@ -212,6 +213,59 @@ def test_activation_checkpointing_same_gradients(mode):
     assert type(model.blocks[0]).__name__ == "WanBlock"
     with pytest.raises(ValueError, match="activation checkpointing mode"):
         apply_activation_checkpointing(model.blocks, "some")
+    with pytest.raises(ValueError, match="activation checkpointing unit 'layer'"):
+        apply_activation_checkpointing(model.blocks, mode, unit="layer")
+
+
+@pytest.mark.parametrize("mode", ["full", "selective_self"])
+def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_reruns_the_output_projections(mode):
+    """Compiled blocks (the partitioner Inductor uses), One4D's frozen base with branch LoRA: by sub-layer, each block
+    saves two more token-sized tensors (the residual stream after each attention) and its backward runs two base
+    linears fewer (the self- and cross-attention output projections: addmm with their bias), one LoRA product fewer
+    each; the gradients are the block unit's."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from one4d_train.config import load_config
+    from one4d_train.model.compile import compile_blocks
+    from one4d_train.model.one4d import build_one4d
+
+    cfg = load_config([f"config={ROOT}/configs/experiment/demo.yaml", "model.compute_dtype=fp32"]).model
+    g = torch.Generator().manual_seed(0)
+    rgb, xyz = torch.randn(1, 36, 3, 8, 12, generator=g), torch.randn(1, 16, 3, 8, 12, generator=g)
+    context, clip = torch.randn(1, 512, 64, generator=g), torch.randn(1, 257, 32, generator=g)
+    tokens = 3 * 4 * 6  # each branch's tokens of the latents above (patch 1 x 2 x 2)
+
+    def run(unit):
+        torch._dynamo.reset()
+        graphs = {}
+
+        def keep(kind):
+            return lambda gm, example_inputs: graphs.setdefault(kind, gm).forward
+
+        model = build_one4d(cfg, dtype=torch.float32, seed=3)
+        for p in model.trainable_parameters():  # B = 0 would leave some products out of the graphs
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(p.shape) % 1000))
+        apply_activation_checkpointing(model.base.blocks, mode, unit=unit)
+        compile_blocks(model.base.blocks, fullgraph=True, backend=aot_autograd(
+            fw_compiler=keep("fw"), bw_compiler=keep("bw"), partition_fn=min_cut_rematerialization_partition))
+        out_rgb, out_xyz = model(rgb, xyz, torch.tensor([500.0]), context, clip)
+        (out_rgb.square().sum() + out_xyz.square().sum()).backward()
+
+        def ops(gm, name):
+            return sum(n.op == "call_function" and n.target is name for n in gm.graph.nodes)
+        saved = [n for n in graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:]
+                 if hasattr(n, "meta") and tuple(getattr(n.meta.get("val"), "shape", ())) == (2, tokens, model.dim)]
+        counts = {"addmm": ops(graphs["bw"], torch.ops.aten.addmm.default),
+                  "bmm": ops(graphs["bw"], torch.ops.aten.bmm.default), "saved": len(saved)}
+        return counts, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    block, want = run("block")
+    sublayer, got = run("sublayer")
+    assert sublayer == {"addmm": block["addmm"] - 2, "bmm": block["bmm"] - 2, "saved": block["saved"] + 2}, (
+        block, sublayer)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_checkpointing_recomputes_in_backward():
@@ -267,6 +321,9 @@ def test_model_config_checks_the_checkpointed_block_count():
     assert not ModelConfig(activation_checkpointing_blocks=12).validate()
     problems = ModelConfig(activation_checkpointing_blocks=-2).validate()
     assert [key for key, _ in problems] == ["activation_checkpointing_blocks"]
+    assert not ModelConfig(activation_checkpointing_unit="sublayer").validate()
+    problems = ModelConfig(activation_checkpointing_unit="layer").validate()
+    assert [key for key, _ in problems] == ["activation_checkpointing_unit"]
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -279,10 +336,11 @@ def test_every_model_builder_checkpoints_only_the_configured_blocks(zero_stage):
     from one4d_train.train.one4d_task import One4DTask
 
     cfg = load_config([f"config={ROOT}/configs/experiment/demo.yaml", "model.activation_checkpointing=selective",
-                       "model.activation_checkpointing_blocks=1", f"train.zero_stage={zero_stage}"])
+                       "model.activation_checkpointing_blocks=1", f"train.zero_stage={zero_stage}",
+                       "model.activation_checkpointing_unit=sublayer"])
     for model in (build_one4d(cfg.model, dtype=torch.float32), One4DTask(cfg).build_model(nullcontext)):
-        kinds = [getattr(b, "_checkpoint_mode", None) for b in model.base.blocks]
-        assert kinds[0] == "selective" and set(kinds[1:]) == {None} and len(kinds) > 1, kinds
+        kinds = [(getattr(b, "_checkpoint_mode", None), getattr(b, "_checkpoint_unit", None)) for b in model.base.blocks]
+        assert kinds[0] == ("selective", "sublayer") and set(kinds[1:]) == {(None, None)} and len(kinds) > 1, kinds
 
 
 @pytest.mark.parametrize("setting", [False, True])

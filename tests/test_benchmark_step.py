@@ -158,8 +158,8 @@ def test_report_marks_rows_timed_with_fewer_than_ten_steps(tmp_path):
 
 
 def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
-    """`ckpt=MODE@K` (the first K blocks in MODE, as model.activation_checkpointing_blocks=K) runs a real step,
-    and rows record the checkpointing and the VAE's frames per call."""
+    """`ckpt=MODE@K` (the first K blocks in MODE, as model.activation_checkpointing_blocks=K) and `unit=sublayer` run
+    real steps, and rows record the checkpointing and the VAE's frames per call."""
     results = str(tmp_path / "r.jsonl")
     _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
          results, "--set", "model.vae_frames_per_call=8", "--variants", "ckpt=selective@1+vae=latents")
@@ -173,11 +173,14 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     # test_resident_encoders_... covers the text tower left out of a GPU's peak)
     _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
          results, "--set", "model.text_encoder_device=cpu", "--set", "model.activation_checkpointing=full",
-         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none,lora=fused")
-    *_, separate, fused = [json.loads(line) for line in open(results)]
+         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none,lora=fused,unit=sublayer")
+    *_, separate, fused, sublayer = [json.loads(line) for line in open(results)]
     assert separate["encoders_held"] == row["encoders_held"] == ["UMT5Encoder", "CLIPVision"]
     assert separate["encoders_gb"] == row["encoders_gb"] and separate["ckpt_blocks"] == 2
-    assert separate["ckpt"] == "full@2"
+    assert separate["ckpt"] == "full@2" and separate["ckpt_unit"] == "block"
+    # the checkpointed region as a variant: each residual update of the same two blocks
+    assert "error" not in sublayer and (sublayer["ckpt"], sublayer["ckpt_unit"], sublayer["ckpt_blocks"]) == (
+        "full@2", "sublayer", 2)
     # the branch LoRA's kernel as a variant: the shipped one, then the fused operator on the same engine
     assert (row["lora_kernel"], separate["lora_kernel"], fused["lora_kernel"]) == ("bmm", "bmm", "fused")
     assert "error" not in fused and fused["steps"] == 1

@@ -333,9 +333,19 @@ def test_valid_settings_that_have_no_effect_are_named():
         "model.link_blocks": "control links are DLC's: model.design=width_concat has none",
         "model.text_encoder_device": "cpu, but there is no model.text_encoder (text embeddings come from the shards)"}
     cfg = load_config([f"config={demo}", "model.activation_checkpointing=none", "model.activation_checkpointing_blocks=2",
-                       "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "data.mode=resampled", "data.epoch_length=7"])
+                       "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "data.mode=resampled", "data.epoch_length=7",
+                       "model.activation_checkpointing_unit=sublayer"])
     assert dict(ignored_settings(cfg)) == {
-        "model.activation_checkpointing_blocks": "2: no block is checkpointed (model.activation_checkpointing=none)"}
+        "model.activation_checkpointing_blocks": "2: no block is checkpointed (model.activation_checkpointing=none)",
+        "model.activation_checkpointing_unit": "sublayer, but no block is checkpointed "
+                                               "(model.activation_checkpointing=none)"}
+    # checkpointing by sub-layer saves recompute only in compiled blocks
+    sublayer = [f"config={demo}", "model.activation_checkpointing=selective_self",
+                "model.activation_checkpointing_unit=sublayer", "train.zero_stage=2"]
+    assert dict(ignored_settings(load_config(sublayer))) == {
+        "model.activation_checkpointing_unit": "sublayer, but without model.compile, backward recomputes each "
+                                               "sub-layer whole: the kept residual stream only costs memory"}
+    assert ignored_settings(load_config(sublayer + ["model.compile=true"])) == []
     # the tiny preset's random text tower is an encoder too: its device is no ignored setting
     assert ignored_settings(load_config([f"config={demo}", "model.text_encoder_device=cpu"])) == []
     # the fused LoRA operator steps aside for dropout and FP8 bases

@@ -142,12 +142,30 @@ class WanBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, freqs) -> torch.Tensor:
         """x [B, N, dim], e0 [B, 6, dim] fp32, context [B, L, dim], freqs from `WanDiT.rope_freqs`."""
+        for update in self.sublayers(e0, context, freqs):
+            x = self.run_sublayer(update, x)
+        return x
+
+    def sublayers(self, e0: torch.Tensor, context: torch.Tensor, freqs) -> tuple:
+        """The block as its three residual updates x -> x, in order: self-attention, cross-attention, FFN."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e0.float()).chunk(6, dim=1)
-        y = self.self_attn((self.norm1(x) * (1 + scale) + shift).type_as(x), freqs)
-        x = (x.float() + y.float() * gate).type_as(x)
-        x = x + self.cross_attn(self.norm3(x).type_as(x), context)
-        y = self.ffn((self.norm2(x) * (1 + c_scale) + c_shift).type_as(x))
-        return (x.float() + y.float() * c_gate).type_as(x)
+
+        def self_attention(x):
+            y = self.self_attn((self.norm1(x) * (1 + scale) + shift).type_as(x), freqs)
+            return (x.float() + y.float() * gate).type_as(x)
+
+        def cross_attention(x):
+            return x + self.cross_attn(self.norm3(x).type_as(x), context)
+
+        def ffn(x):
+            y = self.ffn((self.norm2(x) * (1 + c_scale) + c_shift).type_as(x))
+            return (x.float() + y.float() * c_gate).type_as(x)
+
+        return self_attention, cross_attention, ffn
+
+    def run_sublayer(self, update, x: torch.Tensor) -> torch.Tensor:
+        """One residual update (activation checkpointing per sub-layer recomputes each on its own)."""
+        return update(x)
 
 
 class Head(nn.Module):

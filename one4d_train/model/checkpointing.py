@@ -11,6 +11,16 @@ Modes:
 A count (`ModelConfig.activation_checkpointing_blocks`) limits the mode to the first N blocks; the others keep
 every activation (`none`): recompute traded for memory where the GPU has room (1.3B on one GPU).
 
+Units (`ModelConfig.activation_checkpointing_unit`):
+- `block`: the block is one checkpointed region; it keeps its input.
+- `sublayer`: each of the block's three residual updates (self-attention, cross-attention, FFN) is a region of its
+  own, so the residual stream after the self- and after the cross-attention is kept as well (two more tensors of
+  the block input's size per block). Backward then never runs the two attentions' output projections again: their
+  outputs only feed the residual adds, whose gradients do not need them. That holds in compiled blocks
+  (model/compile.py: the graph partitioner recomputes only what backward reads); eager recompute runs each region
+  to its last saved tensor, the gate of its residual add, so there the projections run again and the unit only
+  costs memory.
+
 Checkpointing is non-reentrant (reentrant checkpointing breaks under ZeRO-3). The block's class is swapped for a
 subclass whose `__call__` runs the ordinary module call inside `torch.utils.checkpoint`, so module names and
 state-dict keys stay unchanged and the block's hooks (ZeRO-3 parameter gathering) run again on recompute.
@@ -26,6 +36,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from one4d_train.model import attention as _attention  # registers one4d::fa4_fwd; imports the flash libraries
 
 MODES = ("none", "full", "selective", "selective_self")
+UNITS = ("block", "sublayer")
 
 
 def _attention_ops() -> set:
@@ -73,16 +84,26 @@ def _selective_self_context():
 _CONTEXTS = {"selective": _selective_context, "selective_self": _selective_self_context}
 
 
+def _checkpoint(fn, mode: str, *args, **kwargs):
+    context_fn = _CONTEXTS.get(mode)
+    if context_fn is not None:
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
 class _Checkpointed:
     _checkpoint_mode = "full"
+    _checkpoint_unit = "block"
 
     def __call__(self, *args, **kwargs):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._checkpoint_unit == "sublayer":  # then per update: run_sublayer
             return super().__call__(*args, **kwargs)
-        context_fn = _CONTEXTS.get(self._checkpoint_mode)
-        if context_fn is not None:
-            return checkpoint(super().__call__, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-        return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return _checkpoint(super().__call__, self._checkpoint_mode, *args, **kwargs)
+
+    def run_sublayer(self, update, x):
+        if self._checkpoint_unit != "sublayer" or not torch.is_grad_enabled():
+            return update(x)
+        return _checkpoint(update, self._checkpoint_mode, x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,17 +112,21 @@ def _checkpointed_class(cls: type) -> type:
 
 
 def apply_configured_checkpointing(blocks: nn.ModuleList, cfg) -> None:
-    """`ModelConfig.activation_checkpointing` on its first `activation_checkpointing_blocks` blocks (every builder of
-    the model, the trainer's included, goes through here)."""
+    """`ModelConfig.activation_checkpointing` on its first `activation_checkpointing_blocks` blocks, by
+    `activation_checkpointing_unit` (every builder of the model, the trainer's included, goes through here)."""
     if cfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.activation_checkpointing_blocks)
+        apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.activation_checkpointing_blocks,
+                                       cfg.activation_checkpointing_unit)
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks: int = -1) -> None:
-    """Checkpoint the first `num_blocks` blocks of `blocks` (-1: all) in `mode` (one of MODES), the rest not at
-    all; re-applying replaces the modes."""
+def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks: int = -1,
+                                   unit: str = "block") -> None:
+    """Checkpoint the first `num_blocks` blocks of `blocks` (-1: all) in `mode` (one of MODES) by `unit` (one of
+    UNITS), the rest not at all; re-applying replaces the modes."""
     if mode not in MODES:
         raise ValueError(f"activation checkpointing mode {mode!r}: choose one of {', '.join(MODES)}")
+    if unit not in UNITS:
+        raise ValueError(f"activation checkpointing unit {unit!r}: choose one of {', '.join(UNITS)}")
     if num_blocks < -1:
         raise ValueError(f"activation checkpointing of {num_blocks} blocks: need -1 (all) or a count >= 0")
     for i, block in enumerate(blocks):
@@ -109,6 +134,10 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks:
         if mode == "none" or 0 <= num_blocks <= i:
             block.__class__ = cls
             block.__dict__.pop("_checkpoint_mode", None)
+            block.__dict__.pop("_checkpoint_unit", None)
             continue
+        if unit == "sublayer" and not hasattr(cls, "sublayers"):
+            raise ValueError(f"activation checkpointing by sub-layer: {cls.__name__} has no sub-layers")
         block.__class__ = _checkpointed_class(cls)
         block._checkpoint_mode = mode
+        block._checkpoint_unit = unit

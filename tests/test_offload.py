@@ -90,3 +90,55 @@ def test_model_config_switches_offload_on():
     off = build_one4d(ModelConfig(preset="tiny", num_links=1, compute_dtype="fp32"), "cpu")
     assert isinstance(on.activation_offload, HostOffload) and on.activation_offload.exclude is on
     assert off.activation_offload is None
+
+
+def test_backward_brings_back_the_rest_of_a_block_and_the_block_before_it():
+    """A compiled block unpacks all its saved tensors at once in forward order: prefetching a count of tensors
+    below the one unpacked left the first ones of each block to be waited for where a block saves more than the
+    count. By group: an unpack brings back the rest of its block and the `prefetch` blocks before it."""
+    from one4d_train.model.offload import _Session
+
+    offload = HostOffload(min_bytes=0)  # prefetch: one group
+    session = _Session(offload, set())
+    index = {}
+    for block, count in enumerate((3, 4, 4)):
+        session.next_group()
+        for k in range(count):
+            index[block, k] = session.pack(torch.full((2,), float(10 * block + k)))[1]
+    first_of_last = index[2, 0]
+    assert list(session._ahead(first_of_last)) == [index[2, 1], index[2, 2], index[2, 3],
+                                                   index[1, 3], index[1, 2], index[1, 1], index[1, 0]]
+    assert list(session._ahead(index[0, 1])) == [index[0, 2], index[0, 0]]  # no block before the first
+    # unmarked (each tensor its own group): `prefetch` tensors below the one unpacked, as before
+    plain = _Session(HostOffload(min_bytes=0, prefetch=2), set())
+    for k in range(5):
+        plain.pack(torch.full((2,), float(k)))
+    assert list(plain._ahead(4)) == [3, 2] and list(plain._ahead(1)) == [0]
+    # every tensor still comes back as it was, in any order
+    assert [session.unpack((session, index[key])).tolist()[0] for key in sorted(index)] == [
+        10 * b + k for b, k in sorted(index)]
+
+
+@pytest.mark.parametrize("unit", ["block", "sublayer"])
+def test_the_model_marks_one_offload_group_per_block(unit):
+    """One4DModel starts a group before each block: what a block saves (its input; by sub-layer the residual
+    stream after each attention too) is its block's group."""
+    from one4d_train.model import offload as offload_module
+
+    model, _ = tiny_one4d(activation_checkpointing="full")
+    apply_activation_checkpointing(model.base.blocks, "full", unit=unit)
+    offload = apply_activation_offload(model, min_bytes=0)
+    sessions = []
+    real = offload_module._Session.next_group
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(offload_module._Session, "next_group", lambda self: sessions.append(self) or real(self))
+        loss_and_grads(model, model_inputs())
+    session = sessions[0]
+    blocks = len(model.base.blocks)
+    assert all(s is session for s in sessions)
+    assert len(sessions) == blocks and session.group == blocks - 1
+    groups = [e.group for e in session.entries]
+    assert groups == sorted(groups) and set(groups) == set(range(blocks)), groups
+    per_block = [groups.count(g) for g in range(blocks)]
+    tokens = [e for e in session.entries if e.host.shape == session.entries[0].host.shape]
+    assert len(tokens) == blocks * (3 if unit == "sublayer" else 1), (len(tokens), per_block)

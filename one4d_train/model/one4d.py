@@ -131,8 +131,10 @@ class One4DModel(nn.Module):
 
     def _run_blocks(self, tokens, e0, ctx, grid):
         freqs = self.base.rope_freqs(grid, tokens.device)
-        with self.activation_offload() if self.activation_offload else contextlib.nullcontext():
+        with self.activation_offload() if self.activation_offload else contextlib.nullcontext() as offload:
             for i, block in enumerate(self.base.blocks):
+                if offload is not None:  # each block's saved tensors a group: brought back a block ahead
+                    offload.next_group()
                 tokens = block(tokens, e0, ctx, freqs)
                 if self.link_blocks and self.control_links.has(i):
                     tokens = self.control_links(i, tokens)

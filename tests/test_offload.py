@@ -142,3 +142,68 @@ def test_the_model_marks_one_offload_group_per_block(unit):
     per_block = [groups.count(g) for g in range(blocks)]
     tokens = [e for e in session.entries if e.host.shape == session.entries[0].host.shape]
     assert len(tokens) == blocks * (3 if unit == "sublayer" else 1), (len(tokens), per_block)
+
+
+def _fake_root(tmp_path, cgroup: str, files: dict[str, str], meminfo_kb: int = 64 << 20):
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    (tmp_path / "proc" / "meminfo").write_text(f"MemTotal: {128 << 20} kB\nMemAvailable: {meminfo_kb} kB\n")
+    (tmp_path / "proc" / "self" / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        path = tmp_path / "sys" / "fs" / "cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path)
+
+
+def test_host_memory_left_is_the_machines_or_the_control_groups(tmp_path):
+    """MemAvailable, or less where the process's cgroup (v2 or v1) limits it: its limit less what it holds beyond
+    inactive page cache; a group not mounted at its own path (a cgroup namespace) is read at the mount's root."""
+    from one4d_train.model.host_memory import available_bytes
+
+    gb = 1 << 30
+    v2 = _fake_root(tmp_path / "v2", "0::/slurm/uid_1/job_7/step_0\n", {
+        "slurm/uid_1/job_7/step_0/memory.max": f"{40 * gb}\n", "slurm/uid_1/job_7/step_0/memory.current": f"{30 * gb}\n",
+        "slurm/uid_1/job_7/step_0/memory.stat": f"anon {20 * gb}\nfile {10 * gb}\ninactive_file {6 * gb}\n"})
+    assert available_bytes(v2) == 16 * gb  # 40 - (30 - 6), below the machine's 64
+    unlimited = _fake_root(tmp_path / "v2max", "0::/user.slice\n", {"user.slice/memory.max": "max\n",
+                                                                    "user.slice/memory.current": "5\n"})
+    assert available_bytes(unlimited) == 64 * gb
+    namespaced = _fake_root(tmp_path / "ns", "0::/\n", {"memory.max": f"{8 * gb}\n", "memory.current": f"{2 * gb}\n"})
+    assert available_bytes(namespaced) == 6 * gb
+    v1 = _fake_root(tmp_path / "v1", "9:cpu,cpuacct:/\n4:memory:/slurm/job_7\n", {
+        "memory/slurm/job_7/memory.limit_in_bytes": f"{100 * gb}\n",
+        "memory/slurm/job_7/memory.usage_in_bytes": f"{90 * gb}\n",
+        "memory/slurm/job_7/memory.stat": f"cache {9 * gb}\ntotal_inactive_file {4 * gb}\n"})
+    assert available_bytes(v1) == 14 * gb
+    v1_free = _fake_root(tmp_path / "v1free", "4:memory:/docker/x\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1000\n"})
+    assert available_bytes(v1_free) == 64 * gb
+    garbled = _fake_root(tmp_path / "bad", "0::/\n", {"memory.max": "lots\n", "memory.current": "1\n"})
+    assert available_bytes(garbled) == 64 * gb  # an unreadable group says nothing; the machine's figure stands
+    assert available_bytes(str(tmp_path / "nothing")) is None  # no /proc (another OS): no check
+
+
+def test_offload_stops_with_a_clear_error_before_host_memory_runs_out(monkeypatch):
+    """Where the saved activations of a step would leave the process less than `host_reserve` of host memory, the
+    forward stops with HostMemoryError naming what to change, instead of the out-of-memory killer ending it; memory
+    is looked up only for what goes beyond the most an earlier step held (that memory stays cached)."""
+    from one4d_train.model import host_memory
+    from one4d_train.model.offload import HostMemoryError
+
+    model, _ = tiny_one4d()
+    left = {"bytes": 1 << 40}
+    calls = []
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: calls.append(1) or left["bytes"])
+    offload = apply_activation_offload(model, min_bytes=0, host_reserve=1 << 20)
+    loss_and_grads(model, model_inputs())
+    first = len(calls)
+    assert first == offload.stats.tensors > 0 and offload.max_step_bytes == offload.stats.bytes
+    loss_and_grads(model, model_inputs())
+    assert len(calls) == first  # the same step again: nothing beyond the first one's
+    left["bytes"] = (1 << 20) + 1000  # a little above the reserve
+    offload = apply_activation_offload(model, min_bytes=0, host_reserve=1 << 20)
+    with pytest.raises(HostMemoryError, match=r"GB of host memory left to this process .* out-of-memory killer.*"
+                                              r"model.activation_checkpointing_unit=block.*--mem=0"):
+        model(*model_inputs())
+    with pytest.raises(ValueError, match="host_reserve"):
+        HostOffload(host_reserve=-1)

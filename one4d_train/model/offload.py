@@ -15,6 +15,11 @@ instead stalls wherever a block saves more tensors than the count: each one not 
 Saved tensors reach the hooks both from eager checkpointing (torch's non-reentrant checkpoint saves its inputs
 with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).
 On a CPU device the copies are plain copies (no streams): the same code path, for tests.
+
+Host memory: at 14B by sub-layer a step pins ~61 GB per GPU process. Before it takes more host memory than any earlier
+step did, an offload checks what the process may still take (host_memory.py: the machine's and its control group's
+limit) and stops the step with a HostMemoryError naming the settings that need less, where the out-of-memory killer
+would otherwise end the process without a word.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from one4d_train.model import host_memory
 
 
 @dataclass
@@ -44,10 +51,15 @@ class _Entry:
     group: int = 0  # the block that saved it (the tensor's own index where no groups are marked)
 
 
+class HostMemoryError(RuntimeError):
+    """The saved activations of a step would not fit in the host memory left to this process."""
+
+
 @dataclass
 class _Session:
     owner: "HostOffload"
     params: set[int]
+    bytes: int = 0  # offloaded in this forward
     entries: list[_Entry] = field(default_factory=list)
     by_id: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
     group: int | None = None  # the current group; None: none marked, each tensor a group of its own
@@ -64,7 +76,10 @@ class _Session:
         seen = self.by_id.get(id(t))
         if seen is not None and seen[0]() is t:
             return self, seen[1]
+        if self.bytes + nbytes > self.owner.max_step_bytes:  # beyond what earlier steps pinned (and cached)
+            self.owner.check_host_memory(nbytes, self.bytes)
         host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+        self.bytes += nbytes
         entry = _Entry(host, t.device, group=len(self.entries) if self.group is None else self.group)
         if t.is_cuda:
             side = self.owner.stream(t.device)
@@ -137,14 +152,30 @@ class HostOffload:
     prefetch: groups (blocks) brought back ahead of their use in backward; where no groups are marked, tensors.
     exclude: module whose parameters are never moved (they are not activations)."""
 
-    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = 16 << 20, prefetch: int = 1):
-        if min_bytes < 0 or prefetch < 0:
-            raise ValueError("activation offload: min_bytes and prefetch must be >= 0")
+    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = 16 << 20, prefetch: int = 1,
+                 host_reserve: int = 2 << 30):
+        if min_bytes < 0 or prefetch < 0 or host_reserve < 0:
+            raise ValueError("activation offload: min_bytes, prefetch and host_reserve must be >= 0")
         self.exclude = exclude
         self.min_bytes = min_bytes
         self.prefetch = prefetch
+        self.host_reserve = host_reserve  # host memory an offload leaves to the rest of the process
+        self.max_step_bytes = 0  # the most any forward offloaded so far (the pinned memory it left cached)
         self.stats = OffloadStats()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def check_host_memory(self, nbytes: int, done: int) -> None:
+        """Raise HostMemoryError where `nbytes` more would leave less than `host_reserve` of host memory."""
+        left = host_memory.available_bytes()
+        if left is None or left - nbytes >= self.host_reserve:
+            return
+        raise HostMemoryError(
+            f"activation offload: {left / 1e9:.1f} GB of host memory left to this process (the machine's, or its "
+            f"Slurm job's/container's limit) and {nbytes / 1e9:.2f} GB more to hold, after {done / 1e9:.1f} GB of "
+            f"this step's saved activations; going on would end the process in the out-of-memory killer. Every GPU "
+            f"process of a node holds its own (14B: ~61 GB by sub-layer, ~32 GB with "
+            f"model.activation_checkpointing_unit=block); give the job the node's memory (Slurm: --mem=0), run "
+            f"fewer processes per node, or set model.activation_offload=false where the GPU has the room")
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
@@ -163,8 +194,11 @@ class HostOffload:
             yield
             return
         session = _Session(self, self._param_storages())
-        with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
-            yield session
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
+                yield session
+        finally:
+            self.max_step_bytes = max(self.max_step_bytes, session.bytes)
 
 
 def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -> HostOffload | None:

@@ -215,6 +215,11 @@ def test_activation_checkpointing_same_gradients(mode, unit):
         apply_activation_checkpointing(model.blocks, "some")
     with pytest.raises(ValueError, match="activation checkpointing unit 'layer'"):
         apply_activation_checkpointing(model.blocks, mode, unit="layer")
+    # by sub-layer needs blocks that have them: refused before any block changes
+    mixed = nn.ModuleList([model.blocks[0], nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="Linear has no sub-layers"):
+        apply_activation_checkpointing(mixed, mode, unit="sublayer")
+    assert type(mixed[0]).__name__ == "WanBlock"
 
 
 @pytest.mark.parametrize("mode", ["full", "selective_self"])

@@ -129,6 +129,11 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks:
         raise ValueError(f"activation checkpointing unit {unit!r}: choose one of {', '.join(UNITS)}")
     if num_blocks < -1:
         raise ValueError(f"activation checkpointing of {num_blocks} blocks: need -1 (all) or a count >= 0")
+    if mode != "none" and unit == "sublayer":  # before any block changes
+        for block in blocks:
+            cls = getattr(type(block), "_original_class", type(block))
+            if not hasattr(cls, "sublayers"):
+                raise ValueError(f"activation checkpointing by sub-layer: {cls.__name__} has no sub-layers")
     for i, block in enumerate(blocks):
         cls = getattr(type(block), "_original_class", type(block))
         if mode == "none" or 0 <= num_blocks <= i:
@@ -136,8 +141,6 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks:
             block.__dict__.pop("_checkpoint_mode", None)
             block.__dict__.pop("_checkpoint_unit", None)
             continue
-        if unit == "sublayer" and not hasattr(cls, "sublayers"):
-            raise ValueError(f"activation checkpointing by sub-layer: {cls.__name__} has no sub-layers")
         block.__class__ = _checkpointed_class(cls)
         block._checkpoint_mode = mode
         block._checkpoint_unit = unit

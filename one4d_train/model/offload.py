@@ -16,7 +16,8 @@ Saved tensors reach the hooks both from eager checkpointing (torch's non-reentra
 with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).
 On a CPU device the copies are plain copies (no streams): the same code path, for tests.
 
-Host memory: at 14B by sub-layer a step pins ~61 GB per GPU process. Before it takes more host memory than any earlier
+Host memory: at 14B by sub-layer a step saves 61 GB per GPU process, which pin ~89 GB (torch's pinned-memory cache
+rounds each 369 MB up to 537 MB); by block 31 GB, ~46 GB pinned. Before it takes more host memory than any earlier
 step did, an offload checks what the process may still take (host_memory.py: the machine's and its control group's
 limit) and stops the step with a HostMemoryError naming the settings that need less, where the out-of-memory killer
 would otherwise end the process without a word.
@@ -51,6 +52,12 @@ class _Entry:
     group: int = 0  # the block that saved it (the tensor's own index where no groups are marked)
 
 
+def _pinned_bytes(nbytes: int) -> int:
+    """What torch's pinned-memory cache takes for `nbytes`: the next power of two (its default rounding; a 14B block
+    input's 369 MB pins 537 MB)."""
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
 class HostMemoryError(RuntimeError):
     """The saved activations of a step would not fit in the host memory left to this process."""
 
@@ -59,7 +66,7 @@ class HostMemoryError(RuntimeError):
 class _Session:
     owner: "HostOffload"
     params: set[int]
-    bytes: int = 0  # offloaded in this forward
+    bytes: int = 0  # host memory this forward's offloads took (pinned sizes)
     entries: list[_Entry] = field(default_factory=list)
     by_id: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
     group: int | None = None  # the current group; None: none marked, each tensor a group of its own
@@ -75,11 +82,15 @@ class _Session:
             return t
         seen = self.by_id.get(id(t))
         if seen is not None and seen[0]() is t:
+            entry = self.entries[seen[1]]
+            if self.group is not None:  # saved by a later block too: it comes back with the last one that saved it
+                entry.group = max(entry.group, self.group)
             return self, seen[1]
-        if self.bytes + nbytes > self.owner.max_step_bytes:  # beyond what earlier steps pinned (and cached)
-            self.owner.check_host_memory(nbytes, self.bytes)
+        pinned = _pinned_bytes(nbytes) if t.is_cuda else nbytes
+        if self.bytes + pinned > self.owner.max_step_bytes:  # beyond what earlier steps pinned (and cached)
+            self.owner.check_host_memory(pinned, self.bytes)
         host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
-        self.bytes += nbytes
+        self.bytes += pinned
         entry = _Entry(host, t.device, group=len(self.entries) if self.group is None else self.group)
         if t.is_cuda:
             side = self.owner.stream(t.device)
@@ -173,7 +184,7 @@ class HostOffload:
             f"activation offload: {left / 1e9:.1f} GB of host memory left to this process (the machine's, or its "
             f"Slurm job's/container's limit) and {nbytes / 1e9:.2f} GB more to hold, after {done / 1e9:.1f} GB of "
             f"this step's saved activations; going on would end the process in the out-of-memory killer. Every GPU "
-            f"process of a node holds its own (14B: ~61 GB by sub-layer, ~32 GB with "
+            f"process of a node holds its own (14B: ~89 GB by sub-layer, ~46 GB with "
             f"model.activation_checkpointing_unit=block); give the job the node's memory (Slurm: --mem=0), run "
             f"fewer processes per node, or set model.activation_offload=false where the GPU has the room")
 

@@ -101,7 +101,8 @@ def test_resume_continues_exactly(shards, straight, tmp_path):
 
 def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
     """One sample of every shard has a flipped bit in its mp4 (it would still decode): training goes on, and the
-    skipped samples, summed over both ranks, reach MLflow."""
+    skipped samples, summed over both ranks, reach MLflow. (With activation offload on, the host memory it holds is
+    logged too: none here, the tiny model's activations are below its 16 MiB threshold.)"""
     import io
     import tarfile
 
@@ -119,9 +120,11 @@ def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
                     data = bytes(data)
                 tar.addfile(m, io.BytesIO(data))
     run_dir = tmp_path / "run"
-    code, out = torchrun(run_dir, *common(bad, run_dir, 4), timeout=900)
+    code, out = torchrun(run_dir, *common(bad, run_dir, 4), "model.activation_offload=true", timeout=900)
     assert code == 0, out[-4000:]
     client, run = mlflow_run(run_dir)
+    assert metric(client, run, "host_offload_gib") == {s: 0.0 for s in range(1, 5)}
+    assert "host offload 0.0 GiB" in out
     skipped = metric(client, run, "data_skipped_samples")
     assert skipped[4] >= 2 and list(skipped.values()) == sorted(skipped.values()), skipped  # >= 1 per rank by then
     assert metric(client, run, "loss")[4] == metric(client, run, "loss")[4]  # finite

@@ -706,6 +706,9 @@ def test_the_step_line_says_skipped_steps_not_samples():
     perf = {"samples_per_s": 1.0, "tokens_per_s": 2.0, "data_wait_frac": 0.5}
     assert format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 2).endswith("| data 50% | 2 steps skipped")
     assert "skipped" not in format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0)
+    # the host memory activation offload holds, where it is on
+    perf.update(peak_mem_gib=60.0, host_offload_gib=83.25)
+    assert format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0).endswith("| mem 60.0 GiB | host offload 83.2 GiB")
 
 
 def test_the_data_line_tells_short_clips_from_corrupt_samples():

@@ -72,6 +72,8 @@ def format_line(step: int, total: int, losses: dict[str, float], lr: float, grad
     parts.append(f"data {100 * perf['data_wait_frac']:.0f}%")
     if "peak_mem_gib" in perf:
         parts.append(f"mem {perf['peak_mem_gib']:.1f} GiB")
+    if "host_offload_gib" in perf:
+        parts.append(f"host offload {perf['host_offload_gib']:.1f} GiB")
     if skipped:  # steps, not samples: the data line counts those
         parts.append(f"{skipped} steps skipped")
     return " | ".join(parts)

@@ -469,6 +469,9 @@ class Trainer:
         losses = {k: v / world for k, v in zip(keys, reduced)}
         perf = metrics.throughput(elapsed, data_s, steps, self.global_batch, world, self.task.flops_per_sample(),
                                   self.task.tokens_per_sample(), self.peak, self.device)
+        offload = getattr(self.engine.module, "activation_offload", None)
+        if offload is not None:  # host memory its saved activations hold, per process (model/offload.py)
+            perf["host_offload_gib"] = offload.max_step_bytes / 2**30
         lr = self.step_lr
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None

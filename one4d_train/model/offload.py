@@ -10,7 +10,7 @@ group by group in the reverse order of packing (a group: what one DiT block save
 forward order). So an unpack starts, on the side stream, the host-to-device copies of the rest of its group and of
 the `prefetch` groups before it, overlapping them with the current block's backward. Prefetching by tensor count
 instead stalls wherever a block saves more tensors than the count: each one not brought back in time is waited for
-(369 MB at ~27 GB/s: ~14 ms at 14B).
+(369 MB at the 54 GB/s an H100's host link carries: ~7 ms at 14B).
 
 Saved tensors reach the hooks both from eager checkpointing (torch's non-reentrant checkpoint saves its inputs
 with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).

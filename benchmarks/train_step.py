@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,14 +60,30 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def commit() -> str:
-    if os.environ.get("BENCH_COMMIT"):  # a copied tree's repository metadata can be stale: the caller knows better
+@functools.lru_cache(maxsize=None)
+def commit(root: str | Path | None = None) -> str:
+    """HEAD's short commit; where the files differ from it (a copied tree whose repository metadata is stale, or
+    uncommitted changes), `HEAD+tree:ID` with ID the git tree the files make, which names the code run exactly:
+    `git log --all --format='%h %T' | grep ID` finds the commit that holds it."""
+    if os.environ.get("BENCH_COMMIT"):  # the caller knows better
         return os.environ["BENCH_COMMIT"]
+    root = Path(root or Path(__file__).resolve().parents[1])
+
+    def git(*args, **env):
+        return subprocess.check_output(["git", *args], text=True, cwd=root, stderr=subprocess.DEVNULL,
+                                       env={**os.environ, **env}).strip()
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL).strip()
+        head = git("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_COMMIT", "?")
+        return "?"
+    try:  # the files' tree, through a scratch index: the repository's own index is left alone
+        with tempfile.TemporaryDirectory() as tmp:
+            index = os.path.join(tmp, "index")
+            git("add", "-A", GIT_INDEX_FILE=index)
+            tree = git("write-tree", GIT_INDEX_FILE=index)
+        return head if tree == git("rev-parse", "HEAD^{tree}") else f"{head}+tree:{tree[:12]}"
+    except (OSError, subprocess.CalledProcessError):
+        return head
 
 
 def record(path: str | None, row: dict) -> None:

@@ -228,3 +228,36 @@ def test_resident_encoders_hold_each_tower_parameter_once():
         assert len(host) == 1 and sum(p.numel() for p in host[0].parameters()) == n_image, (mode, stored)
     assert len(resident_encoders(ModelConfig(preset="tiny", text_encoder_device="device"), torch.device("meta"),
                                  tiny=True, text_stored=True)) == 2
+
+
+def test_rows_name_the_code_run_even_from_a_copied_tree(tmp_path):
+    """A row's commit is HEAD's where the files are HEAD's; where they differ (a tree copied beside stale repository
+    metadata, or uncommitted changes) it adds the git tree the files make, which the commit holding them has, and
+    the repository's own index is left as it was."""
+    import importlib.util
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.check_output(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                                       text=True).strip()
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("*.whl\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    (repo / "big.whl").write_text("ignored")
+    assert bench.commit(repo) == head
+    (repo / "a.py").write_text("x = 2\n")
+    (repo / "new.py").write_text("y = 1\n")  # untracked files travel with a copied tree too
+    got = bench.commit.__wrapped__(repo)
+    assert git("diff", "--cached", "--name-only") == ""  # the real index untouched
+    git("add", "-A")
+    git("commit", "-q", "-m", "two")
+    assert got == f"{head}+tree:{git('rev-parse', 'HEAD^{tree}')[:12]}"

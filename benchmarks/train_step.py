@@ -338,8 +338,8 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   ckpt=none|full|selective|selective_self|mixed:K   activation checkpointing (model/checkpointing.py;
         mixed:K = the first K blocks selective_self, the rest full; MODE@K = the first K blocks in MODE, the rest
         keep every activation, as model.activation_checkpointing_blocks=K)
-  unit=block|sublayer                               checkpointed region: the block, or each of its three residual
-        updates (model.activation_checkpointing_unit); unset: as the experiment config says
+  unit=block|sublayer|sublayer_ffn                  checkpointed region: the block, or each of its three residual
+        updates, those and the FFN's hidden layer (model.activation_checkpointing_unit); unset: as the config says
   attn=auto|cudnn|flash|efficient|fa2|fa3|fa4       attention backend
   vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
@@ -407,7 +407,7 @@ def parse_variants(text: str) -> list[dict]:
             key, _, value = setting.partition("=")
             if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)) or (
                     key == "lora" and value not in ("fused", "bmm")) or (
-                    key == "unit" and value not in ("block", "sublayer")):
+                    key == "unit" and value not in ("block", "sublayer", "sublayer_ffn")):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -633,6 +633,7 @@ def run_ours(args) -> None:
             row["loss"] = float(state["loss"])
             if offload is not None:  # before the profiled step, which would add to the count
                 row["offload_gb_per_step"] = offload.stats.bytes / 1e9 / (args.warmup + row["steps"])
+                row["offload_host_gb"] = offload.host_bytes / 1e9  # its page-locked buffers
             if args.profile:
                 profile_step(step, device)
             if device.type == "cuda":
@@ -827,6 +828,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"n={r['steps']}{'' if r['steps'] >= MIN_TIMED_STEPS else ' (too few)'}"
                       f" [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
+                      + (f" ({r['offload_host_gb']:.1f} held)" if "offload_host_gb" in r else "")
                       + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731

@@ -189,7 +189,7 @@ def test_bf16_model_keeps_fp32_modulation_and_tracks_fp32():
     assert rel < 0.05, rel
 
 
-@pytest.mark.parametrize("unit", ["block", "sublayer"])
+@pytest.mark.parametrize("unit", ["block", "sublayer", "sublayer_ffn"])
 @pytest.mark.parametrize("mode", ["full", "selective", "selective_self"])
 def test_activation_checkpointing_same_gradients(mode, unit):
     model = random_model(True)
@@ -227,7 +227,8 @@ def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_rer
     """Compiled blocks (the partitioner Inductor uses), One4D's frozen base with branch LoRA: by sub-layer, each block
     saves two more token-sized tensors (the residual stream after each attention) and its backward runs two base
     linears fewer (the self- and cross-attention output projections: addmm with their bias), one LoRA product fewer
-    each; the gradients are the block unit's."""
+    each; the gradients are the block unit's. With the FFN split at its activation (`sublayer_ffn`), one more tensor
+    is saved, the FFN's ffn_dim-wide pre-activation, and backward runs the FFN's first linear no more."""
     from functorch.compile import min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -259,16 +260,24 @@ def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_rer
 
         def ops(gm, name):
             return sum(n.op == "call_function" and n.target is name for n in gm.graph.nodes)
-        saved = [n for n in graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:]
-                 if hasattr(n, "meta") and tuple(getattr(n.meta.get("val"), "shape", ())) == (2, tokens, model.dim)]
+        shapes = [tuple(getattr(n.meta.get("val"), "shape", ())) for n in
+                  graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:] if hasattr(n, "meta")]
+        ffn_dim = model.base.cfg.ffn_dim
         counts = {"addmm": ops(graphs["bw"], torch.ops.aten.addmm.default),
-                  "bmm": ops(graphs["bw"], torch.ops.aten.bmm.default), "saved": len(saved)}
+                  "bmm": ops(graphs["bw"], torch.ops.aten.bmm.default),
+                  "saved": shapes.count((2, tokens, model.dim)), "hidden": shapes.count((2 * tokens, ffn_dim))
+                  + shapes.count((2, tokens, ffn_dim))}
         return counts, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     block, want = run("block")
     sublayer, got = run("sublayer")
-    assert sublayer == {"addmm": block["addmm"] - 2, "bmm": block["bmm"] - 2, "saved": block["saved"] + 2}, (
-        block, sublayer)
+    assert sublayer == {"addmm": block["addmm"] - 2, "bmm": block["bmm"] - 2, "saved": block["saved"] + 2,
+                        "hidden": block["hidden"]}, (block, sublayer)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    ffn, got = run("sublayer_ffn")
+    assert ffn == {"addmm": sublayer["addmm"] - 1, "bmm": sublayer["bmm"] - 1, "saved": sublayer["saved"],
+                   "hidden": sublayer["hidden"] + 1}, (sublayer, ffn)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
 

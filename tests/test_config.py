@@ -344,8 +344,13 @@ def test_valid_settings_that_have_no_effect_are_named():
                 "model.activation_checkpointing_unit=sublayer", "train.zero_stage=2"]
     assert dict(ignored_settings(load_config(sublayer))) == {
         "model.activation_checkpointing_unit": "sublayer, but without model.compile, backward recomputes each "
-                                               "sub-layer whole: the kept residual stream only costs memory"}
+                                               "sub-layer whole: what the unit keeps only costs memory"}
     assert ignored_settings(load_config(sublayer + ["model.compile=true"])) == []
+    ffn = sublayer[:2] + ["model.activation_checkpointing_unit=sublayer_ffn", "train.zero_stage=2"]
+    assert [v.split(",")[0] for _, v in ignored_settings(load_config(ffn))] == ["sublayer_ffn"]
+    assert ignored_settings(load_config(ffn + ["model.compile=true"])) == []
+    with pytest.raises(Exception, match="activation_checkpointing_unit"):
+        load_config([f"config={demo}", "model.activation_checkpointing_unit=ffn"])
     # the tiny preset's random text tower is an encoder too: its device is no ignored setting
     assert ignored_settings(load_config([f"config={demo}", "model.text_encoder_device=cpu"])) == []
     # the fused LoRA operator steps aside for dropout and FP8 bases

@@ -147,7 +147,8 @@ class WanBlock(nn.Module):
         return x
 
     def sublayers(self, e0: torch.Tensor, context: torch.Tensor, freqs) -> tuple:
-        """The block as its three residual updates x -> x, in order: self-attention, cross-attention, FFN."""
+        """The block as its three residual updates x -> x, in order: self-attention, cross-attention, FFN (whose
+        `parts` split it at its activation: x -> hidden, then (x, hidden) -> x)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e0.float()).chunk(6, dim=1)
 
         def self_attention(x):
@@ -157,10 +158,17 @@ class WanBlock(nn.Module):
         def cross_attention(x):
             return x + self.cross_attn(self.norm3(x).type_as(x), context)
 
-        def ffn(x):
-            y = self.ffn((self.norm2(x) * (1 + c_scale) + c_shift).type_as(x))
+        def ffn_hidden(x):  # the FFN's first linear: its pre-activation
+            return self.ffn[0]((self.norm2(x) * (1 + c_scale) + c_shift).type_as(x))
+
+        def ffn_out(x, hidden):
+            y = self.ffn[2](self.ffn[1](hidden))
             return (x.float() + y.float() * c_gate).type_as(x)
 
+        def ffn(x):
+            return ffn_out(x, ffn_hidden(x))
+
+        ffn.parts = (ffn_hidden, ffn_out)  # checkpointing by `sublayer_ffn` makes each part a region
         return self_attention, cross_attention, ffn
 
     def run_sublayer(self, update, x: torch.Tensor) -> torch.Tensor:

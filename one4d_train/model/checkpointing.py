@@ -20,6 +20,9 @@ Units (`ModelConfig.activation_checkpointing_unit`):
   (model/compile.py: the graph partitioner recomputes only what backward reads); eager recompute runs each region
   to its last saved tensor, the gate of its residual add, so there the projections run again and the unit only
   costs memory.
+- `sublayer_ffn`: as `sublayer`, and the FFN split at its activation into two regions, so its pre-activation (the
+  first linear's output, `ffn_dim` wide: 2.7 block inputs' size at 14B, 1 GB a block) is kept too and a compiled
+  backward never runs the FFN's first linear again (GELU is recomputed from it). The same eager caveat.
 
 Checkpointing is non-reentrant (reentrant checkpointing breaks under ZeRO-3). The block's class is swapped for a
 subclass whose `__call__` runs the ordinary module call inside `torch.utils.checkpoint`, so module names and
@@ -36,7 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from one4d_train.model import attention as _attention  # registers one4d::fa4_fwd; imports the flash libraries
 
 MODES = ("none", "full", "selective", "selective_self")
-UNITS = ("block", "sublayer")
+UNITS = ("block", "sublayer", "sublayer_ffn")
 
 
 def _attention_ops() -> set:
@@ -96,13 +99,17 @@ class _Checkpointed:
     _checkpoint_unit = "block"
 
     def __call__(self, *args, **kwargs):
-        if not torch.is_grad_enabled() or self._checkpoint_unit == "sublayer":  # then per update: run_sublayer
+        if not torch.is_grad_enabled() or self._checkpoint_unit != "block":  # then per update: run_sublayer
             return super().__call__(*args, **kwargs)
         return _checkpoint(super().__call__, self._checkpoint_mode, *args, **kwargs)
 
     def run_sublayer(self, update, x):
-        if self._checkpoint_unit != "sublayer" or not torch.is_grad_enabled():
+        if self._checkpoint_unit == "block" or not torch.is_grad_enabled():
             return update(x)
+        parts = getattr(update, "parts", None)
+        if self._checkpoint_unit == "sublayer_ffn" and parts is not None:
+            first, second = parts  # the region boundary keeps what passes between them
+            return _checkpoint(second, self._checkpoint_mode, x, _checkpoint(first, self._checkpoint_mode, x))
         return _checkpoint(update, self._checkpoint_mode, x)
 
 
@@ -129,7 +136,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks:
         raise ValueError(f"activation checkpointing unit {unit!r}: choose one of {', '.join(UNITS)}")
     if num_blocks < -1:
         raise ValueError(f"activation checkpointing of {num_blocks} blocks: need -1 (all) or a count >= 0")
-    if mode != "none" and unit == "sublayer":  # before any block changes
+    if mode != "none" and unit != "block":  # before any block changes
         for block in blocks:
             cls = getattr(type(block), "_original_class", type(block))
             if not hasattr(cls, "sublayers"):

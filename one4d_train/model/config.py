@@ -73,7 +73,7 @@ class ModelConfig:
     xyz_patch_embedding: bool = True  # the XYZ branch's own trainable patch embedding (from the base's)
     activation_checkpointing: str = "full"  # none | full | selective | selective_self (model/checkpointing.py)
     activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
-    activation_checkpointing_unit: str = "block"  # block | sublayer: each residual update its own region (model/checkpointing.py)
+    activation_checkpointing_unit: str = "block"  # block | sublayer: each residual update its own region | sublayer_ffn: and the FFN's hidden layer kept (model/checkpointing.py)
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
     compute_dtype: str = "bf16"  # bf16 | fp32
     lora_kernel: str = "bmm"  # bmm | fused: the branch LoRA's deltas added after the base GEMMs, or accumulated in them (model/lora_op.py: faster eager, slower in compiled blocks; benchmarks/PERF_NOTES.md)
@@ -94,7 +94,8 @@ class ModelConfig:
         p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
                     "activation_checkpointing")
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
-        p += choice(self.activation_checkpointing_unit, ["block", "sublayer"], "activation_checkpointing_unit")
+        p += choice(self.activation_checkpointing_unit, ["block", "sublayer", "sublayer_ffn"],
+                    "activation_checkpointing_unit")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
         p += choice(self.lora_kernel, ["fused", "bmm"], "lora_kernel")

@@ -16,11 +16,13 @@ Saved tensors reach the hooks both from eager checkpointing (torch's non-reentra
 with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).
 On a CPU device the copies are plain copies (no streams): the same code path, for tests.
 
-Host memory: at 14B by sub-layer a step saves 61 GB per GPU process, which pin ~89 GB (torch's pinned-memory cache
-rounds each 369 MB up to 537 MB); by block 31 GB, ~46 GB pinned. Before it takes more host memory than any earlier
-step did, an offload checks what the process may still take (host_memory.py: the machine's and its control group's
-limit) and stops the step with a HostMemoryError naming the settings that need less, where the out-of-memory killer
-would otherwise end the process without a word.
+Host memory: the copies go to page-locked buffers of their exact sizes, kept for the next step (host_buffers.py;
+torch's pinned-memory cache would round each up to a power of two, ~45% more at 14B). At 14B a step saves 31 GB per
+GPU process by block, 61 GB by sub-layer, ~101 GB by sub-layer with the FFN's hidden layer kept
+(model/checkpointing.py). Before it maps a buffer beyond those the process already holds, an offload checks what the
+process may still take (host_memory.py: the machine's and its control group's limit) and stops the step with a
+HostMemoryError naming the settings that need less, where the out-of-memory killer would otherwise end the process
+without a word.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from one4d_train.model import host_memory
+from one4d_train.model.host_buffers import HostBuffer, HostBuffers
 
 
 @dataclass
@@ -50,12 +53,7 @@ class _Entry:
     loaded_ready: torch.cuda.Event | None = None
     used: bool = False  # handed to backward once (its device copy then belongs to autograd)
     group: int = 0  # the block that saved it (the tensor's own index where no groups are marked)
-
-
-def _pinned_bytes(nbytes: int) -> int:
-    """What torch's pinned-memory cache takes for `nbytes`: the next power of two (its default rounding; a 14B block
-    input's 369 MB pins 537 MB)."""
-    return 1 << max(nbytes - 1, 0).bit_length()
+    buffer: HostBuffer | None = None  # what `host` lives in
 
 
 class HostMemoryError(RuntimeError):
@@ -66,10 +64,15 @@ class HostMemoryError(RuntimeError):
 class _Session:
     owner: "HostOffload"
     params: set[int]
-    bytes: int = 0  # host memory this forward's offloads took (pinned sizes)
+    bytes: int = 0  # host memory this forward's offloads took
     entries: list[_Entry] = field(default_factory=list)
     by_id: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
     group: int | None = None  # the current group; None: none marked, each tensor a group of its own
+    buffers: list[HostBuffer] = field(default_factory=list)  # back to the owner's free buffers with the session
+
+    def __post_init__(self):
+        # the session lives as long as autograd holds what it packed: until backward is done with the graph
+        weakref.finalize(self, self.owner.buffers.give, self.buffers)
 
     def next_group(self) -> None:
         """What is saved from here on belongs to the next group (call before each block)."""
@@ -86,19 +89,25 @@ class _Session:
             if self.group is not None:  # saved by a later block too: it comes back with the last one that saved it
                 entry.group = max(entry.group, self.group)
             return self, seen[1]
-        pinned = _pinned_bytes(nbytes) if t.is_cuda else nbytes
-        if self.bytes + pinned > self.owner.max_step_bytes:  # beyond what earlier steps pinned (and cached)
-            self.owner.check_host_memory(pinned, self.bytes)
-        host = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
-        self.bytes += pinned
-        entry = _Entry(host, t.device, group=len(self.entries) if self.group is None else self.group)
+        buffers = self.owner.buffers
+        new = buffers.new_bytes(nbytes, t.is_cuda)
+        if new:  # beyond the buffers earlier steps left
+            self.owner.check_host_memory(new, self.bytes)
+        buf = buffers.take(nbytes, pinned=t.is_cuda)
+        self.buffers.append(buf)
+        host = buf.view(t)
+        self.bytes += nbytes
+        entry = _Entry(host, t.device, group=len(self.entries) if self.group is None else self.group, buffer=buf)
         if t.is_cuda:
             side = self.owner.stream(t.device)
             side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(side):
+                if buf.event is not None:  # its last reader, an earlier step's host-to-device copy
+                    side.wait_event(buf.event)
                 host.copy_(t, non_blocking=True)
                 entry.ready = torch.cuda.Event()
                 entry.ready.record(side)
+            buf.event = entry.ready
             t.record_stream(side)  # the device memory is not reused before the copy has read it
         else:
             host.copy_(t)
@@ -147,7 +156,7 @@ class _Session:
                 loaded.copy_(entry.host, non_blocking=True)
                 entry.loaded_ready = torch.cuda.Event()
                 entry.loaded_ready.record(side)
-            entry.loaded = loaded
+            entry.loaded, entry.buffer.event = loaded, entry.loaded_ready
         if not wait:
             return entry.loaded
         current.wait_event(entry.loaded_ready)
@@ -171,9 +180,14 @@ class HostOffload:
         self.min_bytes = min_bytes
         self.prefetch = prefetch
         self.host_reserve = host_reserve  # host memory an offload leaves to the rest of the process
-        self.max_step_bytes = 0  # the most any forward offloaded so far (the pinned memory it left cached)
+        self.buffers = HostBuffers()  # host memory the saved tensors go to, kept for the next step
         self.stats = OffloadStats()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory this offload holds (its buffers, in use or kept for the next step)."""
+        return self.buffers.held
 
     def check_host_memory(self, nbytes: int, done: int) -> None:
         """Raise HostMemoryError where `nbytes` more would leave less than `host_reserve` of host memory."""
@@ -184,8 +198,8 @@ class HostOffload:
             f"activation offload: {left / 1e9:.1f} GB of host memory left to this process (the machine's, or its "
             f"Slurm job's/container's limit) and {nbytes / 1e9:.2f} GB more to hold, after {done / 1e9:.1f} GB of "
             f"this step's saved activations; going on would end the process in the out-of-memory killer. Every GPU "
-            f"process of a node holds its own (14B: ~89 GB by sub-layer, ~46 GB with "
-            f"model.activation_checkpointing_unit=block); give the job the node's memory (Slurm: --mem=0), run "
+            f"process of a node holds its own (14B: ~101 GB with model.activation_checkpointing_unit=sublayer_ffn, "
+            f"~61 GB with sublayer, ~31 GB with block); give the job the node's memory (Slurm: --mem=0), run "
             f"fewer processes per node, or set model.activation_offload=false where the GPU has the room")
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -205,11 +219,8 @@ class HostOffload:
             yield
             return
         session = _Session(self, self._param_storages())
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
-                yield session
-        finally:
-            self.max_step_bytes = max(self.max_step_bytes, session.bytes)
+        with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
+            yield session
 
 
 def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -> HostOffload | None:

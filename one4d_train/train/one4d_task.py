@@ -98,12 +98,13 @@ class One4DTask:
         elif m.activation_checkpointing_blocks > layers:
             notes.append(("model.activation_checkpointing_blocks", f"{m.activation_checkpointing_blocks}, but preset "
                           f"{m.preset!r} has {layers} blocks: all of them are checkpointed"))
-        if m.activation_checkpointing_unit == "sublayer" and (m.activation_checkpointing == "none" or not m.compile):
+        unit = m.activation_checkpointing_unit
+        if unit != "block" and (m.activation_checkpointing == "none" or not m.compile):
             why = ("no block is checkpointed (model.activation_checkpointing=none)"
                    if m.activation_checkpointing == "none" else
-                   "without model.compile, backward recomputes each sub-layer whole: the kept residual stream only "
+                   "without model.compile, backward recomputes each sub-layer whole: what the unit keeps only "
                    "costs memory")
-            notes.append(("model.activation_checkpointing_unit", f"sublayer, but {why}"))
+            notes.append(("model.activation_checkpointing_unit", f"{unit}, but {why}"))
         if m.design != "dlc" and m.link_blocks:
             notes.append(("model.link_blocks", f"control links are DLC's: model.design={m.design} has none"))
         if not text_identity(m, cfg.seed) and m.text_encoder_device != "auto":  # (the tiny preset has its tower)

@@ -471,7 +471,7 @@ class Trainer:
                                   self.task.tokens_per_sample(), self.peak, self.device)
         offload = getattr(self.engine.module, "activation_offload", None)
         if offload is not None:  # host memory its saved activations hold, per process (model/offload.py)
-            perf["host_offload_gib"] = offload.max_step_bytes / 2**30
+            perf["host_offload_gib"] = offload.host_bytes / 2**30
         lr = self.step_lr
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None

@@ -38,8 +38,8 @@ class HostBuffer:
 def _register(data: torch.Tensor, size: int) -> None:
     err = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), size, 1)  # 1: cudaHostRegisterPortable
     if int(err) != 0:
-        raise RuntimeError(f"activation offload: page-locking {size / 1e9:.2f} GB of host memory failed (CUDA error "
-                           f"{int(err)}); the node's locked-memory limit (ulimit -l) may be too low")
+        raise RuntimeError(f"activation offload: page-locking {size / 1e9:.2f} GB of host memory for the saved "
+                           f"activations failed (cudaHostRegister: CUDA error {int(err)})")
 
 
 def _release(buffers: list[HostBuffer]) -> None:

@@ -378,17 +378,22 @@ def test_activation_offload_frees_block_inputs(compiled):
         if g.norm() > 0:
             assert rel(g1[n], g) < 1e-2, (n, rel(g1[n], g))
     # page-locked host buffers of the tensors' own sizes (whole pages), reused by the next step: same gradients
+    from one4d_train.model.host_buffers import PAGE
+
     held = offloader.host_bytes
-    assert stats.bytes <= held < stats.bytes + stats.tensors * 4096, (held, stats.bytes)
-    assert all(b.data.is_pinned() for b in offloader.buffers._all)
+    assert stats.bytes <= held < stats.bytes + stats.tensors * PAGE, (held, stats.bytes)
+    pinned = [b.data.is_pinned() for b in offloader.buffers._all]
+    assert all(pinned), pinned
     model.zero_grad(set_to_none=True)
     v_rgb, v_xyz = model(*inputs)
     (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
     torch.cuda.synchronize()
     assert offloader.host_bytes == held
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters():  # (bf16; the attention backward's sums are not deterministic)
         if p.requires_grad and g1[n].norm() > 0:
-            assert rel(p.grad.float(), g1[n]) < 1e-3, n
+            assert rel(p.grad.float(), g1[n]) < 1e-2, (n, rel(p.grad.float(), g1[n]))
+    offloader.buffers.close()
+    assert offloader.host_bytes == 0
 
 
 def test_compiled_vae_encoder_matches_eager():

@@ -3,6 +3,7 @@ The GPU side (pinned copies on a side stream, peak memory) is in test_gpu.py."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -260,8 +261,20 @@ def test_host_buffers_have_exact_sizes_and_are_reused_by_size():
     assert torch.equal(view, t)
     gappy = torch.randn(4, 10)[:, ::2]  # not dense: laid out contiguously, as empty_like does
     assert buffers.take(gappy.numel() * 4, pinned=False).view(gappy).stride() == (5, 1)
+    # a forked process (a DataLoader worker) inherits none of them: page-locked pages would be copied at fork
+    start = a.data.data_ptr()
+    pid = os.fork()
+    if pid == 0:
+        with open("/proc/self/maps") as maps:
+            os._exit(int(any(int(line.split("-")[0], 16) == start for line in maps)))
+    assert os.waitpid(pid, 0)[1] == 0
+    with open("/proc/self/maps") as maps:
+        assert any(int(line.split("-")[0], 16) == start for line in maps)
     buffers.close()
     assert buffers.held == 0
+    buffers.give([a])  # a graph that outlived them gives nothing back; nothing more is taken
+    with pytest.raises(RuntimeError, match="closed"):
+        buffers.take(nbytes, pinned=False)
 
 
 def test_offload_reuses_its_host_memory_from_step_to_step_and_never_shares_a_buffer_in_use():

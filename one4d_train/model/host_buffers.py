@@ -5,6 +5,9 @@ input's 369 MB takes 537 MB, and a 14B step checkpointed by sub-layer pinned ~89
 each buffer is an anonymous private mapping of its own size (whole pages), page-locked with `cudaHostRegister`, and
 kept by size once its step is done: a training step saves tensors of the same sizes every time, so from the second
 step on every buffer is reused and the host memory held is one step's saved activations.
+
+The mappings are not inherited by forked processes (MADV_DONTFORK): Linux copies page-locked private pages into a
+child at fork, so each DataLoader worker forked after the first step would otherwise duplicate them all.
 """
 from __future__ import annotations
 
@@ -44,11 +47,13 @@ def _register(data: torch.Tensor, size: int) -> None:
 
 def _release(buffers: list[HostBuffer]) -> None:
     for buf in buffers:
-        if buf.pinned:
-            try:
+        try:
+            if buf.event is not None:  # a copy still reading or writing it
+                buf.event.synchronize()
+            if buf.pinned:
                 torch.cuda.cudart().cudaHostUnregister(buf.data.data_ptr())
-            except Exception:  # at interpreter exit CUDA may be gone: the process's end frees it anyway
-                pass
+        except Exception:  # at interpreter exit CUDA may be gone: the process's end frees it anyway
+            pass
         buf.data = None
         try:
             buf.memory.close()
@@ -66,6 +71,7 @@ class HostBuffers:
         self._free: dict[tuple[int, bool], list[HostBuffer]] = {}  # by (size, page-locked)
         self._all: list[HostBuffer] = []
         self.held = 0
+        self.closed = False
         self._finalizer = weakref.finalize(self, _release, self._all)
 
     def new_bytes(self, nbytes: int, pinned: bool) -> int:
@@ -73,11 +79,14 @@ class HostBuffers:
         return 0 if self._free.get((nbytes, pinned)) else _pages(nbytes)
 
     def take(self, nbytes: int, pinned: bool) -> HostBuffer:
+        if self.closed:
+            raise RuntimeError("activation offload: its host buffers were closed")
         free = self._free.get((nbytes, pinned))
         if free:
             return free.pop()
         size = _pages(nbytes)
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.madvise(mmap.MADV_DONTFORK)
         data = torch.frombuffer(memory, dtype=torch.uint8)
         if pinned:
             _register(data, size)
@@ -87,11 +96,14 @@ class HostBuffers:
         return buf
 
     def give(self, buffers) -> None:
+        if self.closed:  # (a graph that outlived its offload's buffers)
+            return
         for buf in buffers:
             self._free.setdefault((buf.nbytes, buf.pinned), []).append(buf)
 
     def close(self) -> None:
-        """Unlock and unmap every buffer (none may be in use)."""
+        """Unlock and unmap every buffer once the copies touching them are done (none may be in use by a graph)."""
+        self.closed = True
         self._free.clear()
         self.held = 0
         self._finalizer()

@@ -222,13 +222,15 @@ def test_activation_checkpointing_same_gradients(mode, unit):
     assert type(mixed[0]).__name__ == "WanBlock"
 
 
-@pytest.mark.parametrize("mode", ["full", "selective_self"])
-def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_reruns_the_output_projections(mode):
+@pytest.mark.parametrize("mode,dtype", [("full", "fp32"), ("selective_self", "fp32"), ("selective_self", "bf16")])
+def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_reruns_the_output_projections(mode,
+                                                                                                          dtype):
     """Compiled blocks (the partitioner Inductor uses), One4D's frozen base with branch LoRA: by sub-layer, each block
     saves two more token-sized tensors (the residual stream after each attention) and its backward runs two base
     linears fewer (the self- and cross-attention output projections: addmm with their bias), one LoRA product fewer
     each; the gradients are the block unit's. With the FFN split at its activation (`sublayer_ffn`), one more tensor
-    is saved, the FFN's ffn_dim-wide pre-activation, and backward runs the FFN's first linear no more."""
+    is saved, the FFN's ffn_dim-wide pre-activation, and backward runs the FFN's first linear no more. In bf16 too,
+    where a cast shared across the split once kept an fp32 copy of the block's residual stream as well."""
     from functorch.compile import min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -236,10 +238,12 @@ def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_rer
     from one4d_train.model.compile import compile_blocks
     from one4d_train.model.one4d import build_one4d
 
-    cfg = load_config([f"config={ROOT}/configs/experiment/demo.yaml", "model.compute_dtype=fp32"]).model
+    cfg = load_config([f"config={ROOT}/configs/experiment/demo.yaml", f"model.compute_dtype={dtype}"]).model
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(0)
-    rgb, xyz = torch.randn(1, 36, 3, 8, 12, generator=g), torch.randn(1, 16, 3, 8, 12, generator=g)
-    context, clip = torch.randn(1, 512, 64, generator=g), torch.randn(1, 257, 32, generator=g)
+    rgb, xyz = torch.randn(1, 36, 3, 8, 12, generator=g).to(dt), torch.randn(1, 16, 3, 8, 12, generator=g).to(dt)
+    context, clip = torch.randn(1, 512, 64, generator=g).to(dt), torch.randn(1, 257, 32, generator=g).to(dt)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else {"rtol": 2e-2, "atol": 1e-3}
     tokens = 3 * 4 * 6  # each branch's tokens of the latents above (patch 1 x 2 x 2)
 
     def run(unit):
@@ -249,24 +253,25 @@ def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_rer
         def keep(kind):
             return lambda gm, example_inputs: graphs.setdefault(kind, gm).forward
 
-        model = build_one4d(cfg, dtype=torch.float32, seed=3)
+        model = build_one4d(cfg, dtype=dt, seed=3)
         for p in model.trainable_parameters():  # B = 0 would leave some products out of the graphs
             p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(p.shape) % 1000))
         apply_activation_checkpointing(model.base.blocks, mode, unit=unit)
         compile_blocks(model.base.blocks, fullgraph=True, backend=aot_autograd(
             fw_compiler=keep("fw"), bw_compiler=keep("bw"), partition_fn=min_cut_rematerialization_partition))
         out_rgb, out_xyz = model(rgb, xyz, torch.tensor([500.0]), context, clip)
-        (out_rgb.square().sum() + out_xyz.square().sum()).backward()
+        (out_rgb.float().square().sum() + out_xyz.float().square().sum()).backward()
 
         def ops(gm, name):
             return sum(n.op == "call_function" and n.target is name for n in gm.graph.nodes)
-        shapes = [tuple(getattr(n.meta.get("val"), "shape", ())) for n in
-                  graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:] if hasattr(n, "meta")]
+        vals = [n.meta["val"] for n in graphs["fw"].graph.find_nodes(op="output")[0].args[0][1:]
+                if hasattr(n, "meta") and isinstance(n.meta.get("val"), torch.Tensor)]
         ffn_dim = model.base.cfg.ffn_dim
+        token_bytes = 2 * tokens * model.dim * dt.itemsize  # one token-sized tensor in the compute dtype
         counts = {"addmm": ops(graphs["bw"], torch.ops.aten.addmm.default),
-                  "bmm": ops(graphs["bw"], torch.ops.aten.bmm.default),
-                  "saved": shapes.count((2, tokens, model.dim)), "hidden": shapes.count((2 * tokens, ffn_dim))
-                  + shapes.count((2, tokens, ffn_dim))}
+                  "bmm": ops(graphs["bw"], torch.ops.aten.bmm.default),  # saved: in token-sized tensors' bytes
+                  "saved": sum(v.nbytes for v in vals if tuple(v.shape) == (2, tokens, model.dim)) / token_bytes,
+                  "hidden": sum(tuple(v.shape) in ((2 * tokens, ffn_dim), (2, tokens, ffn_dim)) for v in vals)}
         return counts, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     block, want = run("block")
@@ -274,12 +279,12 @@ def test_compiled_sublayer_checkpointing_keeps_the_residual_stream_and_never_rer
     assert sublayer == {"addmm": block["addmm"] - 2, "bmm": block["bmm"] - 2, "saved": block["saved"] + 2,
                         "hidden": block["hidden"]}, (block, sublayer)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(got[n], want[n], **tol, msg=n)
     ffn, got = run("sublayer_ffn")
     assert ffn == {"addmm": sublayer["addmm"] - 1, "bmm": sublayer["bmm"] - 1, "saved": sublayer["saved"],
                    "hidden": sublayer["hidden"] + 1}, (sublayer, ffn)
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(got[n], want[n], **tol, msg=n)
 
 
 def test_checkpointing_recomputes_in_backward():

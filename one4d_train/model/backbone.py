@@ -163,7 +163,9 @@ class WanBlock(nn.Module):
 
         def ffn_out(x, hidden):
             y = self.ffn[2](self.ffn[1](hidden))
-            return (x.float() + y.float() * c_gate).type_as(x)
+            # = (x.float() + y.float() * c_gate), with no x.float() of its own: a compiled graph would share
+            # ffn_hidden's (its norm's) and then keep that fp32 copy of x across the split (twice x's bytes)
+            return (y.float() * c_gate + x).type_as(x)
 
         def ffn(x):
             return ffn_out(x, ffn_hidden(x))

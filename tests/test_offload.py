@@ -231,6 +231,14 @@ def test_offload_stops_with_a_clear_error_before_host_memory_runs_out(monkeypatc
     assert first == offload.stats.tensors > 0 and held >= offload.stats.bytes
     loss_and_grads(model, model_inputs())
     assert len(calls) == first and offload.host_bytes == held  # the same step again: its buffers reused
+    # another shape (batch 1): before a step gives up, the free buffers of sizes it does not use are let go
+    grown = offload.buffers.take(3 << 20, pinned=False)
+    offload.buffers.give([grown])
+    limit = offload.buffers.held + (1 << 20)  # a machine with room for what is held and the reserve, no more
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host_memory, "available_bytes", lambda: limit - offload.buffers.held)
+        loss_and_grads(model, model_inputs(batch=1))
+    assert grown.data is None and 0 < offload.host_bytes < held
     left["bytes"] = (1 << 20) + 1000  # a little above the reserve
     offload = apply_activation_offload(model, min_bytes=0, host_reserve=1 << 20)
     with pytest.raises(HostMemoryError, match=r"GB of host memory left to this process .* out-of-memory killer.*"
@@ -273,6 +281,10 @@ def test_host_buffers_have_exact_sizes_and_are_reused_by_size():
     if pid == 0:
         os._exit(int(mapped()))
     assert os.waitpid(pid, 0)[1] == 0 and mapped()
+    held = buffers.held
+    buffers.give([b])
+    assert buffers.trim() == 5 * (1 << 20) + PAGE and buffers.held == held - 5 * (1 << 20) - PAGE
+    assert b.data is None and a.data is not None and buffers.new_bytes(nbytes, False) > 0
     buffers.close()
     assert buffers.held == 0
     buffers.give([a])  # a graph that outlived them gives nothing back; nothing more is taken

@@ -101,6 +101,17 @@ class HostBuffers:
         for buf in buffers:
             self._free.setdefault((buf.nbytes, buf.pinned), []).append(buf)
 
+    def trim(self) -> int:
+        """Unlock and unmap the free buffers (those of sizes no step in progress holds); returns the bytes freed."""
+        free = [buf for bufs in self._free.values() for buf in bufs]
+        self._free.clear()
+        freed = sum(_pages(buf.nbytes) for buf in free)
+        _release(free)
+        ids = {id(buf) for buf in free}
+        self._all[:] = [buf for buf in self._all if id(buf) not in ids]
+        self.held -= freed
+        return freed
+
     def close(self) -> None:
         """Unlock and unmap every buffer once the copies touching them are done (none may be in use by a graph)."""
         self.closed = True

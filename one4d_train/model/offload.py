@@ -92,7 +92,12 @@ class _Session:
         buffers = self.owner.buffers
         new = buffers.new_bytes(nbytes, t.is_cuda)
         if new:  # beyond the buffers earlier steps left
-            self.owner.check_host_memory(new, self.bytes)
+            try:
+                self.owner.check_host_memory(new, self.bytes)
+            except HostMemoryError:
+                if not buffers.trim():  # free buffers of sizes this step has not asked for (other shapes)
+                    raise
+                self.owner.check_host_memory(new, self.bytes)
         buf = buffers.take(nbytes, pinned=t.is_cuda)
         self.buffers.append(buf)
         host = buf.view(t)

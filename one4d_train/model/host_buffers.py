@@ -102,7 +102,8 @@ class HostBuffers:
             self._free.setdefault((buf.nbytes, buf.pinned), []).append(buf)
 
     def trim(self) -> int:
-        """Unlock and unmap the free buffers (those of sizes no step in progress holds); returns the bytes freed."""
+        """Unlock and unmap every free buffer (none a graph still holds); returns the bytes freed. Sizes still in use
+        are mapped again when next taken."""
         free = [buf for bufs in self._free.values() for buf in bufs]
         self._free.clear()
         freed = sum(_pages(buf.nbytes) for buf in free)

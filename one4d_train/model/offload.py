@@ -95,7 +95,7 @@ class _Session:
             try:
                 self.owner.check_host_memory(new, self.bytes)
             except HostMemoryError:
-                if not buffers.trim():  # free buffers of sizes this step has not asked for (other shapes)
+                if not buffers.trim():  # the free buffers: earlier steps' of sizes this one has not taken
                     raise
                 self.owner.check_host_memory(new, self.bytes)
         buf = buffers.take(nbytes, pinned=t.is_cuda)

@@ -69,12 +69,12 @@ def test_fused_branch_lora_and_sublayer_checkpointing_train_like_the_straight_ru
                                                                                               tmp_path):
     """The same run with the branch layers on the fused operator (`model.lora_kernel=fused`), the base weights
     gathered by ZeRO-3 as their external parameters (`share_base_with_zero3`), and each block checkpointed by
-    sub-layer (`model.activation_checkpointing_unit=sublayer`: three regions per block, each re-gathering its own
-    weights on recompute), follows the straight run's loss curve (the separate products, one region per block) up
+    sub-layer with the FFN split at its activation (`model.activation_checkpointing_unit=sublayer_ffn`: four regions
+    per block, the attentions' as by `sublayer`, each re-gathering its own weights on recompute), follows the straight run's loss curve (the separate products, one region per block) up
     to fp32 rounding over its first 10 steps, which shows the two are different computations."""
     run_dir = tmp_path / "fused"
     code, out = torchrun(run_dir, *common(shards, run_dir, 10), "model.lora_kernel=fused",
-                         "model.activation_checkpointing_unit=sublayer", timeout=900)
+                         "model.activation_checkpointing_unit=sublayer_ffn", timeout=900)
     assert code == 0, out[-4000:]
     loss = metric(*mlflow_run(run_dir), "loss")
     ref = {s: v for s, v in metric(*mlflow_run(straight), "loss").items() if s <= 10}

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from one4d_train.model.checkpointing import apply_activation_checkpointing
 from one4d_train.model.compile import compile_blocks, is_compiled
 from one4d_train.model.offload import HostOffload, apply_activation_offload
-from test_dlc import model_inputs, tiny_one4d
+from test_dlc import model_inputs, randomise_trainable, tiny_one4d
 
 
 def loss_and_grads(model, inputs):
@@ -296,10 +296,7 @@ def test_offload_reuses_its_host_memory_from_step_to_step_and_never_shares_a_buf
     """A step's buffers go back with its graph: the next step reuses every one (the host memory held is one step's
     saved tensors); two graphs alive at once hold two sets, and both backwards give the gradients of no offload."""
     model, _ = tiny_one4d(activation_checkpointing="full")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    randomise_trainable(model)  # zero-initialised links would hide the XYZ branch
     apply_activation_checkpointing(model.base.blocks, "full", unit="sublayer_ffn")
     plain = copy.deepcopy(model)
     offload = apply_activation_offload(model, min_bytes=0)

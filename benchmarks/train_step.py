@@ -35,6 +35,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -348,8 +349,9 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
         under ZeRO-3: its parameter hooks break the graphs); max: mode max-autotune-no-cudagraphs (Triton GEMM
         templates that can fuse the branch-LoRA add into their epilogue; minutes of autotuning); unset: as the
         experiment config says
-  offload=0|1                                       saved block activations in pinned host memory (model/offload.py);
-        unset: as the experiment config says
+  offload=0|1|1@K                                   saved block activations in pinned host memory (model/offload.py);
+        1@K: of the first K blocks only, the rest's kept on the GPU (model.activation_offload_blocks=K); unset: as
+        the experiment config says
   lora=fused|bmm                                    the branch LoRA's deltas accumulated in the base GEMMs
         (model/lora_op.py) or added after them (model.lora_kernel); unset: as the experiment config says
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
@@ -407,7 +409,8 @@ def parse_variants(text: str) -> list[dict]:
             key, _, value = setting.partition("=")
             if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)) or (
                     key == "lora" and value not in ("fused", "bmm")) or (
-                    key == "unit" and value not in ("block", "sublayer", "sublayer_ffn")):
+                    key == "unit" and value not in ("block", "sublayer", "sublayer_ffn")) or (
+                    key == "offload" and not re.fullmatch(r"0|1(@\d+)?", value)):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -601,7 +604,8 @@ def run_ours(args) -> None:
         if v["attn"]:
             attn_mod.set_attention_backend(v["attn"])
         v["compile"] = v["compile"] or str(int(cfg.model.compile))  # unset: as the experiment config says
-        v["offload"] = v["offload"] or str(int(cfg.model.activation_offload))
+        v["offload"] = v["offload"] or (str(int(m.activation_offload)) + (
+            f"@{m.activation_offload_blocks}" if m.activation_offload and m.activation_offload_blocks >= 0 else ""))
         if v["compile"] in COMPILE_MODES:
             if compiled_as != v["compile"] or not all(is_compiled(b) for b in model.base.blocks):
                 uncompile_blocks(model.base.blocks)
@@ -609,7 +613,8 @@ def run_ours(args) -> None:
                 compiled_as = v["compile"]
         elif v["compile"] == "0":
             uncompile_blocks(model.base.blocks)
-        offload = apply_activation_offload(model, v["offload"] == "1")
+        on, _, kept_from = v["offload"].partition("@")
+        offload = apply_activation_offload(model, on == "1", blocks=int(kept_from or -1))
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": last_ckpt[0], "ckpt_unit": last_ckpt[1],
@@ -633,6 +638,7 @@ def run_ours(args) -> None:
             row["loss"] = float(state["loss"])
             if offload is not None:  # before the profiled step, which would add to the count
                 row["offload_gb_per_step"] = offload.stats.bytes / 1e9 / (args.warmup + row["steps"])
+                row["offload_kept_gb_per_step"] = offload.stats.kept_bytes / 1e9 / (args.warmup + row["steps"])
                 row["offload_host_gb"] = offload.host_bytes / 1e9  # its page-locked buffers
             if args.profile:
                 profile_step(step, device)
@@ -828,6 +834,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"n={r['steps']}{'' if r['steps'] >= MIN_TIMED_STEPS else ' (too few)'}"
                       f" [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
+                      + (f" kept {r['offload_kept_gb_per_step']:.1f} GB" if r.get("offload_kept_gb_per_step") else "")
                       + (f" ({r['offload_host_gb']:.1f} held)" if "offload_host_gb" in r else "")
                       + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]

@@ -138,6 +138,10 @@ def test_usage_examples_parse():
         argv = shlex.split(example)
         if "--variants" in argv:
             assert bench.parse_variants(argv[argv.index("--variants") + 1]), example
+    assert [v["offload"] for v in bench.parse_variants("offload=1@36,ckpt=full,offload=0")] == ["1@36", "1@36", "0"]
+    for bad in ("offload=2", "offload=0@3", "offload=1@"):
+        with pytest.raises(SystemExit, match="unknown variant setting"):
+            bench.parse_variants(bad)
 
 
 def test_report_marks_rows_timed_with_fewer_than_ten_steps(tmp_path):
@@ -173,8 +177,8 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     # test_resident_encoders_... covers the text tower left out of a GPU's peak)
     _run("--preset", "tiny", "--device", "cpu", "--zero-stage", "2", "--warmup", "1", "--steps", "1", "--results",
          results, "--set", "model.text_encoder_device=cpu", "--set", "model.activation_checkpointing=full",
-         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none,lora=fused,unit=sublayer")
-    *_, separate, fused, sublayer = [json.loads(line) for line in open(results)]
+         "--set", "model.activation_checkpointing_blocks=2", "--variants", "vae=none,lora=fused,unit=sublayer,offload=1@1")
+    *_, separate, fused, sublayer, first_offloaded = [json.loads(line) for line in open(results)]
     assert separate["encoders_held"] == row["encoders_held"] == ["UMT5Encoder", "CLIPVision"]
     assert separate["encoders_gb"] == row["encoders_gb"] and separate["ckpt_blocks"] == 2
     assert separate["ckpt"] == "full@2" and separate["ckpt_unit"] == "block"
@@ -184,6 +188,8 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     # the branch LoRA's kernel as a variant: the shipped one, then the fused operator on the same engine
     assert (row["lora_kernel"], separate["lora_kernel"], fused["lora_kernel"]) == ("bmm", "bmm", "fused")
     assert "error" not in fused and fused["steps"] == 1
+    # activation offload of the first block only (model.activation_offload_blocks=1), the default being no offload
+    assert (separate["offload"], first_offloaded["offload"]) == ("0", "1@1") and "error" not in first_offloaded
 
 
 def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):

@@ -351,6 +351,16 @@ def test_valid_settings_that_have_no_effect_are_named():
     assert ignored_settings(load_config(ffn + ["model.compile=true"])) == []
     with pytest.raises(Exception, match="activation_checkpointing_unit"):
         load_config([f"config={demo}", "model.activation_checkpointing_unit=ffn"])
+    # which blocks' activations stay on the GPU matters only with the offload on, and up to the preset's blocks
+    assert dict(ignored_settings(load_config([f"config={demo}", "model.activation_offload_blocks=1"]))) == {
+        "model.activation_offload_blocks": "1, but model.activation_offload is off: every block's activations stay "
+                                           "on the GPU"}
+    offload = [f"config={demo}", "model.activation_offload=true"]
+    assert ignored_settings(load_config(offload + ["model.activation_offload_blocks=1"])) == []
+    assert dict(ignored_settings(load_config(offload + ["model.activation_offload_blocks=4"]))) == {
+        "model.activation_offload_blocks": "4, but preset 'tiny' has 3 blocks: all of them are offloaded"}
+    with pytest.raises(Exception, match="activation_offload_blocks"):
+        load_config(offload + ["model.activation_offload_blocks=-2"])
     # the tiny preset's random text tower is an encoder too: its device is no ignored setting
     assert ignored_settings(load_config([f"config={demo}", "model.text_encoder_device=cpu"])) == []
     # the fused LoRA operator steps aside for dropout and FP8 bases

@@ -90,7 +90,12 @@ def test_model_config_switches_offload_on():
     on = build_one4d(ModelConfig(preset="tiny", num_links=1, activation_offload=True, compute_dtype="fp32"), "cpu")
     off = build_one4d(ModelConfig(preset="tiny", num_links=1, compute_dtype="fp32"), "cpu")
     assert isinstance(on.activation_offload, HostOffload) and on.activation_offload.exclude is on
-    assert off.activation_offload is None
+    assert on.activation_offload.blocks == -1 and off.activation_offload is None
+    first = build_one4d(ModelConfig(preset="tiny", num_links=1, activation_offload=True, activation_offload_blocks=2,
+                                    compute_dtype="fp32"), "cpu")
+    assert first.activation_offload.blocks == 2
+    with pytest.raises(ValueError, match="blocks >= -1"):
+        HostOffload(blocks=-2)
 
 
 def test_backward_brings_back_the_rest_of_a_block_and_the_block_before_it():
@@ -133,20 +138,26 @@ def test_backward_brings_back_the_rest_of_a_block_and_the_block_before_it():
         10 * b + k for b, k in sorted(index)]
 
 
-@pytest.mark.parametrize("unit", ["block", "sublayer", "sublayer_ffn"])
-def test_the_model_marks_one_offload_group_per_block(unit):
-    """One4DModel starts a group before each block: what a block saves (its input; by sub-layer the residual
-    stream after each attention too) is its block's group."""
+def sessions_of(model, inputs):
+    """(loss, gradients, the offload session of each block) of one forward and backward of `model`."""
     from one4d_train.model import offload as offload_module
 
-    model, _ = tiny_one4d(activation_checkpointing="full")
-    apply_activation_checkpointing(model.base.blocks, "full", unit=unit)
-    offload = apply_activation_offload(model, min_bytes=0)
     sessions = []
     real = offload_module._Session.next_group
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(offload_module._Session, "next_group", lambda self: sessions.append(self) or real(self))
-        loss_and_grads(model, model_inputs())
+        loss, grads = loss_and_grads(model, inputs)
+    return loss, grads, sessions
+
+
+@pytest.mark.parametrize("unit", ["block", "sublayer", "sublayer_ffn"])
+def test_the_model_marks_one_offload_group_per_block(unit):
+    """One4DModel starts a group before each block: what a block saves (its input; by sub-layer the residual
+    stream after each attention too) is its block's group."""
+    model, _ = tiny_one4d(activation_checkpointing="full")
+    apply_activation_checkpointing(model.base.blocks, "full", unit=unit)
+    apply_activation_offload(model, min_bytes=0)
+    _, _, sessions = sessions_of(model, model_inputs())
     session = sessions[0]
     blocks = len(model.base.blocks)
     assert all(s is session for s in sessions)
@@ -158,6 +169,37 @@ def test_the_model_marks_one_offload_group_per_block(unit):
     assert len(tokens) == blocks * (1 if unit == "block" else 3), (len(tokens), per_block)
     hidden = [e for e in session.entries if e.host.shape[-1] == model.base.cfg.ffn_dim]
     assert len(hidden) == (blocks if unit == "sublayer_ffn" else 0)  # (eager: only the region boundary's)
+
+
+@pytest.mark.parametrize("moved", [0, 1, 2])
+def test_the_last_blocks_activations_can_stay_on_the_device(moved):
+    """HostOffload(blocks=K) (model.activation_offload_blocks): only the first K blocks' saved tensors are moved, the
+    later blocks' stay as they are (no copy, no host buffer), with the gradients of no offload. Unpacking a kept
+    block's tensor brings back the block before it, the last one moved, as a moved block's unpack does."""
+    model, _ = tiny_one4d(activation_checkpointing="full")
+    randomise_trainable(model)
+    apply_activation_checkpointing(model.base.blocks, "full", unit="sublayer")
+    inputs = model_inputs()
+    want_loss, want = loss_and_grads(model, inputs)
+    model.zero_grad(set_to_none=True)
+    everything = apply_activation_offload(model, min_bytes=0)
+    loss_and_grads(model, inputs)
+    model.zero_grad(set_to_none=True)
+    offload = apply_activation_offload(model, min_bytes=0, blocks=moved)
+    loss, got, sessions = sessions_of(model, inputs)
+    assert torch.equal(loss, want_loss) and all(torch.equal(got[n], g) for n, g in want.items())
+    entries = sessions[0].entries
+    # a tensor is kept where the block that saved it first is past `moved` (one several blocks save, such as the
+    # text context, is in the last one's group, and moved where the first of them was)
+    kept = [e for e in entries if e.kept is not None]
+    assert all(e.host is None and e.group >= moved for e in kept)
+    assert all(e.host is not None and e.buffer is not None for e in entries if e.kept is None)
+    assert offload.stats.bytes + offload.stats.kept_bytes == everything.stats.bytes and offload.stats.kept_bytes > 0
+    assert offload.host_bytes < everything.host_bytes and (moved > 0) == (offload.host_bytes > 0)
+    if moved:  # the first kept tensor's unpack brings back the last moved block
+        first_kept = next(j for j, e in enumerate(entries) if e.kept is not None)
+        last_moved = {j for j, e in enumerate(entries) if e.group == moved - 1}
+        assert last_moved and last_moved <= set(sessions[0]._ahead(first_kept))
 
 
 def _fake_root(tmp_path, cgroup: str, files: dict[str, str], meminfo_kb: int = 64 << 20):

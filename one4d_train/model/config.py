@@ -75,6 +75,7 @@ class ModelConfig:
     activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
     activation_checkpointing_unit: str = "block"  # block | sublayer: each residual update its own region | sublayer_ffn: and the FFN's hidden layer kept (model/checkpointing.py)
     activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
+    activation_offload_blocks: int = -1  # the first N blocks' activations offloaded, the last ones' (read first in backward) kept on the GPU; -1 = all
     compute_dtype: str = "bf16"  # bf16 | fp32
     lora_kernel: str = "bmm"  # bmm | fused: the branch LoRA's deltas added after the base GEMMs, or accumulated in them (model/lora_op.py: faster eager, slower in compiled blocks; benchmarks/PERF_NOTES.md)
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
@@ -94,6 +95,7 @@ class ModelConfig:
         p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
                     "activation_checkpointing")
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
+        p += in_range(self.activation_offload_blocks, -1, None, "activation_offload_blocks")
         p += choice(self.activation_checkpointing_unit, ["block", "sublayer", "sublayer_ffn"],
                     "activation_checkpointing_unit")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")

@@ -12,6 +12,10 @@ the `prefetch` groups before it, overlapping them with the current block's backw
 instead stalls wherever a block saves more tensors than the count: each one not brought back in time is waited for
 (369 MB at the 54 GB/s an H100's host link carries: ~7 ms at 14B).
 
+`blocks` (model.activation_offload_blocks) moves only the first blocks' tensors: the last blocks' stay on the device.
+Backward reads those first, so their copies would otherwise be the forward's last work and the backward's first
+wait; the GPU memory they hold (14B: ~1.5 GB a block by sub-layer, ~2.5 GB with the FFN's hidden layer) buys that.
+
 Saved tensors reach the hooks both from eager checkpointing (torch's non-reentrant checkpoint saves its inputs
 with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).
 On a CPU device the copies are plain copies (no streams): the same code path, for tests.
@@ -42,11 +46,12 @@ class OffloadStats:
     tensors: int = 0
     bytes: int = 0
     prefetched: int = 0
+    kept_bytes: int = 0  # of tensors past `blocks`, left on the device
 
 
 @dataclass
 class _Entry:
-    host: torch.Tensor
+    host: torch.Tensor | None  # None where kept
     device: torch.device
     ready: torch.cuda.Event | None = None  # device-to-host copy done
     loaded: torch.Tensor | None = None  # prefetched device copy
@@ -54,6 +59,7 @@ class _Entry:
     used: bool = False  # handed to backward once (its device copy then belongs to autograd)
     group: int = 0  # the block that saved it (the tensor's own index where no groups are marked)
     buffer: HostBuffer | None = None  # what `host` lives in
+    kept: torch.Tensor | None = None  # saved by a block past `HostOffload.blocks`: the tensor itself, not moved
 
 
 class HostMemoryError(RuntimeError):
@@ -89,6 +95,11 @@ class _Session:
             if self.group is not None:  # saved by a later block too: it comes back with the last one that saved it
                 entry.group = max(entry.group, self.group)
             return self, seen[1]
+        if self.group is not None and 0 <= self.owner.blocks <= self.group:  # read first in backward: left where it is
+            self.entries.append(_Entry(None, t.device, group=self.group, kept=t))
+            self.by_id[id(t)] = (weakref.ref(t), len(self.entries) - 1)
+            self.owner.stats.kept_bytes += nbytes
+            return self, len(self.entries) - 1
         buffers = self.owner.buffers
         new = buffers.new_bytes(nbytes, t.is_cuda)
         if new:  # beyond the buffers earlier steps left
@@ -130,11 +141,12 @@ class _Session:
         entry = self.entries[index]
         if entry.device.type != "cuda":
             entry.used = True
-            return entry.host.clone()
-        out = self._load(entry, wait=True)
-        for j in self._ahead(index):
-            if self.entries[j].loaded is None and not self.entries[j].used:
-                self._load(self.entries[j], wait=False)
+            return entry.host.clone() if entry.kept is None else entry.kept
+        out = entry.kept if entry.kept is not None else self._load(entry, wait=True)
+        for j in self._ahead(index):  # (a kept block's unpack starts the copies of the last block moved)
+            ahead = self.entries[j]
+            if ahead.kept is None and ahead.loaded is None and not ahead.used:
+                self._load(ahead, wait=False)
                 self.owner.stats.prefetched += 1
         return out
 
@@ -175,15 +187,18 @@ class HostOffload:
 
     min_bytes: smallest tensor moved (smaller ones stay on the device: copies would cost more than they free).
     prefetch: groups (blocks) brought back ahead of their use in backward; where no groups are marked, tensors.
+    blocks: only the first `blocks` groups' tensors are moved (-1: all); the last groups', which backward reads
+    first, stay on the device, where their copies out and back would end the forward and start the backward.
     exclude: module whose parameters are never moved (they are not activations)."""
 
     def __init__(self, exclude: nn.Module | None = None, min_bytes: int = 16 << 20, prefetch: int = 1,
-                 host_reserve: int = 2 << 30):
-        if min_bytes < 0 or prefetch < 0 or host_reserve < 0:
-            raise ValueError("activation offload: min_bytes, prefetch and host_reserve must be >= 0")
+                 host_reserve: int = 2 << 30, blocks: int = -1):
+        if min_bytes < 0 or prefetch < 0 or host_reserve < 0 or blocks < -1:
+            raise ValueError("activation offload: min_bytes, prefetch and host_reserve must be >= 0, blocks >= -1")
         self.exclude = exclude
         self.min_bytes = min_bytes
         self.prefetch = prefetch
+        self.blocks = blocks
         self.host_reserve = host_reserve  # host memory an offload leaves to the rest of the process
         self.buffers = HostBuffers()  # host memory the saved tensors go to, kept for the next step
         self.stats = OffloadStats()
@@ -232,3 +247,9 @@ def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -
     """Offload the saved activations of `model`'s blocks (a One4DModel) to host memory, or stop doing so."""
     model.activation_offload = HostOffload(exclude=model, **kwargs) if enabled else None
     return model.activation_offload
+
+
+def apply_configured_offload(model: nn.Module, cfg) -> HostOffload | None:
+    """`ModelConfig.activation_offload` of the first `activation_offload_blocks` blocks (every builder of the
+    model, the trainer's included, goes through here)."""
+    return apply_activation_offload(model, cfg.activation_offload, blocks=cfg.activation_offload_blocks)

@@ -27,7 +27,7 @@ from one4d_train.model.config import ModelConfig
 from one4d_train.model.control_links import ControlLinks, resolve_link_blocks
 from one4d_train.model.dlc import BRANCHES, SHARED, InputDtypeConv3d, InputDtypeLinear, apply_dlc
 from one4d_train.model.fp8 import convert_frozen_linears
-from one4d_train.model.offload import apply_activation_offload
+from one4d_train.model.offload import apply_configured_offload
 from one4d_train.model.state_dict import load_backbone_weights
 
 LATENT_CHANNELS = 16
@@ -186,5 +186,5 @@ def build_one4d(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None
                 base.load_state_dict(random_base_state(wan_cfg, seed))
         model = One4DModel(base, cfg)
     apply_configured_checkpointing(base.blocks, cfg)
-    apply_activation_offload(model, cfg.activation_offload)
+    apply_configured_offload(model, cfg)
     return model

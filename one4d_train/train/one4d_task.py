@@ -33,7 +33,7 @@ from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.dlc import share_base_with_zero3
-from one4d_train.model.offload import apply_activation_offload
+from one4d_train.model.offload import apply_configured_offload
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.fp8 import fp8_problems
 from one4d_train.model.encoders import build_encoders, encoder_dtype, encoder_file_problems, vae_kernel_problems
@@ -98,6 +98,12 @@ class One4DTask:
         elif m.activation_checkpointing_blocks > layers:
             notes.append(("model.activation_checkpointing_blocks", f"{m.activation_checkpointing_blocks}, but preset "
                           f"{m.preset!r} has {layers} blocks: all of them are checkpointed"))
+        if not m.activation_offload and m.activation_offload_blocks != -1:
+            notes.append(("model.activation_offload_blocks", f"{m.activation_offload_blocks}, but "
+                          "model.activation_offload is off: every block's activations stay on the GPU"))
+        elif m.activation_offload_blocks > layers:
+            notes.append(("model.activation_offload_blocks", f"{m.activation_offload_blocks}, but preset "
+                          f"{m.preset!r} has {layers} blocks: all of them are offloaded"))
         unit = m.activation_checkpointing_unit
         if unit != "block" and (m.activation_checkpointing == "none" or not m.compile):
             why = ("no block is checkpointed (model.activation_checkpointing=none)"
@@ -158,7 +164,7 @@ class One4DTask:
         if self.cfg.model.init_adapters:
             self._warm_start(model)
         apply_configured_checkpointing(base.blocks, self.cfg.model)
-        apply_activation_offload(model, self.cfg.model.activation_offload)
+        apply_configured_offload(model, self.cfg.model)
         if self.cfg.model.compile:
             compile_blocks(base.blocks)
         return model

@@ -191,15 +191,34 @@ def test_the_last_blocks_activations_can_stay_on_the_device(moved):
     entries = sessions[0].entries
     # a tensor is kept where the block that saved it first is past `moved` (one several blocks save, such as the
     # text context, is in the last one's group, and moved where the first of them was)
-    kept = [e for e in entries if e.kept is not None]
-    assert all(e.host is None and e.group >= moved for e in kept)
-    assert all(e.host is not None and e.buffer is not None for e in entries if e.kept is None)
+    kept = [e for e in entries if e.kept]
+    assert all(e.host is None and e.loaded is None and e.group >= moved for e in kept)
+    assert all(e.host is not None and e.buffer is not None for e in entries if not e.kept)
     assert offload.stats.bytes + offload.stats.kept_bytes == everything.stats.bytes and offload.stats.kept_bytes > 0
     assert offload.host_bytes < everything.host_bytes and (moved > 0) == (offload.host_bytes > 0)
     if moved:  # the first kept tensor's unpack brings back the last moved block
-        first_kept = next(j for j, e in enumerate(entries) if e.kept is not None)
+        first_kept = next(j for j, e in enumerate(entries) if e.kept)
         last_moved = {j for j, e in enumerate(entries) if e.group == moved - 1}
         assert last_moved and last_moved <= set(sessions[0]._ahead(first_kept))
+
+
+def test_a_kept_tensor_is_held_by_autograd_alone():
+    """A kept block's tensor lives as long as autograd holds what was packed (freed block by block in backward, as
+    without offload), not as long as the offload session; saved again, it is packed the same way."""
+    import weakref
+
+    from one4d_train.model.offload import _Session
+
+    session = _Session(HostOffload(min_bytes=0, blocks=0), set())
+    session.next_group()
+    t = torch.randn(4, 8)
+    packed = session.pack(t)
+    assert session.pack(t) == packed and packed[2] is t and session.unpack(packed) is t
+    alive = weakref.ref(t)
+    del t
+    assert alive() is not None
+    del packed
+    assert alive() is None and len(session.entries) == 1
 
 
 def _fake_root(tmp_path, cgroup: str, files: dict[str, str], meminfo_kb: int = 64 << 20):

@@ -59,7 +59,7 @@ class _Entry:
     used: bool = False  # handed to backward once (its device copy then belongs to autograd)
     group: int = 0  # the block that saved it (the tensor's own index where no groups are marked)
     buffer: HostBuffer | None = None  # what `host` lives in
-    kept: torch.Tensor | None = None  # saved by a block past `HostOffload.blocks`: the tensor itself, not moved
+    kept: bool = False  # saved by a block past `HostOffload.blocks`: not moved (autograd holds the tensor itself)
 
 
 class HostMemoryError(RuntimeError):
@@ -92,14 +92,18 @@ class _Session:
         seen = self.by_id.get(id(t))
         if seen is not None and seen[0]() is t:
             entry = self.entries[seen[1]]
+            if entry.kept:
+                return self, seen[1], t
             if self.group is not None:  # saved by a later block too: it comes back with the last one that saved it
                 entry.group = max(entry.group, self.group)
             return self, seen[1]
         if self.group is not None and 0 <= self.owner.blocks <= self.group:  # read first in backward: left where it is
-            self.entries.append(_Entry(None, t.device, group=self.group, kept=t))
+            # (the entry only marks its place: its unpack brings back the blocks before it; autograd holds the
+            # tensor in the packed tuple and frees it when done with it, as without offload)
+            self.entries.append(_Entry(None, t.device, group=self.group, kept=True))
             self.by_id[id(t)] = (weakref.ref(t), len(self.entries) - 1)
             self.owner.stats.kept_bytes += nbytes
-            return self, len(self.entries) - 1
+            return self, len(self.entries) - 1, t
         buffers = self.owner.buffers
         new = buffers.new_bytes(nbytes, t.is_cuda)
         if new:  # beyond the buffers earlier steps left
@@ -137,15 +141,15 @@ class _Session:
     def unpack(self, packed):
         if isinstance(packed, torch.Tensor):
             return packed
-        _, index = packed
+        _, index, *kept = packed
         entry = self.entries[index]
         if entry.device.type != "cuda":
             entry.used = True
-            return entry.host.clone() if entry.kept is None else entry.kept
-        out = entry.kept if entry.kept is not None else self._load(entry, wait=True)
+            return kept[0] if kept else entry.host.clone()
+        out = kept[0] if kept else self._load(entry, wait=True)
         for j in self._ahead(index):  # (a kept block's unpack starts the copies of the last block moved)
             ahead = self.entries[j]
-            if ahead.kept is None and ahead.loaded is None and not ahead.used:
+            if not ahead.kept and ahead.loaded is None and not ahead.used:
                 self._load(ahead, wait=False)
                 self.owner.stats.prefetched += 1
         return out

@@ -639,6 +639,7 @@ def run_ours(args) -> None:
             if offload is not None:  # before the profiled step, which would add to the count
                 row["offload_gb_per_step"] = offload.stats.bytes / 1e9 / (args.warmup + row["steps"])
                 row["offload_kept_gb_per_step"] = offload.stats.kept_bytes / 1e9 / (args.warmup + row["steps"])
+                row["offload_blocks"] = offload.blocks
                 row["offload_host_gb"] = offload.host_bytes / 1e9  # its page-locked buffers
             if args.profile:
                 profile_step(step, device)

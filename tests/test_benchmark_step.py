@@ -190,6 +190,7 @@ def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):
     assert "error" not in fused and fused["steps"] == 1
     # activation offload of the first block only (model.activation_offload_blocks=1), the default being no offload
     assert (separate["offload"], first_offloaded["offload"]) == ("0", "1@1") and "error" not in first_offloaded
+    assert first_offloaded["offload_blocks"] == 1 and "offload_kept_gb_per_step" in first_offloaded
 
 
 def test_report_prints_vae_settings_with_their_latent_differences(tmp_path):

@@ -357,6 +357,8 @@ def test_valid_settings_that_have_no_effect_are_named():
                                            "on the GPU"}
     offload = [f"config={demo}", "model.activation_offload=true"]
     assert ignored_settings(load_config(offload + ["model.activation_offload_blocks=1"])) == []
+    assert [k for k, _ in ignored_settings(load_config(offload + ["model.activation_offload_blocks=0"]))] == [
+        "model.activation_offload_blocks"]
     assert dict(ignored_settings(load_config(offload + ["model.activation_offload_blocks=4"]))) == {
         "model.activation_offload_blocks": "4, but preset 'tiny' has 3 blocks: all of them are offloaded"}
     with pytest.raises(Exception, match="activation_offload_blocks"):

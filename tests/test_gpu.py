@@ -400,6 +400,7 @@ def test_activation_offload_frees_block_inputs(compiled):
 def test_activation_offload_keeps_the_last_blocks_on_the_gpu(compiled):
     """model.activation_offload_blocks: the first blocks' saved inputs leave the GPU, the last ones' stay (the GPU
     holds more after forward than with every block moved, less than with none); gradients as without offload."""
+    from one4d_train.model import offload as offload_module
     from one4d_train.model.compile import compile_blocks
     from one4d_train.model.offload import apply_activation_offload
 
@@ -413,8 +414,16 @@ def test_activation_offload_keeps_the_last_blocks_on_the_gpu(compiled):
         compile_blocks(model.base.blocks)
     inputs = mid_inputs(seed=5, t_lat=6, h=40, w=72)
     block_input = 2 * 6 * 20 * 36 * 1536 * 2
-    runs = {}
+    runs, loads = {}, []
+    real_load = offload_module._Session._load
+
+    def load(self, entry, wait):  # (group, waited for) of each copy back, in order
+        if entry.loaded is None:
+            loads.append((entry.group, wait))
+        return real_load(self, entry, wait)
+
     for setting in ("none", "none", "all", "first", "first"):  # warm-up first (compilation, allocator)
+        loads.clear()
         offloader = apply_activation_offload(model, setting != "none", min_bytes=1 << 20,
                                              blocks=moved if setting == "first" else -1)
         model.zero_grad(set_to_none=True)
@@ -422,12 +431,16 @@ def test_activation_offload_keeps_the_last_blocks_on_the_gpu(compiled):
         base = torch.cuda.memory_allocated()
         v_rgb, v_xyz = model(*inputs)
         after_forward = torch.cuda.memory_allocated() - base
-        (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(offload_module._Session, "_load", load)
+            (v_rgb.float().square().mean() + v_xyz.float().square().mean()).backward()
         torch.cuda.synchronize()
         runs[setting] = (after_forward, {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad},
                          offloader)
     stats = runs["first"][2].stats
     assert stats.kept_bytes >= (blocks - moved) * block_input and stats.prefetched > 0
+    # the last moved block is brought back ahead, by the first kept block's unpack: not waited for on its own
+    assert loads and all(group < moved for group, _ in loads) and loads[0] == (moved - 1, False), loads
     assert runs["all"][0] + 0.8 * (blocks - moved) * block_input <= runs["first"][0], {k: v[0] for k, v in runs.items()}
     assert runs["first"][0] + 0.8 * moved * block_input <= runs["none"][0], {k: v[0] for k, v in runs.items()}
     for n, g in runs["none"][1].items():

@@ -57,7 +57,10 @@ def test_offload_moves_activations_only_and_each_once():
     offload = HostOffload(exclude=model, min_bytes=0)
     session = _Session(offload, offload._param_storages())
     weight = model.base.patch_embedding.weight
-    assert session.pack(weight) is weight  # a parameter
+    def same(a, b):  # what stays is packed detached: the same storage, no graph
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.grad_fn is None
+
+    assert same(session.pack(weight), weight)  # a parameter
     assert isinstance(session.pack(weight.detach()), torch.Tensor) and offload.stats.tensors == 0  # its storage
     x = torch.randn(4, 8)
     first, again = session.pack(x), session.pack(x)
@@ -66,7 +69,7 @@ def test_offload_moves_activations_only_and_each_once():
     second = session.pack(y)
     assert second[1] == 1 and torch.equal(session.unpack(second), y) and torch.equal(session.unpack(first), x)
     small = HostOffload(min_bytes=1 << 20)
-    assert _Session(small, set()).pack(x) is x
+    assert same(_Session(small, set()).pack(x), x)
 
 
 def test_offload_threshold_and_no_grad():
@@ -138,16 +141,16 @@ def test_backward_brings_back_the_rest_of_a_block_and_the_block_before_it():
         10 * b + k for b, k in sorted(index)]
 
 
-def sessions_of(model, inputs):
-    """(loss, gradients, the offload session of each block) of one forward and backward of `model`."""
+def sessions_during(run):
+    """(run()'s result, the offload session of each block it ran)."""
     from one4d_train.model import offload as offload_module
 
     sessions = []
     real = offload_module._Session.next_group
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(offload_module._Session, "next_group", lambda self: sessions.append(self) or real(self))
-        loss, grads = loss_and_grads(model, inputs)
-    return loss, grads, sessions
+        result = run()
+    return result, sessions
 
 
 @pytest.mark.parametrize("unit", ["block", "sublayer", "sublayer_ffn"])
@@ -157,7 +160,7 @@ def test_the_model_marks_one_offload_group_per_block(unit):
     model, _ = tiny_one4d(activation_checkpointing="full")
     apply_activation_checkpointing(model.base.blocks, "full", unit=unit)
     apply_activation_offload(model, min_bytes=0)
-    _, _, sessions = sessions_of(model, model_inputs())
+    _, sessions = sessions_during(lambda: loss_and_grads(model, model_inputs()))
     session = sessions[0]
     blocks = len(model.base.blocks)
     assert all(s is session for s in sessions)
@@ -186,15 +189,16 @@ def test_the_last_blocks_activations_can_stay_on_the_device(moved):
     loss_and_grads(model, inputs)
     model.zero_grad(set_to_none=True)
     offload = apply_activation_offload(model, min_bytes=0, blocks=moved)
-    loss, got, sessions = sessions_of(model, inputs)
+    (loss, got), sessions = sessions_during(lambda: loss_and_grads(model, inputs))
     assert torch.equal(loss, want_loss) and all(torch.equal(got[n], g) for n, g in want.items())
     entries = sessions[0].entries
-    # a tensor is kept where the block that saved it first is past `moved` (one several blocks save, such as the
-    # text context, is in the last one's group, and moved where the first of them was)
+    # a tensor is kept by the blocks past `moved` (one that earlier blocks save too, such as the text context, is
+    # moved for those, in the group of the last of them)
     kept = [e for e in entries if e.kept]
     assert all(e.host is None and e.loaded is None and e.group >= moved for e in kept)
     assert all(e.host is not None and e.buffer is not None for e in entries if not e.kept)
-    assert offload.stats.bytes + offload.stats.kept_bytes == everything.stats.bytes and offload.stats.kept_bytes > 0
+    moved_bytes = sum(e.host.numel() * e.host.element_size() for e in entries if not e.kept)
+    assert offload.stats.bytes == moved_bytes < everything.stats.bytes and offload.stats.kept_bytes > 0
     assert offload.host_bytes < everything.host_bytes and (moved > 0) == (offload.host_bytes > 0)
     if moved:  # the first kept tensor's unpack brings back the last moved block
         first_kept = next(j for j, e in enumerate(entries) if e.kept)
@@ -213,12 +217,46 @@ def test_a_kept_tensor_is_held_by_autograd_alone():
     session.next_group()
     t = torch.randn(4, 8)
     packed = session.pack(t)
-    assert session.pack(t) == packed and packed[2] is t and session.unpack(packed) is t
-    alive = weakref.ref(t)
+    assert session.pack(t)[:2] == packed[:2] and packed[2].data_ptr() == t.data_ptr()
+    assert session.unpack(packed) is packed[2]
+    storage = weakref.ref(t.untyped_storage())
     del t
-    assert alive() is not None
+    assert storage() is not None
     del packed
-    assert alive() is None and len(session.entries) == 1
+    assert storage() is None and len(session.entries) == 1
+    # moved for a moved block and saved again by a kept one: that one keeps the tensor itself and the moved copy
+    # stays in its own block's group (the kept block's backward does not wait for it)
+    shared = _Session(HostOffload(min_bytes=0, blocks=1), set())
+    shared.next_group()
+    ctx = torch.randn(3)
+    moved = shared.pack(ctx)
+    shared.next_group()
+    kept = shared.pack(ctx)
+    assert len(moved) == 2 and len(kept) == 3 and kept[2].data_ptr() == ctx.data_ptr()
+    assert shared.entries[moved[1]].group == 0 and shared.pack(ctx)[:2] == kept[:2]
+    assert torch.equal(shared.unpack(moved), ctx) and shared.unpack(kept) is kept[2]
+
+
+@pytest.mark.parametrize("blocks", [-1, 0])
+def test_a_dropped_graph_frees_what_it_saved(blocks):
+    """A forward whose graph is dropped without backward (an error, an out-of-memory step skipped) leaves nothing
+    alive: saved outputs are packed detached, else each would hold its grad_fn, which holds it, in a cycle that
+    autograd's nodes keep from the garbage collector (with the offload session and its host buffers)."""
+    import gc
+    import weakref
+
+    model, _ = tiny_one4d(activation_checkpointing="none")  # every activation saved, outputs (softmax, exp) too
+    offload = apply_activation_offload(model, min_bytes=1 << 12, blocks=blocks)
+    def forward_only():
+        model(*model_inputs())  # output and graph dropped here
+
+    _, sessions = sessions_during(forward_only)
+    session = weakref.ref(sessions[0])
+    del sessions
+    gc.collect()
+    assert session() is None  # (with it, its host buffers are free for the next step)
+    assert (offload.stats.tensors > 0) == (blocks == -1) and sum(map(len, offload.buffers._free.values())) == len(
+        offload.buffers._all)
 
 
 def _fake_root(tmp_path, cgroup: str, files: dict[str, str], meminfo_kb: int = 64 << 20):

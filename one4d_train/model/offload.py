@@ -85,25 +85,32 @@ class _Session:
         self.group = 0 if self.group is None else self.group + 1
 
     def pack(self, t: torch.Tensor):
+        # What autograd keeps is detached: a saved output holding its grad_fn, which holds what was packed, would be
+        # a reference cycle, alive (with the session) until the garbage collector runs where the graph is dropped
+        # without backward or kept by retain_graph. Autograd links an unpacked tensor to its graph again.
         nbytes = t.numel() * t.element_size()
         if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter)
                 or t.untyped_storage().data_ptr() in self.params):
-            return t
+            return t.detach()
+        keep = self.group is not None and 0 <= self.owner.blocks <= self.group  # read first in backward
         seen = self.by_id.get(id(t))
         if seen is not None and seen[0]() is t:
             entry = self.entries[seen[1]]
             if entry.kept:
-                return self, seen[1], t
-            if self.group is not None:  # saved by a later block too: it comes back with the last one that saved it
-                entry.group = max(entry.group, self.group)
-            return self, seen[1]
-        if self.group is not None and 0 <= self.owner.blocks <= self.group:  # read first in backward: left where it is
-            # (the entry only marks its place: its unpack brings back the blocks before it; autograd holds the
-            # tensor in the packed tuple and frees it when done with it, as without offload)
+                return self, seen[1], t.detach()
+            if not keep:  # saved by a later block too: it comes back with the last one that saved it
+                if self.group is not None:
+                    entry.group = max(entry.group, self.group)
+                return self, seen[1]
+            # moved for earlier blocks and saved again by a kept one (the text context, say): that one keeps the
+            # tensor itself, still on the device here, rather than wait for its copy back first in backward
+        if keep:  # left where it is: the entry only marks its place (its unpack brings back the blocks before
+            # it); autograd holds the tensor in the packed tuple and frees it when done with it, as without offload
             self.entries.append(_Entry(None, t.device, group=self.group, kept=True))
+            if seen is None:
+                self.owner.stats.kept_bytes += nbytes
             self.by_id[id(t)] = (weakref.ref(t), len(self.entries) - 1)
-            self.owner.stats.kept_bytes += nbytes
-            return self, len(self.entries) - 1, t
+            return self, len(self.entries) - 1, t.detach()
         buffers = self.owner.buffers
         new = buffers.new_bytes(nbytes, t.is_cuda)
         if new:  # beyond the buffers earlier steps left
@@ -191,8 +198,10 @@ class HostOffload:
 
     min_bytes: smallest tensor moved (smaller ones stay on the device: copies would cost more than they free).
     prefetch: groups (blocks) brought back ahead of their use in backward; where no groups are marked, tensors.
-    blocks: only the first `blocks` groups' tensors are moved (-1: all); the last groups', which backward reads
-    first, stay on the device, where their copies out and back would end the forward and start the backward.
+    blocks: only the first `blocks` groups' tensors are moved (-1: all; no effect where no groups are marked); the
+    last groups', which backward reads first, stay on the device, where their copies out and back would end the
+    forward and start the backward. A tensor that moved groups and kept ones both save (the text context) is moved
+    for the first and kept by the others.
     exclude: module whose parameters are never moved (they are not activations)."""
 
     def __init__(self, exclude: nn.Module | None = None, min_bytes: int = 16 << 20, prefetch: int = 1,
@@ -224,7 +233,8 @@ class HostOffload:
             f"this step's saved activations; going on would end the process in the out-of-memory killer. Every GPU "
             f"process of a node holds its own (14B: ~101 GB with model.activation_checkpointing_unit=sublayer_ffn, "
             f"~61 GB with sublayer, ~31 GB with block); give the job the node's memory (Slurm: --mem=0), run "
-            f"fewer processes per node, or set model.activation_offload=false where the GPU has the room")
+            f"fewer processes per node, or keep the last blocks' activations on the GPU where it has the room "
+            f"(model.activation_offload_blocks, or model.activation_offload=false for all)")
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:

@@ -101,6 +101,9 @@ class One4DTask:
         if not m.activation_offload and m.activation_offload_blocks != -1:
             notes.append(("model.activation_offload_blocks", f"{m.activation_offload_blocks}, but "
                           "model.activation_offload is off: every block's activations stay on the GPU"))
+        elif m.activation_offload_blocks == 0:
+            notes.append(("model.activation_offload_blocks", "0: no block's activations are moved to host memory "
+                          "(as model.activation_offload=false)"))
         elif m.activation_offload_blocks > layers:
             notes.append(("model.activation_offload_blocks", f"{m.activation_offload_blocks}, but preset "
                           f"{m.preset!r} has {layers} blocks: all of them are offloaded"))

@@ -218,8 +218,11 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     from data_pipeline.shard import _add
 
     name = entry["name"]
-    problem = si.verify_shard_file(src, entry)
-    damage = _source_damage(src / name, problem) if problem else None
+    problem = si.verify_shard_file(src, entry, checksum=False)  # missing, or not its indexed size
+    digest = None if problem else si.sha256_file(src / name)  # read once: the damage record needs it too
+    if digest is not None and digest != entry["sha256"]:
+        problem = f"{src / name}: sha256 differs from the index"
+    damage = _source_damage(src / name, problem, digest) if problem else None
     mean, std = [float(v) for v in vae.model.config.latents_mean], [float(v) for v in vae.model.config.latents_std]
     keys, failed, text_failed, encoded, text_encoded = [], [], [], 0, 0
     tmp = out / f".{name}.tmp{socket.gethostname()}-{os.getpid()}"
@@ -298,10 +301,10 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     return record
 
 
-def _source_damage(path: Path, problem: str) -> dict:
+def _source_damage(path: Path, problem: str, digest: str | None = None) -> dict:
     """How the source shard `path`, which differs from its index (`problem`), differs: what encode_shard records of
-    it to encode it sample by sample (its size and sha256, so that a re-made shard is encoded again). EncodeError
-    where there is nothing to read samples from: the file is missing or is no tar."""
+    it to encode it sample by sample (its size and sha256 (`digest` where already read), so that a re-made shard is
+    encoded again). EncodeError where there is nothing to read samples from: the file is missing or is no tar."""
     if not path.is_file():
         raise EncodeError(f"source shard does not match its index: {problem}")
     try:
@@ -311,7 +314,7 @@ def _source_damage(path: Path, problem: str) -> dict:
     except (tarfile.TarError, EOFError) as exc:
         raise EncodeError(f"source shard does not match its index: {problem}; and it does not read as a tar "
                           f"({exc})") from None
-    return {"problem": problem, "bytes": path.stat().st_size, "sha256": si.sha256_file(path)}
+    return {"problem": problem, "bytes": path.stat().st_size, "sha256": digest or si.sha256_file(path)}
 
 
 def _source_samples(path: Path, entry: dict, damage: dict | None):

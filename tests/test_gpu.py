@@ -339,14 +339,10 @@ def test_one4d_task_step_on_cuda_with_a_cuda_generator(text_device):
     assert grads and any(gr.abs().sum() > 0 for gr in grads)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_activation_offload_frees_block_inputs(compiled):
-    """Activation offload (one4d_train.model.offload): the saved block inputs leave the GPU during forward and
-    come back (prefetched) in backward; gradients as without it."""
+def offload_model(blocks: int, compiled: bool):
+    """(model of `blocks` blocks checkpointed whole, adapters and links non-zero, inputs, bytes of a block input)."""
     from one4d_train.model.compile import compile_blocks
-    from one4d_train.model.offload import apply_activation_offload
 
-    blocks = 6
     model = mid_model(num_links=1, ckpt="full", num_layers=blocks)
     with torch.no_grad():
         for p in model.parameters():
@@ -355,7 +351,17 @@ def test_activation_offload_frees_block_inputs(compiled):
     if compiled:
         compile_blocks(model.base.blocks)
     inputs = mid_inputs(seed=5, t_lat=6, h=40, w=72)  # 2 x 4,320 tokens: 26.5 MB per block input
-    block_input = 2 * 6 * 20 * 36 * 1536 * 2
+    return model, inputs, 2 * 6 * 20 * 36 * 1536 * 2
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_activation_offload_frees_block_inputs(compiled):
+    """Activation offload (one4d_train.model.offload): the saved block inputs leave the GPU during forward and
+    come back (prefetched) in backward; gradients as without it."""
+    from one4d_train.model.offload import apply_activation_offload
+
+    blocks = 6
+    model, inputs, block_input = offload_model(blocks, compiled)
     runs = {}
     for offload in (False, True, False, True):  # the first pair warms up (compilation, allocator)
         offloader = apply_activation_offload(model, offload, min_bytes=1 << 20)
@@ -401,19 +407,10 @@ def test_activation_offload_keeps_the_last_blocks_on_the_gpu(compiled):
     """model.activation_offload_blocks: the first blocks' saved inputs leave the GPU, the last ones' stay (the GPU
     holds more after forward than with every block moved, less than with none); gradients as without offload."""
     from one4d_train.model import offload as offload_module
-    from one4d_train.model.compile import compile_blocks
     from one4d_train.model.offload import apply_activation_offload
 
     blocks, moved = 6, 4
-    model = mid_model(num_links=1, ckpt="full", num_layers=blocks)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    if compiled:
-        compile_blocks(model.base.blocks)
-    inputs = mid_inputs(seed=5, t_lat=6, h=40, w=72)
-    block_input = 2 * 6 * 20 * 36 * 1536 * 2
+    model, inputs, block_input = offload_model(blocks, compiled)
     runs, loads = {}, []
     real_load = offload_module._Session._load
 

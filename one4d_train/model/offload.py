@@ -107,8 +107,7 @@ class _Session:
         if keep:  # left where it is: the entry only marks its place (its unpack brings back the blocks before
             # it); autograd holds the tensor in the packed tuple and frees it when done with it, as without offload
             self.entries.append(_Entry(None, t.device, group=self.group, kept=True))
-            if seen is None:
-                self.owner.stats.kept_bytes += nbytes
+            self.owner.stats.kept_bytes += nbytes  # (held on the device, if moved for earlier blocks too)
             self.by_id[id(t)] = (weakref.ref(t), len(self.entries) - 1)
             return self, len(self.entries) - 1, t.detach()
         buffers = self.owner.buffers

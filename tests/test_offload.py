@@ -60,7 +60,13 @@ def test_offload_moves_activations_only_and_each_once():
     def same(a, b):  # what stays is packed detached: the same storage, no graph
         return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.grad_fn is None
 
-    assert same(session.pack(weight), weight)  # a parameter
+    # a parameter is packed itself (ZeRO-3 swaps its .data between gathered and released: backward must read the
+    # parameter, not a detached alias of the storage it had in forward)
+    assert session.pack(weight) is weight
+    swapped = torch.nn.Parameter(torch.zeros(3))
+    packed = session.pack(swapped)
+    swapped.data = torch.ones(3)
+    assert torch.equal(session.unpack(packed), torch.ones(3))
     assert isinstance(session.pack(weight.detach()), torch.Tensor) and offload.stats.tensors == 0  # its storage
     x = torch.randn(4, 8)
     first, again = session.pack(x), session.pack(x)

@@ -85,19 +85,16 @@ class _Session:
         self.group = 0 if self.group is None else self.group + 1
 
     def pack(self, t: torch.Tensor):
-        # What autograd keeps is detached: a saved output holding its grad_fn, which holds what was packed, would be
-        # a reference cycle, alive (with the session) until the garbage collector runs where the graph is dropped
-        # without backward or kept by retain_graph. Autograd links an unpacked tensor to its graph again.
         nbytes = t.numel() * t.element_size()
         if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter)
                 or t.untyped_storage().data_ptr() in self.params):
-            return t.detach()
+            return _unlinked(t)
         keep = self.group is not None and 0 <= self.owner.blocks <= self.group  # read first in backward
         seen = self.by_id.get(id(t))
         if seen is not None and seen[0]() is t:
             entry = self.entries[seen[1]]
             if entry.kept:
-                return self, seen[1], t.detach()
+                return self, seen[1], _unlinked(t)
             if not keep:  # saved by a later block too: it comes back with the last one that saved it
                 if self.group is not None:
                     entry.group = max(entry.group, self.group)
@@ -109,7 +106,7 @@ class _Session:
             self.entries.append(_Entry(None, t.device, group=self.group, kept=True))
             self.owner.stats.kept_bytes += nbytes  # (held on the device, if moved for earlier blocks too)
             self.by_id[id(t)] = (weakref.ref(t), len(self.entries) - 1)
-            return self, len(self.entries) - 1, t.detach()
+            return self, len(self.entries) - 1, _unlinked(t)
         buffers = self.owner.buffers
         new = buffers.new_bytes(nbytes, t.is_cuda)
         if new:  # beyond the buffers earlier steps left
@@ -189,6 +186,15 @@ class _Session:
         current.wait_event(entry.loaded_ready)
         out, entry.loaded, entry.used = entry.loaded, None, True  # freed when autograd is done with it
         return out
+
+
+def _unlinked(t: torch.Tensor) -> torch.Tensor:
+    """`t` as autograd may keep it packed: a saved output holding its grad_fn, which holds what was packed, would be
+    a reference cycle, alive (with the offload session) where the graph is dropped without backward or kept by
+    retain_graph; so a tensor with a grad_fn is packed detached (autograd links it to its graph again on unpack). A
+    leaf (a parameter, an input) has no grad_fn to cycle through and is packed itself: a ZeRO-3 parameter, whose
+    `.data` is swapped between gathered and released, must be read as it is in backward, not as it was."""
+    return t if t.grad_fn is None else t.detach()
 
 
 class HostOffload:

@@ -19,6 +19,9 @@ wait; the GPU memory they hold (14B: ~1.5 GB a block by sub-layer, ~2.5 GB with 
 Saved tensors reach the hooks both from eager checkpointing (torch's non-reentrant checkpoint saves its inputs
 with `save_for_backward`) and from compiled blocks (the compiled region saves its activations the same way).
 On a CPU device the copies are plain copies (no streams): the same code path, for tests.
+Autograd does not check saved tensors for in-place changes where hooks are set: a block that changed a saved tensor
+in place after saving it would get wrong gradients here (and race the copy to host) where plain autograd raises. The
+blocks change no saved tensor in place.
 
 Host memory: the copies go to page-locked buffers of their exact sizes, kept for the next step (host_buffers.py;
 torch's pinned-memory cache would round each up to a power of two, ~45% more at 14B). At 14B a step saves 31 GB per

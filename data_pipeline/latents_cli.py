@@ -218,10 +218,7 @@ def encode_shard(src: Path, out: Path, entry: dict, vae, cfg, run: dict, batch: 
     from data_pipeline.shard import _add
 
     name = entry["name"]
-    problem = si.verify_shard_file(src, entry, checksum=False)  # missing, or not its indexed size
-    digest = None if problem else si.sha256_file(src / name)  # read once: the damage record needs it too
-    if digest is not None and digest != entry["sha256"]:
-        problem = f"{src / name}: sha256 differs from the index"
+    problem, digest = si.check_shard_file(src, entry)  # (read once: the damage record needs its sha256 too)
     damage = _source_damage(src / name, problem, digest) if problem else None
     mean, std = [float(v) for v in vae.model.config.latents_mean], [float(v) for v in vae.model.config.latents_std]
     keys, failed, text_failed, encoded, text_encoded = [], [], [], 0, 0

@@ -292,15 +292,21 @@ def shard_entry(record: dict) -> dict:
 
 def verify_shard_file(shard_dir, entry: dict, checksum: bool = True) -> str | None:
     """None if the shard file exists with the recorded size (and sha256), else the problem."""
+    return check_shard_file(shard_dir, entry, checksum)[0]
+
+
+def check_shard_file(shard_dir, entry: dict, checksum: bool = True) -> tuple[str | None, str | None]:
+    """(verify_shard_file's answer, the file's sha256 where it was read: for a caller that records it too)."""
     path = Path(shard_dir) / entry["name"]
     if not path.is_file():
-        return f"{path}: missing"
+        return f"{path}: missing", None
     size = path.stat().st_size
     if size != entry["bytes"]:
-        return f"{path}: {size} bytes, index says {entry['bytes']}"
-    if checksum and sha256_file(path) != entry["sha256"]:
-        return f"{path}: sha256 differs from the index"
-    return None
+        return f"{path}: {size} bytes, index says {entry['bytes']}", None
+    if not checksum:
+        return None, None
+    digest = sha256_file(path)
+    return (None if digest == entry["sha256"] else f"{path}: sha256 differs from the index"), digest
 
 
 def statistics(records: list[dict]) -> dict:

@@ -12,6 +12,10 @@ BLOCK_LINEARS = (
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
     "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
 )
+# activation checkpointing: what each block keeps for backward, and the region one checkpoint covers
+# (model/checkpointing.py)
+CHECKPOINT_MODES = ("none", "full", "selective", "selective_self")
+CHECKPOINT_UNITS = ("block", "sublayer", "sublayer_ffn")
 
 
 @dataclass
@@ -92,12 +96,10 @@ class ModelConfig:
         p += choice(self.attention, ["auto", "fa4", "fa3", "fa2", "cudnn", "flash", "efficient", "math"], "attention")
         p += choice(self.text_encoder_device, ["auto", "cpu", "device"], "text_encoder_device")
         p += choice(self.design, ["dlc", "channel_concat", "width_concat"], "design")
-        p += choice(self.activation_checkpointing, ["none", "full", "selective", "selective_self"],
-                    "activation_checkpointing")
+        p += choice(self.activation_checkpointing, list(CHECKPOINT_MODES), "activation_checkpointing")
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
         p += in_range(self.activation_offload_blocks, -1, None, "activation_offload_blocks")
-        p += choice(self.activation_checkpointing_unit, ["block", "sublayer", "sublayer_ffn"],
-                    "activation_checkpointing_unit")
+        p += choice(self.activation_checkpointing_unit, list(CHECKPOINT_UNITS), "activation_checkpointing_unit")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
         p += choice(self.lora_kernel, ["fused", "bmm"], "lora_kernel")

@@ -447,6 +447,33 @@ def test_activation_offload_keeps_the_last_blocks_on_the_gpu(compiled):
     runs["first"][2].buffers.close()
 
 
+def test_a_dropped_graph_frees_a_prefetched_copy_only_once_it_is_written():
+    """A device copy brought back ahead of its use and never handed to backward (the graph dropped part-way through
+    backward) came from the current stream's memory pool while the side stream writes it: the session's end waits for
+    that copy before the memory can be handed out again."""
+    import gc
+
+    from one4d_train.model.offload import HostOffload, _Session
+
+    offload = HostOffload(min_bytes=0)
+    session = _Session(offload, set())
+    packed = []
+    for _ in range(3):  # 3 blocks of one 512 MB tensor each (~10 ms a copy back over the host link)
+        session.next_group()
+        packed.append(session.pack(torch.randn(128 << 20, device="cuda")))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    last = session.unpack(packed[2])  # the last block's, waited for; starts the copy back of the block before it
+    ahead = session.entries[packed[1][1]]
+    assert ahead.loaded is not None and not ahead.used
+    ready = ahead.loaded_ready
+    del session, packed, ahead
+    gc.collect()
+    assert ready.query()  # the copy was done before its memory went back to the pool
+    assert torch.cuda.memory_allocated() <= base + last.numel() * 4  # the prefetched copy is freed
+    offload.buffers.close()
+
+
 def test_compiled_vae_encoder_matches_eager():
     """model.compile_vae: the in-place compiled encoder gives the eager latents (bf16), and keeps its keys."""
     from one4d_train.model.vae import WanVAE, tiny_wan_vae

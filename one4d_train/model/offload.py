@@ -81,7 +81,7 @@ class _Session:
 
     def __post_init__(self):
         # the session lives as long as autograd holds what it packed: until backward is done with the graph
-        weakref.finalize(self, self.owner.buffers.give, self.buffers)
+        weakref.finalize(self, _end_session, self.owner.buffers, self.buffers, self.entries)
 
     def next_group(self) -> None:
         """What is saved from here on belongs to the next group (call before each block)."""
@@ -189,6 +189,18 @@ class _Session:
         current.wait_event(entry.loaded_ready)
         out, entry.loaded, entry.used = entry.loaded, None, True  # freed when autograd is done with it
         return out
+
+
+def _end_session(buffers: HostBuffers, taken: list[HostBuffer], entries: list[_Entry]) -> None:
+    """A session's host buffers go back for the next step. A device copy prefetched and never handed to backward (the
+    graph dropped part-way through it) is freed only once its copy is done: it came from the current stream's memory
+    pool, which would hand it out again at once while the side stream still writes it. (One handed to backward is
+    safe: the current stream waited for its copy before reading it.)"""
+    for entry in entries:
+        if entry.loaded is not None:
+            entry.loaded_ready.synchronize()
+            entry.loaded = None
+    buffers.give(taken)
 
 
 def _unlinked(t: torch.Tensor) -> torch.Tensor:

@@ -355,6 +355,8 @@ def test_valid_settings_that_have_no_effect_are_named():
     assert dict(ignored_settings(load_config([f"config={demo}", "model.activation_offload_blocks=1"]))) == {
         "model.activation_offload_blocks": "1, but model.activation_offload is off: every block's activations stay "
                                            "on the GPU"}
+    assert dict(ignored_settings(load_config([f"config={demo}", "model.activation_offload_min_mib=1"]))) == {
+        "model.activation_offload_min_mib": "1, but model.activation_offload is off: nothing is moved to host memory"}
     offload = [f"config={demo}", "model.activation_offload=true"]
     assert ignored_settings(load_config(offload + ["model.activation_offload_blocks=1"])) == []
     assert [k for k, _ in ignored_settings(load_config(offload + ["model.activation_offload_blocks=0"]))] == [
@@ -363,6 +365,8 @@ def test_valid_settings_that_have_no_effect_are_named():
         "model.activation_offload_blocks": "4, but preset 'tiny' has 3 blocks: all of them are offloaded"}
     with pytest.raises(Exception, match="activation_offload_blocks"):
         load_config(offload + ["model.activation_offload_blocks=-2"])
+    with pytest.raises(Exception, match="activation_offload_min_mib"):
+        load_config(offload + ["model.activation_offload_min_mib=-1"])
     # the tiny preset's random text tower is an encoder too: its device is no ignored setting
     assert ignored_settings(load_config([f"config={demo}", "model.text_encoder_device=cpu"])) == []
     # the fused LoRA operator steps aside for dropout and FP8 bases

@@ -65,18 +65,23 @@ def test_fp8_base_matmuls_train_like_the_full_precision_base(shards, straight, t
     assert all(abs(loss[s] - ref[s]) < 0.02 * ref[s] for s in ref), [(s, loss[s], ref[s]) for s in ref]
 
 
-def test_fused_branch_lora_and_sublayer_checkpointing_train_like_the_straight_run_under_zero3(shards, straight,
-                                                                                              tmp_path):
+def test_fused_branch_lora_sublayer_checkpointing_and_offload_train_like_the_straight_run_under_zero3(
+        shards, straight, tmp_path):
     """The same run with the branch layers on the fused operator (`model.lora_kernel=fused`), the base weights
-    gathered by ZeRO-3 as their external parameters (`share_base_with_zero3`), and each block checkpointed by
-    sub-layer with the FFN split at its activation (`model.activation_checkpointing_unit=sublayer_ffn`: four regions
-    per block, the attentions' as by `sublayer`, each re-gathering its own weights on recompute), follows the straight run's loss curve (the separate products, one region per block) up
-    to fp32 rounding over its first 10 steps, which shows the two are different computations."""
+    gathered by ZeRO-3 as their external parameters (`share_base_with_zero3`), each block checkpointed by sub-layer
+    with the FFN split at its activation (`model.activation_checkpointing_unit=sublayer_ffn`: four regions per block,
+    the attentions' as by `sublayer`, each re-gathering its own weights on recompute), and the first two blocks'
+    saved tensors, whatever their size, moved to host memory between forward and backward (activation offload; the
+    last block's kept) follows the straight run's loss curve (the separate products, one region per block, nothing
+    moved) up to fp32 rounding over its first 10 steps, which shows the two are different computations."""
     run_dir = tmp_path / "fused"
     code, out = torchrun(run_dir, *common(shards, run_dir, 10), "model.lora_kernel=fused",
-                         "model.activation_checkpointing_unit=sublayer_ffn", timeout=900)
+                         "model.activation_checkpointing_unit=sublayer_ffn", "model.activation_offload=true",
+                         "model.activation_offload_min_mib=0", "model.activation_offload_blocks=2", timeout=900)
     assert code == 0, out[-4000:]
-    loss = metric(*mlflow_run(run_dir), "loss")
+    client, run = mlflow_run(run_dir)
+    assert all(gib > 0 for gib in metric(client, run, "host_offload_gib").values())  # (the offload really moved)
+    loss = metric(client, run, "loss")
     ref = {s: v for s, v in metric(*mlflow_run(straight), "loss").items() if s <= 10}
     assert sorted(loss) == sorted(ref) == list(range(1, 11))
     assert loss != ref  # another order of the same sums

@@ -16,6 +16,7 @@ BLOCK_LINEARS = (
 # (model/checkpointing.py)
 CHECKPOINT_MODES = ("none", "full", "selective", "selective_self")
 CHECKPOINT_UNITS = ("block", "sublayer", "sublayer_ffn")
+OFFLOAD_MIN_MIB = 16.0  # activation offload: smaller saved tensors cost more in copies than they free
 
 
 @dataclass
@@ -78,8 +79,9 @@ class ModelConfig:
     activation_checkpointing: str = "full"  # none | full | selective | selective_self (model/checkpointing.py)
     activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
     activation_checkpointing_unit: str = "block"  # block | sublayer: each residual update its own region | sublayer_ffn: and the FFN's hidden layer kept (model/checkpointing.py)
-    activation_offload: bool = False  # saved block activations (>= 16 MiB each) in pinned host memory until backward
+    activation_offload: bool = False  # saved block activations (>= activation_offload_min_mib each) in pinned host memory until backward
     activation_offload_blocks: int = -1  # the first N blocks' activations offloaded, the last ones' (read first in backward) kept on the GPU; -1 = all
+    activation_offload_min_mib: float = OFFLOAD_MIN_MIB  # smallest saved tensor offloaded
     compute_dtype: str = "bf16"  # bf16 | fp32
     lora_kernel: str = "bmm"  # bmm | fused: the branch LoRA's deltas added after the base GEMMs, or accumulated in them (model/lora_op.py: faster eager, slower in compiled blocks; benchmarks/PERF_NOTES.md)
     base_matmul: str = "bf16"  # bf16 | fp8: the frozen block linears' matmuls on FP8 tensor cores, row-wise scaled (model/fp8.py; opt-in)
@@ -99,6 +101,7 @@ class ModelConfig:
         p += choice(self.activation_checkpointing, list(CHECKPOINT_MODES), "activation_checkpointing")
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
         p += in_range(self.activation_offload_blocks, -1, None, "activation_offload_blocks")
+        p += in_range(self.activation_offload_min_mib, 0.0, None, "activation_offload_min_mib")
         p += choice(self.activation_checkpointing_unit, list(CHECKPOINT_UNITS), "activation_checkpointing_unit")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from one4d_train.model import host_memory
+from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.host_buffers import HostBuffer, HostBuffers
 
 
@@ -224,8 +225,8 @@ class HostOffload:
     for the first and kept by the others.
     exclude: module whose parameters are never moved (they are not activations)."""
 
-    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = 16 << 20, prefetch: int = 1,
-                 host_reserve: int = 2 << 30, blocks: int = -1):
+    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = round(OFFLOAD_MIN_MIB * (1 << 20)),
+                 prefetch: int = 1, host_reserve: int = 2 << 30, blocks: int = -1):
         if min_bytes < 0 or prefetch < 0 or host_reserve < 0 or blocks < -1:
             raise ValueError("activation offload: min_bytes, prefetch and host_reserve must be >= 0, blocks >= -1")
         self.exclude = exclude
@@ -284,6 +285,7 @@ def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -
 
 
 def apply_configured_offload(model: nn.Module, cfg) -> HostOffload | None:
-    """`ModelConfig.activation_offload` of the first `activation_offload_blocks` blocks (every builder of the
-    model, the trainer's included, goes through here)."""
-    return apply_activation_offload(model, cfg.activation_offload, blocks=cfg.activation_offload_blocks)
+    """`ModelConfig.activation_offload` of the first `activation_offload_blocks` blocks' saved tensors of at least
+    `activation_offload_min_mib` (every builder of the model, the trainer's included, goes through here)."""
+    return apply_activation_offload(model, cfg.activation_offload, blocks=cfg.activation_offload_blocks,
+                                    min_bytes=round(cfg.activation_offload_min_mib * (1 << 20)))

@@ -31,6 +31,7 @@ from one4d_train.model.attention import set_attention_backend
 from one4d_train.model.backbone import WanDiT
 from one4d_train.model.checkpointing import apply_configured_checkpointing
 from one4d_train.model.compile import compile_blocks
+from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.dlc import share_base_with_zero3
 from one4d_train.model.offload import apply_configured_offload
@@ -107,6 +108,9 @@ class One4DTask:
         elif m.activation_offload_blocks > layers:
             notes.append(("model.activation_offload_blocks", f"{m.activation_offload_blocks}, but preset "
                           f"{m.preset!r} has {layers} blocks: all of them are offloaded"))
+        if not m.activation_offload and m.activation_offload_min_mib != OFFLOAD_MIN_MIB:
+            notes.append(("model.activation_offload_min_mib", f"{m.activation_offload_min_mib:g}, but "
+                          "model.activation_offload is off: nothing is moved to host memory"))
         unit = m.activation_checkpointing_unit
         if unit != "block" and (m.activation_checkpointing == "none" or not m.compile):
             why = ("no block is checkpointed (model.activation_checkpointing=none)"

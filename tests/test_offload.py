@@ -102,6 +102,28 @@ def test_model_config_switches_offload_on():
     assert first.activation_offload.blocks == 2
     with pytest.raises(ValueError, match="blocks >= -1"):
         HostOffload(blocks=-2)
+    small = build_one4d(ModelConfig(preset="tiny", num_links=1, activation_offload=True,
+                                    activation_offload_min_mib=0.5, compute_dtype="fp32"), "cpu")
+    assert small.activation_offload.min_bytes == 1 << 19 and on.activation_offload.min_bytes == 16 << 20
+
+
+def test_a_model_with_a_used_offload_copies():
+    """copy.deepcopy of a model whose offload holds page-locked host buffers (an EMA copy, say): the copy offloads
+    with the same settings into host memory of its own, excluding its own parameters, and trains alike."""
+    model, _ = tiny_one4d(activation_checkpointing="full")
+    randomise_trainable(model)
+    offload = apply_activation_offload(model, min_bytes=0, blocks=2)
+    loss, grads = loss_and_grads(model, model_inputs())
+    held = offload.host_bytes
+    assert held > 0
+    model.zero_grad()
+    twin = copy.deepcopy(model)
+    copied = twin.activation_offload
+    assert copied is not offload and copied.exclude is twin and (copied.min_bytes, copied.blocks) == (0, 2)
+    assert copied.host_bytes == 0 and copied.stats.tensors == 0
+    twin_loss, twin_grads = loss_and_grads(twin, model_inputs())
+    assert copied.stats.tensors > 0 and offload.host_bytes == held
+    assert torch.equal(twin_loss, loss) and all(torch.equal(twin_grads[n], g) for n, g in grads.items())
 
 
 def test_backward_brings_back_the_rest_of_a_block_and_the_block_before_it():

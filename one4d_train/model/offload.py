@@ -34,6 +34,7 @@ without a word.
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from dataclasses import dataclass, field
 
@@ -237,6 +238,12 @@ class HostOffload:
         self.buffers = HostBuffers()  # host memory the saved tensors go to, kept for the next step
         self.stats = OffloadStats()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __deepcopy__(self, memo) -> "HostOffload":
+        """The same settings for the copy (of the model, `exclude` the copied one), with its own host memory, streams
+        and counts: buffers are page-locked mappings, and the copy's activations are its own."""
+        return HostOffload(copy.deepcopy(self.exclude, memo), self.min_bytes, self.prefetch, self.host_reserve,
+                           self.blocks)
 
     @property
     def host_bytes(self) -> int:

@@ -25,10 +25,7 @@ def loss_and_grads(model, inputs):
 @pytest.mark.parametrize("ckpt,compiled", [("none", False), ("full", False), ("selective", False), ("full", True)])
 def test_offload_keeps_loss_and_gradients(ckpt, compiled):
     model, _ = tiny_one4d(activation_checkpointing=ckpt)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)  # zero-initialised links would hide the XYZ branch
+    randomise_trainable(model)  # zero-initialised links would hide the XYZ branch
     apply_activation_checkpointing(model.base.blocks, ckpt)
     offloaded = copy.deepcopy(model)
     if compiled:  # the compiled region's saved tensors pass through the same hooks

@@ -62,6 +62,10 @@ def test_offload_moves_activations_only_and_each_once():
     swapped.data = torch.ones(3)
     assert torch.equal(session.unpack(packed), torch.ones(3))
     assert isinstance(session.pack(weight.detach()), torch.Tensor) and offload.stats.tensors == 0  # its storage
+    # a view of a weight gathered after the session began (ZeRO-3: the storages it knows are the released, empty ones)
+    gathered = torch.nn.Parameter(torch.randn(64, 32), requires_grad=False)
+    view = gathered.t()
+    assert _Session(offload, set()).pack(view) is view and offload.stats.tensors == 0
     x = torch.randn(4, 8)
     first, again = session.pack(x), session.pack(x)
     assert first == again and offload.stats.tensors == 1 and offload.stats.bytes == x.numel() * 4

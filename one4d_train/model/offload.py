@@ -3,7 +3,7 @@ forward and backward.
 
 With checkpointing, what a block keeps is its input (and, in selective mode, its attention outputs): at 14B and
 2 x 18,018 tokens 369 MB per tensor, 14.8 GB for the 40 block inputs alone. Inside `HostOffload()`, every saved
-tensor of at least `min_bytes` (parameters excepted) is copied to pinned host memory on a side stream as soon as
+tensor of at least `min_bytes` (parameters and their views excepted) is copied to pinned host memory on a side stream as soon as
 it is saved, so its device memory is free once the forward no longer uses it. Backward unpacks the saved tensors
 group by group in the reverse order of packing (a group: what one DiT block saved; the model marks them with
 `next_group()`), though a group's own tensors may come in any order (a compiled block unpacks all of its at once, in
@@ -91,9 +91,9 @@ class _Session:
 
     def pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
-        if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter)
-                or t.untyped_storage().data_ptr() in self.params):
-            return _unlinked(t)
+        if (nbytes < self.owner.min_bytes or isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+                or t.untyped_storage().data_ptr() in self.params):  # (a weight's view: ZeRO-3 gathers its storage
+            return _unlinked(t)  # after the session began, so only its base tells it is no activation)
         keep = self.group is not None and 0 <= self.owner.blocks <= self.group  # read first in backward
         seen = self.by_id.get(id(t))
         if seen is not None and seen[0]() is t:

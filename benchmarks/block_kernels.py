@@ -20,6 +20,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.train_step import IMAGE_TOKENS, TEXT_LEN, VIDEO, record, sync  # noqa: E402
+from one4d_train.model.config import CHECKPOINT_MODES  # noqa: E402
 
 ATTENTION_MARKS = ("flash", "fmha", "attention", "cudnn", "fa4", "Flash")
 
@@ -78,7 +79,7 @@ def part_of(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="14b", choices=["1.3b", "14b"])
-    ap.add_argument("--ckpt", default="selective_self", choices=["none", "full", "selective", "selective_self"])
+    ap.add_argument("--ckpt", default="selective_self", choices=CHECKPOINT_MODES)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-lora", action="store_true", help="the base block alone (the LoRA's share, by difference)")
     ap.add_argument("--lora-kernel", default="bmm", choices=["bmm", "fused"],

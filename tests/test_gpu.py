@@ -463,13 +463,15 @@ def test_a_dropped_graph_frees_a_prefetched_copy_only_once_it_is_written():
         packed.append(session.pack(torch.randn(128 << 20, device="cuda")))
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
+    with torch.cuda.stream(offload.stream(torch.device("cuda"))):
+        torch.cuda._sleep(200_000_000)  # (~0.1 s: the copies back certainly still pending at the session's end)
     last = session.unpack(packed[2])  # the last block's, waited for; starts the copy back of the block before it
     ahead = session.entries[packed[1][1]]
     assert ahead.loaded is not None and not ahead.used
     ready = ahead.loaded_ready
-    del session, packed, ahead
-    gc.collect()
+    del session, packed, ahead  # (no cycle: the session ends here)
     assert ready.query()  # the copy was done before its memory went back to the pool
+    gc.collect()
     assert torch.cuda.memory_allocated() <= base + last.numel() * 4  # the prefetched copy is freed
     offload.buffers.close()
 

@@ -122,6 +122,8 @@ def test_a_model_with_a_used_offload_copies():
     copied = twin.activation_offload
     assert copied is not offload and copied.exclude is twin and (copied.min_bytes, copied.blocks) == (0, 2)
     assert copied.host_bytes == 0 and copied.stats.tensors == 0
+    alone = copy.deepcopy(offload)  # (the offload itself: its model copied with it, once)
+    assert alone.exclude.activation_offload is alone and alone.exclude is not model
     twin_loss, twin_grads = loss_and_grads(twin, model_inputs())
     assert copied.stats.tensors > 0 and offload.host_bytes == held
     assert torch.equal(twin_loss, loss) and all(torch.equal(twin_grads[n], g) for n, g in grads.items())

@@ -193,16 +193,22 @@ class _Session:
         return out
 
 
+def mib_bytes(mib: float) -> int:
+    return round(mib * (1 << 20))
+
+
 def _end_session(buffers: HostBuffers, taken: list[HostBuffer], entries: list[_Entry]) -> None:
     """A session's host buffers go back for the next step. A device copy prefetched and never handed to backward (the
     graph dropped part-way through it) is freed only once its copy is done: it came from the current stream's memory
     pool, which would hand it out again at once while the side stream still writes it. (One handed to backward is
     safe: the current stream waited for its copy before reading it.)"""
-    for entry in entries:
-        if entry.loaded is not None:
-            entry.loaded_ready.synchronize()
-            entry.loaded = None
-    buffers.give(taken)
+    try:
+        for entry in entries:
+            if entry.loaded is not None:
+                entry.loaded_ready.synchronize()
+                entry.loaded = None
+    finally:
+        buffers.give(taken)
 
 
 def _unlinked(t: torch.Tensor) -> torch.Tensor:
@@ -226,7 +232,7 @@ class HostOffload:
     for the first and kept by the others.
     exclude: module whose parameters are never moved (they are not activations)."""
 
-    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = round(OFFLOAD_MIN_MIB * (1 << 20)),
+    def __init__(self, exclude: nn.Module | None = None, min_bytes: int = mib_bytes(OFFLOAD_MIN_MIB),
                  prefetch: int = 1, host_reserve: int = 2 << 30, blocks: int = -1):
         if min_bytes < 0 or prefetch < 0 or host_reserve < 0 or blocks < -1:
             raise ValueError("activation offload: min_bytes, prefetch and host_reserve must be >= 0, blocks >= -1")
@@ -242,8 +248,10 @@ class HostOffload:
     def __deepcopy__(self, memo) -> "HostOffload":
         """The same settings for the copy (of the model, `exclude` the copied one), with its own host memory, streams
         and counts: buffers are page-locked mappings, and the copy's activations are its own."""
-        return HostOffload(copy.deepcopy(self.exclude, memo), self.min_bytes, self.prefetch, self.host_reserve,
-                           self.blocks)
+        twin = type(self)(None, self.min_bytes, self.prefetch, self.host_reserve, self.blocks)
+        memo[id(self)] = twin
+        twin.exclude = copy.deepcopy(self.exclude, memo)
+        return twin
 
     @property
     def host_bytes(self) -> int:
@@ -295,4 +303,4 @@ def apply_configured_offload(model: nn.Module, cfg) -> HostOffload | None:
     """`ModelConfig.activation_offload` of the first `activation_offload_blocks` blocks' saved tensors of at least
     `activation_offload_min_mib` (every builder of the model, the trainer's included, goes through here)."""
     return apply_activation_offload(model, cfg.activation_offload, blocks=cfg.activation_offload_blocks,
-                                    min_bytes=round(cfg.activation_offload_min_mib * (1 << 20)))
+                                    min_bytes=mib_bytes(cfg.activation_offload_min_mib))

@@ -34,6 +34,9 @@
 #             on one engine, then the peer (PEERS=0 skips it)
 #     release-profile: both presets' shipped configs, each with a profiled extra step (no peers)
 #     profile: VAE settings; 1.3B and 14B (selective + offload) step profiles
+#     units : the 14B config by checkpointing unit and with the last 4 blocks' activations kept on the GPU (UNITS
+#             overrides the variants, e.g. "unit=sublayer_ffn+offload=1@36+attn=fa4"; STEPS timed steps, default 5:
+#             four 14B variants take ~330 s), then the 14B peer (PEERS=0 skips it)
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH: benchmarks/offline_wheels.sh makes the wheels, PERF_NOTES.md installs them.
 set -u
@@ -228,6 +231,11 @@ if [[ $WHAT == lora-kernel ]]; then  # the shipped configs with the branch LoRA 
       --variants "$(echo "${LORA_KERNELS:-fused,bmm}" | sed 's/\([a-z]*\)/vae=latents+lora=\1/g')"
     [[ ${PEERS:-1} == 1 ]] && part $plimit "$preset peer" $B --preset "$preset" --peer --warmup $warm --steps 10
   done
+fi
+if [[ $WHAT == units ]]; then  # 14B checkpointing units, the last blocks kept on the GPU, then the peer
+  part ${T14:-560} "14b ours, units and kept blocks" $B --preset 14b --warmup 2 --steps ${STEPS:-5} --lever units \
+    --variants "${UNITS:-unit=sublayer,unit=sublayer_ffn,unit=sublayer_ffn+offload=1@36,unit=sublayer+offload=1@36}"
+  [[ ${PEERS:-1} == 1 ]] && part 300 "14b peer" $B --preset 14b --peer --warmup 2 --steps 10
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

@@ -20,7 +20,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.train_step import IMAGE_TOKENS, TEXT_LEN, VIDEO, record, sync  # noqa: E402
-from one4d_train.model.config import CHECKPOINT_MODES  # noqa: E402
+from one4d_train.model.config import CHECKPOINT_MODES, LORA_KERNELS  # noqa: E402
 
 ATTENTION_MARKS = ("flash", "fmha", "attention", "cudnn", "fa4", "Flash")
 
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default="selective_self", choices=CHECKPOINT_MODES)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-lora", action="store_true", help="the base block alone (the LoRA's share, by difference)")
-    ap.add_argument("--lora-kernel", default="bmm", choices=["bmm", "fused"],
+    ap.add_argument("--lora-kernel", default="bmm", choices=LORA_KERNELS,
                     help="the deltas accumulated in the base GEMMs (model/lora_op.py) or added after them")
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
     ap.add_argument("--cdt", action="store_true", help="Inductor's coordinate-descent tuning of its kernels' tiles")

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from one4d_train.model.config import CHECKPOINT_UNITS  # noqa: E402
+from one4d_train.model.config import CHECKPOINT_UNITS, LORA_KERNELS  # noqa: E402
 
 H100_PEAK = 989e12
 MIN_TIMED_STEPS = 10  # the step time is the median of at least this many timed steps after warm-up
@@ -409,7 +409,7 @@ def parse_variants(text: str) -> list[dict]:
         for setting in item.split("+"):
             key, _, value = setting.partition("=")
             if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)) or (
-                    key == "lora" and value not in ("fused", "bmm")) or (
+                    key == "lora" and value not in LORA_KERNELS) or (
                     key == "unit" and value not in CHECKPOINT_UNITS) or (
                     key == "offload" and not re.fullmatch(r"0|1(@\d+)?", value)):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")

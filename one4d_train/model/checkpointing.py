@@ -37,9 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from one4d_train.model import attention as _attention  # registers one4d::fa4_fwd; imports the flash libraries
-from one4d_train.model.config import CHECKPOINT_MODES, CHECKPOINT_UNITS
-
-MODES, UNITS = CHECKPOINT_MODES, CHECKPOINT_UNITS
+from one4d_train.model.config import CHECKPOINT_MODES as MODES
+from one4d_train.model.config import CHECKPOINT_UNITS as UNITS
 
 
 def _attention_ops() -> set:

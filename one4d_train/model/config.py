@@ -16,6 +16,7 @@ BLOCK_LINEARS = (
 # (model/checkpointing.py)
 CHECKPOINT_MODES = ("none", "full", "selective", "selective_self")
 CHECKPOINT_UNITS = ("block", "sublayer", "sublayer_ffn")
+LORA_KERNELS = ("bmm", "fused")  # the branch LoRA's deltas added after the base GEMMs, or in them (model/dlc.py)
 OFFLOAD_MIN_MIB = 16.0  # activation offload: smaller saved tensors cost more in copies than they free
 
 
@@ -105,7 +106,7 @@ class ModelConfig:
         p += choice(self.activation_checkpointing_unit, list(CHECKPOINT_UNITS), "activation_checkpointing_unit")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
-        p += choice(self.lora_kernel, ["fused", "bmm"], "lora_kernel")
+        p += choice(self.lora_kernel, list(LORA_KERNELS), "lora_kernel")
         p += choice(self.vae_conv_kernel, ["cudnn", "triton"], "vae_conv_kernel")
         p += in_range(self.num_links, 0, None, "num_links")
         p += in_range(self.vae_videos_per_call, 0, None, "vae_videos_per_call")

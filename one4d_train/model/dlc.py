@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from one4d_train.model.config import LORA_KERNELS as KERNELS
 from one4d_train.model.config import LoRAConfig
 from one4d_train.model.lora_op import branch_lora_linear
 
 BRANCHES = ("rgb", "xyz")
 SHARED = ("shared",)
-KERNELS = ("bmm", "fused")
 
 
 def _checked_kernel(kernel: str) -> str:

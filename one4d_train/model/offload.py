@@ -1,11 +1,11 @@
 """Activation offload: the large tensors autograd saves in the DiT blocks live in pinned host memory between
 forward and backward.
 
-With checkpointing, what a block keeps is its input (and, in selective mode, its attention outputs): at 14B and
-2 x 18,018 tokens 369 MB per tensor, 14.8 GB for the 40 block inputs alone. Inside `HostOffload()`, every saved
-tensor of at least `min_bytes` (parameters and their views excepted) is copied to pinned host memory on a side
-stream as soon as it is saved, so its device memory is free once the forward no longer uses it. Backward unpacks the saved tensors
-group by group in the reverse order of packing (a group: what one DiT block saved; the model marks them with
+With checkpointing, what a block keeps is its input (and, in selective mode, its attention outputs): at 14B and 2 x
+18,018 tokens 369 MB per tensor, 14.8 GB for the 40 block inputs alone. Inside `HostOffload()`, every saved tensor
+of at least `min_bytes` (parameters and their views excepted) is copied to pinned host memory on a side stream as
+soon as it is saved, so its device memory is free once the forward no longer uses it. Backward unpacks the saved
+tensors group by group in the reverse order of packing (a group: what one DiT block saved; the model marks them with
 `next_group()`), though a group's own tensors may come in any order (a compiled block unpacks all of its at once, in
 forward order). So an unpack starts, on the side stream, the host-to-device copies of the rest of its group and of
 the `prefetch` groups before it, overlapping them with the current block's backward. Prefetching by tensor count

@@ -265,6 +265,22 @@ def test_a_kept_tensor_is_held_by_autograd_alone():
     assert torch.equal(shared.unpack(moved), ctx) and shared.unpack(kept) is kept[2]
 
 
+def test_kept_bytes_count_what_the_kept_tensors_hold():
+    """stats.kept_bytes is the device memory the kept tensors hold: a view holds its whole storage, and views of one
+    storage (q, k and v cut from one product) hold it once."""
+    from one4d_train.model.offload import _Session
+
+    offload = HostOffload(min_bytes=0, blocks=0)
+    session = _Session(offload, set())
+    session.next_group()
+    qkv = torch.randn(6, 3, 8)
+    packed = [session.pack(qkv[:, i]) for i in range(2)]  # two views, each a third of the storage
+    assert offload.stats.kept_bytes == qkv.numel() * qkv.element_size()
+    other = torch.randn(5)
+    packed.append(session.pack(other[1:]))
+    assert offload.stats.kept_bytes == (qkv.numel() + other.numel()) * 4 and len(session.entries) == 3
+
+
 @pytest.mark.parametrize("blocks", [-1, 0])
 def test_a_dropped_graph_frees_what_it_saved(blocks):
     """A forward whose graph is dropped without backward (an error, an out-of-memory step skipped) leaves nothing

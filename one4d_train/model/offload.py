@@ -51,7 +51,7 @@ class OffloadStats:
     tensors: int = 0
     bytes: int = 0
     prefetched: int = 0
-    kept_bytes: int = 0  # of tensors past `blocks`, left on the device
+    kept_bytes: int = 0  # device memory that the tensors of blocks past `blocks` hold: their storages, each once
 
 
 @dataclass
@@ -80,6 +80,7 @@ class _Session:
     by_id: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict)
     group: int | None = None  # the current group; None: none marked, each tensor a group of its own
     buffers: list[HostBuffer] = field(default_factory=list)  # back to the owner's free buffers with the session
+    kept_storages: set[int] = field(default_factory=set)  # counted in kept_bytes
 
     def __post_init__(self):
         # the session lives as long as autograd holds what it packed: until backward is done with the graph
@@ -109,7 +110,10 @@ class _Session:
         if keep:  # left where it is: the entry only marks its place (its unpack brings back the blocks before
             # it); autograd holds the tensor in the packed tuple and frees it when done with it, as without offload
             self.entries.append(_Entry(None, t.device, group=self.group, kept=True))
-            self.owner.stats.kept_bytes += nbytes  # (held on the device, if moved for earlier blocks too)
+            storage = t.untyped_storage()  # what the tensor holds on the device (q, k and v may be views of one
+            if storage.data_ptr() not in self.kept_storages:  # product), counted once, if moved for earlier blocks too
+                self.kept_storages.add(storage.data_ptr())
+                self.owner.stats.kept_bytes += storage.nbytes()
             self.by_id[id(t)] = (weakref.ref(t), len(self.entries) - 1)
             return self, len(self.entries) - 1, _unlinked(t)
         buffers = self.owner.buffers

@@ -523,6 +523,13 @@ def run_ours(args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     init_dist(device)
     cfg = our_config(args)
+    if cfg.model.activation_checkpointing_unit == "auto":  # as the trainer resolves it, for this machine
+        from one4d_train.model.offload_plan import resolve_unit
+        from one4d_train.model.presets import wan_config
+        t_lat, h, w = latent_shape(args)
+        unit, why = resolve_unit(cfg.model, wan_config(cfg.model.preset), 2 * t_lat * (h // 2) * (w // 2))
+        print(f"model.activation_checkpointing_unit auto -> {unit} ({why})", flush=True)
+        cfg.model.activation_checkpointing_unit = unit
     variants = parse_variants(args.variants)
     flops = our_flops(cfg, args)
     engine, ds_config, changed, build_s, init_s = build_our_engine(cfg, args, device)

@@ -117,12 +117,15 @@ def _checkpointed_class(cls: type) -> type:
     return type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {"_original_class": cls})
 
 
-def apply_configured_checkpointing(blocks: nn.ModuleList, cfg) -> None:
-    """`ModelConfig.activation_checkpointing` on its first `activation_checkpointing_blocks` blocks, by
-    `activation_checkpointing_unit` (every builder of the model, the trainer's included, goes through here)."""
+def apply_configured_checkpointing(blocks: nn.ModuleList, cfg, unit: str | None = None) -> None:
+    """`ModelConfig.activation_checkpointing` on its first `activation_checkpointing_blocks` blocks, by `unit` or
+    else `activation_checkpointing_unit` (every builder of the model, the trainer's included, goes through here).
+    The trainer resolves `auto` (model/offload_plan.py: it knows the clip shape and the node); elsewhere, as in
+    evaluation, `auto` is the block."""
+    unit = unit or cfg.activation_checkpointing_unit
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.activation_checkpointing_blocks,
-                                       cfg.activation_checkpointing_unit)
+                                       "block" if unit == "auto" else unit)
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, num_blocks: int = -1,

@@ -79,7 +79,7 @@ class ModelConfig:
     xyz_patch_embedding: bool = True  # the XYZ branch's own trainable patch embedding (from the base's)
     activation_checkpointing: str = "full"  # none | full | selective | selective_self (model/checkpointing.py)
     activation_checkpointing_blocks: int = -1  # the first N blocks checkpointed as above, the rest keep every activation; -1 = all
-    activation_checkpointing_unit: str = "block"  # block | sublayer: each residual update its own region | sublayer_ffn: and the FFN's hidden layer kept (model/checkpointing.py)
+    activation_checkpointing_unit: str = "block"  # block | sublayer: each residual update its own region | sublayer_ffn: and the FFN's hidden layer kept (model/checkpointing.py) | auto: the finest whose offloaded activations fit the node's host memory (model/offload_plan.py)
     activation_offload: bool = False  # saved block activations (>= activation_offload_min_mib each) in pinned host memory until backward
     activation_offload_blocks: int = -1  # the first N blocks' activations offloaded, the last ones' (read first in backward) kept on the GPU; -1 = all
     activation_offload_min_mib: float = OFFLOAD_MIN_MIB  # smallest saved tensor offloaded
@@ -103,7 +103,7 @@ class ModelConfig:
         p += in_range(self.activation_checkpointing_blocks, -1, None, "activation_checkpointing_blocks")
         p += in_range(self.activation_offload_blocks, -1, None, "activation_offload_blocks")
         p += in_range(self.activation_offload_min_mib, 0.0, None, "activation_offload_min_mib")
-        p += choice(self.activation_checkpointing_unit, list(CHECKPOINT_UNITS), "activation_checkpointing_unit")
+        p += choice(self.activation_checkpointing_unit, [*CHECKPOINT_UNITS, "auto"], "activation_checkpointing_unit")
         p += choice(self.compute_dtype, ["bf16", "fp32"], "compute_dtype")
         p += choice(self.base_matmul, ["bf16", "fp8"], "base_matmul")
         p += choice(self.lora_kernel, list(LORA_KERNELS), "lora_kernel")

@@ -272,7 +272,8 @@ class HostOffload:
             f"Slurm job's/container's limit) and {nbytes / 1e9:.2f} GB more to hold, after {done / 1e9:.1f} GB of "
             f"this step's saved activations; going on would end the process in the out-of-memory killer. Every GPU "
             f"process of a node holds its own (14B: ~101 GB with model.activation_checkpointing_unit=sublayer_ffn, "
-            f"~61 GB with sublayer, ~31 GB with block); give the job the node's memory (Slurm: --mem=0), run "
+            f"~61 GB with sublayer, ~31 GB with block; model.activation_checkpointing_unit=auto picks by the memory "
+            f"left at the start); give the job the node's memory (Slurm: --mem=0), run "
             f"fewer processes per node, or keep the last blocks' activations on the GPU where it has the room "
             f"(model.activation_offload_blocks, or model.activation_offload=false for all)")
 

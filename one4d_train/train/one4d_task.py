@@ -35,6 +35,7 @@ from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.dlc import share_base_with_zero3
 from one4d_train.model.offload import apply_configured_offload
+from one4d_train.model.offload_plan import block_because, resolve_unit
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.fp8 import fp8_problems
 from one4d_train.model.encoders import build_encoders, encoder_dtype, encoder_file_problems, vae_kernel_problems
@@ -71,6 +72,7 @@ class One4DTask:
         self._encoders = None
         self._base_loaded_at_build = False
         self._init_source = None  # the checkpoint or export model.init_adapters started the run from
+        self._unit = None  # the checkpointing unit, `auto` resolved (checkpointing_unit)
 
     # ---- config -----------------------------------------------------------------------------------------
     @staticmethod
@@ -112,7 +114,9 @@ class One4DTask:
             notes.append(("model.activation_offload_min_mib", f"{m.activation_offload_min_mib:g}, but "
                           "model.activation_offload is off: nothing is moved to host memory"))
         unit = m.activation_checkpointing_unit
-        if unit != "block" and (m.activation_checkpointing == "none" or not m.compile):
+        if unit == "auto" and block_because(m):
+            notes.append(("model.activation_checkpointing_unit", f"auto is the block here: {block_because(m)}"))
+        elif unit not in ("block", "auto") and (m.activation_checkpointing == "none" or not m.compile):
             why = ("no block is checkpointed (model.activation_checkpointing=none)"
                    if m.activation_checkpointing == "none" else
                    "without model.compile, backward recomputes each sub-layer whole: what the unit keeps only "
@@ -170,11 +174,21 @@ class One4DTask:
             share_base_with_zero3(model)
         if self.cfg.model.init_adapters:
             self._warm_start(model)
-        apply_configured_checkpointing(base.blocks, self.cfg.model)
+        apply_configured_checkpointing(base.blocks, self.cfg.model, self.checkpointing_unit())
         apply_configured_offload(model, self.cfg.model)
         if self.cfg.model.compile:
             compile_blocks(base.blocks)
         return model
+
+    def checkpointing_unit(self) -> str:
+        """model.activation_checkpointing_unit, `auto` resolved for this node (model/offload_plan.py) once per
+        process, after the base is loaded (its files' page cache is reclaimable) and before any step offloads."""
+        if self._unit is None:
+            tokens = self.tokens_per_sample() * self.cfg.train.micro_batch_size
+            self._unit, why = resolve_unit(self.cfg.model, self.wan_cfg, tokens)
+            if self.cfg.model.activation_checkpointing_unit == "auto" and _rank() == 0:
+                log.info("model.activation_checkpointing_unit auto -> %s (%s)", self._unit, why)
+        return self._unit
 
     def _warm_start(self, model: nn.Module) -> None:
         """model.init_adapters: the source's adapters and links copied into the trainable parameters, which every
@@ -209,8 +223,12 @@ class One4DTask:
             log.info("adapters and control links start from %s", source)
 
     def run_tags(self) -> dict[str, str]:
-        """MLflow tags of the run this task starts: the source of its initial adapters (model.init_adapters)."""
-        return {"one4d.init_adapters": self._init_source} if self._init_source else {}
+        """MLflow tags of the run this task starts: the source of its initial adapters (model.init_adapters), the
+        checkpointing unit `auto` resolved to."""
+        tags = {"one4d.init_adapters": self._init_source} if self._init_source else {}
+        if self.cfg.model.activation_checkpointing_unit == "auto":  # what rank 0 resolved it to
+            tags["one4d.checkpointing_unit"] = self.checkpointing_unit()
+        return tags
 
     def _base_source(self):
         """name -> tensor getter for the frozen base: the checkpoint's, or Wan's seeded init of the tiny preset."""

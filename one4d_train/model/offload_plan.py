@@ -1,0 +1,100 @@
+"""`model.activation_checkpointing_unit: auto`: the fastest checkpointing unit whose offloaded activations fit the
+host memory left to each GPU process of the node.
+
+Finer units keep more per block and re-run less in backward (model/checkpointing.py); with activation offload what
+they keep goes to page-locked host memory, one step's worth per GPU process (14B at 2 x 18,018 tokens, measured:
+`block` 31.4 GB, `sublayer` 60.9 GB, `sublayer_ffn` ~101 GB, 90.5 GB with the last 4 blocks kept on the GPU). On a
+node that has the memory, `sublayer_ffn` is the fastest (14B on one H100 with FlashAttention-4: 7.72 s against
+`sublayer`'s 7.83 s, benchmarks/PERF_NOTES.md); where it lacks the memory, a fixed finer unit stops the job at its
+first step (offload.HostMemoryError). `auto` picks before the first step from a prediction of the bytes.
+
+Prediction, per offloaded block, in block inputs (batch x 2 branches x tokens x dim elements): the checkpointed
+regions' inputs (block 1; sublayer 3: the input and the residual stream after each attention; sublayer_ffn 3 plus
+the FFN's pre-activation, ffn_dim / dim of them) and the attention outputs the mode keeps (selective_self 1,
+selective 3). Against the 14B measurements it is 2-6% low (other saved tensors of 40-50 MB a block): MARGIN covers
+them, and the offload's own check (HostMemoryError) stays as the backstop.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from one4d_train.model.config import CHECKPOINT_UNITS
+
+MARGIN = 1.10  # the prediction was 2-6% below the measured bytes at 14B
+RESERVE = 4 << 30  # host memory left per process to the rest of it (data workers, the offload's own reserve)
+KEPT_ATTENTION_OUTPUTS = {"none": 0, "full": 0, "selective_self": 1, "selective": 3}
+FASTEST_FIRST = ("sublayer_ffn", "sublayer", "block")
+assert sorted(FASTEST_FIRST) == sorted(CHECKPOINT_UNITS)
+
+
+def block_inputs_saved(mode: str, unit: str, dim: int, ffn_dim: int) -> float:
+    """What one checkpointed block saves (and the offload moves) in `mode` by `unit`, in block inputs."""
+    regions = {"block": 1.0, "sublayer": 3.0, "sublayer_ffn": 3.0 + ffn_dim / dim}[unit]
+    return regions + KEPT_ATTENTION_OUTPUTS[mode]
+
+
+def offloaded_bytes(cfg, dim: int, ffn_dim: int, num_layers: int, tokens: int, element_size: int,
+                    unit: str) -> int:
+    """Predicted host memory per GPU process for one step of ModelConfig `cfg` by `unit`, `tokens` rows per block
+    input (batch x both branches x tokens per modality), with MARGIN."""
+    moved = num_layers if cfg.activation_offload_blocks < 0 else min(cfg.activation_offload_blocks, num_layers)
+    per_block = block_inputs_saved(cfg.activation_checkpointing, unit, dim, ffn_dim) * tokens * dim * element_size
+    return int(MARGIN * moved * per_block)
+
+
+def local_processes(environ: dict[str, str] | None = None) -> int:
+    """GPU processes on this node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node (the most any node has,
+    where they differ), else 1."""
+    env = os.environ if environ is None else environ
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts = [int(n) for n in re.findall(r"(\d+)(?:\(x\d+\))?", env.get(name, ""))]
+        if counts:
+            return max(1, max(counts))
+    return 1
+
+
+def block_because(cfg) -> str | None:
+    """Why `auto` is the block whatever the memory (a finer unit would gain nothing), or None where memory decides."""
+    if cfg.activation_checkpointing == "none":
+        return "nothing is checkpointed (model.activation_checkpointing=none)"
+    if not cfg.activation_offload or cfg.activation_offload_blocks == 0:
+        return "nothing is offloaded: what a finer unit keeps would stay on the GPU"
+    if not cfg.compile:
+        return "without model.compile, backward recomputes each sub-layer whole: a finer unit only costs memory"
+    moved, checkpointed = cfg.activation_offload_blocks, cfg.activation_checkpointing_blocks
+    if checkpointed >= 0 and (moved < 0 or checkpointed < moved):
+        return ("offloaded blocks past model.activation_checkpointing_blocks keep every activation, which the "
+                "prediction does not count")
+    return None
+
+
+def choose_unit(cfg, dim: int, ffn_dim: int, num_layers: int, tokens: int, element_size: int,
+                available: int | None, processes: int) -> tuple[str, str]:
+    """(unit, why) for `activation_checkpointing_unit: auto`: the first of FASTEST_FIRST whose predicted offload
+    fits `available` bytes of host memory (host_memory.available_bytes(), None: unknown) shared by `processes`."""
+    if cfg.activation_checkpointing_unit != "auto":
+        return cfg.activation_checkpointing_unit, "as configured"
+    why = block_because(cfg)
+    if why:
+        return "block", why
+    if available is None:
+        return "block", "host memory could not be read: the unit that moves least"
+    share = available // processes - RESERVE
+    for unit in FASTEST_FIRST:
+        need = offloaded_bytes(cfg, dim, ffn_dim, num_layers, tokens, element_size, unit)
+        if need <= share:
+            return unit, (f"{need / 1e9:.1f} GB of saved activations per GPU process predicted, "
+                          f"{available / 1e9:.1f} GB of host memory left for {processes} process(es)")
+    need = offloaded_bytes(cfg, dim, ffn_dim, num_layers, tokens, element_size, "block")
+    return "block", (f"even block's {need / 1e9:.1f} GB per GPU process exceed the {share / 1e9:.1f} GB each of "
+                     f"{processes} process(es) has: the offload stops at the first step unless memory frees up")
+
+
+def resolve_unit(cfg, wan_cfg, tokens: int) -> tuple[str, str]:
+    """choose_unit for ModelConfig `cfg` on backbone `wan_cfg` at `tokens` rows per block input, with this node's
+    host memory and GPU processes."""
+    from one4d_train.model import host_memory
+
+    return choose_unit(cfg, wan_cfg.dim, wan_cfg.ffn_dim, wan_cfg.num_layers, tokens,
+                       2 if cfg.compute_dtype == "bf16" else 4, host_memory.available_bytes(), local_processes())

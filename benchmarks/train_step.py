@@ -523,7 +523,8 @@ def run_ours(args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     init_dist(device)
     cfg = our_config(args)
-    if cfg.model.activation_checkpointing_unit == "auto":  # as the trainer resolves it, for this machine
+    if cfg.model.activation_checkpointing_unit == "auto":  # as the trainer resolves it, for this machine, once, with
+        # the config's offload settings: variants that change `offload=` keep this unit unless they set `unit=`
         from one4d_train.model.offload_plan import resolve_unit
         from one4d_train.model.presets import wan_config
         t_lat, h, w = latent_shape(args)

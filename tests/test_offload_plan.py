@@ -14,7 +14,8 @@ from one4d_train.model.checkpointing import apply_activation_checkpointing, appl
 from one4d_train.model.compile import compile_blocks
 from one4d_train.model.config import ModelConfig
 from one4d_train.model.offload import apply_activation_offload
-from one4d_train.model.offload_plan import MARGIN, block_because, choose_unit, local_processes, offloaded_bytes
+from one4d_train.model.offload_plan import (MARGIN, block_because, choose_unit, coarsest, local_processes,
+                                            offloaded_bytes, per_node, weights_bytes)
 from one4d_train.model.presets import wan_config
 from test_dlc import randomise_trainable, tiny_one4d
 
@@ -84,22 +85,52 @@ def test_auto_picks_the_finest_unit_that_fits_each_process(node_gb, unit):
 def test_auto_is_the_block_where_a_finer_unit_gains_nothing_or_memory_is_unknown():
     args = (W14.dim, W14.ffn_dim, W14.num_layers, TOKENS_14B, 2, 10 ** 13, 1)
     assert choose_unit(auto_14b(), *args)[0] == "sublayer_ffn"
+    layers = W14.num_layers
     for cfg, said in [(auto_14b(activation_offload=False), "nothing is offloaded"),
                       (auto_14b(compile=False), "without model.compile"),
                       (auto_14b(activation_checkpointing="none"), "nothing is checkpointed"),
-                      (auto_14b(activation_checkpointing_blocks=20), "past model.activation_checkpointing_blocks")]:
-        assert choose_unit(cfg, *args) == ("block", block_because(cfg)) and said in block_because(cfg)
-    assert block_because(auto_14b(activation_checkpointing_blocks=36)) is None  # every offloaded block checkpointed
+                      (auto_14b(activation_checkpointing_blocks=20), "past model.activation_checkpointing_blocks"),
+                      (auto_14b(activation_checkpointing_blocks=39, activation_offload_blocks=-1), "past model.")]:
+        assert choose_unit(cfg, *args) == ("block", block_because(cfg, layers)) and said in block_because(cfg, layers)
+    # every offloaded block checkpointed (counts past the layers are all of them)
+    for checkpointed, moved in [(36, 36), (40, -1), (99, -1), (-1, 99), (20, 10)]:
+        cfg = auto_14b(activation_checkpointing_blocks=checkpointed, activation_offload_blocks=moved)
+        assert block_because(cfg, layers) is None, (checkpointed, moved)
     assert choose_unit(auto_14b(), *args[:-2], None, 1)[0] == "block"
     assert choose_unit(auto_14b(activation_checkpointing_unit="sublayer"), *args) == ("sublayer", "as configured")
+    # what each process takes besides the offload (a text encoder in host memory) counts against its share
+    share = int(8 * (105e9 + offload_plan.RESERVE))
+    assert choose_unit(auto_14b(), *args[:-2], share, 8)[0] == "sublayer_ffn"
+    assert choose_unit(auto_14b(), *args[:-2], share, 8, other=int(12e9))[0] == "sublayer"
 
 
 def test_local_processes_from_the_launchers_variables():
     assert local_processes({"LOCAL_WORLD_SIZE": "4", "SLURM_NTASKS_PER_NODE": "8"}) == 4
+    assert local_processes({"LOCAL_SIZE": "8", "RANK": "3", "WORLD_SIZE": "8"}) == 8  # the deepspeed launcher
+    assert local_processes({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 4
     assert local_processes({"SLURM_NTASKS_PER_NODE": "8"}) == 8
+    assert local_processes({"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NTASKS_PER_NODE": "8"}) == 4  # the step's
     assert local_processes({"SLURM_STEP_TASKS_PER_NODE": "8(x2),4"}) == 8
     assert local_processes({"SLURM_TASKS_PER_NODE": "2(x3)"}) == 2
     assert local_processes({}) == 1
+
+
+def test_ranks_agree_on_the_coarsest_of_their_nodes_choices():
+    """In a process group, each node's share is the least host memory its ranks saw over its ranks; every rank then
+    runs the coarsest of the nodes' choices."""
+    seen = [("a", 900 * 10 ** 9), ("a", 880 * 10 ** 9), ("b", 500 * 10 ** 9), ("b", None), ("c", 10 ** 12)]
+    assert per_node(seen) == {"a": (880 * 10 ** 9, 2), "b": (None, 2), "c": (10 ** 12, 1)}
+    assert coarsest(["sublayer_ffn", "block", "sublayer"]) == "block"
+    assert coarsest(["sublayer_ffn", "sublayer"]) == "sublayer" and coarsest(["sublayer_ffn"]) == "sublayer_ffn"
+
+
+def test_weights_bytes_counts_the_weight_files(tmp_path):
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "model-00001.safetensors").write_bytes(b"x" * 300)
+    (tmp_path / "enc" / "model.bin").write_bytes(b"x" * 20)
+    (tmp_path / "enc" / "config.json").write_bytes(b"x" * 5000)
+    assert weights_bytes(str(tmp_path / "enc")) == 320
+    assert weights_bytes(str(tmp_path / "enc" / "model.bin")) == 20
 
 
 def test_the_trainer_resolves_auto_once_applies_it_and_tags_the_run(monkeypatch, caplog):
@@ -113,13 +144,14 @@ def test_the_trainer_resolves_auto_once_applies_it_and_tags_the_run(monkeypatch,
                        "model.compile=true", "train.zero_stage=2"])
     assert not [n for n in One4DTask.ignored_settings(cfg) if n[0] == "model.activation_checkpointing_unit"]
     calls = []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(host_memory, "available_bytes", lambda: calls.append(1) or 10 ** 12)
     task = One4DTask(cfg)
     with caplog.at_level("INFO"):
         model = task.build_model(nullcontext)
     assert {b._checkpoint_unit for b in model.base.blocks} == {"sublayer_ffn"}
     assert task.run_tags()["one4d.checkpointing_unit"] == "sublayer_ffn" and len(calls) == 1
-    assert "auto -> sublayer_ffn" in caplog.text
+    assert "activation_checkpointing_unit auto on" in caplog.text and ": sublayer_ffn (" in caplog.text
     task = One4DTask(cfg)
     monkeypatch.setattr(host_memory, "available_bytes", lambda: 0)
     assert task.checkpointing_unit() == "block"
@@ -133,7 +165,69 @@ def test_the_trainer_resolves_auto_once_applies_it_and_tags_the_run(monkeypatch,
         "auto is the block here: without model.compile")
 
 
-def test_the_14b_config_resolves_auto():
+def test_the_14b_config_resolves_auto_by_the_memory(monkeypatch):
+    """The 14B config's `auto` on an 8-GPU node (6 data workers a process): sublayer_ffn from ~870 GB of host memory
+    free, sublayer from ~550 GB (the lent 560 GiB node's: the shipped choice before), block below."""
     cfg = load_config([f"config={ROOT}/configs/experiment/one4d_14b.yaml"])
     assert cfg.model.activation_checkpointing_unit == "auto" and not cfg.model.validate()
-    assert offload_plan.block_because(cfg.model) is None  # memory decides
+    assert offload_plan.block_because(cfg.model, W14.num_layers) is None  # memory decides
+    tokens = 2 * 21 * 22 * 39
+    for node_gb, unit in [(2000, "sublayer_ffn"), (900, "sublayer_ffn"), (820, "sublayer"), (560, "sublayer"),
+                          (450, "block")]:
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: int(node_gb * 1e9))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        got, why = offload_plan.resolve_unit(cfg.model, W14, tokens, other=cfg.data.num_workers << 30)
+        assert got == unit, (node_gb, why)
+
+
+def _resolve_on_rank(rank, port, out):
+    import json
+
+    import torch.distributed as dist
+
+    from one4d_train.train.one4d_task import One4DTask
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # two nodes of one GPU process each: a large one and a small one
+            mp.setattr(host_memory, "available_bytes", lambda: [2000, 80][rank] * 10 ** 9)
+            mp.setattr("socket.gethostname", lambda: f"node{rank}")
+            task = One4DTask(load_config([f"config={ROOT}/configs/experiment/one4d_14b.yaml",  # (its VAE on CPU)
+                                          "model.vae_conv_kernel=cudnn", "model.vae_frames_per_call=8"]))
+            with open(out[rank], "w") as f:
+                json.dump({"unit": task.checkpointing_unit(), "tags": task.run_tags()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_runs_the_coarsest_of_the_nodes_choices(tmp_path):
+    """Two ranks on two nodes (gloo): the node with 2 TB alone would take sublayer_ffn, the one with 80 GB
+    sublayer; both run sublayer and tag it."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = [str(tmp_path / "rank0.json"), str(tmp_path / "rank1.json")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resolve_on_rank, args=(port, out), nprocs=2)
+    got = [json.load(open(f)) for f in out]
+    assert [g["unit"] for g in got] == ["sublayer", "sublayer"]
+    assert got[0]["tags"]["one4d.checkpointing_unit"] == "sublayer"
+
+
+def test_a_text_encoder_built_in_host_memory_counts_against_the_share(tmp_path):
+    """What the trainer counts besides the offload: 1 GiB per data worker, and the text encoder's weight files where
+    it is built in host memory at the start (model.text_encoder_device=cpu)."""
+    from one4d_train.train.one4d_task import One4DTask
+
+    enc = tmp_path / "umt5"
+    enc.mkdir()
+    (enc / "model.safetensors").write_bytes(b"x" * 1000)
+    base = [f"config={ROOT}/configs/experiment/demo.yaml", f"model.text_encoder={enc}", f"model.tokenizer={enc}",
+            "data.num_workers=2", "train.device=cpu"]
+    on_host = One4DTask(load_config(base + ["model.text_encoder_device=cpu"]))
+    assert on_host._host_bytes_besides_offload() == 2 * offload_plan.WORKER_RESERVE + 1000
+    assert offload_plan.WORKER_RESERVE == 1 << 30

@@ -16,7 +16,7 @@ def test_run_in_run_dir_params_metrics_artifacts_and_resume(tmp_path):
     cfg = SimpleNamespace(uri="", experiment="exp", system_metrics=False)
     params = {f"p{i}": i for i in range(150)} | {"long": "x" * (MAX_PARAM_LEN + 10), "nested.key": [1, 2]}
     tracker = MlflowTracker(str(tmp_path), cfg, "name")
-    run_id = tracker.start(None, params)
+    run_id = tracker.start(None, params, tags={"one4d.checkpointing_unit": "sublayer_ffn"})
     tracker.log_metrics({"loss": 0.5, "nan": float("nan"), "none": None}, step=1)
     tracker.log_text("a: 1\n", "config.yaml")
     (tmp_path / "adapters").mkdir()
@@ -26,7 +26,7 @@ def test_run_in_run_dir_params_metrics_artifacts_and_resume(tmp_path):
     assert os.path.isfile(tmp_path / "mlflow.db")
 
     resumed = MlflowTracker(str(tmp_path), cfg, "name")
-    assert resumed.start(run_id, {**params, "p3": 33, "new": "v"}) == run_id
+    assert resumed.start(run_id, {**params, "p3": 33, "new": "v"}, tags={"one4d.checkpointing_unit": "block"}) == run_id
     resumed.log_metrics({"loss": 0.25}, step=2)
     resumed.end()
 
@@ -40,6 +40,7 @@ def test_run_in_run_dir_params_metrics_artifacts_and_resume(tmp_path):
     assert run.data.params["nested.key"] == "[1, 2]"
     assert len(run.data.params["long"]) <= MAX_PARAM_LEN and "see config.yaml" in run.data.params["long"]
     assert run.data.tags["resumed_with.p3"] == "33"
+    assert run.data.tags["one4d.checkpointing_unit"] == "block"  # a continued run takes this start's tags
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
     assert "nan" not in run.data.metrics
     assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "adapters"}

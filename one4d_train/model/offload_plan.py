@@ -12,7 +12,11 @@ Prediction, per offloaded block, in block inputs (batch x 2 branches x tokens x 
 regions' inputs (block 1; sublayer 3: the input and the residual stream after each attention; sublayer_ffn 3 plus
 the FFN's pre-activation, ffn_dim / dim of them) and the attention outputs the mode keeps (selective_self 1,
 selective 3). Against the 14B measurements it is 2-6% low (other saved tensors of 40-50 MB a block): MARGIN covers
-them, and the offload's own check (HostMemoryError) stays as the backstop.
+them, and the offload's own check (HostMemoryError) stays as the backstop. What each process takes from host memory
+after the choice (a text encoder kept there, data workers) is counted against its share first.
+
+In a distributed job every rank reports its host and the memory it sees; each node's share is the least its ranks
+saw, divided by its ranks, and the job takes the coarsest of the nodes' choices, so every rank runs one unit.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import re
 
 from one4d_train.model.config import CHECKPOINT_UNITS
 
-MARGIN = 1.10  # the prediction was 2-6% below the measured bytes at 14B
-RESERVE = 4 << 30  # host memory left per process to the rest of it (data workers, the offload's own reserve)
+MARGIN = 1.10  # the prediction was 2-6% below the measured bytes at 14B (with it: 3-8% above)
+RESERVE = 4 << 30  # host memory left per process to the rest of it (the offload's own 2 GiB reserve included)
+WORKER_RESERVE = 1 << 30  # per data-loader worker of the process (decoded clips in flight)
 KEPT_ATTENTION_OUTPUTS = {"none": 0, "full": 0, "selective_self": 1, "selective": 3}
 FASTEST_FIRST = ("sublayer_ffn", "sublayer", "block")
 assert sorted(FASTEST_FIRST) == sorted(CHECKPOINT_UNITS)
@@ -44,17 +49,19 @@ def offloaded_bytes(cfg, dim: int, ffn_dim: int, num_layers: int, tokens: int, e
 
 
 def local_processes(environ: dict[str, str] | None = None) -> int:
-    """GPU processes on this node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node (the most any node has,
-    where they differ), else 1."""
+    """GPU processes on this node, from the launcher (where no process group tells it, see `per_node`): torchrun's
+    LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, Open MPI's, else Slurm's tasks per node (the step's
+    first; the most any node has, where they differ), else 1."""
     env = os.environ if environ is None else environ
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
+                 "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         counts = [int(n) for n in re.findall(r"(\d+)(?:\(x\d+\))?", env.get(name, ""))]
         if counts:
             return max(1, max(counts))
     return 1
 
 
-def block_because(cfg) -> str | None:
+def block_because(cfg, num_layers: int) -> str | None:
     """Why `auto` is the block whatever the memory (a finer unit would gain nothing), or None where memory decides."""
     if cfg.activation_checkpointing == "none":
         return "nothing is checkpointed (model.activation_checkpointing=none)"
@@ -62,39 +69,74 @@ def block_because(cfg) -> str | None:
         return "nothing is offloaded: what a finer unit keeps would stay on the GPU"
     if not cfg.compile:
         return "without model.compile, backward recomputes each sub-layer whole: a finer unit only costs memory"
-    moved, checkpointed = cfg.activation_offload_blocks, cfg.activation_checkpointing_blocks
-    if checkpointed >= 0 and (moved < 0 or checkpointed < moved):
+    def count(n: int) -> int:
+        return num_layers if n < 0 else min(n, num_layers)
+    if count(cfg.activation_checkpointing_blocks) < count(cfg.activation_offload_blocks):
         return ("offloaded blocks past model.activation_checkpointing_blocks keep every activation, which the "
                 "prediction does not count")
     return None
 
 
 def choose_unit(cfg, dim: int, ffn_dim: int, num_layers: int, tokens: int, element_size: int,
-                available: int | None, processes: int) -> tuple[str, str]:
+                available: int | None, processes: int, other: int = 0) -> tuple[str, str]:
     """(unit, why) for `activation_checkpointing_unit: auto`: the first of FASTEST_FIRST whose predicted offload
-    fits `available` bytes of host memory (host_memory.available_bytes(), None: unknown) shared by `processes`."""
+    fits `available` bytes of host memory (host_memory.available_bytes(), None: unknown) shared by `processes`, each
+    of which takes `other` bytes more besides the offload."""
     if cfg.activation_checkpointing_unit != "auto":
         return cfg.activation_checkpointing_unit, "as configured"
-    why = block_because(cfg)
+    why = block_because(cfg, num_layers)
     if why:
         return "block", why
     if available is None:
         return "block", "host memory could not be read: the unit that moves least"
-    share = available // processes - RESERVE
+    share = available // processes - RESERVE - other
     for unit in FASTEST_FIRST:
         need = offloaded_bytes(cfg, dim, ffn_dim, num_layers, tokens, element_size, unit)
         if need <= share:
             return unit, (f"{need / 1e9:.1f} GB of saved activations per GPU process predicted, "
-                          f"{available / 1e9:.1f} GB of host memory left for {processes} process(es)")
+                          f"{available / 1e9:.1f} GB of host memory left for {processes} process(es), "
+                          f"{other / 1e9:.1f} GB each besides")
     need = offloaded_bytes(cfg, dim, ffn_dim, num_layers, tokens, element_size, "block")
     return "block", (f"even block's {need / 1e9:.1f} GB per GPU process exceed the {share / 1e9:.1f} GB each of "
                      f"{processes} process(es) has: the offload stops at the first step unless memory frees up")
 
 
-def resolve_unit(cfg, wan_cfg, tokens: int) -> tuple[str, str]:
+def coarsest(units: list[str]) -> str:
+    """The unit that moves least of `units` (the one every rank of a job can run)."""
+    return max(units, key=FASTEST_FIRST.index)
+
+
+def per_node(seen: list[tuple[str, int | None]]) -> dict[str, tuple[int | None, int]]:
+    """host -> (the least host memory its ranks saw, None where one could not read it; its ranks), from every rank's
+    (host name, available bytes)."""
+    nodes: dict[str, tuple[int | None, int]] = {}
+    for host, available in seen:
+        least, ranks = nodes.get(host, (available, 0))
+        nodes[host] = (None if least is None or available is None else min(least, available), ranks + 1)
+    return nodes
+
+
+def resolve_unit(cfg, wan_cfg, tokens: int, other: int = 0) -> tuple[str, str]:
     """choose_unit for ModelConfig `cfg` on backbone `wan_cfg` at `tokens` rows per block input, with this node's
-    host memory and GPU processes."""
+    host memory and GPU processes (one process's view: the trainer's `One4DTask.checkpointing_unit` agrees across
+    ranks)."""
     from one4d_train.model import host_memory
 
-    return choose_unit(cfg, wan_cfg.dim, wan_cfg.ffn_dim, wan_cfg.num_layers, tokens,
-                       2 if cfg.compute_dtype == "bf16" else 4, host_memory.available_bytes(), local_processes())
+    return choose_unit(cfg, wan_cfg.dim, wan_cfg.ffn_dim, wan_cfg.num_layers, tokens, element_size(cfg),
+                       host_memory.available_bytes(), local_processes(), other)
+
+
+def element_size(cfg) -> int:
+    return 2 if cfg.compute_dtype == "bf16" else 4
+
+
+def weights_bytes(path: str) -> int:
+    """The size of the weight files at `path` (a file, or a model folder's .safetensors/.bin/.pth/.pt), what their
+    model takes in host memory when it lives there (stored in the dtype it runs in, as Wan's UMT5 is)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
+                     if f.endswith((".safetensors", ".bin", ".pth", ".pt")))
+    return total

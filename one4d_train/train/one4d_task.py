@@ -10,6 +10,7 @@ import glob
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 
 import deepspeed
@@ -35,10 +36,13 @@ from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.dlc import share_base_with_zero3
 from one4d_train.model.offload import apply_configured_offload
-from one4d_train.model.offload_plan import block_because, resolve_unit
+from one4d_train.model.offload_plan import (WORKER_RESERVE, block_because, choose_unit, coarsest, element_size,
+                                            local_processes, per_node, weights_bytes)
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.fp8 import fp8_problems
-from one4d_train.model.encoders import build_encoders, encoder_dtype, encoder_file_problems, vae_kernel_problems
+from one4d_train.model import host_memory
+from one4d_train.model.encoders import (build_encoders, encoder_dtype, encoder_file_problems, text_encoder_device,
+                                         vae_kernel_problems)
 from one4d_train.model.flops import model_flops_per_sample
 from one4d_train.model.one4d import DTYPES, One4DModel, random_base_state
 from one4d_train.model.presets import IMAGE_TOKENS, wan_config
@@ -47,7 +51,7 @@ from one4d_train.model.text_encoder import batch_text_embeddings
 from one4d_train.model.umc import condition_latents, first_observed_frame, fold_frame_mask, rgb_branch_input
 from one4d_train.model.umc import sample_umc
 from one4d_train.model.vae import latent_shape
-from one4d_train.train.distributed import broadcast_from_main
+from one4d_train.train.distributed import broadcast_from_main, from_every_rank
 from one4d_train.train.warm_start import WarmStartError, init_problems, init_source, source_problems
 
 log = logging.getLogger(__name__)
@@ -114,8 +118,8 @@ class One4DTask:
             notes.append(("model.activation_offload_min_mib", f"{m.activation_offload_min_mib:g}, but "
                           "model.activation_offload is off: nothing is moved to host memory"))
         unit = m.activation_checkpointing_unit
-        if unit == "auto" and block_because(m):
-            notes.append(("model.activation_checkpointing_unit", f"auto is the block here: {block_because(m)}"))
+        if unit == "auto" and block_because(m, layers):
+            notes.append(("model.activation_checkpointing_unit", f"auto is the block here: {block_because(m, layers)}"))
         elif unit not in ("block", "auto") and (m.activation_checkpointing == "none" or not m.compile):
             why = ("no block is checkpointed (model.activation_checkpointing=none)"
                    if m.activation_checkpointing == "none" else
@@ -181,14 +185,49 @@ class One4DTask:
         return model
 
     def checkpointing_unit(self) -> str:
-        """model.activation_checkpointing_unit, `auto` resolved for this node (model/offload_plan.py) once per
-        process, after the base is loaded (its files' page cache is reclaimable) and before any step offloads."""
+        """model.activation_checkpointing_unit, `auto` resolved (model/offload_plan.py) once, by build_model: after
+        the base is loaded (its files' page cache is reclaimable), before any step offloads. Collective in a process
+        group with `auto`: every rank reports its host and the host memory it sees, and all run the coarsest of the
+        nodes' choices, each logged by rank 0."""
         if self._unit is None:
-            tokens = self.tokens_per_sample() * self.cfg.train.micro_batch_size
-            self._unit, why = resolve_unit(self.cfg.model, self.wan_cfg, tokens)
-            if self.cfg.model.activation_checkpointing_unit == "auto" and _rank() == 0:
-                log.info("model.activation_checkpointing_unit auto -> %s (%s)", self._unit, why)
+            self._unit = self._resolve_unit()
         return self._unit
+
+    def _resolve_unit(self) -> str:
+        m, w = self.cfg.model, self.wan_cfg
+        if m.activation_checkpointing_unit != "auto":
+            return m.activation_checkpointing_unit
+        tokens = self.tokens_per_sample() * self.cfg.train.micro_batch_size
+        other = self._host_bytes_besides_offload()
+        available = host_memory.available_bytes()
+        if torch.distributed.is_initialized():
+            nodes = per_node(from_every_rank((socket.gethostname(), available)))
+        else:
+            nodes = {socket.gethostname(): (available, local_processes())}
+        picks = {host: choose_unit(m, w.dim, w.ffn_dim, w.num_layers, tokens, element_size(m), least, ranks, other)
+                 for host, (least, ranks) in nodes.items()}
+        unit = coarsest([u for u, _ in picks.values()])
+        if _rank() == 0:
+            for host, (chosen, why) in sorted(picks.items()):
+                log.info("model.activation_checkpointing_unit auto on %s: %s (%s)", host, chosen, why)
+            if len(picks) > 1:
+                log.info("model.activation_checkpointing_unit auto: every rank runs %s, the coarsest of %d nodes' "
+                         "choices", unit, len(picks))
+        return unit
+
+    def _host_bytes_besides_offload(self) -> int:
+        """Host memory this process takes after the unit is chosen, besides the offload: a reserve per data-loader
+        worker, and the text encoder's weights where they live in host memory and are built at the first step. On
+        shards that store the empty prompt's embedding too (`one4d encode-latents`) the encoder is built only for a
+        caption without a stored embedding, which such shards do not have: not counted."""
+        m = self.cfg.model
+        other = self.cfg.data.num_workers * WORKER_RESERVE
+        if m.text_encoder:
+            stored, empty = self.stored_text()
+            on_host = text_encoder_device(m, _local_device(self.cfg.train.device), stored).type == "cpu"
+            if on_host and not (stored and empty is not None):
+                other += weights_bytes(m.text_encoder)
+        return other
 
     def _warm_start(self, model: nn.Module) -> None:
         """model.init_adapters: the source's adapters and links copied into the trainable parameters, which every
@@ -226,8 +265,8 @@ class One4DTask:
         """MLflow tags of the run this task starts: the source of its initial adapters (model.init_adapters), the
         checkpointing unit `auto` resolved to."""
         tags = {"one4d.init_adapters": self._init_source} if self._init_source else {}
-        if self.cfg.model.activation_checkpointing_unit == "auto":  # what rank 0 resolved it to
-            tags["one4d.checkpointing_unit"] = self.checkpointing_unit()
+        if self.cfg.model.activation_checkpointing_unit == "auto" and self._unit is not None:  # (every rank's)
+            tags["one4d.checkpointing_unit"] = self._unit
         return tags
 
     def _base_source(self):

@@ -127,7 +127,8 @@ class MlflowTracker(NullTracker):
         return self.client.create_experiment(self.cfg.experiment, artifact_location=self.artifact_location)
 
     def start(self, run_id: str | None, params: dict, tags: dict | None = None, same_config: bool = True) -> str:
-        """Continue `run_id`, or start a new run (with `tags`) when it is None; log `params`. `same_config`: the
+        """Continue `run_id`, or start a new run when it is None; log `params` and set `tags` (on a continued run too:
+        what this start decided, replacing the last start's). `same_config`: the
         checkpoint the job resumed was trained with the config it runs (run_dir and resume aside), so the steps it
         trains again repeat those the run holds (_logged_steps); False: their values are new, and are logged.
         A store that fails is tried again (start_waits_s), then left for this job (see the module's doc)."""
@@ -172,6 +173,8 @@ class MlflowTracker(NullTracker):
                                         log_system_metrics=system)
         else:
             run = self.mlflow.start_run(run_id=run_id, log_system_metrics=system)
+            if tags:  # what this start decided (the checkpointing unit `auto` picked on its nodes, say)
+                self.mlflow.set_tags(tags)
         self.run_id = run.info.run_id
         if run_id is not None and same_config:  # before the params: a start that fails there has it still
             self._logged_steps(held)

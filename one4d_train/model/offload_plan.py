@@ -13,7 +13,7 @@ regions' inputs (block 1; sublayer 3: the input and the residual stream after ea
 the FFN's pre-activation, ffn_dim / dim of them) and the attention outputs the mode keeps (selective_self 1,
 selective 3). Against the 14B measurements it is 2-6% low (other saved tensors of 40-50 MB a block): MARGIN covers
 them, and the offload's own check (HostMemoryError) stays as the backstop. What each process takes from host memory
-after the choice (a text encoder kept there, data workers) is counted against its share first.
+after the choice (data workers, a text encoder built there at the start) is counted against its share first.
 
 In a distributed job every rank reports its host and the memory it sees; each node's share is the least its ranks
 saw, divided by its ranks, and the job takes the coarsest of the nodes' choices, so every rank runs one unit.
@@ -69,6 +69,7 @@ def block_because(cfg, num_layers: int) -> str | None:
         return "nothing is offloaded: what a finer unit keeps would stay on the GPU"
     if not cfg.compile:
         return "without model.compile, backward recomputes each sub-layer whole: a finer unit only costs memory"
+
     def count(n: int) -> int:
         return num_layers if n < 0 else min(n, num_layers)
     if count(cfg.activation_checkpointing_blocks) < count(cfg.activation_offload_blocks):

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
+from one4d_train.model import host_memory
 from one4d_train.model.config import CHECKPOINT_UNITS
+from one4d_train.model.state_dict import model_folder_files
 
 MARGIN = 1.10  # the prediction was 2-6% below the measured bytes at 14B (with it: 3-8% above)
 RESERVE = 4 << 30  # host memory left per process to the rest of it (the offload's own 2 GiB reserve included)
@@ -117,14 +120,31 @@ def per_node(seen: list[tuple[str, int | None]]) -> dict[str, tuple[int | None, 
     return nodes
 
 
-def resolve_unit(cfg, wan_cfg, tokens: int, other: int = 0) -> tuple[str, str]:
-    """choose_unit for ModelConfig `cfg` on backbone `wan_cfg` at `tokens` rows per block input, with this node's
-    host memory and GPU processes (one process's view: the trainer's `One4DTask.checkpointing_unit` agrees across
-    ranks)."""
-    from one4d_train.model import host_memory
+def seen_here() -> tuple[str, int | None]:
+    """What each rank reports: its host's name and the host memory this process can still take."""
+    return socket.gethostname(), host_memory.available_bytes()
 
-    return choose_unit(cfg, wan_cfg.dim, wan_cfg.ffn_dim, wan_cfg.num_layers, tokens, element_size(cfg),
-                       host_memory.available_bytes(), local_processes(), other)
+
+def this_node() -> dict[str, tuple[int | None, int]]:
+    """per_node's answer for a process alone (no process group): the launcher's count of GPU processes on its node."""
+    host, available = seen_here()
+    return {host: (available, local_processes())}
+
+
+def plan(cfg, wan_cfg, tokens: int, nodes: dict[str, tuple[int | None, int]],
+         other: int = 0) -> tuple[str, dict[str, tuple[str, str]]]:
+    """(the unit every rank runs: the coarsest of the nodes' choices, host -> (its choice, why)) for ModelConfig
+    `cfg` on backbone `wan_cfg` at `tokens` rows per block input, `nodes` as per_node gives them."""
+    picks = {host: choose_unit(cfg, wan_cfg.dim, wan_cfg.ffn_dim, wan_cfg.num_layers, tokens, element_size(cfg),
+                               least, ranks, other)
+             for host, (least, ranks) in nodes.items()}
+    return coarsest([unit for unit, _ in picks.values()]), picks
+
+
+def resolve_unit(cfg, wan_cfg, tokens: int, other: int = 0) -> tuple[str, str]:
+    """plan's (unit, why) for this process alone (the benchmark's; the trainer plans over its process group)."""
+    unit, picks = plan(cfg, wan_cfg, tokens, this_node(), other)
+    return unit, next(iter(picks.values()))[1]
 
 
 def element_size(cfg) -> int:
@@ -132,12 +152,10 @@ def element_size(cfg) -> int:
 
 
 def weights_bytes(path: str) -> int:
-    """The size of the weight files at `path` (a file, or a model folder's .safetensors/.bin/.pth/.pt), what their
-    model takes in host memory when it lives there (stored in the dtype it runs in, as Wan's UMT5 is)."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
-                     if f.endswith((".safetensors", ".bin", ".pth", ".pt")))
-    return total
+    """The size of the weight files of a model at `path` (state_dict.model_folder_files: a file, or a folder's
+    *.safetensors/*.bin), what the model takes in host memory when it lives there (stored in the dtype it runs in,
+    as Wan's UMT5 is); 0 where it cannot be read (model_file_problems names that)."""
+    try:
+        return sum(os.path.getsize(f) for f in model_folder_files(path) if os.path.basename(f) != "config.json")
+    except OSError:
+        return 0

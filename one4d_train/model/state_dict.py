@@ -167,16 +167,20 @@ def vae_fingerprint(path: str) -> str | None:
         return None
 
 
+def model_folder_files(path: str) -> list[str]:
+    """A weights file itself, or a model folder's config.json and weight files (*.safetensors, *.bin), by name."""
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(path, n) for n in sorted(os.listdir(path))
+            if n == "config.json" or n.endswith((".safetensors", ".bin"))]
+
+
 def model_folder_fingerprint(path: str) -> str | None:
     """files_fingerprint of a model folder's config.json and weight files (*.safetensors, *.bin, by name), or of a
     weights file itself: the same files at another path agree (a node-local copy of the text encoder). None where
     there are no weights to read."""
     try:
-        if os.path.isfile(path):
-            files = [path]
-        else:
-            files = [os.path.join(path, n) for n in sorted(os.listdir(path))
-                     if n == "config.json" or n.endswith((".safetensors", ".bin"))]
+        files = model_folder_files(path)
         if [os.path.basename(f) for f in files] in ([], ["config.json"]):
             return None
         stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)])

@@ -10,7 +10,6 @@ import glob
 import logging
 import math
 import os
-import socket
 from pathlib import Path
 
 import deepspeed
@@ -36,11 +35,10 @@ from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.control_links import resolve_link_blocks
 from one4d_train.model.dlc import share_base_with_zero3
 from one4d_train.model.offload import apply_configured_offload
-from one4d_train.model.offload_plan import (WORKER_RESERVE, block_because, choose_unit, coarsest, element_size,
-                                            local_processes, per_node, weights_bytes)
+from one4d_train.model.offload_plan import WORKER_RESERVE, block_because, per_node, plan, seen_here, this_node
+from one4d_train.model.offload_plan import weights_bytes
 from one4d_train.model.attention import attention_problems
 from one4d_train.model.fp8 import fp8_problems
-from one4d_train.model import host_memory
 from one4d_train.model.encoders import (build_encoders, encoder_dtype, encoder_file_problems, text_encoder_device,
                                          vae_kernel_problems)
 from one4d_train.model.flops import model_flops_per_sample
@@ -77,6 +75,7 @@ class One4DTask:
         self._base_loaded_at_build = False
         self._init_source = None  # the checkpoint or export model.init_adapters started the run from
         self._unit = None  # the checkpointing unit, `auto` resolved (checkpointing_unit)
+        self._stored_text = None  # what stored_text read
 
     # ---- config -----------------------------------------------------------------------------------------
     @staticmethod
@@ -118,8 +117,9 @@ class One4DTask:
             notes.append(("model.activation_offload_min_mib", f"{m.activation_offload_min_mib:g}, but "
                           "model.activation_offload is off: nothing is moved to host memory"))
         unit = m.activation_checkpointing_unit
-        if unit == "auto" and block_because(m, layers):
-            notes.append(("model.activation_checkpointing_unit", f"auto is the block here: {block_because(m, layers)}"))
+        auto_block = block_because(m, layers) if unit == "auto" else None
+        if auto_block:
+            notes.append(("model.activation_checkpointing_unit", f"auto is the block here: {auto_block}"))
         elif unit not in ("block", "auto") and (m.activation_checkpointing == "none" or not m.compile):
             why = ("no block is checkpointed (model.activation_checkpointing=none)"
                    if m.activation_checkpointing == "none" else
@@ -194,19 +194,12 @@ class One4DTask:
         return self._unit
 
     def _resolve_unit(self) -> str:
-        m, w = self.cfg.model, self.wan_cfg
+        m = self.cfg.model
         if m.activation_checkpointing_unit != "auto":
             return m.activation_checkpointing_unit
         tokens = self.tokens_per_sample() * self.cfg.train.micro_batch_size
-        other = self._host_bytes_besides_offload()
-        available = host_memory.available_bytes()
-        if torch.distributed.is_initialized():
-            nodes = per_node(from_every_rank((socket.gethostname(), available)))
-        else:
-            nodes = {socket.gethostname(): (available, local_processes())}
-        picks = {host: choose_unit(m, w.dim, w.ffn_dim, w.num_layers, tokens, element_size(m), least, ranks, other)
-                 for host, (least, ranks) in nodes.items()}
-        unit = coarsest([u for u, _ in picks.values()])
+        nodes = per_node(from_every_rank(seen_here())) if torch.distributed.is_initialized() else this_node()
+        unit, picks = plan(m, self.wan_cfg, tokens, nodes, self._host_bytes_besides_offload())
         if _rank() == 0:
             for host, (chosen, why) in sorted(picks.items()):
                 log.info("model.activation_checkpointing_unit auto on %s: %s (%s)", host, chosen, why)
@@ -355,7 +348,13 @@ class One4DTask:
     def stored_text(self) -> tuple[bool, torch.Tensor | None]:
         """(whether the training shards store their captions' embeddings from this run's text encoder, the empty
         prompt's embedding stored with them), as `one4d encode-latents` records them in index.json;
-        `model.text_encoder_device: auto` then keeps the encoder in host memory. The decision is logged."""
+        `model.text_encoder_device: auto` then keeps the encoder in host memory. Read and logged once (the
+        checkpointing unit's plan and the encoders both ask)."""
+        if self._stored_text is None:
+            self._stored_text = self._read_stored_text()
+        return self._stored_text
+
+    def _read_stored_text(self) -> tuple[bool, torch.Tensor | None]:
         if not self.cfg.data.shards:
             return False, None
         try:

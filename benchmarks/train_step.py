@@ -134,9 +134,37 @@ def init_dist(device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
-def timed_loop(step, warmup: int, steps: int, device) -> tuple[list[float], list[dict]]:
+# the caching allocator's counters over the timed steps: a retry is an allocation that found no free block, had the
+# allocator wait for every stream's outstanding work (the offload's copies to host included) and free its cache
+ALLOC_COUNTERS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")
+
+
+def alloc_counters(device) -> dict[str, int]:
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in ALLOC_COUNTERS}
+
+
+def reserved_by_stream(device) -> dict[str, float]:
+    """GB the allocator holds per CUDA stream (its segments' sizes; what one stream caches the others cannot use)."""
+    if device.type != "cuda":
+        return {}
+    out: dict[str, float] = {}
+    for seg in torch.cuda.memory_snapshot():
+        key = "current" if seg["stream"] == torch.cuda.current_stream(device).cuda_stream else str(seg["stream"])
+        out[key] = out.get(key, 0.0) + seg["total_size"] / 1e9
+    return out
+
+
+def timed_loop(step, warmup: int, steps: int, device, counters: dict | None = None) -> tuple[list[float], list[dict]]:
+    """Wall time and event spans of `steps` steps after `warmup`; `counters` gets the allocator's counts over the
+    timed steps."""
     walls, spans = [], []
     for i in range(warmup + steps):
+        if i == warmup and counters is not None:
+            sync(device)
+            counters.update(alloc_counters(device))
         sync(device)
         t0 = time.perf_counter()
         ev = step()
@@ -144,6 +172,8 @@ def timed_loop(step, warmup: int, steps: int, device) -> tuple[list[float], list
         if i >= warmup:
             walls.append(time.perf_counter() - t0)
             spans.append(ev.spans())
+    if counters is not None:
+        counters.update({k: v - counters.get(k, 0) for k, v in alloc_counters(device).items()})
     return walls, spans
 
 
@@ -353,6 +383,8 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   offload=0|1|1@K                                   saved block activations in pinned host memory (model/offload.py);
         1@K: of the first K blocks only, the rest's kept on the GPU (model.activation_offload_blocks=K); unset: as
         the experiment config says
+  hostmem=small|thp                                 the offload's host buffers in small pages or transparent huge
+        pages (model/host_buffers.py); unset: small
   lora=fused|bmm                                    the branch LoRA's deltas accumulated in the base GEMMs
         (model/lora_op.py) or added after them (model.lora_kernel); unset: as the experiment config says
 e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset settings keep the previous variant's)."""
@@ -401,7 +433,7 @@ def our_flops(cfg, args) -> float:
 
 def parse_variants(text: str) -> list[dict]:
     out, current = [], {"ckpt": None, "unit": None, "attn": None, "vae": "latents", "compile": None, "offload": None,
-                        "lora": None, "n": None}
+                        "lora": None, "hostmem": None, "n": None}
     for item in text.split(","):
         item = item.strip()
         if not item:
@@ -411,7 +443,8 @@ def parse_variants(text: str) -> list[dict]:
             if key not in current or (key == "compile" and value not in ("0", *COMPILE_MODES)) or (
                     key == "lora" and value not in LORA_KERNELS) or (
                     key == "unit" and value not in CHECKPOINT_UNITS) or (
-                    key == "offload" and not re.fullmatch(r"0|1(@\d+)?", value)):
+                    key == "offload" and not re.fullmatch(r"0|1(@\d+)?", value)) or (
+                    key == "hostmem" and value not in ("small", "thp")):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -624,13 +657,15 @@ def run_ours(args) -> None:
             uncompile_blocks(model.base.blocks)
         on, _, kept_from = v["offload"].partition("@")
         offload = apply_activation_offload(model, on == "1", blocks=int(kept_from or -1))
+        if offload is not None:
+            offload.buffers.huge_pages = v["hostmem"] == "thp"
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": last_ckpt[0], "ckpt_unit": last_ckpt[1],
                "vae_frames_per_call": vae.frames_per_call if vae is not None else None,
                "vae_conv_kernel": vae.conv_kernel if vae is not None else None,
                "vae_videos_per_call": vae.chunk_size if vae is not None else None, "attn": attn_mod.get_attention_backend(),
-               "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "zero_stage": cfg.train.zero_stage,
+               "vae": v["vae"], "compile": v["compile"], "offload": v["offload"], "hostmem": v["hostmem"], "zero_stage": cfg.train.zero_stage,
                "persistence": cfg.train.zero3_param_persistence_threshold, "lever": args.lever,
                "base_matmul": cfg.model.base_matmul, "lora_kernel": v["lora"], "encoders_gb": encoders_gb,
                "encoders_held": [type(e).__name__.removesuffix("Model") for e in encoders],
@@ -642,8 +677,12 @@ def run_ours(args) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            walls, spans = timed_loop(step, args.warmup, int(v["n"] or args.steps), device)
+            counts: dict = {}
+            walls, spans = timed_loop(step, args.warmup, int(v["n"] or args.steps), device, counts)
             row.update(summarise(walls, spans))
+            row.update({f"alloc_{k.removeprefix('num_')}": n for k, n in counts.items()})
+            if device.type == "cuda":
+                row["reserved_by_stream_gb"] = reserved_by_stream(device)
             row["loss"] = float(state["loss"])
             if offload is not None:  # before the profiled step, which would add to the count
                 row["offload_gb_per_step"] = offload.stats.bytes / 1e9 / (args.warmup + row["steps"])
@@ -846,6 +885,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
                       + (f" kept {r['offload_kept_gb_per_step']:.1f} GB" if r.get("offload_kept_gb_per_step") else "")
                       + (f" ({r['offload_host_gb']:.1f} held)" if "offload_host_gb" in r else "")
+                      + (f" retries {r['alloc_alloc_retries']}" if r.get("alloc_alloc_retries") else "")
+                      + (f" reserved {r['peak_reserved_gb']:.1f} GB" if r.get("peak_reserved_gb") else "")
                       + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731

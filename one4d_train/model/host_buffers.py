@@ -65,9 +65,12 @@ def _release(buffers: list[HostBuffer]) -> None:
 class HostBuffers:
     """Buffers by size: `take` reuses a free one of exactly that size or maps a new one, `give` returns them.
 
-    `held` counts every mapping in bytes (whole pages), in use or free: the host memory the offload holds."""
+    `held` counts every mapping in bytes (whole pages), in use or free: the host memory the offload holds.
+    huge_pages: ask the kernel for transparent huge pages in each mapping (MADV_HUGEPAGE; where THP is off or the
+    constant is missing, the mapping keeps its small pages)."""
 
-    def __init__(self):
+    def __init__(self, huge_pages: bool = False):
+        self.huge_pages = huge_pages and hasattr(mmap, "MADV_HUGEPAGE")
         self._free: dict[tuple[int, bool], list[HostBuffer]] = {}  # by (size, page-locked)
         self._all: list[HostBuffer] = []
         self.held = 0
@@ -87,6 +90,8 @@ class HostBuffers:
         size = _pages(nbytes)
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         memory.madvise(mmap.MADV_DONTFORK)
+        if self.huge_pages:
+            memory.madvise(mmap.MADV_HUGEPAGE)
         data = torch.frombuffer(memory, dtype=torch.uint8)
         if pinned:
             _register(data, size)

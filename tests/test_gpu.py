@@ -476,6 +476,36 @@ def test_a_dropped_graph_frees_a_prefetched_copy_only_once_it_is_written():
     offload.buffers.close()
 
 
+def test_a_moved_tensor_goes_back_to_the_compute_stream_in_its_order():
+    """A tensor moved to host is held until the compute stream waits for its copy, STASH_GROUPS blocks later; its
+    memory is then handed out again at once (not when the GPU has done the copy, which the allocator would learn in
+    CPU time), and the work that reuses it runs after the copy read it, even where the copies lag."""
+    from one4d_train.model.offload import STASH_GROUPS, HostOffload, _Session
+
+    offload = HostOffload(min_bytes=0)
+    session = _Session(offload, set())
+    with torch.cuda.stream(offload.stream(torch.device("cuda"))):
+        torch.cuda._sleep(200_000_000)  # (~0.1 s: every copy to host below still waits when its memory is reused)
+    groups, ptrs, packed = 4, [], []
+    for g in range(groups):  # one 256 MB tensor a block, filled with the block's number
+        session.next_group()
+        t = torch.full((64 << 20,), float(g), device="cuda")
+        ptrs.append(t.data_ptr())
+        packed.append(session.pack(t))
+        del t
+    let_go = groups - STASH_GROUPS  # the blocks more than STASH_GROUPS behind the last one
+    assert [g for g, *_ in session.stash] == list(range(let_go, groups))
+    reuse = [torch.full((64 << 20,), -1.0, device="cuda") for _ in range(let_go)]
+    assert {r.data_ptr() for r in reuse} == set(ptrs[:let_go])  # the same memory, with the copies still pending
+    session.release()  # the forward's end
+    assert not session.stash
+    torch.cuda.synchronize()
+    for g in range(groups):  # each copy read its block's values before anything overwrote them
+        assert torch.equal(session.entries[packed[g][1]].host, torch.full((64 << 20,), float(g))), g
+    del session, packed, reuse
+    offload.buffers.close()
+
+
 def test_compiled_vae_encoder_matches_eager():
     """model.compile_vae: the in-place compiled encoder gives the eager latents (bf16), and keeps its keys."""
     from one4d_train.model.vae import WanVAE, tiny_wan_vae

@@ -23,6 +23,16 @@ Autograd does not check saved tensors for in-place changes where hooks are set: 
 in place after saving it would get wrong gradients here (and race the copy to host) where plain autograd raises. The
 blocks change no saved tensor in place.
 
+The device memory of a moved tensor goes back to the compute stream in that stream's order, not when the GPU has
+done the copy: the session holds each moved tensor until the compute stream has been made to wait for its copy
+(`STASH_GROUPS` blocks later, when the copy is long done unless the host link lags, and at the forward's end), then
+lets it go. With `record_stream` instead, the allocator could hand the memory out again only once the copy had run
+on the GPU, which it learns in CPU time: with the CPU a forward's part ahead, every tensor saved in that part
+counts as in use, and at 14B by `sublayer_ffn` (~2.5 GB moved a block) the cache reached the 80 GB GPU's ceiling
+twice a step, each time waiting for all streams and unmapping its free memory (H100, 2026-12-07: 16 allocator
+retries in 8 steps, the forward 0.23 s longer than by `sublayer`). The memory held for copies in flight is now at
+most `STASH_GROUPS` blocks' moved tensors, counted in `torch.cuda.memory_allocated`.
+
 Host memory: the copies go to page-locked buffers of their exact sizes, kept for the next step (host_buffers.py;
 torch's pinned-memory cache would round each up to a power of two, ~45% more at 14B). At 14B a step saves 31 GB per
 GPU process by block, 61 GB by sub-layer, ~101 GB by sub-layer with the FFN's hidden layer kept
@@ -44,6 +54,12 @@ from torch import nn
 from one4d_train.model import host_memory
 from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.host_buffers import HostBuffer, HostBuffers
+
+# a moved tensor's device memory is let go once the compute stream waited for its copy, this many groups (blocks)
+# after the one that saved it: at 14B a block's forward (~57 ms) outlasts its copies (~46 ms at 55 GB/s), so the
+# copies of the block before last are done and the wait costs nothing; one group would wait for the copies of the
+# block just finished
+STASH_GROUPS = 2
 
 
 @dataclass
@@ -81,14 +97,33 @@ class _Session:
     group: int | None = None  # the current group; None: none marked, each tensor a group of its own
     buffers: list[HostBuffer] = field(default_factory=list)  # back to the owner's free buffers with the session
     kept_storages: set[int] = field(default_factory=set)  # counted in kept_bytes
+    # moved device tensors whose copies may still run: (group, tensor, copy done, the stream it was saved on)
+    stash: list[tuple[int, torch.Tensor, torch.cuda.Event, torch.cuda.Stream]] = field(default_factory=list)
 
     def __post_init__(self):
         # the session lives as long as autograd holds what it packed: until backward is done with the graph
-        weakref.finalize(self, _end_session, self.owner.buffers, self.buffers, self.entries)
+        weakref.finalize(self, _end_session, self.owner.buffers, self.buffers, self.entries, self.stash)
 
     def next_group(self) -> None:
         """What is saved from here on belongs to the next group (call before each block)."""
         self.group = 0 if self.group is None else self.group + 1
+        self.release(self.group - STASH_GROUPS)
+
+    def release(self, upto: float = float("inf")) -> None:
+        """Let go of the moved tensors of groups up to `upto` once the streams that saved them wait for their copies
+        (ordered on the side stream: waiting for the last one waits for all before it). Their memory is then free
+        for the compute stream's later work, which runs after the copies."""
+        n = 0
+        while n < len(self.stash) and self.stash[n][0] <= upto:
+            n += 1
+        if not n:
+            return
+        last = {}
+        for _, _, ready, stream in self.stash[:n]:
+            last[stream] = ready
+        for stream, ready in last.items():
+            stream.wait_event(ready)
+        del self.stash[:n]
 
     def pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
@@ -140,7 +175,11 @@ class _Session:
                 entry.ready = torch.cuda.Event()
                 entry.ready.record(side)
             buf.event = entry.ready
-            t.record_stream(side)  # the device memory is not reused before the copy has read it
+            # held until the saving stream waits for the copy (release): its memory is not reused before the copy
+            # has read it
+            self.stash.append((entry.group, t, entry.ready, torch.cuda.current_stream(t.device)))
+            if self.group is None:  # (no groups marked: each tensor is one)
+                self.release(entry.group - STASH_GROUPS)
         else:
             host.copy_(t)
         self.entries.append(entry)
@@ -151,6 +190,8 @@ class _Session:
         return self, index
 
     def unpack(self, packed):
+        if self.stash:  # backward has begun (sessions used without the context manager end their forward here)
+            self.release()
         if isinstance(packed, torch.Tensor):
             return packed
         _, index, *kept = packed
@@ -201,12 +242,16 @@ def mib_bytes(mib: float) -> int:
     return round(mib * (1 << 20))
 
 
-def _end_session(buffers: HostBuffers, taken: list[HostBuffer], entries: list[_Entry]) -> None:
+def _end_session(buffers: HostBuffers, taken: list[HostBuffer], entries: list[_Entry], stash: list) -> None:
     """A session's host buffers go back for the next step. A device copy prefetched and never handed to backward (the
     graph dropped part-way through it) is freed only once its copy is done: it came from the current stream's memory
     pool, which would hand it out again at once while the side stream still writes it. (One handed to backward is
-    safe: the current stream waited for its copy before reading it.)"""
+    safe: the current stream waited for its copy before reading it.) So are moved tensors still held for their
+    copies to host (a session ended without its forward's end)."""
     try:
+        for _, _, ready, _ in stash:
+            ready.synchronize()
+        stash.clear()
         for entry in entries:
             if entry.loaded is not None:
                 entry.loaded_ready.synchronize()
@@ -294,8 +339,11 @@ class HostOffload:
             yield
             return
         session = _Session(self, self._param_storages())
-        with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
-            yield session
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
+                yield session
+        finally:  # the forward's end: the last blocks' moved tensors go once their copies are waited for
+            session.release()
 
 
 def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -> HostOffload | None:

@@ -461,6 +461,7 @@ def test_a_dropped_graph_frees_a_prefetched_copy_only_once_it_is_written():
     for _ in range(3):  # 3 blocks of one 512 MB tensor each (~10 ms a copy back over the host link)
         session.next_group()
         packed.append(session.pack(torch.randn(128 << 20, device="cuda")))
+    session.release()  # (the forward's end: the moved tensors go)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     with torch.cuda.stream(offload.stream(torch.device("cuda"))):
@@ -478,31 +479,38 @@ def test_a_dropped_graph_frees_a_prefetched_copy_only_once_it_is_written():
 
 def test_a_moved_tensor_goes_back_to_the_compute_stream_in_its_order():
     """A tensor moved to host is held until the compute stream waits for its copy, STASH_GROUPS blocks later; its
-    memory is then handed out again at once (not when the GPU has done the copy, which the allocator would learn in
-    CPU time), and the work that reuses it runs after the copy read it, even where the copies lag."""
+    memory is then handed out again at once, while its copy still waits on the side stream (with `record_stream`
+    the allocator would give it out only once it saw the copy done on the GPU, in CPU time), and the work that reuses
+    it runs after the copy read it."""
     from one4d_train.model.offload import STASH_GROUPS, HostOffload, _Session
 
+    groups, size = 4, 64 << 20  # one 256 MB fp32 tensor a block, filled with the block's number
     offload = HostOffload(min_bytes=0)
+    bufs = [offload.buffers.take(size * 4, pinned=True) for _ in range(groups)]
+    offload.buffers.give(bufs)  # (page-locked ahead: registering them inside the loop would outlast the stall)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     session = _Session(offload, set())
-    with torch.cuda.stream(offload.stream(torch.device("cuda"))):
-        torch.cuda._sleep(200_000_000)  # (~0.1 s: every copy to host below still waits when its memory is reused)
-    groups, ptrs, packed = 4, [], []
-    for g in range(groups):  # one 256 MB tensor a block, filled with the block's number
+    with torch.cuda.stream(offload.stream(torch.device("cuda"))):  # the stream the copies go on
+        torch.cuda._sleep(400_000_000)  # (~0.2 s)
+    ptrs, packed = [], []
+    for g in range(groups):
         session.next_group()
-        t = torch.full((64 << 20,), float(g), device="cuda")
+        t = torch.full((size,), float(g), device="cuda")
         ptrs.append(t.data_ptr())
         packed.append(session.pack(t))
         del t
-    let_go = groups - STASH_GROUPS  # the blocks more than STASH_GROUPS behind the last one
-    assert [g for g, *_ in session.stash] == list(range(let_go, groups))
-    reuse = [torch.full((64 << 20,), -1.0, device="cuda") for _ in range(let_go)]
-    assert {r.data_ptr() for r in reuse} == set(ptrs[:let_go])  # the same memory, with the copies still pending
+    first = session.entries[packed[0][1]]
+    assert not first.ready.query(), "the copies were meant to be stalled here"
+    # the blocks STASH_GROUPS behind took the memory of those let go, whose copies had not run yet
+    assert ptrs[STASH_GROUPS:] == ptrs[:groups - STASH_GROUPS], ptrs
+    assert [g for g, *_ in session.stash] == list(range(groups - STASH_GROUPS, groups))
     session.release()  # the forward's end
     assert not session.stash
     torch.cuda.synchronize()
-    for g in range(groups):  # each copy read its block's values before anything overwrote them
-        assert torch.equal(session.entries[packed[g][1]].host, torch.full((64 << 20,), float(g))), g
-    del session, packed, reuse
+    for g in range(groups):  # each copy read its block's values before the next block's overwrote them
+        assert torch.equal(session.entries[packed[g][1]].host, torch.full((size,), float(g))), g
+    del session, packed, first
     offload.buffers.close()
 
 

@@ -111,19 +111,21 @@ class _Session:
 
     def release(self, upto: float = float("inf")) -> None:
         """Let go of the moved tensors of groups up to `upto` once the streams that saved them wait for their copies
-        (ordered on the side stream: waiting for the last one waits for all before it). Their memory is then free
-        for the compute stream's later work, which runs after the copies."""
-        n = 0
-        while n < len(self.stash) and self.stash[n][0] <= upto:
-            n += 1
-        if not n:
+        (one side stream per device runs the copies in order: waiting for the last one waits for all before it).
+        Their memory is then free for the saving stream's later work, which runs after the copies; a tensor made on
+        another stream is marked as used by the saving one, so its own stream's pool takes it back only after that
+        (the allocator ignores the mark where the two are the same stream)."""
+        go = [item for item in self.stash if item[0] <= upto]
+        if not go:
             return
         last = {}
-        for _, _, ready, stream in self.stash[:n]:
+        for _, _, ready, stream in go:
             last[stream] = ready
         for stream, ready in last.items():
             stream.wait_event(ready)
-        del self.stash[:n]
+        for _, t, _, stream in go:
+            t.record_stream(stream)
+        self.stash[:] = [item for item in self.stash if item[0] > upto]
 
     def pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
@@ -177,9 +179,11 @@ class _Session:
             buf.event = entry.ready
             # held until the saving stream waits for the copy (release): its memory is not reused before the copy
             # has read it
-            self.stash.append((entry.group, t, entry.ready, torch.cuda.current_stream(t.device)))
-            if self.group is None:  # (no groups marked: each tensor is one)
-                self.release(entry.group - STASH_GROUPS)
+            # (detached: an output's grad_fn would lead back here through what was packed, a cycle that keeps the
+            # session alive where its graph is dropped)
+            self.stash.append((entry.group, t.detach(), entry.ready, torch.cuda.current_stream(t.device)))
+            if self.group is None:  # no groups marked: each tensor is one, so the copy two tensors back is waited
+                self.release(entry.group - STASH_GROUPS)  # for (the model marks a group per block)
         else:
             host.copy_(t)
         self.entries.append(entry)
@@ -323,6 +327,10 @@ class HostOffload:
             f"(model.activation_offload_blocks, or model.activation_offload=false for all)")
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side stream of `device` (`cuda` and `cuda:N` of the current device are one)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
@@ -342,8 +350,11 @@ class HostOffload:
         try:
             with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
                 yield session
-        finally:  # the forward's end: the last blocks' moved tensors go once their copies are waited for
-            session.release()
+        except BaseException:
+            with contextlib.suppress(Exception):  # (the forward's own error is the one to see; the session's end
+                session.release()  # waits for what is left)
+            raise
+        session.release()  # the forward's end: the last blocks' moved tensors go once their copies are waited for
 
 
 def apply_activation_offload(model: nn.Module, enabled: bool = True, **kwargs) -> HostOffload | None:

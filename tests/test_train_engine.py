@@ -709,6 +709,11 @@ def test_the_step_line_says_skipped_steps_not_samples():
     # the host memory activation offload holds, where it is on
     perf.update(peak_mem_gib=60.0, host_offload_gib=83.25)
     assert format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0).endswith("| mem 60.0 GiB | host offload 83.2 GiB")
+    # allocator retries in the window (GPU memory at its ceiling), said only where there were some
+    perf.update(alloc_retries=0)
+    assert "retries" not in format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0)
+    perf.update(alloc_retries=16)
+    assert format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0).endswith("| host offload 83.2 GiB | 16 allocator retries")
 
 
 def test_the_data_line_tells_short_clips_from_corrupt_samples():

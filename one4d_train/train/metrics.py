@@ -49,6 +49,13 @@ class StepTimer:
         return out
 
 
+def alloc_retries(device: torch.device) -> int:
+    """The CUDA caching allocator's retries so far (0 off CUDA): allocations that found no free block at the GPU's
+    ceiling, each a wait for every stream and a release of the free cache before trying again; a few a step cost
+    ~0.1 s each (model/offload.py)."""
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else 0
+
+
 def throughput(elapsed: float, data_s: float, steps: int, global_batch: int, world_size: int, flops_per_sample: float,
                tokens_per_sample: int, peak: float | None, device: torch.device) -> dict[str, float]:
     samples_s = steps * global_batch / max(elapsed, 1e-9)
@@ -74,6 +81,8 @@ def format_line(step: int, total: int, losses: dict[str, float], lr: float, grad
         parts.append(f"mem {perf['peak_mem_gib']:.1f} GiB")
     if "host_offload_gib" in perf:
         parts.append(f"host offload {perf['host_offload_gib']:.1f} GiB")
+    if perf.get("alloc_retries"):  # GPU memory at its ceiling: a setting that needs less would run faster
+        parts.append(f"{perf['alloc_retries']:.0f} allocator retries")
     if skipped:  # steps, not samples: the data line counts those
         parts.append(f"{skipped} steps skipped")
     return " | ".join(parts)

@@ -82,6 +82,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
         self.step, self.bad_streak, self.skipped_total = 0, 0, 0
+        self._alloc_retries = 0  # the CUDA allocator's retries at the last log line
         self.samples_seen = 0  # all ranks, every step so far (a resume may change the global batch)
         self.window = {"sums": {}, "counted": 0}  # losses of the steps since the last log line, this rank's
         self.eval_pending = False  # the evaluation due at self.step has not finished (a checkpoint owes it)
@@ -460,8 +461,11 @@ class Trainer:
         """Means of the window's losses and the samples the loaders skipped so far (`data_short` of them clips
         shorter than the frame window), over all ranks."""
         keys = sorted(sums)
-        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys] + [float(data_skipped), float(data_short)])
-        data_short, data_skipped = int(reduced.pop()), int(reduced.pop())
+        retries = metrics.alloc_retries(self.device)  # the window's, summed over ranks
+        new_retries, self._alloc_retries = retries - self._alloc_retries, retries
+        reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys]
+                                   + [float(new_retries), float(data_skipped), float(data_short)])
+        data_short, data_skipped, new_retries = int(reduced.pop()), int(reduced.pop()), int(reduced.pop())
         elapsed, data_s, steps = timer.window()
         if not self.env.is_main:
             return
@@ -469,6 +473,8 @@ class Trainer:
         losses = {k: v / world for k, v in zip(keys, reduced)}
         perf = metrics.throughput(elapsed, data_s, steps, self.global_batch, world, self.task.flops_per_sample(),
                                   self.task.tokens_per_sample(), self.peak, self.device)
+        if self.device.type == "cuda":
+            perf["alloc_retries"] = new_retries
         offload = getattr(self.engine.module, "activation_offload", None)
         if offload is not None:  # host memory its saved activations hold, per process (model/offload.py)
             perf["host_offload_gib"] = offload.host_bytes / 2**30

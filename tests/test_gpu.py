@@ -511,6 +511,14 @@ def test_a_moved_tensor_goes_back_to_the_compute_stream_in_its_order():
     for g in range(groups):  # each copy read its block's values before the next block's overwrote them
         assert torch.equal(session.entries[packed[g][1]].host, torch.full((size,), float(g))), g
     del session, packed, first
+    # a copy seen done at the next block's start is let go then, without waiting STASH_GROUPS blocks
+    session = _Session(offload, set())
+    session.next_group()
+    packed = session.pack(torch.full((size,), 7.0, device="cuda"))
+    torch.cuda.synchronize()
+    session.next_group()
+    assert not session.stash
+    del session, packed
     offload.buffers.close()
 
 

@@ -26,7 +26,7 @@ blocks change no saved tensor in place.
 The device memory of a moved tensor goes back to the compute stream in that stream's order, not when the GPU has
 done the copy: the session holds each moved tensor until the compute stream has been made to wait for its copy
 (`STASH_GROUPS` blocks later, when the copy is long done unless the host link lags, and at the forward's end), then
-lets it go. With `record_stream` instead, the allocator could hand the memory out again only once the copy had run
+lets it go; one whose copy it sees done at a block's start goes then. With `record_stream` instead, the allocator could hand the memory out again only once the copy had run
 on the GPU, which it learns in CPU time: with the CPU a forward's part ahead, every tensor saved in that part
 counts as in use, and at 14B by `sublayer_ffn` (~2.5 GB moved a block) the cache reached the 80 GB GPU's ceiling
 twice a step, each time waiting for all streams and unmapping its free memory (H100, 2026-12-07: 16 allocator
@@ -110,12 +110,15 @@ class _Session:
         self.release(self.group - STASH_GROUPS)
 
     def release(self, upto: float = float("inf")) -> None:
-        """Let go of the moved tensors of groups up to `upto` once the streams that saved them wait for their copies
-        (one side stream per device runs the copies in order: waiting for the last one waits for all before it).
-        Their memory is then free for the saving stream's later work, which runs after the copies; a tensor made on
+        """Let go of the moved tensors of groups up to `upto`, and of any whose copy is seen done already, once the
+        streams that saved them wait for their copies (one side stream per device runs the copies in order: waiting
+        for the last one waits for all before it). Their memory is then free for the saving stream's later work, which runs after the copies; a tensor made on
         another stream is marked as used by the saving one, so its own stream's pool takes it back only after that
         (the allocator ignores the mark where the two are the same stream)."""
-        go = [item for item in self.stash if item[0] <= upto]
+        done = 0  # the copies already run (in order on the side stream): nothing to wait for, nothing to hold
+        while done < len(self.stash) and self.stash[done][2].query():
+            done += 1
+        go = [item for i, item in enumerate(self.stash) if i < done or item[0] <= upto]
         if not go:
             return
         last = {}
@@ -125,7 +128,7 @@ class _Session:
             stream.wait_event(ready)
         for _, t, _, stream in go:
             t.record_stream(stream)
-        self.stash[:] = [item for item in self.stash if item[0] > upto]
+        self.stash[:] = [item for i, item in enumerate(self.stash) if i >= done and item[0] > upto]
 
     def pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()

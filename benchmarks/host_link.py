@@ -13,11 +13,13 @@ same asking for transparent huge pages).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-from one4d_train.model.host_buffers import HostBuffers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from one4d_train.model.host_buffers import HostBuffers  # noqa: E402
 
 
 def _events(stream) -> tuple[torch.cuda.Event, torch.cuda.Event]:
@@ -93,6 +95,10 @@ def main():
                 print(f"{kind:<11} | {mb:>4} | {name:<24} | {copy} | {copy2} | {rate}")
             del host, host2
         del dev, dev2
+    rollup = Path("/proc/self/smaps_rollup")  # what the kernel granted: huge pages in this process's anonymous memory
+    granted = [line.split(":")[1].strip() for line in rollup.read_text().splitlines()
+               if line.startswith("AnonHugePages")] if rollup.exists() else []
+    print(f"huge pages granted to this process (AnonHugePages): {granted[0] if granted else 'unknown'}")
     for pool in pools.values():
         pool.close()
 

@@ -146,14 +146,20 @@ def alloc_counters(device) -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in ALLOC_COUNTERS}
 
 
-def reserved_by_stream(device) -> dict[str, float]:
-    """GB the allocator holds per CUDA stream (its segments' sizes; what one stream caches the others cannot use)."""
+def reserved_by_stream(device, offload=None) -> dict[str, float]:
+    """GB the allocator holds now on `device` per CUDA stream (its segments' sizes; what one stream caches the others
+    cannot use): `current`, the activation offload's side stream `offload`, others by their handles."""
     if device.type != "cuda":
         return {}
+    names = {torch.cuda.current_stream(device).cuda_stream: "current"}
+    if offload is not None:
+        names[offload.stream(device).cuda_stream] = "offload"
+    index = device.index if device.index is not None else torch.cuda.current_device()
     out: dict[str, float] = {}
     for seg in torch.cuda.memory_snapshot():
-        key = "current" if seg["stream"] == torch.cuda.current_stream(device).cuda_stream else str(seg["stream"])
-        out[key] = out.get(key, 0.0) + seg["total_size"] / 1e9
+        if seg["device"] == index:
+            key = names.get(seg["stream"], str(seg["stream"]))
+            out[key] = out.get(key, 0.0) + seg["total_size"] / 1e9
     return out
 
 
@@ -656,9 +662,8 @@ def run_ours(args) -> None:
         elif v["compile"] == "0":
             uncompile_blocks(model.base.blocks)
         on, _, kept_from = v["offload"].partition("@")
-        offload = apply_activation_offload(model, on == "1", blocks=int(kept_from or -1))
-        if offload is not None:
-            offload.buffers.huge_pages = v["hostmem"] == "thp"
+        offload = apply_activation_offload(model, on == "1", blocks=int(kept_from or -1),
+                                           huge_pages=v["hostmem"] == "thp")
         state["vae"] = v["vae"]
         row = {"kind": "ours", "preset": cfg.model.preset, "variant": v["name"],
                "ckpt": last_ckpt[0], "ckpt_unit": last_ckpt[1],
@@ -682,7 +687,8 @@ def run_ours(args) -> None:
             row.update(summarise(walls, spans))
             row.update({f"alloc_{k.removeprefix('num_')}": n for k, n in counts.items()})
             if device.type == "cuda":
-                row["reserved_by_stream_gb"] = reserved_by_stream(device)
+                row["reserved_by_stream_gb"] = reserved_by_stream(device, offload)  # after the timed steps
+                row["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
             row["loss"] = float(state["loss"])
             if offload is not None:  # before the profiled step, which would add to the count
                 row["offload_gb_per_step"] = offload.stats.bytes / 1e9 / (args.warmup + row["steps"])
@@ -885,7 +891,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
                       + (f" kept {r['offload_kept_gb_per_step']:.1f} GB" if r.get("offload_kept_gb_per_step") else "")
                       + (f" ({r['offload_host_gb']:.1f} held)" if "offload_host_gb" in r else "")
-                      + (f" retries {r['alloc_alloc_retries']}" if r.get("alloc_alloc_retries") else "")
+                      + (" thp" if r.get("hostmem") == "thp" else "")
+                      + (f" retries {r['alloc_alloc_retries']}" if "alloc_alloc_retries" in r else "")
                       + (f" reserved {r['peak_reserved_gb']:.1f} GB" if r.get("peak_reserved_gb") else "")
                       + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
@@ -900,6 +907,9 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; [fp8 base] rows run the frozen "
                  "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "enc X GB: the frozen text/image towers held on the GPU, in the peak (rows without it: the step alone). "
+                 "retries N: the CUDA caching allocator's retries over the timed steps (each a wait for every stream and "
+                 "a release of its free cache at the GPU's ceiling); reserved: its peak reserved memory; thp: the "
+                 "offload's host buffers asked for huge pages. "
                  f"n = timed steps after warm-up, step s their median; '(too few)': fewer than {MIN_TIMED_STEPS}, "
                  "not a figure for the record. "
                  "data wait = 0: synthetic tensors on the GPU.")

@@ -139,7 +139,8 @@ def test_usage_examples_parse():
         if "--variants" in argv:
             assert bench.parse_variants(argv[argv.index("--variants") + 1]), example
     assert [v["offload"] for v in bench.parse_variants("offload=1@36,ckpt=full,offload=0")] == ["1@36", "1@36", "0"]
-    for bad in ("offload=2", "offload=0@3", "offload=1@"):
+    assert [v["hostmem"] for v in bench.parse_variants("offload=1,hostmem=thp,hostmem=small")] == [None, "thp", "small"]
+    for bad in ("offload=2", "offload=0@3", "offload=1@", "hostmem=huge"):
         with pytest.raises(SystemExit, match="unknown variant setting"):
             bench.parse_variants(bad)
 
@@ -159,6 +160,14 @@ def test_report_marks_rows_timed_with_fewer_than_ten_steps(tmp_path):
     notes = {line.split("|")[1].strip(): line.split("|")[-1].strip() for line in bench.report([str(results)]).splitlines()
              if line.startswith("14b ")}
     assert notes == {"z2/a": "n=10 [6.900,7.100]", "z2/b": "n=8 (too few) [6.900,7.100]"}
+    # the allocator's retries where counted (0 included: counted, none), its peak reserved memory, huge pages asked
+    results.write_text("\n".join(json.dumps({**step, "steps": 10, **r}) for r in [
+        {"lever": "c", "alloc_alloc_retries": 16, "peak_reserved_gb": 83.25, "hostmem": "thp"},
+        {"lever": "d", "alloc_alloc_retries": 0, "peak_reserved_gb": 79.5}]) + "\n")
+    notes = {line.split("|")[1].strip(): line.split("|")[-1].strip() for line in bench.report([str(results)]).splitlines()
+             if line.startswith("14b ")}
+    assert notes == {"z2/c": "n=10 [6.900,7.100] thp retries 16 reserved 83.2 GB",
+                     "z2/d": "n=10 [6.900,7.100] retries 0 reserved 79.5 GB"}
 
 
 def test_checkpointed_block_count_variant_runs_and_is_recorded(tmp_path):

@@ -91,7 +91,10 @@ class HostBuffers:
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         memory.madvise(mmap.MADV_DONTFORK)
         if self.huge_pages:
-            memory.madvise(mmap.MADV_HUGEPAGE)
+            try:
+                memory.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # (a kernel without transparent huge pages: small pages, as said)
+                pass
         data = torch.frombuffer(memory, dtype=torch.uint8)
         if pinned:
             _register(data, size)

@@ -26,11 +26,12 @@ blocks change no saved tensor in place.
 The device memory of a moved tensor goes back to the compute stream in that stream's order, not when the GPU has
 done the copy: the session holds each moved tensor until the compute stream has been made to wait for its copy
 (`STASH_GROUPS` blocks later, when the copy is long done unless the host link lags, and at the forward's end), then
-lets it go; one whose copy it sees done at a block's start goes then. With `record_stream` instead, the allocator could hand the memory out again only once the copy had run
-on the GPU, which it learns in CPU time: with the CPU a forward's part ahead, every tensor saved in that part
-counts as in use, and at 14B by `sublayer_ffn` (~2.5 GB moved a block) the cache reached the 80 GB GPU's ceiling
-twice a step, each time waiting for all streams and unmapping its free memory (H100, 2026-12-07: 16 allocator
-retries in 8 steps, the forward 0.23 s longer than by `sublayer`). The memory held for copies in flight is now at
+lets it go; one whose copy it sees done at a block's start goes then. With `record_stream` instead, the allocator
+could hand the memory out again only once the copy had run on the GPU, which it learns in CPU time: with the CPU a
+forward's part ahead, every tensor saved in that part counts as in use, and at 14B by `sublayer_ffn` (~2.5 GB moved
+a block) the cache reached the 80 GB GPU's ceiling twice a step, each time waiting for all streams and releasing its
+free memory (H100, 2026-12-07: 16 allocator retries counted in 8 steps, and a forward 0.23 s longer than by
+`sublayer`, most likely from them). The memory held for copies in flight is now at
 most `STASH_GROUPS` blocks' moved tensors, counted in `torch.cuda.memory_allocated`.
 
 Host memory: the copies go to page-locked buffers of their exact sizes, kept for the next step (host_buffers.py;
@@ -56,9 +57,9 @@ from one4d_train.model.config import OFFLOAD_MIN_MIB
 from one4d_train.model.host_buffers import HostBuffer, HostBuffers
 
 # a moved tensor's device memory is let go once the compute stream waited for its copy, this many groups (blocks)
-# after the one that saved it: at 14B a block's forward (~57 ms) outlasts its copies (~46 ms at 55 GB/s), so the
-# copies of the block before last are done and the wait costs nothing; one group would wait for the copies of the
-# block just finished
+# after the one that saved it: at 14B by sublayer_ffn a block's forward (~57 ms) outlasts its copies (~46 ms at the
+# 55 GB/s an H100's host link carries), so the copies of the block before last are done and the wait costs nothing
+# while the link keeps that pace; one group would wait for the copies of the block just finished
 STASH_GROUPS = 2
 
 
@@ -112,9 +113,10 @@ class _Session:
     def release(self, upto: float = float("inf")) -> None:
         """Let go of the moved tensors of groups up to `upto`, and of any whose copy is seen done already, once the
         streams that saved them wait for their copies (one side stream per device runs the copies in order: waiting
-        for the last one waits for all before it). Their memory is then free for the saving stream's later work, which runs after the copies; a tensor made on
-        another stream is marked as used by the saving one, so its own stream's pool takes it back only after that
-        (the allocator ignores the mark where the two are the same stream)."""
+        for the last one waits for all before it). Their memory is then free for the saving stream's later work,
+        which runs after the copies; a tensor made on another stream is marked as used by the saving one, so its own
+        stream's pool takes it back only after that (the allocator ignores the mark where the two are the same
+        stream)."""
         done = 0  # the copies already run (in order on the side stream): nothing to wait for, nothing to hold
         while done < len(self.stash) and self.stash[done][2].query():
             done += 1
@@ -286,10 +288,12 @@ class HostOffload:
     last groups', which backward reads first, stay on the device, where their copies out and back would end the
     forward and start the backward. A tensor that moved groups and kept ones both save (the text context) is moved
     for the first and kept by the others.
-    exclude: module whose parameters are never moved (they are not activations)."""
+    exclude: module whose parameters are never moved (they are not activations).
+    huge_pages: host buffers in transparent huge pages where the kernel grants them (host_buffers.py; the H100's
+    host link carried the same 55 GB/s either way, benchmarks/RESULTS.md 2026-12-07 09:27)."""
 
     def __init__(self, exclude: nn.Module | None = None, min_bytes: int = mib_bytes(OFFLOAD_MIN_MIB),
-                 prefetch: int = 1, host_reserve: int = 2 << 30, blocks: int = -1):
+                 prefetch: int = 1, host_reserve: int = 2 << 30, blocks: int = -1, huge_pages: bool = False):
         if min_bytes < 0 or prefetch < 0 or host_reserve < 0 or blocks < -1:
             raise ValueError("activation offload: min_bytes, prefetch and host_reserve must be >= 0, blocks >= -1")
         self.exclude = exclude
@@ -297,14 +301,14 @@ class HostOffload:
         self.prefetch = prefetch
         self.blocks = blocks
         self.host_reserve = host_reserve  # host memory an offload leaves to the rest of the process
-        self.buffers = HostBuffers()  # host memory the saved tensors go to, kept for the next step
+        self.buffers = HostBuffers(huge_pages)  # host memory the saved tensors go to, kept for the next step
         self.stats = OffloadStats()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __deepcopy__(self, memo) -> "HostOffload":
         """The same settings for the copy (of the model, `exclude` the copied one), with its own host memory, streams
         and counts: buffers are page-locked mappings, and the copy's activations are its own."""
-        twin = type(self)(None, self.min_bytes, self.prefetch, self.host_reserve, self.blocks)
+        twin = type(self)(None, self.min_bytes, self.prefetch, self.host_reserve, self.blocks, self.buffers.huge_pages)
         memo[id(self)] = twin
         twin.exclude = copy.deepcopy(self.exclude, memo)
         return twin

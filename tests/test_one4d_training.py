@@ -108,7 +108,8 @@ def test_resume_continues_exactly(shards, straight, tmp_path):
 def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
     """One sample of every shard has a flipped bit in its mp4 (it would still decode): training goes on, and the
     skipped samples, summed over both ranks, reach MLflow. (With activation offload on, the host memory it holds is
-    logged too: none here, the tiny model's activations are below its 16 MiB threshold.)"""
+    logged too: none here, the tiny model's activations are below its 16 MiB threshold; and the allocator's retries,
+    none off CUDA.)"""
     import io
     import tarfile
 
@@ -133,6 +134,9 @@ def test_corrupt_samples_are_skipped_and_their_count_logged(shards, tmp_path):
     assert "host offload 0.0 GiB" in out
     skipped = metric(client, run, "data_skipped_samples")
     assert skipped[4] >= 2 and list(skipped.values()) == sorted(skipped.values()), skipped  # >= 1 per rank by then
+    # reduced with the skipped counts, apart from them: the CUDA allocator's retries, none off CUDA
+    assert metric(client, run, "alloc_retries") == {s: 0.0 for s in range(1, 5)}
+    assert "allocator retries" not in out
     assert metric(client, run, "loss")[4] == metric(client, run, "loss")[4]  # finite
 
 

@@ -51,8 +51,8 @@ class StepTimer:
 
 def alloc_retries(device: torch.device) -> int:
     """The CUDA caching allocator's retries so far (0 off CUDA): allocations that found no free block at the GPU's
-    ceiling, each a wait for every stream and a release of the free cache before trying again; a few a step cost
-    ~0.1 s each (model/offload.py)."""
+    ceiling, each a wait for every stream and a release of the free cache before trying again (at 14B, two a step
+    came with a forward ~0.2 s longer: model/offload.py)."""
     return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else 0
 
 

@@ -473,8 +473,7 @@ class Trainer:
         losses = {k: v / world for k, v in zip(keys, reduced)}
         perf = metrics.throughput(elapsed, data_s, steps, self.global_batch, world, self.task.flops_per_sample(),
                                   self.task.tokens_per_sample(), self.peak, self.device)
-        if self.device.type == "cuda":
-            perf["alloc_retries"] = new_retries
+        perf["alloc_retries"] = new_retries  # (0 off CUDA)
         offload = getattr(self.engine.module, "activation_offload", None)
         if offload is not None:  # host memory its saved activations hold, per process (model/offload.py)
             perf["host_offload_gib"] = offload.host_bytes / 2**30

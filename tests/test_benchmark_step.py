@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +145,20 @@ def test_usage_examples_parse():
     for bad in ("offload=2", "offload=0@3", "offload=1@", "hostmem=huge"):
         with pytest.raises(SystemExit, match="unknown variant setting"):
             bench.parse_variants(bad)
+
+
+def test_the_gpu_scripts_variants_parse():
+    """Every fixed variant list of benchmarks/gpu_run.sh (its defaults included) is valid: a typo there would cost a
+    GPU session its part."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    script = (Path(SCRIPT).parent / "gpu_run.sh").read_text()
+    lists = re.findall(r'--variants "(?:\$\{\w+:-)?([^"$}]+)\}?"', script)
+    assert len(lists) >= 10, lists
+    for text in lists:
+        assert bench.parse_variants(text), text
 
 
 def test_report_marks_rows_timed_with_fewer_than_ten_steps(tmp_path):

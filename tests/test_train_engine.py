@@ -716,6 +716,22 @@ def test_the_step_line_says_skipped_steps_not_samples():
     assert format_line(3, 10, {"loss": 1.0}, 1e-4, 0.5, perf, 0).endswith("| host offload 83.2 GiB | 16 allocator retries")
 
 
+def test_allocator_retries_are_counted_per_window_and_warned_of_once_past_the_first():
+    """The trainer's windows: the count since the last log line; a warning naming the settings that hold less on the
+    GPU, once a run, not for the first window (compilation and warm-up)."""
+    from one4d_train.train.metrics import AllocRetries
+
+    watch = AllocRetries()
+    assert watch.window(5) == 5 and watch.warning(5, 10) is None  # the first window: not warned of
+    assert watch.window(5) == 0 and watch.warning(0, 10) is None
+    assert watch.window(21) == 16
+    line = watch.warning(16, 8)
+    assert line.startswith("GPU memory at its ceiling: the CUDA allocator retried 16 times in the last 8 steps")
+    for key in ("model.activation_checkpointing_blocks", "model.activation_offload_blocks", "model.text_encoder_device"):
+        assert key in line
+    assert watch.window(30) == 9 and watch.warning(9, 8) is None  # once
+
+
 def test_the_data_line_tells_short_clips_from_corrupt_samples():
     """A clip shorter than the frame window is skipped at every epoch, but it is no corrupt sample: the line said
     "corrupt or undecodable" for all of them."""

@@ -88,6 +88,31 @@ def format_line(step: int, total: int, losses: dict[str, float], lr: float, grad
     return " | ".join(parts)
 
 
+class AllocRetries:
+    """The CUDA allocator's retries per log window (`window(total)` with the count so far -> the window's), and once
+    a run, from the second window on (the first holds compilation and warm-up), the warning that names the settings
+    holding less on the GPU."""
+
+    def __init__(self):
+        self.seen, self.windows, self.warned = 0, 0, False
+
+    def window(self, total: int) -> int:
+        new, self.seen = total - self.seen, total
+        return new
+
+    def warning(self, retries: int, steps: int) -> str | None:
+        """For the window just logged (`retries` summed over ranks, in `steps` steps): the warning, or None."""
+        self.windows += 1
+        if not retries or self.windows == 1 or self.warned:
+            return None
+        self.warned = True
+        return (f"GPU memory at its ceiling: the CUDA allocator retried {retries} times in the last {steps} steps, "
+                f"each a wait for every stream (slower steps, not wrong ones); settings that hold less on the GPU: "
+                f"more blocks checkpointed (model.activation_checkpointing_blocks), more blocks' activations moved to "
+                f"host memory (model.activation_offload, model.activation_offload_blocks), the text encoder in host "
+                f"memory (model.text_encoder_device=cpu)")
+
+
 def data_skips_line(skipped: int, short: int) -> str:
     """The log line of the samples the loaders skipped so far (all ranks), `short` of them clips shorter than the
     frame window, told apart from the corrupt ones: those are a setting's doing (data.num_frames), not damage."""

@@ -82,7 +82,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + env.rank)
         self.step, self.bad_streak, self.skipped_total = 0, 0, 0
-        self._alloc_retries = 0  # the CUDA allocator's retries at the last log line
+        self.alloc_retries = metrics.AllocRetries()  # the CUDA allocator's, per log window
         self.samples_seen = 0  # all ranks, every step so far (a resume may change the global batch)
         self.window = {"sums": {}, "counted": 0}  # losses of the steps since the last log line, this rank's
         self.eval_pending = False  # the evaluation due at self.step has not finished (a checkpoint owes it)
@@ -461,8 +461,7 @@ class Trainer:
         """Means of the window's losses and the samples the loaders skipped so far (`data_short` of them clips
         shorter than the frame window), over all ranks."""
         keys = sorted(sums)
-        retries = metrics.alloc_retries(self.device)  # the window's, summed over ranks
-        new_retries, self._alloc_retries = retries - self._alloc_retries, retries
+        new_retries = self.alloc_retries.window(metrics.alloc_retries(self.device))  # summed over ranks below
         reduced = self._all_reduce([sums[k] / max(counted, 1) for k in keys]
                                    + [float(new_retries), float(data_skipped), float(data_short)])
         data_short, data_skipped, new_retries = int(reduced.pop()), int(reduced.pop()), int(reduced.pop())
@@ -481,6 +480,9 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None
         log.info(metrics.format_line(step, self.cfg.train.steps, losses, lr, grad_norm, perf, self.skipped_total))
+        warning = self.alloc_retries.warning(new_retries, steps)
+        if warning:
+            log.warning(warning)
         if data_skipped:
             log.info(metrics.data_skips_line(data_skipped, data_short))
         values = {**losses, **perf, "lr": lr, "skipped_steps": self.skipped_total, "data_skipped_samples": data_skipped,

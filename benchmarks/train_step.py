@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from one4d_train.model.config import CHECKPOINT_UNITS, LORA_KERNELS  # noqa: E402
+from one4d_train.train.metrics import alloc_counters  # noqa: E402
 
 H100_PEAK = 989e12
 MIN_TIMED_STEPS = 10  # the step time is the median of at least this many timed steps after warm-up
@@ -134,18 +135,6 @@ def init_dist(device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
-# the caching allocator's counters over the timed steps: a retry is an allocation that found no free block, had the
-# allocator wait for every stream's outstanding work (the offload's copies to host included) and free its cache
-ALLOC_COUNTERS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")
-
-
-def alloc_counters(device) -> dict[str, int]:
-    if device.type != "cuda":
-        return {}
-    stats = torch.cuda.memory_stats(device)
-    return {k: int(stats.get(k, 0)) for k in ALLOC_COUNTERS}
-
-
 def reserved_by_stream(device, offload=None) -> dict[str, float]:
     """GB the allocator holds now on `device` per CUDA stream (its segments' sizes; what one stream caches the others
     cannot use): `current`, the activation offload's side stream `offload`, others by their handles."""
@@ -164,14 +153,13 @@ def reserved_by_stream(device, offload=None) -> dict[str, float]:
 
 
 def timed_loop(step, warmup: int, steps: int, device, counters: dict | None = None) -> tuple[list[float], list[dict]]:
-    """Wall time and event spans of `steps` steps after `warmup`; `counters` gets the allocator's counts over the
-    timed steps."""
+    """Wall time and event spans of `steps` steps after `warmup`; `counters` gets the caching allocator's counts over
+    the timed steps."""
     walls, spans = [], []
     for i in range(warmup + steps):
-        if i == warmup and counters is not None:
-            sync(device)
-            counters.update(alloc_counters(device))
         sync(device)
+        if i == warmup and counters is not None:
+            counters.update(alloc_counters(device))
         t0 = time.perf_counter()
         ev = step()
         sync(device)

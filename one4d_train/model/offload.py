@@ -31,8 +31,8 @@ could hand the memory out again only once the copy had run on the GPU, which it 
 forward's part ahead, every tensor saved in that part counts as in use, and at 14B by `sublayer_ffn` (~2.5 GB moved
 a block) the cache reached the 80 GB GPU's ceiling twice a step, each time waiting for all streams and releasing its
 free memory (H100, 2026-12-07: 16 allocator retries counted in 8 steps, and a forward 0.23 s longer than by
-`sublayer`, most likely from them). The memory held for copies in flight is now at
-most `STASH_GROUPS` blocks' moved tensors, counted in `torch.cuda.memory_allocated`.
+`sublayer`, most likely from them). The memory held for copies in flight is now at most `STASH_GROUPS` blocks'
+moved tensors, counted in `torch.cuda.memory_allocated`.
 
 Host memory: the copies go to page-locked buffers of their exact sizes, kept for the next step (host_buffers.py;
 torch's pinned-memory cache would round each up to a power of two, ~45% more at 14B). At 14B a step saves 31 GB per
@@ -183,9 +183,8 @@ class _Session:
                 entry.ready.record(side)
             buf.event = entry.ready
             # held until the saving stream waits for the copy (release): its memory is not reused before the copy
-            # has read it
-            # (detached: an output's grad_fn would lead back here through what was packed, a cycle that keeps the
-            # session alive where its graph is dropped)
+            # has read it; detached, as an output's grad_fn would lead back here through what was packed, a cycle
+            # that keeps the session alive where its graph is dropped
             self.stash.append((entry.group, t.detach(), entry.ready, torch.cuda.current_stream(t.device)))
             if self.group is None:  # no groups marked: each tensor is one, so the copy two tensors back is waited
                 self.release(entry.group - STASH_GROUPS)  # for (the model marks a group per block)

@@ -49,11 +49,23 @@ class StepTimer:
         return out
 
 
+# the CUDA caching allocator's counters: a retry is an allocation that found no free block at the GPU's ceiling, had
+# the allocator wait for every stream's outstanding work and release its free cache before trying again (at 14B, two
+# a step came with a forward ~0.2 s longer: model/offload.py)
+ALLOC_COUNTERS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")
+
+
+def alloc_counters(device: torch.device) -> dict[str, int]:
+    """The allocator's counters so far on `device` (none off CUDA)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in ALLOC_COUNTERS}
+
+
 def alloc_retries(device: torch.device) -> int:
-    """The CUDA caching allocator's retries so far (0 off CUDA): allocations that found no free block at the GPU's
-    ceiling, each a wait for every stream and a release of the free cache before trying again (at 14B, two a step
-    came with a forward ~0.2 s longer: model/offload.py)."""
-    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else 0
+    """The allocator's retries so far (0 off CUDA)."""
+    return alloc_counters(device).get("num_alloc_retries", 0)
 
 
 def throughput(elapsed: float, data_s: float, steps: int, global_batch: int, world_size: int, flops_per_sample: float,

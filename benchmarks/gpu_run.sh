@@ -39,7 +39,8 @@
 #             four 14B variants take ~330 s), then the 14B peer (PEERS=0 skips it)
 #     offload-order: the activation offload's stream-ordered release at 14B: its GPU tests, sublayer_ffn and sublayer
 #             with 36 blocks moved (allocator retries in the note), the 14B peer, the peak with UMT5 on the GPU
-#             (PARTS picks, default "tests units peer umt5"; ~12 min in all: two calls, e.g. PARTS="tests units")
+#             (PARTS picks, default "tests units peer umt5"; ~12 min in all: two calls, e.g. PARTS="tests units";
+#             UNITS overrides the units' variants)
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH: benchmarks/offline_wheels.sh makes the wheels, PERF_NOTES.md installs them.
 set -u
@@ -245,7 +246,7 @@ if [[ $WHAT == offload-order ]]; then  # the activation offload's stream-ordered
   [[ $P == *" tests "* ]] && part ${TTESTS:-240} "pytest -m gpu: offload" python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_gpu.py -k "moved_tensor or offload or prefetched_copy"
   [[ $P == *" units "* ]] && part ${T14:-420} "14b ours, sublayer_ffn and sublayer, 36 moved" $B --preset 14b --warmup 2 \
-    --steps ${STEPS:-10} --lever order --variants "unit=sublayer_ffn+offload=1@36+attn=auto,unit=sublayer"
+    --steps ${STEPS:-10} --lever order --variants "${UNITS:-unit=sublayer_ffn+offload=1@36+attn=auto,unit=sublayer}"
   [[ $P == *" peer "* ]] && part 300 "14b peer" $B --preset 14b --peer --warmup 2 --steps 10
   [[ $P == *" umt5 "* ]] && part 300 "14b sublayer_ffn + 36, UMT5 on the GPU (its peak)" $B --preset 14b --warmup 1 \
     --steps 3 --lever umt5 --set model.text_encoder_device=device --variants "unit=sublayer_ffn+offload=1@36"

@@ -42,6 +42,9 @@
 #             (PARTS picks, default "tests units peer umt5"; ~12 min in all: two calls, e.g. PARTS="tests units";
 #             UNITS overrides the units' variants)
 #     offload: activation offload at 14B (full / selective_self), VAE settings, 1.3B optimizer-step profile
+#     mix   : the step over the UMC task mix, measured (vae=mix: each step draws its task as the trainer does), beside
+#             the worst case (vae=latents), and the peer, per preset (PARTS picks of "1.3b 1.3b-peer 14b 14b-peer";
+#             ~10 min in all: two calls, e.g. PARTS="1.3b 1.3b-peer 14b-peer", then PARTS="14b")
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH: benchmarks/offline_wheels.sh makes the wheels, PERF_NOTES.md installs them.
 set -u
 OUT=${OUT:-/tmp/one4d-bench}
@@ -250,6 +253,15 @@ if [[ $WHAT == offload-order ]]; then  # the activation offload's stream-ordered
   [[ $P == *" peer "* ]] && part 300 "14b peer" $B --preset 14b --peer --warmup 2 --steps 10
   [[ $P == *" umt5 "* ]] && part 300 "14b sublayer_ffn + 36, UMT5 on the GPU (its peak)" $B --preset 14b --warmup 1 \
     --steps 3 --lever umt5 --set model.text_encoder_device=device --variants "unit=sublayer_ffn+offload=1@36"
+fi
+if [[ $WHAT == mix ]]; then  # the task mix measured: training's samples/s against the peer's, per preset
+  P=" ${PARTS:-1.3b 1.3b-peer 14b 14b-peer} "
+  [[ $P == *" 1.3b "* ]] && part 200 "1.3b ours, worst case and task mix" $B --preset 1.3b --warmup 2 --steps 10 \
+    --lever mix --variants "vae=latents,vae=mix+n=20"
+  [[ $P == *" 1.3b-peer "* ]] && part 90 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 10
+  [[ $P == *" 14b "* ]] && part ${T14:-420} "14b ours, task mix and worst case" $B --preset 14b --warmup 2 \
+    --steps 10 --lever mix --variants "vae=mix+n=16,vae=latents+n=10"
+  [[ $P == *" 14b-peer "* ]] && part 300 "14b peer" $B --preset 14b --peer --warmup 2 --steps 10
 fi
 if [[ $WHAT == large || $WHAT == all ]]; then
   part ${T14:-300} "14b ours ZeRO-3" $B --preset 14b --warmup 2 --steps 10 ${V14:+--variants "$V14"}

@@ -367,8 +367,10 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   unit=block|sublayer|sublayer_ffn                  checkpointed region: the block, or each of its three residual
         updates, those and the FFN's hidden layer (model.activation_checkpointing_unit); unset: as the config says
   attn=auto|cudnn|flash|efficient|fa2|fa3|fa4       attention backend
-  vae=none|latents|pixels                           none: DiT only; latents: targets pre-computed, the step
-        encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call
+  vae=none|latents|pixels|mix                       none: DiT only; latents: targets pre-computed, the step
+        encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call; mix:
+        targets pre-computed, each step draws its UMC task as the trainer does (model.umc) and encodes a condition
+        only where the trainer would (the sparse task; the image task's latent stored): the row's mix s is measured
   n=<steps>                                         timed steps of this variant (default --steps)
   compile=0|1|max                                   regional torch.compile of each block (model/compile.py; not
         under ZeRO-3: its parameter hooks break the graphs); max: mode max-autotune-no-cudagraphs (Triton GEMM
@@ -385,6 +387,7 @@ e.g. --variants "ckpt=selective+vae=latents,ckpt=full,attn=flash" (unset setting
 
 
 COMPILE_MODES = {"1": {}, "max": {"mode": "max-autotune-no-cudagraphs"}}
+VAE_MODES = ("none", "latents", "pixels", "mix")
 
 
 def set_checkpointing(blocks, mode: str, unit: str = "block") -> None:
@@ -438,7 +441,8 @@ def parse_variants(text: str) -> list[dict]:
                     key == "lora" and value not in LORA_KERNELS) or (
                     key == "unit" and value not in CHECKPOINT_UNITS) or (
                     key == "offload" and not re.fullmatch(r"0|1(@\d+)?", value)) or (
-                    key == "hostmem" and value not in ("small", "thp")):
+                    key == "hostmem" and value not in ("small", "thp")) or (
+                    key == "vae" and value not in VAE_MODES):
                 raise SystemExit(f"unknown variant setting {setting!r}\n{LEVER_HELP}")
             current[key] = value
         out.append({**current, "name": item})
@@ -449,13 +453,13 @@ def resident_encoders(mcfg, device, tiny: bool, text_stored: bool = False) -> li
     """The frozen towers a training run keeps on its GPU besides the VAE, at their real sizes: the UMT5-XXL encoder
     (5.68B parameters; not where the trainer keeps it in host memory: `model.text_encoder_device=cpu`, or `auto`
     with `text_stored`, shards whose captions' embeddings are stored) and CLIP ViT-H/14's vision tower (0.63B), in
-    bf16, uninitialised. Held for the run's memory only: the step's text and image features stay synthetic."""
+    bf16, with transformers' random initialisation (on a real device). The step runs them: `StepConditioning`."""
     from one4d_train.model.encoders import text_encoder_device
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
     from one4d_train.model.image_encoder import tiny_clip_vision
     from one4d_train.model.text_encoder import tiny_umt5
     if tiny:
-        text, image = tiny_umt5().config, tiny_clip_vision().config
+        text, image = tiny_umt5().config, tiny_clip_vision(image_size=224).config  # Wan's 257 image tokens
     else:
         text = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                           relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
@@ -469,8 +473,59 @@ def resident_encoders(mcfg, device, tiny: bool, text_stored: bool = False) -> li
         with torch.device("meta"):
             tower = cls(config).to(torch.bfloat16)
         tower = tower.to_empty(device=device).requires_grad_(False)
+        if torch.device(device).type != "meta":  # to_empty leaves whatever the memory held: NaNs, at times
+            with torch.no_grad():
+                tower.apply(tower._init_weights)
         tower.tie_weights()  # to_empty unties UMT5's shared/encoder embeddings (2.1 GB counted twice otherwise)
         out.append(tower)
+    return out
+
+
+# a caption of ~120 tokens (UMT5's, `</s>` included), in the offline word-level tokenizer's words
+CAPTION = " ".join(["a", "dog", "runs", "on", "the", "grass", "camera", "moves", "left"] * 13)
+
+
+class StepConditioning:
+    """The step's text and image features as the trainer makes them (train/one4d_task.py): CLIP's features of the
+    clip's first observed frame, and, where the text tower is held on the GPU (shards without stored text
+    embeddings), UMT5's encoding of a caption (a new caption every step: no cache hit). Without a tower (text
+    stored, or `--no-encoders`): fixed random features of the same shape."""
+
+    def __init__(self, towers: list, device, text_dim: int, image_dim: int, generator: torch.Generator):
+        from transformers import CLIPVisionModel, UMT5EncoderModel
+        from one4d_train.model.image_encoder import CLIPImageEncoder
+        from one4d_train.model.text_encoder import UMT5TextEncoder, tiny_tokenizer
+
+        text = next((t for t in towers if isinstance(t, UMT5EncoderModel)), None)
+        image = next((t for t in towers if isinstance(t, CLIPVisionModel)), None)
+        self.text = (UMT5TextEncoder(text, tiny_tokenizer(), dtype=torch.bfloat16, device=device)
+                     if text is not None else None)
+        self.image = CLIPImageEncoder(image, dtype=torch.bfloat16, device=device) if image is not None else None
+        self.context = torch.randn(1, TEXT_LEN, text_dim, device=device, generator=generator, dtype=torch.bfloat16)
+        self.clip = torch.randn(1, IMAGE_TOKENS, image_dim, device=device, generator=generator, dtype=torch.bfloat16)
+
+    def __call__(self, rgb: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from one4d_train.model.umc import first_observed_frame
+
+        context = self.text.encode([CAPTION]).to(torch.bfloat16) if self.text is not None else self.context
+        clip = (self.image.encode(first_observed_frame(rgb, frame_mask)).to(torch.bfloat16)
+                if self.image is not None else self.clip)
+        return context, clip
+
+
+def task_mix(walls: list[float], tasks: list[str], umc) -> dict:
+    """The step averaged over the UMC task mix, from timed steps that each drew their task as the trainer does:
+    the median step of the tasks that encode a condition (those whose condition latent is not stored: the sparse
+    task) and of the others, weighted by the configured probabilities. No figure where the draws left a group
+    empty."""
+    from one4d_train.model.umc import TASKS, fixed_per_clip
+
+    p_encode = sum(getattr(umc, f"p_{t}") for t in TASKS if not fixed_per_clip(t))
+    encode = [w for w, t in zip(walls, tasks) if not fixed_per_clip(t)]
+    plain = [w for w, t in zip(walls, tasks) if fixed_per_clip(t)]
+    out = {"mix_tasks": list(tasks), "mix_encode_steps": len(encode), "p_live_encode": p_encode}
+    if encode and plain:
+        out["mix_s"] = p_encode * statistics.median(encode) + (1 - p_encode) * statistics.median(plain)
     return out
 
 
@@ -542,7 +597,8 @@ def profile_step(step, device) -> None:
 def run_ours(args) -> None:
     from one4d_train.diffusion.objective import flow_loss, noisy_pair
     from one4d_train.model import attention as attn_mod
-    from one4d_train.model.umc import fold_frame_mask, rgb_branch_input, sample_frame_mask
+    from one4d_train.model.umc import (condition_latents, condition_video, fold_frame_mask, rgb_branch_input,
+                                       sample_frame_mask, sample_umc)
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -577,34 +633,42 @@ def run_ours(args) -> None:
     xyz = torch.rand(1, 3, vt, vh, vw, device=device, generator=g) * 2 - 1
     z_rgb = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)
     z_xyz = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)
-    context = torch.randn(1, TEXT_LEN, text_dim, device=device, generator=g, dtype=torch.bfloat16)
-    clip = torch.randn(1, IMAGE_TOKENS, image_dim, device=device, generator=g, dtype=torch.bfloat16)
-    frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None]
-    mask4 = fold_frame_mask(frame_mask, h, w).to(device)
+    z_image = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)  # the image task's, stored with the shards
+    frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None].to(device)
+    mask4 = fold_frame_mask(frame_mask, h, w)
     vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae,
                      frames_per_call=cfg.model.vae_frames_per_call,
                      chunk_size=cfg.model.vae_videos_per_call, conv_kernel=cfg.model.vae_conv_kernel)
            if any(v["vae"] != "none" for v in variants) else None)
     # stored latents come from `one4d encode-latents`, which stores the captions' text embeddings as well
-    text_stored = all(v["vae"] == "latents" for v in variants)
+    text_stored = all(v["vae"] in ("latents", "mix") for v in variants)
     encoders = (resident_encoders(cfg.model, device, tiny=args.preset == "tiny", text_stored=text_stored)
                 if args.encoders else [])
     encoders_gb = sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()) / 1e9
+    conditioning = StepConditioning(encoders, device, text_dim, image_dim, g)
 
-    state = {"vae": "none"}
+    state = {"vae": "none", "tasks": []}
+    draws = torch.Generator().manual_seed(0)  # `vae=mix`: each step's UMC task, drawn as the trainer draws it
 
     def step():
         ev = Events(device)
         ev.mark("start")
-        zr, zx = z_rgb, z_xyz
-        if state["vae"] == "latents":
-            z_c = vae.encode(rgb * frame_mask[:, None, :, None, None].to(device))
+        zr, zx, fm, m4 = z_rgb, z_xyz, frame_mask, mask4
+        if state["vae"] == "mix":
+            tasks, fm = sample_umc(1, vt, cfg.model.umc, draws)
+            state["tasks"] += tasks
+            fm = fm.to(device)
+            m4 = fold_frame_mask(fm, h, w)
+            z_c = condition_latents(tasks, fm, rgb, z_rgb, vae.encode, z_image=z_image)
+        elif state["vae"] == "latents":  # every step a sparse task's: the worst case
+            z_c = vae.encode(condition_video(rgb, fm))
         elif state["vae"] == "pixels":
-            zr, zx, z_c = vae.encode_many([rgb, xyz, rgb * frame_mask[:, None, :, None, None].to(device)])
+            zr, zx, z_c = vae.encode_many([rgb, xyz, condition_video(rgb, fm)])
         else:
             z_c = z_rgb
+        context, clip = conditioning(rgb, fm)
         flow = noisy_pair(zr, zx, cfg.flow, g)
-        rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_c)
+        rgb_in = rgb_branch_input(flow["x_rgb"], m4, z_c)
         ev.mark("vae_cond")
         v_rgb, v_xyz = engine(rgb_in, flow["x_xyz"], flow["timestep"], context, clip)
         loss = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], None, cfg.flow)["loss"]
@@ -666,13 +730,18 @@ def run_ours(args) -> None:
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
             row["p_live_encode"] = cfg.model.umc.p_sparse
+        row["conditioning"] = [name for name, on in (("text", conditioning.text), ("image", conditioning.image)) if on]
         try:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             counts: dict = {}
+            draws.manual_seed(0)  # each variant's draws the same, whatever ran before it
             walls, spans = timed_loop(step, args.warmup, int(v["n"] or args.steps), device, counts)
             row.update(summarise(walls, spans))
+            if v["vae"] == "mix":  # the timed steps' draws, after the warm-up's
+                row.update(task_mix(walls, state["tasks"][-len(walls):], cfg.model.umc))
+            state["tasks"] = []
             row.update({f"alloc_{k.removeprefix('num_')}": n for k, n in counts.items()})
             if device.type == "cuda":
                 row["reserved_by_stream_gb"] = reserved_by_stream(device, offload)  # after the timed steps
@@ -840,7 +909,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                     if "rel_to_fp32" in r else "")
             lines.append(f"VAE encode ({r['videos']}): {r['encode_s']:.3f} s{rate}{peak}{diff}")
     cols = ["preset", "who", "variant", "step s", "samples/s", "PFLOP", "MFU989", "MFUmm", "DiT MFU", "peak GB", "vae/cond",
-            "fwd", "bwd", "optim", "data", "x peer", "x peer DiT", "mix s", "mix MFU", "note"]
+            "fwd", "bwd", "optim", "data", "x peer", "x peer DiT", "mix s", "mix MFU", "x peer mix", "note"]
     table = []
     for r in rows:
         if r.get("kind") not in ("ours", "peer"):
@@ -850,7 +919,7 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
             who += f" [{r['base_matmul']} base]"
         if "step_s" not in r:
             table.append([r["preset"], who, r["variant"], "-", "-", f"{r['flops'] / 1e15:.3f}", "-", "-", "-", "-", "-", "-",
-                          "-", "-", "-", "-", "-", "-", "-", r.get("error", "")[:60]])
+                          "-", "-", "-", "-", "-", "-", "-", "-", r.get("error", "")[:60]])
             continue
         step = r["step_s"]
         dit = r["dit_fwd_s"] + r["dit_bwd_s"]
@@ -863,9 +932,16 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         # like for like: the peer step encodes nothing, so compare DiT forward + backward + optimizer on both sides
         dit_step = lambda x: x["dit_fwd_s"] + x["dit_bwd_s"] + x["optimizer_s"]  # noqa: E731
         speed_dit = dit_step(p) / dit_step(r) if p and r["kind"] == "ours" else float("nan")
-        # the step averaged over the UMC task mix: the timed step encodes a condition every time, training with
-        # stored latents only for the fraction p_live_encode of samples (the sparse task)
-        mix = step - r["vae_cond_s"] * (1 - r["p_live_encode"]) if "p_live_encode" in r else float("nan")
+        # the step averaged over the UMC task mix: measured where each step drew its task (vae=mix); derived for
+        # vae=latents, whose timed step encodes a condition every time where training with stored latents does so
+        # only for the fraction p_live_encode of samples (the sparse task)
+        if "mix_s" in r:
+            mix = r["mix_s"]
+        elif r.get("vae") != "mix" and "p_live_encode" in r:
+            mix = step - r["vae_cond_s"] * (1 - r["p_live_encode"])
+        else:
+            mix = float("nan")
+        speed_mix = ref / mix if ref and mix == mix and r["kind"] == "ours" else float("nan")
         held = f" ({'+'.join(r['encoders_held'])})" if r.get("encoders_held") else ""
         table.append([r["preset"], who, r["variant"], f"{step:.3f}", f"{1 / step:.3f}", f"{r['flops'] / 1e15:.3f}",
                       f"{100 * mfu:.1f}%",
@@ -874,8 +950,11 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"{r['dit_bwd_s']:.3f}", f"{r['optimizer_s']:.3f}", "0", f"{speed:.2f}x{mark}" if speed == speed else "-",
                       f"{speed_dit:.2f}x" if speed_dit == speed_dit else "-",
                       f"{mix:.3f}" if mix == mix else "-", f"{100 * r['flops'] / mix / H100_PEAK:.1f}%" if mix == mix else "-",
+                      f"{speed_mix:.2f}x{mark}" if speed_mix == speed_mix else "-",
                       f"n={r['steps']}{'' if r['steps'] >= MIN_TIMED_STEPS else ' (too few)'}"
                       f" [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
+                      + (f" mix measured: {r['mix_encode_steps']} of {r['steps']} steps encode" if "mix_tasks" in r
+                         else "")
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
                       + (f" kept {r['offload_kept_gb_per_step']:.1f} GB" if r.get("offload_kept_gb_per_step") else "")
                       + (f" ({r['offload_host_gb']:.1f} held)" if "offload_host_gb" in r else "")
@@ -892,7 +971,10 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "FLOPs / (DiT fwd + bwd time); x peer = peer step time / our step time (samples/s ratio, 1 sample = "
                  "RGB + XYZ of one clip); x peer DiT = the same for DiT fwd + bwd + optimizer alone (like for like: the peer "
                  "step encodes no condition); mix s / mix MFU = the step averaged over the UMC task mix with stored latents "
-                 "(step - vae/cond x (1 - p_sparse)): only sparse-task samples encode a condition; [fp8 base] rows run the frozen "
+                 "(only sparse-task samples encode a condition): measured on vae=mix rows, whose steps each draw their task "
+                 "as the trainer does ('mix measured': the median step of the encoding and of the other tasks weighted by "
+                 "the configured probabilities; their step s is the median over both), derived on vae=latents rows "
+                 "(step - vae/cond x (1 - p_sparse)); x peer mix = peer step time / mix s; [fp8 base] rows run the frozen "
                  "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "enc X GB: the frozen text/image towers held on the GPU, in the peak (rows without it: the step alone). "
                  "retries N: the CUDA caching allocator's retries over the timed steps (each a wait for every stream and "

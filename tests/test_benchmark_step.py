@@ -27,10 +27,10 @@ def _run(*args, timeout=300) -> str:
 def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     results = str(tmp_path / "r.jsonl")
     common = ["--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--results", results]
-    _run(*common, "--variants", "vae=latents")
+    _run(*common, "--variants", "vae=latents,vae=mix+n=8")
     _run(*common, "--peer")
     rows = [json.loads(line) for line in open(results)]
-    ours = next(r for r in rows if r["kind"] == "ours")
+    ours, mixed = (r for r in rows if r["kind"] == "ours")
     peer = next(r for r in rows if r["kind"] == "peer")
     for r in (ours, peer):
         assert r["steps"] == 1 and r["flops"] > 0 and r["step_s"] > 0, r
@@ -38,7 +38,7 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     assert ours["vae_cond_s"] > 0 and ours["vae"] == "latents"  # the condition encode is timed in our step
     table = _run("--report", results)
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in table.splitlines()
-             if line.startswith("tiny ")}
+             if line.startswith("tiny ") and "vae=mix" not in line}
     head = next(line for line in table.splitlines() if line.startswith("preset"))
     cols = [c.strip() for c in head.split("|")]
     x_peer, x_dit = lines["z3"][cols.index("x peer")], lines["z3"][cols.index("x peer DiT")]
@@ -50,6 +50,20 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     assert ours["p_live_encode"] == pytest.approx(0.30)
     mix = ours["step_s"] - ours["vae_cond_s"] * (1 - ours["p_live_encode"])
     assert lines["z3"][cols.index("mix s")] == f"{mix:.3f}" and lines["peer"][cols.index("mix s")] == "-"
+    assert lines["z3"][cols.index("x peer mix")] == f"{peer['step_s'] / mix:.2f}x"
+    # vae=mix: each step drew its task as the trainer does (sample_umc, seeded), after the warm-up's one draw
+    import torch
+    from one4d_train.model.config import UMCConfig
+    from one4d_train.model.umc import sample_umc
+    draws = torch.Generator().manual_seed(0)
+    tasks = [sample_umc(1, 9, UMCConfig(), draws)[0][0] for _ in range(1 + 8)][1:]
+    assert mixed["mix_tasks"] == tasks and mixed["steps"] == 8 and "error" not in mixed
+    assert mixed["mix_encode_steps"] == tasks.count("sparse") and mixed["conditioning"] == ["text", "image"]
+    assert 0 < tasks.count("sparse") < 8  # both groups drawn: the row has a measured mix
+    (row,) = [[c.strip() for c in line.split("|")] for line in table.splitlines()
+              if line.startswith("tiny ") and "vae=mix" in line]
+    assert row[cols.index("mix s")] == f"{mixed['mix_s']:.3f}"
+    assert f"mix measured: {tasks.count('sparse')} of 8 steps encode" in row[cols.index("note")]
     # no matmul rate in this run: the header still names the device, MFUmm says so instead of printing nan
     assert table.splitlines()[0].startswith("device: ") and "matmul: not measured" in table.splitlines()[0]
     assert lines["z3"][cols.index("MFUmm")] == "-" and "nan" not in table
@@ -95,6 +109,25 @@ def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
     assert "fp8 row-wise matmul 8192^3 (model.base_matmul=fp8's product): 1390 TFLOP/s" in table
     who = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("14b ")]
     assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs
+
+
+def test_task_mix_weights_each_groups_median_step_by_its_probability():
+    """The measured task mix: the median step of the tasks that encode a condition (sparse) and of the others
+    (image, video: their latents are stored), weighted by the configured probabilities; no figure where the draws
+    left a group empty (a median of nothing is no measurement)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from train_step import task_mix
+
+    from one4d_train.model.config import UMCConfig
+
+    umc = UMCConfig(p_image=0.2, p_sparse=0.5, p_video=0.3)
+    walls = [2.0, 1.0, 3.0, 1.2, 1.1, 9.0]
+    tasks = ["sparse", "image", "sparse", "video", "video", "sparse"]
+    out = task_mix(walls, tasks, umc)
+    assert out["mix_s"] == pytest.approx(0.5 * 3.0 + 0.5 * 1.1)
+    assert (out["mix_encode_steps"], out["p_live_encode"], out["mix_tasks"]) == (3, 0.5, tasks)
+    assert "mix_s" not in task_mix([1.0, 1.1], ["video", "image"], umc)
+    assert "mix_s" not in task_mix([2.0], ["sparse"], umc)
 
 
 def test_peer_flop_count_is_what_the_peer_model_runs():
@@ -248,7 +281,7 @@ def test_resident_encoders_hold_each_tower_parameter_once():
         return sum(seen.values())
 
     text = tiny_umt5().to(torch.bfloat16)
-    image = tiny_clip_vision().to(torch.bfloat16)
+    image = tiny_clip_vision(image_size=224).to(torch.bfloat16)
     towers = resident_encoders(ModelConfig(preset="tiny"), torch.device("cpu"), tiny=True)
     umt5 = towers[0]
     assert umt5.shared.weight is umt5.encoder.embed_tokens.weight
@@ -260,6 +293,34 @@ def test_resident_encoders_hold_each_tower_parameter_once():
         assert len(host) == 1 and sum(p.numel() for p in host[0].parameters()) == n_image, (mode, stored)
     assert len(resident_encoders(ModelConfig(preset="tiny", text_encoder_device="device"), torch.device("meta"),
                                  tiny=True, text_stored=True)) == 2
+
+
+def test_step_conditioning_runs_the_held_towers_on_the_first_observed_frame_and_a_caption():
+    """The benchmark's step makes its text and image features as the trainer does: CLIP on the first observed frame
+    (the task's), UMT5 on a caption where its tower is held; towers initialised (to_empty leaves garbage)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+    from train_step import IMAGE_TOKENS, TEXT_LEN, StepConditioning, resident_encoders
+
+    from one4d_train.model.config import ModelConfig
+    from one4d_train.model.image_encoder import CLIPImageEncoder
+
+    towers = resident_encoders(ModelConfig(preset="tiny"), torch.device("cpu"), tiny=True)
+    assert all(torch.isfinite(p).all() for t in towers for p in t.parameters())
+    cond = StepConditioning(towers, torch.device("cpu"), 64, 32, torch.Generator().manual_seed(0))
+    rgb = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[0, [3, 6]] = True  # a sparse task whose first observed frame is frame 3
+    context, clip = cond(rgb, mask)
+    assert context.shape == (1, TEXT_LEN, 64) and clip.shape == (1, IMAGE_TOKENS, 32)
+    assert context.dtype == clip.dtype == torch.bfloat16 and context.abs().sum() > 0
+    image = CLIPImageEncoder(towers[1], dtype=torch.bfloat16)
+    torch.testing.assert_close(clip, image.encode(rgb[:, :, 3]).to(torch.bfloat16))
+    assert not torch.equal(clip, image.encode(rgb[:, :, 0]).to(torch.bfloat16))
+    # without towers (text stored, --no-encoders): fixed features of the same shapes
+    bare = StepConditioning([], torch.device("cpu"), 64, 32, torch.Generator().manual_seed(0))
+    assert bare.text is None and bare.image is None
+    assert [x.shape for x in bare(rgb, mask)] == [(1, TEXT_LEN, 64), (1, IMAGE_TOKENS, 32)]
 
 
 def test_rows_name_the_code_run_even_from_a_copied_tree(tmp_path):

@@ -104,7 +104,9 @@ def sync(device) -> None:
 
 
 class Events:
-    """Named time marks: CUDA events on GPU, host clock on CPU. `spans()` -> seconds between consecutive marks."""
+    """Named time marks: CUDA events on GPU, host clock on CPU. `spans()` -> seconds between consecutive marks, each
+    named by its closing mark; where a step marks "vae" then "cond" (the VAE encode, then the text/image features and
+    the noise), also their sum as "vae_cond", everything before the DiT (the one span of the peer's and older rows)."""
 
     def __init__(self, device):
         self.device, self.marks = device, []
@@ -121,6 +123,8 @@ class Events:
         out = {}
         for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
             out[name] = a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+        if "vae" in out and "cond" in out:
+            out["vae_cond"] = out["vae"] + out["cond"]
         return out
 
 
@@ -152,12 +156,15 @@ def reserved_by_stream(device, offload=None) -> dict[str, float]:
     return out
 
 
-def timed_loop(step, warmup: int, steps: int, device, counters: dict | None = None) -> tuple[list[float], list[dict]]:
+def timed_loop(step, warmup: int, steps: int, device, counters: dict | None = None,
+               on_timed=None) -> tuple[list[float], list[dict]]:
     """Wall time and event spans of `steps` steps after `warmup`; `counters` gets the caching allocator's counts over
-    the timed steps."""
+    the timed steps; `on_timed()` runs once before the first timed step."""
     walls, spans = [], []
     for i in range(warmup + steps):
         sync(device)
+        if i == warmup and on_timed is not None:
+            on_timed()
         if i == warmup and counters is not None:
             counters.update(alloc_counters(device))
         t0 = time.perf_counter()
@@ -370,7 +377,8 @@ LEVER_HELP = """variants (comma separated, each a '+'-joined list of settings ap
   vae=none|latents|pixels|mix                       none: DiT only; latents: targets pre-computed, the step
         encodes the (sparse-task) condition video; pixels: RGB + pointmap + condition encoded in one call; mix:
         targets pre-computed, each step draws its UMC task as the trainer does (model.umc) and encodes a condition
-        only where the trainer would (the sparse task; the image task's latent stored): the row's mix s is measured
+        only where the trainer would (the sparse task; the image task's latent stored): the row's mix s is measured,
+        its step s and spans are the encoding steps' (the worst case)
   n=<steps>                                         timed steps of this variant (default --steps)
   compile=0|1|max                                   regional torch.compile of each block (model/compile.py; not
         under ZeRO-3: its parameter hooks break the graphs); max: mode max-autotune-no-cudagraphs (Triton GEMM
@@ -467,7 +475,8 @@ def resident_encoders(mcfg, device, tiny: bool, text_stored: bool = False) -> li
                                  num_attention_heads=16, patch_size=14, image_size=224)
     on_device = text_encoder_device(mcfg, device, text_stored).type == torch.device(device).type
     towers = [(UMT5EncoderModel, text)] if on_device else []
-    towers.append((CLIPVisionModel, image))
+    if mcfg.has_image_input:  # as the trainer builds it (model/encoders.py)
+        towers.append((CLIPVisionModel, image))
     out = []
     for cls, config in towers:
         with torch.device("meta"):
@@ -488,8 +497,9 @@ CAPTION = " ".join(["a", "dog", "runs", "on", "the", "grass", "camera", "moves",
 class StepConditioning:
     """The step's text and image features as the trainer makes them (train/one4d_task.py): CLIP's features of the
     clip's first observed frame, and, where the text tower is held on the GPU (shards without stored text
-    embeddings), UMT5's encoding of a caption (a new caption every step: no cache hit). Without a tower (text
-    stored, or `--no-encoders`): fixed random features of the same shape."""
+    embeddings), UMT5's encoding of a caption (the same caption, encoded every step, as a held encoder does: it
+    keeps no cache). Without a tower (text stored, no image input, or `--no-encoders`): fixed random features of
+    the same shape."""
 
     def __init__(self, towers: list, device, text_dim: int, image_dim: int, generator: torch.Generator):
         from transformers import CLIPVisionModel, UMT5EncoderModel
@@ -513,11 +523,15 @@ class StepConditioning:
         return context, clip
 
 
+MIN_MIX_GROUP = 5  # timed steps of each group (encoding, not) below which a measured mix is marked '(few)'
+
+
 def task_mix(walls: list[float], tasks: list[str], umc) -> dict:
-    """The step averaged over the UMC task mix, from timed steps that each drew their task as the trainer does:
-    the median step of the tasks that encode a condition (those whose condition latent is not stored: the sparse
-    task) and of the others, weighted by the configured probabilities. No figure where the draws left a group
-    empty."""
+    """The expected step over the UMC task mix, from timed steps that each drew their task as the trainer does:
+    the mean step of the tasks that encode a condition (those whose condition latent is not stored: the sparse
+    task) and of the others (image, video: their steps differ by a latent copy), weighted by the configured
+    probabilities, which corrects for how many of each the draws gave; throughput is its inverse. Each group's
+    median is kept beside it. No figure where the draws left a group empty."""
     from one4d_train.model.umc import TASKS, fixed_per_clip
 
     p_encode = sum(getattr(umc, f"p_{t}") for t in TASKS if not fixed_per_clip(t))
@@ -525,7 +539,8 @@ def task_mix(walls: list[float], tasks: list[str], umc) -> dict:
     plain = [w for w, t in zip(walls, tasks) if fixed_per_clip(t)]
     out = {"mix_tasks": list(tasks), "mix_encode_steps": len(encode), "p_live_encode": p_encode}
     if encode and plain:
-        out["mix_s"] = p_encode * statistics.median(encode) + (1 - p_encode) * statistics.median(plain)
+        out["mix_s"] = p_encode * statistics.fmean(encode) + (1 - p_encode) * statistics.fmean(plain)
+        out["mix_encode_median_s"], out["mix_plain_median_s"] = statistics.median(encode), statistics.median(plain)
     return out
 
 
@@ -597,8 +612,8 @@ def profile_step(step, device) -> None:
 def run_ours(args) -> None:
     from one4d_train.diffusion.objective import flow_loss, noisy_pair
     from one4d_train.model import attention as attn_mod
-    from one4d_train.model.umc import (condition_latents, condition_video, fold_frame_mask, rgb_branch_input,
-                                       sample_frame_mask, sample_umc)
+    from one4d_train.model.umc import (condition_latents, condition_video, fixed_per_clip, fold_frame_mask,
+                                       rgb_branch_input, sample_frame_mask, sample_umc)
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -647,8 +662,12 @@ def run_ours(args) -> None:
     encoders_gb = sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()) / 1e9
     conditioning = StepConditioning(encoders, device, text_dim, image_dim, g)
 
-    state = {"vae": "none", "tasks": []}
+    state = {"vae": "none", "tasks": [], "encodes": 0}
     draws = torch.Generator().manual_seed(0)  # `vae=mix`: each step's UMC task, drawn as the trainer draws it
+
+    def counted_encode(video):  # `vae=mix`: the condition encodes its steps ran (the sparse task's alone)
+        state["encodes"] += 1
+        return vae.encode(video)
 
     def step():
         ev = Events(device)
@@ -659,17 +678,18 @@ def run_ours(args) -> None:
             state["tasks"] += tasks
             fm = fm.to(device)
             m4 = fold_frame_mask(fm, h, w)
-            z_c = condition_latents(tasks, fm, rgb, z_rgb, vae.encode, z_image=z_image)
+            z_c = condition_latents(tasks, fm, rgb, z_rgb, counted_encode, z_image=z_image)
         elif state["vae"] == "latents":  # every step a sparse task's: the worst case
             z_c = vae.encode(condition_video(rgb, fm))
         elif state["vae"] == "pixels":
             zr, zx, z_c = vae.encode_many([rgb, xyz, condition_video(rgb, fm)])
         else:
             z_c = z_rgb
+        ev.mark("vae")
         context, clip = conditioning(rgb, fm)
         flow = noisy_pair(zr, zx, cfg.flow, g)
         rgb_in = rgb_branch_input(flow["x_rgb"], m4, z_c)
-        ev.mark("vae_cond")
+        ev.mark("cond")
         v_rgb, v_xyz = engine(rgb_in, flow["x_xyz"], flow["timestep"], context, clip)
         loss = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], None, cfg.flow)["loss"]
         ev.mark("dit_fwd")
@@ -737,10 +757,18 @@ def run_ours(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
             counts: dict = {}
             draws.manual_seed(0)  # each variant's draws the same, whatever ran before it
-            walls, spans = timed_loop(step, args.warmup, int(v["n"] or args.steps), device, counts)
+            if v["vae"] == "mix":  # the encoder compiled and warm whatever the warm-up draws
+                vae.encode(condition_video(rgb, frame_mask))
+                sync(device)
+            n = int(v["n"] or args.steps)
+            walls, spans = timed_loop(step, args.warmup, n, device, counts, on_timed=lambda: state.update(encodes=0))
             row.update(summarise(walls, spans))
             if v["vae"] == "mix":  # the timed steps' draws, after the warm-up's
-                row.update(task_mix(walls, state["tasks"][-len(walls):], cfg.model.umc))
+                tasks = state["tasks"][-len(walls):]
+                row.update(task_mix(walls, tasks, cfg.model.umc), mix_encodes=state["encodes"], walls=walls)
+                encoding = [i for i, t in enumerate(tasks) if not fixed_per_clip(t)]
+                if encoding:  # step s and its spans: the encoding steps' (the worst case, as vae=latents rows)
+                    row.update(summarise([walls[i] for i in encoding], [spans[i] for i in encoding]))
             state["tasks"] = []
             row.update({f"alloc_{k.removeprefix('num_')}": n for k, n in counts.items()})
             if device.type == "cuda":
@@ -868,6 +896,14 @@ def run_peer(args) -> None:
 
 # ------------------------------------------------------------------------------------------------------ report
 
+def mix_note(r: dict) -> str:
+    n, k = len(r["mix_tasks"]), r["mix_encode_steps"]
+    if "mix_s" not in r:
+        return f" mix: {k} of {n} steps encode, no figure (a group empty)"
+    few = " (few)" if min(k, n - k) < MIN_MIX_GROUP else ""
+    return f" mix measured: {k} of {n} steps encode{few}"
+
+
 def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
     """The table. `peer_ref` {preset: s/step}: peer step times from elsewhere (same GPU kind), used only where this
     run has no peer row; such speed-ups are marked '*'."""
@@ -937,8 +973,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
         # only for the fraction p_live_encode of samples (the sparse task)
         if "mix_s" in r:
             mix = r["mix_s"]
-        elif r.get("vae") != "mix" and "p_live_encode" in r:
-            mix = step - r["vae_cond_s"] * (1 - r["p_live_encode"])
+        elif r.get("vae") != "mix" and "p_live_encode" in r:  # less the VAE's share (all before the DiT in old rows)
+            mix = step - r.get("vae_s", r["vae_cond_s"]) * (1 - r["p_live_encode"])
         else:
             mix = float("nan")
         speed_mix = ref / mix if ref and mix == mix and r["kind"] == "ours" else float("nan")
@@ -953,15 +989,15 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                       f"{speed_mix:.2f}x{mark}" if speed_mix == speed_mix else "-",
                       f"n={r['steps']}{'' if r['steps'] >= MIN_TIMED_STEPS else ' (too few)'}"
                       f" [{r['step_s_min']:.3f},{r['step_s_max']:.3f}]"
-                      + (f" mix measured: {r['mix_encode_steps']} of {r['steps']} steps encode" if "mix_tasks" in r
-                         else "")
+                      + (mix_note(r) if "mix_tasks" in r else "")
                       + (f" host {r['offload_gb_per_step']:.1f} GB" if "offload_gb_per_step" in r else "")
                       + (f" kept {r['offload_kept_gb_per_step']:.1f} GB" if r.get("offload_kept_gb_per_step") else "")
                       + (f" ({r['offload_host_gb']:.1f} held)" if "offload_host_gb" in r else "")
                       + (" thp" if r.get("hostmem") == "thp" else "")
                       + (f" retries {r['alloc_alloc_retries']}" if "alloc_alloc_retries" in r else "")
                       + (f" reserved {r['peak_reserved_gb']:.1f} GB" if r.get("peak_reserved_gb") else "")
-                      + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")])
+                      + (f" enc {r['encoders_gb']:.1f} GB" + held if r.get("encoders_gb") else "")
+                      + (f" features: {'+'.join(r['conditioning']) or 'fixed'}" if "conditioning" in r else "")])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)] if table else [len(c) for c in cols]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     lines.append(fmt(cols))
@@ -972,9 +1008,13 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "RGB + XYZ of one clip); x peer DiT = the same for DiT fwd + bwd + optimizer alone (like for like: the peer "
                  "step encodes no condition); mix s / mix MFU = the step averaged over the UMC task mix with stored latents "
                  "(only sparse-task samples encode a condition): measured on vae=mix rows, whose steps each draw their task "
-                 "as the trainer does ('mix measured': the median step of the encoding and of the other tasks weighted by "
-                 "the configured probabilities; their step s is the median over both), derived on vae=latents rows "
-                 "(step - vae/cond x (1 - p_sparse)); x peer mix = peer step time / mix s; [fp8 base] rows run the frozen "
+                 "as the trainer does ('mix measured: k of n steps encode': the mean step of the encoding and of the other "
+                 f"tasks weighted by the configured probabilities; '(few)': a group under {MIN_MIX_GROUP} steps; their step s, "
+                 "n and spans are the encoding steps', the worst case as on vae=latents rows), derived on vae=latents rows "
+                 "(step - the VAE encode x (1 - p_sparse)); x peer mix = peer step time / mix s; vae/cond = all before the "
+                 "DiT: the VAE encode, then the text/image features ('features: text' = UMT5 on a caption, 'image' = CLIP "
+                 "on the first observed frame, 'fixed' = random ones; rows without the note, before 03d1a25: fixed) and "
+                 "the noise; [fp8 base] rows run the frozen "
                  "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "enc X GB: the frozen text/image towers held on the GPU, in the peak (rows without it: the step alone). "
                  "retries N: the CUDA caching allocator's retries over the timed steps (each a wait for every stream and "

@@ -48,7 +48,9 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     assert lines["peer"][cols.index("x peer")] == "-"
     # averaged over the task mix: only the sparse task (p_sparse of the samples) encodes its condition live
     assert ours["p_live_encode"] == pytest.approx(0.30)
-    mix = ours["step_s"] - ours["vae_cond_s"] * (1 - ours["p_live_encode"])
+    # derived: the step less the VAE encode's share; vae/cond is everything before the DiT (VAE, features, noise)
+    assert ours["vae_cond_s"] == pytest.approx(ours["vae_s"] + ours["cond_s"]) and ours["cond_s"] > 0
+    mix = ours["step_s"] - ours["vae_s"] * (1 - ours["p_live_encode"])
     assert lines["z3"][cols.index("mix s")] == f"{mix:.3f}" and lines["peer"][cols.index("mix s")] == "-"
     assert lines["z3"][cols.index("x peer mix")] == f"{peer['step_s'] / mix:.2f}x"
     # vae=mix: each step drew its task as the trainer does (sample_umc, seeded), after the warm-up's one draw
@@ -57,13 +59,23 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     from one4d_train.model.umc import sample_umc
     draws = torch.Generator().manual_seed(0)
     tasks = [sample_umc(1, 9, UMCConfig(), draws)[0][0] for _ in range(1 + 8)][1:]
-    assert mixed["mix_tasks"] == tasks and mixed["steps"] == 8 and "error" not in mixed
-    assert mixed["mix_encode_steps"] == tasks.count("sparse") and mixed["conditioning"] == ["text", "image"]
-    assert 0 < tasks.count("sparse") < 8  # both groups drawn: the row has a measured mix
+    k = tasks.count("sparse")
+    assert mixed["mix_tasks"] == tasks and len(mixed["walls"]) == 8 and "error" not in mixed
+    assert mixed["mix_encode_steps"] == k and mixed["conditioning"] == ["text", "image"]
+    assert 0 < k < 8  # both groups drawn: the row has a measured mix
+    # only the sparse steps encoded a condition (the image task's latent is stored, the video task's is the target)
+    assert mixed["mix_encodes"] == k
+    # its step s and n are the encoding steps' (the worst case); mix s the probability-weighted mean of both groups
+    enc = [w for w, t in zip(mixed["walls"], tasks) if t == "sparse"]
+    plain = [w for w, t in zip(mixed["walls"], tasks) if t != "sparse"]
+    assert mixed["steps"] == k and mixed["step_s_max"] == max(enc)
+    assert mixed["mix_s"] == pytest.approx(0.3 * sum(enc) / k + 0.7 * sum(plain) / (8 - k))
     (row,) = [[c.strip() for c in line.split("|")] for line in table.splitlines()
               if line.startswith("tiny ") and "vae=mix" in line]
     assert row[cols.index("mix s")] == f"{mixed['mix_s']:.3f}"
-    assert f"mix measured: {tasks.count('sparse')} of 8 steps encode" in row[cols.index("note")]
+    assert row[cols.index("x peer mix")] == f"{peer['step_s'] / mixed['mix_s']:.2f}x"
+    assert f"mix measured: {k} of 8 steps encode (few)" in row[cols.index("note")]
+    assert "features: text+image" in row[cols.index("note")]
     # no matmul rate in this run: the header still names the device, MFUmm says so instead of printing nan
     assert table.splitlines()[0].startswith("device: ") and "matmul: not measured" in table.splitlines()[0]
     assert lines["z3"][cols.index("MFUmm")] == "-" and "nan" not in table
@@ -111,10 +123,10 @@ def test_report_marks_fp8_base_rows_and_prints_the_fp8_matmul_rate(tmp_path):
     assert who == ["z2", "z2/fp8 [fp8 base]", "z2"]  # rows without the field are from bf16-only runs
 
 
-def test_task_mix_weights_each_groups_median_step_by_its_probability():
-    """The measured task mix: the median step of the tasks that encode a condition (sparse) and of the others
+def test_task_mix_weights_each_groups_mean_step_by_its_probability():
+    """The measured task mix: the mean step of the tasks that encode a condition (sparse) and of the others
     (image, video: their latents are stored), weighted by the configured probabilities; no figure where the draws
-    left a group empty (a median of nothing is no measurement)."""
+    left a group empty (a mean of nothing is no measurement)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from train_step import task_mix
 
@@ -124,7 +136,8 @@ def test_task_mix_weights_each_groups_median_step_by_its_probability():
     walls = [2.0, 1.0, 3.0, 1.2, 1.1, 9.0]
     tasks = ["sparse", "image", "sparse", "video", "video", "sparse"]
     out = task_mix(walls, tasks, umc)
-    assert out["mix_s"] == pytest.approx(0.5 * 3.0 + 0.5 * 1.1)
+    assert out["mix_s"] == pytest.approx(0.5 * (2.0 + 3.0 + 9.0) / 3 + 0.5 * 1.1)  # the expected step: means
+    assert (out["mix_encode_median_s"], out["mix_plain_median_s"]) == (3.0, 1.1)
     assert (out["mix_encode_steps"], out["p_live_encode"], out["mix_tasks"]) == (3, 0.5, tasks)
     assert "mix_s" not in task_mix([1.0, 1.1], ["video", "image"], umc)
     assert "mix_s" not in task_mix([2.0], ["sparse"], umc)
@@ -306,6 +319,10 @@ def test_step_conditioning_runs_the_held_towers_on_the_first_observed_frame_and_
     from one4d_train.model.image_encoder import CLIPImageEncoder
 
     towers = resident_encoders(ModelConfig(preset="tiny"), torch.device("cpu"), tiny=True)
+    # initialised, not whatever to_empty's memory held: layer norms at one, CLIP's position ids counted
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for t in towers for m in t.modules()
+               if isinstance(m, torch.nn.LayerNorm))
+    assert torch.equal(towers[1].get_buffer("embeddings.position_ids"), torch.arange(IMAGE_TOKENS)[None])
     assert all(torch.isfinite(p).all() for t in towers for p in t.parameters())
     cond = StepConditioning(towers, torch.device("cpu"), 64, 32, torch.Generator().manual_seed(0))
     rgb = torch.rand(1, 3, 9, 32, 48) * 2 - 1
@@ -321,6 +338,13 @@ def test_step_conditioning_runs_the_held_towers_on_the_first_observed_frame_and_
     bare = StepConditioning([], torch.device("cpu"), 64, 32, torch.Generator().manual_seed(0))
     assert bare.text is None and bare.image is None
     assert [x.shape for x in bare(rgb, mask)] == [(1, TEXT_LEN, 64), (1, IMAGE_TOKENS, 32)]
+    # text stored (UMT5 in host memory): CLIP runs, the text features are fixed
+    image_only = StepConditioning(towers[1:], torch.device("cpu"), 64, 32, torch.Generator().manual_seed(0))
+    assert image_only.text is None and image_only.image is not None
+    assert torch.equal(image_only(rgb, mask)[0], image_only.context)
+    # a backbone without image input holds no CLIP tower (as the trainer builds none)
+    assert resident_encoders(ModelConfig(preset="tiny", has_image_input=False), torch.device("meta"), tiny=True,
+                             text_stored=True) == []
 
 
 def test_rows_name_the_code_run_even_from_a_copied_tree(tmp_path):

@@ -45,7 +45,7 @@
 #     mix   : the step over the UMC task mix, measured (vae=mix: each step draws its task as the trainer does; the
 #             row's step s is its encoding steps'), the 1.3B worst case beside it (vae=latents), and the peers (PARTS
 #             picks of "1.3b 1.3b-peer 14b 14b-peer"; ~10 min in all: two calls on one instance, e.g.
-#             PARTS="1.3b 1.3b-peer 14b-peer", then PARTS="14b")
+#             PARTS="1.3b 1.3b-peer 14b-peer", then PARTS="14b": 22 steps plus a first compile on a fresh instance)
 # Needs deepspeed/diffusers/omegaconf on PYTHONPATH: benchmarks/offline_wheels.sh makes the wheels, PERF_NOTES.md installs them.
 set -u
 OUT=${OUT:-/tmp/one4d-bench}
@@ -260,7 +260,7 @@ if [[ $WHAT == mix ]]; then  # the task mix measured: training's samples/s again
   [[ $P == *" 1.3b "* ]] && part 200 "1.3b ours, worst case and task mix" $B --preset 1.3b --warmup 2 --steps 10 \
     --lever mix --variants "vae=latents,vae=mix+n=20"
   [[ $P == *" 1.3b-peer "* ]] && part 90 "1.3b peer" $B --preset 1.3b --peer --warmup 2 --steps 10
-  [[ $P == *" 14b "* ]] && part ${T14:-420} "14b ours, task mix" $B --preset 14b --warmup 2 --steps 20 --lever mix \
+  [[ $P == *" 14b "* ]] && part ${T14:-540} "14b ours, task mix" $B --preset 14b --warmup 2 --steps 20 --lever mix \
     --variants "vae=mix"
   [[ $P == *" 14b-peer "* ]] && part 300 "14b peer" $B --preset 14b --peer --warmup 2 --steps 10
 fi

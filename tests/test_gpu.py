@@ -45,6 +45,15 @@ def test_attention_backend_matches_math_reference(backend, keys):
         assert rel(a.grad, b.grad) < 2e-2, (backend, rel(a.grad, b.grad))
 
 
+def nudge_trainable(model) -> None:
+    """The trainable parameters moved off their initial values (LoRA B and the control links start at zero), so
+    every adapter and link changes the outputs and the gradients."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+
+
 def mid_model(num_links: int = 1, ckpt: str = "none", dtype=torch.bfloat16, device="cuda",
               num_layers: int = 2, base_matmul: str = "bf16") -> One4DModel:
     """`num_layers` blocks at the 1.3B widths (dim 1536, 12 heads, FFN 8960), i2v inputs, DLC with rank-64 branch LoRA."""
@@ -219,10 +228,7 @@ def test_compiled_blocks_match_eager(ckpt, attn, restore_attention):
     torch._dynamo.utils.counters.clear()
 
     eager = mid_model(num_links=1, ckpt=ckpt)
-    with torch.no_grad():
-        for p in eager.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
+    nudge_trainable(eager)
     compiled = copy.deepcopy(eager)
     apply_activation_checkpointing(compiled.base.blocks, ckpt)
     compile_blocks(compiled.base.blocks)
@@ -344,10 +350,7 @@ def offload_model(blocks: int, compiled: bool):
     from one4d_train.model.compile import compile_blocks
 
     model = mid_model(num_links=1, ckpt="full", num_layers=blocks)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
+    nudge_trainable(model)
     if compiled:
         compile_blocks(model.base.blocks)
     inputs = mid_inputs(seed=5, t_lat=6, h=40, w=72)  # 2 x 4,320 tokens: 26.5 MB per block input

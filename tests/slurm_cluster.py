@@ -263,6 +263,20 @@ class LocalSlurm:
         last = next((line for line in reversed(lines) if line.startswith(f"JobId={job_id} ")), "")
         return dict(re.findall(r"(\S+?)=(\S*)", last))
 
+    def trace(self, job_id: str, ids: int = 1) -> str:
+        """What the daemons logged of jobs job_id .. job_id + ids - 1 (an array's tasks take the ids after its own):
+        their end records and the slurmctld / slurmd log lines that name them, for a failing test's message."""
+        if self.root is None:
+            return ""
+        wanted = {str(int(job_id) + i) for i in range(ids)}
+        pattern = re.compile(r"(?:JobId=|[Jj]ob |StepId=)(\d+)")
+        out = []
+        for path in sorted((self.root / "log").glob("*")):
+            lines = [line for line in path.read_text(errors="replace").splitlines()
+                     if wanted & set(pattern.findall(line))]
+            out += [f"== {path.name}"] + lines[-40:] if lines else []
+        return "\n".join(out)
+
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (accounting is off, so this is the record of a job); {} once it is gone.
         The first occurrence of a key wins: later ones come from the job's command line and working directory."""

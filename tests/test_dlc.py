@@ -244,6 +244,12 @@ def test_zero3_registers_the_base_weights_of_fused_layers_only():
     registered = {id(p) for p in getattr(model.fused, "_external_params", {}).values()}
     assert registered == {id(model.fused.base_layer.weight), id(model.fused.base_layer.bias)}
     assert not getattr(model.separate, "_external_params", {})
+    # partitioned (ZeRO-3 marks the weights), the registered layer still runs the operator, an unregistered one not
+    x = torch.randn(2, 8)
+    for layer, ds_id in ((model.fused, 7), (model.separate, 8)):
+        layer.base_layer.weight.ds_id = ds_id
+        layer.kernel = "fused"
+    assert model.fused._fused_applies(x) and not model.separate._fused_applies(x)
 
 
 def test_apply_dlc_replaces_targets_and_freezes_base():

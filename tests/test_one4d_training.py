@@ -73,7 +73,10 @@ def test_fused_branch_lora_sublayer_checkpointing_and_offload_train_like_the_str
     the attentions' as by `sublayer`, each re-gathering its own weights on recompute), and the first two blocks'
     saved tensors, whatever their size, moved to host memory between forward and backward (activation offload; the
     last block's kept) follows the straight run's loss curve (the separate products, one region per block, nothing
-    moved) up to fp32 rounding over its first 10 steps, which shows the two are different computations."""
+    moved) up to fp32 rounding over its first 10 steps. At these widths (one GEMM block deep, the base biases
+    initialised to zero) the fused sums can equal the separate products' bit for bit, so the curves may match
+    exactly: that the operator applies to ZeRO-3's partitioned weights is test_dlc's
+    test_zero3_registers_the_base_weights_of_fused_layers_only."""
     run_dir = tmp_path / "fused"
     code, out = torchrun(run_dir, *common(shards, run_dir, 10), "model.lora_kernel=fused",
                          "model.activation_checkpointing_unit=sublayer_ffn", "model.activation_offload=true",
@@ -85,7 +88,6 @@ def test_fused_branch_lora_sublayer_checkpointing_and_offload_train_like_the_str
     loss = metric(client, run, "loss")
     ref = {s: v for s, v in metric(*mlflow_run(straight), "loss").items() if s <= 10}
     assert sorted(loss) == sorted(ref) == list(range(1, 11))
-    assert loss != ref  # another order of the same sums
     assert all(abs(loss[s] - ref[s]) < 1e-4 * ref[s] for s in ref), [(s, loss[s], ref[s]) for s in ref]
 
 

@@ -471,7 +471,7 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     except ValueError as exc:  # weights that do not load (the checks before read configs and headers only)
         raise ConfigError(f"key 'model.text_encoder': {exc}") from None
     if conditioning is not None:
-        _write_empty_prompt(out, conditioning)
+        _write_empty_prompt(out, conditioning, alone=num_tasks is None)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", desc="encode", disable=not progress)
     resampled = []  # the source shards that differ from their index, encoded sample by sample
     if todo:
@@ -560,13 +560,17 @@ def _text_conditioning(cfg, device, dtype):
     return build_text(cfg.model, wan_config(cfg.model.preset), device, dtype, cfg.seed)
 
 
-def _write_empty_prompt(out: Path, text) -> None:
+def _write_empty_prompt(out: Path, text, alone: bool) -> None:
     """OUT/empty_prompt.npy: the text encoder's embedding of "" (its rows, float32), written atomically before
-    any shard, so a trainer whose samples all carry embeddings never needs the encoder itself."""
+    any shard, so a trainer whose samples all carry embeddings never needs the encoder itself. The temp files an
+    interrupted write left go first: all of them for a run over every shard (`alone`: it holds the folder's lock
+    alone); for an array task only those whose writer cannot be running, since the other tasks write the same file
+    as they start (a task that removed one being written had that task fail on its rename)."""
     from data_pipeline.shard import npy_bytes
 
     for stale in out.glob(f".{EMPTY_PROMPT}.tmp*"):
-        stale.unlink()
+        if alone or not si.writer_may_run(stale.name):
+            stale.unlink(missing_ok=True)
     si.write_atomic(out / EMPTY_PROMPT, npy_bytes(text.encoder.encode_rows([""])[0].float().cpu().numpy()))
 
 

@@ -144,10 +144,17 @@ def foreign_files_problem(out_dir: Path, command: str, lock: str, made: str) -> 
     """Why `out_dir` cannot take `command`'s output (`made`: what it writes there): it holds files but no plan.json
     (a plan there is the caller's to judge), beyond the locks (`lock`.lock, `lock`.task-I.lock) and the plan's temp
     file of a run starting in it (the tasks of an array start side by side). None where it can."""
-    if not out_dir.is_dir() or (out_dir / PLAN).is_file():
+    if not out_dir.is_dir():
+        return None
+    # listed before plan.json is looked for: a task of the same array starting beside this one writes plan.json
+    # before any file but its locks and the plan's temp file, so a listing taken while plan.json was missing holds
+    # no more than those, and one with more was taken after plan.json appeared (looked for first, a plan.json that
+    # appeared between the look and the listing had the other task's files refused as foreign)
+    names = [p.name for p in out_dir.iterdir()]
+    if PLAN in names or (out_dir / PLAN).is_file():
         return None
     own = re.compile(rf"{re.escape(lock)}(\.task-\d+)?\.lock|\.{re.escape(PLAN)}\.tmp.*")
-    others = sorted(p.name for p in out_dir.iterdir() if not own.fullmatch(p.name))
+    others = sorted(n for n in names if not own.fullmatch(n))
     if not others:
         return None
     more = f" and {len(others) - 5} more" if len(others) > 5 else ""

@@ -269,7 +269,8 @@ class LocalSlurm:
         if self.root is None:
             return ""
         wanted = {str(int(job_id) + i) for i in range(ids)}
-        pattern = re.compile(r"(?:JobId=|[Jj]ob |StepId=)(\d+)")
+        # slurmctld names an array task JobId=ARRAY_TASK(ID), slurmd `job ID`, slurmstepd its lines [ID.batch]
+        pattern = re.compile(r"(?:JobId=|_\d+\(|[Jj]ob |StepId=|\[)(\d+)")
         out = []
         for path in sorted((self.root / "log").glob("*")):
             lines = [line for line in path.read_text(errors="replace").splitlines()

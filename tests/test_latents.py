@@ -3,6 +3,7 @@ import io
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -1139,3 +1140,65 @@ def test_a_copy_of_the_recorded_text_encoder_at_another_path_is_the_same_encoder
     (local / "model.safetensors").write_bytes(bytes(data))
     assert not same_source(str(shared), str(local))
     assert not same_source(str(shared), str(tmp_path / "gone")) and not same_source("tiny:0", str(shared))
+
+
+def test_an_array_task_starting_as_another_writes_its_plan_does_not_take_the_folder_for_foreign(tmp_path,
+                                                                                                 monkeypatch):
+    """Two tasks of one array start side by side. The second looked for plan.json, found none, then listed the
+    folder after the first had written plan.json and its empty prompt: it refused them as foreign files and failed
+    (seen in CI as a task of `slurm/encode_latents.sbatch` exiting 1). Here the first task's files appear between
+    the second's look for plan.json and whatever it does next."""
+    from data_pipeline import shard_index as si
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "encode-latents.lock").touch()
+    (out / "encode-latents.task-0.lock").touch()
+    is_file, appeared = Path.is_file, []
+
+    def first_task_writes(path):
+        found = is_file(path)
+        if path == out / "plan.json" and not appeared:  # the other task's plan, then its first files
+            appeared.append(path)
+            (out / "plan.json").write_text("{}")
+            (out / "empty_prompt.npy").write_bytes(b"rows")
+        return found
+
+    monkeypatch.setattr(Path, "is_file", first_task_writes)
+    assert si.foreign_files_problem(out, "one4d encode-latents", "encode-latents", "the latent shards") is None
+    assert appeared
+    monkeypatch.undo()
+    # what it refuses still: files with no plan.json, beside the locks and the plan's temp file
+    (out / "plan.json").unlink()
+    (out / f".plan.json.tmp{socket.gethostname()}-1").touch()
+    assert si.foreign_files_problem(out, "one4d encode-latents", "encode-latents", "the latent shards").startswith(
+        f"{out}: not empty (it holds empty_prompt.npy, and no plan.json")
+
+
+def test_an_array_task_leaves_the_empty_prompt_another_task_is_writing(tmp_path):
+    """Each task of an array writes empty_prompt.npy as it starts. A task cleared every temp file of it first, the
+    one another task was writing included, whose rename then failed. An array task clears only those whose writer
+    cannot be running (this machine's, of a process that is gone); a run over every shard holds the folder alone
+    and clears them all (test_the_empty_prompt_is_written_on_a_rerun_and_a_configured_one_wins)."""
+    import subprocess
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=1)
+    cfg = load_config(CONFIG)
+    out = tmp_path / "out"
+    assert run_encode(src, out, cfg, num_tasks=2, task_index=0, progress=False)["written"] == 1
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    task = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the task writing it
+    host = socket.gethostname()
+    writing = out / f".empty_prompt.npy.tmp{host}-{task.pid}"
+    dead = out / f".empty_prompt.npy.tmp{host}-{int(gone.stdout)}"
+    elsewhere = out / ".empty_prompt.npy.tmpother-host-7"  # another machine's: whether it runs is unknown
+    for path in (writing, dead, elsewhere):
+        path.write_bytes(b"partial")
+    try:
+        summary = run_encode(src, out, cfg, num_tasks=2, task_index=1, progress=False)
+    finally:
+        task.kill()
+        task.wait()
+    assert summary["written"] == 1 and summary["index"] == str(out / "index.json")
+    assert writing.exists() and elsewhere.exists() and not dead.exists()
+    assert np.load(out / "empty_prompt.npy").shape[0] >= 1

@@ -375,9 +375,12 @@ def test_encode_latents_array_stores_latents_of_every_shard_and_its_last_task_wr
                shards["dir"], out, *config, "--device", "cpu", cwd=tmp_path)
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.out")}
     array_id = r.stdout.strip().split(";")[0]
-    # once (CI, 2026-12-07) the second task left no output file and sbatch --wait exited 1: what the daemons saw of
-    # the array's two job ids
-    assert r.returncode == 0, (r.stderr, logs, cluster.trace(array_id or "0", ids=2))
+    # twice in CI (2026-12-07) sbatch --wait exited 1, a task having failed: both tasks' output, then what the daemons
+    # logged of the array's two job ids. A string, which pytest prints whole (it cuts the repr of other objects to
+    # 240 characters, which left too little of the output to say which task failed or why)
+    assert r.returncode == 0, "\n".join([f"sbatch: {r.stderr}", *(f"== {name}\n{text[-3000:]}" for name, text in
+                                                                   sorted(logs.items())),
+                                          cluster.trace(array_id or "0", ids=2)])
     assert sorted(logs) == [f"one4d-encode-latents-{array_id}_{i}.out" for i in range(2)], logs
     assert sum("index:" in text for text in logs.values()) >= 1, logs
     index = json.loads((out / "index.json").read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import json
 import os
 import re
@@ -449,19 +450,24 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
         # the plan keeps latents of other settings apart; where nothing was encoded under it (a run that failed or
         # was stopped before its first shard), a new plan mixes nothing, and a retry with other options goes ahead
         differences, held = _plan_differences(old, plan), _encoded_under_plan(out)
-        if held:
+        if si.dumps(si.read_json(out / si.PLAN)) == si.dumps(plan):
+            # replaced a moment ago by a task of this array (the tasks start side by side): what the folder holds
+            # is that task's, made under this very plan, and the empty prompt it may have written is this plan's
+            old = None
+        elif held:
             more = f" and {len(held) - 3} more" if len(held) > 3 else ""
             raise EncodeError(f"{out / si.PLAN}: this folder holds latents from another source index or other "
                               f"settings ({'; '.join(differences)}): it holds {', '.join(held[:3])}{more}; use the "
                               f"same options or a new output folder")
-        (out / EMPTY_PROMPT).unlink(missing_ok=True)  # the old plan's text encoder's
-        si.write_json(out / si.PLAN, plan)
-        replaced = differences
+        else:
+            (out / EMPTY_PROMPT).unlink(missing_ok=True)  # the old plan's text encoder's
+            si.write_json(out / si.PLAN, plan)
+            replaced = differences
     run = pinned["settings"]  # a folder finished as it was started: its VAE named as its latents already name it
     entries = index["shards"]
     mine = [e for i, e in enumerate(entries) if num_tasks is None or i % num_tasks == task_index]
     for e in mine:
-        for stale in out.glob(f".{e['name']}.tmp*"):
+        for stale in out.glob(f".{glob.escape(e['name'])}.tmp*"):  # a name may hold [ ] * ?
             stale.unlink()
     todo = [e for e in mine if _done(src, out, e) is None]
     # the empty prompt's embedding comes before any shard (and after a folder finished without it)

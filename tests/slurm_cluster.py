@@ -270,11 +270,11 @@ class LocalSlurm:
             return ""
         wanted = {str(int(job_id) + i) for i in range(ids)}
         # slurmctld names an array task JobId=ARRAY_TASK(ID), slurmd `job ID`, slurmstepd its lines [ID.batch]
-        pattern = re.compile(r"(?:JobId=|_\d+\(|[Jj]ob |StepId=|\[)(\d+)")
+        pattern = re.compile(r"(?:JobId=|_\d+\(|[Jj]ob |StepId=)(\d+)|\[(\d+)\.(?:batch|extern|\d+)\]")
         out = []
         for path in sorted((self.root / "log").glob("*")):
             lines = [line for line in path.read_text(errors="replace").splitlines()
-                     if wanted & set(pattern.findall(line))]
+                     if wanted & {i for ids in pattern.findall(line) for i in ids}]
             out += [f"== {path.name}"] + lines[-40:] if lines else []
         return "\n".join(out)
 

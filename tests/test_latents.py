@@ -1202,3 +1202,29 @@ def test_an_array_task_leaves_the_empty_prompt_another_task_is_writing(tmp_path)
     assert summary["written"] == 1 and summary["index"] == str(out / "index.json")
     assert writing.exists() and elsewhere.exists() and not dead.exists()
     assert np.load(out / "empty_prompt.npy").shape[0] >= 1
+
+
+def test_an_array_task_finds_the_plan_another_task_of_its_array_replaced_a_moment_before(tmp_path, monkeypatch):
+    """An array re-run with other options into a folder where nothing was encoded: every task reads the old plan as
+    it starts. The first replaces it and encodes; one that read the old plan before that, and looked at the folder
+    after, found the first one's files, took them for latents of the old settings and failed. It now sees that the
+    plan is already its own and goes on."""
+    from data_pipeline import shard_index as si
+
+    src = make_shards(tmp_path, num_clips=2, frames=9, height=32, width=64, samples_per_shard=1)
+    cfg = load_config(CONFIG)
+    out = tmp_path / "lat"
+    first = run_encode(src, out, cfg, num_tasks=2, task_index=0, progress=False, text=False)
+    assert first["written"] == 1 and first["index"] is None
+    for p in [*out.glob("*.record.json"), *out.glob("*.tar")]:  # a failed first attempt: nothing encoded under it
+        p.unlink()
+    _plan_of_another_device(out)
+    old = json.loads((out / "plan.json").read_text())
+    task0 = run_encode(src, out, cfg, num_tasks=2, task_index=0, progress=False, text=False)
+    assert task0["written"] == 1 and task0["replaced_plan"] == ["compute.device: cuda -> cpu",
+                                                                 "compute.dtype: bfloat16 -> float32"]
+    real = si.pin_plan
+    monkeypatch.setattr(si, "pin_plan", lambda out_dir, plan: (real(out_dir, plan), old)[1])  # read before task 0
+    task1 = run_encode(src, out, cfg, num_tasks=2, task_index=1, progress=False, text=False)
+    assert task1["written"] == 1 and task1["replaced_plan"] == [] and task1["index"] == str(out / "index.json")
+    assert read_index(out)["latents"]["encoded"] == 2

@@ -610,10 +610,11 @@ def profile_step(step, device) -> None:
 
 
 def run_ours(args) -> None:
-    from one4d_train.diffusion.objective import flow_loss, noisy_pair
     from one4d_train.model import attention as attn_mod
+    from one4d_train.model.one4d import DTYPES
     from one4d_train.model.umc import (condition_latents, condition_video, fixed_per_clip, fold_frame_mask,
-                                       rgb_branch_input, sample_frame_mask, sample_umc)
+                                       sample_frame_mask, sample_umc)
+    from one4d_train.train.one4d_task import denoising_loss
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -650,7 +651,10 @@ def run_ours(args) -> None:
     z_xyz = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)
     z_image = torch.randn(1, 16, t_lat, h, w, device=device, generator=g)  # the image task's, stored with the shards
     frame_mask = sample_frame_mask("sparse", vt, cfg.model.umc, torch.Generator().manual_seed(0))[None].to(device)
-    mask4 = fold_frame_mask(frame_mask, h, w)
+    mask4 = fold_frame_mask(frame_mask, h, w).to(z_rgb)
+    # the XYZ cells with geometry, as shards with latents store them (`latent_valid`): one in ten without
+    latent_valid = torch.rand(1, 1, t_lat, h, w, device=device, generator=g) >= 0.1
+    dtype = DTYPES[cfg.model.compute_dtype]
     vae = (build_vae(device, tiny=args.preset == "tiny", compile=cfg.model.compile_vae,
                      frames_per_call=cfg.model.vae_frames_per_call,
                      chunk_size=cfg.model.vae_videos_per_call, conv_kernel=cfg.model.vae_conv_kernel)
@@ -677,7 +681,7 @@ def run_ours(args) -> None:
             tasks, fm = sample_umc(1, vt, cfg.model.umc, draws)
             state["tasks"] += tasks
             fm = fm.to(device)
-            m4 = fold_frame_mask(fm, h, w)
+            m4 = fold_frame_mask(fm, h, w).to(z_rgb)
             z_c = condition_latents(tasks, fm, rgb, z_rgb, counted_encode, z_image=z_image)
         elif state["vae"] == "latents":  # every step a sparse task's: the worst case
             z_c = vae.encode(condition_video(rgb, fm))
@@ -687,11 +691,8 @@ def run_ours(args) -> None:
             z_c = z_rgb
         ev.mark("vae")
         context, clip = conditioning(rgb, fm)
-        flow = noisy_pair(zr, zx, cfg.flow, g)
-        rgb_in = rgb_branch_input(flow["x_rgb"], m4, z_c)
         ev.mark("cond")
-        v_rgb, v_xyz = engine(rgb_in, flow["x_xyz"], flow["timestep"], context, clip)
-        loss = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], None, cfg.flow)["loss"]
+        loss = denoising_loss(engine, zr, zx, m4, z_c, context, clip, latent_valid, cfg.flow, g, dtype)["loss"]
         ev.mark("dit_fwd")
         engine.backward(loss)
         ev.mark("dit_bwd")

@@ -391,14 +391,10 @@ class One4DTask:
             context = text(batch["caption"], batch_text_embeddings(batch), dropout=umc_cfg.text_dropout,
                            generator=generator, keys=batch.get("__key__"))
             clip = None if image is None else image.encode(first_observed_frame(rgb, frame_mask))
-        flow = noisy_pair(z_rgb, z_xyz, self.cfg.flow, generator)
-        rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_cond)
-        dtype = self.dtype
-        v_rgb, v_xyz = model(rgb_in.to(dtype), flow["x_xyz"].to(dtype), flow["timestep"].to(device),
-                             context.to(device, dtype), None if clip is None else clip.to(device, dtype))
         valid = (batch["latent_valid"] if "latent_valid" in batch
                  else latent_validity(batch["valid"], self.cfg.flow.xyz_valid_min_fraction))
-        out = flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], valid, self.cfg.flow)
+        out = denoising_loss(model, z_rgb, z_xyz, mask4, z_cond, context, clip, valid, self.cfg.flow, generator,
+                             self.dtype)
         out["frac_video_task"] = torch.tensor(sum(t == "video" for t in tasks) / B, device=device)
         return out
 
@@ -469,6 +465,20 @@ class One4DTask:
 
 
 RANDOM_BASE = "random-seed-"  # the fingerprint of the tiny preset's seeded random base, followed by the seed
+
+
+def denoising_loss(model: nn.Module, z_rgb: torch.Tensor, z_xyz: torch.Tensor, mask4: torch.Tensor,
+                   z_cond: torch.Tensor, context: torch.Tensor, clip: torch.Tensor | None, latent_valid, flow_cfg,
+                   generator: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The step after its conditioning: both branches noised at one timestep, the RGB branch's input with its
+    UMC condition, the DLC model in `dtype`, the flow loss over valid XYZ cells. The trainer's and the benchmark's
+    (benchmarks/train_step.py) step, so that what is timed is what trains."""
+    device = z_rgb.device
+    flow = noisy_pair(z_rgb, z_xyz, flow_cfg, generator)
+    rgb_in = rgb_branch_input(flow["x_rgb"], mask4, z_cond)
+    v_rgb, v_xyz = model(rgb_in.to(dtype), flow["x_xyz"].to(dtype), flow["timestep"].to(device),
+                         context.to(device, dtype), None if clip is None else clip.to(device, dtype))
+    return flow_loss(v_rgb, v_xyz, flow["target_rgb"], flow["target_xyz"], latent_valid, flow_cfg)
 
 
 def base_fingerprint(checkpoint: str, seed: int) -> str:

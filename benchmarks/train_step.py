@@ -105,8 +105,9 @@ def sync(device) -> None:
 
 class Events:
     """Named time marks: CUDA events on GPU, host clock on CPU. `spans()` -> seconds between consecutive marks, each
-    named by its closing mark; where a step marks "vae" then "cond" (the VAE encode, then the text/image features and
-    the noise), also their sum as "vae_cond", everything before the DiT (the one span of the peer's and older rows)."""
+    named by its closing mark; where a step marks "vae" then "cond" (the VAE encode, then the text/image features),
+    also their sum as "vae_cond", everything before the DiT (the one span of the peer's and older rows; older rows'
+    held the noising too, which is now in the DiT forward)."""
 
     def __init__(self, device):
         self.device, self.marks = device, []
@@ -526,15 +527,23 @@ class StepConditioning:
 MIN_MIX_GROUP = 5  # timed steps of each group (encoding, not) below which a measured mix is marked '(few)'
 
 
+def live_encode_share(umc) -> float:
+    """The share of samples whose step encodes a condition when the shards store the target latents: the tasks
+    whose condition latent cannot be stored with the clip (the sparse task)."""
+    from one4d_train.model.umc import TASKS, fixed_per_clip
+
+    return sum(getattr(umc, f"p_{t}") for t in TASKS if not fixed_per_clip(t))
+
+
 def task_mix(walls: list[float], tasks: list[str], umc) -> dict:
     """The expected step over the UMC task mix, from timed steps that each drew their task as the trainer does:
     the mean step of the tasks that encode a condition (those whose condition latent is not stored: the sparse
     task) and of the others (image, video: their steps differ by a latent copy), weighted by the configured
     probabilities, which corrects for how many of each the draws gave; throughput is its inverse. Each group's
     median is kept beside it. No figure where the draws left a group empty."""
-    from one4d_train.model.umc import TASKS, fixed_per_clip
+    from one4d_train.model.umc import fixed_per_clip
 
-    p_encode = sum(getattr(umc, f"p_{t}") for t in TASKS if not fixed_per_clip(t))
+    p_encode = live_encode_share(umc)
     encode = [w for w, t in zip(walls, tasks) if not fixed_per_clip(t)]
     plain = [w for w, t in zip(walls, tasks) if fixed_per_clip(t)]
     out = {"mix_tasks": list(tasks), "mix_encode_steps": len(encode), "p_live_encode": p_encode}
@@ -750,7 +759,7 @@ def run_ours(args) -> None:
                "ckpt_blocks": sum(hasattr(b, "_checkpoint_mode") for b in model.base.blocks),
                "flops": flops, "trainable": n_trainable, "build_s": build_s}
         if v["vae"] == "latents":  # stored latents: only the sparse task's condition is encoded live in training
-            row["p_live_encode"] = cfg.model.umc.p_sparse
+            row["p_live_encode"] = live_encode_share(cfg.model.umc)
         row["conditioning"] = [name for name, on in (("text", conditioning.text), ("image", conditioning.image)) if on]
         try:
             if device.type == "cuda":
@@ -1014,8 +1023,8 @@ def report(paths: list[str], peer_ref: dict[str, float] | None = None) -> str:
                  "n and spans are the encoding steps', the worst case as on vae=latents rows), derived on vae=latents rows "
                  "(step - the VAE encode x (1 - p_sparse)); x peer mix = peer step time / mix s; vae/cond = all before the "
                  "DiT: the VAE encode, then the text/image features ('features: text' = UMT5 on a caption, 'image' = CLIP "
-                 "on the first observed frame, 'fixed' = random ones; rows without the note, before 03d1a25: fixed) and "
-                 "the noise; [fp8 base] rows run the frozen "
+                 "on the first observed frame, 'fixed' = random ones; rows without the note, before 03d1a25: fixed; "
+                 "rows before 9d4db94 held the noising too); [fp8 base] rows run the frozen "
                  "linears on FP8 tensor cores (their MFU still counts model FLOPs against the bf16 peak); '*' = against a peer time given with --peer-ref, not measured in this run. "
                  "enc X GB: the frozen text/image towers held on the GPU, in the peak (rows without it: the step alone). "
                  "retries N: the CUDA caching allocator's retries over the timed steps (each a wait for every stream and "

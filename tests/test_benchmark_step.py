@@ -48,7 +48,7 @@ def test_benchmark_times_ours_and_the_peer_and_reports_both(tmp_path):
     assert lines["peer"][cols.index("x peer")] == "-"
     # averaged over the task mix: only the sparse task (p_sparse of the samples) encodes its condition live
     assert ours["p_live_encode"] == pytest.approx(0.30)
-    # derived: the step less the VAE encode's share; vae/cond is everything before the DiT (VAE, features, noise)
+    # derived: the step less the VAE encode's share; vae/cond is everything before the DiT (VAE, then features)
     assert ours["vae_cond_s"] == pytest.approx(ours["vae_s"] + ours["cond_s"]) and ours["cond_s"] > 0
     mix = ours["step_s"] - ours["vae_s"] * (1 - ours["p_live_encode"])
     assert lines["z3"][cols.index("mix s")] == f"{mix:.3f}" and lines["peer"][cols.index("mix s")] == "-"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import glob
 import json
 import os
 import re
@@ -467,7 +466,7 @@ def _encode(src: Path, out: Path, cfg, dev, dtype, index: dict, batch: int, num_
     entries = index["shards"]
     mine = [e for i, e in enumerate(entries) if num_tasks is None or i % num_tasks == task_index]
     for e in mine:
-        for stale in out.glob(f".{glob.escape(e['name'])}.tmp*"):  # a name may hold [ ] * ?
+        for stale in si.temp_files(out, e["name"]):
             stale.unlink()
     todo = [e for e in mine if _done(src, out, e) is None]
     # the empty prompt's embedding comes before any shard (and after a folder finished without it)
@@ -574,7 +573,7 @@ def _write_empty_prompt(out: Path, text, alone: bool) -> None:
     as they start (a task that removed one being written had that task fail on its rename)."""
     from data_pipeline.shard import npy_bytes
 
-    for stale in out.glob(f".{EMPTY_PROMPT}.tmp*"):
+    for stale in si.temp_files(out, EMPTY_PROMPT):
         if alone or not si.writer_may_run(stale.name):
             stale.unlink(missing_ok=True)
     si.write_atomic(out / EMPTY_PROMPT, npy_bytes(text.encoder.encode_rows([""])[0].float().cpu().numpy()))

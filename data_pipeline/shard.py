@@ -428,7 +428,7 @@ def _write_planned(out_dir: Path, plan: dict, rows: list, workers: int, num_task
     replaced = [] if old is None else _replace_plan(out_dir, old, plan, whole_run=num_tasks is None)
     mine = [(i, s) for i, s in enumerate(plan["shards"]) if num_tasks is None or i % num_tasks == task_index]
     for _, s in mine:
-        for stale in out_dir.glob(f".{s['name']}.tmp*"):
+        for stale in si.temp_files(out_dir, s["name"]):
             stale.unlink()
     # a shard whose rows' input files changed (a video fixed in place, a missing file there now) is written again
     done = {s["name"]: shard_done(out_dir, s["name"]) for _, s in mine}

@@ -6,6 +6,7 @@ rejects and per-sample statistics) and `plan.json` (which manifest rows go to wh
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -55,6 +56,12 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 def live_temp_file(name: str) -> bool:
     """Whether `name` is a temp file (`.NAME.tmpHOST-PID`) whose writer may still be writing it (writer_may_run)."""
     return name.startswith(".") and ".tmp" in name and writer_may_run(name)
+
+
+def temp_files(out_dir, name: str) -> list[Path]:
+    """The temp files (`.NAME.tmpHOST-PID`) that writes of `name` in `out_dir` left or are making; `name` taken
+    literally (a source shard's name may hold the glob's [ ] * ?, which would match other files' temps)."""
+    return list(Path(out_dir).glob(f".{glob.escape(name)}.tmp*"))
 
 
 def writer_may_run(tmp_name: str) -> bool:

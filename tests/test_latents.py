@@ -1228,3 +1228,16 @@ def test_an_array_task_finds_the_plan_another_task_of_its_array_replaced_a_momen
     task1 = run_encode(src, out, cfg, num_tasks=2, task_index=1, progress=False, text=False)
     assert task1["written"] == 1 and task1["replaced_plan"] == [] and task1["index"] == str(out / "index.json")
     assert read_index(out)["latents"]["encoded"] == 2
+
+
+def test_a_shards_temp_files_are_its_own_whatever_its_name_holds(tmp_path):
+    """A task clears the temp files of its own shards as it starts. Source shard names may hold the glob's [ ] * ?:
+    read as a pattern, 'clips[1].tar' named another task's 'clips1.tar' temp file and missed its own."""
+    from data_pipeline import shard_index as si
+
+    own, other = tmp_path / ".clips[1].tar.tmphost-1", tmp_path / ".clips1.tar.tmphost-2"
+    for path in (own, other, tmp_path / "clips[1].tar"):
+        path.write_bytes(b"partial")
+    assert si.temp_files(tmp_path, "clips[1].tar") == [own]
+    assert si.temp_files(tmp_path, "clips1.tar") == [other]
+    assert si.temp_files(tmp_path, "clips*.tar") == []

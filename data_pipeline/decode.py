@@ -349,7 +349,12 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
                        resized_hw: tuple[int, int] | None) -> np.ndarray | None:
     """PyAV, one thread, frames counted in presentation order from the first; None (use decord) when the
     container does not state `n` frames or holds several video streams. Frames are resized to `resized_hw` by
-    swscale when given. A display rotation, which PyAV leaves unapplied, is a SampleError."""
+    swscale when given. A display rotation, which PyAV leaves unapplied, is a SampleError.
+
+    Frames are converted by a scaler of this call's, on one thread, never by `frame.to_ndarray(format=...)`: PyAV
+    (18.1.1 on) keeps one swscale context per thread for that, slice threads included, and a DataLoader worker
+    forked from a main thread that had used it (an in-process decode, any library's conversion) inherits the
+    context without its threads and waits for them forever at its first frame."""
     import av
     from av.video.reformatter import VideoReformatter
 
@@ -375,7 +380,7 @@ def _decode_sequential(data: bytes, idx: np.ndarray, n: int, source_hw: tuple[in
                         out = np.empty((len(idx), 3) + tuple(resized_hw), np.uint8)
                     _scaled_planes(scaler, frame, out[j])
                 elif j is not None:
-                    a = frame.to_ndarray(format="rgb24")
+                    a = scaler.reformat(frame, format="rgb24", threads=1).to_ndarray()
                     if out is None:
                         out = np.empty((len(idx),) + a.shape, np.uint8)
                     out[j] = a

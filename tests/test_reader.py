@@ -3,6 +3,7 @@ import dataclasses
 import io
 import logging
 import re
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -726,3 +727,44 @@ def test_a_caption_that_is_not_utf8_is_skipped_as_inspect_shards_reports_it():
     assert text_members({"txt": "café".encode()})[0] == "café"
     with pytest.raises(SampleError, match="member txt is not UTF-8 text"):
         text_members({"txt": b"\xff\xfe bad"})
+
+
+FORKED_AFTER_PYAV = """
+import sys
+import av
+import numpy as np
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_loader
+from data_pipeline.video import write_mp4
+
+shards, mp4, height, width = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+write_mp4(mp4, np.zeros((2, 32, 64, 3), np.uint8))
+with av.open(mp4) as container:  # the main thread converts a frame as PyAV does by default (two slice threads)
+    next(container.decode(video=0)).to_ndarray(format="rgb24", threads=2)
+cfg = DataConfig(shards=shards, num_workers=2, num_frames=5, frame_stride=2, height=height, width=width,
+                 crop="center", shuffle_buffer=3)
+loader = build_loader(cfg, rank=0, world_size=1, seed=0, micro_batch_size=1)
+for n, batch in enumerate(loader, 1):
+    if n == 4:
+        break
+loader.close()
+print("batches", n)
+"""
+
+
+@pytest.mark.parametrize("size", [(32, 48), (16, 24)], ids=["as stored", "resized"])
+def test_workers_decode_after_the_main_thread_converted_frames_with_pyav(depth_shards, tmp_path, size):
+    """PyAV 18.1.1 keeps one swscale context per thread for frame.to_ndarray(format=...), with its slice threads.
+    A DataLoader worker forked from a main thread that had used it (an in-process decode first, as a loader without
+    workers does, or any library's frame conversion) inherited the context without its threads, and its first frame
+    conversion waited for them forever: the suite hung in CI. The decode converts with a scaler of its own."""
+    import subprocess
+
+    from launch_utils import ROOT, _env
+
+    try:
+        done = subprocess.run([sys.executable, "-c", FORKED_AFTER_PYAV, str(depth_shards), str(tmp_path / "a.mp4"),
+                               *map(str, size)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loader's workers hung decoding after the main thread's PyAV frame conversion")
+    assert done.returncode == 0 and done.stdout.split() == ["batches", "4"], done.stderr[-3000:]

@@ -3,6 +3,7 @@ reading back what a run recorded in MLflow. Shared by the training tests."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def torchrun(run_dir, *args, extra_env=None, timeout=400, wait=True):
                             text=True, start_new_session=True)
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=timeout)
+    out = communicate(proc, timeout)
     return proc.returncode, out
 
 
@@ -45,8 +46,27 @@ def srun_like(run_dir, *args, extra_env=None, nproc=2, timeout=400):
         procs.append(subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *args],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True))
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    outs = [communicate(p, timeout) for p in procs]
     return [p.returncode for p in procs], "\n".join(outs)
+
+
+def communicate(proc: subprocess.Popen, timeout: float) -> str:
+    """The output of `proc` (started in a session of its own) once it ends; past `timeout` seconds its process group
+    (its ranks and data workers) is killed before the test fails, so that a hung job neither outlives the test nor
+    holds the CPUs the tests after it need."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        proc.communicate()
+        raise
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone already
+        pass
 
 
 def mlflow_run(run_dir):

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -17,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch_utils import ROOT, _env, metric, mlflow_run, srun_like, torchrun
+from launch_utils import ROOT, _env, kill_group, metric, mlflow_run, srun_like, torchrun
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, distributed
 from one4d_train.train.preemption import EXIT_BAD_STEPS, REQUEUE_EXIT_CODE
@@ -58,23 +59,25 @@ def checkpoint_names(run_dir):
     return sorted(n + ("*" if ckpt.is_complete(os.path.join(ckpt_dir, n)) else "") for n in os.listdir(ckpt_dir))
 
 
-def single(run_dir, *args, extra_env=None, kill_after=None):
+def single(run_dir, *args, extra_env=None, kill_after=None, timeout=400):
     """`one4d train` as one plain process under ZeRO-2 (the quickest launch): (exit code, output). kill_after=
     (PATTERN, SECONDS): SIGKILL the job that long after a line of its output matches PATTERN, as a node failure
-    would (exit code -9)."""
+    would (exit code -9). A job still running after `timeout` seconds is killed, silent or not."""
     proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
                              "train.zero_stage=2", *args], cwd=ROOT, env=_env(extra_env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out, deadline = [], time.time() + 400
-    for line in proc.stdout:
-        out.append(line)
-        if kill_after and re.search(kill_after[0], line):
-            time.sleep(kill_after[1])
-            os.killpg(proc.pid, signal.SIGKILL)
-            kill_after = None
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.wait(), "".join(out)
+    out, watchdog = [], threading.Timer(timeout, kill_group, (proc,))
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if kill_after and re.search(kill_after[0], line):
+                time.sleep(kill_after[1])
+                kill_group(proc)
+                kill_after = None
+        return proc.wait(), "".join(out)
+    finally:
+        watchdog.cancel()
 
 
 def steps_logged(client, run, key) -> list[int]:

@@ -51,12 +51,12 @@ def srun_like(run_dir, *args, extra_env=None, nproc=2, timeout=400):
 
 
 def communicate(proc: subprocess.Popen, timeout: float) -> str:
-    """The output of `proc` (started in a session of its own) once it ends; past `timeout` seconds its process group
-    (its ranks and data workers) is killed before the test fails, so that a hung job neither outlives the test nor
-    holds the CPUs the tests after it need."""
+    """The output of `proc` (started in a session of its own) once it ends; past `timeout` seconds (or when the test
+    is stopped meanwhile: Ctrl-C, pytest-timeout) its process group, its ranks and data workers, is killed before the
+    test fails, so that a hung job neither outlives the test nor holds the CPUs the tests after it need."""
     try:
         return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
+    except BaseException:
         kill_group(proc)
         proc.communicate()
         raise

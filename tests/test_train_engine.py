@@ -78,6 +78,9 @@ def single(run_dir, *args, extra_env=None, kill_after=None, timeout=400):
         return proc.wait(), "".join(out)
     finally:
         watchdog.cancel()
+        if proc.poll() is None:  # the test stopped meanwhile (pytest-timeout, Ctrl-C): the job goes with it
+            kill_group(proc)
+            proc.wait()
 
 
 def steps_logged(client, run, key) -> list[int]:

@@ -52,21 +52,34 @@ def srun_like(run_dir, *args, extra_env=None, nproc=2, timeout=400):
 
 def communicate(proc: subprocess.Popen, timeout: float) -> str:
     """The output of `proc` (started in a session of its own) once it ends; past `timeout` seconds (or when the test
-    is stopped meanwhile: Ctrl-C, pytest-timeout) its process group, its ranks and data workers, is killed before the
-    test fails, so that a hung job neither outlives the test nor holds the CPUs the tests after it need."""
+    is stopped meanwhile: Ctrl-C, pytest-timeout) the job, its ranks and data workers, is killed before the test
+    fails, so that a hung job neither outlives the test nor holds the CPUs the tests after it need."""
     try:
         return proc.communicate(timeout=timeout)[0]
     except BaseException:
-        kill_group(proc)
+        kill_job(proc)
         proc.communicate()
         raise
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the job `proc` started (in a session of its own): its process group and every process under it, since
+    torchrun starts each rank in a session of its own."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the job is gone already
+        tree = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the group is gone already
+    except ProcessLookupError:
         pass
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def mlflow_run(run_dir):

@@ -760,11 +760,14 @@ def test_workers_decode_after_the_main_thread_converted_frames_with_pyav(depth_s
     conversion waited for them forever: the suite hung in CI. The decode converts with a scaler of its own."""
     import subprocess
 
-    from launch_utils import ROOT, _env
+    from launch_utils import ROOT, _env, communicate
 
-    try:
-        done = subprocess.run([sys.executable, "-c", FORKED_AFTER_PYAV, str(depth_shards), str(tmp_path / "a.mp4"),
-                               *map(str, size)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the loader's workers hung decoding after the main thread's PyAV frame conversion")
-    assert done.returncode == 0 and done.stdout.split() == ["batches", "4"], done.stderr[-3000:]
+    with open(tmp_path / "stderr.txt", "w") as err:  # a hang kills the job, its hung data workers with it
+        proc = subprocess.Popen([sys.executable, "-c", FORKED_AFTER_PYAV, str(depth_shards), str(tmp_path / "a.mp4"),
+                                 *map(str, size)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            out = communicate(proc, 120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the loader's workers hung decoding after the main thread's PyAV frame conversion")
+    assert proc.returncode == 0 and out.split() == ["batches", "4"], (tmp_path / "stderr.txt").read_text()[-3000:]

@@ -12,13 +12,12 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch_utils import ROOT, _env, kill_group, metric, mlflow_run, srun_like, torchrun
+from launch_utils import ROOT, _env, kill_job, metric, mlflow_run, srun_like, torchrun
 from one4d_train.train import checkpoint as ckpt
 from one4d_train.train import deepspeed_config, distributed
 from one4d_train.train.preemption import EXIT_BAD_STEPS, REQUEUE_EXIT_CODE
@@ -66,20 +65,20 @@ def single(run_dir, *args, extra_env=None, kill_after=None, timeout=400):
     proc = subprocess.Popen([sys.executable, "-m", "one4d_train.cli", "train", f"run_dir={run_dir}", *COMMON,
                              "train.zero_stage=2", *args], cwd=ROOT, env=_env(extra_env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    out, watchdog = [], threading.Timer(timeout, kill_group, (proc,))
+    out, watchdog = [], threading.Timer(timeout, kill_job, (proc,))
     watchdog.start()
     try:
         for line in proc.stdout:
             out.append(line)
             if kill_after and re.search(kill_after[0], line):
                 time.sleep(kill_after[1])
-                kill_group(proc)
+                kill_job(proc)
                 kill_after = None
         return proc.wait(), "".join(out)
     finally:
         watchdog.cancel()
         if proc.poll() is None:  # the test stopped meanwhile (pytest-timeout, Ctrl-C): the job goes with it
-            kill_group(proc)
+            kill_job(proc)
             proc.wait()
 
 
@@ -314,7 +313,7 @@ def test_a_stop_while_waiting_for_ranks_that_never_come_ends_the_rank_at_once(tm
             pytest.fail(f"still running 30 s after {signal.Signals(sig).name}:\n{stacks}")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_job(proc)
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
     assert f"one4d train: {signal.Signals(sig).name} while waiting for the other ranks to start: stopping (exit 42)" in out
     assert "Traceback" not in out and not (tmp_path / "run" / "checkpoints").exists()
@@ -379,10 +378,7 @@ def killed(tmp_path_factory):
     while not os.path.exists(tmp_adapters):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:] if proc.poll() is not None else ""
         time.sleep(0.5)
-    # torchrun starts its workers in sessions of their own: kill -9 every process of the job by id
-    job = psutil.Process(proc.pid)
-    for p in job.children(recursive=True) + [job]:
-        p.send_signal(signal.SIGKILL)
+    kill_job(proc)  # every process of the job, as a node failure would
     proc.communicate(timeout=60)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     chosen = ckpt.resolve_resume("auto", ckpt_dir)
